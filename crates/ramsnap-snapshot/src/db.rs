@@ -1,0 +1,287 @@
+//! The coordinator's persistence: clusters, VMs, snapshots (with their memory
+//! volumes), long-running operations and the saga log.
+//!
+//! One schema (`migrations/` at the workspace root) and one text per query
+//! serve both PostgreSQL and SQLite through sqlx's `Any` driver: queries use
+//! `$1, $2` placeholders, which both drivers accept. Ids are UUIDs stored as
+//! hyphenated TEXT; timestamps are unix milliseconds.
+
+mod clusters;
+mod operations;
+mod sagas;
+mod snapshots;
+mod vms;
+
+pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
+pub use operations::{NewOperation, Operation, OperationState};
+pub use sagas::{NewSaga, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
+pub use snapshots::{MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
+pub use vms::{NewVm, Vm, VmDisk, VmStatus};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::error::ErrorKind;
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, ConnectOptions, Connection, Executor, Row};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// What can go wrong in the persistence layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    /// A uniqueness rule was broken (same id, same name, a second active
+    /// snapshot, a reused request id), or a state change was refused.
+    #[error("{kind} {id}: {message}")]
+    Conflict { kind: &'static str, id: String, message: String },
+    /// The row refers to a row that does not exist, or is still referred to.
+    #[error("{kind} {id}: {message}")]
+    ForeignKey { kind: &'static str, id: String, message: String },
+    #[error("vm {vm_id} is locked by operation {holder}")]
+    VmLocked { vm_id: Uuid, holder: Uuid },
+    #[error("{field}: {message}")]
+    InvalidValue { field: &'static str, message: String },
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+}
+
+impl DbError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, DbError::NotFound { .. })
+    }
+
+    pub(crate) fn not_found(kind: &'static str, id: impl ToString) -> Self {
+        DbError::NotFound { kind, id: id.to_string() }
+    }
+
+    /// Classifies a failed write: constraint violations become [`DbError::Conflict`]
+    /// or [`DbError::ForeignKey`] naming the row, anything else stays a sqlx error.
+    pub(crate) fn on_write(kind: &'static str, id: impl ToString) -> impl FnOnce(sqlx::Error) -> DbError {
+        move |err| {
+            let sqlx::Error::Database(db_err) = &err else {
+                return DbError::Sqlx(err);
+            };
+            let message = db_err.message().to_owned();
+            match db_err.kind() {
+                ErrorKind::UniqueViolation => DbError::Conflict { kind, id: id.to_string(), message },
+                ErrorKind::ForeignKeyViolation => DbError::ForeignKey { kind, id: id.to_string(), message },
+                _ => DbError::Sqlx(err),
+            }
+        }
+    }
+}
+
+/// Which database a [`Database`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A pool of connections to the coordinator's database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Database {
+    /// Connects to `postgres://...` or `sqlite:...`. A SQLite file is created
+    /// if missing, switched to WAL and used with foreign keys on.
+    pub async fn connect(url: &str) -> Result<Database, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::InvalidValue {
+                field: "database url",
+                message: "must start with postgres://, postgresql:// or sqlite:".into(),
+            });
+        };
+        let pool = match backend {
+            Backend::Postgres => AnyPoolOptions::new().max_connections(8).connect(url).await?,
+            Backend::Sqlite => connect_sqlite(url).await?,
+        };
+        Ok(Database { pool, backend })
+    }
+
+    /// Applies the migrations that have not been applied yet.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for queries this module does not offer.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes every connection; waits for those in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn connect_sqlite(url: &str) -> Result<AnyPool, DbError> {
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    let url = if in_memory || url.contains("mode=") {
+        url.to_owned()
+    } else {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}mode=rwc")
+    };
+    let options = AnyConnectOptions::from_str(&url)?;
+    if !in_memory {
+        // WAL is a property of the file, and switching to it takes a lock that
+        // busy_timeout does not wait for: do it once, before the pool exists.
+        let mut conn = options.connect().await?;
+        conn.execute("PRAGMA journal_mode = WAL").await?;
+        conn.close().await?;
+    }
+    let pool_options = AnyPoolOptions::new()
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                conn.execute("PRAGMA foreign_keys = ON").await?;
+                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                Ok(())
+            })
+        })
+        .max_connections(if in_memory { 1 } else { 8 });
+    // Every connection to ":memory:" is a database of its own: keep the one.
+    let pool_options = if in_memory {
+        pool_options.idle_timeout(None).max_lifetime(None).min_connections(1)
+    } else {
+        pool_options.acquire_timeout(Duration::from_secs(30))
+    };
+    Ok(pool_options.connect_with(options).await?)
+}
+
+/// Now, in unix milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Converts an unsigned quantity to the BIGINT it is stored as.
+pub(crate) fn to_bigint(field: &'static str, value: u64) -> Result<i64, DbError> {
+    i64::try_from(value).map_err(|_| DbError::InvalidValue {
+        field,
+        message: format!("{value} does not fit a signed 64-bit column"),
+    })
+}
+
+fn decode_error(column: &str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> sqlx::Error {
+    sqlx::Error::ColumnDecode { index: column.to_owned(), source: source.into() }
+}
+
+/// Typed access to the columns of an [`AnyRow`], for the conversions the
+/// `Any` driver does not make itself (UUIDs, enums, booleans, JSON).
+pub(crate) trait RowExt {
+    fn text(&self, column: &str) -> Result<String, sqlx::Error>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error>;
+
+    fn uuid(&self, column: &str) -> Result<Uuid, sqlx::Error> {
+        let text = self.text(column)?;
+        Uuid::parse_str(&text).map_err(|e| decode_error(column, e))
+    }
+
+    fn opt_uuid(&self, column: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        self.opt_text(column)?
+            .map(|text| Uuid::parse_str(&text).map_err(|e| decode_error(column, e)))
+            .transpose()
+    }
+
+    fn unsigned<T: TryFrom<i64>>(&self, column: &str) -> Result<T, sqlx::Error> {
+        let value = self.int(column)?;
+        T::try_from(value).map_err(|_| decode_error(column, format!("{value} is out of range")))
+    }
+
+    /// Booleans are selected as `CASE WHEN b THEN 1 ELSE 0 END`: the Any
+    /// driver refuses SQLite columns declared BOOLEAN.
+    fn flag(&self, column: &str) -> Result<bool, sqlx::Error> {
+        Ok(self.int(column)? != 0)
+    }
+
+    fn parsed<T: FromStr<Err = UnknownValue>>(&self, column: &str) -> Result<T, sqlx::Error> {
+        self.text(column)?.parse().map_err(|e| decode_error(column, e))
+    }
+
+    fn opt_json(&self, column: &str) -> Result<Option<serde_json::Value>, sqlx::Error> {
+        self.opt_text(column)?
+            .map(|text| serde_json::from_str(&text).map_err(|e| decode_error(column, e)))
+            .transpose()
+    }
+}
+
+impl RowExt for AnyRow {
+    fn text(&self, column: &str) -> Result<String, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error> {
+        self.try_get(column)
+    }
+}
+
+/// A stored enum value this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} {value:?}")]
+pub struct UnknownValue {
+    kind: &'static str,
+    value: String,
+}
+
+/// An enum stored as TEXT, spelled as the schema's CHECK constraint spells it.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident, $kind:literal { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::db::UnknownValue;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err($crate::db::UnknownValue { kind: $kind, value: s.to_owned() }),
+                }
+            }
+        }
+    };
+}
+pub(crate) use text_enum;

@@ -1,0 +1,240 @@
+//! Long-running operations: their progress and outcome, and the client
+//! request ids that make starting one idempotent.
+
+use super::{now_ms, to_bigint, Database, DbError, RowExt};
+use sqlx::any::AnyRow;
+use uuid::Uuid;
+
+super::text_enum! {
+    OperationState, "operation state" {
+        Running => "RUNNING",
+        Succeeded => "SUCCEEDED",
+        Failed => "FAILED",
+        Cancelled => "CANCELLED",
+    }
+}
+
+impl OperationState {
+    pub fn is_terminal(self) -> bool {
+        self != OperationState::Running
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operation {
+    pub id: Uuid,
+    /// What the operation does, e.g. `snapshot_create`.
+    pub kind: String,
+    pub vm_id: Option<Uuid>,
+    /// The client's request id; the same id never starts a second operation.
+    pub request_id: Option<String>,
+    pub state: OperationState,
+    pub progress_processed: u64,
+    pub progress_total: u64,
+    pub error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// An operation to start; it begins RUNNING with no progress.
+#[derive(Debug, Clone)]
+pub struct NewOperation {
+    pub id: Uuid,
+    pub kind: String,
+    pub vm_id: Option<Uuid>,
+    pub request_id: Option<String>,
+}
+
+const COLUMNS: &str = "id, kind, vm_id, request_id, state, progress_processed, progress_total, error, \
+     result, created_at, updated_at";
+
+fn from_row(row: &AnyRow) -> Result<Operation, sqlx::Error> {
+    Ok(Operation {
+        id: row.uuid("id")?,
+        kind: row.text("kind")?,
+        vm_id: row.opt_uuid("vm_id")?,
+        request_id: row.opt_text("request_id")?,
+        state: row.parsed("state")?,
+        progress_processed: row.unsigned("progress_processed")?,
+        progress_total: row.unsigned("progress_total")?,
+        error: row.opt_text("error")?,
+        result: row.opt_json("result")?,
+        created_at: row.int("created_at")?,
+        updated_at: row.int("updated_at")?,
+    })
+}
+
+impl NewOperation {
+    fn into_operation(self, now: i64) -> Operation {
+        Operation {
+            id: self.id,
+            kind: self.kind,
+            vm_id: self.vm_id,
+            request_id: self.request_id,
+            state: OperationState::Running,
+            progress_processed: 0,
+            progress_total: 0,
+            error: None,
+            result: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+const INSERT: &str = "INSERT INTO operations \
+     (id, kind, vm_id, request_id, state, progress_processed, progress_total, error, result, \
+     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, NULL, NULL, $6, $6)";
+
+impl Database {
+    /// Starts an operation. A reused id or request id is a [`DbError::Conflict`].
+    pub async fn create_operation(&self, new: &NewOperation) -> Result<Operation, DbError> {
+        let op = new.clone().into_operation(now_ms());
+        sqlx::query(INSERT)
+            .bind(op.id.to_string())
+            .bind(&op.kind)
+            .bind(op.vm_id.map(|id| id.to_string()))
+            .bind(op.request_id.clone())
+            .bind(op.state.as_str())
+            .bind(op.created_at)
+            .execute(self.pool())
+            .await
+            .map_err(DbError::on_write("operation", op.id))?;
+        Ok(op)
+    }
+
+    /// Starts an operation unless one was already started for the same
+    /// request id, in which case that one is returned. The flag says whether
+    /// this call created it. A request id reused for an operation of another
+    /// kind or VM is a [`DbError::Conflict`].
+    pub async fn ensure_operation(&self, new: &NewOperation) -> Result<(Operation, bool), DbError> {
+        let Some(request_id) = &new.request_id else {
+            return Ok((self.create_operation(new).await?, true));
+        };
+        let op = new.clone().into_operation(now_ms());
+        let result = sqlx::query(&format!("{INSERT} ON CONFLICT (request_id) DO NOTHING"))
+            .bind(op.id.to_string())
+            .bind(&op.kind)
+            .bind(op.vm_id.map(|id| id.to_string()))
+            .bind(request_id)
+            .bind(op.state.as_str())
+            .bind(op.created_at)
+            .execute(self.pool())
+            .await
+            .map_err(DbError::on_write("operation", op.id))?;
+        if result.rows_affected() == 1 {
+            return Ok((op, true));
+        }
+        let existing = self
+            .get_operation_by_request_id(request_id)
+            .await?
+            .ok_or_else(|| DbError::not_found("operation with request id", request_id))?;
+        if existing.kind != new.kind || existing.vm_id != new.vm_id {
+            return Err(DbError::Conflict {
+                kind: "request id",
+                id: request_id.clone(),
+                message: format!("already used by operation {} ({})", existing.id, existing.kind),
+            });
+        }
+        Ok((existing, false))
+    }
+
+    pub async fn get_operation(&self, id: Uuid) -> Result<Operation, DbError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("operation", id))?;
+        Ok(from_row(&row)?)
+    }
+
+    /// The operation started for this request id, if any.
+    pub async fn get_operation_by_request_id(&self, request_id: &str) -> Result<Option<Operation>, DbError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE request_id = $1"))
+            .bind(request_id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(from_row).transpose()?)
+    }
+
+    /// Operations, oldest first; only those of `vm_id` if given.
+    pub async fn list_operations(&self, vm_id: Option<Uuid>) -> Result<Vec<Operation>, DbError> {
+        let rows = match vm_id {
+            Some(vm_id) => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM operations WHERE vm_id = $1 ORDER BY created_at, id"
+                ))
+                .bind(vm_id.to_string())
+                .fetch_all(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM operations ORDER BY created_at, id"))
+                    .fetch_all(self.pool())
+                    .await?
+            }
+        };
+        Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn update_operation_progress(&self, id: Uuid, processed: u64, total: u64) -> Result<(), DbError> {
+        let result = sqlx::query(
+            "UPDATE operations SET progress_processed = $2, progress_total = $3, updated_at = $4 \
+             WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(to_bigint("progress_processed", processed)?)
+        .bind(to_bigint("progress_total", total)?)
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("operation", id));
+        }
+        Ok(())
+    }
+
+    /// Ends a RUNNING operation. Ending it again in the same state is a no-op
+    /// (a replayed step); changing the outcome of an ended operation is a
+    /// [`DbError::Conflict`].
+    pub async fn finish_operation(
+        &self,
+        id: Uuid,
+        state: OperationState,
+        error: Option<&str>,
+        result: Option<&serde_json::Value>,
+    ) -> Result<(), DbError> {
+        if !state.is_terminal() {
+            return Err(DbError::InvalidValue {
+                field: "state",
+                message: "an operation can only be finished in a terminal state".into(),
+            });
+        }
+        let updated = sqlx::query(
+            "UPDATE operations SET state = $2, error = $3, result = $4, updated_at = $5 \
+             WHERE id = $1 AND state = 'RUNNING'",
+        )
+        .bind(id.to_string())
+        .bind(state.as_str())
+        .bind(error)
+        .bind(result.map(|r| r.to_string()))
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        if updated.rows_affected() == 1 {
+            return Ok(());
+        }
+        let current = self.get_operation(id).await?;
+        if current.state == state {
+            return Ok(());
+        }
+        Err(DbError::Conflict {
+            kind: "operation",
+            id: id.to_string(),
+            message: format!("already {}, cannot become {state}", current.state),
+        })
+    }
+}

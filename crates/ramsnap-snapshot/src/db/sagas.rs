@@ -1,0 +1,208 @@
+//! The saga log, as omicron keeps it for steno: a row per saga and an
+//! append-only table of node events keyed by (saga, node, event type), so that
+//! recording an event twice (a replayed step) leaves one row.
+
+use super::{now_ms, Database, DbError, RowExt};
+use sqlx::any::AnyRow;
+use uuid::Uuid;
+
+super::text_enum! {
+    SagaState, "saga state" {
+        Running => "RUNNING",
+        /// A node failed and the undo actions are running.
+        Unwinding => "UNWINDING",
+        Done => "DONE",
+        /// Given up on; recovery no longer resumes it.
+        Abandoned => "ABANDONED",
+    }
+}
+
+super::text_enum! {
+    SagaNodeEventType, "saga node event type" {
+        Started => "started",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        UndoStarted => "undo_started",
+        UndoFinished => "undo_finished",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saga {
+    pub id: Uuid,
+    /// The saga template's name, e.g. `snapshot_create`.
+    pub name: String,
+    pub params: serde_json::Value,
+    pub state: SagaState,
+    /// The coordinator instance executing the saga.
+    pub owner: String,
+    pub operation_id: Option<Uuid>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// A saga to record; it begins RUNNING.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    pub id: Uuid,
+    pub name: String,
+    pub params: serde_json::Value,
+    pub owner: String,
+    pub operation_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaNodeEvent {
+    pub saga_id: Uuid,
+    pub node_id: u32,
+    pub event_type: SagaNodeEventType,
+    /// A succeeded node's output, or a failed node's error.
+    pub data: Option<serde_json::Value>,
+    /// Unix milliseconds; set when the event is recorded.
+    pub created_at: i64,
+}
+
+const SAGA_COLUMNS: &str = "id, name, params, state, owner, operation_id, created_at, updated_at";
+
+fn saga_from_row(row: &AnyRow) -> Result<Saga, sqlx::Error> {
+    Ok(Saga {
+        id: row.uuid("id")?,
+        name: row.text("name")?,
+        params: row.opt_json("params")?.unwrap_or_default(),
+        state: row.parsed("state")?,
+        owner: row.text("owner")?,
+        operation_id: row.opt_uuid("operation_id")?,
+        created_at: row.int("created_at")?,
+        updated_at: row.int("updated_at")?,
+    })
+}
+
+fn event_from_row(row: &AnyRow) -> Result<SagaNodeEvent, sqlx::Error> {
+    Ok(SagaNodeEvent {
+        saga_id: row.uuid("saga_id")?,
+        node_id: row.unsigned("node_id")?,
+        event_type: row.parsed("event_type")?,
+        data: row.opt_json("data")?,
+        created_at: row.int("created_at")?,
+    })
+}
+
+impl Database {
+    pub async fn create_saga(&self, new: &NewSaga) -> Result<Saga, DbError> {
+        let now = now_ms();
+        let saga = Saga {
+            id: new.id,
+            name: new.name.clone(),
+            params: new.params.clone(),
+            state: SagaState::Running,
+            owner: new.owner.clone(),
+            operation_id: new.operation_id,
+            created_at: now,
+            updated_at: now,
+        };
+        sqlx::query(
+            "INSERT INTO sagas (id, name, params, state, owner, operation_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(saga.id.to_string())
+        .bind(&saga.name)
+        .bind(saga.params.to_string())
+        .bind(saga.state.as_str())
+        .bind(&saga.owner)
+        .bind(saga.operation_id.map(|id| id.to_string()))
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(DbError::on_write("saga", saga.id))?;
+        Ok(saga)
+    }
+
+    pub async fn get_saga(&self, id: Uuid) -> Result<Saga, DbError> {
+        let row = sqlx::query(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("saga", id))?;
+        Ok(saga_from_row(&row)?)
+    }
+
+    pub async fn set_saga_state(&self, id: Uuid, state: SagaState) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(state.as_str())
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("saga", id));
+        }
+        Ok(())
+    }
+
+    /// Hands the saga to another coordinator instance (recovery adopts the
+    /// sagas of an instance that is gone).
+    pub async fn set_saga_owner(&self, id: Uuid, owner: &str) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE sagas SET owner = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("saga", id));
+        }
+        Ok(())
+    }
+
+    /// Sagas still RUNNING or UNWINDING, oldest first: what recovery resumes.
+    pub async fn list_unfinished_sagas(&self) -> Result<Vec<Saga>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas WHERE state IN ('RUNNING', 'UNWINDING') \
+             ORDER BY created_at, id"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(saga_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Records a node event. Recording the same (saga, node, event type) again
+    /// changes nothing and returns false; the first record wins.
+    pub async fn append_saga_node_event(
+        &self,
+        saga_id: Uuid,
+        node_id: u32,
+        event_type: SagaNodeEventType,
+        data: Option<&serde_json::Value>,
+    ) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(saga_id.to_string())
+        .bind(i64::from(node_id))
+        .bind(event_type.as_str())
+        .bind(data.map(|d| d.to_string()))
+        .bind(now_ms())
+        .execute(self.pool())
+        .await
+        .map_err(DbError::on_write("saga", saga_id))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// The saga's node events in the order they happened: by time, and
+    /// within a node in the order of its life cycle.
+    pub async fn saga_node_events(&self, saga_id: Uuid) -> Result<Vec<SagaNodeEvent>, DbError> {
+        let rows = sqlx::query(
+            "SELECT saga_id, node_id, event_type, data, created_at FROM saga_node_events \
+             WHERE saga_id = $1 \
+             ORDER BY created_at, node_id, CASE event_type WHEN 'started' THEN 0 WHEN 'succeeded' THEN 1 \
+             WHEN 'failed' THEN 1 WHEN 'undo_started' THEN 2 ELSE 3 END",
+        )
+        .bind(saga_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+    }
+}

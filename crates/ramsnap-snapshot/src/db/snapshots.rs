@@ -1,0 +1,334 @@
+//! Snapshots, the disk volumes they point at, and their memory volume.
+
+use super::{now_ms, Database, DbError, RowExt};
+use sqlx::any::AnyRow;
+use uuid::Uuid;
+
+super::text_enum! {
+    SnapshotType, "snapshot type" {
+        /// The VM's current state; every VM has exactly one.
+        Active => "ACTIVE",
+        Regular => "REGULAR",
+        /// The VM's state before a preview, kept to undo the preview.
+        Preview => "PREVIEW",
+        /// The state a stateless VM returns to when it stops.
+        Stateless => "STATELESS",
+    }
+}
+
+super::text_enum! {
+    SnapshotStatus, "snapshot status" {
+        Ok => "OK",
+        Locked => "LOCKED",
+        /// The snapshot the VM is previewing.
+        InPreview => "IN_PREVIEW",
+    }
+}
+
+/// One volume of an image on a storage domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VolumeRef {
+    pub domain_id: Uuid,
+    pub image_id: Uuid,
+    pub volume_id: Uuid,
+}
+
+/// Where a snapshot's memory state is: the memory dump and the VM
+/// configuration at the moment the snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemoryVolume {
+    pub dump: VolumeRef,
+    pub metadata: VolumeRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub snapshot_type: SnapshotType,
+    pub status: SnapshotStatus,
+    pub description: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// None when the snapshot has no memory state.
+    pub memory: Option<MemoryVolume>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSnapshot {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub snapshot_type: SnapshotType,
+    pub status: SnapshotStatus,
+    pub description: String,
+    pub memory: Option<MemoryVolume>,
+}
+
+/// The volume of one of the VM's disks that a snapshot points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotDisk {
+    pub disk_id: Uuid,
+    pub volume: VolumeRef,
+}
+
+const COLUMNS: &str = "id, vm_id, snapshot_type, status, description, created_at, \
+     memory_dump_domain_id, memory_dump_image_id, memory_dump_volume_id, \
+     memory_meta_domain_id, memory_meta_image_id, memory_meta_volume_id";
+
+fn from_row(row: &AnyRow) -> Result<Snapshot, sqlx::Error> {
+    let volume = |prefix: &str| -> Result<Option<VolumeRef>, sqlx::Error> {
+        let domain_id = row.opt_uuid(&format!("{prefix}_domain_id"))?;
+        let image_id = row.opt_uuid(&format!("{prefix}_image_id"))?;
+        let volume_id = row.opt_uuid(&format!("{prefix}_volume_id"))?;
+        Ok(match (domain_id, image_id, volume_id) {
+            (Some(domain_id), Some(image_id), Some(volume_id)) => {
+                Some(VolumeRef { domain_id, image_id, volume_id })
+            }
+            _ => None,
+        })
+    };
+    // The schema's CHECK makes the six memory columns all set or all NULL.
+    let memory = match (volume("memory_dump")?, volume("memory_meta")?) {
+        (Some(dump), Some(metadata)) => Some(MemoryVolume { dump, metadata }),
+        _ => None,
+    };
+    Ok(Snapshot {
+        id: row.uuid("id")?,
+        vm_id: row.uuid("vm_id")?,
+        snapshot_type: row.parsed("snapshot_type")?,
+        status: row.parsed("status")?,
+        description: row.text("description")?,
+        created_at: row.int("created_at")?,
+        memory,
+    })
+}
+
+fn disk_from_row(row: &AnyRow) -> Result<SnapshotDisk, sqlx::Error> {
+    Ok(SnapshotDisk {
+        disk_id: row.uuid("disk_id")?,
+        volume: VolumeRef {
+            domain_id: row.uuid("domain_id")?,
+            image_id: row.uuid("image_id")?,
+            volume_id: row.uuid("volume_id")?,
+        },
+    })
+}
+
+/// The six memory columns' values, in COLUMNS order.
+fn memory_values(memory: Option<&MemoryVolume>) -> [Option<String>; 6] {
+    match memory {
+        None => Default::default(),
+        Some(m) => [
+            m.dump.domain_id,
+            m.dump.image_id,
+            m.dump.volume_id,
+            m.metadata.domain_id,
+            m.metadata.image_id,
+            m.metadata.volume_id,
+        ]
+        .map(|id| Some(id.to_string())),
+    }
+}
+
+impl Database {
+    /// Creates a snapshot together with the disk volumes it points at, in one
+    /// transaction. A second ACTIVE snapshot of a VM is a [`DbError::Conflict`].
+    pub async fn create_snapshot(&self, new: &NewSnapshot, disks: &[SnapshotDisk]) -> Result<Snapshot, DbError> {
+        let snapshot = Snapshot {
+            id: new.id,
+            vm_id: new.vm_id,
+            snapshot_type: new.snapshot_type,
+            status: new.status,
+            description: new.description.clone(),
+            created_at: now_ms(),
+            memory: new.memory,
+        };
+        let on_write = || DbError::on_write("snapshot", snapshot.id);
+        let mut tx = self.pool().begin().await?;
+        let sql = format!(
+            "INSERT INTO snapshots ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        );
+        let mut insert = sqlx::query(&sql)
+        .bind(snapshot.id.to_string())
+        .bind(snapshot.vm_id.to_string())
+        .bind(snapshot.snapshot_type.as_str())
+        .bind(snapshot.status.as_str())
+        .bind(&snapshot.description)
+        .bind(snapshot.created_at);
+        for value in memory_values(snapshot.memory.as_ref()) {
+            insert = insert.bind(value);
+        }
+        insert.execute(&mut *tx).await.map_err(on_write())?;
+        for disk in disks {
+            insert_disk(&mut tx, snapshot.id, disk).await?;
+        }
+        tx.commit().await?;
+        Ok(snapshot)
+    }
+
+    pub async fn get_snapshot(&self, id: Uuid) -> Result<Snapshot, DbError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM snapshots WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("snapshot", id))?;
+        Ok(from_row(&row)?)
+    }
+
+    /// The VM's snapshots, oldest first.
+    pub async fn list_snapshots(&self, vm_id: Uuid) -> Result<Vec<Snapshot>, DbError> {
+        let rows =
+            sqlx::query(&format!("SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 ORDER BY created_at, id"))
+                .bind(vm_id.to_string())
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn set_snapshot_status(&self, id: Uuid, status: SnapshotStatus) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE snapshots SET status = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(status.as_str())
+            .execute(self.pool())
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("snapshot", id));
+        }
+        Ok(())
+    }
+
+    /// Changes the snapshot's type; making a second ACTIVE snapshot of a VM is
+    /// a [`DbError::Conflict`].
+    pub async fn set_snapshot_type(&self, id: Uuid, snapshot_type: SnapshotType) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE snapshots SET snapshot_type = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(snapshot_type.as_str())
+            .execute(self.pool())
+            .await
+            .map_err(DbError::on_write("snapshot", id))?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("snapshot", id));
+        }
+        Ok(())
+    }
+
+    /// Points the snapshot at a memory volume (preview or restore with memory).
+    pub async fn set_memory(&self, snapshot_id: Uuid, memory: &MemoryVolume) -> Result<(), DbError> {
+        self.update_memory(snapshot_id, Some(memory)).await
+    }
+
+    /// Clears the snapshot's memory state. The volume itself is not touched:
+    /// delete it when [`Database::snapshots_referencing_memory`] says no
+    /// snapshot refers to it any more.
+    pub async fn remove_memory(&self, snapshot_id: Uuid) -> Result<(), DbError> {
+        self.update_memory(snapshot_id, None).await
+    }
+
+    async fn update_memory(&self, snapshot_id: Uuid, memory: Option<&MemoryVolume>) -> Result<(), DbError> {
+        let mut update = sqlx::query(
+            "UPDATE snapshots SET memory_dump_domain_id = $2, memory_dump_image_id = $3, \
+             memory_dump_volume_id = $4, memory_meta_domain_id = $5, memory_meta_image_id = $6, \
+             memory_meta_volume_id = $7 WHERE id = $1",
+        )
+        .bind(snapshot_id.to_string());
+        for value in memory_values(memory) {
+            update = update.bind(value);
+        }
+        let result = update.execute(self.pool()).await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("snapshot", snapshot_id));
+        }
+        Ok(())
+    }
+
+    /// Every snapshot whose memory dump is the volume `dump_volume_id`:
+    /// snapshots share a memory volume after a preview or commit, and the
+    /// volume may be deleted only when none is left.
+    pub async fn snapshots_referencing_memory(&self, dump_volume_id: Uuid) -> Result<Vec<Snapshot>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE memory_dump_volume_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(dump_volume_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// The VM's newest snapshot of this type and status.
+    pub async fn snapshot_by_vm_type_status(
+        &self,
+        vm_id: Uuid,
+        snapshot_type: SnapshotType,
+        status: SnapshotStatus,
+    ) -> Result<Option<Snapshot>, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 AND snapshot_type = $2 AND status = $3 \
+             ORDER BY created_at DESC, id DESC LIMIT 1"
+        ))
+        .bind(vm_id.to_string())
+        .bind(snapshot_type.as_str())
+        .bind(status.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(from_row).transpose()?)
+    }
+
+    /// The VM's newest snapshot of this type, whatever its status.
+    pub async fn snapshot_by_vm_type(
+        &self,
+        vm_id: Uuid,
+        snapshot_type: SnapshotType,
+    ) -> Result<Option<Snapshot>, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 AND snapshot_type = $2 \
+             ORDER BY created_at DESC, id DESC LIMIT 1"
+        ))
+        .bind(vm_id.to_string())
+        .bind(snapshot_type.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(from_row).transpose()?)
+    }
+
+    /// Deletes the snapshot and its disk rows. False if it was already gone.
+    pub async fn delete_snapshot(&self, id: Uuid) -> Result<bool, DbError> {
+        let result = sqlx::query("DELETE FROM snapshots WHERE id = $1")
+            .bind(id.to_string())
+            .execute(self.pool())
+            .await
+            .map_err(DbError::on_write("snapshot", id))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    pub async fn add_snapshot_disk(&self, snapshot_id: Uuid, disk: &SnapshotDisk) -> Result<(), DbError> {
+        let mut conn = self.pool().acquire().await?;
+        insert_disk(&mut conn, snapshot_id, disk).await
+    }
+
+    pub async fn snapshot_disks(&self, snapshot_id: Uuid) -> Result<Vec<SnapshotDisk>, DbError> {
+        let rows = sqlx::query(
+            "SELECT disk_id, domain_id, image_id, volume_id FROM snapshot_disks \
+             WHERE snapshot_id = $1 ORDER BY disk_id",
+        )
+        .bind(snapshot_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(disk_from_row).collect::<Result<_, _>>()?)
+    }
+}
+
+async fn insert_disk(conn: &mut sqlx::AnyConnection, snapshot_id: Uuid, disk: &SnapshotDisk) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO snapshot_disks (snapshot_id, disk_id, domain_id, image_id, volume_id) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(snapshot_id.to_string())
+    .bind(disk.disk_id.to_string())
+    .bind(disk.volume.domain_id.to_string())
+    .bind(disk.volume.image_id.to_string())
+    .bind(disk.volume.volume_id.to_string())
+    .execute(conn)
+    .await
+    .map_err(DbError::on_write("snapshot disk", disk.disk_id))?;
+    Ok(())
+}

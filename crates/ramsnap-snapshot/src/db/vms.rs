@@ -1,0 +1,302 @@
+//! VMs, their disks, and the VM lock that an operation holds while it changes
+//! the VM (a live snapshot with memory locks the VM, as the spec requires).
+
+use super::{now_ms, to_bigint, Database, DbError, RowExt};
+use sqlx::any::AnyRow;
+use uuid::Uuid;
+
+super::text_enum! {
+    /// The VM's run state, as oVirt names it.
+    VmStatus, "vm status" {
+        Down => "Down",
+        PoweringUp => "PoweringUp",
+        Up => "Up",
+        Paused => "Paused",
+        /// Starting from a memory dump (hibernation or snapshot memory).
+        RestoringState => "RestoringState",
+        /// Writing its memory out.
+        SavingState => "SavingState",
+        PoweringDown => "PoweringDown",
+        ImageLocked => "ImageLocked",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    pub id: Uuid,
+    pub name: String,
+    pub cluster_id: Uuid,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    /// A stateless VM restores its active snapshot's memory on every run.
+    pub stateless: bool,
+    /// The host the VM runs on, if any.
+    pub host_id: Option<Uuid>,
+    pub status: VmStatus,
+    /// The storage domain for the VM's disks and memory volumes.
+    pub disk_domain_id: Uuid,
+    /// The operation holding the VM lock.
+    pub lock_operation_id: Option<Uuid>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// A VM to create: it starts Down, on no host, unlocked.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub id: Uuid,
+    pub name: String,
+    pub cluster_id: Uuid,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub stateless: bool,
+    pub disk_domain_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisk {
+    pub vm_id: Uuid,
+    pub disk_id: Uuid,
+    pub domain_id: Uuid,
+    /// The image: the chain of volumes that make up the disk.
+    pub image_id: Uuid,
+    pub capacity_bytes: u64,
+}
+
+const VM_COLUMNS: &str = "id, name, cluster_id, memory_bytes, vcpus, \
+     CASE WHEN stateless THEN 1 ELSE 0 END AS stateless, host_id, status, disk_domain_id, \
+     lock_operation_id, created_at, updated_at";
+
+fn vm_from_row(row: &AnyRow) -> Result<Vm, sqlx::Error> {
+    Ok(Vm {
+        id: row.uuid("id")?,
+        name: row.text("name")?,
+        cluster_id: row.uuid("cluster_id")?,
+        memory_bytes: row.unsigned("memory_bytes")?,
+        vcpus: row.unsigned("vcpus")?,
+        stateless: row.flag("stateless")?,
+        host_id: row.opt_uuid("host_id")?,
+        status: row.parsed("status")?,
+        disk_domain_id: row.uuid("disk_domain_id")?,
+        lock_operation_id: row.opt_uuid("lock_operation_id")?,
+        created_at: row.int("created_at")?,
+        updated_at: row.int("updated_at")?,
+    })
+}
+
+const DISK_COLUMNS: &str = "vm_id, disk_id, domain_id, image_id, capacity_bytes";
+
+fn disk_from_row(row: &AnyRow) -> Result<VmDisk, sqlx::Error> {
+    Ok(VmDisk {
+        vm_id: row.uuid("vm_id")?,
+        disk_id: row.uuid("disk_id")?,
+        domain_id: row.uuid("domain_id")?,
+        image_id: row.uuid("image_id")?,
+        capacity_bytes: row.unsigned("capacity_bytes")?,
+    })
+}
+
+impl Database {
+    /// Creates a VM; [`DbError::ForeignKey`] if its cluster does not exist.
+    pub async fn create_vm(&self, new: &NewVm) -> Result<Vm, DbError> {
+        let now = now_ms();
+        let vm = Vm {
+            id: new.id,
+            name: new.name.clone(),
+            cluster_id: new.cluster_id,
+            memory_bytes: new.memory_bytes,
+            vcpus: new.vcpus,
+            stateless: new.stateless,
+            host_id: None,
+            status: VmStatus::Down,
+            disk_domain_id: new.disk_domain_id,
+            lock_operation_id: None,
+            created_at: now,
+            updated_at: now,
+        };
+        sqlx::query(
+            "INSERT INTO vms (id, name, cluster_id, memory_bytes, vcpus, stateless, host_id, status, \
+             disk_domain_id, lock_operation_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8, NULL, $9, $9)",
+        )
+        .bind(vm.id.to_string())
+        .bind(&vm.name)
+        .bind(vm.cluster_id.to_string())
+        .bind(to_bigint("memory_bytes", vm.memory_bytes)?)
+        .bind(i64::from(vm.vcpus))
+        .bind(vm.stateless)
+        .bind(vm.status.as_str())
+        .bind(vm.disk_domain_id.to_string())
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(DbError::on_write("vm", vm.id))?;
+        Ok(vm)
+    }
+
+    pub async fn get_vm(&self, id: Uuid) -> Result<Vm, DbError> {
+        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("vm", id))?;
+        Ok(vm_from_row(&row)?)
+    }
+
+    pub async fn get_vm_by_name(&self, name: &str) -> Result<Vm, DbError> {
+        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("vm", name))?;
+        Ok(vm_from_row(&row)?)
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.iter().map(vm_from_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn list_vms_in_cluster(&self, cluster_id: Uuid) -> Result<Vec<Vm>, DbError> {
+        let rows = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE cluster_id = $1 ORDER BY name"))
+            .bind(cluster_id.to_string())
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.iter().map(vm_from_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn set_vm_status(&self, id: Uuid, status: VmStatus) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(status.as_str())
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("vm", id));
+        }
+        Ok(())
+    }
+
+    /// Moves the VM from `from` to `to`; false (and no change) if it was not
+    /// in `from`.
+    pub async fn transition_vm_status(&self, id: Uuid, from: VmStatus, to: VmStatus) -> Result<bool, DbError> {
+        let result = sqlx::query("UPDATE vms SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
+            .bind(id.to_string())
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        if result.rows_affected() == 0 {
+            // Tell "no such VM" from "VM in another state".
+            self.get_vm(id).await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    pub async fn set_vm_host(&self, id: Uuid, host_id: Option<Uuid>) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE vms SET host_id = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(host_id.map(|h| h.to_string()))
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("vm", id));
+        }
+        Ok(())
+    }
+
+    /// Deletes the VM with its disks and snapshots. False if it was already gone.
+    pub async fn delete_vm(&self, id: Uuid) -> Result<bool, DbError> {
+        let result = sqlx::query("DELETE FROM vms WHERE id = $1")
+            .bind(id.to_string())
+            .execute(self.pool())
+            .await
+            .map_err(DbError::on_write("vm", id))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Takes the VM lock for `operation_id`. Taking it again for the same
+    /// operation succeeds (a replayed saga step); if another operation holds
+    /// it, fails with [`DbError::VmLocked`] naming the holder.
+    pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
+        loop {
+            let result = sqlx::query(
+                "UPDATE vms SET lock_operation_id = $2, updated_at = $3 \
+                 WHERE id = $1 AND lock_operation_id IS NULL",
+            )
+            .bind(vm_id.to_string())
+            .bind(operation_id.to_string())
+            .bind(now_ms())
+            .execute(self.pool())
+            .await
+            .map_err(DbError::on_write("vm lock", vm_id))?;
+            if result.rows_affected() == 1 {
+                return Ok(());
+            }
+            match self.get_vm(vm_id).await?.lock_operation_id {
+                Some(holder) if holder == operation_id => return Ok(()),
+                Some(holder) => return Err(DbError::VmLocked { vm_id, holder }),
+                // Released between the two statements: try again.
+                None => continue,
+            }
+        }
+    }
+
+    /// Releases the VM lock if `operation_id` holds it. Returns whether it
+    /// did; releasing a lock not held (or of a VM that is gone) is not an
+    /// error, so that undo steps can repeat.
+    pub async fn unlock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE vms SET lock_operation_id = NULL, updated_at = $3 \
+             WHERE id = $1 AND lock_operation_id = $2",
+        )
+        .bind(vm_id.to_string())
+        .bind(operation_id.to_string())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    pub async fn add_vm_disk(&self, disk: &VmDisk) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO vm_disks (vm_id, disk_id, domain_id, image_id, capacity_bytes) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(disk.vm_id.to_string())
+        .bind(disk.disk_id.to_string())
+        .bind(disk.domain_id.to_string())
+        .bind(disk.image_id.to_string())
+        .bind(to_bigint("capacity_bytes", disk.capacity_bytes)?)
+        .execute(self.pool())
+        .await
+        .map_err(DbError::on_write("vm disk", disk.disk_id))?;
+        Ok(())
+    }
+
+    pub async fn vm_disks(&self, vm_id: Uuid) -> Result<Vec<VmDisk>, DbError> {
+        let rows = sqlx::query(&format!("SELECT {DISK_COLUMNS} FROM vm_disks WHERE vm_id = $1 ORDER BY disk_id"))
+            .bind(vm_id.to_string())
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.iter().map(disk_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// False if the disk was already gone.
+    pub async fn remove_vm_disk(&self, vm_id: Uuid, disk_id: Uuid) -> Result<bool, DbError> {
+        let result = sqlx::query("DELETE FROM vm_disks WHERE vm_id = $1 AND disk_id = $2")
+            .bind(vm_id.to_string())
+            .bind(disk_id.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+}

@@ -1,0 +1,3 @@
+//! SnapshotService: the coordinator.
+
+pub mod db;

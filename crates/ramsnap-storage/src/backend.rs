@@ -1,0 +1,37 @@
+//! What a kind of storage domain must do. Implementations are synchronous
+//! (they call the file system, LVM and qemu-img) and run on the blocking
+//! pool; [`crate::storage`] serializes the metadata-changing calls per domain.
+use crate::error::Result;
+use crate::model::{Allocation, DomainInfo, Legality, Volume, VolumeMeta};
+use std::path::PathBuf;
+use uuid::Uuid;
+
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> Result<DomainInfo>;
+    /// Every volume on the domain, or only those of one image.
+    fn list(&self, image: Option<Uuid>) -> Result<Vec<Volume>>;
+    /// One volume, or [`crate::StorageError::VolumeNotFound`].
+    fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume>;
+    /// Creates the volume, recorded as `meta.legality` (callers pass
+    /// ILLEGAL and flip it once the content is complete). For a COW child,
+    /// the parent must already be prepared. On error nothing is left behind.
+    fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()>;
+    fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()>;
+    /// Removes the volume and its metadata; an absent volume is success, so
+    /// that undo steps can repeat.
+    fn remove(&self, image: Uuid, volume: Uuid) -> Result<()>;
+    /// Makes the volume accessible on this host and returns its path.
+    /// Preparing a prepared volume returns the same path.
+    fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf>;
+    fn is_prepared(&self, image: Uuid, volume: Uuid) -> bool;
+    /// Undoes [`Backend::prepare`]; a volume not prepared is success.
+    fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()>;
+    /// The allocation a volume gets when the caller does not choose.
+    fn natural_allocation(&self) -> Allocation;
+    /// Remembers, on the domain, that the delete request `request` is done.
+    fn record_delete(&self, request: Uuid) -> Result<()>;
+    fn delete_recorded(&self, request: Uuid) -> Result<bool>;
+}
+
+/// How long completed delete requests are remembered for retries.
+pub const DELETE_JOURNAL_TTL_SECS: i64 = 7 * 24 * 3600;

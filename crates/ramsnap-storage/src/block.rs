@@ -1,0 +1,447 @@
+//! BLOCK domains: an LVM volume group on a shared LUN, laid out as VDSM lays
+//! out its block domains. The VG is named by the domain id; each volume is
+//! an LV named by its volume id; all metadata lives in LVM tags, so the
+//! domain describes itself to any host that sees the LUN:
+//!
+//! ```text
+//! VG tags  RAMSNAP_DOMAIN  RS_VER_<n>  RS_NAME_<name>  RS_DEL_<request>_<unix secs>
+//! LV tags  IU_<image>  PU_<parent or nil uuid>  RS_FMT_<RAW|COW>  RS_ALLOC_<..>
+//!          RS_PURPOSE_<..>  RS_LEGAL | RS_ILLEGAL  RS_CAP_<bytes>  RS_CT_<unix secs>
+//!          RS_REQ_<request>  RS_DESC_<hex>
+//! ```
+//!
+//! Preparing a volume makes it a block device: `lvchange -ay` where the
+//! kernel has device-mapper, otherwise a loop device over the LV's
+//! (contiguous) extents on the PV. Either way the path handed out is a
+//! symlink `<run-dir>/<domain>/images/<image>/<volume>`, so a qcow2 child
+//! finds its parent by bare volume id in the same directory, as on FILE.
+use crate::backend::{Backend, DELETE_JOURNAL_TTL_SECS};
+use crate::error::{Result, StorageError};
+use crate::lvm;
+use crate::model::*;
+use crate::tool;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use uuid::Uuid;
+
+const DOMAIN_TAG: &str = "RAMSNAP_DOMAIN";
+/// VDSM's default extent is 128 MiB; 4 MiB wastes less on the small
+/// memory-metadata volumes.
+const EXTENT_MIB: u64 = 4;
+const MAX_DESCRIPTION_HEX: usize = 1000;
+
+pub struct BlockDomain {
+    id: Uuid,
+    name: String,
+    vg: String,
+    run_dir: PathBuf,
+}
+
+impl BlockDomain {
+    /// Initializes a blank device as a new domain.
+    pub fn create(device: &Path, id: Uuid, name: &str, run_dir: &Path) -> Result<BlockDomain> {
+        lvm::pvcreate(device)?;
+        let tags = vec![DOMAIN_TAG.to_string(), format!("RS_VER_{METADATA_VERSION}"), format!("RS_NAME_{name}")];
+        if let Err(e) = lvm::vgcreate(&id.to_string(), device, EXTENT_MIB, &tags) {
+            let _ = tool::run(Command::new("pvremove").arg("--yes").arg(device));
+            return Err(e);
+        }
+        Ok(BlockDomain { id, name: name.into(), vg: id.to_string(), run_dir: run_dir.join(id.to_string()) })
+    }
+
+    /// Every ramsnap domain on the block devices this host sees.
+    pub fn discover(run_dir: &Path) -> Result<Vec<(BlockDomain, String)>> {
+        let mut out = Vec::new();
+        for row in lvm::vgs_all()? {
+            if !row.tags.iter().any(|t| t == DOMAIN_TAG) {
+                continue;
+            }
+            let Ok(id) = Uuid::parse_str(&row.name) else { continue };
+            let name = row.tags.iter().find_map(|t| t.strip_prefix("RS_NAME_")).unwrap_or("").to_string();
+            out.push((
+                BlockDomain { id, name, vg: row.name.clone(), run_dir: run_dir.join(id.to_string()) },
+                row.pv,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    fn link(&self, image: Uuid, volume: Uuid) -> PathBuf {
+        self.run_dir.join("images").join(image.to_string()).join(volume.to_string())
+    }
+
+    fn lv(&self, image: Uuid, volume: Uuid) -> Result<lvm::LvRow> {
+        lvm::lvs(&self.vg)?
+            .into_iter()
+            .find(|lv| lv.name == volume.to_string() && lv.tags.contains(&format!("IU_{image}")))
+            .ok_or(StorageError::VolumeNotFound(VolumeRef { domain: self.id, image, volume }))
+    }
+
+    fn to_volume(&self, lv: &lvm::LvRow) -> Result<Option<Volume>> {
+        let Ok(volume) = Uuid::parse_str(&lv.name) else { return Ok(None) };
+        let tag = |p: &str| lv.tags.iter().find_map(|t| t.strip_prefix(p).map(str::to_string));
+        let Some(image) = tag("IU_").and_then(|s| Uuid::parse_str(&s).ok()) else { return Ok(None) };
+        let corrupt = |what: &str| StorageError::CorruptMetadata {
+            subject: format!("{}/{}", self.vg, lv.name),
+            reason: format!("missing or bad {what} tag"),
+        };
+        let parent = tag("PU_").and_then(|s| Uuid::parse_str(&s).ok()).filter(|p| !p.is_nil());
+        let format = match tag("RS_FMT_").as_deref() {
+            Some("RAW") => Format::Raw,
+            Some("COW") => Format::Cow,
+            _ => return Err(corrupt("RS_FMT_")),
+        };
+        let allocation = match tag("RS_ALLOC_").as_deref() {
+            Some("SPARSE") => Allocation::Sparse,
+            Some("PREALLOCATED") => Allocation::Preallocated,
+            _ => return Err(corrupt("RS_ALLOC_")),
+        };
+        let purpose = match tag("RS_PURPOSE_").as_deref() {
+            Some("DISK") => Purpose::Disk,
+            Some("MEMORY_DUMP") => Purpose::MemoryDump,
+            Some("MEMORY_METADATA") => Purpose::MemoryMetadata,
+            _ => return Err(corrupt("RS_PURPOSE_")),
+        };
+        let legality = if lv.tags.iter().any(|t| t == "RS_LEGAL") { Legality::Legal } else { Legality::Illegal };
+        let capacity = tag("RS_CAP_").and_then(|s| s.parse().ok()).ok_or_else(|| corrupt("RS_CAP_"))?;
+        let meta = VolumeMeta {
+            version: tag("RS_VER_").and_then(|s| s.parse().ok()).unwrap_or(METADATA_VERSION),
+            image,
+            volume,
+            parent,
+            format,
+            allocation,
+            purpose,
+            legality,
+            capacity,
+            description: tag("RS_DESC_").and_then(|h| hex_decode(&h)).unwrap_or_default(),
+            request_id: tag("RS_REQ_").and_then(|s| Uuid::parse_str(&s).ok()),
+            created_at: tag("RS_CT_").and_then(|s| s.parse().ok()).unwrap_or(0),
+        };
+        Ok(Some(Volume { domain: self.id, meta, allocated: lv.size }))
+    }
+
+    fn tags_for(meta: &VolumeMeta) -> Vec<String> {
+        let mut tags = vec![
+            format!("IU_{}", meta.image),
+            format!("PU_{}", meta.parent.unwrap_or(Uuid::nil())),
+            format!("RS_VER_{}", meta.version),
+            format!("RS_FMT_{}", upper(meta.format)),
+            format!("RS_ALLOC_{}", upper(meta.allocation)),
+            format!("RS_PURPOSE_{}", upper(meta.purpose)),
+            legality_tag(meta.legality).to_string(),
+            format!("RS_CAP_{}", meta.capacity),
+            format!("RS_CT_{}", meta.created_at),
+        ];
+        if let Some(r) = meta.request_id {
+            tags.push(format!("RS_REQ_{r}"));
+        }
+        if !meta.description.is_empty() {
+            tags.push(format!("RS_DESC_{}", hex_encode(&meta.description)));
+        }
+        tags
+    }
+
+    /// The LV size a volume needs: its capacity for RAW; for COW the size
+    /// of a fully allocated qcow2 (from `qemu-img measure`), so that a
+    /// qcow2 volume never outgrows its LV.
+    fn lv_size(meta: &VolumeMeta) -> Result<u64> {
+        match meta.format {
+            Format::Raw => Ok(meta.capacity),
+            Format::Cow => {
+                let out = tool::run(Command::new("qemu-img").args([
+                    "measure",
+                    "-O",
+                    "qcow2",
+                    "--size",
+                    &meta.capacity.to_string(),
+                ]))?;
+                out.lines()
+                    .find_map(|l| l.strip_prefix("fully allocated size:"))
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| StorageError::Tool { cmd: "qemu-img measure".into(), stderr: out.clone() })
+            }
+        }
+    }
+
+    fn activate(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
+        let lv = self.lv(image, volume)?;
+        if lvm::device_mapper_available() {
+            lvm::lv_activate(&self.vg, &lv.name, true)?;
+            return Ok(PathBuf::from(format!("/dev/{}/{}", self.vg, lv.name)));
+        }
+        let vg = lvm::vg_info(&self.vg)?;
+        let first = lv.first_pe.ok_or_else(|| StorageError::Tool {
+            cmd: "lvs".into(),
+            stderr: format!("LV {} has no contiguous segment", lv.name),
+        })?;
+        let offset = vg.pe_start + first * vg.extent_size;
+        let out = tool::run(Command::new("losetup").args([
+            "--offset",
+            &offset.to_string(),
+            "--sizelimit",
+            &lv.size.to_string(),
+            "--find",
+            "--show",
+            &vg.pv,
+        ]))?;
+        Ok(PathBuf::from(out.trim()))
+    }
+
+    fn deactivate(&self, device: &Path) -> Result<()> {
+        if is_loop(device) {
+            match tool::run(Command::new("losetup").arg("--detach").arg(device)) {
+                Ok(_) => Ok(()),
+                // Already gone (e.g. after a host reboot).
+                Err(_) if !device.exists() || loop_offset(device).is_none() => Ok(()),
+                Err(e) => Err(e),
+            }
+        } else {
+            let lv = device.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            lvm::lv_activate(&self.vg, &lv, false)
+        }
+    }
+
+    /// The device a link points at, if it is still the one this volume was
+    /// prepared on (a loop device can vanish with a reboot and be reused).
+    fn live_device(&self, image: Uuid, volume: Uuid) -> Option<PathBuf> {
+        let target = fs::read_link(self.link(image, volume)).ok()?;
+        if !target.exists() {
+            return None;
+        }
+        if is_loop(&target) {
+            let lv = self.lv(image, volume).ok()?;
+            let vg = lvm::vg_info(&self.vg).ok()?;
+            let offset = vg.pe_start + lv.first_pe? * vg.extent_size;
+            let backing = loop_attr(&target, "backing_file")?;
+            if loop_offset(&target)? != offset || backing.trim() != vg.pv {
+                return None;
+            }
+        }
+        Some(target)
+    }
+}
+
+impl Backend for BlockDomain {
+    fn info(&self) -> Result<DomainInfo> {
+        let vg = lvm::vg_info(&self.vg)?;
+        Ok(DomainInfo {
+            id: self.id,
+            name: self.name.clone(),
+            domain_type: DomainType::Block,
+            location: vg.pv,
+            capacity: vg.size,
+            free: vg.free,
+            metadata_version: METADATA_VERSION,
+        })
+    }
+
+    fn list(&self, image: Option<Uuid>) -> Result<Vec<Volume>> {
+        let mut out = Vec::new();
+        for lv in lvm::lvs(&self.vg)? {
+            if let Some(v) = self.to_volume(&lv)? {
+                if image.is_none_or(|i| i == v.meta.image) {
+                    out.push(v);
+                }
+            }
+        }
+        out.sort_by_key(|v| (v.meta.image, v.meta.created_at, v.meta.volume));
+        Ok(out)
+    }
+
+    fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume> {
+        let lv = self.lv(image, volume)?;
+        self.to_volume(&lv)?.ok_or(StorageError::VolumeNotFound(VolumeRef { domain: self.id, image, volume }))
+    }
+
+    fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        if meta.description.len() * 2 > MAX_DESCRIPTION_HEX {
+            return Err(StorageError::invalid("description", "longer than 500 bytes"));
+        }
+        let size = Self::lv_size(meta)?;
+        lvm::lvcreate(&self.vg, &meta.volume.to_string(), size, &Self::tags_for(meta))?;
+        if meta.format == Format::Cow {
+            let result = (|| {
+                let path = self.prepare(meta.image, meta.volume)?;
+                let mut cmd = Command::new("qemu-img");
+                cmd.current_dir(path.parent().expect("links live in an image directory"));
+                cmd.args(["create", "-q", "-f", "qcow2"]);
+                if let Some(p) = parent {
+                    cmd.args(["-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
+                }
+                cmd.arg(&path).arg(meta.capacity.to_string());
+                let r = tool::run(&mut cmd).map(drop);
+                self.teardown(meta.image, meta.volume)?;
+                r
+            })();
+            if let Err(e) = result {
+                let _ = self.teardown(meta.image, meta.volume);
+                let _ = lvm::lvremove(&self.vg, &meta.volume.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()> {
+        let lv = self.lv(image, volume)?;
+        let other = match legality {
+            Legality::Legal => Legality::Illegal,
+            Legality::Illegal => Legality::Legal,
+        };
+        lvm::lv_change_tags(
+            &self.vg,
+            &lv.name,
+            &[legality_tag(other).to_string()],
+            &[legality_tag(legality).to_string()],
+        )
+    }
+
+    fn remove(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        match self.lv(image, volume) {
+            Ok(lv) => {
+                self.teardown(image, volume)?;
+                lvm::lvremove(&self.vg, &lv.name)
+            }
+            Err(StorageError::VolumeNotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
+        let link = self.link(image, volume);
+        if self.live_device(image, volume).is_some() {
+            return Ok(link);
+        }
+        let device = self.activate(image, volume)?;
+        let place = (|| {
+            fs::create_dir_all(link.parent().expect("has a parent"))?;
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&device, &link)
+        })();
+        if let Err(e) = place {
+            let _ = self.deactivate(&device);
+            return Err(e.into());
+        }
+        Ok(link)
+    }
+
+    fn is_prepared(&self, image: Uuid, volume: Uuid) -> bool {
+        self.live_device(image, volume).is_some()
+    }
+
+    fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        let link = self.link(image, volume);
+        if let Some(device) = self.live_device(image, volume) {
+            self.deactivate(&device)?;
+        }
+        match fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(dir) = link.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    fn natural_allocation(&self) -> Allocation {
+        Allocation::Preallocated
+    }
+
+    fn record_delete(&self, request: Uuid) -> Result<()> {
+        let vg = lvm::vg_info(&self.vg)?;
+        let horizon = now_unix() - DELETE_JOURNAL_TTL_SECS;
+        let expired: Vec<String> = vg
+            .tags
+            .iter()
+            .filter(|t| {
+                t.strip_prefix("RS_DEL_")
+                    .and_then(|rest| rest.rsplit('_').next())
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .is_some_and(|ts| ts < horizon)
+            })
+            .cloned()
+            .collect();
+        lvm::vg_change_tags(&self.vg, &expired, &[format!("RS_DEL_{request}_{}", now_unix())])
+    }
+
+    fn delete_recorded(&self, request: Uuid) -> Result<bool> {
+        let prefix = format!("RS_DEL_{request}_");
+        Ok(lvm::vg_info(&self.vg)?.tags.iter().any(|t| t.starts_with(&prefix)))
+    }
+}
+
+fn legality_tag(l: Legality) -> &'static str {
+    match l {
+        Legality::Legal => "RS_LEGAL",
+        Legality::Illegal => "RS_ILLEGAL",
+    }
+}
+
+fn upper<T: serde::Serialize>(v: T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn is_loop(device: &Path) -> bool {
+    device.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("loop"))
+}
+
+fn loop_attr(device: &Path, attr: &str) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    fs::read_to_string(format!("/sys/block/{name}/loop/{attr}")).ok()
+}
+
+fn loop_offset(device: &Path) -> Option<u64> {
+    loop_attr(device, "offset")?.trim().parse().ok()
+}
+
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(h: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> =
+        (0..h.len()).step_by(2).map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn description_hex_round_trips() {
+        let s = "snapshot: before upgrade, ünïcode";
+        assert_eq!(hex_decode(&hex_encode(s)).as_deref(), Some(s));
+    }
+
+    #[test]
+    fn tags_round_trip_through_to_volume() {
+        let meta = VolumeMeta {
+            version: METADATA_VERSION,
+            image: Uuid::new_v4(),
+            volume: Uuid::new_v4(),
+            parent: Some(Uuid::new_v4()),
+            format: Format::Cow,
+            allocation: Allocation::Sparse,
+            purpose: Purpose::MemoryDump,
+            legality: Legality::Illegal,
+            capacity: 123,
+            description: "d".into(),
+            request_id: Some(Uuid::new_v4()),
+            created_at: 42,
+        };
+        let dom = BlockDomain { id: Uuid::new_v4(), name: "x".into(), vg: "vg".into(), run_dir: "/tmp".into() };
+        let lv =
+            lvm::LvRow { name: meta.volume.to_string(), size: 4096, tags: BlockDomain::tags_for(&meta), first_pe: Some(0) };
+        let v = dom.to_volume(&lv).unwrap().unwrap();
+        assert_eq!(v.meta, meta);
+    }
+}

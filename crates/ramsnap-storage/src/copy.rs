@@ -1,0 +1,338 @@
+//! Moving a volume's data. RAW to RAW is done here: a reader and a writer
+//! thread overlap I/O; holes in the source (SEEK_DATA/SEEK_HOLE) and zero
+//! blocks are not written to a target that already reads as zeros, and are
+//! zeroed cheaply (BLKZEROOUT, fallocate) on one that does not, such as a
+//! fresh LV. Anything involving qcow2 or a backing chain goes through
+//! `qemu-img convert`, which collapses the chain.
+use crate::error::{Result, StorageError};
+use crate::model::Format;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+/// Unit of zero detection: runs of zero blocks this size are skipped.
+const BLOCK: usize = 64 * 1024;
+/// Unit of I/O between the reader and the writer.
+const CHUNK: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct CopyJob {
+    pub source: PathBuf,
+    pub source_format: Format,
+    /// The source has a backing chain (which qemu-img collapses).
+    pub source_has_parent: bool,
+    pub target: PathBuf,
+    pub target_format: Format,
+    /// The target was just created and reads as zeros everywhere.
+    pub target_reads_zero: bool,
+    /// Virtual size to copy.
+    pub size: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes of data written to the target.
+    pub data_bytes: u64,
+    /// Bytes recognised as zero (holes or zero blocks).
+    pub zero_bytes: u64,
+}
+
+/// Runs the copy, reporting (processed, total) bytes as it goes.
+pub fn run(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
+    let native =
+        job.source_format == Format::Raw && job.target_format == Format::Raw && !job.source_has_parent;
+    if native {
+        copy_raw(job, progress)
+    } else {
+        qemu_img_convert(job, progress)
+    }
+}
+
+enum Piece {
+    Data { offset: u64, buf: Vec<u8>, len: usize },
+    Zero { offset: u64, len: u64 },
+}
+
+fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
+    let src = File::open(&job.source)?;
+    let dst = OpenOptions::new().write(true).open(&job.target)?;
+    let dst_is_block = dst.metadata()?.file_type().is_block_device();
+    let size = job.size;
+
+    let (tx, rx) = mpsc::sync_channel::<Piece>(4);
+    let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
+    let mut stats = CopyStats::default();
+
+    std::thread::scope(|s| -> Result<()> {
+        let reader = s.spawn(move || read_pieces(&src, size, tx, recycle_rx));
+        let mut done = 0u64;
+        let mut write_err = None;
+        for piece in rx.iter() {
+            let r = match piece {
+                Piece::Data { offset, buf, len } => {
+                    let r = dst.write_all_at(&buf[..len], offset);
+                    stats.data_bytes += len as u64;
+                    done += len as u64;
+                    let _ = recycle_tx.send(buf);
+                    r.map_err(StorageError::from)
+                }
+                Piece::Zero { offset, len } => {
+                    stats.zero_bytes += len;
+                    done += len;
+                    if job.target_reads_zero {
+                        Ok(())
+                    } else {
+                        zero_range(&dst, dst_is_block, offset, len)
+                    }
+                }
+            };
+            if let Err(e) = r {
+                write_err = Some(e);
+                break;
+            }
+            progress(done, size);
+        }
+        drop(rx);
+        let read_result = reader.join().expect("reader thread panicked");
+        if let Some(e) = write_err {
+            return Err(e);
+        }
+        read_result
+    })?;
+    dst.sync_data()?;
+    Ok(stats)
+}
+
+/// Walks the source's data extents, splitting them into data and zero runs.
+fn read_pieces(
+    src: &File,
+    size: u64,
+    tx: mpsc::SyncSender<Piece>,
+    recycle: mpsc::Receiver<Vec<u8>>,
+) -> Result<()> {
+    let mut pos = 0u64;
+    while pos < size {
+        let (data_start, data_end) = next_data(src, pos, size);
+        if data_start > pos && tx.send(Piece::Zero { offset: pos, len: data_start - pos }).is_err() {
+            return Ok(());
+        }
+        let mut off = data_start;
+        while off < data_end {
+            let mut buf = recycle.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+            let want = CHUNK.min((data_end - off) as usize);
+            read_full_at(src, &mut buf[..want], off)?;
+            // Split the chunk into runs of zero and non-zero blocks.
+            let mut i = 0;
+            let mut runs = Vec::new();
+            while i < want {
+                let end = (i + BLOCK).min(want);
+                let zero = is_zero(&buf[i..end]);
+                match runs.last_mut() {
+                    Some((z, _, e)) if *z == zero => *e = end,
+                    _ => runs.push((zero, i, end)),
+                }
+                i = end;
+            }
+            for (zero, a, b) in runs {
+                let piece = if zero {
+                    Piece::Zero { offset: off + a as u64, len: (b - a) as u64 }
+                } else if a == 0 && b == want {
+                    Piece::Data { offset: off, buf: std::mem::take(&mut buf), len: want }
+                } else {
+                    let mut part = recycle.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+                    part[..b - a].copy_from_slice(&buf[a..b]);
+                    Piece::Data { offset: off + a as u64, buf: part, len: b - a }
+                };
+                if tx.send(piece).is_err() {
+                    return Ok(());
+                }
+            }
+            off += want as u64;
+        }
+        pos = data_end;
+    }
+    Ok(())
+}
+
+/// The next data extent at or after `pos`, as (start, end), clipped to
+/// `size`. Sources that cannot tell (block devices) are all data.
+fn next_data(src: &File, pos: u64, size: u64) -> (u64, u64) {
+    let fd = src.as_raw_fd();
+    // SAFETY: lseek on a valid descriptor with plain integer arguments.
+    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        // ENXIO: no data after pos, the rest is a hole.
+        return if errno == Some(libc::ENXIO) { (size, size) } else { (pos, size) };
+    }
+    let start = (start as u64).min(size);
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+    let end = if end < 0 { size } else { (end as u64).min(size) };
+    (start, end.max(start))
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            // Past the end of a shorter source: the rest reads as zeros.
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to splits correctly.
+    let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Makes a range of the target read as zeros, as cheaply as the target
+/// allows: BLKZEROOUT on a block device, FALLOC_FL_ZERO_RANGE on a file,
+/// writing zeros as the last resort.
+fn zero_range(dst: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
+    let fd = dst.as_raw_fd();
+    let rc = if is_block && offset % 512 == 0 && len % 512 == 0 {
+        let range = [offset, len];
+        // SAFETY: BLKZEROOUT takes a pointer to two u64s.
+        unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) }
+    } else if !is_block {
+        // SAFETY: plain integer arguments on a valid descriptor.
+        unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, offset as libc::off_t, len as libc::off_t) }
+    } else {
+        -1
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; CHUNK];
+    let mut off = offset;
+    let end = offset + len;
+    while off < end {
+        let n = CHUNK.min((end - off) as usize);
+        dst.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-p", "-n", "-f", job.source_format.qemu_name(), "-O", job.target_format.qemu_name()]);
+    if job.target_reads_zero {
+        cmd.arg("--target-is-zero");
+    }
+    cmd.arg(&job.source).arg(&job.target);
+    if let Some(dir) = job.source.parent() {
+        // Relative backing-file names resolve beside the source.
+        cmd.current_dir(dir);
+    }
+    let line = format!("{cmd:?}");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    // qemu-img -p prints "    (12.50/100%)\r".
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    while reader.read_until(b'\r', &mut buf).unwrap_or(0) > 0 {
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(pct) = text.trim().strip_prefix('(').and_then(|t| t.split('/').next()) {
+            if let Ok(p) = pct.trim().parse::<f64>() {
+                progress((job.size as f64 * p / 100.0) as u64, job.size);
+            }
+        }
+        buf.clear();
+    }
+    let status = child.wait()?;
+    let stderr = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(StorageError::Tool { cmd: line, stderr: stderr.trim().to_string() });
+    }
+    progress(job.size, job.size);
+    Ok(CopyStats { data_bytes: allocated(&job.target), zero_bytes: 0 })
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn job(src: &Path, dst: &Path, size: u64, zero: bool) -> CopyJob {
+        CopyJob {
+            source: src.into(),
+            source_format: Format::Raw,
+            source_has_parent: false,
+            target: dst.into(),
+            target_format: Format::Raw,
+            target_reads_zero: zero,
+            size,
+        }
+    }
+
+    #[test]
+    fn raw_copy_keeps_content_and_skips_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let dst = dir.path().join("dst");
+        let size = 40 * 1024 * 1024u64;
+        let mut f = File::create(&src).unwrap();
+        f.set_len(size).unwrap();
+        // Data at 1 MiB and 20 MiB, a hole elsewhere, and an explicit zero block.
+        f.write_all_at(&vec![7u8; 300_000], 1 << 20).unwrap();
+        f.write_all_at(&vec![9u8; 70_000], 20 << 20).unwrap();
+        f.write_all_at(&vec![0u8; 1 << 20], 30 << 20).unwrap();
+        f.flush().unwrap();
+        File::create(&dst).unwrap().set_len(size).unwrap();
+        let mut last = 0;
+        let stats = run(&job(&src, &dst, size, true), &mut |d, _| last = d).unwrap();
+        assert_eq!(last, size);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        assert!(stats.data_bytes < 1 << 20, "wrote {} bytes of data", stats.data_bytes);
+        assert_eq!(stats.data_bytes + stats.zero_bytes, size);
+        assert!(allocated(&dst) < 2 << 20, "target allocated {}", allocated(&dst));
+    }
+
+    #[test]
+    fn raw_copy_zeroes_a_dirty_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let dst = dir.path().join("dst");
+        let size = 4 * 1024 * 1024u64;
+        File::create(&src).unwrap().set_len(size).unwrap();
+        std::fs::write(&dst, vec![0xffu8; size as usize]).unwrap();
+        run(&job(&src, &dst, size, false), &mut |_, _| {}).unwrap();
+        assert!(std::fs::read(&dst).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 1000]));
+        let mut v = vec![0u8; 1000];
+        v[999] = 1;
+        assert!(!is_zero(&v));
+        v[999] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+}

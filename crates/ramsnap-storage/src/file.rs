@@ -1,0 +1,340 @@
+//! FILE domains: a directory (an NFS export in production), laid out as
+//! VDSM lays out its file domains:
+//!
+//! ```text
+//! <location>/<domain-id>/dom_md/metadata          domain metadata (JSON)
+//! <location>/<domain-id>/dom_md/deleted/<req-id>  completed delete requests
+//! <location>/<domain-id>/images/<image>/<volume>  volume data (raw or qcow2)
+//! <location>/<domain-id>/images/<image>/<volume>.meta  volume metadata (JSON)
+//! ```
+//!
+//! A qcow2 child names its parent by the parent's bare volume id, resolved
+//! in the image's directory, so the chain stays valid wherever it is mounted.
+use crate::backend::{Backend, DELETE_JOURNAL_TTL_SECS};
+use crate::error::{Result, StorageError};
+use crate::model::*;
+use crate::tool;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use uuid::Uuid;
+
+#[derive(Serialize, Deserialize)]
+struct DomainMetadata {
+    version: u32,
+    domain_id: Uuid,
+    name: String,
+    #[serde(rename = "type")]
+    domain_type: DomainType,
+}
+
+pub struct FileDomain {
+    id: Uuid,
+    name: String,
+    location: PathBuf,
+    dir: PathBuf,
+}
+
+impl FileDomain {
+    /// Creates a new domain under `location`.
+    pub fn create(location: &Path, id: Uuid, name: &str) -> Result<FileDomain> {
+        let dir = location.join(id.to_string());
+        fs::create_dir_all(dir.join("dom_md/deleted"))?;
+        fs::create_dir_all(dir.join("images"))?;
+        let md = DomainMetadata {
+            version: METADATA_VERSION,
+            domain_id: id,
+            name: name.to_string(),
+            domain_type: DomainType::File,
+        };
+        write_atomic(&dir.join("dom_md/metadata"), &serde_json::to_vec_pretty(&md).expect("serializable"))?;
+        Ok(FileDomain { id, name: name.to_string(), location: location.to_path_buf(), dir })
+    }
+
+    /// Finds the domains already laid out directly under `location`.
+    pub fn discover(location: &Path) -> Result<Vec<FileDomain>> {
+        let mut found = Vec::new();
+        let entries = match fs::read_dir(location) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e.into()),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(id) = entry.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else {
+                continue;
+            };
+            let md_path = entry.path().join("dom_md/metadata");
+            if !md_path.exists() {
+                continue;
+            }
+            let md: DomainMetadata = read_json(&md_path)?;
+            if md.domain_id != id || md.domain_type != DomainType::File {
+                return Err(StorageError::CorruptMetadata {
+                    subject: md_path.display().to_string(),
+                    reason: "domain id or type does not match its directory".into(),
+                });
+            }
+            if md.version > METADATA_VERSION {
+                return Err(StorageError::CorruptMetadata {
+                    subject: md_path.display().to_string(),
+                    reason: format!("metadata version {} is newer than this service knows", md.version),
+                });
+            }
+            found.push(FileDomain { id, name: md.name, location: location.to_path_buf(), dir: entry.path() });
+        }
+        Ok(found)
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    fn image_dir(&self, image: Uuid) -> PathBuf {
+        self.dir.join("images").join(image.to_string())
+    }
+
+    fn volume_path(&self, image: Uuid, volume: Uuid) -> PathBuf {
+        self.image_dir(image).join(volume.to_string())
+    }
+
+    fn meta_path(&self, image: Uuid, volume: Uuid) -> PathBuf {
+        self.image_dir(image).join(format!("{volume}.meta"))
+    }
+
+    fn read_volume(&self, image: Uuid, volume: Uuid) -> Result<Option<Volume>> {
+        let meta_path = self.meta_path(image, volume);
+        let mut meta: VolumeMeta = match fs::read(&meta_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StorageError::CorruptMetadata {
+                subject: meta_path.display().to_string(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // A volume whose data is gone (a crash between the two removals) is
+        // never LEGAL.
+        let allocated = match fs::metadata(self.volume_path(image, volume)) {
+            Ok(m) => m.blocks() * 512,
+            Err(_) => {
+                meta.legality = Legality::Illegal;
+                0
+            }
+        };
+        Ok(Some(Volume { domain: self.id, meta, allocated }))
+    }
+
+    fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
+        write_atomic(
+            &self.meta_path(meta.image, meta.volume),
+            &serde_json::to_vec_pretty(meta).expect("serializable"),
+        )
+    }
+
+    fn create_data(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        let path = self.volume_path(meta.image, meta.volume);
+        match meta.format {
+            Format::Raw => {
+                let f = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+                f.set_len(meta.capacity)?;
+                if meta.allocation == Allocation::Preallocated {
+                    fallocate(&f, meta.capacity)?;
+                }
+                f.sync_all()?;
+            }
+            Format::Cow => {
+                let mut cmd = Command::new("qemu-img");
+                cmd.current_dir(self.image_dir(meta.image)).args(["create", "-q", "-f", "qcow2"]);
+                if let Some(p) = parent {
+                    cmd.args(["-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
+                }
+                let prealloc = match meta.allocation {
+                    Allocation::Sparse => "off",
+                    Allocation::Preallocated => "falloc",
+                };
+                cmd.args(["-o", &format!("preallocation={prealloc}")]);
+                cmd.arg(meta.volume.to_string()).arg(meta.capacity.to_string());
+                tool::run(&mut cmd)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_files(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        remove_if_exists(&self.volume_path(image, volume))?;
+        remove_if_exists(&self.meta_path(image, volume))?;
+        // The image directory goes with its last volume.
+        let _ = fs::remove_dir(self.image_dir(image));
+        Ok(())
+    }
+}
+
+impl Backend for FileDomain {
+    fn info(&self) -> Result<DomainInfo> {
+        let st = statvfs(&self.dir)?;
+        Ok(DomainInfo {
+            id: self.id,
+            name: self.name.clone(),
+            domain_type: DomainType::File,
+            location: self.location.display().to_string(),
+            capacity: st.0,
+            free: st.1,
+            metadata_version: METADATA_VERSION,
+        })
+    }
+
+    fn list(&self, image: Option<Uuid>) -> Result<Vec<Volume>> {
+        let images: Vec<Uuid> = match image {
+            Some(i) => vec![i],
+            None => fs::read_dir(self.dir.join("images"))?
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()))
+                .collect(),
+        };
+        let mut out = Vec::new();
+        for image in images {
+            let Ok(entries) = fs::read_dir(self.image_dir(image)) else { continue };
+            for entry in entries.filter_map(|e| e.ok()) {
+                let name = entry.file_name();
+                let Some(vol) = name.to_str().and_then(|n| n.strip_suffix(".meta")) else { continue };
+                let Ok(vol) = Uuid::parse_str(vol) else { continue };
+                if let Some(v) = self.read_volume(image, vol)? {
+                    out.push(v);
+                }
+            }
+        }
+        out.sort_by_key(|v| (v.meta.image, v.meta.created_at, v.meta.volume));
+        Ok(out)
+    }
+
+    fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume> {
+        self.read_volume(image, volume)?.ok_or(StorageError::VolumeNotFound(VolumeRef {
+            domain: self.id,
+            image,
+            volume,
+        }))
+    }
+
+    fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        fs::create_dir_all(self.image_dir(meta.image))?;
+        // Metadata first, so that a crash part-way leaves a visible ILLEGAL
+        // volume rather than an unaccounted file.
+        let result = self.write_meta(meta).and_then(|_| self.create_data(meta, parent));
+        if let Err(e) = result {
+            let _ = self.remove_files(meta.image, meta.volume);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()> {
+        let mut v = self.get(image, volume)?;
+        v.meta.legality = legality;
+        self.write_meta(&v.meta)
+    }
+
+    fn remove(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        if self.meta_path(image, volume).exists() {
+            // Mark first: a crash mid-removal must not leave a LEGAL volume
+            // without its data.
+            let _ = self.set_legality(image, volume, Legality::Illegal);
+        }
+        self.remove_files(image, volume)
+    }
+
+    fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
+        let path = self.volume_path(image, volume);
+        if !path.exists() {
+            return Err(StorageError::VolumeNotFound(VolumeRef { domain: self.id, image, volume }));
+        }
+        Ok(path)
+    }
+
+    fn is_prepared(&self, _image: Uuid, _volume: Uuid) -> bool {
+        // Files are always accessible; there is nothing to undo.
+        false
+    }
+
+    fn teardown(&self, _image: Uuid, _volume: Uuid) -> Result<()> {
+        Ok(())
+    }
+
+    fn natural_allocation(&self) -> Allocation {
+        Allocation::Sparse
+    }
+
+    fn record_delete(&self, request: Uuid) -> Result<()> {
+        let dir = self.dir.join("dom_md/deleted");
+        fs::create_dir_all(&dir)?;
+        write_atomic(&dir.join(request.to_string()), now_unix().to_string().as_bytes())?;
+        // Forget requests past their retry window.
+        let horizon = now_unix() - DELETE_JOURNAL_TTL_SECS;
+        for entry in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+            let stamp = fs::read_to_string(entry.path()).ok().and_then(|s| s.trim().parse::<i64>().ok());
+            if stamp.is_some_and(|t| t < horizon) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_recorded(&self, request: Uuid) -> Result<bool> {
+        Ok(self.dir.join("dom_md/deleted").join(request.to_string()).exists())
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = fs::read(path)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| StorageError::CorruptMetadata { subject: path.display().to_string(), reason: e.to_string() })
+}
+
+/// Writes through a temporary file and a rename, so readers (other hosts on
+/// the same NFS export) see the old or the new content, never a mix.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", Uuid::new_v4().simple()));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn fallocate(f: &fs::File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor and plain integer arguments.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// (capacity, free) in bytes of the file system holding `path`.
+pub(crate) fn statvfs(path: &Path) -> Result<(u64, u64)> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| StorageError::invalid("location", "path contains a NUL byte"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let frsize = st.f_frsize;
+    Ok((st.f_blocks * frsize, st.f_bavail * frsize))
+}

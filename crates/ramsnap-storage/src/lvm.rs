@@ -1,0 +1,194 @@
+//! A thin, typed wrapper over the LVM command-line tools.
+//!
+//! Hosts without device-mapper (like these build machines) cannot activate
+//! LVs; every call then runs with `activation=0`, which still reads and
+//! writes real LVM2 metadata. See [`crate::block`] for how such hosts reach
+//! an LV's data.
+use crate::error::{Result, StorageError};
+use crate::tool;
+use std::path::Path;
+use std::process::Command;
+
+pub fn device_mapper_available() -> bool {
+    Path::new("/dev/mapper/control").exists()
+}
+
+fn lvm(sub: &str) -> Command {
+    let mut cmd = Command::new(sub);
+    if !device_mapper_available() {
+        cmd.args(["--config", "global { activation = 0 }"]);
+    }
+    cmd
+}
+
+pub fn pvcreate(device: &Path) -> Result<()> {
+    tool::run(lvm("pvcreate").arg("--yes").arg(device)).map(drop)
+}
+
+pub fn vgcreate(vg: &str, device: &Path, extent_size_mib: u64, tags: &[String]) -> Result<()> {
+    let mut cmd = lvm("vgcreate");
+    cmd.args(["--physicalextentsize", &format!("{extent_size_mib}m")]);
+    for t in tags {
+        cmd.args(["--addtag", t]);
+    }
+    tool::run(cmd.arg(vg).arg(device)).map(drop)
+}
+
+pub fn vg_change_tags(vg: &str, remove: &[String], add: &[String]) -> Result<()> {
+    if remove.is_empty() && add.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = lvm("vgchange");
+    for t in remove {
+        cmd.args(["--deltag", t]);
+    }
+    for t in add {
+        cmd.args(["--addtag", t]);
+    }
+    tool::run(cmd.arg(vg)).map(drop)
+}
+
+/// One row of `vgs` across all devices.
+#[derive(Debug, Clone)]
+pub struct VgRow {
+    pub name: String,
+    pub tags: Vec<String>,
+    pub pv: String,
+}
+
+pub fn vgs_all() -> Result<Vec<VgRow>> {
+    let out = tool::run(lvm("vgs").args(["--noheadings", "--separator", "|", "-o", "vg_name,vg_tags,pv_name"]))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.trim().split('|').collect();
+            (f.len() == 3).then(|| VgRow { name: f[0].into(), tags: split_tags(f[1]), pv: f[2].into() })
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone)]
+pub struct VgInfo {
+    pub size: u64,
+    pub free: u64,
+    pub extent_size: u64,
+    pub pv: String,
+    pub pe_start: u64,
+    pub tags: Vec<String>,
+}
+
+pub fn vg_info(vg: &str) -> Result<VgInfo> {
+    let out = tool::run(lvm("pvs").args([
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--separator",
+        "|",
+        "-o",
+        "pv_name,pe_start,vg_size,vg_free,vg_extent_size,vg_tags",
+        "--select",
+        &format!("vg_name={vg}"),
+    ]))?;
+    let line = out.lines().find(|l| !l.trim().is_empty()).ok_or_else(|| StorageError::Tool {
+        cmd: "pvs".into(),
+        stderr: format!("volume group {vg} has no physical volume on this host"),
+    })?;
+    let f: Vec<&str> = line.trim().split('|').collect();
+    if f.len() != 6 {
+        return Err(bad_output("pvs", line));
+    }
+    Ok(VgInfo {
+        pv: f[0].to_string(),
+        pe_start: num(f[1])?,
+        size: num(f[2])?,
+        free: num(f[3])?,
+        extent_size: num(f[4])?,
+        tags: split_tags(f[5]),
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct LvRow {
+    pub name: String,
+    pub size: u64,
+    pub tags: Vec<String>,
+    /// First physical extent of its (single, contiguous) segment.
+    pub first_pe: Option<u64>,
+}
+
+pub fn lvs(vg: &str) -> Result<Vec<LvRow>> {
+    let out = tool::run(lvm("lvs").args([
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--separator",
+        "|",
+        "-o",
+        "lv_name,lv_size,lv_tags,seg_pe_ranges",
+        vg,
+    ]))?;
+    let mut rows = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.trim().split('|').collect();
+        if f.len() != 4 {
+            return Err(bad_output("lvs", line));
+        }
+        // "/dev/loop0:10-34"
+        let first_pe = f[3].rsplit(':').next().and_then(|r| r.split('-').next()).and_then(|s| s.parse().ok());
+        rows.push(LvRow { name: f[0].into(), size: num(f[1])?, tags: split_tags(f[2]), first_pe });
+    }
+    Ok(rows)
+}
+
+pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
+    let mut cmd = lvm("lvcreate");
+    cmd.args(["--activate", "n", "--zero", "n", "--wipesignatures", "n", "--alloc", "contiguous"]);
+    cmd.args(["--size", &format!("{size}b"), "--name", lv]);
+    for t in tags {
+        cmd.args(["--addtag", t]);
+    }
+    tool::run(cmd.arg(vg)).map(drop)
+}
+
+pub fn lv_change_tags(vg: &str, lv: &str, remove: &[String], add: &[String]) -> Result<()> {
+    let mut cmd = lvm("lvchange");
+    for t in remove {
+        cmd.args(["--deltag", t]);
+    }
+    for t in add {
+        cmd.args(["--addtag", t]);
+    }
+    tool::run(cmd.arg(format!("{vg}/{lv}"))).map(drop)
+}
+
+pub fn lvremove(vg: &str, lv: &str) -> Result<()> {
+    tool::run(lvm("lvremove").arg("--yes").arg(format!("{vg}/{lv}"))).map(drop)
+}
+
+pub fn lv_activate(vg: &str, lv: &str, on: bool) -> Result<()> {
+    tool::run(lvm("lvchange").args(["--activate", if on { "y" } else { "n" }]).arg(format!("{vg}/{lv}")))
+        .map(drop)
+}
+
+/// The signature type blkid sees on a device ("LVM2_member", "ext4"...),
+/// or None for a blank device.
+pub fn signature(device: &Path) -> Result<Option<String>> {
+    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE"]).arg(device).output()?;
+    // blkid exits 2 when it finds nothing.
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok((!s.is_empty()).then_some(s))
+}
+
+fn split_tags(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect()
+}
+
+fn num(s: &str) -> Result<u64> {
+    s.trim().parse().map_err(|_| bad_output("lvm", s))
+}
+
+fn bad_output(cmd: &str, line: &str) -> StorageError {
+    StorageError::Tool { cmd: cmd.into(), stderr: format!("unexpected output: {line:?}") }
+}

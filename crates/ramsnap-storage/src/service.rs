@@ -1,0 +1,281 @@
+//! The tonic handler: converts requests into the domain layer's types
+//! (rejecting bad input with field details) and results back.
+use crate::error::StorageError;
+use crate::model::{self, DomainInfo, DumpMode, VolumeRef};
+use crate::storage::{CopyRequest, NewVolume, Storage};
+use ramsnap_common::{ids, status};
+use ramsnap_proto::common::v1 as common;
+use ramsnap_proto::storage::v1 as pb;
+use ramsnap_proto::storage::v1::storage_service_server::{StorageService, StorageServiceServer};
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+pub const SERVICE_NAME: &str = "ramsnap.storage.v1.StorageService";
+
+pub struct StorageApi {
+    storage: Storage,
+}
+
+impl StorageApi {
+    pub fn new(storage: Storage) -> Self {
+        StorageApi { storage }
+    }
+
+    pub fn into_server(self) -> StorageServiceServer<Self> {
+        StorageServiceServer::new(self)
+    }
+}
+
+fn volume_ref(field: &'static str, r: Option<common::VolumeRef>) -> Result<VolumeRef, Status> {
+    let r = r.ok_or_else(|| status::invalid_argument(field, "is required"))?;
+    Ok(VolumeRef {
+        domain: ids::parse(&format!("{field}.domain_id"), &r.domain_id)?,
+        image: ids::parse(&format!("{field}.image_id"), &r.image_id)?,
+        volume: ids::parse(&format!("{field}.volume_id"), &r.volume_id)?,
+    })
+}
+
+fn to_ref(r: VolumeRef) -> common::VolumeRef {
+    common::VolumeRef {
+        domain_id: r.domain.to_string(),
+        image_id: r.image.to_string(),
+        volume_id: r.volume.to_string(),
+    }
+}
+
+fn enum_value<T: TryFrom<i32>>(field: &str, v: i32) -> Result<T, Status> {
+    T::try_from(v).map_err(|_| status::invalid_argument(field, format!("{v} is not a known value")))
+}
+
+fn format_of(field: &str, v: i32) -> Result<Option<model::Format>, Status> {
+    Ok(match enum_value::<pb::VolumeFormat>(field, v)? {
+        pb::VolumeFormat::Unspecified => None,
+        pb::VolumeFormat::Raw => Some(model::Format::Raw),
+        pb::VolumeFormat::Cow => Some(model::Format::Cow),
+    })
+}
+
+fn allocation_of(field: &str, v: i32) -> Result<Option<model::Allocation>, Status> {
+    Ok(match enum_value::<pb::VolumeAllocation>(field, v)? {
+        pb::VolumeAllocation::Unspecified => None,
+        pb::VolumeAllocation::Sparse => Some(model::Allocation::Sparse),
+        pb::VolumeAllocation::Preallocated => Some(model::Allocation::Preallocated),
+    })
+}
+
+fn purpose_of(field: &str, v: i32) -> Result<model::Purpose, Status> {
+    Ok(match enum_value::<pb::VolumePurpose>(field, v)? {
+        pb::VolumePurpose::Unspecified | pb::VolumePurpose::Disk => model::Purpose::Disk,
+        pb::VolumePurpose::MemoryDump => model::Purpose::MemoryDump,
+        pb::VolumePurpose::MemoryMetadata => model::Purpose::MemoryMetadata,
+    })
+}
+
+fn to_domain(d: DomainInfo) -> pb::StorageDomain {
+    pb::StorageDomain {
+        domain_id: d.id.to_string(),
+        name: d.name,
+        r#type: match d.domain_type {
+            model::DomainType::File => pb::DomainType::File,
+            model::DomainType::Block => pb::DomainType::Block,
+        } as i32,
+        capacity_bytes: d.capacity,
+        free_bytes: d.free,
+        location: d.location,
+        metadata_version: d.metadata_version,
+    }
+}
+
+pub fn to_volume(v: model::Volume) -> pb::Volume {
+    let m = &v.meta;
+    pb::Volume {
+        r#ref: Some(to_ref(v.volume_ref())),
+        parent_volume_id: m.parent.map(|p| p.to_string()).unwrap_or_default(),
+        format: match m.format {
+            model::Format::Raw => pb::VolumeFormat::Raw,
+            model::Format::Cow => pb::VolumeFormat::Cow,
+        } as i32,
+        allocation: match m.allocation {
+            model::Allocation::Sparse => pb::VolumeAllocation::Sparse,
+            model::Allocation::Preallocated => pb::VolumeAllocation::Preallocated,
+        } as i32,
+        purpose: match m.purpose {
+            model::Purpose::Disk => pb::VolumePurpose::Disk,
+            model::Purpose::MemoryDump => pb::VolumePurpose::MemoryDump,
+            model::Purpose::MemoryMetadata => pb::VolumePurpose::MemoryMetadata,
+        } as i32,
+        legality: match m.legality {
+            model::Legality::Legal => pb::VolumeLegality::Legal,
+            model::Legality::Illegal => pb::VolumeLegality::Illegal,
+        } as i32,
+        capacity_bytes: m.capacity,
+        allocated_bytes: v.allocated,
+        description: m.description.clone(),
+        created_at: m.created_at,
+    }
+}
+
+type CopyStream = Pin<Box<dyn Stream<Item = Result<pb::CopyVolumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StorageService for StorageApi {
+    async fn register_domain(
+        &self,
+        req: Request<pb::RegisterDomainRequest>,
+    ) -> Result<Response<pb::RegisterDomainResponse>, Status> {
+        let req = req.into_inner();
+        let id = ids::parse_optional("domain_id", &req.domain_id)?;
+        let kind = match enum_value::<pb::DomainType>("type", req.r#type)? {
+            pb::DomainType::File => model::DomainType::File,
+            pb::DomainType::Block => model::DomainType::Block,
+            pb::DomainType::Unspecified => return Err(status::invalid_argument("type", "must be FILE or BLOCK")),
+        };
+        if req.location.is_empty() {
+            return Err(status::invalid_argument("location", "is required"));
+        }
+        let (info, adopted) = self.storage.register_domain(id, req.name, kind, req.location).await?;
+        Ok(Response::new(pb::RegisterDomainResponse { domain: Some(to_domain(info)), adopted }))
+    }
+
+    async fn get_domain(&self, req: Request<pb::GetDomainRequest>) -> Result<Response<pb::GetDomainResponse>, Status> {
+        let id = ids::parse("domain_id", &req.get_ref().domain_id)?;
+        let info = self.storage.get_domain(id).await?;
+        Ok(Response::new(pb::GetDomainResponse { domain: Some(to_domain(info)) }))
+    }
+
+    async fn list_domains(
+        &self,
+        _req: Request<pb::ListDomainsRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let domains = self.storage.list_domains().await?.into_iter().map(to_domain).collect();
+        Ok(Response::new(pb::ListDomainsResponse { domains }))
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let new = NewVolume {
+            request_id: ids::parse_optional("request_id", &req.request_id)?,
+            domain: ids::parse("domain_id", &req.domain_id)?,
+            image: ids::parse_optional("image_id", &req.image_id)?,
+            volume: ids::parse_optional("volume_id", &req.volume_id)?,
+            capacity: req.capacity_bytes,
+            format: format_of("format", req.format)?.unwrap_or(model::Format::Raw),
+            allocation: allocation_of("allocation", req.allocation)?,
+            purpose: purpose_of("purpose", req.purpose)?,
+            parent: ids::parse_optional("parent_volume_id", &req.parent_volume_id)?,
+            description: req.description,
+        };
+        let v = self.storage.create_volume(new).await?;
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_volume(v)) }))
+    }
+
+    async fn create_memory_volumes(
+        &self,
+        req: Request<pb::CreateMemoryVolumesRequest>,
+    ) -> Result<Response<pb::CreateMemoryVolumesResponse>, Status> {
+        let req = req.into_inner();
+        let mode = match enum_value::<pb::MemoryDumpMode>("mode", req.mode)? {
+            pb::MemoryDumpMode::Unspecified | pb::MemoryDumpMode::Live => DumpMode::Live,
+            pb::MemoryDumpMode::Paused => DumpMode::Paused,
+        };
+        let (dump, metadata) = self
+            .storage
+            .create_memory_volumes(
+                ids::parse_optional("request_id", &req.request_id)?,
+                ids::parse("domain_id", &req.domain_id)?,
+                req.memory_bytes,
+                mode,
+                req.description,
+            )
+            .await?;
+        Ok(Response::new(pb::CreateMemoryVolumesResponse {
+            dump: Some(to_volume(dump)),
+            metadata: Some(to_volume(metadata)),
+        }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
+        let r = volume_ref("ref", req.into_inner().r#ref)?;
+        let v = self.storage.get_volume(r).await?;
+        Ok(Response::new(pb::GetVolumeResponse { volume: Some(to_volume(v)) }))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let req = req.into_inner();
+        let domain = ids::parse("domain_id", &req.domain_id)?;
+        let image = ids::parse_optional("image_id", &req.image_id)?;
+        let volumes = self.storage.list_volumes(domain, image).await?.into_iter().map(to_volume).collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let request_id = ids::parse_optional("request_id", &req.request_id)?;
+        let r = volume_ref("ref", req.r#ref)?;
+        self.storage.delete_volume(r, request_id).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    type CopyVolumeStream = CopyStream;
+
+    async fn copy_volume(&self, req: Request<pb::CopyVolumeRequest>) -> Result<Response<CopyStream>, Status> {
+        let req = req.into_inner();
+        let copy = CopyRequest {
+            request_id: ids::parse_optional("request_id", &req.request_id)?,
+            source: volume_ref("source", req.source)?,
+            target_domain: ids::parse("target_domain_id", &req.target_domain_id)?,
+            target_image: ids::parse_optional("target_image_id", &req.target_image_id)?,
+            target_volume: ids::parse_optional("target_volume_id", &req.target_volume_id)?,
+            target_format: format_of("target_format", req.target_format)?,
+            target_allocation: allocation_of("target_allocation", req.target_allocation)?,
+            description: req.description,
+        };
+        let mut rx = self.storage.copy_volume(copy).await?;
+        let stream = async_stream::try_stream! {
+            loop {
+                let state = rx.borrow_and_update().clone();
+                let progress = Some(common::Progress { processed_bytes: state.processed, total_bytes: state.total });
+                match state.outcome {
+                    Some(Ok(v)) => {
+                        yield pb::CopyVolumeResponse { progress, volume: Some(to_volume(v)) };
+                        break;
+                    }
+                    Some(Err(e)) => Err(Status::from(e))?,
+                    None => yield pb::CopyVolumeResponse { progress, volume: None },
+                }
+                if rx.changed().await.is_err() {
+                    Err(Status::from(StorageError::Tool { cmd: "copy".into(), stderr: "copy task ended without a result".into() }))?;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn prepare_volume(
+        &self,
+        req: Request<pb::PrepareVolumeRequest>,
+    ) -> Result<Response<pb::PrepareVolumeResponse>, Status> {
+        let r = volume_ref("ref", req.into_inner().r#ref)?;
+        let path = self.storage.prepare_volume(r).await?;
+        Ok(Response::new(pb::PrepareVolumeResponse { path: path.display().to_string() }))
+    }
+
+    async fn teardown_volume(
+        &self,
+        req: Request<pb::TeardownVolumeRequest>,
+    ) -> Result<Response<pb::TeardownVolumeResponse>, Status> {
+        let r = volume_ref("ref", req.into_inner().r#ref)?;
+        self.storage.teardown_volume(r).await?;
+        Ok(Response::new(pb::TeardownVolumeResponse {}))
+    }
+}

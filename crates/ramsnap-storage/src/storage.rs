@@ -1,0 +1,782 @@
+//! The storage domain layer: the domains attached to this host and the
+//! operations on their volumes, with the guarantees the API promises:
+//! request-id idempotency, metadata changes serialized per domain, and no
+//! half-made volume left by a failure.
+use crate::backend::Backend;
+use crate::block::BlockDomain;
+use crate::copy::{self, CopyJob};
+use crate::error::{Result, StorageError};
+use crate::file::FileDomain;
+use crate::model::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use tokio::sync::{watch, Mutex};
+use uuid::Uuid;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where this instance remembers the domains it was asked to attach.
+    pub state_dir: PathBuf,
+    /// Where prepared BLOCK volumes get their stable paths.
+    pub run_dir: PathBuf,
+    /// FILE domains may only live inside these directories (NFS mounts in
+    /// production); every subdirectory of a root is scanned at start.
+    pub file_roots: Vec<PathBuf>,
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    domains: RwLock<HashMap<Uuid, Arc<Domain>>>,
+    /// Copies running in this process, by target volume, so that a retried
+    /// CopyVolume joins the one under way.
+    copies: StdMutex<HashMap<VolumeRef, watch::Receiver<CopyState>>>,
+}
+
+struct Domain {
+    kind: DomainType,
+    backend: Arc<dyn Backend>,
+    /// Serializes metadata changes on this domain within the process; LVM's
+    /// own VG lock covers other processes on the same host.
+    lock: Mutex<()>,
+}
+
+/// What a caller wants created.
+#[derive(Clone, Debug)]
+pub struct NewVolume {
+    pub request_id: Option<Uuid>,
+    pub domain: Uuid,
+    pub image: Option<Uuid>,
+    pub volume: Option<Uuid>,
+    pub capacity: u64,
+    pub format: Format,
+    pub allocation: Option<Allocation>,
+    pub purpose: Purpose,
+    pub parent: Option<Uuid>,
+    pub description: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct CopyRequest {
+    pub request_id: Option<Uuid>,
+    pub source: VolumeRef,
+    pub target_domain: Uuid,
+    pub target_image: Option<Uuid>,
+    pub target_volume: Option<Uuid>,
+    pub target_format: Option<Format>,
+    pub target_allocation: Option<Allocation>,
+    pub description: String,
+}
+
+/// The state of a copy as its watchers see it.
+#[derive(Clone, Debug)]
+pub struct CopyState {
+    pub processed: u64,
+    pub total: u64,
+    pub outcome: Option<Result<Volume>>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Attached {
+    domains: Vec<AttachedDomain>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct AttachedDomain {
+    id: Uuid,
+    #[serde(rename = "type")]
+    kind: DomainType,
+    location: PathBuf,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StorageError::Tool { cmd: "blocking task".into(), stderr: e.to_string() }))
+}
+
+impl Storage {
+    /// Opens the storage layer and rediscovers every domain it can see: the
+    /// ones recorded in the state dir, every FILE domain inside the file
+    /// roots, and every ramsnap VG on this host's block devices.
+    pub async fn open(config: Config) -> Result<Storage> {
+        let storage = Storage {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                domains: RwLock::new(HashMap::new()),
+                copies: StdMutex::new(HashMap::new()),
+            }),
+        };
+        let found = blocking(move || discover(&config)).await?;
+        for (kind, backend) in found {
+            storage.insert(kind, backend);
+        }
+        Ok(storage)
+    }
+
+    fn insert(&self, kind: DomainType, backend: Arc<dyn Backend>) -> Uuid {
+        let id = match backend.info() {
+            Ok(i) => i.id,
+            Err(_) => return Uuid::nil(),
+        };
+        let mut map = self.inner.domains.write().expect("lock poisoned");
+        map.entry(id).or_insert_with(|| Arc::new(Domain { kind, backend, lock: Mutex::new(()) }));
+        id
+    }
+
+    fn domain(&self, id: Uuid) -> Result<Arc<Domain>> {
+        self.inner.domains.read().expect("lock poisoned").get(&id).cloned().ok_or(StorageError::DomainNotFound(id))
+    }
+
+    /// Attaches a domain: adopts the one already at `location`, or lays out
+    /// a new one there. Returns the domain and whether it was adopted.
+    pub async fn register_domain(
+        &self,
+        id: Option<Uuid>,
+        name: String,
+        kind: DomainType,
+        location: String,
+    ) -> Result<(DomainInfo, bool)> {
+        if !valid_domain_name(&name) {
+            return Err(StorageError::invalid("name", "must be 1-64 characters of [A-Za-z0-9_.-]"));
+        }
+        let config = self.inner.config.clone();
+        let (backend, adopted) = match kind {
+            DomainType::File => {
+                let dir = self.checked_file_location(&location)?;
+                blocking(move || {
+                    let existing = FileDomain::discover(&dir)?;
+                    match existing.into_iter().next() {
+                        Some(d) => Ok((Arc::new(d) as Arc<dyn Backend>, true)),
+                        None => {
+                            let d = FileDomain::create(&dir, id.unwrap_or_else(Uuid::new_v4), &name)?;
+                            Ok((Arc::new(d) as Arc<dyn Backend>, false))
+                        }
+                    }
+                })
+                .await?
+            }
+            DomainType::Block => {
+                let device = checked_block_device(&location)?;
+                let run_dir = config.run_dir.clone();
+                blocking(move || {
+                    let canonical = device.canonicalize()?;
+                    let found = BlockDomain::discover(&run_dir)?;
+                    if let Some((d, _)) = found.into_iter().find(|(_, pv)| Path::new(pv) == canonical) {
+                        return Ok((Arc::new(d) as Arc<dyn Backend>, true));
+                    }
+                    if let Some(sig) = crate::lvm::signature(&canonical)? {
+                        return Err(StorageError::precondition(
+                            "DEVICE_NOT_EMPTY",
+                            canonical.display(),
+                            format!("{} holds other data ({sig}); refusing to overwrite it", canonical.display()),
+                        ));
+                    }
+                    let d = BlockDomain::create(&canonical, id.unwrap_or_else(Uuid::new_v4), &name, &run_dir)?;
+                    Ok((Arc::new(d) as Arc<dyn Backend>, false))
+                })
+                .await?
+            }
+        };
+        let info = {
+            let b = backend.clone();
+            blocking(move || b.info()).await?
+        };
+        if let Some(want) = id {
+            if adopted && want != info.id {
+                return Err(StorageError::precondition(
+                    "DOMAIN_ID_MISMATCH",
+                    &location,
+                    format!("{location} already holds domain {}, not {want}", info.id),
+                ));
+            }
+        }
+        self.insert(kind, backend);
+        self.remember(AttachedDomain { id: info.id, kind, location: PathBuf::from(&location) }).await?;
+        Ok((info, adopted))
+    }
+
+    fn checked_file_location(&self, location: &str) -> Result<PathBuf> {
+        let path = Path::new(location);
+        if !path.is_absolute() {
+            return Err(StorageError::invalid("location", "must be an absolute path"));
+        }
+        let canonical = path.canonicalize().map_err(|e| {
+            StorageError::invalid("location", format!("{location} is not an accessible directory: {e}"))
+        })?;
+        if !canonical.is_dir() {
+            return Err(StorageError::invalid("location", format!("{location} is not a directory")));
+        }
+        let inside = self.inner.config.file_roots.iter().filter_map(|r| r.canonicalize().ok()).any(|r| canonical.starts_with(&r));
+        if !inside {
+            return Err(StorageError::invalid(
+                "location",
+                format!("{} is outside the service's allowed file roots", canonical.display()),
+            ));
+        }
+        Ok(canonical)
+    }
+
+    async fn remember(&self, entry: AttachedDomain) -> Result<()> {
+        let path = self.inner.config.state_dir.join("domains.json");
+        let state_dir = self.inner.config.state_dir.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&state_dir)?;
+            let mut attached: Attached =
+                std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            attached.domains.retain(|d| d.id != entry.id);
+            attached.domains.push(entry);
+            crate::file::write_atomic(&path, &serde_json::to_vec_pretty(&attached).expect("serializable"))
+        })
+        .await
+    }
+
+    pub async fn get_domain(&self, id: Uuid) -> Result<DomainInfo> {
+        let d = self.domain(id)?;
+        blocking(move || d.backend.info()).await
+    }
+
+    pub async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
+        let domains: Vec<Arc<Domain>> =
+            self.inner.domains.read().expect("lock poisoned").values().cloned().collect();
+        let mut out: Vec<DomainInfo> =
+            blocking(move || domains.iter().map(|d| d.backend.info()).collect()).await?;
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    pub async fn get_volume(&self, r: VolumeRef) -> Result<Volume> {
+        let d = self.domain(r.domain)?;
+        blocking(move || d.backend.get(r.image, r.volume)).await
+    }
+
+    pub async fn list_volumes(&self, domain: Uuid, image: Option<Uuid>) -> Result<Vec<Volume>> {
+        let d = self.domain(domain)?;
+        blocking(move || d.backend.list(image)).await
+    }
+
+    pub async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
+        if req.capacity == 0 {
+            return Err(StorageError::invalid("capacity_bytes", "must be greater than 0"));
+        }
+        let d = self.domain(req.domain)?;
+        let allocation = req.allocation.unwrap_or_else(|| d.backend.natural_allocation());
+        check_layout(d.kind, req.format, allocation, "allocation")?;
+        if req.parent.is_some() && req.format != Format::Cow {
+            return Err(StorageError::invalid("parent_volume_id", "only COW volumes can have a parent"));
+        }
+        if req.parent.is_some() && req.image.is_none() {
+            return Err(StorageError::invalid("image_id", "is required with parent_volume_id"));
+        }
+        let _guard = d.lock.lock().await;
+        let backend = d.backend.clone();
+        blocking(move || create_locked(backend.as_ref(), req, allocation)).await
+    }
+
+    /// The two volumes of a snapshot's memory, each in an image of its own.
+    /// Both are created, or neither.
+    pub async fn create_memory_volumes(
+        &self,
+        request_id: Option<Uuid>,
+        domain: Uuid,
+        memory: u64,
+        mode: DumpMode,
+        description: String,
+    ) -> Result<(Volume, Volume)> {
+        if memory == 0 {
+            return Err(StorageError::invalid("memory_bytes", "must be greater than 0"));
+        }
+        let d = self.domain(domain)?;
+        // One request id drives both volumes: derive a distinct, stable id
+        // for each so a retry finds both.
+        let sub = |n: u8| request_id.map(|r| Uuid::new_v5(&r, &[n]));
+        let base = NewVolume {
+            request_id: None,
+            domain,
+            image: None,
+            volume: None,
+            capacity: 0,
+            format: Format::Raw,
+            allocation: None,
+            purpose: Purpose::MemoryDump,
+            parent: None,
+            description,
+        };
+        let dump = NewVolume { request_id: sub(1), capacity: mode.dump_size(memory), ..base.clone() };
+        let meta = NewVolume {
+            request_id: sub(2),
+            capacity: MEMORY_METADATA_BYTES,
+            purpose: Purpose::MemoryMetadata,
+            ..base
+        };
+        // Both must fit before either is made (unless this is a retry that
+        // already made them).
+        let need = dump.capacity + meta.capacity;
+        let free = self.get_domain(domain).await?.free;
+        let retry = match dump.request_id {
+            Some(r) => self.list_volumes(domain, None).await?.iter().any(|v| v.meta.request_id == Some(r)),
+            None => false,
+        };
+        if !retry && need > free {
+            return Err(StorageError::NoSpace { domain, requested: need, free });
+        }
+        let dump = self.create_volume(dump).await?;
+        match self.create_volume(meta).await {
+            Ok(meta) => Ok((dump, meta)),
+            Err(e) => {
+                let _guard = d.lock.lock().await;
+                let b = d.backend.clone();
+                let (i, v) = (dump.meta.image, dump.meta.volume);
+                let _ = blocking(move || b.remove(i, v)).await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn delete_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<()> {
+        let d = self.domain(r.domain)?;
+        let _guard = d.lock.lock().await;
+        let backend = d.backend.clone();
+        let copying = self.inner.copies.lock().expect("lock poisoned").contains_key(&r);
+        blocking(move || {
+            if let Some(req) = request_id {
+                if backend.delete_recorded(req)? {
+                    return Ok(());
+                }
+            }
+            let volumes = backend.list(Some(r.image))?;
+            if !volumes.iter().any(|v| v.meta.volume == r.volume) {
+                return Err(StorageError::VolumeNotFound(r));
+            }
+            if let Some(child) = volumes.iter().find(|v| v.meta.parent == Some(r.volume)) {
+                return Err(StorageError::precondition(
+                    "VOLUME_HAS_CHILDREN",
+                    r,
+                    format!("volume {} is the parent of {}; delete or merge the child first", r.volume, child.meta.volume),
+                ));
+            }
+            if copying {
+                return Err(StorageError::precondition("VOLUME_BUSY", r, "a copy into this volume is running"));
+            }
+            backend.remove(r.image, r.volume)?;
+            if let Some(req) = request_id {
+                backend.record_delete(req)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Prepares a volume and its backing chain; returns the volume's path.
+    pub async fn prepare_volume(&self, r: VolumeRef) -> Result<PathBuf> {
+        let d = self.domain(r.domain)?;
+        let _guard = d.lock.lock().await;
+        let backend = d.backend.clone();
+        blocking(move || prepare_chain(backend.as_ref(), r).map(|(p, _)| p)).await
+    }
+
+    /// Tears a volume down, with the ancestors no other prepared volume of
+    /// its image still needs.
+    pub async fn teardown_volume(&self, r: VolumeRef) -> Result<()> {
+        let d = self.domain(r.domain)?;
+        let _guard = d.lock.lock().await;
+        let backend = d.backend.clone();
+        blocking(move || {
+            let volumes = backend.list(Some(r.image))?;
+            if !volumes.iter().any(|v| v.meta.volume == r.volume) {
+                return Err(StorageError::VolumeNotFound(r));
+            }
+            backend.teardown(r.image, r.volume)?;
+            let still_needed: std::collections::HashSet<Uuid> = volumes
+                .iter()
+                .filter(|v| v.meta.volume != r.volume && backend.is_prepared(r.image, v.meta.volume))
+                .flat_map(|v| chain(&volumes, v.meta.volume))
+                .collect();
+            for ancestor in chain(&volumes, r.volume).into_iter().skip(1) {
+                if !still_needed.contains(&ancestor) {
+                    backend.teardown(r.image, ancestor)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Starts (or joins) a copy and returns a receiver of its progress; the
+    /// copy runs to its end whether or not anyone watches.
+    pub async fn copy_volume(&self, req: CopyRequest) -> Result<watch::Receiver<CopyState>> {
+        let src_dom = self.domain(req.source.domain)?;
+        let dst_dom = self.domain(req.target_domain)?;
+        let source = {
+            let b = src_dom.backend.clone();
+            let s = req.source;
+            blocking(move || b.get(s.image, s.volume)).await?
+        };
+        if source.meta.legality != Legality::Legal {
+            return Err(StorageError::precondition(
+                "VOLUME_ILLEGAL",
+                req.source,
+                "the source volume is ILLEGAL (incomplete); it cannot be copied",
+            ));
+        }
+        let format = req.target_format.unwrap_or(source.meta.format);
+        let allocation = req.target_allocation.unwrap_or_else(|| dst_dom.backend.natural_allocation());
+        check_layout(dst_dom.kind, format, allocation, "target_allocation")?;
+
+        let target = {
+            let _guard = dst_dom.lock.lock().await;
+            // A retry: the request's volume may exist already.
+            if let Some(req_id) = req.request_id {
+                let b = dst_dom.backend.clone();
+                let existing = blocking(move || {
+                    Ok(b.list(None)?.into_iter().find(|v| v.meta.request_id == Some(req_id)))
+                })
+                .await?;
+                if let Some(v) = existing {
+                    let running = self.inner.copies.lock().expect("lock poisoned").get(&v.volume_ref()).cloned();
+                    if let Some(rx) = running {
+                        return Ok(rx);
+                    }
+                    if v.meta.legality == Legality::Legal {
+                        let (_tx, rx) = watch::channel(CopyState {
+                            processed: v.meta.capacity,
+                            total: v.meta.capacity,
+                            outcome: Some(Ok(v)),
+                        });
+                        return Ok(rx);
+                    }
+                    // Left ILLEGAL by a copy that died with its process.
+                    let b = dst_dom.backend.clone();
+                    let (i, vol) = (v.meta.image, v.meta.volume);
+                    blocking(move || b.remove(i, vol)).await?;
+                }
+            }
+            let new = NewVolume {
+                request_id: req.request_id,
+                domain: req.target_domain,
+                image: req.target_image,
+                volume: req.target_volume,
+                capacity: source.meta.capacity,
+                format,
+                allocation: Some(allocation),
+                purpose: source.meta.purpose,
+                parent: None,
+                description: if req.description.is_empty() {
+                    source.meta.description.clone()
+                } else {
+                    req.description.clone()
+                },
+            };
+            let b = dst_dom.backend.clone();
+            blocking(move || create_illegal(b.as_ref(), new, allocation)).await?
+        };
+
+        let target_ref = target.volume_ref();
+        let (tx, rx) = watch::channel(CopyState { processed: 0, total: source.meta.capacity, outcome: None });
+        self.inner.copies.lock().expect("lock poisoned").insert(target_ref, rx.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.run_copy(src_dom, dst_dom.clone(), source, target, tx.clone()).await;
+            if outcome.is_err() {
+                let _guard = dst_dom.lock.lock().await;
+                let b = dst_dom.backend.clone();
+                let _ = blocking(move || b.remove(target_ref.image, target_ref.volume)).await;
+            }
+            this.inner.copies.lock().expect("lock poisoned").remove(&target_ref);
+            tx.send_modify(|s| s.outcome = Some(outcome));
+        });
+        Ok(rx)
+    }
+
+    async fn run_copy(
+        &self,
+        src_dom: Arc<Domain>,
+        dst_dom: Arc<Domain>,
+        source: Volume,
+        target: Volume,
+        tx: watch::Sender<CopyState>,
+    ) -> Result<Volume> {
+        let src_b = src_dom.backend.clone();
+        let dst_b = dst_dom.backend.clone();
+        let (sref, tref) = (source.volume_ref(), target.volume_ref());
+        let stats = {
+            let _s = src_dom.lock.lock().await;
+            let (src_path, src_new) = {
+                let b = src_b.clone();
+                blocking(move || prepare_chain(b.as_ref(), sref)).await?
+            };
+            drop(_s);
+            let dst_path = {
+                let b = dst_b.clone();
+                blocking(move || b.prepare(tref.image, tref.volume)).await
+            };
+            let result = match dst_path {
+                Ok(dst_path) => {
+                    let job = CopyJob {
+                        source: src_path,
+                        source_format: source.meta.format,
+                        source_has_parent: source.meta.parent.is_some(),
+                        target: dst_path,
+                        target_format: target.meta.format,
+                        target_reads_zero: dst_dom.kind == DomainType::File || target.meta.format == Format::Cow,
+                        size: source.meta.capacity,
+                    };
+                    let tx = tx.clone();
+                    blocking(move || {
+                        let mut last = 0u64;
+                        copy::run(&job, &mut |done, total| {
+                            // Publish every 1% or so; watchers only need the latest.
+                            if done == total || done - last >= total / 100 {
+                                last = done;
+                                tx.send_modify(|s| {
+                                    s.processed = done;
+                                    s.total = total;
+                                });
+                            }
+                        })
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let b = dst_b.clone();
+            let _ = blocking(move || b.teardown(tref.image, tref.volume)).await;
+            let _s = src_dom.lock.lock().await;
+            let b = src_b.clone();
+            let _ = blocking(move || {
+                for v in src_new.iter().rev() {
+                    b.teardown(sref.image, *v)?;
+                }
+                Ok(())
+            })
+            .await;
+            result?
+        };
+        tracing::info!(source = %sref, target = %tref, data = stats.data_bytes, zero = stats.zero_bytes, "copy done");
+        let _guard = dst_dom.lock.lock().await;
+        let b = dst_b.clone();
+        blocking(move || {
+            b.set_legality(tref.image, tref.volume, Legality::Legal)?;
+            b.get(tref.image, tref.volume)
+        })
+        .await
+    }
+}
+
+fn check_layout(kind: DomainType, format: Format, allocation: Allocation, field: &'static str) -> Result<()> {
+    if kind == DomainType::Block && format == Format::Raw && allocation == Allocation::Sparse {
+        return Err(StorageError::invalid(
+            field,
+            "RAW volumes on BLOCK domains are always PREALLOCATED (an LV has no holes)",
+        ));
+    }
+    Ok(())
+}
+
+/// The volume, then its parent, and so on to the base.
+fn chain(volumes: &[Volume], volume: Uuid) -> Vec<Uuid> {
+    let mut out = vec![volume];
+    let mut cur = volume;
+    while let Some(p) = volumes.iter().find(|v| v.meta.volume == cur).and_then(|v| v.meta.parent) {
+        if out.contains(&p) {
+            break;
+        }
+        out.push(p);
+        cur = p;
+    }
+    out
+}
+
+/// Prepares base to leaf; returns the leaf's path and the volumes that this
+/// call prepared (so the caller can undo exactly those).
+fn prepare_chain(backend: &dyn Backend, r: VolumeRef) -> Result<(PathBuf, Vec<Uuid>)> {
+    let volumes = backend.list(Some(r.image))?;
+    if !volumes.iter().any(|v| v.meta.volume == r.volume) {
+        return Err(StorageError::VolumeNotFound(r));
+    }
+    let mut newly = Vec::new();
+    let mut path = PathBuf::new();
+    for v in chain(&volumes, r.volume).into_iter().rev() {
+        let was = backend.is_prepared(r.image, v);
+        match backend.prepare(r.image, v) {
+            Ok(p) => path = p,
+            Err(e) => {
+                for n in newly.iter().rev() {
+                    let _ = backend.teardown(r.image, *n);
+                }
+                return Err(e);
+            }
+        }
+        if !was && backend.is_prepared(r.image, v) {
+            newly.push(v);
+        }
+    }
+    Ok((path, newly))
+}
+
+fn params_match(existing: &VolumeMeta, req: &NewVolume, allocation: Allocation) -> bool {
+    existing.capacity == req.capacity
+        && existing.format == req.format
+        && existing.allocation == allocation
+        && existing.purpose == req.purpose
+        && existing.parent == req.parent
+        && req.image.is_none_or(|i| i == existing.image)
+        && req.volume.is_none_or(|v| v == existing.volume)
+}
+
+/// Creates a volume and makes it LEGAL. Runs under the domain lock.
+fn create_locked(backend: &dyn Backend, req: NewVolume, allocation: Allocation) -> Result<Volume> {
+    if let Some(req_id) = req.request_id {
+        let existing = backend.list(None)?.into_iter().find(|v| v.meta.request_id == Some(req_id));
+        if let Some(v) = existing {
+            if !params_match(&v.meta, &req, allocation) {
+                return Err(StorageError::AlreadyExists {
+                    resource: "request",
+                    id: req_id.to_string(),
+                    reason: "request_id was already used for a volume with different parameters".into(),
+                });
+            }
+            if v.meta.legality == Legality::Legal {
+                return Ok(v);
+            }
+            // Left ILLEGAL by a crash part-way: start over.
+            backend.remove(v.meta.image, v.meta.volume)?;
+        }
+    }
+    let v = create_illegal(backend, req, allocation)?;
+    let (i, vol) = (v.meta.image, v.meta.volume);
+    if let Err(e) = backend.set_legality(i, vol, Legality::Legal) {
+        let _ = backend.remove(i, vol);
+        return Err(e);
+    }
+    backend.get(i, vol)
+}
+
+/// Validates against the domain's current state and creates the volume
+/// ILLEGAL. Runs under the domain lock.
+fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation) -> Result<Volume> {
+    let domain = backend.info()?;
+    let image = req.image.unwrap_or_else(Uuid::new_v4);
+    let volume = req.volume.unwrap_or_else(Uuid::new_v4);
+    let in_image = backend.list(Some(image))?;
+    if in_image.iter().any(|v| v.meta.volume == volume) {
+        return Err(StorageError::AlreadyExists {
+            resource: "volume",
+            id: VolumeRef { domain: domain.id, image, volume }.to_string(),
+            reason: "a volume with this id exists".into(),
+        });
+    }
+    let parent = match req.parent {
+        None => {
+            if !in_image.is_empty() {
+                return Err(StorageError::precondition(
+                    "IMAGE_NOT_EMPTY",
+                    image,
+                    format!("image {image} already has volumes; a new volume in it must name its leaf as parent"),
+                ));
+            }
+            None
+        }
+        Some(p) => {
+            let parent = in_image
+                .iter()
+                .find(|v| v.meta.volume == p)
+                .ok_or(StorageError::VolumeNotFound(VolumeRef { domain: domain.id, image, volume: p }))?;
+            if parent.meta.legality != Legality::Legal {
+                return Err(StorageError::precondition("VOLUME_ILLEGAL", p, "the parent volume is ILLEGAL"));
+            }
+            if let Some(child) = in_image.iter().find(|v| v.meta.parent == Some(p)) {
+                return Err(StorageError::precondition(
+                    "PARENT_NOT_LEAF",
+                    p,
+                    format!("volume {p} already has a child ({}); only the leaf can be the parent", child.meta.volume),
+                ));
+            }
+            if req.capacity < parent.meta.capacity {
+                return Err(StorageError::invalid(
+                    "capacity_bytes",
+                    format!("must be at least the parent's capacity ({})", parent.meta.capacity),
+                ));
+            }
+            Some(parent.meta.clone())
+        }
+    };
+    if req.capacity > domain.free {
+        return Err(StorageError::NoSpace { domain: domain.id, requested: req.capacity, free: domain.free });
+    }
+    let meta = VolumeMeta {
+        version: METADATA_VERSION,
+        image,
+        volume,
+        parent: req.parent,
+        format: req.format,
+        allocation,
+        purpose: req.purpose,
+        legality: Legality::Illegal,
+        capacity: req.capacity,
+        description: req.description,
+        request_id: req.request_id,
+        created_at: now_unix(),
+    };
+    let mut prepared = Vec::new();
+    if let Some(p) = &parent {
+        prepared = prepare_chain(backend, VolumeRef { domain: domain.id, image, volume: p.volume })?.1;
+    }
+    let result = backend.create(&meta, parent.as_ref());
+    for v in prepared.iter().rev() {
+        let _ = backend.teardown(image, *v);
+    }
+    result?;
+    backend.get(image, volume)
+}
+
+fn checked_block_device(location: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(location);
+    if !path.is_absolute() || !location.starts_with("/dev/") || location.contains("/../") {
+        return Err(StorageError::invalid("location", "must be an absolute path of a block device under /dev"));
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| StorageError::invalid("location", format!("{location} is not accessible: {e}")))?;
+    if !meta.file_type().is_block_device() {
+        return Err(StorageError::invalid("location", format!("{location} is not a block device")));
+    }
+    Ok(path.to_path_buf())
+}
+
+type Found = Vec<(DomainType, Arc<dyn Backend>)>;
+
+fn discover(config: &Config) -> Result<Found> {
+    let mut out: Found = Vec::new();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for root in &config.file_roots {
+        dirs.push(root.clone());
+        if let Ok(entries) = std::fs::read_dir(root) {
+            dirs.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    let attached: Attached = std::fs::read(config.state_dir.join("domains.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    dirs.extend(attached.domains.iter().filter(|d| d.kind == DomainType::File).map(|d| d.location.clone()));
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        match FileDomain::discover(&dir) {
+            Ok(found) => out.extend(found.into_iter().map(|d| (DomainType::File, Arc::new(d) as Arc<dyn Backend>))),
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable file domain"),
+        }
+    }
+    match BlockDomain::discover(&config.run_dir) {
+        Ok(found) => out.extend(found.into_iter().map(|(d, _)| (DomainType::Block, Arc::new(d) as Arc<dyn Backend>))),
+        Err(e) => tracing::warn!(error = %e, "could not scan for block domains"),
+    }
+    Ok(out)
+}
