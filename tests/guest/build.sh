@@ -3,9 +3,10 @@
 #
 #   tests/guest/build.sh OUTDIR
 #
-# writes OUTDIR/vmlinuz (the newest /boot/vmlinuz-*) and OUTDIR/initramfs.img (cpio newc, gzip:
-# busybox-static, the virtio modules the kernel needs for /dev/vda, and tests/guest/init.sh as
-# /init). The output is reproducible (fixed mtimes/owners, sorted, gzip -n); files whose content
+# writes OUTDIR/vmlinuz (the newest /boot/vmlinuz-*), OUTDIR/vmlinux (the same kernel uncompressed,
+# an ELF that QEMU boots via PVH: boots ~2.5 s faster under TCG; use it as <kernel> when present)
+# and OUTDIR/initramfs.img (cpio newc, gzip: busybox-static, the virtio modules the kernel needs for
+# /dev/vda, and tests/guest/init.sh as /init). The output is reproducible (fixed mtimes/owners, sorted, gzip -n); files whose content
 # did not change are left untouched, so their mtimes stay stable. Takes well under a second.
 #
 # Environment: RAMSNAP_GUEST_KVER  kernel version to use (default: newest in /boot).
@@ -96,7 +97,41 @@ install_if_changed() { # src dst
     cp "$1" "$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"
 }
 install_if_changed "$WORK/initramfs.img" "$OUT/initramfs.img"
+
+# --- the kernel: vmlinuz as packaged, plus vmlinux = the same kernel uncompressed (an ELF with a
+# PVH entry note, CONFIG_PVH=y). QEMU boots that ELF directly, skipping the bzImage's in-guest
+# decompression, which under TCG takes ~2.5 s of a ~5.5 s boot. Re-extracted only when vmlinuz
+# changed.
+extract_vmlinux() { # bzImage out: find the compressed payload by its magic, decompress it
+    local img="$1" out="$2" i magic tool off
+    local magics=($'\xfd7zXZ' $'\x28\xb5\x2f\xfd' $'\x1f\x8b\x08')
+    local tools=("xz -dc" "zstd -qdc" "gzip -dc")
+    for i in 0 1 2; do
+        magic="${magics[$i]}"; tool="${tools[$i]}"
+        command -v "${tool%% *}" >/dev/null 2>&1 || continue
+        for off in $(LC_ALL=C grep -abo "$magic" "$img" 2>/dev/null | cut -d: -f1 | head -n 5); do
+            # the payload is followed by other data: the decompressor complains but has written it
+            tail -c "+$((off + 1))" "$img" | $tool >"$out" 2>/dev/null || true
+            if [ "$(head -c 4 "$out" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
+                return 0
+            fi
+        done
+    done
+    rm -f "$out"
+    return 1
+}
+if [ -f "$OUT/vmlinux" ] && [ -f "$OUT/vmlinuz" ] && cmp -s "/boot/vmlinuz-$KVER" "$OUT/vmlinuz"; then
+    : # unchanged
+else
+    rm -f "$OUT/vmlinux"
+    if extract_vmlinux "/boot/vmlinuz-$KVER" "$WORK/vmlinux"; then
+        mv -f "$WORK/vmlinux" "$OUT/vmlinux"
+    else
+        echo "guest-build: WARNING: could not extract an ELF vmlinux; use vmlinuz (slower boot)" >&2
+    fi
+fi
 install_if_changed "/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 chmod 0644 "$OUT/initramfs.img" "$OUT/vmlinuz"
-echo "guest-build: $OUT/vmlinuz ($KVER) $OUT/initramfs.img ($(stat -c %s "$OUT/initramfs.img") bytes;" \
+[ -f "$OUT/vmlinux" ] && chmod 0644 "$OUT/vmlinux"
+echo "guest-build: $OUT/vmlinuz ($KVER)$([ -f "$OUT/vmlinux" ] && echo " $OUT/vmlinux") $OUT/initramfs.img ($(stat -c %s "$OUT/initramfs.img") bytes;" \
     "modules: $(tr '\n' ' ' <"$ROOT/lib/modules/load-order"))" >&2

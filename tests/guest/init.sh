@@ -13,6 +13,10 @@ mount -t sysfs sys /sys
 exec </dev/console >/dev/console 2>&1
 
 err() { echo "RAMSNAP-ERROR $*"; }
+debug=0
+grep -q 'ramsnap.debug=1' /proc/cmdline && debug=1
+dbg() { [ "$debug" = 1 ] && echo "RAMSNAP-DEBUG uptime=$(cut -d' ' -f1 /proc/uptime) $*"; return 0; }
+dbg "init started"
 
 # virtio modules, in dependency order (written by build.sh); some may be built in on other kernels.
 if [ -f /lib/modules/load-order ]; then
@@ -21,6 +25,8 @@ if [ -f /lib/modules/load-order ]; then
         insmod "/lib/modules/$ko" 2>/dev/null || true
     done </lib/modules/load-order
 fi
+
+dbg "modules loaded"
 
 # Kernel command-line options.
 fill=0
@@ -33,6 +39,7 @@ case "$fill" in ''|*[!0-9]*) err "bad ramsnap.fill=$fill"; fill=0 ;; esac
 
 # A fresh random token per boot: a restored guest keeps it, a rebooted one gets a new one.
 token="$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+dbg "token read"
 echo "RAMSNAP-BOOT token=$token"
 
 # Fill RAM with random (non-zero, incompressible) data held in a tmpfs file.
@@ -54,21 +61,35 @@ while [ $i -lt 30 ]; do
     sleep 0.1
 done
 
-# Sector 0 of the first disk holds "RAMSNAP token=<t> counter=<n>" (NUL-padded to 512 bytes),
-# rewritten every tick. Before each write the guest reads the sector back with O_DIRECT (bypassing
-# its page cache) and compares it with what it wrote last: after a restore whose disk does not hold
-# the snapshot-time state (wrong overlay / backing chain) it prints RAMSNAP-DISK-MISMATCH.
+# Disk contract (when /dev/vda exists):
+#   sector 0: "RAMSNAP token=<t> counter=<n>\n", NUL-padded, rewritten every tick;
+#   sector 1: "RAMSNAP-BOOTSTAMP token=<t>\n", NUL-padded, written once at boot.
+# Every tick, before writing, the guest reads both sectors back with O_DIRECT (bypassing its page
+# cache) and compares them with what it wrote: after a restore whose disk does not hold the
+# snapshot-time state (overlay opened without its backing file, wrong chain) it prints
+# RAMSNAP-DISK-MISMATCH. (Sector 1 catches a lost backing file deterministically; sector 0 catches
+# a stale disk unless the snapshot fell between the read and the write of a tick.)
+stamp=""
+if [ -n "$disk" ]; then
+    stamp="RAMSNAP-BOOTSTAMP token=$token"
+    printf '%s\n' "$stamp" | dd of="$disk" bs=512 seek=1 count=1 conv=sync,notrunc,fsync 2>/dev/null \
+        || err "disk write failed"
+fi
+dbg "disk=${disk:-none}"
 n=0
 last=""
 while :; do
     n=$((n + 1))
     echo "RAMSNAP-TICK token=$token counter=$n"
     if [ -n "$disk" ]; then
-        if [ -n "$last" ]; then
-            found="$(dd if="$disk" bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n1)"
-            if [ "$found" != "$last" ]; then
-                echo "RAMSNAP-DISK-MISMATCH counter=$n expected=\"$last\" found=\"$found\""
-            fi
+        found="$(dd if="$disk" bs=512 count=2 iflag=direct 2>/dev/null | tr -d '\000')"
+        f0="${found%%
+*}"
+        f1="${found#*
+}"
+        [ "$f1" = "$found" ] && f1=""
+        if [ "$f1" != "$stamp" ] || { [ -n "$last" ] && [ "$f0" != "$last" ]; }; then
+            echo "RAMSNAP-DISK-MISMATCH counter=$n expected=\"$last|$stamp\" found=\"$f0|$f1\""
         fi
         last="RAMSNAP token=$token counter=$n"
         printf '%s\n' "$last" \

@@ -10,7 +10,10 @@ pub fn parse(field: &str, value: &str) -> Result<Uuid, Status> {
         return Err(status::invalid_argument(field, "is required"));
     }
     parse_strict(value).ok_or_else(|| {
-        status::invalid_argument(field, format!("{value:?} is not a UUID in canonical hyphenated form"))
+        status::invalid_argument(
+            field,
+            format!("{value:?} is not a UUID in canonical hyphenated form"),
+        )
     })
 }
 

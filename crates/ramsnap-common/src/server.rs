@@ -1,21 +1,67 @@
 //! One way to run a ramsnap gRPC server: the service's routes plus gRPC
 //! reflection (v1 and v1alpha, for old and new grpcurl) and grpc.health.v1,
 //! request spans through `tracing`, and a graceful stop on SIGTERM/SIGINT.
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::BoxBody;
+use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
-/// What a service hands to [`serve`].
+/// What a service hands to [`serve`]: its gRPC services and the names the
+/// health service reports for them.
 pub struct ServiceSet {
-    /// Short name for logs: "storage", "host", "snapshot".
-    pub name: &'static str,
-    /// The service's own routes.
-    pub routes: Routes,
     /// Fully qualified gRPC service names to report in the health service.
     pub health_names: Vec<&'static str>,
+    add: Box<dyn FnOnce(Routes) -> Routes + Send>,
+}
+
+impl ServiceSet {
+    /// One tonic service, reported in health as `name`.
+    pub fn new<S>(name: &'static str, svc: S) -> ServiceSet
+    where
+        S: tower_service::Service<
+                http::Request<BoxBody>,
+                Response = http::Response<BoxBody>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        ServiceSet {
+            health_names: vec![name],
+            add: Box::new(move |routes| routes.add_service(svc)),
+        }
+    }
+
+    /// Adds another service to the set.
+    pub fn with<S>(self, name: &'static str, svc: S) -> ServiceSet
+    where
+        S: tower_service::Service<
+                http::Request<BoxBody>,
+                Response = http::Response<BoxBody>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let ServiceSet {
+            mut health_names,
+            add,
+        } = self;
+        health_names.push(name);
+        ServiceSet {
+            health_names,
+            add: Box::new(move |routes| add(routes).add_service(svc)),
+        }
+    }
 }
 
 /// Binds `addr` and prints one JSON line on stdout once listening, so that a
@@ -23,7 +69,10 @@ pub struct ServiceSet {
 pub async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    println!("{}", serde_json::json!({"event": "listening", "service": name, "addr": local.to_string()}));
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "service": name, "addr": local.to_string()})
+    );
     tracing::info!(service = name, %local, "listening");
     Ok(listener)
 }
@@ -45,11 +94,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let mut routes = Routes::new(health).add_service(reflection_v1).add_service(reflection_v1alpha);
+    let mut routes = Routes::new(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let mut names = Vec::new();
     for set in sets {
         names.extend(set.health_names.iter().copied());
-        routes = merge(routes, set.routes);
+        routes = (set.add)(routes);
     }
     for name in &names {
         reporter.set_service_status(*name, ServingStatus::Serving).await;
@@ -59,9 +110,13 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
-        stop_reporter.set_service_status("", ServingStatus::NotServing).await;
+        stop_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         for name in names {
-            stop_reporter.set_service_status(name, ServingStatus::NotServing).await;
+            stop_reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
         }
     };
 
@@ -71,11 +126,6 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
-}
-
-fn merge(into: Routes, other: Routes) -> Routes {
-    let router = into.into_axum_router().merge(other.into_axum_router());
-    Routes::from(router)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -73,6 +73,9 @@ mod tests {
         assert_eq!(br.field_violations[0].field, "capacity_bytes");
         let st = not_found("volume", "abc");
         assert_eq!(st.code(), Code::NotFound);
-        assert_eq!(st.get_error_details().resource_info().unwrap().resource_name, "abc");
+        assert_eq!(
+            st.get_error_details().resource_info().unwrap().resource_name,
+            "abc"
+        );
     }
 }

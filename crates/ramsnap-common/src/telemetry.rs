@@ -24,9 +24,14 @@ impl Drop for Telemetry {
 pub fn init(service: &'static str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = if std::env::var("RAMSNAP_LOG_FORMAT").as_deref() == Ok("json") {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
     let mut provider = None;
     let otel = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
@@ -44,7 +49,11 @@ pub fn init(service: &'static str) -> Telemetry {
     } else {
         None
     };
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
     Telemetry { provider }
 }
 
@@ -52,9 +61,8 @@ fn otlp_provider(service: &'static str) -> anyhow::Result<opentelemetry_sdk::tra
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
     Ok(opentelemetry_sdk::trace::TracerProvider::builder()
         .with_batch_exporter(exporter, opentelemetry_sdk::runtime::Tokio)
-        .with_resource(opentelemetry_sdk::Resource::new(vec![opentelemetry::KeyValue::new(
-            "service.name",
-            format!("ramsnap-{service}"),
-        )]))
+        .with_resource(opentelemetry_sdk::Resource::new(vec![
+            opentelemetry::KeyValue::new("service.name", format!("ramsnap-{service}")),
+        ]))
         .build())
 }

@@ -15,7 +15,9 @@ mod vms;
 pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
 pub use operations::{NewOperation, Operation, OperationState};
 pub use sagas::{NewSaga, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
-pub use snapshots::{MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
+pub use snapshots::{
+    MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef,
+};
 pub use vms::{NewVm, Vm, VmDisk, VmStatus};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
@@ -36,10 +38,18 @@ pub enum DbError {
     /// A uniqueness rule was broken (same id, same name, a second active
     /// snapshot, a reused request id), or a state change was refused.
     #[error("{kind} {id}: {message}")]
-    Conflict { kind: &'static str, id: String, message: String },
+    Conflict {
+        kind: &'static str,
+        id: String,
+        message: String,
+    },
     /// The row refers to a row that does not exist, or is still referred to.
     #[error("{kind} {id}: {message}")]
-    ForeignKey { kind: &'static str, id: String, message: String },
+    ForeignKey {
+        kind: &'static str,
+        id: String,
+        message: String,
+    },
     #[error("vm {vm_id} is locked by operation {holder}")]
     VmLocked { vm_id: Uuid, holder: Uuid },
     #[error("{field}: {message}")]
@@ -56,7 +66,10 @@ impl DbError {
     }
 
     pub(crate) fn not_found(kind: &'static str, id: impl ToString) -> Self {
-        DbError::NotFound { kind, id: id.to_string() }
+        DbError::NotFound {
+            kind,
+            id: id.to_string(),
+        }
     }
 
     /// Classifies a failed write: constraint violations become [`DbError::Conflict`]
@@ -68,8 +81,16 @@ impl DbError {
             };
             let message = db_err.message().to_owned();
             match db_err.kind() {
-                ErrorKind::UniqueViolation => DbError::Conflict { kind, id: id.to_string(), message },
-                ErrorKind::ForeignKeyViolation => DbError::ForeignKey { kind, id: id.to_string(), message },
+                ErrorKind::UniqueViolation => DbError::Conflict {
+                    kind,
+                    id: id.to_string(),
+                    message,
+                },
+                ErrorKind::ForeignKeyViolation => DbError::ForeignKey {
+                    kind,
+                    id: id.to_string(),
+                    message,
+                },
                 _ => DbError::Sqlx(err),
             }
         }
@@ -160,7 +181,10 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool, DbError> {
         .max_connections(if in_memory { 1 } else { 8 });
     // Every connection to ":memory:" is a database of its own: keep the one.
     let pool_options = if in_memory {
-        pool_options.idle_timeout(None).max_lifetime(None).min_connections(1)
+        pool_options
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .min_connections(1)
     } else {
         pool_options.acquire_timeout(Duration::from_secs(30))
     };
@@ -182,7 +206,10 @@ pub(crate) fn to_bigint(field: &'static str, value: u64) -> Result<i64, DbError>
 }
 
 fn decode_error(column: &str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> sqlx::Error {
-    sqlx::Error::ColumnDecode { index: column.to_owned(), source: source.into() }
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: source.into(),
+    }
 }
 
 /// Typed access to the columns of an [`AnyRow`], for the conversions the

@@ -42,12 +42,21 @@ impl BlockDomain {
     /// Initializes a blank device as a new domain.
     pub fn create(device: &Path, id: Uuid, name: &str, run_dir: &Path) -> Result<BlockDomain> {
         lvm::pvcreate(device)?;
-        let tags = vec![DOMAIN_TAG.to_string(), format!("RS_VER_{METADATA_VERSION}"), format!("RS_NAME_{name}")];
+        let tags = vec![
+            DOMAIN_TAG.to_string(),
+            format!("RS_VER_{METADATA_VERSION}"),
+            format!("RS_NAME_{name}"),
+        ];
         if let Err(e) = lvm::vgcreate(&id.to_string(), device, EXTENT_MIB, &tags) {
             let _ = tool::run(Command::new("pvremove").arg("--yes").arg(device));
             return Err(e);
         }
-        Ok(BlockDomain { id, name: name.into(), vg: id.to_string(), run_dir: run_dir.join(id.to_string()) })
+        Ok(BlockDomain {
+            id,
+            name: name.into(),
+            vg: id.to_string(),
+            run_dir: run_dir.join(id.to_string()),
+        })
     }
 
     /// Every ramsnap domain on the block devices this host sees.
@@ -57,10 +66,22 @@ impl BlockDomain {
             if !row.tags.iter().any(|t| t == DOMAIN_TAG) {
                 continue;
             }
-            let Ok(id) = Uuid::parse_str(&row.name) else { continue };
-            let name = row.tags.iter().find_map(|t| t.strip_prefix("RS_NAME_")).unwrap_or("").to_string();
+            let Ok(id) = Uuid::parse_str(&row.name) else {
+                continue;
+            };
+            let name = row
+                .tags
+                .iter()
+                .find_map(|t| t.strip_prefix("RS_NAME_"))
+                .unwrap_or("")
+                .to_string();
             out.push((
-                BlockDomain { id, name, vg: row.name.clone(), run_dir: run_dir.join(id.to_string()) },
+                BlockDomain {
+                    id,
+                    name,
+                    vg: row.name.clone(),
+                    run_dir: run_dir.join(id.to_string()),
+                },
                 row.pv,
             ));
         }
@@ -72,25 +93,38 @@ impl BlockDomain {
     }
 
     fn link(&self, image: Uuid, volume: Uuid) -> PathBuf {
-        self.run_dir.join("images").join(image.to_string()).join(volume.to_string())
+        self.run_dir
+            .join("images")
+            .join(image.to_string())
+            .join(volume.to_string())
     }
 
     fn lv(&self, image: Uuid, volume: Uuid) -> Result<lvm::LvRow> {
         lvm::lvs(&self.vg)?
             .into_iter()
             .find(|lv| lv.name == volume.to_string() && lv.tags.contains(&format!("IU_{image}")))
-            .ok_or(StorageError::VolumeNotFound(VolumeRef { domain: self.id, image, volume }))
+            .ok_or(StorageError::VolumeNotFound(VolumeRef {
+                domain: self.id,
+                image,
+                volume,
+            }))
     }
 
     fn to_volume(&self, lv: &lvm::LvRow) -> Result<Option<Volume>> {
-        let Ok(volume) = Uuid::parse_str(&lv.name) else { return Ok(None) };
+        let Ok(volume) = Uuid::parse_str(&lv.name) else {
+            return Ok(None);
+        };
         let tag = |p: &str| lv.tags.iter().find_map(|t| t.strip_prefix(p).map(str::to_string));
-        let Some(image) = tag("IU_").and_then(|s| Uuid::parse_str(&s).ok()) else { return Ok(None) };
+        let Some(image) = tag("IU_").and_then(|s| Uuid::parse_str(&s).ok()) else {
+            return Ok(None);
+        };
         let corrupt = |what: &str| StorageError::CorruptMetadata {
             subject: format!("{}/{}", self.vg, lv.name),
             reason: format!("missing or bad {what} tag"),
         };
-        let parent = tag("PU_").and_then(|s| Uuid::parse_str(&s).ok()).filter(|p| !p.is_nil());
+        let parent = tag("PU_")
+            .and_then(|s| Uuid::parse_str(&s).ok())
+            .filter(|p| !p.is_nil());
         let format = match tag("RS_FMT_").as_deref() {
             Some("RAW") => Format::Raw,
             Some("COW") => Format::Cow,
@@ -107,10 +141,18 @@ impl BlockDomain {
             Some("MEMORY_METADATA") => Purpose::MemoryMetadata,
             _ => return Err(corrupt("RS_PURPOSE_")),
         };
-        let legality = if lv.tags.iter().any(|t| t == "RS_LEGAL") { Legality::Legal } else { Legality::Illegal };
-        let capacity = tag("RS_CAP_").and_then(|s| s.parse().ok()).ok_or_else(|| corrupt("RS_CAP_"))?;
+        let legality = if lv.tags.iter().any(|t| t == "RS_LEGAL") {
+            Legality::Legal
+        } else {
+            Legality::Illegal
+        };
+        let capacity = tag("RS_CAP_")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("RS_CAP_"))?;
         let meta = VolumeMeta {
-            version: tag("RS_VER_").and_then(|s| s.parse().ok()).unwrap_or(METADATA_VERSION),
+            version: tag("RS_VER_")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(METADATA_VERSION),
             image,
             volume,
             parent,
@@ -123,7 +165,11 @@ impl BlockDomain {
             request_id: tag("RS_REQ_").and_then(|s| Uuid::parse_str(&s).ok()),
             created_at: tag("RS_CT_").and_then(|s| s.parse().ok()).unwrap_or(0),
         };
-        Ok(Some(Volume { domain: self.id, meta, allocated: lv.size }))
+        Ok(Some(Volume {
+            domain: self.id,
+            meta,
+            allocated: lv.size,
+        }))
     }
 
     fn tags_for(meta: &VolumeMeta) -> Vec<String> {
@@ -164,7 +210,10 @@ impl BlockDomain {
                 out.lines()
                     .find_map(|l| l.strip_prefix("fully allocated size:"))
                     .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| StorageError::Tool { cmd: "qemu-img measure".into(), stderr: out.clone() })
+                    .ok_or_else(|| StorageError::Tool {
+                        cmd: "qemu-img measure".into(),
+                        stderr: out.clone(),
+                    })
             }
         }
     }
@@ -202,7 +251,11 @@ impl BlockDomain {
                 Err(e) => Err(e),
             }
         } else {
-            let lv = device.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let lv = device
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             lvm::lv_activate(&self.vg, &lv, false)
         }
     }
@@ -256,7 +309,12 @@ impl Backend for BlockDomain {
 
     fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume> {
         let lv = self.lv(image, volume)?;
-        self.to_volume(&lv)?.ok_or(StorageError::VolumeNotFound(VolumeRef { domain: self.id, image, volume }))
+        self.to_volume(&lv)?
+            .ok_or(StorageError::VolumeNotFound(VolumeRef {
+                domain: self.id,
+                image,
+                volume,
+            }))
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
@@ -374,7 +432,10 @@ impl Backend for BlockDomain {
 
     fn delete_recorded(&self, request: Uuid) -> Result<bool> {
         let prefix = format!("RS_DEL_{request}_");
-        Ok(lvm::vg_info(&self.vg)?.tags.iter().any(|t| t.starts_with(&prefix)))
+        Ok(lvm::vg_info(&self.vg)?
+            .tags
+            .iter()
+            .any(|t| t.starts_with(&prefix)))
     }
 }
 
@@ -386,11 +447,17 @@ fn legality_tag(l: Legality) -> &'static str {
 }
 
 fn upper<T: serde::Serialize>(v: T) -> String {
-    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn is_loop(device: &Path) -> bool {
-    device.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("loop"))
+    device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("loop"))
 }
 
 fn loop_attr(device: &Path, attr: &str) -> Option<String> {
@@ -407,8 +474,10 @@ fn hex_encode(s: &str) -> String {
 }
 
 fn hex_decode(h: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> =
-        (0..h.len()).step_by(2).map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    let bytes: Option<Vec<u8>> = (0..h.len())
+        .step_by(2)
+        .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect();
     String::from_utf8(bytes?).ok()
 }
 
@@ -438,9 +507,18 @@ mod tests {
             request_id: Some(Uuid::new_v4()),
             created_at: 42,
         };
-        let dom = BlockDomain { id: Uuid::new_v4(), name: "x".into(), vg: "vg".into(), run_dir: "/tmp".into() };
-        let lv =
-            lvm::LvRow { name: meta.volume.to_string(), size: 4096, tags: BlockDomain::tags_for(&meta), first_pe: Some(0) };
+        let dom = BlockDomain {
+            id: Uuid::new_v4(),
+            name: "x".into(),
+            vg: "vg".into(),
+            run_dir: "/tmp".into(),
+        };
+        let lv = lvm::LvRow {
+            name: meta.volume.to_string(),
+            size: 4096,
+            tags: BlockDomain::tags_for(&meta),
+            first_pe: Some(0),
+        };
         let v = dom.to_volume(&lv).unwrap().unwrap();
         assert_eq!(v.meta, meta);
     }

@@ -117,7 +117,14 @@ fn read_pieces(
     let mut pos = 0u64;
     while pos < size {
         let (data_start, data_end) = next_data(src, pos, size);
-        if data_start > pos && tx.send(Piece::Zero { offset: pos, len: data_start - pos }).is_err() {
+        if data_start > pos
+            && tx
+                .send(Piece::Zero {
+                    offset: pos,
+                    len: data_start - pos,
+                })
+                .is_err()
+        {
             return Ok(());
         }
         let mut off = data_start;
@@ -139,13 +146,24 @@ fn read_pieces(
             }
             for (zero, a, b) in runs {
                 let piece = if zero {
-                    Piece::Zero { offset: off + a as u64, len: (b - a) as u64 }
+                    Piece::Zero {
+                        offset: off + a as u64,
+                        len: (b - a) as u64,
+                    }
                 } else if a == 0 && b == want {
-                    Piece::Data { offset: off, buf: std::mem::take(&mut buf), len: want }
+                    Piece::Data {
+                        offset: off,
+                        buf: std::mem::take(&mut buf),
+                        len: want,
+                    }
                 } else {
                     let mut part = recycle.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
                     part[..b - a].copy_from_slice(&buf[a..b]);
-                    Piece::Data { offset: off + a as u64, buf: part, len: b - a }
+                    Piece::Data {
+                        offset: off + a as u64,
+                        buf: part,
+                        len: b - a,
+                    }
                 };
                 if tx.send(piece).is_err() {
                     return Ok(());
@@ -167,7 +185,11 @@ fn next_data(src: &File, pos: u64, size: u64) -> (u64, u64) {
     if start < 0 {
         let errno = std::io::Error::last_os_error().raw_os_error();
         // ENXIO: no data after pos, the rest is a hole.
-        return if errno == Some(libc::ENXIO) { (size, size) } else { (pos, size) };
+        return if errno == Some(libc::ENXIO) {
+            (size, size)
+        } else {
+            (pos, size)
+        };
     }
     let start = (start as u64).min(size);
     // SAFETY: as above.
@@ -209,7 +231,14 @@ fn zero_range(dst: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
         unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) }
     } else if !is_block {
         // SAFETY: plain integer arguments on a valid descriptor.
-        unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, offset as libc::off_t, len as libc::off_t) }
+        unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_ZERO_RANGE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        }
     } else {
         -1
     };
@@ -229,7 +258,15 @@ fn zero_range(dst: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
 
 fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["convert", "-p", "-n", "-f", job.source_format.qemu_name(), "-O", job.target_format.qemu_name()]);
+    cmd.args([
+        "convert",
+        "-p",
+        "-n",
+        "-f",
+        job.source_format.qemu_name(),
+        "-O",
+        job.target_format.qemu_name(),
+    ]);
     if job.target_reads_zero {
         cmd.arg("--target-is-zero");
     }
@@ -239,7 +276,11 @@ fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) 
         cmd.current_dir(dir);
     }
     let line = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let err_reader = std::thread::spawn(move || {
@@ -262,10 +303,16 @@ fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) 
     let status = child.wait()?;
     let stderr = err_reader.join().unwrap_or_default();
     if !status.success() {
-        return Err(StorageError::Tool { cmd: line, stderr: stderr.trim().to_string() });
+        return Err(StorageError::Tool {
+            cmd: line,
+            stderr: stderr.trim().to_string(),
+        });
     }
     progress(job.size, job.size);
-    Ok(CopyStats { data_bytes: allocated(&job.target), zero_bytes: 0 })
+    Ok(CopyStats {
+        data_bytes: allocated(&job.target),
+        zero_bytes: 0,
+    })
 }
 
 fn allocated(path: &Path) -> u64 {
@@ -308,7 +355,11 @@ mod tests {
         let stats = run(&job(&src, &dst, size, true), &mut |d, _| last = d).unwrap();
         assert_eq!(last, size);
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-        assert!(stats.data_bytes < 1 << 20, "wrote {} bytes of data", stats.data_bytes);
+        assert!(
+            stats.data_bytes < 1 << 20,
+            "wrote {} bytes of data",
+            stats.data_bytes
+        );
         assert_eq!(stats.data_bytes + stats.zero_bytes, size);
         assert!(allocated(&dst) < 2 << 20, "target allocated {}", allocated(&dst));
     }

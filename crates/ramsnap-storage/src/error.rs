@@ -16,10 +16,18 @@ pub enum StorageError {
     #[error("storage domain {domain}: {requested} bytes requested, {free} free")]
     NoSpace { domain: Uuid, requested: u64, free: u64 },
     #[error("{resource} {id} already exists: {reason}")]
-    AlreadyExists { resource: &'static str, id: String, reason: String },
+    AlreadyExists {
+        resource: &'static str,
+        id: String,
+        reason: String,
+    },
     /// A precondition on the current state of the system failed.
     #[error("{reason}")]
-    Precondition { kind: &'static str, subject: String, reason: String },
+    Precondition {
+        kind: &'static str,
+        subject: String,
+        reason: String,
+    },
     #[error("{cmd} failed: {stderr}")]
     Tool { cmd: String, stderr: String },
     #[error("on-domain metadata of {subject} is unreadable: {reason}")]
@@ -38,11 +46,18 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 impl StorageError {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        StorageError::InvalidArgument { field, reason: reason.into() }
+        StorageError::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
     }
 
     pub fn precondition(kind: &'static str, subject: impl ToString, reason: impl Into<String>) -> Self {
-        StorageError::Precondition { kind, subject: subject.to_string(), reason: reason.into() }
+        StorageError::Precondition {
+            kind,
+            subject: subject.to_string(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -55,10 +70,14 @@ impl From<StorageError> for Status {
             e @ StorageError::NoSpace { domain, .. } => {
                 status::resource_exhausted(&format!("storage_domain/{domain}"), e.to_string())
             }
-            StorageError::AlreadyExists { resource, id, reason } => status::already_exists(resource, &id, reason),
-            StorageError::Precondition { kind, subject, reason } => {
-                status::failed_precondition(kind, &subject, reason)
+            StorageError::AlreadyExists { resource, id, reason } => {
+                status::already_exists(resource, &id, reason)
             }
+            StorageError::Precondition {
+                kind,
+                subject,
+                reason,
+            } => status::failed_precondition(kind, &subject, reason),
             e @ (StorageError::Tool { .. } | StorageError::CorruptMetadata { .. } | StorageError::Io(_)) => {
                 tracing::error!(error = %e, "storage operation failed");
                 status::internal(e)

@@ -50,8 +50,16 @@ impl FileDomain {
             name: name.to_string(),
             domain_type: DomainType::File,
         };
-        write_atomic(&dir.join("dom_md/metadata"), &serde_json::to_vec_pretty(&md).expect("serializable"))?;
-        Ok(FileDomain { id, name: name.to_string(), location: location.to_path_buf(), dir })
+        write_atomic(
+            &dir.join("dom_md/metadata"),
+            &serde_json::to_vec_pretty(&md).expect("serializable"),
+        )?;
+        Ok(FileDomain {
+            id,
+            name: name.to_string(),
+            location: location.to_path_buf(),
+            dir,
+        })
     }
 
     /// Finds the domains already laid out directly under `location`.
@@ -84,7 +92,12 @@ impl FileDomain {
                     reason: format!("metadata version {} is newer than this service knows", md.version),
                 });
             }
-            found.push(FileDomain { id, name: md.name, location: location.to_path_buf(), dir: entry.path() });
+            found.push(FileDomain {
+                id,
+                name: md.name,
+                location: location.to_path_buf(),
+                dir: entry.path(),
+            });
         }
         Ok(found)
     }
@@ -124,7 +137,11 @@ impl FileDomain {
                 0
             }
         };
-        Ok(Some(Volume { domain: self.id, meta, allocated }))
+        Ok(Some(Volume {
+            domain: self.id,
+            meta,
+            allocated,
+        }))
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
@@ -147,7 +164,8 @@ impl FileDomain {
             }
             Format::Cow => {
                 let mut cmd = Command::new("qemu-img");
-                cmd.current_dir(self.image_dir(meta.image)).args(["create", "-q", "-f", "qcow2"]);
+                cmd.current_dir(self.image_dir(meta.image))
+                    .args(["create", "-q", "-f", "qcow2"]);
                 if let Some(p) = parent {
                     cmd.args(["-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
                 }
@@ -196,10 +214,14 @@ impl Backend for FileDomain {
         };
         let mut out = Vec::new();
         for image in images {
-            let Ok(entries) = fs::read_dir(self.image_dir(image)) else { continue };
+            let Ok(entries) = fs::read_dir(self.image_dir(image)) else {
+                continue;
+            };
             for entry in entries.filter_map(|e| e.ok()) {
                 let name = entry.file_name();
-                let Some(vol) = name.to_str().and_then(|n| n.strip_suffix(".meta")) else { continue };
+                let Some(vol) = name.to_str().and_then(|n| n.strip_suffix(".meta")) else {
+                    continue;
+                };
                 let Ok(vol) = Uuid::parse_str(vol) else { continue };
                 if let Some(v) = self.read_volume(image, vol)? {
                     out.push(v);
@@ -211,11 +233,12 @@ impl Backend for FileDomain {
     }
 
     fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume> {
-        self.read_volume(image, volume)?.ok_or(StorageError::VolumeNotFound(VolumeRef {
-            domain: self.id,
-            image,
-            volume,
-        }))
+        self.read_volume(image, volume)?
+            .ok_or(StorageError::VolumeNotFound(VolumeRef {
+                domain: self.id,
+                image,
+                volume,
+            }))
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
@@ -248,7 +271,11 @@ impl Backend for FileDomain {
     fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
         let path = self.volume_path(image, volume);
         if !path.exists() {
-            return Err(StorageError::VolumeNotFound(VolumeRef { domain: self.id, image, volume }));
+            return Err(StorageError::VolumeNotFound(VolumeRef {
+                domain: self.id,
+                image,
+                volume,
+            }));
         }
         Ok(path)
     }
@@ -273,7 +300,9 @@ impl Backend for FileDomain {
         // Forget requests past their retry window.
         let horizon = now_unix() - DELETE_JOURNAL_TTL_SECS;
         for entry in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
-            let stamp = fs::read_to_string(entry.path()).ok().and_then(|s| s.trim().parse::<i64>().ok());
+            let stamp = fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok());
             if stamp.is_some_and(|t| t < horizon) {
                 let _ = fs::remove_file(entry.path());
             }
@@ -288,8 +317,10 @@ impl Backend for FileDomain {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let bytes = fs::read(path)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| StorageError::CorruptMetadata { subject: path.display().to_string(), reason: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| StorageError::CorruptMetadata {
+        subject: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Writes through a temporary file and a rename, so readers (other hosts on

@@ -9,8 +9,13 @@ use crate::tool;
 use std::path::Path;
 use std::process::Command;
 
+/// Whether the kernel has device-mapper. Asks the kernel (/proc/misc), not
+/// /dev: libdevmapper creates /dev/mapper/control even where it cannot work.
 pub fn device_mapper_available() -> bool {
-    Path::new("/dev/mapper/control").exists()
+    static DM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DM.get_or_init(|| {
+        std::fs::read_to_string("/proc/misc").is_ok_and(|m| m.lines().any(|l| l.ends_with(" device-mapper")))
+    })
 }
 
 fn lvm(sub: &str) -> Command {
@@ -57,12 +62,22 @@ pub struct VgRow {
 }
 
 pub fn vgs_all() -> Result<Vec<VgRow>> {
-    let out = tool::run(lvm("vgs").args(["--noheadings", "--separator", "|", "-o", "vg_name,vg_tags,pv_name"]))?;
+    let out = tool::run(lvm("vgs").args([
+        "--noheadings",
+        "--separator",
+        "|",
+        "-o",
+        "vg_name,vg_tags,pv_name",
+    ]))?;
     Ok(out
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.trim().split('|').collect();
-            (f.len() == 3).then(|| VgRow { name: f[0].into(), tags: split_tags(f[1]), pv: f[2].into() })
+            (f.len() == 3).then(|| VgRow {
+                name: f[0].into(),
+                tags: split_tags(f[1]),
+                pv: f[2].into(),
+            })
         })
         .collect())
 }
@@ -90,10 +105,13 @@ pub fn vg_info(vg: &str) -> Result<VgInfo> {
         "--select",
         &format!("vg_name={vg}"),
     ]))?;
-    let line = out.lines().find(|l| !l.trim().is_empty()).ok_or_else(|| StorageError::Tool {
-        cmd: "pvs".into(),
-        stderr: format!("volume group {vg} has no physical volume on this host"),
-    })?;
+    let line = out
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .ok_or_else(|| StorageError::Tool {
+            cmd: "pvs".into(),
+            stderr: format!("volume group {vg} has no physical volume on this host"),
+        })?;
     let f: Vec<&str> = line.trim().split('|').collect();
     if f.len() != 6 {
         return Err(bad_output("pvs", line));
@@ -136,15 +154,33 @@ pub fn lvs(vg: &str) -> Result<Vec<LvRow>> {
             return Err(bad_output("lvs", line));
         }
         // "/dev/loop0:10-34"
-        let first_pe = f[3].rsplit(':').next().and_then(|r| r.split('-').next()).and_then(|s| s.parse().ok());
-        rows.push(LvRow { name: f[0].into(), size: num(f[1])?, tags: split_tags(f[2]), first_pe });
+        let first_pe = f[3]
+            .rsplit(':')
+            .next()
+            .and_then(|r| r.split('-').next())
+            .and_then(|s| s.parse().ok());
+        rows.push(LvRow {
+            name: f[0].into(),
+            size: num(f[1])?,
+            tags: split_tags(f[2]),
+            first_pe,
+        });
     }
     Ok(rows)
 }
 
 pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
     let mut cmd = lvm("lvcreate");
-    cmd.args(["--activate", "n", "--zero", "n", "--wipesignatures", "n", "--alloc", "contiguous"]);
+    cmd.args([
+        "--activate",
+        "n",
+        "--zero",
+        "n",
+        "--wipesignatures",
+        "n",
+        "--alloc",
+        "contiguous",
+    ]);
     cmd.args(["--size", &format!("{size}b"), "--name", lv]);
     for t in tags {
         cmd.args(["--addtag", t]);
@@ -168,21 +204,32 @@ pub fn lvremove(vg: &str, lv: &str) -> Result<()> {
 }
 
 pub fn lv_activate(vg: &str, lv: &str, on: bool) -> Result<()> {
-    tool::run(lvm("lvchange").args(["--activate", if on { "y" } else { "n" }]).arg(format!("{vg}/{lv}")))
-        .map(drop)
+    tool::run(
+        lvm("lvchange")
+            .args(["--activate", if on { "y" } else { "n" }])
+            .arg(format!("{vg}/{lv}")),
+    )
+    .map(drop)
 }
 
 /// The signature type blkid sees on a device ("LVM2_member", "ext4"...),
 /// or None for a blank device.
 pub fn signature(device: &Path) -> Result<Option<String>> {
-    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE"]).arg(device).output()?;
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(device)
+        .output()?;
     // blkid exits 2 when it finds nothing.
     let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
     Ok((!s.is_empty()).then_some(s))
 }
 
 fn split_tags(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn num(s: &str) -> Result<u64> {
@@ -190,5 +237,8 @@ fn num(s: &str) -> Result<u64> {
 }
 
 fn bad_output(cmd: &str, line: &str) -> StorageError {
-    StorageError::Tool { cmd: cmd.into(), stderr: format!("unexpected output: {line:?}") }
+    StorageError::Tool {
+        cmd: cmd.into(),
+        stderr: format!("unexpected output: {line:?}"),
+    }
 }

@@ -4,7 +4,6 @@ use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tonic::service::Routes;
 
 /// ramsnap storage agent: memory and disk volumes on FILE and BLOCK domains.
 #[derive(Parser)]
@@ -13,27 +12,44 @@ struct Args {
     #[arg(long, env = "RAMSNAP_STORAGE_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
     /// Where the agent remembers attached domains.
-    #[arg(long, env = "RAMSNAP_STORAGE_STATE_DIR", default_value = "/var/lib/ramsnap/storage")]
+    #[arg(
+        long,
+        env = "RAMSNAP_STORAGE_STATE_DIR",
+        default_value = "/var/lib/ramsnap/storage"
+    )]
     state_dir: PathBuf,
     /// Where prepared BLOCK volumes get their paths.
     #[arg(long, env = "RAMSNAP_STORAGE_RUN_DIR", default_value = "/run/ramsnap/storage")]
     run_dir: PathBuf,
     /// Directories FILE domains may live in (repeatable).
-    #[arg(long = "file-root", env = "RAMSNAP_STORAGE_FILE_ROOTS", value_delimiter = ',', default_value = "/var/lib/ramsnap/domains")]
+    #[arg(
+        long = "file-root",
+        env = "RAMSNAP_STORAGE_FILE_ROOTS",
+        value_delimiter = ',',
+        default_value = "/var/lib/ramsnap/domains"
+    )]
     file_roots: Vec<PathBuf>,
+    /// Only adopt BLOCK domains on these devices (default: all the host sees).
+    #[arg(
+        long = "block-device",
+        env = "RAMSNAP_STORAGE_BLOCK_DEVICES",
+        value_delimiter = ','
+    )]
+    block_devices: Vec<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("storage");
     let args = Args::parse();
-    let storage = Storage::open(Config { state_dir: args.state_dir, run_dir: args.run_dir, file_roots: args.file_roots })
-        .await?;
+    let storage = Storage::open(Config {
+        state_dir: args.state_dir,
+        run_dir: args.run_dir,
+        file_roots: args.file_roots,
+        block_devices: args.block_devices,
+    })
+    .await?;
     let listener = server::bind("storage", args.listen).await?;
-    let set = ServiceSet {
-        name: "storage",
-        routes: Routes::new(StorageApi::new(storage).into_server()),
-        health_names: vec![SERVICE_NAME],
-    };
+    let set = ServiceSet::new(SERVICE_NAME, StorageApi::new(storage).into_server());
     server::serve(listener, vec![set], server::shutdown_signal()).await
 }

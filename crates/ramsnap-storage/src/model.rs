@@ -125,7 +125,11 @@ pub struct Volume {
 
 impl Volume {
     pub fn volume_ref(&self) -> VolumeRef {
-        VolumeRef { domain: self.domain, image: self.meta.image, volume: self.meta.volume }
+        VolumeRef {
+            domain: self.domain,
+            image: self.meta.image,
+            volume: self.meta.volume,
+        }
     }
 }
 
@@ -145,7 +149,9 @@ pub struct DomainInfo {
 /// the characters both LVM and file names accept.
 pub fn valid_domain_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
         && !name.starts_with(['.', '-'])
 }
 

@@ -129,26 +129,45 @@ impl StorageService for StorageApi {
         let kind = match enum_value::<pb::DomainType>("type", req.r#type)? {
             pb::DomainType::File => model::DomainType::File,
             pb::DomainType::Block => model::DomainType::Block,
-            pb::DomainType::Unspecified => return Err(status::invalid_argument("type", "must be FILE or BLOCK")),
+            pb::DomainType::Unspecified => {
+                return Err(status::invalid_argument("type", "must be FILE or BLOCK"))
+            }
         };
         if req.location.is_empty() {
             return Err(status::invalid_argument("location", "is required"));
         }
-        let (info, adopted) = self.storage.register_domain(id, req.name, kind, req.location).await?;
-        Ok(Response::new(pb::RegisterDomainResponse { domain: Some(to_domain(info)), adopted }))
+        let (info, adopted) = self
+            .storage
+            .register_domain(id, req.name, kind, req.location)
+            .await?;
+        Ok(Response::new(pb::RegisterDomainResponse {
+            domain: Some(to_domain(info)),
+            adopted,
+        }))
     }
 
-    async fn get_domain(&self, req: Request<pb::GetDomainRequest>) -> Result<Response<pb::GetDomainResponse>, Status> {
+    async fn get_domain(
+        &self,
+        req: Request<pb::GetDomainRequest>,
+    ) -> Result<Response<pb::GetDomainResponse>, Status> {
         let id = ids::parse("domain_id", &req.get_ref().domain_id)?;
         let info = self.storage.get_domain(id).await?;
-        Ok(Response::new(pb::GetDomainResponse { domain: Some(to_domain(info)) }))
+        Ok(Response::new(pb::GetDomainResponse {
+            domain: Some(to_domain(info)),
+        }))
     }
 
     async fn list_domains(
         &self,
         _req: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
-        let domains = self.storage.list_domains().await?.into_iter().map(to_domain).collect();
+        let domains = self
+            .storage
+            .list_domains()
+            .await?
+            .into_iter()
+            .map(to_domain)
+            .collect();
         Ok(Response::new(pb::ListDomainsResponse { domains }))
     }
 
@@ -170,7 +189,9 @@ impl StorageService for StorageApi {
             description: req.description,
         };
         let v = self.storage.create_volume(new).await?;
-        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_volume(v)) }))
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(to_volume(v)),
+        }))
     }
 
     async fn create_memory_volumes(
@@ -198,10 +219,15 @@ impl StorageService for StorageApi {
         }))
     }
 
-    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
+    async fn get_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::GetVolumeResponse>, Status> {
         let r = volume_ref("ref", req.into_inner().r#ref)?;
         let v = self.storage.get_volume(r).await?;
-        Ok(Response::new(pb::GetVolumeResponse { volume: Some(to_volume(v)) }))
+        Ok(Response::new(pb::GetVolumeResponse {
+            volume: Some(to_volume(v)),
+        }))
     }
 
     async fn list_volumes(
@@ -211,7 +237,13 @@ impl StorageService for StorageApi {
         let req = req.into_inner();
         let domain = ids::parse("domain_id", &req.domain_id)?;
         let image = ids::parse_optional("image_id", &req.image_id)?;
-        let volumes = self.storage.list_volumes(domain, image).await?.into_iter().map(to_volume).collect();
+        let volumes = self
+            .storage
+            .list_volumes(domain, image)
+            .await?
+            .into_iter()
+            .map(to_volume)
+            .collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
@@ -267,7 +299,9 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::PrepareVolumeResponse>, Status> {
         let r = volume_ref("ref", req.into_inner().r#ref)?;
         let path = self.storage.prepare_volume(r).await?;
-        Ok(Response::new(pb::PrepareVolumeResponse { path: path.display().to_string() }))
+        Ok(Response::new(pb::PrepareVolumeResponse {
+            path: path.display().to_string(),
+        }))
     }
 
     async fn teardown_volume(

@@ -24,6 +24,9 @@ pub struct Config {
     /// FILE domains may only live inside these directories (NFS mounts in
     /// production); every subdirectory of a root is scanned at start.
     pub file_roots: Vec<PathBuf>,
+    /// When not empty, only VGs on these devices are adopted at start (as
+    /// an LVM filter would); otherwise every ramsnap VG the host sees.
+    pub block_devices: Vec<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -96,9 +99,12 @@ struct AttachedDomain {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(StorageError::Tool { cmd: "blocking task".into(), stderr: e.to_string() }))
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StorageError::Tool {
+            cmd: "blocking task".into(),
+            stderr: e.to_string(),
+        })
+    })
 }
 
 impl Storage {
@@ -126,12 +132,24 @@ impl Storage {
             Err(_) => return Uuid::nil(),
         };
         let mut map = self.inner.domains.write().expect("lock poisoned");
-        map.entry(id).or_insert_with(|| Arc::new(Domain { kind, backend, lock: Mutex::new(()) }));
+        map.entry(id).or_insert_with(|| {
+            Arc::new(Domain {
+                kind,
+                backend,
+                lock: Mutex::new(()),
+            })
+        });
         id
     }
 
     fn domain(&self, id: Uuid) -> Result<Arc<Domain>> {
-        self.inner.domains.read().expect("lock poisoned").get(&id).cloned().ok_or(StorageError::DomainNotFound(id))
+        self.inner
+            .domains
+            .read()
+            .expect("lock poisoned")
+            .get(&id)
+            .cloned()
+            .ok_or(StorageError::DomainNotFound(id))
     }
 
     /// Attaches a domain: adopts the one already at `location`, or lays out
@@ -144,7 +162,10 @@ impl Storage {
         location: String,
     ) -> Result<(DomainInfo, bool)> {
         if !valid_domain_name(&name) {
-            return Err(StorageError::invalid("name", "must be 1-64 characters of [A-Za-z0-9_.-]"));
+            return Err(StorageError::invalid(
+                "name",
+                "must be 1-64 characters of [A-Za-z0-9_.-]",
+            ));
         }
         let config = self.inner.config.clone();
         let (backend, adopted) = match kind {
@@ -175,10 +196,14 @@ impl Storage {
                         return Err(StorageError::precondition(
                             "DEVICE_NOT_EMPTY",
                             canonical.display(),
-                            format!("{} holds other data ({sig}); refusing to overwrite it", canonical.display()),
+                            format!(
+                                "{} holds other data ({sig}); refusing to overwrite it",
+                                canonical.display()
+                            ),
                         ));
                     }
-                    let d = BlockDomain::create(&canonical, id.unwrap_or_else(Uuid::new_v4), &name, &run_dir)?;
+                    let d =
+                        BlockDomain::create(&canonical, id.unwrap_or_else(Uuid::new_v4), &name, &run_dir)?;
                     Ok((Arc::new(d) as Arc<dyn Backend>, false))
                 })
                 .await?
@@ -198,7 +223,12 @@ impl Storage {
             }
         }
         self.insert(kind, backend);
-        self.remember(AttachedDomain { id: info.id, kind, location: PathBuf::from(&location) }).await?;
+        self.remember(AttachedDomain {
+            id: info.id,
+            kind,
+            location: PathBuf::from(&location),
+        })
+        .await?;
         Ok((info, adopted))
     }
 
@@ -208,16 +238,31 @@ impl Storage {
             return Err(StorageError::invalid("location", "must be an absolute path"));
         }
         let canonical = path.canonicalize().map_err(|e| {
-            StorageError::invalid("location", format!("{location} is not an accessible directory: {e}"))
+            StorageError::invalid(
+                "location",
+                format!("{location} is not an accessible directory: {e}"),
+            )
         })?;
         if !canonical.is_dir() {
-            return Err(StorageError::invalid("location", format!("{location} is not a directory")));
+            return Err(StorageError::invalid(
+                "location",
+                format!("{location} is not a directory"),
+            ));
         }
-        let inside = self.inner.config.file_roots.iter().filter_map(|r| r.canonicalize().ok()).any(|r| canonical.starts_with(&r));
+        let inside = self
+            .inner
+            .config
+            .file_roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .any(|r| canonical.starts_with(&r));
         if !inside {
             return Err(StorageError::invalid(
                 "location",
-                format!("{} is outside the service's allowed file roots", canonical.display()),
+                format!(
+                    "{} is outside the service's allowed file roots",
+                    canonical.display()
+                ),
             ));
         }
         Ok(canonical)
@@ -228,11 +273,16 @@ impl Storage {
         let state_dir = self.inner.config.state_dir.clone();
         blocking(move || {
             std::fs::create_dir_all(&state_dir)?;
-            let mut attached: Attached =
-                std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let mut attached: Attached = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
             attached.domains.retain(|d| d.id != entry.id);
             attached.domains.push(entry);
-            crate::file::write_atomic(&path, &serde_json::to_vec_pretty(&attached).expect("serializable"))
+            crate::file::write_atomic(
+                &path,
+                &serde_json::to_vec_pretty(&attached).expect("serializable"),
+            )
         })
         .await
     }
@@ -243,8 +293,14 @@ impl Storage {
     }
 
     pub async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
-        let domains: Vec<Arc<Domain>> =
-            self.inner.domains.read().expect("lock poisoned").values().cloned().collect();
+        let domains: Vec<Arc<Domain>> = self
+            .inner
+            .domains
+            .read()
+            .expect("lock poisoned")
+            .values()
+            .cloned()
+            .collect();
         let mut out: Vec<DomainInfo> =
             blocking(move || domains.iter().map(|d| d.backend.info()).collect()).await?;
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
@@ -269,10 +325,16 @@ impl Storage {
         let allocation = req.allocation.unwrap_or_else(|| d.backend.natural_allocation());
         check_layout(d.kind, req.format, allocation, "allocation")?;
         if req.parent.is_some() && req.format != Format::Cow {
-            return Err(StorageError::invalid("parent_volume_id", "only COW volumes can have a parent"));
+            return Err(StorageError::invalid(
+                "parent_volume_id",
+                "only COW volumes can have a parent",
+            ));
         }
         if req.parent.is_some() && req.image.is_none() {
-            return Err(StorageError::invalid("image_id", "is required with parent_volume_id"));
+            return Err(StorageError::invalid(
+                "image_id",
+                "is required with parent_volume_id",
+            ));
         }
         let _guard = d.lock.lock().await;
         let backend = d.backend.clone();
@@ -308,7 +370,11 @@ impl Storage {
             parent: None,
             description,
         };
-        let dump = NewVolume { request_id: sub(1), capacity: mode.dump_size(memory), ..base.clone() };
+        let dump = NewVolume {
+            request_id: sub(1),
+            capacity: mode.dump_size(memory),
+            ..base.clone()
+        };
         let meta = NewVolume {
             request_id: sub(2),
             capacity: MEMORY_METADATA_BYTES,
@@ -320,11 +386,19 @@ impl Storage {
         let need = dump.capacity + meta.capacity;
         let free = self.get_domain(domain).await?.free;
         let retry = match dump.request_id {
-            Some(r) => self.list_volumes(domain, None).await?.iter().any(|v| v.meta.request_id == Some(r)),
+            Some(r) => self
+                .list_volumes(domain, None)
+                .await?
+                .iter()
+                .any(|v| v.meta.request_id == Some(r)),
             None => false,
         };
         if !retry && need > free {
-            return Err(StorageError::NoSpace { domain, requested: need, free });
+            return Err(StorageError::NoSpace {
+                domain,
+                requested: need,
+                free,
+            });
         }
         let dump = self.create_volume(dump).await?;
         match self.create_volume(meta).await {
@@ -358,11 +432,18 @@ impl Storage {
                 return Err(StorageError::precondition(
                     "VOLUME_HAS_CHILDREN",
                     r,
-                    format!("volume {} is the parent of {}; delete or merge the child first", r.volume, child.meta.volume),
+                    format!(
+                        "volume {} is the parent of {}; delete or merge the child first",
+                        r.volume, child.meta.volume
+                    ),
                 ));
             }
             if copying {
-                return Err(StorageError::precondition("VOLUME_BUSY", r, "a copy into this volume is running"));
+                return Err(StorageError::precondition(
+                    "VOLUME_BUSY",
+                    r,
+                    "a copy into this volume is running",
+                ));
             }
             backend.remove(r.image, r.volume)?;
             if let Some(req) = request_id {
@@ -393,12 +474,15 @@ impl Storage {
                 return Err(StorageError::VolumeNotFound(r));
             }
             backend.teardown(r.image, r.volume)?;
+            // Ancestors still needed by a prepared volume outside this chain
+            // (a sibling leaf) stay.
+            let own = chain(&volumes, r.volume);
             let still_needed: std::collections::HashSet<Uuid> = volumes
                 .iter()
-                .filter(|v| v.meta.volume != r.volume && backend.is_prepared(r.image, v.meta.volume))
+                .filter(|v| !own.contains(&v.meta.volume) && backend.is_prepared(r.image, v.meta.volume))
                 .flat_map(|v| chain(&volumes, v.meta.volume))
                 .collect();
-            for ancestor in chain(&volumes, r.volume).into_iter().skip(1) {
+            for ancestor in own.into_iter().skip(1) {
                 if !still_needed.contains(&ancestor) {
                     backend.teardown(r.image, ancestor)?;
                 }
@@ -426,7 +510,9 @@ impl Storage {
             ));
         }
         let format = req.target_format.unwrap_or(source.meta.format);
-        let allocation = req.target_allocation.unwrap_or_else(|| dst_dom.backend.natural_allocation());
+        let allocation = req
+            .target_allocation
+            .unwrap_or_else(|| dst_dom.backend.natural_allocation());
         check_layout(dst_dom.kind, format, allocation, "target_allocation")?;
 
         let target = {
@@ -435,11 +521,19 @@ impl Storage {
             if let Some(req_id) = req.request_id {
                 let b = dst_dom.backend.clone();
                 let existing = blocking(move || {
-                    Ok(b.list(None)?.into_iter().find(|v| v.meta.request_id == Some(req_id)))
+                    Ok(b.list(None)?
+                        .into_iter()
+                        .find(|v| v.meta.request_id == Some(req_id)))
                 })
                 .await?;
                 if let Some(v) = existing {
-                    let running = self.inner.copies.lock().expect("lock poisoned").get(&v.volume_ref()).cloned();
+                    let running = self
+                        .inner
+                        .copies
+                        .lock()
+                        .expect("lock poisoned")
+                        .get(&v.volume_ref())
+                        .cloned();
                     if let Some(rx) = running {
                         return Ok(rx);
                     }
@@ -478,17 +572,31 @@ impl Storage {
         };
 
         let target_ref = target.volume_ref();
-        let (tx, rx) = watch::channel(CopyState { processed: 0, total: source.meta.capacity, outcome: None });
-        self.inner.copies.lock().expect("lock poisoned").insert(target_ref, rx.clone());
+        let (tx, rx) = watch::channel(CopyState {
+            processed: 0,
+            total: source.meta.capacity,
+            outcome: None,
+        });
+        self.inner
+            .copies
+            .lock()
+            .expect("lock poisoned")
+            .insert(target_ref, rx.clone());
         let this = self.clone();
         tokio::spawn(async move {
-            let outcome = this.run_copy(src_dom, dst_dom.clone(), source, target, tx.clone()).await;
+            let outcome = this
+                .run_copy(src_dom, dst_dom.clone(), source, target, tx.clone())
+                .await;
             if outcome.is_err() {
                 let _guard = dst_dom.lock.lock().await;
                 let b = dst_dom.backend.clone();
                 let _ = blocking(move || b.remove(target_ref.image, target_ref.volume)).await;
             }
-            this.inner.copies.lock().expect("lock poisoned").remove(&target_ref);
+            this.inner
+                .copies
+                .lock()
+                .expect("lock poisoned")
+                .remove(&target_ref);
             tx.send_modify(|s| s.outcome = Some(outcome));
         });
         Ok(rx)
@@ -524,7 +632,8 @@ impl Storage {
                         source_has_parent: source.meta.parent.is_some(),
                         target: dst_path,
                         target_format: target.meta.format,
-                        target_reads_zero: dst_dom.kind == DomainType::File || target.meta.format == Format::Cow,
+                        target_reads_zero: dst_dom.kind == DomainType::File
+                            || target.meta.format == Format::Cow,
                         size: source.meta.capacity,
                     };
                     let tx = tx.clone();
@@ -583,7 +692,11 @@ fn check_layout(kind: DomainType, format: Format, allocation: Allocation, field:
 fn chain(volumes: &[Volume], volume: Uuid) -> Vec<Uuid> {
     let mut out = vec![volume];
     let mut cur = volume;
-    while let Some(p) = volumes.iter().find(|v| v.meta.volume == cur).and_then(|v| v.meta.parent) {
+    while let Some(p) = volumes
+        .iter()
+        .find(|v| v.meta.volume == cur)
+        .and_then(|v| v.meta.parent)
+    {
         if out.contains(&p) {
             break;
         }
@@ -633,7 +746,10 @@ fn params_match(existing: &VolumeMeta, req: &NewVolume, allocation: Allocation) 
 /// Creates a volume and makes it LEGAL. Runs under the domain lock.
 fn create_locked(backend: &dyn Backend, req: NewVolume, allocation: Allocation) -> Result<Volume> {
     if let Some(req_id) = req.request_id {
-        let existing = backend.list(None)?.into_iter().find(|v| v.meta.request_id == Some(req_id));
+        let existing = backend
+            .list(None)?
+            .into_iter()
+            .find(|v| v.meta.request_id == Some(req_id));
         if let Some(v) = existing {
             if !params_match(&v.meta, &req, allocation) {
                 return Err(StorageError::AlreadyExists {
@@ -668,7 +784,12 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
     if in_image.iter().any(|v| v.meta.volume == volume) {
         return Err(StorageError::AlreadyExists {
             resource: "volume",
-            id: VolumeRef { domain: domain.id, image, volume }.to_string(),
+            id: VolumeRef {
+                domain: domain.id,
+                image,
+                volume,
+            }
+            .to_string(),
             reason: "a volume with this id exists".into(),
         });
     }
@@ -678,7 +799,9 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
                 return Err(StorageError::precondition(
                     "IMAGE_NOT_EMPTY",
                     image,
-                    format!("image {image} already has volumes; a new volume in it must name its leaf as parent"),
+                    format!(
+                        "image {image} already has volumes; a new volume in it must name its leaf as parent"
+                    ),
                 ));
             }
             None
@@ -687,28 +810,46 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
             let parent = in_image
                 .iter()
                 .find(|v| v.meta.volume == p)
-                .ok_or(StorageError::VolumeNotFound(VolumeRef { domain: domain.id, image, volume: p }))?;
+                .ok_or(StorageError::VolumeNotFound(VolumeRef {
+                    domain: domain.id,
+                    image,
+                    volume: p,
+                }))?;
             if parent.meta.legality != Legality::Legal {
-                return Err(StorageError::precondition("VOLUME_ILLEGAL", p, "the parent volume is ILLEGAL"));
+                return Err(StorageError::precondition(
+                    "VOLUME_ILLEGAL",
+                    p,
+                    "the parent volume is ILLEGAL",
+                ));
             }
             if let Some(child) = in_image.iter().find(|v| v.meta.parent == Some(p)) {
                 return Err(StorageError::precondition(
                     "PARENT_NOT_LEAF",
                     p,
-                    format!("volume {p} already has a child ({}); only the leaf can be the parent", child.meta.volume),
+                    format!(
+                        "volume {p} already has a child ({}); only the leaf can be the parent",
+                        child.meta.volume
+                    ),
                 ));
             }
             if req.capacity < parent.meta.capacity {
                 return Err(StorageError::invalid(
                     "capacity_bytes",
-                    format!("must be at least the parent's capacity ({})", parent.meta.capacity),
+                    format!(
+                        "must be at least the parent's capacity ({})",
+                        parent.meta.capacity
+                    ),
                 ));
             }
             Some(parent.meta.clone())
         }
     };
     if req.capacity > domain.free {
-        return Err(StorageError::NoSpace { domain: domain.id, requested: req.capacity, free: domain.free });
+        return Err(StorageError::NoSpace {
+            domain: domain.id,
+            requested: req.capacity,
+            free: domain.free,
+        });
     }
     let meta = VolumeMeta {
         version: METADATA_VERSION,
@@ -726,7 +867,15 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
     };
     let mut prepared = Vec::new();
     if let Some(p) = &parent {
-        prepared = prepare_chain(backend, VolumeRef { domain: domain.id, image, volume: p.volume })?.1;
+        prepared = prepare_chain(
+            backend,
+            VolumeRef {
+                domain: domain.id,
+                image,
+                volume: p.volume,
+            },
+        )?
+        .1;
     }
     let result = backend.create(&meta, parent.as_ref());
     for v in prepared.iter().rev() {
@@ -740,12 +889,18 @@ fn checked_block_device(location: &str) -> Result<PathBuf> {
     use std::os::unix::fs::FileTypeExt;
     let path = Path::new(location);
     if !path.is_absolute() || !location.starts_with("/dev/") || location.contains("/../") {
-        return Err(StorageError::invalid("location", "must be an absolute path of a block device under /dev"));
+        return Err(StorageError::invalid(
+            "location",
+            "must be an absolute path of a block device under /dev",
+        ));
     }
     let meta = std::fs::metadata(path)
         .map_err(|e| StorageError::invalid("location", format!("{location} is not accessible: {e}")))?;
     if !meta.file_type().is_block_device() {
-        return Err(StorageError::invalid("location", format!("{location} is not a block device")));
+        return Err(StorageError::invalid(
+            "location",
+            format!("{location} is not a block device"),
+        ));
     }
     Ok(path.to_path_buf())
 }
@@ -758,24 +913,49 @@ fn discover(config: &Config) -> Result<Found> {
     for root in &config.file_roots {
         dirs.push(root.clone());
         if let Ok(entries) = std::fs::read_dir(root) {
-            dirs.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()));
+            dirs.extend(
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir()),
+            );
         }
     }
     let attached: Attached = std::fs::read(config.state_dir.join("domains.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    dirs.extend(attached.domains.iter().filter(|d| d.kind == DomainType::File).map(|d| d.location.clone()));
+    dirs.extend(
+        attached
+            .domains
+            .iter()
+            .filter(|d| d.kind == DomainType::File)
+            .map(|d| d.location.clone()),
+    );
     dirs.sort();
     dirs.dedup();
     for dir in dirs {
         match FileDomain::discover(&dir) {
-            Ok(found) => out.extend(found.into_iter().map(|d| (DomainType::File, Arc::new(d) as Arc<dyn Backend>))),
+            Ok(found) => out.extend(
+                found
+                    .into_iter()
+                    .map(|d| (DomainType::File, Arc::new(d) as Arc<dyn Backend>)),
+            ),
             Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable file domain"),
         }
     }
+    let wanted: Vec<PathBuf> = config
+        .block_devices
+        .iter()
+        .map(|d| d.canonicalize().unwrap_or(d.clone()))
+        .collect();
     match BlockDomain::discover(&config.run_dir) {
-        Ok(found) => out.extend(found.into_iter().map(|(d, _)| (DomainType::Block, Arc::new(d) as Arc<dyn Backend>))),
+        Ok(found) => out.extend(
+            found
+                .into_iter()
+                .filter(|(_, pv)| wanted.is_empty() || wanted.iter().any(|w| w == Path::new(pv)))
+                .map(|(d, _)| (DomainType::Block, Arc::new(d) as Arc<dyn Backend>)),
+        ),
         Err(e) => tracing::warn!(error = %e, "could not scan for block domains"),
     }
     Ok(out)

@@ -12,11 +12,20 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
         .output()
-        .map_err(|e| StorageError::Tool { cmd: line.clone(), stderr: e.to_string() })?;
+        .map_err(|e| StorageError::Tool {
+            cmd: line.clone(),
+            stderr: e.to_string(),
+        })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let stderr = stderr.lines().filter(|l| !l.contains("WARNING: Activation disabled")).collect::<Vec<_>>();
-        return Err(StorageError::Tool { cmd: line, stderr: stderr.join("; ").trim().to_string() });
+        let stderr = stderr
+            .lines()
+            .filter(|l| !l.contains("WARNING: Activation disabled"))
+            .collect::<Vec<_>>();
+        return Err(StorageError::Tool {
+            cmd: line,
+            stderr: stderr.join("; ").trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -1,1 +1,102 @@
-fn main() {}
+//! ramsnapd: the embedded default. The coordinator (snapshot), the storage
+//! agent and the host agent run in one process, each on its own port, so
+//! that clients address them exactly as they would separate deployments.
+use clap::Parser;
+use ramsnap_common::server::{self, ServiceSet};
+use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
+use ramsnap_storage::{Config, Storage};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+/// ramsnap, all in one: snapshot, storage and host services in one process.
+#[derive(Parser)]
+struct Args {
+    /// Address of the snapshot service (the coordinator).
+    #[arg(long, env = "RAMSNAP_SNAPSHOT_LISTEN", default_value = "127.0.0.1:50051")]
+    snapshot_listen: SocketAddr,
+    /// Address of the storage service.
+    #[arg(long, env = "RAMSNAP_STORAGE_LISTEN", default_value = "127.0.0.1:50052")]
+    storage_listen: SocketAddr,
+    /// Address of the host service.
+    #[arg(long, env = "RAMSNAP_HOST_LISTEN", default_value = "127.0.0.1:50053")]
+    host_listen: SocketAddr,
+    /// Root of the local data: FILE domains live under <data-dir>/domains and
+    /// the storage agent's state under <data-dir>/storage, unless overridden.
+    #[arg(long, env = "RAMSNAP_DATA_DIR", default_value = "/var/lib/ramsnap")]
+    data_dir: PathBuf,
+    /// Where the storage agent remembers attached domains [default: <data-dir>/storage].
+    #[arg(long, env = "RAMSNAP_STORAGE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where prepared BLOCK volumes get their paths.
+    #[arg(long, env = "RAMSNAP_STORAGE_RUN_DIR", default_value = "/run/ramsnap/storage")]
+    run_dir: PathBuf,
+    /// Directories FILE domains may live in (repeatable) [default: <data-dir>/domains].
+    #[arg(long = "file-root", env = "RAMSNAP_STORAGE_FILE_ROOTS", value_delimiter = ',')]
+    file_roots: Vec<PathBuf>,
+    /// Only adopt BLOCK domains on these devices (default: all the host sees).
+    #[arg(
+        long = "block-device",
+        env = "RAMSNAP_STORAGE_BLOCK_DEVICES",
+        value_delimiter = ','
+    )]
+    block_devices: Vec<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = ramsnap_common::telemetry::init("embedded");
+    let args = Args::parse();
+
+    let file_roots = if args.file_roots.is_empty() {
+        // The default root is ours to create; explicit roots (NFS mounts) are not.
+        let root = args.data_dir.join("domains");
+        std::fs::create_dir_all(&root)?;
+        vec![root]
+    } else {
+        args.file_roots
+    };
+    let storage = Storage::open(Config {
+        state_dir: args.state_dir.unwrap_or_else(|| args.data_dir.join("storage")),
+        run_dir: args.run_dir,
+        file_roots,
+        block_devices: args.block_devices,
+    })
+    .await?;
+
+    // Bind all three before serving any, so a taken port fails the start.
+    let snapshot = server::bind("snapshot", args.snapshot_listen).await?;
+    let storage_listener = server::bind("storage", args.storage_listen).await?;
+    let host = server::bind("host", args.host_listen).await?;
+
+    // One signal stops all three; so does any one of them failing.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            server::shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let run = |listener, sets| {
+        let stop = stop.clone();
+        async move {
+            let result = server::serve(listener, sets, stop.clone().cancelled_owned()).await;
+            stop.cancel();
+            result
+        }
+    };
+    // The snapshot and host services have no RPCs of their own yet: health and reflection only.
+    let storage_set = ServiceSet {
+        name: "storage",
+        routes: Routes::new(StorageApi::new(storage).into_server()),
+        health_names: vec![STORAGE_SERVICE],
+    };
+    let (a, b, c) = tokio::join!(
+        run(snapshot, Vec::new()),
+        run(storage_listener, vec![storage_set]),
+        run(host, Vec::new())
+    );
+    a.and(b).and(c)
+}

@@ -172,15 +172,22 @@ impl Database {
                 .await?
             }
             None => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM operations ORDER BY created_at, id"))
-                    .fetch_all(self.pool())
-                    .await?
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM operations ORDER BY created_at, id"
+                ))
+                .fetch_all(self.pool())
+                .await?
             }
         };
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
-    pub async fn update_operation_progress(&self, id: Uuid, processed: u64, total: u64) -> Result<(), DbError> {
+    pub async fn update_operation_progress(
+        &self,
+        id: Uuid,
+        processed: u64,
+        total: u64,
+    ) -> Result<(), DbError> {
         let result = sqlx::query(
             "UPDATE operations SET progress_processed = $2, progress_total = $3, updated_at = $4 \
              WHERE id = $1",

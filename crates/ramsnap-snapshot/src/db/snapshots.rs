@@ -81,9 +81,11 @@ fn from_row(row: &AnyRow) -> Result<Snapshot, sqlx::Error> {
         let image_id = row.opt_uuid(&format!("{prefix}_image_id"))?;
         let volume_id = row.opt_uuid(&format!("{prefix}_volume_id"))?;
         Ok(match (domain_id, image_id, volume_id) {
-            (Some(domain_id), Some(image_id), Some(volume_id)) => {
-                Some(VolumeRef { domain_id, image_id, volume_id })
-            }
+            (Some(domain_id), Some(image_id), Some(volume_id)) => Some(VolumeRef {
+                domain_id,
+                image_id,
+                volume_id,
+            }),
             _ => None,
         })
     };
@@ -133,7 +135,11 @@ fn memory_values(memory: Option<&MemoryVolume>) -> [Option<String>; 6] {
 impl Database {
     /// Creates a snapshot together with the disk volumes it points at, in one
     /// transaction. A second ACTIVE snapshot of a VM is a [`DbError::Conflict`].
-    pub async fn create_snapshot(&self, new: &NewSnapshot, disks: &[SnapshotDisk]) -> Result<Snapshot, DbError> {
+    pub async fn create_snapshot(
+        &self,
+        new: &NewSnapshot,
+        disks: &[SnapshotDisk],
+    ) -> Result<Snapshot, DbError> {
         let snapshot = Snapshot {
             id: new.id,
             vm_id: new.vm_id,
@@ -149,12 +155,12 @@ impl Database {
             "INSERT INTO snapshots ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         );
         let mut insert = sqlx::query(&sql)
-        .bind(snapshot.id.to_string())
-        .bind(snapshot.vm_id.to_string())
-        .bind(snapshot.snapshot_type.as_str())
-        .bind(snapshot.status.as_str())
-        .bind(&snapshot.description)
-        .bind(snapshot.created_at);
+            .bind(snapshot.id.to_string())
+            .bind(snapshot.vm_id.to_string())
+            .bind(snapshot.snapshot_type.as_str())
+            .bind(snapshot.status.as_str())
+            .bind(&snapshot.description)
+            .bind(snapshot.created_at);
         for value in memory_values(snapshot.memory.as_ref()) {
             insert = insert.bind(value);
         }
@@ -177,11 +183,12 @@ impl Database {
 
     /// The VM's snapshots, oldest first.
     pub async fn list_snapshots(&self, vm_id: Uuid) -> Result<Vec<Snapshot>, DbError> {
-        let rows =
-            sqlx::query(&format!("SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 ORDER BY created_at, id"))
-                .bind(vm_id.to_string())
-                .fetch_all(self.pool())
-                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(vm_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
@@ -317,7 +324,11 @@ impl Database {
     }
 }
 
-async fn insert_disk(conn: &mut sqlx::AnyConnection, snapshot_id: Uuid, disk: &SnapshotDisk) -> Result<(), DbError> {
+async fn insert_disk(
+    conn: &mut sqlx::AnyConnection,
+    snapshot_id: Uuid,
+    disk: &SnapshotDisk,
+) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO snapshot_disks (snapshot_id, disk_id, domain_id, image_id, volume_id) \
          VALUES ($1, $2, $3, $4, $5)",

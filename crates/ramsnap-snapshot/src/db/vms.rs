@@ -162,10 +162,12 @@ impl Database {
     }
 
     pub async fn list_vms_in_cluster(&self, cluster_id: Uuid) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE cluster_id = $1 ORDER BY name"))
-            .bind(cluster_id.to_string())
-            .fetch_all(self.pool())
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE cluster_id = $1 ORDER BY name"
+        ))
+        .bind(cluster_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows.iter().map(vm_from_row).collect::<Result<_, _>>()?)
     }
 
@@ -184,7 +186,12 @@ impl Database {
 
     /// Moves the VM from `from` to `to`; false (and no change) if it was not
     /// in `from`.
-    pub async fn transition_vm_status(&self, id: Uuid, from: VmStatus, to: VmStatus) -> Result<bool, DbError> {
+    pub async fn transition_vm_status(
+        &self,
+        id: Uuid,
+        from: VmStatus,
+        to: VmStatus,
+    ) -> Result<bool, DbError> {
         let result = sqlx::query("UPDATE vms SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
             .bind(id.to_string())
             .bind(from.as_str())
@@ -283,10 +290,12 @@ impl Database {
     }
 
     pub async fn vm_disks(&self, vm_id: Uuid) -> Result<Vec<VmDisk>, DbError> {
-        let rows = sqlx::query(&format!("SELECT {DISK_COLUMNS} FROM vm_disks WHERE vm_id = $1 ORDER BY disk_id"))
-            .bind(vm_id.to_string())
-            .fetch_all(self.pool())
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {DISK_COLUMNS} FROM vm_disks WHERE vm_id = $1 ORDER BY disk_id"
+        ))
+        .bind(vm_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows.iter().map(disk_from_row).collect::<Result<_, _>>()?)
     }
 

@@ -1,0 +1,319 @@
+//! Real storage for tests: a FILE domain in a temporary directory and a
+//! BLOCK domain on a loop device over a sparse file (real LVM2 metadata),
+//! served over real gRPC on 127.0.0.1. Everything is torn down on drop:
+//! the VG, the PV, every loop device over it, the files.
+#![allow(dead_code)]
+use ramsnap_common::server::{self, ServiceSet};
+use ramsnap_proto::common::v1::VolumeRef;
+use ramsnap_proto::storage::v1 as pb;
+use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
+use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
+use ramsnap_storage::{Config, Storage};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub const MIB: u64 = 1024 * 1024;
+
+pub struct LoopDevice {
+    pub device: PathBuf,
+    _file: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn new(dir: &Path, size: u64) -> LoopDevice {
+        let file = dir.join("pv.img");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        LoopDevice { device, _file: file }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let dev = self.device.display().to_string();
+        // Loop devices made over this PV to reach LVs (prepare).
+        for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let backing = entry.path().join("loop/backing_file");
+            if std::fs::read_to_string(&backing)
+                .map(|b| b.trim() == dev)
+                .unwrap_or(false)
+            {
+                let _ = Command::new("losetup")
+                    .arg("-d")
+                    .arg(format!("/dev/{}", entry.file_name().to_string_lossy()))
+                    .status();
+            }
+        }
+        let cfg = ["--config", "global { activation = 0 }"];
+        let vgs = Command::new("pvs")
+            .args(cfg)
+            .args(["--noheadings", "-o", "vg_name"])
+            .arg(&dev)
+            .output();
+        if let Ok(out) = vgs {
+            let vg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !vg.is_empty() {
+                let _ = Command::new("vgremove")
+                    .args(cfg)
+                    .args(["-f", &vg])
+                    .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                    .output();
+            }
+        }
+        let _ = Command::new("pvremove")
+            .args(cfg)
+            .args(["-ff", "-y", &dev])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// A storage service on real domains, reachable over gRPC.
+pub struct Env {
+    pub dir: TempDir,
+    pub loop_dev: LoopDevice,
+    pub client: StorageServiceClient<Channel>,
+    pub file_domain: String,
+    pub block_domain: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Env {
+    pub fn config(&self) -> Config {
+        config_for(self.dir.path(), &self.loop_dev.device)
+    }
+
+    pub async fn new(block_size: u64) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("roots/nfs1")).unwrap();
+        let loop_dev = LoopDevice::new(dir.path(), block_size);
+        let config = config_for(dir.path(), &loop_dev.device);
+        let (client, stop, task) = start(config).await;
+        let mut env = Env {
+            dir,
+            loop_dev,
+            client,
+            file_domain: String::new(),
+            block_domain: String::new(),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        env.file_domain = env
+            .register(
+                "files",
+                pb::DomainType::File,
+                &env.dir.path().join("roots/nfs1").display().to_string(),
+            )
+            .await
+            .domain_id;
+        env.block_domain = env
+            .register(
+                "luns",
+                pb::DomainType::Block,
+                &env.loop_dev.device.display().to_string(),
+            )
+            .await
+            .domain_id;
+        env
+    }
+
+    pub async fn register(&mut self, name: &str, kind: pb::DomainType, location: &str) -> pb::StorageDomain {
+        self.client
+            .register_domain(pb::RegisterDomainRequest {
+                domain_id: String::new(),
+                name: name.into(),
+                r#type: kind as i32,
+                location: location.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .domain
+            .unwrap()
+    }
+
+    /// Stops the server and starts a fresh one on the same directories.
+    pub async fn restart(&mut self, config: Config) {
+        self.stop.take().map(|s| s.send(()));
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        let (client, stop, task) = start(config).await;
+        self.client = client;
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+
+    pub fn domain(&self, kind: pb::DomainType) -> String {
+        match kind {
+            pb::DomainType::File => self.file_domain.clone(),
+            _ => self.block_domain.clone(),
+        }
+    }
+
+    pub async fn create(&mut self, req: pb::CreateVolumeRequest) -> Result<pb::Volume, tonic::Status> {
+        self.client
+            .create_volume(req)
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub async fn list(&mut self, domain: &str) -> Vec<pb::Volume> {
+        self.client
+            .list_volumes(pb::ListVolumesRequest {
+                domain_id: domain.into(),
+                image_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+    }
+
+    pub async fn prepare(&mut self, r: &VolumeRef) -> PathBuf {
+        PathBuf::from(
+            self.client
+                .prepare_volume(pb::PrepareVolumeRequest {
+                    r#ref: Some(r.clone()),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .path,
+        )
+    }
+
+    pub async fn teardown(&mut self, r: &VolumeRef) {
+        self.client
+            .teardown_volume(pb::TeardownVolumeRequest {
+                r#ref: Some(r.clone()),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Runs a copy to its end; returns the progress messages' processed
+    /// counts and the new volume.
+    pub async fn copy(
+        &mut self,
+        req: pb::CopyVolumeRequest,
+    ) -> Result<(Vec<u64>, pb::Volume), tonic::Status> {
+        let mut stream = self.client.copy_volume(req).await?.into_inner();
+        let mut seen = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            seen.push(msg.progress.as_ref().map(|p| p.processed_bytes).unwrap_or(0));
+            if let Some(v) = msg.volume {
+                return Ok((seen, v));
+            }
+        }
+        panic!("copy stream ended without a volume");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.take().map(|s| s.send(()));
+    }
+}
+
+pub fn config_for(dir: &Path, device: &Path) -> Config {
+    Config {
+        state_dir: dir.join("state"),
+        run_dir: dir.join("run"),
+        file_roots: vec![dir.join("roots")],
+        block_devices: vec![device.to_path_buf()],
+    }
+}
+
+async fn start(
+    config: Config,
+) -> (
+    StorageServiceClient<Channel>,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let storage = Storage::open(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let set = ServiceSet::new(SERVICE_NAME, StorageApi::new(storage).into_server());
+    let task = tokio::spawn(async move {
+        server::serve(listener, vec![set], async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let client = StorageServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    (client, tx, task)
+}
+
+pub fn new_volume(domain: &str, capacity: u64, format: pb::VolumeFormat) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        domain_id: domain.into(),
+        capacity_bytes: capacity,
+        format: format as i32,
+        purpose: pb::VolumePurpose::Disk as i32,
+        ..Default::default()
+    }
+}
+
+pub fn field_of(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .and_then(|b| b.field_violations.first().map(|f| f.field.clone()))
+        .unwrap_or_default()
+}
+
+/// LV names in a VG, straight from LVM.
+pub fn lv_names(vg: &str) -> Vec<String> {
+    let out = Command::new("lvs")
+        .args([
+            "--config",
+            "global { activation = 0 }",
+            "--noheadings",
+            "-o",
+            "lv_name",
+            vg,
+        ])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// Loop devices currently over `pv` (prepared BLOCK volumes).
+pub fn loops_over(pv: &Path) -> usize {
+    let dev = pv.display().to_string();
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .map(|b| b.trim() == dev)
+                .unwrap_or(false)
+        })
+        .count()
+}
