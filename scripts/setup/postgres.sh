@@ -21,7 +21,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# Two runs at once (parallel CI steps) must not race each other.
+# Two runs at once (parallel CI steps) must not race each other. The server
+# is started with fd 9 closed, or it would hold the lock for its lifetime.
 exec 9>/tmp/ramsnap-postgres-setup.lock
 flock 9
 
@@ -48,7 +49,7 @@ if command -v pg_ctlcluster >/dev/null; then
         log "starting cluster $PG_VERSION/$PG_CLUSTER"
         mkdir -p /var/run/postgresql
         chown postgres:postgres /var/run/postgresql
-        pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start >&2
+        pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start >&2 9>&-
     fi
 else
     # No Debian wrapper scripts: a plain initdb cluster.
@@ -63,7 +64,7 @@ else
         mkdir -p /var/run/postgresql
         chown postgres:postgres /var/run/postgresql
         as_postgres "$PG_BIN/pg_ctl" start -D "$PG_DATA" -l "$PG_DATA/server.log" \
-            -o "-p $PG_PORT -k /var/run/postgresql -c listen_addresses=127.0.0.1" >&2
+            -o "-p $PG_PORT -k /var/run/postgresql -c listen_addresses=127.0.0.1" >&2 9>&-
     fi
 fi
 

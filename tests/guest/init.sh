@@ -52,9 +52,11 @@ if [ "$fill" -gt 0 ]; then
     fi
 fi
 
-# The first disk appears asynchronously after virtio_blk is loaded: wait up to ~3 s for it.
+# The first disk appears asynchronously after virtio_blk is loaded: if there is a virtio block
+# device (virtio device id 2), wait up to ~3 s for /dev/vda.
 disk=""
-i=0
+i=30
+cat /sys/bus/virtio/devices/*/device 2>/dev/null | grep -q '^0x0002$' && i=0
 while [ $i -lt 30 ]; do
     if [ -b /dev/vda ]; then disk=/dev/vda; break; fi
     i=$((i + 1))
@@ -82,12 +84,8 @@ while :; do
     n=$((n + 1))
     echo "RAMSNAP-TICK token=$token counter=$n"
     if [ -n "$disk" ]; then
-        found="$(dd if="$disk" bs=512 count=2 iflag=direct 2>/dev/null | tr -d '\000')"
-        f0="${found%%
-*}"
-        f1="${found#*
-}"
-        [ "$f1" = "$found" ] && f1=""
+        f0="$(dd if="$disk" bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n1)"
+        f1="$(dd if="$disk" bs=512 skip=1 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n1)"
         if [ "$f1" != "$stamp" ] || { [ -n "$last" ] && [ "$f0" != "$last" ]; }; then
             echo "RAMSNAP-DISK-MISMATCH counter=$n expected=\"$last|$stamp\" found=\"$f0|$f1\""
         fi

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Hand verification of the test guest under real libvirt/QEMU (TCG): boot, live external snapshot
 # with memory, destroy, restore onto a fresh overlay (same token, counter continues), a non-live
-# snapshot + restore, optional negative check (stale <backingStore> => disk mismatch detected), and
-# a cold boot (new token). Prints timings. Cleans up its domain and files on exit.
+# snapshot + restore, a negative check (restore XML that keeps the embedded <backingStore/> => the
+# guest reports RAMSNAP-DISK-MISMATCH), and a cold boot (new token). Prints timings and a closing
+# "1 passed, 0 failed" line. Cleans up its domain and files on exit (even on failure).
 #
 #   tests/guest/verify.sh                                   # 256 MiB guest
 #   RSGUEST_MEM_MIB=1024 RSGUEST_FILL_MIB=600 tests/guest/verify.sh   # benchmark-size guest
 #
 # Environment: RSGUEST_MEM_MIB (256), RSGUEST_FILL_MIB (0), RSGUEST_NEGATIVE (1 = run the
-# check with a wrong disk chain), RSGUEST_KERNEL (vmlinux = PVH ELF, default; vmlinuz), RSGUEST_KEEP (1 = keep the work dir), TMPDIR.
+# negative check), RSGUEST_KERNEL (vmlinux = PVH ELF, default; or vmlinuz), RSGUEST_KEEP (1 = keep
+# the work dir), TMPDIR. Takes ~35 s (256 MiB) or ~65 s (1 GiB, fill 600) on 2 cores.
 # Needs libvirtd running (scripts/setup/libvirt.sh). Uses domain names prefixed "rsguest-".
 set -euo pipefail
 
@@ -102,12 +104,11 @@ snapshot_timed() { # XMLFILE [virsh flags...]: sets SNAP_S (command) and PAUSE_S
 
 # ---- 1. cold boot ----
 t0=$(now); virsh start "$NAME" >/dev/null
-wait_for 120 "" '^RAMSNAP-TICK ' || fail "no TICK within 120 s of start"
+wait_for 300 "" '^RAMSNAP-TICK ' || fail "no TICK within 300 s of start"
 t1=$(now); BOOT_S=$(elapsed "$t0" "$t1")
 TOKEN=$(lines | sed -n 's/^RAMSNAP-BOOT token=\([0-9a-f]*\)$/\1/p' | head -n1)
 [ -n "$TOKEN" ] || fail "no BOOT line"
 say "booted ($(basename "$KERNEL")): token=$TOKEN, start->first TICK ${BOOT_S}s"
-FILL_S=-
 if [ "$FILL_MIB" -gt 0 ]; then
     # the fill runs before the first TICK, so it is included in BOOT_S
     lines | grep -q "^RAMSNAP-FILLED mib=$FILL_MIB\$" || fail "no FILLED line"

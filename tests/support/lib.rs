@@ -1,1 +1,353 @@
-//! Support for end-to-end tests.
+//! Support for end-to-end tests: the real binaries, spawned on port 0 with
+//! per-test directories, and the clients that talk to them (grpcurl and tonic).
+//!
+//! The binaries are not built by `cargo test`; build them first:
+//! `cargo build --workspace --bins && cargo test -p ramsnap-e2e`.
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// How long a binary may take to print its "listening" lines.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a binary may take to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A spawned service binary. Dropping it stops the process (SIGTERM, then
+/// SIGKILL after [`STOP_TIMEOUT`]).
+pub struct Running {
+    /// The first (for most binaries the only) bound address.
+    pub addr: SocketAddr,
+    /// Every bound address by service name ("storage", "host", "snapshot").
+    pub addrs: HashMap<String, SocketAddr>,
+    child: Option<Child>,
+    binary: String,
+    /// The process's directories and its stderr log; removed on drop.
+    pub dir: TempDir,
+}
+
+/// Where `cargo build` put binary `name`: beside the test executable's
+/// `deps/` directory (`target/<profile>/<name>`).
+pub fn binary_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test executable location {}", exe.display()));
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "binary {name} not found at {}: build the binaries first with `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Spawns `binary` with `--listen 127.0.0.1:0` and `args`, and waits for its
+/// "listening" line.
+pub fn spawn_service(binary: &str, args: &[&str]) -> Running {
+    let dir = tempdir();
+    let mut all: Vec<OsString> = vec!["--listen".into(), "127.0.0.1:0".into()];
+    all.extend(args.iter().map(OsString::from));
+    spawn(binary, all, 1, dir)
+}
+
+/// The storage agent, with its own state, run and file-root directories.
+/// Its BLOCK discovery is limited to a device that does not exist, so that it
+/// never adopts the volume groups of other tests or of the host.
+pub fn spawn_storage() -> Running {
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("domains")).expect("creating the file root");
+    let args: Vec<OsString> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--state-dir".into(),
+        d.join("state").into(),
+        "--run-dir".into(),
+        d.join("run").into(),
+        "--file-root".into(),
+        d.join("domains").into(),
+        "--block-device".into(),
+        d.join("no-such-device").into(),
+    ];
+    spawn("ramsnap-storage", args, 1, dir)
+}
+
+/// ramsnapd: all three services, each on a port of its own, with the data
+/// directory and the storage agent's directories in a temp dir.
+pub fn spawn_ramsnapd() -> Running {
+    let dir = tempdir();
+    let d = dir.path();
+    let args: Vec<OsString> = vec![
+        "--snapshot-listen".into(),
+        "127.0.0.1:0".into(),
+        "--storage-listen".into(),
+        "127.0.0.1:0".into(),
+        "--host-listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        d.join("data").into(),
+        "--run-dir".into(),
+        d.join("run").into(),
+        "--block-device".into(),
+        d.join("no-such-device").into(),
+    ];
+    spawn("ramsnapd", args, 3, dir)
+}
+
+fn tempdir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("ramsnap-e2e-")
+        .tempdir()
+        .expect("creating a temp dir")
+}
+
+/// Spawns `binary` and reads `listeners` "listening" lines from its stdout.
+/// Its stderr (the logs) goes to `<dir>/stderr.log`, shown when it fails.
+pub fn spawn(binary: &str, args: Vec<OsString>, listeners: usize, dir: TempDir) -> Running {
+    let path = binary_path(binary);
+    let log = dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&log).expect("creating the stderr log");
+    let mut child = Command::new(&path)
+        .args(&args)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", path.display()));
+
+    // A thread reads stdout (to its end, so the child never blocks on a full
+    // pipe) and hands the lines over; the wait for them is bounded.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut running = Running {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        addrs: HashMap::new(),
+        child: Some(child),
+        binary: binary.into(),
+        dir,
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while running.addrs.len() < listeners {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!(
+                    "{binary} did not report listening within {START_TIMEOUT:?}\n{}",
+                    running.logs()
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = running.child.as_mut().and_then(|c| c.wait().ok());
+                panic!(
+                    "{binary} closed its stdout before listening (exit: {status:?})\n{}",
+                    running.logs()
+                )
+            }
+        };
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if event["event"] != "listening" {
+            continue;
+        }
+        let service = event["service"].as_str().unwrap_or_default().to_string();
+        let addr: SocketAddr = event["addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{binary} printed a listening line without an address: {line}"));
+        if running.addrs.is_empty() {
+            running.addr = addr;
+        }
+        running.addrs.insert(service, addr);
+    }
+    running
+}
+
+impl Running {
+    /// The address of one service of a multi-service binary.
+    pub fn addr_of(&self, service: &str) -> SocketAddr {
+        *self
+            .addrs
+            .get(service)
+            .unwrap_or_else(|| panic!("{} reported no {service} listener", self.binary))
+    }
+
+    /// The process's logs so far, for failure messages.
+    pub fn logs(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        format!(
+            "--- {} stderr ---\n{text}--- end of {} stderr ---",
+            self.binary, self.binary
+        )
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit. Returns the exit
+    /// status, or None when the process had to be killed.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // Wait on a thread so the wait can be bounded without polling.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                // SAFETY: as above; the waiting thread reaps it afterwards.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = rx.recv_timeout(timeout);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.terminate(STOP_TIMEOUT);
+    }
+}
+
+/// Runs grpcurl with `args`. Fails the test, with the way to install it,
+/// when grpcurl is not on PATH: a missing tool must never pass as a skip.
+pub fn grpcurl(args: &[&str]) -> Output {
+    let tool = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    Command::new(&tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{tool}` ({e}): the end-to-end tests need grpcurl on PATH \
+             (install it with scripts/setup/tools.sh, or scripts/setup.sh for everything)"
+            )
+        })
+}
+
+/// Runs grpcurl and returns its stdout; fails the test with grpcurl's stderr
+/// when it exits non-zero.
+pub fn grpcurl_ok(args: &[&str]) -> String {
+    let out = grpcurl(args);
+    assert!(
+        out.status.success(),
+        "grpcurl {} failed ({}):\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("grpcurl prints UTF-8")
+}
+
+/// The services `grpcurl list` reports at `addr`.
+pub fn grpcurl_list(addr: SocketAddr) -> Vec<String> {
+    grpcurl_ok(&["-plaintext", &addr.to_string(), "list"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The status grpc.health.v1.Health/Check reports for `service` ("" is the
+/// whole server), asked through grpcurl.
+pub fn grpcurl_health_check(addr: SocketAddr, service: &str) -> String {
+    let request = serde_json::json!({ "service": service }).to_string();
+    let out = grpcurl_ok(&[
+        "-plaintext",
+        "-d",
+        &request,
+        &addr.to_string(),
+        "grpc.health.v1.Health/Check",
+    ]);
+    let reply: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}): {out}"));
+    reply["status"].as_str().unwrap_or_default().to_string()
+}
+
+/// The status grpc.health.v1.Health/Check reports for `service`, asked
+/// through tonic-health's client.
+pub async fn health_check(addr: SocketAddr, service: &str) -> ServingStatus {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let mut client = HealthClient::new(connect(addr).await);
+    let reply = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("Health/Check({service:?}) at {addr}: {e}"))
+        .into_inner();
+    reply.status()
+}
+
+pub use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Which version of the gRPC reflection API to speak.
+#[derive(Clone, Copy, Debug)]
+pub enum Reflection {
+    V1,
+    V1Alpha,
+}
+
+/// The services listed by reflection API `version` at `addr`, asked through
+/// tonic-reflection's generated client for exactly that version.
+pub async fn reflection_list(addr: SocketAddr, version: Reflection) -> Vec<String> {
+    // v1 and v1alpha are the same protocol in two packages: one body, two sets of types.
+    macro_rules! list_services {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$v::ServerReflectionRequest;
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut replies = ServerReflectionClient::new(connect(addr).await)
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .unwrap_or_else(|e| panic!("reflection {version:?} at {addr}: {e}"))
+                .into_inner();
+            match replies.message().await {
+                Ok(Some(reply)) => match reply.message_response {
+                    Some(MessageResponse::ListServicesResponse(list)) => {
+                        list.service.into_iter().map(|s| s.name).collect()
+                    }
+                    other => panic!("reflection {version:?} at {addr} answered {other:?}"),
+                },
+                other => panic!("reflection {version:?} at {addr} answered {other:?}"),
+            }
+        }};
+    }
+    match version {
+        Reflection::V1 => list_services!(v1),
+        Reflection::V1Alpha => list_services!(v1alpha),
+    }
+}
+
+async fn connect(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+}
