@@ -31,6 +31,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 cleanup() {
     virsh destroy "$NAME" >/dev/null 2>&1 || true
     virsh undefine "$NAME" --snapshots-metadata >/dev/null 2>&1 || true
+    rm -f "/var/log/libvirt/qemu/$NAME.log"
     if [ "${RSGUEST_KEEP:-0}" = 1 ]; then say "kept $W"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT

@@ -44,9 +44,15 @@ where
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {server_url} ({PG_URL_VAR}): {e}"));
     let name = format!("rs_test_{}", Uuid::new_v4().simple());
-    admin.pool().execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+    admin
+        .pool()
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create test database");
 
-    let db = Database::connect(&with_database(&server_url, &name)).await.expect("open test database");
+    let db = Database::connect(&with_database(&server_url, &name))
+        .await
+        .expect("open test database");
     assert_eq!(db.backend(), Backend::Postgres);
     db.migrate().await.expect("migrate");
     // Run the test as a task so that a failing test still drops its database.
@@ -160,15 +166,27 @@ fn new_snapshot(vm_id: Uuid, snapshot_type: SnapshotType, memory: Option<MemoryV
 }
 
 fn volume() -> VolumeRef {
-    VolumeRef { domain_id: Uuid::new_v4(), image_id: Uuid::new_v4(), volume_id: Uuid::new_v4() }
+    VolumeRef {
+        domain_id: Uuid::new_v4(),
+        image_id: Uuid::new_v4(),
+        volume_id: Uuid::new_v4(),
+    }
 }
 
 fn memory() -> MemoryVolume {
-    MemoryVolume { dump: volume(), metadata: volume() }
+    MemoryVolume {
+        dump: volume(),
+        metadata: volume(),
+    }
 }
 
 async fn operation(db: &Database, vm_id: Option<Uuid>) -> Uuid {
-    let new = NewOperation { id: Uuid::new_v4(), kind: "snapshot_create".into(), vm_id, request_id: None };
+    let new = NewOperation {
+        id: Uuid::new_v4(),
+        kind: "snapshot_create".into(),
+        vm_id,
+        request_id: None,
+    };
     db.create_operation(&new).await.unwrap().id
 }
 
@@ -210,14 +228,25 @@ async fn cluster_crud(db: Database) {
         .map(|c| c.id)
         .collect();
     assert_eq!(below, vec![old.id]);
-    let below_5: Vec<Uuid> =
-        db.clusters_below_version("5.0".parse().unwrap()).await.unwrap().into_iter().map(|c| c.id).collect();
+    let below_5: Vec<Uuid> = db
+        .clusters_below_version("5.0".parse().unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     assert_eq!(below_5.len(), 3);
     assert!(below_5.contains(&newer.id));
 
-    let same_name = NewCluster { id: Uuid::new_v4(), ..old.clone() };
+    let same_name = NewCluster {
+        id: Uuid::new_v4(),
+        ..old.clone()
+    };
     let err = db.create_cluster(&same_name).await.unwrap_err();
-    assert!(matches!(err, DbError::Conflict { kind: "cluster", .. }), "{err:?}");
+    assert!(
+        matches!(err, DbError::Conflict { kind: "cluster", .. }),
+        "{err:?}"
+    );
     assert!("3".parse::<CompatibilityVersion>().is_err());
 }
 
@@ -248,8 +277,14 @@ async fn vm_crud(db: Database) {
         assert_eq!(db.get_vm(new.id).await.unwrap().status, *status);
     }
     db.set_vm_status(new.id, VmStatus::Down).await.unwrap();
-    assert!(db.transition_vm_status(new.id, VmStatus::Down, VmStatus::PoweringUp).await.unwrap());
-    assert!(!db.transition_vm_status(new.id, VmStatus::Down, VmStatus::Up).await.unwrap());
+    assert!(db
+        .transition_vm_status(new.id, VmStatus::Down, VmStatus::PoweringUp)
+        .await
+        .unwrap());
+    assert!(!db
+        .transition_vm_status(new.id, VmStatus::Down, VmStatus::Up)
+        .await
+        .unwrap());
     assert_eq!(db.get_vm(new.id).await.unwrap().status, VmStatus::PoweringUp);
 
     let host = Uuid::new_v4();
@@ -258,8 +293,14 @@ async fn vm_crud(db: Database) {
     db.set_vm_host(new.id, None).await.unwrap();
     assert_eq!(db.get_vm(new.id).await.unwrap().host_id, None);
 
-    let dup = NewVm { id: Uuid::new_v4(), ..new.clone() };
-    assert!(matches!(db.create_vm(&dup).await.unwrap_err(), DbError::Conflict { kind: "vm", .. }));
+    let dup = NewVm {
+        id: Uuid::new_v4(),
+        ..new.clone()
+    };
+    assert!(matches!(
+        db.create_vm(&dup).await.unwrap_err(),
+        DbError::Conflict { kind: "vm", .. }
+    ));
 
     // Deleting the VM takes its snapshots along.
     let snap = new_snapshot(new.id, SnapshotType::Active, None);
@@ -288,7 +329,10 @@ async fn vm_disks(db: Database) {
     let mut expected = disks.clone();
     expected.sort_by_key(|d| d.disk_id.to_string());
     assert_eq!(db.vm_disks(vm.id).await.unwrap(), expected);
-    assert!(matches!(db.add_vm_disk(&disks[0]).await.unwrap_err(), DbError::Conflict { .. }));
+    assert!(matches!(
+        db.add_vm_disk(&disks[0]).await.unwrap_err(),
+        DbError::Conflict { .. }
+    ));
     assert!(db.remove_vm_disk(vm.id, disks[0].disk_id).await.unwrap());
     assert!(!db.remove_vm_disk(vm.id, disks[0].disk_id).await.unwrap());
     assert_eq!(db.vm_disks(vm.id).await.unwrap(), vec![disks[1].clone()]);
@@ -296,8 +340,12 @@ async fn vm_disks(db: Database) {
 
 async fn snapshot_crud(db: Database) {
     let vm = vm(&db).await;
-    let disks: Vec<SnapshotDisk> =
-        (0..3).map(|_| SnapshotDisk { disk_id: Uuid::new_v4(), volume: volume() }).collect();
+    let disks: Vec<SnapshotDisk> = (0..3)
+        .map(|_| SnapshotDisk {
+            disk_id: Uuid::new_v4(),
+            volume: volume(),
+        })
+        .collect();
     let active = new_snapshot(vm.id, SnapshotType::Active, None);
     let created = db.create_snapshot(&active, &disks).await.unwrap();
     assert_eq!(db.get_snapshot(active.id).await.unwrap(), created);
@@ -308,25 +356,47 @@ async fn snapshot_crud(db: Database) {
 
     let regular = new_snapshot(vm.id, SnapshotType::Regular, None);
     db.create_snapshot(&regular, &[]).await.unwrap();
-    let extra = SnapshotDisk { disk_id: Uuid::new_v4(), volume: volume() };
+    let extra = SnapshotDisk {
+        disk_id: Uuid::new_v4(),
+        volume: volume(),
+    };
     db.add_snapshot_disk(regular.id, &extra).await.unwrap();
     assert_eq!(db.snapshot_disks(regular.id).await.unwrap(), vec![extra]);
-    assert!(matches!(db.add_snapshot_disk(regular.id, &extra).await.unwrap_err(), DbError::Conflict { .. }));
+    assert!(matches!(
+        db.add_snapshot_disk(regular.id, &extra).await.unwrap_err(),
+        DbError::Conflict { .. }
+    ));
 
-    let listed: Vec<Uuid> = db.list_snapshots(vm.id).await.unwrap().into_iter().map(|s| s.id).collect();
+    let listed: Vec<Uuid> = db
+        .list_snapshots(vm.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
     assert_eq!(listed.len(), 2);
     assert!(listed.contains(&active.id) && listed.contains(&regular.id));
 
-    db.set_snapshot_status(regular.id, SnapshotStatus::Locked).await.unwrap();
-    db.set_snapshot_type(regular.id, SnapshotType::Stateless).await.unwrap();
+    db.set_snapshot_status(regular.id, SnapshotStatus::Locked)
+        .await
+        .unwrap();
+    db.set_snapshot_type(regular.id, SnapshotType::Stateless)
+        .await
+        .unwrap();
     let got = db.get_snapshot(regular.id).await.unwrap();
-    assert_eq!((got.snapshot_type, got.status), (SnapshotType::Stateless, SnapshotStatus::Locked));
+    assert_eq!(
+        (got.snapshot_type, got.status),
+        (SnapshotType::Stateless, SnapshotStatus::Locked)
+    );
 
     // A failed transaction leaves nothing behind: the duplicate disk id
     // fails the second insert, so the snapshot row is rolled back too.
     let bad = new_snapshot(vm.id, SnapshotType::Regular, Some(memory()));
     let dup_disks = [disks[0], disks[0]];
-    assert!(matches!(db.create_snapshot(&bad, &dup_disks).await.unwrap_err(), DbError::Conflict { .. }));
+    assert!(matches!(
+        db.create_snapshot(&bad, &dup_disks).await.unwrap_err(),
+        DbError::Conflict { .. }
+    ));
     assert!(db.get_snapshot(bad.id).await.unwrap_err().is_not_found());
 
     assert!(db.delete_snapshot(active.id).await.unwrap());
@@ -359,7 +429,10 @@ async fn memory_round_trip_and_remove(db: Database) {
         .bind(snap.id.to_string())
         .execute(db.pool())
         .await;
-    assert!(half.is_err(), "a memory volume without its metadata volume was accepted");
+    assert!(
+        half.is_err(),
+        "a memory volume without its metadata volume was accepted"
+    );
 }
 
 async fn memory_reference_counting(db: Database) {
@@ -372,11 +445,18 @@ async fn memory_reference_counting(db: Database) {
     db.create_snapshot(&active, &[]).await.unwrap();
     let unrelated = new_snapshot(vm.id, SnapshotType::Regular, Some(memory()));
     db.create_snapshot(&unrelated, &[]).await.unwrap();
-    db.create_snapshot(&new_snapshot(vm.id, SnapshotType::Regular, None), &[]).await.unwrap();
+    db.create_snapshot(&new_snapshot(vm.id, SnapshotType::Regular, None), &[])
+        .await
+        .unwrap();
 
     let refs = |db: Database| async move {
-        let mut ids: Vec<Uuid> =
-            db.snapshots_referencing_memory(shared.dump.volume_id).await.unwrap().iter().map(|s| s.id).collect();
+        let mut ids: Vec<Uuid> = db
+            .snapshots_referencing_memory(shared.dump.volume_id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect();
         ids.sort();
         ids
     };
@@ -391,8 +471,18 @@ async fn memory_reference_counting(db: Database) {
     // Removing the regular snapshot drops the last reference: now it may go.
     db.delete_snapshot(regular.id).await.unwrap();
     assert!(refs(db.clone()).await.is_empty());
-    assert!(db.snapshots_referencing_memory(shared.metadata.volume_id).await.unwrap().is_empty());
-    assert_eq!(db.snapshots_referencing_memory(unrelated.memory.unwrap().dump.volume_id).await.unwrap().len(), 1);
+    assert!(db
+        .snapshots_referencing_memory(shared.metadata.volume_id)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        db.snapshots_referencing_memory(unrelated.memory.unwrap().dump.volume_id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn snapshot_by_vm_type_status(db: Database) {
@@ -403,7 +493,9 @@ async fn snapshot_by_vm_type_status(db: Database) {
         v
     };
     assert_eq!(
-        db.snapshot_by_vm_type_status(vm.id, SnapshotType::Active, SnapshotStatus::Ok).await.unwrap(),
+        db.snapshot_by_vm_type_status(vm.id, SnapshotType::Active, SnapshotStatus::Ok)
+            .await
+            .unwrap(),
         None
     );
     let active = new_snapshot(vm.id, SnapshotType::Active, None);
@@ -413,21 +505,42 @@ async fn snapshot_by_vm_type_status(db: Database) {
     db.create_snapshot(&in_preview, &[]).await.unwrap();
     let preview = new_snapshot(vm.id, SnapshotType::Preview, None);
     db.create_snapshot(&preview, &[]).await.unwrap();
-    db.create_snapshot(&new_snapshot(other_vm.id, SnapshotType::Active, None), &[]).await.unwrap();
+    db.create_snapshot(&new_snapshot(other_vm.id, SnapshotType::Active, None), &[])
+        .await
+        .unwrap();
 
     let found = |t, s| {
         let db = db.clone();
-        async move { db.snapshot_by_vm_type_status(vm.id, t, s).await.unwrap().map(|s| s.id) }
+        async move {
+            db.snapshot_by_vm_type_status(vm.id, t, s)
+                .await
+                .unwrap()
+                .map(|s| s.id)
+        }
     };
-    assert_eq!(found(SnapshotType::Active, SnapshotStatus::Ok).await, Some(active.id));
-    assert_eq!(found(SnapshotType::Regular, SnapshotStatus::InPreview).await, Some(in_preview.id));
-    assert_eq!(found(SnapshotType::Preview, SnapshotStatus::Ok).await, Some(preview.id));
+    assert_eq!(
+        found(SnapshotType::Active, SnapshotStatus::Ok).await,
+        Some(active.id)
+    );
+    assert_eq!(
+        found(SnapshotType::Regular, SnapshotStatus::InPreview).await,
+        Some(in_preview.id)
+    );
+    assert_eq!(
+        found(SnapshotType::Preview, SnapshotStatus::Ok).await,
+        Some(preview.id)
+    );
     assert_eq!(found(SnapshotType::Regular, SnapshotStatus::Ok).await, None);
     assert_eq!(found(SnapshotType::Active, SnapshotStatus::Locked).await, None);
-    let got = db.snapshot_by_vm_type_status(vm.id, SnapshotType::Regular, SnapshotStatus::InPreview).await;
+    let got = db
+        .snapshot_by_vm_type_status(vm.id, SnapshotType::Regular, SnapshotStatus::InPreview)
+        .await;
     assert!(got.unwrap().unwrap().memory.is_some());
     assert_eq!(
-        db.snapshot_by_vm_type(vm.id, SnapshotType::Active).await.unwrap().map(|s| s.id),
+        db.snapshot_by_vm_type(vm.id, SnapshotType::Active)
+            .await
+            .unwrap()
+            .map(|s| s.id),
         Some(active.id)
     );
 }
@@ -438,12 +551,20 @@ async fn one_active_snapshot_per_vm(db: Database) {
     db.create_snapshot(&first, &[]).await.unwrap();
     let second = new_snapshot(vm.id, SnapshotType::Active, None);
     let err = db.create_snapshot(&second, &[]).await.unwrap_err();
-    assert!(matches!(err, DbError::Conflict { kind: "snapshot", .. }), "{err:?}");
+    assert!(
+        matches!(err, DbError::Conflict { kind: "snapshot", .. }),
+        "{err:?}"
+    );
 
     // Preview: the active snapshot becomes PREVIEW, then a new ACTIVE one is made.
-    db.set_snapshot_type(first.id, SnapshotType::Preview).await.unwrap();
+    db.set_snapshot_type(first.id, SnapshotType::Preview)
+        .await
+        .unwrap();
     db.create_snapshot(&second, &[]).await.unwrap();
-    let err = db.set_snapshot_type(first.id, SnapshotType::Active).await.unwrap_err();
+    let err = db
+        .set_snapshot_type(first.id, SnapshotType::Active)
+        .await
+        .unwrap_err();
     assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
 }
 
@@ -472,7 +593,11 @@ async fn vm_lock(db: Database) {
     db.try_lock_vm(vm.id, second).await.unwrap();
     assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(second));
 
-    assert!(db.try_lock_vm(Uuid::new_v4(), first).await.unwrap_err().is_not_found());
+    assert!(db
+        .try_lock_vm(Uuid::new_v4(), first)
+        .await
+        .unwrap_err()
+        .is_not_found());
     // The holder must be a recorded operation.
     let other = self::vm(&db).await;
     let err = db.try_lock_vm(other.id, Uuid::new_v4()).await.unwrap_err();
@@ -490,20 +615,46 @@ async fn operation_request_id(db: Database) {
     let created = db.create_operation(&new).await.unwrap();
     assert_eq!(created.state, OperationState::Running);
     assert_eq!(db.get_operation(new.id).await.unwrap(), created);
-    assert_eq!(db.get_operation_by_request_id("req-1").await.unwrap(), Some(created.clone()));
+    assert_eq!(
+        db.get_operation_by_request_id("req-1").await.unwrap(),
+        Some(created.clone())
+    );
     assert_eq!(db.get_operation_by_request_id("req-2").await.unwrap(), None);
 
     // The same request id never makes a second operation.
-    let retry = NewOperation { id: Uuid::new_v4(), ..new.clone() };
+    let retry = NewOperation {
+        id: Uuid::new_v4(),
+        ..new.clone()
+    };
     let err = db.create_operation(&retry).await.unwrap_err();
-    assert!(matches!(err, DbError::Conflict { kind: "operation", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            DbError::Conflict {
+                kind: "operation",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let (existing, created_now) = db.ensure_operation(&retry).await.unwrap();
     assert!(!created_now);
     assert_eq!(existing.id, new.id);
-    let reused = NewOperation { id: Uuid::new_v4(), kind: "snapshot_remove".into(), ..new.clone() };
-    assert!(matches!(db.ensure_operation(&reused).await.unwrap_err(), DbError::Conflict { .. }));
+    let reused = NewOperation {
+        id: Uuid::new_v4(),
+        kind: "snapshot_remove".into(),
+        ..new.clone()
+    };
+    assert!(matches!(
+        db.ensure_operation(&reused).await.unwrap_err(),
+        DbError::Conflict { .. }
+    ));
 
-    let fresh = NewOperation { id: Uuid::new_v4(), request_id: Some("req-2".into()), ..new.clone() };
+    let fresh = NewOperation {
+        id: Uuid::new_v4(),
+        request_id: Some("req-2".into()),
+        ..new.clone()
+    };
     let (op, created_now) = db.ensure_operation(&fresh).await.unwrap();
     assert!(created_now);
     assert_eq!(op.id, fresh.id);
@@ -523,10 +674,17 @@ async fn operation_progress_and_finish(db: Database) {
     assert!(op.updated_at >= op.created_at);
 
     let result = json!({"snapshot_id": Uuid::new_v4().to_string(), "memory": true});
-    db.finish_operation(id, OperationState::Succeeded, None, Some(&result)).await.unwrap();
+    db.finish_operation(id, OperationState::Succeeded, None, Some(&result))
+        .await
+        .unwrap();
     // Replayed: fine. Changing the outcome: refused.
-    db.finish_operation(id, OperationState::Succeeded, None, Some(&result)).await.unwrap();
-    let err = db.finish_operation(id, OperationState::Failed, Some("late"), None).await.unwrap_err();
+    db.finish_operation(id, OperationState::Succeeded, None, Some(&result))
+        .await
+        .unwrap();
+    let err = db
+        .finish_operation(id, OperationState::Failed, Some("late"), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
     let op = db.get_operation(id).await.unwrap();
     assert_eq!(op.state, OperationState::Succeeded);
@@ -534,15 +692,26 @@ async fn operation_progress_and_finish(db: Database) {
     assert_eq!(op.error, None);
 
     let failed = operation(&db, None).await;
-    db.finish_operation(failed, OperationState::Failed, Some("host went away"), None).await.unwrap();
+    db.finish_operation(failed, OperationState::Failed, Some("host went away"), None)
+        .await
+        .unwrap();
     let op = db.get_operation(failed).await.unwrap();
-    assert_eq!((op.state, op.error.as_deref(), op.result), (OperationState::Failed, Some("host went away"), None));
+    assert_eq!(
+        (op.state, op.error.as_deref(), op.result),
+        (OperationState::Failed, Some("host went away"), None)
+    );
 
     assert!(matches!(
-        db.finish_operation(failed, OperationState::Running, None, None).await.unwrap_err(),
+        db.finish_operation(failed, OperationState::Running, None, None)
+            .await
+            .unwrap_err(),
         DbError::InvalidValue { .. }
     ));
-    assert!(db.update_operation_progress(Uuid::new_v4(), 1, 2).await.unwrap_err().is_not_found());
+    assert!(db
+        .update_operation_progress(Uuid::new_v4(), 1, 2)
+        .await
+        .unwrap_err()
+        .is_not_found());
     assert!(db
         .finish_operation(Uuid::new_v4(), OperationState::Cancelled, None, None)
         .await
@@ -564,15 +733,39 @@ async fn saga_node_events_are_idempotent(db: Database) {
     assert_eq!(saga.state, SagaState::Running);
 
     let output = json!({"volume_id": Uuid::new_v4().to_string()});
-    assert!(db.append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None).await.unwrap());
-    assert!(db.append_saga_node_event(saga.id, 0, SagaNodeEventType::Succeeded, Some(&output)).await.unwrap());
+    assert!(db
+        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None)
+        .await
+        .unwrap());
+    assert!(db
+        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Succeeded, Some(&output))
+        .await
+        .unwrap());
     // The same event twice: one row, and the first data wins.
-    assert!(!db.append_saga_node_event(saga.id, 0, SagaNodeEventType::Succeeded, Some(&json!(1))).await.unwrap());
-    assert!(!db.append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None).await.unwrap());
-    assert!(db.append_saga_node_event(saga.id, 1, SagaNodeEventType::Started, None).await.unwrap());
-    assert!(db.append_saga_node_event(saga.id, 1, SagaNodeEventType::Failed, Some(&json!("boom"))).await.unwrap());
-    assert!(db.append_saga_node_event(saga.id, 0, SagaNodeEventType::UndoStarted, None).await.unwrap());
-    assert!(db.append_saga_node_event(saga.id, 0, SagaNodeEventType::UndoFinished, None).await.unwrap());
+    assert!(!db
+        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Succeeded, Some(&json!(1)))
+        .await
+        .unwrap());
+    assert!(!db
+        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None)
+        .await
+        .unwrap());
+    assert!(db
+        .append_saga_node_event(saga.id, 1, SagaNodeEventType::Started, None)
+        .await
+        .unwrap());
+    assert!(db
+        .append_saga_node_event(saga.id, 1, SagaNodeEventType::Failed, Some(&json!("boom")))
+        .await
+        .unwrap());
+    assert!(db
+        .append_saga_node_event(saga.id, 0, SagaNodeEventType::UndoStarted, None)
+        .await
+        .unwrap());
+    assert!(db
+        .append_saga_node_event(saga.id, 0, SagaNodeEventType::UndoFinished, None)
+        .await
+        .unwrap());
 
     let events = db.saga_node_events(saga.id).await.unwrap();
     let seen: Vec<(u32, SagaNodeEventType)> = events.iter().map(|e| (e.node_id, e.event_type)).collect();
@@ -582,10 +775,16 @@ async fn saga_node_events_are_idempotent(db: Database) {
     assert!(position(0, SagaNodeEventType::UndoStarted) < position(0, SagaNodeEventType::UndoFinished));
     assert!(position(1, SagaNodeEventType::Started) < position(1, SagaNodeEventType::Failed));
     assert!(events.windows(2).all(|w| w[0].created_at <= w[1].created_at));
-    let succeeded = events.iter().find(|e| e.event_type == SagaNodeEventType::Succeeded).unwrap();
+    let succeeded = events
+        .iter()
+        .find(|e| e.event_type == SagaNodeEventType::Succeeded)
+        .unwrap();
     assert_eq!(succeeded.data, Some(output));
 
-    let err = db.append_saga_node_event(Uuid::new_v4(), 0, SagaNodeEventType::Started, None).await.unwrap_err();
+    let err = db
+        .append_saga_node_event(Uuid::new_v4(), 0, SagaNodeEventType::Started, None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
 }
 
@@ -616,7 +815,11 @@ async fn unfinished_sagas(db: Database) {
     let adopted = unfinished.iter().find(|s| s.id == ids[0]).unwrap();
     assert_eq!(adopted.owner, "coordinator-2");
     assert_eq!(adopted.params, json!({}));
-    assert!(db.set_saga_state(Uuid::new_v4(), SagaState::Done).await.unwrap_err().is_not_found());
+    assert!(db
+        .set_saga_state(Uuid::new_v4(), SagaState::Done)
+        .await
+        .unwrap_err()
+        .is_not_found());
 }
 
 async fn not_found_and_foreign_keys(db: Database) {
@@ -632,21 +835,47 @@ async fn not_found_and_foreign_keys(db: Database) {
     assert!(db.get_snapshot(missing).await.unwrap_err().is_not_found());
     assert!(db.get_operation(missing).await.unwrap_err().is_not_found());
     assert!(db.get_saga(missing).await.unwrap_err().is_not_found());
-    assert!(db.set_vm_status(missing, VmStatus::Up).await.unwrap_err().is_not_found());
+    assert!(db
+        .set_vm_status(missing, VmStatus::Up)
+        .await
+        .unwrap_err()
+        .is_not_found());
     assert!(db.set_vm_host(missing, None).await.unwrap_err().is_not_found());
-    assert!(db.transition_vm_status(missing, VmStatus::Down, VmStatus::Up).await.unwrap_err().is_not_found());
-    assert!(db.set_snapshot_status(missing, SnapshotStatus::Ok).await.unwrap_err().is_not_found());
-    assert!(db.set_snapshot_type(missing, SnapshotType::Regular).await.unwrap_err().is_not_found());
+    assert!(db
+        .transition_vm_status(missing, VmStatus::Down, VmStatus::Up)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .set_snapshot_status(missing, SnapshotStatus::Ok)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .set_snapshot_type(missing, SnapshotType::Regular)
+        .await
+        .unwrap_err()
+        .is_not_found());
     assert!(db.remove_memory(missing).await.unwrap_err().is_not_found());
-    assert!(db.set_memory(missing, &memory()).await.unwrap_err().is_not_found());
+    assert!(db
+        .set_memory(missing, &memory())
+        .await
+        .unwrap_err()
+        .is_not_found());
     assert!(db.get_vm_by_name("nobody").await.unwrap_err().is_not_found());
 
     // A VM in a cluster that does not exist.
     let err = db.create_vm(&new_vm(missing)).await.unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { kind: "vm", .. }), "{err:?}");
     // A snapshot of a VM that does not exist.
-    let err = db.create_snapshot(&new_snapshot(missing, SnapshotType::Regular, None), &[]).await.unwrap_err();
-    assert!(matches!(err, DbError::ForeignKey { kind: "snapshot", .. }), "{err:?}");
+    let err = db
+        .create_snapshot(&new_snapshot(missing, SnapshotType::Regular, None), &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DbError::ForeignKey { kind: "snapshot", .. }),
+        "{err:?}"
+    );
     // Disks of a VM or snapshot that does not exist.
     let disk = VmDisk {
         vm_id: missing,
@@ -655,9 +884,18 @@ async fn not_found_and_foreign_keys(db: Database) {
         image_id: Uuid::new_v4(),
         capacity_bytes: 1,
     };
-    assert!(matches!(db.add_vm_disk(&disk).await.unwrap_err(), DbError::ForeignKey { .. }));
-    let snapshot_disk = SnapshotDisk { disk_id: Uuid::new_v4(), volume: volume() };
-    assert!(matches!(db.add_snapshot_disk(missing, &snapshot_disk).await.unwrap_err(), DbError::ForeignKey { .. }));
+    assert!(matches!(
+        db.add_vm_disk(&disk).await.unwrap_err(),
+        DbError::ForeignKey { .. }
+    ));
+    let snapshot_disk = SnapshotDisk {
+        disk_id: Uuid::new_v4(),
+        volume: volume(),
+    };
+    assert!(matches!(
+        db.add_snapshot_disk(missing, &snapshot_disk).await.unwrap_err(),
+        DbError::ForeignKey { .. }
+    ));
     // A saga of an operation that does not exist.
     let saga = NewSaga {
         id: Uuid::new_v4(),
@@ -666,13 +904,53 @@ async fn not_found_and_foreign_keys(db: Database) {
         owner: "o".into(),
         operation_id: Some(missing),
     };
-    assert!(matches!(db.create_saga(&saga).await.unwrap_err(), DbError::ForeignKey { .. }));
+    assert!(matches!(
+        db.create_saga(&saga).await.unwrap_err(),
+        DbError::ForeignKey { .. }
+    ));
     // A cluster still referred to by a VM cannot go.
     let vm = vm(&db).await;
     let cluster_id = db.get_vm(vm.id).await.unwrap().cluster_id;
-    let err = sqlx::query("DELETE FROM clusters WHERE id = $1").bind(cluster_id.to_string()).execute(db.pool()).await;
+    let err = sqlx::query("DELETE FROM clusters WHERE id = $1")
+        .bind(cluster_id.to_string())
+        .execute(db.pool())
+        .await;
     assert!(err.is_err(), "deleting a cluster with VMs succeeded");
     // Sizes that do not fit the BIGINT columns are refused before reaching the database.
-    let huge = NewVm { memory_bytes: u64::MAX, ..new_vm(cluster_id) };
-    assert!(matches!(db.create_vm(&huge).await.unwrap_err(), DbError::InvalidValue { .. }));
+    let huge = NewVm {
+        memory_bytes: u64::MAX,
+        ..new_vm(cluster_id)
+    };
+    assert!(matches!(
+        db.create_vm(&huge).await.unwrap_err(),
+        DbError::InvalidValue { .. }
+    ));
+}
+
+/// SQLite-only: an in-memory database keeps its one connection (and data),
+/// and a file database is created on first connect.
+#[tokio::test]
+async fn sqlite_in_memory_and_new_file() {
+    let db = Database::connect("sqlite::memory:").await.unwrap();
+    db.migrate().await.unwrap();
+    let new = cluster(&db, "3.3").await;
+    assert_eq!(db.get_cluster(new.id).await.unwrap().name, new.name);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fresh.db");
+    let db = Database::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert!(path.exists());
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+    assert!(Database::connect("mysql://localhost/x").await.is_err());
 }

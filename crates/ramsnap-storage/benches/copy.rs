@@ -19,7 +19,11 @@ const MIB: u64 = 1024 * 1024;
 
 fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -44,29 +48,51 @@ impl Drop for Cleanup {
         for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
             let b = std::fs::read_to_string(entry.path().join("loop/backing_file")).unwrap_or_default();
             if b.trim() == self.device {
-                let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{}", entry.file_name().to_string_lossy())).status();
+                let _ = Command::new("losetup")
+                    .arg("-d")
+                    .arg(format!("/dev/{}", entry.file_name().to_string_lossy()))
+                    .status();
             }
         }
         if let Some(vg) = &self.vg {
             let _ = Command::new("vgremove").args(cfg).args(["-f", vg]).output();
         }
-        let _ = Command::new("pvremove").args(cfg).args(["-ff", "-y", &self.device]).output();
+        let _ = Command::new("pvremove")
+            .args(cfg)
+            .args(["-ff", "-y", &self.device])
+            .output();
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }
 
 #[tokio::main]
 async fn main() {
-    let size_mib: u64 = std::env::var("RAMSNAP_BENCH_SIZE_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let runs: usize = std::env::var("RAMSNAP_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let size_mib: u64 = std::env::var("RAMSNAP_BENCH_SIZE_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    let runs: usize = std::env::var("RAMSNAP_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let size = size_mib * MIB;
-    let base = std::env::var("RAMSNAP_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let base = std::env::var("RAMSNAP_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
     let dir = tempfile::tempdir_in(base).unwrap();
     std::fs::create_dir_all(dir.path().join("roots/nfs")).unwrap();
     let pv_file = dir.path().join("pv.img");
-    std::fs::File::create(&pv_file).unwrap().set_len(3 * size + 512 * MIB).unwrap();
-    let device = sh(Command::new("losetup").args(["--find", "--show"]).arg(&pv_file)).trim().to_string();
-    let mut cleanup = Cleanup { device: device.clone(), vg: None };
+    std::fs::File::create(&pv_file)
+        .unwrap()
+        .set_len(3 * size + 512 * MIB)
+        .unwrap();
+    let device = sh(Command::new("losetup").args(["--find", "--show"]).arg(&pv_file))
+        .trim()
+        .to_string();
+    let mut cleanup = Cleanup {
+        device: device.clone(),
+        vg: None,
+    };
 
     let storage = Storage::open(Config {
         state_dir: dir.path().join("state"),
@@ -77,13 +103,27 @@ async fn main() {
     .await
     .unwrap();
     let file_dom = storage
-        .register_domain(None, "bench-file".into(), ramsnap_storage::model::DomainType::File, dir.path().join("roots/nfs").display().to_string())
+        .register_domain(
+            None,
+            "bench-file".into(),
+            ramsnap_storage::model::DomainType::File,
+            dir.path().join("roots/nfs").display().to_string(),
+        )
         .await
         .unwrap()
         .0
         .id;
-    let block_dom =
-        storage.register_domain(None, "bench-block".into(), ramsnap_storage::model::DomainType::Block, device.clone()).await.unwrap().0.id;
+    let block_dom = storage
+        .register_domain(
+            None,
+            "bench-block".into(),
+            ramsnap_storage::model::DomainType::Block,
+            device.clone(),
+        )
+        .await
+        .unwrap()
+        .0
+        .id;
     cleanup.vg = Some(block_dom.to_string());
 
     // The source: a memory dump whose odd MiBs are random and even MiBs zero.
@@ -113,7 +153,10 @@ async fn main() {
         }
         f.sync_all().unwrap();
     }
-    println!("source: {size_mib} MiB RAW memory volume, {} MiB allocated (half zero regions)", alloc(&src_path) / MIB);
+    println!(
+        "source: {size_mib} MiB RAW memory volume, {} MiB allocated (half zero regions)",
+        alloc(&src_path) / MIB
+    );
 
     let mut rows = Vec::new();
     let mut allocated = Vec::new();
@@ -135,7 +178,10 @@ async fn main() {
         let dev = storage.prepare_volume(target).await.unwrap();
         drop_caches();
         let t = Instant::now();
-        sh(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src_path).arg(&dev));
+        sh(Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src_path)
+            .arg(&dev));
         theirs.push(size as f64 / t.elapsed().as_secs_f64() / MIB as f64);
         storage.teardown_volume(target).await.unwrap();
         storage.delete_volume(target, None).await.unwrap();
@@ -164,7 +210,10 @@ async fn main() {
         let out = dir.path().join(format!("roots/nfs/qemu-img-{i}.raw"));
         drop_caches();
         let t = Instant::now();
-        sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&dev).arg(&out));
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&dev)
+            .arg(&out));
         theirs.push(size as f64 / t.elapsed().as_secs_f64() / MIB as f64);
         file_alloc.1 = alloc(&out);
         std::fs::remove_file(&out).unwrap();
@@ -174,7 +223,10 @@ async fn main() {
     allocated.push(("BLOCK->FILE target, qemu-img", file_alloc.1));
     rows.push(("BLOCK->FILE", median(ours), median(theirs)));
 
-    println!("\n{:<12} {:>14} {:>14} {:>8}   (median of {runs} runs, MiB/s of virtual size)", "direction", "ramsnap", "qemu-img", "ratio");
+    println!(
+        "\n{:<12} {:>14} {:>14} {:>8}   (median of {runs} runs, MiB/s of virtual size)",
+        "direction", "ramsnap", "qemu-img", "ratio"
+    );
     for (name, a, b) in &rows {
         println!("{name:<12} {a:>14.0} {b:>14.0} {:>8.2}", a / b);
     }

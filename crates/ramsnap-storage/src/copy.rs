@@ -18,6 +18,8 @@ use std::sync::mpsc;
 const BLOCK: usize = 64 * 1024;
 /// Unit of I/O between the reader and the writer.
 const CHUNK: usize = 8 * 1024 * 1024;
+/// Reader threads.
+const READERS: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct CopyJob {
@@ -52,19 +54,81 @@ pub fn run(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result
     }
 }
 
+/// Alignment for direct I/O on block devices.
+const ALIGN: usize = 4096;
+
+/// A [`CHUNK`]-sized buffer aligned for O_DIRECT.
+struct Buf(std::ptr::NonNull<u8>);
+
+// SAFETY: Buf owns its allocation exclusively.
+unsafe impl Send for Buf {}
+
+impl Buf {
+    fn layout() -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(CHUNK, ALIGN).expect("valid layout")
+    }
+
+    fn new() -> Buf {
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout()) };
+        Buf(std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout())))
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: CHUNK bytes were allocated and initialized.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), CHUNK) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), CHUNK) }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in Buf::new with the same layout.
+        unsafe { std::alloc::dealloc(self.0.as_ptr(), Self::layout()) }
+    }
+}
+
+/// Opens a file for the copy: block devices with O_DIRECT, since buffered
+/// I/O on (loop) block devices goes through one more page cache and is
+/// several times slower; files buffered, for the kernel's readahead.
+fn open(path: &Path, write: bool) -> Result<(File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let is_block = std::fs::metadata(path)?.file_type().is_block_device();
+    let mut o = OpenOptions::new();
+    o.read(!write).write(write);
+    if is_block {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    Ok((o.open(path)?, is_block))
+}
+
+fn aligned(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
+}
+
 enum Piece {
-    Data { offset: u64, buf: Vec<u8>, len: usize },
+    Data { offset: u64, buf: Buf, len: usize },
     Zero { offset: u64, len: u64 },
 }
 
 fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
-    let src = File::open(&job.source)?;
-    let dst = OpenOptions::new().write(true).open(&job.target)?;
-    let dst_is_block = dst.metadata()?.file_type().is_block_device();
+    let (src, _) = open(&job.source, false)?;
+    let (dst, dst_is_block) = open(&job.target, true)?;
+    // Unaligned pieces (a tail) cannot go through O_DIRECT.
+    let dst_buffered = OpenOptions::new().write(true).open(&job.target)?;
     let size = job.size;
 
-    let (tx, rx) = mpsc::sync_channel::<Piece>(4);
-    let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
+    let (tx, rx) = mpsc::sync_channel::<Piece>(2 * READERS);
+    let (recycle_tx, recycle_rx) = mpsc::channel::<Buf>();
     let mut stats = CopyStats::default();
 
     std::thread::scope(|s| -> Result<()> {
@@ -74,7 +138,11 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
         for piece in rx.iter() {
             let r = match piece {
                 Piece::Data { offset, buf, len } => {
-                    let r = dst.write_all_at(&buf[..len], offset);
+                    let r = if !dst_is_block || aligned(offset, len) {
+                        dst.write_all_at(&buf[..len], offset)
+                    } else {
+                        dst_buffered.write_all_at(&buf[..len], offset)
+                    };
                     stats.data_bytes += len as u64;
                     done += len as u64;
                     let _ = recycle_tx.send(buf);
@@ -86,7 +154,7 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
                     if job.target_reads_zero {
                         Ok(())
                     } else {
-                        zero_range(&dst, dst_is_block, offset, len)
+                        zero_range(&dst_buffered, dst_is_block, offset, len)
                     }
                 }
             };
@@ -103,77 +171,134 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
         }
         read_result
     })?;
+    dst_buffered.sync_data()?;
     dst.sync_data()?;
     Ok(stats)
 }
 
-/// Walks the source's data extents, splitting them into data and zero runs.
+/// One unit of reader work: a zero range to pass on, or a data range of at
+/// most [`CHUNK`] bytes to read.
+#[derive(Clone, Copy)]
+enum Job {
+    Zero { offset: u64, len: u64 },
+    Read { offset: u64, len: usize },
+}
+
+/// Plans the reads from the source's data extents.
+fn plan(src: &File, size: u64) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let (data_start, data_end) = next_data(src, pos, size);
+        if data_start > pos {
+            jobs.push(Job::Zero {
+                offset: pos,
+                len: data_start - pos,
+            });
+        }
+        let mut off = data_start;
+        while off < data_end {
+            let len = CHUNK.min((data_end - off) as usize);
+            jobs.push(Job::Read { offset: off, len });
+            off += len as u64;
+        }
+        pos = data_end;
+    }
+    jobs
+}
+
+/// Several readers keep the source busy (one sequential reader leaves
+/// most of a disk's bandwidth unused); pieces are positional, so the
+/// writer takes them in any order.
 fn read_pieces(
     src: &File,
     size: u64,
     tx: mpsc::SyncSender<Piece>,
-    recycle: mpsc::Receiver<Vec<u8>>,
+    recycle: mpsc::Receiver<Buf>,
 ) -> Result<()> {
-    let mut pos = 0u64;
-    while pos < size {
-        let (data_start, data_end) = next_data(src, pos, size);
-        if data_start > pos
-            && tx
-                .send(Piece::Zero {
-                    offset: pos,
-                    len: data_start - pos,
+    let jobs = plan(src, size);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let recycle = std::sync::Mutex::new(recycle);
+    let take_buf = || {
+        recycle
+            .lock()
+            .ok()
+            .and_then(|r| r.try_recv().ok())
+            .unwrap_or_else(Buf::new)
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..READERS)
+            .map(|_| {
+                let tx = tx.clone();
+                let (jobs, next, take_buf) = (&jobs, &next, &take_buf);
+                s.spawn(move || -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(job) = jobs.get(i) else { return Ok(()) };
+                        let pieces = match *job {
+                            Job::Zero { offset, len } => vec![Piece::Zero { offset, len }],
+                            Job::Read { offset, len } => {
+                                let mut buf = take_buf();
+                                // Direct reads need an aligned length; the
+                                // bytes past `len` are not used.
+                                let want = len.div_ceil(ALIGN) * ALIGN;
+                                read_full_at(src, &mut buf[..want], offset)?;
+                                split(buf, len, offset, take_buf)
+                            }
+                        };
+                        for p in pieces {
+                            if tx.send(p).is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
                 })
-                .is_err()
-        {
-            return Ok(());
+            })
+            .collect();
+        drop(tx);
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("reader thread panicked"))
+    })
+}
+
+/// Splits a chunk read at `offset` into runs of zero and non-zero blocks.
+fn split(buf: Buf, len: usize, offset: u64, take_buf: &dyn Fn() -> Buf) -> Vec<Piece> {
+    let mut runs: Vec<(bool, usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < len {
+        let end = (i + BLOCK).min(len);
+        let zero = is_zero(&buf[i..end]);
+        match runs.last_mut() {
+            Some((z, _, e)) if *z == zero => *e = end,
+            _ => runs.push((zero, i, end)),
         }
-        let mut off = data_start;
-        while off < data_end {
-            let mut buf = recycle.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-            let want = CHUNK.min((data_end - off) as usize);
-            read_full_at(src, &mut buf[..want], off)?;
-            // Split the chunk into runs of zero and non-zero blocks.
-            let mut i = 0;
-            let mut runs = Vec::new();
-            while i < want {
-                let end = (i + BLOCK).min(want);
-                let zero = is_zero(&buf[i..end]);
-                match runs.last_mut() {
-                    Some((z, _, e)) if *z == zero => *e = end,
-                    _ => runs.push((zero, i, end)),
-                }
-                i = end;
-            }
-            for (zero, a, b) in runs {
-                let piece = if zero {
-                    Piece::Zero {
-                        offset: off + a as u64,
-                        len: (b - a) as u64,
-                    }
-                } else if a == 0 && b == want {
-                    Piece::Data {
-                        offset: off,
-                        buf: std::mem::take(&mut buf),
-                        len: want,
-                    }
-                } else {
-                    let mut part = recycle.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-                    part[..b - a].copy_from_slice(&buf[a..b]);
-                    Piece::Data {
-                        offset: off + a as u64,
-                        buf: part,
-                        len: b - a,
-                    }
-                };
-                if tx.send(piece).is_err() {
-                    return Ok(());
-                }
-            }
-            off += want as u64;
-        }
-        pos = data_end;
+        i = end;
     }
-    Ok(())
+    let mut out = Vec::with_capacity(runs.len());
+    if let [(false, 0, end)] = runs[..] {
+        if end == len {
+            out.push(Piece::Data { offset, buf, len });
+            return out;
+        }
+    }
+    for (zero, a, b) in runs {
+        out.push(if zero {
+            Piece::Zero {
+                offset: offset + a as u64,
+                len: (b - a) as u64,
+            }
+        } else {
+            let mut part = take_buf();
+            part[..b - a].copy_from_slice(&buf[a..b]);
+            Piece::Data {
+                offset: offset + a as u64,
+                buf: part,
+                len: b - a,
+            }
+        });
+    }
+    out
 }
 
 /// The next data extent at or after `pos`, as (start, end), clipped to
@@ -225,7 +350,7 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 /// writing zeros as the last resort.
 fn zero_range(dst: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
     let fd = dst.as_raw_fd();
-    let rc = if is_block && offset % 512 == 0 && len % 512 == 0 {
+    let rc = if is_block && offset.is_multiple_of(512) && len.is_multiple_of(512) {
         let range = [offset, len];
         // SAFETY: BLKZEROOUT takes a pointer to two u64s.
         unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) }

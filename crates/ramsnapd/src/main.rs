@@ -7,8 +7,8 @@ use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tonic::service::Routes;
 
 /// ramsnap, all in one: snapshot, storage and host services in one process.
 #[derive(Parser)]
@@ -65,20 +65,28 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
 
-    // Bind all three before serving any, so a taken port fails the start.
-    let snapshot = server::bind("snapshot", args.snapshot_listen).await?;
-    let storage_listener = server::bind("storage", args.storage_listen).await?;
-    let host = server::bind("host", args.host_listen).await?;
-
-    // One signal stops all three; so does any one of them failing.
+    // Handlers first: a SIGTERM right after the "listening" lines must stop
+    // the process cleanly, not kill it. One signal stops all three services;
+    // so does any one of them failing.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let stop = CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();
         async move {
-            server::shutdown_signal().await;
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
             stop.cancel();
         }
     });
+
+    // Bind all three before serving any, so that a taken port fails the start.
+    let snapshot = server::bind("snapshot", args.snapshot_listen).await?;
+    let storage_listener = server::bind("storage", args.storage_listen).await?;
+    let host = server::bind("host", args.host_listen).await?;
+
     let run = |listener, sets| {
         let stop = stop.clone();
         async move {
@@ -88,11 +96,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     // The snapshot and host services have no RPCs of their own yet: health and reflection only.
-    let storage_set = ServiceSet {
-        name: "storage",
-        routes: Routes::new(StorageApi::new(storage).into_server()),
-        health_names: vec![STORAGE_SERVICE],
-    };
+    let storage_set = ServiceSet::new(STORAGE_SERVICE, StorageApi::new(storage).into_server());
     let (a, b, c) = tokio::join!(
         run(snapshot, Vec::new()),
         run(storage_listener, vec![storage_set]),

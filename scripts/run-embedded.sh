@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs ramsnap's embedded default on this machine: ramsnapd (snapshot, storage
+# and host services in one process) with a local FILE domain and a BLOCK
+# domain on a loop device over a sparse file. Safe to run again: what exists
+# is reused, and registering an existing domain adopts it.
+#
+#   scripts/run-embedded.sh [extra ramsnapd flags]     # Ctrl-C stops it
+#
+# Environment (defaults in brackets):
+#   RAMSNAP_DATA_DIR          data root [/var/lib/ramsnap]
+#   RAMSNAP_BLOCK_SIZE        size of the sparse file behind the BLOCK domain [20G]
+#   RAMSNAP_SNAPSHOT_LISTEN   [127.0.0.1:50051]
+#   RAMSNAP_STORAGE_LISTEN    [127.0.0.1:50052]
+#   RAMSNAP_HOST_LISTEN       [127.0.0.1:50053]
+set -euo pipefail
+
+log() { printf 'run-embedded: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (loop devices, LVM, libvirt)"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA_DIR="${RAMSNAP_DATA_DIR:-/var/lib/ramsnap}"
+FILE_DOMAIN="$DATA_DIR/domains/local"
+BLOCK_FILE="$DATA_DIR/block/default.img"
+BLOCK_SIZE="${RAMSNAP_BLOCK_SIZE:-20G}"
+SNAPSHOT_LISTEN="${RAMSNAP_SNAPSHOT_LISTEN:-127.0.0.1:50051}"
+STORAGE_LISTEN="${RAMSNAP_STORAGE_LISTEN:-127.0.0.1:50052}"
+HOST_LISTEN="${RAMSNAP_HOST_LISTEN:-127.0.0.1:50053}"
+export LVM_SUPPRESS_FD_WARNINGS=1
+
+# 1. What the host needs.
+for part in packages libvirt; do
+    if [ -f "$ROOT/scripts/setup/$part.sh" ]; then
+        log "running scripts/setup/$part.sh"
+        bash "$ROOT/scripts/setup/$part.sh" >&2
+    fi
+done
+
+# 2. The binaries.
+log "building ramsnapd and the ramsnap CLI (release)"
+(cd "$ROOT" && cargo build --release -p ramsnapd -p ramsnap-cli)
+RAMSNAPD="$ROOT/target/release/ramsnapd"
+
+# 3. The storage behind the two domains.
+mkdir -p "$FILE_DOMAIN" "$(dirname "$BLOCK_FILE")"
+if [ ! -f "$BLOCK_FILE" ]; then
+    log "creating sparse $BLOCK_FILE ($BLOCK_SIZE)"
+    truncate -s "$BLOCK_SIZE" "$BLOCK_FILE"
+fi
+LOOP="$(losetup -j "$BLOCK_FILE" | head -n1 | cut -d: -f1)"
+if [ -z "$LOOP" ]; then
+    LOOP="$(losetup --find --show "$BLOCK_FILE")"
+    log "attached $BLOCK_FILE as $LOOP"
+fi
+
+# 4. Once the storage service answers, register the two domains it does not
+# know yet. Runs beside ramsnapd and gives up when ramsnapd is gone.
+register_domains() {
+    local main_pid="$1"
+    if ! command -v grpcurl >/dev/null 2>&1; then
+        log "WARNING: grpcurl not found, domains not registered (install it: scripts/setup/tools.sh, then run again)"
+        return
+    fi
+    until grpcurl -plaintext -max-time 2 "$STORAGE_LISTEN" grpc.health.v1.Health/Check >/dev/null 2>&1; do
+        kill -0 "$main_pid" 2>/dev/null || return
+        sleep 0.2
+    done
+    local known
+    known="$(grpcurl -plaintext "$STORAGE_LISTEN" ramsnap.storage.v1.StorageService/ListDomains)" || known=""
+    local name type location
+    while read -r name type location; do
+        if grep -q "\"name\": \"$name\"" <<<"$known"; then
+            log "domain $name already registered"
+            continue
+        fi
+        local request="{\"name\":\"$name\",\"type\":\"$type\",\"location\":\"$location\"}"
+        if grpcurl -plaintext -d "$request" "$STORAGE_LISTEN" \
+            ramsnap.storage.v1.StorageService/RegisterDomain >/dev/null; then
+            log "registered domain $name ($type at $location)"
+        else
+            log "WARNING: registering domain $name ($type at $location) failed; see above"
+        fi
+    done <<EOF
+local-file DOMAIN_TYPE_FILE $FILE_DOMAIN
+local-block DOMAIN_TYPE_BLOCK $LOOP
+EOF
+}
+
+cat >&2 <<EOF
+run-embedded: starting ramsnapd ($RAMSNAPD)
+  snapshot service  $SNAPSHOT_LISTEN
+  storage service   $STORAGE_LISTEN
+  host service      $HOST_LISTEN
+  data              $DATA_DIR (storage state in $DATA_DIR/storage)
+  FILE domain       local-file  at $FILE_DOMAIN
+  BLOCK domain      local-block on $LOOP (backed by $BLOCK_FILE)
+  try               grpcurl -plaintext $STORAGE_LISTEN ramsnap.storage.v1.StorageService/ListDomains
+  stop              Ctrl-C, or kill -TERM $$ (ramsnapd keeps this PID)
+  clean up after    losetup -d $LOOP; rm -rf $DATA_DIR
+EOF
+
+register_domains "$$" &
+
+# ramsnapd replaces this shell, so Ctrl-C and SIGTERM reach it directly.
+exec "$RAMSNAPD" \
+    --snapshot-listen "$SNAPSHOT_LISTEN" \
+    --storage-listen "$STORAGE_LISTEN" \
+    --host-listen "$HOST_LISTEN" \
+    --data-dir "$DATA_DIR" \
+    --block-device "$LOOP" \
+    "$@"
