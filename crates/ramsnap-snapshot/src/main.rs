@@ -11,7 +11,11 @@ struct Args {
     listen: SocketAddr,
     /// The coordinator's database: `sqlite:PATH` (the embedded default) or
     /// `postgres://...` (production).
-    #[arg(long, env = "RAMSNAP_DATABASE_URL", default_value = "sqlite:/var/lib/ramsnap/coordinator.db")]
+    #[arg(
+        long,
+        env = "RAMSNAP_DATABASE_URL",
+        default_value = "sqlite:/var/lib/ramsnap/coordinator.db"
+    )]
     database_url: String,
 }
 

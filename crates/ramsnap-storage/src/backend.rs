@@ -17,6 +17,8 @@ pub trait Backend: Send + Sync + 'static {
     /// the parent must already be prepared. On error nothing is left behind.
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()>;
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()>;
+    /// Records a new parent in the volume's metadata (after a rebase).
+    fn set_parent(&self, image: Uuid, volume: Uuid, parent: Option<Uuid>) -> Result<()>;
     /// Removes the volume and its metadata; an absent volume is success, so
     /// that undo steps can repeat.
     fn remove(&self, image: Uuid, volume: Uuid) -> Result<()>;
@@ -28,9 +30,11 @@ pub trait Backend: Send + Sync + 'static {
     fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()>;
     /// The allocation a volume gets when the caller does not choose.
     fn natural_allocation(&self) -> Allocation;
-    /// Remembers, on the domain, that the delete request `request` is done.
-    fn record_delete(&self, request: Uuid) -> Result<()>;
-    fn delete_recorded(&self, request: Uuid) -> Result<bool>;
+    /// Remembers, on the domain, that the delete (or merge) request
+    /// `request` is done, and which volume survived it (a merge's child).
+    fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()>;
+    /// Some(survivor) when `request` was recorded as done.
+    fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>>;
 }
 
 /// How long completed delete requests are remembered for retries.

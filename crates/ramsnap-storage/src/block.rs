@@ -360,6 +360,17 @@ impl Backend for BlockDomain {
         )
     }
 
+    fn set_parent(&self, image: Uuid, volume: Uuid, parent: Option<Uuid>) -> Result<()> {
+        let lv = self.lv(image, volume)?;
+        let old: Vec<String> = lv.tags.iter().filter(|t| t.starts_with("PU_")).cloned().collect();
+        lvm::lv_change_tags(
+            &self.vg,
+            &lv.name,
+            &old,
+            &[format!("PU_{}", parent.unwrap_or(Uuid::nil()))],
+        )
+    }
+
     fn remove(&self, image: Uuid, volume: Uuid) -> Result<()> {
         match self.lv(image, volume) {
             Ok(lv) => {
@@ -413,30 +424,39 @@ impl Backend for BlockDomain {
         Allocation::Preallocated
     }
 
-    fn record_delete(&self, request: Uuid) -> Result<()> {
+    fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()> {
         let vg = lvm::vg_info(&self.vg)?;
         let horizon = now_unix() - DELETE_JOURNAL_TTL_SECS;
         let expired: Vec<String> = vg
             .tags
             .iter()
-            .filter(|t| {
-                t.strip_prefix("RS_DEL_")
-                    .and_then(|rest| rest.rsplit('_').next())
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .is_some_and(|ts| ts < horizon)
-            })
+            .filter(|t| parse_delete_tag(t).is_some_and(|(_, ts, _)| ts < horizon))
             .cloned()
             .collect();
-        lvm::vg_change_tags(&self.vg, &expired, &[format!("RS_DEL_{request}_{}", now_unix())])
+        let mut tag = format!("RS_DEL_{request}_{}", now_unix());
+        if let Some(s) = survivor {
+            tag.push_str(&format!("_{s}"));
+        }
+        lvm::vg_change_tags(&self.vg, &expired, &[tag])
     }
 
-    fn delete_recorded(&self, request: Uuid) -> Result<bool> {
-        let prefix = format!("RS_DEL_{request}_");
+    fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>> {
         Ok(lvm::vg_info(&self.vg)?
             .tags
             .iter()
-            .any(|t| t.starts_with(&prefix)))
+            .filter_map(|t| parse_delete_tag(t))
+            .find(|(r, _, _)| *r == request)
+            .map(|(_, _, survivor)| survivor))
     }
+}
+
+/// `RS_DEL_<request>_<unix secs>[_<survivor>]`
+fn parse_delete_tag(tag: &str) -> Option<(Uuid, i64, Option<Uuid>)> {
+    let mut parts = tag.strip_prefix("RS_DEL_")?.split('_');
+    let request = Uuid::parse_str(parts.next()?).ok()?;
+    let ts = parts.next()?.parse().ok()?;
+    let survivor = parts.next().and_then(|s| Uuid::parse_str(s).ok());
+    Some((request, ts, survivor))
 }
 
 fn legality_tag(l: Legality) -> &'static str {

@@ -259,6 +259,12 @@ impl Backend for FileDomain {
         self.write_meta(&v.meta)
     }
 
+    fn set_parent(&self, image: Uuid, volume: Uuid, parent: Option<Uuid>) -> Result<()> {
+        let mut v = self.get(image, volume)?;
+        v.meta.parent = parent;
+        self.write_meta(&v.meta)
+    }
+
     fn remove(&self, image: Uuid, volume: Uuid) -> Result<()> {
         if self.meta_path(image, volume).exists() {
             // Mark first: a crash mid-removal must not leave a LEGAL volume
@@ -293,10 +299,14 @@ impl Backend for FileDomain {
         Allocation::Sparse
     }
 
-    fn record_delete(&self, request: Uuid) -> Result<()> {
+    fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()> {
         let dir = self.dir.join("dom_md/deleted");
         fs::create_dir_all(&dir)?;
-        write_atomic(&dir.join(request.to_string()), now_unix().to_string().as_bytes())?;
+        let survivor = survivor.map(|s| s.to_string()).unwrap_or_default();
+        write_atomic(
+            &dir.join(request.to_string()),
+            format!("{}\n{survivor}\n", now_unix()).as_bytes(),
+        )?;
         // Forget requests past their retry window.
         let horizon = now_unix() - DELETE_JOURNAL_TTL_SECS;
         for entry in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
@@ -310,8 +320,14 @@ impl Backend for FileDomain {
         Ok(())
     }
 
-    fn delete_recorded(&self, request: Uuid) -> Result<bool> {
-        Ok(self.dir.join("dom_md/deleted").join(request.to_string()).exists())
+    fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>> {
+        match fs::read_to_string(self.dir.join("dom_md/deleted").join(request.to_string())) {
+            Ok(s) => Ok(Some(
+                s.lines().nth(1).and_then(|l| Uuid::parse_str(l.trim()).ok()),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -258,6 +258,19 @@ impl StorageService for StorageApi {
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
+    async fn merge_volume(
+        &self,
+        req: Request<pb::MergeVolumeRequest>,
+    ) -> Result<Response<pb::MergeVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let request_id = ids::parse_optional("request_id", &req.request_id)?;
+        let r = volume_ref("ref", req.r#ref)?;
+        let child = self.storage.merge_volume(r, request_id).await?;
+        Ok(Response::new(pb::MergeVolumeResponse {
+            child: Some(to_volume(child)),
+        }))
+    }
+
     type CopyVolumeStream = CopyStream;
 
     async fn copy_volume(&self, req: Request<pb::CopyVolumeRequest>) -> Result<Response<CopyStream>, Status> {

@@ -420,7 +420,7 @@ impl Storage {
         let copying = self.inner.copies.lock().expect("lock poisoned").contains_key(&r);
         blocking(move || {
             if let Some(req) = request_id {
-                if backend.delete_recorded(req)? {
+                if backend.delete_recorded(req)?.is_some() {
                     return Ok(());
                 }
             }
@@ -447,9 +447,89 @@ impl Storage {
             }
             backend.remove(r.image, r.volume)?;
             if let Some(req) = request_id {
-                backend.record_delete(req)?;
+                backend.record_delete(req, None)?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// Merges `r` into its only child and deletes it (see the proto). Safe
+    /// to repeat after a crash at any point: the rebase of an already
+    /// rebased child is a no-op, and a completed merge is journaled under
+    /// its request id like a delete.
+    pub async fn merge_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<Volume> {
+        let d = self.domain(r.domain)?;
+        let _guard = d.lock.lock().await;
+        let backend = d.backend.clone();
+        blocking(move || {
+            let volumes = backend.list(Some(r.image))?;
+            let Some(merged) = volumes.iter().find(|v| v.meta.volume == r.volume) else {
+                if let Some(req) = request_id {
+                    if let Some(Some(child)) = backend.delete_recorded(req)? {
+                        // Done before: hand back the child that took its place.
+                        return backend.get(r.image, child);
+                    }
+                }
+                return Err(StorageError::VolumeNotFound(r));
+            };
+            let children: Vec<&Volume> = volumes
+                .iter()
+                .filter(|v| v.meta.parent == Some(r.volume))
+                .collect();
+            let child = match children[..] {
+                [c] => c.clone(),
+                [] => {
+                    return Err(StorageError::precondition(
+                        "VOLUME_HAS_NO_CHILD",
+                        r,
+                        "only a volume with a child can be merged; delete a leaf instead",
+                    ))
+                }
+                _ => {
+                    return Err(StorageError::precondition(
+                        "VOLUME_HAS_CHILDREN",
+                        r,
+                        format!(
+                            "volume {} has {} children; it can only merge into one",
+                            r.volume,
+                            children.len()
+                        ),
+                    ))
+                }
+            };
+            if child.meta.format != Format::Cow {
+                return Err(StorageError::precondition(
+                    "CHILD_NOT_COW",
+                    r,
+                    "the child is not a COW volume",
+                ));
+            }
+            let grandparent = merged
+                .meta
+                .parent
+                .and_then(|p| volumes.iter().find(|v| v.meta.volume == p));
+            let child_ref = child.volume_ref();
+            let (path, newly) = prepare_chain(backend.as_ref(), child_ref)?;
+            let mut cmd = std::process::Command::new("qemu-img");
+            cmd.current_dir(path.parent().expect("volumes live in an image directory"));
+            cmd.args(["rebase", "-q", "-f", "qcow2"]);
+            match grandparent {
+                Some(g) => cmd.args(["-b", &g.meta.volume.to_string(), "-F", g.meta.format.qemu_name()]),
+                None => cmd.args(["-b", ""]),
+            };
+            cmd.arg(&path);
+            let rebased = crate::tool::run(&mut cmd);
+            for v in newly.iter().rev() {
+                let _ = backend.teardown(r.image, *v);
+            }
+            rebased?;
+            backend.set_parent(r.image, child.meta.volume, merged.meta.parent)?;
+            backend.remove(r.image, r.volume)?;
+            if let Some(req) = request_id {
+                backend.record_delete(req, Some(child.meta.volume))?;
+            }
+            backend.get(r.image, child.meta.volume)
         })
         .await
     }
@@ -822,16 +902,8 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
                     "the parent volume is ILLEGAL",
                 ));
             }
-            if let Some(child) = in_image.iter().find(|v| v.meta.parent == Some(p)) {
-                return Err(StorageError::precondition(
-                    "PARENT_NOT_LEAF",
-                    p,
-                    format!(
-                        "volume {p} already has a child ({}); only the leaf can be the parent",
-                        child.meta.volume
-                    ),
-                ));
-            }
+            // A parent may have several children: previewing a snapshot
+            // branches a new leaf off the snapshot's volume, as VDSM does.
             if req.capacity < parent.meta.capacity {
                 return Err(StorageError::invalid(
                     "capacity_bytes",

@@ -196,14 +196,12 @@ async fn cow_chain_prepare_and_teardown() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
-        // Only the leaf can be a parent.
+        // A snapshot's volume can branch: a second child off the base.
         let mut second = new_volume(&domain, 32 * MIB, pb::VolumeFormat::Cow);
         second.image_id = base_ref.image_id.clone();
         second.parent_volume_id = base_ref.volume_id.clone();
-        assert_eq!(
-            env.create(second).await.unwrap_err().code(),
-            Code::FailedPrecondition
-        );
+        let second = env.create(second).await.unwrap();
+        assert_eq!(second.parent_volume_id, base_ref.volume_id);
     }
 }
 
@@ -726,5 +724,101 @@ async fn a_failed_copy_leaves_no_target() {
     );
     assert!(env.list(&env.block_domain.clone()).await.is_empty());
     assert!(lv_names(&env.block_domain).is_empty());
+    assert_eq!(loops_over(&env.loop_dev.device), 0);
+}
+
+#[tokio::test]
+async fn merging_a_snapshot_volume_keeps_what_the_child_shows() {
+    let mut env = Env::new(1024 * MIB).await;
+    for kind in KINDS {
+        let domain = env.domain(kind);
+        let size = 16 * MIB;
+        // base (RAW) <- mid (COW, "snapshot") <- leaf (COW, "active")
+        let base = env
+            .create(new_volume(&domain, size, pb::VolumeFormat::Raw))
+            .await
+            .unwrap();
+        let p = env.prepare(&vref(&base)).await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(b"base", 0)
+            .unwrap();
+        env.teardown(&vref(&base)).await;
+        let mut req = new_volume(&domain, size, pb::VolumeFormat::Cow);
+        req.image_id = vref(&base).image_id;
+        req.parent_volume_id = vref(&base).volume_id;
+        let mid = env.create(req.clone()).await.unwrap();
+        let p = env.prepare(&vref(&mid)).await;
+        let io = |path: &std::path::Path, cmd: &str| {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", cmd])
+                .arg(path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        io(&p, "write -P 0x4d 1048576 4096");
+        env.teardown(&vref(&mid)).await;
+        req.parent_volume_id = vref(&mid).volume_id;
+        let leaf = env.create(req).await.unwrap();
+        let p = env.prepare(&vref(&leaf)).await;
+        io(&p, "write -P 0x4c 2097152 4096");
+        env.teardown(&vref(&leaf)).await;
+
+        let merge = pb::MergeVolumeRequest {
+            request_id: Uuid::new_v4().to_string(),
+            r#ref: Some(vref(&mid)),
+        };
+        let child = env
+            .client
+            .merge_volume(merge.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .child
+            .unwrap();
+        assert_eq!(child.r#ref, leaf.r#ref);
+        assert_eq!(child.parent_volume_id, vref(&base).volume_id, "{kind:?}");
+        // A retry returns the same child.
+        let again = env
+            .client
+            .merge_volume(merge)
+            .await
+            .unwrap()
+            .into_inner()
+            .child
+            .unwrap();
+        assert_eq!(again.r#ref, leaf.r#ref);
+        assert_eq!(
+            env.list(&domain).await.len(),
+            2,
+            "{kind:?}: the merged volume is gone"
+        );
+
+        let p = env.prepare(&vref(&leaf)).await;
+        assert!(
+            io(&p, "read -P 0x4d 1048576 4096").contains("read 4096/4096"),
+            "mid's data survived"
+        );
+        assert!(io(&p, "read -P 0x4c 2097152 4096").contains("read 4096/4096"));
+        let head = io(&p, "read -v 0 4");
+        assert!(head.contains("62 61 73 65"), "base still under it: {head}");
+        env.teardown(&vref(&leaf)).await;
+
+        // The base has no child to merge into... it has one (the leaf); the
+        // leaf has none.
+        let err = env
+            .client
+            .merge_volume(pb::MergeVolumeRequest {
+                request_id: String::new(),
+                r#ref: Some(vref(&leaf)),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+    }
     assert_eq!(loops_over(&env.loop_dev.device), 0);
 }
