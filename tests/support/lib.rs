@@ -79,8 +79,22 @@ pub fn spawn_storage() -> Running {
     spawn("ramsnap-storage", args, 1, dir)
 }
 
+/// The coordinator, with its SQLite database in its temp dir.
+pub fn spawn_snapshot() -> Running {
+    let dir = tempdir();
+    let db = format!("sqlite:{}", dir.path().join("coordinator.db").display());
+    let args: Vec<OsString> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--database-url".into(),
+        db.into(),
+    ];
+    spawn("ramsnap-snapshot", args, 1, dir)
+}
+
 /// ramsnapd: all three services, each on a port of its own, with the data
-/// directory and the storage agent's directories in a temp dir.
+/// directory (so also the coordinator's database and the storage agent's
+/// state) and the run directory in a temp dir.
 pub fn spawn_ramsnapd() -> Running {
     let dir = tempdir();
     let d = dir.path();

@@ -5,7 +5,7 @@
 //! `cargo build --workspace --bins && cargo test -p ramsnap-e2e`.
 use ramsnap_e2e::{
     grpcurl, grpcurl_health_check, grpcurl_list, grpcurl_ok, health_check, reflection_list, spawn_ramsnapd,
-    spawn_service, spawn_storage, Reflection, Running, ServingStatus, STOP_TIMEOUT,
+    spawn_service, spawn_snapshot, spawn_storage, Reflection, Running, ServingStatus, STOP_TIMEOUT,
 };
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -112,7 +112,7 @@ async fn host_serves_health_and_both_reflection_apis() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_serves_health_and_both_reflection_apis() {
-    let snapshot = spawn_service("ramsnap-snapshot", &[]);
+    let snapshot = spawn_snapshot();
     assert_endpoint(snapshot.addr, &[]).await;
     assert_stops_cleanly(snapshot);
 }

@@ -3,6 +3,7 @@
 //! that clients address them exactly as they would separate deployments.
 use clap::Parser;
 use ramsnap_common::server::{self, ServiceSet};
+use ramsnap_snapshot::db::Database;
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
@@ -22,10 +23,15 @@ struct Args {
     /// Address of the host service.
     #[arg(long, env = "RAMSNAP_HOST_LISTEN", default_value = "127.0.0.1:50053")]
     host_listen: SocketAddr,
-    /// Root of the local data: FILE domains live under <data-dir>/domains and
-    /// the storage agent's state under <data-dir>/storage, unless overridden.
+    /// Root of the local data: the coordinator's SQLite database, FILE domains
+    /// under <data-dir>/domains and the storage agent's state under
+    /// <data-dir>/storage, unless overridden.
     #[arg(long, env = "RAMSNAP_DATA_DIR", default_value = "/var/lib/ramsnap")]
     data_dir: PathBuf,
+    /// The coordinator's database: `sqlite:PATH` or `postgres://...`
+    /// [default: sqlite:<data-dir>/coordinator.db].
+    #[arg(long, env = "RAMSNAP_DATABASE_URL")]
+    database_url: Option<String>,
     /// Where the storage agent remembers attached domains [default: <data-dir>/storage].
     #[arg(long, env = "RAMSNAP_STORAGE_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -48,6 +54,14 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("embedded");
     let args = Args::parse();
+
+    std::fs::create_dir_all(&args.data_dir)?;
+    let database_url = args
+        .database_url
+        .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("coordinator.db").display()));
+    let db = Database::connect(&database_url).await?;
+    db.migrate().await?;
+    tracing::info!(backend = ?db.backend(), "database ready");
 
     let file_roots = if args.file_roots.is_empty() {
         // The default root is ours to create; explicit roots (NFS mounts) are not.
@@ -102,5 +116,6 @@ async fn main() -> anyhow::Result<()> {
         run(storage_listener, vec![storage_set]),
         run(host, Vec::new())
     );
+    db.close().await;
     a.and(b).and(c)
 }
