@@ -6,6 +6,8 @@ use std::path::PathBuf;
 const FILES: &[&str] = &[
     "ramsnap/common/v1/common.proto",
     "ramsnap/storage/v1/storage.proto",
+    "ramsnap/host/v1/host.proto",
+    "ramsnap/snapshot/v1/snapshot.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,3 +14,15 @@ pub mod storage {
         tonic::include_proto!("ramsnap.storage.v1");
     }
 }
+
+pub mod host {
+    pub mod v1 {
+        tonic::include_proto!("ramsnap.host.v1");
+    }
+}
+
+pub mod snapshot {
+    pub mod v1 {
+        tonic::include_proto!("ramsnap.snapshot.v1");
+    }
+}

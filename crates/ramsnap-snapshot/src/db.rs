@@ -1,5 +1,7 @@
-//! The coordinator's persistence: clusters, VMs, snapshots (with their memory
-//! volumes), long-running operations and the saga log.
+//! The coordinator's persistence: clusters and their hosts, VMs, snapshots
+//! (with their disks and memory volumes), long-running operations and the
+//! saga log. `flows` holds the snapshot model's state changes (take, preview,
+//! undo, commit, stateless run), each one idempotent transaction.
 //!
 //! One schema (`migrations/` at the workspace root) and one text per query
 //! serve both PostgreSQL and SQLite through sqlx's `Any` driver: queries use
@@ -7,12 +9,15 @@
 //! hyphenated TEXT; timestamps are unix milliseconds.
 
 mod clusters;
+mod flows;
+mod hosts;
 mod operations;
 mod sagas;
 mod snapshots;
 mod vms;
 
 pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
+pub use hosts::{Host, NewHost};
 pub use operations::{NewOperation, Operation, OperationState};
 pub use sagas::{NewSaga, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
 pub use snapshots::{

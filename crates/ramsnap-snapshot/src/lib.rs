@@ -1,3 +1,89 @@
-//! SnapshotService: the coordinator.
+//! SnapshotService: the coordinator. It keeps clusters, VMs and snapshots in
+//! its database ([`db`]) and changes them through durable sagas ([`saga`],
+//! [`sagas`]) that drive each host's StorageService and HostService over
+//! gRPC ([`app`]).
 
+pub mod app;
+pub mod convert;
 pub mod db;
+pub mod saga;
+pub mod sagas;
+pub mod service;
+pub mod status;
+
+use app::App;
+use ramsnap_common::server::ServiceSet;
+use ramsnap_proto::snapshot::v1::{
+    cluster_service_server::ClusterServiceServer, operation_service_server::OperationServiceServer,
+    snapshot_service_server::SnapshotServiceServer, vm_service_server::VmServiceServer,
+};
+use std::sync::Arc;
+
+/// The coordinator, ready to serve: database open and migrated, sagas left
+/// unfinished by an earlier process resumed, VM status streams followed.
+pub struct Coordinator {
+    pub app: Arc<App>,
+}
+
+impl Coordinator {
+    pub async fn open(database_url: &str) -> anyhow::Result<Coordinator> {
+        if let Some(path) = database_url.strip_prefix("sqlite:") {
+            let path = path.trim_start_matches("//");
+            if let Some(dir) = std::path::Path::new(path).parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir)?;
+                }
+            }
+        }
+        let db = db::Database::connect(database_url).await?;
+        db.migrate().await?;
+        tracing::info!(backend = ?db.backend(), "database ready");
+        let app = App::new(db.clone());
+        let notify_app = Arc::downgrade(&app);
+        let exec = saga::Executor::new(
+            db,
+            app.clone(),
+            sagas::all(),
+            saga::Failpoints::from_env(),
+            Arc::new(move |op| {
+                if let Some(app) = notify_app.upgrade() {
+                    app.notify_operation(op);
+                }
+            }),
+        );
+        app.set_executor(exec.clone());
+        let resumed = exec
+            .recover()
+            .await
+            .map_err(|e| anyhow::anyhow!("resuming sagas: {e}"))?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed unfinished sagas");
+        }
+        status::follow_running(&app).await;
+        Ok(Coordinator { app })
+    }
+
+    pub fn service_set(&self) -> ServiceSet {
+        let a = &self.app;
+        ServiceSet::new(
+            service::SERVICE_NAMES[0],
+            ClusterServiceServer::new(service::cluster::ClusterApi(a.clone())),
+        )
+        .with(
+            service::SERVICE_NAMES[1],
+            VmServiceServer::new(service::vm::VmApi(a.clone())),
+        )
+        .with(
+            service::SERVICE_NAMES[2],
+            SnapshotServiceServer::new(service::snapshot::SnapshotApi(a.clone())),
+        )
+        .with(
+            service::SERVICE_NAMES[3],
+            OperationServiceServer::new(service::operation::OperationApi(a.clone())),
+        )
+    }
+
+    pub async fn close(&self) {
+        self.app.db.close().await;
+    }
+}

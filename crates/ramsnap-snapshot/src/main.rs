@@ -1,6 +1,6 @@
 use clap::Parser;
 use ramsnap_common::server;
-use ramsnap_snapshot::db::Database;
+use ramsnap_snapshot::Coordinator;
 use std::net::SocketAddr;
 
 /// ramsnap coordinator.
@@ -23,17 +23,14 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("snapshot");
     let args = Args::parse();
-    if let Some(path) = args.database_url.strip_prefix("sqlite:") {
-        let path = path.trim_start_matches("//");
-        if let Some(dir) = std::path::Path::new(path).parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-    }
-    let db = Database::connect(&args.database_url).await?;
-    db.migrate().await?;
-    tracing::info!(backend = ?db.backend(), "database ready");
+    let coordinator = Coordinator::open(&args.database_url).await?;
     let listener = server::bind("snapshot", args.listen).await?;
-    server::serve(listener, Vec::new(), server::shutdown_signal()).await?;
-    db.close().await;
+    server::serve(
+        listener,
+        vec![coordinator.service_set()],
+        server::shutdown_signal(),
+    )
+    .await?;
+    coordinator.close().await;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Long-running operations: their progress and outcome, and the client
 //! request ids that make starting one idempotent.
 
-use super::{now_ms, to_bigint, Database, DbError, RowExt};
+use super::{decode_error, now_ms, to_bigint, Database, DbError, RowExt};
 use sqlx::any::AnyRow;
 use uuid::Uuid;
 
@@ -33,6 +33,10 @@ pub struct Operation {
     pub progress_total: u64,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
+    /// A client asked the operation to stop; its saga unwinds at the next node.
+    pub cancel_requested: bool,
+    /// Warnings for the client (e.g. "memory discarded"), oldest first.
+    pub warnings: Vec<String>,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Unix milliseconds.
@@ -46,10 +50,21 @@ pub struct NewOperation {
     pub kind: String,
     pub vm_id: Option<Uuid>,
     pub request_id: Option<String>,
+    /// Warnings known when the operation starts.
+    pub warnings: Vec<String>,
 }
 
 const COLUMNS: &str = "id, kind, vm_id, request_id, state, progress_processed, progress_total, error, \
-     result, created_at, updated_at";
+     result, cancel_requested, warnings, created_at, updated_at";
+
+fn warnings_from_row(row: &AnyRow) -> Result<Vec<String>, sqlx::Error> {
+    let text = row.text("warnings")?;
+    serde_json::from_str(&text).map_err(|e| decode_error("warnings", e))
+}
+
+fn warnings_json(warnings: &[String]) -> String {
+    serde_json::Value::from(warnings.to_vec()).to_string()
+}
 
 fn from_row(row: &AnyRow) -> Result<Operation, sqlx::Error> {
     Ok(Operation {
@@ -62,6 +77,8 @@ fn from_row(row: &AnyRow) -> Result<Operation, sqlx::Error> {
         progress_total: row.unsigned("progress_total")?,
         error: row.opt_text("error")?,
         result: row.opt_json("result")?,
+        cancel_requested: row.flag("cancel_requested")?,
+        warnings: warnings_from_row(row)?,
         created_at: row.int("created_at")?,
         updated_at: row.int("updated_at")?,
     })
@@ -79,6 +96,8 @@ impl NewOperation {
             progress_total: 0,
             error: None,
             result: None,
+            cancel_requested: false,
+            warnings: self.warnings,
             created_at: now,
             updated_at: now,
         }
@@ -87,7 +106,8 @@ impl NewOperation {
 
 const INSERT: &str = "INSERT INTO operations \
      (id, kind, vm_id, request_id, state, progress_processed, progress_total, error, result, \
-     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, NULL, NULL, $6, $6)";
+     cancel_requested, warnings, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, 0, 0, NULL, NULL, 0, $7, $6, $6)";
 
 impl Database {
     /// Starts an operation. A reused id or request id is a [`DbError::Conflict`].
@@ -100,6 +120,7 @@ impl Database {
             .bind(op.request_id.clone())
             .bind(op.state.as_str())
             .bind(op.created_at)
+            .bind(warnings_json(&op.warnings))
             .execute(self.pool())
             .await
             .map_err(DbError::on_write("operation", op.id))?;
@@ -122,6 +143,7 @@ impl Database {
             .bind(request_id)
             .bind(op.state.as_str())
             .bind(op.created_at)
+            .bind(warnings_json(&op.warnings))
             .execute(self.pool())
             .await
             .map_err(DbError::on_write("operation", op.id))?;
@@ -243,5 +265,57 @@ impl Database {
             id: id.to_string(),
             message: format!("already {}, cannot become {state}", current.state),
         })
+    }
+
+    /// Asks a RUNNING operation to stop: its saga checks the flag between
+    /// nodes and unwinds. True if the request was recorded (asking again is
+    /// fine); false if the operation has already ended.
+    pub async fn request_cancel(&self, id: Uuid) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE operations SET cancel_requested = 1, updated_at = $2 \
+             WHERE id = $1 AND state = 'RUNNING'",
+        )
+        .bind(id.to_string())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        if result.rows_affected() == 0 {
+            // Tell "no such operation" from "already ended".
+            self.get_operation(id).await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Appends a warning for the client. A warning the operation already has
+    /// is not added again (a replayed step), and false is returned.
+    pub async fn add_operation_warning(&self, id: Uuid, warning: &str) -> Result<bool, DbError> {
+        loop {
+            let row = sqlx::query("SELECT warnings FROM operations WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(self.pool())
+                .await?
+                .ok_or_else(|| DbError::not_found("operation", id))?;
+            let old = row.text("warnings")?;
+            let mut warnings = warnings_from_row(&row)?;
+            if warnings.iter().any(|w| w == warning) {
+                return Ok(false);
+            }
+            warnings.push(warning.to_owned());
+            // Compare and swap: a concurrent append makes this one retry
+            // rather than be lost.
+            let result = sqlx::query(
+                "UPDATE operations SET warnings = $3, updated_at = $4 WHERE id = $1 AND warnings = $2",
+            )
+            .bind(id.to_string())
+            .bind(&old)
+            .bind(warnings_json(&warnings))
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+            if result.rows_affected() == 1 {
+                return Ok(true);
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::{now_ms, to_bigint, Database, DbError, RowExt};
 use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
 use uuid::Uuid;
 
 super::text_enum! {
@@ -37,6 +38,13 @@ pub struct Vm {
     pub disk_domain_id: Uuid,
     /// The operation holding the VM lock.
     pub lock_operation_id: Option<Uuid>,
+    /// Direct boot: the kernel image's name in each host's boot directory
+    /// (empty: none).
+    pub kernel: String,
+    /// The initrd image's name in each host's boot directory (empty: none).
+    pub initrd: String,
+    /// The kernel command line.
+    pub cmdline: String,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Unix milliseconds.
@@ -53,6 +61,11 @@ pub struct NewVm {
     pub vcpus: u32,
     pub stateless: bool,
     pub disk_domain_id: Uuid,
+    /// Direct-boot images (names in each host's boot directory; empty: none)
+    /// and the kernel command line.
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +80,7 @@ pub struct VmDisk {
 
 const VM_COLUMNS: &str = "id, name, cluster_id, memory_bytes, vcpus, \
      CASE WHEN stateless THEN 1 ELSE 0 END AS stateless, host_id, status, disk_domain_id, \
-     lock_operation_id, created_at, updated_at";
+     lock_operation_id, kernel, initrd, cmdline, created_at, updated_at";
 
 fn vm_from_row(row: &AnyRow) -> Result<Vm, sqlx::Error> {
     Ok(Vm {
@@ -81,6 +94,9 @@ fn vm_from_row(row: &AnyRow) -> Result<Vm, sqlx::Error> {
         status: row.parsed("status")?,
         disk_domain_id: row.uuid("disk_domain_id")?,
         lock_operation_id: row.opt_uuid("lock_operation_id")?,
+        kernel: row.text("kernel")?,
+        initrd: row.text("initrd")?,
+        cmdline: row.text("cmdline")?,
         created_at: row.int("created_at")?,
         updated_at: row.int("updated_at")?,
     })
@@ -101,48 +117,17 @@ fn disk_from_row(row: &AnyRow) -> Result<VmDisk, sqlx::Error> {
 impl Database {
     /// Creates a VM; [`DbError::ForeignKey`] if its cluster does not exist.
     pub async fn create_vm(&self, new: &NewVm) -> Result<Vm, DbError> {
-        let now = now_ms();
-        let vm = Vm {
-            id: new.id,
-            name: new.name.clone(),
-            cluster_id: new.cluster_id,
-            memory_bytes: new.memory_bytes,
-            vcpus: new.vcpus,
-            stateless: new.stateless,
-            host_id: None,
-            status: VmStatus::Down,
-            disk_domain_id: new.disk_domain_id,
-            lock_operation_id: None,
-            created_at: now,
-            updated_at: now,
-        };
-        sqlx::query(
-            "INSERT INTO vms (id, name, cluster_id, memory_bytes, vcpus, stateless, host_id, status, \
-             disk_domain_id, lock_operation_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8, NULL, $9, $9)",
-        )
-        .bind(vm.id.to_string())
-        .bind(&vm.name)
-        .bind(vm.cluster_id.to_string())
-        .bind(to_bigint("memory_bytes", vm.memory_bytes)?)
-        .bind(i64::from(vm.vcpus))
-        .bind(vm.stateless)
-        .bind(vm.status.as_str())
-        .bind(vm.disk_domain_id.to_string())
-        .bind(now)
-        .execute(self.pool())
-        .await
-        .map_err(DbError::on_write("vm", vm.id))?;
+        let vm = Vm::from_new(new);
+        let mut conn = self.pool().acquire().await?;
+        insert_vm(&mut conn, &vm).await?;
         Ok(vm)
     }
 
     pub async fn get_vm(&self, id: Uuid) -> Result<Vm, DbError> {
-        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
-            .bind(id.to_string())
-            .fetch_optional(self.pool())
+        let mut conn = self.pool().acquire().await?;
+        fetch_vm(&mut conn, id)
             .await?
-            .ok_or_else(|| DbError::not_found("vm", id))?;
-        Ok(vm_from_row(&row)?)
+            .ok_or_else(|| DbError::not_found("vm", id))
     }
 
     pub async fn get_vm_by_name(&self, name: &str) -> Result<Vm, DbError> {
@@ -274,19 +259,8 @@ impl Database {
     }
 
     pub async fn add_vm_disk(&self, disk: &VmDisk) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO vm_disks (vm_id, disk_id, domain_id, image_id, capacity_bytes) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(disk.vm_id.to_string())
-        .bind(disk.disk_id.to_string())
-        .bind(disk.domain_id.to_string())
-        .bind(disk.image_id.to_string())
-        .bind(to_bigint("capacity_bytes", disk.capacity_bytes)?)
-        .execute(self.pool())
-        .await
-        .map_err(DbError::on_write("vm disk", disk.disk_id))?;
-        Ok(())
+        let mut conn = self.pool().acquire().await?;
+        insert_vm_disk(&mut conn, disk).await
     }
 
     pub async fn vm_disks(&self, vm_id: Uuid) -> Result<Vec<VmDisk>, DbError> {
@@ -308,4 +282,81 @@ impl Database {
             .await?;
         Ok(result.rows_affected() > 0)
     }
+}
+
+impl Vm {
+    /// The VM `new` describes, as created now: Down, on no host, unlocked.
+    pub(super) fn from_new(new: &NewVm) -> Vm {
+        let now = now_ms();
+        Vm {
+            id: new.id,
+            name: new.name.clone(),
+            cluster_id: new.cluster_id,
+            memory_bytes: new.memory_bytes,
+            vcpus: new.vcpus,
+            stateless: new.stateless,
+            host_id: None,
+            status: VmStatus::Down,
+            disk_domain_id: new.disk_domain_id,
+            lock_operation_id: None,
+            kernel: new.kernel.clone(),
+            initrd: new.initrd.clone(),
+            cmdline: new.cmdline.clone(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+// Connection-level building blocks, shared with `flows.rs`.
+
+pub(super) async fn fetch_vm(conn: &mut AnyConnection, id: Uuid) -> Result<Option<Vm>, DbError> {
+    let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.as_ref().map(vm_from_row).transpose()?)
+}
+
+pub(super) async fn insert_vm(conn: &mut AnyConnection, vm: &Vm) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO vms (id, name, cluster_id, memory_bytes, vcpus, stateless, host_id, status, \
+         disk_domain_id, lock_operation_id, kernel, initrd, cmdline, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(vm.id.to_string())
+    .bind(&vm.name)
+    .bind(vm.cluster_id.to_string())
+    .bind(to_bigint("memory_bytes", vm.memory_bytes)?)
+    .bind(i64::from(vm.vcpus))
+    .bind(vm.stateless)
+    .bind(vm.host_id.map(|id| id.to_string()))
+    .bind(vm.status.as_str())
+    .bind(vm.disk_domain_id.to_string())
+    .bind(vm.lock_operation_id.map(|id| id.to_string()))
+    .bind(&vm.kernel)
+    .bind(&vm.initrd)
+    .bind(&vm.cmdline)
+    .bind(vm.created_at)
+    .bind(vm.updated_at)
+    .execute(conn)
+    .await
+    .map_err(DbError::on_write("vm", vm.id))?;
+    Ok(())
+}
+
+pub(super) async fn insert_vm_disk(conn: &mut AnyConnection, disk: &VmDisk) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO vm_disks (vm_id, disk_id, domain_id, image_id, capacity_bytes) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(disk.vm_id.to_string())
+    .bind(disk.disk_id.to_string())
+    .bind(disk.domain_id.to_string())
+    .bind(disk.image_id.to_string())
+    .bind(to_bigint("capacity_bytes", disk.capacity_bytes)?)
+    .execute(conn)
+    .await
+    .map_err(DbError::on_write("vm disk", disk.disk_id))?;
+    Ok(())
 }

@@ -1,0 +1,127 @@
+//! The coordinator's shared state: the database, gRPC clients for each
+//! host's HostService and StorageService, the saga executor, and the
+//! channels that wake watchers of operations and VMs.
+use crate::db::{self, Database, DbError};
+use crate::saga::Executor;
+use ramsnap_common::status;
+use ramsnap_proto::host::v1::host_service_client::HostServiceClient;
+use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+use uuid::Uuid;
+
+pub struct App {
+    pub db: Database,
+    channels: Mutex<HashMap<String, Channel>>,
+    executor: OnceLock<Arc<Executor<App>>>,
+    /// An operation changed (its id).
+    pub operation_events: broadcast::Sender<Uuid>,
+    /// A VM's status changed (its id).
+    pub vm_events: broadcast::Sender<Uuid>,
+    /// VMs whose host status stream is being followed.
+    pub(crate) followed: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
+}
+
+impl App {
+    pub fn new(db: Database) -> Arc<App> {
+        Arc::new(App {
+            db,
+            channels: Mutex::new(HashMap::new()),
+            executor: OnceLock::new(),
+            operation_events: broadcast::channel(1024).0,
+            vm_events: broadcast::channel(1024).0,
+            followed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn set_executor(&self, exec: Arc<Executor<App>>) {
+        let _ = self.executor.set(exec);
+    }
+
+    pub fn executor(&self) -> &Arc<Executor<App>> {
+        self.executor.get().expect("executor is set at start-up")
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut map = self.channels.lock().expect("poisoned");
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| status::invalid_argument("address", format!("{address}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(30)));
+        let channel = endpoint.connect_lazy();
+        map.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub async fn host(&self, host_id: Uuid) -> Result<db::Host, Status> {
+        self.db.get_host(host_id).await.map_err(db_status)
+    }
+
+    pub fn host_client(&self, host: &db::Host) -> Result<HostServiceClient<Channel>, Status> {
+        Ok(HostServiceClient::new(self.channel(&host.host_address)?).max_decoding_message_size(64 << 20))
+    }
+
+    pub fn storage_client(&self, host: &db::Host) -> Result<StorageServiceClient<Channel>, Status> {
+        Ok(StorageServiceClient::new(self.channel(&host.storage_address)?))
+    }
+
+    /// The host a VM runs on, or would run on: its own, else its cluster's first.
+    pub async fn host_for_vm(&self, vm: &db::Vm) -> Result<db::Host, Status> {
+        if let Some(h) = vm.host_id {
+            if let Ok(host) = self.db.get_host(h).await {
+                return Ok(host);
+            }
+        }
+        self.db
+            .first_host_in_cluster(vm.cluster_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| {
+                status::failed_precondition(
+                    "NO_HOST",
+                    &vm.cluster_id.to_string(),
+                    format!(
+                        "cluster {} has no host; add one with ClusterService.AddHost",
+                        vm.cluster_id
+                    ),
+                )
+            })
+    }
+
+    pub fn notify_operation(&self, id: Uuid) {
+        let _ = self.operation_events.send(id);
+    }
+
+    pub fn notify_vm(&self, id: Uuid) {
+        let _ = self.vm_events.send(id);
+    }
+}
+
+/// Database errors as gRPC statuses.
+pub fn db_status(e: DbError) -> Status {
+    match e {
+        DbError::NotFound { kind, id } => status::not_found(kind, &id),
+        DbError::Conflict { kind, id, message } => status::already_exists(kind, &id, message),
+        DbError::ForeignKey { kind, id, message } => {
+            status::failed_precondition("REFERENCE", &format!("{kind}/{id}"), message)
+        }
+        DbError::VmLocked { vm_id, holder } => vm_locked(vm_id, holder),
+        DbError::InvalidValue { field, message } => status::invalid_argument(field, message),
+        e @ (DbError::Migrate(_) | DbError::Sqlx(_)) => Status::unavailable(format!("database: {e}")),
+    }
+}
+
+pub fn vm_locked(vm_id: Uuid, holder: Uuid) -> Status {
+    status::failed_precondition(
+        "VM_LOCKED",
+        &format!("vm/{vm_id}"),
+        format!("VM {vm_id} is locked by operation {holder}; wait for it to finish or cancel it"),
+    )
+}

@@ -1,0 +1,542 @@
+//! A durable executor for linear sagas, after omicron/steno.
+//!
+//! A saga is a named list of nodes. Each node has a forward action and,
+//! until the saga's point of no return, an undo action. Every event
+//! (started, succeeded with its output, failed, undo started/finished) is
+//! appended to the saga log in the database before the executor moves on,
+//! so a coordinator that dies at any point resumes each unfinished saga
+//! from its log: forward from the first node without a `succeeded` event
+//! (re-running a node that had started: actions are idempotent "ensure"
+//! operations), or, if it was unwinding, on with the undo actions.
+//!
+//! Why not steno itself: ramsnap's sagas are all linear, and this executor
+//! keeps the whole policy in one screen: a node without an undo action is
+//! past the point of no return, and its failures are retried rather than
+//! unwound (the saga then always completes); a failed node's own undo runs
+//! too (undo actions treat "nothing to undo" as success), which is what
+//! steno's no-op "undo carrier" nodes achieve.
+use crate::db::{Database, NewSaga, OperationState, SagaNodeEventType, SagaState};
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+pub type Forward<S> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<Value, Status>>;
+pub type Undo<S> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<(), Status>>;
+
+pub struct Node<S> {
+    /// Stable name: the log and the failpoints refer to nodes by it.
+    pub name: &'static str,
+    pub forward: Forward<S>,
+    /// None: the node is past the point of no return.
+    pub undo: Option<Undo<S>>,
+}
+
+pub struct SagaDef<S> {
+    pub name: &'static str,
+    pub nodes: Vec<Node<S>>,
+    /// The node whose output becomes the operation's result.
+    pub result_node: Option<&'static str>,
+}
+
+/// What a node sees.
+pub struct SagaCx<S> {
+    pub app: Arc<S>,
+    pub saga_id: Uuid,
+    pub operation_id: Uuid,
+    params: Value,
+    outputs: Mutex<HashMap<&'static str, Value>>,
+    pub cancel: CancellationToken,
+    db: Database,
+}
+
+impl<S> SagaCx<S> {
+    pub fn params<T: DeserializeOwned>(&self) -> Result<T, Status> {
+        serde_json::from_value(self.params.clone())
+            .map_err(|e| Status::internal(format!("saga {} has unreadable params: {e}", self.saga_id)))
+    }
+
+    /// The output of an earlier node.
+    pub fn output<T: DeserializeOwned>(&self, node: &str) -> Result<T, Status> {
+        let v = self.outputs.lock().expect("poisoned").get(node).cloned();
+        let v =
+            v.ok_or_else(|| Status::internal(format!("saga {}: node {node} has no output", self.saga_id)))?;
+        serde_json::from_value(v).map_err(|e| Status::internal(format!("node {node} output unreadable: {e}")))
+    }
+
+    /// The output of an earlier node, if it ran (for undo actions).
+    pub fn maybe_output<T: DeserializeOwned>(&self, node: &str) -> Option<T> {
+        self.output(node).ok()
+    }
+
+    /// A stable id derived from this saga: the same on every replay, so
+    /// that a re-executed step asks for the same thing again.
+    pub fn stable_id(&self, purpose: &str) -> Uuid {
+        Uuid::new_v5(&self.saga_id, purpose.as_bytes())
+    }
+
+    /// Reports the operation's progress (best effort).
+    pub async fn progress(&self, processed: u64, total: u64) {
+        let _ = self
+            .db
+            .update_operation_progress(self.operation_id, processed, total)
+            .await;
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// Faults to inject, from `RAMSNAP_FAILPOINTS="saga.node=action,..."`:
+/// `error` (the forward action fails once), `crash` (the process exits after
+/// logging the node's start), `crash_after` (exits after the forward action
+/// ran, before its success is logged), `undo_error` (the undo fails once).
+#[derive(Default)]
+pub struct Failpoints {
+    points: Mutex<HashMap<String, String>>,
+}
+
+impl Failpoints {
+    pub fn from_env() -> Failpoints {
+        let spec = std::env::var("RAMSNAP_FAILPOINTS").unwrap_or_default();
+        Failpoints::parse(&spec)
+    }
+
+    pub fn parse(spec: &str) -> Failpoints {
+        let points = spec
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Failpoints {
+            points: Mutex::new(points),
+        }
+    }
+
+    fn hit(&self, saga: &str, node: &str, action: &str) -> bool {
+        let key = format!("{saga}.{node}");
+        let mut points = self.points.lock().expect("poisoned");
+        match points.get(&key) {
+            Some(a) if a == action => {
+                // Errors fire once, so that retries and recovery can finish.
+                if action.ends_with("error") {
+                    points.remove(&key);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn crash(&self, saga: &str, node: &str, action: &str) {
+        if self.hit(saga, node, action) {
+            eprintln!("failpoint {saga}.{node}={action}: exiting");
+            std::process::exit(86);
+        }
+    }
+}
+
+/// Runs sagas and resumes them after a restart.
+pub struct Executor<S> {
+    db: Database,
+    app: Arc<S>,
+    sagas: HashMap<&'static str, Arc<SagaDef<S>>>,
+    owner: String,
+    failpoints: Failpoints,
+    running: Mutex<HashMap<Uuid, CancellationToken>>,
+    /// Called whenever an operation changes (for watchers).
+    notify: Arc<dyn Fn(Uuid) + Send + Sync>,
+    retry_cap: Duration,
+}
+
+enum Outcome {
+    Done,
+    Unwound { status: Status, cancelled: bool },
+}
+
+impl<S: Send + Sync + 'static> Executor<S> {
+    pub fn new(
+        db: Database,
+        app: Arc<S>,
+        defs: Vec<SagaDef<S>>,
+        failpoints: Failpoints,
+        notify: Arc<dyn Fn(Uuid) + Send + Sync>,
+    ) -> Arc<Executor<S>> {
+        Arc::new(Executor {
+            db,
+            app,
+            sagas: defs.into_iter().map(|d| (d.name, Arc::new(d))).collect(),
+            owner: format!("{}:{}", hostname(), std::process::id()),
+            failpoints,
+            running: Mutex::new(HashMap::new()),
+            notify,
+            retry_cap: Duration::from_secs(5),
+        })
+    }
+
+    /// Records a new saga for `operation_id` and runs it in the background.
+    pub async fn start(
+        self: &Arc<Self>,
+        name: &'static str,
+        params: Value,
+        operation_id: Uuid,
+    ) -> Result<Uuid, Status> {
+        if !self.sagas.contains_key(name) {
+            return Err(Status::internal(format!("no saga named {name}")));
+        }
+        let id = Uuid::new_v4();
+        self.db
+            .create_saga(&NewSaga {
+                id,
+                name: name.into(),
+                params,
+                owner: self.owner.clone(),
+                operation_id: Some(operation_id),
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.spawn(id);
+        Ok(id)
+    }
+
+    /// Resumes every saga left unfinished by an earlier process.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, Status> {
+        let sagas = self
+            .db
+            .list_unfinished_sagas()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let n = sagas.len();
+        for s in sagas {
+            tracing::info!(saga = %s.id, name = %s.name, state = ?s.state, "resuming saga");
+            let _ = self.db.set_saga_owner(s.id, &self.owner).await;
+            self.spawn(s.id);
+        }
+        Ok(n)
+    }
+
+    /// Asks the saga of `operation_id` to stop; false if it is not running here.
+    pub fn cancel(&self, operation_id: Uuid) -> bool {
+        match self.running.lock().expect("poisoned").get(&operation_id) {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, saga_id: Uuid) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.execute(saga_id).await {
+                tracing::error!(saga = %saga_id, error = %e, "saga execution stopped; it resumes at the next start");
+            }
+        });
+    }
+
+    async fn execute(self: &Arc<Self>, saga_id: Uuid) -> Result<(), Status> {
+        let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        let saga = self.db.get_saga(saga_id).await.map_err(db_err)?;
+        let def =
+            self.sagas.get(saga.name.as_str()).cloned().ok_or_else(|| {
+                Status::internal(format!("saga {saga_id} names unknown saga {}", saga.name))
+            })?;
+        let operation_id = saga.operation_id.unwrap_or(saga_id);
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running.lock().expect("poisoned");
+            if running.contains_key(&operation_id) {
+                return Ok(()); // already executing in this process
+            }
+            running.insert(operation_id, cancel.clone());
+        }
+        let _guard = RunningGuard {
+            exec: self.clone(),
+            operation_id,
+        };
+        if let Ok(op) = self.db.get_operation(operation_id).await {
+            if op.cancel_requested {
+                cancel.cancel();
+            }
+        }
+
+        let events = self.db.saga_node_events(saga_id).await.map_err(db_err)?;
+        let mut outputs = HashMap::new();
+        let has = |node: usize, t: SagaNodeEventType| {
+            events
+                .iter()
+                .any(|e| e.node_id as usize == node && e.event_type == t)
+        };
+        for (i, node) in def.nodes.iter().enumerate() {
+            if let Some(e) = events
+                .iter()
+                .find(|e| e.node_id as usize == i && e.event_type == SagaNodeEventType::Succeeded)
+            {
+                outputs.insert(node.name, e.data.clone().unwrap_or(Value::Null));
+            }
+        }
+        let cx = SagaCx {
+            app: self.app.clone(),
+            saga_id,
+            operation_id,
+            params: saga.params.clone(),
+            outputs: Mutex::new(outputs),
+            cancel: cancel.clone(),
+            db: self.db.clone(),
+        };
+
+        let outcome = if saga.state == SagaState::Unwinding {
+            let failure = events
+                .iter()
+                .find(|e| e.event_type == SagaNodeEventType::Failed)
+                .and_then(|e| e.data.clone())
+                .map(status_from_json)
+                .unwrap_or_else(|| Status::aborted("unwound after a restart"));
+            let cancelled = failure.code() == Code::Cancelled;
+            self.unwind(&def, &cx, &has_fn(&events)).await?;
+            Outcome::Unwound {
+                status: failure,
+                cancelled,
+            }
+        } else {
+            self.run_forward(&def, &cx, &has).await?
+        };
+        self.finish(&def, &cx, outcome).await
+    }
+
+    async fn run_forward(
+        self: &Arc<Self>,
+        def: &SagaDef<S>,
+        cx: &SagaCx<S>,
+        has: &(dyn Fn(usize, SagaNodeEventType) -> bool + Sync),
+    ) -> Result<Outcome, Status> {
+        let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        for (i, node) in def.nodes.iter().enumerate() {
+            if has(i, SagaNodeEventType::Succeeded) {
+                continue;
+            }
+            let reversible = node.undo.is_some();
+            if reversible && cx.cancel.is_cancelled() {
+                let status = Status::cancelled("cancelled by request");
+                self.db
+                    .set_saga_state(cx.saga_id, SagaState::Unwinding)
+                    .await
+                    .map_err(db_err)?;
+                let events = self.db.saga_node_events(cx.saga_id).await.map_err(db_err)?;
+                self.unwind(def, cx, &has_fn(&events)).await?;
+                return Ok(Outcome::Unwound {
+                    status,
+                    cancelled: true,
+                });
+            }
+            self.db
+                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Started, None)
+                .await
+                .map_err(db_err)?;
+            self.failpoints.crash(def.name, node.name, "crash");
+            let mut attempt = 0u32;
+            let output = loop {
+                let result = if self.failpoints.hit(def.name, node.name, "error") {
+                    Err(Status::unavailable(format!(
+                        "injected failure at {}.{}",
+                        def.name, node.name
+                    )))
+                } else {
+                    (node.forward)(cx).await
+                };
+                match result {
+                    Ok(v) => break v,
+                    Err(status) if !reversible => {
+                        // Past the point of no return: retry until it goes through.
+                        attempt += 1;
+                        tracing::warn!(saga = %cx.saga_id, node = node.name, attempt, error = %status, "retrying");
+                        tokio::time::sleep(self.backoff(attempt)).await;
+                    }
+                    Err(status) => {
+                        tracing::warn!(saga = %cx.saga_id, node = node.name, error = %status, "node failed; unwinding");
+                        self.db
+                            .append_saga_node_event(
+                                cx.saga_id,
+                                i as u32,
+                                SagaNodeEventType::Failed,
+                                Some(&status_to_json(&status)),
+                            )
+                            .await
+                            .map_err(db_err)?;
+                        self.db
+                            .set_saga_state(cx.saga_id, SagaState::Unwinding)
+                            .await
+                            .map_err(db_err)?;
+                        let events = self.db.saga_node_events(cx.saga_id).await.map_err(db_err)?;
+                        self.unwind(def, cx, &has_fn(&events)).await?;
+                        let cancelled = status.code() == Code::Cancelled;
+                        return Ok(Outcome::Unwound { status, cancelled });
+                    }
+                }
+            };
+            self.failpoints.crash(def.name, node.name, "crash_after");
+            self.db
+                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Succeeded, Some(&output))
+                .await
+                .map_err(db_err)?;
+            cx.outputs.lock().expect("poisoned").insert(node.name, output);
+            (self.notify)(cx.operation_id);
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Undoes, last first, every node that started and is not undone yet.
+    async fn unwind(
+        &self,
+        def: &SagaDef<S>,
+        cx: &SagaCx<S>,
+        has: &(dyn Fn(usize, SagaNodeEventType) -> bool + Sync),
+    ) -> Result<(), Status> {
+        let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        for (i, node) in def.nodes.iter().enumerate().rev() {
+            if !has(i, SagaNodeEventType::Started) || has(i, SagaNodeEventType::UndoFinished) {
+                continue;
+            }
+            let Some(undo) = node.undo else { continue };
+            self.db
+                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::UndoStarted, None)
+                .await
+                .map_err(db_err)?;
+            let mut attempt = 0u32;
+            loop {
+                let result = if self.failpoints.hit(def.name, node.name, "undo_error") {
+                    Err(Status::unavailable(format!(
+                        "injected undo failure at {}.{}",
+                        def.name, node.name
+                    )))
+                } else {
+                    undo(cx).await
+                };
+                match result {
+                    Ok(()) => break,
+                    Err(status) => {
+                        attempt += 1;
+                        tracing::warn!(saga = %cx.saga_id, node = node.name, attempt, error = %status, "undo failed; retrying");
+                        tokio::time::sleep(self.backoff(attempt)).await;
+                    }
+                }
+            }
+            self.db
+                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::UndoFinished, None)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, def: &SagaDef<S>, cx: &SagaCx<S>, outcome: Outcome) -> Result<(), Status> {
+        let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        match outcome {
+            Outcome::Done => {
+                let result = def
+                    .result_node
+                    .and_then(|n| cx.outputs.lock().expect("poisoned").get(n).cloned());
+                self.db
+                    .finish_operation(cx.operation_id, OperationState::Succeeded, None, result.as_ref())
+                    .await
+                    .map_err(db_err)?;
+            }
+            Outcome::Unwound { status, cancelled } => {
+                let state = if cancelled {
+                    OperationState::Cancelled
+                } else {
+                    OperationState::Failed
+                };
+                let error = format!("{}: {}", code_name(status.code()), status.message());
+                self.db
+                    .finish_operation(cx.operation_id, state, Some(&error), None)
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
+        self.db
+            .set_saga_state(cx.saga_id, SagaState::Done)
+            .await
+            .map_err(db_err)?;
+        (self.notify)(cx.operation_id);
+        Ok(())
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ms = 50u64.saturating_mul(1 << attempt.min(10));
+        Duration::from_millis(ms).min(self.retry_cap)
+    }
+}
+
+struct RunningGuard<S: Send + Sync + 'static> {
+    exec: Arc<Executor<S>>,
+    operation_id: Uuid,
+}
+
+impl<S: Send + Sync + 'static> Drop for RunningGuard<S> {
+    fn drop(&mut self) {
+        self.exec
+            .running
+            .lock()
+            .expect("poisoned")
+            .remove(&self.operation_id);
+    }
+}
+
+fn has_fn(events: &[crate::db::SagaNodeEvent]) -> impl Fn(usize, SagaNodeEventType) -> bool + '_ {
+    move |node, t| {
+        events
+            .iter()
+            .any(|e| e.node_id as usize == node && e.event_type == t)
+    }
+}
+
+fn status_to_json(s: &Status) -> Value {
+    serde_json::json!({"code": s.code() as i32, "message": s.message()})
+}
+
+fn status_from_json(v: Value) -> Status {
+    let code = v.get("code").and_then(|c| c.as_i64()).unwrap_or(2) as i32;
+    let message = v
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .to_string();
+    Status::new(Code::from_i32(code), message)
+}
+
+/// The canonical upper-case name of a gRPC code ("FAILED_PRECONDITION").
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "coordinator".into())
+}

@@ -1,0 +1,444 @@
+//! Create a snapshot, with or without the VM's memory (oVirt's
+//! CreateAllSnapshotsFromVm + SnapshotVDSCommand): the VM is locked for the
+//! whole operation; the memory volumes go to a domain with room (the VM's
+//! disk domain first); each disk gets a new COW overlay over its current
+//! leaf; the host takes the snapshot (overlays + memory); then the new
+//! snapshot points at the frozen volumes and the active one at the overlays.
+use super::common::{delete_volume, lock_vm, release_memory, unlock_vm};
+use crate::app::{db_status, App};
+use crate::convert::{downstream, from_wire_ref, to_wire_memory, to_wire_ref};
+use crate::db::{self, MemoryVolume, NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
+use crate::saga::{Node, SagaCx, SagaDef};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use ramsnap_proto::host::v1 as host;
+use ramsnap_proto::storage::v1 as storage;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+pub const NAME: &str = "snapshot_create";
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MemoryMode {
+    Paused,
+    Live,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub vm_id: Uuid,
+    pub description: String,
+    pub save_memory: bool,
+    pub mode: MemoryMode,
+    /// Whether the VM was running when the request was accepted (a
+    /// running VM's snapshot goes through its host).
+    pub vm_running: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Overlay {
+    disk_id: Uuid,
+    current: VolumeRef,
+    overlay: VolumeRef,
+}
+
+pub fn definition() -> SagaDef<App> {
+    SagaDef {
+        name: NAME,
+        nodes: vec![
+            Node {
+                name: "lock_vm",
+                forward: lock_fwd,
+                undo: Some(lock_undo),
+            },
+            Node {
+                name: "ids",
+                forward: ids_fwd,
+                undo: Some(noop),
+            },
+            Node {
+                name: "memory_volumes",
+                forward: memory_fwd,
+                undo: Some(memory_undo),
+            },
+            Node {
+                name: "overlays",
+                forward: overlays_fwd,
+                undo: Some(overlays_undo),
+            },
+            Node {
+                name: "record_snapshot",
+                forward: record_fwd,
+                undo: Some(record_undo),
+            },
+            Node {
+                name: "host_snapshot",
+                forward: host_fwd,
+                undo: Some(noop),
+            },
+            // Past the point of no return: the VM now writes to the overlays.
+            Node {
+                name: "commit",
+                forward: commit_fwd,
+                undo: None,
+            },
+            Node {
+                name: "unlock_vm",
+                forward: unlock_fwd,
+                undo: None,
+            },
+        ],
+        result_node: Some("ids"),
+    }
+}
+
+fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async { Ok(()) }.boxed()
+}
+
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        lock_vm(cx, p.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move { Ok(json!({ "snapshot_id": cx.stable_id("snapshot") })) }.boxed()
+}
+
+fn snapshot_id(cx: &SagaCx<App>) -> Result<Uuid, Status> {
+    let v: Value = cx.output("ids")?;
+    v["snapshot_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| Status::internal("ids output"))
+}
+
+async fn vm_and_host(cx: &SagaCx<App>) -> Result<(db::Vm, db::Host), Status> {
+    let p: Params = cx.params()?;
+    let vm = cx.app.db.get_vm(p.vm_id).await.map_err(db_status)?;
+    let host = cx.app.host_for_vm(&vm).await?;
+    Ok((vm, host))
+}
+
+fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        if !p.save_memory {
+            return Ok(Value::Null);
+        }
+        let (vm, host) = vm_and_host(cx).await?;
+        let mut client = cx.app.storage_client(&host)?;
+        let mode = match p.mode {
+            MemoryMode::Paused => storage::MemoryDumpMode::Paused,
+            MemoryMode::Live => storage::MemoryDumpMode::Live,
+        };
+        // The VM's disk domain first, then the others by free space.
+        let mut domains = vec![vm.disk_domain_id];
+        if let Ok(list) = client.list_domains(storage::ListDomainsRequest {}).await {
+            let mut others: Vec<_> = list.into_inner().domains;
+            others.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes));
+            domains.extend(others.iter().filter_map(|d| Uuid::parse_str(&d.domain_id).ok()));
+        }
+        domains.dedup();
+        let mut last = Status::resource_exhausted("no storage domain has room for the memory volumes");
+        for domain in domains {
+            let req = storage::CreateMemoryVolumesRequest {
+                // One request id per domain tried, so a replay finds its volumes.
+                request_id: cx.stable_id(&format!("memory/{domain}")).to_string(),
+                domain_id: domain.to_string(),
+                memory_bytes: vm.memory_bytes,
+                mode: mode as i32,
+                description: format!("memory of snapshot {} of VM {}", snapshot_id(cx)?, vm.name),
+            };
+            match client.create_memory_volumes(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let m = MemoryVolume {
+                        dump: from_wire_ref(r.dump.as_ref().and_then(|v| v.r#ref.as_ref()))?,
+                        metadata: from_wire_ref(r.metadata.as_ref().and_then(|v| v.r#ref.as_ref()))?,
+                    };
+                    return Ok(serde_json::to_value(memory_json(&m)).expect("serializable"));
+                }
+                Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::NotFound) => last = s,
+                Err(s) => return Err(downstream("creating the memory volumes", s)),
+            }
+        }
+        Err(last)
+    }
+    .boxed()
+}
+
+fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let Some(m) = cx
+            .maybe_output::<Value>("memory_volumes")
+            .and_then(|v| memory_from_json(&v))
+        else {
+            return Ok(());
+        };
+        let (_, host) = vm_and_host(cx).await?;
+        delete_volume(&cx.app, &host, &m.dump, cx.stable_id("undo/memory/dump")).await?;
+        delete_volume(&cx.app, &host, &m.metadata, cx.stable_id("undo/memory/metadata")).await
+    }
+    .boxed()
+}
+
+fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let (vm, host) = vm_and_host(cx).await?;
+        let active = cx.app.db.active_snapshot(vm.id).await.map_err(db_status)?;
+        let mut client = cx.app.storage_client(&host)?;
+        let mut out = Vec::new();
+        for d in &active.disks {
+            let overlay_id = cx.stable_id(&format!("overlay/{}", d.disk_id));
+            let req = storage::CreateVolumeRequest {
+                request_id: cx
+                    .stable_id(&format!("overlay-request/{}", d.disk_id))
+                    .to_string(),
+                domain_id: d.volume.domain_id.to_string(),
+                image_id: d.volume.image_id.to_string(),
+                volume_id: overlay_id.to_string(),
+                capacity_bytes: disk_capacity(cx, &vm, d).await?,
+                format: storage::VolumeFormat::Cow as i32,
+                allocation: storage::VolumeAllocation::Unspecified as i32,
+                purpose: storage::VolumePurpose::Disk as i32,
+                parent_volume_id: d.volume.volume_id.to_string(),
+                description: format!("active layer after snapshot {}", snapshot_id(cx)?),
+            };
+            let v = client
+                .create_volume(req)
+                .await
+                .map_err(|s| downstream("creating a disk overlay", s))?;
+            let overlay = from_wire_ref(v.into_inner().volume.as_ref().and_then(|v| v.r#ref.as_ref()))?;
+            out.push(Overlay {
+                disk_id: d.disk_id,
+                current: d.volume,
+                overlay,
+            });
+        }
+        Ok(serde_json::to_value(out).expect("serializable"))
+    }
+    .boxed()
+}
+
+async fn disk_capacity(cx: &SagaCx<App>, vm: &db::Vm, d: &SnapshotDisk) -> Result<u64, Status> {
+    let disks = cx.app.db.vm_disks(vm.id).await.map_err(db_status)?;
+    disks
+        .iter()
+        .find(|x| x.disk_id == d.disk_id)
+        .map(|x| x.capacity_bytes)
+        .ok_or_else(|| Status::internal(format!("disk {} of VM {} is not recorded", d.disk_id, vm.id)))
+}
+
+fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let (vm, host) = vm_and_host(cx).await?;
+        let active = cx.app.db.active_snapshot(vm.id).await.map_err(db_status)?;
+        // Whatever this saga may have made, whether or not the step finished.
+        for d in &active.disks {
+            let overlay = VolumeRef {
+                domain_id: d.volume.domain_id,
+                image_id: d.volume.image_id,
+                volume_id: cx.stable_id(&format!("overlay/{}", d.disk_id)),
+            };
+            if overlay.volume_id == d.volume.volume_id {
+                continue; // never delete what the VM uses
+            }
+            delete_volume(
+                &cx.app,
+                &host,
+                &overlay,
+                cx.stable_id(&format!("undo/overlay/{}", d.disk_id)),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+    .boxed()
+}
+
+fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let id = snapshot_id(cx)?;
+        if cx.app.db.get_snapshot(id).await.is_ok() {
+            return Ok(Value::Null);
+        }
+        let overlays: Vec<Overlay> = cx.output("overlays")?;
+        let memory = cx
+            .output::<Value>("memory_volumes")
+            .ok()
+            .and_then(|v| memory_from_json(&v));
+        let new = NewSnapshot {
+            id,
+            vm_id: p.vm_id,
+            snapshot_type: SnapshotType::Regular,
+            status: SnapshotStatus::Locked,
+            description: p.description.clone(),
+            memory,
+        };
+        let disks: Vec<SnapshotDisk> = overlays
+            .iter()
+            .map(|o| SnapshotDisk {
+                disk_id: o.disk_id,
+                volume: o.current,
+            })
+            .collect();
+        cx.app.db.create_snapshot(&new, &disks).await.map_err(db_status)?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn record_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        if let Ok(id) = snapshot_id(cx) {
+            cx.app.db.delete_snapshot(id).await.map_err(db_status)?;
+        }
+        Ok(())
+    }
+    .boxed()
+}
+
+fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        if !p.vm_running {
+            // A down VM's disks simply continue on the overlays.
+            return Ok(json!({ "memory_saved": false }));
+        }
+        let (vm, host) = vm_and_host(cx).await?;
+        let cluster = cx.app.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        let overlays: Vec<Overlay> = cx.output("overlays")?;
+        let memory = cx.output::<Value>("memory_volumes").ok().and_then(|v| memory_from_json(&v));
+        let job_id = cx.stable_id("host-job");
+        let req = host::SnapshotVmRequest {
+            job_id: job_id.to_string(),
+            vm_id: vm.id.to_string(),
+            snapshot_id: snapshot_id(cx)?.to_string(),
+            disks: overlays
+                .iter()
+                .map(|o| host::SnapshotDisk { current: Some(to_wire_ref(&o.current)), overlay: Some(to_wire_ref(&o.overlay)) })
+                .collect(),
+            memory: memory.as_ref().map(to_wire_memory),
+            mode: match p.mode {
+                MemoryMode::Paused => host::SnapshotMode::Paused,
+                MemoryMode::Live => host::SnapshotMode::Live,
+            } as i32,
+            compatibility_version: cluster.compatibility_version.to_string(),
+        };
+        let mut client = cx.app.host_client(&host)?;
+        let mut stream = client.snapshot_vm(req).await.map_err(|s| downstream("host snapshot", s))?.into_inner();
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    match msg.map_err(|s| downstream("host snapshot", s))? {
+                        Some(m) => {
+                            if let Some(pr) = m.progress {
+                                cx.progress(pr.processed_bytes, pr.total_bytes).await;
+                            }
+                            if let Some(r) = m.result {
+                                return Ok(json!({
+                                    "memory_saved": r.memory_saved,
+                                    "dump_bytes": r.dump_bytes,
+                                    "guest_pause_ms": r.guest_pause_ms,
+                                }));
+                            }
+                        }
+                        None => return Err(Status::unavailable("the host's snapshot stream ended without a result")),
+                    }
+                }
+                _ = cx.cancel.cancelled() => {
+                    let _ = client.cancel_snapshot(host::CancelSnapshotRequest { job_id: job_id.to_string() }).await;
+                    // The host unwinds its side; wait for its answer.
+                    while let Ok(Some(_)) = stream.message().await {}
+                    return Err(Status::cancelled("cancelled by request"));
+                }
+            }
+        }
+    }
+    .boxed()
+}
+
+fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let id = snapshot_id(cx)?;
+        let overlays: Vec<Overlay> = cx.output("overlays")?;
+        let result: Value = cx.output("host_snapshot")?;
+        let active = cx.app.db.active_snapshot(p.vm_id).await.map_err(db_status)?;
+        let disks: Vec<SnapshotDisk> = overlays
+            .iter()
+            .map(|o| SnapshotDisk {
+                disk_id: o.disk_id,
+                volume: o.overlay,
+            })
+            .collect();
+        cx.app
+            .db
+            .snapshot_taken(p.vm_id, id, active.id, &disks)
+            .await
+            .map_err(db_status)?;
+        // Memory asked for but not taken (the host fell back to disk-only):
+        // the snapshot must not claim it.
+        let memory = cx
+            .output::<Value>("memory_volumes")
+            .ok()
+            .and_then(|v| memory_from_json(&v));
+        if let Some(m) = memory {
+            if !p.vm_running || result["memory_saved"] != json!(true) {
+                cx.app.db.remove_memory(id).await.map_err(db_status)?;
+                let (_, host) = vm_and_host(cx).await?;
+                release_memory(cx, &host, &m, "unused-memory").await?;
+            }
+        }
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct MemoryJson {
+    dump: [Uuid; 3],
+    metadata: [Uuid; 3],
+}
+
+pub(crate) fn memory_json(m: &MemoryVolume) -> MemoryJson {
+    let a = |r: &VolumeRef| [r.domain_id, r.image_id, r.volume_id];
+    MemoryJson {
+        dump: a(&m.dump),
+        metadata: a(&m.metadata),
+    }
+}
+
+pub(crate) fn memory_from_json(v: &Value) -> Option<MemoryVolume> {
+    let m: MemoryJson = serde_json::from_value(v.clone()).ok()?;
+    let r = |a: [Uuid; 3]| VolumeRef {
+        domain_id: a[0],
+        image_id: a[1],
+        volume_id: a[2],
+    };
+    Some(MemoryVolume {
+        dump: r(m.dump),
+        metadata: r(m.metadata),
+    })
+}

@@ -1,0 +1,185 @@
+//! ClusterService: clusters (compatibility levels) and their hosts.
+use crate::app::{db_status, App};
+use crate::db::{self, CompatibilityVersion, NewCluster, NewHost};
+use ramsnap_common::{ids, status};
+use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::snapshot::v1::cluster_service_server::ClusterService;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+pub struct ClusterApi(pub Arc<App>);
+
+fn to_cluster(c: &db::Cluster) -> pb::Cluster {
+    pb::Cluster {
+        cluster_id: c.id.to_string(),
+        name: c.name.clone(),
+        compatibility_version: c.compatibility_version.to_string(),
+        memory_snapshots_supported: c.compatibility_version.supports_memory_snapshots(),
+    }
+}
+
+fn to_host(h: &db::Host) -> pb::Host {
+    pb::Host {
+        host_id: h.id.to_string(),
+        name: h.name.clone(),
+        cluster_id: h.cluster_id.to_string(),
+        host_address: h.host_address.clone(),
+        storage_address: h.storage_address.clone(),
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), Status> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
+        return Err(status::invalid_argument(
+            field,
+            "must be 1-128 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_address(field: &str, a: &str) -> Result<(), Status> {
+    if !(a.starts_with("http://") || a.starts_with("https://")) || a.parse::<tonic::transport::Uri>().is_err()
+    {
+        return Err(status::invalid_argument(
+            field,
+            format!("{a:?} is not an http(s)://host:port address"),
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn create_cluster(
+        &self,
+        req: Request<pb::CreateClusterRequest>,
+    ) -> Result<Response<pb::CreateClusterResponse>, Status> {
+        let req = req.into_inner();
+        ids::parse_optional("request_id", &req.request_id)?;
+        check_name("name", &req.name)?;
+        let version: CompatibilityVersion = req.compatibility_version.parse().map_err(|_| {
+            status::invalid_argument("compatibility_version", "must be \"major.minor\", e.g. \"3.3\"")
+        })?;
+        // A retried create of the same cluster returns it.
+        if let Some(c) = self
+            .0
+            .db
+            .list_clusters()
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .find(|c| c.name == req.name)
+        {
+            if c.compatibility_version == version {
+                return Ok(Response::new(pb::CreateClusterResponse {
+                    cluster: Some(to_cluster(&c)),
+                }));
+            }
+        }
+        let c = self
+            .0
+            .db
+            .create_cluster(&NewCluster {
+                id: Uuid::new_v4(),
+                name: req.name,
+                compatibility_version: version,
+            })
+            .await
+            .map_err(db_status)?;
+        Ok(Response::new(pb::CreateClusterResponse {
+            cluster: Some(to_cluster(&c)),
+        }))
+    }
+
+    async fn get_cluster(
+        &self,
+        req: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::GetClusterResponse>, Status> {
+        let id = ids::parse("cluster_id", &req.get_ref().cluster_id)?;
+        let c = self.0.db.get_cluster(id).await.map_err(db_status)?;
+        Ok(Response::new(pb::GetClusterResponse {
+            cluster: Some(to_cluster(&c)),
+        }))
+    }
+
+    async fn list_clusters(
+        &self,
+        _req: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        let clusters = self
+            .0
+            .db
+            .list_clusters()
+            .await
+            .map_err(db_status)?
+            .iter()
+            .map(to_cluster)
+            .collect();
+        Ok(Response::new(pb::ListClustersResponse { clusters }))
+    }
+
+    async fn add_host(
+        &self,
+        req: Request<pb::AddHostRequest>,
+    ) -> Result<Response<pb::AddHostResponse>, Status> {
+        let req = req.into_inner();
+        ids::parse_optional("request_id", &req.request_id)?;
+        check_name("name", &req.name)?;
+        let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
+        check_address("host_address", &req.host_address)?;
+        check_address("storage_address", &req.storage_address)?;
+        self.0.db.get_cluster(cluster_id).await.map_err(db_status)?;
+        if let Some(h) = self
+            .0
+            .db
+            .list_hosts(None)
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .find(|h| h.name == req.name)
+        {
+            if h.cluster_id == cluster_id
+                && h.host_address == req.host_address
+                && h.storage_address == req.storage_address
+            {
+                return Ok(Response::new(pb::AddHostResponse {
+                    host: Some(to_host(&h)),
+                }));
+            }
+        }
+        let h = self
+            .0
+            .db
+            .create_host(&NewHost {
+                id: Uuid::new_v4(),
+                name: req.name,
+                cluster_id,
+                host_address: req.host_address,
+                storage_address: req.storage_address,
+            })
+            .await
+            .map_err(db_status)?;
+        Ok(Response::new(pb::AddHostResponse {
+            host: Some(to_host(&h)),
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let cluster = ids::parse_optional("cluster_id", &req.get_ref().cluster_id)?;
+        let hosts = self
+            .0
+            .db
+            .list_hosts(cluster)
+            .await
+            .map_err(db_status)?
+            .iter()
+            .map(to_host)
+            .collect();
+        Ok(Response::new(pb::ListHostsResponse { hosts }))
+    }
+}
