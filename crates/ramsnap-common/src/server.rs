@@ -85,21 +85,27 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (mut reporter, health) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ramsnap_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ramsnap_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let names: Vec<&'static str> = sets.iter().flat_map(|s| s.health_names.iter().copied()).collect();
+    // Reflection lists only what this server serves (every ramsnap proto is
+    // in the one descriptor set), plus health and reflection itself.
+    let reflection = |own: &str| {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ramsnap_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(own);
+        for name in &names {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1()?;
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
 
     let mut routes = Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let mut names = Vec::new();
     for set in sets {
-        names.extend(set.health_names.iter().copied());
         routes = (set.add)(routes);
     }
     for name in &names {
