@@ -330,7 +330,9 @@ impl Backend for BlockDomain {
                 cmd.current_dir(path.parent().expect("links live in an image directory"));
                 cmd.args(["create", "-q", "-f", "qcow2"]);
                 if let Some(p) = parent {
-                    cmd.args(["-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
+                    // -u: the size is given, so the parent need not be opened; it may be
+                    // in use (and locked) by a running VM taking a snapshot.
+                    cmd.args(["-u", "-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
                 }
                 cmd.arg(&path).arg(meta.capacity.to_string());
                 let r = tool::run(&mut cmd).map(drop);

@@ -167,7 +167,9 @@ impl FileDomain {
                 cmd.current_dir(self.image_dir(meta.image))
                     .args(["create", "-q", "-f", "qcow2"]);
                 if let Some(p) = parent {
-                    cmd.args(["-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
+                    // -u: the size is given, so the parent need not be opened; it may be
+                    // in use (and locked) by a running VM taking a snapshot.
+                    cmd.args(["-u", "-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
                 }
                 let prealloc = match meta.allocation {
                     Allocation::Sparse => "off",
