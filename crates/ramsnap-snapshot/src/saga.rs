@@ -97,6 +97,9 @@ impl<S> SagaCx<S> {
 /// `error` (the forward action fails once), `crash` (the process exits after
 /// logging the node's start), `crash_after` (exits after the forward action
 /// ran, before its success is logged), `undo_error` (the undo fails once).
+/// `halt` and `halt_after` stop executing the saga at those same points
+/// without ending the process: an in-process crash, for tests that then
+/// resume the saga with a new executor.
 #[derive(Default)]
 pub struct Failpoints {
     points: Mutex<HashMap<String, String>>,
@@ -124,8 +127,9 @@ impl Failpoints {
         let mut points = self.points.lock().expect("poisoned");
         match points.get(&key) {
             Some(a) if a == action => {
-                // Errors fire once, so that retries and recovery can finish.
-                if action.ends_with("error") {
+                // Errors and halts fire once, so that retries and recovery
+                // can finish.
+                if action.ends_with("error") || action.starts_with("halt") {
                     points.remove(&key);
                 }
                 true
@@ -341,6 +345,9 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 .await
                 .map_err(db_err)?;
             self.failpoints.crash(def.name, node.name, "crash");
+            if self.failpoints.hit(def.name, node.name, "halt") {
+                return Err(Status::aborted(format!("halted at {}.{}", def.name, node.name)));
+            }
             let mut attempt = 0u32;
             let output = loop {
                 let result = if self.failpoints.hit(def.name, node.name, "error") {
@@ -382,6 +389,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 }
             };
             self.failpoints.crash(def.name, node.name, "crash_after");
+            if self.failpoints.hit(def.name, node.name, "halt_after") {
+                return Err(Status::aborted(format!(
+                    "halted after {}.{}",
+                    def.name, node.name
+                )));
+            }
             self.db
                 .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Succeeded, Some(&output))
                 .await

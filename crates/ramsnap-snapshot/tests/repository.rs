@@ -3,13 +3,14 @@
 //! created through the server named by RAMSNAP_TEST_PG_URL and dropped after.
 
 use ramsnap_snapshot::db::{
-    Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewOperation, NewSaga,
-    NewSnapshot, NewVm, OperationState, SagaNodeEventType, SagaState, SnapshotDisk, SnapshotStatus,
-    SnapshotType, VmDisk, VmStatus, VolumeRef,
+    Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewHost, NewOperation,
+    NewSaga, NewSnapshot, NewVm, OperationState, SagaNodeEventType, SagaState, Snapshot, SnapshotDisk,
+    SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
 };
 use serde_json::json;
 use sqlx::Executor;
 use std::future::Future;
+use std::time::Duration;
 use uuid::Uuid;
 
 const PG_URL_VAR: &str = "RAMSNAP_TEST_PG_URL";
@@ -121,6 +122,16 @@ on_both_backends!(
     saga_node_events_are_idempotent,
     unfinished_sagas,
     not_found_and_foreign_keys,
+    hosts_crud,
+    operation_cancel_and_warnings,
+    create_vm_with_active_is_idempotent,
+    snapshot_taken_is_idempotent,
+    preview_then_undo,
+    preview_then_commit,
+    preview_refusals_roll_back,
+    stateless_begin_and_end,
+    remove_snapshot_row_and_memory_references,
+    repoint_snapshot_disks_after_merge,
 );
 
 // ---- fixtures ----
@@ -144,6 +155,9 @@ fn new_vm(cluster_id: Uuid) -> NewVm {
         vcpus: 2,
         stateless: false,
         disk_domain_id: Uuid::new_v4(),
+        kernel: String::new(),
+        initrd: String::new(),
+        cmdline: String::new(),
     }
 }
 
@@ -186,6 +200,7 @@ async fn operation(db: &Database, vm_id: Option<Uuid>) -> Uuid {
         kind: "snapshot_create".into(),
         vm_id,
         request_id: None,
+        warnings: Vec::new(),
     };
     db.create_operation(&new).await.unwrap().id
 }
@@ -264,11 +279,26 @@ async fn vm_crud(db: Database) {
     assert_eq!(got.vcpus, 2);
     assert_eq!(got.host_id, None);
     assert_eq!(got.lock_operation_id, None);
+    assert_eq!(got.kernel, "");
     assert_eq!(db.get_vm_by_name(&new.name).await.unwrap().id, new.id);
 
-    let other = new_vm(cluster.id);
-    db.create_vm(&other).await.unwrap();
-    assert!(!db.get_vm(other.id).await.unwrap().stateless);
+    // Direct boot images and command line.
+    let other = NewVm {
+        kernel: "vmlinuz-6.1".into(),
+        initrd: "initrd-6.1.img".into(),
+        cmdline: "console=ttyS0 root=/dev/vda1".into(),
+        ..new_vm(cluster.id)
+    };
+    let created = db.create_vm(&other).await.unwrap();
+    let got = db.get_vm(other.id).await.unwrap();
+    assert_eq!(got, created);
+    assert!(!got.stateless);
+    assert_eq!(
+        (got.kernel.as_str(), got.initrd.as_str(), got.cmdline.as_str()),
+        ("vmlinuz-6.1", "initrd-6.1.img", "console=ttyS0 root=/dev/vda1")
+    );
+    let listed = db.list_vms().await.unwrap();
+    assert_eq!(listed.iter().find(|v| v.id == other.id), Some(&got));
     assert_eq!(db.list_vms().await.unwrap().len(), 2);
     assert_eq!(db.list_vms_in_cluster(cluster.id).await.unwrap().len(), 2);
 
@@ -367,15 +397,16 @@ async fn snapshot_crud(db: Database) {
         DbError::Conflict { .. }
     ));
 
-    let listed: Vec<Uuid> = db
-        .list_snapshots(vm.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.id)
-        .collect();
+    let listed = db.list_snapshots(vm.id).await.unwrap();
     assert_eq!(listed.len(), 2);
-    assert!(listed.contains(&active.id) && listed.contains(&regular.id));
+    // Listed snapshots come with their disks, in disk id order.
+    let listed_active = listed.iter().find(|s| s.id == active.id).unwrap();
+    assert_eq!(listed_active.disks, expected);
+    assert_eq!(listed_active, &created);
+    let listed_regular = listed.iter().find(|s| s.id == regular.id).unwrap();
+    assert_eq!(listed_regular.disks, vec![extra]);
+    assert_eq!(db.get_snapshot(regular.id).await.unwrap().disks, vec![extra]);
+    assert_eq!(db.active_snapshot(vm.id).await.unwrap(), created);
 
     db.set_snapshot_status(regular.id, SnapshotStatus::Locked)
         .await
@@ -611,6 +642,7 @@ async fn operation_request_id(db: Database) {
         kind: "snapshot_create".into(),
         vm_id: Some(vm.id),
         request_id: Some("req-1".into()),
+        warnings: Vec::new(),
     };
     let created = db.create_operation(&new).await.unwrap();
     assert_eq!(created.state, OperationState::Running);
@@ -925,6 +957,874 @@ async fn not_found_and_foreign_keys(db: Database) {
         db.create_vm(&huge).await.unwrap_err(),
         DbError::InvalidValue { .. }
     ));
+}
+
+async fn hosts_crud(db: Database) {
+    let cluster_a = cluster(&db, "3.3").await;
+    let cluster_b = cluster(&db, "3.3").await;
+    let empty = cluster(&db, "3.3").await;
+    let new_host = |cluster_id: Uuid, name: &str| NewHost {
+        id: Uuid::new_v4(),
+        name: name.into(),
+        cluster_id,
+        host_address: format!("http://{name}:50061"),
+        storage_address: format!("http://{name}:50062"),
+    };
+    // Created in this order, a millisecond or more apart: "first" is the oldest.
+    let first = new_host(cluster_a.id, "host-z");
+    let created = db.create_host(&first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = new_host(cluster_a.id, "host-a");
+    db.create_host(&second).await.unwrap();
+    let third = new_host(cluster_b.id, "host-m");
+    db.create_host(&third).await.unwrap();
+
+    let got = db.get_host(first.id).await.unwrap();
+    assert_eq!(got, created);
+    assert_eq!(got.host_address, "http://host-z:50061");
+    assert_eq!(got.storage_address, "http://host-z:50062");
+    assert_eq!(got.cluster_id, cluster_a.id);
+
+    let names =
+        |hosts: Vec<ramsnap_snapshot::db::Host>| hosts.into_iter().map(|h| h.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(db.list_hosts(None).await.unwrap()),
+        ["host-a", "host-m", "host-z"]
+    );
+    assert_eq!(
+        names(db.list_hosts(Some(cluster_a.id)).await.unwrap()),
+        ["host-a", "host-z"]
+    );
+    assert!(db.list_hosts(Some(empty.id)).await.unwrap().is_empty());
+    assert_eq!(
+        db.first_host_in_cluster(cluster_a.id)
+            .await
+            .unwrap()
+            .map(|h| h.id),
+        Some(first.id)
+    );
+    assert_eq!(
+        db.first_host_in_cluster(cluster_b.id)
+            .await
+            .unwrap()
+            .map(|h| h.id),
+        Some(third.id)
+    );
+    assert_eq!(db.first_host_in_cluster(empty.id).await.unwrap(), None);
+
+    let same_name = NewHost {
+        id: Uuid::new_v4(),
+        ..first.clone()
+    };
+    let err = db.create_host(&same_name).await.unwrap_err();
+    assert!(matches!(err, DbError::Conflict { kind: "host", .. }), "{err:?}");
+    let same_id = NewHost {
+        name: "host-other".into(),
+        ..first.clone()
+    };
+    assert!(matches!(
+        db.create_host(&same_id).await.unwrap_err(),
+        DbError::Conflict { kind: "host", .. }
+    ));
+    let orphan = new_host(Uuid::new_v4(), "host-orphan");
+    let err = db.create_host(&orphan).await.unwrap_err();
+    assert!(matches!(err, DbError::ForeignKey { kind: "host", .. }), "{err:?}");
+    assert!(db.get_host(Uuid::new_v4()).await.unwrap_err().is_not_found());
+}
+
+async fn operation_cancel_and_warnings(db: Database) {
+    let new = NewOperation {
+        id: Uuid::new_v4(),
+        kind: "snapshot_create".into(),
+        vm_id: None,
+        request_id: Some("req-warn".into()),
+        warnings: vec!["cluster below 3.3: memory not saved".into()],
+    };
+    let created = db.create_operation(&new).await.unwrap();
+    assert!(!created.cancel_requested);
+    assert_eq!(db.get_operation(new.id).await.unwrap(), created);
+    assert_eq!(created.warnings, new.warnings);
+    // ensure_operation stores the warnings too.
+    let ensured = NewOperation {
+        id: Uuid::new_v4(),
+        request_id: Some("req-warn-2".into()),
+        warnings: vec!["w".into()],
+        ..new.clone()
+    };
+    let (op, _) = db.ensure_operation(&ensured).await.unwrap();
+    assert_eq!(db.get_operation(op.id).await.unwrap().warnings, ["w"]);
+
+    assert!(db.request_cancel(new.id).await.unwrap());
+    // Asking again is fine.
+    assert!(db.request_cancel(new.id).await.unwrap());
+    let op = db.get_operation(new.id).await.unwrap();
+    assert!(op.cancel_requested);
+    assert_eq!(op.state, OperationState::Running);
+    // Other operations are not affected.
+    assert!(!db.get_operation(ensured.id).await.unwrap().cancel_requested);
+
+    assert!(db
+        .add_operation_warning(new.id, "memory discarded")
+        .await
+        .unwrap());
+    // A replayed step does not repeat the warning.
+    assert!(!db
+        .add_operation_warning(new.id, "memory discarded")
+        .await
+        .unwrap());
+    // Quotes and other JSON specials survive the round trip.
+    assert!(db.add_operation_warning(new.id, "disk \"a\\b\"\n").await.unwrap());
+    assert_eq!(
+        db.get_operation(new.id).await.unwrap().warnings,
+        [
+            "cluster below 3.3: memory not saved",
+            "memory discarded",
+            "disk \"a\\b\"\n"
+        ]
+    );
+
+    // Concurrent appends are all kept.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move { db.add_operation_warning(ensured.id, &format!("w{i}")).await })
+        })
+        .collect();
+    for task in tasks {
+        assert!(task.await.unwrap().unwrap());
+    }
+    let mut warnings = db.get_operation(ensured.id).await.unwrap().warnings;
+    warnings.sort();
+    assert_eq!(warnings, ["w", "w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7"]);
+
+    db.finish_operation(new.id, OperationState::Cancelled, Some("cancelled"), None)
+        .await
+        .unwrap();
+    // An ended operation cannot be cancelled any more.
+    assert!(!db.request_cancel(new.id).await.unwrap());
+    assert!(db
+        .request_cancel(Uuid::new_v4())
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .add_operation_warning(Uuid::new_v4(), "x")
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+// ---- snapshot flows ----
+
+/// A VM made by create_vm_with_active, with two disks.
+struct FlowVm {
+    vm: NewVm,
+    disks: Vec<VmDisk>,
+    active_id: Uuid,
+}
+
+fn disk_volume(disk: &VmDisk) -> SnapshotDisk {
+    SnapshotDisk {
+        disk_id: disk.disk_id,
+        volume: VolumeRef {
+            domain_id: disk.domain_id,
+            image_id: disk.image_id,
+            volume_id: Uuid::new_v4(),
+        },
+    }
+}
+
+/// A new leaf volume on top of each of `disks`, in the same image.
+fn overlays(disks: &[SnapshotDisk]) -> Vec<SnapshotDisk> {
+    let mut overlays: Vec<SnapshotDisk> = disks
+        .iter()
+        .map(|d| SnapshotDisk {
+            disk_id: d.disk_id,
+            volume: VolumeRef {
+                volume_id: Uuid::new_v4(),
+                ..d.volume
+            },
+        })
+        .collect();
+    overlays.sort_by_key(|d| d.disk_id);
+    overlays
+}
+
+async fn flow_vm(db: &Database) -> FlowVm {
+    let cluster = cluster(db, "3.3").await;
+    let vm = new_vm(cluster.id);
+    let disks: Vec<VmDisk> = (0..2)
+        .map(|_| VmDisk {
+            vm_id: vm.id,
+            disk_id: Uuid::new_v4(),
+            domain_id: vm.disk_domain_id,
+            image_id: Uuid::new_v4(),
+            capacity_bytes: 1 << 30,
+        })
+        .collect();
+    let base: Vec<SnapshotDisk> = disks.iter().map(disk_volume).collect();
+    let active = new_snapshot(vm.id, SnapshotType::Active, None);
+    db.create_vm_with_active(&vm, &disks, &active, &base)
+        .await
+        .unwrap();
+    FlowVm {
+        vm,
+        disks,
+        active_id: active.id,
+    }
+}
+
+/// Takes a snapshot as the create saga does: a LOCKED REGULAR snapshot of
+/// the active's volumes, then snapshot_taken with new overlays. Returns the
+/// snapshot. Sleeps a little first so that creation times differ.
+async fn take_snapshot(db: &Database, vm_id: Uuid, memory: Option<MemoryVolume>) -> Snapshot {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let active = db.active_snapshot(vm_id).await.unwrap();
+    let mut regular = new_snapshot(vm_id, SnapshotType::Regular, memory);
+    regular.status = SnapshotStatus::Locked;
+    db.create_snapshot(&regular, &active.disks).await.unwrap();
+    db.snapshot_taken(vm_id, regular.id, active.id, &overlays(&active.disks))
+        .await
+        .unwrap();
+    db.get_snapshot(regular.id).await.unwrap()
+}
+
+/// The VM's snapshots as (id, type, status), oldest first.
+async fn model(db: &Database, vm_id: Uuid) -> Vec<(Uuid, SnapshotType, SnapshotStatus)> {
+    db.list_snapshots(vm_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id, s.snapshot_type, s.status))
+        .collect()
+}
+
+async fn create_vm_with_active_is_idempotent(db: Database) {
+    let cluster = cluster(&db, "3.3").await;
+    let vm = NewVm {
+        kernel: "vmlinuz".into(),
+        ..new_vm(cluster.id)
+    };
+    let disks: Vec<VmDisk> = (0..2)
+        .map(|_| VmDisk {
+            vm_id: vm.id,
+            disk_id: Uuid::new_v4(),
+            domain_id: vm.disk_domain_id,
+            image_id: Uuid::new_v4(),
+            capacity_bytes: 1 << 30,
+        })
+        .collect();
+    let base: Vec<SnapshotDisk> = disks.iter().map(disk_volume).collect();
+    // Type, status and memory of the given snapshot are not used: the VM's
+    // first snapshot is ACTIVE, OK and without memory.
+    let mut active = new_snapshot(vm.id, SnapshotType::Regular, Some(memory()));
+    active.status = SnapshotStatus::Locked;
+    let created = db
+        .create_vm_with_active(&vm, &disks, &active, &base)
+        .await
+        .unwrap();
+    assert_eq!(db.get_vm(vm.id).await.unwrap(), created);
+    assert_eq!(created.kernel, "vmlinuz");
+    let mut expected_disks = disks.clone();
+    expected_disks.sort_by_key(|d| d.disk_id);
+    assert_eq!(db.vm_disks(vm.id).await.unwrap(), expected_disks);
+    let got = db.active_snapshot(vm.id).await.unwrap();
+    assert_eq!(got.id, active.id);
+    assert_eq!(
+        (got.snapshot_type, got.status, got.memory),
+        (SnapshotType::Active, SnapshotStatus::Ok, None)
+    );
+    assert_eq!(got.disks, sorted(&base));
+
+    // Replayed: Ok, same VM, nothing added.
+    db.set_vm_status(vm.id, VmStatus::Up).await.unwrap();
+    let again = db
+        .create_vm_with_active(&vm, &disks, &active, &base)
+        .await
+        .unwrap();
+    assert_eq!(again.id, vm.id);
+    assert_eq!(again.status, VmStatus::Up, "a replay returns the VM as it is");
+    assert_eq!(db.list_snapshots(vm.id).await.unwrap().len(), 1);
+    assert_eq!(db.vm_disks(vm.id).await.unwrap().len(), 2);
+
+    // Another VM with the same name: Conflict, and nothing of it is left.
+    let twin = NewVm {
+        id: Uuid::new_v4(),
+        ..vm.clone()
+    };
+    let twin_active = new_snapshot(twin.id, SnapshotType::Active, None);
+    let err = db
+        .create_vm_with_active(&twin, &[], &twin_active, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { kind: "vm", .. }), "{err:?}");
+    // A failure after the VM row (duplicate snapshot disk) rolls it all back.
+    let other = new_vm(cluster.id);
+    let other_disk = VmDisk {
+        vm_id: other.id,
+        ..disks[0].clone()
+    };
+    let other_active = new_snapshot(other.id, SnapshotType::Active, None);
+    let dup = [base[0], base[0]];
+    let err = db
+        .create_vm_with_active(&other, std::slice::from_ref(&other_disk), &other_active, &dup)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert!(db.get_vm(other.id).await.unwrap_err().is_not_found());
+    assert!(db.vm_disks(other.id).await.unwrap().is_empty());
+    assert!(db.get_snapshot(other_active.id).await.unwrap_err().is_not_found());
+    // Disks or a snapshot of another VM are refused up front.
+    let err = db
+        .create_vm_with_active(&other, &disks, &other_active, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::InvalidValue { .. }), "{err:?}");
+    let err = db
+        .create_vm_with_active(&other, &[other_disk], &active, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::InvalidValue { .. }), "{err:?}");
+    // A missing cluster.
+    let orphan = new_vm(Uuid::new_v4());
+    let orphan_active = new_snapshot(orphan.id, SnapshotType::Active, None);
+    let err = db
+        .create_vm_with_active(&orphan, &[], &orphan_active, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::ForeignKey { kind: "vm", .. }), "{err:?}");
+    assert!(db.get_vm(orphan.id).await.unwrap_err().is_not_found());
+}
+
+fn sorted(disks: &[SnapshotDisk]) -> Vec<SnapshotDisk> {
+    let mut disks = disks.to_vec();
+    disks.sort_by_key(|d| d.disk_id);
+    disks
+}
+
+async fn snapshot_taken_is_idempotent(db: Database) {
+    let f = flow_vm(&db).await;
+    let active = db.active_snapshot(f.vm.id).await.unwrap();
+    assert_eq!(active.id, f.active_id);
+    let mem = memory();
+    let mut regular = new_snapshot(f.vm.id, SnapshotType::Regular, Some(mem));
+    regular.status = SnapshotStatus::Locked;
+    db.create_snapshot(&regular, &active.disks).await.unwrap();
+
+    // The snapshot is not OK yet, and the active still points at the old leaves.
+    assert_eq!(
+        db.get_snapshot(regular.id).await.unwrap().status,
+        SnapshotStatus::Locked
+    );
+    let new_leaves = overlays(&active.disks);
+    db.snapshot_taken(f.vm.id, regular.id, active.id, &new_leaves)
+        .await
+        .unwrap();
+    let taken = db.get_snapshot(regular.id).await.unwrap();
+    assert_eq!(taken.status, SnapshotStatus::Ok);
+    assert_eq!(taken.disks, active.disks, "the snapshot keeps the frozen volumes");
+    assert_eq!(taken.memory, Some(mem));
+    let now_active = db.active_snapshot(f.vm.id).await.unwrap();
+    assert_eq!(now_active.disks, new_leaves);
+    assert_eq!(now_active.memory, None);
+
+    // Replayed, even with other overlays (as a re-executed step that made
+    // new ones would): nothing changes.
+    db.snapshot_taken(f.vm.id, regular.id, active.id, &new_leaves)
+        .await
+        .unwrap();
+    db.snapshot_taken(f.vm.id, regular.id, active.id, &overlays(&active.disks))
+        .await
+        .unwrap();
+    assert_eq!(db.active_snapshot(f.vm.id).await.unwrap().disks, new_leaves);
+    assert_eq!(db.get_snapshot(regular.id).await.unwrap(), taken);
+
+    // Wrong arguments.
+    let err = db
+        .snapshot_taken(f.vm.id, Uuid::new_v4(), active.id, &[])
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    let mut other = new_snapshot(f.vm.id, SnapshotType::Regular, None);
+    other.status = SnapshotStatus::Locked;
+    db.create_snapshot(&other, &[]).await.unwrap();
+    // "active" that is not the active snapshot.
+    let err = db
+        .snapshot_taken(f.vm.id, other.id, regular.id, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    // The active snapshot is not a regular one.
+    let err = db
+        .snapshot_taken(f.vm.id, active.id, active.id, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    // A snapshot of another VM.
+    let g = flow_vm(&db).await;
+    let err = db
+        .snapshot_taken(g.vm.id, other.id, g.active_id, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(
+        db.get_snapshot(other.id).await.unwrap().status,
+        SnapshotStatus::Locked
+    );
+}
+
+async fn preview_then_undo(db: Database) {
+    let f = flow_vm(&db).await;
+    let vm_id = f.vm.id;
+    let m1 = memory();
+    let s1 = take_snapshot(&db, vm_id, Some(m1)).await;
+    let s2 = take_snapshot(&db, vm_id, None).await;
+    let before = db.active_snapshot(vm_id).await.unwrap();
+    assert_eq!(before.id, f.active_id);
+    assert_eq!(
+        model(&db, vm_id).await,
+        [
+            (f.active_id, SnapshotType::Active, SnapshotStatus::Ok),
+            (s1.id, SnapshotType::Regular, SnapshotStatus::Ok),
+            (s2.id, SnapshotType::Regular, SnapshotStatus::Ok),
+        ]
+    );
+
+    // Preview S1 with its memory: new leaves on top of S1's volumes.
+    let preview_leaves = overlays(&s1.disks);
+    let new_active = new_snapshot(vm_id, SnapshotType::Active, None);
+    let previewing = db
+        .preview_begin(vm_id, s1.id, &new_active, &preview_leaves, Some(&m1))
+        .await
+        .unwrap();
+    assert_eq!(previewing.id, new_active.id);
+    assert_eq!(
+        (previewing.snapshot_type, previewing.status, previewing.memory),
+        (SnapshotType::Active, SnapshotStatus::Ok, Some(m1))
+    );
+    assert_eq!(previewing.disks, preview_leaves);
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap(), previewing);
+    let preview = db.get_snapshot(f.active_id).await.unwrap();
+    assert_eq!(preview.snapshot_type, SnapshotType::Preview);
+    assert_eq!(preview.disks, before.disks, "the pre-preview state is kept");
+    assert_eq!(
+        db.get_snapshot(s1.id).await.unwrap().status,
+        SnapshotStatus::InPreview
+    );
+    assert_eq!(db.get_snapshot(s2.id).await.unwrap().status, SnapshotStatus::Ok);
+    // The previewed snapshot and the new active share the memory volume.
+    assert!(db.memory_still_referenced(m1.dump.volume_id).await.unwrap());
+    assert_eq!(
+        db.snapshots_referencing_memory(m1.dump.volume_id)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Replayed: the same result, nothing more.
+    let replay = db
+        .preview_begin(vm_id, s1.id, &new_active, &overlays(&s1.disks), Some(&m1))
+        .await
+        .unwrap();
+    assert_eq!(replay, previewing);
+    assert_eq!(db.list_snapshots(vm_id).await.unwrap().len(), 4);
+    // A second preview while in preview is refused.
+    let err = db
+        .preview_begin(
+            vm_id,
+            s2.id,
+            &new_snapshot(vm_id, SnapshotType::Active, None),
+            &overlays(&s2.disks),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    // So is a commit-less removal of the previewed snapshot.
+    let err = db.remove_snapshot_row(s1.id).await.unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+
+    // Undo: the preview's active goes, the pre-preview state is back.
+    let deleted = db.preview_undo(vm_id).await.unwrap().unwrap();
+    assert_eq!(deleted, previewing, "returned with its disks and memory");
+    assert_eq!(
+        model(&db, vm_id).await,
+        [
+            (f.active_id, SnapshotType::Active, SnapshotStatus::Ok),
+            (s1.id, SnapshotType::Regular, SnapshotStatus::Ok),
+            (s2.id, SnapshotType::Regular, SnapshotStatus::Ok),
+        ]
+    );
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap(), before);
+    assert!(db.get_snapshot(new_active.id).await.unwrap_err().is_not_found());
+    // S1 still holds the memory volume: it must stay.
+    assert!(db.memory_still_referenced(m1.dump.volume_id).await.unwrap());
+    // Replayed: nothing to undo.
+    assert_eq!(db.preview_undo(vm_id).await.unwrap(), None);
+    assert_eq!(db.preview_commit(vm_id).await.unwrap(), Vec::<Snapshot>::new());
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap(), before);
+
+    // The VM can preview again afterwards.
+    let again = new_snapshot(vm_id, SnapshotType::Active, None);
+    db.preview_begin(vm_id, s2.id, &again, &overlays(&s2.disks), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.get_snapshot(s2.id).await.unwrap().status,
+        SnapshotStatus::InPreview
+    );
+    assert_eq!(db.preview_undo(vm_id).await.unwrap().unwrap().id, again.id);
+}
+
+async fn preview_then_commit(db: Database) {
+    let f = flow_vm(&db).await;
+    let vm_id = f.vm.id;
+    let (m1, m2, m3) = (memory(), memory(), memory());
+    let s1 = take_snapshot(&db, vm_id, Some(m1)).await;
+    let s2 = take_snapshot(&db, vm_id, Some(m2)).await;
+    let s3 = take_snapshot(&db, vm_id, None).await;
+    // The active's memory (e.g. left by an earlier commit) goes with PREVIEW.
+    db.set_memory(f.active_id, &m3).await.unwrap();
+    let before = db.active_snapshot(vm_id).await.unwrap();
+    // A snapshot of another VM is never touched.
+    let g = flow_vm(&db).await;
+    let g1 = take_snapshot(&db, g.vm.id, None).await;
+
+    let new_active = new_snapshot(vm_id, SnapshotType::Active, None);
+    let leaves = overlays(&s1.disks);
+    let previewing = db
+        .preview_begin(vm_id, s1.id, &new_active, &leaves, Some(&m1))
+        .await
+        .unwrap();
+
+    let deleted = db.preview_commit(vm_id).await.unwrap();
+    let ids: Vec<Uuid> = deleted.iter().map(|s| s.id).collect();
+    assert_eq!(
+        ids,
+        [f.active_id, s2.id, s3.id],
+        "PREVIEW first, then the newer snapshots"
+    );
+    assert_eq!(deleted[0].snapshot_type, SnapshotType::Preview);
+    assert_eq!(deleted[0].disks, before.disks);
+    assert_eq!(deleted[0].memory, Some(m3));
+    assert_eq!(deleted[1], s2, "returned with disks and memory");
+    assert_eq!(deleted[2], s3);
+    assert_eq!(
+        model(&db, vm_id).await,
+        [
+            (s1.id, SnapshotType::Regular, SnapshotStatus::Ok),
+            (new_active.id, SnapshotType::Active, SnapshotStatus::Ok),
+        ]
+    );
+    // The active keeps the memory, to restore on the next run.
+    let active = db.active_snapshot(vm_id).await.unwrap();
+    assert_eq!(active, previewing);
+    assert_eq!(active.memory, Some(m1));
+    assert!(db.memory_still_referenced(m1.dump.volume_id).await.unwrap());
+    // The removed snapshots' memory volumes are unreferenced: the caller deletes them.
+    assert!(!db.memory_still_referenced(m2.dump.volume_id).await.unwrap());
+    assert!(!db.memory_still_referenced(m3.dump.volume_id).await.unwrap());
+    for s in &deleted {
+        assert!(db.snapshot_disks(s.id).await.unwrap().is_empty());
+    }
+
+    // Replayed: nothing more is deleted.
+    assert!(db.preview_commit(vm_id).await.unwrap().is_empty());
+    assert_eq!(db.preview_undo(vm_id).await.unwrap(), None);
+    assert_eq!(db.list_snapshots(vm_id).await.unwrap().len(), 2);
+    assert_eq!(model(&db, g.vm.id).await.len(), 2);
+    assert_eq!(db.get_snapshot(g1.id).await.unwrap(), g1);
+
+    // Committing to the newest snapshot deletes no regular one.
+    let s4 = take_snapshot(&db, vm_id, None).await;
+    let next = new_snapshot(vm_id, SnapshotType::Active, None);
+    db.preview_begin(vm_id, s4.id, &next, &overlays(&s4.disks), None)
+        .await
+        .unwrap();
+    let deleted = db.preview_commit(vm_id).await.unwrap();
+    assert_eq!(deleted.iter().map(|s| s.id).collect::<Vec<_>>(), [new_active.id]);
+    assert_eq!(
+        model(&db, vm_id).await,
+        [
+            (s1.id, SnapshotType::Regular, SnapshotStatus::Ok),
+            (s4.id, SnapshotType::Regular, SnapshotStatus::Ok),
+            (next.id, SnapshotType::Active, SnapshotStatus::Ok),
+        ]
+    );
+    // m1 was only the old active's and S1's: S1 still holds it.
+    assert!(db.memory_still_referenced(m1.dump.volume_id).await.unwrap());
+}
+
+async fn preview_refusals_roll_back(db: Database) {
+    // A VM without an active snapshot cannot preview.
+    let bare = vm(&db).await;
+    let regular = new_snapshot(bare.id, SnapshotType::Regular, None);
+    db.create_snapshot(&regular, &[]).await.unwrap();
+    let err = db
+        .preview_begin(
+            bare.id,
+            regular.id,
+            &new_snapshot(bare.id, SnapshotType::Active, None),
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert!(db.active_snapshot(bare.id).await.unwrap_err().is_not_found());
+
+    let f = flow_vm(&db).await;
+    let vm_id = f.vm.id;
+    let s1 = take_snapshot(&db, vm_id, None).await;
+    let before = model(&db, vm_id).await;
+    let fresh = || new_snapshot(vm_id, SnapshotType::Active, None);
+
+    // Missing, not regular, of another VM, locked.
+    let err = db
+        .preview_begin(vm_id, Uuid::new_v4(), &fresh(), &[], None)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    let err = db
+        .preview_begin(vm_id, f.active_id, &fresh(), &[], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    let err = db
+        .preview_begin(vm_id, regular.id, &fresh(), &[], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    let mut locked = new_snapshot(vm_id, SnapshotType::Regular, None);
+    locked.status = SnapshotStatus::Locked;
+    db.create_snapshot(&locked, &[]).await.unwrap();
+    let err = db
+        .preview_begin(vm_id, locked.id, &fresh(), &[], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    db.delete_snapshot(locked.id).await.unwrap();
+    // The new active's id is taken by another snapshot.
+    let taken = NewSnapshot { id: s1.id, ..fresh() };
+    let err = db
+        .preview_begin(vm_id, s1.id, &taken, &[], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    // A new active of another VM.
+    let err = db
+        .preview_begin(
+            vm_id,
+            s1.id,
+            &new_snapshot(bare.id, SnapshotType::Active, None),
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::InvalidValue { .. }), "{err:?}");
+    // A failure at the last insert (a disk twice) rolls back the type and
+    // status changes made before it.
+    let leaves = overlays(&s1.disks);
+    let err = db
+        .preview_begin(vm_id, s1.id, &fresh(), &[leaves[0], leaves[0]], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(model(&db, vm_id).await, before);
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap().id, f.active_id);
+}
+
+async fn stateless_begin_and_end(db: Database) {
+    let f = flow_vm(&db).await;
+    let vm_id = f.vm.id;
+    let s1 = take_snapshot(&db, vm_id, None).await;
+    // The active snapshot has memory (committed to a snapshot with memory):
+    // a stateless VM restores it on every run.
+    let mem = memory();
+    db.set_memory(f.active_id, &mem).await.unwrap();
+    let before = db.active_snapshot(vm_id).await.unwrap();
+
+    let run_active = new_snapshot(vm_id, SnapshotType::Active, None);
+    let leaves = overlays(&before.disks);
+    let running = db
+        .stateless_begin(vm_id, &run_active, &leaves, before.memory.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(
+        (running.id, running.snapshot_type, running.status, running.memory),
+        (run_active.id, SnapshotType::Active, SnapshotStatus::Ok, Some(mem))
+    );
+    assert_eq!(running.disks, leaves);
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap(), running);
+    let stateless = db.get_snapshot(f.active_id).await.unwrap();
+    assert_eq!(stateless.snapshot_type, SnapshotType::Stateless);
+    assert_eq!(stateless.disks, before.disks);
+    assert_eq!(stateless.memory, Some(mem));
+
+    // Replayed: same result.
+    assert_eq!(
+        db.stateless_begin(vm_id, &run_active, &overlays(&before.disks), None)
+            .await
+            .unwrap(),
+        running
+    );
+    assert_eq!(db.list_snapshots(vm_id).await.unwrap().len(), 3);
+    // Neither a second stateless run nor a preview meanwhile.
+    let err = db
+        .stateless_begin(vm_id, &new_snapshot(vm_id, SnapshotType::Active, None), &[], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    let err = db
+        .preview_begin(
+            vm_id,
+            s1.id,
+            &new_snapshot(vm_id, SnapshotType::Active, None),
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(db.preview_undo(vm_id).await.unwrap(), None);
+
+    // The VM stops: the run's active goes, the saved state is back.
+    let deleted = db.stateless_end(vm_id).await.unwrap().unwrap();
+    assert_eq!(deleted, running);
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap(), before);
+    assert_eq!(
+        model(&db, vm_id).await,
+        [
+            (f.active_id, SnapshotType::Active, SnapshotStatus::Ok),
+            (s1.id, SnapshotType::Regular, SnapshotStatus::Ok),
+        ]
+    );
+    // The memory is still the active's: it stays for the next run.
+    assert!(db.memory_still_referenced(mem.dump.volume_id).await.unwrap());
+    // Replayed: nothing to end.
+    assert_eq!(db.stateless_end(vm_id).await.unwrap(), None);
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap(), before);
+
+    // A preview refuses a stateless run.
+    let previewing = new_snapshot(vm_id, SnapshotType::Active, None);
+    db.preview_begin(vm_id, s1.id, &previewing, &overlays(&s1.disks), None)
+        .await
+        .unwrap();
+    let err = db
+        .stateless_begin(vm_id, &new_snapshot(vm_id, SnapshotType::Active, None), &[], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    // A VM without an active snapshot cannot start stateless.
+    let bare = vm(&db).await;
+    let err = db
+        .stateless_begin(
+            bare.id,
+            &new_snapshot(bare.id, SnapshotType::Active, None),
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(db.stateless_end(bare.id).await.unwrap(), None);
+}
+
+async fn remove_snapshot_row_and_memory_references(db: Database) {
+    let f = flow_vm(&db).await;
+    let vm_id = f.vm.id;
+    let mem = memory();
+    let s1 = take_snapshot(&db, vm_id, Some(mem)).await;
+    let s2 = take_snapshot(&db, vm_id, None).await;
+    assert!(db.memory_still_referenced(mem.dump.volume_id).await.unwrap());
+    // Only the dump volume counts.
+    assert!(!db.memory_still_referenced(mem.metadata.volume_id).await.unwrap());
+    assert!(!db.memory_still_referenced(Uuid::new_v4()).await.unwrap());
+
+    let removed = db.remove_snapshot_row(s1.id).await.unwrap().unwrap();
+    assert_eq!(removed, s1, "returned with disks and memory");
+    assert_eq!(removed.disks.len(), 2);
+    assert!(db.get_snapshot(s1.id).await.unwrap_err().is_not_found());
+    assert!(db.snapshot_disks(s1.id).await.unwrap().is_empty());
+    assert!(!db.memory_still_referenced(mem.dump.volume_id).await.unwrap());
+    // Replayed: already gone.
+    assert_eq!(db.remove_snapshot_row(s1.id).await.unwrap(), None);
+
+    // Only REGULAR snapshots are removed this way.
+    let err = db.remove_snapshot_row(f.active_id).await.unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(db.active_snapshot(vm_id).await.unwrap().id, f.active_id);
+    // A LOCKED one (its removal saga locked it) may go.
+    db.set_snapshot_status(s2.id, SnapshotStatus::Locked)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.remove_snapshot_row(s2.id).await.unwrap().map(|s| s.id),
+        Some(s2.id)
+    );
+    assert_eq!(
+        model(&db, vm_id).await,
+        [(f.active_id, SnapshotType::Active, SnapshotStatus::Ok)]
+    );
+}
+
+async fn repoint_snapshot_disks_after_merge(db: Database) {
+    let f = flow_vm(&db).await;
+    let vm_id = f.vm.id;
+    let s1 = take_snapshot(&db, vm_id, None).await;
+    let s2 = take_snapshot(&db, vm_id, None).await;
+    let active = db.active_snapshot(vm_id).await.unwrap();
+    let disk = f.disks[0].disk_id;
+    let volume_of = |s: &Snapshot| s.disks.iter().find(|d| d.disk_id == disk).unwrap().volume;
+    let (v1, v2, v3) = (volume_of(&s1), volume_of(&s2), volume_of(&active));
+
+    assert_eq!(
+        db.snapshots_pointing_at_volume(v1.volume_id).await.unwrap(),
+        [(s1.id, disk)]
+    );
+    assert_eq!(
+        db.snapshots_pointing_at_volume(v3.volume_id).await.unwrap(),
+        [(active.id, disk)]
+    );
+    assert!(db
+        .snapshots_pointing_at_volume(Uuid::new_v4())
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A merge removed v1 by merging it into its child v2: S1 now points at v2.
+    db.set_snapshot_disk_volume(s1.id, disk, &v2).await.unwrap();
+    // Replayed: no change, no error.
+    db.set_snapshot_disk_volume(s1.id, disk, &v2).await.unwrap();
+    assert!(db
+        .snapshots_pointing_at_volume(v1.volume_id)
+        .await
+        .unwrap()
+        .is_empty());
+    let mut expected = vec![(s1.id, disk), (s2.id, disk)];
+    expected.sort();
+    assert_eq!(
+        db.snapshots_pointing_at_volume(v2.volume_id).await.unwrap(),
+        expected
+    );
+    assert_eq!(volume_of(&db.get_snapshot(s1.id).await.unwrap()), v2);
+    // The other disk is untouched.
+    let other_disk = f.disks[1].disk_id;
+    let other = |s: &Snapshot| s.disks.iter().find(|d| d.disk_id == other_disk).unwrap().volume;
+    assert_eq!(other(&db.get_snapshot(s1.id).await.unwrap()), other(&s1));
+
+    let err = db
+        .set_snapshot_disk_volume(s1.id, Uuid::new_v4(), &v2)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    let err = db
+        .set_snapshot_disk_volume(Uuid::new_v4(), disk, &v2)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
 }
 
 /// SQLite-only: an in-memory database keeps its one connection (and data),

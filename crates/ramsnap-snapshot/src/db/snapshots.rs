@@ -36,7 +36,7 @@ pub struct VolumeRef {
 
 /// Where a snapshot's memory state is: the memory dump and the VM
 /// configuration at the moment the snapshot was taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct MemoryVolume {
     pub dump: VolumeRef,
     pub metadata: VolumeRef,
@@ -68,7 +68,7 @@ pub struct NewSnapshot {
 }
 
 /// The volume of one of the VM's disks that a snapshot points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotDisk {
     pub disk_id: Uuid,
     pub volume: VolumeRef,
