@@ -28,27 +28,53 @@ pub const SERVICE_NAMES: [&str; 4] = [
 /// What a handler hands over to start an operation.
 pub struct Start {
     pub kind: &'static str,
+    /// The VM the operation is about (recorded on the operation).
     pub vm_id: Option<Uuid>,
+    /// Whether the operation takes `vm_id`'s lock (not for a VM that the
+    /// operation itself creates).
+    pub lock_vm: bool,
     pub request_id: String,
     pub saga: &'static str,
     pub params: Value,
     pub warnings: Vec<String>,
 }
 
+/// The operation a request id already started, for a retried call: it is
+/// answered with that operation whatever changed since (the VM may be up
+/// now because of it). ALREADY_EXISTS if the id started another kind.
+pub async fn retried_operation(
+    app: &App,
+    kind: &str,
+    request_id: &str,
+) -> Result<Option<db::Operation>, Status> {
+    let Some(r) = ids::parse_optional("request_id", request_id)? else {
+        return Ok(None);
+    };
+    let r = r.to_string();
+    match app.db.get_operation_by_request_id(&r).await.map_err(db_status)? {
+        Some(op) if op.kind != kind => Err(status::already_exists(
+            "request",
+            &r,
+            format!("request_id was used for a {} operation", op.kind),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// FAILED_PRECONDITION VM_LOCKED, naming the holder, if an operation holds
+/// the VM (checked before the VM's state, which the holder is changing).
+pub fn refuse_locked(vm: &db::Vm) -> Result<(), Status> {
+    match vm.lock_operation_id {
+        Some(holder) => Err(vm_locked(vm.id, holder)),
+        None => Ok(()),
+    }
+}
+
 /// Starts an operation, or returns the one its request id already started.
 pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, Status> {
     let request_id = ids::parse_optional("request_id", &s.request_id)?.map(|r| r.to_string());
-    if let Some(r) = &request_id {
-        if let Some(op) = app.db.get_operation_by_request_id(r).await.map_err(db_status)? {
-            if op.kind != s.kind {
-                return Err(status::already_exists(
-                    "request",
-                    r,
-                    format!("request_id was used for a {} operation", op.kind),
-                ));
-            }
-            return Ok(op);
-        }
+    if let Some(op) = retried_operation(app, s.kind, &s.request_id).await? {
+        return Ok(op);
     }
     let new = NewOperation {
         id: Uuid::new_v4(),
@@ -70,7 +96,8 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
         }
         Err(e) => return Err(db_status(e)),
     };
-    if let Some(vm) = s.vm_id {
+    let locked = s.vm_id.filter(|_| s.lock_vm);
+    if let Some(vm) = locked {
         if let Err(e) = app.db.try_lock_vm(vm, op.id).await {
             let status = match e {
                 DbError::VmLocked { vm_id, holder } => vm_locked(vm_id, holder),
@@ -86,7 +113,7 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
         app.notify_vm(vm);
     }
     if let Err(e) = app.executor().start(s.saga, s.params, op.id).await {
-        if let Some(vm) = s.vm_id {
+        if let Some(vm) = locked {
             let _ = app.db.unlock_vm(vm, op.id).await;
         }
         let msg = format!("{}: {}", code_name(e.code()), e.message());
@@ -171,4 +198,37 @@ pub fn is_running(s: db::VmStatus) -> bool {
 pub async fn get_vm(app: &App, field: &str, value: &str) -> Result<db::Vm, Status> {
     let id = ids::parse(field, value)?;
     app.db.get_vm(id).await.map_err(db_status)
+}
+
+/// A name of a VM (or cluster, host): 1-128 printable characters.
+pub fn check_name(field: &str, name: &str) -> Result<(), Status> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
+        return Err(status::invalid_argument(
+            field,
+            "must be 1-128 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The snapshot `value` names, which must be one of the VM's.
+pub async fn get_vm_snapshot(app: &App, vm: &db::Vm, value: &str) -> Result<db::Snapshot, Status> {
+    let id = ids::parse("snapshot_id", value)?;
+    match app.db.get_snapshot(id).await {
+        Ok(s) if s.vm_id == vm.id => Ok(s),
+        Ok(_) => Err(status::not_found("snapshot", &format!("{id} of vm {}", vm.id))),
+        Err(e) => Err(db_status(e)),
+    }
+}
+
+/// FAILED_PRECONDITION VM_NOT_DOWN unless the VM is down.
+pub fn require_down(vm: &db::Vm, what: &str) -> Result<(), Status> {
+    if vm.status != db::VmStatus::Down {
+        return Err(status::failed_precondition(
+            "VM_NOT_DOWN",
+            &format!("vm/{}", vm.id),
+            format!("VM {} is {}; {what} needs it down", vm.name, vm.status),
+        ));
+    }
+    Ok(())
 }

@@ -20,10 +20,14 @@ pub fn from_host(s: i32) -> Option<VmStatus> {
     })
 }
 
-/// Follows every VM the database says is not down (after a restart).
+/// Follows every VM the database says is running (after a restart). An
+/// ImageLocked VM is down: the saga that changes its images sets it back.
 pub async fn follow_running(app: &Arc<App>) {
     let Ok(vms) = app.db.list_vms().await else { return };
-    for vm in vms.into_iter().filter(|v| v.status != VmStatus::Down) {
+    for vm in vms
+        .into_iter()
+        .filter(|v| !matches!(v.status, VmStatus::Down | VmStatus::ImageLocked))
+    {
         if let Ok(host) = app.host_for_vm(&vm).await {
             follow(app, vm.id, host);
         }

@@ -1,11 +1,21 @@
 //! Steps several sagas share.
 use crate::app::{db_status, App};
-use crate::convert::{downstream, to_wire_ref};
-use crate::db::{self, MemoryVolume};
+use crate::convert::{downstream, from_wire_ref, to_wire_ref};
+use crate::db::{self, MemoryVolume, SnapshotType, VmStatus, VolumeRef};
 use crate::saga::SagaCx;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use ramsnap_common::status;
 use ramsnap_proto::storage::v1 as storage;
+use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
 use uuid::Uuid;
+
+/// The undo of a node that has nothing to undo (it only computes, or it is
+/// the "undo carrier" of a step whose cleanup lives elsewhere).
+pub fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async { Ok(()) }.boxed()
+}
 
 /// Takes the VM's lock for this operation (idempotent for the holder).
 pub async fn lock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
@@ -24,6 +34,112 @@ pub async fn unlock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
         .map_err(db_status)?;
     cx.app.notify_vm(vm_id);
     Ok(())
+}
+
+/// Takes the lock and checks, now that nothing else can change the VM, that
+/// it is down (the handler checked before the lock was taken).
+pub async fn lock_down_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<db::Vm, Status> {
+    lock_vm(cx, vm_id).await?;
+    let vm = cx.app.db.get_vm(vm_id).await.map_err(db_status)?;
+    require_down(&vm)?;
+    Ok(vm)
+}
+
+/// FAILED_PRECONDITION VM_NOT_DOWN unless the VM is down.
+pub fn require_down(vm: &db::Vm) -> Result<(), Status> {
+    if vm.status != VmStatus::Down {
+        return Err(status::failed_precondition(
+            "VM_NOT_DOWN",
+            &format!("vm/{}", vm.id),
+            format!("VM {} is {}; it must be down", vm.name, vm.status),
+        ));
+    }
+    Ok(())
+}
+
+/// Shows the down VM as ImageLocked while an operation changes its images.
+/// A replay finds it ImageLocked already.
+pub async fn image_lock(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
+    let db = &cx.app.db;
+    if !db
+        .transition_vm_status(vm_id, VmStatus::Down, VmStatus::ImageLocked)
+        .await
+        .map_err(db_status)?
+    {
+        let vm = db.get_vm(vm_id).await.map_err(db_status)?;
+        if vm.status != VmStatus::ImageLocked {
+            require_down(&vm)?;
+        }
+    }
+    cx.app.notify_vm(vm_id);
+    Ok(())
+}
+
+/// Back to Down (forward at the end, or undo); a VM already gone is fine.
+pub async fn image_unlock(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
+    match cx
+        .app
+        .db
+        .transition_vm_status(vm_id, VmStatus::ImageLocked, VmStatus::Down)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(db_status(e)),
+    }
+    cx.app.notify_vm(vm_id);
+    Ok(())
+}
+
+/// The VM and the host whose StorageService reaches its domains.
+pub async fn vm_and_host(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(db::Vm, db::Host), Status> {
+    let vm = cx.app.db.get_vm(vm_id).await.map_err(db_status)?;
+    let host = cx.app.host_for_vm(&vm).await?;
+    Ok((vm, host))
+}
+
+/// A disk id whose first four bytes are its index, so that "ordered by
+/// disk id" (the order the repository returns disks in, and the order the
+/// host attaches them: vda, vdb, ...) is the order the disks were given in.
+pub fn ordered_disk_id(index: usize, seed: Uuid) -> Uuid {
+    let mut bytes = *seed.as_bytes();
+    bytes[..4].copy_from_slice(&(index as u32).to_be_bytes());
+    Uuid::from_bytes(bytes)
+}
+
+/// Creates (or finds again, under the same request id) a COW volume: a
+/// new image's base when `parent` is None, else a child of `parent` in its
+/// image (several children branch, as a preview does).
+#[allow(clippy::too_many_arguments)]
+pub async fn ensure_cow_volume(
+    cx: &SagaCx<App>,
+    host: &db::Host,
+    domain_id: Uuid,
+    image_id: Uuid,
+    volume_id: Uuid,
+    parent: Option<Uuid>,
+    capacity_bytes: u64,
+    request_id: Uuid,
+    description: String,
+) -> Result<VolumeRef, Status> {
+    let mut client = cx.app.storage_client(host)?;
+    let req = storage::CreateVolumeRequest {
+        request_id: request_id.to_string(),
+        domain_id: domain_id.to_string(),
+        image_id: image_id.to_string(),
+        volume_id: volume_id.to_string(),
+        capacity_bytes,
+        format: storage::VolumeFormat::Cow as i32,
+        allocation: storage::VolumeAllocation::Sparse as i32,
+        purpose: storage::VolumePurpose::Disk as i32,
+        parent_volume_id: parent.map(|p| p.to_string()).unwrap_or_default(),
+        description,
+    };
+    let v = client
+        .create_volume(req)
+        .await
+        .map_err(|s| downstream("creating a disk volume", s))?;
+    from_wire_ref(v.into_inner().volume.as_ref().and_then(|v| v.r#ref.as_ref()))
 }
 
 /// Deletes a volume; "already gone" is success.
@@ -71,4 +187,217 @@ pub async fn release_memory(
         cx.stable_id(&format!("{purpose}/metadata")),
     )
     .await
+}
+
+/// Releases each memory pair (reference counted: those a snapshot still
+/// refers to stay).
+pub async fn release_memories(
+    cx: &SagaCx<App>,
+    host: &db::Host,
+    memories: &[MemoryVolume],
+) -> Result<(), Status> {
+    let mut seen = HashSet::new();
+    for m in memories {
+        if seen.insert(m.dump.volume_id) {
+            release_memory(cx, host, m, &format!("release/{}", m.dump.volume_id)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The memory of every snapshot of the VM (recorded before a change that
+/// deletes snapshots, and released after it).
+pub async fn vm_memories(cx: &SagaCx<App>, vm_id: Uuid) -> Result<Vec<MemoryVolume>, Status> {
+    let snaps = cx.app.db.list_snapshots(vm_id).await.map_err(db_status)?;
+    Ok(snaps.iter().filter_map(|s| s.memory).collect())
+}
+
+/// The volumes of one image, as the StorageService sees them.
+pub async fn image_volumes(
+    app: &App,
+    host: &db::Host,
+    domain_id: Uuid,
+    image_id: Uuid,
+) -> Result<Vec<storage::Volume>, Status> {
+    let mut client = app.storage_client(host)?;
+    match client
+        .list_volumes(storage::ListVolumesRequest {
+            domain_id: domain_id.to_string(),
+            image_id: image_id.to_string(),
+        })
+        .await
+    {
+        Ok(r) => Ok(r.into_inner().volumes),
+        Err(s) => Err(downstream("listing an image's volumes", s)),
+    }
+}
+
+/// (volume id, parent volume id) of each volume.
+pub fn parents(volumes: &[storage::Volume]) -> HashMap<Uuid, Option<Uuid>> {
+    volumes
+        .iter()
+        .filter_map(|v| {
+            let id = Uuid::parse_str(&v.r#ref.as_ref()?.volume_id).ok()?;
+            Some((id, Uuid::parse_str(&v.parent_volume_id).ok()))
+        })
+        .collect()
+}
+
+/// Deletes `doomed` volumes of one image, children before their parents.
+async fn delete_children_first(
+    cx: &SagaCx<App>,
+    host: &db::Host,
+    domain_id: Uuid,
+    image_id: Uuid,
+    parents: &HashMap<Uuid, Option<Uuid>>,
+    mut doomed: HashSet<Uuid>,
+) -> Result<(), Status> {
+    while !doomed.is_empty() {
+        let leaves: Vec<Uuid> = doomed
+            .iter()
+            .copied()
+            .filter(|v| {
+                !doomed
+                    .iter()
+                    .any(|c| parents.get(c).copied().flatten() == Some(*v))
+            })
+            .collect();
+        if leaves.is_empty() {
+            return Err(Status::internal(format!(
+                "image {image_id} has a volume cycle; refusing to delete"
+            )));
+        }
+        for v in leaves {
+            let r = VolumeRef {
+                domain_id,
+                image_id,
+                volume_id: v,
+            };
+            delete_volume(&cx.app, host, &r, cx.stable_id(&format!("delete/{v}"))).await?;
+            doomed.remove(&v);
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every volume of each of the VM's disk images that no snapshot of
+/// the VM can reach (neither a snapshot's volume nor one of its ancestors):
+/// the leftovers of a preview, a commit, a stateless run or a failed step.
+/// Safe because the caller holds the VM lock and images belong to one VM.
+pub async fn collect_garbage(cx: &SagaCx<App>, host: &db::Host, vm_id: Uuid) -> Result<(), Status> {
+    let disks = cx.app.db.vm_disks(vm_id).await.map_err(db_status)?;
+    let snaps = cx.app.db.list_snapshots(vm_id).await.map_err(db_status)?;
+    for disk in disks {
+        let volumes = image_volumes(&cx.app, host, disk.domain_id, disk.image_id).await?;
+        let parents = parents(&volumes);
+        let mut keep = HashSet::new();
+        for d in snaps
+            .iter()
+            .flat_map(|s| &s.disks)
+            .filter(|d| d.disk_id == disk.disk_id)
+        {
+            let mut cur = Some(d.volume.volume_id);
+            while let Some(v) = cur {
+                if !keep.insert(v) {
+                    break;
+                }
+                cur = parents.get(&v).copied().flatten();
+            }
+        }
+        if keep.is_empty() {
+            // No snapshot points into the image: the model is not what this
+            // step expects; deleting the whole disk would be the wrong guess.
+            tracing::warn!(vm = %vm_id, disk = %disk.disk_id, "no snapshot points into the image; leaving it");
+            continue;
+        }
+        let doomed: HashSet<Uuid> = parents.keys().filter(|v| !keep.contains(v)).copied().collect();
+        delete_children_first(cx, host, disk.domain_id, disk.image_id, &parents, doomed).await?;
+    }
+    Ok(())
+}
+
+/// Deletes every volume of an image, children first.
+pub async fn delete_image(
+    cx: &SagaCx<App>,
+    host: &db::Host,
+    domain_id: Uuid,
+    image_id: Uuid,
+) -> Result<(), Status> {
+    let volumes = match image_volumes(&cx.app, host, domain_id, image_id).await {
+        Ok(v) => v,
+        Err(s) if s.code() == Code::NotFound => return Ok(()),
+        Err(s) => return Err(s),
+    };
+    let parents = parents(&volumes);
+    let doomed = parents.keys().copied().collect();
+    delete_children_first(cx, host, domain_id, image_id, &parents, doomed).await
+}
+
+/// Puts a VM left with a STATELESS snapshot back to the state it was run
+/// from: the ACTIVE snapshot of the run is deleted with its overlays, the
+/// STATELESS one is ACTIVE again (with the memory it had, so that the next
+/// stateless run restores it again). Nothing to do without one.
+pub async fn end_stateless(cx: &SagaCx<App>, host: &db::Host, vm_id: Uuid) -> Result<(), Status> {
+    let db = &cx.app.db;
+    let stateless = db
+        .snapshot_by_vm_type(vm_id, SnapshotType::Stateless)
+        .await
+        .map_err(db_status)?;
+    // The run's ACTIVE memory, if it still has one (it is the STATELESS
+    // snapshot's, so it normally stays).
+    let memory = match &stateless {
+        Some(_) => db.active_snapshot(vm_id).await.ok().and_then(|a| a.memory),
+        None => None,
+    };
+    if stateless.is_some() {
+        db.stateless_end(vm_id).await.map_err(db_status)?;
+    }
+    collect_garbage(cx, host, vm_id).await?;
+    if let Some(m) = memory {
+        release_memory(cx, host, &m, "stateless-run-memory").await?;
+    }
+    cx.app.notify_vm(vm_id);
+    Ok(())
+}
+
+/// A node output's `{"<key>": "<uuid>"}`.
+pub fn id_in(v: &serde_json::Value, key: &str) -> Result<Uuid, Status> {
+    v[key]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| Status::internal(format!("node output has no {key}")))
+}
+
+/// What ending a preview (undo or commit) needs to know before it changes
+/// anything: the previewed snapshot (the operation's result) and every
+/// memory pair the VM's snapshots hold, to release (reference counted)
+/// once the snapshots the change deletes are gone.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PreviewEnd {
+    pub snapshot_id: Uuid,
+    pub memories: Vec<MemoryVolume>,
+}
+
+pub async fn preview_end_plan(cx: &SagaCx<App>, vm_id: Uuid) -> Result<PreviewEnd, Status> {
+    let db = &cx.app.db;
+    let in_preview = db
+        .snapshot_by_vm_type(vm_id, SnapshotType::Preview)
+        .await
+        .map_err(db_status)?
+        .is_some();
+    let previewed = db
+        .snapshot_by_vm_type_status(vm_id, SnapshotType::Regular, db::SnapshotStatus::InPreview)
+        .await
+        .map_err(db_status)?;
+    match previewed {
+        Some(s) if in_preview => Ok(PreviewEnd {
+            snapshot_id: s.id,
+            memories: vm_memories(cx, vm_id).await?,
+        }),
+        _ => Err(status::failed_precondition(
+            "VM_NOT_IN_PREVIEW",
+            &format!("vm/{vm_id}"),
+            format!("VM {vm_id} is not previewing a snapshot"),
+        )),
+    }
 }

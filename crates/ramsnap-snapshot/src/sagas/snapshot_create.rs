@@ -146,7 +146,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let mut domains = vec![vm.disk_domain_id];
         if let Ok(list) = client.list_domains(storage::ListDomainsRequest {}).await {
             let mut others: Vec<_> = list.into_inner().domains;
-            others.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes));
+            others.sort_by_key(|d| std::cmp::Reverse(d.free_bytes));
             domains.extend(others.iter().filter_map(|d| Uuid::parse_str(&d.domain_id).ok()));
         }
         domains.dedup();

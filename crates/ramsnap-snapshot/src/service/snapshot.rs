@@ -1,14 +1,23 @@
 //! SnapshotService: snapshots of a VM and the operations on them.
-use super::{get_vm, is_running, start_operation, to_operation, Start};
+use super::vm::{check_domains, refuse_taken_name};
+use super::{
+    check_name, get_vm, get_vm_snapshot, is_running, refuse_locked, require_down, retried_operation,
+    start_operation, to_operation, Start,
+};
 use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
 use crate::db::{self, SnapshotStatus, SnapshotType};
 use crate::sagas::snapshot_create::{self, MemoryMode};
+use crate::sagas::{snapshot_commit, snapshot_preview, snapshot_remove, snapshot_undo, vm_clone};
 use ramsnap_common::{ids, status};
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::snapshot_service_server::SnapshotService;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+/// The warning of a clone from a snapshot with memory (oVirt's popup).
+pub const CLONE_MEMORY_WARNING: &str = "the snapshot's memory is discarded: the new VM boots";
 
 pub struct SnapshotApi(pub Arc<App>);
 
@@ -42,10 +51,86 @@ pub fn to_snapshot(s: &db::Snapshot) -> pb::Snapshot {
     }
 }
 
+/// Whether the VM is previewing a snapshot.
+pub async fn in_preview(app: &App, vm: &db::Vm) -> Result<bool, Status> {
+    Ok(app
+        .db
+        .snapshot_by_vm_type(vm.id, SnapshotType::Preview)
+        .await
+        .map_err(db_status)?
+        .is_some())
+}
+
+/// FAILED_PRECONDITION VM_NOT_IN_PREVIEW unless the VM previews a snapshot.
+async fn require_in_preview(app: &App, vm: &db::Vm) -> Result<(), Status> {
+    if !in_preview(app, vm).await? {
+        return Err(status::failed_precondition(
+            "VM_NOT_IN_PREVIEW",
+            &format!("vm/{}", vm.id),
+            format!("VM {} is not previewing a snapshot", vm.name),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses to change the snapshots of a VM that runs stateless (oVirt:
+/// VM_RUNNING_STATELESS), or whose stateless run ended without StopVm.
+async fn refuse_stateless(app: &App, vm: &db::Vm, what: &str) -> Result<(), Status> {
+    let stateless = app
+        .db
+        .snapshot_by_vm_type(vm.id, SnapshotType::Stateless)
+        .await
+        .map_err(db_status)?;
+    if stateless.is_some() {
+        return Err(status::failed_precondition(
+            "VM_RUNNING_STATELESS",
+            &format!("vm/{}", vm.id),
+            format!(
+                "VM {} runs stateless (or its stateless run was not ended); stop it with StopVm before {what}",
+                vm.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A snapshot that can be removed or previewed: REGULAR and OK.
+fn require_regular_ok(s: &db::Snapshot, what: &str) -> Result<(), Status> {
+    let subject = format!("snapshot/{}", s.id);
+    let why = match s.snapshot_type {
+        SnapshotType::Regular => None,
+        SnapshotType::Active => Some("it is the active snapshot: the VM's current state"),
+        SnapshotType::Preview => Some("it is the state before the preview; commit or undo the preview"),
+        SnapshotType::Stateless => Some("it is the state a stateless run returns to; stop the VM"),
+    };
+    if let Some(why) = why {
+        return Err(status::failed_precondition(
+            "SNAPSHOT_NOT_REGULAR",
+            &subject,
+            format!("snapshot {} cannot be {what}: {why}", s.id),
+        ));
+    }
+    match s.status {
+        SnapshotStatus::Ok => Ok(()),
+        SnapshotStatus::Locked => Err(status::failed_precondition(
+            "SNAPSHOT_LOCKED",
+            &subject,
+            format!("snapshot {} is locked by an operation in progress", s.id),
+        )),
+        SnapshotStatus::InPreview => Err(status::failed_precondition(
+            "SNAPSHOT_IN_PREVIEW",
+            &subject,
+            format!(
+                "snapshot {} is being previewed; commit or undo the preview first",
+                s.id
+            ),
+        )),
+    }
+}
+
 /// Refuses to change a VM whose snapshots are in preview.
 pub async fn refuse_in_preview(app: &App, vm: &db::Vm, what: &str) -> Result<(), Status> {
-    let snaps = app.db.list_snapshots(vm.id).await.map_err(db_status)?;
-    if snaps.iter().any(|s| s.snapshot_type == SnapshotType::Preview) {
+    if in_preview(app, vm).await? {
         return Err(status::failed_precondition(
             "VM_IN_PREVIEW",
             &format!("vm/{}", vm.id),
@@ -65,6 +150,11 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let req = req.into_inner();
+        if let Some(op) = retried_operation(&self.0, "create_snapshot", &req.request_id).await? {
+            return Ok(Response::new(pb::CreateSnapshotResponse {
+                operation: Some(to_operation(&op)),
+            }));
+        }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
         let mode = match pb::MemoryMode::try_from(req.memory_mode) {
             Ok(pb::MemoryMode::Live) => MemoryMode::Live,
@@ -79,6 +169,7 @@ impl SnapshotService for SnapshotApi {
         if req.description.len() > 4096 {
             return Err(status::invalid_argument("description", "longer than 4096 bytes"));
         }
+        refuse_locked(&vm)?;
         let running = is_running(vm.status);
         if req.save_memory {
             let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
@@ -104,6 +195,7 @@ impl SnapshotService for SnapshotApi {
             }
         }
         refuse_in_preview(&self.0, &vm, "taking a snapshot").await?;
+        refuse_stateless(&self.0, &vm, "taking a snapshot").await?;
         let params = snapshot_create::Params {
             vm_id: vm.id,
             description: req.description,
@@ -116,6 +208,7 @@ impl SnapshotService for SnapshotApi {
             Start {
                 kind: "create_snapshot",
                 vm_id: Some(vm.id),
+                lock_vm: true,
                 request_id: req.request_id,
                 saga: snapshot_create::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
@@ -154,36 +247,260 @@ impl SnapshotService for SnapshotApi {
 
     async fn remove_snapshot(
         &self,
-        _req: Request<pb::RemoveSnapshotRequest>,
+        req: Request<pb::RemoveSnapshotRequest>,
     ) -> Result<Response<pb::RemoveSnapshotResponse>, Status> {
-        Err(Status::unimplemented("remove_snapshot: in progress"))
+        const KIND: &str = "remove_snapshot";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::RemoveSnapshotResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
+        refuse_locked(&vm)?;
+        // oVirt 3.3: no live merge.
+        require_down(&vm, "removing a snapshot (no live merge)")?;
+        require_regular_ok(&snapshot, "removed")?;
+        refuse_in_preview(&self.0, &vm, "removing a snapshot").await?;
+        self.0.host_for_vm(&vm).await?;
+        let params = snapshot_remove::Params {
+            vm_id: vm.id,
+            snapshot_id: snapshot.id,
+        };
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: snapshot_remove::NAME,
+                params: serde_json::to_value(params).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
     async fn preview_snapshot(
         &self,
-        _req: Request<pb::PreviewSnapshotRequest>,
+        req: Request<pb::PreviewSnapshotRequest>,
     ) -> Result<Response<pb::PreviewSnapshotResponse>, Status> {
-        Err(Status::unimplemented("preview_snapshot: in progress"))
+        const KIND: &str = "preview_snapshot";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::PreviewSnapshotResponse {
+                operation: Some(to_operation(op)),
+                warnings: op.warnings.clone(),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
+        refuse_locked(&vm)?;
+        require_down(&vm, "previewing a snapshot")?;
+        require_regular_ok(&snapshot, "previewed")?;
+        refuse_in_preview(&self.0, &vm, "previewing another snapshot").await?;
+        refuse_stateless(&self.0, &vm, "previewing a snapshot").await?;
+        self.0.host_for_vm(&vm).await?;
+        let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        // oVirt: the Restore Memory option exists only for a snapshot with
+        // memory in a 3.3+ cluster; asked for otherwise, it is ignored.
+        let mut warnings = Vec::new();
+        let mut restore_memory = req.restore_memory;
+        if req.restore_memory && snapshot.memory.is_none() {
+            restore_memory = false;
+            warnings.push(format!(
+                "snapshot {} has no memory: restore_memory is ignored and the VM boots on its next run",
+                snapshot.id
+            ));
+        } else if req.restore_memory && !cluster.compatibility_version.supports_memory_snapshots() {
+            restore_memory = false;
+            warnings.push(format!(
+                "cluster {} is at compatibility {}; restoring memory needs 3.3 or above: restore_memory is ignored and the VM boots on its next run",
+                cluster.name, cluster.compatibility_version
+            ));
+        }
+        let params = snapshot_preview::Params {
+            vm_id: vm.id,
+            snapshot_id: snapshot.id,
+            restore_memory,
+        };
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: snapshot_preview::NAME,
+                params: serde_json::to_value(params).expect("serializable"),
+                warnings,
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
     async fn undo_preview(
         &self,
-        _req: Request<pb::UndoPreviewRequest>,
+        req: Request<pb::UndoPreviewRequest>,
     ) -> Result<Response<pb::UndoPreviewResponse>, Status> {
-        Err(Status::unimplemented("undo_preview: in progress"))
+        const KIND: &str = "undo_preview";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::UndoPreviewResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        refuse_locked(&vm)?;
+        require_down(&vm, "undoing the preview")?;
+        require_in_preview(&self.0, &vm).await?;
+        self.0.host_for_vm(&vm).await?;
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: snapshot_undo::NAME,
+                params: serde_json::to_value(snapshot_undo::Params { vm_id: vm.id }).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
     async fn commit_snapshot(
         &self,
-        _req: Request<pb::CommitSnapshotRequest>,
+        req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<pb::CommitSnapshotResponse>, Status> {
-        Err(Status::unimplemented("commit_snapshot: in progress"))
+        const KIND: &str = "commit_snapshot";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::CommitSnapshotResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        refuse_locked(&vm)?;
+        require_down(&vm, "committing the preview")?;
+        require_in_preview(&self.0, &vm).await?;
+        self.0.host_for_vm(&vm).await?;
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: snapshot_commit::NAME,
+                params: serde_json::to_value(snapshot_commit::Params { vm_id: vm.id }).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
     async fn clone_vm_from_snapshot(
         &self,
-        _req: Request<pb::CloneVmFromSnapshotRequest>,
+        req: Request<pb::CloneVmFromSnapshotRequest>,
     ) -> Result<Response<pb::CloneVmFromSnapshotResponse>, Status> {
-        Err(Status::unimplemented("clone_vm_from_snapshot: in progress"))
+        const KIND: &str = "clone_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::CloneVmFromSnapshotResponse {
+                operation: Some(to_operation(op)),
+                warnings: op.warnings.clone(),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        check_name("name", &req.name)?;
+        let target_domain_id = ids::parse_optional("target_domain_id", &req.target_domain_id)?;
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
+        refuse_locked(&vm)?;
+        let subject = format!("snapshot/{}", snapshot.id);
+        if snapshot.snapshot_type == SnapshotType::Active {
+            return Err(status::failed_precondition(
+                "SNAPSHOT_IS_ACTIVE",
+                &subject,
+                "the active snapshot changes while the VM runs; take a snapshot and clone that",
+            ));
+        }
+        if snapshot.status != SnapshotStatus::Ok {
+            return Err(status::failed_precondition(
+                if snapshot.status == SnapshotStatus::Locked {
+                    "SNAPSHOT_LOCKED"
+                } else {
+                    "SNAPSHOT_IN_PREVIEW"
+                },
+                &subject,
+                format!(
+                    "snapshot {} is {}; it must be OK to clone",
+                    snapshot.id, snapshot.status
+                ),
+            ));
+        }
+        if snapshot.disks.is_empty() {
+            return Err(status::failed_precondition(
+                "SNAPSHOT_HAS_NO_DISKS",
+                &subject,
+                "the snapshot has no disks to clone",
+            ));
+        }
+        refuse_taken_name(&self.0, &req.name).await?;
+        let host = self.0.host_for_vm(&vm).await?;
+        let domains: Vec<Uuid> = match target_domain_id {
+            Some(d) => vec![d],
+            None => snapshot.disks.iter().map(|d| d.volume.domain_id).collect(),
+        };
+        check_domains(&self.0, &host, domains).await?;
+        let warnings = if snapshot.memory.is_some() {
+            vec![CLONE_MEMORY_WARNING.to_string()]
+        } else {
+            Vec::new()
+        };
+        let new_vm_id = Uuid::new_v4();
+        let params = vm_clone::Params {
+            source_vm_id: vm.id,
+            snapshot_id: snapshot.id,
+            new_vm_id,
+            name: req.name,
+            target_domain_id,
+        };
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: vm_clone::NAME,
+                params: serde_json::to_value(params).expect("serializable"),
+                warnings,
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 }

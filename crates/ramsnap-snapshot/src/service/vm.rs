@@ -1,18 +1,102 @@
 //! VmService: VMs, running and stopping them, and their status.
-use super::{get_vm, vm_status};
+use super::snapshot::{in_preview, refuse_in_preview};
+use super::{
+    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation,
+    vm_status, Start,
+};
 use crate::app::{db_status, App};
+use crate::convert::downstream;
 use crate::db;
-use ramsnap_common::ids;
+use crate::sagas::{vm_create, vm_remove, vm_run, vm_stop};
+use ramsnap_common::{ids, status};
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::vm_service_server::VmService;
+use ramsnap_proto::storage::v1 as storage;
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use uuid::Uuid;
 
 pub struct VmApi(pub Arc<App>);
+
+/// A direct-boot image: a plain file name inside the host's boot directory.
+fn check_boot_file(field: &str, name: &str) -> Result<(), Status> {
+    if name.len() > 255 || name.contains('/') || name.contains("..") || name.chars().any(|c| c.is_control()) {
+        return Err(status::invalid_argument(
+            field,
+            "must be a file name in the hosts' boot-image directory (no '/', no '..', at most 255 bytes)",
+        ));
+    }
+    Ok(())
+}
+
+/// The request's disks, checked.
+fn disk_specs(disks: &[pb::DiskSpec]) -> Result<Vec<vm_create::DiskSpec>, Status> {
+    if disks.is_empty() {
+        return Err(status::invalid_argument(
+            "disks",
+            "at least one disk is required (its domain also holds the VM's memory volumes)",
+        ));
+    }
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let domain_id = ids::parse(&format!("disks[{i}].domain_id"), &d.domain_id)?;
+            if d.capacity_bytes == 0 {
+                return Err(status::invalid_argument(
+                    &format!("disks[{i}].capacity_bytes"),
+                    "must be greater than 0",
+                ));
+            }
+            Ok(vm_create::DiskSpec {
+                domain_id,
+                capacity_bytes: d.capacity_bytes,
+            })
+        })
+        .collect()
+}
+
+/// NOT_FOUND unless the host's StorageService has each domain.
+pub async fn check_domains(
+    app: &App,
+    host: &db::Host,
+    domains: impl IntoIterator<Item = Uuid>,
+) -> Result<(), Status> {
+    let mut client = app.storage_client(host)?;
+    for d in domains.into_iter().collect::<BTreeSet<_>>() {
+        match client
+            .get_domain(storage::GetDomainRequest {
+                domain_id: d.to_string(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {
+                return Err(status::not_found("storage domain", &d.to_string()))
+            }
+            Err(s) => return Err(downstream("looking up a storage domain", s)),
+        }
+    }
+    Ok(())
+}
+
+/// ALREADY_EXISTS if a VM has this name.
+pub async fn refuse_taken_name(app: &App, name: &str) -> Result<(), Status> {
+    match app.db.get_vm_by_name(name).await {
+        Ok(vm) => Err(status::already_exists(
+            "vm",
+            name,
+            format!("the name is taken by VM {}", vm.id),
+        )),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(db_status(e)),
+    }
+}
 
 pub async fn to_vm(app: &App, vm: &db::Vm) -> Result<pb::Vm, Status> {
     let disks = app.db.vm_disks(vm.id).await.map_err(db_status)?;
@@ -60,9 +144,81 @@ fn now_ms() -> i64 {
 impl VmService for VmApi {
     async fn create_vm(
         &self,
-        _req: Request<pb::CreateVmRequest>,
+        req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::CreateVmResponse>, Status> {
-        Err(Status::unimplemented("create_vm: in progress"))
+        const KIND: &str = "create_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::CreateVmResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        check_name("name", &req.name)?;
+        let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
+        if req.memory_bytes == 0 {
+            return Err(status::invalid_argument("memory_bytes", "must be greater than 0"));
+        }
+        if req.vcpus == 0 {
+            return Err(status::invalid_argument("vcpus", "must be greater than 0"));
+        }
+        let disks = disk_specs(&req.disks)?;
+        check_boot_file("kernel", &req.kernel)?;
+        check_boot_file("initrd", &req.initrd)?;
+        if req.cmdline.len() > 4096 || req.cmdline.chars().any(|c| c.is_control()) {
+            return Err(status::invalid_argument(
+                "cmdline",
+                "must be at most 4096 bytes of printable characters",
+            ));
+        }
+        let cluster = self.0.db.get_cluster(cluster_id).await.map_err(db_status)?;
+        refuse_taken_name(&self.0, &req.name).await?;
+        let host = self
+            .0
+            .db
+            .first_host_in_cluster(cluster.id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| {
+                status::failed_precondition(
+                    "NO_HOST",
+                    &format!("cluster/{}", cluster.id),
+                    format!(
+                        "cluster {} has no host to create the disks through; add one with ClusterService.AddHost",
+                        cluster.name
+                    ),
+                )
+            })?;
+        check_domains(&self.0, &host, disks.iter().map(|d| d.domain_id)).await?;
+        let vm_id = Uuid::new_v4();
+        let params = vm_create::Params {
+            vm_id,
+            name: req.name,
+            cluster_id,
+            memory_bytes: req.memory_bytes,
+            vcpus: req.vcpus,
+            stateless: req.stateless,
+            disks,
+            kernel: req.kernel,
+            initrd: req.initrd,
+            cmdline: req.cmdline,
+        };
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm_id),
+                lock_vm: false,
+                request_id: req.request_id,
+                saga: vm_create::NAME,
+                params: serde_json::to_value(params).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
     async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> Result<Response<pb::GetVmResponse>, Status> {
@@ -91,20 +247,123 @@ impl VmService for VmApi {
 
     async fn remove_vm(
         &self,
-        _req: Request<pb::RemoveVmRequest>,
+        req: Request<pb::RemoveVmRequest>,
     ) -> Result<Response<pb::RemoveVmResponse>, Status> {
-        Err(Status::unimplemented("remove_vm: in progress"))
+        const KIND: &str = "remove_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::RemoveVmResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        refuse_locked(&vm)?;
+        require_down(&vm, "removing it")?;
+        self.0.host_for_vm(&vm).await?;
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: vm_remove::NAME,
+                params: serde_json::to_value(vm_remove::Params { vm_id: vm.id }).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
-    async fn run_vm(&self, _req: Request<pb::RunVmRequest>) -> Result<Response<pb::RunVmResponse>, Status> {
-        Err(Status::unimplemented("run_vm: in progress"))
+    async fn run_vm(&self, req: Request<pb::RunVmRequest>) -> Result<Response<pb::RunVmResponse>, Status> {
+        const KIND: &str = "run_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::RunVmResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        let host_id = ids::parse_optional("host_id", &req.host_id)?;
+        refuse_locked(&vm)?;
+        require_down(&vm, "running it")?;
+        let host = match host_id {
+            Some(h) => {
+                let host = self.0.host(h).await?;
+                if host.cluster_id != vm.cluster_id {
+                    return Err(status::failed_precondition(
+                        "HOST_NOT_IN_CLUSTER",
+                        &format!("host/{h}"),
+                        format!("host {} is not in VM {}'s cluster", host.name, vm.name),
+                    ));
+                }
+                host
+            }
+            None => self.0.host_for_vm(&vm).await?,
+        };
+        let stateless = vm.stateless || req.run_stateless;
+        if stateless && in_preview(&self.0, &vm).await? {
+            refuse_in_preview(&self.0, &vm, "running it stateless").await?;
+        }
+        let params = vm_run::Params {
+            vm_id: vm.id,
+            host_id: host.id,
+            stateless,
+        };
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: vm_run::NAME,
+                params: serde_json::to_value(params).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
-    async fn stop_vm(
-        &self,
-        _req: Request<pb::StopVmRequest>,
-    ) -> Result<Response<pb::StopVmResponse>, Status> {
-        Err(Status::unimplemented("stop_vm: in progress"))
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
+        const KIND: &str = "stop_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::StopVmResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        refuse_locked(&vm)?;
+        let params = vm_stop::Params {
+            vm_id: vm.id,
+            graceful_timeout_seconds: req.graceful_timeout_seconds,
+        };
+        let op = start_operation(
+            &self.0,
+            Start {
+                kind: KIND,
+                vm_id: Some(vm.id),
+                lock_vm: true,
+                request_id: req.request_id,
+                saga: vm_stop::NAME,
+                params: serde_json::to_value(params).expect("serializable"),
+                warnings: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(reply(&op))
     }
 
     type WatchVmStream = WatchStream;

@@ -1,0 +1,223 @@
+//! Preview a snapshot of a down VM (oVirt's TryBackToAllSnapshotsOfVm): a
+//! new COW leaf branches off each of the snapshot's volumes; the ACTIVE
+//! snapshot becomes PREVIEW (kept for undo), a new ACTIVE one points at the
+//! new leaves and, when memory restore was asked for and is possible (the
+//! handler decided), at the snapshot's memory, and the previewed snapshot is
+//! IN_PREVIEW.
+use super::common::{
+    delete_volume, ensure_cow_volume, image_lock, image_unlock, lock_down_vm, noop, unlock_vm, vm_and_host,
+};
+use crate::app::{db_status, App};
+use crate::db::{NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
+use crate::saga::{Node, SagaCx, SagaDef};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tonic::Status;
+use uuid::Uuid;
+
+pub const NAME: &str = "snapshot_preview";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub vm_id: Uuid,
+    pub snapshot_id: Uuid,
+    /// Restore the snapshot's memory on the next run (already checked: the
+    /// snapshot has memory and the cluster is 3.3 or above).
+    pub restore_memory: bool,
+}
+
+pub fn definition() -> SagaDef<App> {
+    SagaDef {
+        name: NAME,
+        nodes: vec![
+            Node {
+                name: "lock_vm",
+                forward: lock_fwd,
+                undo: Some(lock_undo),
+            },
+            Node {
+                name: "ids",
+                forward: ids_fwd,
+                undo: Some(noop),
+            },
+            Node {
+                name: "image_locked",
+                forward: image_lock_fwd,
+                undo: Some(image_lock_undo),
+            },
+            Node {
+                name: "overlays",
+                forward: overlays_fwd,
+                undo: Some(overlays_undo),
+            },
+            Node {
+                name: "preview_begin",
+                forward: begin_fwd,
+                undo: Some(begin_undo),
+            },
+            Node {
+                name: "image_unlocked",
+                forward: image_unlock_fwd,
+                undo: None,
+            },
+            Node {
+                name: "unlock_vm",
+                forward: unlock_fwd,
+                undo: None,
+            },
+        ],
+        result_node: Some("ids"),
+    }
+}
+
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move { Ok(json!({ "snapshot_id": cx.params::<Params>()?.snapshot_id })) }.boxed()
+}
+
+fn image_lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        image_lock(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn image_lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { image_unlock(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+fn image_unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        image_unlock(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn overlay_id(cx: &SagaCx<App>, disk_id: Uuid) -> Uuid {
+    cx.stable_id(&format!("preview/{disk_id}"))
+}
+
+fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let (vm, host) = vm_and_host(cx, p.vm_id).await?;
+        let db = &cx.app.db;
+        let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let disks = db.vm_disks(vm.id).await.map_err(db_status)?;
+        let mut out = Vec::new();
+        for d in &snapshot.disks {
+            let capacity = disks
+                .iter()
+                .find(|x| x.disk_id == d.disk_id)
+                .map(|x| x.capacity_bytes)
+                .ok_or_else(|| Status::internal(format!("disk {} is not recorded", d.disk_id)))?;
+            let v = ensure_cow_volume(
+                cx,
+                &host,
+                d.volume.domain_id,
+                d.volume.image_id,
+                overlay_id(cx, d.disk_id),
+                Some(d.volume.volume_id),
+                capacity,
+                cx.stable_id(&format!("preview-request/{}", d.disk_id)),
+                format!("preview of snapshot {}", snapshot.id),
+            )
+            .await?;
+            out.push(SnapshotDisk {
+                disk_id: d.disk_id,
+                volume: v,
+            });
+        }
+        Ok(serde_json::to_value(out).expect("serializable"))
+    }
+    .boxed()
+}
+
+fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let (_, host) = vm_and_host(cx, p.vm_id).await?;
+        let db = &cx.app.db;
+        let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;
+        for d in &snapshot.disks {
+            let overlay = VolumeRef {
+                volume_id: overlay_id(cx, d.disk_id),
+                ..d.volume
+            };
+            if active.disks.iter().any(|a| a.volume == overlay) {
+                continue; // never delete what the ACTIVE snapshot uses
+            }
+            delete_volume(
+                &cx.app,
+                &host,
+                &overlay,
+                cx.stable_id(&format!("undo/preview/{}", d.disk_id)),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+    .boxed()
+}
+
+fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let db = &cx.app.db;
+        let overlays: Vec<SnapshotDisk> = cx.output("overlays")?;
+        let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let memory = snapshot.memory.filter(|_| p.restore_memory);
+        let new = NewSnapshot {
+            id: cx.stable_id("preview-active"),
+            vm_id: p.vm_id,
+            snapshot_type: SnapshotType::Active,
+            status: SnapshotStatus::Ok,
+            description: "Active VM (preview)".into(),
+            memory: None,
+        };
+        db.preview_begin(p.vm_id, p.snapshot_id, &new, &overlays, memory.as_ref())
+            .await
+            .map_err(db_status)?;
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn begin_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let db = &cx.app.db;
+        if let Ok(active) = db.active_snapshot(p.vm_id).await {
+            if active.id == cx.stable_id("preview-active") {
+                db.preview_undo(p.vm_id).await.map_err(db_status)?;
+            }
+        }
+        Ok(())
+    }
+    .boxed()
+}

@@ -1,0 +1,349 @@
+//! Remove a snapshot of a down VM (oVirt 3.3's RemoveSnapshotCommand, cold
+//! merge): each of its disk volumes is merged into its only child (the child
+//! is rebased onto the volume's parent, so what it shows is unchanged, and
+//! the volume goes); then the row goes, and its memory volumes unless
+//! another snapshot refers to them.
+//!
+//! Which snapshots point where: a REGULAR snapshot points at the volumes
+//! frozen when it was taken, and no other snapshot points at them (the
+//! ACTIVE one moved to new overlays then; a preview branches new overlays
+//! off them). The snapshots that point at the child (the ACTIVE one, or a
+//! newer snapshot) see the same content after the merge, so nothing is
+//! repointed. A snapshot that pointed at the merged volume itself would see
+//! more after the merge than before, so the plan refuses that case rather
+//! than repoint it.
+use super::common::{
+    delete_volume, image_lock, image_unlock, image_volumes, lock_down_vm, noop, parents, release_memory,
+    unlock_vm, vm_and_host,
+};
+use crate::app::{db_status, App};
+use crate::convert::{downstream, to_wire_ref};
+use crate::db::{MemoryVolume, SnapshotStatus, SnapshotType, VolumeRef};
+use crate::saga::{Node, SagaCx, SagaDef};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use ramsnap_common::status;
+use ramsnap_proto::storage::v1 as storage;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+pub const NAME: &str = "snapshot_remove";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub vm_id: Uuid,
+    pub snapshot_id: Uuid,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Step {
+    /// Merge into the volume's only child.
+    Merge,
+    /// The volume has no child (nothing builds on it): delete it.
+    Delete,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DiskPlan {
+    disk_id: Uuid,
+    volume: VolumeRef,
+    step: Step,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Plan {
+    /// The operation's result.
+    snapshot_id: Uuid,
+    disks: Vec<DiskPlan>,
+    memory: Option<MemoryVolume>,
+}
+
+pub fn definition() -> SagaDef<App> {
+    SagaDef {
+        name: NAME,
+        nodes: vec![
+            Node {
+                name: "lock_vm",
+                forward: lock_fwd,
+                undo: Some(lock_undo),
+            },
+            Node {
+                name: "image_locked",
+                forward: image_lock_fwd,
+                undo: Some(image_lock_undo),
+            },
+            Node {
+                name: "lock_snapshot",
+                forward: lock_snapshot_fwd,
+                undo: Some(lock_snapshot_undo),
+            },
+            Node {
+                name: "plan",
+                forward: plan_fwd,
+                undo: Some(noop),
+            },
+            // Past the point of no return: the chains change.
+            Node {
+                name: "merge_volumes",
+                forward: merge_fwd,
+                undo: None,
+            },
+            Node {
+                name: "remove_row",
+                forward: remove_row_fwd,
+                undo: None,
+            },
+            Node {
+                name: "image_unlocked",
+                forward: image_unlock_fwd,
+                undo: None,
+            },
+            Node {
+                name: "unlock_vm",
+                forward: unlock_fwd,
+                undo: None,
+            },
+        ],
+        result_node: Some("plan"),
+    }
+}
+
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn image_lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        image_lock(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn image_lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { image_unlock(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+fn image_unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        image_unlock(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let db = &cx.app.db;
+        let s = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let subject = format!("snapshot/{}", s.id);
+        if s.vm_id != p.vm_id || s.snapshot_type != SnapshotType::Regular {
+            return Err(status::failed_precondition(
+                "SNAPSHOT_NOT_REGULAR",
+                &subject,
+                format!("snapshot {} is not a regular snapshot of VM {}", s.id, p.vm_id),
+            ));
+        }
+        match s.status {
+            SnapshotStatus::Ok => db
+                .set_snapshot_status(s.id, SnapshotStatus::Locked)
+                .await
+                .map_err(db_status)?,
+            // A replay: this saga locked it (the VM lock keeps others out).
+            SnapshotStatus::Locked => {}
+            SnapshotStatus::InPreview => {
+                return Err(status::failed_precondition(
+                    "SNAPSHOT_IN_PREVIEW",
+                    &subject,
+                    "the snapshot is being previewed; commit or undo the preview first",
+                ))
+            }
+        }
+        if db
+            .snapshot_by_vm_type(p.vm_id, SnapshotType::Preview)
+            .await
+            .map_err(db_status)?
+            .is_some()
+        {
+            return Err(status::failed_precondition(
+                "VM_IN_PREVIEW",
+                &format!("vm/{}", p.vm_id),
+                "the VM is previewing a snapshot; commit or undo the preview first",
+            ));
+        }
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_snapshot_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let db = &cx.app.db;
+        match db.get_snapshot(p.snapshot_id).await {
+            Ok(s) if s.status == SnapshotStatus::Locked => db
+                .set_snapshot_status(s.id, SnapshotStatus::Ok)
+                .await
+                .map_err(db_status),
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(db_status(e)),
+        }
+    }
+    .boxed()
+}
+
+/// Checks every disk before anything changes: its volume has at most one
+/// child, a COW one, and no other snapshot points at it.
+fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let db = &cx.app.db;
+        let (_, host) = vm_and_host(cx, p.vm_id).await?;
+        let s = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let mut disks = Vec::new();
+        for d in &s.disks {
+            let v = d.volume;
+            let subject = format!("volume/{}", v.volume_id);
+            let others: Vec<Uuid> = db
+                .snapshots_pointing_at_volume(v.volume_id)
+                .await
+                .map_err(db_status)?
+                .into_iter()
+                .map(|(snap, _)| snap)
+                .filter(|snap| *snap != s.id)
+                .collect();
+            if let Some(other) = others.first() {
+                return Err(status::failed_precondition(
+                    "VOLUME_SHARED",
+                    &subject,
+                    format!(
+                        "snapshot {other} also points at volume {}; merging it would change that snapshot",
+                        v.volume_id
+                    ),
+                ));
+            }
+            let volumes = image_volumes(&cx.app, &host, v.domain_id, v.image_id).await?;
+            let parents = parents(&volumes);
+            if !parents.contains_key(&v.volume_id) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} of snapshot {} is missing from its image",
+                    v.volume_id, s.id
+                )));
+            }
+            let children: Vec<&storage::Volume> = volumes
+                .iter()
+                .filter(|c| c.parent_volume_id == v.volume_id.to_string())
+                .collect();
+            let step = match children[..] {
+                [] => Step::Delete,
+                [c] if c.format == storage::VolumeFormat::Cow as i32 => Step::Merge,
+                [_] => {
+                    return Err(status::failed_precondition(
+                        "CHILD_NOT_COW",
+                        &subject,
+                        "the volume's child is not a COW volume",
+                    ))
+                }
+                _ => {
+                    return Err(status::failed_precondition(
+                        "VOLUME_HAS_CHILDREN",
+                        &subject,
+                        format!(
+                            "volume {} has {} children; it can only be merged into one",
+                            v.volume_id,
+                            children.len()
+                        ),
+                    ))
+                }
+            };
+            disks.push(DiskPlan {
+                disk_id: d.disk_id,
+                volume: v,
+                step,
+            });
+        }
+        Ok(serde_json::to_value(Plan {
+            snapshot_id: s.id,
+            disks,
+            memory: s.memory,
+        })
+        .expect("serializable"))
+    }
+    .boxed()
+}
+
+fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        let (_, host) = vm_and_host(cx, p.vm_id).await?;
+        let mut client = cx.app.storage_client(&host)?;
+        for (i, d) in plan.disks.iter().enumerate() {
+            let request_id = cx.stable_id(&format!("merge/{}", d.disk_id));
+            cx.progress(i as u64, plan.disks.len() as u64).await;
+            match d.step {
+                Step::Merge => {
+                    match client
+                        .merge_volume(storage::MergeVolumeRequest {
+                            request_id: request_id.to_string(),
+                            r#ref: Some(to_wire_ref(&d.volume)),
+                        })
+                        .await
+                    {
+                        Ok(_) => {}
+                        // Merged before (the journal answers with the child;
+                        // NOT_FOUND only if the volume is gone all the same).
+                        Err(s) if s.code() == Code::NotFound => {}
+                        Err(s) => return Err(downstream("merging a snapshot volume", s)),
+                    }
+                }
+                Step::Delete => delete_volume(&cx.app, &host, &d.volume, request_id).await?,
+            }
+        }
+        cx.progress(plan.disks.len() as u64, plan.disks.len() as u64)
+            .await;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        cx.app
+            .db
+            .remove_snapshot_row(p.snapshot_id)
+            .await
+            .map_err(db_status)?;
+        // The memory goes unless another snapshot (the ACTIVE one after a
+        // commit with memory) still refers to it.
+        if let Some(m) = plan.memory {
+            let (_, host) = vm_and_host(cx, p.vm_id).await?;
+            release_memory(cx, &host, &m, "snapshot-memory").await?;
+        }
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}

@@ -1,0 +1,140 @@
+//! Remove a down VM (oVirt's RemoveVm): every volume of its disk images
+//! (children first), the memory volumes of its snapshots, then the VM row
+//! (its disks and snapshots go with it). Past the point of no return once
+//! it starts deleting: a half-removed VM is of no use, so it is finished.
+use super::common::{delete_image, delete_volume, lock_down_vm, unlock_vm, vm_and_host};
+use crate::app::{db_status, App};
+use crate::saga::{Node, SagaCx, SagaDef};
+use crate::status;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashSet;
+use tonic::Status;
+use uuid::Uuid;
+
+pub const NAME: &str = "vm_remove";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub vm_id: Uuid,
+}
+
+pub fn definition() -> SagaDef<App> {
+    SagaDef {
+        name: NAME,
+        nodes: vec![
+            Node {
+                name: "lock_vm",
+                forward: lock_fwd,
+                undo: Some(lock_undo),
+            },
+            Node {
+                name: "delete_disks",
+                forward: disks_fwd,
+                undo: None,
+            },
+            Node {
+                name: "delete_memory",
+                forward: memory_fwd,
+                undo: None,
+            },
+            Node {
+                name: "delete_vm",
+                forward: vm_fwd,
+                undo: None,
+            },
+        ],
+        result_node: None,
+    }
+}
+
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+/// The VM's storage host; None when the VM row is already gone.
+async fn host_if_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<Option<crate::db::Host>, Status> {
+    match cx.app.db.get_vm(vm_id).await {
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(db_status(e)),
+        Ok(_) => Ok(Some(vm_and_host(cx, vm_id).await?.1)),
+    }
+}
+
+fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let Some(host) = host_if_vm(cx, p.vm_id).await? else {
+            return Ok(Value::Null); // the VM row is gone: a replay of the end
+        };
+        for disk in cx.app.db.vm_disks(p.vm_id).await.map_err(db_status)? {
+            delete_image(cx, &host, disk.domain_id, disk.image_id).await?;
+        }
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let Some(host) = host_if_vm(cx, p.vm_id).await? else {
+            return Ok(Value::Null);
+        };
+        let db = &cx.app.db;
+        let mut seen = HashSet::new();
+        for s in db.list_snapshots(p.vm_id).await.map_err(db_status)? {
+            let Some(m) = s.memory else { continue };
+            if !seen.insert(m.dump.volume_id) {
+                continue;
+            }
+            // Memory is never shared across VMs (a clone does not copy it);
+            // checked all the same.
+            let users = db
+                .snapshots_referencing_memory(m.dump.volume_id)
+                .await
+                .map_err(db_status)?;
+            if users.iter().any(|u| u.vm_id != p.vm_id) {
+                continue;
+            }
+            let id = m.dump.volume_id;
+            delete_volume(
+                &cx.app,
+                &host,
+                &m.dump,
+                cx.stable_id(&format!("memory/{id}/dump")),
+            )
+            .await?;
+            delete_volume(
+                &cx.app,
+                &host,
+                &m.metadata,
+                cx.stable_id(&format!("memory/{id}/metadata")),
+            )
+            .await?;
+        }
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn vm_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        status::unfollow(&cx.app, p.vm_id);
+        cx.app.db.delete_vm(p.vm_id).await.map_err(db_status)?;
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}

@@ -1,0 +1,135 @@
+//! Stop a VM (oVirt's StopVm / ShutdownVm): the host shuts the guest down
+//! (gracefully within the timeout, then destroys it); the VM is Down. A
+//! stateless VM then goes back to the state it was run from (oVirt's
+//! RestoreStatelessVm): the run's ACTIVE snapshot and its overlays go, and
+//! the STATELESS snapshot, with its memory, is ACTIVE again. Stopping a VM
+//! that is down succeeds, and finishes a stateless run left behind.
+use super::common::{end_stateless, lock_vm, noop, unlock_vm, vm_and_host};
+use crate::app::{db_status, App};
+use crate::convert::downstream;
+use crate::db::VmStatus;
+use crate::saga::{Node, SagaCx, SagaDef};
+use crate::status;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use ramsnap_proto::host::v1 as host;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+pub const NAME: &str = "vm_stop";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub vm_id: Uuid,
+    pub graceful_timeout_seconds: u32,
+}
+
+pub fn definition() -> SagaDef<App> {
+    SagaDef {
+        name: NAME,
+        nodes: vec![
+            Node {
+                name: "lock_vm",
+                forward: lock_fwd,
+                undo: Some(lock_undo),
+            },
+            // Reversible so that an unreachable host fails the operation (and
+            // frees the VM) instead of retrying for ever; there is nothing to
+            // undo: the status follower reports whatever the host did.
+            Node {
+                name: "stop_on_host",
+                forward: stop_fwd,
+                undo: Some(noop),
+            },
+            Node {
+                name: "stopped",
+                forward: stopped_fwd,
+                undo: None,
+            },
+            Node {
+                name: "restore_stateless",
+                forward: restore_stateless_fwd,
+                undo: None,
+            },
+            Node {
+                name: "unlock_vm",
+                forward: unlock_fwd,
+                undo: None,
+            },
+        ],
+        result_node: None,
+    }
+}
+
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        lock_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
+}
+
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn stop_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let vm = cx.app.db.get_vm(p.vm_id).await.map_err(db_status)?;
+        // A VM that never ran has no host to ask.
+        if vm.host_id.is_none() && vm.status == VmStatus::Down {
+            return Ok(json!({ "graceful": false }));
+        }
+        let host = cx.app.host_for_vm(&vm).await?;
+        let mut client = cx.app.host_client(&host)?;
+        match client
+            .stop_vm(host::StopVmRequest {
+                vm_id: vm.id.to_string(),
+                graceful_timeout_seconds: p.graceful_timeout_seconds,
+            })
+            .await
+        {
+            Ok(r) => Ok(json!({ "graceful": r.into_inner().graceful })),
+            // The host does not know the VM: it is not running there.
+            Err(s) if s.code() == Code::NotFound => Ok(json!({ "graceful": false })),
+            Err(s) => Err(downstream("stopping the VM on its host", s)),
+        }
+    }
+    .boxed()
+}
+
+fn stopped_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        status::unfollow(&cx.app, p.vm_id);
+        cx.app
+            .db
+            .set_vm_status(p.vm_id, VmStatus::Down)
+            .await
+            .map_err(db_status)?;
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let (_, host) = vm_and_host(cx, p.vm_id).await?;
+        end_stateless(cx, &host, p.vm_id).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
