@@ -1,10 +1,28 @@
-//! Parsers for what operators type: sizes (`10G`, `512M`, bytes) and volume
-//! refs (`DOMAIN/IMAGE/VOLUME`). They run inside clap, so malformed input is
-//! a usage error (exit 2) that never reaches a service.
+//! Parsers for what operators type: sizes (`10G`, `512M`, bytes), volume
+//! refs (`DOMAIN/IMAGE/VOLUME`) and disks (`DOMAIN:SIZE`); and the
+//! `--request-id` flag of the calls that change state. The parsers run
+//! inside clap, so malformed input is a usage error (exit 2) that never
+//! reaches a service.
+use clap::Args;
 use ramsnap_proto::common::v1 as common;
 use std::fmt;
 use std::str::FromStr;
 use uuid::Uuid;
+
+/// `--request-id`, on every call that changes state.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct RequestArg {
+    /// Makes the call idempotent: a retry with the same id returns the first
+    /// call's result. Generated when not given.
+    #[arg(long, value_name = "UUID")]
+    request_id: Option<Uuid>,
+}
+
+impl RequestArg {
+    pub fn id(&self) -> Uuid {
+        self.request_id.unwrap_or_else(Uuid::new_v4)
+    }
+}
 
 /// Parses a size in bytes: a number with an optional binary unit
 /// (`K`, `M`, `G`, `T`, `P`, also spelled `KiB`, `KB`, `Ki`; any case),
@@ -103,6 +121,31 @@ impl From<VolumeRef> for common::VolumeRef {
     }
 }
 
+/// One disk of a new VM: `DOMAIN:SIZE`, the storage domain's id and the
+/// disk's virtual size as [`parse_size`] reads it (`3f2a...:10G`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub domain: Uuid,
+    pub size: u64,
+}
+
+impl FromStr for DiskSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((domain, size)) = s.split_once(':') else {
+            return Err(format!(
+                "expected DOMAIN:SIZE (a storage domain id and a size, e.g. {}:10G)",
+                Uuid::nil()
+            ));
+        };
+        let domain =
+            Uuid::parse_str(domain.trim()).map_err(|_| format!("domain id {domain:?} is not a UUID"))?;
+        let size = parse_size(size).map_err(|e| format!("disk size: {e}"))?;
+        Ok(DiskSpec { domain, size })
+    }
+}
+
 /// Formats a proto ref the way [`VolumeRef`] parses it.
 pub fn ref_text(r: &common::VolumeRef) -> String {
     format!("{}/{}/{}", r.domain_id, r.image_id, r.volume_id)
@@ -183,5 +226,55 @@ mod tests {
             .unwrap_err()
             .contains("volume id"));
         assert!(VolumeRef::from_str("").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = Uuid::new_v4();
+        assert_eq!(
+            format!("{d}:10G").parse::<DiskSpec>(),
+            Ok(DiskSpec {
+                domain: d,
+                size: 10 << 30
+            })
+        );
+        assert_eq!(
+            format!("{}:4096", d.to_string().to_uppercase()).parse::<DiskSpec>(),
+            Ok(DiskSpec {
+                domain: d,
+                size: 4096
+            })
+        );
+        assert_eq!(
+            format!("{d}:1.5G").parse::<DiskSpec>().map(|s| s.size),
+            Ok(3 << 29)
+        );
+    }
+
+    #[test]
+    fn malformed_disks() {
+        let d = Uuid::new_v4();
+        assert!(DiskSpec::from_str(&d.to_string())
+            .unwrap_err()
+            .contains("DOMAIN:SIZE"));
+        assert!(DiskSpec::from_str("").unwrap_err().contains("DOMAIN:SIZE"));
+        assert!(DiskSpec::from_str("files:10G")
+            .unwrap_err()
+            .contains("domain id \"files\""));
+        assert!(DiskSpec::from_str(&format!("{d}:"))
+            .unwrap_err()
+            .starts_with("disk size: "));
+        assert!(DiskSpec::from_str(&format!("{d}:10X"))
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(DiskSpec::from_str(&format!("{d}:10G:1")).is_err());
+    }
+
+    #[test]
+    fn request_ids_are_generated_per_call() {
+        let none = RequestArg { request_id: None };
+        assert_ne!(none.id(), none.id());
+        let id = Uuid::new_v4();
+        assert_eq!(RequestArg { request_id: Some(id) }.id(), id);
     }
 }

@@ -17,6 +17,22 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// What to do after a failed call, printed below its details: kept as the
+/// error's context (e.g. how to follow an operation whose watch broke).
+#[derive(Debug, Clone)]
+pub struct Hint(pub String);
+
+impl fmt::Display for Hint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A failed call, with a hint for the operator.
+pub fn with_hint(status: Status, hint: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(status).context(Hint(hint.into()))
+}
+
 /// A failed call made with `request_id`.
 pub fn with_request_id(status: Status, request_id: Uuid) -> anyhow::Error {
     anyhow::Error::new(status).context(RequestId(request_id))
@@ -34,6 +50,9 @@ pub fn report(err: &anyhow::Error) {
                 if outcome_unknown(status.code()) {
                     eprintln!("  the call may or may not have taken effect: retry it with --request-id {id}");
                 }
+            }
+            if let Some(Hint(hint)) = err.downcast_ref::<Hint>() {
+                eprintln!("  {hint}");
             }
         }
         None => eprintln!("error: {err:#}"),
@@ -200,6 +219,9 @@ mod tests {
         assert!(err.chain().any(|e| e.downcast_ref::<Status>().is_some()));
         assert_eq!(err.downcast_ref::<RequestId>().unwrap().0, id);
         assert!(outcome_unknown(Code::Unavailable));
+        let err = with_hint(Status::unavailable("down"), "follow it");
+        assert_eq!(err.downcast_ref::<Hint>().unwrap().0, "follow it");
+        assert!(err.chain().any(|e| e.downcast_ref::<Status>().is_some()));
         assert!(!outcome_unknown(Code::InvalidArgument));
     }
 }

@@ -1,9 +1,14 @@
 //! `ramsnap`: the operator's command line for the ramsnap services.
 //!
-//! One module per resource ([`storage`] for domains and volumes); [`output`]
-//! prints tables and JSON, [`error`] prints a failed call with its details.
+//! One module per service, with one module per resource inside: [`storage`]
+//! for domains and volumes; [`coordinator`] for clusters, hosts, VMs, their
+//! snapshots and the long operations that change them. [`output`] prints
+//! tables and JSON, [`error`] prints a failed call with its details,
+//! [`client`] connects to the services.
 
 mod args;
+mod client;
+mod coordinator;
 mod error;
 mod output;
 mod storage;
@@ -16,7 +21,7 @@ use std::process::ExitCode;
 #[command(
     name = "ramsnap",
     version,
-    about = "VM snapshots with guest RAM: storage domains and volumes"
+    about = "VM snapshots with guest RAM: clusters, VMs, snapshots, storage domains and volumes"
 )]
 struct Cli {
     #[command(flatten)]
@@ -38,10 +43,7 @@ pub struct Global {
         value_name = "ADDR"
     )]
     pub storage: String,
-    /// Address of the snapshot service.
-    // Read by the snapshot commands to come; accepted now so scripts and
-    // environments can set every address at once.
-    #[allow(dead_code)]
+    /// Address of the snapshot service (the coordinator).
     #[arg(
         long,
         global = true,
@@ -51,6 +53,8 @@ pub struct Global {
     )]
     pub snapshot: String,
     /// Address of the host agent.
+    // Read by the host agent commands to come; accepted now so scripts and
+    // environments can set every address at once.
     #[allow(dead_code)]
     #[arg(
         long,
@@ -67,6 +71,23 @@ pub struct Global {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Clusters: their compatibility version decides whether snapshots can
+    /// save memory (3.3 and above).
+    #[command(subcommand)]
+    Cluster(coordinator::ClusterCommand),
+    /// Hypervisor hosts of a cluster.
+    #[command(subcommand)]
+    Host(coordinator::HostCommand),
+    /// VMs: create, run, stop, remove, watch their status, read their console.
+    #[command(subcommand)]
+    Vm(coordinator::VmCommand),
+    /// A VM's snapshots, with or without its memory: create, preview, undo,
+    /// commit, clone, remove.
+    #[command(subcommand)]
+    Snapshot(coordinator::SnapshotCommand),
+    /// The coordinator's long operations: follow or cancel them.
+    #[command(subcommand)]
+    Operation(coordinator::OperationCommand),
     /// Storage domains: where volumes live (FILE directories, BLOCK volume groups).
     #[command(subcommand)]
     Domain(storage::DomainCommand),
@@ -76,6 +97,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix filter: a closed pipe (`ramsnap ... | head`) ends the
+    // process quietly instead of a panic in println!.
+    // SAFETY: setting a signal disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -86,6 +113,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Cluster(cmd) => coordinator::run_cluster(&cli.global, cmd).await,
+            Command::Host(cmd) => coordinator::run_host(&cli.global, cmd).await,
+            Command::Vm(cmd) => coordinator::run_vm(&cli.global, cmd).await,
+            Command::Snapshot(cmd) => coordinator::run_snapshot(&cli.global, cmd).await,
+            Command::Operation(cmd) => coordinator::run_operation(&cli.global, cmd).await,
             Command::Domain(cmd) => storage::run_domain(&cli.global, cmd).await,
             Command::Volume(cmd) => storage::run_volume(&cli.global, cmd).await,
         }
@@ -95,6 +127,57 @@ fn main() -> ExitCode {
         Err(e) => {
             error::report(&e);
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command's flags fit together (no flag spelled twice, e.g. a
+    /// subcommand's `--host` against the global one).
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// No argument shares its id with a global flag (`snapshot`, `host`,
+    /// `storage`, `output`): clap would hand one's value to the other.
+    #[test]
+    fn arguments_do_not_shadow_global_flags() {
+        let (vm, snap, host) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let baseline = Cli::try_parse_from(["ramsnap", "cluster", "list"]).unwrap();
+        for args in [
+            vec!["snapshot", "preview", &vm, &snap, "--restore-memory"],
+            vec!["snapshot", "remove", &vm, &snap],
+            vec!["snapshot", "clone", &vm, &snap, "--name", "copy"],
+            vec!["snapshot", "get", &snap],
+            vec!["vm", "run", &vm, "--on-host", &host],
+            vec![
+                "host",
+                "add",
+                "--cluster",
+                &vm,
+                "--name",
+                "h",
+                "--host-address",
+                "x",
+                "--storage-address",
+                "y",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(std::iter::once("ramsnap").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            // As without these arguments (defaults, or RAMSNAP_* variables).
+            assert_eq!(cli.global.snapshot, baseline.global.snapshot, "{args:?}");
+            assert_eq!(cli.global.host, baseline.global.host, "{args:?}");
+            assert_eq!(cli.global.storage, baseline.global.storage, "{args:?}");
         }
     }
 }

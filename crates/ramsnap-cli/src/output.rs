@@ -77,6 +77,50 @@ pub fn print_json(value: &Value) {
     );
 }
 
+/// An enum's proto name as the word the flags take and JSON prints:
+/// `DOMAIN_TYPE_FILE` with prefix `DOMAIN_TYPE_` is `file`,
+/// `VOLUME_PURPOSE_MEMORY_DUMP` is `memory-dump`.
+pub fn readable(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+        .replace('_', "-")
+}
+
+/// Declares `pub fn NAME(value: i32) -> String` for proto enums: the
+/// [`readable`] word of a known value, `unknown(N)` otherwise.
+macro_rules! labels {
+    ($($name:ident: $ty:ty, $prefix:literal;)*) => {
+        $(
+            pub fn $name(value: i32) -> String {
+                match <$ty>::try_from(value) {
+                    Ok(v) => $crate::output::readable(v.as_str_name(), $prefix),
+                    Err(_) => format!("unknown({value})"),
+                }
+            }
+        )*
+    };
+}
+pub(crate) use labels;
+
+/// `-` for an empty optional value in tables and fields.
+pub fn dash_if_empty(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// `null` for an empty optional value (an id not set) in JSON.
+pub fn non_empty(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::from(s)
+    }
+}
+
 /// A byte count for people, in powers of 1024 as the size flags take them:
 /// `0 B`, `512 MiB`, `1.5 GiB`.
 pub fn human_bytes(bytes: u64) -> String {
@@ -93,6 +137,35 @@ pub fn human_bytes(bytes: u64) -> String {
     let text = format!("{value:.1}");
     let text = text.strip_suffix(".0").unwrap_or(&text);
     format!("{text} {}", UNITS[unit])
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (the civil-from-days algorithm
+/// of Howard Hinnant's date library), so no time zone database is needed.
+pub fn utc_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
+pub fn utc_time_ms(ms: i64) -> String {
+    let text = utc_time(ms.div_euclid(1000));
+    let seconds = text.strip_suffix(" UTC").unwrap_or(&text);
+    format!("{seconds}.{:03} UTC", ms.rem_euclid(1000))
 }
 
 #[cfg(test)]
@@ -124,5 +197,28 @@ mod tests {
             render_fields(&[("id", "1".into()), ("location", "/x".into())]),
             "id:       1\nlocation: /x\n"
         );
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_time(-1), "1969-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn utc_times_with_milliseconds() {
+        assert_eq!(utc_time_ms(1_700_000_000_123), "2023-11-14 22:13:20.123 UTC");
+        assert_eq!(utc_time_ms(5), "1970-01-01 00:00:00.005 UTC");
+        assert_eq!(utc_time_ms(-1), "1969-12-31 23:59:59.999 UTC");
+    }
+
+    #[test]
+    fn readable_enum_words() {
+        assert_eq!(readable("DOMAIN_TYPE_FILE", "DOMAIN_TYPE_"), "file");
+        assert_eq!(readable("VM_STATUS_POWERING_UP", "VM_STATUS_"), "powering-up");
+        assert_eq!(dash_if_empty(""), "-");
+        assert_eq!(non_empty(""), Value::Null);
     }
 }

@@ -2,18 +2,16 @@
 //! `volume ...` ([`volume`]); [`render`] turns their messages into table
 //! rows and JSON.
 mod domain;
-mod render;
+pub(crate) mod render;
 mod volume;
 
 pub use domain::DomainCommand;
 pub use volume::VolumeCommand;
 
-use crate::Global;
-use anyhow::Context;
+use crate::{client, Global};
 use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
-use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub async fn run_domain(global: &Global, cmd: DomainCommand) -> anyhow::Result<()> {
     domain::run(connect(global).await?, global.output, cmd).await
@@ -24,23 +22,8 @@ pub async fn run_volume(global: &Global, cmd: VolumeCommand) -> anyhow::Result<(
 }
 
 async fn connect(global: &Global) -> anyhow::Result<StorageServiceClient<Channel>> {
-    let addr = with_scheme(&global.storage);
-    let endpoint = Endpoint::from_shared(addr.clone())
-        .with_context(|| format!("invalid storage service address {:?}", global.storage))?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.with_context(|| {
-        format!("cannot reach the storage service at {addr} (set --storage or RAMSNAP_STORAGE)")
-    })?;
+    let channel = client::connect(&global.storage, "storage", "--storage or RAMSNAP_STORAGE").await?;
     Ok(StorageServiceClient::new(channel))
-}
-
-/// `host:port` is taken as plain-text gRPC, like grpcurl's `-plaintext`.
-fn with_scheme(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -129,12 +112,6 @@ impl From<DumpModeArg> for pb::MemoryDumpMode {
 mod tests {
     use super::*;
     use clap::ValueEnum;
-
-    #[test]
-    fn addresses_default_to_plain_http() {
-        assert_eq!(with_scheme("127.0.0.1:50052"), "http://127.0.0.1:50052");
-        assert_eq!(with_scheme("https://storage:443"), "https://storage:443");
-    }
 
     /// The flag values and the JSON labels are spelled alike, so a value read
     /// from `-o json` can be passed back as a flag.

@@ -4,31 +4,10 @@
 //! flags take (`VOLUME_PURPOSE_MEMORY_DUMP` is `"memory-dump"`); an empty
 //! optional id (no parent) is `null`; sizes are plain byte counts.
 use crate::args::ref_text;
-use crate::output::{human_bytes, Table};
+use crate::output::{dash_if_empty, human_bytes, labels, non_empty, utc_time, Table};
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::storage::v1 as pb;
 use serde_json::{json, Value};
-
-/// `DOMAIN_TYPE_FILE` with prefix `DOMAIN_TYPE_` is `file`.
-fn readable(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix)
-        .unwrap_or(name)
-        .to_ascii_lowercase()
-        .replace('_', "-")
-}
-
-macro_rules! labels {
-    ($($name:ident: $ty:ty, $prefix:literal;)*) => {
-        $(
-            pub fn $name(value: i32) -> String {
-                match <$ty>::try_from(value) {
-                    Ok(v) => readable(v.as_str_name(), $prefix),
-                    Err(_) => format!("unknown({value})"),
-                }
-            }
-        )*
-    };
-}
 
 labels! {
     domain_type: pb::DomainType, "DOMAIN_TYPE_";
@@ -71,14 +50,6 @@ pub fn volume_json(v: &pb::Volume) -> Value {
         "description": v.description,
         "created_at": v.created_at,
     })
-}
-
-fn non_empty(s: &str) -> Value {
-    if s.is_empty() {
-        Value::Null
-    } else {
-        Value::from(s)
-    }
 }
 
 pub fn domain_table(domains: &[pb::StorageDomain]) -> Table {
@@ -152,14 +123,6 @@ pub fn volume_fields(v: &pb::Volume) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn dash_if_empty(s: &str) -> String {
-    if s.is_empty() {
-        "-".into()
-    } else {
-        s.to_string()
-    }
-}
-
 /// `10 GiB (10737418240 bytes)`: readable, and exact for copying.
 fn sized(bytes: u64) -> String {
     if bytes < 1024 {
@@ -167,28 +130,6 @@ fn sized(bytes: u64) -> String {
     } else {
         format!("{} ({bytes} bytes)", human_bytes(bytes))
     }
-}
-
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (the civil-from-days algorithm
-/// of Howard Hinnant's date library), so no time zone database is needed.
-pub fn utc_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -314,13 +255,5 @@ mod tests {
         let fields = volume_fields(&volume());
         assert_eq!(fields[0], ("ref", "d/i/v".to_string()));
         assert!(fields.contains(&("capacity", "1 GiB (1073741824 bytes)".to_string())));
-    }
-
-    #[test]
-    fn utc_times() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
-        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc_time(-1), "1969-12-31 23:59:59 UTC");
     }
 }

@@ -6,7 +6,7 @@
 //! id never acts twice.
 use super::render;
 use super::{AllocationArg, DumpModeArg, FormatArg, PurposeArg};
-use crate::args::{parse_size, VolumeRef};
+use crate::args::{parse_size, RequestArg, VolumeRef};
 use crate::error::with_request_id;
 use crate::output::{print_fields, print_json, Format};
 use anyhow::bail;
@@ -60,20 +60,6 @@ pub enum VolumeCommand {
         #[arg(value_name = "DOMAIN/IMAGE/VOLUME")]
         volume: VolumeRef,
     },
-}
-
-#[derive(Args, Debug)]
-pub struct RequestArg {
-    /// Makes the call idempotent: a retry with the same id returns the first
-    /// call's result. Generated when not given.
-    #[arg(long, value_name = "UUID")]
-    request_id: Option<Uuid>,
-}
-
-impl RequestArg {
-    fn id(&self) -> Uuid {
-        self.request_id.unwrap_or_else(Uuid::new_v4)
-    }
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,89 @@
+//! `ramsnap host add|list`: the hypervisor hosts of a cluster, each the
+//! address of its HostService and of its StorageService.
+use super::render;
+use crate::args::RequestArg;
+use crate::error::with_request_id;
+use crate::output::{print_fields, print_json, Format};
+use clap::Subcommand;
+use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::snapshot::v1::cluster_service_client::ClusterServiceClient;
+use serde_json::json;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// Adds a hypervisor host to a cluster. Adding the same host again
+    /// returns it.
+    Add {
+        /// The cluster to add the host to.
+        #[arg(long, value_name = "UUID")]
+        cluster: Uuid,
+        /// 1-128 printable characters.
+        #[arg(long)]
+        name: String,
+        /// The host's HostService: http://ADDR:PORT.
+        #[arg(long, value_name = "URL")]
+        host_address: String,
+        /// The host's StorageService: http://ADDR:PORT.
+        #[arg(long, value_name = "URL")]
+        storage_address: String,
+        #[command(flatten)]
+        request: RequestArg,
+    },
+    /// Lists the hosts, of every cluster or of one.
+    List {
+        /// Only the hosts of this cluster.
+        #[arg(long, value_name = "UUID")]
+        cluster: Option<Uuid>,
+    },
+}
+
+pub async fn run(channel: Channel, output: Format, cmd: HostCommand) -> anyhow::Result<()> {
+    let mut client = ClusterServiceClient::new(channel);
+    match cmd {
+        HostCommand::Add {
+            cluster,
+            name,
+            host_address,
+            storage_address,
+            request,
+        } => {
+            let request_id = request.id();
+            let host = client
+                .add_host(pb::AddHostRequest {
+                    request_id: request_id.to_string(),
+                    name,
+                    cluster_id: cluster.to_string(),
+                    host_address,
+                    storage_address,
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner()
+                .host
+                .unwrap_or_default();
+            match output {
+                Format::Table => print_fields(&render::host_fields(&host)),
+                Format::Json => print_json(&json!({
+                    "request_id": request_id.to_string(),
+                    "host": render::host_json(&host),
+                })),
+            }
+        }
+        HostCommand::List { cluster } => {
+            let hosts = client
+                .list_hosts(pb::ListHostsRequest {
+                    cluster_id: cluster.map(|c| c.to_string()).unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .hosts;
+            match output {
+                Format::Table => render::host_table(&hosts).print(),
+                Format::Json => print_json(&hosts.iter().map(render::host_json).collect()),
+            }
+        }
+    }
+    Ok(())
+}

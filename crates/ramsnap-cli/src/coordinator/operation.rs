@@ -1,0 +1,154 @@
+//! `ramsnap operation list|get|watch|cancel`: the coordinator's long
+//! operations, for following one started elsewhere (or with --no-wait).
+use super::render;
+use super::wait::{follow, Done, Warnings};
+use crate::output::{print_fields, print_json, Format};
+use clap::Subcommand;
+use indicatif::ProgressBar;
+use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::snapshot::v1::operation_service_client::OperationServiceClient;
+use serde_json::json;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+#[derive(Subcommand, Debug)]
+pub enum OperationCommand {
+    /// Lists the operations, oldest first, of every VM or of one.
+    List {
+        /// Only the operations on this VM.
+        #[arg(long, value_name = "UUID")]
+        vm: Option<Uuid>,
+    },
+    /// Shows one operation.
+    Get {
+        /// The operation's id.
+        #[arg(value_name = "OPERATION")]
+        id: Uuid,
+    },
+    /// Follows an operation to its end with a progress bar; exits 1 when it
+    /// failed or was cancelled.
+    Watch {
+        /// The operation's id.
+        #[arg(value_name = "OPERATION")]
+        id: Uuid,
+    },
+    /// Asks a running operation to stop; it unwinds what it did. One past
+    /// its point of no return finishes instead.
+    Cancel {
+        /// The operation's id.
+        #[arg(value_name = "OPERATION")]
+        id: Uuid,
+    },
+}
+
+pub async fn run(channel: Channel, output: Format, cmd: OperationCommand) -> anyhow::Result<()> {
+    let mut client = OperationServiceClient::new(channel.clone());
+    match cmd {
+        OperationCommand::List { vm } => {
+            let operations = client
+                .list_operations(pb::ListOperationsRequest {
+                    vm_id: vm.map(|v| v.to_string()).unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .operations;
+            match output {
+                Format::Table => render::operation_table(&operations).print(),
+                Format::Json => print_json(&operations.iter().map(render::operation_json).collect()),
+            }
+        }
+        OperationCommand::Get { id } => {
+            let op = get(&mut client, id).await?;
+            match output {
+                Format::Table => print_fields(&render::operation_fields(&op)),
+                Format::Json => print_json(&render::operation_json(&op)),
+            }
+        }
+        OperationCommand::Watch { id } => {
+            let op = get(&mut client, id).await?;
+            let mut warnings = Warnings::default();
+            warnings.print_new(&op.warnings, &ProgressBar::hidden());
+            let operation = follow(&channel, output, &op, &mut warnings).await?;
+            let done = Done {
+                request_id: None,
+                operation,
+                warnings: warnings.all().to_vec(),
+            };
+            let summary = format!("operation {id} ({}) succeeded", done.operation.kind);
+            done.print(output, summary, json!({}));
+        }
+        OperationCommand::Cancel { id } => {
+            let resp = client
+                .cancel_operation(pb::CancelOperationRequest {
+                    operation_id: id.to_string(),
+                })
+                .await?
+                .into_inner();
+            let op = resp.operation.unwrap_or_default();
+            match output {
+                Format::Table => println!("{}", cancel_summary(resp.cancelling, &op)),
+                Format::Json => print_json(&json!({
+                    "cancelling": resp.cancelling,
+                    "operation": render::operation_json(&op),
+                })),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn get(client: &mut OperationServiceClient<Channel>, id: Uuid) -> anyhow::Result<pb::Operation> {
+    Ok(client
+        .get_operation(pb::GetOperationRequest {
+            operation_id: id.to_string(),
+        })
+        .await?
+        .into_inner()
+        .operation
+        .unwrap_or_default())
+}
+
+/// What a cancel did: unwinding, too late (the operation finishes), or
+/// nothing (it had ended).
+fn cancel_summary(cancelling: bool, op: &pb::Operation) -> String {
+    let id = &op.operation_id;
+    if cancelling {
+        format!(
+            "cancelling operation {id} ({}); follow it with `ramsnap operation watch {id}`",
+            op.kind
+        )
+    } else if op.state == pb::OperationState::Running as i32 {
+        format!(
+            "operation {id} ({}) is past its point of no return: it finishes",
+            op.kind
+        )
+    } else {
+        format!(
+            "operation {id} ({}) had already ended: {}",
+            op.kind,
+            render::operation_state(op.state)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_summaries() {
+        let mut op = pb::Operation {
+            operation_id: "op".into(),
+            kind: "create_snapshot".into(),
+            state: pb::OperationState::Running as i32,
+            ..Default::default()
+        };
+        assert!(cancel_summary(true, &op).starts_with("cancelling operation op (create_snapshot)"));
+        assert!(cancel_summary(false, &op).contains("past its point of no return"));
+        op.state = pb::OperationState::Succeeded as i32;
+        assert_eq!(
+            cancel_summary(false, &op),
+            "operation op (create_snapshot) had already ended: succeeded"
+        );
+    }
+}

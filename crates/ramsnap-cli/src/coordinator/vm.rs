@@ -1,0 +1,559 @@
+//! `ramsnap vm create|list|get|run|stop|remove|watch|console`.
+//!
+//! Create, run, stop and remove start operations and wait for them
+//! ([`super::wait`]); watch and console follow the VM until Ctrl-C.
+use super::render;
+use super::wait::{wait, OperationArgs, Started};
+use crate::args::{parse_size, DiskSpec};
+use crate::error::with_request_id;
+use crate::output::{print_fields, print_json, Format};
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::snapshot::v1::vm_service_client::VmServiceClient;
+use serde_json::json;
+use std::io::Write;
+use std::time::Duration;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Creates a VM and its disks (one image per disk).
+    Create(CreateArgs),
+    /// Lists the VMs, of every cluster or of one.
+    List {
+        /// Only the VMs of this cluster.
+        #[arg(long, value_name = "UUID")]
+        cluster: Option<Uuid>,
+    },
+    /// Shows one VM and its disks.
+    Get {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+    },
+    /// Runs a VM: it resumes from its active snapshot's memory when it has
+    /// some (after a preview or commit with --restore-memory), else boots.
+    Run {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+        /// The host to run on; by default the cluster's first host. (Not
+        /// `--host`: that global flag is the host agent's address.)
+        #[arg(long, value_name = "UUID")]
+        on_host: Option<Uuid>,
+        /// Runs this time as stateless (Run Once): stopping it goes back to
+        /// the state it ran from.
+        #[arg(long)]
+        stateless: bool,
+        #[command(flatten)]
+        op: OperationArgs,
+    },
+    /// Stops a VM; a stateless VM goes back to the state it was run from.
+    Stop {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+        /// Asks the guest to shut down and waits up to SECS before powering
+        /// it off; 0 (the default) powers it off at once.
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        timeout: u32,
+        #[command(flatten)]
+        op: OperationArgs,
+    },
+    /// Removes a VM that is down, with its snapshots, disks and memory volumes.
+    Remove {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+        #[command(flatten)]
+        op: OperationArgs,
+    },
+    /// Prints the VM's status, then each change with its time, until Ctrl-C
+    /// or until the VM reaches --until.
+    Watch {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+        /// Returns once the VM is in this status.
+        #[arg(long, value_enum, value_name = "STATUS")]
+        until: Option<VmStatusArg>,
+    },
+    /// Prints the guest's serial console.
+    Console {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+        /// Keeps printing what the guest writes, until Ctrl-C.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The VM's name, unique.
+    #[arg(long)]
+    name: String,
+    /// The cluster the VM belongs to.
+    #[arg(long, value_name = "UUID")]
+    cluster: Uuid,
+    /// The guest's RAM: bytes, or with a unit: 256M, 4G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// A disk: the storage domain and the virtual size, e.g.
+    /// 3f2a...:10G. Repeat for more disks; the first one's domain is the
+    /// VM's. At least one.
+    #[arg(long = "disk", value_name = "DOMAIN:SIZE", required = true)]
+    disks: Vec<DiskSpec>,
+    /// Runs stateless: every stop goes back to the state it ran from.
+    #[arg(long)]
+    stateless: bool,
+    /// Direct boot: a kernel image in each host's boot-image directory.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<String>,
+    /// The initrd for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<String>,
+    /// The kernel command line for --kernel.
+    #[arg(long, value_name = "TEXT", requires = "kernel")]
+    cmdline: Option<String>,
+    #[command(flatten)]
+    op: OperationArgs,
+}
+
+/// The statuses `vm watch --until` takes, spelled as JSON prints them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmStatusArg {
+    Down,
+    PoweringUp,
+    Up,
+    Paused,
+    RestoringState,
+    SavingState,
+    PoweringDown,
+    ImageLocked,
+}
+
+impl From<VmStatusArg> for pb::VmStatus {
+    fn from(s: VmStatusArg) -> Self {
+        match s {
+            VmStatusArg::Down => pb::VmStatus::Down,
+            VmStatusArg::PoweringUp => pb::VmStatus::PoweringUp,
+            VmStatusArg::Up => pb::VmStatus::Up,
+            VmStatusArg::Paused => pb::VmStatus::Paused,
+            VmStatusArg::RestoringState => pb::VmStatus::RestoringState,
+            VmStatusArg::SavingState => pb::VmStatus::SavingState,
+            VmStatusArg::PoweringDown => pb::VmStatus::PoweringDown,
+            VmStatusArg::ImageLocked => pb::VmStatus::ImageLocked,
+        }
+    }
+}
+
+/// How much of the console one ReadConsole asks for.
+const CONSOLE_CHUNK: u32 = 64 * 1024;
+/// How often `vm console --follow` asks for more.
+const CONSOLE_POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Result<()> {
+    let mut client = VmServiceClient::new(channel.clone());
+    match cmd {
+        VmCommand::Create(args) => {
+            let request_id = args.op.request.id();
+            let name = args.name.clone();
+            let resp = client
+                .create_vm(pb::CreateVmRequest {
+                    request_id: request_id.to_string(),
+                    name: args.name,
+                    cluster_id: args.cluster.to_string(),
+                    memory_bytes: args.memory,
+                    vcpus: args.vcpus,
+                    stateless: args.stateless,
+                    disks: args
+                        .disks
+                        .iter()
+                        .map(|d| pb::DiskSpec {
+                            domain_id: d.domain.to_string(),
+                            capacity_bytes: d.size,
+                        })
+                        .collect(),
+                    kernel: args.kernel.unwrap_or_default(),
+                    initrd: args.initrd.unwrap_or_default(),
+                    cmdline: args.cmdline.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            let Some(done) = wait(&channel, output, &args.op, started).await? else {
+                return Ok(());
+            };
+            let vm_id = first_non_empty(&done.operation.result_vm_id, &done.operation.vm_id);
+            let vm = get_vm(&mut client, &vm_id).await;
+            done.print(
+                output,
+                format!("VM {vm_id} created ({name})"),
+                json!({ "vm": vm.as_ref().map(render::vm_json) }),
+            );
+        }
+        VmCommand::List { cluster } => {
+            let vms = client
+                .list_vms(pb::ListVmsRequest {
+                    cluster_id: cluster.map(|c| c.to_string()).unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .vms;
+            match output {
+                Format::Table => render::vm_table(&vms).print(),
+                Format::Json => print_json(&vms.iter().map(render::vm_json).collect()),
+            }
+        }
+        VmCommand::Get { id } => {
+            let vm = client
+                .get_vm(pb::GetVmRequest {
+                    vm_id: id.to_string(),
+                })
+                .await?
+                .into_inner()
+                .vm
+                .unwrap_or_default();
+            match output {
+                Format::Table => print_fields(&render::vm_fields(&vm)),
+                Format::Json => print_json(&render::vm_json(&vm)),
+            }
+        }
+        VmCommand::Run {
+            id,
+            on_host,
+            stateless,
+            op,
+        } => {
+            let request_id = op.request.id();
+            let resp = client
+                .run_vm(pb::RunVmRequest {
+                    request_id: request_id.to_string(),
+                    vm_id: id.to_string(),
+                    host_id: on_host.map(|h| h.to_string()).unwrap_or_default(),
+                    run_stateless: stateless,
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            let Some(done) = wait(&channel, output, &op, started).await? else {
+                return Ok(());
+            };
+            let vm = get_vm(&mut client, &id.to_string()).await;
+            let summary = match &vm {
+                Some(vm) if !vm.host_id.is_empty() => format!(
+                    "VM {id} is {} on host {}",
+                    render::vm_status(vm.status),
+                    vm.host_id
+                ),
+                Some(vm) => format!("VM {id} is {}", render::vm_status(vm.status)),
+                None => format!("VM {id} started"),
+            };
+            done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
+        }
+        VmCommand::Stop { id, timeout, op } => {
+            let request_id = op.request.id();
+            let resp = client
+                .stop_vm(pb::StopVmRequest {
+                    request_id: request_id.to_string(),
+                    vm_id: id.to_string(),
+                    graceful_timeout_seconds: timeout,
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            let Some(done) = wait(&channel, output, &op, started).await? else {
+                return Ok(());
+            };
+            let vm = get_vm(&mut client, &id.to_string()).await;
+            let summary = match &vm {
+                Some(vm) => format!("VM {id} stopped ({})", render::vm_status(vm.status)),
+                None => format!("VM {id} stopped"),
+            };
+            done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
+        }
+        VmCommand::Remove { id, op } => {
+            let request_id = op.request.id();
+            let resp = client
+                .remove_vm(pb::RemoveVmRequest {
+                    request_id: request_id.to_string(),
+                    vm_id: id.to_string(),
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            if let Some(done) = wait(&channel, output, &op, started).await? {
+                done.print(output, format!("VM {id} removed"), json!({}));
+            }
+        }
+        VmCommand::Watch { id, until } => watch(client, output, id, until).await?,
+        VmCommand::Console { id, follow } => console(client, output, id, follow).await?,
+    }
+    Ok(())
+}
+
+fn first_non_empty(a: &str, b: &str) -> String {
+    if a.is_empty() { b } else { a }.to_string()
+}
+
+/// The VM after an operation, for its result; `None` when it cannot be
+/// read (removed meanwhile): the operation succeeded all the same.
+async fn get_vm(client: &mut VmServiceClient<Channel>, id: &str) -> Option<pb::Vm> {
+    client
+        .get_vm(pb::GetVmRequest {
+            vm_id: id.to_string(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .vm
+}
+
+/// Whether `vm watch` is done with the VM in `status`.
+fn reached(until: Option<VmStatusArg>, status: i32) -> bool {
+    until.is_some_and(|u| pb::VmStatus::from(u) as i32 == status)
+}
+
+async fn watch(
+    mut client: VmServiceClient<Channel>,
+    output: Format,
+    id: Uuid,
+    until: Option<VmStatusArg>,
+) -> anyhow::Result<()> {
+    let vm_id = id.to_string();
+    let mut stream = client
+        .watch_vm(pb::WatchVmRequest { vm_id: vm_id.clone() })
+        .await?
+        .into_inner();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let event = tokio::select! {
+            e = stream.message() => e?,
+            _ = &mut interrupted => std::process::exit(130),
+        };
+        let Some(event) = event else {
+            bail!("the coordinator stopped reporting the status of VM {vm_id}");
+        };
+        match output {
+            Format::Table => println!("{}", render::vm_event_line(&event)),
+            // One object per line, as events come.
+            Format::Json => println!("{}", render::vm_event_json(&vm_id, &event)),
+        }
+        if reached(until, event.status) {
+            return Ok(());
+        }
+    }
+}
+
+async fn console(
+    mut client: VmServiceClient<Channel>,
+    output: Format,
+    id: Uuid,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let vm_id = id.to_string();
+    let mut offset = 0u64;
+    let mut collected = Vec::new();
+    let mut stdout = std::io::stdout();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let read = client.read_console(pb::ReadConsoleRequest {
+            vm_id: vm_id.clone(),
+            offset,
+            max_bytes: CONSOLE_CHUNK,
+        });
+        let chunk = tokio::select! {
+            r = read => r?.into_inner(),
+            _ = &mut interrupted => std::process::exit(130),
+        };
+        let caught_up = chunk.data.is_empty() && chunk.next_offset == offset;
+        if !chunk.data.is_empty() {
+            match (output, follow) {
+                (Format::Table, _) => {
+                    stdout.write_all(&chunk.data)?;
+                    stdout.flush()?;
+                }
+                (Format::Json, true) => println!(
+                    "{}",
+                    json!({
+                        "vm_id": vm_id,
+                        "offset": offset,
+                        "next_offset": chunk.next_offset,
+                        "data": String::from_utf8_lossy(&chunk.data),
+                    })
+                ),
+                (Format::Json, false) => collected.extend_from_slice(&chunk.data),
+            }
+        }
+        offset = chunk.next_offset;
+        if caught_up {
+            if !follow {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CONSOLE_POLL) => {}
+                _ = &mut interrupted => std::process::exit(130),
+            }
+        }
+    }
+    if output == Format::Json {
+        print_json(&json!({
+            "vm_id": vm_id,
+            "data": String::from_utf8_lossy(&collected),
+            "next_offset": offset,
+        }));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Parser, ValueEnum};
+
+    /// `--until` takes the words `-o json` prints for a status.
+    #[test]
+    fn status_flags_match_json_labels() {
+        for s in VmStatusArg::value_variants() {
+            let name = s.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(render::vm_status(pb::VmStatus::from(*s) as i32), name);
+        }
+        assert!(reached(Some(VmStatusArg::Up), pb::VmStatus::Up as i32));
+        assert!(!reached(
+            Some(VmStatusArg::Up),
+            pb::VmStatus::RestoringState as i32
+        ));
+        assert!(!reached(None, pb::VmStatus::Up as i32));
+    }
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        vm: VmCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<VmCommand, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vm").chain(args.iter().copied())).map(|c| c.vm)
+    }
+
+    #[test]
+    fn create_takes_disks_sizes_and_boot_images() {
+        let (d1, d2, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let cmd = parse(&[
+            "create",
+            "--name",
+            "web",
+            "--cluster",
+            &c.to_string(),
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("{d1}:1G"),
+            "--disk",
+            &format!("{d2}:512M"),
+            "--stateless",
+            "--kernel",
+            "vmlinuz",
+            "--cmdline",
+            "console=ttyS0",
+        ])
+        .unwrap();
+        let VmCommand::Create(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.memory, 256 << 20);
+        assert_eq!(args.vcpus, 1);
+        assert_eq!(
+            args.disks,
+            [
+                DiskSpec {
+                    domain: d1,
+                    size: 1 << 30
+                },
+                DiskSpec {
+                    domain: d2,
+                    size: 512 << 20
+                }
+            ]
+        );
+        assert!(args.stateless && !args.op.no_wait);
+        assert_eq!(args.kernel.as_deref(), Some("vmlinuz"));
+        assert_eq!(args.initrd, None);
+    }
+
+    #[test]
+    fn create_rejects_bad_input() {
+        let (d, c) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+        let base = ["create", "--name", "web", "--cluster", &c, "--memory", "256M"];
+        let with = |extra: &[&str]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            parse(&all).unwrap_err().to_string()
+        };
+        // A disk is required, and must be DOMAIN:SIZE.
+        assert!(with(&[]).contains("--disk"));
+        assert!(with(&["--disk", "10G"]).contains("DOMAIN:SIZE"));
+        assert!(with(&["--disk", &format!("{d}:10X")]).contains("unknown unit"));
+        // --initrd and --cmdline go with --kernel.
+        assert!(with(&["--disk", &format!("{d}:1G"), "--initrd", "initrd.img"]).contains("--kernel"));
+        assert!(parse(&[
+            "create",
+            "--name",
+            "w",
+            "--cluster",
+            &c,
+            "--disk",
+            &format!("{d}:1G")
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn run_stop_and_watch_flags() {
+        let id = Uuid::new_v4();
+        let host = Uuid::new_v4();
+        let cmd = parse(&[
+            "run",
+            &id.to_string(),
+            "--on-host",
+            &host.to_string(),
+            "--stateless",
+            "--no-wait",
+        ])
+        .unwrap();
+        let VmCommand::Run {
+            on_host,
+            stateless,
+            op,
+            ..
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(on_host, Some(host));
+        assert!(stateless && op.no_wait);
+        let VmCommand::Stop { timeout, .. } = parse(&["stop", &id.to_string()]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(timeout, 0);
+        let VmCommand::Watch { until, .. } = parse(&["watch", &id.to_string(), "--until", "up"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(until, Some(VmStatusArg::Up));
+        assert!(parse(&["watch", &id.to_string(), "--until", "running"]).is_err());
+    }
+}
