@@ -1,6 +1,9 @@
 use clap::Parser;
-use ramsnap_common::server;
+use ramsnap_common::server::{self, ServiceSet};
+use ramsnap_host::service::{HostApi, SERVICE_NAME};
+use ramsnap_host::{Config, Host};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// ramsnap host agent: runs VMs and dumps/restores their memory via libvirt.
 #[derive(Parser)]
@@ -8,12 +11,50 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "RAMSNAP_HOST_LISTEN", default_value = "127.0.0.1:50053")]
     listen: SocketAddr,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// The host agent's settings (shared with ramsnapd).
+#[derive(clap::Args)]
+struct HostArgs {
+    /// libvirt connection URI (test:///default for a simulated host).
+    #[arg(long, env = "RAMSNAP_HOST_LIBVIRT_URI", default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// This host's StorageService.
+    #[arg(long, env = "RAMSNAP_HOST_STORAGE", default_value = "http://127.0.0.1:50052")]
+    storage: String,
+    /// Directory of the kernels and initrds that VM specs name.
+    #[arg(long, env = "RAMSNAP_HOST_BOOT_DIR", default_value = "/var/lib/ramsnap/boot")]
+    boot_dir: PathBuf,
+    /// Console logs go to <run-dir>/<vm_id>/console.log.
+    #[arg(long, env = "RAMSNAP_HOST_RUN_DIR", default_value = "/run/ramsnap/host")]
+    run_dir: PathBuf,
+    /// Where the agent keeps its host id.
+    #[arg(long, env = "RAMSNAP_HOST_STATE_DIR", default_value = "/var/lib/ramsnap/host")]
+    state_dir: PathBuf,
+    /// The host id [default: a UUID kept in <state-dir>/host-id].
+    #[arg(long, env = "RAMSNAP_HOST_ID")]
+    host_id: Option<String>,
+    /// libvirt domain type for QEMU: qemu (TCG) or kvm.
+    #[arg(long, env = "RAMSNAP_HOST_DOMAIN_TYPE", default_value = "qemu", value_parser = ["qemu", "kvm"])]
+    domain_type: String,
+    /// Domains are named <prefix><vm_id>; the agent only looks at these.
+    #[arg(long, env = "RAMSNAP_HOST_DOMAIN_PREFIX", default_value = "ramsnap-")]
+    domain_prefix: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("host");
     let args = Args::parse();
+    let a = args.host;
+    let mut config = Config::new(&a.libvirt_uri, &a.storage, a.boot_dir, a.run_dir, a.state_dir);
+    config.host_id = a.host_id;
+    config.domain_type = a.domain_type;
+    config.domain_prefix = a.domain_prefix;
+    let host = Host::open(config).await?;
     let listener = server::bind("host", args.listen).await?;
-    server::serve(listener, Vec::new(), server::shutdown_signal()).await
+    let set = ServiceSet::new(SERVICE_NAME, HostApi::new(host).into_server());
+    server::serve(listener, vec![set], server::shutdown_signal()).await
 }

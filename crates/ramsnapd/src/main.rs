@@ -3,6 +3,8 @@
 //! that clients address them exactly as they would separate deployments.
 use clap::Parser;
 use ramsnap_common::server::{self, ServiceSet};
+use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
+use ramsnap_host::Host;
 use ramsnap_snapshot::db::Database;
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
 use ramsnap_storage::{Config, Storage};
@@ -48,6 +50,24 @@ struct Args {
         value_delimiter = ','
     )]
     block_devices: Vec<PathBuf>,
+    /// The host agent's libvirt connection URI (test:///default: a simulated host).
+    #[arg(long, env = "RAMSNAP_HOST_LIBVIRT_URI", default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// Directory of the kernels and initrds that VM specs name [default: <data-dir>/boot].
+    #[arg(long, env = "RAMSNAP_HOST_BOOT_DIR")]
+    boot_dir: Option<PathBuf>,
+    /// Where the host agent writes console logs (<host-run-dir>/<vm_id>/console.log).
+    #[arg(long, env = "RAMSNAP_HOST_RUN_DIR", default_value = "/run/ramsnap/host")]
+    host_run_dir: PathBuf,
+    /// Where the host agent keeps its host id [default: <data-dir>/host].
+    #[arg(long, env = "RAMSNAP_HOST_STATE_DIR")]
+    host_state_dir: Option<PathBuf>,
+    /// The host id [default: a UUID kept in the host state dir].
+    #[arg(long, env = "RAMSNAP_HOST_ID")]
+    host_id: Option<String>,
+    /// libvirt domain type for QEMU: qemu (TCG) or kvm.
+    #[arg(long, env = "RAMSNAP_HOST_DOMAIN_TYPE", default_value = "qemu", value_parser = ["qemu", "kvm"])]
+    domain_type: String,
 }
 
 #[tokio::main]
@@ -101,6 +121,23 @@ async fn main() -> anyhow::Result<()> {
     let storage_listener = server::bind("storage", args.storage_listen).await?;
     let host = server::bind("host", args.host_listen).await?;
 
+    // The host agent reaches its storage agent over gRPC, as a separate
+    // deployment does: at the port just bound (loopback for a wildcard).
+    let mut storage_addr = storage_listener.local_addr()?;
+    if storage_addr.ip().is_unspecified() {
+        storage_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut host_config = ramsnap_host::Config::new(
+        &args.libvirt_uri,
+        &format!("http://{storage_addr}"),
+        args.boot_dir.unwrap_or_else(|| args.data_dir.join("boot")),
+        args.host_run_dir,
+        args.host_state_dir.unwrap_or_else(|| args.data_dir.join("host")),
+    );
+    host_config.host_id = args.host_id;
+    host_config.domain_type = args.domain_type;
+    let host_agent = Host::open(host_config).await?;
+
     let run = |listener, sets| {
         let stop = stop.clone();
         async move {
@@ -109,12 +146,13 @@ async fn main() -> anyhow::Result<()> {
             result
         }
     };
-    // The snapshot and host services have no RPCs of their own yet: health and reflection only.
+    // The snapshot service has no RPCs of its own yet: health and reflection only.
     let storage_set = ServiceSet::new(STORAGE_SERVICE, StorageApi::new(storage).into_server());
+    let host_set = ServiceSet::new(HOST_SERVICE, HostApi::new(host_agent).into_server());
     let (a, b, c) = tokio::join!(
         run(snapshot, Vec::new()),
         run(storage_listener, vec![storage_set]),
-        run(host, Vec::new())
+        run(host, vec![host_set])
     );
     db.close().await;
     a.and(b).and(c)

@@ -1,0 +1,766 @@
+//! The snapshot verb (VDSM's vmSnapshot with oVirt 3.3's memory volume):
+//! external qcow2 overlays for the disks and, optionally, the guest's RAM
+//! into the dump volume plus the metadata volume.
+//!
+//! A snapshot runs as a job, keyed by the caller's job id: it goes on when
+//! the caller goes away, a retry with the same id joins it (or gets its
+//! result), and CancelSnapshot aborts it. A failed or cancelled snapshot
+//! leaves the VM running on its previous disks and nothing of the snapshot
+//! on the host: overlays torn down, the dump volume scrubbed, the metadata
+//! volume untouched. When libvirt had already switched the disks (a cancel
+//! or a too-large FILE dump noticed only at the end), the overlays are
+//! merged back with an active block commit and the domain pivots onto its
+//! previous leaves.
+//!
+//! Guest pause time: the domain's state is polled every 5 ms during the
+//! job (a paused interval counts from the midpoint between the last
+//! "running" and the first "paused" observation), and compared with QEMU's
+//! own downtime from libvirt's completed-job stats; the larger is reported
+//! (the poll also sees the overlay switch, which QEMU's figure leaves out).
+use super::run::check_purpose;
+use super::{Host, RunningDisk, Vm};
+use crate::error::{HostError, LibvirtErrorKind, Result, SnapshotError};
+use crate::libvirt::DomainState;
+use crate::metadata::{self, DiskRecord, DumpRecord, MemoryMetadata};
+use crate::model::{
+    MemoryVolumes, Progress, SnapshotMode, SnapshotOutcome, SnapshotRequest, VmStatus, VolumeRef, MIB,
+};
+use crate::volumes::{Prepared, Purpose, VolumeInfo};
+use crate::xml::{self, DiskFormat, DiskKind, DiskSource};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use uuid::Uuid;
+use virt::sys;
+
+/// Finished jobs are remembered this long, for retries.
+const JOB_RETENTION: Duration = Duration::from_secs(3600);
+const STATE_POLL: Duration = Duration::from_millis(5);
+const PROGRESS_POLL: Duration = Duration::from_millis(100);
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn snapshot_timeout(memory: u64) -> Duration {
+    Duration::from_secs(300 + memory / (10 * MIB))
+}
+
+/// What a snapshot job's watchers see.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub progress: Progress,
+    /// Set once, when the job ends.
+    pub outcome: Option<std::result::Result<SnapshotOutcome, HostError>>,
+}
+
+pub(crate) struct Job {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub snapshot_id: Uuid,
+    cancel: AtomicBool,
+    view: watch::Sender<JobView>,
+    finished_at: Mutex<Option<Instant>>,
+}
+
+impl Job {
+    fn progress(&self, p: Progress) {
+        self.view.send_if_modified(|v| {
+            if v.outcome.is_none() && v.progress != p {
+                v.progress = p;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn finish(&self, outcome: Result<SnapshotOutcome>) {
+        *self.finished_at.lock().expect("job lock") = Some(Instant::now());
+        self.view.send_modify(|v| {
+            if let Ok(o) = &outcome {
+                if v.progress.total > 0 {
+                    v.progress.processed = v.progress.total.max(o.dump_bytes);
+                }
+            }
+            v.outcome = Some(outcome)
+        });
+    }
+
+    fn finished(&self) -> bool {
+        self.finished_at.lock().expect("job lock").is_some()
+    }
+
+    pub fn expired(&self) -> bool {
+        self.finished_at
+            .lock()
+            .expect("job lock")
+            .is_some_and(|t| t.elapsed() > JOB_RETENTION)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// The memory part of a snapshot, once its volumes are prepared.
+struct MemoryTarget {
+    volumes: MemoryVolumes,
+    dump: Prepared,
+    dump_capacity: u64,
+    meta: Prepared,
+    meta_capacity: u64,
+}
+
+/// Tracks how long the guest was paused from polled observations.
+#[derive(Default)]
+struct PauseClock {
+    last_seen: Option<(Instant, bool)>,
+    paused_since: Option<Instant>,
+    total: Duration,
+    observations: u64,
+}
+
+impl PauseClock {
+    fn observe(&mut self, at: Instant, paused: bool) {
+        let mid = match self.last_seen {
+            Some((prev, _)) => prev + (at - prev) / 2,
+            None => at,
+        };
+        match (self.paused_since, paused) {
+            (None, true) => self.paused_since = Some(mid),
+            (Some(since), false) => {
+                self.total += mid.saturating_duration_since(since);
+                self.paused_since = None;
+            }
+            _ => {}
+        }
+        self.last_seen = Some((at, paused));
+        self.observations += 1;
+        if paused {
+            tracing::trace!("paused");
+        }
+    }
+
+    fn finish(&mut self, at: Instant) -> Duration {
+        if let Some(since) = self.paused_since.take() {
+            self.total += at.saturating_duration_since(since);
+        }
+        self.total
+    }
+}
+
+/// What the job's monitor saw.
+#[derive(Default)]
+struct Watched {
+    paused: Duration,
+    /// The FILE dump outgrew its volume (and the job was aborted).
+    too_large: bool,
+}
+
+impl Host {
+    /// Starts (or joins) a snapshot job; its progress and outcome arrive on
+    /// the returned receiver.
+    pub async fn snapshot(&self, req: SnapshotRequest) -> Result<watch::Receiver<JobView>> {
+        let mut jobs = self.inner.jobs.lock().expect("job table");
+        if let Some(job) = jobs.get(&req.job_id) {
+            if job.vm_id != req.vm_id || job.snapshot_id != req.snapshot_id {
+                return Err(SnapshotError::JobConflict(req.job_id).into());
+            }
+            return Ok(job.view.subscribe());
+        }
+        let vm = self.vm(req.vm_id).ok_or(HostError::VmNotFound(req.vm_id))?;
+        if vm.running().is_none() {
+            return Err(SnapshotError::VmNotRunning(req.vm_id).into());
+        }
+        let op = vm
+            .op
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| SnapshotError::VmBusy(req.vm_id))?;
+        let total = if req.memory.is_some() {
+            vm.running().map(|r| r.spec.memory_bytes).unwrap_or(0)
+        } else {
+            0
+        };
+        let job = Arc::new(Job {
+            id: req.job_id,
+            vm_id: req.vm_id,
+            snapshot_id: req.snapshot_id,
+            cancel: AtomicBool::new(false),
+            view: watch::channel(JobView {
+                progress: Progress { processed: 0, total },
+                outcome: None,
+            })
+            .0,
+            finished_at: Mutex::new(None),
+        });
+        jobs.insert(req.job_id, job.clone());
+        drop(jobs);
+        *vm.job.lock().expect("vm lock") = Some(job.clone());
+        let rx = job.view.subscribe();
+        let host = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = host.take_snapshot(&vm, &job, &req).await.map(|mut o| {
+                o.duration_ms = started.elapsed().as_millis() as u64;
+                o
+            });
+            match &outcome {
+                Ok(o) => tracing::info!(
+                    vm = %req.vm_id, snapshot = %req.snapshot_id, memory = o.memory_saved,
+                    dump_bytes = o.dump_bytes, pause_ms = o.guest_pause_ms, ms = o.duration_ms,
+                    "snapshot taken"
+                ),
+                Err(e) => {
+                    tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id, error = %e, "snapshot failed")
+                }
+            }
+            vm.job.lock().expect("vm lock").take();
+            job.finish(outcome);
+            drop(op);
+        });
+        Ok(rx)
+    }
+
+    /// Cancels a running job and waits until it has cleaned up; false when
+    /// no such job is running.
+    pub async fn cancel_snapshot(&self, job_id: Uuid) -> Result<bool> {
+        let job = self.inner.jobs.lock().expect("job table").get(&job_id).cloned();
+        match job {
+            Some(job) if !job.finished() => {
+                self.cancel_job(&job).await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub(crate) async fn cancel_job(&self, job: &Job) {
+        job.cancel.store(true, Ordering::SeqCst);
+        if let Err(e) = self.inner.hv.abort_job(job.vm_id).await {
+            tracing::warn!(job = %job.id, error = %e, "abort_job failed; the job notices the cancel itself");
+        }
+        let mut rx = job.view.subscribe();
+        let _ = rx.wait_for(|v| v.outcome.is_some()).await;
+    }
+
+    async fn take_snapshot(
+        &self,
+        vm: &Arc<Vm>,
+        job: &Arc<Job>,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotOutcome> {
+        let hv = &self.inner.hv;
+        let volumes = &self.inner.volumes;
+        let running = vm.running().ok_or(SnapshotError::VmNotRunning(req.vm_id))?;
+        match hv.state(req.vm_id).await? {
+            Some(DomainState::Running | DomainState::Paused { .. }) => {}
+            _ => return Err(SnapshotError::VmNotRunning(req.vm_id).into()),
+        }
+        if req.disks.len() != running.disks.len() {
+            return Err(SnapshotError::DisksMismatch(format!(
+                "the VM has {} disks, the request names {}",
+                running.disks.len(),
+                req.disks.len()
+            ))
+            .into());
+        }
+        let mut overlay_infos = Vec::new();
+        for (d, r) in req.disks.iter().zip(&running.disks) {
+            if d.current != r.leaf {
+                return Err(SnapshotError::DisksMismatch(format!(
+                    "disk {}: the VM runs on {}, the request names {}",
+                    r.dev, r.leaf, d.current
+                ))
+                .into());
+            }
+            let info = volumes.get(&d.overlay).await?;
+            let child = info.format == DiskFormat::Qcow2
+                && info.parent == Some(d.current.volume)
+                && d.overlay.domain == d.current.domain
+                && d.overlay.image == d.current.image;
+            if !child {
+                return Err(SnapshotError::OverlayNotChild {
+                    overlay: d.overlay,
+                    current: d.current,
+                }
+                .into());
+            }
+            overlay_infos.push(info);
+        }
+        // oVirt 3.3: below cluster level 3.3 the memory is never passed on.
+        let memory = req.memory.filter(|_| req.level.has_memory_snapshots());
+
+        let mut overlays: Vec<Prepared> = Vec::new();
+        let mut mem: Option<MemoryTarget> = None;
+        let mut lap = Lap::new(req.vm_id);
+        let prepared = self.prepare_snapshot(req, memory, &mut overlays, &mut mem).await;
+        lap.done("prepare and scrub");
+        if let Err(e) = prepared {
+            self.clean_up(vm, &overlays, mem.as_ref()).await;
+            return Err(e);
+        }
+        if job.cancelled() {
+            self.clean_up(vm, &overlays, mem.as_ref()).await;
+            return Err(SnapshotError::Cancelled("before libvirt began").into());
+        }
+
+        let targets: Vec<DiskSource> = running
+            .disks
+            .iter()
+            .zip(&overlays)
+            .map(|(d, o)| DiskSource {
+                dev: d.dev.clone(),
+                kind: o.kind,
+                path: o.path.display().to_string(),
+                format: DiskFormat::Qcow2,
+            })
+            .collect();
+        let dump_path = mem.as_ref().map(|m| m.dump.path.display().to_string());
+        let snapshot_xml = xml::snapshot_xml(&req.snapshot_id.to_string(), dump_path.as_deref(), &targets);
+        // ramsnap keeps the snapshot's metadata itself (NO_METADATA): libvirt's
+        // would pin state on this host.
+        let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+        match (&mem, req.mode) {
+            (None, _) => flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY,
+            (Some(_), SnapshotMode::Live) => flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE,
+            (Some(_), SnapshotMode::Paused) => {}
+        }
+        if mem.is_some() {
+            vm.set_status(VmStatus::SavingState);
+        }
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let file_limit = mem
+            .as_ref()
+            .filter(|m| m.dump.kind == DiskKind::File)
+            .map(|m| (m.dump.path.clone(), m.dump_capacity));
+        let monitor = tokio::spawn(watch_job(self.clone(), job.clone(), file_limit, stop_rx));
+        let result = hv
+            .snapshot(
+                req.vm_id,
+                snapshot_xml,
+                flags,
+                snapshot_timeout(running.spec.memory_bytes),
+            )
+            .await;
+        lap.done("libvirt snapshot");
+        let _ = stop_tx.send(true);
+        let watched = monitor.await.unwrap_or_default();
+        let downtime = if mem.is_some() {
+            hv.completed_downtime_ms(req.vm_id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let guest_pause_ms = (watched.paused.as_millis() as u64).max(downtime);
+        tracing::info!(
+            vm = %req.vm_id, pause_ms = watched.paused.as_millis() as u64,
+            qemu_downtime_ms = downtime, "guest pause"
+        );
+
+        if let Err(e) = result {
+            self.clean_up(vm, &overlays, mem.as_ref()).await;
+            if job.cancelled() {
+                return Err(SnapshotError::Cancelled("libvirt's job was aborted").into());
+            }
+            if let Some(m) = &mem {
+                let enospc =
+                    matches!(&e, HostError::Libvirt(l) if l.message.contains("No space left on device"));
+                if watched.too_large || enospc {
+                    return Err(SnapshotError::DumpTooLarge {
+                        volume: m.volumes.dump,
+                        capacity: m.dump_capacity,
+                    }
+                    .into());
+                }
+            }
+            if let HostError::Libvirt(l) = &e {
+                if l.kind == LibvirtErrorKind::Aborted {
+                    return Err(SnapshotError::Cancelled("libvirt's job was aborted").into());
+                }
+            }
+            return Err(e);
+        }
+
+        // libvirt switched the disks: from here on, a failure merges them back.
+        let finished = self
+            .finish_snapshot(job, req, &running.disks, &overlays, mem.as_ref(), guest_pause_ms)
+            .await;
+        lap.done("checksum and metadata");
+        match finished {
+            Ok(outcome) => {
+                let mut r = running.clone();
+                for (d, o) in r.disks.iter_mut().zip(&overlays) {
+                    adopt(d, o);
+                }
+                self.record(vm, r).await;
+                if let Some(m) = &mem {
+                    volumes.teardown_all(&[m.volumes.dump, m.volumes.metadata]).await;
+                }
+                vm.transition(Some(VmStatus::SavingState), VmStatus::Up);
+                Ok(outcome)
+            }
+            Err(e) => {
+                let mut reverted = true;
+                for d in &running.disks {
+                    if let Err(ce) = hv
+                        .commit_active_layer(req.vm_id, d.dev.clone(), COMMIT_TIMEOUT)
+                        .await
+                    {
+                        tracing::error!(vm = %req.vm_id, disk = %d.dev, error = %ce, "merging the overlay back failed");
+                        reverted = false;
+                    }
+                }
+                if reverted {
+                    self.clean_up(vm, &overlays, mem.as_ref()).await;
+                } else {
+                    // The VM stays on the overlays: record them, so that a
+                    // stop tears them down, and say so.
+                    let mut r = running.clone();
+                    for (d, o) in r.disks.iter_mut().zip(&overlays) {
+                        adopt(d, o);
+                    }
+                    self.record(vm, r).await;
+                    if let Some(m) = &mem {
+                        let _ = scrub(m).await;
+                        volumes.teardown_all(&[m.volumes.dump, m.volumes.metadata]).await;
+                    }
+                    vm.transition(Some(VmStatus::SavingState), VmStatus::Up);
+                    return Err(HostError::Internal(format!(
+                        "{e}; and the disks could not be switched back, the VM runs on the overlays"
+                    )));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare_snapshot(
+        &self,
+        req: &SnapshotRequest,
+        memory: Option<MemoryVolumes>,
+        overlays: &mut Vec<Prepared>,
+        mem: &mut Option<MemoryTarget>,
+    ) -> Result<()> {
+        let volumes = &self.inner.volumes;
+        for d in &req.disks {
+            overlays.push(volumes.prepare(&d.overlay).await?);
+        }
+        let Some(m) = memory else { return Ok(()) };
+        let dump_info: VolumeInfo = volumes.get(&m.dump).await?;
+        check_purpose(&dump_info, Purpose::MemoryDump)?;
+        let meta_info = volumes.get(&m.metadata).await?;
+        check_purpose(&meta_info, Purpose::MemoryMetadata)?;
+        let dump = volumes.prepare(&m.dump).await?;
+        let meta = match volumes.prepare(&m.metadata).await {
+            Ok(p) => p,
+            Err(e) => {
+                volumes.teardown_all(&[m.dump]).await;
+                return Err(e);
+            }
+        };
+        *mem = Some(MemoryTarget {
+            volumes: m,
+            dump,
+            dump_capacity: dump_info.capacity,
+            meta,
+            meta_capacity: meta_info.capacity,
+        });
+        scrub(mem.as_ref().expect("just set")).await
+    }
+
+    /// After libvirt's part succeeded: checks, checksum, metadata volume.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_snapshot(
+        &self,
+        job: &Job,
+        req: &SnapshotRequest,
+        disks: &[RunningDisk],
+        overlays: &[Prepared],
+        mem: Option<&MemoryTarget>,
+        guest_pause_ms: u64,
+    ) -> Result<SnapshotOutcome> {
+        if job.cancelled() {
+            return Err(SnapshotError::Cancelled("after libvirt had finished; the disks were merged back").into());
+        }
+        let Some(m) = mem else {
+            return Ok(SnapshotOutcome {
+                memory_saved: false,
+                dump_bytes: 0,
+                dump_sha256: String::new(),
+                guest_pause_ms: 0,
+                duration_ms: 0,
+            });
+        };
+        let path = m.dump.path.clone();
+        let capacity = m.dump_capacity;
+        let digest = tokio::task::spawn_blocking(move || metadata::digest(&path, capacity))
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?
+            .map_err(|e| HostError::io("checksumming the memory dump", e))?;
+        // A FILE dump grows past the volume's capacity instead of failing:
+        // that dump would not survive a copy, so the snapshot fails.
+        if digest.len > capacity {
+            return Err(SnapshotError::DumpTooLarge {
+                volume: m.volumes.dump,
+                capacity,
+            }
+            .into());
+        }
+        let dump_bytes = match m.dump.kind {
+            DiskKind::File => digest.len,
+            DiskKind::Block => digest.data_end,
+        };
+        let domain_xml = self.inner.hv.saved_xml(m.dump.path.display().to_string()).await?;
+        let md = MemoryMetadata {
+            format: metadata::FORMAT.into(),
+            version: metadata::VERSION,
+            vm_id: req.vm_id,
+            snapshot_id: req.snapshot_id,
+            created_at: chrono_now(),
+            mode: req.mode,
+            disks: disks
+                .iter()
+                .zip(overlays)
+                .map(|(d, o)| DiskRecord {
+                    current: d.leaf,
+                    overlay: o.r,
+                })
+                .collect(),
+            dump: DumpRecord {
+                volume: m.volumes.dump,
+                capacity,
+                dump_bytes,
+                sha256: digest.sha256.clone(),
+            },
+            domain_xml,
+        };
+        let bytes = md
+            .encode(m.meta_capacity)
+            .ok_or(SnapshotError::MetadataTooLarge {
+                size: md.encoded_len(),
+                capacity: m.meta_capacity,
+            })?;
+        let meta_path = m.meta.path.clone();
+        tokio::task::spawn_blocking(move || metadata::write_volume(&meta_path, &bytes))
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?
+            .map_err(|e| HostError::io("writing the memory metadata", e))?;
+        Ok(SnapshotOutcome {
+            memory_saved: true,
+            dump_bytes,
+            dump_sha256: digest.sha256,
+            guest_pause_ms,
+            duration_ms: 0,
+        })
+    }
+
+    /// Undoes the host side of a snapshot that did not happen: overlays
+    /// torn down (and the VM's own leaves prepared again, since a teardown
+    /// releases the chain beneath), the dump scrubbed, memory volumes torn
+    /// down, status back to what libvirt says.
+    async fn clean_up(&self, vm: &Arc<Vm>, overlays: &[Prepared], mem: Option<&MemoryTarget>) {
+        let volumes = &self.inner.volumes;
+        let refs: Vec<VolumeRef> = overlays.iter().map(|p| p.r).collect();
+        volumes.teardown_all(&refs).await;
+        if !overlays.is_empty() {
+            if let Some(r) = vm.running() {
+                for d in &r.disks {
+                    if let Err(e) = volumes.prepare(&d.leaf).await {
+                        tracing::error!(vm = %vm.id, volume = %d.leaf, error = %e, "re-preparing a disk failed");
+                    }
+                }
+            }
+        }
+        if let Some(m) = mem {
+            if let Err(e) = scrub(m).await {
+                tracing::error!(vm = %vm.id, error = %e, "scrubbing the dump volume failed");
+            }
+            volumes.teardown_all(&[m.volumes.dump, m.volumes.metadata]).await;
+        }
+        let paused = matches!(
+            self.inner.hv.state(vm.id).await,
+            Ok(Some(DomainState::Paused { by_user: true }))
+        );
+        vm.transition(
+            Some(VmStatus::SavingState),
+            if paused { VmStatus::Paused } else { VmStatus::Up },
+        );
+    }
+
+    /// Stores the VM's new record here and in the domain's metadata.
+    async fn record(&self, vm: &Arc<Vm>, running: super::Running) {
+        let element = running.metadata_body();
+        *vm.running.lock().expect("vm lock") = Some(running);
+        if let Err(e) = self.inner.hv.set_metadata(vm.id, element).await {
+            tracing::warn!(vm = %vm.id, error = %e, "updating the domain's ramsnap record failed");
+        }
+    }
+}
+
+/// Logs how long each step of a snapshot took (debug level).
+struct Lap {
+    vm: Uuid,
+    at: Instant,
+}
+
+impl Lap {
+    fn new(vm: Uuid) -> Lap {
+        Lap { vm, at: Instant::now() }
+    }
+
+    fn done(&mut self, step: &str) {
+        tracing::debug!(vm = %self.vm, step, ms = self.at.elapsed().as_millis() as u64, "snapshot step");
+        self.at = Instant::now();
+    }
+}
+
+fn adopt(d: &mut RunningDisk, o: &Prepared) {
+    d.leaf = o.r;
+    d.path = o.path.display().to_string();
+    d.kind = o.kind;
+    d.format = DiskFormat::Qcow2;
+    d.prepared.push(o.r);
+}
+
+fn chrono_now() -> i64 {
+    crate::model::now_unix_ms() / 1000
+}
+
+/// Makes the dump volume read as zeros. libvirt may have unlinked a FILE
+/// dump after a failure: the volume's file is made again, empty.
+async fn scrub(m: &MemoryTarget) -> Result<()> {
+    let path: PathBuf = m.dump.path.clone();
+    let capacity = m.dump_capacity;
+    let file = m.dump.kind == DiskKind::File;
+    tokio::task::spawn_blocking(move || {
+        if file && !path.exists() {
+            std::fs::File::create(&path)?;
+        }
+        metadata::scrub_dump(&path, capacity)
+    })
+    .await
+    .map_err(|e| HostError::Internal(e.to_string()))?
+    .map_err(|e| HostError::io("scrubbing the memory dump", e))
+}
+
+/// Runs beside the libvirt call until `stop`. Two loops, because a job
+/// stats query can wait behind the snapshot job while a state query never
+/// does: one polls the domain state every 5 ms for the pause clock and
+/// keeps aborting the job once it is cancelled (or the dump too large);
+/// the other polls the job stats for progress and a FILE dump's size
+/// against its volume.
+async fn watch_job(
+    host: Host,
+    job: Arc<Job>,
+    file_limit: Option<(PathBuf, u64)>,
+    stop: watch::Receiver<bool>,
+) -> Watched {
+    let hv = &host.inner.hv;
+    let id = job.vm_id;
+    let too_large = AtomicBool::new(false);
+    let sleep_or_stop = |mut stop: watch::Receiver<bool>, d: Duration| async move {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = stop.changed() => {}
+        }
+    };
+
+    let states = async {
+        let mut clock = PauseClock::default();
+        let mut abort_sent = false;
+        let mut slowest = Duration::ZERO;
+        while !*stop.borrow() {
+            let t = Instant::now();
+            if let Ok(Some(state)) = hv.state(id).await {
+                clock.observe(Instant::now(), matches!(state, DomainState::Paused { .. }));
+            }
+            slowest = slowest.max(t.elapsed());
+            if (job.cancelled() || too_large.load(Ordering::SeqCst)) && !abort_sent {
+                // false: libvirt's job has not begun yet; again next round.
+                if let Ok(true) = hv.abort_job(id).await {
+                    abort_sent = true;
+                }
+            }
+            sleep_or_stop(stop.clone(), STATE_POLL).await;
+        }
+        let end = Instant::now();
+        if let Ok(Some(state)) = hv.state(id).await {
+            clock.observe(end, matches!(state, DomainState::Paused { .. }));
+        }
+        tracing::debug!(vm = %id, observations = clock.observations, slowest_ms = slowest.as_millis() as u64, "job watch ended");
+        clock.finish(end)
+    };
+
+    let progress = async {
+        while !*stop.borrow() {
+            if let Some((path, capacity)) = &file_limit {
+                if !too_large.load(Ordering::SeqCst)
+                    && std::fs::metadata(path).map(|m| m.len() > *capacity).unwrap_or(false)
+                {
+                    tracing::warn!(vm = %id, capacity, "the memory dump outgrew its volume; aborting");
+                    too_large.store(true, Ordering::SeqCst);
+                }
+            }
+            if let Ok(Some(p)) = hv.job_progress(id).await {
+                job.progress(Progress {
+                    processed: p.processed,
+                    total: p.total.max(p.processed),
+                });
+            }
+            sleep_or_stop(stop.clone(), PROGRESS_POLL).await;
+        }
+    };
+
+    if let Some(ev) = hv.pause_events() {
+        ev.watch(id);
+    }
+    let (polled, ()) = tokio::join!(states, progress);
+    let paused = match hv.pause_events() {
+        Some(ev) => {
+            // The RESUMED event can arrive just after the call returned.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while ev.seen(id).last().is_some_and(|&(_, paused)| paused) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let events = ev.take(id);
+            let total = crate::libvirt::pauses::paused_total(&events, Instant::now());
+            tracing::debug!(vm = %id, events = events.len(), event_ms = total.as_millis() as u64,
+                polled_ms = polled.as_millis() as u64, "guest pause measured");
+            if events.is_empty() {
+                polled
+            } else {
+                total
+            }
+        }
+        None => polled,
+    };
+    Watched {
+        paused,
+        too_large: too_large.load(Ordering::SeqCst),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_clock_counts_from_midpoints() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut c = PauseClock::default();
+        c.observe(ms(0), false);
+        c.observe(ms(10), true); // paused since ~5
+        c.observe(ms(20), true);
+        c.observe(ms(30), false); // resumed ~25
+        c.observe(ms(40), true); // paused since ~35
+        assert_eq!(c.finish(ms(45)), Duration::from_millis(30));
+    }
+}

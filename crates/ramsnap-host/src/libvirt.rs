@@ -1,0 +1,548 @@
+//! Every libvirt call the host makes, behind a small typed API. libvirt
+//! calls block, so each runs on the blocking pool with a timeout; a broken
+//! connection (libvirtd restarted) is reopened on the next call. Domains are
+//! looked up by UUID, which is the VM id.
+use crate::error::{HostError, LibvirtError, LibvirtErrorKind, Result};
+use std::ffi::CString;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+pub mod pauses;
+
+/// Timeout of calls that should answer at once.
+pub const QUICK: Duration = Duration::from_secs(30);
+
+/// The XML namespace of the host agent's element in a domain's <metadata>.
+pub const METADATA_NS: &str = "https://ramsnap.dev/xmlns/host/1";
+pub const METADATA_KEY: &str = "ramsnap";
+
+/// What the host reports about its hypervisor.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub hostname: String,
+    /// libvirt's driver name: "QEMU", "Test", ...
+    pub driver: String,
+    /// major * 1_000_000 + minor * 1000 + release.
+    pub lib_version: u32,
+    pub hyp_version: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    /// `by_user`: paused by a user or an error, not by a job of ours
+    /// (snapshot, save, migration, start).
+    Paused {
+        by_user: bool,
+    },
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+    Other,
+}
+
+/// A running domain as listed.
+#[derive(Debug, Clone)]
+pub struct DomainEntry {
+    pub uuid: Uuid,
+    pub name: String,
+    pub state: DomainState,
+    /// The host agent's metadata element, when the domain has one.
+    pub metadata: Option<String>,
+}
+
+/// Bytes processed and total of the domain's running job.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobProgress {
+    pub processed: u64,
+    pub total: u64,
+}
+
+pub struct Hypervisor {
+    uri: String,
+    conn: Mutex<Option<Connect>>,
+    pauses: Option<pauses::PauseEvents>,
+}
+
+trait VirtResult<T> {
+    fn lv(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> VirtResult<T> for std::result::Result<T, virt::error::Error> {
+    fn lv(self, op: &'static str) -> Result<T> {
+        self.map_err(|e| HostError::Libvirt(LibvirtError::from_virt(op, &e)))
+    }
+}
+
+fn last_error(op: &'static str) -> HostError {
+    HostError::Libvirt(LibvirtError::from_virt(op, &virt::error::Error::last_error()))
+}
+
+fn cstring(op: &'static str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| HostError::Internal(format!("libvirt {op}: argument contains NUL")))
+}
+
+fn lookup(c: &Connect, id: Uuid, op: &'static str) -> Result<Domain> {
+    c.lookup_domain_by_uuid_string(&id.to_string()).lv(op)
+}
+
+fn state_of(d: &Domain, op: &'static str) -> Result<DomainState> {
+    let mut state: libc::c_int = -1;
+    let mut reason: libc::c_int = -1;
+    // The virt wrapper drops errors here; call libvirt directly to see them.
+    let r = unsafe { sys::virDomainGetState(d.as_ptr(), &mut state, &mut reason, 0) };
+    if r < 0 {
+        return Err(last_error(op));
+    }
+    Ok(classify(state as u32, reason as u32))
+}
+
+fn classify(state: u32, reason: u32) -> DomainState {
+    match state {
+        sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => DomainState::Running,
+        sys::VIR_DOMAIN_PAUSED => DomainState::Paused {
+            by_user: !matches!(
+                reason,
+                sys::VIR_DOMAIN_PAUSED_MIGRATION
+                    | sys::VIR_DOMAIN_PAUSED_SAVE
+                    | sys::VIR_DOMAIN_PAUSED_DUMP
+                    | sys::VIR_DOMAIN_PAUSED_SNAPSHOT
+                    | sys::VIR_DOMAIN_PAUSED_STARTING_UP
+                    | sys::VIR_DOMAIN_PAUSED_FROM_SNAPSHOT
+                    | sys::VIR_DOMAIN_PAUSED_SHUTTING_DOWN
+            ),
+        },
+        sys::VIR_DOMAIN_SHUTDOWN => DomainState::ShuttingDown,
+        sys::VIR_DOMAIN_SHUTOFF => DomainState::ShutOff,
+        sys::VIR_DOMAIN_CRASHED => DomainState::Crashed,
+        _ => DomainState::Other,
+    }
+}
+
+/// A domain's job statistics (typed parameters), freed on drop.
+struct JobStats {
+    params: sys::virTypedParameterPtr,
+    n: libc::c_int,
+}
+
+impl JobStats {
+    fn get(&self, name: &str) -> Option<u64> {
+        let name = CString::new(name).ok()?;
+        let mut v: libc::c_ulonglong = 0;
+        let r = unsafe { sys::virTypedParamsGetULLong(self.params, self.n, name.as_ptr(), &mut v) };
+        (r == 1).then_some(v)
+    }
+}
+
+impl Drop for JobStats {
+    fn drop(&mut self) {
+        if !self.params.is_null() {
+            unsafe { sys::virTypedParamsFree(self.params, self.n) };
+        }
+    }
+}
+
+/// virDomainGetJobStats, called directly: the virt crate's wrapper builds a
+/// Vec from libvirt's pointer, which is NULL when no job runs. None when no
+/// job runs (or ran, with COMPLETED) or libvirt cannot tell.
+fn job_stats(d: &Domain, flags: u32) -> Option<JobStats> {
+    let mut kind: libc::c_int = 0;
+    let mut stats = JobStats {
+        params: std::ptr::null_mut(),
+        n: 0,
+    };
+    let r = unsafe { sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut stats.params, &mut stats.n, flags) };
+    if r < 0 || kind == sys::VIR_DOMAIN_JOB_NONE as libc::c_int {
+        return None;
+    }
+    Some(stats)
+}
+
+fn metadata_of(d: &Domain) -> Option<String> {
+    d.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(METADATA_NS), 0)
+        .ok()
+}
+
+impl Hypervisor {
+    /// Connects to `uri` (e.g. qemu:///system, test:///default).
+    pub async fn open(uri: &str) -> Result<Hypervisor> {
+        // libvirt's default handler prints every error on stderr; errors
+        // are returned and logged where they matter.
+        virt::error::clear_error_callback();
+        let events_uri = uri.to_string();
+        let pauses = tokio::task::spawn_blocking(move || pauses::PauseEvents::subscribe(&events_uri))
+            .await
+            .ok()
+            .flatten();
+        if pauses.is_none() {
+            tracing::warn!(uri, "no lifecycle events from libvirt: guest pauses are measured by polling");
+        }
+        let hv = Hypervisor {
+            uri: uri.to_string(),
+            conn: Mutex::new(None),
+            pauses,
+        };
+        hv.connection().await?;
+        Ok(hv)
+    }
+
+    /// Lifecycle events, when libvirt delivers them.
+    pub fn pause_events(&self) -> Option<&pauses::PauseEvents> {
+        self.pauses.as_ref()
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    async fn connection(&self) -> Result<Connect> {
+        if let Some(c) = self.conn.lock().expect("libvirt connection lock").as_ref() {
+            return Ok(c.clone());
+        }
+        let uri = self.uri.clone();
+        let opened = tokio::time::timeout(
+            QUICK,
+            tokio::task::spawn_blocking(move || Connect::open(Some(&uri)).lv("open")),
+        )
+        .await
+        .map_err(|_| HostError::Timeout {
+            what: format!("connecting to libvirt at {}", self.uri),
+            after: QUICK,
+        })?
+        .map_err(|e| HostError::Internal(format!("libvirt open: {e}")))??;
+        let mut slot = self.conn.lock().expect("libvirt connection lock");
+        Ok(slot.get_or_insert(opened).clone())
+    }
+
+    /// Runs `f` on the blocking pool with the connection, within `timeout`.
+    /// A call that times out keeps its thread until libvirt answers; the
+    /// caller gets DEADLINE_EXCEEDED at once.
+    pub async fn call<T, F>(&self, op: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        let conn = self.connection().await?;
+        let task = tokio::task::spawn_blocking(move || f(&conn));
+        let result = match tokio::time::timeout(timeout, task).await {
+            Err(_) => Err(HostError::Timeout {
+                what: format!("libvirt {op}"),
+                after: timeout,
+            }),
+            Ok(Err(join)) => Err(HostError::Internal(format!("libvirt {op}: {join}"))),
+            Ok(Ok(r)) => r,
+        };
+        if let Err(HostError::Libvirt(e)) = &result {
+            if e.kind == LibvirtErrorKind::Unavailable {
+                tracing::warn!(error = %e, "libvirt connection lost; reconnecting on the next call");
+                self.conn.lock().expect("libvirt connection lock").take();
+            }
+        }
+        result
+    }
+
+    /// Like [`Hypervisor::call`], on a connection of its own, opened for
+    /// this call: libvirt delays other calls on a connection while a long
+    /// one (a snapshot, a restore, a QEMU start) is in flight there, and the
+    /// state polling that measures the guest's pause must not wait.
+    pub async fn call_dedicated<T, F>(&self, op: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        let uri = self.uri.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let conn = Connect::open(Some(&uri)).lv("open")?;
+            f(&conn)
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Err(_) => Err(HostError::Timeout {
+                what: format!("libvirt {op}"),
+                after: timeout,
+            }),
+            Ok(Err(join)) => Err(HostError::Internal(format!("libvirt {op}: {join}"))),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    pub async fn facts(&self) -> Result<Facts> {
+        self.call("facts", QUICK, |c| {
+            Ok(Facts {
+                hostname: c.hostname().lv("hostname")?,
+                driver: c.driver_type().lv("driver_type")?,
+                lib_version: c.lib_version().lv("lib_version")?,
+                hyp_version: c.hyp_version().unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    /// Starts a transient domain.
+    pub async fn create(&self, xml: String, timeout: Duration) -> Result<()> {
+        self.call_dedicated("create", timeout, move |c| {
+            c.create_domain_xml(&xml, 0).lv("create").map(|_| ())
+        })
+        .await
+    }
+
+    /// The domain's state; None when there is no such domain.
+    pub async fn state(&self, id: Uuid) -> Result<Option<DomainState>> {
+        self.call("state", QUICK, move |c| {
+            let d = match lookup(c, id, "state") {
+                Ok(d) => d,
+                Err(e) if e.is_no_domain() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            match state_of(&d, "state") {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.is_no_domain() => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// Active domains whose name starts with `prefix`.
+    pub async fn list(&self, prefix: String) -> Result<Vec<DomainEntry>> {
+        self.call("list", QUICK, move |c| {
+            let mut out = Vec::new();
+            for d in c
+                .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                .lv("list_all_domains")?
+            {
+                let Ok(name) = d.name() else { continue };
+                if !name.starts_with(&prefix) {
+                    continue;
+                }
+                let Ok(uuid) = d.uuid() else { continue };
+                // A domain that went away while listing is simply not listed.
+                let Ok(state) = state_of(&d, "state") else {
+                    continue;
+                };
+                out.push(DomainEntry {
+                    uuid,
+                    name,
+                    state,
+                    metadata: metadata_of(&d),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Replaces the host agent's metadata element of a running domain.
+    pub async fn set_metadata(&self, id: Uuid, element: String) -> Result<()> {
+        self.call("set_metadata", QUICK, move |c| {
+            lookup(c, id, "set_metadata")?
+                .set_metadata(
+                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                    Some(&element),
+                    Some(METADATA_KEY),
+                    Some(METADATA_NS),
+                    sys::VIR_DOMAIN_AFFECT_LIVE,
+                )
+                .lv("set_metadata")
+        })
+        .await
+    }
+
+    /// The running domain's XML.
+    pub async fn live_xml(&self, id: Uuid) -> Result<String> {
+        self.call("xml_desc", QUICK, move |c| {
+            lookup(c, id, "xml_desc")?.xml_desc(0).lv("xml_desc")
+        })
+        .await
+    }
+
+    /// Asks the guest to power off (ACPI).
+    pub async fn shutdown(&self, id: Uuid) -> Result<()> {
+        self.call("shutdown", QUICK, move |c| {
+            lookup(c, id, "shutdown")?.shutdown().lv("shutdown")
+        })
+        .await
+    }
+
+    /// Kills the domain; a domain already gone is success.
+    pub async fn destroy(&self, id: Uuid) -> Result<()> {
+        let r = self
+            .call_dedicated("destroy", QUICK, move |c| {
+                lookup(c, id, "destroy")?.destroy().lv("destroy")
+            })
+            .await;
+        match r {
+            Err(e) if e.is_no_domain() => Ok(()),
+            Err(HostError::Libvirt(e)) if e.kind == LibvirtErrorKind::OperationInvalid => Ok(()),
+            other => other,
+        }
+    }
+
+    /// virDomainSnapshotCreateXML; blocks for the whole snapshot.
+    pub async fn snapshot(&self, id: Uuid, xml: String, flags: u32, timeout: Duration) -> Result<()> {
+        self.call_dedicated("snapshot", timeout, move |c| {
+            lookup(c, id, "snapshot")?
+                .create_snapshot_xml(&xml, flags)
+                .lv("snapshot")
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Progress of the domain's running job, if one runs.
+    pub async fn job_progress(&self, id: Uuid) -> Result<Option<JobProgress>> {
+        self.call("job_stats", QUICK, move |c| {
+            let d = lookup(c, id, "job_stats")?;
+            let Some(stats) = job_stats(&d, 0) else {
+                return Ok(None);
+            };
+            let processed = stats.get("data_processed").or(stats.get("memory_processed")).unwrap_or(0);
+            let total = stats.get("data_total").or(stats.get("memory_total")).unwrap_or(0);
+            Ok(Some(JobProgress { processed, total }))
+        })
+        .await
+    }
+
+    /// The downtime (ms) of the domain's last completed job, as QEMU
+    /// measured it, when libvirt has it.
+    pub async fn completed_downtime_ms(&self, id: Uuid) -> Result<Option<u64>> {
+        self.call("job_stats", QUICK, move |c| {
+            let d = lookup(c, id, "job_stats")?;
+            Ok(job_stats(&d, sys::VIR_DOMAIN_JOB_STATS_COMPLETED).and_then(|s| s.get("downtime")))
+        })
+        .await
+    }
+
+    /// Aborts the domain's running job; false when none was running.
+    pub async fn abort_job(&self, id: Uuid) -> Result<bool> {
+        self.call("abort_job", QUICK, move |c| {
+            let d = lookup(c, id, "abort_job")?;
+            let r = unsafe { sys::virDomainAbortJob(d.as_ptr()) };
+            if r < 0 {
+                let e = last_error("abort_job");
+                return match e {
+                    HostError::Libvirt(ref l) if l.kind == LibvirtErrorKind::OperationInvalid => Ok(false),
+                    e => Err(e),
+                };
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Merges the active layer of disk `dev` into its backing volume and
+    /// pivots the domain onto that volume (active block commit, shallow):
+    /// undoes the disk part of an external snapshot.
+    pub async fn commit_active_layer(&self, id: Uuid, dev: String, timeout: Duration) -> Result<()> {
+        self.call_dedicated("block_commit", timeout + QUICK, move |c| {
+            let d = lookup(c, id, "block_commit")?;
+            let disk = cstring("block_commit", &dev)?;
+            let flags = sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | sys::VIR_DOMAIN_BLOCK_COMMIT_SHALLOW;
+            let r = unsafe {
+                sys::virDomainBlockCommit(
+                    d.as_ptr(),
+                    disk.as_ptr(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    0,
+                    flags,
+                )
+            };
+            if r < 0 {
+                return Err(last_error("block_commit"));
+            }
+            let deadline = Instant::now() + timeout;
+            loop {
+                let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
+                let r =
+                    unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
+                if r < 0 {
+                    return Err(last_error("block_job_info"));
+                }
+                let ready = r == 0 || {
+                    let info = unsafe { info.assume_init() };
+                    info.cur == info.end
+                };
+                if ready {
+                    // Pivoting before QEMU reports the job ready fails with
+                    // OPERATION_INVALID: retry until it is.
+                    let r = unsafe {
+                        sys::virDomainBlockJobAbort(
+                            d.as_ptr(),
+                            disk.as_ptr(),
+                            sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+                        )
+                    };
+                    if r == 0 {
+                        return Ok(());
+                    }
+                    let e = last_error("block_job_pivot");
+                    let retry =
+                        matches!(&e, HostError::Libvirt(l) if l.kind == LibvirtErrorKind::OperationInvalid);
+                    if !retry || Instant::now() > deadline {
+                        return Err(e);
+                    }
+                }
+                if Instant::now() > deadline {
+                    let _ = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), 0) };
+                    return Err(HostError::Timeout {
+                        what: format!("block commit of {dev}"),
+                        after: timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+    }
+
+    /// The domain XML embedded in a saved memory image.
+    pub async fn saved_xml(&self, path: String) -> Result<String> {
+        self.call("save_image_xml_desc", QUICK, move |c| {
+            c.save_image_xml_desc(&path, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+                .lv("save_image_xml_desc")
+        })
+        .await
+    }
+
+    /// Restores a saved memory image with a replacement domain XML; the
+    /// guest runs when this returns.
+    pub async fn restore(&self, path: String, xml: String, timeout: Duration) -> Result<()> {
+        self.call_dedicated("restore", timeout, move |c| {
+            c.restore_domain_flags(&path, Some(&xml), 0).lv("restore")
+        })
+        .await
+    }
+}
+
+/// "9.0.0" from libvirt's packed version number.
+pub fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_unpack() {
+        assert_eq!(version_string(9_000_000), "9.0.0");
+        assert_eq!(version_string(7_002_022), "7.2.22");
+    }
+
+    #[test]
+    fn paused_by_a_job_is_not_a_user_pause() {
+        assert_eq!(
+            classify(sys::VIR_DOMAIN_PAUSED, sys::VIR_DOMAIN_PAUSED_SNAPSHOT),
+            DomainState::Paused { by_user: false }
+        );
+        assert_eq!(
+            classify(sys::VIR_DOMAIN_PAUSED, sys::VIR_DOMAIN_PAUSED_USER),
+            DomainState::Paused { by_user: true }
+        );
+        assert_eq!(classify(sys::VIR_DOMAIN_RUNNING, 1), DomainState::Running);
+    }
+}

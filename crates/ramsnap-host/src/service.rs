@@ -1,0 +1,409 @@
+//! The tonic handler: converts requests into the domain layer's types
+//! (rejecting bad input with field details), calls [`Host`], converts back.
+use crate::error::HostError;
+use crate::host::{Host, JobView};
+use crate::model::{
+    BootFile, ClusterLevel, MemoryVolumes, SnapshotDisk, SnapshotMode, SnapshotRequest, StatusEvent, VmSpec,
+    VmStatus, VolumeRef,
+};
+use futures::StreamExt;
+use ramsnap_common::{ids, status};
+use ramsnap_proto::common::v1 as common;
+use ramsnap_proto::host::v1 as pb;
+use ramsnap_proto::host::v1::host_service_server::{HostService, HostServiceServer};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+pub const SERVICE_NAME: &str = "ramsnap.host.v1.HostService";
+
+/// ReadConsole's default and largest read.
+const CONSOLE_CHUNK: usize = 1 << 20;
+/// The longest graceful shutdown a caller may ask for.
+const MAX_GRACEFUL_SECS: u32 = 3600;
+
+pub struct HostApi {
+    host: Host,
+}
+
+impl HostApi {
+    pub fn new(host: Host) -> Self {
+        HostApi { host }
+    }
+
+    pub fn into_server(self) -> HostServiceServer<Self> {
+        HostServiceServer::new(self)
+    }
+}
+
+fn volume_ref(field: &str, r: Option<common::VolumeRef>) -> Result<VolumeRef, Status> {
+    let r = r.ok_or_else(|| status::invalid_argument(field, "is required"))?;
+    Ok(VolumeRef {
+        domain: ids::parse(&format!("{field}.domain_id"), &r.domain_id)?,
+        image: ids::parse(&format!("{field}.image_id"), &r.image_id)?,
+        volume: ids::parse(&format!("{field}.volume_id"), &r.volume_id)?,
+    })
+}
+
+fn memory_volumes(field: &str, m: Option<common::MemoryVolumeRef>) -> Result<Option<MemoryVolumes>, Status> {
+    let Some(m) = m else { return Ok(None) };
+    Ok(Some(MemoryVolumes {
+        dump: volume_ref(&format!("{field}.dump"), m.dump)?,
+        metadata: volume_ref(&format!("{field}.metadata"), m.metadata)?,
+    }))
+}
+
+fn boot_file(field: &str, name: &str) -> Result<Option<BootFile>, Status> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    BootFile::parse(name)
+        .map(Some)
+        .map_err(|reason| status::invalid_argument(field, reason))
+}
+
+impl TryFrom<pb::VmSpec> for VmSpec {
+    type Error = Status;
+
+    fn try_from(s: pb::VmSpec) -> Result<VmSpec, Status> {
+        let disks = s
+            .disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| volume_ref(&format!("spec.disks[{i}].volume"), d.volume))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = VmSpec {
+            vm_id: ids::parse("spec.vm_id", &s.vm_id)?,
+            name: s.name,
+            memory_bytes: s.memory_bytes,
+            vcpus: s.vcpus,
+            disks,
+            kernel: boot_file("spec.kernel", &s.kernel)?,
+            initrd: boot_file("spec.initrd", &s.initrd)?,
+            cmdline: s.cmdline,
+        };
+        spec.validate()
+            .map_err(|(field, reason)| status::invalid_argument(field, reason))?;
+        Ok(spec)
+    }
+}
+
+impl TryFrom<pb::SnapshotVmRequest> for SnapshotRequest {
+    type Error = Status;
+
+    fn try_from(r: pb::SnapshotVmRequest) -> Result<SnapshotRequest, Status> {
+        let disks = r
+            .disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                Ok(SnapshotDisk {
+                    current: volume_ref(&format!("disks[{i}].current"), d.current)?,
+                    overlay: volume_ref(&format!("disks[{i}].overlay"), d.overlay)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let mode = match pb::SnapshotMode::try_from(r.mode) {
+            // oVirt 3.3's behaviour unless the caller asks for a live dump.
+            Ok(pb::SnapshotMode::Unspecified | pb::SnapshotMode::Paused) => SnapshotMode::Paused,
+            Ok(pb::SnapshotMode::Live) => SnapshotMode::Live,
+            Err(_) => {
+                return Err(status::invalid_argument(
+                    "mode",
+                    format!("{} is not a known value", r.mode),
+                ))
+            }
+        };
+        let level = if r.compatibility_version.is_empty() {
+            ClusterLevel::MEMORY_SNAPSHOTS
+        } else {
+            ClusterLevel::parse(&r.compatibility_version).ok_or_else(|| {
+                status::invalid_argument(
+                    "compatibility_version",
+                    format!("{:?} is not MAJOR.MINOR", r.compatibility_version),
+                )
+            })?
+        };
+        Ok(SnapshotRequest {
+            job_id: ids::parse("job_id", &r.job_id)?,
+            vm_id: ids::parse("vm_id", &r.vm_id)?,
+            snapshot_id: ids::parse("snapshot_id", &r.snapshot_id)?,
+            disks,
+            memory: memory_volumes("memory", r.memory)?,
+            mode,
+            level,
+        })
+    }
+}
+
+pub fn to_pb_status(s: VmStatus) -> pb::VmStatus {
+    match s {
+        VmStatus::Down => pb::VmStatus::Down,
+        VmStatus::PoweringUp => pb::VmStatus::PoweringUp,
+        VmStatus::Up => pb::VmStatus::Up,
+        VmStatus::Paused => pb::VmStatus::Paused,
+        VmStatus::RestoringState => pb::VmStatus::RestoringState,
+        VmStatus::SavingState => pb::VmStatus::SavingState,
+        VmStatus::PoweringDown => pb::VmStatus::PoweringDown,
+    }
+}
+
+fn progress(v: &JobView) -> common::Progress {
+    common::Progress {
+        processed_bytes: v.progress.processed,
+        total_bytes: v.progress.total,
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchVmStatusResponse, Status>> + Send>>;
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotVmResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HostService for HostApi {
+    async fn get_host_info(
+        &self,
+        _req: Request<pb::GetHostInfoRequest>,
+    ) -> Result<Response<pb::GetHostInfoResponse>, Status> {
+        let i = self.host.info().await?;
+        Ok(Response::new(pb::GetHostInfoResponse {
+            host_id: i.host_id,
+            hostname: i.hostname,
+            libvirt_uri: i.libvirt_uri,
+            libvirt_version: i.libvirt_version,
+            hypervisor_version: i.hypervisor_version,
+            hypervisor_type: i.hypervisor_type,
+            memory_snapshots_supported: i.memory_snapshots_supported,
+        }))
+    }
+
+    async fn run_vm(&self, req: Request<pb::RunVmRequest>) -> Result<Response<pb::RunVmResponse>, Status> {
+        let req = req.into_inner();
+        let spec = VmSpec::try_from(
+            req.spec
+                .ok_or_else(|| status::invalid_argument("spec", "is required"))?,
+        )?;
+        let restore = memory_volumes("restore_memory", req.restore_memory)?;
+        let s = self.host.run(spec, restore).await?;
+        Ok(Response::new(pb::RunVmResponse {
+            status: to_pb_status(s) as i32,
+        }))
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::StopVmResponse>, Status> {
+        let req = req.into_inner();
+        let id = ids::parse("vm_id", &req.vm_id)?;
+        if req.graceful_timeout_seconds > MAX_GRACEFUL_SECS {
+            return Err(status::invalid_argument(
+                "graceful_timeout_seconds",
+                format!("at most {MAX_GRACEFUL_SECS}"),
+            ));
+        }
+        let graceful = self
+            .host
+            .stop(id, Duration::from_secs(req.graceful_timeout_seconds.into()))
+            .await?;
+        Ok(Response::new(pb::StopVmResponse { graceful }))
+    }
+
+    async fn get_vm_status(
+        &self,
+        req: Request<pb::GetVmStatusRequest>,
+    ) -> Result<Response<pb::GetVmStatusResponse>, Status> {
+        let id = ids::parse("vm_id", &req.into_inner().vm_id)?;
+        Ok(Response::new(pb::GetVmStatusResponse {
+            status: to_pb_status(self.host.status(id)) as i32,
+        }))
+    }
+
+    async fn list_vms(
+        &self,
+        _req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self
+            .host
+            .list()
+            .into_iter()
+            .map(|(id, name, s)| pb::VmInfo {
+                vm_id: id.to_string(),
+                name,
+                status: to_pb_status(s) as i32,
+            })
+            .collect();
+        Ok(Response::new(pb::ListVmsResponse { vms }))
+    }
+
+    type WatchVmStatusStream = WatchStream;
+
+    async fn watch_vm_status(
+        &self,
+        req: Request<pb::WatchVmStatusRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let id = ids::parse("vm_id", &req.into_inner().vm_id)?;
+        let stream = self.host.watch(id).map(|ev: StatusEvent| {
+            Ok(pb::WatchVmStatusResponse {
+                status: to_pb_status(ev.status) as i32,
+                at_unix_ms: ev.at_unix_ms,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn read_console(
+        &self,
+        req: Request<pb::ReadConsoleRequest>,
+    ) -> Result<Response<pb::ReadConsoleResponse>, Status> {
+        let req = req.into_inner();
+        let id = ids::parse("vm_id", &req.vm_id)?;
+        let max = match req.max_bytes as usize {
+            0 => CONSOLE_CHUNK,
+            n => n.min(CONSOLE_CHUNK),
+        };
+        let (data, next_offset) = self.host.read_console(id, req.offset, max).await?;
+        Ok(Response::new(pb::ReadConsoleResponse { data, next_offset }))
+    }
+
+    type SnapshotVmStream = SnapshotStream;
+
+    async fn snapshot_vm(
+        &self,
+        req: Request<pb::SnapshotVmRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let req = SnapshotRequest::try_from(req.into_inner())?;
+        let mut rx = self.host.snapshot(req).await?;
+        let stream = async_stream::try_stream! {
+            loop {
+                let view = rx.borrow_and_update().clone();
+                let p = progress(&view);
+                match view.outcome {
+                    Some(Ok(o)) => {
+                        yield pb::SnapshotVmResponse {
+                            progress: Some(p),
+                            result: Some(pb::SnapshotResult {
+                                memory_saved: o.memory_saved,
+                                dump_bytes: o.dump_bytes,
+                                dump_sha256: o.dump_sha256,
+                                guest_pause_ms: o.guest_pause_ms,
+                                duration_ms: o.duration_ms,
+                            }),
+                        };
+                        break;
+                    }
+                    Some(Err(e)) => Err(Status::from(e))?,
+                    None => yield pb::SnapshotVmResponse { progress: Some(p), result: None },
+                }
+                if rx.changed().await.is_err() {
+                    Err(Status::from(HostError::Internal("the snapshot job vanished".into())))?;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_snapshot(
+        &self,
+        req: Request<pb::CancelSnapshotRequest>,
+    ) -> Result<Response<pb::CancelSnapshotResponse>, Status> {
+        let id = ids::parse("job_id", &req.into_inner().job_id)?;
+        let cancelled = self.host.cancel_snapshot(id).await?;
+        Ok(Response::new(pb::CancelSnapshotResponse { cancelled }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vref() -> Option<common::VolumeRef> {
+        Some(common::VolumeRef {
+            domain_id: uuid::Uuid::new_v4().to_string(),
+            image_id: uuid::Uuid::new_v4().to_string(),
+            volume_id: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    fn field(st: &Status) -> String {
+        use tonic_types::StatusExt;
+        st.get_error_details()
+            .bad_request()
+            .and_then(|b| b.field_violations.first().map(|f| f.field.clone()))
+            .unwrap_or_default()
+    }
+
+    fn spec() -> pb::VmSpec {
+        pb::VmSpec {
+            vm_id: uuid::Uuid::new_v4().to_string(),
+            name: "vm".into(),
+            memory_bytes: 256 << 20,
+            vcpus: 1,
+            disks: vec![pb::DiskSpec { volume: vref() }],
+            kernel: "vmlinux".into(),
+            initrd: "initramfs.img".into(),
+            cmdline: "console=ttyS0".into(),
+        }
+    }
+
+    #[test]
+    fn bad_specs_name_their_field() {
+        assert!(VmSpec::try_from(spec()).is_ok());
+        let bad = |f: &dyn Fn(&mut pb::VmSpec)| {
+            let mut s = spec();
+            f(&mut s);
+            let st = VmSpec::try_from(s).unwrap_err();
+            assert_eq!(st.code(), tonic::Code::InvalidArgument);
+            field(&st)
+        };
+        assert_eq!(bad(&|s| s.vm_id = "x".into()), "spec.vm_id");
+        assert_eq!(bad(&|s| s.kernel = "../../etc/shadow".into()), "spec.kernel");
+        assert_eq!(bad(&|s| s.initrd = "/boot/initrd".into()), "spec.initrd");
+        assert_eq!(bad(&|s| s.disks[0].volume = None), "spec.disks[0].volume");
+        assert_eq!(
+            bad(&|s| s.disks[0].volume.as_mut().unwrap().image_id = "..".into()),
+            "spec.disks[0].volume.image_id"
+        );
+        assert_eq!(bad(&|s| s.memory_bytes = 0), "spec.memory_bytes");
+    }
+
+    #[test]
+    fn snapshot_requests_parse_mode_and_level() {
+        let req = || pb::SnapshotVmRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: uuid::Uuid::new_v4().to_string(),
+            snapshot_id: uuid::Uuid::new_v4().to_string(),
+            disks: vec![pb::SnapshotDisk {
+                current: vref(),
+                overlay: vref(),
+            }],
+            memory: Some(common::MemoryVolumeRef {
+                dump: vref(),
+                metadata: vref(),
+            }),
+            mode: pb::SnapshotMode::Live as i32,
+            compatibility_version: "3.2".into(),
+        };
+        let r = SnapshotRequest::try_from(req()).unwrap();
+        assert_eq!(r.mode, SnapshotMode::Live);
+        assert!(!r.level.has_memory_snapshots());
+        let mut q = req();
+        q.compatibility_version = "three".into();
+        assert_eq!(
+            field(&SnapshotRequest::try_from(q).unwrap_err()),
+            "compatibility_version"
+        );
+        let mut q = req();
+        q.mode = 9;
+        assert_eq!(field(&SnapshotRequest::try_from(q).unwrap_err()), "mode");
+        let mut q = req();
+        q.memory.as_mut().unwrap().metadata = None;
+        assert_eq!(
+            field(&SnapshotRequest::try_from(q).unwrap_err()),
+            "memory.metadata"
+        );
+        let mut q = req();
+        q.mode = 0;
+        q.compatibility_version.clear();
+        let r = SnapshotRequest::try_from(q).unwrap();
+        assert_eq!(r.mode, SnapshotMode::Paused);
+        assert!(r.level.has_memory_snapshots());
+    }
+}

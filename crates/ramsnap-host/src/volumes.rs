@@ -1,0 +1,172 @@
+//! The host's StorageService, over gRPC: the only way the host learns a
+//! path. Volume ids go in, prepared paths come out.
+use crate::error::{HostError, Result, StorageCallError};
+use crate::metadata::is_block_device;
+use crate::model::VolumeRef;
+use crate::xml::{DiskFormat, DiskKind};
+use ramsnap_proto::common::v1 as common;
+use ramsnap_proto::storage::v1 as pb;
+use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+
+/// Prepare and teardown run LVM and losetup on BLOCK domains.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Disk,
+    MemoryDump,
+    MemoryMetadata,
+    Other,
+}
+
+impl Purpose {
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Disk => "DISK",
+            Purpose::MemoryDump => "MEMORY_DUMP",
+            Purpose::MemoryMetadata => "MEMORY_METADATA",
+            Purpose::Other => "UNSPECIFIED",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub r: VolumeRef,
+    pub parent: Option<Uuid>,
+    pub format: DiskFormat,
+    pub purpose: Purpose,
+    pub capacity: u64,
+}
+
+/// A prepared volume: where to open it and what it is.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub r: VolumeRef,
+    pub path: PathBuf,
+    pub kind: DiskKind,
+}
+
+#[derive(Clone)]
+pub struct Volumes {
+    client: StorageServiceClient<Channel>,
+}
+
+fn to_pb(r: &VolumeRef) -> common::VolumeRef {
+    common::VolumeRef {
+        domain_id: r.domain.to_string(),
+        image_id: r.image.to_string(),
+        volume_id: r.volume.to_string(),
+    }
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(CALL_TIMEOUT);
+    req
+}
+
+impl Volumes {
+    /// A client of the StorageService at `endpoint` (http://host:port);
+    /// connects on first use, so the host starts before its storage agent.
+    pub fn connect_lazy(endpoint: &str) -> Result<Volumes> {
+        let ep = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| HostError::invalid("storage", format!("{endpoint:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(10));
+        Ok(Volumes {
+            client: StorageServiceClient::new(ep.connect_lazy()),
+        })
+    }
+
+    pub async fn get(&self, r: &VolumeRef) -> Result<VolumeInfo> {
+        let v = self
+            .client
+            .clone()
+            .get_volume(request(pb::GetVolumeRequest {
+                r#ref: Some(to_pb(r)),
+            }))
+            .await
+            .map_err(|s| StorageCallError::from_status("get_volume", &s))?
+            .into_inner()
+            .volume
+            .ok_or_else(|| HostError::Internal("storage get_volume: no volume in the answer".into()))?;
+        let parent = if v.parent_volume_id.is_empty() {
+            None
+        } else {
+            Some(Uuid::parse_str(&v.parent_volume_id).map_err(|_| {
+                HostError::Internal(format!("storage: bad parent id {:?}", v.parent_volume_id))
+            })?)
+        };
+        Ok(VolumeInfo {
+            r: *r,
+            parent,
+            format: match pb::VolumeFormat::try_from(v.format) {
+                Ok(pb::VolumeFormat::Cow) => DiskFormat::Qcow2,
+                _ => DiskFormat::Raw,
+            },
+            purpose: match pb::VolumePurpose::try_from(v.purpose) {
+                Ok(pb::VolumePurpose::Disk) => Purpose::Disk,
+                Ok(pb::VolumePurpose::MemoryDump) => Purpose::MemoryDump,
+                Ok(pb::VolumePurpose::MemoryMetadata) => Purpose::MemoryMetadata,
+                _ => Purpose::Other,
+            },
+            capacity: v.capacity_bytes,
+        })
+    }
+
+    /// Prepares the volume (and its chain); FILE gives the file, BLOCK a
+    /// link to the activated device.
+    pub async fn prepare(&self, r: &VolumeRef) -> Result<Prepared> {
+        let path = PathBuf::from(
+            self.client
+                .clone()
+                .prepare_volume(request(pb::PrepareVolumeRequest {
+                    r#ref: Some(to_pb(r)),
+                }))
+                .await
+                .map_err(|s| StorageCallError::from_status("prepare_volume", &s))?
+                .into_inner()
+                .path,
+        );
+        let p = path.clone();
+        let block = tokio::task::spawn_blocking(move || is_block_device(&p))
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?
+            .map_err(|e| HostError::io(format!("prepared volume {}", path.display()), e))?;
+        Ok(Prepared {
+            r: *r,
+            path,
+            kind: if block { DiskKind::Block } else { DiskKind::File },
+        })
+    }
+
+    /// Tears the volume down; a volume already gone is success.
+    pub async fn teardown(&self, r: &VolumeRef) -> Result<()> {
+        match self
+            .client
+            .clone()
+            .teardown_volume(request(pb::TeardownVolumeRequest {
+                r#ref: Some(to_pb(r)),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(StorageCallError::from_status("teardown_volume", &s).into()),
+        }
+    }
+
+    /// Tears down every volume in `refs` (last first), logging failures:
+    /// used on cleanup paths, where the first error must not hide the rest.
+    pub async fn teardown_all(&self, refs: &[VolumeRef]) {
+        for r in refs.iter().rev() {
+            if let Err(e) = self.teardown(r).await {
+                tracing::warn!(volume = %r, error = %e, "teardown failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The HostService on the real thing: libvirt qemu:///system, QEMU (TCG),
+//! the test guest of tests/guest, and a real StorageService with a FILE and
+//! a BLOCK (LVM on a loop device) domain, all over real gRPC. The guest
+//! proves a restore: it keeps its boot token and its in-RAM counter goes on,
+//! and it checks that its disk holds what it wrote (a restore onto the
+//! wrong chain prints RAMSNAP-DISK-MISMATCH).
+//!
+//! All guest tests live in this one binary so that GUESTS bounds how many
+//! run at once (two cores, TCG).
+mod support;
+
+use futures::StreamExt;
+use ramsnap_proto::common::v1 as common;
+use ramsnap_proto::host::v1 as hpb;
+use ramsnap_proto::storage::v1 as spb;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::Duration;
+use support::*;
+use tonic::Code;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Guest {
+    id: String,
+    spec: hpb::VmSpec,
+    memory_mib: u64,
+    token: String,
+}
+
+impl Guest {
+    fn leaf(&self) -> common::VolumeRef {
+        self.spec.disks[0].volume.clone().unwrap()
+    }
+}
+
+/// qemu:///system, and a 4 GiB BLOCK domain (sparse: only what is written
+/// takes space).
+fn real_env() -> EnvOptions {
+    EnvOptions {
+        uri: "qemu:///system",
+        block_size: Some(4096 * MIB),
+    }
+}
+
+/// Boots a guest with one qcow2 disk on the FILE or BLOCK domain and waits
+/// for its first ticks.
+async fn boot(env: &mut Env, disk_on_block: bool, memory_mib: u64, extra: &str) -> Guest {
+    let disk = env.new_disk(disk_on_block).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let spec = vm_spec(&id, memory_mib, vec![disk], extra);
+    let mut watch = env
+        .host
+        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::PoweringUp);
+    let lines = env.wait_ticks(&id, 0, 2, BOOT_TIMEOUT).await;
+    let Some(Line::Boot { token }) = lines.first().cloned() else {
+        panic!("the first line is not a BOOT: {lines:?}")
+    };
+    assert!(ticks(&lines).iter().all(|(t, _)| *t == token));
+    // POWERING_UP, then UP at the first console output: never RESTORING_STATE.
+    let statuses = collect_until_up(&mut watch).await;
+    assert_eq!(
+        statuses,
+        vec![hpb::VmStatus::Down, hpb::VmStatus::PoweringUp, hpb::VmStatus::Up]
+    );
+    Guest {
+        id,
+        spec,
+        memory_mib,
+        token,
+    }
+}
+
+async fn collect_until_up(watch: &mut tonic::Streaming<hpb::WatchVmStatusResponse>) -> Vec<hpb::VmStatus> {
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_secs(60), watch.next()).await {
+        seen.push(ev.status());
+        if ev.status() == hpb::VmStatus::Up {
+            break;
+        }
+    }
+    seen
+}
+
+fn last_tick(log: &str, token: &str) -> u64 {
+    let t = ticks(&parse(log));
+    let (tok, n) = t.last().cloned().expect("the guest ticks");
+    assert_eq!(tok, token, "the guest rebooted:\n{log}");
+    n
+}
+
+fn snapshot_req(
+    g: &Guest,
+    overlay: &common::VolumeRef,
+    memory: Option<common::MemoryVolumeRef>,
+    live: bool,
+    level: &str,
+) -> hpb::SnapshotVmRequest {
+    hpb::SnapshotVmRequest {
+        job_id: uuid::Uuid::new_v4().to_string(),
+        vm_id: g.id.clone(),
+        snapshot_id: uuid::Uuid::new_v4().to_string(),
+        disks: vec![hpb::SnapshotDisk {
+            current: Some(g.leaf()),
+            overlay: Some(overlay.clone()),
+        }],
+        memory,
+        mode: if live {
+            hpb::SnapshotMode::Live
+        } else {
+            hpb::SnapshotMode::Paused
+        } as i32,
+        compatibility_version: level.into(),
+    }
+}
+
+fn read_bytes(path: &std::path::Path, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = Vec::new();
+    f.take(len as u64).read_to_end(&mut buf).unwrap();
+    buf
+}
+
+/// What a snapshot with memory left behind, for the restore.
+struct Taken {
+    frozen: common::VolumeRef,
+    overlay: common::VolumeRef,
+    memory: common::MemoryVolumeRef,
+    /// Counters seen right before and right after the snapshot call.
+    counter_before: u64,
+    counter_after: u64,
+    result: hpb::SnapshotResult,
+}
+
+/// Takes a snapshot with memory of a running guest and checks what it did:
+/// the VM runs on the overlay, the metadata volume records the frozen disk
+/// and the dump's checksum.
+async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: bool, live: bool) -> Taken {
+    let frozen = g.leaf();
+    let overlay = env.child_of(&frozen).await;
+    let memory = env.memory_volumes(memory_on_block, g.memory_mib * MIB, live).await;
+    let counter_before = last_tick(&env.console(&g.id).await, &g.token);
+    let req = snapshot_req(g, &overlay, Some(memory.clone()), live, "3.3");
+    let snapshot_id = req.snapshot_id.clone();
+    let (progress, result) = snapshot(&mut env.host, req).await;
+    let result = result.expect("snapshot with memory");
+    let counter_after = last_tick(&env.console(&g.id).await, &g.token);
+    eprintln!(
+        "snapshot (memory on {}, {}): {} ms, guest paused {} ms, dump {} bytes, {} progress messages",
+        if memory_on_block { "BLOCK" } else { "FILE" },
+        if live { "LIVE" } else { "PAUSED" },
+        result.duration_ms,
+        result.guest_pause_ms,
+        result.dump_bytes,
+        progress.len()
+    );
+    assert!(result.memory_saved);
+    assert_eq!(result.dump_sha256.len(), 64);
+    assert!(result.dump_bytes > 8 * MIB, "{result:?}");
+    assert!(result.guest_pause_ms > 0 && result.guest_pause_ms <= result.duration_ms, "{result:?}");
+    let last = progress.last().expect("progress messages");
+    assert!(last.processed_bytes > 0 && last.total_bytes >= g.memory_mib * MIB / 2, "{progress:?}");
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
+
+    // The guest now writes to the overlay.
+    let overlay_path = env.path_of(&overlay).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), overlay_path.display().to_string())]
+    );
+    // The metadata volume: versioned JSON, then NULs.
+    let meta_path = env.path_of(memory.metadata.as_ref().unwrap()).await;
+    let bytes = read_bytes(&meta_path, 1 << 20);
+    env.teardown(memory.metadata.as_ref().unwrap()).await;
+    let end = bytes.iter().position(|&b| b == 0).unwrap();
+    assert!(bytes[end..].iter().all(|&b| b == 0));
+    let md: serde_json::Value = serde_json::from_slice(&bytes[..end]).unwrap();
+    assert_eq!(md["format"], "ramsnap.memory-metadata");
+    assert_eq!(md["version"], 1);
+    assert_eq!(md["vm_id"], g.id.as_str());
+    assert_eq!(md["snapshot_id"], snapshot_id.as_str());
+    assert_eq!(md["mode"], if live { "live" } else { "paused" });
+    assert_eq!(md["disks"][0]["current"]["volume"], frozen.volume_id.as_str());
+    assert_eq!(md["disks"][0]["overlay"]["volume"], overlay.volume_id.as_str());
+    assert_eq!(md["dump"]["sha256"], result.dump_sha256.as_str());
+    assert!(md["domain_xml"].as_str().unwrap().contains(&g.id));
+    Taken {
+        frozen,
+        overlay,
+        memory,
+        counter_before,
+        counter_after,
+        result,
+    }
+}
+
+/// Destroys the guest, branches a fresh leaf off the frozen volume (what a
+/// preview makes) and restores the memory onto it: RESTORING_STATE then UP,
+/// the same boot token, the counter going on from the snapshot's.
+async fn restore(env: &mut Env, g: &mut Guest, taken: &Taken) {
+    assert!(!env.stop(&g.id, 0).await, "the test guest ignores ACPI: destroyed");
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
+    assert!(!env.domain_exists(&g.id));
+    // The overlay holds what the guest wrote after the snapshot: drop it.
+    env.delete_volume(&taken.overlay).await;
+    let leaf = env.child_of(&taken.frozen).await;
+    g.spec.disks[0].volume = Some(leaf.clone());
+
+    let mut watch = env
+        .host
+        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: g.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mark = env.console(&g.id).await.len();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        env.run(&g.spec, Some(taken.memory.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    eprintln!("restore: {} ms", started.elapsed().as_millis());
+    assert_eq!(
+        collect_until_up(&mut watch).await,
+        vec![hpb::VmStatus::Down, hpb::VmStatus::RestoringState, hpb::VmStatus::Up],
+        "a restore reports RESTORING_STATE then UP, never POWERING_UP"
+    );
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(
+        !lines.iter().any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
+        "the guest rebooted or saw the wrong disk: {lines:?}"
+    );
+    let t = ticks(&lines);
+    assert!(t.iter().all(|(tok, _)| *tok == g.token), "{t:?}");
+    let first = t[0].1;
+    assert!(
+        first > taken.counter_before && first <= taken.counter_after + 2,
+        "counter after restore {first}, snapshot between {} and {}",
+        taken.counter_before,
+        taken.counter_after
+    );
+    let leaf_path = env.path_of(&leaf).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), leaf_path.display().to_string())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_on_file_live_then_paused_restores_the_same_guest() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("mfile", real_env()).await;
+    let mut g = boot(&mut env, false, 256, "").await;
+    for live in [true, false] {
+        let taken = take_memory_snapshot(&mut env, &mut g, false, live).await;
+        restore(&mut env, &mut g, &taken).await;
+    }
+    env.stop(&g.id, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_on_block_paused_then_live_restores_the_same_guest_and_a_run_without_memory_boots_anew() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("mblock", real_env()).await;
+    // The disk is on the BLOCK domain too: qcow2 on LVs, type='block' disks.
+    let mut g = boot(&mut env, true, 256, "").await;
+    for live in [false, true] {
+        let taken = take_memory_snapshot(&mut env, &mut g, true, live).await;
+        assert!(
+            taken.result.dump_bytes <= (if live { 2 * 256 + 200 } else { 256 + 200 }) * MIB,
+            "{:?}",
+            taken.result
+        );
+        restore(&mut env, &mut g, &taken).await;
+    }
+
+    // Run without memory: a cold boot, with a new token.
+    env.stop(&g.id, 0).await;
+    let mut watch = env
+        .host
+        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: g.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mark = env.console(&g.id).await.len();
+    assert_eq!(env.run(&g.spec, None).await.unwrap(), hpb::VmStatus::PoweringUp);
+    assert_eq!(
+        collect_until_up(&mut watch).await,
+        vec![hpb::VmStatus::Down, hpb::VmStatus::PoweringUp, hpb::VmStatus::Up]
+    );
+    let lines = env.wait_ticks(&g.id, mark, 1, BOOT_TIMEOUT).await;
+    let Some(Line::Boot { token }) = lines.first().cloned() else {
+        panic!("a cold run prints a BOOT line first: {lines:?}")
+    };
+    assert_ne!(token, g.token, "a cold boot has a new token");
+    assert_eq!(ticks(&lines)[0], (token, 1), "and counts from 1");
+    assert!(!lines.iter().any(|l| matches!(l, Line::Mismatch(_))));
+    env.stop(&g.id, 0).await;
+    // Nothing of the VM stays prepared on the BLOCK domain.
+    assert_eq!(loops_over(&env.loop_dev.as_ref().unwrap().device), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_is_refused_when_disks_or_vm_differ_or_the_dump_is_corrupt() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("refuse", real_env()).await;
+    let mut g = boot(&mut env, false, 256, "").await;
+    let taken = take_memory_snapshot(&mut env, &mut g, false, true).await;
+    env.stop(&g.id, 0).await;
+    let fresh_leaf = env.child_of(&taken.frozen).await;
+    let mut good = g.spec.clone();
+    good.disks[0].volume = Some(fresh_leaf.clone());
+
+    let refused = |st: tonic::Status, kind: &str| {
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        assert_eq!(precondition_kind(&st), kind, "{st:?}");
+    };
+    // Another disk altogether.
+    let mut spec = good.clone();
+    spec.disks[0].volume = Some(env.new_disk(false).await);
+    refused(
+        env.run(&spec, Some(taken.memory.clone())).await.unwrap_err(),
+        "MEMORY_DISKS_MISMATCH",
+    );
+    // The overlay the guest wrote to after the snapshot: a child of the
+    // frozen volume, but not its state.
+    let mut spec = good.clone();
+    spec.disks[0].volume = Some(taken.overlay.clone());
+    refused(
+        env.run(&spec, Some(taken.memory.clone())).await.unwrap_err(),
+        "MEMORY_DISKS_MISMATCH",
+    );
+    // Another number of disks.
+    let mut spec = good.clone();
+    spec.disks.push(hpb::DiskSpec {
+        volume: Some(env.new_disk(false).await),
+    });
+    refused(
+        env.run(&spec, Some(taken.memory.clone())).await.unwrap_err(),
+        "MEMORY_DISKS_MISMATCH",
+    );
+    // Another VM's memory.
+    let mut spec = good.clone();
+    spec.vm_id = uuid::Uuid::new_v4().to_string();
+    refused(
+        env.run(&spec, Some(taken.memory.clone())).await.unwrap_err(),
+        "MEMORY_VM_MISMATCH",
+    );
+    // The volumes swapped: a metadata volume is no dump.
+    let swapped = common::MemoryVolumeRef {
+        dump: taken.memory.metadata.clone(),
+        metadata: taken.memory.dump.clone(),
+    };
+    refused(env.run(&good, Some(swapped)).await.unwrap_err(), "VOLUME_PURPOSE");
+
+    // One flipped byte in the dump.
+    let dump_path = env.path_of(taken.memory.dump.as_ref().unwrap()).await;
+    let flip = |path: &std::path::Path, at: u64| {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&[b[0] ^ 0x40]).unwrap();
+        f.sync_all().unwrap();
+    };
+    let at = taken.result.dump_bytes / 2;
+    flip(&dump_path, at);
+    refused(
+        env.run(&good, Some(taken.memory.clone())).await.unwrap_err(),
+        "MEMORY_DUMP_CORRUPT",
+    );
+    // Every refusal left the VM down and nothing running.
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
+    assert!(!env.domain_exists(&g.id));
+
+    // Flipped back, the same request restores the guest.
+    flip(&dump_path, at);
+    let mark = env.console(&g.id).await.len();
+    assert_eq!(
+        env.run(&good, Some(taken.memory.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token), "{lines:?}");
+    assert!(!lines.iter().any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
+    env.stop(&g.id, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("cancel", real_env()).await;
+    // 600 MiB of random data in a 1 GiB guest: a dump of about 700 MB,
+    // which lasts long enough to be cancelled while it is written.
+    let mut g = boot(&mut env, false, 1024, "ramsnap.fill=600").await;
+    let frozen = g.leaf();
+    let frozen_path = env.path_of(&frozen).await;
+    let overlay = env.child_of(&frozen).await;
+    let memory = env.memory_volumes(false, 1024 * MIB, true).await;
+    let req = snapshot_req(&g, &overlay, Some(memory.clone()), true, "3.3");
+    let job_id = req.job_id.clone();
+    let mut stream = env.host.snapshot_vm(req).await.unwrap().into_inner();
+    // Wait until libvirt reports bytes written, then cancel.
+    let seen = loop {
+        let msg = stream.message().await.unwrap().expect("the stream goes on until the dump is cancelled");
+        assert!(msg.result.is_none(), "the dump finished before it could be cancelled");
+        let processed = msg.progress.map(|p| p.processed_bytes).unwrap_or(0);
+        if processed > 0 {
+            break processed;
+        }
+    };
+    let mut canceller = env.host.clone();
+    let cancelled = canceller
+        .cancel_snapshot(hpb::CancelSnapshotRequest { job_id: job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .cancelled;
+    assert!(cancelled, "the job was running ({seen} bytes processed)");
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(m)) => assert!(m.result.is_none(), "a cancelled snapshot has no result"),
+            Ok(None) => panic!("the stream ended without the cancellation"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(end.code(), Code::Cancelled, "{end:?}");
+    assert!(
+        end.message().contains("aborted"),
+        "libvirt's job was aborted during the dump, not undone after it: {end:?}"
+    );
+
+    // The VM runs on, on its previous disk, with the same memory.
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), frozen_path.display().to_string())]
+    );
+    let mark = env.console(&g.id).await.len();
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token));
+    assert!(!lines.iter().any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
+    // Nothing half-made: the dump volume is empty, the metadata untouched.
+    let dump_path = env.path_of(memory.dump.as_ref().unwrap()).await;
+    assert_eq!(std::fs::metadata(&dump_path).unwrap().len(), 0);
+    let meta_path = env.path_of(memory.metadata.as_ref().unwrap()).await;
+    assert!(read_bytes(&meta_path, 1 << 20).iter().all(|&b| b == 0));
+    // A second cancel finds nothing to cancel.
+    let again = canceller
+        .cancel_snapshot(hpb::CancelSnapshotRequest { job_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.cancelled);
+
+    // The same overlay and memory volumes take the snapshot afterwards.
+    let (_, r) = snapshot(
+        &mut env.host,
+        snapshot_req(&g, &overlay, Some(memory), true, "3.3"),
+    )
+    .await;
+    let r = r.expect("the snapshot after a cancel");
+    assert!(r.memory_saved);
+    g.spec.disks[0].volume = Some(overlay);
+    env.stop(&g.id, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_small_dump_volumes_fail_cleanly_and_old_clusters_take_disk_only_snapshots() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("small", real_env()).await;
+    let mut g = boot(&mut env, false, 256, "").await;
+    let frozen = g.leaf();
+    let frozen_path = env.path_of(&frozen).await;
+    let overlay = env.child_of(&frozen).await;
+
+    for block in [false, true] {
+        let domain = env.domain(block);
+        let volume = |purpose: spb::VolumePurpose, capacity: u64| spb::CreateVolumeRequest {
+            domain_id: domain.clone(),
+            capacity_bytes: capacity,
+            format: spb::VolumeFormat::Raw as i32,
+            purpose: purpose as i32,
+            ..Default::default()
+        };
+        // 32 MiB for a 256 MiB guest whose dump is about 65 MB.
+        let dump = env.create_volume(volume(spb::VolumePurpose::MemoryDump, 32 * MIB)).await;
+        let meta = env.create_volume(volume(spb::VolumePurpose::MemoryMetadata, MIB)).await;
+        let memory = common::MemoryVolumeRef {
+            dump: dump.r#ref.clone(),
+            metadata: meta.r#ref.clone(),
+        };
+        let (_, r) = snapshot(
+            &mut env.host,
+            snapshot_req(&g, &overlay, Some(memory.clone()), false, "3.3"),
+        )
+        .await;
+        let st = r.expect_err("a dump larger than its volume fails");
+        assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+
+        assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
+        assert_eq!(
+            env.live_disks(&g.id),
+            vec![("vda".to_string(), frozen_path.display().to_string())]
+        );
+        let dump_path = env.path_of(dump.r#ref.as_ref().unwrap()).await;
+        let data = read_bytes(&dump_path, 32 << 20);
+        assert!(data.iter().all(|&b| b == 0), "the dump volume was scrubbed");
+        if !block {
+            assert_eq!(data.len(), 0);
+        }
+        let meta_path = env.path_of(meta.r#ref.as_ref().unwrap()).await;
+        assert!(read_bytes(&meta_path, 1 << 20).iter().all(|&b| b == 0));
+        env.teardown(dump.r#ref.as_ref().unwrap()).await;
+        env.teardown(meta.r#ref.as_ref().unwrap()).await;
+        let mark = env.console(&g.id).await.len();
+        let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+        assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token));
+        assert!(!lines.iter().any(|l| matches!(l, Line::Mismatch(_))));
+    }
+
+    // A cluster below 3.3 never saves memory: a disk-only snapshot even
+    // with memory volumes given, which stay untouched.
+    let memory = env.memory_volumes(false, 256 * MIB, false).await;
+    let (_, r) = snapshot(
+        &mut env.host,
+        snapshot_req(&g, &overlay, Some(memory.clone()), false, "3.2"),
+    )
+    .await;
+    let r = r.expect("disk-only snapshot");
+    assert!(!r.memory_saved);
+    assert_eq!(r.dump_bytes, 0);
+    let overlay_path = env.path_of(&overlay).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), overlay_path.display().to_string())]
+    );
+    // Untouched: the sparse dump file holds no data at all.
+    let dump_path = env.path_of(memory.dump.as_ref().unwrap()).await;
+    assert_eq!(std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dump_path).unwrap()), 0);
+    g.spec.disks[0].volume = Some(overlay.clone());
+
+    // Without memory volumes: disk-only as well.
+    let next = env.child_of(&overlay).await;
+    let (_, r) = snapshot(&mut env.host, snapshot_req(&g, &next, None, true, "")).await;
+    assert!(!r.expect("disk-only snapshot").memory_saved);
+    let next_path = env.path_of(&next).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), next_path.display().to_string())]
+    );
+    let lines = env.wait_ticks(&g.id, 0, 3, Duration::from_secs(30)).await;
+    assert!(!lines.iter().any(|l| matches!(l, Line::Mismatch(_))));
+    env.stop(&g.id, 0).await;
+}

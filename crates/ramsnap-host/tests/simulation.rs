@@ -1,0 +1,199 @@
+//! Simulation tests: the HostService on libvirt's test:///default driver (a
+//! hypervisor faked inside libvirt, the kind of host the coordinator's scale
+//! tests use), with a real StorageService on a FILE domain, over real gRPC.
+//! The real QEMU path is covered by tests/guest.rs.
+mod support;
+
+use futures::StreamExt;
+use ramsnap_host::{Config, Host};
+use ramsnap_proto::host::v1 as hpb;
+use support::*;
+use tonic::Code;
+
+fn opts() -> EnvOptions {
+    EnvOptions {
+        uri: "test:///default",
+        block_size: None,
+    }
+}
+
+#[tokio::test]
+async fn simulation_host_info_reports_the_test_driver_and_a_stable_host_id() {
+    let mut env = Env::new("siminfo", opts()).await;
+    let info = env
+        .host
+        .get_host_info(hpb::GetHostInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.hypervisor_type.eq_ignore_ascii_case("test"), "{}", info.hypervisor_type);
+    assert_eq!(info.libvirt_uri, "test:///default");
+    assert!(!info.memory_snapshots_supported, "the test driver cannot dump memory");
+    assert!(info.libvirt_version.starts_with("9."), "{}", info.libvirt_version);
+    uuid::Uuid::parse_str(&info.host_id).expect("a generated host id is a UUID");
+    // The id is kept in the state dir: a restarted agent has the same one.
+    let again = Host::open(env.host_config.clone()).await.unwrap();
+    assert_eq!(again.info().await.unwrap().host_id, info.host_id);
+    // An explicit id wins.
+    let mut cfg: Config = env.host_config.clone();
+    cfg.host_id = Some("host-7".into());
+    assert_eq!(Host::open(cfg).await.unwrap().info().await.unwrap().host_id, "host-7");
+}
+
+#[tokio::test]
+async fn simulation_run_list_watch_and_stop() {
+    let mut env = Env::new("simrun", opts()).await;
+    let disk = env.new_disk(false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let spec = vm_spec(&vm, 256, vec![disk], "");
+    let mut watch = env
+        .host
+        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: vm.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(env.status(&vm).await, hpb::VmStatus::Down);
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    let listed = env
+        .host
+        .list_vms(hpb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].vm_id, vm);
+    assert_eq!(listed[0].name, spec.name);
+    assert_eq!(listed[0].status(), hpb::VmStatus::Up);
+
+    // Running it again is refused while it runs.
+    let st = env.run(&spec, None).await.unwrap_err();
+    assert_eq!(st.code(), Code::AlreadyExists, "{st:?}");
+
+    // The test driver shuts down at once: a graceful stop.
+    assert!(env.stop(&vm, 5).await);
+    assert_eq!(env.status(&vm).await, hpb::VmStatus::Down);
+    assert!(env
+        .host
+        .list_vms(hpb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+        .is_empty());
+    // Stopping a VM that is not running succeeds.
+    assert!(!env.stop(&vm, 0).await);
+
+    let mut seen = Vec::new();
+    while let Some(Ok(ev)) = tokio::time::timeout(std::time::Duration::from_secs(2), watch.next())
+        .await
+        .ok()
+        .flatten()
+    {
+        assert!(ev.at_unix_ms > 0);
+        seen.push(ev.status());
+        if seen.len() >= 5 {
+            break;
+        }
+    }
+    use hpb::VmStatus::*;
+    assert_eq!(seen, vec![Down, PoweringUp, Up, PoweringDown, Down]);
+}
+
+#[tokio::test]
+async fn simulation_restarted_agent_rediscovers_its_vms() {
+    let mut env = Env::new("simredisc", opts()).await;
+    let disk = env.new_disk(false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    env.run(&vm_spec(&vm, 128, vec![disk], ""), None).await.unwrap();
+    // A second agent on the same libvirt and prefix finds the VM, with its
+    // disks, and can stop it.
+    let again = Host::open(env.host_config.clone()).await.unwrap();
+    let id = uuid::Uuid::parse_str(&vm).unwrap();
+    assert_eq!(again.list().len(), 1);
+    assert_eq!(again.status(id), ramsnap_host::model::VmStatus::Up);
+    // Another agent on the same libvirt (its own host id) leaves it alone.
+    let mut other = env.host_config.clone();
+    other.host_id = Some("another-host".into());
+    let other = Host::open(other).await.unwrap();
+    assert!(other.list().is_empty());
+    assert_eq!(other.status(id), ramsnap_host::model::VmStatus::Down);
+    assert!(again.stop(id, std::time::Duration::ZERO).await.is_ok());
+    assert_eq!(again.status(id), ramsnap_host::model::VmStatus::Down);
+    // The first agent notices within a monitor round.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while env.status(&vm).await != hpb::VmStatus::Down {
+        assert!(std::time::Instant::now() < deadline, "the first agent still reports the VM");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn simulation_bad_input_is_refused_with_the_field() {
+    let mut env = Env::new("simbad", opts()).await;
+    let disk = env.new_disk(false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+
+    let mut spec = vm_spec(&vm, 128, vec![disk.clone()], "");
+    spec.kernel = "../../etc/passwd".into();
+    let st = env.run(&spec, None).await.unwrap_err();
+    assert_eq!((st.code(), field_of(&st).as_str()), (Code::InvalidArgument, "spec.kernel"));
+
+    let mut spec = vm_spec(&vm, 128, vec![disk.clone()], "");
+    spec.disks[0].volume.as_mut().unwrap().volume_id = "not-a-uuid".into();
+    let st = env.run(&spec, None).await.unwrap_err();
+    assert_eq!(field_of(&st), "spec.disks[0].volume.volume_id");
+
+    // A volume id that does not exist: the storage service's NOT_FOUND.
+    let mut spec = vm_spec(&vm, 128, vec![disk.clone()], "");
+    spec.disks[0].volume.as_mut().unwrap().volume_id = uuid::Uuid::new_v4().to_string();
+    let st = env.run(&spec, None).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+    assert_eq!(env.status(&vm).await, hpb::VmStatus::Down);
+
+    let st = env
+        .host
+        .get_vm_status(hpb::GetVmStatusRequest { vm_id: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&st), "vm_id");
+    let st = env
+        .host
+        .read_console(hpb::ReadConsoleRequest {
+            vm_id: uuid::Uuid::new_v4().to_string(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    let (_, r) = snapshot(
+        &mut env.host,
+        hpb::SnapshotVmRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: uuid::Uuid::new_v4().to_string(),
+            snapshot_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.unwrap_err().code(), Code::NotFound);
+    let c = env
+        .host
+        .cancel_snapshot(hpb::CancelSnapshotRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!c.cancelled);
+    let st = env
+        .host
+        .stop_vm(hpb::StopVmRequest {
+            vm_id: vm.clone(),
+            graceful_timeout_seconds: 100_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&st), "graceful_timeout_seconds");
+}
