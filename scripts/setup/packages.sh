@@ -12,6 +12,9 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+# The end-to-end tests' guest (tests/guest/build.sh) extracts vmlinux from
+# the xz-compressed Debian kernel.
+command -v xz >/dev/null 2>&1 || need+=(xz-utils)
 
 if ((${#need[@]})); then
   echo "packages: installing ${need[*]}" >&2

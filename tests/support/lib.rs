@@ -3,6 +3,14 @@
 //!
 //! The binaries are not built by `cargo test`; build them first:
 //! `cargo build --workspace --bins && cargo test -p ramsnap-e2e`.
+//!
+//! [`cluster`] runs the whole system for one test (the three binaries, a
+//! FILE and a BLOCK domain, the test guest of [`guest`] on the local
+//! libvirt); [`console`] parses the guest's console.
+pub mod cluster;
+pub mod console;
+pub mod guest;
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -128,12 +136,27 @@ pub fn spawn(binary: &str, args: Vec<OsString>, listeners: usize, dir: TempDir) 
     let path = binary_path(binary);
     let log = dir.path().join("stderr.log");
     let stderr = std::fs::File::create(&log).expect("creating the stderr log");
-    let mut child = Command::new(&path)
+    let mut command = Command::new(&path);
+    command
         .args(&args)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(stderr)
+        .stderr(stderr);
+    // A test process that is killed (no drop runs) must not leave its
+    // services running: they get SIGTERM when the thread that spawned them
+    // (the test's) goes away.
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {}: {e}", path.display()));
 
