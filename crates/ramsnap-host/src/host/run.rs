@@ -3,7 +3,8 @@
 use super::{prepare_console_log, Host, Running, RunningDisk, Vm, RUNNING_VERSION};
 use crate::error::{HostError, RestoreError, Result, RunError};
 use crate::metadata::{self, DecodeError, MemoryMetadata};
-use crate::model::{disk_dev, MemoryVolumes, VmSpec, VmStatus, MIB};
+use crate::model::{disk_dev, MemoryVolumes, VmSpec, VmStatus, VolumeRef, MIB};
+use uuid::Uuid;
 use crate::volumes::{Prepared, Purpose, VolumeInfo};
 use crate::xml::{self, DiskSource, DomainDef, RestoreRewrite};
 use std::path::{Path, PathBuf};
@@ -19,16 +20,14 @@ fn restore_timeout(memory: u64) -> Duration {
     Duration::from_secs(120 + memory / (20 * MIB))
 }
 
-fn blocking_io<T: Send + 'static>(
+async fn blocking_io<T: Send + 'static>(
     what: String,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| HostError::Internal(e.to_string()))?
-            .map_err(|e| HostError::io(what, e))
-    }
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::io(what, e))
 }
 
 pub(crate) fn check_purpose(info: &VolumeInfo, expected: Purpose) -> Result<()> {
@@ -215,6 +214,7 @@ impl Host {
         prepared: &mut Vec<Prepared>,
     ) -> Result<()> {
         let volumes = &self.inner.volumes;
+        let mut lap = super::Lap::new(spec.vm_id, "restore step");
         let dump_info = volumes.get(&memory.dump).await?;
         check_purpose(&dump_info, Purpose::MemoryDump)?;
         let meta_info = volumes.get(&memory.metadata).await?;
@@ -223,6 +223,7 @@ impl Host {
         prepared.push(meta.clone());
         let dump = volumes.prepare(&memory.dump).await?;
         prepared.push(dump.clone());
+        lap.done("prepare memory volumes");
 
         let meta_path = meta.path.clone();
         let capacity = meta_info.capacity;
@@ -241,60 +242,100 @@ impl Host {
                 reason,
             },
         })?;
-        verify_against_spec(&md, spec, disk_infos)?;
+        let mut chains = Vec::with_capacity(disk_infos.len());
+        for info in disk_infos {
+            let mut chain = Vec::new();
+            let mut next = info.parent;
+            // Bounded: a chain is never deeper than this in practice.
+            while let Some(p) = next.filter(|_| chain.len() < 256) {
+                chain.push(p);
+                next = volumes.get(&VolumeRef { volume: p, ..info.r }).await?.parent;
+            }
+            chains.push(chain);
+        }
+        verify_against_spec(&md, spec, &chains)?;
+        lap.done("read and verify metadata");
 
-        let t = Instant::now();
-        let dump_path = dump.path.clone();
+        // The checksum and libvirt's restore run side by side; the restored
+        // guest stays paused until the checksum matches, and is destroyed
+        // if it does not: it never runs on memory that failed the check.
+        let hv = &self.inner.hv;
+        let dump_file = dump.path.clone();
         let dump_capacity = md.dump.capacity;
-        let digest = blocking_io("checksumming the memory dump".into(), move || {
-            metadata::digest(&dump_path, dump_capacity)
-        })
-        .await?;
-        tracing::info!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "memory dump checksum verified");
-        if digest.sha256 != md.dump.sha256 {
+        let check = async {
+            let t = Instant::now();
+            let d = blocking_io("checksumming the memory dump".into(), move || {
+                metadata::digest(&dump_file, dump_capacity)
+            })
+            .await;
+            tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: checksum");
+            d
+        };
+        let sources = sources(running);
+        let console = path_string(&running.console_log)?;
+        let dump_path = path_string(&dump.path)?;
+        let mut record = running.clone();
+        let start = async {
+            let t = Instant::now();
+            let saved = hv.saved_xml(dump_path.clone()).await?;
+            // libvirt refuses a restore under another name: keep the saved one.
+            record.domain_name = xml::domain_name(&saved).map_err(|e| HostError::Internal(e.to_string()))?;
+            let element = record.metadata_element();
+            let xml = xml::rewrite_for_restore(
+                &saved,
+                &RestoreRewrite {
+                    disks: &sources,
+                    console_log: &console,
+                    kernel: kernel.as_deref(),
+                    initrd: initrd.as_deref(),
+                    metadata: &element,
+                },
+            )
+            .map_err(|e| RestoreError::DisksMismatch {
+                reason: e.to_string(),
+            })?;
+            let r = hv
+                .restore(dump_path.clone(), xml, true, restore_timeout(spec.memory_bytes))
+                .await;
+            tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: libvirt restore (paused)");
+            r
+        };
+        let (digest, started) = tokio::join!(check, start);
+        lap.done("checksum beside libvirt's restore");
+        let corrupt = match &digest {
+            Ok(d) => d.sha256 != md.dump.sha256,
+            Err(_) => true,
+        };
+        if corrupt {
+            if started.is_ok() {
+                if let Err(e) = hv.destroy(spec.vm_id).await {
+                    tracing::error!(vm = %spec.vm_id, error = %e, "destroying a guest restored from a corrupt dump failed");
+                }
+            }
+            let d = digest?;
             return Err(RestoreError::DumpCorrupt {
                 volume: memory.dump,
                 expected: md.dump.sha256.clone(),
-                actual: digest.sha256,
+                actual: d.sha256,
             }
             .into());
         }
-
-        let dump_path = path_string(&dump.path)?;
-        let saved = self.inner.hv.saved_xml(dump_path.clone()).await?;
-        let sources = sources(running);
-        let console = path_string(&running.console_log)?;
-        // libvirt refuses a restore under another name: keep the saved one.
-        running.domain_name = xml::domain_name(&saved).map_err(|e| HostError::Internal(e.to_string()))?;
-        let element = running.metadata_element();
-        let xml = xml::rewrite_for_restore(
-            &saved,
-            &RestoreRewrite {
-                disks: &sources,
-                console_log: &console,
-                kernel: kernel.as_deref(),
-                initrd: initrd.as_deref(),
-                metadata: &element,
-            },
-        )
-        .map_err(|e| RestoreError::DisksMismatch {
-            reason: e.to_string(),
-        })?;
-        self.inner
-            .hv
-            .restore(dump_path, xml, restore_timeout(spec.memory_bytes))
-            .await
+        started?;
+        if let Err(e) = hv.resume(spec.vm_id).await {
+            let _ = hv.destroy(spec.vm_id).await;
+            return Err(e);
+        }
+        lap.done("resume");
+        *running = record;
+        Ok(())
     }
 }
 
 /// The memory belongs to this VM and its disks are still the ones it was
 /// saved with: each disk's leaf is the volume frozen at dump time, or a
 /// fresh overlay on it (what preview and commit make).
-pub(crate) fn verify_against_spec(
-    md: &MemoryMetadata,
-    spec: &VmSpec,
-    disk_infos: &[VolumeInfo],
-) -> Result<()> {
+/// `chains[i]`: the ancestors of disk i's leaf, nearest first.
+pub(crate) fn verify_against_spec(md: &MemoryMetadata, spec: &VmSpec, chains: &[Vec<Uuid>]) -> Result<()> {
     if md.vm_id != spec.vm_id {
         return Err(RestoreError::WrongVm {
             recorded: md.vm_id,
@@ -312,28 +353,33 @@ pub(crate) fn verify_against_spec(
         }
         .into());
     }
-    for (i, (rec, info)) in md.disks.iter().zip(disk_infos).enumerate() {
+    for (i, (rec, ancestors)) in md.disks.iter().zip(chains).enumerate() {
         let leaf = spec.disks[i];
         let frozen = rec.current;
-        if leaf == rec.overlay {
-            // A child of the frozen volume, but the one the guest went on
-            // writing to after the dump: not the disk state of the memory.
+        // The disk must show what it showed at the dump: the frozen volume
+        // itself, or layers over it that started after the dump (a preview
+        // or commit leaf, a stateless run's overlay over that). A chain
+        // through the snapshot's own overlay (written after the dump) or
+        // one that does not reach the frozen volume does not.
+        let same_image = leaf.domain == frozen.domain && leaf.image == frozen.image;
+        let above: Vec<Uuid> = std::iter::once(leaf.volume)
+            .chain(ancestors.iter().copied().take_while(|v| *v != frozen.volume))
+            .collect();
+        if leaf != frozen && above.contains(&rec.overlay.volume) {
             return Err(RestoreError::DisksMismatch {
                 reason: format!(
-                    "disk {}: {} is the overlay the VM wrote to after the memory was saved",
+                    "disk {}: {} is (or lies over) the overlay the VM wrote to after the memory was saved",
                     disk_dev(i),
                     leaf
                 ),
             }
             .into());
         }
-        let same = leaf == frozen;
-        let child =
-            leaf.domain == frozen.domain && leaf.image == frozen.image && info.parent == Some(frozen.volume);
-        if !same && !child {
+        let descends = same_image && ancestors.contains(&frozen.volume);
+        if leaf != frozen && !descends {
             return Err(RestoreError::DisksMismatch {
                 reason: format!(
-                    "disk {}: {} is neither the volume saved with the memory ({}) nor a child of it",
+                    "disk {}: {} is neither the volume saved with the memory ({}) nor a layer over it",
                     disk_dev(i),
                     leaf,
                     frozen
@@ -379,7 +425,6 @@ mod tests {
     use super::*;
     use crate::metadata::{DiskRecord, DumpRecord};
     use crate::model::{SnapshotMode, VolumeRef};
-    use crate::xml::DiskFormat;
     use uuid::Uuid;
 
     fn vref() -> VolumeRef {
@@ -387,16 +432,6 @@ mod tests {
             domain: Uuid::new_v4(),
             image: Uuid::new_v4(),
             volume: Uuid::new_v4(),
-        }
-    }
-
-    fn info(r: VolumeRef, parent: Option<Uuid>) -> VolumeInfo {
-        VolumeInfo {
-            r,
-            parent,
-            format: DiskFormat::Qcow2,
-            purpose: Purpose::Disk,
-            capacity: 1 << 30,
         }
     }
 
@@ -444,65 +479,35 @@ mod tests {
     }
 
     #[test]
-    fn accepts_the_frozen_volume_or_a_fresh_child_of_it() {
+    fn accepts_the_frozen_volume_or_layers_over_it() {
         let (md, spec, frozen) = setup();
-        assert_eq!(code(verify_against_spec(&md, &spec, &[info(frozen, None)])), "ok");
-        let child = VolumeRef {
-            volume: Uuid::new_v4(),
-            ..frozen
-        };
-        let spec2 = VmSpec {
-            disks: vec![child],
-            ..spec.clone()
-        };
+        let with = |leaf: VolumeRef| VmSpec { disks: vec![leaf], ..spec.clone() };
+        let layer = || VolumeRef { volume: Uuid::new_v4(), ..frozen };
+        assert_eq!(code(verify_against_spec(&md, &spec, &[vec![]])), "ok");
+        // A preview/commit leaf over the frozen volume.
+        let child = layer();
+        assert_eq!(code(verify_against_spec(&md, &with(child), &[vec![frozen.volume]])), "ok");
+        // A stateless run's overlay over that leaf.
+        let grandchild = layer();
         assert_eq!(
-            code(verify_against_spec(
-                &md,
-                &spec2,
-                &[info(child, Some(frozen.volume))]
-            )),
+            code(verify_against_spec(&md, &with(grandchild), &[vec![child.volume, frozen.volume]])),
             "ok"
         );
-        // A volume of another image, a grandchild, another VM, another count.
+        // A volume of another image, or a chain that never reaches it.
         let other = vref();
-        let spec3 = VmSpec {
-            disks: vec![other],
-            ..spec.clone()
-        };
-        assert_eq!(
-            code(verify_against_spec(&md, &spec3, &[info(other, None)])),
-            "disks"
-        );
-        assert_eq!(
-            code(verify_against_spec(
-                &md,
-                &spec2,
-                &[info(child, Some(Uuid::new_v4()))]
-            )),
-            "disks"
-        );
-        // The snapshot's own overlay is a child too, but written after the dump.
+        assert_eq!(code(verify_against_spec(&md, &with(other), &[vec![]])), "disks");
+        assert_eq!(code(verify_against_spec(&md, &with(child), &[vec![Uuid::new_v4()]])), "disks");
+        // The snapshot's own overlay, or anything over it: written after the dump.
         let overlay = md.disks[0].overlay;
-        let spec6 = VmSpec {
-            disks: vec![overlay],
-            ..spec.clone()
-        };
+        assert_eq!(code(verify_against_spec(&md, &with(overlay), &[vec![frozen.volume]])), "disks");
         assert_eq!(
-            code(verify_against_spec(&md, &spec6, &[info(overlay, Some(frozen.volume))])),
+            code(verify_against_spec(&md, &with(child), &[vec![overlay.volume, frozen.volume]])),
             "disks"
         );
-        let spec4 = VmSpec {
-            vm_id: Uuid::new_v4(),
-            ..spec.clone()
-        };
-        assert_eq!(
-            code(verify_against_spec(&md, &spec4, &[info(frozen, None)])),
-            "vm"
-        );
-        let spec5 = VmSpec {
-            disks: vec![],
-            ..spec
-        };
-        assert_eq!(code(verify_against_spec(&md, &spec5, &[])), "disks");
+        // Another VM, another disk count.
+        let other_vm = VmSpec { vm_id: Uuid::new_v4(), ..spec.clone() };
+        assert_eq!(code(verify_against_spec(&md, &other_vm, &[vec![]])), "vm");
+        let no_disks = VmSpec { disks: vec![], ..spec.clone() };
+        assert_eq!(code(verify_against_spec(&md, &no_disks, &[])), "disks");
     }
 }

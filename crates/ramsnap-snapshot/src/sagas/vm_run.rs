@@ -313,6 +313,13 @@ fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             spec: Some(spec.clone()),
             restore_memory: restore.as_ref().map(to_wire_memory),
         };
+        // The host answers once the guest is started, which for a restore
+        // is when it is already UP: record the initial status first, so
+        // watchers see RESTORING_STATE (or POWERING_UP) then UP, as oVirt
+        // reports them.
+        let initial = if restore.is_some() { db::VmStatus::RestoringState } else { db::VmStatus::PoweringUp };
+        db.set_vm_status(vm.id, initial).await.map_err(db_status)?;
+        cx.app.notify_vm(vm.id);
         match client.run_vm(req).await {
             Ok(r) => Ok(started(r.into_inner().status, restore.is_some(), active.memory)),
             // The host refuses the memory (its metadata does not match the
@@ -326,6 +333,8 @@ fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 );
                 tracing::warn!(vm = %vm.id, error = %s, "restore refused; booting");
                 let _ = db.add_operation_warning(cx.operation_id, &warning).await;
+                db.set_vm_status(vm.id, db::VmStatus::PoweringUp).await.map_err(db_status)?;
+                cx.app.notify_vm(vm.id);
                 let req = host::RunVmRequest {
                     spec: Some(spec),
                     restore_memory: None,
@@ -387,13 +396,15 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             })
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(s) if matches!(s.code(), Code::NotFound | Code::Unavailable) => {
                 tracing::warn!(vm = %p.vm_id, error = %s, "stopping a VM whose run failed");
-                Ok(())
             }
-            Err(s) => Err(downstream("stopping the VM after a failed run", s)),
+            Err(s) => return Err(downstream("stopping the VM after a failed run", s)),
         }
+        cx.app.db.set_vm_status(p.vm_id, db::VmStatus::Down).await.map_err(db_status)?;
+        cx.app.notify_vm(p.vm_id);
+        Ok(())
     }
     .boxed()
 }
