@@ -5,13 +5,15 @@ use clap::Parser;
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
 use ramsnap_host::Host;
-use ramsnap_snapshot::db::Database;
+use ramsnap_snapshot::db::{CompatibilityVersion, Database, NewCluster, NewHost};
+use ramsnap_snapshot::Coordinator;
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// ramsnap, all in one: snapshot, storage and host services in one process.
 #[derive(Parser)]
@@ -79,9 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("coordinator.db").display()));
-    let db = Database::connect(&database_url).await?;
-    db.migrate().await?;
-    tracing::info!(backend = ?db.backend(), "database ready");
+    let coordinator = Coordinator::open(&database_url).await?;
 
     let file_roots = if args.file_roots.is_empty() {
         // The default root is ours to create; explicit roots (NFS mounts) are not.
@@ -137,6 +137,16 @@ async fn main() -> anyhow::Result<()> {
     host_config.host_id = args.host_id;
     host_config.domain_type = args.domain_type;
     let host_agent = Host::open(host_config).await?;
+    let mut host_addr = host.local_addr()?;
+    if host_addr.ip().is_unspecified() {
+        host_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    default_cluster(
+        &coordinator.app.db,
+        &format!("http://{host_addr}"),
+        &format!("http://{storage_addr}"),
+    )
+    .await?;
 
     let run = |listener, sets| {
         let stop = stop.clone();
@@ -146,14 +156,39 @@ async fn main() -> anyhow::Result<()> {
             result
         }
     };
-    // The snapshot service has no RPCs of its own yet: health and reflection only.
     let storage_set = ServiceSet::new(STORAGE_SERVICE, StorageApi::new(storage).into_server());
     let host_set = ServiceSet::new(HOST_SERVICE, HostApi::new(host_agent).into_server());
     let (a, b, c) = tokio::join!(
-        run(snapshot, Vec::new()),
+        run(snapshot, vec![coordinator.service_set()]),
         run(storage_listener, vec![storage_set]),
         run(host, vec![host_set])
     );
-    db.close().await;
+    coordinator.close().await;
     a.and(b).and(c)
+}
+
+/// On the first start, a cluster "default" at compatibility 3.3 with this
+/// machine as its host "local", so that VMs can be made at once. Later
+/// starts keep what is there (the default ports are fixed).
+async fn default_cluster(db: &Database, host_address: &str, storage_address: &str) -> anyhow::Result<()> {
+    if !db.list_clusters().await?.is_empty() {
+        return Ok(());
+    }
+    let cluster = db
+        .create_cluster(&NewCluster {
+            id: Uuid::new_v4(),
+            name: "default".into(),
+            compatibility_version: CompatibilityVersion::MEMORY_SNAPSHOTS,
+        })
+        .await?;
+    db.create_host(&NewHost {
+        id: Uuid::new_v4(),
+        name: "local".into(),
+        cluster_id: cluster.id,
+        host_address: host_address.into(),
+        storage_address: storage_address.into(),
+    })
+    .await?;
+    tracing::info!(cluster = %cluster.id, "created cluster \"default\" (3.3) with host \"local\"");
+    Ok(())
 }
