@@ -42,6 +42,12 @@ log "building ramsnapd and the ramsnap CLI (release)"
 (cd "$ROOT" && cargo build --release -p ramsnapd -p ramsnap-cli)
 RAMSNAPD="$ROOT/target/release/ramsnapd"
 
+# The demo guest (tests/guest/) in the host's boot-image directory:
+# vmlinux + initramfs.img, named by VmSpec.kernel / initrd.
+log "building the demo guest into $DATA_DIR/boot"
+mkdir -p "$DATA_DIR/boot"
+bash "$ROOT/tests/guest/build.sh" "$DATA_DIR/boot" >&2
+
 # 3. The storage behind the two domains.
 mkdir -p "$FILE_DOMAIN" "$(dirname "$BLOCK_FILE")"
 if [ ! -f "$BLOCK_FILE" ]; then
