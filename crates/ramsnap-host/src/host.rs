@@ -584,6 +584,28 @@ impl Host {
     }
 }
 
+/// Logs how long each step of an operation took (debug level).
+pub(crate) struct Lap {
+    vm: Uuid,
+    what: &'static str,
+    at: Instant,
+}
+
+impl Lap {
+    pub fn new(vm: Uuid, what: &'static str) -> Lap {
+        Lap {
+            vm,
+            what,
+            at: Instant::now(),
+        }
+    }
+
+    pub fn done(&mut self, step: &str) {
+        tracing::debug!(vm = %self.vm, step, ms = self.at.elapsed().as_millis() as u64, "{}", self.what);
+        self.at = Instant::now();
+    }
+}
+
 /// Makes sure the console log exists (QEMU appends to it) and returns its
 /// current length: output past it is this run's.
 pub(crate) fn prepare_console_log(path: &Path) -> std::io::Result<u64> {

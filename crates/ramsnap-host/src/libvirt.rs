@@ -155,7 +155,8 @@ fn job_stats(d: &Domain, flags: u32) -> Option<JobStats> {
         params: std::ptr::null_mut(),
         n: 0,
     };
-    let r = unsafe { sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut stats.params, &mut stats.n, flags) };
+    let r =
+        unsafe { sys::virDomainGetJobStats(d.as_ptr(), &mut kind, &mut stats.params, &mut stats.n, flags) };
     if r < 0 || kind == sys::VIR_DOMAIN_JOB_NONE as libc::c_int {
         return None;
     }
@@ -179,7 +180,10 @@ impl Hypervisor {
             .ok()
             .flatten();
         if pauses.is_none() {
-            tracing::warn!(uri, "no lifecycle events from libvirt: guest pauses are measured by polling");
+            tracing::warn!(
+                uri,
+                "no lifecycle events from libvirt: guest pauses are measured by polling"
+            );
         }
         let hv = Hypervisor {
             uri: uri.to_string(),
@@ -399,7 +403,10 @@ impl Hypervisor {
             let Some(stats) = job_stats(&d, 0) else {
                 return Ok(None);
             };
-            let processed = stats.get("data_processed").or(stats.get("memory_processed")).unwrap_or(0);
+            let processed = stats
+                .get("data_processed")
+                .or(stats.get("memory_processed"))
+                .unwrap_or(0);
             let total = stats.get("data_total").or(stats.get("memory_total")).unwrap_or(0);
             Ok(Some(JobProgress { processed, total }))
         })
@@ -508,11 +515,24 @@ impl Hypervisor {
         .await
     }
 
-    /// Restores a saved memory image with a replacement domain XML; the
-    /// guest runs when this returns.
-    pub async fn restore(&self, path: String, xml: String, timeout: Duration) -> Result<()> {
+    /// Restores a saved memory image with a replacement domain XML. The
+    /// guest runs when this returns, or with `paused` waits for
+    /// [`Hypervisor::resume`].
+    pub async fn restore(&self, path: String, xml: String, paused: bool, timeout: Duration) -> Result<()> {
+        let flags = if paused {
+            sys::VIR_DOMAIN_SAVE_PAUSED
+        } else {
+            sys::VIR_DOMAIN_SAVE_RUNNING
+        };
         self.call_dedicated("restore", timeout, move |c| {
-            c.restore_domain_flags(&path, Some(&xml), 0).lv("restore")
+            c.restore_domain_flags(&path, Some(&xml), flags).lv("restore")
+        })
+        .await
+    }
+
+    pub async fn resume(&self, id: Uuid) -> Result<()> {
+        self.call("resume", QUICK, move |c| {
+            lookup(c, id, "resume")?.resume().lv("resume")
         })
         .await
     }

@@ -17,6 +17,9 @@ use uuid::Uuid;
 
 pub const FORMAT: &str = "ramsnap.memory-metadata";
 pub const VERSION: u32 = 1;
+/// The document and its padding use at most this much of the volume (1 MiB
+/// volumes in practice), whatever capacity the volume reports.
+pub const MAX_DOCUMENT: u64 = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryMetadata {
@@ -62,6 +65,7 @@ impl MemoryMetadata {
     /// The JSON document padded with NULs to `capacity` bytes; None when it
     /// does not fit (one NUL at least must follow it).
     pub fn encode(&self, capacity: u64) -> Option<Vec<u8>> {
+        let capacity = capacity.min(MAX_DOCUMENT);
         let mut bytes = serde_json::to_vec(self).expect("metadata serializes");
         if bytes.len() as u64 >= capacity {
             return None;
@@ -130,25 +134,26 @@ pub fn digest(path: &Path, capacity: u64) -> io::Result<DumpDigest> {
     let readable = len.min(capacity);
     let mut hasher = Sha256::new();
     let mut data_end = 0u64;
-    let mut take = |offset: u64, chunk: &[u8]| {
-        if let Some(i) = last_nonzero(chunk) {
-            data_end = offset + i as u64 + 1;
+    let done = {
+        let mut take = |offset: u64, chunk: &[u8]| {
+            if let Some(i) = last_nonzero(chunk) {
+                data_end = offset + i as u64 + 1;
+            }
+            hasher.update(chunk);
+        };
+        if f.metadata()?.file_type().is_block_device() {
+            // The dump just written is in the page cache: read it buffered up
+            // to the first chunk of zeros; the zeroed rest goes faster with
+            // direct reads. Where the switch happens changes the speed only.
+            let data = read_sequential(&f, 0, readable, true, &mut take)?;
+            match read_parallel_direct(path, data, readable, &mut take) {
+                Ok(end) => end,
+                Err(_) => read_sequential(&f, data, readable, false, &mut take)?,
+            }
+        } else {
+            read_sequential(&f, 0, readable, false, &mut take)?
         }
-        hasher.update(chunk);
     };
-    let done = if f.metadata()?.file_type().is_block_device() {
-        // The dump just written is in the page cache: read it buffered up to
-        // the first chunk of zeros; the zeroed rest goes faster with direct
-        // reads. Where the switch happens changes the speed only.
-        let data = read_sequential(&f, 0, readable, true, &mut take)?;
-        match read_parallel_direct(path, data, readable, &mut take) {
-            Ok(end) => end,
-            Err(_) => read_sequential(&f, data, readable, false, &mut take)?,
-        }
-    } else {
-        read_sequential(&f, 0, readable, false, &mut take)?
-    };
-    drop(take);
     let zeros = vec![0u8; CHUNK];
     let mut done = done;
     while done < capacity {
@@ -200,16 +205,24 @@ const ALIGN: usize = 4096;
 /// loop devices, four direct ones about 1 GB/s. A fixed pool of buffers
 /// bounds the memory; a reader takes a buffer before it takes the next
 /// chunk number, so the lowest missing chunk always has a buffer.
-fn read_parallel_direct(path: &Path, start: u64, len: u64, take: &mut dyn FnMut(u64, &[u8])) -> io::Result<u64> {
+fn read_parallel_direct(
+    path: &Path,
+    start: u64,
+    len: u64,
+    take: &mut dyn FnMut(u64, &[u8]),
+) -> io::Result<u64> {
     use std::collections::BTreeMap;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{mpsc, Mutex};
 
-    if start % ALIGN as u64 != 0 {
+    if !start.is_multiple_of(ALIGN as u64) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "unaligned start"));
     }
-    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
     let chunks = (len.saturating_sub(start)).div_ceil(CHUNK as u64);
     let next = AtomicU64::new(0);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
@@ -222,7 +235,9 @@ fn read_parallel_direct(path: &Path, start: u64, len: u64, take: &mut dyn FnMut(
         for _ in 0..READERS {
             let (f, next, free_rx, full_tx) = (&f, &next, &free_rx, full_tx.clone());
             scope.spawn(move || loop {
-                let Ok(mut buf) = free_rx.lock().expect("buffer pool").recv() else { return };
+                let Ok(mut buf) = free_rx.lock().expect("buffer pool").recv() else {
+                    return;
+                };
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= chunks {
                     return;
@@ -335,7 +350,7 @@ pub fn write_volume(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub fn read_volume(path: &Path, capacity: u64) -> io::Result<Vec<u8>> {
     let f = File::open(path)?;
     let mut out = Vec::new();
-    f.take(capacity).read_to_end(&mut out)?;
+    f.take(capacity.min(MAX_DOCUMENT)).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -380,6 +395,7 @@ mod tests {
         assert_eq!(bytes.len(), 1 << 20);
         assert_eq!(MemoryMetadata::decode(&bytes).unwrap(), m);
         assert!(m.encode(100).is_none(), "a document that does not fit is refused");
+        assert_eq!(m.encode(1 << 40).unwrap().len() as u64, MAX_DOCUMENT);
     }
 
     #[test]

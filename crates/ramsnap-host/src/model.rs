@@ -100,7 +100,7 @@ impl VmSpec {
                 format!("must be between {MIN_MEMORY} and {MAX_MEMORY}"),
             ));
         }
-        if self.memory_bytes % MIB != 0 {
+        if !self.memory_bytes.is_multiple_of(MIB) {
             return Err(("spec.memory_bytes", "must be a multiple of 1 MiB".into()));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {

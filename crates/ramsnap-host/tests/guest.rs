@@ -141,7 +141,9 @@ struct Taken {
 async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: bool, live: bool) -> Taken {
     let frozen = g.leaf();
     let overlay = env.child_of(&frozen).await;
-    let memory = env.memory_volumes(memory_on_block, g.memory_mib * MIB, live).await;
+    let memory = env
+        .memory_volumes(memory_on_block, g.memory_mib * MIB, live)
+        .await;
     let counter_before = last_tick(&env.console(&g.id).await, &g.token);
     let req = snapshot_req(g, &overlay, Some(memory.clone()), live, "3.3");
     let snapshot_id = req.snapshot_id.clone();
@@ -160,9 +162,15 @@ async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: boo
     assert!(result.memory_saved);
     assert_eq!(result.dump_sha256.len(), 64);
     assert!(result.dump_bytes > 8 * MIB, "{result:?}");
-    assert!(result.guest_pause_ms > 0 && result.guest_pause_ms <= result.duration_ms, "{result:?}");
+    assert!(
+        result.guest_pause_ms > 0 && result.guest_pause_ms <= result.duration_ms,
+        "{result:?}"
+    );
     let last = progress.last().expect("progress messages");
-    assert!(last.processed_bytes > 0 && last.total_bytes >= g.memory_mib * MIB / 2, "{progress:?}");
+    assert!(
+        last.processed_bytes > 0 && last.total_bytes >= g.memory_mib * MIB / 2,
+        "{progress:?}"
+    );
     assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
 
     // The guest now writes to the overlay.
@@ -201,7 +209,10 @@ async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: boo
 /// preview makes) and restores the memory onto it: RESTORING_STATE then UP,
 /// the same boot token, the counter going on from the snapshot's.
 async fn restore(env: &mut Env, g: &mut Guest, taken: &Taken) {
-    assert!(!env.stop(&g.id, 0).await, "the test guest ignores ACPI: destroyed");
+    assert!(
+        !env.stop(&g.id, 0).await,
+        "the test guest ignores ACPI: destroyed"
+    );
     assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
     assert!(!env.domain_exists(&g.id));
     // The overlay holds what the guest wrote after the snapshot: drop it.
@@ -224,12 +235,18 @@ async fn restore(env: &mut Env, g: &mut Guest, taken: &Taken) {
     eprintln!("restore: {} ms", started.elapsed().as_millis());
     assert_eq!(
         collect_until_up(&mut watch).await,
-        vec![hpb::VmStatus::Down, hpb::VmStatus::RestoringState, hpb::VmStatus::Up],
+        vec![
+            hpb::VmStatus::Down,
+            hpb::VmStatus::RestoringState,
+            hpb::VmStatus::Up
+        ],
         "a restore reports RESTORING_STATE then UP, never POWERING_UP"
     );
     let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
     assert!(
-        !lines.iter().any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
+        !lines
+            .iter()
+            .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
         "the guest rebooted or saw the wrong disk: {lines:?}"
     );
     let t = ticks(&lines);
@@ -358,7 +375,11 @@ async fn restore_is_refused_when_disks_or_vm_differ_or_the_dump_is_corrupt() {
     // One flipped byte in the dump.
     let dump_path = env.path_of(taken.memory.dump.as_ref().unwrap()).await;
     let flip = |path: &std::path::Path, at: u64| {
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
         let mut b = [0u8];
         f.seek(SeekFrom::Start(at)).unwrap();
         f.read_exact(&mut b).unwrap();
@@ -385,7 +406,9 @@ async fn restore_is_refused_when_disks_or_vm_differ_or_the_dump_is_corrupt() {
     );
     let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
     assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token), "{lines:?}");
-    assert!(!lines.iter().any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
+    assert!(!lines
+        .iter()
+        .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
     env.stop(&g.id, 0).await;
 }
 
@@ -405,8 +428,15 @@ async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
     let mut stream = env.host.snapshot_vm(req).await.unwrap().into_inner();
     // Wait until libvirt reports bytes written, then cancel.
     let seen = loop {
-        let msg = stream.message().await.unwrap().expect("the stream goes on until the dump is cancelled");
-        assert!(msg.result.is_none(), "the dump finished before it could be cancelled");
+        let msg = stream
+            .message()
+            .await
+            .unwrap()
+            .expect("the stream goes on until the dump is cancelled");
+        assert!(
+            msg.result.is_none(),
+            "the dump finished before it could be cancelled"
+        );
         let processed = msg.progress.map(|p| p.processed_bytes).unwrap_or(0);
         if processed > 0 {
             break processed;
@@ -414,7 +444,9 @@ async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
     };
     let mut canceller = env.host.clone();
     let cancelled = canceller
-        .cancel_snapshot(hpb::CancelSnapshotRequest { job_id: job_id.clone() })
+        .cancel_snapshot(hpb::CancelSnapshotRequest {
+            job_id: job_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -442,7 +474,9 @@ async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
     let mark = env.console(&g.id).await.len();
     let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
     assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token));
-    assert!(!lines.iter().any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
+    assert!(!lines
+        .iter()
+        .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
     // Nothing half-made: the dump volume is empty, the metadata untouched.
     let dump_path = env.path_of(memory.dump.as_ref().unwrap()).await;
     assert_eq!(std::fs::metadata(&dump_path).unwrap().len(), 0);
@@ -456,7 +490,58 @@ async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
         .into_inner();
     assert!(!again.cancelled);
 
-    // The same overlay and memory volumes take the snapshot afterwards.
+    // Cancelled once libvirt has finished (the guest is UP again, the host
+    // still checksums the dump): the overlay is merged back into the disk,
+    // and emptied, so that it can be used again.
+    let mut watch = env
+        .host
+        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: g.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let req = snapshot_req(&g, &overlay, Some(memory.clone()), true, "3.3");
+    let job_id = req.job_id.clone();
+    let mut stream = env.host.snapshot_vm(req).await.unwrap().into_inner();
+    let mut saving = false;
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), watch.next())
+            .await
+            .expect("a status change")
+            .unwrap()
+            .unwrap();
+        match ev.status() {
+            hpb::VmStatus::SavingState => saving = true,
+            hpb::VmStatus::Up if saving => break,
+            _ => {}
+        }
+    }
+    let cancelled = canceller
+        .cancel_snapshot(hpb::CancelSnapshotRequest { job_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .cancelled;
+    assert!(cancelled, "the job was still checksumming");
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(m)) => assert!(m.result.is_none(), "a cancelled snapshot has no result"),
+            Ok(None) => panic!("the stream ended without the cancellation"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(end.code(), Code::Cancelled, "{end:?}");
+    assert!(end.message().contains("merged back"), "{end:?}");
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), frozen_path.display().to_string())]
+    );
+    assert_eq!(std::fs::metadata(&dump_path).unwrap().len(), 0);
+    assert!(read_bytes(&meta_path, 1 << 20).iter().all(|&b| b == 0));
+
+    // The same overlay and memory volumes take the snapshot afterwards, and
+    // the guest, now on the overlay, sees its disk as it left it.
+    let mark = env.console(&g.id).await.len();
     let (_, r) = snapshot(
         &mut env.host,
         snapshot_req(&g, &overlay, Some(memory), true, "3.3"),
@@ -464,6 +549,18 @@ async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
     .await;
     let r = r.expect("the snapshot after a cancel");
     assert!(r.memory_saved);
+    let overlay_path = env.path_of(&overlay).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), overlay_path.display().to_string())]
+    );
+    let lines = env.wait_ticks(&g.id, mark, 3, Duration::from_secs(30)).await;
+    assert!(
+        !lines
+            .iter()
+            .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))),
+        "{lines:?}"
+    );
     g.spec.disks[0].volume = Some(overlay);
     env.stop(&g.id, 0).await;
 }
@@ -487,8 +584,12 @@ async fn too_small_dump_volumes_fail_cleanly_and_old_clusters_take_disk_only_sna
             ..Default::default()
         };
         // 32 MiB for a 256 MiB guest whose dump is about 65 MB.
-        let dump = env.create_volume(volume(spb::VolumePurpose::MemoryDump, 32 * MIB)).await;
-        let meta = env.create_volume(volume(spb::VolumePurpose::MemoryMetadata, MIB)).await;
+        let dump = env
+            .create_volume(volume(spb::VolumePurpose::MemoryDump, 32 * MIB))
+            .await;
+        let meta = env
+            .create_volume(volume(spb::VolumePurpose::MemoryMetadata, MIB))
+            .await;
         let memory = common::MemoryVolumeRef {
             dump: dump.r#ref.clone(),
             metadata: meta.r#ref.clone(),
@@ -540,7 +641,10 @@ async fn too_small_dump_volumes_fail_cleanly_and_old_clusters_take_disk_only_sna
     );
     // Untouched: the sparse dump file holds no data at all.
     let dump_path = env.path_of(memory.dump.as_ref().unwrap()).await;
-    assert_eq!(std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dump_path).unwrap()), 0);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dump_path).unwrap()),
+        0
+    );
     g.spec.disks[0].volume = Some(overlay.clone());
 
     // Without memory volumes: disk-only as well.

@@ -26,9 +26,16 @@ async fn simulation_host_info_reports_the_test_driver_and_a_stable_host_id() {
         .await
         .unwrap()
         .into_inner();
-    assert!(info.hypervisor_type.eq_ignore_ascii_case("test"), "{}", info.hypervisor_type);
+    assert!(
+        info.hypervisor_type.eq_ignore_ascii_case("test"),
+        "{}",
+        info.hypervisor_type
+    );
     assert_eq!(info.libvirt_uri, "test:///default");
-    assert!(!info.memory_snapshots_supported, "the test driver cannot dump memory");
+    assert!(
+        !info.memory_snapshots_supported,
+        "the test driver cannot dump memory"
+    );
     assert!(info.libvirt_version.starts_with("9."), "{}", info.libvirt_version);
     uuid::Uuid::parse_str(&info.host_id).expect("a generated host id is a UUID");
     // The id is kept in the state dir: a restarted agent has the same one.
@@ -37,7 +44,10 @@ async fn simulation_host_info_reports_the_test_driver_and_a_stable_host_id() {
     // An explicit id wins.
     let mut cfg: Config = env.host_config.clone();
     cfg.host_id = Some("host-7".into());
-    assert_eq!(Host::open(cfg).await.unwrap().info().await.unwrap().host_id, "host-7");
+    assert_eq!(
+        Host::open(cfg).await.unwrap().info().await.unwrap().host_id,
+        "host-7"
+    );
 }
 
 #[tokio::test]
@@ -123,7 +133,10 @@ async fn simulation_restarted_agent_rediscovers_its_vms() {
     // The first agent notices within a monitor round.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while env.status(&vm).await != hpb::VmStatus::Down {
-        assert!(std::time::Instant::now() < deadline, "the first agent still reports the VM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first agent still reports the VM"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
@@ -137,7 +150,10 @@ async fn simulation_bad_input_is_refused_with_the_field() {
     let mut spec = vm_spec(&vm, 128, vec![disk.clone()], "");
     spec.kernel = "../../etc/passwd".into();
     let st = env.run(&spec, None).await.unwrap_err();
-    assert_eq!((st.code(), field_of(&st).as_str()), (Code::InvalidArgument, "spec.kernel"));
+    assert_eq!(
+        (st.code(), field_of(&st).as_str()),
+        (Code::InvalidArgument, "spec.kernel")
+    );
 
     let mut spec = vm_spec(&vm, 128, vec![disk.clone()], "");
     spec.disks[0].volume.as_mut().unwrap().volume_id = "not-a-uuid".into();

@@ -4,13 +4,13 @@ use super::{prepare_console_log, Host, Running, RunningDisk, Vm, RUNNING_VERSION
 use crate::error::{HostError, RestoreError, Result, RunError};
 use crate::metadata::{self, DecodeError, MemoryMetadata};
 use crate::model::{disk_dev, MemoryVolumes, VmSpec, VmStatus, VolumeRef, MIB};
-use uuid::Uuid;
 use crate::volumes::{Prepared, Purpose, VolumeInfo};
 use crate::xml::{self, DiskSource, DomainDef, RestoreRewrite};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 /// Creating a domain (QEMU start) should take seconds.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -481,33 +481,62 @@ mod tests {
     #[test]
     fn accepts_the_frozen_volume_or_layers_over_it() {
         let (md, spec, frozen) = setup();
-        let with = |leaf: VolumeRef| VmSpec { disks: vec![leaf], ..spec.clone() };
-        let layer = || VolumeRef { volume: Uuid::new_v4(), ..frozen };
+        let with = |leaf: VolumeRef| VmSpec {
+            disks: vec![leaf],
+            ..spec.clone()
+        };
+        let layer = || VolumeRef {
+            volume: Uuid::new_v4(),
+            ..frozen
+        };
         assert_eq!(code(verify_against_spec(&md, &spec, &[vec![]])), "ok");
         // A preview/commit leaf over the frozen volume.
         let child = layer();
-        assert_eq!(code(verify_against_spec(&md, &with(child), &[vec![frozen.volume]])), "ok");
+        assert_eq!(
+            code(verify_against_spec(&md, &with(child), &[vec![frozen.volume]])),
+            "ok"
+        );
         // A stateless run's overlay over that leaf.
         let grandchild = layer();
         assert_eq!(
-            code(verify_against_spec(&md, &with(grandchild), &[vec![child.volume, frozen.volume]])),
+            code(verify_against_spec(
+                &md,
+                &with(grandchild),
+                &[vec![child.volume, frozen.volume]]
+            )),
             "ok"
         );
         // A volume of another image, or a chain that never reaches it.
         let other = vref();
         assert_eq!(code(verify_against_spec(&md, &with(other), &[vec![]])), "disks");
-        assert_eq!(code(verify_against_spec(&md, &with(child), &[vec![Uuid::new_v4()]])), "disks");
+        assert_eq!(
+            code(verify_against_spec(&md, &with(child), &[vec![Uuid::new_v4()]])),
+            "disks"
+        );
         // The snapshot's own overlay, or anything over it: written after the dump.
         let overlay = md.disks[0].overlay;
-        assert_eq!(code(verify_against_spec(&md, &with(overlay), &[vec![frozen.volume]])), "disks");
         assert_eq!(
-            code(verify_against_spec(&md, &with(child), &[vec![overlay.volume, frozen.volume]])),
+            code(verify_against_spec(&md, &with(overlay), &[vec![frozen.volume]])),
+            "disks"
+        );
+        assert_eq!(
+            code(verify_against_spec(
+                &md,
+                &with(child),
+                &[vec![overlay.volume, frozen.volume]]
+            )),
             "disks"
         );
         // Another VM, another disk count.
-        let other_vm = VmSpec { vm_id: Uuid::new_v4(), ..spec.clone() };
+        let other_vm = VmSpec {
+            vm_id: Uuid::new_v4(),
+            ..spec.clone()
+        };
         assert_eq!(code(verify_against_spec(&md, &other_vm, &[vec![]])), "vm");
-        let no_disks = VmSpec { disks: vec![], ..spec.clone() };
+        let no_disks = VmSpec {
+            disks: vec![],
+            ..spec.clone()
+        };
         assert_eq!(code(verify_against_spec(&md, &no_disks, &[])), "disks");
     }
 }

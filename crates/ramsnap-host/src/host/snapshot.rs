@@ -6,17 +6,18 @@
 //! the caller goes away, a retry with the same id joins it (or gets its
 //! result), and CancelSnapshot aborts it. A failed or cancelled snapshot
 //! leaves the VM running on its previous disks and nothing of the snapshot
-//! on the host: overlays torn down, the dump volume scrubbed, the metadata
-//! volume untouched. When libvirt had already switched the disks (a cancel
-//! or a too-large FILE dump noticed only at the end), the overlays are
-//! merged back with an active block commit and the domain pivots onto its
-//! previous leaves.
+//! on the host: overlays torn down, the dump volume reading as zeros, the
+//! metadata volume zeroed. When libvirt had already switched the disks (a
+//! cancel during the checksum, or a too-large FILE dump noticed only at the
+//! end), the overlays are merged back (active block commit, pivot onto the
+//! previous leaves) and emptied again, so that they can be used once more.
 //!
-//! Guest pause time: the domain's state is polled every 5 ms during the
-//! job (a paused interval counts from the midpoint between the last
-//! "running" and the first "paused" observation), and compared with QEMU's
-//! own downtime from libvirt's completed-job stats; the larger is reported
-//! (the poll also sees the overlay switch, which QEMU's figure leaves out).
+//! Guest pause time: libvirt's SUSPENDED/RESUMED lifecycle events during the
+//! job, timestamped as they arrive (see `libvirt::pauses`); where no events
+//! come, the domain state polled every 5 ms (an interval counts from the
+//! midpoint between the last "running" and the first "paused" observation).
+//! The result is at least QEMU's own downtime from libvirt's completed-job
+//! stats, which leaves out the overlay switch that follows the dump.
 use super::run::check_purpose;
 use super::{Host, RunningDisk, Vm};
 use crate::error::{HostError, LibvirtErrorKind, Result, SnapshotError};
@@ -74,12 +75,29 @@ impl Job {
         });
     }
 
+    /// libvirt finished the dump.
+    fn dumped(&self) {
+        self.view.send_if_modified(|v| {
+            let end = v.progress.processed.max(v.progress.total);
+            let changed = v.progress.processed != end || v.progress.total != end;
+            v.progress = Progress {
+                processed: end,
+                total: end,
+            };
+            changed
+        });
+    }
+
     fn finish(&self, outcome: Result<SnapshotOutcome>) {
         *self.finished_at.lock().expect("job lock") = Some(Instant::now());
         self.view.send_modify(|v| {
             if let Ok(o) = &outcome {
                 if v.progress.total > 0 {
-                    v.progress.processed = v.progress.total.max(o.dump_bytes);
+                    let end = v.progress.total.max(v.progress.processed).max(o.dump_bytes);
+                    v.progress = Progress {
+                        processed: end,
+                        total: end,
+                    };
                 }
             }
             v.outcome = Some(outcome)
@@ -136,9 +154,6 @@ impl PauseClock {
         }
         self.last_seen = Some((at, paused));
         self.observations += 1;
-        if paused {
-            tracing::trace!("paused");
-        }
     }
 
     fn finish(&mut self, at: Instant) -> Duration {
@@ -265,7 +280,6 @@ impl Host {
             ))
             .into());
         }
-        let mut overlay_infos = Vec::new();
         for (d, r) in req.disks.iter().zip(&running.disks) {
             if d.current != r.leaf {
                 return Err(SnapshotError::DisksMismatch(format!(
@@ -286,14 +300,13 @@ impl Host {
                 }
                 .into());
             }
-            overlay_infos.push(info);
         }
         // oVirt 3.3: below cluster level 3.3 the memory is never passed on.
         let memory = req.memory.filter(|_| req.level.has_memory_snapshots());
 
         let mut overlays: Vec<Prepared> = Vec::new();
         let mut mem: Option<MemoryTarget> = None;
-        let mut lap = Lap::new(req.vm_id);
+        let mut lap = super::Lap::new(req.vm_id, "snapshot step");
         let prepared = self.prepare_snapshot(req, memory, &mut overlays, &mut mem).await;
         lap.done("prepare and scrub");
         if let Err(e) = prepared {
@@ -365,6 +378,18 @@ impl Host {
         );
 
         if let Err(e) = result {
+            if matches!(e, HostError::Timeout { .. }) {
+                // The call gave up, libvirt's job may not have: stop it
+                // before the clean-up takes its files away.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    let _ = hv.abort_job(req.vm_id).await;
+                    if !matches!(hv.job_progress(req.vm_id).await, Ok(Some(_))) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
             self.clean_up(vm, &overlays, mem.as_ref()).await;
             if job.cancelled() {
                 return Err(SnapshotError::Cancelled("libvirt's job was aborted").into());
@@ -389,6 +414,11 @@ impl Host {
         }
 
         // libvirt switched the disks: from here on, a failure merges them back.
+        // The dump is written: the guest is no longer saving its state.
+        if mem.is_some() {
+            job.dumped();
+            vm.transition(Some(VmStatus::SavingState), VmStatus::Up);
+        }
         let finished = self
             .finish_snapshot(job, req, &running.disks, &overlays, mem.as_ref(), guest_pause_ms)
             .await;
@@ -418,7 +448,21 @@ impl Host {
                     }
                 }
                 if reverted {
+                    // The guest wrote to the overlays until the merge: empty
+                    // them again, so that they can be used for the snapshot
+                    // once more (libvirt reuses them as they are).
+                    let mut e = e;
+                    for o in &overlays {
+                        if let Err(re) = reset_overlay(o.path.clone()).await {
+                            tracing::error!(vm = %req.vm_id, overlay = %o.r, error = %re, "emptying an overlay failed");
+                            e = HostError::Internal(format!(
+                                "{e}; and overlay {} could not be emptied ({re}): create a new one",
+                                o.r
+                            ));
+                        }
+                    }
                     self.clean_up(vm, &overlays, mem.as_ref()).await;
+                    Err(e)
                 } else {
                     // The VM stays on the overlays: record them, so that a
                     // stop tears them down, and say so.
@@ -432,11 +476,10 @@ impl Host {
                         volumes.teardown_all(&[m.volumes.dump, m.volumes.metadata]).await;
                     }
                     vm.transition(Some(VmStatus::SavingState), VmStatus::Up);
-                    return Err(HostError::Internal(format!(
+                    Err(HostError::Internal(format!(
                         "{e}; and the disks could not be switched back, the VM runs on the overlays"
-                    )));
+                    )))
                 }
-                Err(e)
             }
         }
     }
@@ -470,7 +513,7 @@ impl Host {
             dump,
             dump_capacity: dump_info.capacity,
             meta,
-            meta_capacity: meta_info.capacity,
+            meta_capacity: meta_info.capacity.min(metadata::MAX_DOCUMENT),
         });
         scrub(mem.as_ref().expect("just set")).await
     }
@@ -487,7 +530,9 @@ impl Host {
         guest_pause_ms: u64,
     ) -> Result<SnapshotOutcome> {
         if job.cancelled() {
-            return Err(SnapshotError::Cancelled("after libvirt had finished; the disks were merged back").into());
+            return Err(
+                SnapshotError::Cancelled("after libvirt had finished; the disks were merged back").into(),
+            );
         }
         let Some(m) = mem else {
             return Ok(SnapshotOutcome {
@@ -552,6 +597,13 @@ impl Host {
             .await
             .map_err(|e| HostError::Internal(e.to_string()))?
             .map_err(|e| HostError::io("writing the memory metadata", e))?;
+        // A cancel that came during the checksum still undoes the snapshot
+        // (the clean-up zeroes the metadata volume again).
+        if job.cancelled() {
+            return Err(
+                SnapshotError::Cancelled("after libvirt had finished; the disks were merged back").into(),
+            );
+        }
         Ok(SnapshotOutcome {
             memory_saved: true,
             dump_bytes,
@@ -582,6 +634,14 @@ impl Host {
             if let Err(e) = scrub(m).await {
                 tracing::error!(vm = %vm.id, error = %e, "scrubbing the dump volume failed");
             }
+            let (path, capacity) = (m.meta.path.clone(), m.meta_capacity);
+            let zeroed = tokio::task::spawn_blocking(move || {
+                metadata::write_volume(&path, &vec![0u8; capacity as usize])
+            })
+            .await;
+            if !matches!(zeroed, Ok(Ok(()))) {
+                tracing::error!(vm = %vm.id, "zeroing the metadata volume failed");
+            }
             volumes.teardown_all(&[m.volumes.dump, m.volumes.metadata]).await;
         }
         let paused = matches!(
@@ -601,23 +661,6 @@ impl Host {
         if let Err(e) = self.inner.hv.set_metadata(vm.id, element).await {
             tracing::warn!(vm = %vm.id, error = %e, "updating the domain's ramsnap record failed");
         }
-    }
-}
-
-/// Logs how long each step of a snapshot took (debug level).
-struct Lap {
-    vm: Uuid,
-    at: Instant,
-}
-
-impl Lap {
-    fn new(vm: Uuid) -> Lap {
-        Lap { vm, at: Instant::now() }
-    }
-
-    fn done(&mut self, step: &str) {
-        tracing::debug!(vm = %self.vm, step, ms = self.at.elapsed().as_millis() as u64, "snapshot step");
-        self.at = Instant::now();
     }
 }
 
@@ -648,6 +691,58 @@ async fn scrub(m: &MemoryTarget) -> Result<()> {
     .await
     .map_err(|e| HostError::Internal(e.to_string()))?
     .map_err(|e| HostError::io("scrubbing the memory dump", e))
+}
+
+/// Makes a qcow2 overlay empty again, in place: the same virtual size,
+/// cluster size and backing file (as the storage service wrote them, read
+/// from the overlay itself), no data. QEMU may hold its lock for a moment
+/// after the pivot: retried.
+async fn reset_overlay(path: PathBuf) -> std::result::Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        use std::process::Command;
+        let out = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(&path)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let size = info["virtual-size"].as_u64().ok_or("no virtual-size")?;
+        let cluster = info["cluster-size"].as_u64().unwrap_or(65536);
+        let backing = info["backing-filename"].as_str().map(str::to_string);
+        let backing_fmt = info["backing-filename-format"]
+            .as_str()
+            .unwrap_or("qcow2")
+            .to_string();
+        let mut last = String::new();
+        for _ in 0..50 {
+            let mut cmd = Command::new("qemu-img");
+            if let Some(dir) = path.parent() {
+                cmd.current_dir(dir);
+            }
+            cmd.args(["create", "-q", "-f", "qcow2", "-u"]);
+            if let Some(b) = &backing {
+                cmd.args(["-b", b, "-F", &backing_fmt]);
+            }
+            cmd.args(["-o", &format!("cluster_size={cluster}")])
+                .arg(&path)
+                .arg(size.to_string());
+            let out = cmd.output().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                return Ok(());
+            }
+            last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if !last.contains("lock") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(last)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Runs beside the libvirt call until `stop`. Two loops, because a job
@@ -682,6 +777,18 @@ async fn watch_job(
                 clock.observe(Instant::now(), matches!(state, DomainState::Paused { .. }));
             }
             slowest = slowest.max(t.elapsed());
+            // Checked this often so that the job is aborted while it writes,
+            // not merged back after it finished.
+            if let Some((path, capacity)) = &file_limit {
+                if !too_large.load(Ordering::SeqCst)
+                    && std::fs::metadata(path)
+                        .map(|m| m.len() > *capacity)
+                        .unwrap_or(false)
+                {
+                    tracing::warn!(vm = %id, capacity, "the memory dump outgrew its volume; aborting");
+                    too_large.store(true, Ordering::SeqCst);
+                }
+            }
             if (job.cancelled() || too_large.load(Ordering::SeqCst)) && !abort_sent {
                 // false: libvirt's job has not begun yet; again next round.
                 if let Ok(true) = hv.abort_job(id).await {
@@ -700,14 +807,6 @@ async fn watch_job(
 
     let progress = async {
         while !*stop.borrow() {
-            if let Some((path, capacity)) = &file_limit {
-                if !too_large.load(Ordering::SeqCst)
-                    && std::fs::metadata(path).map(|m| m.len() > *capacity).unwrap_or(false)
-                {
-                    tracing::warn!(vm = %id, capacity, "the memory dump outgrew its volume; aborting");
-                    too_large.store(true, Ordering::SeqCst);
-                }
-            }
             if let Ok(Some(p)) = hv.job_progress(id).await {
                 job.progress(Progress {
                     processed: p.processed,

@@ -182,9 +182,18 @@ mod tests {
     fn paused_intervals_add_up() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let ev = [(ms(10), true), (ms(30), false), (ms(50), true), (ms(55), true), (ms(60), false)];
+        let ev = [
+            (ms(10), true),
+            (ms(30), false),
+            (ms(50), true),
+            (ms(55), true),
+            (ms(60), false),
+        ];
         assert_eq!(paused_total(&ev, ms(100)), Duration::from_millis(30));
-        assert_eq!(paused_total(&[(ms(90), true)], ms(100)), Duration::from_millis(10));
+        assert_eq!(
+            paused_total(&[(ms(90), true)], ms(100)),
+            Duration::from_millis(10)
+        );
         assert_eq!(paused_total(&[], ms(100)), Duration::ZERO);
     }
 }

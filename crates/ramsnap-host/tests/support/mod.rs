@@ -42,7 +42,11 @@ impl LoopDevice {
             .arg(&file)
             .output()
             .unwrap();
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         LoopDevice {
             device: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
         }
@@ -266,8 +270,11 @@ impl Env {
         })
         .await
         .unwrap();
-        let (storage_server, storage_addr) =
-            Server::start(ServiceSet::new(STORAGE_SERVICE, StorageApi::new(storage).into_server())).await;
+        let (storage_server, storage_addr) = Server::start(ServiceSet::new(
+            STORAGE_SERVICE,
+            StorageApi::new(storage).into_server(),
+        ))
+        .await;
         let storage = StorageServiceClient::connect(storage_addr.clone()).await.unwrap();
 
         let boot_dir = dir.path().join("boot");
@@ -426,7 +433,9 @@ impl Env {
     pub async fn path_of(&mut self, r: &common::VolumeRef) -> PathBuf {
         PathBuf::from(
             self.storage
-                .prepare_volume(spb::PrepareVolumeRequest { r#ref: Some(r.clone()) })
+                .prepare_volume(spb::PrepareVolumeRequest {
+                    r#ref: Some(r.clone()),
+                })
                 .await
                 .unwrap()
                 .into_inner()
@@ -436,7 +445,9 @@ impl Env {
 
     pub async fn teardown(&mut self, r: &common::VolumeRef) {
         self.storage
-            .teardown_volume(spb::TeardownVolumeRequest { r#ref: Some(r.clone()) })
+            .teardown_volume(spb::TeardownVolumeRequest {
+                r#ref: Some(r.clone()),
+            })
             .await
             .unwrap();
     }
@@ -524,7 +535,11 @@ impl Env {
             .args(["-c", "qemu:///system", "domblklist", &self.domain_name(vm)])
             .output()
             .unwrap();
-        assert!(out.status.success(), "domblklist: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "domblklist: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .skip(2)
@@ -640,7 +655,12 @@ pub async fn snapshot(
                     return (progress, Ok(r));
                 }
             }
-            Ok(None) => return (progress, Err(tonic::Status::internal("stream ended without a result"))),
+            Ok(None) => {
+                return (
+                    progress,
+                    Err(tonic::Status::internal("stream ended without a result")),
+                )
+            }
             Err(e) => return (progress, Err(e)),
         }
     }
