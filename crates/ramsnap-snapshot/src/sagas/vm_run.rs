@@ -317,7 +317,11 @@ fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         // is when it is already UP: record the initial status first, so
         // watchers see RESTORING_STATE (or POWERING_UP) then UP, as oVirt
         // reports them.
-        let initial = if restore.is_some() { db::VmStatus::RestoringState } else { db::VmStatus::PoweringUp };
+        let initial = if restore.is_some() {
+            db::VmStatus::RestoringState
+        } else {
+            db::VmStatus::PoweringUp
+        };
         db.set_vm_status(vm.id, initial).await.map_err(db_status)?;
         cx.app.notify_vm(vm.id);
         match client.run_vm(req).await {
@@ -333,7 +337,9 @@ fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 );
                 tracing::warn!(vm = %vm.id, error = %s, "restore refused; booting");
                 let _ = db.add_operation_warning(cx.operation_id, &warning).await;
-                db.set_vm_status(vm.id, db::VmStatus::PoweringUp).await.map_err(db_status)?;
+                db.set_vm_status(vm.id, db::VmStatus::PoweringUp)
+                    .await
+                    .map_err(db_status)?;
                 cx.app.notify_vm(vm.id);
                 let req = host::RunVmRequest {
                     spec: Some(spec),
@@ -402,7 +408,11 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             }
             Err(s) => return Err(downstream("stopping the VM after a failed run", s)),
         }
-        cx.app.db.set_vm_status(p.vm_id, db::VmStatus::Down).await.map_err(db_status)?;
+        cx.app
+            .db
+            .set_vm_status(p.vm_id, db::VmStatus::Down)
+            .await
+            .map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
         Ok(())
     }
