@@ -213,3 +213,39 @@ async fn simulation_bad_input_is_refused_with_the_field() {
         .unwrap_err();
     assert_eq!(field_of(&st), "graceful_timeout_seconds");
 }
+
+#[tokio::test]
+async fn simulation_snapshots_with_and_without_memory() {
+    let mut env = Env::new("simsnap", opts()).await;
+    let disk = env.new_disk(false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let spec = vm_spec(&vm, 64, vec![disk.clone()], "");
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    let mut current = disk.clone();
+    for with_memory in [true, false] {
+        let overlay = env.child_of(&current).await;
+        let memory = if with_memory {
+            Some(env.memory_volumes(false, 64 << 20, false).await)
+        } else {
+            None
+        };
+        let req = hpb::SnapshotVmRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: vm.clone(),
+            snapshot_id: uuid::Uuid::new_v4().to_string(),
+            disks: vec![hpb::SnapshotDisk {
+                current: Some(current.clone()),
+                overlay: Some(overlay.clone()),
+            }],
+            memory,
+            mode: hpb::SnapshotMode::Paused as i32,
+            compatibility_version: "3.3".into(),
+        };
+        let (_, result) = snapshot(&mut env.host, req).await;
+        let result = result.unwrap_or_else(|e| panic!("simulated snapshot (memory: {with_memory}): {e:?}"));
+        assert_eq!(result.memory_saved, with_memory);
+        // The VM now runs on the overlay.
+        current = overlay;
+    }
+    assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
+}
