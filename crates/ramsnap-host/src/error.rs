@@ -276,7 +276,11 @@ fn libvirt_status(e: LibvirtError) -> Status {
         }
         LibvirtErrorKind::Timeout => Status::deadline_exceeded(message),
         LibvirtErrorKind::Aborted => Status::aborted(message),
-        LibvirtErrorKind::Unsupported => Status::unimplemented(message),
+        // The hypervisor cannot do it (a driver or configuration without
+        // the feature): a precondition of this host, not a missing RPC.
+        LibvirtErrorKind::Unsupported => {
+            status::failed_precondition("HYPERVISOR_UNSUPPORTED", e.op, message)
+        }
         LibvirtErrorKind::Unavailable => Status::unavailable(message),
         LibvirtErrorKind::AlreadyExists => Status::already_exists(message),
         LibvirtErrorKind::Other => {
@@ -306,7 +310,7 @@ mod tests {
         assert_eq!(code(LibvirtErrorKind::NoDomain), Code::NotFound);
         assert_eq!(code(LibvirtErrorKind::OperationInvalid), Code::FailedPrecondition);
         assert_eq!(code(LibvirtErrorKind::Timeout), Code::DeadlineExceeded);
-        assert_eq!(code(LibvirtErrorKind::Unsupported), Code::Unimplemented);
+        assert_eq!(code(LibvirtErrorKind::Unsupported), Code::FailedPrecondition);
         assert_eq!(code(LibvirtErrorKind::Unavailable), Code::Unavailable);
         assert_eq!(code(LibvirtErrorKind::Other), Code::Internal);
     }
