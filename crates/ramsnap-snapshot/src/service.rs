@@ -39,6 +39,31 @@ pub struct Start {
     pub warnings: Vec<String>,
 }
 
+impl Start {
+    /// The usual operation: it locks `vm_id` and runs `saga` with `params`.
+    pub fn locked(
+        kind: &'static str,
+        vm_id: Uuid,
+        request_id: String,
+        saga: &'static str,
+        params: &impl serde::Serialize,
+    ) -> Start {
+        Start {
+            kind,
+            vm_id: Some(vm_id),
+            lock_vm: true,
+            request_id,
+            saga,
+            params: serde_json::to_value(params).expect("saga params serialize"),
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn with_warnings(self, warnings: Vec<String>) -> Start {
+        Start { warnings, ..self }
+    }
+}
+
 /// The operation a request id already started, for a retried call: it is
 /// answered with that operation whatever changed since (the VM may be up
 /// now because of it). ALREADY_EXISTS if the id started another kind.

@@ -205,15 +205,13 @@ impl SnapshotService for SnapshotApi {
         };
         let op = start_operation(
             &self.0,
-            Start {
-                kind: "create_snapshot",
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: snapshot_create::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(
+                "create_snapshot",
+                vm.id,
+                req.request_id,
+                snapshot_create::NAME,
+                &params,
+            ),
         )
         .await?;
         Ok(Response::new(pb::CreateSnapshotResponse {
@@ -273,15 +271,7 @@ impl SnapshotService for SnapshotApi {
         };
         let op = start_operation(
             &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: snapshot_remove::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(KIND, vm.id, req.request_id, snapshot_remove::NAME, &params),
         )
         .await?;
         Ok(reply(&op))
@@ -370,15 +360,13 @@ impl SnapshotService for SnapshotApi {
         self.0.host_for_vm(&vm).await?;
         let op = start_operation(
             &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: snapshot_undo::NAME,
-                params: serde_json::to_value(snapshot_undo::Params { vm_id: vm.id }).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(
+                KIND,
+                vm.id,
+                req.request_id,
+                snapshot_undo::NAME,
+                &snapshot_undo::Params { vm_id: vm.id },
+            ),
         )
         .await?;
         Ok(reply(&op))
@@ -405,15 +393,13 @@ impl SnapshotService for SnapshotApi {
         self.0.host_for_vm(&vm).await?;
         let op = start_operation(
             &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: snapshot_commit::NAME,
-                params: serde_json::to_value(snapshot_commit::Params { vm_id: vm.id }).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(
+                KIND,
+                vm.id,
+                req.request_id,
+                snapshot_commit::NAME,
+                &snapshot_commit::Params { vm_id: vm.id },
+            ),
         )
         .await?;
         Ok(reply(&op))

@@ -265,15 +265,13 @@ impl VmService for VmApi {
         self.0.host_for_vm(&vm).await?;
         let op = start_operation(
             &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: vm_remove::NAME,
-                params: serde_json::to_value(vm_remove::Params { vm_id: vm.id }).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(
+                KIND,
+                vm.id,
+                req.request_id,
+                vm_remove::NAME,
+                &vm_remove::Params { vm_id: vm.id },
+            ),
         )
         .await?;
         Ok(reply(&op))
@@ -319,15 +317,7 @@ impl VmService for VmApi {
         };
         let op = start_operation(
             &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: vm_run::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(KIND, vm.id, req.request_id, vm_run::NAME, &params),
         )
         .await?;
         Ok(reply(&op))
@@ -352,15 +342,7 @@ impl VmService for VmApi {
         };
         let op = start_operation(
             &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request_id: req.request_id,
-                saga: vm_stop::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings: Vec::new(),
-            },
+            Start::locked(KIND, vm.id, req.request_id, vm_stop::NAME, &params),
         )
         .await?;
         Ok(reply(&op))
