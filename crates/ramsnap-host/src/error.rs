@@ -278,9 +278,7 @@ fn libvirt_status(e: LibvirtError) -> Status {
         LibvirtErrorKind::Aborted => Status::aborted(message),
         // The hypervisor cannot do it (a driver or configuration without
         // the feature): a precondition of this host, not a missing RPC.
-        LibvirtErrorKind::Unsupported => {
-            status::failed_precondition("HYPERVISOR_UNSUPPORTED", e.op, message)
-        }
+        LibvirtErrorKind::Unsupported => status::failed_precondition("HYPERVISOR_UNSUPPORTED", e.op, message),
         LibvirtErrorKind::Unavailable => Status::unavailable(message),
         LibvirtErrorKind::AlreadyExists => Status::already_exists(message),
         LibvirtErrorKind::Other => {
