@@ -6,6 +6,7 @@
 pub mod app;
 pub mod convert;
 pub mod db;
+pub mod ovf;
 pub mod saga;
 pub mod sagas;
 pub mod service;

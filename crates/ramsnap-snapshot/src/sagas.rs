@@ -60,6 +60,8 @@ pub mod snapshot_remove;
 pub mod snapshot_undo;
 pub mod vm_clone;
 pub mod vm_create;
+pub mod vm_export;
+pub mod vm_import;
 pub mod vm_remove;
 pub mod vm_run;
 pub mod vm_stop;
@@ -76,5 +78,7 @@ pub fn all() -> Vec<SagaDef<App>> {
         vm_run::definition(),
         vm_stop::definition(),
         vm_clone::definition(),
+        vm_export::definition(),
+        vm_import::definition(),
     ]
 }

@@ -14,6 +14,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 pub mod cluster;
+pub mod export;
 pub mod operation;
 pub mod snapshot;
 pub mod vm;

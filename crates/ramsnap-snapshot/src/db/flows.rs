@@ -419,3 +419,84 @@ async fn end_in_preview(conn: &mut AnyConnection, vm_id: Uuid) -> Result<(), DbE
         .await?;
     Ok(())
 }
+
+impl Database {
+    /// Reserves a VM that an import is making: inserted ImageLocked, locked
+    /// by `operation_id`, with its disks and no snapshot yet, so that a
+    /// second import of the same VM (or name) is refused before it copies
+    /// anything. Ok if this operation reserved it already (a replay). A
+    /// [`DbError::Conflict`] of kind "vm" when the id exists otherwise, of
+    /// kind "vm_name" when the name is taken.
+    pub async fn reserve_imported_vm(
+        &self,
+        new_vm: &NewVm,
+        disks: &[VmDisk],
+        operation_id: Uuid,
+    ) -> Result<(), DbError> {
+        let mut vm = Vm::from_new(new_vm);
+        vm.status = super::VmStatus::ImageLocked;
+        vm.lock_operation_id = Some(operation_id);
+        let mut tx = self.pool().begin().await?;
+        if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {
+            if existing.lock_operation_id == Some(operation_id) {
+                return Ok(());
+            }
+            return Err(conflict("vm", vm.id, format!("VM {} ({}) exists", existing.name, vm.id)));
+        }
+        let taken = sqlx::query("SELECT id FROM vms WHERE name = $1")
+            .bind(&vm.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(conflict("vm_name", &vm.name, "the name is in use by another VM"));
+        }
+        vms::insert_vm(&mut tx, &vm).await?;
+        for disk in disks {
+            vms::insert_vm_disk(&mut tx, disk).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an imported VM's snapshots (ids, types, creation times and
+    /// memory as given) and makes it Down; it stays locked. A replay finds
+    /// the ACTIVE snapshot recorded and changes nothing.
+    pub async fn finish_imported_vm(&self, vm_id: Uuid, snapshots: &[Snapshot]) -> Result<(), DbError> {
+        let mut tx = self.pool().begin().await?;
+        if snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Active)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        for s in snapshots {
+            if s.vm_id != vm_id {
+                return Err(DbError::InvalidValue {
+                    field: "snapshots.vm_id",
+                    message: format!("snapshot {} belongs to vm {}", s.id, s.vm_id),
+                });
+            }
+            snapshots::insert(&mut tx, s).await?;
+        }
+        sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
+            .bind(vm_id.to_string())
+            .bind(super::VmStatus::Down.as_str())
+            .bind(super::now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The undo of [`Database::reserve_imported_vm`]: deletes the VM (with
+    /// its disks and snapshots) if `operation_id` still holds it; false if
+    /// it does not (it is gone, or another operation's).
+    pub async fn release_imported_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<bool, DbError> {
+        let result = sqlx::query("DELETE FROM vms WHERE id = $1 AND lock_operation_id = $2")
+            .bind(vm_id.to_string())
+            .bind(operation_id.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+}

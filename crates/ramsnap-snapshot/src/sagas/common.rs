@@ -401,3 +401,60 @@ pub async fn preview_end_plan(cx: &SagaCx<App>, vm_id: Uuid) -> Result<PreviewEn
         )),
     }
 }
+
+/// Runs a StorageService copy to its end, reporting `done + copied` of
+/// `total` as the operation's progress; the copied volume. A cancelled
+/// operation stops waiting (the copy goes on in the StorageService, and the
+/// undo deletes it once it is done: DeleteVolume refuses a running copy).
+pub async fn copy_volume(
+    cx: &SagaCx<App>,
+    host: &db::Host,
+    req: storage::CopyVolumeRequest,
+    done: u64,
+    total: u64,
+) -> Result<VolumeRef, Status> {
+    let mut client = cx.app.storage_client(host)?;
+    let mut stream = client
+        .copy_volume(req)
+        .await
+        .map_err(|s| downstream("copying a volume", s))?
+        .into_inner();
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                match msg.map_err(|s| downstream("copying a volume", s))? {
+                    Some(m) => {
+                        if let Some(pr) = m.progress {
+                            cx.progress(done + pr.processed_bytes, total).await;
+                        }
+                        if let Some(v) = m.volume {
+                            return from_wire_ref(v.r#ref.as_ref());
+                        }
+                    }
+                    None => return Err(Status::unavailable("the copy stream ended without a volume")),
+                }
+            }
+            _ = cx.cancel.cancelled() => return Err(Status::cancelled("cancelled by request")),
+        }
+    }
+}
+
+/// Deletes volumes given parents first, children first (in reverse);
+/// "already gone" is success.
+pub async fn delete_volumes_reversed(
+    cx: &SagaCx<App>,
+    host: &db::Host,
+    volumes: &[VolumeRef],
+    purpose: &str,
+) -> Result<(), Status> {
+    for v in volumes.iter().rev() {
+        delete_volume(
+            &cx.app,
+            host,
+            v,
+            cx.stable_id(&format!("{purpose}/{}/{}", v.domain_id, v.volume_id)),
+        )
+        .await?;
+    }
+    Ok(())
+}

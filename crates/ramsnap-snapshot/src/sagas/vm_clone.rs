@@ -4,9 +4,9 @@
 //! the source's configuration and an ACTIVE snapshot over the copies. The
 //! snapshot's memory is never copied (oVirt 3.3: the new VM boots; the
 //! handler warns). The source VM stays locked while its volumes are read.
-use super::common::{delete_volume, lock_vm, noop, ordered_disk_id, unlock_vm, vm_and_host};
+use super::common::{copy_volume, delete_volume, lock_vm, noop, ordered_disk_id, unlock_vm, vm_and_host};
 use crate::app::{db_status, App};
-use crate::convert::{downstream, from_wire_ref, to_wire_ref};
+use crate::convert::to_wire_ref;
 use crate::db::{NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
 use crate::saga::{Node, SagaCx, SagaDef};
 use futures::future::BoxFuture;
@@ -136,7 +136,6 @@ fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .map(|d| capacity(d.disk_id))
             .sum::<Result<u64, Status>>()?;
         let mut done = 0u64;
-        let mut client = cx.app.storage_client(&host)?;
         let mut out = Vec::new();
         for (i, d) in snapshot.disks.iter().enumerate() {
             let (disk_id, image_id, volume_id) = copy_ids(cx, i, d.disk_id);
@@ -149,32 +148,9 @@ fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 target_format: storage::VolumeFormat::Cow as i32,
                 target_allocation: storage::VolumeAllocation::Sparse as i32,
                 description: format!("disk {i} of VM {} (clone of snapshot {})", p.name, snapshot.id),
+                keep_parent: false,
             };
-            let mut stream = client
-                .copy_volume(req)
-                .await
-                .map_err(|s| downstream("copying a snapshot volume", s))?
-                .into_inner();
-            let volume = loop {
-                tokio::select! {
-                    msg = stream.message() => {
-                        match msg.map_err(|s| downstream("copying a snapshot volume", s))? {
-                            Some(m) => {
-                                if let Some(pr) = m.progress {
-                                    cx.progress(done + pr.processed_bytes, total).await;
-                                }
-                                if let Some(v) = m.volume {
-                                    break from_wire_ref(v.r#ref.as_ref())?;
-                                }
-                            }
-                            None => return Err(Status::unavailable("the copy stream ended without a volume")),
-                        }
-                    }
-                    // The copy goes on in the StorageService; the undo deletes
-                    // it once it is done (DeleteVolume refuses a running copy).
-                    _ = cx.cancel.cancelled() => return Err(Status::cancelled("cancelled by request")),
-                }
-            };
+            let volume = copy_volume(cx, &host, req, done, total).await?;
             let capacity_bytes = capacity(d.disk_id)?;
             done += capacity_bytes;
             cx.progress(done, total).await;

@@ -391,4 +391,25 @@ impl VmService for VmApi {
             next_offset: r.next_offset,
         }))
     }
+
+    async fn export_vm(
+        &self,
+        req: Request<pb::ExportVmRequest>,
+    ) -> Result<Response<pb::ExportVmResponse>, Status> {
+        super::export::export_vm(&self.0, req.into_inner()).await
+    }
+
+    async fn list_exported_vms(
+        &self,
+        req: Request<pb::ListExportedVmsRequest>,
+    ) -> Result<Response<pb::ListExportedVmsResponse>, Status> {
+        super::export::list_exported_vms(&self.0, req.into_inner()).await
+    }
+
+    async fn import_vm(
+        &self,
+        req: Request<pb::ImportVmRequest>,
+    ) -> Result<Response<pb::ImportVmResponse>, Status> {
+        super::export::import_vm(&self.0, req.into_inner()).await
+    }
 }

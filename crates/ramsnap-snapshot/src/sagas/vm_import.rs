@@ -1,0 +1,594 @@
+//! Import a VM from an EXPORT domain (oVirt's ImportVm) into a cluster and
+//! a data domain of either type.
+//!
+//! - Plain import: every volume is copied layer by layer with its ids
+//!   (allocation converted: sparse on FILE, preallocated on BLOCK), every
+//!   snapshot comes back with its memory, the ACTIVE one included. Each
+//!   memory's dump is checksummed where it landed against the descriptor
+//!   (HostService.VerifyMemory), and its metadata rebound to the data
+//!   domain, so that RunVm's restore checks accept it.
+//! - `collapse`: only the ACTIVE snapshot, each disk's chain collapsed into
+//!   one volume with the leaf's ids, with the ACTIVE snapshot's memory
+//!   (rebound to the collapsed volumes).
+//! - `as_clone`: new ids for the VM, its disks, images and volumes; only the
+//!   ACTIVE snapshot, collapsed, and no memory (oVirt 3.3: the clone boots).
+//!
+//! The VM is reserved first (inserted ImageLocked and locked by this
+//! operation), so a second import of it is refused before anything is
+//! copied. A checksum mismatch fails the whole import, which unwinds:
+//! nothing of it remains (import as a clone to get the disks without the
+//! memory).
+use super::common::{delete_volumes_reversed, noop, ordered_disk_id};
+use super::vm_export::{run_copies, run_memory_copies, PlannedCopy, PlannedMemory};
+use crate::app::{db_status, App};
+use crate::convert::{downstream, to_wire_ref};
+use crate::db::{self, MemoryVolume, NewVm, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
+use crate::ovf::{OvfVm, SnapshotKind};
+use crate::saga::{Node, SagaCx, SagaDef};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use ramsnap_common::status;
+use ramsnap_proto::storage::v1 as storage;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashSet;
+use tonic::Status;
+use uuid::Uuid;
+
+pub const NAME: &str = "vm_import";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Params {
+    pub export_domain_id: Uuid,
+    /// The exported VM (its descriptor's id).
+    pub source_vm_id: Uuid,
+    /// The imported VM: the exported id, or a new one for a clone (chosen
+    /// by the handler).
+    pub vm_id: Uuid,
+    pub name: String,
+    pub cluster_id: Uuid,
+    pub target_domain_id: Uuid,
+    pub as_clone: bool,
+    pub collapse: bool,
+    /// False for a clone, or a cluster below 3.3: no memory is imported.
+    pub with_memory: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Plan {
+    /// The operation's result.
+    pub vm_id: Uuid,
+    pub new_vm: NewVmRecord,
+    pub disks: Vec<DiskRecord>,
+    pub copies: Vec<PlannedCopy>,
+    /// With the descriptor's checksum of each.
+    pub memories: Vec<(PlannedMemory, String)>,
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewVmRecord {
+    pub name: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub stateless: bool,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub disk_id: Uuid,
+    pub image_id: Uuid,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: Uuid,
+    pub active: bool,
+    pub description: String,
+    pub created_at: i64,
+    pub disks: Vec<SnapshotDisk>,
+    pub memory: Option<MemoryVolume>,
+}
+
+pub fn definition() -> SagaDef<App> {
+    SagaDef {
+        name: NAME,
+        nodes: vec![
+            Node {
+                name: "plan",
+                forward: plan_fwd,
+                undo: Some(noop),
+            },
+            Node {
+                name: "reserve_vm",
+                forward: reserve_fwd,
+                undo: Some(reserve_undo),
+            },
+            Node {
+                name: "copy_disks",
+                forward: disks_fwd,
+                undo: Some(disks_undo),
+            },
+            Node {
+                name: "copy_memories",
+                forward: memories_fwd,
+                undo: Some(memories_undo),
+            },
+            // Undone by reserve_vm's undo, which deletes the VM's rows.
+            Node {
+                name: "record_vm",
+                forward: record_fwd,
+                undo: Some(noop),
+            },
+            Node {
+                name: "unlock_vm",
+                forward: unlock_fwd,
+                undo: None,
+            },
+        ],
+        result_node: Some("plan"),
+    }
+}
+
+async fn host(app: &App, cluster_id: Uuid) -> Result<db::Host, Status> {
+    app.db
+        .first_host_in_cluster(cluster_id)
+        .await
+        .map_err(db_status)?
+        .ok_or_else(|| {
+            status::failed_precondition(
+                "NO_HOST",
+                &format!("cluster/{cluster_id}"),
+                format!("cluster {cluster_id} has no host; add one with ClusterService.AddHost"),
+            )
+        })
+}
+
+/// FAILED_PRECONDITION NOT_A_DATA_DOMAIN unless the domain holds VMs.
+async fn require_data_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result<(), Status> {
+    let d = app
+        .storage_client(h)?
+        .get_domain(storage::GetDomainRequest {
+            domain_id: domain_id.to_string(),
+        })
+        .await
+        .map_err(|s| downstream("reading the target domain", s))?
+        .into_inner()
+        .domain
+        .ok_or_else(|| Status::internal("GetDomain answered without a domain"))?;
+    if d.role == storage::DomainRole::Export as i32 {
+        return Err(status::failed_precondition(
+            "NOT_A_DATA_DOMAIN",
+            &format!("domain/{domain_id}"),
+            format!("storage domain {} ({domain_id}) is an export domain; import into a data domain", d.name),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads, parses and checks the exported VM's descriptor against the
+/// export domain: OVF_INVALID, OVF_FILE_MISSING (a volume it names is not
+/// there, or not complete), NOT_FOUND when there is no such export.
+pub async fn read_export(app: &App, h: &db::Host, export_domain_id: Uuid, vm_id: Uuid) -> Result<OvfVm, Status> {
+    super::vm_export::require_export_domain(app, h, export_domain_id).await?;
+    let xml = super::vm_export::descriptor(app, h, export_domain_id, vm_id)
+        .await?
+        .ok_or_else(|| status::not_found("exported vm", &format!("{vm_id} on domain {export_domain_id}")))?;
+    let ovf = OvfVm::parse(&xml).map_err(|e| {
+        status::failed_precondition(
+            "OVF_INVALID",
+            &format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf"),
+            format!("the descriptor of VM {vm_id} cannot be imported: {e}"),
+        )
+    })?;
+    if ovf.vm_id != vm_id {
+        return Err(status::failed_precondition(
+            "OVF_INVALID",
+            &format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf"),
+            format!("the descriptor stored for VM {vm_id} describes VM {}", ovf.vm_id),
+        ));
+    }
+    let present: HashSet<(Uuid, Uuid)> = app
+        .storage_client(h)?
+        .list_volumes(storage::ListVolumesRequest {
+            domain_id: export_domain_id.to_string(),
+            image_id: String::new(),
+        })
+        .await
+        .map_err(|s| downstream("listing the export domain's volumes", s))?
+        .into_inner()
+        .volumes
+        .iter()
+        .filter(|v| v.legality == storage::VolumeLegality::Legal as i32)
+        .filter_map(|v| {
+            let r = v.r#ref.as_ref()?;
+            Some((Uuid::parse_str(&r.image_id).ok()?, Uuid::parse_str(&r.volume_id).ok()?))
+        })
+        .collect();
+    let mut needed: Vec<(Uuid, Uuid)> = ovf
+        .disks
+        .iter()
+        .flat_map(|d| d.volumes.iter().map(move |v| (d.image_id, v.volume_id)))
+        .collect();
+    for m in ovf.memories() {
+        needed.push((m.dump_image_id, m.dump_volume_id));
+        needed.push((m.metadata_image_id, m.metadata_volume_id));
+    }
+    let missing: Vec<String> = needed
+        .iter()
+        .filter(|x| !present.contains(x))
+        .map(|(i, v)| format!("{i}/{v}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(status::failed_precondition(
+            "OVF_FILE_MISSING",
+            &format!("domain/{export_domain_id}/images/{}", missing[0]),
+            format!(
+                "the export of VM {vm_id} names volumes that are missing or incomplete on the export domain: {}",
+                missing.join(", ")
+            ),
+        ));
+    }
+    Ok(ovf)
+}
+
+/// What the import makes of the descriptor.
+pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan {
+    let collapse = p.collapse || p.as_clone || ovf.collapsed;
+    let active = ovf.active();
+    let src = |image_id: Uuid, volume_id: Uuid| VolumeRef {
+        domain_id: p.export_domain_id,
+        image_id,
+        volume_id,
+    };
+    // (new disk id, new image id, new id of a volume).
+    let disk_id = |i: usize, d: Uuid| {
+        if p.as_clone {
+            ordered_disk_id(i, stable(&format!("disk/{d}")))
+        } else {
+            d
+        }
+    };
+    let image_id = |i: Uuid| if p.as_clone { stable(&format!("image/{i}")) } else { i };
+    let volume_id = |v: Uuid| if p.as_clone { stable(&format!("volume/{v}")) } else { v };
+    let tgt = |image: Uuid, volume: Uuid| VolumeRef {
+        domain_id: p.target_domain_id,
+        image_id: image_id(image),
+        volume_id: volume_id(volume),
+    };
+
+    let mut disks = Vec::new();
+    let mut copies = Vec::new();
+    for (i, d) in ovf.disks.iter().enumerate() {
+        disks.push(DiskRecord {
+            disk_id: disk_id(i, d.disk_id),
+            image_id: image_id(d.image_id),
+            capacity_bytes: d.capacity_bytes,
+        });
+        if collapse {
+            let leaf = active
+                .disks
+                .iter()
+                .find(|(disk, _)| *disk == d.disk_id)
+                .map(|(_, v)| *v)
+                .expect("validated: the active snapshot names every disk");
+            copies.push(PlannedCopy {
+                source: src(d.image_id, leaf),
+                target: tgt(d.image_id, leaf),
+                keep_parent: false,
+                capacity_bytes: d.capacity_bytes,
+            });
+        } else {
+            for v in &d.volumes {
+                copies.push(PlannedCopy {
+                    source: src(d.image_id, v.volume_id),
+                    target: tgt(d.image_id, v.volume_id),
+                    keep_parent: true,
+                    capacity_bytes: d.capacity_bytes,
+                });
+            }
+        }
+    }
+    let snaps: Vec<_> = ovf
+        .snapshots
+        .iter()
+        .filter(|s| !collapse || s.kind == SnapshotKind::Active)
+        .collect();
+    let mut memories: Vec<(PlannedMemory, String)> = Vec::new();
+    let mut snapshots = Vec::new();
+    for s in snaps {
+        let memory = match &s.memory {
+            Some(m) if p.with_memory => {
+                let target = MemoryVolume {
+                    dump: tgt(m.dump_image_id, m.dump_volume_id),
+                    metadata: tgt(m.metadata_image_id, m.metadata_volume_id),
+                };
+                if !memories.iter().any(|(x, _)| x.target == target) {
+                    memories.push((
+                        PlannedMemory {
+                            source: MemoryVolume {
+                                dump: src(m.dump_image_id, m.dump_volume_id),
+                                metadata: src(m.metadata_image_id, m.metadata_volume_id),
+                            },
+                            target,
+                            capacity_bytes: 0,
+                            // Collapsed here: bound to the collapsed volumes.
+                            // Otherwise the ids are kept and the domain moves.
+                            rebind_disks: if collapse && !ovf.collapsed {
+                                copies.iter().map(|c| c.target).collect()
+                            } else {
+                                Vec::new()
+                            },
+                        },
+                        m.sha256.clone(),
+                    ));
+                }
+                Some(target)
+            }
+            _ => None,
+        };
+        let sdisks = s
+            .disks
+            .iter()
+            .map(|(disk, volume)| {
+                let (i, d) = ovf
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, d)| d.disk_id == *disk)
+                    .expect("validated: snapshots name the VM's disks");
+                SnapshotDisk {
+                    disk_id: disk_id(i, *disk),
+                    volume: tgt(d.image_id, *volume),
+                }
+            })
+            .collect();
+        snapshots.push(SnapshotRecord {
+            id: if p.as_clone { stable("active") } else { s.snapshot_id },
+            active: s.kind == SnapshotKind::Active,
+            description: s.description.clone(),
+            created_at: s.created_at,
+            disks: sdisks,
+            memory,
+        });
+    }
+    Plan {
+        vm_id: p.vm_id,
+        new_vm: NewVmRecord {
+            name: p.name.clone(),
+            memory_bytes: ovf.memory_bytes,
+            vcpus: ovf.vcpus,
+            stateless: ovf.stateless,
+            kernel: ovf.kernel.clone(),
+            initrd: ovf.initrd.clone(),
+            cmdline: ovf.cmdline.clone(),
+        },
+        disks,
+        copies,
+        memories,
+        snapshots,
+    }
+}
+
+fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let h = host(&cx.app, p.cluster_id).await?;
+        require_data_domain(&cx.app, &h, p.target_domain_id).await?;
+        let ovf = read_export(&cx.app, &h, p.export_domain_id, p.source_vm_id).await?;
+        let mut plan = make_plan(&p, &ovf, &|purpose| cx.stable_id(purpose));
+        // The dump sizes, for the progress.
+        let mut client = cx.app.storage_client(&h)?;
+        for (m, _) in &mut plan.memories {
+            let v = client
+                .get_volume(storage::GetVolumeRequest {
+                    r#ref: Some(to_wire_ref(&m.source.dump)),
+                })
+                .await
+                .map_err(|s| downstream("reading an exported memory dump", s))?
+                .into_inner();
+            m.capacity_bytes = v.volume.map(|v| v.capacity_bytes).unwrap_or(0);
+        }
+        Ok(serde_json::to_value(plan).expect("serializable"))
+    }
+    .boxed()
+}
+
+fn reserve_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        let new_vm = NewVm {
+            id: p.vm_id,
+            name: plan.new_vm.name.clone(),
+            cluster_id: p.cluster_id,
+            memory_bytes: plan.new_vm.memory_bytes,
+            vcpus: plan.new_vm.vcpus,
+            stateless: plan.new_vm.stateless,
+            disk_domain_id: p.target_domain_id,
+            kernel: plan.new_vm.kernel.clone(),
+            initrd: plan.new_vm.initrd.clone(),
+            cmdline: plan.new_vm.cmdline.clone(),
+        };
+        let disks: Vec<VmDisk> = plan
+            .disks
+            .iter()
+            .map(|d| VmDisk {
+                vm_id: p.vm_id,
+                disk_id: d.disk_id,
+                domain_id: p.target_domain_id,
+                image_id: d.image_id,
+                capacity_bytes: d.capacity_bytes,
+            })
+            .collect();
+        match cx.app.db.reserve_imported_vm(&new_vm, &disks, cx.operation_id).await {
+            Ok(()) => {}
+            Err(db::DbError::Conflict { kind: "vm", .. }) => return Err(vm_exists(p.vm_id)),
+            Err(db::DbError::Conflict { kind: "vm_name", .. }) => return Err(name_in_use(&new_vm.name)),
+            Err(e) => return Err(db_status(e)),
+        }
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+pub fn vm_exists(vm_id: Uuid) -> Status {
+    status::failed_precondition(
+        "VM_ALREADY_EXISTS",
+        &format!("vm/{vm_id}"),
+        format!("VM {vm_id} exists; import it as a clone (new ids, no memory) or remove it first"),
+    )
+}
+
+pub fn name_in_use(name: &str) -> Status {
+    status::failed_precondition(
+        "VM_NAME_IN_USE",
+        &format!("vm/{name}"),
+        format!("a VM named {name:?} exists; import under another name"),
+    )
+}
+
+fn reserve_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        cx.app
+            .db
+            .release_imported_vm(p.vm_id, cx.operation_id)
+            .await
+            .map_err(db_status)?;
+        cx.app.notify_vm(p.vm_id);
+        Ok(())
+    }
+    .boxed()
+}
+
+fn total_bytes(plan: &Plan) -> u64 {
+    plan.copies.iter().map(|c| c.capacity_bytes).sum::<u64>()
+        + plan.memories.iter().map(|(m, _)| m.capacity_bytes).sum::<u64>()
+}
+
+fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        let h = host(&cx.app, p.cluster_id).await?;
+        let mut done = 0;
+        run_copies(
+            cx,
+            &h,
+            &plan.copies,
+            &mut done,
+            total_bytes(&plan),
+            &format!("VM {} imported", plan.new_vm.name),
+        )
+        .await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let Some(plan) = cx.maybe_output::<Plan>("plan") else {
+            return Ok(());
+        };
+        let h = host(&cx.app, p.cluster_id).await?;
+        let targets: Vec<VolumeRef> = plan.copies.iter().map(|c| c.target).collect();
+        delete_volumes_reversed(cx, &h, &targets, "undo/import-copy").await
+    }
+    .boxed()
+}
+
+fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        let h = host(&cx.app, p.cluster_id).await?;
+        let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
+        let work: Vec<_> = plan
+            .memories
+            .iter()
+            .map(|(m, sha)| {
+                let domain = m.rebind_disks.is_empty().then_some(p.target_domain_id);
+                (m.clone(), Some(sha.clone()), domain)
+            })
+            .collect();
+        run_memory_copies(cx, &h, p.vm_id, &work, &mut done, total_bytes(&plan)).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let Some(plan) = cx.maybe_output::<Plan>("plan") else {
+            return Ok(());
+        };
+        let h = host(&cx.app, p.cluster_id).await?;
+        let targets: Vec<VolumeRef> = plan
+            .memories
+            .iter()
+            .flat_map(|(m, _)| [m.target.dump, m.target.metadata])
+            .collect();
+        delete_volumes_reversed(cx, &h, &targets, "undo/import-memory").await
+    }
+    .boxed()
+}
+
+fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        let snapshots: Vec<Snapshot> = plan
+            .snapshots
+            .iter()
+            .map(|s| {
+                let mut disks = s.disks.clone();
+                disks.sort_by_key(|d| d.disk_id);
+                Snapshot {
+                    id: s.id,
+                    vm_id: p.vm_id,
+                    snapshot_type: if s.active {
+                        SnapshotType::Active
+                    } else {
+                        SnapshotType::Regular
+                    },
+                    status: SnapshotStatus::Ok,
+                    description: s.description.clone(),
+                    created_at: s.created_at,
+                    memory: s.memory,
+                    disks,
+                }
+            })
+            .collect();
+        cx.app
+            .db
+            .finish_imported_vm(p.vm_id, &snapshots)
+            .await
+            .map_err(db_status)?;
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        match cx.app.db.unlock_vm(p.vm_id, cx.operation_id).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(db_status(e)),
+        }
+        cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}

@@ -1,0 +1,219 @@
+//! VmService's export and import handlers (oVirt's ExportVm, ImportVm and
+//! the export domain's VM list).
+use super::snapshot::refuse_in_preview;
+use super::{check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation, Start};
+use crate::app::{db_status, App};
+use crate::convert::downstream;
+use crate::db;
+use crate::ovf::{OvfVm, SnapshotKind};
+use crate::sagas::{vm_export, vm_import};
+use ramsnap_common::{ids, status};
+use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::storage::v1 as storage;
+use std::sync::Arc;
+use tonic::{Response, Status};
+use uuid::Uuid;
+
+/// The warning of an import as a clone when the exported VM's active
+/// snapshot has memory (oVirt's Import VM popup).
+pub const CLONE_MEMORY_WARNING: &str =
+    "the active snapshot's memory is not imported with 'import as clone': the imported VM boots";
+
+/// Any host, for reaching an export domain that belongs to no cluster.
+async fn any_host(app: &App) -> Result<db::Host, Status> {
+    app.db
+        .list_hosts(None)
+        .await
+        .map_err(db_status)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            status::failed_precondition(
+                "NO_HOST",
+                "hosts",
+                "no host is registered to reach storage through; add one with ClusterService.AddHost",
+            )
+        })
+}
+
+pub async fn export_vm(app: &Arc<App>, req: pb::ExportVmRequest) -> Result<Response<pb::ExportVmResponse>, Status> {
+    const KIND: &str = "export_vm";
+    let reply = |op: &db::Operation| {
+        Response::new(pb::ExportVmResponse {
+            operation: Some(to_operation(op)),
+        })
+    };
+    if let Some(op) = retried_operation(app, KIND, &req.request_id).await? {
+        return Ok(reply(&op));
+    }
+    let vm = get_vm(app, "vm_id", &req.vm_id).await?;
+    let export_domain_id = ids::parse("export_domain_id", &req.export_domain_id)?;
+    refuse_locked(&vm)?;
+    require_down(&vm, "exporting it")?;
+    refuse_in_preview(app, &vm, "exporting it").await?;
+    vm_export::refuse_unexportable(app, &vm).await?;
+    let h = app.host_for_vm(&vm).await?;
+    super::vm::check_domains(app, &h, [export_domain_id]).await?;
+    vm_export::require_export_domain(app, &h, export_domain_id).await?;
+    if !req.force_override && vm_export::descriptor(app, &h, export_domain_id, vm.id).await?.is_some() {
+        return Err(status::failed_precondition(
+            "VM_ALREADY_EXPORTED",
+            &format!("vm/{}", vm.id),
+            format!(
+                "VM {} is already on export domain {export_domain_id}; export with force_override to replace it",
+                vm.name
+            ),
+        ));
+    }
+    let params = vm_export::Params {
+        vm_id: vm.id,
+        export_domain_id,
+        collapse: req.collapse_snapshots,
+        force_override: req.force_override,
+    };
+    let op = start_operation(app, Start::locked(KIND, vm.id, req.request_id, vm_export::NAME, &params)).await?;
+    Ok(reply(&op))
+}
+
+fn to_exported(ovf: &OvfVm) -> pb::ExportedVm {
+    pb::ExportedVm {
+        vm_id: ovf.vm_id.to_string(),
+        name: ovf.name.clone(),
+        memory_bytes: ovf.memory_bytes,
+        vcpus: ovf.vcpus,
+        stateless: ovf.stateless,
+        disk_count: ovf.disks.len() as u32,
+        collapsed: ovf.collapsed,
+        exported_at: ovf.exported_at,
+        compatibility_version: ovf.compatibility_version.clone(),
+        snapshots: ovf
+            .snapshots
+            .iter()
+            .map(|s| pb::ExportedSnapshot {
+                snapshot_id: s.snapshot_id.to_string(),
+                r#type: match s.kind {
+                    SnapshotKind::Active => pb::SnapshotType::Active,
+                    SnapshotKind::Regular => pb::SnapshotType::Regular,
+                } as i32,
+                description: s.description.clone(),
+                created_at: s.created_at,
+                has_memory: s.memory.is_some(),
+            })
+            .collect(),
+    }
+}
+
+pub async fn list_exported_vms(
+    app: &Arc<App>,
+    req: pb::ListExportedVmsRequest,
+) -> Result<Response<pb::ListExportedVmsResponse>, Status> {
+    let domain_id = ids::parse("export_domain_id", &req.export_domain_id)?;
+    let h = any_host(app).await?;
+    super::vm::check_domains(app, &h, [domain_id]).await?;
+    vm_export::require_export_domain(app, &h, domain_id).await?;
+    let descriptors = app
+        .storage_client(&h)?
+        .list_vm_descriptors(storage::ListVmDescriptorsRequest {
+            domain_id: domain_id.to_string(),
+        })
+        .await
+        .map_err(|s| downstream("listing the export domain's VMs", s))?
+        .into_inner()
+        .descriptors;
+    let mut vms = Vec::new();
+    let mut unreadable = Vec::new();
+    for d in descriptors {
+        match OvfVm::parse(&d.ovf) {
+            Ok(ovf) => vms.push(to_exported(&ovf)),
+            Err(e) => unreadable.push(format!("{}: {e}", d.vm_id)),
+        }
+    }
+    Ok(Response::new(pb::ListExportedVmsResponse { vms, unreadable }))
+}
+
+pub async fn import_vm(app: &Arc<App>, req: pb::ImportVmRequest) -> Result<Response<pb::ImportVmResponse>, Status> {
+    const KIND: &str = "import_vm";
+    let reply = |op: &db::Operation| {
+        Response::new(pb::ImportVmResponse {
+            operation: Some(to_operation(op)),
+            warnings: op.warnings.clone(),
+        })
+    };
+    if let Some(op) = retried_operation(app, KIND, &req.request_id).await? {
+        return Ok(reply(&op));
+    }
+    let export_domain_id = ids::parse("export_domain_id", &req.export_domain_id)?;
+    let source_vm_id = ids::parse("vm_id", &req.vm_id)?;
+    let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
+    let target_domain_id = ids::parse("target_domain_id", &req.target_domain_id)?;
+    if !req.name.is_empty() {
+        check_name("name", &req.name)?;
+    }
+    let cluster = app.db.get_cluster(cluster_id).await.map_err(db_status)?;
+    let h = app
+        .db
+        .first_host_in_cluster(cluster.id)
+        .await
+        .map_err(db_status)?
+        .ok_or_else(|| {
+            status::failed_precondition(
+                "NO_HOST",
+                &format!("cluster/{}", cluster.id),
+                format!("cluster {} has no host; add one with ClusterService.AddHost", cluster.name),
+            )
+        })?;
+    super::vm::check_domains(app, &h, [export_domain_id, target_domain_id]).await?;
+    // Bad input is answered now; the saga reads the descriptor again.
+    let ovf = vm_import::read_export(app, &h, export_domain_id, source_vm_id).await?;
+    let name = if req.name.is_empty() { ovf.name.clone() } else { req.name.clone() };
+    let vm_id = if req.as_clone { Uuid::new_v4() } else { ovf.vm_id };
+    if !req.as_clone {
+        match app.db.get_vm(vm_id).await {
+            Ok(_) => return Err(vm_import::vm_exists(vm_id)),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(db_status(e)),
+        }
+    }
+    match app.db.get_vm_by_name(&name).await {
+        Ok(_) => return Err(vm_import::name_in_use(&name)),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(db_status(e)),
+    }
+    let has_memory = ovf.snapshots.iter().any(|s| s.memory.is_some());
+    let mut warnings = Vec::new();
+    if req.as_clone && ovf.active().memory.is_some() {
+        warnings.push(CLONE_MEMORY_WARNING.to_string());
+    }
+    let memory_supported = cluster.compatibility_version.supports_memory_snapshots();
+    if !req.as_clone && has_memory && !memory_supported {
+        warnings.push(format!(
+            "cluster {} is at compatibility level {}, below 3.3: the snapshots' memory is not imported",
+            cluster.name, cluster.compatibility_version
+        ));
+    }
+    let params = vm_import::Params {
+        export_domain_id,
+        source_vm_id,
+        vm_id,
+        name,
+        cluster_id,
+        target_domain_id,
+        as_clone: req.as_clone,
+        collapse: req.collapse_snapshots,
+        with_memory: !req.as_clone && memory_supported,
+    };
+    let op = start_operation(
+        app,
+        Start {
+            kind: KIND,
+            vm_id: Some(vm_id),
+            lock_vm: false,
+            request_id: req.request_id,
+            saga: vm_import::NAME,
+            params: serde_json::to_value(params).expect("serializable"),
+            warnings,
+        },
+    )
+    .await?;
+    Ok(reply(&op))
+}
