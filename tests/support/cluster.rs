@@ -533,6 +533,8 @@ pub struct Cluster {
     pub host_id: String,
     pub file_domain: String,
     pub block_domain: String,
+    /// An EXPORT domain (FILE) for export and import.
+    pub export_domain: String,
     coordinator: Channel,
     storage_channel: Channel,
     vm_ids: Mutex<Vec<String>>,
@@ -627,6 +629,7 @@ impl Cluster {
         let s = sdir.path().to_path_buf();
         let file_root = s.join("domains");
         std::fs::create_dir_all(file_root.join("files")).expect("creating the FILE domain's directory");
+        std::fs::create_dir_all(file_root.join("export")).expect("creating the export domain's directory");
         let storage = spawn(
             "ramsnap-storage",
             os_args(&[
@@ -647,7 +650,7 @@ impl Cluster {
         let storage_url = format!("http://{}", storage.addr);
         let storage_channel = connect(&storage_url).await;
         let mut sc = StorageServiceClient::new(storage_channel.clone());
-        let register = |name: String, kind: spb::DomainType, location: String| {
+        let register = |name: String, kind: spb::DomainType, location: String, role: spb::DomainRole| {
             let mut sc = sc.clone();
             async move {
                 sc.register_domain(spb::RegisterDomainRequest {
@@ -655,6 +658,7 @@ impl Cluster {
                     name: name.clone(),
                     r#type: kind as i32,
                     location: location.clone(),
+                    role: role as i32,
                 })
                 .await
                 .unwrap_or_else(|e| panic!("RegisterDomain {name} ({kind:?} at {location}): {e}"))
@@ -668,12 +672,22 @@ impl Cluster {
             format!("e2e-file-{suffix}"),
             spb::DomainType::File,
             file_root.join("files").display().to_string(),
+            spb::DomainRole::Data,
         )
         .await;
         let block_domain = register(
             format!("e2e-block-{suffix}"),
             spb::DomainType::Block,
             loop_dev.device.display().to_string(),
+            spb::DomainRole::Data,
+        )
+        .await;
+        // The export domain (oVirt's: FILE, shared between data centers).
+        let export_domain = register(
+            format!("e2e-export-{suffix}"),
+            spb::DomainType::File,
+            file_root.join("export").display().to_string(),
+            spb::DomainRole::Export,
         )
         .await;
         let listed = sc
@@ -684,7 +698,7 @@ impl Cluster {
             .domains;
         assert_eq!(
             listed.len(),
-            2,
+            3,
             "the storage agent sees other domains: {listed:?}"
         );
 
@@ -735,6 +749,7 @@ impl Cluster {
             host_id: String::new(),
             file_domain,
             block_domain,
+            export_domain,
             coordinator,
             storage_channel,
             vm_ids: Mutex::new(Vec::new()),

@@ -410,6 +410,7 @@ async fn body(
             name: "nfs1".into(),
             r#type: storage::DomainType::File as i32,
             location: dir.path().join("roots/nfs1").display().to_string(),
+            role: storage::DomainRole::Data as i32,
         })
         .await
         .unwrap()

@@ -847,7 +847,7 @@ mod tests {
                 "not in disk",
             ),
             (good.replace("ramsnap:disk-id=", "ramsnap:diskid="), "ramsnap:disk-id"),
-            (good.replace(",00000000-0000-0000-0000-000000000000,", ","), "6 fields"),
+            (good.replace(",00000000-0000-0000-0000-000000000000,", ","), "found 5 fields"),
             (good.replace("<rasd:ResourceType>3</rasd:ResourceType>", ""), "no CPU"),
         ];
         for (xml, needle) in cases {

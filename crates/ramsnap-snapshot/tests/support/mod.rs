@@ -66,6 +66,12 @@ pub enum HostCall {
         memory: bool,
         memory_saved: bool,
     },
+    /// VerifyMemory of a memory pair where an export or import put it.
+    Verify {
+        dump: common::VolumeRef,
+        rebind_disk_domain_id: String,
+        rebind_disks: Vec<common::VolumeRef>,
+    },
     /// A repeated SnapshotVm that joined the job of the same id.
     SnapshotJoin {
         vm_id: String,
@@ -435,6 +441,66 @@ impl HostService for SimulatedHost {
     ) -> Result<Response<host::CancelSnapshotResponse>, Status> {
         Ok(Response::new(host::CancelSnapshotResponse { cancelled: false }))
     }
+
+    /// The SHA-256 of the dump volume's bytes (zeros up to its capacity),
+    /// read through the real StorageService; compared with
+    /// `expected_sha256` when given. A simulated snapshot writes no
+    /// metadata document, so there is none to check or rebind: a rebind
+    /// request is only recorded.
+    async fn verify_memory(
+        &self,
+        req: Request<host::VerifyMemoryRequest>,
+    ) -> Result<Response<host::VerifyMemoryResponse>, Status> {
+        use sha2::{Digest, Sha256};
+        let req = req.into_inner();
+        let m = req.memory.ok_or_else(|| Status::invalid_argument("memory"))?;
+        let dump = m.dump.ok_or_else(|| Status::invalid_argument("memory.dump"))?;
+        self.require_volume(m.metadata.as_ref().ok_or_else(|| Status::invalid_argument("memory.metadata"))?)
+            .await?;
+        let mut client = self.inner.storage.lock().unwrap().clone().expect("storage attached");
+        let capacity = client
+            .get_volume(storage::GetVolumeRequest {
+                r#ref: Some(dump.clone()),
+            })
+            .await?
+            .into_inner()
+            .volume
+            .map(|v| v.capacity_bytes)
+            .unwrap_or(0);
+        let path = client
+            .prepare_volume(storage::PrepareVolumeRequest {
+                r#ref: Some(dump.clone()),
+            })
+            .await?
+            .into_inner()
+            .path;
+        let mut bytes = std::fs::read(&path).map_err(|e| Status::internal(e.to_string()))?;
+        bytes.resize(capacity as usize, 0);
+        let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let _ = client
+            .teardown_volume(storage::TeardownVolumeRequest { r#ref: Some(dump.clone()) })
+            .await;
+        if !req.expected_sha256.is_empty() && req.expected_sha256 != sha256 {
+            return Err(ramsnap_common::status::failed_precondition(
+                "MEMORY_DUMP_CORRUPT",
+                &dump.volume_id,
+                format!("the dump's SHA-256 is {sha256}, expected {}", req.expected_sha256),
+            ));
+        }
+        let rebound = !req.rebind_disk_domain_id.is_empty() || !req.rebind_disks.is_empty();
+        self.record(HostCall::Verify {
+            dump: dump.clone(),
+            rebind_disk_domain_id: req.rebind_disk_domain_id.clone(),
+            rebind_disks: req.rebind_disks.clone(),
+        });
+        Ok(Response::new(host::VerifyMemoryResponse {
+            sha256,
+            capacity,
+            rebound,
+            disks: req.rebind_disks,
+            ..Default::default()
+        }))
+    }
 }
 
 pub async fn serve(set: ServiceSet) -> (String, oneshot::Sender<()>) {
@@ -464,6 +530,8 @@ pub struct Agents {
     pub host: SimulatedHost,
     pub storage: StorageServiceClient<Channel>,
     pub domain: String,
+    /// A FILE domain with the EXPORT role, for export and import.
+    pub export_domain: String,
     /// The server's address (`http://127.0.0.1:PORT`).
     pub addr: String,
     stop: oneshot::Sender<()>,
@@ -473,6 +541,7 @@ impl Agents {
     pub async fn start() -> Agents {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("roots/nfs1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("roots/export1")).unwrap();
         let config = Config {
             state_dir: dir.path().join("state"),
             run_dir: dir.path().join("run"),
@@ -493,6 +562,21 @@ impl Agents {
                 name: "nfs1".into(),
                 r#type: storage::DomainType::File as i32,
                 location: dir.path().join("roots/nfs1").display().to_string(),
+                role: storage::DomainRole::Data as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .domain
+            .unwrap()
+            .domain_id;
+        let export_domain = storage
+            .register_domain(storage::RegisterDomainRequest {
+                domain_id: String::new(),
+                name: "export1".into(),
+                r#type: storage::DomainType::File as i32,
+                location: dir.path().join("roots/export1").display().to_string(),
+                role: storage::DomainRole::Export as i32,
             })
             .await
             .unwrap()
@@ -505,6 +589,7 @@ impl Agents {
             host,
             storage,
             domain,
+            export_domain,
             addr,
             stop,
         }
@@ -518,6 +603,7 @@ pub struct Env {
     pub host: SimulatedHost,
     pub storage: StorageServiceClient<Channel>,
     pub domain: String,
+    pub export_domain: String,
     pub agent_addr: String,
     pub vms: VmServiceClient<Channel>,
     pub snaps: SnapshotServiceClient<Channel>,
@@ -547,6 +633,7 @@ impl Env {
             host: agents.host,
             storage: agents.storage,
             domain: agents.domain,
+            export_domain: agents.export_domain,
             agent_addr: agents.addr,
             vms: VmServiceClient::new(channel.clone()),
             snaps: SnapshotServiceClient::new(channel.clone()),
