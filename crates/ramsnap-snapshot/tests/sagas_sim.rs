@@ -1158,3 +1158,59 @@ async fn simulation_faults_snapshot_commit() {
 async fn simulation_faults_vm_clone() {
     fault_at_every_node("vm_clone").await;
 }
+
+// ---------------------------------------------------------------------------
+// Export and import.
+
+/// Export-Import test case 1's flow in the simulation: two snapshots with
+/// memory after preview+commit, exported, the VM removed, imported back
+/// with both memories, and the first run restores.
+#[tokio::test]
+async fn simulation_export_remove_import_keeps_every_memory() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, s1) = sim.vm_with_memory_snapshot("traveller").await;
+    sim.preview(&vm, &s1, true).await;
+    sim.commit(&vm).await;
+    let before = sim.snapshots(&vm).await;
+    assert_eq!(before.iter().filter(|s| s.has_memory).count(), 2);
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    assert_eq!(op.result_vm_id, vm);
+    let exported = sim.export_inventory().await;
+    assert!(exported.contains(&format!("ovf:{vm}")), "{exported:?}");
+    // Exporting again needs force_override.
+    let err = sim.export_vm(&vm, false, false).await.unwrap_err();
+    assert_eq!(precondition(&err), "VM_ALREADY_EXPORTED");
+    let export_domain_id = sim.export_domain.clone();
+    let listed = sim
+        .vms
+        .list_exported_vms(pb::ListExportedVmsRequest { export_domain_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.vms.len(), 1, "{listed:?}");
+    assert_eq!(listed.vms[0].snapshots.iter().filter(|s| s.has_memory).count(), 2);
+    // The VM exists: only a clone can be imported.
+    let err = sim.import_vm_call(&vm, false, false, "").await.unwrap_err();
+    assert_eq!(precondition(&err), "VM_ALREADY_EXISTS");
+
+    sim.remove_vm(&vm).await;
+    let r = sim.import_vm_call(&vm, false, false, "").await.unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let op = sim.ok(r.operation).await;
+    assert_eq!(op.result_vm_id, vm);
+    let after = sim.snapshots(&vm).await;
+    assert_eq!(after.len(), 2);
+    assert_eq!(after.iter().filter(|s| s.has_memory).count(), 2, "{after:?}");
+    let ids = |v: &[pb::Snapshot]| {
+        let mut x: Vec<String> = v.iter().map(|s| s.snapshot_id.clone()).collect();
+        x.sort();
+        x
+    };
+    assert_eq!(ids(&after), ids(&before));
+    sim.assert_no_orphans().await;
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses[0], pb::VmStatus::RestoringState, "{statuses:?}");
+    sim.stop(&vm).await;
+    sim.assert_no_orphans().await;
+}

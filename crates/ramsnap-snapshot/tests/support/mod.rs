@@ -1048,6 +1048,92 @@ impl Env {
     }
 
     /// A VM that ran, got a snapshot with memory, and is down again.
+    pub async fn export_vm(&mut self, vm_id: &str, collapse: bool, force: bool) -> Result<pb::Operation, Status> {
+        let op = self
+            .vms
+            .export_vm(pb::ExportVmRequest {
+                request_id: Uuid::new_v4().to_string(),
+                vm_id: vm_id.into(),
+                export_domain_id: self.export_domain.clone(),
+                collapse_snapshots: collapse,
+                force_override: force,
+            })
+            .await?
+            .into_inner()
+            .operation;
+        Ok(self.wait(op).await)
+    }
+
+    /// ImportVm into this environment's cluster and data domain; the
+    /// response (its operation not waited for).
+    pub async fn import_vm_call(
+        &mut self,
+        vm_id: &str,
+        as_clone: bool,
+        collapse: bool,
+        name: &str,
+    ) -> Result<pb::ImportVmResponse, Status> {
+        Ok(self
+            .vms
+            .import_vm(pb::ImportVmRequest {
+                request_id: Uuid::new_v4().to_string(),
+                export_domain_id: self.export_domain.clone(),
+                vm_id: vm_id.into(),
+                cluster_id: self.cluster_id.clone(),
+                target_domain_id: self.domain.clone(),
+                as_clone,
+                collapse_snapshots: collapse,
+                name: name.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn remove_vm(&mut self, vm_id: &str) {
+        let op = self
+            .vms
+            .remove_vm(pb::RemoveVmRequest {
+                request_id: Uuid::new_v4().to_string(),
+                vm_id: vm_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .operation;
+        self.ok(op).await;
+    }
+
+    /// What the export domain holds: its volume ids and, as "ovf:<vm id>",
+    /// its VM descriptors.
+    pub async fn export_inventory(&mut self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .storage
+            .list_volumes(storage::ListVolumesRequest {
+                domain_id: self.export_domain.clone(),
+                image_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+            .into_iter()
+            .map(|v| v.r#ref.unwrap().volume_id)
+            .collect();
+        for d in self
+            .storage
+            .list_vm_descriptors(storage::ListVmDescriptorsRequest {
+                domain_id: self.export_domain.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .descriptors
+        {
+            out.insert(format!("ovf:{}", d.vm_id));
+        }
+        out
+    }
+
     pub async fn vm_with_memory_snapshot(&mut self, name: &str) -> (String, String) {
         let vm = self.create_vm(name).await;
         self.run(&vm, false).await;
