@@ -1557,3 +1557,114 @@ fn subdir(root: &Path, prefix: &str) -> TempDir {
 fn os_args(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
+
+// --- export and import -------------------------------------------------------
+
+impl Cluster {
+    /// ExportVm to the export domain; waits for success.
+    pub async fn export_vm(&self, vm_id: &str, collapse: bool) -> pb::Operation {
+        self.step(&format!("ExportVm (collapse snapshots: {collapse})"));
+        let resp = self
+            .vms()
+            .export_vm(pb::ExportVmRequest {
+                request_id: request_id(),
+                vm_id: vm_id.to_string(),
+                export_domain_id: self.export_domain.clone(),
+                collapse_snapshots: collapse,
+                force_override: false,
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("ExportVm: {e}")))
+            .into_inner();
+        self.succeed(resp.operation, "ExportVm").await
+    }
+
+    /// The export domain's VM list; fails the test on unreadable entries.
+    pub async fn exported(&self, vm_id: &str) -> pb::ExportedVm {
+        let r = self
+            .vms()
+            .list_exported_vms(pb::ListExportedVmsRequest {
+                export_domain_id: self.export_domain.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("ListExportedVms: {e}")))
+            .into_inner();
+        assert!(r.unreadable.is_empty(), "unreadable descriptors: {:?}", r.unreadable);
+        r.vms
+            .into_iter()
+            .find(|v| v.vm_id == vm_id)
+            .unwrap_or_else(|| self.fail(&format!("ListExportedVms does not list VM {vm_id}")))
+    }
+
+    /// RemoveVm; waits for success.
+    pub async fn remove_vm(&self, vm_id: &str) {
+        self.step("RemoveVm");
+        let resp = self
+            .vms()
+            .remove_vm(pb::RemoveVmRequest {
+                request_id: request_id(),
+                vm_id: vm_id.to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("RemoveVm: {e}")))
+            .into_inner();
+        self.succeed(resp.operation, "RemoveVm").await;
+    }
+
+    /// The ImportVm request for `vm_id` of the export domain into `kind`'s
+    /// data domain of this cluster.
+    pub fn import_request(
+        &self,
+        vm_id: &str,
+        kind: DomainKind,
+        as_clone: bool,
+        collapse: bool,
+        name: &str,
+    ) -> pb::ImportVmRequest {
+        pb::ImportVmRequest {
+            request_id: request_id(),
+            export_domain_id: self.export_domain.clone(),
+            vm_id: vm_id.to_string(),
+            cluster_id: self.cluster_id.clone(),
+            target_domain_id: self.domain(kind).to_string(),
+            as_clone,
+            collapse_snapshots: collapse,
+            name: name.to_string(),
+        }
+    }
+
+    /// ImportVm; waits for success. Returns the imported VM's id and the
+    /// response's warnings.
+    pub async fn import_vm(
+        &self,
+        vm_id: &str,
+        kind: DomainKind,
+        as_clone: bool,
+        collapse: bool,
+        name: &str,
+    ) -> (String, Vec<String>) {
+        self.step(&format!(
+            "ImportVm into the {kind:?} domain (as clone: {as_clone}, collapse snapshots: {collapse})"
+        ));
+        let resp = self
+            .vms()
+            .import_vm(self.import_request(vm_id, kind, as_clone, collapse, name))
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("ImportVm: {e}")))
+            .into_inner();
+        if let Some(op) = &resp.operation {
+            let mut ids = self.vm_ids.lock().expect("vm ids");
+            if !ids.contains(&op.vm_id) {
+                ids.push(op.vm_id.clone());
+            }
+        }
+        let op = self.succeed(resp.operation, "ImportVm").await;
+        assert_eq!(op.warnings, resp.warnings, "the operation's warnings are the response's");
+        (op.result_vm_id, resp.warnings)
+    }
+
+    /// Every volume on the export domain.
+    pub async fn export_volumes(&self) -> Vec<spb::Volume> {
+        self.volumes(&self.export_domain).await
+    }
+}

@@ -78,7 +78,7 @@ enum Command {
     /// Hypervisor hosts of a cluster.
     #[command(subcommand)]
     Host(coordinator::HostCommand),
-    /// VMs: create, run, stop, remove, watch their status, read their console.
+    /// VMs: create, run, stop, remove, watch their status, read their console; export and import them.
     #[command(subcommand)]
     Vm(coordinator::VmCommand),
     /// A VM's snapshots, with or without its memory: create, preview, undo,

@@ -806,3 +806,152 @@ async fn unreachable_coordinator() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_list_and_import_a_vm() {
+    let s = Services::start().await;
+    let (cluster, _host, domain) = s.cluster_with_storage().await;
+    let export_root = s.dir.path().join("roots/export");
+    std::fs::create_dir_all(&export_root).unwrap();
+    let export_root = export_root.display().to_string();
+    let reg = s
+        .json(&[
+            "domain",
+            "register",
+            "--name",
+            "exports",
+            "--type",
+            "file",
+            "--location",
+            &export_root,
+            "--role",
+            "export",
+        ])
+        .await;
+    let exports = reg["domain"]["domain_id"].as_str().unwrap().to_string();
+    let vm_id = s.vm(&cluster, &domain, "web").await;
+    s.json(&["snapshot", "create", &vm_id, "--description", "before"])
+        .await;
+
+    // An empty export domain: the header only; a data domain is refused.
+    let table = s.ok(&["vm", "exported", "--domain", &exports]).await;
+    assert_eq!(
+        words(table.lines().next().unwrap()),
+        [
+            "ID",
+            "NAME",
+            "MEMORY",
+            "DISKS",
+            "SNAPSHOTS",
+            "WITH-MEMORY",
+            "COLLAPSED",
+            "EXPORTED"
+        ]
+    );
+    assert_eq!(table.lines().count(), 1, "{table}");
+    assert_eq!(
+        s.json(&["vm", "exported", "--domain", &exports]).await,
+        Value::Array(vec![])
+    );
+    let err = s.fails(1, &["vm", "exported", "--domain", &domain]).await;
+    assert!(err.contains("NOT_AN_EXPORT_DOMAIN"), "{err}");
+
+    // Export: every snapshot (the active one too), no memory (never run).
+    let exported = s.ok(&["vm", "export", &vm_id, "--domain", &exports]).await;
+    assert_eq!(
+        exported.trim(),
+        format!("VM {vm_id} (web) exported to domain {exports}: 2 snapshots (0 with memory), 1 disk")
+    );
+    // Once only, unless --force-override.
+    let err = s.fails(1, &["vm", "export", &vm_id, "--domain", &exports]).await;
+    assert!(err.contains("VM_ALREADY_EXPORTED"), "{err}");
+    let again = s
+        .json(&[
+            "vm",
+            "export",
+            &vm_id,
+            "--domain",
+            &exports,
+            "--force-override",
+            "--collapse-snapshots",
+        ])
+        .await;
+    assert_eq!(again["operation"]["kind"], "export_vm");
+    assert_eq!(again["operation"]["state"], "succeeded");
+    assert_eq!(again["exported"]["vm_id"], vm_id.as_str());
+    assert_eq!(again["exported"]["collapsed"], true);
+
+    // The list: a row per VM; an unreadable descriptor is a warning.
+    let bogus = Uuid::new_v4().to_string();
+    let bogus_dir = format!("{export_root}/{exports}/master/vms/{bogus}");
+    std::fs::create_dir_all(&bogus_dir).unwrap();
+    std::fs::write(format!("{bogus_dir}/{bogus}.ovf"), "<not-an-ovf/>").unwrap();
+    let out = s.ramsnap(&["vm", "exported", "--domain", &exports]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!("warning: unreadable VM descriptor {bogus}: ")),
+        "{err}"
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    let row = words(table.lines().nth(1).unwrap());
+    assert_eq!(
+        row[..8],
+        [vm_id.as_str(), "web", "256", "MiB", "1", "1", "0", "yes"],
+        "{table}"
+    );
+    let list = s.json(&["vm", "exported", "--domain", &exports]).await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["memory_bytes"], 256 * MIB);
+    assert_eq!(list[0]["snapshots"][0]["type"], "active");
+    assert_eq!(list[0]["snapshots"][0]["has_memory"], false);
+
+    // The VM is still here: an import keeping its id is refused; as a
+    // clone it gets a new id (no memory to warn about).
+    let import = [
+        "vm",
+        "import",
+        vm_id.as_str(),
+        "--domain",
+        exports.as_str(),
+        "--cluster",
+        cluster.as_str(),
+        "--target-domain",
+        domain.as_str(),
+    ];
+    let err = s.fails(1, &import).await;
+    assert!(err.contains("VM_ALREADY_EXISTS"), "{err}");
+    let out = s
+        .ramsnap(&[&import[..], &["--as-clone", "--name", "web-copy"]].concat())
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "no memory, no warning");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let copy = words(&stdout)[1].to_string();
+    assert_ne!(copy, vm_id);
+    assert_eq!(
+        stdout.trim(),
+        format!("VM {copy} (web-copy) imported from export domain {exports}")
+    );
+
+    // Once the VM is gone, it comes back with its id.
+    s.ok(&["vm", "remove", &vm_id]).await;
+    let out = s.ramsnap(&[&["-o", "json"][..], &import].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let imported: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(imported["operation"]["kind"], "import_vm");
+    assert_eq!(imported["operation"]["result_vm_id"], vm_id.as_str());
+    assert_eq!(imported["vm"]["vm_id"], vm_id.as_str());
+    assert_eq!(imported["vm"]["name"], "web");
+    assert_eq!(imported["warnings"], Value::Array(vec![]));
+
+    // Usage errors: exit 2.
+    for args in [
+        vec!["vm", "export", &vm_id],
+        vec!["vm", "import", &vm_id, "--domain", &exports],
+        vec!["vm", "exported"],
+    ] {
+        let err = s.fails(2, &args).await;
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+}

@@ -194,6 +194,63 @@ pub fn vm_event_json(vm_id: &str, e: &pb::WatchVmResponse) -> Value {
     })
 }
 
+// VMs on export domains.
+
+/// How many of an exported VM's snapshots (the active one included) hold
+/// memory.
+pub fn exported_with_memory(v: &pb::ExportedVm) -> usize {
+    v.snapshots.iter().filter(|s| s.has_memory).count()
+}
+
+pub fn exported_vm_json(v: &pb::ExportedVm) -> Value {
+    json!({
+        "vm_id": v.vm_id,
+        "name": v.name,
+        "memory_bytes": v.memory_bytes,
+        "vcpus": v.vcpus,
+        "stateless": v.stateless,
+        "disk_count": v.disk_count,
+        "collapsed": v.collapsed,
+        "exported_at": v.exported_at,
+        "compatibility_version": v.compatibility_version,
+        "snapshots": v.snapshots.iter().map(|s| json!({
+            "snapshot_id": s.snapshot_id,
+            "type": snapshot_type(s.r#type),
+            "description": s.description,
+            "created_at": s.created_at,
+            "has_memory": s.has_memory,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The export domain's VM Import tab: SNAPSHOTS counts the active snapshot
+/// too, WITH-MEMORY those of them that hold memory.
+pub fn exported_vm_table(vms: &[pb::ExportedVm]) -> Table {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "MEMORY",
+        "DISKS",
+        "SNAPSHOTS",
+        "WITH-MEMORY",
+        "COLLAPSED",
+        "EXPORTED",
+    ]);
+    for v in vms {
+        t.row(vec![
+            v.vm_id.clone(),
+            v.name.clone(),
+            human_bytes(v.memory_bytes),
+            v.disk_count.to_string(),
+            v.snapshots.len().to_string(),
+            exported_with_memory(v).to_string(),
+            yes_no(v.collapsed),
+            utc_time_ms(v.exported_at),
+        ]);
+    }
+    t
+}
+
 // Snapshots.
 
 pub fn snapshot_json(s: &pb::Snapshot) -> Value {
@@ -540,6 +597,80 @@ mod tests {
         assert_eq!(
             vm_event_json("vm", &e),
             json!({"vm_id": "vm", "status": "restoring-state", "at_unix_ms": 1_700_000_000_005i64})
+        );
+    }
+
+    fn exported() -> pb::ExportedVm {
+        let snap = |id: &str, kind: pb::SnapshotType, memory: bool| pb::ExportedSnapshot {
+            snapshot_id: id.into(),
+            r#type: kind as i32,
+            description: id.into(),
+            created_at: 1_700_000_000_000,
+            has_memory: memory,
+        };
+        pb::ExportedVm {
+            vm_id: "vm".into(),
+            name: "web".into(),
+            memory_bytes: 256 << 20,
+            vcpus: 2,
+            stateless: false,
+            disk_count: 2,
+            collapsed: false,
+            exported_at: 1_700_000_000_123,
+            compatibility_version: "3.3".into(),
+            snapshots: vec![
+                snap("s1", pb::SnapshotType::Regular, true),
+                snap("s2", pb::SnapshotType::Regular, false),
+                snap("act", pb::SnapshotType::Active, true),
+            ],
+        }
+    }
+
+    #[test]
+    fn exported_vms() {
+        let table = exported_vm_table(&[exported()]).render();
+        let mut lines = table.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "ID",
+                "NAME",
+                "MEMORY",
+                "DISKS",
+                "SNAPSHOTS",
+                "WITH-MEMORY",
+                "COLLAPSED",
+                "EXPORTED"
+            ]
+        );
+        let cells: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "vm",
+                "web",
+                "256",
+                "MiB",
+                "2",
+                "3",
+                "2",
+                "no",
+                "2023-11-14",
+                "22:13:20.123",
+                "UTC"
+            ]
+        );
+        let j = exported_vm_json(&exported());
+        assert_eq!(j["memory_bytes"], 256u64 << 20);
+        assert_eq!(j["disk_count"], 2);
+        assert_eq!(j["collapsed"], false);
+        assert_eq!(j["compatibility_version"], "3.3");
+        assert_eq!(j["exported_at"], 1_700_000_000_123i64);
+        assert_eq!(
+            j["snapshots"][2],
+            json!({"snapshot_id": "act", "type": "active", "description": "act",
+                   "created_at": 1_700_000_000_000i64, "has_memory": true})
         );
     }
 

@@ -1,7 +1,9 @@
-//! `ramsnap vm create|list|get|run|stop|remove|watch|console`.
+//! `ramsnap vm create|list|get|run|stop|remove|watch|console|export|import|exported`.
 //!
-//! Create, run, stop and remove start operations and wait for them
-//! ([`super::wait`]); watch and console follow the VM until Ctrl-C.
+//! Create, run, stop, remove, export and import start operations and wait
+//! for them ([`super::wait`]); watch and console follow the VM until Ctrl-C.
+//! Export, import and exported are oVirt's export domain: a VM with every
+//! snapshot and its memory, moved between setups.
 use super::render;
 use super::wait::{wait, OperationArgs, Started};
 use crate::args::{parse_size, DiskSpec};
@@ -89,6 +91,36 @@ pub enum VmCommand {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Exports a VM that is down to an export domain: every snapshot's
+    /// volumes with their memory, ids kept, and its OVF descriptor.
+    Export {
+        /// The VM's id.
+        #[arg(value_name = "VM")]
+        id: Uuid,
+        /// The export domain.
+        #[arg(long, value_name = "UUID")]
+        domain: Uuid,
+        /// Exports only the active snapshot, with its memory: each disk's
+        /// chain collapsed into one volume.
+        #[arg(long)]
+        collapse_snapshots: bool,
+        /// Replaces an earlier export of this VM on the domain (deleted
+        /// before the new one is written).
+        #[arg(long)]
+        force_override: bool,
+        #[command(flatten)]
+        op: OperationArgs,
+    },
+    /// Imports a VM from an export domain: every snapshot comes back with
+    /// its memory, ids kept; each memory dump is checked against the export.
+    Import(ImportArgs),
+    /// Lists the VMs an export domain holds, from their OVF descriptors;
+    /// SNAPSHOTS counts the active one too, WITH-MEMORY those holding memory.
+    Exported {
+        /// The export domain.
+        #[arg(long, value_name = "UUID")]
+        domain: Uuid,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -122,6 +154,36 @@ pub struct CreateArgs {
     /// The kernel command line for --kernel.
     #[arg(long, value_name = "TEXT", requires = "kernel")]
     cmdline: Option<String>,
+    #[command(flatten)]
+    op: OperationArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The exported VM's id (as `ramsnap vm exported` lists it).
+    #[arg(value_name = "VM")]
+    id: Uuid,
+    /// The export domain.
+    #[arg(long, value_name = "UUID")]
+    domain: Uuid,
+    /// The cluster the imported VM belongs to; below 3.3 the memory is not
+    /// imported.
+    #[arg(long, value_name = "UUID")]
+    cluster: Uuid,
+    /// The data domain (FILE or BLOCK) that receives the disks and memory.
+    #[arg(long, value_name = "UUID")]
+    target_domain: Uuid,
+    /// Imports as a clone: new ids, only the active snapshot, no memory: the
+    /// VM boots.
+    #[arg(long)]
+    as_clone: bool,
+    /// Imports only the active snapshot, with its memory: each disk's chain
+    /// collapsed into one volume.
+    #[arg(long)]
+    collapse_snapshots: bool,
+    /// The imported VM's name; by default the exported one.
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     op: OperationArgs,
 }
@@ -297,6 +359,87 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
                 done.print(output, format!("VM {id} removed"), json!({}));
             }
         }
+        VmCommand::Export {
+            id,
+            domain,
+            collapse_snapshots,
+            force_override,
+            op,
+        } => {
+            let request_id = op.request.id();
+            let resp = client
+                .export_vm(pb::ExportVmRequest {
+                    request_id: request_id.to_string(),
+                    vm_id: id.to_string(),
+                    export_domain_id: domain.to_string(),
+                    collapse_snapshots,
+                    force_override,
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            let Some(done) = wait(&channel, output, &op, started).await? else {
+                return Ok(());
+            };
+            let exported = list_exported(&mut client, domain)
+                .await
+                .ok()
+                .and_then(|r| r.vms.into_iter().find(|v| v.vm_id == id.to_string()));
+            let summary = match &exported {
+                Some(v) => format!(
+                    "VM {id} ({}) exported to domain {domain}: {}",
+                    v.name,
+                    exported_contents(v)
+                ),
+                None => format!("VM {id} exported to domain {domain}"),
+            };
+            done.print(
+                output,
+                summary,
+                json!({ "exported": exported.as_ref().map(render::exported_vm_json) }),
+            );
+        }
+        VmCommand::Import(args) => {
+            let request_id = args.op.request.id();
+            let domain = args.domain;
+            let resp = client
+                .import_vm(pb::ImportVmRequest {
+                    request_id: request_id.to_string(),
+                    export_domain_id: domain.to_string(),
+                    vm_id: args.id.to_string(),
+                    cluster_id: args.cluster.to_string(),
+                    target_domain_id: args.target_domain.to_string(),
+                    as_clone: args.as_clone,
+                    collapse_snapshots: args.collapse_snapshots,
+                    name: args.name.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            // The memory warning (--as-clone) comes first, before any progress.
+            let started = Started::new(request_id, resp.operation, resp.warnings);
+            let Some(done) = wait(&channel, output, &args.op, started).await? else {
+                return Ok(());
+            };
+            let vm_id = first_non_empty(&done.operation.result_vm_id, &done.operation.vm_id);
+            let vm = get_vm(&mut client, &vm_id).await;
+            let summary = match &vm {
+                Some(vm) => format!("VM {vm_id} ({}) imported from export domain {domain}", vm.name),
+                None => format!("VM {vm_id} imported from export domain {domain}"),
+            };
+            done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
+        }
+        VmCommand::Exported { domain } => {
+            let resp = list_exported(&mut client, domain).await?;
+            for entry in &resp.unreadable {
+                eprintln!("warning: unreadable VM descriptor {entry}");
+            }
+            match output {
+                Format::Table => render::exported_vm_table(&resp.vms).print(),
+                Format::Json => print_json(&resp.vms.iter().map(render::exported_vm_json).collect()),
+            }
+        }
         VmCommand::Watch { id, until } => watch(client, output, id, until).await?,
         VmCommand::Console { id, follow } => console(client, output, id, follow).await?,
     }
@@ -318,6 +461,34 @@ async fn get_vm(client: &mut VmServiceClient<Channel>, id: &str) -> Option<pb::V
         .ok()?
         .into_inner()
         .vm
+}
+
+async fn list_exported(
+    client: &mut VmServiceClient<Channel>,
+    domain: Uuid,
+) -> Result<pb::ListExportedVmsResponse, tonic::Status> {
+    Ok(client
+        .list_exported_vms(pb::ListExportedVmsRequest {
+            export_domain_id: domain.to_string(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// What an export holds, for its summary: `3 snapshots (2 with memory),
+/// 2 disks`, and whether they were collapsed.
+fn exported_contents(v: &pb::ExportedVm) -> String {
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut text = format!(
+        "{} ({} with memory), {}",
+        plural(v.snapshots.len(), "snapshot"),
+        render::exported_with_memory(v),
+        plural(v.disk_count as usize, "disk")
+    );
+    if v.collapsed {
+        text.push_str(", collapsed");
+    }
+    text
 }
 
 /// Whether `vm watch` is done with the VM in `status`.
@@ -555,5 +726,134 @@ mod tests {
         };
         assert_eq!(until, Some(VmStatusArg::Up));
         assert!(parse(&["watch", &id.to_string(), "--until", "running"]).is_err());
+    }
+
+    #[test]
+    fn export_flags() {
+        let (id, dom) = (Uuid::new_v4(), Uuid::new_v4());
+        let cmd = parse(&["export", &id.to_string(), "--domain", &dom.to_string()]).unwrap();
+        let VmCommand::Export {
+            id: vm,
+            domain,
+            collapse_snapshots,
+            force_override,
+            op,
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!((vm, domain), (id, dom));
+        assert!(!collapse_snapshots && !force_override && !op.no_wait);
+        let cmd = parse(&[
+            "export",
+            &id.to_string(),
+            "--domain",
+            &dom.to_string(),
+            "--collapse-snapshots",
+            "--force-override",
+            "--no-wait",
+        ])
+        .unwrap();
+        let VmCommand::Export {
+            collapse_snapshots,
+            force_override,
+            op,
+            ..
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert!(collapse_snapshots && force_override && op.no_wait);
+        // The export domain is required, and a UUID.
+        let err = parse(&["export", &id.to_string()]).unwrap_err().to_string();
+        assert!(err.contains("--domain"), "{err}");
+        assert!(parse(&["export", &id.to_string(), "--domain", "exports"]).is_err());
+    }
+
+    #[test]
+    fn import_flags() {
+        let (id, dom, c, target) = (
+            Uuid::new_v4().to_string(),
+            Uuid::new_v4().to_string(),
+            Uuid::new_v4().to_string(),
+            Uuid::new_v4().to_string(),
+        );
+        let base = [
+            "import",
+            id.as_str(),
+            "--domain",
+            &dom,
+            "--cluster",
+            &c,
+            "--target-domain",
+            &target,
+        ];
+        let cmd = parse(&base).unwrap();
+        let VmCommand::Import(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.id.to_string(), id);
+        assert_eq!(args.domain.to_string(), dom);
+        assert_eq!(args.cluster.to_string(), c);
+        assert_eq!(args.target_domain.to_string(), target);
+        assert!(!args.as_clone && !args.collapse_snapshots && args.name.is_none());
+        let mut all = base.to_vec();
+        all.extend_from_slice(&["--as-clone", "--collapse-snapshots", "--name", "web-copy"]);
+        let cmd = parse(&all).unwrap();
+        let VmCommand::Import(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert!(args.as_clone && args.collapse_snapshots);
+        assert_eq!(args.name.as_deref(), Some("web-copy"));
+        // The export domain, the cluster and the target domain are required.
+        for missing in ["--domain", "--cluster", "--target-domain"] {
+            let at = base.iter().position(|a| *a == missing).unwrap();
+            let mut without = base.to_vec();
+            without.drain(at..at + 2);
+            let err = parse(&without).unwrap_err().to_string();
+            assert!(err.contains(missing), "{missing}: {err}");
+        }
+        assert!(parse(&[
+            "import",
+            "--domain",
+            &dom,
+            "--cluster",
+            &c,
+            "--target-domain",
+            &target
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn exported_flags() {
+        let dom = Uuid::new_v4();
+        let VmCommand::Exported { domain } = parse(&["exported", "--domain", &dom.to_string()]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(domain, dom);
+        assert!(parse(&["exported"]).is_err());
+    }
+
+    #[test]
+    fn export_summaries() {
+        let snap = |memory: bool| pb::ExportedSnapshot {
+            has_memory: memory,
+            ..Default::default()
+        };
+        let mut v = pb::ExportedVm {
+            disk_count: 2,
+            snapshots: vec![snap(true), snap(false), snap(true)],
+            ..Default::default()
+        };
+        assert_eq!(exported_contents(&v), "3 snapshots (2 with memory), 2 disks");
+        v.disk_count = 1;
+        v.snapshots = vec![snap(true)];
+        v.collapsed = true;
+        assert_eq!(
+            exported_contents(&v),
+            "1 snapshot (1 with memory), 1 disk, collapsed"
+        );
     }
 }
