@@ -69,7 +69,10 @@ impl App {
     }
 
     pub fn storage_client(&self, host: &db::Host) -> Result<StorageServiceClient<Channel>, Status> {
-        Ok(StorageServiceClient::new(self.channel(&host.storage_address)?))
+        // VM descriptors (OVF) may be up to 16 MiB each.
+        Ok(StorageServiceClient::new(self.channel(&host.storage_address)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
     }
 
     /// The host a VM runs on, or would run on: its own, else its cluster's first.

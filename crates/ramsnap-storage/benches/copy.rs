@@ -108,6 +108,7 @@ async fn main() {
             "bench-file".into(),
             ramsnap_storage::model::DomainType::File,
             dir.path().join("roots/nfs").display().to_string(),
+            None,
         )
         .await
         .unwrap()
@@ -119,6 +120,7 @@ async fn main() {
             "bench-block".into(),
             ramsnap_storage::model::DomainType::Block,
             device.clone(),
+            None,
         )
         .await
         .unwrap()
@@ -249,6 +251,7 @@ async fn copy(storage: &Storage, source: VolumeRef, target_domain: uuid::Uuid) -
             target_format: None,
             target_allocation: None,
             description: String::new(),
+            keep_parent: false,
         })
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! What a kind of storage domain must do. Implementations are synchronous
 //! (they call the file system, LVM and qemu-img) and run on the blocking
 //! pool; [`crate::storage`] serializes the metadata-changing calls per domain.
+use crate::descriptor::DescriptorStore;
 use crate::error::Result;
 use crate::model::{Allocation, DomainInfo, Legality, Volume, VolumeMeta};
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub trait Backend: Send + Sync + 'static {
     fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()>;
     /// Some(survivor) when `request` was recorded as done.
     fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>>;
+    /// Where the domain keeps VM descriptors: Some on EXPORT domains only.
+    fn descriptors(&self) -> Option<DescriptorStore>;
 }
 
 /// How long completed delete requests are remembered for retries.

@@ -16,6 +16,7 @@
 //! symlink `<run-dir>/<domain>/images/<image>/<volume>`, so a qcow2 child
 //! finds its parent by bare volume id in the same directory, as on FILE.
 use crate::backend::{Backend, DELETE_JOURNAL_TTL_SECS};
+use crate::descriptor::DescriptorStore;
 use crate::error::{Result, StorageError};
 use crate::lvm;
 use crate::model::*;
@@ -287,6 +288,8 @@ impl Backend for BlockDomain {
             id: self.id,
             name: self.name.clone(),
             domain_type: DomainType::Block,
+            // EXPORT domains are FILE only.
+            role: DomainRole::Data,
             location: vg.pv,
             capacity: vg.size,
             free: vg.free,
@@ -424,6 +427,10 @@ impl Backend for BlockDomain {
 
     fn natural_allocation(&self) -> Allocation {
         Allocation::Preallocated
+    }
+
+    fn descriptors(&self) -> Option<DescriptorStore> {
+        None
     }
 
     fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()> {

@@ -3,7 +3,9 @@
 //! blocks are not written to a target that already reads as zeros, and are
 //! zeroed cheaply (BLKZEROOUT, fallocate) on one that does not, such as a
 //! fresh LV. Anything involving qcow2 or a backing chain goes through
-//! `qemu-img convert`, which collapses the chain.
+//! `qemu-img convert`, which collapses the chain, or, for a target that has
+//! a backing file of its own ([`CopyJob::target_backing`]), copies only the
+//! source's top layer.
 use crate::error::{Result, StorageError};
 use crate::model::Format;
 use std::fs::{File, OpenOptions};
@@ -31,8 +33,19 @@ pub struct CopyJob {
     pub target_format: Format,
     /// The target was just created and reads as zeros everywhere.
     pub target_reads_zero: bool,
+    /// The target is a qcow2 overlay whose backing file (a copy of the
+    /// source's parent) is already in its header: only what the source's
+    /// top layer allocates is written, the rest shows through from below.
+    pub target_backing: Option<Backing>,
     /// Virtual size to copy.
     pub size: u64,
+}
+
+/// A target's backing file, as its qcow2 header names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    pub name: String,
+    pub format: Format,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -45,8 +58,10 @@ pub struct CopyStats {
 
 /// Runs the copy, reporting (processed, total) bytes as it goes.
 pub fn run(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
-    let native =
-        job.source_format == Format::Raw && job.target_format == Format::Raw && !job.source_has_parent;
+    let native = job.source_format == Format::Raw
+        && job.target_format == Format::Raw
+        && !job.source_has_parent
+        && job.target_backing.is_none();
     if native {
         copy_raw(job, progress)
     } else {
@@ -392,7 +407,13 @@ fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) 
         "-O",
         job.target_format.qemu_name(),
     ]);
-    if job.target_reads_zero {
+    if let Some(b) = &job.target_backing {
+        // -B makes qemu-img copy only what the source allocates above its
+        // own backing file (the same data as the target's), and leave the
+        // rest to show through. With -n it names no file to open: the
+        // target keeps the backing pointer it was created with.
+        cmd.args(["-B", &b.name, "-F", b.format.qemu_name()]);
+    } else if job.target_reads_zero {
         cmd.arg("--target-is-zero");
     }
     cmd.arg(&job.source).arg(&job.target);
@@ -458,6 +479,7 @@ mod tests {
             target: dst.into(),
             target_format: Format::Raw,
             target_reads_zero: zero,
+            target_backing: None,
             size,
         }
     }
@@ -499,6 +521,109 @@ mod tests {
         std::fs::write(&dst, vec![0xffu8; size as usize]).unwrap();
         run(&job(&src, &dst, size, false), &mut |_, _| {}).unwrap();
         assert!(std::fs::read(&dst).unwrap().iter().all(|&b| b == 0));
+    }
+
+    fn qemu(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Bytes the image's own layer holds (depth 0 of `qemu-img map`),
+    /// data or zero clusters alike.
+    fn own_layer_bytes(dir: &Path, image: &str) -> u64 {
+        let map = qemu(dir, &["qemu-img", "map", "-f", "qcow2", "--output=json", image]);
+        let map: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+        map.iter()
+            .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn a_layer_copy_writes_only_the_top_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        let mib = 1024 * 1024u64;
+        // base: 8 MiB of 0x11; child: 1 MiB of 0x22 and a zeroed 64 KiB
+        // over the base's data.
+        qemu(&src, &["qemu-img", "create", "-q", "-f", "raw", "base", "16M"]);
+        qemu(
+            &src,
+            &["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 8M", "base"],
+        );
+        qemu(
+            &src,
+            &[
+                "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "raw", "child", "16M",
+            ],
+        );
+        qemu(
+            &src,
+            &[
+                "qemu-io",
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x22 1M 1M",
+                "-c",
+                "write -z 4M 64k",
+                "child",
+            ],
+        );
+        std::fs::copy(src.join("base"), dst.join("base")).unwrap();
+        qemu(
+            &dst,
+            &[
+                "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "raw", "child", "16M",
+            ],
+        );
+        let job = CopyJob {
+            source: src.join("child"),
+            source_format: Format::Cow,
+            source_has_parent: true,
+            target: dst.join("child"),
+            target_format: Format::Cow,
+            target_reads_zero: false,
+            target_backing: Some(Backing {
+                name: "base".into(),
+                format: Format::Raw,
+            }),
+            size: 16 * mib,
+        };
+        run(&job, &mut |_, _| {}).unwrap();
+        qemu(
+            dir.path(),
+            &[
+                "qemu-img",
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "src/child",
+                "dst/child",
+            ],
+        );
+        let own = own_layer_bytes(&dst, "child");
+        assert_eq!(own, own_layer_bytes(&src, "child"));
+        assert!(own <= mib + 64 * 1024, "the target's own layer holds {own} bytes");
+        let info = qemu(&dst, &["qemu-img", "info", "--output=json", "child"]);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(
+            info["backing-filename"], "base",
+            "the backing pointer is untouched"
+        );
     }
 
     #[test]

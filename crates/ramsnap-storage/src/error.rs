@@ -13,6 +13,8 @@ pub enum StorageError {
     DomainNotFound(Uuid),
     #[error("volume {0} not found")]
     VolumeNotFound(VolumeRef),
+    #[error("no descriptor of VM {vm} on storage domain {domain}")]
+    VmDescriptorNotFound { domain: Uuid, vm: Uuid },
     #[error("storage domain {domain}: {requested} bytes requested, {free} free")]
     NoSpace { domain: Uuid, requested: u64, free: u64 },
     #[error("{resource} {id} already exists: {reason}")]
@@ -67,6 +69,9 @@ impl From<StorageError> for Status {
             StorageError::InvalidArgument { field, reason } => status::invalid_argument(field, reason),
             StorageError::DomainNotFound(id) => status::not_found("storage_domain", &id.to_string()),
             StorageError::VolumeNotFound(r) => status::not_found("volume", &r.to_string()),
+            StorageError::VmDescriptorNotFound { domain, vm } => {
+                status::not_found("vm_descriptor", &format!("{domain}/{vm}"))
+            }
             e @ StorageError::NoSpace { domain, .. } => {
                 status::resource_exhausted(&format!("storage_domain/{domain}"), e.to_string())
             }

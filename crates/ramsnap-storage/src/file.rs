@@ -6,11 +6,13 @@
 //! <location>/<domain-id>/dom_md/deleted/<req-id>  completed delete requests
 //! <location>/<domain-id>/images/<image>/<volume>  volume data (raw or qcow2)
 //! <location>/<domain-id>/images/<image>/<volume>.meta  volume metadata (JSON)
+//! <location>/<domain-id>/master/vms/<vm>/<vm>.ovf   VM descriptors (EXPORT only)
 //! ```
 //!
 //! A qcow2 child names its parent by the parent's bare volume id, resolved
 //! in the image's directory, so the chain stays valid wherever it is mounted.
 use crate::backend::{Backend, DELETE_JOURNAL_TTL_SECS};
+use crate::descriptor::DescriptorStore;
 use crate::error::{Result, StorageError};
 use crate::model::*;
 use crate::tool;
@@ -22,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use uuid::Uuid;
 
+/// Where an EXPORT domain keeps its VM descriptors, as oVirt does.
+const VMS_DIR: &str = "master/vms";
+
 #[derive(Serialize, Deserialize)]
 struct DomainMetadata {
     version: u32,
@@ -29,26 +34,35 @@ struct DomainMetadata {
     name: String,
     #[serde(rename = "type")]
     domain_type: DomainType,
+    /// Absent on domains laid out before roles existed: those are DATA.
+    /// Adding it keeps the version: older readers ignore the field.
+    #[serde(default)]
+    role: DomainRole,
 }
 
 pub struct FileDomain {
     id: Uuid,
     name: String,
+    role: DomainRole,
     location: PathBuf,
     dir: PathBuf,
 }
 
 impl FileDomain {
     /// Creates a new domain under `location`.
-    pub fn create(location: &Path, id: Uuid, name: &str) -> Result<FileDomain> {
+    pub fn create(location: &Path, id: Uuid, name: &str, role: DomainRole) -> Result<FileDomain> {
         let dir = location.join(id.to_string());
         fs::create_dir_all(dir.join("dom_md/deleted"))?;
         fs::create_dir_all(dir.join("images"))?;
+        if role == DomainRole::Export {
+            fs::create_dir_all(dir.join(VMS_DIR))?;
+        }
         let md = DomainMetadata {
             version: METADATA_VERSION,
             domain_id: id,
             name: name.to_string(),
             domain_type: DomainType::File,
+            role,
         };
         write_atomic(
             &dir.join("dom_md/metadata"),
@@ -57,6 +71,7 @@ impl FileDomain {
         Ok(FileDomain {
             id,
             name: name.to_string(),
+            role,
             location: location.to_path_buf(),
             dir,
         })
@@ -95,6 +110,7 @@ impl FileDomain {
             found.push(FileDomain {
                 id,
                 name: md.name,
+                role: md.role,
                 location: location.to_path_buf(),
                 dir: entry.path(),
             });
@@ -199,6 +215,7 @@ impl Backend for FileDomain {
             id: self.id,
             name: self.name.clone(),
             domain_type: DomainType::File,
+            role: self.role,
             location: self.location.display().to_string(),
             capacity: st.0,
             free: st.1,
@@ -301,6 +318,10 @@ impl Backend for FileDomain {
         Allocation::Sparse
     }
 
+    fn descriptors(&self) -> Option<DescriptorStore> {
+        (self.role == DomainRole::Export).then(|| DescriptorStore::new(self.id, self.dir.join(VMS_DIR)))
+    }
+
     fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()> {
         let dir = self.dir.join("dom_md/deleted");
         fs::create_dir_all(&dir)?;
@@ -350,8 +371,14 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all()?;
     fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+        sync_dir(dir)?;
     }
+    Ok(())
+}
+
+/// Makes a directory's entries (a rename, a new or removed child) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 

@@ -8,11 +8,13 @@
 //!   idempotency, per-domain serialization of metadata changes, copies.
 //! - [`backend`]: one [`backend::Backend`] per domain type, synchronous,
 //!   run on the blocking pool: [`file`] and [`block`] (through [`lvm`]).
+//! - [`descriptor`]: VM descriptors (OVF documents) on EXPORT domains.
 //! - [`copy`]: moving volume data, natively for RAW and via qemu-img otherwise.
 
 pub mod backend;
 pub mod block;
 pub mod copy;
+pub mod descriptor;
 pub mod error;
 pub mod file;
 pub mod lvm;

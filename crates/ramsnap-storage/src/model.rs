@@ -21,6 +21,27 @@ pub enum DomainType {
     Block,
 }
 
+/// What a domain is for, as in oVirt. DATA domains hold the disks and
+/// memory of VMs; an EXPORT domain (FILE only) holds exported VMs: their
+/// volumes, copied there layer by layer, and their OVF descriptors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DomainRole {
+    /// Also what domains laid out before roles existed are.
+    #[default]
+    Data,
+    Export,
+}
+
+impl fmt::Display for DomainRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DomainRole::Data => "DATA",
+            DomainRole::Export => "EXPORT",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Format {
@@ -138,11 +159,26 @@ pub struct DomainInfo {
     pub id: Uuid,
     pub name: String,
     pub domain_type: DomainType,
+    pub role: DomainRole,
     /// FILE: the directory given at registration. BLOCK: the PV device.
     pub location: String,
     pub capacity: u64,
     pub free: u64,
     pub metadata_version: u32,
+}
+
+/// Largest OVF document a VM descriptor may hold. oVirt's OVFs are tens
+/// of KiB; the bound keeps one Put (and each descriptor in a List) well
+/// inside what a gRPC message carries.
+pub const MAX_DESCRIPTOR_BYTES: usize = 16 * 1024 * 1024;
+
+/// An exported VM's OVF document, as an EXPORT domain keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDescriptor {
+    pub vm: Uuid,
+    pub ovf: String,
+    /// Unix seconds of the last Put (the file's mtime).
+    pub updated_at: i64,
 }
 
 /// Checks a domain name: it is stored in LVM tags too, so it keeps to

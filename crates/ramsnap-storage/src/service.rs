@@ -1,7 +1,7 @@
 //! The tonic handler: converts requests into the domain layer's types
 //! (rejecting bad input with field details) and results back.
 use crate::error::StorageError;
-use crate::model::{self, DomainInfo, DumpMode, VolumeRef};
+use crate::model::{self, DomainInfo, DumpMode, VmDescriptor, VolumeRef, MAX_DESCRIPTOR_BYTES};
 use crate::storage::{CopyRequest, NewVolume, Storage};
 use ramsnap_common::{ids, status};
 use ramsnap_proto::common::v1 as common;
@@ -13,6 +13,10 @@ use tonic::{Request, Response, Status};
 
 pub const SERVICE_NAME: &str = "ramsnap.storage.v1.StorageService";
 
+/// Largest request the server decodes; see [`StorageApi::into_server`].
+/// Clients that Get or List descriptors need a decoding limit as large.
+pub const MAX_MESSAGE_BYTES: usize = 2 * MAX_DESCRIPTOR_BYTES;
+
 pub struct StorageApi {
     storage: Storage,
 }
@@ -22,8 +26,11 @@ impl StorageApi {
         StorageApi { storage }
     }
 
+    /// The server, accepting messages that carry a whole VM descriptor
+    /// (tonic's default limit is 4 MiB): up to twice the largest, so that
+    /// an oversized one still reaches the handler and gets its field error.
     pub fn into_server(self) -> StorageServiceServer<Self> {
-        StorageServiceServer::new(self)
+        StorageServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -72,6 +79,22 @@ fn purpose_of(field: &str, v: i32) -> Result<model::Purpose, Status> {
     })
 }
 
+fn role_of(field: &str, v: i32) -> Result<Option<model::DomainRole>, Status> {
+    Ok(match enum_value::<pb::DomainRole>(field, v)? {
+        pb::DomainRole::Unspecified => None,
+        pb::DomainRole::Data => Some(model::DomainRole::Data),
+        pb::DomainRole::Export => Some(model::DomainRole::Export),
+    })
+}
+
+fn to_descriptor(d: VmDescriptor) -> pb::VmDescriptor {
+    pb::VmDescriptor {
+        vm_id: d.vm.to_string(),
+        ovf: d.ovf,
+        updated_at: d.updated_at,
+    }
+}
+
 fn to_domain(d: DomainInfo) -> pb::StorageDomain {
     pb::StorageDomain {
         domain_id: d.id.to_string(),
@@ -84,6 +107,10 @@ fn to_domain(d: DomainInfo) -> pb::StorageDomain {
         free_bytes: d.free,
         location: d.location,
         metadata_version: d.metadata_version,
+        role: match d.role {
+            model::DomainRole::Data => pb::DomainRole::Data,
+            model::DomainRole::Export => pb::DomainRole::Export,
+        } as i32,
     }
 }
 
@@ -136,9 +163,10 @@ impl StorageService for StorageApi {
         if req.location.is_empty() {
             return Err(status::invalid_argument("location", "is required"));
         }
+        let role = role_of("role", req.role)?;
         let (info, adopted) = self
             .storage
-            .register_domain(id, req.name, kind, req.location)
+            .register_domain(id, req.name, kind, req.location, role)
             .await?;
         Ok(Response::new(pb::RegisterDomainResponse {
             domain: Some(to_domain(info)),
@@ -284,6 +312,7 @@ impl StorageService for StorageApi {
             target_format: format_of("target_format", req.target_format)?,
             target_allocation: allocation_of("target_allocation", req.target_allocation)?,
             description: req.description,
+            keep_parent: req.keep_parent,
         };
         let mut rx = self.storage.copy_volume(copy).await?;
         let stream = async_stream::try_stream! {
@@ -324,5 +353,57 @@ impl StorageService for StorageApi {
         let r = volume_ref("ref", req.into_inner().r#ref)?;
         self.storage.teardown_volume(r).await?;
         Ok(Response::new(pb::TeardownVolumeResponse {}))
+    }
+
+    async fn put_vm_descriptor(
+        &self,
+        req: Request<pb::PutVmDescriptorRequest>,
+    ) -> Result<Response<pb::PutVmDescriptorResponse>, Status> {
+        let req = req.into_inner();
+        let domain = ids::parse("domain_id", &req.domain_id)?;
+        let vm = ids::parse("vm_id", &req.vm_id)?;
+        let d = self.storage.put_vm_descriptor(domain, vm, req.ovf).await?;
+        Ok(Response::new(pb::PutVmDescriptorResponse {
+            descriptor: Some(to_descriptor(d)),
+        }))
+    }
+
+    async fn get_vm_descriptor(
+        &self,
+        req: Request<pb::GetVmDescriptorRequest>,
+    ) -> Result<Response<pb::GetVmDescriptorResponse>, Status> {
+        let req = req.into_inner();
+        let domain = ids::parse("domain_id", &req.domain_id)?;
+        let vm = ids::parse("vm_id", &req.vm_id)?;
+        let d = self.storage.get_vm_descriptor(domain, vm).await?;
+        Ok(Response::new(pb::GetVmDescriptorResponse {
+            descriptor: Some(to_descriptor(d)),
+        }))
+    }
+
+    async fn list_vm_descriptors(
+        &self,
+        req: Request<pb::ListVmDescriptorsRequest>,
+    ) -> Result<Response<pb::ListVmDescriptorsResponse>, Status> {
+        let domain = ids::parse("domain_id", &req.get_ref().domain_id)?;
+        let descriptors = self
+            .storage
+            .list_vm_descriptors(domain)
+            .await?
+            .into_iter()
+            .map(to_descriptor)
+            .collect();
+        Ok(Response::new(pb::ListVmDescriptorsResponse { descriptors }))
+    }
+
+    async fn delete_vm_descriptor(
+        &self,
+        req: Request<pb::DeleteVmDescriptorRequest>,
+    ) -> Result<Response<pb::DeleteVmDescriptorResponse>, Status> {
+        let req = req.into_inner();
+        let domain = ids::parse("domain_id", &req.domain_id)?;
+        let vm = ids::parse("vm_id", &req.vm_id)?;
+        self.storage.delete_vm_descriptor(domain, vm).await?;
+        Ok(Response::new(pb::DeleteVmDescriptorResponse {}))
     }
 }

@@ -4,7 +4,8 @@
 //! half-made volume left by a failure.
 use crate::backend::Backend;
 use crate::block::BlockDomain;
-use crate::copy::{self, CopyJob};
+use crate::copy::{self, Backing, CopyJob};
+use crate::descriptor::{self, DescriptorStore};
 use crate::error::{Result, StorageError};
 use crate::file::FileDomain;
 use crate::model::*;
@@ -48,6 +49,10 @@ struct Domain {
     /// Serializes metadata changes on this domain within the process; LVM's
     /// own VG lock covers other processes on the same host.
     lock: Mutex<()>,
+    /// Serializes changes to VM descriptors (EXPORT domains), apart from
+    /// volume changes: a Delete must not remove a VM directory between a
+    /// Put's mkdir and its rename, and a large Put must not hold up volumes.
+    descriptor_lock: Mutex<()>,
 }
 
 /// What a caller wants created.
@@ -75,6 +80,9 @@ pub struct CopyRequest {
     pub target_format: Option<Format>,
     pub target_allocation: Option<Allocation>,
     pub description: String,
+    /// Copy only the source's own layer, onto the same parent already on
+    /// the target (see [`layer_parent`]).
+    pub keep_parent: bool,
 }
 
 /// The state of a copy as its watchers see it.
@@ -137,6 +145,7 @@ impl Storage {
                 kind,
                 backend,
                 lock: Mutex::new(()),
+                descriptor_lock: Mutex::new(()),
             })
         });
         id
@@ -153,18 +162,29 @@ impl Storage {
     }
 
     /// Attaches a domain: adopts the one already at `location`, or lays out
-    /// a new one there. Returns the domain and whether it was adopted.
+    /// a new one there with `role` (None: DATA). Returns the domain and
+    /// whether it was adopted. An adopted domain keeps the role recorded on
+    /// it; asking for another one is refused rather than silently ignored.
     pub async fn register_domain(
         &self,
         id: Option<Uuid>,
         name: String,
         kind: DomainType,
         location: String,
+        role: Option<DomainRole>,
     ) -> Result<(DomainInfo, bool)> {
         if !valid_domain_name(&name) {
             return Err(StorageError::invalid(
                 "name",
                 "must be 1-64 characters of [A-Za-z0-9_.-]",
+            ));
+        }
+        if kind == DomainType::Block && role == Some(DomainRole::Export) {
+            // An export domain is carried to another data center as a
+            // directory tree with its OVFs; a VG's tags cannot hold those.
+            return Err(StorageError::invalid(
+                "role",
+                "EXPORT domains are FILE domains; a BLOCK domain is always DATA",
             ));
         }
         let config = self.inner.config.clone();
@@ -176,7 +196,8 @@ impl Storage {
                     match existing.into_iter().next() {
                         Some(d) => Ok((Arc::new(d) as Arc<dyn Backend>, true)),
                         None => {
-                            let d = FileDomain::create(&dir, id.unwrap_or_else(Uuid::new_v4), &name)?;
+                            let id = id.unwrap_or_else(Uuid::new_v4);
+                            let d = FileDomain::create(&dir, id, &name, role.unwrap_or_default())?;
                             Ok((Arc::new(d) as Arc<dyn Backend>, false))
                         }
                     }
@@ -219,6 +240,18 @@ impl Storage {
                     "DOMAIN_ID_MISMATCH",
                     &location,
                     format!("{location} already holds domain {}, not {want}", info.id),
+                ));
+            }
+        }
+        if let Some(want) = role {
+            if adopted && want != info.role {
+                return Err(StorageError::precondition(
+                    "DOMAIN_ROLE_MISMATCH",
+                    info.id,
+                    format!(
+                        "{location} holds domain {}, recorded with role {}, not {want}",
+                        info.id, info.role
+                    ),
                 ));
             }
         }
@@ -572,6 +605,42 @@ impl Storage {
         .await
     }
 
+    /// The descriptor store of an EXPORT domain, or why there is none.
+    fn descriptor_store(&self, domain: Uuid) -> Result<(Arc<Domain>, DescriptorStore)> {
+        let d = self.domain(domain)?;
+        let store = d.backend.descriptors().ok_or_else(|| {
+            StorageError::precondition(
+                "NOT_AN_EXPORT_DOMAIN",
+                domain,
+                format!("storage domain {domain} is not an EXPORT domain; only those hold VM descriptors"),
+            )
+        })?;
+        Ok((d, store))
+    }
+
+    pub async fn put_vm_descriptor(&self, domain: Uuid, vm: Uuid, ovf: String) -> Result<VmDescriptor> {
+        descriptor::check_ovf(&ovf)?;
+        let (d, store) = self.descriptor_store(domain)?;
+        let _guard = d.descriptor_lock.lock().await;
+        blocking(move || store.put(vm, &ovf)).await
+    }
+
+    pub async fn get_vm_descriptor(&self, domain: Uuid, vm: Uuid) -> Result<VmDescriptor> {
+        let (_, store) = self.descriptor_store(domain)?;
+        blocking(move || store.get(vm)).await
+    }
+
+    pub async fn list_vm_descriptors(&self, domain: Uuid) -> Result<Vec<VmDescriptor>> {
+        let (_, store) = self.descriptor_store(domain)?;
+        blocking(move || store.list()).await
+    }
+
+    pub async fn delete_vm_descriptor(&self, domain: Uuid, vm: Uuid) -> Result<()> {
+        let (d, store) = self.descriptor_store(domain)?;
+        let _guard = d.descriptor_lock.lock().await;
+        blocking(move || store.delete(vm)).await
+    }
+
     /// Starts (or joins) a copy and returns a receiver of its progress; the
     /// copy runs to its end whether or not anyone watches.
     pub async fn copy_volume(&self, req: CopyRequest) -> Result<watch::Receiver<CopyState>> {
@@ -589,7 +658,11 @@ impl Storage {
                 "the source volume is ILLEGAL (incomplete); it cannot be copied",
             ));
         }
-        let format = req.target_format.unwrap_or(source.meta.format);
+        let parent = layer_parent(&req, &source)?;
+        let format = match parent {
+            Some(_) => Format::Cow,
+            None => req.target_format.unwrap_or(source.meta.format),
+        };
         let allocation = req
             .target_allocation
             .unwrap_or_else(|| dst_dom.backend.natural_allocation());
@@ -640,7 +713,7 @@ impl Storage {
                 format,
                 allocation: Some(allocation),
                 purpose: source.meta.purpose,
-                parent: None,
+                parent,
                 description: if req.description.is_empty() {
                     source.meta.description.clone()
                 } else {
@@ -648,7 +721,14 @@ impl Storage {
                 },
             };
             let b = dst_dom.backend.clone();
-            blocking(move || create_illegal(b.as_ref(), new, allocation)).await?
+            let target_domain = req.target_domain;
+            blocking(move || {
+                if let (Some(p), Some(image)) = (parent, new.image) {
+                    require_layer_parent(b.as_ref(), target_domain, image, p)?;
+                }
+                create_illegal(b.as_ref(), new, allocation)
+            })
+            .await?
         };
 
         let target_ref = target.volume_ref();
@@ -700,20 +780,24 @@ impl Storage {
                 blocking(move || prepare_chain(b.as_ref(), sref)).await?
             };
             drop(_s);
-            let dst_path = {
+            let dst = {
+                let _d = dst_dom.lock.lock().await;
                 let b = dst_b.clone();
-                blocking(move || b.prepare(tref.image, tref.volume)).await
+                blocking(move || prepare_target(b.as_ref(), tref)).await
             };
-            let result = match dst_path {
-                Ok(dst_path) => {
+            let dst_new = dst.as_ref().map(|(_, _, new)| new.clone()).unwrap_or_default();
+            let result = match dst {
+                Ok((dst_path, target_backing, _)) => {
                     let job = CopyJob {
                         source: src_path,
                         source_format: source.meta.format,
                         source_has_parent: source.meta.parent.is_some(),
                         target: dst_path,
                         target_format: target.meta.format,
-                        target_reads_zero: dst_dom.kind == DomainType::File
-                            || target.meta.format == Format::Cow,
+                        // A layer's unallocated clusters read its parent.
+                        target_reads_zero: target_backing.is_none()
+                            && (dst_dom.kind == DomainType::File || target.meta.format == Format::Cow),
+                        target_backing,
                         size: source.meta.capacity,
                     };
                     let tx = tx.clone();
@@ -734,8 +818,17 @@ impl Storage {
                 }
                 Err(e) => Err(e),
             };
+            let _d = dst_dom.lock.lock().await;
             let b = dst_b.clone();
-            let _ = blocking(move || b.teardown(tref.image, tref.volume)).await;
+            let _ = blocking(move || {
+                // The target, then what was prepared beneath it (a layer's parents).
+                for v in std::iter::once(tref.volume).chain(dst_new.into_iter().rev()) {
+                    let _ = b.teardown(tref.image, v);
+                }
+                Ok(())
+            })
+            .await;
+            drop(_d);
             let _s = src_dom.lock.lock().await;
             let b = src_b.clone();
             let _ = blocking(move || {
@@ -766,6 +859,64 @@ fn check_layout(kind: DomainType, format: Format, allocation: Allocation, field:
         ));
     }
     Ok(())
+}
+
+/// The parent a layer copy (keep_parent) puts the source's own layer on:
+/// the source's parent, which the target domain must already hold in the
+/// target image (copied first, ids kept). None for a whole copy: without
+/// keep_parent, or for a source with no parent, which is its own whole.
+fn layer_parent(req: &CopyRequest, source: &Volume) -> Result<Option<Uuid>> {
+    let Some(parent) = source.meta.parent.filter(|_| req.keep_parent) else {
+        return Ok(None);
+    };
+    if req.target_format.is_some_and(|f| f != Format::Cow) {
+        return Err(StorageError::invalid(
+            "target_format",
+            "must be COW or unspecified with keep_parent: a layer is a qcow2 overlay on its parent",
+        ));
+    }
+    if req.target_image.is_none() {
+        return Err(StorageError::invalid(
+            "target_image_id",
+            "is required with keep_parent: the image on the target domain that holds the parent",
+        ));
+    }
+    Ok(Some(parent))
+}
+
+/// Checks that a layer copy's parent is on the target. Runs under the
+/// target domain's lock, before the target is created.
+fn require_layer_parent(backend: &dyn Backend, domain: Uuid, image: Uuid, parent: Uuid) -> Result<()> {
+    if backend.list(Some(image))?.iter().any(|v| v.meta.volume == parent) {
+        return Ok(());
+    }
+    let missing = VolumeRef {
+        domain,
+        image,
+        volume: parent,
+    };
+    Err(StorageError::precondition(
+        "PARENT_MISSING",
+        missing,
+        format!("the target has no volume {missing} to put the layer on; copy the parent there first"),
+    ))
+}
+
+/// Prepares a copy's target and, under a layer, the chain qemu-img opens
+/// beneath it. Returns the target's path, its backing when it has a parent
+/// (the name its qcow2 header already records), and the volumes this call
+/// prepared.
+fn prepare_target(backend: &dyn Backend, r: VolumeRef) -> Result<(PathBuf, Option<Backing>, Vec<Uuid>)> {
+    let target = backend.get(r.image, r.volume)?;
+    let backing = match target.meta.parent {
+        Some(p) => Some(Backing {
+            name: p.to_string(),
+            format: backend.get(r.image, p)?.meta.format,
+        }),
+        None => None,
+    };
+    let (path, newly) = prepare_chain(backend, r)?;
+    Ok((path, backing, newly))
 }
 
 /// The volume, then its parent, and so on to the base.

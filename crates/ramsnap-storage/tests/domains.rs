@@ -822,3 +822,757 @@ async fn merging_a_snapshot_volume_keeps_what_the_child_shows() {
     }
     assert_eq!(loops_over(&env.loop_dev.device), 0);
 }
+
+fn register_req(
+    name: &str,
+    kind: pb::DomainType,
+    location: &str,
+    role: pb::DomainRole,
+) -> pb::RegisterDomainRequest {
+    pb::RegisterDomainRequest {
+        name: name.into(),
+        r#type: kind as i32,
+        location: location.into(),
+        role: role as i32,
+        ..Default::default()
+    }
+}
+
+/// A new directory for a FILE domain inside the service's file roots.
+fn new_root(env: &Env, name: &str) -> String {
+    let dir = env.dir.path().join("roots").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.display().to_string()
+}
+
+async fn get_domain(env: &mut Env, id: &str) -> pb::StorageDomain {
+    env.client
+        .get_domain(pb::GetDomainRequest { domain_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+}
+
+#[tokio::test]
+async fn domain_roles_are_recorded_on_the_domain_and_rediscovered() {
+    let mut env = Env::new(256 * MIB).await;
+    let export_dir = new_root(&env, "export1");
+    let export = env
+        .client
+        .register_domain(register_req(
+            "export",
+            pb::DomainType::File,
+            &export_dir,
+            pb::DomainRole::Export,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!export.adopted);
+    let export = export.domain.unwrap();
+    assert_eq!(export.role, pb::DomainRole::Export as i32);
+    // UNSPECIFIED is DATA, on both types.
+    for id in [env.file_domain.clone(), env.block_domain.clone()] {
+        assert_eq!(get_domain(&mut env, &id).await.role, pb::DomainRole::Data as i32);
+    }
+    // The role lives in the domain's own metadata.
+    let md_path = std::path::Path::new(&export_dir)
+        .join(&export.domain_id)
+        .join("dom_md/metadata");
+    let md: serde_json::Value = serde_json::from_slice(&std::fs::read(&md_path).unwrap()).unwrap();
+    assert_eq!(md["role"], "EXPORT");
+    assert!(std::path::Path::new(&export_dir)
+        .join(&export.domain_id)
+        .join("master/vms")
+        .is_dir());
+    // Volumes live on export domains too (an export copies them there).
+    let vol = env
+        .create(new_volume(&export.domain_id, 4 * MIB, pb::VolumeFormat::Cow))
+        .await
+        .unwrap();
+
+    // A domain laid out before roles existed has no role field: DATA.
+    let old_dir = new_root(&env, "old");
+    let old_id = Uuid::new_v4();
+    let old = std::path::Path::new(&old_dir).join(old_id.to_string());
+    std::fs::create_dir_all(old.join("dom_md/deleted")).unwrap();
+    std::fs::create_dir_all(old.join("images")).unwrap();
+    std::fs::write(
+        old.join("dom_md/metadata"),
+        serde_json::json!({"version": 1, "domain_id": old_id, "name": "old", "type": "FILE"}).to_string(),
+    )
+    .unwrap();
+
+    // A new instance with no local state finds the roles on the domains.
+    let mut config = env.config();
+    config.state_dir = env.dir.path().join("fresh-state");
+    env.restart(config).await;
+    let domains = env
+        .client
+        .list_domains(pb::ListDomainsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .domains;
+    let role_of = |id: &str| domains.iter().find(|d| d.domain_id == id).map(|d| d.role);
+    assert_eq!(role_of(&export.domain_id), Some(pb::DomainRole::Export as i32));
+    assert_eq!(role_of(&old_id.to_string()), Some(pb::DomainRole::Data as i32));
+    assert_eq!(role_of(&env.file_domain), Some(pb::DomainRole::Data as i32));
+    assert_eq!(role_of(&env.block_domain), Some(pb::DomainRole::Data as i32));
+    assert_eq!(env.list(&export.domain_id).await, vec![vol]);
+
+    // Adopting: UNSPECIFIED accepts the recorded role, the same role is
+    // fine, another one is refused and changes nothing.
+    for role in [pb::DomainRole::Unspecified, pb::DomainRole::Export] {
+        let again = env
+            .client
+            .register_domain(register_req("export", pb::DomainType::File, &export_dir, role))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.adopted);
+        assert_eq!(
+            again.domain.unwrap().role,
+            pb::DomainRole::Export as i32,
+            "{role:?}"
+        );
+    }
+    for (dir, id, role) in [
+        (export_dir.clone(), export.domain_id.clone(), pb::DomainRole::Data),
+        (old_dir.clone(), old_id.to_string(), pb::DomainRole::Export),
+        (
+            env.dir.path().join("roots/nfs1").display().to_string(),
+            env.file_domain.clone(),
+            pb::DomainRole::Export,
+        ),
+    ] {
+        let err = env
+            .client
+            .register_domain(register_req("x", pb::DomainType::File, &dir, role))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert_eq!(precondition_of(&err), ("DOMAIN_ROLE_MISMATCH".into(), id.clone()));
+    }
+    let block_dev = env.loop_dev.device.display().to_string();
+    let again = env
+        .client
+        .register_domain(register_req(
+            "luns",
+            pb::DomainType::Block,
+            &block_dev,
+            pb::DomainRole::Data,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.adopted);
+    assert_eq!(
+        get_domain(&mut env, &export.domain_id).await.role,
+        pb::DomainRole::Export as i32
+    );
+    let md: serde_json::Value = serde_json::from_slice(&std::fs::read(&md_path).unwrap()).unwrap();
+    assert_eq!(md["role"], "EXPORT", "a refused adoption leaves the record alone");
+
+    // EXPORT is FILE only: refused before anything touches the device,
+    // whether it already holds a domain or is blank.
+    let blank_dir = env.dir.path().join("blank");
+    std::fs::create_dir_all(&blank_dir).unwrap();
+    let blank = LoopDevice::new(&blank_dir, 64 * MIB);
+    for dev in [block_dev.clone(), blank.device.display().to_string()] {
+        let err = env
+            .client
+            .register_domain(register_req(
+                "x",
+                pb::DomainType::Block,
+                &dev,
+                pb::DomainRole::Export,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "role"),
+            "{dev}"
+        );
+    }
+    let sig = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(&blank.device)
+        .output()
+        .unwrap();
+    assert!(sig.stdout.is_empty(), "the blank device stays blank");
+    let mut bad = register_req(
+        "x",
+        pb::DomainType::File,
+        &new_root(&env, "bad"),
+        pb::DomainRole::Data,
+    );
+    bad.role = 7;
+    let err = env.client.register_domain(bad).await.unwrap_err();
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "role")
+    );
+    let ids: Vec<String> = env
+        .client
+        .list_domains(pb::ListDomainsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .domains
+        .into_iter()
+        .map(|d| d.domain_id)
+        .collect();
+    assert_eq!(
+        ids.len(),
+        4,
+        "no domain was made by a refused registration: {ids:?}"
+    );
+}
+
+fn put_req(domain: &str, vm: &str, ovf: &str) -> pb::PutVmDescriptorRequest {
+    pb::PutVmDescriptorRequest {
+        domain_id: domain.into(),
+        vm_id: vm.into(),
+        ovf: ovf.into(),
+    }
+}
+
+#[tokio::test]
+async fn vm_descriptors_live_on_export_domains_as_ovirt_keeps_them() {
+    let mut env = Env::new(256 * MIB).await;
+    let export_dir = new_root(&env, "export1");
+    let export = env
+        .client
+        .register_domain(register_req(
+            "export",
+            pb::DomainType::File,
+            &export_dir,
+            pb::DomainRole::Export,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .domain_id;
+    let vms = std::path::Path::new(&export_dir).join(&export).join("master/vms");
+    let (a, b) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    let ovf_a = "<ovf:Envelope><Content ovf:id=\"a\"/></ovf:Envelope>";
+    let put = env
+        .client
+        .put_vm_descriptor(put_req(&export, &a, ovf_a))
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptor
+        .unwrap();
+    assert_eq!((put.vm_id.as_str(), put.ovf.as_str()), (a.as_str(), ovf_a));
+    let file = vms.join(&a).join(format!("{a}.ovf"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), ovf_a);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(put.updated_at, std::fs::metadata(&file).unwrap().mtime());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - put.updated_at).abs() < 60, "{}", put.updated_at);
+    let get = |env: &mut Env, vm: String| {
+        let mut client = env.client.clone();
+        let domain = export.clone();
+        async move {
+            client
+                .get_vm_descriptor(pb::GetVmDescriptorRequest {
+                    domain_id: domain,
+                    vm_id: vm,
+                })
+                .await
+                .map(|r| r.into_inner().descriptor.unwrap())
+        }
+    };
+    assert_eq!(get(&mut env, a.clone()).await.unwrap(), put);
+
+    // Put replaces; nothing but the document is left in the VM's directory.
+    env.client
+        .put_vm_descriptor(put_req(&export, &b, "<b/>"))
+        .await
+        .unwrap();
+    env.client
+        .put_vm_descriptor(put_req(&export, &a, "<a version=\"2\"/>"))
+        .await
+        .unwrap();
+    assert_eq!(get(&mut env, a.clone()).await.unwrap().ovf, "<a version=\"2\"/>");
+    let entries: Vec<_> = std::fs::read_dir(vms.join(&a))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from(format!("{a}.ovf"))]);
+    // A Put that died before its rename left a temporary file behind.
+    let c = Uuid::new_v4().to_string();
+    std::fs::create_dir_all(vms.join(&c)).unwrap();
+    std::fs::write(vms.join(&c).join(format!("{c}.tmp.0123")), "<half").unwrap();
+    std::fs::write(vms.join(&b).join(format!("{b}.tmp.4567")), "<half").unwrap();
+    let list = |env: &mut Env, domain: String| {
+        let mut client = env.client.clone();
+        async move {
+            client
+                .list_vm_descriptors(pb::ListVmDescriptorsRequest { domain_id: domain })
+                .await
+                .map(|r| r.into_inner().descriptors)
+        }
+    };
+    let listed = list(&mut env, export.clone()).await.unwrap();
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(listed.iter().map(|d| d.vm_id.clone()).collect::<Vec<_>>(), want);
+    assert_eq!(listed.iter().find(|d| d.vm_id == b).unwrap().ovf, "<b/>");
+
+    // The largest document there may be goes through whole; one byte more
+    // does not; nor does an empty one.
+    let big = "x".repeat(16 * MIB as usize);
+    let put = env
+        .client
+        .put_vm_descriptor(put_req(&export, &c, &big))
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptor
+        .unwrap();
+    assert_eq!(put.ovf.len(), big.len());
+    assert!(get(&mut env, c.clone()).await.unwrap().ovf == big);
+    for ovf in [String::new(), "x".repeat(16 * MIB as usize + 1)] {
+        let err = env
+            .client
+            .put_vm_descriptor(put_req(&export, &b, &ovf))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "ovf"),
+            "{} bytes",
+            ovf.len()
+        );
+    }
+    assert_eq!(
+        get(&mut env, b.clone()).await.unwrap().ovf,
+        "<b/>",
+        "a refused Put changes nothing"
+    );
+
+    // Delete removes the document and the VM's directory; again is fine.
+    for _ in 0..2 {
+        env.client
+            .delete_vm_descriptor(pb::DeleteVmDescriptorRequest {
+                domain_id: export.clone(),
+                vm_id: a.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    assert!(!vms.join(&a).exists());
+    let err = get(&mut env, a.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(
+        resource_of(&err),
+        ("vm_descriptor".to_string(), format!("{export}/{a}"))
+    );
+
+    // Bad ids, named by field, on every call.
+    for bad in [
+        "",
+        "nope",
+        "../../../etc/passwd",
+        &Uuid::new_v4().simple().to_string(),
+    ] {
+        let err = env
+            .client
+            .put_vm_descriptor(put_req(&export, bad, "<x/>"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "vm_id"),
+            "{bad}"
+        );
+        let err = get(&mut env, bad.to_string()).await.unwrap_err();
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "vm_id"),
+            "{bad}"
+        );
+        let err = env
+            .client
+            .delete_vm_descriptor(pb::DeleteVmDescriptorRequest {
+                domain_id: export.clone(),
+                vm_id: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "vm_id"),
+            "{bad}"
+        );
+    }
+    let err = list(&mut env, "../x".into()).await.unwrap_err();
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "domain_id")
+    );
+
+    // DATA domains (FILE or BLOCK) hold no descriptors; unknown domains
+    // are not found.
+    let vm = Uuid::new_v4().to_string();
+    for domain in [
+        env.file_domain.clone(),
+        env.block_domain.clone(),
+        Uuid::new_v4().to_string(),
+    ] {
+        let data = domain == env.file_domain || domain == env.block_domain;
+        let errs = vec![
+            env.client
+                .put_vm_descriptor(put_req(&domain, &vm, "<x/>"))
+                .await
+                .unwrap_err(),
+            env.client
+                .get_vm_descriptor(pb::GetVmDescriptorRequest {
+                    domain_id: domain.clone(),
+                    vm_id: vm.clone(),
+                })
+                .await
+                .unwrap_err(),
+            list(&mut env, domain.clone()).await.unwrap_err(),
+            env.client
+                .delete_vm_descriptor(pb::DeleteVmDescriptorRequest {
+                    domain_id: domain.clone(),
+                    vm_id: vm.clone(),
+                })
+                .await
+                .unwrap_err(),
+        ];
+        for err in errs {
+            if data {
+                assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+                assert_eq!(
+                    precondition_of(&err),
+                    ("NOT_AN_EXPORT_DOMAIN".into(), domain.clone())
+                );
+            } else {
+                assert_eq!(err.code(), Code::NotFound, "{err:?}");
+                assert_eq!(resource_of(&err), ("storage_domain".into(), domain.clone()));
+            }
+        }
+    }
+    assert!(!env
+        .dir
+        .path()
+        .join("roots/nfs1")
+        .join(&env.file_domain)
+        .join("master")
+        .exists());
+
+    // The descriptors are on the domain: a new instance finds them.
+    let mut config = env.config();
+    config.state_dir = env.dir.path().join("fresh-state");
+    env.restart(config).await;
+    let listed = list(&mut env, export.clone()).await.unwrap();
+    let mut want = vec![b.clone(), c.clone()];
+    want.sort();
+    assert_eq!(listed.iter().map(|d| d.vm_id.clone()).collect::<Vec<_>>(), want);
+}
+
+/// A copy that keeps the source's ids and, with `keep_parent`, only its
+/// own layer.
+fn layer_copy(source: &pb::Volume, target_domain: &str) -> pb::CopyVolumeRequest {
+    let r = vref(source);
+    pb::CopyVolumeRequest {
+        request_id: Uuid::new_v4().to_string(),
+        source: Some(r.clone()),
+        target_domain_id: target_domain.into(),
+        target_image_id: r.image_id,
+        target_volume_id: r.volume_id,
+        keep_parent: true,
+        ..Default::default()
+    }
+}
+
+fn retarget(v: &pb::Volume, domain: &str) -> VolumeRef {
+    VolumeRef {
+        domain_id: domain.into(),
+        ..vref(v)
+    }
+}
+
+fn qemu_io(path: &std::path::Path, cmds: &[&str]) {
+    let mut args = vec!["qemu-io", "-f", "qcow2"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(path.to_str().unwrap());
+    qemu(&args);
+}
+
+/// base (RAW, data in every other MiB) <- child (COW: new data over a
+/// hole and over data, zeros over data) <- grandchild (COW: a little data)
+/// on `domain`; returns them base first.
+async fn three_layer_chain(env: &mut Env, domain: &str, size: u64) -> Vec<pb::Volume> {
+    let base = env
+        .create(new_volume(domain, size, pb::VolumeFormat::Raw))
+        .await
+        .unwrap();
+    fill_pattern(&env.prepare(&vref(&base)).await, size);
+    env.teardown(&vref(&base)).await;
+    let mut chain = vec![base];
+    for writes in [
+        &["write -P 0x22 1M 512k", "write -z 4M 64k", "write -P 0x23 6M 64k"][..],
+        &["write -P 0x33 1M 4k", "write -P 0x34 10M 1M"][..],
+    ] {
+        let parent = vref(chain.last().unwrap());
+        let mut req = new_volume(domain, size, pb::VolumeFormat::Cow);
+        req.image_id = parent.image_id;
+        req.parent_volume_id = parent.volume_id;
+        let v = env.create(req).await.unwrap();
+        qemu_io(&env.prepare(&vref(&v)).await, writes);
+        env.teardown(&vref(&v)).await;
+        chain.push(v);
+    }
+    chain
+}
+
+/// Compares what two volumes (of qemu-img formats `formats`) show through
+/// their chains, and returns the (source, target) own-layer bytes of COW
+/// volumes.
+async fn compare_views(
+    env: &mut Env,
+    source: &VolumeRef,
+    target: &VolumeRef,
+    formats: (&str, &str),
+) -> (u64, u64) {
+    let (sp, tp) = (env.prepare(source).await, env.prepare(target).await);
+    qemu(&[
+        "qemu-img",
+        "compare",
+        "-f",
+        formats.0,
+        "-F",
+        formats.1,
+        sp.to_str().unwrap(),
+        tp.to_str().unwrap(),
+    ]);
+    let own = if formats == ("qcow2", "qcow2") {
+        (own_layer_bytes(&sp), own_layer_bytes(&tp))
+    } else {
+        (0, 0)
+    };
+    env.teardown(source).await;
+    env.teardown(target).await;
+    own
+}
+
+#[tokio::test]
+async fn a_chain_moves_layer_by_layer_with_its_ids_file_to_block_to_file() {
+    let mut env = Env::new(1024 * MIB).await;
+    let size = 32 * MIB;
+    let (file, block) = (env.file_domain.clone(), env.block_domain.clone());
+    let export_dir = new_root(&env, "export1");
+    let export = env
+        .client
+        .register_domain(register_req(
+            "export",
+            pb::DomainType::File,
+            &export_dir,
+            pb::DomainRole::Export,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .domain_id;
+    let source = three_layer_chain(&mut env, &file, size).await;
+
+    // FILE -> BLOCK, then BLOCK -> FILE (an export domain), base first.
+    for (from, to) in [(&file, &block), (&block, &export)] {
+        for (i, v) in source.iter().enumerate() {
+            let src = retarget(v, from);
+            let src_vol = env
+                .client
+                .get_volume(pb::GetVolumeRequest {
+                    r#ref: Some(src.clone()),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap();
+            let (progress, copied) = env.copy(layer_copy(&src_vol, to)).await.unwrap();
+            assert_eq!(*progress.last().unwrap(), size);
+            assert_eq!(vref(&copied), retarget(v, to), "ids kept");
+            assert_eq!(copied.parent_volume_id, v.parent_volume_id, "{from}->{to} #{i}");
+            assert_eq!(copied.legality, pb::VolumeLegality::Legal as i32);
+            assert_eq!(copied.capacity_bytes, size);
+            let want_format = if i == 0 {
+                v.format
+            } else {
+                pb::VolumeFormat::Cow as i32
+            };
+            assert_eq!(copied.format, want_format);
+            let natural = if to == &block {
+                pb::VolumeAllocation::Preallocated
+            } else {
+                pb::VolumeAllocation::Sparse
+            };
+            assert_eq!(copied.allocation, natural as i32);
+            // Read through their chains, source and copy show the same.
+            let fmt = if i == 0 { "raw" } else { "qcow2" };
+            let (src_own, dst_own) = compare_views(&mut env, &vref(v), &vref(&copied), (fmt, fmt)).await;
+            if i > 0 {
+                // Only the layer was written: as much as the source's own.
+                assert_eq!(dst_own, src_own, "{from}->{to} #{i}");
+                assert!(dst_own <= 2 * MIB, "#{i} holds {dst_own} bytes of its own");
+                // Its backing pointer is what a COW child made here gets.
+                let p = env.prepare(&vref(&copied)).await;
+                assert_eq!(backing_name(&p), v.parent_volume_id);
+                env.teardown(&vref(&copied)).await;
+            }
+        }
+    }
+    // On the sparse FILE target the layers are small files too.
+    let on_export = env.list(&export).await;
+    assert_eq!(on_export.len(), 3);
+    for v in &on_export[1..] {
+        assert!(v.allocated_bytes <= 3 * MIB, "{v:?}");
+    }
+    // A COW child made the ordinary way on the same parent, for reference:
+    // same backing pointer as the copied one.
+    let mut req = new_volume(&export, size, pb::VolumeFormat::Cow);
+    req.image_id = vref(&source[0]).image_id;
+    req.parent_volume_id = vref(&source[0]).volume_id;
+    let sibling = env.create(req).await.unwrap();
+    let p = env.prepare(&vref(&sibling)).await;
+    assert_eq!(backing_name(&p), vref(&source[0]).volume_id);
+
+    assert_eq!(
+        loops_over(&env.loop_dev.device),
+        0,
+        "copies tore down what they prepared"
+    );
+    let mut lvs = lv_names(&block);
+    lvs.sort();
+    let mut want: Vec<String> = source.iter().map(|v| vref(v).volume_id).collect();
+    want.sort();
+    assert_eq!(lvs, want, "exactly the three layers on BLOCK");
+    assert!(env
+        .list(&block)
+        .await
+        .iter()
+        .all(|v| v.legality == pb::VolumeLegality::Legal as i32));
+}
+
+#[tokio::test]
+async fn layer_copies_refuse_what_they_cannot_do_and_leave_nothing() {
+    let mut env = Env::new(1024 * MIB).await;
+    let size = 16 * MIB;
+    let (file, block) = (env.file_domain.clone(), env.block_domain.clone());
+    let chain = three_layer_chain(&mut env, &file, size).await;
+    let (base, child) = (&chain[0], &chain[1]);
+
+    // The parent is not on the target yet.
+    let err = env.copy(layer_copy(child, &block)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let missing = format!("{block}/{}/{}", vref(base).image_id, vref(base).volume_id);
+    assert_eq!(precondition_of(&err), ("PARENT_MISSING".into(), missing.clone()));
+    // A layer has to be COW, and to name the image that holds its parent.
+    let mut req = layer_copy(child, &block);
+    req.target_format = pb::VolumeFormat::Raw as i32;
+    let err = env.copy(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "target_format")
+    );
+    let mut req = layer_copy(child, &block);
+    req.target_image_id = String::new();
+    let err = env.copy(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "target_image_id")
+    );
+
+    // A base copied under a new id does not count as the parent.
+    let (_, renamed) = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(base)),
+            target_domain_id: block.clone(),
+            target_image_id: vref(base).image_id,
+            keep_parent: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(renamed.parent_volume_id.is_empty(), "a base is copied whole");
+    assert_ne!(vref(&renamed).volume_id, vref(base).volume_id);
+    let err = env.copy(layer_copy(child, &block)).await.unwrap_err();
+    assert_eq!(precondition_of(&err), ("PARENT_MISSING".into(), missing));
+    env.client
+        .delete_volume(pb::DeleteVolumeRequest {
+            request_id: String::new(),
+            r#ref: Some(vref(&renamed)),
+        })
+        .await
+        .unwrap();
+    assert!(env.list(&block).await.is_empty());
+    assert!(lv_names(&block).is_empty());
+
+    // keep_parent on a base without target ids is a plain whole copy.
+    let (_, whole) = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(base)),
+            target_domain_id: block.clone(),
+            target_format: pb::VolumeFormat::Cow as i32,
+            keep_parent: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(whole.format, pb::VolumeFormat::Cow as i32);
+    compare_views(&mut env, &vref(base), &vref(&whole), ("raw", "qcow2")).await;
+    env.client
+        .delete_volume(pb::DeleteVolumeRequest {
+            request_id: String::new(),
+            r#ref: Some(vref(&whole)),
+        })
+        .await
+        .unwrap();
+
+    // A retried layer copy acts once.
+    env.copy(layer_copy(base, &block)).await.unwrap();
+    let req = layer_copy(child, &block);
+    let (_, first) = env.copy(req.clone()).await.unwrap();
+    let (_, again) = env.copy(req).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(env.list(&block).await.len(), 2);
+
+    // A layer copy that fails part-way (the source's base vanished behind
+    // the service's back, so qemu-img cannot open the chain) leaves no
+    // target.
+    let base_file = env.prepare(&vref(base)).await;
+    std::fs::rename(&base_file, base_file.with_extension("away")).unwrap();
+    let grandchild = &chain[2];
+    let mut req = layer_copy(grandchild, &file);
+    req.target_domain_id = block.clone();
+    let err = env.copy(req).await.unwrap_err();
+    assert!(matches!(err.code(), Code::Internal | Code::NotFound), "{err:?}");
+    std::fs::rename(base_file.with_extension("away"), &base_file).unwrap();
+    let left: Vec<String> = env.list(&block).await.iter().map(|v| vref(v).volume_id).collect();
+    assert_eq!(left.len(), 2, "only the base and the child: {left:?}");
+    let mut lvs = lv_names(&block);
+    lvs.sort();
+    let mut want = left.clone();
+    want.sort();
+    assert_eq!(lvs, want);
+    assert_eq!(loops_over(&env.loop_dev.device), 0);
+}

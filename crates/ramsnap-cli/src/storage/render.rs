@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 labels! {
     domain_type: pb::DomainType, "DOMAIN_TYPE_";
+    domain_role: pb::DomainRole, "DOMAIN_ROLE_";
     format: pb::VolumeFormat, "VOLUME_FORMAT_";
     allocation: pb::VolumeAllocation, "VOLUME_ALLOCATION_";
     purpose: pb::VolumePurpose, "VOLUME_PURPOSE_";
@@ -22,6 +23,7 @@ pub fn domain_json(d: &pb::StorageDomain) -> Value {
         "domain_id": d.domain_id,
         "name": d.name,
         "type": domain_type(d.r#type),
+        "role": domain_role(d.role),
         "capacity_bytes": d.capacity_bytes,
         "free_bytes": d.free_bytes,
         "location": d.location,
@@ -72,6 +74,7 @@ pub fn domain_fields(d: &pb::StorageDomain) -> Vec<(&'static str, String)> {
         ("id", d.domain_id.clone()),
         ("name", d.name.clone()),
         ("type", domain_type(d.r#type)),
+        ("role", domain_role(d.role)),
         ("location", d.location.clone()),
         ("capacity", sized(d.capacity_bytes)),
         ("free", sized(d.free_bytes)),
@@ -121,6 +124,28 @@ pub fn volume_fields(v: &pb::Volume) -> Vec<(&'static str, String)> {
         ("description", dash_if_empty(&v.description)),
         ("created", utc_time(v.created_at)),
     ]
+}
+
+/// A descriptor without its document: `domain descriptors` lists VMs, and
+/// an OVF can be megabytes of XML.
+pub fn descriptor_json(d: &pb::VmDescriptor) -> Value {
+    json!({
+        "vm_id": d.vm_id,
+        "updated_at": d.updated_at,
+        "ovf_bytes": d.ovf.len(),
+    })
+}
+
+pub fn descriptor_table(descriptors: &[pb::VmDescriptor]) -> Table {
+    let mut t = Table::new(&["VM", "UPDATED", "OVF"]);
+    for d in descriptors {
+        t.row(vec![
+            d.vm_id.clone(),
+            utc_time(d.updated_at),
+            human_bytes(d.ovf.len() as u64),
+        ]);
+    }
+    t
 }
 
 /// `10 GiB (10737418240 bytes)`: readable, and exact for copying.
@@ -212,14 +237,17 @@ mod tests {
             free_bytes: 5,
             location: "/srv/nfs1".into(),
             metadata_version: 1,
+            role: pb::DomainRole::Export as i32,
         };
         assert_eq!(
             domain_json(&d),
             json!({
-                "domain_id": "d", "name": "files", "type": "file", "capacity_bytes": 10,
-                "free_bytes": 5, "location": "/srv/nfs1", "metadata_version": 1,
+                "domain_id": "d", "name": "files", "type": "file", "role": "export",
+                "capacity_bytes": 10, "free_bytes": 5, "location": "/srv/nfs1",
+                "metadata_version": 1,
             })
         );
+        assert!(domain_fields(&d).contains(&("role", "export".to_string())));
         let table = domain_table(&[d]).render();
         assert!(
             table.starts_with("ID  NAME   TYPE  CAPACITY  FREE  LOCATION\n"),
@@ -229,6 +257,24 @@ mod tests {
             table.contains("d   files  file  10 B      5 B   /srv/nfs1"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn descriptors_list_without_their_documents() {
+        let d = pb::VmDescriptor {
+            vm_id: "v".into(),
+            ovf: "<ovf/>".into(),
+            updated_at: 1_700_000_000,
+        };
+        assert_eq!(
+            descriptor_json(&d),
+            json!({"vm_id": "v", "updated_at": 1_700_000_000, "ovf_bytes": 6})
+        );
+        let table = descriptor_table(&[d]).render();
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[0], "v");
+        assert_eq!(row[row.len() - 2..], ["6", "B"]);
+        assert_eq!(domain_role(0), "unspecified");
     }
 
     #[test]

@@ -135,6 +135,12 @@ pub struct CopyArgs {
     /// Free text kept with the volume.
     #[arg(long)]
     description: Option<String>,
+    /// Copy only this volume's own layer, as a COW volume on top of its
+    /// parent, which must already be in --to-image on the target (copy the
+    /// chain base first, keeping ids). A volume without a parent is copied
+    /// whole.
+    #[arg(long)]
+    keep_parent: bool,
     #[command(flatten)]
     request: RequestArg,
 }
@@ -303,6 +309,7 @@ async fn copy(
             .allocation
             .map_or(0, |a| pb::VolumeAllocation::from(a) as i32),
         description: args.description.unwrap_or_default(),
+        keep_parent: args.keep_parent,
     };
     let mut stream = client
         .copy_volume(req)

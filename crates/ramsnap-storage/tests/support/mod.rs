@@ -7,7 +7,7 @@ use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_proto::common::v1::VolumeRef;
 use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
-use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
+use ramsnap_storage::service::{StorageApi, MAX_MESSAGE_BYTES, SERVICE_NAME};
 use ramsnap_storage::{Config, Storage};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,6 +139,7 @@ impl Env {
                 name: name.into(),
                 r#type: kind as i32,
                 location: location.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -259,9 +260,11 @@ async fn start(
         .await
         .unwrap();
     });
+    // Large enough for a whole VM descriptor, as the server accepts.
     let client = StorageServiceClient::connect(format!("http://{addr}"))
         .await
-        .unwrap();
+        .unwrap()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     (client, tx, task)
 }
 
@@ -316,4 +319,64 @@ pub fn loops_over(pv: &Path) -> usize {
                 .unwrap_or(false)
         })
         .count()
+}
+
+/// The first precondition violation's (type, subject).
+pub fn precondition_of(status: &tonic::Status) -> (String, String) {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .precondition_failure()
+        .and_then(|p| {
+            p.violations
+                .first()
+                .map(|v| (v.r#type.clone(), v.subject.clone()))
+        })
+        .unwrap_or_default()
+}
+
+/// The ResourceInfo's (type, name) of a NOT_FOUND.
+pub fn resource_of(status: &tonic::Status) -> (String, String) {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .resource_info()
+        .map(|r| (r.resource_type.clone(), r.resource_name.clone()))
+        .unwrap_or_default()
+}
+
+/// Runs qemu-img (or qemu-io) and returns its stdout; fails the test on error.
+pub fn qemu(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Bytes a qcow2 image's own layer holds (depth 0 in `qemu-img map`), data
+/// and zero clusters alike: what is not read from its backing chain.
+pub fn own_layer_bytes(path: &Path) -> u64 {
+    let map = qemu(&[
+        "qemu-img",
+        "map",
+        "-f",
+        "qcow2",
+        "--output=json",
+        path.to_str().unwrap(),
+    ]);
+    let map: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    map.iter()
+        .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+/// The backing file name recorded in a qcow2 header ("" for none).
+pub fn backing_name(path: &Path) -> String {
+    let info = qemu(&["qemu-img", "info", "-U", "--output=json", path.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    info["backing-filename"].as_str().unwrap_or_default().to_string()
 }
