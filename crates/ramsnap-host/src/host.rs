@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 mod run;
 mod snapshot;
+mod verify;
 
 pub use snapshot::JobView;
 

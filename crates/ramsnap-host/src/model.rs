@@ -212,6 +212,55 @@ pub struct SnapshotOutcome {
     pub duration_ms: u64,
 }
 
+/// How VerifyMemory rebinds a memory metadata document to where the VM's
+/// volumes are now (after an export or an import moved them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebind {
+    /// Every disk reference (frozen volume and overlay) moves to this
+    /// domain; image and volume ids are kept (a chain copied volume by
+    /// volume).
+    DiskDomain(Uuid),
+    /// Per disk, in the metadata's order, the volume that now shows what
+    /// the disk showed when the memory was saved (a collapsed chain); the
+    /// overlays are kept as they are.
+    Disks(Vec<VolumeRef>),
+}
+
+/// A VerifyMemory request, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyMemoryRequest {
+    /// The VM the memory must belong to.
+    pub vm_id: Uuid,
+    /// Where the dump and metadata volumes are now.
+    pub memory: MemoryVolumes,
+    /// Lowercase hex SHA-256 the dump must match besides the metadata's.
+    pub expected_sha256: Option<String>,
+    pub rebind: Option<Rebind>,
+}
+
+/// What VerifyMemory found (and, with a rebind, wrote).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedMemory {
+    pub sha256: String,
+    pub dump_bytes: u64,
+    /// The dump capacity the checksum covers.
+    pub capacity: u64,
+    pub snapshot_id: Uuid,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// True when the metadata was rewritten.
+    pub rebound: bool,
+    /// Per disk, the volume the metadata binds it to now (its frozen volume).
+    pub disks: Vec<VolumeRef>,
+}
+
+/// True for 64 lowercase hex digits (a SHA-256 as the host writes it).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

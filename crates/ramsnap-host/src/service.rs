@@ -3,8 +3,8 @@
 use crate::error::HostError;
 use crate::host::{Host, JobView};
 use crate::model::{
-    BootFile, ClusterLevel, MemoryVolumes, SnapshotDisk, SnapshotMode, SnapshotRequest, StatusEvent, VmSpec,
-    VmStatus, VolumeRef,
+    self, BootFile, ClusterLevel, MemoryVolumes, Rebind, SnapshotDisk, SnapshotMode, SnapshotRequest,
+    StatusEvent, VerifiedMemory, VerifyMemoryRequest, VmSpec, VmStatus, VolumeRef,
 };
 use futures::StreamExt;
 use ramsnap_common::{ids, status};
@@ -134,6 +134,78 @@ impl TryFrom<pb::SnapshotVmRequest> for SnapshotRequest {
             mode,
             level,
         })
+    }
+}
+
+impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
+    type Error = Status;
+
+    fn try_from(r: pb::VerifyMemoryRequest) -> Result<VerifyMemoryRequest, Status> {
+        let vm_id = ids::parse("vm_id", &r.vm_id)?;
+        let memory = memory_volumes("memory", r.memory)?
+            .ok_or_else(|| status::invalid_argument("memory", "is required"))?;
+        let expected_sha256 = if r.expected_sha256.is_empty() {
+            None
+        } else if model::is_sha256_hex(&r.expected_sha256) {
+            Some(r.expected_sha256)
+        } else {
+            return Err(status::invalid_argument(
+                "expected_sha256",
+                "must be empty or 64 lowercase hex digits",
+            ));
+        };
+        let domain = ids::parse_optional("rebind_disk_domain_id", &r.rebind_disk_domain_id)?;
+        if domain.is_some() && !r.rebind_disks.is_empty() {
+            return Err(status::invalid_argument(
+                "rebind_disks",
+                "not together with rebind_disk_domain_id",
+            ));
+        }
+        if r.rebind_disks.len() > model::MAX_DISKS {
+            return Err(status::invalid_argument(
+                "rebind_disks",
+                format!("at most {} disks", model::MAX_DISKS),
+            ));
+        }
+        let disks = r
+            .rebind_disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| volume_ref(&format!("rebind_disks[{i}]"), Some(d)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rebind = match domain {
+            Some(d) => Some(Rebind::DiskDomain(d)),
+            None if !disks.is_empty() => Some(Rebind::Disks(disks)),
+            None => None,
+        };
+        Ok(VerifyMemoryRequest {
+            vm_id,
+            memory,
+            expected_sha256,
+            rebind,
+        })
+    }
+}
+
+fn to_pb_volume_ref(r: &VolumeRef) -> common::VolumeRef {
+    common::VolumeRef {
+        domain_id: r.domain.to_string(),
+        image_id: r.image.to_string(),
+        volume_id: r.volume.to_string(),
+    }
+}
+
+impl From<VerifiedMemory> for pb::VerifyMemoryResponse {
+    fn from(v: VerifiedMemory) -> pb::VerifyMemoryResponse {
+        pb::VerifyMemoryResponse {
+            sha256: v.sha256,
+            dump_bytes: v.dump_bytes,
+            capacity: v.capacity,
+            snapshot_id: v.snapshot_id.to_string(),
+            created_at: v.created_at,
+            rebound: v.rebound,
+            disks: v.disks.iter().map(to_pb_volume_ref).collect(),
+        }
     }
 }
 
@@ -308,6 +380,15 @@ impl HostService for HostApi {
         let cancelled = self.host.cancel_snapshot(id).await?;
         Ok(Response::new(pb::CancelSnapshotResponse { cancelled }))
     }
+
+    async fn verify_memory(
+        &self,
+        req: Request<pb::VerifyMemoryRequest>,
+    ) -> Result<Response<pb::VerifyMemoryResponse>, Status> {
+        let req = VerifyMemoryRequest::try_from(req.into_inner())?;
+        let verified = self.host.verify_memory(req).await?;
+        Ok(Response::new(verified.into()))
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +443,86 @@ mod tests {
             "spec.disks[0].volume.image_id"
         );
         assert_eq!(bad(&|s| s.memory_bytes = 0), "spec.memory_bytes");
+    }
+
+    #[test]
+    fn verify_memory_requests_name_their_field() {
+        let req = || pb::VerifyMemoryRequest {
+            vm_id: uuid::Uuid::new_v4().to_string(),
+            memory: Some(common::MemoryVolumeRef {
+                dump: vref(),
+                metadata: vref(),
+            }),
+            expected_sha256: String::new(),
+            rebind_disk_domain_id: String::new(),
+            rebind_disks: vec![],
+        };
+        let r = VerifyMemoryRequest::try_from(req()).unwrap();
+        assert_eq!((r.expected_sha256, r.rebind), (None, None));
+        let ok = |f: &dyn Fn(&mut pb::VerifyMemoryRequest)| {
+            let mut q = req();
+            f(&mut q);
+            VerifyMemoryRequest::try_from(q).unwrap()
+        };
+        let domain = uuid::Uuid::new_v4();
+        let r = ok(&|q| {
+            q.expected_sha256 = "0a".repeat(32);
+            q.rebind_disk_domain_id = domain.to_string();
+        });
+        assert_eq!(r.expected_sha256, Some("0a".repeat(32)));
+        assert_eq!(r.rebind, Some(Rebind::DiskDomain(domain)));
+        let r = ok(&|q| q.rebind_disks = vec![vref().unwrap(), vref().unwrap()]);
+        assert!(matches!(r.rebind, Some(Rebind::Disks(d)) if d.len() == 2));
+
+        let bad = |f: &dyn Fn(&mut pb::VerifyMemoryRequest)| {
+            let mut q = req();
+            f(&mut q);
+            let st = VerifyMemoryRequest::try_from(q).unwrap_err();
+            assert_eq!(st.code(), tonic::Code::InvalidArgument);
+            field(&st)
+        };
+        assert_eq!(bad(&|q| q.vm_id = "x".into()), "vm_id");
+        assert_eq!(bad(&|q| q.vm_id = q.vm_id.replace('-', "")), "vm_id");
+        assert_eq!(bad(&|q| q.memory = None), "memory");
+        assert_eq!(bad(&|q| q.memory.as_mut().unwrap().dump = None), "memory.dump");
+        assert_eq!(
+            bad(&|q| q
+                .memory
+                .as_mut()
+                .unwrap()
+                .dump
+                .as_mut()
+                .unwrap()
+                .volume_id
+                .clear()),
+            "memory.dump.volume_id"
+        );
+        assert_eq!(
+            bad(&|q| q.memory.as_mut().unwrap().metadata.as_mut().unwrap().domain_id = "../x".into()),
+            "memory.metadata.domain_id"
+        );
+        assert_eq!(bad(&|q| q.expected_sha256 = "AB".repeat(32)), "expected_sha256");
+        assert_eq!(bad(&|q| q.expected_sha256 = "ab".repeat(31)), "expected_sha256");
+        assert_eq!(bad(&|q| q.expected_sha256 = "g".repeat(64)), "expected_sha256");
+        assert_eq!(
+            bad(&|q| q.rebind_disk_domain_id = "nope".into()),
+            "rebind_disk_domain_id"
+        );
+        assert_eq!(
+            bad(&|q| {
+                q.rebind_disk_domain_id = uuid::Uuid::new_v4().to_string();
+                q.rebind_disks = vec![vref().unwrap()];
+            }),
+            "rebind_disks"
+        );
+        assert_eq!(
+            bad(&|q| {
+                let mut d = vref().unwrap();
+                d.image_id.clear();
+                q.rebind_disks = vec![vref().unwrap(), d];
+            }),
+            "rebind_disks[1].image_id"
+        );
     }
 
     #[test]

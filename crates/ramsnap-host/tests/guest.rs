@@ -412,6 +412,128 @@ async fn restore_is_refused_when_disks_or_vm_differ_or_the_dump_is_corrupt() {
     env.stop(&g.id, 0).await;
 }
 
+/// An export/import of a down VM with memory, as the host sees it: the
+/// memory pair and the frozen disk copied to the BLOCK domain with their
+/// ids. Restore refuses the moved disk until VerifyMemory has checked the
+/// real dump (against the snapshot's checksum) and rebound the metadata to
+/// the BLOCK domain; then the same guest resumes there. A flipped byte or a
+/// wrong checksum is refused, the metadata left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("verify", real_env()).await;
+    let pv = env.loop_dev.as_ref().unwrap().device.clone();
+    let mut g = boot(&mut env, false, 256, "").await;
+    let taken = take_memory_snapshot(&mut env, &mut g, false, false).await;
+    env.stop(&g.id, 0).await;
+    let sha = taken.result.dump_sha256.clone();
+
+    let block = env.block_domain.clone();
+    let moved = common::MemoryVolumeRef {
+        dump: Some(
+            env.copy_same_ids(taken.memory.dump.as_ref().unwrap(), &block)
+                .await,
+        ),
+        metadata: Some(
+            env.copy_same_ids(taken.memory.metadata.as_ref().unwrap(), &block)
+                .await,
+        ),
+    };
+    let moved_dump = moved.dump.clone().unwrap();
+    let moved_meta = moved.metadata.clone().unwrap();
+    let frozen = env.copy_same_ids(&taken.frozen, &block).await;
+    let leaf = env.child_of(&frozen).await;
+    let mut spec = g.spec.clone();
+    spec.disks[0].volume = Some(leaf.clone());
+
+    // The metadata names the disk on the FILE domain: restore refuses.
+    let st = env.run(&spec, Some(moved.clone())).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DISKS_MISMATCH", "{st:?}");
+
+    let req = || hpb::VerifyMemoryRequest {
+        vm_id: g.id.clone(),
+        memory: Some(moved.clone()),
+        expected_sha256: sha.clone(),
+        ..Default::default()
+    };
+    let before = env.volume_bytes(&moved_meta, MIB).await;
+    // A wrong checksum, a flipped byte: MEMORY_DUMP_CORRUPT, nothing rewritten.
+    let mut q = req();
+    q.expected_sha256 = "f".repeat(64);
+    q.rebind_disk_domain_id = block.clone();
+    let st = env.verify_memory(q).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    let at = taken.result.dump_bytes / 2;
+    env.flip_byte(&moved_dump, at).await;
+    let mut q = req();
+    q.rebind_disk_domain_id = block.clone();
+    let st = env.verify_memory(q).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    assert_eq!(precondition_subject(&st), volume_name(&moved_dump));
+    assert!(st.message().contains(&sha), "{st:?}");
+    assert_eq!(env.volume_bytes(&moved_meta, MIB).await, before);
+    env.flip_byte(&moved_dump, at).await;
+
+    // Verified and rebound to the BLOCK domain.
+    let started = std::time::Instant::now();
+    let mut q = req();
+    q.rebind_disk_domain_id = block.clone();
+    let v = env.verify_memory(q).await.unwrap();
+    eprintln!(
+        "verify + rebind of a {} MiB dump volume on BLOCK: {} ms",
+        v.capacity / MIB,
+        started.elapsed().as_millis()
+    );
+    assert!(v.rebound);
+    assert_eq!(v.sha256, sha);
+    assert_eq!(v.dump_bytes, taken.result.dump_bytes);
+    assert_eq!(v.disks, vec![frozen.clone()]);
+    let v = env.verify_memory(req()).await.unwrap();
+    assert_eq!((v.rebound, v.disks), (false, vec![frozen.clone()]));
+
+    // The same guest resumes on the BLOCK domain from the moved memory.
+    let mark = env.console(&g.id).await.len();
+    assert_eq!(
+        env.run(&spec, Some(moved.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(
+        !lines
+            .iter()
+            .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
+        "the guest rebooted or saw the wrong disk: {lines:?}"
+    );
+    let t = ticks(&lines);
+    assert!(t.iter().all(|(tok, _)| *tok == g.token), "{t:?}");
+    assert!(
+        t[0].1 > taken.counter_before && t[0].1 <= taken.counter_after + 2,
+        "counter after restore {}, snapshot between {} and {}",
+        t[0].1,
+        taken.counter_before,
+        taken.counter_after
+    );
+    let leaf_path = env.path_of(&leaf).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), leaf_path.display().to_string())]
+    );
+    // Verifying the memory of the running VM leaves it and its disks alone.
+    let v = env.verify_memory(req()).await.unwrap();
+    assert_eq!(v.sha256, sha);
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), leaf_path.display().to_string())]
+    );
+    env.stop(&g.id, 0).await;
+    assert_eq!(
+        loops_over(&pv),
+        0,
+        "something stayed prepared on the BLOCK domain"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
     let _guest = GUESTS.acquire().await.unwrap();

@@ -249,3 +249,225 @@ async fn simulation_snapshots_with_and_without_memory() {
     }
     assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
 }
+
+/// VerifyMemory on a pair a simulated snapshot wrote (a dump of zeros, real
+/// metadata), checked where it was written, then moved to the BLOCK domain
+/// with its ids as an export or import moves it: checked there, refused
+/// without a change when anything is off, rebound (both modes) and read back.
+/// Every volume it prepares is torn down again, also on a refusal.
+#[tokio::test]
+async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
+    let mut env = Env::new(
+        "simverify",
+        EnvOptions {
+            uri: "test:///default",
+            block_size: Some(1024 * MIB),
+        },
+    )
+    .await;
+    let pv = env.loop_dev.as_ref().unwrap().device.clone();
+    let block = env.block_domain.clone();
+    let disk = env.new_disk(false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let spec = vm_spec(&vm, 64, vec![disk.clone()], "");
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    let overlay = env.child_of(&disk).await;
+    let memory = env.memory_volumes(false, 64 * MIB, false).await;
+    let snapshot_id = uuid::Uuid::new_v4().to_string();
+    let (_, r) = snapshot(
+        &mut env.host,
+        hpb::SnapshotVmRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: vm.clone(),
+            snapshot_id: snapshot_id.clone(),
+            disks: vec![hpb::SnapshotDisk {
+                current: Some(disk.clone()),
+                overlay: Some(overlay.clone()),
+            }],
+            memory: Some(memory.clone()),
+            mode: hpb::SnapshotMode::Paused as i32,
+            compatibility_version: "3.3".into(),
+        },
+    )
+    .await;
+    let taken = r.expect("simulated snapshot with memory");
+    assert!(taken.memory_saved);
+    let sha = taken.dump_sha256.clone();
+    let req = |memory: &ramsnap_proto::common::v1::MemoryVolumeRef| hpb::VerifyMemoryRequest {
+        vm_id: vm.clone(),
+        memory: Some(memory.clone()),
+        expected_sha256: sha.clone(),
+        ..Default::default()
+    };
+
+    // Where it was written, while the VM runs: verified, nothing rewritten,
+    // the VM left alone.
+    let v = env.verify_memory(req(&memory)).await.unwrap();
+    assert_eq!(v.sha256, sha);
+    assert!(!v.rebound);
+    assert_eq!(v.disks, vec![disk.clone()]);
+    assert_eq!(v.snapshot_id, snapshot_id);
+    assert!(v.capacity >= 64 * MIB && v.created_at > 0, "{v:?}");
+    assert_eq!(env.status(&vm).await, hpb::VmStatus::Up);
+    assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
+
+    // Moved to the BLOCK domain with the same ids, the disk too.
+    let moved = ramsnap_proto::common::v1::MemoryVolumeRef {
+        dump: Some(env.copy_same_ids(memory.dump.as_ref().unwrap(), &block).await),
+        metadata: Some(env.copy_same_ids(memory.metadata.as_ref().unwrap(), &block).await),
+    };
+    let moved_dump = moved.dump.clone().unwrap();
+    let moved_meta = moved.metadata.clone().unwrap();
+    let moved_disk = env.copy_same_ids(&disk, &block).await;
+    assert_eq!(moved_disk.domain_id, block);
+    let before = env.volume_bytes(&moved_meta, MIB).await;
+
+    // Checked there (VM down: not running on this host); the metadata still
+    // names the disk where it was.
+    let v = env.verify_memory(req(&moved)).await.unwrap();
+    assert_eq!((v.sha256.as_str(), v.rebound), (sha.as_str(), false));
+    assert_eq!(v.disks, vec![disk.clone()]);
+    assert_eq!(env.status(&vm).await, hpb::VmStatus::Down);
+
+    // Refusals, each with the restore's kind, and nothing rewritten.
+    let refused = |r: Result<hpb::VerifyMemoryResponse, tonic::Status>, kind: &str| {
+        let st = r.expect_err(kind);
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        assert_eq!(precondition_kind(&st), kind, "{st:?}");
+        st
+    };
+    let mut q = req(&moved);
+    q.vm_id = uuid::Uuid::new_v4().to_string();
+    q.rebind_disk_domain_id = block.clone();
+    let st = refused(env.verify_memory(q).await, "MEMORY_VM_MISMATCH");
+    assert_eq!(precondition_subject(&st), vm);
+    let mut q = req(&moved);
+    q.expected_sha256 = "0".repeat(64);
+    q.rebind_disk_domain_id = block.clone();
+    let st = refused(env.verify_memory(q).await, "MEMORY_DUMP_CORRUPT");
+    assert_eq!(precondition_subject(&st), volume_name(&moved_dump));
+    assert!(
+        st.message().contains(&"0".repeat(64)) && st.message().contains(&sha),
+        "expected and actual in the message: {st:?}"
+    );
+    let mut q = req(&moved);
+    q.rebind_disks = vec![moved_disk.clone(), moved_disk.clone()];
+    refused(env.verify_memory(q).await, "MEMORY_DISKS_MISMATCH");
+    let swapped = ramsnap_proto::common::v1::MemoryVolumeRef {
+        dump: moved.metadata.clone(),
+        metadata: moved.dump.clone(),
+    };
+    refused(env.verify_memory(req(&swapped)).await, "VOLUME_PURPOSE");
+    // A metadata volume nothing was ever written to.
+    let blank = env.memory_volumes(true, 64 * MIB, false).await;
+    let mut q = req(&moved);
+    q.memory.as_mut().unwrap().metadata = blank.metadata.clone();
+    let st = refused(env.verify_memory(q).await, "MEMORY_METADATA_INVALID");
+    assert_eq!(
+        precondition_subject(&st),
+        volume_name(blank.metadata.as_ref().unwrap())
+    );
+    let mut q = req(&moved);
+    q.memory.as_mut().unwrap().dump.as_mut().unwrap().volume_id = uuid::Uuid::new_v4().to_string();
+    assert_eq!(env.verify_memory(q).await.unwrap_err().code(), Code::NotFound);
+    // Bad input names its field.
+    let bad = |st: tonic::Status| {
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        field_of(&st)
+    };
+    let mut q = req(&moved);
+    q.memory
+        .as_mut()
+        .unwrap()
+        .dump
+        .as_mut()
+        .unwrap()
+        .volume_id
+        .clear();
+    assert_eq!(
+        bad(env.verify_memory(q).await.unwrap_err()),
+        "memory.dump.volume_id"
+    );
+    let mut q = req(&moved);
+    q.vm_id = "not-a-uuid".into();
+    assert_eq!(bad(env.verify_memory(q).await.unwrap_err()), "vm_id");
+    let mut q = req(&moved);
+    q.expected_sha256 = sha.to_uppercase();
+    assert_eq!(bad(env.verify_memory(q).await.unwrap_err()), "expected_sha256");
+    let mut q = req(&moved);
+    q.rebind_disk_domain_id = block.clone();
+    q.rebind_disks = vec![moved_disk.clone()];
+    assert_eq!(bad(env.verify_memory(q).await.unwrap_err()), "rebind_disks");
+    let mut q = req(&moved);
+    q.rebind_disks = vec![ramsnap_proto::common::v1::VolumeRef {
+        volume_id: String::new(),
+        ..moved_disk.clone()
+    }];
+    assert_eq!(
+        bad(env.verify_memory(q).await.unwrap_err()),
+        "rebind_disks[0].volume_id"
+    );
+    assert_eq!(
+        env.volume_bytes(&moved_meta, MIB).await,
+        before,
+        "a refusal rewrote the metadata"
+    );
+
+    // Rebind, mode 1: the disk kept its ids on the BLOCK domain.
+    let mut q = req(&moved);
+    q.rebind_disk_domain_id = block.clone();
+    let v = env.verify_memory(q).await.unwrap();
+    assert!(v.rebound);
+    assert_eq!(
+        (v.sha256.as_str(), v.disks.clone()),
+        (sha.as_str(), vec![moved_disk.clone()])
+    );
+    // Read back by a plain verification.
+    let v = env.verify_memory(req(&moved)).await.unwrap();
+    assert!(!v.rebound);
+    assert_eq!(v.disks, vec![moved_disk.clone()]);
+    let after = env.volume_bytes(&moved_meta, MIB).await;
+    let end = after.iter().position(|&b| b == 0).unwrap();
+    assert!(after[end..].iter().all(|&b| b == 0), "NUL-padded");
+    let md: serde_json::Value = serde_json::from_slice(&after[..end]).unwrap();
+    assert_eq!(md["vm_id"], vm.as_str());
+    assert_eq!(md["dump"]["sha256"], sha.as_str());
+    assert_eq!(md["dump"]["volume"]["domain"], block.as_str());
+    assert_eq!(md["dump"]["volume"]["volume"], moved_dump.volume_id.as_str());
+    assert_eq!(md["disks"][0]["current"]["domain"], block.as_str());
+    assert_eq!(md["disks"][0]["overlay"]["domain"], block.as_str());
+    assert_eq!(md["disks"][0]["overlay"]["volume"], overlay.volume_id.as_str());
+    // The original pair is left as it was.
+    let v = env.verify_memory(req(&memory)).await.unwrap();
+    assert_eq!(v.disks, vec![disk.clone()]);
+
+    // One flipped byte in the moved dump: refused, even with a rebind asked,
+    // and the metadata stays as it was.
+    env.flip_byte(&moved_dump, 4096).await;
+    let mut q = req(&moved);
+    q.expected_sha256.clear();
+    q.rebind_disks = vec![env.new_disk(true).await];
+    let st = refused(env.verify_memory(q).await, "MEMORY_DUMP_CORRUPT");
+    assert_eq!(precondition_subject(&st), volume_name(&moved_dump));
+    assert!(st.message().contains(&sha), "{st:?}");
+    assert_eq!(env.volume_bytes(&moved_meta, MIB).await, after);
+    env.flip_byte(&moved_dump, 4096).await;
+
+    // Rebind, mode 2: the disk collapsed into another volume; the overlay stays.
+    let collapsed = env.new_disk(true).await;
+    let mut q = req(&moved);
+    q.rebind_disks = vec![collapsed.clone()];
+    let v = env.verify_memory(q).await.unwrap();
+    assert!(v.rebound);
+    assert_eq!(v.disks, vec![collapsed.clone()]);
+    let md: serde_json::Value = {
+        let b = env.volume_bytes(&moved_meta, MIB).await;
+        let end = b.iter().position(|&b| b == 0).unwrap();
+        serde_json::from_slice(&b[..end]).unwrap()
+    };
+    assert_eq!(md["disks"][0]["current"]["volume"], collapsed.volume_id.as_str());
+    assert_eq!(md["disks"][0]["overlay"]["domain"], block.as_str());
+
+    // Nothing VerifyMemory prepared stays prepared.
+    assert_eq!(loops_over(&pv), 0);
+}

@@ -20,7 +20,7 @@ fn restore_timeout(memory: u64) -> Duration {
     Duration::from_secs(120 + memory / (20 * MIB))
 }
 
-async fn blocking_io<T: Send + 'static>(
+pub(super) async fn blocking_io<T: Send + 'static>(
     what: String,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -40,6 +40,29 @@ pub(crate) fn check_purpose(info: &VolumeInfo, expected: Purpose) -> Result<()> 
         .into());
     }
     Ok(())
+}
+
+/// Reads and decodes the memory metadata document on a prepared metadata
+/// volume of `capacity` bytes: MEMORY_METADATA_INVALID when it is no such
+/// document, MEMORY_METADATA_VERSION when it is newer than this host reads.
+pub(super) async fn read_memory_metadata(meta: &Prepared, capacity: u64) -> Result<MemoryMetadata> {
+    let meta_path = meta.path.clone();
+    let bytes = blocking_io("reading the memory metadata".into(), move || {
+        metadata::read_volume(&meta_path, capacity)
+    })
+    .await?;
+    let md = MemoryMetadata::decode(&bytes).map_err(|e| match e {
+        DecodeError::Version(v) => RestoreError::MetadataVersion {
+            volume: meta.r,
+            version: v,
+            supported: metadata::VERSION,
+        },
+        DecodeError::Invalid(reason) => RestoreError::MetadataInvalid {
+            volume: meta.r,
+            reason,
+        },
+    })?;
+    Ok(md)
 }
 
 fn path_string(p: &Path) -> Result<String> {
@@ -225,23 +248,7 @@ impl Host {
         prepared.push(dump.clone());
         lap.done("prepare memory volumes");
 
-        let meta_path = meta.path.clone();
-        let capacity = meta_info.capacity;
-        let bytes = blocking_io("reading the memory metadata".into(), move || {
-            metadata::read_volume(&meta_path, capacity)
-        })
-        .await?;
-        let md = MemoryMetadata::decode(&bytes).map_err(|e| match e {
-            DecodeError::Version(v) => RestoreError::MetadataVersion {
-                volume: memory.metadata,
-                version: v,
-                supported: metadata::VERSION,
-            },
-            DecodeError::Invalid(reason) => RestoreError::MetadataInvalid {
-                volume: memory.metadata,
-                reason,
-            },
-        })?;
+        let md = read_memory_metadata(&meta, meta_info.capacity).await?;
         let mut chains = Vec::with_capacity(disk_infos.len());
         for info in disk_infos {
             let mut chain = Vec::new();

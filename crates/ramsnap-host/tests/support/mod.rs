@@ -328,6 +328,7 @@ impl Env {
                 name: name.into(),
                 r#type: kind as i32,
                 location: location.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -441,6 +442,74 @@ impl Env {
                 .into_inner()
                 .path,
         )
+    }
+
+    /// Copies a volume to `domain` under the same image and volume ids
+    /// (what an export or import does) and waits for the copy's end.
+    pub async fn copy_same_ids(&mut self, source: &common::VolumeRef, domain: &str) -> common::VolumeRef {
+        let mut stream = self
+            .storage
+            .copy_volume(spb::CopyVolumeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                source: Some(source.clone()),
+                target_domain_id: domain.into(),
+                target_image_id: source.image_id.clone(),
+                target_volume_id: source.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(m) = stream.message().await.unwrap() {
+            if let Some(v) = m.volume {
+                let r = v.r#ref.unwrap();
+                assert_eq!((&r.image_id, &r.volume_id), (&source.image_id, &source.volume_id));
+                return r;
+            }
+        }
+        panic!("the copy of {source:?} ended without a volume")
+    }
+
+    /// The first `len` bytes of a volume (prepared, read, torn down).
+    pub async fn volume_bytes(&mut self, r: &common::VolumeRef, len: u64) -> Vec<u8> {
+        use std::io::Read;
+        let path = self.path_of(r).await;
+        let mut buf = Vec::new();
+        std::fs::File::open(&path)
+            .unwrap()
+            .take(len)
+            .read_to_end(&mut buf)
+            .unwrap();
+        self.teardown(r).await;
+        buf
+    }
+
+    /// Flips bits of the byte at `at` of a volume (prepared, written with
+    /// fsync, torn down); bytes past a file's end read as zeros.
+    pub async fn flip_byte(&mut self, r: &common::VolumeRef, at: u64) {
+        use std::os::unix::fs::FileExt;
+        let path = self.path_of(r).await;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut b = [0u8];
+        let n = f.read_at(&mut b, at).unwrap();
+        if n == 0 {
+            b[0] = 0;
+        }
+        f.write_at(&[b[0] ^ 0x40], at).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        self.teardown(r).await;
+    }
+
+    pub async fn verify_memory(
+        &mut self,
+        req: hpb::VerifyMemoryRequest,
+    ) -> Result<hpb::VerifyMemoryResponse, tonic::Status> {
+        self.host.verify_memory(req).await.map(|r| r.into_inner())
     }
 
     pub async fn teardown(&mut self, r: &common::VolumeRef) {
@@ -624,6 +693,19 @@ pub fn precondition_kind(st: &tonic::Status) -> String {
         .precondition_failure()
         .and_then(|p| p.violations.first().map(|v| v.r#type.clone()))
         .unwrap_or_default()
+}
+
+pub fn precondition_subject(st: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    st.get_error_details()
+        .precondition_failure()
+        .and_then(|p| p.violations.first().map(|v| v.subject.clone()))
+        .unwrap_or_default()
+}
+
+/// "domain/image/volume", as the host names a volume in its errors.
+pub fn volume_name(r: &common::VolumeRef) -> String {
+    format!("{}/{}/{}", r.domain_id, r.image_id, r.volume_id)
 }
 
 pub fn field_of(st: &tonic::Status) -> String {
