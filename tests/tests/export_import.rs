@@ -226,15 +226,14 @@ async fn case_6(db: Db, kind: DomainKind) {
     eprintln!("[exp6] passed in {:.1}s", t.elapsed().as_secs_f64());
 }
 
-/// Changes the exported dump file on the export domain with `damage`
-/// (through PrepareVolume: the export domain is FILE), returns a closure's
-/// result.
-async fn damage_exported_dump(c: &Cluster, vm: &str, damage: impl FnOnce(&std::path::Path)) {
-    let snaps = c.list_snapshots(vm).await;
-    let dump = snaps
-        .iter()
-        .find_map(|s| s.memory.as_ref().and_then(|m| m.dump.clone()))
-        .expect("a snapshot with memory");
+/// Changes the exported copy of `dump` on the export domain with `damage`
+/// (through PrepareVolume: the export domain is FILE).
+async fn damage_exported_dump(
+    c: &Cluster,
+    dump: &ramsnap_proto::common::v1::VolumeRef,
+    damage: impl FnOnce(&std::path::Path),
+) {
+    let dump = dump.clone();
     let on_export = ramsnap_proto::common::v1::VolumeRef {
         domain_id: c.export_domain.clone(),
         ..dump
@@ -294,6 +293,24 @@ async fn assert_import_refused(c: &Cluster, vm: &str, kind: DomainKind, what: &s
     c.assert_no_orphans().await;
 }
 
+/// The offset just past the file's last non-zero byte.
+fn data_end(p: &std::path::Path) -> u64 {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).expect("the dump");
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut at, mut end) = (0u64, 0u64);
+    loop {
+        let n = f.read(&mut buf).expect("reading the dump");
+        if n == 0 {
+            return end;
+        }
+        if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
+            end = at + i as u64 + 1;
+        }
+        at += n as u64;
+    }
+}
+
 /// A flipped byte and a truncated dump on the export domain: the import is
 /// refused and unwinds; repaired, the same export imports and restores.
 async fn corrupt_memory(db: Db, kind: DomainKind) {
@@ -301,11 +318,17 @@ async fn corrupt_memory(db: Db, kind: DomainKind) {
     let t = Instant::now();
     let (c, vm, taken) = committed(db, "expbad", kind).await;
     c.export_vm(&vm, false).await;
+    let dump = c
+        .active_snapshot(&vm)
+        .await
+        .memory
+        .and_then(|m| m.dump)
+        .expect("the active snapshot has memory");
     c.remove_vm(&vm).await;
     // A flipped byte in the middle of the saved RAM.
     let offset = 64 << 20;
     let mut original = [0u8; 1];
-    damage_exported_dump(&c, &vm, |p| {
+    damage_exported_dump(&c, &dump, |p| {
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(p).expect("the dump");
         f.seek(SeekFrom::Start(offset)).unwrap();
         f.read_exact(&mut original).unwrap();
@@ -315,21 +338,24 @@ async fn corrupt_memory(db: Db, kind: DomainKind) {
     })
     .await;
     assert_import_refused(&c, &vm, kind, "one flipped byte").await;
-    // Truncated: the file loses its second half.
+    // Truncated: the file loses the second half of its data.
     let saved = std::env::temp_dir().join(format!("ramsnap-e2e-dump-{}", uuid::Uuid::new_v4()));
-    damage_exported_dump(&c, &vm, |p| {
+    damage_exported_dump(&c, &dump, |p| {
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(p).expect("the dump");
         f.seek(SeekFrom::Start(offset)).unwrap();
         f.write_all(&original).unwrap();
         std::fs::copy(p, &saved).expect("keeping the dump");
-        let len = f.metadata().unwrap().len();
-        f.set_len(len / 2).unwrap();
+        // Past the data's end the file is zeros, which count the same as a
+        // missing tail: cut inside the data.
+        let end = data_end(p);
+        assert!(end > 0, "the exported dump holds data");
+        f.set_len(end / 2).unwrap();
         f.sync_all().unwrap();
     })
     .await;
     assert_import_refused(&c, &vm, kind, "truncated to half").await;
     // Repaired: the export imports and the guest resumes.
-    damage_exported_dump(&c, &vm, |p| {
+    damage_exported_dump(&c, &dump, |p| {
         std::fs::copy(&saved, p).expect("restoring the dump");
         let _ = std::fs::remove_file(&saved);
     })
