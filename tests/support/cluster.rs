@@ -927,6 +927,12 @@ impl Cluster {
     /// Creates the acceptance VM (256 MiB, 1 vCPU, one 64 MiB disk on
     /// `kind`'s domain, the test guest's kernel and initramfs).
     pub async fn create_vm(&self, name: &str, kind: DomainKind) -> String {
+        self.create_vm_sized(name, kind, VM_MEMORY_BYTES, CMDLINE).await
+    }
+
+    /// [`Cluster::create_vm`] with this much RAM and this kernel command
+    /// line (e.g. with `ramsnap.fill=<MiB>` for benchmark-size memory).
+    pub async fn create_vm_sized(&self, name: &str, kind: DomainKind, memory_bytes: u64, cmdline: &str) -> String {
         self.step(&format!("CreateVm {name} on the {kind:?} domain"));
         let resp = self
             .vms()
@@ -934,7 +940,7 @@ impl Cluster {
                 request_id: request_id(),
                 name: name.to_string(),
                 cluster_id: self.cluster_id.clone(),
-                memory_bytes: VM_MEMORY_BYTES,
+                memory_bytes,
                 vcpus: 1,
                 stateless: false,
                 disks: vec![pb::DiskSpec {
@@ -943,7 +949,7 @@ impl Cluster {
                 }],
                 kernel: KERNEL.into(),
                 initrd: INITRD.into(),
-                cmdline: CMDLINE.into(),
+                cmdline: cmdline.into(),
             })
             .await
             .unwrap_or_else(|e| self.fail(&format!("CreateVm: {e}")))
