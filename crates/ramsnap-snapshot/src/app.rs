@@ -75,6 +75,22 @@ impl App {
             .max_encoding_message_size(64 << 20))
     }
 
+    /// The cluster's first host, through which its storage is reached;
+    /// FAILED_PRECONDITION NO_HOST when it has none.
+    pub async fn cluster_host(&self, cluster_id: Uuid) -> Result<db::Host, Status> {
+        self.db
+            .first_host_in_cluster(cluster_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| {
+                status::failed_precondition(
+                    "NO_HOST",
+                    &format!("cluster/{cluster_id}"),
+                    format!("cluster {cluster_id} has no host; add one with ClusterService.AddHost"),
+                )
+            })
+    }
+
     /// The host a VM runs on, or would run on: its own, else its cluster's first.
     pub async fn host_for_vm(&self, vm: &db::Vm) -> Result<db::Host, Status> {
         if let Some(h) = vm.host_id {
@@ -82,20 +98,7 @@ impl App {
                 return Ok(host);
             }
         }
-        self.db
-            .first_host_in_cluster(vm.cluster_id)
-            .await
-            .map_err(db_status)?
-            .ok_or_else(|| {
-                status::failed_precondition(
-                    "NO_HOST",
-                    &vm.cluster_id.to_string(),
-                    format!(
-                        "cluster {} has no host; add one with ClusterService.AddHost",
-                        vm.cluster_id
-                    ),
-                )
-            })
+        self.cluster_host(vm.cluster_id).await
     }
 
     pub fn notify_operation(&self, id: Uuid) {

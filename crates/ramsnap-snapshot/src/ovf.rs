@@ -17,7 +17,8 @@ use std::fmt::Write as _;
 use uuid::Uuid;
 
 pub const OVF_NS: &str = "http://schemas.dmtf.org/ovf/envelope/1/";
-pub const RASD_NS: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData";
+pub const RASD_NS: &str =
+    "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData";
 pub const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 pub const RAMSNAP_NS: &str = "urn:ramsnap:ovf:1";
 /// The OVF version oVirt 3.3 writes.
@@ -183,7 +184,11 @@ impl OvfVm {
             }
             chains.insert(d.disk_id, seen);
         }
-        let actives = self.snapshots.iter().filter(|s| s.kind == SnapshotKind::Active).count();
+        let actives = self
+            .snapshots
+            .iter()
+            .filter(|s| s.kind == SnapshotKind::Active)
+            .count();
         if actives != 1 {
             return err(format!("{actives} active snapshots; there must be exactly one"));
         }
@@ -213,11 +218,22 @@ impl OvfVm {
                 }
             }
             if let Some(m) = &s.memory {
-                if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                    return err(format!("snapshot {}: the memory's sha256 is not 64 hex digits", s.snapshot_id));
+                if m.sha256.len() != 64
+                    || !m
+                        .sha256
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                {
+                    return err(format!(
+                        "snapshot {}: the memory's sha256 is not 64 hex digits",
+                        s.snapshot_id
+                    ));
                 }
                 if volume_ids.contains(&m.dump_volume_id) || volume_ids.contains(&m.metadata_volume_id) {
-                    return err(format!("snapshot {}: a memory volume is also a disk volume", s.snapshot_id));
+                    return err(format!(
+                        "snapshot {}: a memory volume is also a disk volume",
+                        s.snapshot_id
+                    ));
                 }
             }
         }
@@ -372,10 +388,17 @@ impl OvfVm {
             };
             let _ = writeln!(x, "        <Type>{kind}</Type>");
             let _ = writeln!(x, "        <Description>{}</Description>", esc(&s.description));
-            let _ = writeln!(x, "        <CreationDate>{}</CreationDate>", ovirt_date(s.created_at));
+            let _ = writeln!(
+                x,
+                "        <CreationDate>{}</CreationDate>",
+                ovirt_date(s.created_at)
+            );
             let _ = writeln!(x, "        <ramsnap:Created ms=\"{}\"/>", s.created_at);
             for (disk, volume) in &s.disks {
-                let _ = writeln!(x, "        <ramsnap:Disk disk-id=\"{disk}\" volume-id=\"{volume}\"/>");
+                let _ = writeln!(
+                    x,
+                    "        <ramsnap:Disk disk-id=\"{disk}\" volume-id=\"{volume}\"/>"
+                );
             }
             if let Some(m) = &s.memory {
                 let _ = writeln!(
@@ -420,7 +443,10 @@ impl OvfVm {
 
         let mut vcpus = None;
         let mut memory_bytes = None;
-        for item in hardware.children().filter(|n| n.is_element() && n.tag_name().name() == "Item") {
+        for item in hardware
+            .children()
+            .filter(|n| n.is_element() && n.tag_name().name() == "Item")
+        {
             let rtype = item
                 .children()
                 .find(|n| n.tag_name().name() == "ResourceType")
@@ -437,7 +463,9 @@ impl OvfVm {
                 Some("4") => {
                     let n = item
                         .children()
-                        .find(|n| n.tag_name().name() == "Bytes" && n.tag_name().namespace() == Some(RAMSNAP_NS))
+                        .find(|n| {
+                            n.tag_name().name() == "Bytes" && n.tag_name().namespace() == Some(RAMSNAP_NS)
+                        })
                         .and_then(|n| n.text());
                     memory_bytes = Some(match n {
                         Some(b) => number::<u64>(b, "ramsnap:Bytes")?,
@@ -457,7 +485,10 @@ impl OvfVm {
 
         // Disks: every Disk element is one volume; ramsnap:disk-id groups them.
         let mut disks: Vec<OvfDisk> = Vec::new();
-        for d in disk_section.children().filter(|n| n.is_element() && n.tag_name().name() == "Disk") {
+        for d in disk_section
+            .children()
+            .filter(|n| n.is_element() && n.tag_name().name() == "Disk")
+        {
             let volume_id = uuid_attr(d, (OVF_NS, "diskId"), "Disk ovf:diskId")?;
             let file_ref = attr(d, (OVF_NS, "fileRef"), "Disk ovf:fileRef")?;
             let (image, volume) = image_volume(file_ref, "Disk ovf:fileRef")?;
@@ -497,7 +528,9 @@ impl OvfVm {
             };
             match disks.iter_mut().find(|x| x.disk_id == disk_id) {
                 Some(x) if x.image_id != image || x.capacity_bytes != capacity_bytes => {
-                    return err(format!("disk {disk_id}: its volumes disagree on image or capacity"))
+                    return err(format!(
+                        "disk {disk_id}: its volumes disagree on image or capacity"
+                    ))
                 }
                 Some(x) => x.volumes.push(volume),
                 None => disks.push(OvfDisk {
@@ -536,13 +569,21 @@ impl OvfVm {
             let snapshot_id = uuid_attr(s, (OVF_NS, "id"), "Snapshot ovf:id")?;
             let text = |name: &str| {
                 s.children()
-                    .find(|n| n.is_element() && n.tag_name().name() == name && n.tag_name().namespace() != Some(RAMSNAP_NS))
+                    .find(|n| {
+                        n.is_element()
+                            && n.tag_name().name() == name
+                            && n.tag_name().namespace() != Some(RAMSNAP_NS)
+                    })
                     .map(|n| n.text().unwrap_or("").to_string())
             };
             let kind = match text("Type").as_deref() {
                 Some("ACTIVE") => SnapshotKind::Active,
                 Some("REGULAR") => SnapshotKind::Regular,
-                other => return err(format!("Snapshot {snapshot_id}: type {other:?} cannot be imported")),
+                other => {
+                    return err(format!(
+                        "Snapshot {snapshot_id}: type {other:?} cannot be imported"
+                    ))
+                }
             };
             let created_at = match s
                 .children()
@@ -562,7 +603,10 @@ impl OvfVm {
                 ));
             }
             sdisks.sort();
-            let memory = match s.children().find(|n| n.is_element() && n.tag_name().name() == "Memory") {
+            let memory = match s
+                .children()
+                .find(|n| n.is_element() && n.tag_name().name() == "Memory")
+            {
                 None => None,
                 Some(m) => Some(parse_memory(m, snapshot_id)?),
             };
@@ -594,7 +638,10 @@ impl OvfVm {
                 .and_then(|n| n.text())
                 .unwrap_or("")
                 .to_string(),
-            exported_at: number::<i64>(attr(export, "exported-at-ms", "ramsnap:Export exported-at-ms")?, "exported-at-ms")?,
+            exported_at: number::<i64>(
+                attr(export, "exported-at-ms", "ramsnap:Export exported-at-ms")?,
+                "exported-at-ms",
+            )?,
             collapsed: attr(export, "collapsed", "ramsnap:Export collapsed")? == "true",
             export_domain_id: uuid_attr(export, "domain-id", "ramsnap:Export domain-id")?,
             disks,
@@ -615,8 +662,12 @@ fn parse_memory(m: Node, snapshot_id: Uuid) -> Result<OvfMemory, OvfError> {
         ));
     }
     let id = |i: usize| {
-        Uuid::parse_str(parts[i])
-            .map_err(|_| OvfError(format!("Snapshot {snapshot_id}: Memory field {} is not a UUID", i + 1)))
+        Uuid::parse_str(parts[i]).map_err(|_| {
+            OvfError(format!(
+                "Snapshot {snapshot_id}: Memory field {} is not a UUID",
+                i + 1
+            ))
+        })
     };
     Ok(OvfMemory {
         dump_image_id: id(2)?,
@@ -652,7 +703,9 @@ fn chain_order(d: &OvfDisk) -> Result<Vec<OvfVolume>, OvfError> {
 
 fn child<'a, 'i>(n: Node<'a, 'i>, name: &str) -> Result<Node<'a, 'i>, OvfError> {
     n.children()
-        .find(|c| c.is_element() && c.tag_name().name() == name && c.tag_name().namespace() != Some(RAMSNAP_NS))
+        .find(|c| {
+            c.is_element() && c.tag_name().name() == name && c.tag_name().namespace() != Some(RAMSNAP_NS)
+        })
         .ok_or_else(|| OvfError(format!("no {name} element in {}", n.tag_name().name())))
 }
 
@@ -667,7 +720,8 @@ fn attr<'a, 'n: 'a, 'm: 'a>(
     name: impl Into<roxmltree::ExpandedName<'n, 'n>>,
     what: &str,
 ) -> Result<&'a str, OvfError> {
-    n.attribute(name).ok_or_else(|| OvfError(format!("{what} is missing")))
+    n.attribute(name)
+        .ok_or_else(|| OvfError(format!("{what} is missing")))
 }
 
 fn uuid_attr<'a, 'n: 'a, 'm: 'a>(
@@ -813,7 +867,10 @@ mod tests {
         assert_eq!(vm.memories().len(), 1, "two snapshots share one memory");
         assert!(xml.contains("<Memory ramsnap:sha256="));
         assert!(xml.contains("xsi:type=\"ovf:SnapshotsSection_Type\""));
-        assert!(xml.contains("<ExportDate>2025/11/26 14:00:00</ExportDate>"), "{xml}");
+        assert!(
+            xml.contains("<ExportDate>2025/11/26 14:00:00</ExportDate>"),
+            "{xml}"
+        );
     }
 
     #[test]
@@ -836,19 +893,40 @@ mod tests {
             ("<a/>".into(), "ovf:Envelope"),
             (good.replace("<ramsnap:Export", "<ramsnap:Exp"), "ramsnap:Export"),
             (
-                good.replace(&format!("ovf:parentRef=\"{}/{}\"", id(3), id(4)), "ovf:parentRef=\"\""),
+                good.replace(
+                    &format!("ovf:parentRef=\"{}/{}\"", id(3), id(4)),
+                    "ovf:parentRef=\"\"",
+                ),
                 "one chain",
             ),
-            (good.replace("<Type>ACTIVE</Type>", "<Type>REGULAR</Type>"), "active snapshots"),
-            (good.replace("<Type>ACTIVE</Type>", "<Type>PREVIEW</Type>"), "cannot be imported"),
+            (
+                good.replace("<Type>ACTIVE</Type>", "<Type>REGULAR</Type>"),
+                "active snapshots",
+            ),
+            (
+                good.replace("<Type>ACTIVE</Type>", "<Type>PREVIEW</Type>"),
+                "cannot be imported",
+            ),
             (good.replace(&"ab".repeat(32), "xyz"), "sha256"),
             (
-                good.replace(&format!("volume-id=\"{}\"", id(5)), &format!("volume-id=\"{}\"", id(7))),
+                good.replace(
+                    &format!("volume-id=\"{}\"", id(5)),
+                    &format!("volume-id=\"{}\"", id(7)),
+                ),
                 "not in disk",
             ),
-            (good.replace("ramsnap:disk-id=", "ramsnap:diskid="), "ramsnap:disk-id"),
-            (good.replace(",00000000-0000-0000-0000-000000000000,", ","), "found 5 fields"),
-            (good.replace("<rasd:ResourceType>3</rasd:ResourceType>", ""), "no CPU"),
+            (
+                good.replace("ramsnap:disk-id=", "ramsnap:diskid="),
+                "ramsnap:disk-id",
+            ),
+            (
+                good.replace(",00000000-0000-0000-0000-000000000000,", ","),
+                "found 5 fields",
+            ),
+            (
+                good.replace("<rasd:ResourceType>3</rasd:ResourceType>", ""),
+                "no CPU",
+            ),
         ];
         for (xml, needle) in cases {
             let e = OvfVm::parse(&xml).expect_err(needle);

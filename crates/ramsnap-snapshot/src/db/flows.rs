@@ -441,7 +441,11 @@ impl Database {
             if existing.lock_operation_id == Some(operation_id) {
                 return Ok(());
             }
-            return Err(conflict("vm", vm.id, format!("VM {} ({}) exists", existing.name, vm.id)));
+            return Err(conflict(
+                "vm",
+                vm.id,
+                format!("VM {} ({}) exists", existing.name, vm.id),
+            ));
         }
         let taken = sqlx::query("SELECT id FROM vms WHERE name = $1")
             .bind(&vm.name)

@@ -72,12 +72,7 @@ fn disk_ids(cx: &SagaCx<App>, i: usize) -> (Uuid, Uuid, Uuid) {
 }
 
 async fn host(cx: &SagaCx<App>, cluster_id: Uuid) -> Result<db::Host, Status> {
-    cx.app
-        .db
-        .first_host_in_cluster(cluster_id)
-        .await
-        .map_err(db_status)?
-        .ok_or_else(|| Status::failed_precondition(format!("cluster {cluster_id} has no host")))
+    cx.app.cluster_host(cluster_id).await
 }
 
 fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {

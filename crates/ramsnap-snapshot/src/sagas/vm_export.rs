@@ -151,7 +151,13 @@ pub async fn refuse_unexportable(app: &App, vm: &db::Vm) -> Result<(), Status> {
             "has a stateless run that was not ended; stop it first",
         ),
     ] {
-        if app.db.snapshot_by_vm_type(vm.id, t).await.map_err(db_status)?.is_some() {
+        if app
+            .db
+            .snapshot_by_vm_type(vm.id, t)
+            .await
+            .map_err(db_status)?
+            .is_some()
+        {
             return Err(status::failed_precondition(
                 kind,
                 &format!("vm/{}", vm.id),
@@ -242,7 +248,9 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let p: Params = cx.params()?;
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
         require_export_domain(&cx.app, &h, p.export_domain_id).await?;
-        let previous = descriptor(&cx.app, &h, p.export_domain_id, p.vm_id).await?.is_some();
+        let previous = descriptor(&cx.app, &h, p.export_domain_id, p.vm_id)
+            .await?
+            .is_some();
         if previous && !p.force_override {
             return Err(status::failed_precondition(
                 "VM_ALREADY_EXPORTED",
@@ -342,16 +350,22 @@ async fn make_plan(
         }
         let mut ovf_volumes = Vec::new();
         for v in &chain {
-            let (format, actual) = formats
-                .get(v)
-                .copied()
-                .ok_or_else(|| Status::internal(format!("volume {v} of disk {} is not on its domain", disk.disk_id)))?;
+            let (format, actual) = formats.get(v).copied().ok_or_else(|| {
+                Status::internal(format!(
+                    "volume {v} of disk {} is not on its domain",
+                    disk.disk_id
+                ))
+            })?;
             let source = VolumeRef {
                 domain_id: disk.domain_id,
                 image_id: disk.image_id,
                 volume_id: *v,
             };
-            let parent_id = if p.collapse { None } else { parents.get(v).copied().flatten() };
+            let parent_id = if p.collapse {
+                None
+            } else {
+                parents.get(v).copied().flatten()
+            };
             copies.push(PlannedCopy {
                 source,
                 target: target(&source),
@@ -361,7 +375,11 @@ async fn make_plan(
             ovf_volumes.push(OvfVolume {
                 volume_id: *v,
                 parent_id,
-                format: if p.collapse { ovf::VolumeFormat::Cow } else { format },
+                format: if p.collapse {
+                    ovf::VolumeFormat::Cow
+                } else {
+                    format
+                },
                 actual_bytes: actual,
             });
         }
@@ -375,7 +393,10 @@ async fn make_plan(
 
     let mut memories: Vec<PlannedMemory> = Vec::new();
     for m in snaps.iter().filter_map(|s| s.memory) {
-        if memories.iter().any(|x| x.source.dump.volume_id == m.dump.volume_id) {
+        if memories
+            .iter()
+            .any(|x| x.source.dump.volume_id == m.dump.volume_id)
+        {
             continue;
         }
         let dump = cx
@@ -501,7 +522,8 @@ pub async fn delete_descriptor(app: &App, h: &db::Host, domain_id: Uuid, vm_id: 
 
 /// Bytes the progress counts: every copy's virtual size.
 fn total_bytes(copies: &[PlannedCopy], memories: &[PlannedMemory]) -> u64 {
-    copies.iter().map(|c| c.capacity_bytes).sum::<u64>() + memories.iter().map(|m| m.capacity_bytes).sum::<u64>()
+    copies.iter().map(|c| c.capacity_bytes).sum::<u64>()
+        + memories.iter().map(|m| m.capacity_bytes).sum::<u64>()
 }
 
 /// Runs the planned copies in order (shared with the import).
@@ -515,7 +537,9 @@ pub async fn run_copies(
 ) -> Result<(), Status> {
     for c in copies {
         let req = storage::CopyVolumeRequest {
-            request_id: cx.stable_id(&format!("copy/{}/{}", c.target.domain_id, c.target.volume_id)).to_string(),
+            request_id: cx
+                .stable_id(&format!("copy/{}/{}", c.target.domain_id, c.target.volume_id))
+                .to_string(),
             source: Some(to_wire_ref(&c.source)),
             target_domain_id: c.target.domain_id.to_string(),
             target_image_id: c.target.image_id.to_string(),
@@ -554,7 +578,15 @@ pub async fn run_memory_copies(
                 keep_parent: false,
                 capacity_bytes: capacity,
             };
-            run_copies(cx, h, std::slice::from_ref(&copy), done, total, "memory of a snapshot").await?;
+            run_copies(
+                cx,
+                h,
+                std::slice::from_ref(&copy),
+                done,
+                total,
+                "memory of a snapshot",
+            )
+            .await?;
         }
         let r = cx
             .app
@@ -581,7 +613,15 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
         let total = total_bytes(&plan.copies, &plan.memories);
         let mut done = 0;
-        run_copies(cx, &h, &plan.copies, &mut done, total, &format!("export of VM {}", vm.name)).await?;
+        run_copies(
+            cx,
+            &h,
+            &plan.copies,
+            &mut done,
+            total,
+            &format!("export of VM {}", vm.name),
+        )
+        .await?;
         Ok(Value::Null)
     }
     .boxed()

@@ -22,7 +22,9 @@ use super::common::{delete_volumes_reversed, noop, ordered_disk_id};
 use super::vm_export::{run_copies, run_memory_copies, PlannedCopy, PlannedMemory};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_ref};
-use crate::db::{self, MemoryVolume, NewVm, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
+use crate::db::{
+    self, MemoryVolume, NewVm, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef,
+};
 use crate::ovf::{OvfVm, SnapshotKind};
 use crate::saga::{Node, SagaCx, SagaDef};
 use futures::future::BoxFuture;
@@ -135,17 +137,7 @@ pub fn definition() -> SagaDef<App> {
 }
 
 async fn host(app: &App, cluster_id: Uuid) -> Result<db::Host, Status> {
-    app.db
-        .first_host_in_cluster(cluster_id)
-        .await
-        .map_err(db_status)?
-        .ok_or_else(|| {
-            status::failed_precondition(
-                "NO_HOST",
-                &format!("cluster/{cluster_id}"),
-                format!("cluster {cluster_id} has no host; add one with ClusterService.AddHost"),
-            )
-        })
+    app.cluster_host(cluster_id).await
 }
 
 /// FAILED_PRECONDITION NOT_A_DATA_DOMAIN unless the domain holds VMs.
@@ -164,7 +156,10 @@ async fn require_data_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result
         return Err(status::failed_precondition(
             "NOT_A_DATA_DOMAIN",
             &format!("domain/{domain_id}"),
-            format!("storage domain {} ({domain_id}) is an export domain; import into a data domain", d.name),
+            format!(
+                "storage domain {} ({domain_id}) is an export domain; import into a data domain",
+                d.name
+            ),
         ));
     }
     Ok(())
@@ -173,7 +168,12 @@ async fn require_data_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result
 /// Reads, parses and checks the exported VM's descriptor against the
 /// export domain: OVF_INVALID, OVF_FILE_MISSING (a volume it names is not
 /// there, or not complete), NOT_FOUND when there is no such export.
-pub async fn read_export(app: &App, h: &db::Host, export_domain_id: Uuid, vm_id: Uuid) -> Result<OvfVm, Status> {
+pub async fn read_export(
+    app: &App,
+    h: &db::Host,
+    export_domain_id: Uuid,
+    vm_id: Uuid,
+) -> Result<OvfVm, Status> {
     super::vm_export::require_export_domain(app, h, export_domain_id).await?;
     let xml = super::vm_export::descriptor(app, h, export_domain_id, vm_id)
         .await?
@@ -206,7 +206,10 @@ pub async fn read_export(app: &App, h: &db::Host, export_domain_id: Uuid, vm_id:
         .filter(|v| v.legality == storage::VolumeLegality::Legal as i32)
         .filter_map(|v| {
             let r = v.r#ref.as_ref()?;
-            Some((Uuid::parse_str(&r.image_id).ok()?, Uuid::parse_str(&r.volume_id).ok()?))
+            Some((
+                Uuid::parse_str(&r.image_id).ok()?,
+                Uuid::parse_str(&r.volume_id).ok()?,
+            ))
         })
         .collect();
     let mut needed: Vec<(Uuid, Uuid)> = ovf
@@ -253,8 +256,20 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
             d
         }
     };
-    let image_id = |i: Uuid| if p.as_clone { stable(&format!("image/{i}")) } else { i };
-    let volume_id = |v: Uuid| if p.as_clone { stable(&format!("volume/{v}")) } else { v };
+    let image_id = |i: Uuid| {
+        if p.as_clone {
+            stable(&format!("image/{i}"))
+        } else {
+            i
+        }
+    };
+    let volume_id = |v: Uuid| {
+        if p.as_clone {
+            stable(&format!("volume/{v}"))
+        } else {
+            v
+        }
+    };
     let tgt = |image: Uuid, volume: Uuid| VolumeRef {
         domain_id: p.target_domain_id,
         image_id: image_id(image),
@@ -348,7 +363,11 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
             })
             .collect();
         snapshots.push(SnapshotRecord {
-            id: if p.as_clone { stable("active") } else { s.snapshot_id },
+            id: if p.as_clone {
+                stable("active")
+            } else {
+                s.snapshot_id
+            },
             active: s.kind == SnapshotKind::Active,
             description: s.description.clone(),
             created_at: s.created_at,
@@ -425,7 +444,12 @@ fn reserve_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 capacity_bytes: d.capacity_bytes,
             })
             .collect();
-        match cx.app.db.reserve_imported_vm(&new_vm, &disks, cx.operation_id).await {
+        match cx
+            .app
+            .db
+            .reserve_imported_vm(&new_vm, &disks, cx.operation_id)
+            .await
+        {
             Ok(()) => {}
             Err(db::DbError::Conflict { kind: "vm", .. }) => return Err(vm_exists(p.vm_id)),
             Err(db::DbError::Conflict { kind: "vm_name", .. }) => return Err(name_in_use(&new_vm.name)),

@@ -1,7 +1,9 @@
 //! VmService's export and import handlers (oVirt's ExportVm, ImportVm and
 //! the export domain's VM list).
 use super::snapshot::refuse_in_preview;
-use super::{check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation, Start};
+use super::{
+    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation, Start,
+};
 use crate::app::{db_status, App};
 use crate::convert::downstream;
 use crate::db;
@@ -36,7 +38,10 @@ async fn any_host(app: &App) -> Result<db::Host, Status> {
         })
 }
 
-pub async fn export_vm(app: &Arc<App>, req: pb::ExportVmRequest) -> Result<Response<pb::ExportVmResponse>, Status> {
+pub async fn export_vm(
+    app: &Arc<App>,
+    req: pb::ExportVmRequest,
+) -> Result<Response<pb::ExportVmResponse>, Status> {
     const KIND: &str = "export_vm";
     let reply = |op: &db::Operation| {
         Response::new(pb::ExportVmResponse {
@@ -55,7 +60,11 @@ pub async fn export_vm(app: &Arc<App>, req: pb::ExportVmRequest) -> Result<Respo
     let h = app.host_for_vm(&vm).await?;
     super::vm::check_domains(app, &h, [export_domain_id]).await?;
     vm_export::require_export_domain(app, &h, export_domain_id).await?;
-    if !req.force_override && vm_export::descriptor(app, &h, export_domain_id, vm.id).await?.is_some() {
+    if !req.force_override
+        && vm_export::descriptor(app, &h, export_domain_id, vm.id)
+            .await?
+            .is_some()
+    {
         return Err(status::failed_precondition(
             "VM_ALREADY_EXPORTED",
             &format!("vm/{}", vm.id),
@@ -71,7 +80,11 @@ pub async fn export_vm(app: &Arc<App>, req: pb::ExportVmRequest) -> Result<Respo
         collapse: req.collapse_snapshots,
         force_override: req.force_override,
     };
-    let op = start_operation(app, Start::locked(KIND, vm.id, req.request_id, vm_export::NAME, &params)).await?;
+    let op = start_operation(
+        app,
+        Start::locked(KIND, vm.id, req.request_id, vm_export::NAME, &params),
+    )
+    .await?;
     Ok(reply(&op))
 }
 
@@ -131,7 +144,10 @@ pub async fn list_exported_vms(
     Ok(Response::new(pb::ListExportedVmsResponse { vms, unreadable }))
 }
 
-pub async fn import_vm(app: &Arc<App>, req: pb::ImportVmRequest) -> Result<Response<pb::ImportVmResponse>, Status> {
+pub async fn import_vm(
+    app: &Arc<App>,
+    req: pb::ImportVmRequest,
+) -> Result<Response<pb::ImportVmResponse>, Status> {
     const KIND: &str = "import_vm";
     let reply = |op: &db::Operation| {
         Response::new(pb::ImportVmResponse {
@@ -150,22 +166,15 @@ pub async fn import_vm(app: &Arc<App>, req: pb::ImportVmRequest) -> Result<Respo
         check_name("name", &req.name)?;
     }
     let cluster = app.db.get_cluster(cluster_id).await.map_err(db_status)?;
-    let h = app
-        .db
-        .first_host_in_cluster(cluster.id)
-        .await
-        .map_err(db_status)?
-        .ok_or_else(|| {
-            status::failed_precondition(
-                "NO_HOST",
-                &format!("cluster/{}", cluster.id),
-                format!("cluster {} has no host; add one with ClusterService.AddHost", cluster.name),
-            )
-        })?;
+    let h = app.cluster_host(cluster.id).await?;
     super::vm::check_domains(app, &h, [export_domain_id, target_domain_id]).await?;
     // Bad input is answered now; the saga reads the descriptor again.
     let ovf = vm_import::read_export(app, &h, export_domain_id, source_vm_id).await?;
-    let name = if req.name.is_empty() { ovf.name.clone() } else { req.name.clone() };
+    let name = if req.name.is_empty() {
+        ovf.name.clone()
+    } else {
+        req.name.clone()
+    };
     let vm_id = if req.as_clone { Uuid::new_v4() } else { ovf.vm_id };
     if !req.as_clone {
         match app.db.get_vm(vm_id).await {

@@ -175,22 +175,7 @@ impl VmService for VmApi {
         }
         let cluster = self.0.db.get_cluster(cluster_id).await.map_err(db_status)?;
         refuse_taken_name(&self.0, &req.name).await?;
-        let host = self
-            .0
-            .db
-            .first_host_in_cluster(cluster.id)
-            .await
-            .map_err(db_status)?
-            .ok_or_else(|| {
-                status::failed_precondition(
-                    "NO_HOST",
-                    &format!("cluster/{}", cluster.id),
-                    format!(
-                        "cluster {} has no host to create the disks through; add one with ClusterService.AddHost",
-                        cluster.name
-                    ),
-                )
-            })?;
+        let host = self.0.cluster_host(cluster.id).await?;
         check_domains(&self.0, &host, disks.iter().map(|d| d.domain_id)).await?;
         let vm_id = Uuid::new_v4();
         let params = vm_create::Params {
