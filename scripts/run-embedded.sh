@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ramsnap's embedded default on this machine: ramsnapd (snapshot, storage
-# and host services in one process) with a local FILE domain and a BLOCK
-# domain on a loop device over a sparse file. Safe to run again: what exists
+# and host services in one process) with a local FILE domain, a FILE EXPORT
+# domain and a BLOCK domain on a loop device over a sparse file. Safe to run again: what exists
 # is reused, and registering an existing domain adopts it.
 #
 #   scripts/run-embedded.sh [extra ramsnapd flags]     # Ctrl-C stops it
@@ -22,6 +22,7 @@ die() { log "ERROR: $*"; exit 1; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_DIR="${RAMSNAP_DATA_DIR:-/var/lib/ramsnap}"
 FILE_DOMAIN="$DATA_DIR/domains/local"
+EXPORT_DOMAIN="$DATA_DIR/domains/export"
 BLOCK_FILE="$DATA_DIR/block/default.img"
 BLOCK_SIZE="${RAMSNAP_BLOCK_SIZE:-20G}"
 SNAPSHOT_LISTEN="${RAMSNAP_SNAPSHOT_LISTEN:-127.0.0.1:50051}"
@@ -49,7 +50,7 @@ mkdir -p "$DATA_DIR/boot"
 bash "$ROOT/tests/guest/build.sh" "$DATA_DIR/boot" >&2
 
 # 3. The storage behind the two domains.
-mkdir -p "$FILE_DOMAIN" "$(dirname "$BLOCK_FILE")"
+mkdir -p "$FILE_DOMAIN" "$EXPORT_DOMAIN" "$(dirname "$BLOCK_FILE")"
 if [ ! -f "$BLOCK_FILE" ]; then
     log "creating sparse $BLOCK_FILE ($BLOCK_SIZE)"
     truncate -s "$BLOCK_SIZE" "$BLOCK_FILE"
@@ -60,7 +61,7 @@ if [ -z "$LOOP" ]; then
     log "attached $BLOCK_FILE as $LOOP"
 fi
 
-# 4. Once the storage service answers, register the two domains it does not
+# 4. Once the storage service answers, register the three domains it does not
 # know yet. Runs beside ramsnapd and gives up when ramsnapd is gone.
 register_domains() {
     local main_pid="$1"
@@ -74,13 +75,13 @@ register_domains() {
     done
     local known
     known="$(grpcurl -plaintext "$STORAGE_LISTEN" ramsnap.storage.v1.StorageService/ListDomains)" || known=""
-    local name type location
-    while read -r name type location; do
+    local name type location role
+    while read -r name type location role; do
         if grep -q "\"name\": \"$name\"" <<<"$known"; then
             log "domain $name already registered"
             continue
         fi
-        local request="{\"name\":\"$name\",\"type\":\"$type\",\"location\":\"$location\"}"
+        local request="{\"name\":\"$name\",\"type\":\"$type\",\"location\":\"$location\",\"role\":\"$role\"}"
         if grpcurl -plaintext -d "$request" "$STORAGE_LISTEN" \
             ramsnap.storage.v1.StorageService/RegisterDomain >/dev/null; then
             log "registered domain $name ($type at $location)"
@@ -88,8 +89,9 @@ register_domains() {
             log "WARNING: registering domain $name ($type at $location) failed; see above"
         fi
     done <<EOF
-local-file DOMAIN_TYPE_FILE $FILE_DOMAIN
-local-block DOMAIN_TYPE_BLOCK $LOOP
+local-file DOMAIN_TYPE_FILE $FILE_DOMAIN DOMAIN_ROLE_DATA
+local-block DOMAIN_TYPE_BLOCK $LOOP DOMAIN_ROLE_DATA
+local-export DOMAIN_TYPE_FILE $EXPORT_DOMAIN DOMAIN_ROLE_EXPORT
 EOF
 }
 
@@ -101,6 +103,7 @@ run-embedded: starting ramsnapd ($RAMSNAPD)
   data              $DATA_DIR (storage state in $DATA_DIR/storage)
   FILE domain       local-file  at $FILE_DOMAIN
   BLOCK domain      local-block on $LOOP (backed by $BLOCK_FILE)
+  EXPORT domain     local-export at $EXPORT_DOMAIN (for vm export / vm import)
   try               grpcurl -plaintext $STORAGE_LISTEN ramsnap.storage.v1.StorageService/ListDomains
   stop              Ctrl-C, or kill -TERM $$ (ramsnapd keeps this PID)
   clean up after    losetup -d $LOOP; rm -rf $DATA_DIR
