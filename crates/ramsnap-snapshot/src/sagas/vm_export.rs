@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 use uuid::Uuid;
 
 pub const NAME: &str = "vm_export";
@@ -225,19 +226,14 @@ pub async fn descriptor(
         .await
     {
         Ok(r) => Ok(r.into_inner().descriptor.map(|d| d.ovf)),
-        Err(s) if s.code() == Code::NotFound && !s.message().contains("domain") => Ok(None),
-        Err(s) if s.code() == Code::NotFound => {
-            // The domain itself may be unknown: tell the two apart.
-            match app
-                .storage_client(h)?
-                .get_domain(storage::GetDomainRequest {
-                    domain_id: domain_id.to_string(),
-                })
-                .await
-            {
-                Ok(_) => Ok(None),
-                Err(e) => Err(downstream("reading the export domain", e)),
-            }
+        // NOT_FOUND of the descriptor itself, not of the domain.
+        Err(s)
+            if s.code() == Code::NotFound
+                && s.get_error_details()
+                    .resource_info()
+                    .is_some_and(|r| r.resource_type == "vm_descriptor") =>
+        {
+            Ok(None)
         }
         Err(s) => Err(downstream("reading the VM's descriptor", s)),
     }
