@@ -67,7 +67,9 @@ async fn volumes_with_paths(c: &Cluster, domain: &str) -> Vec<Vol> {
         let r: VolumeRef = v.r#ref.clone().expect("ref");
         let path = c
             .storage()
-            .prepare_volume(spb::PrepareVolumeRequest { r#ref: Some(r.clone()) })
+            .prepare_volume(spb::PrepareVolumeRequest {
+                r#ref: Some(r.clone()),
+            })
             .await
             .expect("PrepareVolume")
             .into_inner()
@@ -115,7 +117,11 @@ fn qemu_img_copy(volumes: &[Vol], dir: &Path) -> Duration {
         }
         cmd.arg(&v.path).arg(&dst);
         let out = cmd.output().expect("qemu-img");
-        assert!(out.status.success(), "qemu-img convert {v:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "qemu-img convert {v:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let _ = Command::new("sync").status();
     let d = t.elapsed();
@@ -127,7 +133,9 @@ async fn teardown_all(c: &Cluster, domain: &str) {
     for v in c.volumes(domain).await {
         let _ = c
             .storage()
-            .teardown_volume(spb::TeardownVolumeRequest { r#ref: v.r#ref.clone() })
+            .teardown_volume(spb::TeardownVolumeRequest {
+                r#ref: v.r#ref.clone(),
+            })
             .await;
     }
 }
@@ -187,7 +195,13 @@ async fn run() {
     c.commit(&vm).await;
     let active = c.active_snapshot(&vm).await;
     let dump = c
-        .volume(active.memory.as_ref().and_then(|m| m.dump.as_ref()).expect("memory"))
+        .volume(
+            active
+                .memory
+                .as_ref()
+                .and_then(|m| m.dump.as_ref())
+                .expect("memory"),
+        )
         .await;
     let capacity = dump.capacity_bytes;
     println!(
@@ -204,7 +218,9 @@ async fn run() {
     let sources = volumes_with_paths(&c, &c.file_domain).await;
     let scratch = PathBuf::from(
         c.storage()
-            .get_domain(spb::GetDomainRequest { domain_id: c.export_domain.clone() })
+            .get_domain(spb::GetDomainRequest {
+                domain_id: c.export_domain.clone(),
+            })
             .await
             .expect("GetDomain")
             .into_inner()
@@ -213,10 +229,20 @@ async fn run() {
             .location,
     )
     .with_file_name("bench-scratch");
-    let total: u64 = c.volumes(&c.file_domain).await.iter().map(|v| v.capacity_bytes).sum();
+    let total: u64 = c
+        .volumes(&c.file_domain)
+        .await
+        .iter()
+        .map(|v| v.capacity_bytes)
+        .sum();
     let base_export = median((0..RUNS).map(|_| qemu_img_copy(&sources, &scratch)).collect());
     teardown_all(&c, &c.file_domain).await;
-    report("export FILE -> export domain", median(exports), base_export, total);
+    report(
+        "export FILE -> export domain",
+        median(exports),
+        base_export,
+        total,
+    );
 
     // Import into FILE.
     let exported = volumes_with_paths(&c, &c.export_domain).await;
@@ -230,7 +256,12 @@ async fn run() {
             c.remove_vm(&vm).await;
         }
     }
-    report("import export domain -> FILE", median(imports), base_import, total);
+    report(
+        "import export domain -> FILE",
+        median(imports),
+        base_import,
+        total,
+    );
     // The imported VM resumes from its memory.
     let run = c.run_vm(&vm, false).await;
     run.assert_started_as(VmStatus::RestoringState);
@@ -243,8 +274,16 @@ async fn run() {
         imports.push(timed_import(&c, &vm, DomainKind::Block).await);
         c.remove_vm(&vm).await;
     }
-    report("import export domain -> BLOCK (LVM)", median(imports), base_import, total);
-    println!("(bytes counted: the virtual size of every copied volume, {} MiB)", total / MIB);
+    report(
+        "import export domain -> BLOCK (LVM)",
+        median(imports),
+        base_import,
+        total,
+    );
+    println!(
+        "(bytes counted: the virtual size of every copied volume, {} MiB)",
+        total / MIB
+    );
 }
 
 fn main() {

@@ -932,7 +932,13 @@ impl Cluster {
 
     /// [`Cluster::create_vm`] with this much RAM and this kernel command
     /// line (e.g. with `ramsnap.fill=<MiB>` for benchmark-size memory).
-    pub async fn create_vm_sized(&self, name: &str, kind: DomainKind, memory_bytes: u64, cmdline: &str) -> String {
+    pub async fn create_vm_sized(
+        &self,
+        name: &str,
+        kind: DomainKind,
+        memory_bytes: u64,
+        cmdline: &str,
+    ) -> String {
         self.step(&format!("CreateVm {name} on the {kind:?} domain"));
         let resp = self
             .vms()
@@ -1595,7 +1601,11 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| self.fail(&format!("ListExportedVms: {e}")))
             .into_inner();
-        assert!(r.unreadable.is_empty(), "unreadable descriptors: {:?}", r.unreadable);
+        assert!(
+            r.unreadable.is_empty(),
+            "unreadable descriptors: {:?}",
+            r.unreadable
+        );
         r.vms
             .into_iter()
             .find(|v| v.vm_id == vm_id)
@@ -1665,7 +1675,10 @@ impl Cluster {
             }
         }
         let op = self.succeed(resp.operation, "ImportVm").await;
-        assert_eq!(op.warnings, resp.warnings, "the operation's warnings are the response's");
+        assert_eq!(
+            op.warnings, resp.warnings,
+            "the operation's warnings are the response's"
+        );
         (op.result_vm_id, resp.warnings)
     }
 

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 use uuid::Uuid;
 
 pub type Forward<S> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<Value, Status>>;
@@ -467,7 +468,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 } else {
                     OperationState::Failed
                 };
-                let error = format!("{}: {}", code_name(status.code()), status.message());
+                let error = error_text(&status);
                 self.db
                     .finish_operation(cx.operation_id, state, Some(&error), None)
                     .await
@@ -511,8 +512,23 @@ fn has_fn(events: &[crate::db::SagaNodeEvent]) -> impl Fn(usize, SagaNodeEventTy
     }
 }
 
+/// The first precondition violation of a status: (type, subject).
+fn precondition(s: &Status) -> Option<(String, String)> {
+    s.get_error_details().precondition_failure().and_then(|p| {
+        p.violations
+            .first()
+            .map(|v| (v.r#type.clone(), v.subject.clone()))
+    })
+}
+
+/// A failed node's status as the log keeps it: code, message and the
+/// precondition kind, so that the operation still names it after a restart.
 fn status_to_json(s: &Status) -> Value {
-    serde_json::json!({"code": s.code() as i32, "message": s.message()})
+    let mut v = serde_json::json!({"code": s.code() as i32, "message": s.message()});
+    if let Some((kind, subject)) = precondition(s) {
+        v["precondition"] = serde_json::json!({"type": kind, "subject": subject});
+    }
+    v
 }
 
 fn status_from_json(v: Value) -> Status {
@@ -522,7 +538,24 @@ fn status_from_json(v: Value) -> Status {
         .and_then(|m| m.as_str())
         .unwrap_or("")
         .to_string();
-    Status::new(Code::from_i32(code), message)
+    let p = &v["precondition"];
+    match (p["type"].as_str(), p["subject"].as_str()) {
+        (Some(kind), Some(subject)) if code == Code::FailedPrecondition as i32 => {
+            ramsnap_common::status::failed_precondition(kind, subject, message)
+        }
+        _ => Status::new(Code::from_i32(code), message),
+    }
+}
+
+/// An operation's error text: "CODE: message", with the precondition kind
+/// first in the message ("FAILED_PRECONDITION: MEMORY_DUMP_CORRUPT: ...").
+fn error_text(s: &Status) -> String {
+    match precondition(s) {
+        Some((kind, _)) if !s.message().starts_with(&kind) => {
+            format!("{}: {kind}: {}", code_name(s.code()), s.message())
+        }
+        _ => format!("{}: {}", code_name(s.code()), s.message()),
+    }
 }
 
 /// The canonical upper-case name of a gRPC code ("FAILED_PRECONDITION").

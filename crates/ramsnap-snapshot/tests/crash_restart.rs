@@ -369,6 +369,12 @@ struct Shape {
     /// (label, parent's label, format, purpose, capacity) of every volume
     /// on the domain, by label.
     volumes: Vec<(usize, Option<usize>, i32, i32, u64)>,
+    /// The same of every volume on the export domain (an export keeps the
+    /// ids: a volume there has the label of its source).
+    exported: Vec<(usize, Option<usize>, i32, i32, u64)>,
+    /// (name, collapsed, snapshots, snapshots with memory) of every VM the
+    /// export domain holds, by name.
+    descriptors: Vec<(String, bool, usize, usize)>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -468,21 +474,49 @@ async fn shape(sim: &mut Env) -> Shape {
     for v in &inventory {
         labels.of(&v.r#ref.as_ref().unwrap().volume_id);
     }
-    let mut volumes: Vec<(usize, Option<usize>, i32, i32, u64)> = inventory
+    let mut exported = sim.export_volumes().await;
+    exported.sort_by(|a, b| {
+        (&a.description, a.purpose, a.capacity_bytes).cmp(&(&b.description, b.purpose, b.capacity_bytes))
+    });
+    for v in &exported {
+        labels.of(&v.r#ref.as_ref().unwrap().volume_id);
+    }
+    let described = |labels: &mut Labels, volumes: &[storage::Volume]| {
+        let mut out: Vec<(usize, Option<usize>, i32, i32, u64)> = volumes
+            .iter()
+            .map(|v| {
+                let parent = (!v.parent_volume_id.is_empty()).then(|| labels.of(&v.parent_volume_id));
+                (
+                    labels.of(&v.r#ref.as_ref().unwrap().volume_id),
+                    parent,
+                    v.format,
+                    v.purpose,
+                    v.capacity_bytes,
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let volumes = described(&mut labels, &inventory);
+    let exported = described(&mut labels, &exported);
+    let listed = sim.exported_vms().await;
+    assert!(listed.unreadable.is_empty(), "{listed:?}");
+    let mut descriptors: Vec<(String, bool, usize, usize)> = listed
+        .vms
         .iter()
-        .map(|v| {
-            let parent = (!v.parent_volume_id.is_empty()).then(|| labels.index[&v.parent_volume_id]);
-            (
-                labels.index[&v.r#ref.as_ref().unwrap().volume_id],
-                parent,
-                v.format,
-                v.purpose,
-                v.capacity_bytes,
-            )
+        .map(|e| {
+            let with_memory = e.snapshots.iter().filter(|s| s.has_memory).count();
+            (e.name.clone(), e.collapsed, e.snapshots.len(), with_memory)
         })
         .collect();
-    volumes.sort();
-    Shape { vms: out, volumes }
+    descriptors.sort();
+    Shape {
+        vms: out,
+        volumes,
+        exported,
+        descriptors,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -754,6 +788,96 @@ fn check_flow(saga: &str, c: &Scenario) {
             );
             assert_eq!(after.volumes, with(&before.volumes, &copies, &[]));
         }
+        "vm_export" => {
+            // A down VM, s1 and the ACTIVE snapshot sharing s1's memory.
+            assert_eq!(c.op.result_vm_id, c.vm);
+            assert_eq!(vm_row(after, SUBJECT).unwrap().2, pb::VmStatus::Down as i32);
+            assert_eq!(
+                snapshots_of(after, SUBJECT),
+                snapshots_of(before, SUBJECT),
+                "the source is unchanged"
+            );
+            assert_eq!(
+                after.volumes, before.volumes,
+                "the source's volumes are unchanged"
+            );
+            assert!(before.export.is_empty(), "{:?}", before.export);
+            // Every volume of the VM, ids kept (its chains and the memory,
+            // once), and the descriptor.
+            let mut expected = before.volumes.clone();
+            expected.insert(format!("ovf:{}", c.vm));
+            assert_eq!(after.export, expected);
+            assert_eq!(before.volumes.len(), 6, "4 disk volumes, 1 memory pair");
+            let dump = memory_volumes(active.unwrap())[0].clone();
+            let verified: Vec<&HostCall> = c
+                .calls
+                .iter()
+                .filter(|h| matches!(h, HostCall::Verify { .. }))
+                .collect();
+            assert!(!verified.is_empty(), "the memory was checksummed: {:?}", c.calls);
+            for v in verified {
+                let HostCall::Verify {
+                    dump: d,
+                    rebind_disk_domain_id,
+                    rebind_disks,
+                } = v
+                else {
+                    unreachable!()
+                };
+                assert_eq!(d.volume_id, dump, "{v:?}");
+                assert!(
+                    rebind_disk_domain_id.is_empty() && rebind_disks.is_empty(),
+                    "{v:?}"
+                );
+            }
+            assert!(!c.calls.iter().any(|h| matches!(h, HostCall::Run { .. })));
+        }
+        "vm_import" => {
+            // Exported, then removed: imported back with its ids.
+            assert!(before.vms.is_empty() && before.volumes.is_empty(), "{before:?}");
+            assert_eq!(c.op.result_vm_id, c.vm);
+            assert_eq!(vm_row(after, SUBJECT).unwrap().2, pb::VmStatus::Down as i32);
+            let snaps = snapshots_of(after, SUBJECT);
+            assert_eq!(snaps.len(), 2, "{snaps:?}");
+            assert!(snaps.iter().all(|s| s.has_memory), "{snaps:?}");
+            let (s1, active) = (by_id(after, c.snapshot).expect("s1"), active.expect("ACTIVE"));
+            assert_eq!(s1.r#type, pb::SnapshotType::Regular as i32);
+            assert_eq!(active.memory, s1.memory, "they share the memory again");
+            for (d, s) in active.disks.iter().zip(&s1.disks) {
+                let (d, s) = (d.volume.as_ref().unwrap(), s.volume.as_ref().unwrap());
+                assert_eq!(c.parents[&d.volume_id], s.volume_id, "the chains, layer by layer");
+            }
+            let exported: BTreeSet<String> = before
+                .export
+                .iter()
+                .filter(|v| !v.starts_with("ovf:"))
+                .cloned()
+                .collect();
+            assert_eq!(after.volumes, exported, "the exported volumes, ids kept");
+            assert_eq!(after.export, before.export, "the export is unchanged");
+            let dump = memory_volumes(s1)[0].clone();
+            let verified: Vec<&HostCall> = c
+                .calls
+                .iter()
+                .filter(|h| matches!(h, HostCall::Verify { .. }))
+                .collect();
+            assert!(!verified.is_empty(), "the memory was checksummed: {:?}", c.calls);
+            for v in verified {
+                let HostCall::Verify {
+                    dump: d,
+                    rebind_disk_domain_id,
+                    ..
+                } = v
+                else {
+                    unreachable!()
+                };
+                assert_eq!(d.volume_id, dump, "{v:?}");
+                assert_eq!(
+                    *rebind_disk_domain_id, d.domain_id,
+                    "rebound to the data domain: {v:?}"
+                );
+            }
+        }
         other => panic!("no end state for saga {other}"),
     }
     if !matches!(saga, "vm_create" | "vm_remove") {
@@ -906,11 +1030,21 @@ crash_tests!(sqlite => on_sqlite:
     snapshot_undo,
     snapshot_commit,
     vm_clone,
+    vm_export,
+    vm_import,
 );
 
-// The flows that drive the host, merge volumes and end a preview, on
-// PostgreSQL too.
-crash_tests!(postgres => on_postgres: snapshot_create, snapshot_remove, vm_run, snapshot_commit);
+// The flows that drive the host, merge volumes and end a preview, and the
+// export and import (they drive the host, and the import reserves its VM
+// row against concurrent imports), on PostgreSQL too.
+crash_tests!(postgres => on_postgres:
+    snapshot_create,
+    snapshot_remove,
+    vm_run,
+    snapshot_commit,
+    vm_export,
+    vm_import,
+);
 
 /// Every saga has its test on SQLite (a saga added later needs one).
 #[test]

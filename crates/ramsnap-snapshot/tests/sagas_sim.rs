@@ -20,12 +20,17 @@ use ramsnap_proto::storage::v1 as storage;
 use ramsnap_snapshot::app::App;
 use ramsnap_snapshot::db::Database;
 use ramsnap_snapshot::saga::{Executor, Failpoints};
+use ramsnap_snapshot::service::export::CLONE_MEMORY_WARNING;
 use ramsnap_snapshot::{sagas, status, Coordinator};
 use std::ops::{Deref, DerefMut};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{act, bad_field, memory_ref, precondition, serve, setup, state, Agents, Env, HostCall, MIB};
+use support::{
+    act, bad_field, memory_ref, precondition, precondition_subject, serve, setup, state, Agents, Env,
+    HostCall, MIB,
+};
 use tokio::sync::{oneshot, Notify};
 use tonic::Code;
 use uuid::Uuid;
@@ -1097,6 +1102,16 @@ async fn fault_at_every_node(saga_name: &str) {
             assert!(op.error_message.contains("injected failure"), "{what}: {op:?}");
             let after = state(&mut sim).await;
             assert_eq!(before, after, "{what}: not unwound cleanly");
+            match saga_name {
+                // Nothing of the export: no descriptor, no volume.
+                "vm_export" => assert!(after.export.is_empty(), "{what}: {:?}", after.export),
+                // Nothing of the import: no VM, no volume on the data domain.
+                "vm_import" => assert!(
+                    after.vms.is_empty() && after.volumes.is_empty(),
+                    "{what}: {after:?}"
+                ),
+                _ => {}
+            }
         } else {
             assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{what}: {op:?}");
             let after = state(&mut sim).await;
@@ -1106,6 +1121,7 @@ async fn fault_at_every_node(saga_name: &str) {
             );
         }
         sim.assert_no_orphans().await;
+        sim.assert_no_export_orphans().await;
     }
 }
 
@@ -1157,6 +1173,16 @@ async fn simulation_faults_snapshot_commit() {
 #[tokio::test]
 async fn simulation_faults_vm_clone() {
     fault_at_every_node("vm_clone").await;
+}
+
+#[tokio::test]
+async fn simulation_faults_vm_export() {
+    fault_at_every_node("vm_export").await;
+}
+
+#[tokio::test]
+async fn simulation_faults_vm_import() {
+    fault_at_every_node("vm_import").await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1213,4 +1239,984 @@ async fn simulation_export_remove_import_keeps_every_memory() {
     assert_eq!(statuses[0], pb::VmStatus::RestoringState, "{statuses:?}");
     sim.stop(&vm).await;
     sim.assert_no_orphans().await;
+}
+
+/// The same volume on another domain (export and import keep the ids).
+fn on_domain(r: &common::VolumeRef, domain_id: &str) -> common::VolumeRef {
+    common::VolumeRef {
+        domain_id: domain_id.into(),
+        ..r.clone()
+    }
+}
+
+/// The volumes a snapshot's disks point at, in disk order.
+fn disk_refs(s: &pb::Snapshot) -> Vec<common::VolumeRef> {
+    s.disks.iter().map(|d| d.volume.clone().unwrap()).collect()
+}
+
+/// The volume of that ref in a listing.
+fn find<'a>(volumes: &'a [storage::Volume], r: &common::VolumeRef) -> &'a storage::Volume {
+    volumes
+        .iter()
+        .find(|v| v.r#ref.as_ref() == Some(r))
+        .unwrap_or_else(|| panic!("no volume {r:?} in {volumes:#?}"))
+}
+
+/// An ImportVm of `vm_id` into this environment's cluster and data domain.
+fn import_req(sim: &Sim, vm_id: &str) -> pb::ImportVmRequest {
+    pb::ImportVmRequest {
+        request_id: Uuid::new_v4().to_string(),
+        export_domain_id: sim.export_domain.clone(),
+        vm_id: vm_id.into(),
+        cluster_id: sim.cluster_id.clone(),
+        target_domain_id: sim.domain.clone(),
+        as_clone: false,
+        collapse_snapshots: false,
+        name: String::new(),
+    }
+}
+
+fn export_req(sim: &Sim, vm_id: &str) -> pb::ExportVmRequest {
+    pb::ExportVmRequest {
+        request_id: Uuid::new_v4().to_string(),
+        vm_id: vm_id.into(),
+        export_domain_id: sim.export_domain.clone(),
+        collapse_snapshots: false,
+        force_override: false,
+    }
+}
+
+/// Export-Import test case 5: exported with "collapse snapshots", removed,
+/// imported: only the ACTIVE snapshot, with its memory, and the first run
+/// restores it.
+#[tokio::test]
+async fn simulation_export_collapsed_then_import_restores_the_active_memory() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("collapsed").await;
+    let active = sim.active(&vm).await;
+    let op = sim.export_vm(&vm, true, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    assert_eq!(op.kind, "export_vm");
+    let progress = op.progress.unwrap();
+    assert!(progress.total_bytes >= (32 + 48) * MIB, "{progress:?}");
+    assert_eq!(progress.processed_bytes, progress.total_bytes);
+    let v = sim.vm(&vm).await;
+    assert_eq!(v.status, pb::VmStatus::Down as i32);
+    assert!(v.locked_by_operation_id.is_empty());
+
+    let listed = sim.exported_vms().await;
+    assert!(listed.unreadable.is_empty(), "{listed:?}");
+    assert_eq!(listed.vms.len(), 1, "{listed:?}");
+    let e = &listed.vms[0];
+    assert_eq!((e.vm_id.as_str(), e.name.as_str()), (vm.as_str(), "collapsed"));
+    assert!(e.collapsed);
+    assert_eq!(e.disk_count, 2);
+    assert_eq!(e.compatibility_version, "3.3");
+    assert_eq!(e.snapshots.len(), 1, "{e:?}");
+    assert_eq!(e.snapshots[0].snapshot_id, active.snapshot_id);
+    assert_eq!(e.snapshots[0].r#type, pb::SnapshotType::Active as i32);
+    assert!(e.snapshots[0].has_memory);
+
+    // One volume per disk (the leaf's ids), without parent, and the memory.
+    let exported = sim.export_volumes().await;
+    assert_eq!(exported.len(), 4, "{exported:#?}");
+    let collapsed: Vec<common::VolumeRef> = disk_refs(&active)
+        .iter()
+        .map(|r| on_domain(r, &sim.export_domain))
+        .collect();
+    for r in &collapsed {
+        assert!(find(&exported, r).parent_volume_id.is_empty());
+    }
+    let memory = memory_ref(&active);
+    let dump = memory.dump.clone().unwrap();
+    find(&exported, &on_domain(&dump, &sim.export_domain));
+    find(
+        &exported,
+        &on_domain(memory.metadata.as_ref().unwrap(), &sim.export_domain),
+    );
+    sim.assert_no_export_orphans().await;
+    // Checksummed there, its metadata rebound to the collapsed volumes.
+    let verified = sim.host.verifies_on(&sim.export_domain);
+    assert_eq!(verified.len(), 1, "{verified:?}");
+    assert_eq!(verified[0].0, on_domain(&dump, &sim.export_domain));
+    assert!(verified[0].1.is_empty(), "{verified:?}");
+    assert_eq!(verified[0].2, collapsed);
+
+    sim.remove_vm(&vm).await;
+    assert!(sim.inventory().await.is_empty());
+    let r = sim.import_vm_call(&vm, false, false, "").await.unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let op = sim.ok(r.operation).await;
+    assert_eq!(
+        (op.kind.as_str(), op.result_vm_id.as_str()),
+        ("import_vm", vm.as_str())
+    );
+    assert_eq!(op.progress, Some(progress), "the same copies back");
+    let snaps = sim.snapshots(&vm).await;
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].snapshot_id, active.snapshot_id);
+    assert_eq!(snaps[0].r#type, pb::SnapshotType::Active as i32);
+    assert!(snaps[0].has_memory);
+    assert_eq!(snaps[0].memory, active.memory, "the same ids, on the data domain");
+    assert_eq!(disk_refs(&snaps[0]), disk_refs(&active));
+    let volumes = sim.inventory().await;
+    assert_eq!(volumes.len(), 4, "{volumes:#?}");
+    for r in disk_refs(&active) {
+        assert!(find(&volumes, &r).parent_volume_id.is_empty());
+    }
+    // Checksummed on the data domain; already rebound at export, it only
+    // moves to the data domain.
+    let verified = sim.host.verifies_on(&sim.domain);
+    assert_eq!(verified.len(), 1, "{verified:?}");
+    assert_eq!(verified[0].0, dump);
+    assert_eq!(verified[0].1, sim.domain);
+    assert!(verified[0].2.is_empty(), "{verified:?}");
+    sim.assert_no_orphans().await;
+
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses, vec![pb::VmStatus::RestoringState, pb::VmStatus::Up]);
+    let HostCall::Run {
+        restore_memory,
+        disks,
+        ..
+    } = sim.host.last_run(&vm)
+    else {
+        unreachable!()
+    };
+    assert_eq!(restore_memory, active.memory);
+    assert_eq!(disks, disk_refs(&active));
+    sim.stop(&vm).await;
+    sim.assert_no_orphans().await;
+}
+
+/// Export-Import test case 6: a full export imported with "collapse
+/// snapshots": only the ACTIVE snapshot, with its memory, rebound to the
+/// collapsed volumes.
+#[tokio::test]
+async fn simulation_full_export_imported_collapsed_restores_the_active_memory() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, s1) = sim.committed_memory_vm("collapse-on-import").await;
+    let active = sim.active(&vm).await;
+    let s1_snap = sim.get_snapshot(&s1).await.unwrap();
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let listed = sim.exported_vms().await;
+    assert_eq!(listed.vms.len(), 1, "{listed:?}");
+    assert!(!listed.vms[0].collapsed);
+    assert_eq!(listed.vms[0].snapshots.len(), 2);
+    assert!(listed.vms[0].snapshots.iter().all(|s| s.has_memory));
+    // The chains, layer by layer: the ACTIVE's leaves over s1's volumes.
+    let exported = sim.export_volumes().await;
+    assert_eq!(exported.len(), 6, "{exported:#?}");
+    for (leaf, base) in disk_refs(&active).iter().zip(disk_refs(&s1_snap)) {
+        let v = find(&exported, &on_domain(leaf, &sim.export_domain));
+        assert_eq!(v.parent_volume_id, base.volume_id);
+    }
+    let verified = sim.host.verifies_on(&sim.export_domain);
+    assert_eq!(verified.len(), 1, "one memory, shared: {verified:?}");
+    assert!(
+        verified[0].2.is_empty() && verified[0].1.is_empty(),
+        "{verified:?}"
+    );
+
+    sim.remove_vm(&vm).await;
+    let r = sim.import_vm_call(&vm, false, true, "").await.unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    sim.ok(r.operation).await;
+    let snaps = sim.snapshots(&vm).await;
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].r#type, pb::SnapshotType::Active as i32);
+    assert_eq!(snaps[0].snapshot_id, active.snapshot_id);
+    assert_eq!(snaps[0].memory, active.memory);
+    let collapsed = disk_refs(&active);
+    assert_eq!(disk_refs(&snaps[0]), collapsed);
+    let volumes = sim.inventory().await;
+    assert_eq!(
+        volumes.len(),
+        4,
+        "two disks of one volume each, and the memory: {volumes:#?}"
+    );
+    let imported = sim.vm(&vm).await;
+    for d in &imported.disks {
+        let chain: Vec<&storage::Volume> = volumes
+            .iter()
+            .filter(|v| v.r#ref.as_ref().unwrap().image_id == d.image_id)
+            .collect();
+        assert_eq!(chain.len(), 1, "{chain:#?}");
+        assert!(chain[0].parent_volume_id.is_empty());
+        assert_eq!(chain[0].r#ref.as_ref().unwrap().volume_id, d.leaf_volume_id);
+    }
+    // Rebound to the collapsed volumes on the data domain.
+    let verified = sim.host.verifies_on(&sim.domain);
+    assert_eq!(verified.len(), 1, "{verified:?}");
+    assert_eq!(verified[0].0, memory_ref(&active).dump.unwrap());
+    assert!(verified[0].1.is_empty(), "{verified:?}");
+    assert_eq!(verified[0].2, collapsed);
+    sim.assert_no_orphans().await;
+
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses, vec![pb::VmStatus::RestoringState, pb::VmStatus::Up]);
+    let HostCall::Run { restore_memory, .. } = sim.host.last_run(&vm) else {
+        unreachable!()
+    };
+    assert_eq!(restore_memory, active.memory);
+    sim.stop(&vm).await;
+    sim.assert_no_orphans().await;
+}
+
+/// Export-Import test case 2: the VM still exists, so only a clone can be
+/// imported: new ids, the ACTIVE snapshot only, no memory (with the
+/// warning), and it boots. The original is untouched.
+#[tokio::test]
+async fn simulation_import_as_clone_warns_and_boots() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("original").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let original = sim.vm(&vm).await;
+    let original_snaps = sim.snapshots(&vm).await;
+    let original_volumes = sim.volume_ids().await;
+    let exported = sim.export_inventory().await;
+
+    // The exported name is taken by the original.
+    let err = sim.import_vm_call(&vm, true, false, "").await.unwrap_err();
+    assert_eq!(
+        (err.code(), precondition(&err).as_str()),
+        (Code::FailedPrecondition, "VM_NAME_IN_USE")
+    );
+    let r = sim.import_vm_call(&vm, true, false, "the-clone").await.unwrap();
+    assert_eq!(r.warnings, vec![CLONE_MEMORY_WARNING.to_string()]);
+    let op = sim.ok(r.operation).await;
+    assert_eq!(op.kind, "import_vm");
+    assert_eq!(op.warnings, r.warnings);
+    let clone = op.result_vm_id.clone();
+    assert!(!clone.is_empty() && clone != vm, "{op:?}");
+    let c = sim.vm(&clone).await;
+    assert_eq!(c.name, "the-clone");
+    assert_eq!(c.status, pb::VmStatus::Down as i32);
+    assert!(c.locked_by_operation_id.is_empty());
+    assert_eq!((c.memory_bytes, c.vcpus), (original.memory_bytes, original.vcpus));
+    let capacities = |v: &pb::Vm| v.disks.iter().map(|d| d.capacity_bytes).collect::<Vec<_>>();
+    assert_eq!(
+        capacities(&c),
+        capacities(&original),
+        "the disks keep their order"
+    );
+    let snaps = sim.snapshots(&clone).await;
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].r#type, pb::SnapshotType::Active as i32);
+    assert!(!snaps[0].has_memory);
+    assert!(original_snaps
+        .iter()
+        .all(|s| s.snapshot_id != snaps[0].snapshot_id));
+    // New disks, images and volumes: one standalone volume each.
+    let volumes = sim.inventory().await;
+    for d in &c.disks {
+        assert!(original
+            .disks
+            .iter()
+            .all(|o| o.disk_id != d.disk_id && o.image_id != d.image_id));
+        assert!(!original_volumes.contains(&d.leaf_volume_id));
+        let chain: Vec<&storage::Volume> = volumes
+            .iter()
+            .filter(|v| v.r#ref.as_ref().unwrap().image_id == d.image_id)
+            .collect();
+        assert_eq!(chain.len(), 1, "{chain:#?}");
+        assert!(chain[0].parent_volume_id.is_empty());
+    }
+    assert_eq!(volumes.len(), original_volumes.len() + 2, "no memory copied");
+    assert!(sim.host.verifies_on(&sim.domain).is_empty());
+    // The original and the export are untouched.
+    assert_eq!(sim.vm(&vm).await, original);
+    assert_eq!(sim.snapshots(&vm).await, original_snaps);
+    assert!(original_volumes.is_subset(&sim.volume_ids().await));
+    assert_eq!(sim.export_inventory().await, exported);
+    sim.assert_no_orphans().await;
+
+    let statuses = sim.run(&clone, false).await;
+    assert_eq!(statuses, vec![pb::VmStatus::PoweringUp, pb::VmStatus::Up]);
+    let HostCall::Run { restore_memory, .. } = sim.host.last_run(&clone) else {
+        unreachable!()
+    };
+    assert!(restore_memory.is_none());
+    sim.stop(&clone).await;
+    // The original still restores its own memory.
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses[0], pb::VmStatus::RestoringState, "{statuses:?}");
+    sim.stop(&vm).await;
+    sim.assert_no_orphans().await;
+}
+
+/// An import into a cluster below 3.3 brings the snapshots without their
+/// memory, with a warning; the VM boots.
+#[tokio::test]
+async fn simulation_import_below_3_3_drops_the_memory_with_a_warning() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("to-legacy").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    // A 3.2 cluster, its host the same simulated agents.
+    let legacy = sim
+        .clusters
+        .create_cluster(pb::CreateClusterRequest {
+            request_id: String::new(),
+            name: "legacy".into(),
+            compatibility_version: "3.2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster
+        .unwrap();
+    assert!(!legacy.memory_snapshots_supported);
+    let agent = sim.agent_addr.clone();
+    sim.clusters
+        .add_host(pb::AddHostRequest {
+            request_id: String::new(),
+            name: "sim-host-legacy".into(),
+            cluster_id: legacy.cluster_id.clone(),
+            host_address: agent.clone(),
+            storage_address: agent,
+        })
+        .await
+        .unwrap();
+    let exported = sim.export_inventory().await;
+
+    let req = pb::ImportVmRequest {
+        cluster_id: legacy.cluster_id.clone(),
+        ..import_req(&sim, &vm)
+    };
+    let r = sim.vms.import_vm(req).await.unwrap().into_inner();
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(r.warnings[0].contains("3.3"), "{:?}", r.warnings);
+    let op = sim.ok(r.operation).await;
+    assert_eq!(op.warnings, r.warnings);
+    assert_eq!(sim.vm(&vm).await.cluster_id, legacy.cluster_id);
+    let snaps = sim.snapshots(&vm).await;
+    assert_eq!(snaps.len(), 2, "every snapshot, without memory: {snaps:?}");
+    assert!(
+        snaps.iter().all(|s| !s.has_memory && s.memory.is_none()),
+        "{snaps:?}"
+    );
+    assert_eq!(
+        sim.inventory().await.len(),
+        4,
+        "the disks' chains, no memory volume"
+    );
+    assert!(sim.host.verifies_on(&sim.domain).is_empty());
+    assert_eq!(sim.export_inventory().await, exported);
+    sim.assert_no_orphans().await;
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses, vec![pb::VmStatus::PoweringUp, pb::VmStatus::Up]);
+    sim.stop(&vm).await;
+    sim.assert_no_orphans().await;
+}
+
+/// ExportVm's refusals, each leaving everything as it was.
+#[tokio::test]
+async fn simulation_export_refusals_leave_nothing_behind() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, s1) = sim.committed_memory_vm("refused").await;
+    let before = state(&mut sim).await;
+    let data_domain = sim.domain.clone();
+    let req = pb::ExportVmRequest {
+        export_domain_id: data_domain,
+        ..export_req(&sim, &vm)
+    };
+    let err = sim.vms.export_vm(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), precondition(&err).as_str()),
+        (Code::FailedPrecondition, "NOT_AN_EXPORT_DOMAIN")
+    );
+    type Edit = fn(&mut pb::ExportVmRequest);
+    let invalid: [(Edit, &str); 4] = [
+        (|r| r.vm_id = "nope".into(), "vm_id"),
+        (|r| r.vm_id.clear(), "vm_id"),
+        (|r| r.export_domain_id = "nope".into(), "export_domain_id"),
+        (|r| r.request_id = "nope".into(), "request_id"),
+    ];
+    for (edit, field) in invalid {
+        let mut req = export_req(&sim, &vm);
+        edit(&mut req);
+        let err = sim.vms.export_vm(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert_eq!(bad_field(&err), field, "{err:?}");
+    }
+    for (what, req) in [
+        (
+            "unknown export domain",
+            pb::ExportVmRequest {
+                export_domain_id: Uuid::new_v4().to_string(),
+                ..export_req(&sim, &vm)
+            },
+        ),
+        ("unknown VM", export_req(&sim, &Uuid::new_v4().to_string())),
+    ] {
+        let err = sim.vms.export_vm(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{what}: {err:?}");
+    }
+    // ListExportedVms answers for export domains only.
+    let data_domain = sim.domain.clone();
+    for (id, code) in [
+        (data_domain, Code::FailedPrecondition),
+        (Uuid::new_v4().to_string(), Code::NotFound),
+        ("nope".to_string(), Code::InvalidArgument),
+    ] {
+        let err = sim
+            .vms
+            .list_exported_vms(pb::ListExportedVmsRequest {
+                export_domain_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{id}: {err:?}");
+        if code == Code::FailedPrecondition {
+            assert_eq!(precondition(&err), "NOT_AN_EXPORT_DOMAIN");
+        }
+    }
+    assert_eq!(state(&mut sim).await, before);
+
+    // In preview.
+    sim.preview(&vm, &s1, true).await;
+    let before = state(&mut sim).await;
+    let req = export_req(&sim, &vm);
+    let err = sim.vms.export_vm(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), precondition(&err).as_str()),
+        (Code::FailedPrecondition, "VM_IN_PREVIEW")
+    );
+    assert_eq!(state(&mut sim).await, before);
+    sim.undo(&vm).await;
+
+    // Running.
+    sim.run(&vm, false).await;
+    let before = state(&mut sim).await;
+    let req = export_req(&sim, &vm);
+    let err = sim.vms.export_vm(req).await.unwrap_err();
+    assert_eq!(
+        (err.code(), precondition(&err).as_str()),
+        (Code::FailedPrecondition, "VM_NOT_DOWN")
+    );
+    assert_eq!(state(&mut sim).await, before);
+    assert!(before.export.is_empty());
+    sim.stop(&vm).await;
+    sim.assert_no_orphans().await;
+}
+
+/// ImportVm's refusals of bad requests, each leaving everything as it was.
+#[tokio::test]
+async fn simulation_import_refusals_leave_nothing_behind() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("refused").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let before = state(&mut sim).await;
+    assert!(before.vms.is_empty() && before.volumes.is_empty());
+
+    type Edit = fn(&mut pb::ImportVmRequest);
+    let invalid: [(Edit, &str); 7] = [
+        (|r| r.export_domain_id = "nope".into(), "export_domain_id"),
+        (|r| r.vm_id = "nope".into(), "vm_id"),
+        (|r| r.vm_id.clear(), "vm_id"),
+        (|r| r.cluster_id = "nope".into(), "cluster_id"),
+        (|r| r.target_domain_id = "nope".into(), "target_domain_id"),
+        (|r| r.request_id = "nope".into(), "request_id"),
+        (|r| r.name = "two\nlines".into(), "name"),
+    ];
+    for (edit, field) in invalid {
+        let mut req = import_req(&sim, &vm);
+        edit(&mut req);
+        let err = sim.vms.import_vm(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert_eq!(bad_field(&err), field, "{err:?}");
+    }
+    let unknown = Uuid::new_v4().to_string();
+    type Target = fn(&mut pb::ImportVmRequest, String);
+    let not_found: [(Target, &str); 4] = [
+        (|r, id| r.export_domain_id = id, "export domain"),
+        (|r, id| r.cluster_id = id, "cluster"),
+        (|r, id| r.target_domain_id = id, "target domain"),
+        (|r, id| r.vm_id = id, "VM not on the export domain"),
+    ];
+    for (edit, what) in not_found {
+        let mut req = import_req(&sim, &vm);
+        edit(&mut req, unknown.clone());
+        let err = sim.vms.import_vm(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{what}: {err:?}");
+    }
+    // The data domain is no export domain.
+    let data_domain = sim.domain.clone();
+    let req = pb::ImportVmRequest {
+        export_domain_id: data_domain,
+        ..import_req(&sim, &vm)
+    };
+    let err = sim.vms.import_vm(req).await.unwrap_err();
+    assert_eq!(precondition(&err), "NOT_AN_EXPORT_DOMAIN", "{err:?}");
+    assert_eq!(state(&mut sim).await, before);
+
+    // The export domain is no data domain: refused as the call's answer,
+    // as every other bad input is.
+    let export_domain = sim.export_domain.clone();
+    let req = pb::ImportVmRequest {
+        target_domain_id: export_domain,
+        ..import_req(&sim, &vm)
+    };
+    match sim.vms.import_vm(req).await {
+        Err(err) => assert_eq!(
+            (err.code(), precondition(&err).as_str()),
+            (Code::FailedPrecondition, "NOT_A_DATA_DOMAIN"),
+            "{err:?}"
+        ),
+        Ok(r) => {
+            let op = sim.wait(r.into_inner().operation).await;
+            assert_eq!(state(&mut sim).await, before, "{op:?}");
+            panic!("ImportVm into the export domain was accepted; its operation: {op:?}");
+        }
+    }
+    assert_eq!(state(&mut sim).await, before);
+    sim.assert_no_export_orphans().await;
+}
+
+/// Descriptors that cannot be imported: OVF_INVALID (not XML, not an OVF,
+/// another VM's), OVF_FILE_MISSING (a volume it names is gone).
+#[tokio::test]
+async fn simulation_import_refuses_invalid_and_incomplete_exports() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("exported").await;
+    let active = sim.active(&vm).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let export_domain = sim.export_domain.clone();
+    let real = sim
+        .storage
+        .get_vm_descriptor(storage::GetVmDescriptorRequest {
+            domain_id: export_domain.clone(),
+            vm_id: vm.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptor
+        .unwrap()
+        .ovf;
+    let documents = [
+        ("not XML", "garbage <<< not xml".to_string()),
+        (
+            "an empty envelope",
+            format!(
+                "<?xml version=\"1.0\"?><ovf:Envelope xmlns:ovf=\"{}\"/>",
+                ramsnap_snapshot::ovf::OVF_NS
+            ),
+        ),
+        ("another VM's descriptor", real),
+    ];
+    let mut bad = Vec::new();
+    for (what, ovf) in documents {
+        let id = Uuid::new_v4().to_string();
+        sim.storage
+            .put_vm_descriptor(storage::PutVmDescriptorRequest {
+                domain_id: export_domain.clone(),
+                vm_id: id.clone(),
+                ovf,
+            })
+            .await
+            .unwrap();
+        bad.push((what, id));
+    }
+    let listed = sim.exported_vms().await;
+    // A descriptor stored under another VM's id is as unreadable as garbage.
+    assert_eq!(listed.unreadable.len(), 3, "{listed:?}");
+    for (_, id) in &bad {
+        assert!(
+            listed.unreadable.iter().any(|u| u.starts_with(id.as_str())),
+            "{listed:?}"
+        );
+    }
+    let before = state(&mut sim).await;
+    for (what, id) in &bad {
+        for as_clone in [false, true] {
+            let req = pb::ImportVmRequest {
+                as_clone,
+                name: "imported".into(),
+                ..import_req(&sim, id)
+            };
+            let err = sim.vms.import_vm(req).await.unwrap_err();
+            assert_eq!(
+                (err.code(), precondition(&err).as_str()),
+                (Code::FailedPrecondition, "OVF_INVALID"),
+                "{what} (as a clone: {as_clone}): {err:?}"
+            );
+        }
+    }
+    assert_eq!(state(&mut sim).await, before);
+    for (_, id) in &bad {
+        sim.storage
+            .delete_vm_descriptor(storage::DeleteVmDescriptorRequest {
+                domain_id: export_domain.clone(),
+                vm_id: id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+
+    // A leaf of the export deleted: OVF_FILE_MISSING, naming it.
+    sim.remove_vm(&vm).await;
+    let gone = on_domain(&disk_refs(&active)[0], &export_domain);
+    sim.storage
+        .delete_volume(storage::DeleteVolumeRequest {
+            request_id: Uuid::new_v4().to_string(),
+            r#ref: Some(gone.clone()),
+        })
+        .await
+        .unwrap();
+    let before = state(&mut sim).await;
+    for as_clone in [false, true] {
+        let err = sim.import_vm_call(&vm, as_clone, false, "").await.unwrap_err();
+        assert_eq!(
+            (err.code(), precondition(&err).as_str()),
+            (Code::FailedPrecondition, "OVF_FILE_MISSING"),
+            "as a clone: {as_clone}: {err:?}"
+        );
+        assert!(err.message().contains(&gone.volume_id), "{err:?}");
+        assert!(precondition_subject(&err).contains(&gone.volume_id), "{err:?}");
+    }
+    assert_eq!(state(&mut sim).await, before);
+    assert!(before.vms.is_empty() && before.volumes.is_empty());
+}
+
+/// Writes non-zero bytes at the end of a dump, as a guest's RAM fills it
+/// (so that a dump cut short checksums differently).
+async fn fill_dump_tail(sim: &mut Sim, dump: &common::VolumeRef) {
+    let path = prepare(sim, dump).await;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let len = f.metadata().unwrap().len();
+    assert!(len >= 1 << 20, "a dump of {len} bytes");
+    f.write_all_at(&[0x5a; 65536], len - 65536).unwrap();
+    f.sync_all().unwrap();
+    teardown(sim, dump).await;
+}
+
+/// Inverts the byte at `offset` of a volume's file.
+async fn flip_byte(sim: &mut Sim, r: &common::VolumeRef, offset: u64) {
+    let path = prepare(sim, r).await;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[!b[0]], offset).unwrap();
+    f.sync_all().unwrap();
+    teardown(sim, r).await;
+}
+
+/// A VM exported (its dump filled with data first), then removed; the
+/// exported dump's ref.
+async fn exported_and_removed(sim: &mut Sim, name: &str) -> (String, common::VolumeRef) {
+    let (vm, _s1) = sim.committed_memory_vm(name).await;
+    let dump = memory_ref(&sim.active(&vm).await).dump.unwrap();
+    fill_dump_tail(sim, &dump).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let export_domain = sim.export_domain.clone();
+    (vm, on_domain(&dump, &export_domain))
+}
+
+/// An import whose dump does not match the descriptor's checksum fails as
+/// a whole and unwinds: nothing of it remains.
+async fn import_fails_corrupt(sim: &mut Sim, vm: &str, dump: &common::VolumeRef) {
+    let before = state(sim).await;
+    let calls = sim.host.calls().len();
+    let r = sim.import_vm_call(vm, false, false, "").await.unwrap();
+    let op = sim.wait(r.operation).await;
+    assert_eq!(op.state, pb::OperationState::Failed as i32, "{op:?}");
+    assert_eq!(op.error_code, "FAILED_PRECONDITION", "{op:?}");
+    // The operation's message starts with the precondition's kind and
+    // names the corrupt dump.
+    assert!(
+        op.error_message.starts_with("MEMORY_DUMP_CORRUPT: ") && op.error_message.contains(&dump.volume_id),
+        "{op:?}"
+    );
+    assert_eq!(state(sim).await, before, "the import did not unwind");
+    let err = sim
+        .vms
+        .get_vm(pb::GetVmRequest { vm_id: vm.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(sim.inventory().await.is_empty());
+    // The host was asked to checksum the copy, nothing else.
+    let asked = sim.host.calls()[calls..].to_vec();
+    assert!(
+        asked.iter().all(|c| matches!(c, HostCall::Verify { .. })),
+        "{asked:?}"
+    );
+}
+
+#[tokio::test]
+async fn simulation_import_of_a_corrupt_dump_unwinds() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, dump) = exported_and_removed(&mut sim, "corrupt").await;
+    flip_byte(&mut sim, &dump, 4096).await;
+    import_fails_corrupt(&mut sim, &vm, &dump).await;
+    // Put back, it imports with both memories, and restores.
+    flip_byte(&mut sim, &dump, 4096).await;
+    let r = sim.import_vm_call(&vm, false, false, "").await.unwrap();
+    sim.ok(r.operation).await;
+    let snaps = sim.snapshots(&vm).await;
+    assert_eq!(snaps.iter().filter(|s| s.has_memory).count(), 2, "{snaps:?}");
+    sim.assert_no_orphans().await;
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses[0], pb::VmStatus::RestoringState, "{statuses:?}");
+    sim.stop(&vm).await;
+}
+
+#[tokio::test]
+async fn simulation_import_of_a_truncated_dump_unwinds() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, dump) = exported_and_removed(&mut sim, "truncated").await;
+    let path = prepare(&mut sim, &dump).await;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+    f.sync_all().unwrap();
+    teardown(&mut sim, &dump).await;
+    import_fails_corrupt(&mut sim, &vm, &dump).await;
+    // As a clone (no memory), the disks import.
+    let r = sim.import_vm_call(&vm, true, false, "").await.unwrap();
+    let op = sim.ok(r.operation).await;
+    assert_eq!(sim.snapshots(&op.result_vm_id).await.len(), 1);
+    sim.assert_no_orphans().await;
+}
+
+/// force_override replaces an earlier export: one descriptor, and the
+/// volumes of the new export only.
+#[tokio::test]
+async fn simulation_export_force_override_replaces_the_earlier_export() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, s1) = sim.committed_memory_vm("twice").await;
+    let s1_snap = sim.get_snapshot(&s1).await.unwrap();
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let single = sim.export_inventory().await;
+    let op = sim.export_vm(&vm, false, true).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    assert_eq!(sim.export_inventory().await, single);
+    assert_eq!(sim.descriptors().await.len(), 1);
+    assert_eq!(sim.exported_vms().await.vms.len(), 1);
+    sim.assert_no_export_orphans().await;
+
+    // The VM changes: a new snapshot, and s1 removed (its volumes merged
+    // into their children).
+    let s2 = sim.snapshot(&vm, false, "s2").await;
+    let op = sim.remove_snapshot(&vm, &s1).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let stale: Vec<String> = disk_refs(&s1_snap).into_iter().map(|r| r.volume_id).collect();
+    let err = sim.export_vm(&vm, false, false).await.unwrap_err();
+    assert_eq!(precondition(&err), "VM_ALREADY_EXPORTED");
+    let op = sim.export_vm(&vm, false, true).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let now = sim.export_inventory().await;
+    for v in &stale {
+        assert!(!now.contains(v), "{v} is no longer the VM's: {now:?}");
+    }
+    let mut expected = sim.volume_ids().await;
+    expected.insert(format!("ovf:{vm}"));
+    assert_eq!(now, expected, "exactly the VM's volumes now");
+    let listed = sim.exported_vms().await;
+    assert_eq!(listed.vms.len(), 1);
+    let snaps: Vec<(String, bool)> = listed.vms[0]
+        .snapshots
+        .iter()
+        .map(|s| (s.snapshot_id.clone(), s.has_memory))
+        .collect();
+    let active = sim.active(&vm).await;
+    assert_eq!(snaps, vec![(active.snapshot_id.clone(), true), (s2, false)]);
+    sim.assert_no_export_orphans().await;
+    // It imports as it is now.
+    let before = sim.snapshots(&vm).await;
+    sim.remove_vm(&vm).await;
+    let r = sim.import_vm_call(&vm, false, false, "").await.unwrap();
+    sim.ok(r.operation).await;
+    assert_eq!(sim.snapshots(&vm).await, before);
+    sim.assert_no_orphans().await;
+}
+
+/// force_override deletes the earlier export first, and that deletion is
+/// not undone: a replacing export that fails leaves no export of the VM
+/// (neither the earlier one nor part of the new one) and the VM as it was.
+#[tokio::test]
+async fn simulation_failed_force_override_leaves_no_export() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("replaced").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.restart_coordinator("vm_export.copy_memories=error").await;
+    let before = state(&mut sim).await;
+    assert!(!before.export.is_empty());
+    let op = sim.export_vm(&vm, false, true).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Failed as i32, "{op:?}");
+    assert!(op.error_message.contains("injected failure"), "{op:?}");
+    let after = state(&mut sim).await;
+    assert!(after.export.is_empty(), "{:?}", after.export);
+    assert_eq!(
+        (&after.vms, &after.snapshots, &after.volumes),
+        (&before.vms, &before.snapshots, &before.volumes)
+    );
+    assert!(sim.exported_vms().await.vms.is_empty());
+    // Nothing is on the domain: a plain export goes through.
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.assert_no_export_orphans().await;
+    sim.assert_no_orphans().await;
+}
+
+#[tokio::test]
+async fn simulation_export_and_import_retries_return_the_same_operation() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("retried").await;
+    let req = export_req(&sim, &vm);
+    let a = sim
+        .vms
+        .export_vm(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    let b = sim
+        .vms
+        .export_vm(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    assert_eq!(a.operation_id, b.operation_id);
+    sim.ok(Some(a.clone())).await;
+    // After the end too (the VM is exported now: still the same operation).
+    let c = sim
+        .vms
+        .export_vm(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    assert_eq!(c.operation_id, a.operation_id);
+    assert_eq!(c.state, pb::OperationState::Succeeded as i32);
+    assert_eq!(sim.host.verifies_on(&sim.export_domain).len(), 1, "exported once");
+    assert_eq!(sim.descriptors().await.len(), 1);
+
+    sim.remove_vm(&vm).await;
+    let ireq = import_req(&sim, &vm);
+    let x = sim.vms.import_vm(ireq.clone()).await.unwrap().into_inner();
+    let y = sim.vms.import_vm(ireq.clone()).await.unwrap().into_inner();
+    let x = x.operation.unwrap();
+    assert_eq!(x.operation_id, y.operation.unwrap().operation_id);
+    let done = sim.ok(Some(x.clone())).await;
+    // After the end (the VM exists now: still the same operation).
+    let z = sim
+        .vms
+        .import_vm(ireq)
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    assert_eq!(z.operation_id, x.operation_id);
+    assert_eq!(z.result_vm_id, done.result_vm_id);
+    assert_eq!(sim.host.verifies_on(&sim.domain).len(), 1, "imported once");
+    assert_eq!(sim.snapshots(&vm).await.len(), 2);
+    // A request id of an export is not an import's.
+    let reused = pb::ImportVmRequest {
+        request_id: req.request_id.clone(),
+        ..import_req(&sim, &vm)
+    };
+    let err = sim.vms.import_vm(reused).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    sim.assert_no_orphans().await;
+}
+
+/// An import into another data domain than the one the VM was exported
+/// from: the chains land there, and the memory's metadata is rebound to
+/// that domain.
+#[tokio::test]
+async fn simulation_import_into_another_data_domain() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _s1) = sim.committed_memory_vm("moved").await;
+    let before = sim.snapshots(&vm).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let location = sim.dir.path().join("roots/nfs2");
+    std::fs::create_dir_all(&location).unwrap();
+    let other = sim
+        .storage
+        .register_domain(storage::RegisterDomainRequest {
+            domain_id: String::new(),
+            name: "nfs2".into(),
+            r#type: storage::DomainType::File as i32,
+            location: location.display().to_string(),
+            role: storage::DomainRole::Data as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .domain_id;
+    let req = pb::ImportVmRequest {
+        target_domain_id: other.clone(),
+        ..import_req(&sim, &vm)
+    };
+    let r = sim.vms.import_vm(req).await.unwrap().into_inner();
+    sim.ok(r.operation).await;
+    let v = sim.vm(&vm).await;
+    assert!(v.disks.iter().all(|d| d.domain_id == other), "{v:?}");
+    let after = sim.snapshots(&vm).await;
+    assert_eq!(after.len(), 2);
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a.snapshot_id, b.snapshot_id);
+        let moved: Vec<common::VolumeRef> = disk_refs(b).iter().map(|r| on_domain(r, &other)).collect();
+        assert_eq!(disk_refs(a), moved);
+        let m = memory_ref(a);
+        assert_eq!(m.dump.as_ref().unwrap().domain_id, other);
+        assert_eq!(m.dump.unwrap().volume_id, memory_ref(b).dump.unwrap().volume_id);
+    }
+    assert!(
+        sim.inventory().await.is_empty(),
+        "nothing on the first data domain"
+    );
+    let landed = sim
+        .storage
+        .list_volumes(storage::ListVolumesRequest {
+            domain_id: other.clone(),
+            image_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    assert_eq!(landed.len(), 6, "{landed:#?}");
+    let verified = sim.host.verifies_on(&other);
+    assert_eq!(verified.len(), 1, "{verified:?}");
+    assert_eq!(verified[0].1, other, "rebound to the new domain");
+    let statuses = sim.run(&vm, false).await;
+    assert_eq!(statuses[0], pb::VmStatus::RestoringState, "{statuses:?}");
+    let HostCall::Run {
+        restore_memory,
+        disks,
+        ..
+    } = sim.host.last_run(&vm)
+    else {
+        unreachable!()
+    };
+    assert_eq!(restore_memory, after.last().unwrap().memory);
+    assert!(disks.iter().all(|d| d.domain_id == other), "{disks:?}");
+    sim.stop(&vm).await;
 }

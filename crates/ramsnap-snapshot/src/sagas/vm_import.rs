@@ -141,7 +141,7 @@ async fn host(app: &App, cluster_id: Uuid) -> Result<db::Host, Status> {
 }
 
 /// FAILED_PRECONDITION NOT_A_DATA_DOMAIN unless the domain holds VMs.
-async fn require_data_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result<(), Status> {
+pub async fn require_data_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result<(), Status> {
     let d = app
         .storage_client(h)?
         .get_domain(storage::GetDomainRequest {

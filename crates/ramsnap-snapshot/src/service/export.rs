@@ -137,6 +137,10 @@ pub async fn list_exported_vms(
     let mut unreadable = Vec::new();
     for d in descriptors {
         match OvfVm::parse(&d.ovf) {
+            Ok(ovf) if ovf.vm_id.to_string() != d.vm_id => unreadable.push(format!(
+                "{}: the descriptor stored for this VM describes VM {}",
+                d.vm_id, ovf.vm_id
+            )),
             Ok(ovf) => vms.push(to_exported(&ovf)),
             Err(e) => unreadable.push(format!("{}: {e}", d.vm_id)),
         }
@@ -168,6 +172,7 @@ pub async fn import_vm(
     let cluster = app.db.get_cluster(cluster_id).await.map_err(db_status)?;
     let h = app.cluster_host(cluster.id).await?;
     super::vm::check_domains(app, &h, [export_domain_id, target_domain_id]).await?;
+    vm_import::require_data_domain(app, &h, target_domain_id).await?;
     // Bad input is answered now; the saga reads the descriptor again.
     let ovf = vm_import::read_export(app, &h, export_domain_id, source_vm_id).await?;
     let name = if req.name.is_empty() {

@@ -137,6 +137,22 @@ impl SimulatedHost {
         self.runs(vm_id).pop().expect("the host ran the VM")
     }
 
+    /// The VerifyMemory calls that passed, of dumps on that domain:
+    /// (dump, rebind_disk_domain_id, rebind_disks).
+    pub fn verifies_on(&self, domain_id: &str) -> Vec<(common::VolumeRef, String, Vec<common::VolumeRef>)> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                HostCall::Verify {
+                    dump,
+                    rebind_disk_domain_id,
+                    rebind_disks,
+                } if dump.domain_id == domain_id => Some((dump, rebind_disk_domain_id, rebind_disks)),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn status(&self, vm_id: &str) -> i32 {
         self.inner
             .vms
@@ -455,9 +471,19 @@ impl HostService for SimulatedHost {
         let req = req.into_inner();
         let m = req.memory.ok_or_else(|| Status::invalid_argument("memory"))?;
         let dump = m.dump.ok_or_else(|| Status::invalid_argument("memory.dump"))?;
-        self.require_volume(m.metadata.as_ref().ok_or_else(|| Status::invalid_argument("memory.metadata"))?)
-            .await?;
-        let mut client = self.inner.storage.lock().unwrap().clone().expect("storage attached");
+        self.require_volume(
+            m.metadata
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("memory.metadata"))?,
+        )
+        .await?;
+        let mut client = self
+            .inner
+            .storage
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("storage attached");
         let capacity = client
             .get_volume(storage::GetVolumeRequest {
                 r#ref: Some(dump.clone()),
@@ -476,15 +502,24 @@ impl HostService for SimulatedHost {
             .path;
         let mut bytes = std::fs::read(&path).map_err(|e| Status::internal(e.to_string()))?;
         bytes.resize(capacity as usize, 0);
-        let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let sha256: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let _ = client
-            .teardown_volume(storage::TeardownVolumeRequest { r#ref: Some(dump.clone()) })
+            .teardown_volume(storage::TeardownVolumeRequest {
+                r#ref: Some(dump.clone()),
+            })
             .await;
         if !req.expected_sha256.is_empty() && req.expected_sha256 != sha256 {
+            // The real host's words (ramsnap-host's RestoreError::DumpCorrupt).
             return Err(ramsnap_common::status::failed_precondition(
                 "MEMORY_DUMP_CORRUPT",
                 &dump.volume_id,
-                format!("the dump's SHA-256 is {sha256}, expected {}", req.expected_sha256),
+                format!(
+                    "memory dump {}/{}/{} is corrupt: SHA-256 {sha256}, recorded {}",
+                    dump.domain_id, dump.image_id, dump.volume_id, req.expected_sha256
+                ),
             ));
         }
         let rebound = !req.rebind_disk_domain_id.is_empty() || !req.rebind_disks.is_empty();
@@ -1047,8 +1082,14 @@ impl Env {
         assert!(orphans.is_empty(), "orphan volumes: {orphans:#?}");
     }
 
-    /// A VM that ran, got a snapshot with memory, and is down again.
-    pub async fn export_vm(&mut self, vm_id: &str, collapse: bool, force: bool) -> Result<pb::Operation, Status> {
+    /// ExportVm of the VM to this environment's export domain, followed to
+    /// its end.
+    pub async fn export_vm(
+        &mut self,
+        vm_id: &str,
+        collapse: bool,
+        force: bool,
+    ) -> Result<pb::Operation, Status> {
         let op = self
             .vms
             .export_vm(pb::ExportVmRequest {
@@ -1103,11 +1144,9 @@ impl Env {
         self.ok(op).await;
     }
 
-    /// What the export domain holds: its volume ids and, as "ovf:<vm id>",
-    /// its VM descriptors.
-    pub async fn export_inventory(&mut self) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> = self
-            .storage
+    /// The volumes on the export domain.
+    pub async fn export_volumes(&mut self) -> Vec<storage::Volume> {
+        self.storage
             .list_volumes(storage::ListVolumesRequest {
                 domain_id: self.export_domain.clone(),
                 image_id: String::new(),
@@ -1116,11 +1155,11 @@ impl Env {
             .unwrap()
             .into_inner()
             .volumes
-            .into_iter()
-            .map(|v| v.r#ref.unwrap().volume_id)
-            .collect();
-        for d in self
-            .storage
+    }
+
+    /// The VM descriptors on the export domain.
+    pub async fn descriptors(&mut self) -> Vec<storage::VmDescriptor> {
+        self.storage
             .list_vm_descriptors(storage::ListVmDescriptorsRequest {
                 domain_id: self.export_domain.clone(),
             })
@@ -1128,18 +1167,99 @@ impl Env {
             .unwrap()
             .into_inner()
             .descriptors
-        {
+    }
+
+    /// What the export domain holds: its volume ids and, as "ovf:<vm id>",
+    /// its VM descriptors.
+    pub async fn export_inventory(&mut self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .export_volumes()
+            .await
+            .into_iter()
+            .map(|v| v.r#ref.unwrap().volume_id)
+            .collect();
+        for d in self.descriptors().await {
             out.insert(format!("ovf:{}", d.vm_id));
         }
         out
     }
 
+    /// ListExportedVms of this environment's export domain.
+    pub async fn exported_vms(&mut self) -> pb::ListExportedVmsResponse {
+        self.vms
+            .list_exported_vms(pb::ListExportedVmsRequest {
+                export_domain_id: self.export_domain.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// The export domain's counterpart of [`Env::assert_no_orphans`]: every
+    /// volume there is named by a readable descriptor, and every volume a
+    /// descriptor names is there and LEGAL.
+    pub async fn assert_no_export_orphans(&mut self) {
+        let volumes = self.export_volumes().await;
+        let present: HashMap<(String, String), &storage::Volume> = volumes
+            .iter()
+            .map(|v| {
+                let r = v.r#ref.as_ref().unwrap();
+                ((r.image_id.clone(), r.volume_id.clone()), v)
+            })
+            .collect();
+        let mut named = HashSet::new();
+        for d in self.descriptors().await {
+            let ovf = ramsnap_snapshot::ovf::OvfVm::parse(&d.ovf)
+                .unwrap_or_else(|e| panic!("descriptor of {} is unreadable: {e}", d.vm_id));
+            let mut refs: Vec<(String, String)> = ovf
+                .disks
+                .iter()
+                .flat_map(|disk| {
+                    disk.volumes
+                        .iter()
+                        .map(move |v| (disk.image_id.to_string(), v.volume_id.to_string()))
+                })
+                .collect();
+            for m in ovf.memories() {
+                refs.push((m.dump_image_id.to_string(), m.dump_volume_id.to_string()));
+                refs.push((m.metadata_image_id.to_string(), m.metadata_volume_id.to_string()));
+            }
+            for r in refs {
+                let v = present.get(&r).unwrap_or_else(|| {
+                    panic!("the export of {} names missing volume {}/{}", d.vm_id, r.0, r.1)
+                });
+                assert_eq!(v.legality, storage::VolumeLegality::Legal as i32, "{v:?}");
+                named.insert(r);
+            }
+        }
+        let orphans: Vec<&&storage::Volume> = present
+            .iter()
+            .filter(|(k, _)| !named.contains(*k))
+            .map(|(_, v)| v)
+            .collect();
+        assert!(
+            orphans.is_empty(),
+            "orphan volumes on the export domain: {orphans:#?}"
+        );
+    }
+
+    /// A VM that ran, got a snapshot with memory, and is down again.
     pub async fn vm_with_memory_snapshot(&mut self, name: &str) -> (String, String) {
         let vm = self.create_vm(name).await;
         self.run(&vm, false).await;
         let s = self.snapshot(&vm, true, "with memory").await;
         self.stop(&vm).await;
         (vm, s)
+    }
+
+    /// Export-Import's starting point: a snapshot with memory, previewed
+    /// with its memory and committed, so that it and the ACTIVE snapshot
+    /// both hold that memory.
+    pub async fn committed_memory_vm(&mut self, name: &str) -> (String, String) {
+        let (vm, s1) = self.vm_with_memory_snapshot(name).await;
+        self.preview(&vm, &s1, true).await;
+        self.commit(&vm).await;
+        (vm, s1)
     }
 }
 
@@ -1157,6 +1277,14 @@ pub fn bad_field(s: &Status) -> String {
         .unwrap_or_default()
 }
 
+/// The subject of the first precondition violation.
+pub fn precondition_subject(s: &Status) -> String {
+    s.get_error_details()
+        .precondition_failure()
+        .and_then(|p| p.violations.first().map(|v| v.subject.clone()))
+        .unwrap_or_default()
+}
+
 pub fn memory_ref(s: &pb::Snapshot) -> common::MemoryVolumeRef {
     s.memory.clone().expect("the snapshot has memory")
 }
@@ -1166,6 +1294,8 @@ pub struct State {
     pub vms: Vec<(String, String, i32, String)>,
     pub snapshots: Vec<(String, pb::Snapshot)>,
     pub volumes: BTreeSet<String>,
+    /// The export domain's [`Env::export_inventory`].
+    pub export: BTreeSet<String>,
 }
 
 pub async fn state(sim: &mut Env) -> State {
@@ -1190,6 +1320,7 @@ pub async fn state(sim: &mut Env) -> State {
             .collect(),
         snapshots,
         volumes: sim.volume_ids().await,
+        export: sim.export_inventory().await,
     }
 }
 
@@ -1197,10 +1328,12 @@ pub async fn state(sim: &mut Env) -> State {
 pub async fn setup(sim: &mut Env, saga: &str) -> (String, String) {
     match saga {
         "vm_create" => (String::new(), String::new()),
-        "vm_run" => {
-            let (vm, s1) = sim.vm_with_memory_snapshot("subject").await;
-            sim.preview(&vm, &s1, true).await;
-            sim.commit(&vm).await;
+        "vm_run" | "vm_export" => sim.committed_memory_vm("subject").await,
+        "vm_import" => {
+            let (vm, s1) = sim.committed_memory_vm("subject").await;
+            let op = sim.export_vm(&vm, false, false).await.unwrap();
+            assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+            sim.remove_vm(&vm).await;
             (vm, s1)
         }
         "vm_stop" => {
@@ -1363,6 +1496,35 @@ pub async fn act_with(
                     snapshot_id: snapshot,
                     name: "cloned".into(),
                     target_domain_id: String::new(),
+                })
+                .await?
+                .into_inner()
+                .operation
+        }
+        "vm_export" => {
+            sim.vms
+                .export_vm(pb::ExportVmRequest {
+                    request_id: rid,
+                    vm_id: vm,
+                    export_domain_id: sim.export_domain.clone(),
+                    collapse_snapshots: false,
+                    force_override: false,
+                })
+                .await?
+                .into_inner()
+                .operation
+        }
+        "vm_import" => {
+            sim.vms
+                .import_vm(pb::ImportVmRequest {
+                    request_id: rid,
+                    export_domain_id: sim.export_domain.clone(),
+                    vm_id: vm,
+                    cluster_id: sim.cluster_id.clone(),
+                    target_domain_id: sim.domain.clone(),
+                    as_clone: false,
+                    collapse_snapshots: false,
+                    name: String::new(),
                 })
                 .await?
                 .into_inner()
