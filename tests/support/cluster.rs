@@ -1687,3 +1687,21 @@ impl Cluster {
         self.volumes(&self.export_domain).await
     }
 }
+
+impl Cluster {
+    /// RemoveSnapshot; waits for success.
+    pub async fn remove_snapshot(&self, vm_id: &str, snapshot_id: &str) {
+        self.step(&format!("RemoveSnapshot {snapshot_id}"));
+        let resp = self
+            .snapshots_api()
+            .remove_snapshot(pb::RemoveSnapshotRequest {
+                request_id: request_id(),
+                vm_id: vm_id.to_string(),
+                snapshot_id: snapshot_id.to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("RemoveSnapshot: {e}")))
+            .into_inner();
+        self.succeed(resp.operation, "RemoveSnapshot").await;
+    }
+}

@@ -409,6 +409,38 @@ mod cases {
     }
 }
 
+/// Beyond the spec: after a commit with memory, removing the committed
+/// snapshot merges its volume into the active one's and keeps the memory
+/// the active snapshot shares; the next run still restores it.
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_snapshot_sharing_the_active_memory_keeps_it_restorable() {
+    use ramsnap_e2e::cluster::{Db, DomainKind};
+    let t = Instant::now();
+    let c = Cluster::start(Db::Sqlite, "3.3", "rmshared").await;
+    let vm = c.create_vm("vm-rmshared", DomainKind::Block).await;
+    c.boot(&vm).await;
+    let taken = c.take_snapshot(&vm, true, "rmshared with memory").await;
+    c.wait_counter(&vm, 0, taken.counter_after + TICKS_AFTER_SNAPSHOT)
+        .await;
+    c.stop_vm(&vm).await;
+    c.preview(&vm, &taken.snapshot_id, true).await;
+    c.commit(&vm).await;
+    c.remove_snapshot(&vm, &taken.snapshot_id).await;
+    let snaps = c.list_snapshots(&vm).await;
+    assert_eq!(snaps.len(), 1, "only the active snapshot is left: {snaps:?}");
+    assert!(
+        snaps[0].has_memory,
+        "the active snapshot keeps the memory: {snaps:?}"
+    );
+    c.assert_no_orphans().await;
+    let run = c.run_vm(&vm, false).await;
+    c.assert_restored(&vm, &run, &taken).await;
+    run.assert_started_as(VmStatus::RestoringState);
+    c.stop_vm(&vm).await;
+    c.assert_no_orphans().await;
+    eprintln!("[rmshared] passed in {:.1}s", t.elapsed().as_secs_f64());
+}
+
 /// One test per case; `$flip` swaps each case's storage domain kind.
 macro_rules! acceptance_tests {
     ($db:expr, $flip:expr) => {

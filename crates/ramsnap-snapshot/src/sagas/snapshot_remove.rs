@@ -12,17 +12,22 @@
 //! repointed. A snapshot that pointed at the merged volume itself would see
 //! more after the merge than before, so the plan refuses that case rather
 //! than repoint it.
+//!
+//! A memory the ACTIVE snapshot shares with the removed one (after a commit
+//! with memory) stays, and its metadata is rebound to the children that
+//! took the merged volumes' place, so that the next run still restores it.
 use super::common::{
     delete_volume, image_lock, image_unlock, image_volumes, lock_down_vm, noop, parents, release_memory,
     unlock_vm, vm_and_host,
 };
 use crate::app::{db_status, App};
-use crate::convert::{downstream, to_wire_ref};
+use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{MemoryVolume, SnapshotStatus, SnapshotType, VolumeRef};
 use crate::saga::{Node, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
+use ramsnap_proto::host::v1 as host_pb;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,6 +55,9 @@ struct DiskPlan {
     disk_id: Uuid,
     volume: VolumeRef,
     step: Step,
+    /// Merge: the child that takes the volume's place.
+    #[serde(default)]
+    child: Option<VolumeRef>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,6 +96,11 @@ pub fn definition() -> SagaDef<App> {
             Node {
                 name: "merge_volumes",
                 forward: merge_fwd,
+                undo: None,
+            },
+            Node {
+                name: "rebind_memory",
+                forward: rebind_fwd,
                 undo: None,
             },
             Node {
@@ -254,6 +267,16 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 .iter()
                 .filter(|c| c.parent_volume_id == v.volume_id.to_string())
                 .collect();
+            let child = match children[..] {
+                [c] => Some(VolumeRef {
+                    volume_id: Uuid::parse_str(
+                        &c.r#ref.as_ref().map(|r| r.volume_id.clone()).unwrap_or_default(),
+                    )
+                    .map_err(|_| Status::internal("a child volume without a valid id"))?,
+                    ..v
+                }),
+                _ => None,
+            };
             let step = match children[..] {
                 [] => Step::Delete,
                 [c] if c.format == storage::VolumeFormat::Cow as i32 => Step::Merge,
@@ -280,6 +303,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 disk_id: d.disk_id,
                 volume: v,
                 step,
+                child,
             });
         }
         Ok(serde_json::to_value(Plan {
@@ -322,6 +346,81 @@ fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         }
         cx.progress(plan.disks.len() as u64, plan.disks.len() as u64)
             .await;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+/// The snapshot's memory, when another snapshot still holds it (the ACTIVE
+/// one after a commit with memory), was saved with the volumes just merged
+/// away: its metadata is rebound to the children that took their place
+/// (they show the same content), so that a restore still accepts the disks.
+/// Read first, then rewritten only if it still names a merged volume: a
+/// replay finds it rebound.
+fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        let plan: Plan = cx.output("plan")?;
+        let Some(m) = plan.memory else {
+            return Ok(Value::Null);
+        };
+        let shared = cx
+            .app
+            .db
+            .snapshots_referencing_memory(m.dump.volume_id)
+            .await
+            .map_err(db_status)?
+            .iter()
+            .any(|s| s.id != p.snapshot_id);
+        let moved: Vec<(Uuid, VolumeRef)> = plan
+            .disks
+            .iter()
+            .filter_map(|d| Some((d.volume.volume_id, d.child?)))
+            .collect();
+        if !shared || moved.is_empty() {
+            return Ok(Value::Null);
+        }
+        let (_, host) = vm_and_host(cx, p.vm_id).await?;
+        let mut client = cx.app.host_client(&host)?;
+        let request =
+            |rebind_disks: Vec<ramsnap_proto::common::v1::VolumeRef>| host_pb::VerifyMemoryRequest {
+                vm_id: p.vm_id.to_string(),
+                memory: Some(to_wire_memory(&m)),
+                expected_sha256: String::new(),
+                rebind_disk_domain_id: String::new(),
+                rebind_disks,
+            };
+        // Past the point of no return this step is retried until it
+        // succeeds; memory the host refuses to read (corrupt, foreign) is
+        // left as it is: a restore refuses it too, and that run boots.
+        let bound = match client.verify_memory(request(Vec::new())).await {
+            Ok(r) => r.into_inner().disks,
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                tracing::warn!(vm = %p.vm_id, error = %s.message(), "memory not rebound after the merge");
+                return Ok(Value::Null);
+            }
+            Err(s) => return Err(downstream("reading the memory's metadata", s)),
+        };
+        let mut changed = false;
+        let rebound: Vec<_> = bound
+            .into_iter()
+            .map(|r| {
+                let id = Uuid::parse_str(&r.volume_id).ok();
+                match moved.iter().find(|(v, _)| Some(*v) == id) {
+                    Some((_, child)) => {
+                        changed = true;
+                        to_wire_ref(child)
+                    }
+                    None => r,
+                }
+            })
+            .collect();
+        if changed {
+            client
+                .verify_memory(request(rebound))
+                .await
+                .map_err(|s| downstream("rebinding the memory to the merged disks", s))?;
+        }
         Ok(Value::Null)
     }
     .boxed()
