@@ -57,7 +57,7 @@ pub fn follow(app: &Arc<App>, vm_id: Uuid, host: db::Host) {
                         let Some(status) = from_host(m.status) else {
                             continue;
                         };
-                        if app.db.set_vm_status(vm_id, status).await.is_ok() {
+                        if app.db.record_host_status(vm_id, status).await.is_ok() {
                             app.notify_vm(vm_id);
                         }
                         if status == VmStatus::Down {

@@ -169,6 +169,23 @@ impl Database {
         Ok(())
     }
 
+    /// Records a status the VM's host reported (the status follower). A VM
+    /// that an operation has set Down while holding its lock (StopVm) keeps
+    /// Down: a report still in flight when the follower was stopped must not
+    /// bring it back up. False if nothing changed.
+    pub async fn record_host_status(&self, id: Uuid, status: VmStatus) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE vms SET status = $2, updated_at = $3 \
+             WHERE id = $1 AND NOT (status = 'Down' AND lock_operation_id IS NOT NULL)",
+        )
+        .bind(id.to_string())
+        .bind(status.as_str())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
     /// Moves the VM from `from` to `to`; false (and no change) if it was not
     /// in `from`.
     pub async fn transition_vm_status(
