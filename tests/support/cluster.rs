@@ -239,7 +239,7 @@ impl PgDatabase {
                 let mut conn = sqlx::PgConnection::connect(&admin)
                     .await
                     .map_err(|e| format!("connecting to {PG_URL_VAR}: {e}"))?;
-                conn.execute(format!("CREATE DATABASE {db}").as_str())
+                conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
                     .await
                     .map_err(|e| format!("CREATE DATABASE {db}: {e}"))?;
                 let _ = conn.close().await;
@@ -263,7 +263,7 @@ impl Drop for PgDatabase {
                 let mut conn = sqlx::PgConnection::connect(&admin)
                     .await
                     .map_err(|e| e.to_string())?;
-                conn.execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+                conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
                     .await
                     .map_err(|e| e.to_string())?;
                 let _ = conn.close().await;

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::body::BoxBody;
+use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -24,12 +24,13 @@ impl ServiceSet {
     pub fn new<S>(name: &'static str, svc: S) -> ServiceSet
     where
         S: tower_service::Service<
-                http::Request<BoxBody>,
-                Response = http::Response<BoxBody>,
+                http::Request<Body>,
+                Response = http::Response<Body>,
                 Error = Infallible,
             > + NamedService
             + Clone
             + Send
+            + Sync
             + 'static,
         S::Future: Send + 'static,
     {
@@ -43,12 +44,13 @@ impl ServiceSet {
     pub fn with<S>(self, name: &'static str, svc: S) -> ServiceSet
     where
         S: tower_service::Service<
-                http::Request<BoxBody>,
-                Response = http::Response<BoxBody>,
+                http::Request<Body>,
+                Response = http::Response<Body>,
                 Error = Infallible,
             > + NamedService
             + Clone
             + Send
+            + Sync
             + 'static,
         S::Future: Send + 'static,
     {
@@ -84,7 +86,7 @@ pub async fn serve(
     sets: Vec<ServiceSet>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (mut reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = tonic_health::server::health_reporter();
     let names: Vec<&'static str> = sets.iter().flat_map(|s| s.health_names.iter().copied()).collect();
     // Reflection lists only what this server serves (every ramsnap proto is
     // in the one descriptor set), plus health and reflection itself.
@@ -112,7 +114,7 @@ pub async fn serve(
         reporter.set_service_status(*name, ServingStatus::Serving).await;
     }
 
-    let mut stop_reporter = reporter.clone();
+    let stop_reporter = reporter.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");

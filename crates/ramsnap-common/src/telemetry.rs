@@ -8,7 +8,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Keeps the OTLP pipeline alive; dropping it flushes pending spans.
 pub struct Telemetry {
-    provider: Option<opentelemetry_sdk::trace::TracerProvider>,
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
 impl Drop for Telemetry {
@@ -57,12 +57,14 @@ pub fn init(service: &'static str) -> Telemetry {
     Telemetry { provider }
 }
 
-fn otlp_provider(service: &'static str) -> anyhow::Result<opentelemetry_sdk::trace::TracerProvider> {
+fn otlp_provider(service: &'static str) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
-    Ok(opentelemetry_sdk::trace::TracerProvider::builder()
-        .with_batch_exporter(exporter, opentelemetry_sdk::runtime::Tokio)
-        .with_resource(opentelemetry_sdk::Resource::new(vec![
-            opentelemetry::KeyValue::new("service.name", format!("ramsnap-{service}")),
-        ]))
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(format!("ramsnap-{service}"))
+                .build(),
+        )
         .build())
 }

@@ -343,7 +343,7 @@ async fn run() {
         .await
         .expect("connect to PostgreSQL (bash scripts/setup/postgres.sh)");
     for db in [&bench_db, &pgb_db] {
-        sqlx::query(&format!("CREATE DATABASE {db}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
             .execute(&admin)
             .await
             .unwrap();
@@ -363,7 +363,7 @@ async fn run() {
     let r = futures::FutureExt::catch_unwind(result).await;
 
     for db in [&bench_db, &pgb_db] {
-        if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
             .execute(&admin)
             .await
         {

@@ -192,7 +192,7 @@ impl Backend {
                     .unwrap_or_else(|e| panic!("cannot connect to {server_url} ({PG_URL_VAR}): {e}"));
                 admin
                     .pool()
-                    .execute(format!("CREATE DATABASE {name}").as_str())
+                    .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .await
                     .expect("create a test database");
                 admin.close().await;
@@ -214,7 +214,7 @@ impl Backend {
         for name in names {
             admin
                 .pool()
-                .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
                 .await
                 .expect("drop a test database");
         }

@@ -47,7 +47,7 @@ where
     let name = format!("rs_test_{}", Uuid::new_v4().simple());
     admin
         .pool()
-        .execute(format!("CREATE DATABASE {name}").as_str())
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await
         .expect("create test database");
 
@@ -61,7 +61,7 @@ where
     db.close().await;
     admin
         .pool()
-        .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
+        .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
         .await
         .expect("drop test database");
     admin.close().await;

@@ -106,7 +106,7 @@ impl Database {
     }
 
     pub async fn get_cluster(&self, id: Uuid) -> Result<Cluster, DbError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM clusters WHERE id = $1"))
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM clusters WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(self.pool())
             .await?
@@ -115,7 +115,7 @@ impl Database {
     }
 
     pub async fn list_clusters(&self) -> Result<Vec<Cluster>, DbError> {
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM clusters ORDER BY name"))
+        let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM clusters ORDER BY name"))
             .fetch_all(self.pool())
             .await?;
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
@@ -127,7 +127,7 @@ impl Database {
         &self,
         version: CompatibilityVersion,
     ) -> Result<Vec<Cluster>, DbError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM clusters \
              WHERE compatibility_major < $1 OR (compatibility_major = $1 AND compatibility_minor < $2) \
              ORDER BY name"

@@ -319,7 +319,7 @@ impl Database {
         .await?;
         let mut deleted = vec![preview];
         if let Some(previewed) = &previewed {
-            let rows = sqlx::query(&format!(
+            let rows = sqlx::query(sql!(
                 "SELECT {} FROM snapshots WHERE vm_id = $1 AND snapshot_type = 'REGULAR' \
                  AND (created_at > $2 OR (created_at = $2 AND id > $3)) ORDER BY created_at, id",
                 snapshots::COLUMNS

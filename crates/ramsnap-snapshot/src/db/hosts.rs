@@ -68,7 +68,7 @@ impl Database {
     }
 
     pub async fn get_host(&self, id: Uuid) -> Result<Host, DbError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM hosts WHERE id = $1"))
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM hosts WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(self.pool())
             .await?
@@ -80,7 +80,7 @@ impl Database {
     pub async fn list_hosts(&self, cluster_id: Option<Uuid>) -> Result<Vec<Host>, DbError> {
         let rows = match cluster_id {
             Some(cluster_id) => {
-                sqlx::query(&format!(
+                sqlx::query(sql!(
                     "SELECT {COLUMNS} FROM hosts WHERE cluster_id = $1 ORDER BY name"
                 ))
                 .bind(cluster_id.to_string())
@@ -88,7 +88,7 @@ impl Database {
                 .await?
             }
             None => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM hosts ORDER BY name"))
+                sqlx::query(sql!("SELECT {COLUMNS} FROM hosts ORDER BY name"))
                     .fetch_all(self.pool())
                     .await?
             }
@@ -99,7 +99,7 @@ impl Database {
     /// The cluster's first registered host (oldest; ties by name), where a VM
     /// of the cluster runs when no host is asked for. None if it has none.
     pub async fn first_host_in_cluster(&self, cluster_id: Uuid) -> Result<Option<Host>, DbError> {
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM hosts WHERE cluster_id = $1 ORDER BY created_at, name LIMIT 1"
         ))
         .bind(cluster_id.to_string())

@@ -136,7 +136,7 @@ impl Database {
             return Ok((self.create_operation(new).await?, true));
         };
         let op = new.clone().into_operation(now_ms());
-        let result = sqlx::query(&format!("{INSERT} ON CONFLICT (request_id) DO NOTHING"))
+        let result = sqlx::query(sql!("{INSERT} ON CONFLICT (request_id) DO NOTHING"))
             .bind(op.id.to_string())
             .bind(&op.kind)
             .bind(op.vm_id.map(|id| id.to_string()))
@@ -165,7 +165,7 @@ impl Database {
     }
 
     pub async fn get_operation(&self, id: Uuid) -> Result<Operation, DbError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(self.pool())
             .await?
@@ -175,7 +175,7 @@ impl Database {
 
     /// The operation started for this request id, if any.
     pub async fn get_operation_by_request_id(&self, request_id: &str) -> Result<Option<Operation>, DbError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE request_id = $1"))
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM operations WHERE request_id = $1"))
             .bind(request_id)
             .fetch_optional(self.pool())
             .await?;
@@ -186,7 +186,7 @@ impl Database {
     pub async fn list_operations(&self, vm_id: Option<Uuid>) -> Result<Vec<Operation>, DbError> {
         let rows = match vm_id {
             Some(vm_id) => {
-                sqlx::query(&format!(
+                sqlx::query(sql!(
                     "SELECT {COLUMNS} FROM operations WHERE vm_id = $1 ORDER BY created_at, id"
                 ))
                 .bind(vm_id.to_string())
@@ -194,7 +194,7 @@ impl Database {
                 .await?
             }
             None => {
-                sqlx::query(&format!(
+                sqlx::query(sql!(
                     "SELECT {COLUMNS} FROM operations ORDER BY created_at, id"
                 ))
                 .fetch_all(self.pool())

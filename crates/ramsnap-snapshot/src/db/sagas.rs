@@ -120,7 +120,7 @@ impl Database {
     }
 
     pub async fn get_saga(&self, id: Uuid) -> Result<Saga, DbError> {
-        let row = sqlx::query(&format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
+        let row = sqlx::query(sql!("SELECT {SAGA_COLUMNS} FROM sagas WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(self.pool())
             .await?
@@ -158,7 +158,7 @@ impl Database {
 
     /// Sagas still RUNNING or UNWINDING, oldest first: what recovery resumes.
     pub async fn list_unfinished_sagas(&self) -> Result<Vec<Saga>, DbError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {SAGA_COLUMNS} FROM sagas WHERE state IN ('RUNNING', 'UNWINDING') \
              ORDER BY created_at, id"
         ))

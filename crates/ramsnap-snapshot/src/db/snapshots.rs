@@ -180,7 +180,7 @@ impl Database {
     /// The VM's snapshots, oldest first.
     pub async fn list_snapshots(&self, vm_id: Uuid) -> Result<Vec<Snapshot>, DbError> {
         let mut conn = self.pool().acquire().await?;
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 ORDER BY created_at, id"
         ))
         .bind(vm_id.to_string())
@@ -255,7 +255,7 @@ impl Database {
     /// volume may be deleted only when none is left.
     pub async fn snapshots_referencing_memory(&self, dump_volume_id: Uuid) -> Result<Vec<Snapshot>, DbError> {
         let mut conn = self.pool().acquire().await?;
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM snapshots WHERE memory_dump_volume_id = $1 ORDER BY created_at, id"
         ))
         .bind(dump_volume_id.to_string())
@@ -373,7 +373,7 @@ pub(super) async fn with_disks(conn: &mut AnyConnection, rows: &[AnyRow]) -> Res
 }
 
 pub(super) async fn fetch(conn: &mut AnyConnection, id: Uuid) -> Result<Option<Snapshot>, DbError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM snapshots WHERE id = $1"))
+    let row = sqlx::query(sql!("SELECT {COLUMNS} FROM snapshots WHERE id = $1"))
         .bind(id.to_string())
         .fetch_optional(&mut *conn)
         .await?;
@@ -387,7 +387,7 @@ pub(super) async fn fetch_by_vm_type(
     vm_id: Uuid,
     snapshot_type: SnapshotType,
 ) -> Result<Option<Snapshot>, DbError> {
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(sql!(
         "SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 AND snapshot_type = $2 \
          ORDER BY created_at DESC, id DESC LIMIT 1"
     ))
@@ -405,7 +405,7 @@ pub(super) async fn fetch_by_vm_type_status(
     snapshot_type: SnapshotType,
     status: SnapshotStatus,
 ) -> Result<Option<Snapshot>, DbError> {
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(sql!(
         "SELECT {COLUMNS} FROM snapshots WHERE vm_id = $1 AND snapshot_type = $2 AND status = $3 \
          ORDER BY created_at DESC, id DESC LIMIT 1"
     ))
@@ -419,10 +419,10 @@ pub(super) async fn fetch_by_vm_type_status(
 
 /// Inserts the snapshot row and its disks.
 pub(super) async fn insert(conn: &mut AnyConnection, snapshot: &Snapshot) -> Result<(), DbError> {
-    let sql = format!(
+    let sql = sql!(
         "INSERT INTO snapshots ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
     );
-    let mut insert = sqlx::query(&sql)
+    let mut insert = sqlx::query(sql)
         .bind(snapshot.id.to_string())
         .bind(snapshot.vm_id.to_string())
         .bind(snapshot.snapshot_type.as_str())

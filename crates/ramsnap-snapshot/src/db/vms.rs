@@ -131,7 +131,7 @@ impl Database {
     }
 
     pub async fn get_vm_by_name(&self, name: &str) -> Result<Vm, DbError> {
-        let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE name = $1"))
+        let row = sqlx::query(sql!("SELECT {VM_COLUMNS} FROM vms WHERE name = $1"))
             .bind(name)
             .fetch_optional(self.pool())
             .await?
@@ -140,14 +140,14 @@ impl Database {
     }
 
     pub async fn list_vms(&self) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))
+        let rows = sqlx::query(sql!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))
             .fetch_all(self.pool())
             .await?;
         Ok(rows.iter().map(vm_from_row).collect::<Result<_, _>>()?)
     }
 
     pub async fn list_vms_in_cluster(&self, cluster_id: Uuid) -> Result<Vec<Vm>, DbError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {VM_COLUMNS} FROM vms WHERE cluster_id = $1 ORDER BY name"
         ))
         .bind(cluster_id.to_string())
@@ -281,7 +281,7 @@ impl Database {
     }
 
     pub async fn vm_disks(&self, vm_id: Uuid) -> Result<Vec<VmDisk>, DbError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {DISK_COLUMNS} FROM vm_disks WHERE vm_id = $1 ORDER BY disk_id"
         ))
         .bind(vm_id.to_string())
@@ -328,7 +328,7 @@ impl Vm {
 // Connection-level building blocks, shared with `flows.rs`.
 
 pub(super) async fn fetch_vm(conn: &mut AnyConnection, id: Uuid) -> Result<Option<Vm>, DbError> {
-    let row = sqlx::query(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
+    let row = sqlx::query(sql!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
         .bind(id.to_string())
         .fetch_optional(conn)
         .await?;
