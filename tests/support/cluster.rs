@@ -17,7 +17,7 @@
 //! each fixture's directory (service logs, console logs, the database).
 use crate::console::{ConsoleLog, Tick};
 use crate::guest::{self, CMDLINE, INITRD, KERNEL};
-use crate::{spawn, Running};
+use crate::{spawn, spawn_env, Running};
 use ramsnap_proto::common::v1::VolumeRef;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::cluster_service_client::ClusterServiceClient;
@@ -69,6 +69,24 @@ pub const PG_URL_VAR: &str = "RAMSNAP_TEST_PG_URL";
 pub enum Db {
     Sqlite,
     Postgres,
+}
+
+/// How the system's services run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Three processes: storage agent, host agent, coordinator.
+    Separate,
+    /// One `ramsnapd` process (the embedded default).
+    Embedded,
+}
+
+/// One of the system's processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Process {
+    /// The coordinator, or the whole `ramsnapd` in the embedded layout.
+    Coordinator,
+    HostAgent,
+    StorageAgent,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,9 +281,11 @@ impl Drop for PgDatabase {
                 let mut conn = sqlx::PgConnection::connect(&admin)
                     .await
                     .map_err(|e| e.to_string())?;
-                conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                conn.execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                )))
+                .await
+                .map_err(|e| e.to_string())?;
                 let _ = conn.close().await;
                 Ok(())
             })
@@ -591,6 +611,27 @@ impl Cluster {
     /// Starts the system for one test. `label` names the test (temp dirs,
     /// cluster and domain names); `compatibility_version` is the cluster's.
     pub async fn start(db: Db, compatibility_version: &str, label: &str) -> Cluster {
+        Cluster::start_as(db, compatibility_version, label, Layout::Separate, &[]).await
+    }
+
+    /// [`Cluster::start`] with the all-in-one `ramsnapd` in place of the
+    /// three binaries (the embedded default), started with `env`.
+    pub async fn start_embedded(
+        db: Db,
+        compatibility_version: &str,
+        label: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::start_as(db, compatibility_version, label, Layout::Embedded, env).await
+    }
+
+    async fn start_as(
+        db: Db,
+        compatibility_version: &str,
+        label: &str,
+        layout: Layout,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let slot = GUEST_SLOTS
             .acquire()
             .await
@@ -630,24 +671,70 @@ impl Cluster {
         let file_root = s.join("domains");
         std::fs::create_dir_all(file_root.join("files")).expect("creating the FILE domain's directory");
         std::fs::create_dir_all(file_root.join("export")).expect("creating the export domain's directory");
-        let storage = spawn(
-            "ramsnap-storage",
-            os_args(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                &s.join("state").display().to_string(),
-                "--run-dir",
-                &s.join("run").display().to_string(),
-                "--file-root",
-                &file_root.display().to_string(),
-                "--block-device",
-                &loop_dev.device.display().to_string(),
-            ]),
-            1,
-            sdir,
-        );
-        let storage_url = format!("http://{}", storage.addr);
+        let database_url = |dir: &Path| match &pg {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite:{}", dir.join("coordinator.db").display()),
+        };
+        let mut embedded = None;
+        let storage = match layout {
+            Layout::Separate => Some(spawn(
+                "ramsnap-storage",
+                os_args(&[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--state-dir",
+                    &s.join("state").display().to_string(),
+                    "--run-dir",
+                    &s.join("run").display().to_string(),
+                    "--file-root",
+                    &file_root.display().to_string(),
+                    "--block-device",
+                    &loop_dev.device.display().to_string(),
+                ]),
+                1,
+                sdir,
+            )),
+            Layout::Embedded => {
+                let d = sdir.path().to_path_buf();
+                embedded = Some(spawn_env(
+                    "ramsnapd",
+                    os_args(&[
+                        "--snapshot-listen",
+                        "127.0.0.1:0",
+                        "--storage-listen",
+                        "127.0.0.1:0",
+                        "--host-listen",
+                        "127.0.0.1:0",
+                        "--data-dir",
+                        &d.join("data").display().to_string(),
+                        "--database-url",
+                        &database_url(&d),
+                        "--run-dir",
+                        &d.join("run").display().to_string(),
+                        "--file-root",
+                        &file_root.display().to_string(),
+                        "--block-device",
+                        &loop_dev.device.display().to_string(),
+                        "--boot-dir",
+                        &boot.display().to_string(),
+                        "--host-run-dir",
+                        &d.join("host-run").display().to_string(),
+                        "--domain-type",
+                        "qemu",
+                    ]),
+                    3,
+                    sdir,
+                    env,
+                ));
+                None
+            }
+        };
+        let storage_addr = match (&storage, &embedded) {
+            (Some(s), _) => s.addr,
+            (None, Some(e)) => e.addr_of("storage"),
+            (None, None) => unreachable!("one layout or the other"),
+        };
+        let storage_url = format!("http://{storage_addr}");
         let storage_channel = connect(&storage_url).await;
         let mut sc = StorageServiceClient::new(storage_channel.clone());
         let register = |name: String, kind: spb::DomainType, location: String, role: spb::DomainRole| {
@@ -702,43 +789,51 @@ impl Cluster {
             "the storage agent sees other domains: {listed:?}"
         );
 
-        // Host agent on the real libvirt, TCG.
-        let hdir = subdir(&r, "host-");
-        let h = hdir.path().to_path_buf();
-        let host = spawn(
-            "ramsnap-host",
-            os_args(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--libvirt-uri",
-                LIBVIRT_URI,
-                "--storage",
-                &storage_url,
-                "--boot-dir",
-                &boot.display().to_string(),
-                "--run-dir",
-                &h.join("run").display().to_string(),
-                "--state-dir",
-                &h.join("state").display().to_string(),
-                "--domain-type",
-                "qemu",
-            ]),
-            1,
-            hdir,
-        );
-
-        // Coordinator.
-        let cdir = subdir(&r, "snapshot-");
-        let database_url = match &pg {
-            Some(pg) => pg.url.clone(),
-            None => format!("sqlite:{}", cdir.path().join("coordinator.db").display()),
+        let (host, snapshot, host_addr) = match embedded {
+            Some(e) => {
+                let host_addr = e.addr_of("host");
+                (None, e, host_addr)
+            }
+            None => {
+                // Host agent on the real libvirt, TCG.
+                let hdir = subdir(&r, "host-");
+                let h = hdir.path().to_path_buf();
+                let host = spawn_env(
+                    "ramsnap-host",
+                    os_args(&[
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--libvirt-uri",
+                        LIBVIRT_URI,
+                        "--storage",
+                        &storage_url,
+                        "--boot-dir",
+                        &boot.display().to_string(),
+                        "--run-dir",
+                        &h.join("run").display().to_string(),
+                        "--state-dir",
+                        &h.join("state").display().to_string(),
+                        "--domain-type",
+                        "qemu",
+                    ]),
+                    1,
+                    hdir,
+                    env,
+                );
+                // Coordinator.
+                let cdir = subdir(&r, "snapshot-");
+                let url = database_url(cdir.path());
+                let snapshot = spawn_env(
+                    "ramsnap-snapshot",
+                    os_args(&["--listen", "127.0.0.1:0", "--database-url", &url]),
+                    1,
+                    cdir,
+                    env,
+                );
+                let host_addr = host.addr;
+                (Some(host), snapshot, host_addr)
+            }
         };
-        let snapshot = spawn(
-            "ramsnap-snapshot",
-            os_args(&["--listen", "127.0.0.1:0", "--database-url", &database_url]),
-            1,
-            cdir,
-        );
         let coordinator = connect(&format!("http://{}", snapshot.addr)).await;
 
         let mut c = Cluster {
@@ -754,8 +849,8 @@ impl Cluster {
             storage_channel,
             vm_ids: Mutex::new(Vec::new()),
             snapshot: Some(snapshot),
-            host: Some(host),
-            storage: Some(storage),
+            host,
+            storage,
             pg,
             loop_dev: Some(loop_dev),
             root: Some(root),
@@ -778,8 +873,8 @@ impl Cluster {
                 request_id: request_id(),
                 name: format!("e2e-host-{suffix}"),
                 cluster_id: c.cluster_id.clone(),
-                host_address: format!("http://{}", c.host.as_ref().expect("host").addr),
-                storage_address: format!("http://{}", c.storage.as_ref().expect("storage").addr),
+                host_address: format!("http://{host_addr}"),
+                storage_address: storage_url.clone(),
             })
             .await
             .unwrap_or_else(|e| c.fail(&format!("AddHost: {e}")))
@@ -793,6 +888,18 @@ impl Cluster {
             r.display()
         );
         c
+    }
+
+    // --- processes ---------------------------------------------------------
+
+    /// The process, to kill, wait on or restart.
+    pub fn process(&mut self, which: Process) -> &mut Running {
+        let p = match which {
+            Process::Coordinator => self.snapshot.as_mut(),
+            Process::HostAgent => self.host.as_mut(),
+            Process::StorageAgent => self.storage.as_mut(),
+        };
+        p.unwrap_or_else(|| panic!("{which:?} is not a process of its own in this layout"))
     }
 
     // --- clients -----------------------------------------------------------

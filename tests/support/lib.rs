@@ -35,6 +35,7 @@ pub struct Running {
     pub addrs: HashMap<String, SocketAddr>,
     child: Option<Child>,
     binary: String,
+    args: Vec<OsString>,
     /// The process's directories and its stderr log; removed on drop.
     pub dir: TempDir,
 }
@@ -133,12 +134,29 @@ fn tempdir() -> TempDir {
 /// Spawns `binary` and reads `listeners` "listening" lines from its stdout.
 /// Its stderr (the logs) goes to `<dir>/stderr.log`, shown when it fails.
 pub fn spawn(binary: &str, args: Vec<OsString>, listeners: usize, dir: TempDir) -> Running {
+    spawn_env(binary, args, listeners, dir, &[])
+}
+
+/// [`spawn`] with these environment variables set (failpoints, say).
+pub fn spawn_env(
+    binary: &str,
+    args: Vec<OsString>,
+    listeners: usize,
+    dir: TempDir,
+    env: &[(&str, &str)],
+) -> Running {
     let path = binary_path(binary);
     let log = dir.path().join("stderr.log");
-    let stderr = std::fs::File::create(&log).expect("creating the stderr log");
+    // Appended to: a restarted process adds to its predecessor's log.
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("creating the stderr log");
     let mut command = Command::new(&path);
     command
         .args(&args)
+        .envs(env.iter().copied())
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -178,6 +196,7 @@ pub fn spawn(binary: &str, args: Vec<OsString>, listeners: usize, dir: TempDir) 
         addrs: HashMap::new(),
         child: Some(child),
         binary: binary.into(),
+        args,
         dir,
     };
     let deadline = Instant::now() + START_TIMEOUT;
@@ -234,6 +253,54 @@ impl Running {
             "--- {} stderr ---\n{text}--- end of {} stderr ---",
             self.binary, self.binary
         )
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (a
+    /// failpoint's exit); None if it still runs.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash: nothing of the process's shutdown runs.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the binary again after it ended (killed, or exited at a
+    /// failpoint): the same arguments and directories, the same ports, and
+    /// these environment variables.
+    pub fn restart(&mut self, env: &[(&str, &str)]) {
+        self.kill();
+        let listen = |flag: &str| match flag {
+            "--listen" => Some(self.addr),
+            "--snapshot-listen" => self.addrs.get("snapshot").copied(),
+            "--storage-listen" => self.addrs.get("storage").copied(),
+            "--host-listen" => self.addrs.get("host").copied(),
+            _ => None,
+        };
+        let mut args = self.args.clone();
+        for i in 1..args.len() {
+            if let Some(a) = args[i - 1].to_str().and_then(listen) {
+                args[i] = a.to_string().into();
+            }
+        }
+        let listeners = self.addrs.len().max(1);
+        let dir = std::mem::replace(&mut self.dir, tempdir());
+        *self = spawn_env(&self.binary, args, listeners, dir, env);
     }
 
     /// Sends SIGTERM and waits up to `timeout` for the exit. Returns the exit

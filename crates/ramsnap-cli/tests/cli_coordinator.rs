@@ -701,7 +701,7 @@ async fn a_failed_operation_exits_1_with_its_error() {
 
     let err = s.fails(1, &["snapshot", "create", &vm_id]).await;
     assert!(err.starts_with("error: operation "), "{err}");
-    assert!(err.contains(" (create_snapshot) failed: UNAVAILABLE: "), "{err}");
+    assert!(err.contains(" (create_snapshot) failed: INTERNAL: "), "{err}");
     assert!(
         err.contains("injected failure at snapshot_create.overlays"),
         "{err}"
@@ -717,7 +717,7 @@ async fn a_failed_operation_exits_1_with_its_error() {
         .find(|o| o["kind"] == "create_snapshot")
         .unwrap();
     assert_eq!(failed["state"], "failed");
-    assert_eq!(failed["error_code"], "UNAVAILABLE");
+    assert_eq!(failed["error_code"], "INTERNAL");
     let op_id = failed["operation_id"].as_str().unwrap();
     let err = s.fails(1, &["operation", "watch", op_id]).await;
     assert!(

@@ -3,6 +3,7 @@
 //! ([`status`]) and id parsing ([`ids`]).
 
 pub mod ids;
+pub mod ready;
 pub mod server;
 pub mod status;
 pub mod telemetry;

@@ -23,11 +23,8 @@ impl ServiceSet {
     /// One tonic service, reported in health as `name`.
     pub fn new<S>(name: &'static str, svc: S) -> ServiceSet
     where
-        S: tower_service::Service<
-                http::Request<Body>,
-                Response = http::Response<Body>,
-                Error = Infallible,
-            > + NamedService
+        S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
             + Clone
             + Send
             + Sync
@@ -43,11 +40,8 @@ impl ServiceSet {
     /// Adds another service to the set.
     pub fn with<S>(self, name: &'static str, svc: S) -> ServiceSet
     where
-        S: tower_service::Service<
-                http::Request<Body>,
-                Response = http::Response<Body>,
-                Error = Infallible,
-            > + NamedService
+        S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
             + Clone
             + Send
             + Sync

@@ -111,6 +111,12 @@ pub(crate) struct Running {
     pub spec: VmSpec,
     pub disks: Vec<RunningDisk>,
     pub console_log: PathBuf,
+    /// Set while the guest is restored from this memory and not yet
+    /// resumed: an agent that finds a domain paused with it set (its
+    /// predecessor died during the restore) knows the guest never ran on
+    /// that memory, and destroys it so that the restore can be made again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<crate::model::MemoryVolumes>,
 }
 
 const RUNNING_VERSION: u32 = 1;
@@ -283,7 +289,9 @@ impl Host {
             .list(self.inner.config.domain_prefix.clone())
             .await?;
         for e in entries {
-            let Some(element) = e.metadata else { continue };
+            let Some(element) = e.metadata.clone() else {
+                continue;
+            };
             let record = xml::metadata_text(&element)
                 .ok()
                 .and_then(|t| serde_json::from_str::<Running>(&t).ok());
@@ -293,6 +301,16 @@ impl Host {
             };
             if record.spec.vm_id != e.uuid || record.host_id != self.inner.host_id {
                 continue;
+            }
+            let mut record = record;
+            if let Some(memory) = record.restoring {
+                if self.finish_interrupted_restore(&e, &mut record).await? {
+                    continue;
+                }
+                self.inner
+                    .volumes
+                    .teardown_all(&[memory.dump, memory.metadata])
+                    .await;
             }
             let status = match e.state {
                 DomainState::Paused { by_user: true } => VmStatus::Paused,
@@ -304,6 +322,48 @@ impl Host {
             self.inner.vms.lock().expect("vm table").insert(e.uuid, vm);
         }
         Ok(())
+    }
+
+    /// A domain whose restore was under way when the previous agent process
+    /// died. Paused: the guest never ran on the memory (it is resumed only
+    /// once the dump's checksum matched), so the domain is destroyed and its
+    /// volumes released; the engine's retried run restores it again. True
+    /// when it was destroyed. Running: it was resumed; the mark is cleared.
+    async fn finish_interrupted_restore(
+        &self,
+        e: &libvirt::DomainEntry,
+        record: &mut Running,
+    ) -> Result<bool> {
+        let hv = &self.inner.hv;
+        // libvirt may still be loading the memory for the dead process.
+        let started = Instant::now();
+        while hv.busy(e.uuid).await? && started.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let state = hv.state(e.uuid).await?;
+        let memory = record.restoring.take();
+        match state {
+            Some(DomainState::Running) => {
+                tracing::warn!(vm = %e.uuid, "a restore interrupted after the guest resumed: adopting it");
+                if let Err(err) = hv.set_metadata(e.uuid, record.metadata_body()).await {
+                    tracing::warn!(vm = %e.uuid, error = %err, "clearing the restore mark failed");
+                }
+                Ok(false)
+            }
+            _ => {
+                tracing::warn!(vm = %e.uuid, "a restore interrupted before the guest resumed: destroying the paused domain");
+                if state.is_some() {
+                    hv.destroy(e.uuid).await?;
+                }
+                for d in record.disks.iter().rev() {
+                    self.inner.volumes.teardown_all(&d.prepared).await;
+                }
+                if let Some(m) = memory {
+                    self.inner.volumes.teardown_all(&[m.dump, m.metadata]).await;
+                }
+                Ok(true)
+            }
+        }
     }
 
     pub fn config(&self) -> &Config {

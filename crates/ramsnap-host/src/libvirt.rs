@@ -396,6 +396,32 @@ impl Hypervisor {
         .await
     }
 
+    /// Whether libvirt is busy with the domain: a job runs (a snapshot,
+    /// a save or restore, a migration) or a command is in progress. A job
+    /// started by an agent process that has since died goes on in libvirtd,
+    /// and shows here. False when the driver cannot tell (test driver).
+    pub async fn busy(&self, id: Uuid) -> Result<bool> {
+        self.call("control_info", QUICK, move |c| {
+            let d = match lookup(c, id, "control_info") {
+                Ok(d) => d,
+                Err(e) if e.is_no_domain() => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let mut info = sys::virDomainControlInfo {
+                state: 0,
+                details: 0,
+                stateTime: 0,
+            };
+            // SAFETY: `d` is a live domain handle and `info` outlives the call.
+            let r = unsafe { sys::virDomainGetControlInfo(d.as_ptr(), &mut info, 0) };
+            if r < 0 {
+                return Ok(false);
+            }
+            Ok(info.state == sys::VIR_DOMAIN_CONTROL_JOB || info.state == sys::VIR_DOMAIN_CONTROL_OCCUPIED)
+        })
+        .await
+    }
+
     /// Progress of the domain's running job, if one runs.
     pub async fn job_progress(&self, id: Uuid) -> Result<Option<JobProgress>> {
         self.call("job_stats", QUICK, move |c| {

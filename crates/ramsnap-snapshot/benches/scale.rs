@@ -363,9 +363,11 @@ async fn run() {
     let r = futures::FutureExt::catch_unwind(result).await;
 
     for db in [&bench_db, &pgb_db] {
-        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
-            .execute(&admin)
-            .await
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await
         {
             eprintln!("drop {db}: {e}");
         }

@@ -32,8 +32,16 @@ pub fn to_wire_memory(m: &db::MemoryVolume) -> common::MemoryVolumeRef {
 
 /// A status from a downstream service, as this service passes it on.
 pub fn downstream(what: &str, s: Status) -> Status {
+    // A status that tonic made from a transport error (the agent died
+    // mid-call, the connection broke) carries that error as its source; an
+    // agent's own answer never does. Whatever its code, no answer came.
+    let code = if std::error::Error::source(&s).is_some() {
+        tonic::Code::Unavailable
+    } else {
+        s.code()
+    };
     Status::with_details(
-        s.code(),
+        code,
         format!("{what}: {}", s.message()),
         s.details().to_vec().into(),
     )

@@ -27,7 +27,16 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// [`Coordinator::connect`], then [`Coordinator::resume`] at once: for a
+    /// coordinator whose agents run elsewhere.
     pub async fn open(database_url: &str) -> anyhow::Result<Coordinator> {
+        let c = Coordinator::connect(database_url).await?;
+        c.resume().await?;
+        Ok(c)
+    }
+
+    /// Opens and migrates the database; resumes nothing yet.
+    pub async fn connect(database_url: &str) -> anyhow::Result<Coordinator> {
         if let Some(path) = database_url.strip_prefix("sqlite:") {
             let path = path.trim_start_matches("//");
             if let Some(dir) = std::path::Path::new(path).parent() {
@@ -52,16 +61,25 @@ impl Coordinator {
                 }
             }),
         );
-        app.set_executor(exec.clone());
-        let resumed = exec
+        app.set_executor(exec);
+        Ok(Coordinator { app })
+    }
+
+    /// Resumes the sagas an earlier process left unfinished and follows the
+    /// running VMs' status. In the all-in-one process, called once its own
+    /// agents answer: a saga resumed earlier would only find them absent.
+    pub async fn resume(&self) -> anyhow::Result<()> {
+        let resumed = self
+            .app
+            .executor()
             .recover()
             .await
             .map_err(|e| anyhow::anyhow!("resuming sagas: {e}"))?;
         if resumed > 0 {
             tracing::info!(resumed, "resumed unfinished sagas");
         }
-        status::follow_running(&app).await;
-        Ok(Coordinator { app })
+        status::follow_running(&self.app).await;
+        Ok(())
     }
 
     pub fn service_set(&self) -> ServiceSet {

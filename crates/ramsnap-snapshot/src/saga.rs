@@ -100,7 +100,9 @@ impl<S> SagaCx<S> {
 /// ran, before its success is logged), `undo_error` (the undo fails once).
 /// `halt` and `halt_after` stop executing the saga at those same points
 /// without ending the process: an in-process crash, for tests that then
-/// resume the saga with a new executor.
+/// resume the saga with a new executor. `hold` waits before the node's
+/// forward action until the file `<RAMSNAP_FAILPOINT_DIR>/<saga>.<node>`
+/// exists: a test can stop the agents while the saga stands at that node.
 #[derive(Default)]
 pub struct Failpoints {
     points: Mutex<HashMap<String, String>>,
@@ -130,13 +132,27 @@ impl Failpoints {
             Some(a) if a == action => {
                 // Errors and halts fire once, so that retries and recovery
                 // can finish.
-                if action.ends_with("error") || action.starts_with("halt") {
+                if action.ends_with("error") || action.starts_with("halt") || action == "hold" {
                     points.remove(&key);
                 }
                 true
             }
             _ => false,
         }
+    }
+
+    /// `hold`: logs, then waits for the release file (see above).
+    async fn hold(&self, saga: &str, node: &str) {
+        if !self.hit(saga, node, "hold") {
+            return;
+        }
+        let dir = std::env::var("RAMSNAP_FAILPOINT_DIR").unwrap_or_else(|_| ".".into());
+        let release = std::path::Path::new(&dir).join(format!("{saga}.{node}"));
+        eprintln!("failpoint {saga}.{node}=hold: waiting for {}", release.display());
+        while !release.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("failpoint {saga}.{node}=hold: released");
     }
 
     fn crash(&self, saga: &str, node: &str, action: &str) {
@@ -341,6 +357,9 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     cancelled: true,
                 });
             }
+            // A node that had started in an earlier process may have reached
+            // an agent: its outcome is unknown until an agent answers.
+            let mut in_doubt = has(i, SagaNodeEventType::Started);
             self.db
                 .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Started, None)
                 .await
@@ -349,10 +368,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
             if self.failpoints.hit(def.name, node.name, "halt") {
                 return Err(Status::aborted(format!("halted at {}.{}", def.name, node.name)));
             }
+            self.failpoints.hold(def.name, node.name).await;
             let mut attempt = 0u32;
             let output = loop {
                 let result = if self.failpoints.hit(def.name, node.name, "error") {
-                    Err(Status::unavailable(format!(
+                    Err(Status::internal(format!(
                         "injected failure at {}.{}",
                         def.name, node.name
                     )))
@@ -367,7 +387,33 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         tracing::warn!(saga = %cx.saga_id, node = node.name, attempt, error = %status, "retrying");
                         tokio::time::sleep(self.backoff(attempt)).await;
                     }
+                    // The agent (or the database) did not answer: the step did
+                    // not fail, its outcome is unknown. Unwinding now could undo
+                    // what the agent did after all (delete the overlay a guest
+                    // writes to), so the node asks again until it gets an
+                    // answer. A cancel ends the wait only while no call can
+                    // have reached the agent.
+                    Err(status) if outcome_unknown(&status) && (in_doubt || !cx.cancel.is_cancelled()) => {
+                        in_doubt |= may_have_arrived(&status);
+                        attempt += 1;
+                        tracing::warn!(
+                            saga = %cx.saga_id, node = node.name, attempt, in_doubt, error = %status,
+                            "no answer; asking again"
+                        );
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.backoff(attempt)) => {}
+                            _ = cx.cancel.cancelled(), if !in_doubt => {}
+                        }
+                    }
                     Err(status) => {
+                        let status = if outcome_unknown(&status) {
+                            Status::cancelled(format!(
+                                "cancelled by request while waiting for an answer ({})",
+                                status.message()
+                            ))
+                        } else {
+                            status
+                        };
                         tracing::warn!(saga = %cx.saga_id, node = node.name, error = %status, "node failed; unwinding");
                         self.db
                             .append_saga_node_event(
@@ -510,6 +556,21 @@ fn has_fn(events: &[crate::db::SagaNodeEvent]) -> impl Fn(usize, SagaNodeEventTy
             .iter()
             .any(|e| e.node_id as usize == node && e.event_type == t)
     }
+}
+
+/// No answer came: the agent or the database could not be reached, or the
+/// call ran out of time. What it asked for may or may not have happened.
+pub fn outcome_unknown(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)
+}
+
+/// Whether a call that ended with this (unknown-outcome) status may have
+/// reached the agent: anything but a refused connection may have.
+fn may_have_arrived(s: &Status) -> bool {
+    let m = s.message();
+    !(m.contains("tcp connect error")
+        || m.contains("error trying to connect")
+        || m.contains("Connection refused"))
 }
 
 /// The first precondition violation of a status: (type, subject).

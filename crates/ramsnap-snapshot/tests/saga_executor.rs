@@ -20,6 +20,8 @@ struct Toy {
     resources: Mutex<BTreeSet<String>>,
     /// How many times each forward action ran (replays included).
     runs: Mutex<Vec<&'static str>>,
+    /// Node b's agent does not answer this many times, with this message.
+    unanswered: Mutex<(u32, &'static str)>,
 }
 
 fn make(cx: &SagaCx<Toy>, name: &'static str) -> Result<Value, Status> {
@@ -53,6 +55,14 @@ fn b(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
         // Needs a's output: outputs survive a restart through the log.
         let out: Value = cx.output("a")?;
         assert_eq!(out["made"], "a");
+        {
+            let mut u = cx.app.unanswered.lock().unwrap();
+            if u.0 > 0 {
+                u.0 -= 1;
+                cx.app.runs.lock().unwrap().push("b?");
+                return Err(Status::unavailable(u.1));
+            }
+        }
         make(cx, "b")
     }
     .boxed()
@@ -201,7 +211,7 @@ async fn an_error_at_any_reversible_node_unwinds_everything() {
             resources(&env, saga)
         );
         let err = env.db.get_operation(op).await.unwrap().error.unwrap();
-        assert!(err.starts_with("UNAVAILABLE: injected failure"), "{err}");
+        assert!(err.starts_with("INTERNAL: injected failure"), "{err}");
     }
 }
 
@@ -288,4 +298,61 @@ async fn cancelling_unwinds_at_the_next_reversible_node() {
         (OperationState::Cancelled, SagaState::Done)
     );
     assert!(resources(&env, saga).is_empty());
+}
+
+/// The message tonic gives a call whose connection was refused: it never
+/// reached the agent.
+const REFUSED: &str = "tcp connect error: Connection refused (os error 111)";
+/// A call cut off mid-way: it may have reached the agent.
+const CUT_OFF: &str = "h2 protocol error: error reading a body from connection";
+
+#[tokio::test]
+async fn a_step_without_an_answer_is_asked_again_not_unwound() {
+    let env = env().await;
+    *env.app.unanswered.lock().unwrap() = (3, CUT_OFF);
+    let exec = executor(&env, "");
+    let (op, saga) = start(&env, &exec).await;
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
+    let runs = env.app.runs.lock().unwrap().clone();
+    assert_eq!(runs, ["a", "b?", "b?", "b?", "b", "c", "d"]);
+}
+
+#[tokio::test]
+async fn a_cancel_unwinds_a_step_whose_agent_was_never_reached() {
+    let env = env().await;
+    *env.app.unanswered.lock().unwrap() = (u32::MAX, REFUSED);
+    let exec = executor(&env, "");
+    let (op, saga) = start(&env, &exec).await;
+    while !env.app.runs.lock().unwrap().contains(&"b?") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(exec.cancel(op));
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Cancelled, SagaState::Done)
+    );
+    assert!(resources(&env, saga).is_empty(), "{:?}", resources(&env, saga));
+}
+
+#[tokio::test]
+async fn a_cancel_never_unwinds_a_step_that_may_have_reached_its_agent() {
+    let env = env().await;
+    *env.app.unanswered.lock().unwrap() = (4, CUT_OFF);
+    let exec = executor(&env, "");
+    let (op, saga) = start(&env, &exec).await;
+    while !env.app.runs.lock().unwrap().contains(&"b?") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(exec.cancel(op));
+    // b is asked until its agent answers; past b there is nothing to
+    // cancel (c is past the point of no return).
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
 }

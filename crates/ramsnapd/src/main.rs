@@ -81,7 +81,8 @@ async fn main() -> anyhow::Result<()> {
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("coordinator.db").display()));
-    let coordinator = Coordinator::open(&database_url).await?;
+    // Sagas are resumed only once this process's own agents answer (below).
+    let coordinator = Coordinator::connect(&database_url).await?;
 
     let file_roots = if args.file_roots.is_empty() {
         // The default root is ours to create; explicit roots (NFS mounts) are not.
@@ -158,13 +159,26 @@ async fn main() -> anyhow::Result<()> {
     };
     let storage_set = ServiceSet::new(STORAGE_SERVICE, StorageApi::new(storage).into_server());
     let host_set = ServiceSet::new(HOST_SERVICE, HostApi::new(host_agent).into_server());
-    let (a, b, c) = tokio::join!(
+    let resume = async {
+        for (addr, service) in [(storage_addr, STORAGE_SERVICE), (host_addr, HOST_SERVICE)] {
+            if let Err(e) =
+                ramsnap_common::ready::wait_serving(addr, service, std::time::Duration::from_secs(60)).await
+            {
+                tracing::error!(error = %e, "an agent of this process does not answer; stopping");
+                stop.cancel();
+                return Err(e);
+            }
+        }
+        coordinator.resume().await.inspect_err(|_| stop.cancel())
+    };
+    let (a, b, c, d) = tokio::join!(
         run(snapshot, vec![coordinator.service_set()]),
         run(storage_listener, vec![storage_set]),
-        run(host, vec![host_set])
+        run(host, vec![host_set]),
+        resume
     );
     coordinator.close().await;
-    a.and(b).and(c)
+    a.and(b).and(c).and(d)
 }
 
 /// On the first start, a cluster "default" at compatibility 3.3 with this

@@ -151,6 +151,7 @@ impl Host {
             spec: spec.clone(),
             disks,
             console_log,
+            restoring: None,
         };
         let kernel = kernel.as_deref().map(path_string).transpose()?;
         let initrd = initrd.as_deref().map(path_string).transpose()?;
@@ -287,7 +288,12 @@ impl Host {
             let saved = hv.saved_xml(dump_path.clone()).await?;
             // libvirt refuses a restore under another name: keep the saved one.
             record.domain_name = xml::domain_name(&saved).map_err(|e| HostError::Internal(e.to_string()))?;
-            let element = record.metadata_element();
+            // Marked as restoring until resumed (see `Running::restoring`).
+            let element = Running {
+                restoring: Some(*memory),
+                ..record.clone()
+            }
+            .metadata_element();
             let xml = xml::rewrite_for_restore(
                 &saved,
                 &RestoreRewrite {
@@ -301,6 +307,16 @@ impl Host {
             .map_err(|e| RestoreError::DisksMismatch {
                 reason: e.to_string(),
             })?;
+            if crate::failpoint::hit("restore_during_load") {
+                let (host, id) = (self.clone(), spec.vm_id);
+                tokio::spawn(async move {
+                    while !matches!(host.inner.hv.state(id).await, Ok(Some(_))) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    eprintln!("host failpoint restore_during_load: exiting");
+                    std::process::exit(86);
+                });
+            }
             let r = hv
                 .restore(dump_path.clone(), xml, true, restore_timeout(spec.memory_bytes))
                 .await;
@@ -331,6 +347,9 @@ impl Host {
         if let Err(e) = hv.resume(spec.vm_id).await {
             let _ = hv.destroy(spec.vm_id).await;
             return Err(e);
+        }
+        if let Err(e) = hv.set_metadata(spec.vm_id, record.metadata_body()).await {
+            tracing::warn!(vm = %spec.vm_id, error = %e, "clearing the restore mark failed");
         }
         lap.done("resume");
         *running = record;

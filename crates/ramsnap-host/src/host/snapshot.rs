@@ -272,6 +272,9 @@ impl Host {
             Some(DomainState::Running | DomainState::Paused { .. }) => {}
             _ => return Err(SnapshotError::VmNotRunning(req.vm_id).into()),
         }
+        if let Some(outcome) = self.resolve_earlier_attempt(vm, job, req, &running).await? {
+            return Ok(outcome);
+        }
         if req.disks.len() != running.disks.len() {
             return Err(SnapshotError::DisksMismatch(format!(
                 "the VM has {} disks, the request names {}",
@@ -498,18 +501,185 @@ impl Host {
         }
     }
 
-    async fn prepare_snapshot(
+    /// An earlier agent process may have begun this very snapshot and died
+    /// while libvirt went on without it. Before anything is prepared or
+    /// scrubbed: wait until libvirt is done with the domain, then look where
+    /// the disks point. On the request's overlays, the snapshot was taken:
+    /// it is finished here (memory checksummed and recorded) and reported
+    /// as taken, never taken again or undone. None: it was not taken.
+    async fn resolve_earlier_attempt(
         &self,
+        vm: &Arc<Vm>,
+        job: &Job,
         req: &SnapshotRequest,
-        memory: Option<MemoryVolumes>,
-        overlays: &mut Vec<Prepared>,
-        mem: &mut Option<MemoryTarget>,
-    ) -> Result<()> {
+        running: &super::Running,
+    ) -> Result<Option<SnapshotOutcome>> {
+        let hv = &self.inner.hv;
         let volumes = &self.inner.volumes;
-        for d in &req.disks {
-            overlays.push(volumes.prepare(&d.overlay).await?);
+        let started = Instant::now();
+        let limit = snapshot_timeout(running.spec.memory_bytes);
+        let mut logged = false;
+        while hv.busy(req.vm_id).await? {
+            if !logged {
+                tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id,
+                    "libvirt is busy with the domain (a job left by an earlier agent process?): waiting for it to end");
+                logged = true;
+            }
+            if started.elapsed() > limit {
+                return Err(HostError::Timeout {
+                    what: "waiting for libvirt's job on the domain to end".into(),
+                    after: limit,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let Some(m) = memory else { return Ok(()) };
+        if req.disks.len() != running.disks.len() {
+            return Ok(None); // the usual checks say what is wrong
+        }
+        let live = if self.inner.simulated {
+            Vec::new()
+        } else {
+            self.live_disks(req.vm_id).await?
+        };
+        let live_path = |dev: &str| live.iter().find(|(d, _)| d == dev).map(|(_, p)| p.clone());
+        let moved = |d: &crate::model::SnapshotDisk, r: &RunningDisk| {
+            r.leaf == d.overlay || live_path(&r.dev).is_some_and(|p| p != r.path)
+        };
+        let n_moved = req
+            .disks
+            .iter()
+            .zip(&running.disks)
+            .filter(|(d, r)| moved(d, r))
+            .count();
+        if n_moved == 0 {
+            return Ok(None);
+        }
+        // Every disk must now be on its overlay (libvirt's snapshot is atomic).
+        let mut overlays = Vec::new();
+        for (d, r) in req.disks.iter().zip(&running.disks) {
+            let o = volumes.prepare(&d.overlay).await?;
+            let on_overlay =
+                r.leaf == d.overlay || live_path(&r.dev).is_some_and(|p| p == o.path.display().to_string());
+            if !on_overlay {
+                return Err(SnapshotError::DisksMismatch(format!(
+                    "disk {} runs on neither its leaf {} nor the snapshot's overlay {}",
+                    r.dev, d.current, d.overlay
+                ))
+                .into());
+            }
+            overlays.push(o);
+        }
+        tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id,
+            "the snapshot was taken by an earlier attempt: finishing it");
+        // What the disks were before the snapshot, for the memory's metadata.
+        let before: Vec<RunningDisk> = running
+            .disks
+            .iter()
+            .zip(&req.disks)
+            .map(|(r, d)| RunningDisk {
+                leaf: d.current,
+                ..r.clone()
+            })
+            .collect();
+        let memory = req.memory.filter(|_| req.level.has_memory_snapshots());
+        let outcome = match memory {
+            None => SnapshotOutcome {
+                memory_saved: false,
+                dump_bytes: 0,
+                dump_sha256: String::new(),
+                guest_pause_ms: 0,
+                duration_ms: 0,
+            },
+            Some(m) => self.adopt_memory(job, req, &before, &overlays, m).await,
+        };
+        let mut r = running.clone();
+        for (d, o) in r.disks.iter_mut().zip(&overlays) {
+            if d.leaf != o.r {
+                adopt(d, o);
+            }
+        }
+        self.record(vm, r).await;
+        Ok(Some(outcome))
+    }
+
+    /// The memory part of a snapshot that libvirt took for an earlier agent
+    /// process: already recorded (the metadata volume names this snapshot),
+    /// or a complete save image to checksum and record now. Anything else is
+    /// no memory: the volumes are cleared and the snapshot is disk-only.
+    async fn adopt_memory(
+        &self,
+        job: &Job,
+        req: &SnapshotRequest,
+        before: &[RunningDisk],
+        overlays: &[Prepared],
+        m: MemoryVolumes,
+    ) -> SnapshotOutcome {
+        let volumes = &self.inner.volumes;
+        let disk_only = SnapshotOutcome {
+            memory_saved: false,
+            dump_bytes: 0,
+            dump_sha256: String::new(),
+            guest_pause_ms: 0,
+            duration_ms: 0,
+        };
+        let target = match self.prepare_memory(m).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(vm = %req.vm_id, error = %e, "preparing the memory volumes of a snapshot taken earlier failed; it is kept without memory");
+                return disk_only;
+            }
+        };
+        let recorded = match super::run::read_memory_metadata(&target.meta, target.meta_capacity).await {
+            Ok(md) if md.snapshot_id == req.snapshot_id && md.vm_id == req.vm_id => Some(SnapshotOutcome {
+                memory_saved: true,
+                dump_bytes: md.dump.dump_bytes,
+                dump_sha256: md.dump.sha256,
+                guest_pause_ms: 0,
+                duration_ms: 0,
+            }),
+            _ => None,
+        };
+        let outcome = match recorded {
+            Some(o) => Ok(o),
+            None if self.inner.simulated => {
+                Err(HostError::Internal("no save image on a simulated host".into()))
+            }
+            None => match self
+                .inner
+                .hv
+                .saved_xml(target.dump.path.display().to_string())
+                .await
+            {
+                Ok(_) => {
+                    self.finish_snapshot(job, req, before, overlays, Some(&target), 0)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id, error = %e,
+                    "the memory of the snapshot taken earlier is not usable: the snapshot is kept without it");
+                if let Err(e) = scrub(&target).await {
+                    tracing::error!(vm = %req.vm_id, error = %e, "scrubbing the dump volume failed");
+                }
+                let (path, capacity) = (target.meta.path.clone(), target.meta_capacity);
+                let _ = tokio::task::spawn_blocking(move || {
+                    metadata::write_volume(&path, &vec![0u8; capacity as usize])
+                })
+                .await;
+                disk_only
+            }
+        };
+        volumes.teardown_all(&[m.dump, m.metadata]).await;
+        outcome
+    }
+
+    /// Prepares a memory pair and reads their capacities (no scrub).
+    async fn prepare_memory(&self, m: MemoryVolumes) -> Result<MemoryTarget> {
+        let volumes = &self.inner.volumes;
         let dump_info: VolumeInfo = volumes.get(&m.dump).await?;
         check_purpose(&dump_info, Purpose::MemoryDump)?;
         let meta_info = volumes.get(&m.metadata).await?;
@@ -522,13 +692,28 @@ impl Host {
                 return Err(e);
             }
         };
-        *mem = Some(MemoryTarget {
+        Ok(MemoryTarget {
             volumes: m,
             dump,
             dump_capacity: dump_info.capacity,
             meta,
             meta_capacity: meta_info.capacity.min(metadata::MAX_DOCUMENT),
-        });
+        })
+    }
+
+    async fn prepare_snapshot(
+        &self,
+        req: &SnapshotRequest,
+        memory: Option<MemoryVolumes>,
+        overlays: &mut Vec<Prepared>,
+        mem: &mut Option<MemoryTarget>,
+    ) -> Result<()> {
+        let volumes = &self.inner.volumes;
+        for d in &req.disks {
+            overlays.push(volumes.prepare(&d.overlay).await?);
+        }
+        let Some(m) = memory else { return Ok(()) };
+        *mem = Some(self.prepare_memory(m).await?);
         scrub(mem.as_ref().expect("just set")).await
     }
 
@@ -827,6 +1012,9 @@ async fn watch_job(
     let progress = async {
         while !*stop.borrow() {
             if let Ok(Some(p)) = hv.job_progress(id).await {
+                if p.processed > 0 {
+                    crate::failpoint::crash("snapshot_during_dump");
+                }
                 job.progress(Progress {
                     processed: p.processed,
                     total: p.total.max(p.processed),

@@ -194,11 +194,9 @@ impl Database {
                 .await?
             }
             None => {
-                sqlx::query(sql!(
-                    "SELECT {COLUMNS} FROM operations ORDER BY created_at, id"
-                ))
-                .fetch_all(self.pool())
-                .await?
+                sqlx::query(sql!("SELECT {COLUMNS} FROM operations ORDER BY created_at, id"))
+                    .fetch_all(self.pool())
+                    .await?
             }
         };
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)

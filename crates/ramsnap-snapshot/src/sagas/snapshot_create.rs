@@ -359,10 +359,30 @@ fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                     }
                 }
                 _ = cx.cancel.cancelled() => {
-                    let _ = client.cancel_snapshot(host::CancelSnapshotRequest { job_id: job_id.to_string() }).await;
-                    // The host unwinds its side; wait for its answer.
-                    while let Ok(Some(_)) = stream.message().await {}
-                    return Err(Status::cancelled("cancelled by request"));
+                    client
+                        .cancel_snapshot(host::CancelSnapshotRequest { job_id: job_id.to_string() })
+                        .await
+                        .map_err(|s| downstream("cancelling the host snapshot", s))?;
+                    // The host unwinds its side; wait for its answer. A cancel
+                    // that came too late finds the snapshot taken: the VM
+                    // writes to the overlays, so the saga must go on.
+                    loop {
+                        match stream.message().await.map_err(|s| downstream("host snapshot", s)) {
+                            Ok(Some(m)) => {
+                                if let Some(r) = m.result {
+                                    tracing::info!(vm = %vm.id, "cancel came after the host took the snapshot: it stands");
+                                    return Ok(json!({
+                                        "memory_saved": r.memory_saved,
+                                        "dump_bytes": r.dump_bytes,
+                                        "guest_pause_ms": r.guest_pause_ms,
+                                    }));
+                                }
+                            }
+                            Ok(None) => return Err(Status::unavailable("the host's snapshot stream ended without a result")),
+                            Err(s) if s.code() == Code::Cancelled => return Err(Status::cancelled("cancelled by request")),
+                            Err(s) => return Err(s),
+                        }
+                    }
                 }
             }
         }
