@@ -307,10 +307,7 @@ impl Host {
                 if self.finish_interrupted_restore(&e, &mut record).await? {
                     continue;
                 }
-                self.inner
-                    .volumes
-                    .teardown_all(&[memory.dump, memory.metadata])
-                    .await;
+                self.release_in_background(self.vm_entry(e.uuid), vec![memory.dump, memory.metadata]);
             }
             let status = match e.state {
                 DomainState::Paused { by_user: true } => VmStatus::Paused,
@@ -355,15 +352,38 @@ impl Host {
                 if state.is_some() {
                     hv.destroy(e.uuid).await?;
                 }
-                for d in record.disks.iter().rev() {
-                    self.inner.volumes.teardown_all(&d.prepared).await;
-                }
+                let mut refs: Vec<VolumeRef> = record.disks.iter().flat_map(|d| d.prepared.clone()).collect();
                 if let Some(m) = memory {
-                    self.inner.volumes.teardown_all(&[m.dump, m.metadata]).await;
+                    refs.extend([m.dump, m.metadata]);
                 }
+                self.release_in_background(self.vm_entry(e.uuid), refs);
                 Ok(true)
             }
         }
+    }
+
+    /// Tears volumes down without holding up the agent's start (its storage
+    /// agent may not answer yet), under the VM's operation lock, taken here:
+    /// a run of the VM waits until they are released, so that a late
+    /// teardown never takes away what that run prepared.
+    fn release_in_background(&self, vm: Arc<Vm>, refs: Vec<VolumeRef>) {
+        let Ok(guard) = vm.op.clone().try_lock_owned() else {
+            tracing::error!(vm = %vm.id, "the VM is busy at start; its volumes are left prepared");
+            return;
+        };
+        let host = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            for r in refs.iter().rev() {
+                let mut attempt = 0u32;
+                while let Err(e) = host.inner.volumes.teardown(r).await {
+                    attempt += 1;
+                    tracing::warn!(vm = %vm.id, volume = %r, attempt, error = %e, "teardown failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))).await;
+                }
+            }
+            tracing::info!(vm = %vm.id, volumes = refs.len(), "released the volumes of an interrupted restore");
+        });
     }
 
     pub fn config(&self) -> &Config {
