@@ -6,7 +6,7 @@
 //!
 //! | files | identity (URI SAN) | also | use |
 //! |---|---|---|---|
-//! | `ca.pem`, `ca.key` | CN `ramsnap dev CA` | | trust anchor for servers and clients |
+//! | `ca.pem`, `ca.key` | CN `ramsnap dev CA <8 hex digits>` | | trust anchor for servers and clients |
 //! | `coordinator.{pem,key}` | `spiffe://ramsnap/coordinator` | DNS `localhost`, IP `127.0.0.1`, `::1` | server certificate, and client certificate to the agents |
 //! | `storage.{pem,key}`, `host.{pem,key}` | `spiffe://ramsnap/storage`, `…/host` | same | agents' server certificates; `host` is also the host agent's client certificate to its storage agent |
 //! | `admin`, `operator`, `viewer` `.{pem,key}` | `spiffe://ramsnap/<name>` | | client certificates for the CLI |
@@ -154,7 +154,11 @@ fn random_serial() -> SerialNumber {
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, "ramsnap dev CA");
+    // A name of its own, so that a certificate from another machine's dev
+    // CA is refused as from an unknown issuer, not as a bad signature.
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    p.distinguished_name
+        .push(DnType::CommonName, format!("ramsnap dev CA {tag}"));
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

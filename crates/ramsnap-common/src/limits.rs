@@ -293,6 +293,37 @@ mod tests {
         );
     }
 
+    /// The time limit follows the table: a unary call is cut, a long one
+    /// (VerifyMemory) and an unknown path's kind (unary) as documented.
+    #[tokio::test]
+    async fn only_plain_unary_calls_are_timed_out() {
+        use tower::{Layer, ServiceExt};
+        let layer = LimitsLayer::new(Limits {
+            unary_timeout: Some(Duration::from_millis(50)),
+            ..Limits::default()
+        });
+        let slow = tower::service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let svc = layer.layer(slow);
+        let call = |path: &'static str| {
+            let svc = svc.clone();
+            async move {
+                let req = http::Request::builder().uri(path).body(()).unwrap();
+                let resp = svc.oneshot(req).await.unwrap();
+                resp.headers()
+                    .get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_string())
+            }
+        };
+        let deadline = Some((Code::DeadlineExceeded as i32).to_string());
+        assert_eq!(call("/ramsnap.host.v1.HostService/GetHostInfo").await, deadline);
+        assert_eq!(call("/ramsnap.host.v1.HostService/VerifyMemory").await, None);
+        assert_eq!(call("/ramsnap.storage.v1.StorageService/MergeVolume").await, None);
+        assert_eq!(call("/no.Such/Call").await, deadline);
+    }
+
     #[test]
     fn refusal_tells_when_to_retry() {
         let st = exhausted("concurrent_calls", 3);

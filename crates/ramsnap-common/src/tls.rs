@@ -320,6 +320,15 @@ impl ClientTls {
         })
     }
 
+    /// A fixed configuration built elsewhere (never reloaded); it should
+    /// offer ALPN `h2`.
+    pub fn from_config(config: ClientConfig) -> ClientTls {
+        ClientTls {
+            config: Reloadable::fixed(config),
+            server_name: None,
+        }
+    }
+
     /// Expects every server to present a certificate valid for `name` (a
     /// DNS name or an IP address) instead of the host of the address
     /// dialled: for agents reached by IP whose certificates name a service.
