@@ -203,6 +203,47 @@ impl TokenTable {
     }
 }
 
+/// A client interceptor that sends a bearer token with every call (none
+/// when made without one): `XClient::with_interceptor(channel, bearer)`.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(<token>)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> anyhow::Result<Bearer> {
+        let Some(token) = token else {
+            return Ok(Bearer(None));
+        };
+        anyhow::ensure!(
+            !token.is_empty() && !token.contains(char::is_whitespace),
+            "a bearer token is one word"
+        );
+        let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("a bearer token must be printable ASCII"))?;
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// The token of an `authorization: Bearer <token>` header value; `None` if
 /// the value is not of that form.
 pub fn bearer_token(value: &http::HeaderValue) -> Option<&str> {

@@ -4,7 +4,8 @@
 //! mutual TLS with reloadable certificates ([`tls`], [`reload`]), caller
 //! identities ([`authn`]), the RPC table and roles ([`rpcs`]),
 //! authorization ([`authz`]), the audit trail ([`audit`]), call limits
-//! ([`limits`]) and dev certificates ([`devcerts`]).
+//! ([`limits`]), dev certificates ([`devcerts`]), and the flags that
+//! build them for a binary ([`security`]).
 
 pub mod audit;
 pub mod authn;
@@ -15,6 +16,7 @@ pub mod limits;
 pub mod ready;
 pub mod reload;
 pub mod rpcs;
+pub mod security;
 pub mod server;
 pub mod status;
 pub mod telemetry;

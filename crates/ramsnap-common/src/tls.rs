@@ -170,6 +170,8 @@ pub fn load_client_config(files: &TlsFiles) -> anyhow::Result<ClientConfig> {
 #[derive(Clone, Debug)]
 pub struct ServerTls {
     config: Reloadable<ServerConfig>,
+    handshake_timeout: Duration,
+    max_pending: usize,
 }
 
 impl ServerTls {
@@ -188,7 +190,19 @@ impl ServerTls {
         let config = Reloadable::spawn("server TLS certificates", files.paths(), interval, move || {
             load_server_config(&files, client_auth)
         })?;
-        Ok(ServerTls { config })
+        Ok(ServerTls {
+            config,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_pending: MAX_PENDING_HANDSHAKES,
+        })
+    }
+
+    /// Other bounds than [`HANDSHAKE_TIMEOUT`] and
+    /// [`MAX_PENDING_HANDSHAKES`] for [`ServerTls::incoming`].
+    pub fn with_handshake_limits(mut self, timeout: Duration, max_pending: usize) -> ServerTls {
+        self.handshake_timeout = timeout;
+        self.max_pending = max_pending.max(1);
+        self
     }
 
     /// The configuration new connections get now.
@@ -202,28 +216,17 @@ impl ServerTls {
     }
 
     /// The TLS connections accepted on `listener`, for tonic's
-    /// `serve_with_incoming[_shutdown]`; handshakes take at most
-    /// [`HANDSHAKE_TIMEOUT`].
+    /// `serve_with_incoming[_shutdown]`; each handshake runs in a task of
+    /// its own and takes at most [`HANDSHAKE_TIMEOUT`].
     pub fn incoming(&self, listener: TcpListener) -> TlsIncoming {
-        self.incoming_with(listener, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES)
-    }
-
-    /// As [`ServerTls::incoming`] with another handshake time limit and
-    /// bound on handshakes in progress.
-    pub fn incoming_with(
-        &self,
-        listener: TcpListener,
-        handshake_timeout: Duration,
-        max_pending: usize,
-    ) -> TlsIncoming {
         // Completed connections wait here until tonic takes them.
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(accept_loop(
             listener,
             self.config.clone(),
             tx,
-            handshake_timeout,
-            max_pending.max(1),
+            self.handshake_timeout,
+            self.max_pending,
         ));
         TlsIncoming {
             inner: ReceiverStream::new(rx),
@@ -494,6 +497,43 @@ impl ServerTransport {
     pub fn insecure(listen: SocketAddr) -> Result<ServerTransport, TransportError> {
         check_insecure_listen(listen)?;
         Ok(ServerTransport::InsecureLoopback)
+    }
+
+    /// Serves `router` on `listener` until `shutdown`: the TLS connections
+    /// of [`ServerTls::incoming`], or plain text after checking again that
+    /// the listener is on loopback. What `server::serve` calls instead of
+    /// `serve_with_incoming_shutdown(TcpListenerStream::new(listener), ..)`.
+    pub async fn serve<L, ResBody>(
+        self,
+        router: tonic::transport::server::Router<L>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()>
+    where
+        L: tower_layer::Layer<tonic::service::Routes>,
+        L::Service: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+            + Clone
+            + Send
+            + 'static,
+        <L::Service as tower_service::Service<http::Request<tonic::body::Body>>>::Future: Send,
+        <L::Service as tower_service::Service<http::Request<tonic::body::Body>>>::Error:
+            Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+        ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self {
+            ServerTransport::Tls(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                    .await?
+            }
+            ServerTransport::InsecureLoopback => {
+                check_insecure_listen(listener.local_addr()?)?;
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                router.serve_with_incoming_shutdown(incoming, shutdown).await?
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,7 +2,7 @@
 //! real tonic server: health, plus stub ClusterService and OperationService
 //! handlers that answer with the caller's identity.
 use ramsnap_common::audit;
-use ramsnap_common::authn::{Identity, TokenTable};
+use ramsnap_common::authn::{Bearer, Identity, TokenTable};
 use ramsnap_common::authz::{spiffe, AuthLayer, AuthMode, Policy};
 use ramsnap_common::devcerts::{ensure_dev_certs, DevCerts};
 use ramsnap_common::limits::{Limits, LimitsLayer, MessageLimits};
@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify, Semaphore};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
@@ -180,7 +179,7 @@ impl OperationService for Stub {
 struct Running {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
@@ -221,15 +220,11 @@ async fn serve_with(
     let shutdown = async {
         let _ = rx.await;
     };
-    let task = match transport {
-        ServerTransport::Tls(tls) => {
-            let incoming = tls.incoming_with(listener, handshake_timeout, 1024);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
-        }
-        ServerTransport::InsecureLoopback => {
-            tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown))
-        }
+    let transport = match transport {
+        ServerTransport::Tls(tls) => ServerTransport::Tls(tls.with_handshake_limits(handshake_timeout, 1024)),
+        insecure => insecure,
     };
+    let task = tokio::spawn(transport.serve(router, listener, shutdown));
     Running {
         addr,
         stop: Some(tx),
@@ -552,12 +547,8 @@ async fn bearer_tokens_map_to_identities() {
     let anonymous = client_without_cert(&certs.ca(), server.addr);
 
     let with_token = |token: &str| {
-        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let mut client =
-            OperationServiceClient::with_interceptor(anonymous.clone(), move |mut req: Request<()>| {
-                req.metadata_mut().insert("authorization", header.clone());
-                Ok(req)
-            });
+        let bearer = Bearer::new(Some(token)).unwrap();
+        let mut client = OperationServiceClient::with_interceptor(anonymous.clone(), bearer);
         async move {
             client
                 .cancel_operation(pb::CancelOperationRequest::default())
