@@ -177,3 +177,110 @@ impl http_body::Body for AuditBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authn::IdentitySource;
+    use crate::rpcs::RoleSet;
+    use std::sync::{Arc, Mutex};
+
+    /// Records the `outcome` of audit events.
+    struct Outcomes(Arc<Mutex<Vec<String>>>);
+
+    struct Outcome<'a>(&'a mut Option<String>);
+
+    impl tracing::field::Visit for Outcome<'_> {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            if field.name() == "outcome" {
+                *self.0 = Some(value.to_string());
+            }
+        }
+        fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Outcomes {
+        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let mut outcome = None;
+            event.record(&mut Outcome(&mut outcome));
+            if let Some(o) = outcome {
+                self.0.lock().unwrap().push(o);
+            }
+        }
+    }
+
+    /// A body that never ends (a stream the client walks away from).
+    struct Endless;
+
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A body of only trailers with `grpc-status: 5`.
+    struct Trailers(bool);
+
+    impl http_body::Body for Trailers {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            if std::mem::replace(&mut self.0, true) {
+                return Poll::Ready(None);
+            }
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", "5".parse().unwrap());
+            Poll::Ready(Some(Ok(Frame::trailers(t))))
+        }
+    }
+
+    fn record() -> CallRecord {
+        CallRecord {
+            identity: Identity {
+                name: "op".into(),
+                source: IdentitySource::Certificate,
+                roles: RoleSet::all(),
+            },
+            rpc: crate::rpcs::lookup("/ramsnap.storage.v1.StorageService/CopyVolume").unwrap(),
+            peer: None,
+            start: Instant::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_event_per_call_when_it_ends() {
+        use http_body::Body as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(Outcomes(seen.clone())));
+
+        // The status in the trailers, once, when they pass.
+        let mut body = record()
+            .finish_with(http::Response::new(Body::new(Trailers(false))))
+            .into_body();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            frame.unwrap();
+        }
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), ["NOT_FOUND"]);
+
+        // A stream dropped before its end: CANCELLED.
+        drop(record().finish_with(http::Response::new(Body::new(Endless))));
+        // A status in the headers: at once.
+        drop(record().finish_with(Status::permission_denied("no").into_http()));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["NOT_FOUND", "CANCELLED", "PERMISSION_DENIED"]
+        );
+    }
+}

@@ -838,6 +838,48 @@ async fn insecure_mode_is_loopback_only_and_everyone_is_the_local_identity() {
 }
 
 #[tokio::test]
+async fn policy_file_changes_apply_to_the_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = ensure_dev_certs(dir.path()).unwrap();
+    let policy_file = dir.path().join("policy.json");
+    std::fs::write(&policy_file, r#"{"viewer": ["spiffe://ramsnap/viewer"]}"#).unwrap();
+    let policy = Policy::reloadable(&policy_file, Some(POLL)).unwrap();
+    let mut reloaded = policy.subscribe();
+    reloaded.borrow_and_update();
+    let server = serve(
+        ServerTransport::Tls(tls_server(&certs, ClientAuth::Required)),
+        AuthLayer::new(AuthMode::Tls, policy),
+        Limits::default(),
+        Stub::default(),
+    )
+    .await;
+    let addr = server.addr;
+    let viewer = ClientTransport::Tls(ClientTls::new(certs.files("viewer")).unwrap());
+    // Ready as soon as health answers over TLS.
+    ramsnap_common::ready::wait_serving_over(&viewer, addr, "", WAIT)
+        .await
+        .unwrap();
+    let ch = channel(&viewer, addr);
+    assert_eq!(
+        cancel_operation(&ch, "x").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    std::fs::write(&policy_file, r#"{"operator": ["spiffe://ramsnap/viewer"]}"#).unwrap();
+    tokio::time::timeout(WAIT, reloaded.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    // Same connection, next call.
+    assert_eq!(cancel_operation(&ch, "x").await.unwrap(), spiffe::VIEWER);
+    // A broken policy keeps the last good one.
+    std::fs::write(&policy_file, r#"{"operators": []}"#).unwrap();
+    tokio::time::sleep(POLL * 4).await;
+    assert_eq!(cancel_operation(&ch, "x").await.unwrap(), spiffe::VIEWER);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_plain_text_client_gets_nothing_from_a_tls_server() {
     let dir = tempfile::tempdir().unwrap();
     let certs = ensure_dev_certs(dir.path()).unwrap();
