@@ -43,3 +43,40 @@ async fn check(addr: SocketAddr, service: &str) -> Result<(), String> {
         s => Err(format!("status {s:?}")),
     }
 }
+
+/// As [`wait_serving`], over `transport` (TLS with the caller's certificate,
+/// or plain text): for servers started with TLS.
+pub async fn wait_serving_over(
+    transport: &crate::tls::ClientTransport,
+    mut addr: SocketAddr,
+    service: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let endpoint = transport
+        .endpoint(&addr.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        let answer = match transport.connect(&endpoint).await {
+            Ok(channel) => HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: service.to_string(),
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            Err(e) => Err(e.to_string()),
+        };
+        match answer.map(|r| r.into_inner().status()) {
+            Ok(ServingStatus::Serving) => return Ok(()),
+            Ok(s) => last = format!("status {s:?}"),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{addr} did not report SERVING within {timeout:?}: {last}")
+}
