@@ -291,7 +291,10 @@ async fn main() {
     );
     let ramsnap = memory_rows[0].1;
     for (name, secs) in memory_rows {
-        println!("{name:<32} {secs:>8.3} s   ramsnap / this {:>6.2}", ramsnap / secs);
+        println!(
+            "{name:<32} {secs:>8.3} s   ramsnap / this {:>6.2}",
+            ramsnap / secs
+        );
     }
     drop(storage);
     drop(cleanup);

@@ -30,7 +30,6 @@ const DOMAIN_TAG: &str = "RAMSNAP_DOMAIN";
 /// VDSM's default extent is 128 MiB; 4 MiB wastes less on the small
 /// memory-metadata volumes.
 const EXTENT_MIB: u64 = 4;
-const MAX_DESCRIPTION_HEX: usize = 1000;
 
 pub struct BlockDomain {
     id: Uuid,
@@ -261,6 +260,19 @@ impl BlockDomain {
         }
     }
 
+    /// Makes a new LV read as zeros, through its extents on the PV (it is
+    /// inactive and contiguous): the same on hosts with and without
+    /// device-mapper. See [`zero_range`].
+    fn zero(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        let lv = self.lv(image, volume)?;
+        let vg = lvm::vg_info(&self.vg)?;
+        let first = lv.first_pe.ok_or_else(|| StorageError::Tool {
+            cmd: "lvs".into(),
+            stderr: format!("LV {} has no contiguous segment", lv.name),
+        })?;
+        zero_range(Path::new(&vg.pv), vg.pe_start + first * vg.extent_size, lv.size)
+    }
+
     /// The device a link points at, if it is still the one this volume was
     /// prepared on (a loop device can vanish with a reboot and be reused).
     fn live_device(&self, image: Uuid, volume: Uuid) -> Option<PathBuf> {
@@ -321,13 +333,46 @@ impl Backend for BlockDomain {
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
-        if meta.description.len() * 2 > MAX_DESCRIPTION_HEX {
-            return Err(StorageError::invalid("description", "longer than 500 bytes"));
+        // Callers' descriptions are checked before; this is what an LV tag
+        // can hold (a copy may carry an older volume's description).
+        let max = crate::limits::MAX_DESCRIPTION_BYTES;
+        if meta.description.len() > max {
+            return Err(StorageError::invalid(
+                "description",
+                format!(
+                    "is {} bytes long; at most {max} bytes are allowed",
+                    meta.description.len()
+                ),
+            ));
+        }
+        // A volume id names an LV, so it is unique in the whole VG, not
+        // only in its image: find a taken name here rather than as an
+        // lvcreate failure.
+        let name = meta.volume.to_string();
+        if let Some(lv) = lvm::lvs(&self.vg)?.into_iter().find(|lv| lv.name == name) {
+            let image = lv
+                .tags
+                .iter()
+                .find_map(|t| t.strip_prefix("IU_"))
+                .unwrap_or("(none)")
+                .to_string();
+            return Err(StorageError::AlreadyExists {
+                resource: "volume",
+                id: format!("{}/{image}/{name}", self.id),
+                reason: format!(
+                    "volume ids are unique on a BLOCK domain (each names an LV); {name} is already in image {image}"
+                ),
+            });
         }
         let size = Self::lv_size(meta)?;
-        lvm::lvcreate(&self.vg, &meta.volume.to_string(), size, &Self::tags_for(meta))?;
-        if meta.format == Format::Cow {
-            let result = (|| {
+        lvm::lvcreate(&self.vg, &name, size, &Self::tags_for(meta))?;
+        let result = (|| {
+            // lvcreate --zero n leaves whatever the extents held: a deleted
+            // volume's data. A new volume reads as zeros (RAW) or as its
+            // parent (COW, whose unallocated clusters qemu never reads from
+            // the LV, but the LV itself must not carry old data either).
+            self.zero(meta.image, meta.volume)?;
+            if meta.format == Format::Cow {
                 let path = self.prepare(meta.image, meta.volume)?;
                 let mut cmd = Command::new("qemu-img");
                 cmd.current_dir(path.parent().expect("links live in an image directory"));
@@ -340,13 +385,14 @@ impl Backend for BlockDomain {
                 cmd.arg(&path).arg(meta.capacity.to_string());
                 let r = tool::run(&mut cmd).map(drop);
                 self.teardown(meta.image, meta.volume)?;
-                r
-            })();
-            if let Err(e) = result {
-                let _ = self.teardown(meta.image, meta.volume);
-                let _ = lvm::lvremove(&self.vg, &meta.volume.to_string());
-                return Err(e);
+                r?;
             }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = self.teardown(meta.image, meta.volume);
+            let _ = lvm::lvremove(&self.vg, &name);
+            return Err(e);
         }
         Ok(())
     }
@@ -429,6 +475,11 @@ impl Backend for BlockDomain {
         Allocation::Preallocated
     }
 
+    fn role(&self) -> DomainRole {
+        // EXPORT domains are FILE only.
+        DomainRole::Data
+    }
+
     fn descriptors(&self) -> Option<DescriptorStore> {
         None
     }
@@ -480,6 +531,45 @@ fn upper<T: serde::Serialize>(v: T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// Makes `len` bytes of `device` at `offset` read as zeros, as cheaply as
+/// the device allows (both are multiples of 512, as LVM extents are):
+/// - `fallocate(PUNCH_HOLE | KEEP_SIZE)`: the kernel zeroes the range by
+///   unmapping it only where the device guarantees that unmapped blocks
+///   read back as zeros (it never falls back to writing), e.g. a loop
+///   device over a sparse file (a hole is punched in the file), thin LUNs;
+/// - otherwise `BLKZEROOUT`: a write-zeroes offload (SCSI WRITE SAME,
+///   NVMe Write Zeroes), or the kernel writing zero pages.
+///
+/// Both drop the range from the device's page cache first, so no stale
+/// cached page shows through either.
+pub fn zero_range(device: &Path, offset: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let f = fs::OpenOptions::new().write(true).open(device)?;
+    let fd = f.as_raw_fd();
+    // SAFETY: plain integer arguments on a valid descriptor.
+    let punched = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if punched == 0 {
+        return Ok(());
+    }
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    let range = [offset, len];
+    // SAFETY: BLKZEROOUT takes a pointer to two u64s: offset and length.
+    if unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 fn is_loop(device: &Path) -> bool {
