@@ -263,14 +263,30 @@ impl BlockDomain {
     /// Makes a new LV read as zeros, through its extents on the PV (it is
     /// inactive and contiguous): the same on hosts with and without
     /// device-mapper. See [`zero_range`].
-    fn zero(&self, image: Uuid, volume: Uuid) -> Result<()> {
-        let lv = self.lv(image, volume)?;
-        let vg = lvm::vg_info(&self.vg)?;
-        let first = lv.first_pe.ok_or_else(|| StorageError::Tool {
-            cmd: "lvs".into(),
-            stderr: format!("LV {} has no contiguous segment", lv.name),
-        })?;
-        zero_range(Path::new(&vg.pv), vg.pe_start + first * vg.extent_size, lv.size)
+    fn zero(&self, volume: Uuid) -> Result<()> {
+        let (pv, offset, len) = lvm::lv_extent(&self.vg, &volume.to_string())?;
+        zero_range(Path::new(&pv), offset, len)
+    }
+
+    /// After a failed lvcreate: ALREADY_EXISTS when the name was taken. A
+    /// volume id names an LV, so it is unique in the whole VG, not only in
+    /// its image; checked only on failure, to spare every create an lvs.
+    fn name_taken(&self, volume: Uuid) -> Option<StorageError> {
+        let name = volume.to_string();
+        let lv = lvm::lvs(&self.vg).ok()?.into_iter().find(|lv| lv.name == name)?;
+        let image = lv
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix("IU_"))
+            .unwrap_or("(none)")
+            .to_string();
+        Some(StorageError::AlreadyExists {
+            resource: "volume",
+            id: format!("{}/{image}/{name}", self.id),
+            reason: format!(
+                "volume ids are unique on a BLOCK domain (each names an LV); {name} is already in image {image}"
+            ),
+        })
     }
 
     /// The device a link points at, if it is still the one this volume was
@@ -345,33 +361,17 @@ impl Backend for BlockDomain {
                 ),
             ));
         }
-        // A volume id names an LV, so it is unique in the whole VG, not
-        // only in its image: find a taken name here rather than as an
-        // lvcreate failure.
         let name = meta.volume.to_string();
-        if let Some(lv) = lvm::lvs(&self.vg)?.into_iter().find(|lv| lv.name == name) {
-            let image = lv
-                .tags
-                .iter()
-                .find_map(|t| t.strip_prefix("IU_"))
-                .unwrap_or("(none)")
-                .to_string();
-            return Err(StorageError::AlreadyExists {
-                resource: "volume",
-                id: format!("{}/{image}/{name}", self.id),
-                reason: format!(
-                    "volume ids are unique on a BLOCK domain (each names an LV); {name} is already in image {image}"
-                ),
-            });
-        }
         let size = Self::lv_size(meta)?;
-        lvm::lvcreate(&self.vg, &name, size, &Self::tags_for(meta))?;
+        if let Err(e) = lvm::lvcreate(&self.vg, &name, size, &Self::tags_for(meta)) {
+            return Err(self.name_taken(meta.volume).unwrap_or(e));
+        }
         let result = (|| {
             // lvcreate --zero n leaves whatever the extents held: a deleted
             // volume's data. A new volume reads as zeros (RAW) or as its
             // parent (COW, whose unallocated clusters qemu never reads from
             // the LV, but the LV itself must not carry old data either).
-            self.zero(meta.image, meta.volume)?;
+            self.zero(meta.volume)?;
             if meta.format == Format::Cow {
                 let path = self.prepare(meta.image, meta.volume)?;
                 let mut cmd = Command::new("qemu-img");

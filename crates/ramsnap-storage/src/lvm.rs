@@ -169,6 +169,37 @@ pub fn lvs(vg: &str) -> Result<Vec<LvRow>> {
     Ok(rows)
 }
 
+/// Where an LV's (single, contiguous) segment lies: the PV device, and
+/// the byte offset and length on it. One `pvs --segments` call.
+pub fn lv_extent(vg: &str, lv: &str) -> Result<(String, u64, u64)> {
+    let out = tool::run(lvm("pvs").args([
+        "--segments",
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--separator",
+        "|",
+        "-o",
+        "pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
+        "--select",
+        &format!("vg_name={vg} && lv_name={lv}"),
+    ]))?;
+    let rows: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let [line] = rows[..] else {
+        return Err(StorageError::Tool {
+            cmd: "pvs --segments".into(),
+            stderr: format!("LV {vg}/{lv} is not one contiguous segment: {rows:?}"),
+        });
+    };
+    let f: Vec<&str> = line.split('|').collect();
+    if f.len() != 5 {
+        return Err(bad_output("pvs", line));
+    }
+    let (pe_start, extent, first, count) = (num(f[1])?, num(f[2])?, num(f[3])?, num(f[4])?);
+    Ok((f[0].to_string(), pe_start + first * extent, count * extent))
+}
+
 pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
     let mut cmd = lvm("lvcreate");
     cmd.args([

@@ -1696,7 +1696,7 @@ async fn deleting_a_volume_in_use_is_refused_also_after_a_restart() {
         assert!(env.list(&domain).await.is_empty(), "{kind:?}");
     }
     assert!(lv_names(&env.block_domain).is_empty());
-    assert_eq!(loops_over(&env.loop_dev.device), 0);
+    assert_eq!(settled_loops_over(&env.loop_dev.device, 0), 0);
 }
 
 #[tokio::test]
@@ -1714,21 +1714,26 @@ async fn a_teardown_keeps_what_another_prepared_volume_needs() {
     let leaf = vref(&env.create(req).await.unwrap());
     // A guest runs on the base; a snapshot's overlay is prepared on top,
     // then given up (the snapshot failed): the guest's base stays active.
+    let pv = env.loop_dev.device.clone();
     let base_path = env.prepare(&base).await;
-    env.prepare(&leaf).await;
-    assert_eq!(loops_over(&env.loop_dev.device), 2);
+    let leaf_path = env.prepare(&leaf).await;
+    assert_eq!(loops_over(&pv), 2);
     env.teardown(&leaf).await;
-    assert_eq!(loops_over(&env.loop_dev.device), 1, "the base is still prepared");
-    assert!(base_path.exists());
+    assert!(bound_over(&base_path, &pv), "the base is still prepared");
+    assert!(!leaf_path.exists(), "the leaf is torn down");
+    assert_eq!(settled_loops_over(&pv, 1), 1);
     // And the other way round: the base's own teardown keeps it active
     // while the leaf (prepared on it) needs it.
-    env.prepare(&leaf).await;
+    let leaf_path = env.prepare(&leaf).await;
     env.teardown(&base).await;
-    assert_eq!(loops_over(&env.loop_dev.device), 2, "the leaf needs its base");
+    assert!(bound_over(&base_path, &pv), "the leaf needs its base");
+    assert!(bound_over(&leaf_path, &pv));
+    assert_eq!(loops_over(&pv), 2);
     let err = delete(&mut env, &base).await.unwrap_err();
     assert_in_use(&err, &base, &leaf, "base under a prepared leaf");
     env.teardown(&leaf).await;
-    assert_eq!(loops_over(&env.loop_dev.device), 0);
+    assert!(!base_path.exists() && !leaf_path.exists());
+    assert_eq!(settled_loops_over(&pv, 0), 0);
 }
 
 /// Bytes of `path` (a prepared volume) that contain `needle`, as offsets.

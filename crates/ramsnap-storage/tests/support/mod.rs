@@ -458,3 +458,28 @@ pub fn error_info_of(status: &tonic::Status) -> (String, String) {
             .unwrap_or_default(),
     )
 }
+
+/// [`loops_over`], once it is `want` or 5 s have passed: a loop device
+/// that something else has open (LVM scanning every block device, say)
+/// is detached lazily, when that closes it.
+pub fn settled_loops_over(pv: &Path, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let n = loops_over(pv);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Whether a prepared BLOCK volume's path (a symlink to a loop device)
+/// still leads to a loop device bound over `pv`.
+pub fn bound_over(link: &Path, pv: &Path) -> bool {
+    let Ok(target) = std::fs::read_link(link) else {
+        return false;
+    };
+    let name = target.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .is_ok_and(|b| b.trim() == pv.display().to_string())
+}
