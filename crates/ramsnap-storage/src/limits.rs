@@ -95,6 +95,17 @@ pub fn echo(value: &str) -> String {
     }
 }
 
+/// `value` as a message or an error detail may carry it: whole when it is
+/// at most [`MAX_ECHO_CHARS`] characters, else cut there and marked. Keeps
+/// errors small: a status's message and details travel in HTTP/2 headers,
+/// and an 8 KiB value repeated in them breaks the response.
+pub fn clip(value: &str) -> String {
+    match value.char_indices().nth(MAX_ECHO_CHARS) {
+        None => value.to_string(),
+        Some((at, _)) => format!("{}... ({} bytes)", &value[..at], value.len()),
+    }
+}
+
 /// Parses a required id (a canonical hyphenated UUID) like
 /// `ramsnap_common::ids::parse`, whose message repeats the whole value:
 /// anything that cannot be an id (not 36 bytes) is refused here first with
@@ -159,5 +170,8 @@ mod tests {
         assert!(parse_id("v", "").is_err());
         assert_eq!(parse_optional_id("v", "").unwrap(), None);
         assert_eq!(echo("abc"), "\"abc\"");
+        assert_eq!(clip("/dev/sda"), "/dev/sda");
+        assert!(clip(&"é".repeat(100)).starts_with(&"é".repeat(64)));
+        assert!(clip(&"é".repeat(100)).ends_with("... (200 bytes)"));
     }
 }

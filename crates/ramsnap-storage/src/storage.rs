@@ -351,14 +351,15 @@ impl Storage {
             .iter()
             .any(|d| canonical(d) == device);
         if !allowed {
+            let shown = limits::clip(location);
             return Err(StorageError::PermissionDenied {
                 resource: "block_device",
-                name: location.to_string(),
                 reason_code: "BLOCK_DEVICE_NOT_ALLOWED",
                 reason: format!(
-                    "{location} is not one of the block devices this storage service may use \
+                    "{shown} is not one of the block devices this storage service may use \
                      (its --block-device list); nothing was written to it"
                 ),
+                name: shown,
             });
         }
         let meta = std::fs::metadata(&device)

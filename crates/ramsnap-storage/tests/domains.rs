@@ -2145,6 +2145,19 @@ async fn hostile_input_gets_field_errors_never_internal() {
     );
     let link = env.dir.path().join("roots/elsewhere");
     std::os::unix::fs::symlink("/usr/share", &link).unwrap();
+    // A BLOCK location of 4000 bytes: denied, and not repeated whole.
+    let err = env
+        .client
+        .register_domain(pb::RegisterDomainRequest {
+            name: "x".into(),
+            r#type: pb::DomainType::Block as i32,
+            location: format!("/dev/{}", "a".repeat(4000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().len() < 300, "{err:?}");
     for location in [format!("/{}", "a".repeat(8192)), link.display().to_string()] {
         let err = env
             .client
