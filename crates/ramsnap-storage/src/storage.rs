@@ -1400,3 +1400,76 @@ fn discover(config: &Config) -> Result<Found> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(image: Uuid, volume: Uuid, parent: Option<Uuid>) -> VolumeMeta {
+        VolumeMeta {
+            version: METADATA_VERSION,
+            image,
+            volume,
+            parent,
+            format: if parent.is_some() {
+                Format::Cow
+            } else {
+                Format::Raw
+            },
+            allocation: Allocation::Sparse,
+            purpose: Purpose::Disk,
+            legality: Legality::Legal,
+            capacity: 1 << 20,
+            description: String::new(),
+            request_id: None,
+            created_at: 0,
+        }
+    }
+
+    /// What a running copy holds (its source, and through it the source's
+    /// chain) is in use until the copy's hold is dropped.
+    #[test]
+    fn a_running_copy_holds_its_source_and_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = FileDomain::create(dir.path(), Uuid::new_v4(), "d", DomainRole::Data).unwrap();
+        let (image, base, leaf) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let base_meta = meta(image, base, None);
+        domain.create(&base_meta, None).unwrap();
+        domain
+            .create(&meta(image, leaf, Some(base)), Some(&base_meta))
+            .unwrap();
+        let holds = Arc::new(Holds::open(&dir.path().join("run")).unwrap());
+        let r = |volume| VolumeRef {
+            domain: domain.id(),
+            image,
+            volume,
+        };
+        let volumes = domain.list(Some(image)).unwrap();
+        let copy = holds.hold(
+            r(leaf),
+            "is being read by a running copy (CopyVolume), until it ends",
+        );
+        for (v, holder) in [(leaf, leaf), (base, leaf)] {
+            match refuse_in_use(&domain, &holds, &volumes, r(v), "deleted") {
+                Err(StorageError::Precondition {
+                    kind,
+                    subject,
+                    reason,
+                }) => {
+                    assert_eq!((kind, subject), ("VOLUME_IN_USE", r(v).to_string()));
+                    assert!(reason.contains("running copy"), "{reason}");
+                    assert!(reason.contains(&holder.to_string()), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(copy);
+        refuse_in_use(&domain, &holds, &volumes, r(base), "deleted").unwrap();
+        // A prepared base is in use itself; its child is not (a hold
+        // covers the holder's chain below it, never what is above).
+        holds.add_prepared(r(base)).unwrap();
+        let err = refuse_in_use(&domain, &holds, &volumes, r(base), "merged").unwrap_err();
+        assert!(err.to_string().contains("prepared"), "{err}");
+        refuse_in_use(&domain, &holds, &volumes, r(leaf), "deleted").unwrap();
+    }
+}
