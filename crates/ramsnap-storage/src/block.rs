@@ -533,40 +533,26 @@ fn upper<T: serde::Serialize>(v: T) -> String {
         .unwrap_or_default()
 }
 
-/// Makes `len` bytes of `device` at `offset` read as zeros, as cheaply as
-/// the device allows (both are multiples of 512, as LVM extents are):
-/// - `fallocate(PUNCH_HOLE | KEEP_SIZE)`: the kernel zeroes the range by
-///   unmapping it only where the device guarantees that unmapped blocks
-///   read back as zeros (it never falls back to writing), e.g. a loop
-///   device over a sparse file (a hole is punched in the file), thin LUNs;
-/// - otherwise `BLKZEROOUT`: a write-zeroes offload (SCSI WRITE SAME,
-///   NVMe Write Zeroes), or the kernel writing zero pages.
-///
-/// Both drop the range from the device's page cache first, so no stale
-/// cached page shows through either.
+/// Makes `len` bytes of `device` at `offset` read as zeros (both are
+/// multiples of 512, as LVM extents are) with `BLKZEROOUT`, as
+/// `blkdiscard -z` does: the device's write-zeroes offload where it has one
+/// (SCSI WRITE SAME, NVMe Write Zeroes; on a loop device over a file,
+/// `fallocate(ZERO_RANGE)`, which marks the range zeroed and keeps it
+/// allocated), else the kernel writes zero pages. The range stays
+/// allocated (no unmap): a PREALLOCATED volume keeps its space, and a loop
+/// PV over a sparse file reserves it now rather than failing a dump later
+/// with ENOSPC. The ioctl drops the range from the device's page cache
+/// first, so no stale cached page shows through either.
 pub fn zero_range(device: &Path, offset: u64, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
     if len == 0 {
         return Ok(());
     }
     let f = fs::OpenOptions::new().write(true).open(device)?;
-    let fd = f.as_raw_fd();
-    // SAFETY: plain integer arguments on a valid descriptor.
-    let punched = unsafe {
-        libc::fallocate(
-            fd,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if punched == 0 {
-        return Ok(());
-    }
     const BLKZEROOUT: libc::c_ulong = 0x127f;
     let range = [offset, len];
     // SAFETY: BLKZEROOUT takes a pointer to two u64s: offset and length.
-    if unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) } != 0 {
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     Ok(())
