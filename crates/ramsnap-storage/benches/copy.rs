@@ -4,9 +4,15 @@
 //! domains. Page cache is dropped before every measured copy, and both
 //! tools flush their target before they count as done.
 //!
+//! Then the cost of making memory volumes on BLOCK (every new LV is zeroed,
+//! so that it never shows a deleted volume's data): `CreateMemoryVolumes`
+//! for a guest of the same size (PAUSED: RAM + 200 MiB, plus the 1 MiB
+//! metadata volume) beside the bare tools for the dump's size: `lvcreate`
+//! alone, and `lvcreate` + `blkdiscard -z` (BLKZEROOUT) of its extents.
+//!
 //! Run: `cargo bench -p ramsnap-storage --bench copy` (root; needs LVM and
 //! loop devices). RAMSNAP_BENCH_SIZE_MIB and RAMSNAP_BENCH_RUNS override.
-use ramsnap_storage::model::{Format, Purpose, VolumeRef};
+use ramsnap_storage::model::{DumpMode, Format, Purpose, VolumeRef};
 use ramsnap_storage::storage::{CopyRequest, NewVolume};
 use ramsnap_storage::{Config, Storage};
 use rand::RngCore;
@@ -225,6 +231,49 @@ async fn main() {
     allocated.push(("BLOCK->FILE target, qemu-img", file_alloc.1));
     rows.push(("BLOCK->FILE", median(ours), median(theirs)));
 
+    // Memory volumes on BLOCK for a guest of `size` bytes of RAM.
+    let dump_size = DumpMode::Paused.dump_size(size);
+    let (mut ours, mut bare_create, mut bare_zeroed) = (Vec::new(), Vec::new(), Vec::new());
+    let vg = block_dom.to_string();
+    for _ in 0..runs {
+        drop_caches();
+        let t = Instant::now();
+        let (dump, meta) = storage
+            .create_memory_volumes(None, block_dom, size, DumpMode::Paused, "bench".into())
+            .await
+            .unwrap();
+        ours.push(t.elapsed().as_secs_f64());
+        storage.delete_volume(dump.volume_ref(), None).await.unwrap();
+        storage.delete_volume(meta.volume_ref(), None).await.unwrap();
+
+        for zero in [false, true] {
+            drop_caches();
+            let t = Instant::now();
+            sh(lvm("lvcreate")
+                .args(["--activate", "n", "--zero", "n", "--wipesignatures", "n"])
+                .args(["--alloc", "contiguous", "--name", "bench-bare"])
+                .args(["--size", &format!("{dump_size}b"), &vg]));
+            if zero {
+                let (offset, len) = lv_extents(&vg, "bench-bare");
+                sh(Command::new("blkdiscard")
+                    .args(["-z", "-o", &offset.to_string(), "-l", &len.to_string()])
+                    .arg(&device));
+            }
+            let took = t.elapsed().as_secs_f64();
+            if zero {
+                bare_zeroed.push(took);
+            } else {
+                bare_create.push(took);
+            }
+            sh(lvm("lvremove").args(["--yes", &format!("{vg}/bench-bare")]));
+        }
+    }
+    let memory_rows = [
+        ("ramsnap CreateMemoryVolumes", median(ours.clone())),
+        ("lvcreate", median(bare_create.clone())),
+        ("lvcreate + blkdiscard -z", median(bare_zeroed.clone())),
+    ];
+
     println!(
         "\n{:<12} {:>14} {:>14} {:>8}   (median of {runs} runs, MiB/s of virtual size)",
         "direction", "ramsnap", "qemu-img", "ratio"
@@ -236,8 +285,61 @@ async fn main() {
     for (name, bytes) in allocated {
         println!("{name:<32} {:>8} MiB allocated of {size_mib} MiB", bytes / MIB);
     }
+    println!(
+        "\nmemory volumes on BLOCK for a {size_mib} MiB guest (PAUSED: {} MiB dump + 1 MiB metadata), median of {runs} runs:",
+        dump_size / MIB
+    );
+    let ramsnap = memory_rows[0].1;
+    for (name, secs) in memory_rows {
+        println!(
+            "{name:<32} {secs:>8.3} s   ramsnap / this {:>6.2}",
+            ramsnap / secs
+        );
+    }
     drop(storage);
     drop(cleanup);
+}
+
+fn lvm(tool: &str) -> Command {
+    let mut cmd = Command::new(tool);
+    cmd.args(["--config", "global { activation = 0 }"])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1");
+    cmd
+}
+
+/// Byte offset on the PV and length of a (contiguous) LV.
+fn lv_extents(vg: &str, lv: &str) -> (u64, u64) {
+    let pv = sh(lvm("pvs").args([
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "-o",
+        "pe_start,vg_extent_size",
+        "--select",
+        &format!("vg_name={vg}"),
+    ]));
+    let f: Vec<u64> = pv.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let out = sh(lvm("lvs").args([
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--separator",
+        "|",
+        "-o",
+        "lv_size,seg_pe_ranges",
+        &format!("{vg}/{lv}"),
+    ]));
+    let row: Vec<&str> = out.trim().split('|').collect();
+    let first: u64 = row[1]
+        .rsplit(':')
+        .next()
+        .and_then(|r| r.split('-').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (f[0] + first * f[1], row[0].trim().parse().unwrap())
 }
 
 async fn copy(storage: &Storage, source: VolumeRef, target_domain: uuid::Uuid) -> VolumeRef {

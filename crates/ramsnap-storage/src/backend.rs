@@ -3,7 +3,7 @@
 //! pool; [`crate::storage`] serializes the metadata-changing calls per domain.
 use crate::descriptor::DescriptorStore;
 use crate::error::Result;
-use crate::model::{Allocation, DomainInfo, Legality, Volume, VolumeMeta};
+use crate::model::{Allocation, DomainInfo, DomainRole, Legality, Volume, VolumeMeta};
 use std::path::PathBuf;
 use uuid::Uuid;
 
@@ -15,7 +15,9 @@ pub trait Backend: Send + Sync + 'static {
     fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume>;
     /// Creates the volume, recorded as `meta.legality` (callers pass
     /// ILLEGAL and flip it once the content is complete). For a COW child,
-    /// the parent must already be prepared. On error nothing is left behind.
+    /// the parent must already be prepared. A new volume reads as zeros
+    /// (RAW) or as its parent (COW), never as whatever its space held
+    /// before. On error nothing is left behind.
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()>;
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()>;
     /// Records a new parent in the volume's metadata (after a rebase).
@@ -31,6 +33,8 @@ pub trait Backend: Send + Sync + 'static {
     fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()>;
     /// The allocation a volume gets when the caller does not choose.
     fn natural_allocation(&self) -> Allocation;
+    /// What the domain is for (recorded on it).
+    fn role(&self) -> DomainRole;
     /// Remembers, on the domain, that the delete (or merge) request
     /// `request` is done, and which volume survived it (a merge's child).
     fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()>;

@@ -30,7 +30,6 @@ const DOMAIN_TAG: &str = "RAMSNAP_DOMAIN";
 /// VDSM's default extent is 128 MiB; 4 MiB wastes less on the small
 /// memory-metadata volumes.
 const EXTENT_MIB: u64 = 4;
-const MAX_DESCRIPTION_HEX: usize = 1000;
 
 pub struct BlockDomain {
     id: Uuid,
@@ -261,6 +260,35 @@ impl BlockDomain {
         }
     }
 
+    /// Makes a new LV read as zeros, through its extents on the PV (it is
+    /// inactive and contiguous): the same on hosts with and without
+    /// device-mapper. See [`zero_range`].
+    fn zero(&self, volume: Uuid) -> Result<()> {
+        let (pv, offset, len) = lvm::lv_extent(&self.vg, &volume.to_string())?;
+        zero_range(Path::new(&pv), offset, len)
+    }
+
+    /// After a failed lvcreate: ALREADY_EXISTS when the name was taken. A
+    /// volume id names an LV, so it is unique in the whole VG, not only in
+    /// its image; checked only on failure, to spare every create an lvs.
+    fn name_taken(&self, volume: Uuid) -> Option<StorageError> {
+        let name = volume.to_string();
+        let lv = lvm::lvs(&self.vg).ok()?.into_iter().find(|lv| lv.name == name)?;
+        let image = lv
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix("IU_"))
+            .unwrap_or("(none)")
+            .to_string();
+        Some(StorageError::AlreadyExists {
+            resource: "volume",
+            id: format!("{}/{image}/{name}", self.id),
+            reason: format!(
+                "volume ids are unique on a BLOCK domain (each names an LV); {name} is already in image {image}"
+            ),
+        })
+    }
+
     /// The device a link points at, if it is still the one this volume was
     /// prepared on (a loop device can vanish with a reboot and be reused).
     fn live_device(&self, image: Uuid, volume: Uuid) -> Option<PathBuf> {
@@ -321,13 +349,30 @@ impl Backend for BlockDomain {
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
-        if meta.description.len() * 2 > MAX_DESCRIPTION_HEX {
-            return Err(StorageError::invalid("description", "longer than 500 bytes"));
+        // Callers' descriptions are checked before; this is what an LV tag
+        // can hold (a copy may carry an older volume's description).
+        let max = crate::limits::MAX_DESCRIPTION_BYTES;
+        if meta.description.len() > max {
+            return Err(StorageError::invalid(
+                "description",
+                format!(
+                    "is {} bytes long; at most {max} bytes are allowed",
+                    meta.description.len()
+                ),
+            ));
         }
+        let name = meta.volume.to_string();
         let size = Self::lv_size(meta)?;
-        lvm::lvcreate(&self.vg, &meta.volume.to_string(), size, &Self::tags_for(meta))?;
-        if meta.format == Format::Cow {
-            let result = (|| {
+        if let Err(e) = lvm::lvcreate(&self.vg, &name, size, &Self::tags_for(meta)) {
+            return Err(self.name_taken(meta.volume).unwrap_or(e));
+        }
+        let result = (|| {
+            // lvcreate --zero n leaves whatever the extents held: a deleted
+            // volume's data. A new volume reads as zeros (RAW) or as its
+            // parent (COW, whose unallocated clusters qemu never reads from
+            // the LV, but the LV itself must not carry old data either).
+            self.zero(meta.volume)?;
+            if meta.format == Format::Cow {
                 let path = self.prepare(meta.image, meta.volume)?;
                 let mut cmd = Command::new("qemu-img");
                 cmd.current_dir(path.parent().expect("links live in an image directory"));
@@ -340,13 +385,14 @@ impl Backend for BlockDomain {
                 cmd.arg(&path).arg(meta.capacity.to_string());
                 let r = tool::run(&mut cmd).map(drop);
                 self.teardown(meta.image, meta.volume)?;
-                r
-            })();
-            if let Err(e) = result {
-                let _ = self.teardown(meta.image, meta.volume);
-                let _ = lvm::lvremove(&self.vg, &meta.volume.to_string());
-                return Err(e);
+                r?;
             }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = self.teardown(meta.image, meta.volume);
+            let _ = lvm::lvremove(&self.vg, &name);
+            return Err(e);
         }
         Ok(())
     }
@@ -429,6 +475,11 @@ impl Backend for BlockDomain {
         Allocation::Preallocated
     }
 
+    fn role(&self) -> DomainRole {
+        // EXPORT domains are FILE only.
+        DomainRole::Data
+    }
+
     fn descriptors(&self) -> Option<DescriptorStore> {
         None
     }
@@ -480,6 +531,31 @@ fn upper<T: serde::Serialize>(v: T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// Makes `len` bytes of `device` at `offset` read as zeros (both are
+/// multiples of 512, as LVM extents are) with `BLKZEROOUT`, as
+/// `blkdiscard -z` does: the device's write-zeroes offload where it has one
+/// (SCSI WRITE SAME, NVMe Write Zeroes; on a loop device over a file,
+/// `fallocate(ZERO_RANGE)`, which marks the range zeroed and keeps it
+/// allocated), else the kernel writes zero pages. The range stays
+/// allocated (no unmap): a PREALLOCATED volume keeps its space, and a loop
+/// PV over a sparse file reserves it now rather than failing a dump later
+/// with ENOSPC. The ioctl drops the range from the device's page cache
+/// first, so no stale cached page shows through either.
+pub fn zero_range(device: &Path, offset: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let f = fs::OpenOptions::new().write(true).open(device)?;
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    let range = [offset, len];
+    // SAFETY: BLKZEROOUT takes a pointer to two u64s: offset and length.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 fn is_loop(device: &Path) -> bool {

@@ -30,6 +30,15 @@ pub enum StorageError {
         subject: String,
         reason: String,
     },
+    /// The caller may not use this resource: a device the service's
+    /// configuration does not allow. `reason_code` is the ErrorInfo reason.
+    #[error("{reason}")]
+    PermissionDenied {
+        resource: &'static str,
+        name: String,
+        reason_code: &'static str,
+        reason: String,
+    },
     #[error("{cmd} failed: {stderr}")]
     Tool { cmd: String, stderr: String },
     #[error("on-domain metadata of {subject} is unreadable: {reason}")]
@@ -83,6 +92,21 @@ impl From<StorageError> for Status {
                 subject,
                 reason,
             } => status::failed_precondition(kind, &subject, reason),
+            StorageError::PermissionDenied {
+                resource,
+                name,
+                reason_code,
+                reason,
+            } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                let mut details = ErrorDetails::with_error_info(
+                    reason_code,
+                    "ramsnap.storage",
+                    std::collections::HashMap::from([(resource.to_string(), name.clone())]),
+                );
+                details.set_resource_info(resource, name, "", reason.clone());
+                Status::with_error_details(tonic::Code::PermissionDenied, reason, details)
+            }
             e @ (StorageError::Tool { .. } | StorageError::CorruptMetadata { .. } | StorageError::Io(_)) => {
                 tracing::error!(error = %e, "storage operation failed");
                 status::internal(e)

@@ -138,7 +138,8 @@ impl FileDomain {
         let meta_path = self.meta_path(image, volume);
         let mut meta: VolumeMeta = match fs::read(&meta_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StorageError::CorruptMetadata {
-                subject: meta_path.display().to_string(),
+                // The volume, not the host path of its metadata file.
+                subject: format!("volume {}/{image}/{volume}", self.id),
                 reason: e.to_string(),
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -316,6 +317,10 @@ impl Backend for FileDomain {
 
     fn natural_allocation(&self) -> Allocation {
         Allocation::Sparse
+    }
+
+    fn role(&self) -> DomainRole {
+        self.role
     }
 
     fn descriptors(&self) -> Option<DescriptorStore> {

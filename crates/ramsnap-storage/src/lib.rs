@@ -10,6 +10,9 @@
 //!   run on the blocking pool: [`file`] and [`block`] (through [`lvm`]).
 //! - [`descriptor`]: VM descriptors (OVF documents) on EXPORT domains.
 //! - [`copy`]: moving volume data, natively for RAW and via qemu-img otherwise.
+//! - [`holds`]: which volumes are in use on this host (prepared, or under a
+//!   copy), so that none is deleted or merged under its user.
+//! - [`limits`]: every bound on caller input, in one place.
 
 pub mod backend;
 pub mod block;
@@ -17,6 +20,8 @@ pub mod copy;
 pub mod descriptor;
 pub mod error;
 pub mod file;
+pub mod holds;
+pub mod limits;
 pub mod lvm;
 pub mod model;
 pub mod service;

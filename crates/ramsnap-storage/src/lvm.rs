@@ -169,6 +169,37 @@ pub fn lvs(vg: &str) -> Result<Vec<LvRow>> {
     Ok(rows)
 }
 
+/// Where an LV's (single, contiguous) segment lies: the PV device, and
+/// the byte offset and length on it. One `pvs --segments` call.
+pub fn lv_extent(vg: &str, lv: &str) -> Result<(String, u64, u64)> {
+    let out = tool::run(lvm("pvs").args([
+        "--segments",
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--separator",
+        "|",
+        "-o",
+        "pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
+        "--select",
+        &format!("vg_name={vg} && lv_name={lv}"),
+    ]))?;
+    let rows: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let [line] = rows[..] else {
+        return Err(StorageError::Tool {
+            cmd: "pvs --segments".into(),
+            stderr: format!("LV {vg}/{lv} is not one contiguous segment: {rows:?}"),
+        });
+    };
+    let f: Vec<&str> = line.split('|').collect();
+    if f.len() != 5 {
+        return Err(bad_output("pvs", line));
+    }
+    let (pe_start, extent, first, count) = (num(f[1])?, num(f[2])?, num(f[3])?, num(f[4])?);
+    Ok((f[0].to_string(), pe_start + first * extent, count * extent))
+}
+
 pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
     let mut cmd = lvm("lvcreate");
     cmd.args([
@@ -212,16 +243,63 @@ pub fn lv_activate(vg: &str, lv: &str, on: bool) -> Result<()> {
     .map(drop)
 }
 
-/// The signature type blkid sees on a device ("LVM2_member", "ext4"...),
-/// or None for a blank device.
-pub fn signature(device: &Path) -> Result<Option<String>> {
-    let out = Command::new("blkid")
-        .args(["-p", "-o", "value", "-s", "TYPE"])
+/// What a probe of a device before laying out a domain on it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Readable, and blkid cleanly found no signature on it.
+    Blank,
+    /// Holds something, or could not be probed: why, for the message.
+    NotBlank(String),
+}
+
+/// Whether `device` is blank. Anything but a clean "nothing found" from a
+/// device this process could open and read is [`Probe::NotBlank`]: blkid
+/// exits 2 both when it finds no signature and when it cannot open the
+/// device (it does that on this host's root disk, "Operation not
+/// permitted", with nothing on stdout), so the device is opened and its
+/// first MiB read here first, and blkid's exit 2 counts as "nothing found"
+/// only with no output and no complaint on stderr.
+pub fn probe(device: &Path) -> Probe {
+    use std::io::Read;
+    let mut head = vec![0u8; 1024 * 1024];
+    let read = std::fs::File::open(device).and_then(|mut f| f.read_exact(&mut head));
+    if let Err(e) = read {
+        return Probe::NotBlank(format!("its first MiB could not be read ({e})"));
+    }
+    let out = match Command::new("blkid")
+        .args(["-p", "-o", "export"])
         .arg(device)
-        .output()?;
-    // blkid exits 2 when it finds nothing.
-    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Ok((!s.is_empty()).then_some(s))
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => return Probe::NotBlank(format!("blkid could not be run ({e})")),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
+    match out.status.code() {
+        Some(2) if stdout.trim().is_empty() && stderr.trim().is_empty() => Probe::Blank,
+        Some(0) => Probe::NotBlank(
+            field("TYPE")
+                .or_else(|| field("PTTYPE").map(|t| format!("a {t} partition table")))
+                .unwrap_or_else(|| "a signature blkid recognises".into()),
+        ),
+        code => Probe::NotBlank(format!(
+            "blkid could not probe it (exit {}{})",
+            code.map_or("by a signal".to_string(), |c| c.to_string()),
+            if stderr.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", stderr.trim())
+            }
+        )),
+    }
 }
 
 fn split_tags(s: &str) -> Vec<String> {

@@ -29,7 +29,11 @@ struct Args {
         default_value = "/var/lib/ramsnap/domains"
     )]
     file_roots: Vec<PathBuf>,
-    /// Only adopt BLOCK domains on these devices (default: all the host sees).
+    /// Block devices BLOCK domains may be on (repeatable). RegisterDomain
+    /// takes only these (any other device: PERMISSION_DENIED, untouched);
+    /// when given, also the only devices whose domains are adopted at start.
+    /// Default: none may be registered; every ramsnap VG the host sees is
+    /// adopted at start.
     #[arg(
         long = "block-device",
         env = "RAMSNAP_STORAGE_BLOCK_DEVICES",

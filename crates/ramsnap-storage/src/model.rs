@@ -103,7 +103,7 @@ impl DumpMode {
 }
 
 /// A volume's full address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VolumeRef {
     pub domain: Uuid,
     pub image: Uuid,
@@ -184,7 +184,7 @@ pub struct VmDescriptor {
 /// Checks a domain name: it is stored in LVM tags too, so it keeps to
 /// the characters both LVM and file names accept.
 pub fn valid_domain_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
+    (1..=crate::limits::MAX_DOMAIN_NAME_BYTES).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))

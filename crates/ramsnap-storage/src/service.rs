@@ -1,9 +1,10 @@
 //! The tonic handler: converts requests into the domain layer's types
 //! (rejecting bad input with field details) and results back.
 use crate::error::StorageError;
+use crate::limits::{parse_id, parse_optional_id};
 use crate::model::{self, DomainInfo, DumpMode, VmDescriptor, VolumeRef, MAX_DESCRIPTOR_BYTES};
 use crate::storage::{CopyRequest, NewVolume, Storage};
-use ramsnap_common::{ids, status};
+use ramsnap_common::status;
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_server::{StorageService, StorageServiceServer};
@@ -37,9 +38,9 @@ impl StorageApi {
 fn volume_ref(field: &'static str, r: Option<common::VolumeRef>) -> Result<VolumeRef, Status> {
     let r = r.ok_or_else(|| status::invalid_argument(field, "is required"))?;
     Ok(VolumeRef {
-        domain: ids::parse(&format!("{field}.domain_id"), &r.domain_id)?,
-        image: ids::parse(&format!("{field}.image_id"), &r.image_id)?,
-        volume: ids::parse(&format!("{field}.volume_id"), &r.volume_id)?,
+        domain: parse_id(&format!("{field}.domain_id"), &r.domain_id)?,
+        image: parse_id(&format!("{field}.image_id"), &r.image_id)?,
+        volume: parse_id(&format!("{field}.volume_id"), &r.volume_id)?,
     })
 }
 
@@ -152,7 +153,7 @@ impl StorageService for StorageApi {
         req: Request<pb::RegisterDomainRequest>,
     ) -> Result<Response<pb::RegisterDomainResponse>, Status> {
         let req = req.into_inner();
-        let id = ids::parse_optional("domain_id", &req.domain_id)?;
+        let id = parse_optional_id("domain_id", &req.domain_id)?;
         let kind = match enum_value::<pb::DomainType>("type", req.r#type)? {
             pb::DomainType::File => model::DomainType::File,
             pb::DomainType::Block => model::DomainType::Block,
@@ -178,7 +179,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::GetDomainRequest>,
     ) -> Result<Response<pb::GetDomainResponse>, Status> {
-        let id = ids::parse("domain_id", &req.get_ref().domain_id)?;
+        let id = parse_id("domain_id", &req.get_ref().domain_id)?;
         let info = self.storage.get_domain(id).await?;
         Ok(Response::new(pb::GetDomainResponse {
             domain: Some(to_domain(info)),
@@ -205,15 +206,15 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let req = req.into_inner();
         let new = NewVolume {
-            request_id: ids::parse_optional("request_id", &req.request_id)?,
-            domain: ids::parse("domain_id", &req.domain_id)?,
-            image: ids::parse_optional("image_id", &req.image_id)?,
-            volume: ids::parse_optional("volume_id", &req.volume_id)?,
+            request_id: parse_optional_id("request_id", &req.request_id)?,
+            domain: parse_id("domain_id", &req.domain_id)?,
+            image: parse_optional_id("image_id", &req.image_id)?,
+            volume: parse_optional_id("volume_id", &req.volume_id)?,
             capacity: req.capacity_bytes,
             format: format_of("format", req.format)?.unwrap_or(model::Format::Raw),
             allocation: allocation_of("allocation", req.allocation)?,
             purpose: purpose_of("purpose", req.purpose)?,
-            parent: ids::parse_optional("parent_volume_id", &req.parent_volume_id)?,
+            parent: parse_optional_id("parent_volume_id", &req.parent_volume_id)?,
             description: req.description,
         };
         let v = self.storage.create_volume(new).await?;
@@ -234,8 +235,8 @@ impl StorageService for StorageApi {
         let (dump, metadata) = self
             .storage
             .create_memory_volumes(
-                ids::parse_optional("request_id", &req.request_id)?,
-                ids::parse("domain_id", &req.domain_id)?,
+                parse_optional_id("request_id", &req.request_id)?,
+                parse_id("domain_id", &req.domain_id)?,
                 req.memory_bytes,
                 mode,
                 req.description,
@@ -263,8 +264,8 @@ impl StorageService for StorageApi {
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let req = req.into_inner();
-        let domain = ids::parse("domain_id", &req.domain_id)?;
-        let image = ids::parse_optional("image_id", &req.image_id)?;
+        let domain = parse_id("domain_id", &req.domain_id)?;
+        let image = parse_optional_id("image_id", &req.image_id)?;
         let volumes = self
             .storage
             .list_volumes(domain, image)
@@ -280,7 +281,7 @@ impl StorageService for StorageApi {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
-        let request_id = ids::parse_optional("request_id", &req.request_id)?;
+        let request_id = parse_optional_id("request_id", &req.request_id)?;
         let r = volume_ref("ref", req.r#ref)?;
         self.storage.delete_volume(r, request_id).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
@@ -291,7 +292,7 @@ impl StorageService for StorageApi {
         req: Request<pb::MergeVolumeRequest>,
     ) -> Result<Response<pb::MergeVolumeResponse>, Status> {
         let req = req.into_inner();
-        let request_id = ids::parse_optional("request_id", &req.request_id)?;
+        let request_id = parse_optional_id("request_id", &req.request_id)?;
         let r = volume_ref("ref", req.r#ref)?;
         let child = self.storage.merge_volume(r, request_id).await?;
         Ok(Response::new(pb::MergeVolumeResponse {
@@ -304,11 +305,11 @@ impl StorageService for StorageApi {
     async fn copy_volume(&self, req: Request<pb::CopyVolumeRequest>) -> Result<Response<CopyStream>, Status> {
         let req = req.into_inner();
         let copy = CopyRequest {
-            request_id: ids::parse_optional("request_id", &req.request_id)?,
+            request_id: parse_optional_id("request_id", &req.request_id)?,
             source: volume_ref("source", req.source)?,
-            target_domain: ids::parse("target_domain_id", &req.target_domain_id)?,
-            target_image: ids::parse_optional("target_image_id", &req.target_image_id)?,
-            target_volume: ids::parse_optional("target_volume_id", &req.target_volume_id)?,
+            target_domain: parse_id("target_domain_id", &req.target_domain_id)?,
+            target_image: parse_optional_id("target_image_id", &req.target_image_id)?,
+            target_volume: parse_optional_id("target_volume_id", &req.target_volume_id)?,
             target_format: format_of("target_format", req.target_format)?,
             target_allocation: allocation_of("target_allocation", req.target_allocation)?,
             description: req.description,
@@ -360,8 +361,8 @@ impl StorageService for StorageApi {
         req: Request<pb::PutVmDescriptorRequest>,
     ) -> Result<Response<pb::PutVmDescriptorResponse>, Status> {
         let req = req.into_inner();
-        let domain = ids::parse("domain_id", &req.domain_id)?;
-        let vm = ids::parse("vm_id", &req.vm_id)?;
+        let domain = parse_id("domain_id", &req.domain_id)?;
+        let vm = parse_id("vm_id", &req.vm_id)?;
         let d = self.storage.put_vm_descriptor(domain, vm, req.ovf).await?;
         Ok(Response::new(pb::PutVmDescriptorResponse {
             descriptor: Some(to_descriptor(d)),
@@ -373,8 +374,8 @@ impl StorageService for StorageApi {
         req: Request<pb::GetVmDescriptorRequest>,
     ) -> Result<Response<pb::GetVmDescriptorResponse>, Status> {
         let req = req.into_inner();
-        let domain = ids::parse("domain_id", &req.domain_id)?;
-        let vm = ids::parse("vm_id", &req.vm_id)?;
+        let domain = parse_id("domain_id", &req.domain_id)?;
+        let vm = parse_id("vm_id", &req.vm_id)?;
         let d = self.storage.get_vm_descriptor(domain, vm).await?;
         Ok(Response::new(pb::GetVmDescriptorResponse {
             descriptor: Some(to_descriptor(d)),
@@ -385,7 +386,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::ListVmDescriptorsRequest>,
     ) -> Result<Response<pb::ListVmDescriptorsResponse>, Status> {
-        let domain = ids::parse("domain_id", &req.get_ref().domain_id)?;
+        let domain = parse_id("domain_id", &req.get_ref().domain_id)?;
         let descriptors = self
             .storage
             .list_vm_descriptors(domain)
@@ -401,8 +402,8 @@ impl StorageService for StorageApi {
         req: Request<pb::DeleteVmDescriptorRequest>,
     ) -> Result<Response<pb::DeleteVmDescriptorResponse>, Status> {
         let req = req.into_inner();
-        let domain = ids::parse("domain_id", &req.domain_id)?;
-        let vm = ids::parse("vm_id", &req.vm_id)?;
+        let domain = parse_id("domain_id", &req.domain_id)?;
+        let vm = parse_id("vm_id", &req.vm_id)?;
         self.storage.delete_vm_descriptor(domain, vm).await?;
         Ok(Response::new(pb::DeleteVmDescriptorResponse {}))
     }

@@ -8,6 +8,8 @@ use crate::copy::{self, Backing, CopyJob};
 use crate::descriptor::{self, DescriptorStore};
 use crate::error::{Result, StorageError};
 use crate::file::FileDomain;
+use crate::holds::{Holds, RunningHold};
+use crate::limits;
 use crate::model::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -25,8 +27,12 @@ pub struct Config {
     /// FILE domains may only live inside these directories (NFS mounts in
     /// production); every subdirectory of a root is scanned at start.
     pub file_roots: Vec<PathBuf>,
-    /// When not empty, only VGs on these devices are adopted at start (as
-    /// an LVM filter would); otherwise every ramsnap VG the host sees.
+    /// The block devices BLOCK domains may be on. RegisterDomain lays out
+    /// (or adopts) a domain only on one of these, and refuses any other
+    /// device with PERMISSION_DENIED: an empty list allows none. At start,
+    /// when not empty, only VGs on these devices are adopted (as an LVM
+    /// filter would); when empty, every ramsnap VG the host sees (adopting
+    /// writes nothing).
     pub block_devices: Vec<PathBuf>,
 }
 
@@ -41,6 +47,8 @@ struct Inner {
     /// Copies running in this process, by target volume, so that a retried
     /// CopyVolume joins the one under way.
     copies: StdMutex<HashMap<VolumeRef, watch::Receiver<CopyState>>>,
+    /// Volumes in use on this host: prepared, or under a running copy.
+    holds: Arc<Holds>,
 }
 
 struct Domain {
@@ -120,11 +128,14 @@ impl Storage {
     /// ones recorded in the state dir, every FILE domain inside the file
     /// roots, and every ramsnap VG on this host's block devices.
     pub async fn open(config: Config) -> Result<Storage> {
+        let run_dir = config.run_dir.clone();
+        let holds = blocking(move || Holds::open(&run_dir)).await?;
         let storage = Storage {
             inner: Arc::new(Inner {
                 config: config.clone(),
                 domains: RwLock::new(HashMap::new()),
                 copies: StdMutex::new(HashMap::new()),
+                holds: Arc::new(holds),
             }),
         };
         let found = blocking(move || discover(&config)).await?;
@@ -176,9 +187,13 @@ impl Storage {
         if !valid_domain_name(&name) {
             return Err(StorageError::invalid(
                 "name",
-                "must be 1-64 characters of [A-Za-z0-9_.-]",
+                format!(
+                    "must be 1-{} characters of [A-Za-z0-9_.-]",
+                    limits::MAX_DOMAIN_NAME_BYTES
+                ),
             ));
         }
+        limits::check_text("location", &location, limits::MAX_LOCATION_BYTES)?;
         if kind == DomainType::Block && role == Some(DomainRole::Export) {
             // An export domain is carried to another data center as a
             // directory tree with its OVFs; a VG's tags cannot hold those.
@@ -188,6 +203,14 @@ impl Storage {
             ));
         }
         let config = self.inner.config.clone();
+        // A new domain must not take the id of one attached elsewhere.
+        let taken = id.filter(|i| self.domain(*i).is_ok());
+        let id_taken = |id: Uuid| StorageError::AlreadyExists {
+            resource: "storage_domain",
+            id: id.to_string(),
+            reason: "a storage domain with this id already exists; leave domain_id empty for a new one"
+                .into(),
+        };
         let (backend, adopted) = match kind {
             DomainType::File => {
                 let dir = self.checked_file_location(&location)?;
@@ -196,6 +219,9 @@ impl Storage {
                     match existing.into_iter().next() {
                         Some(d) => Ok((Arc::new(d) as Arc<dyn Backend>, true)),
                         None => {
+                            if let Some(t) = taken {
+                                return Err(id_taken(t));
+                            }
                             let id = id.unwrap_or_else(Uuid::new_v4);
                             let d = FileDomain::create(&dir, id, &name, role.unwrap_or_default())?;
                             Ok((Arc::new(d) as Arc<dyn Backend>, false))
@@ -205,20 +231,27 @@ impl Storage {
                 .await?
             }
             DomainType::Block => {
-                let device = checked_block_device(&location)?;
+                let canonical = self.checked_block_device(&location)?;
                 let run_dir = config.run_dir.clone();
                 blocking(move || {
-                    let canonical = device.canonicalize()?;
                     let found = BlockDomain::discover(&run_dir)?;
                     if let Some((d, _)) = found.into_iter().find(|(_, pv)| Path::new(pv) == canonical) {
                         return Ok((Arc::new(d) as Arc<dyn Backend>, true));
                     }
-                    if let Some(sig) = crate::lvm::signature(&canonical)? {
+                    if let Some(want) = id {
+                        // The VG is named by the id: any VG of that name (on
+                        // another device) takes it.
+                        let name = want.to_string();
+                        if taken.is_some() || crate::lvm::vgs_all()?.iter().any(|vg| vg.name == name) {
+                            return Err(id_taken(want));
+                        }
+                    }
+                    if let crate::lvm::Probe::NotBlank(why) = crate::lvm::probe(&canonical) {
                         return Err(StorageError::precondition(
                             "DEVICE_NOT_EMPTY",
                             canonical.display(),
                             format!(
-                                "{} holds other data ({sig}); refusing to overwrite it",
+                                "{} is not blank: {why}; refusing to lay out a domain over it",
                                 canonical.display()
                             ),
                         ));
@@ -265,23 +298,25 @@ impl Storage {
         Ok((info, adopted))
     }
 
+    /// The directory a FILE domain may be registered in. One answer for
+    /// "missing", "not a directory" and "outside the roots", quoting only
+    /// (the start of) what the caller sent: no probing of the host's file
+    /// system, no resolved host path in the message.
     fn checked_file_location(&self, location: &str) -> Result<PathBuf> {
         let path = Path::new(location);
         if !path.is_absolute() {
             return Err(StorageError::invalid("location", "must be an absolute path"));
         }
-        let canonical = path.canonicalize().map_err(|e| {
+        let refused = || {
             StorageError::invalid(
                 "location",
-                format!("{location} is not an accessible directory: {e}"),
+                format!(
+                    "{} is not an existing directory inside the service's allowed file roots",
+                    limits::echo(location)
+                ),
             )
-        })?;
-        if !canonical.is_dir() {
-            return Err(StorageError::invalid(
-                "location",
-                format!("{location} is not a directory"),
-            ));
-        }
+        };
+        let canonical = path.canonicalize().map_err(|_| refused())?;
         let inside = self
             .inner
             .config
@@ -289,16 +324,53 @@ impl Storage {
             .iter()
             .filter_map(|r| r.canonicalize().ok())
             .any(|r| canonical.starts_with(&r));
-        if !inside {
-            return Err(StorageError::invalid(
-                "location",
-                format!(
-                    "{} is outside the service's allowed file roots",
-                    canonical.display()
-                ),
-            ));
+        if !inside || !canonical.is_dir() {
+            return Err(refused());
         }
         Ok(canonical)
+    }
+
+    /// The device a BLOCK domain may be registered on: a block device
+    /// under /dev that the configuration allows ([`Config::block_devices`]).
+    /// Anything else is refused before the device is opened.
+    fn checked_block_device(&self, location: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::FileTypeExt;
+        let path = Path::new(location);
+        if !path.is_absolute() || !location.starts_with("/dev/") || location.contains("/../") {
+            return Err(StorageError::invalid(
+                "location",
+                "must be an absolute path of a block device under /dev",
+            ));
+        }
+        let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let device = canonical(path);
+        let allowed = self
+            .inner
+            .config
+            .block_devices
+            .iter()
+            .any(|d| canonical(d) == device);
+        if !allowed {
+            let shown = limits::clip(location);
+            return Err(StorageError::PermissionDenied {
+                resource: "block_device",
+                reason_code: "BLOCK_DEVICE_NOT_ALLOWED",
+                reason: format!(
+                    "{shown} is not one of the block devices this storage service may use \
+                     (its --block-device list); nothing was written to it"
+                ),
+                name: shown,
+            });
+        }
+        let meta = std::fs::metadata(&device)
+            .map_err(|e| StorageError::invalid("location", format!("{location} is not accessible: {e}")))?;
+        if !meta.file_type().is_block_device() {
+            return Err(StorageError::invalid(
+                "location",
+                format!("{location} is not a block device"),
+            ));
+        }
+        Ok(device)
     }
 
     async fn remember(&self, entry: AttachedDomain) -> Result<()> {
@@ -351,10 +423,10 @@ impl Storage {
     }
 
     pub async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
-        if req.capacity == 0 {
-            return Err(StorageError::invalid("capacity_bytes", "must be greater than 0"));
-        }
+        limits::check_capacity("capacity_bytes", req.capacity)?;
+        limits::check_description("description", &req.description)?;
         let d = self.domain(req.domain)?;
+        refuse_export(&d, req.domain)?;
         let allocation = req.allocation.unwrap_or_else(|| d.backend.natural_allocation());
         check_layout(d.kind, req.format, allocation, "allocation")?;
         if req.parent.is_some() && req.format != Format::Cow {
@@ -371,7 +443,8 @@ impl Storage {
         }
         let _guard = d.lock.lock().await;
         let backend = d.backend.clone();
-        blocking(move || create_locked(backend.as_ref(), req, allocation)).await
+        let holds = self.inner.holds.clone();
+        blocking(move || create_locked(backend.as_ref(), &holds, req, allocation)).await
     }
 
     /// The two volumes of a snapshot's memory, each in an image of its own.
@@ -387,7 +460,9 @@ impl Storage {
         if memory == 0 {
             return Err(StorageError::invalid("memory_bytes", "must be greater than 0"));
         }
+        limits::check_description("description", &description)?;
         let d = self.domain(domain)?;
+        refuse_export(&d, domain)?;
         // One request id drives both volumes: derive a distinct, stable id
         // for each so a retry finds both.
         let sub = |n: u8| request_id.map(|r| Uuid::new_v5(&r, &[n]));
@@ -405,7 +480,11 @@ impl Storage {
         };
         let dump = NewVolume {
             request_id: sub(1),
-            capacity: mode.dump_size(memory),
+            // Whole sectors, as every volume (a RAM size is, anyway).
+            capacity: mode
+                .dump_size(memory)
+                .div_ceil(limits::SECTOR_BYTES)
+                .saturating_mul(limits::SECTOR_BYTES),
             ..base.clone()
         };
         let meta = NewVolume {
@@ -416,7 +495,7 @@ impl Storage {
         };
         // Both must fit before either is made (unless this is a retry that
         // already made them).
-        let need = dump.capacity + meta.capacity;
+        let need = dump.capacity.saturating_add(meta.capacity);
         let free = self.get_domain(domain).await?.free;
         let retry = match dump.request_id {
             Some(r) => self
@@ -451,6 +530,7 @@ impl Storage {
         let _guard = d.lock.lock().await;
         let backend = d.backend.clone();
         let copying = self.inner.copies.lock().expect("lock poisoned").contains_key(&r);
+        let holds = self.inner.holds.clone();
         blocking(move || {
             if let Some(req) = request_id {
                 if backend.delete_recorded(req)?.is_some() {
@@ -461,6 +541,17 @@ impl Storage {
             if !volumes.iter().any(|v| v.meta.volume == r.volume) {
                 return Err(StorageError::VolumeNotFound(r));
             }
+            if copying {
+                return Err(StorageError::precondition(
+                    "VOLUME_BUSY",
+                    r,
+                    "a copy into this volume is running",
+                ));
+            }
+            // A prepared volume (or one in a prepared volume's chain) is
+            // open: freeing its space under a guest corrupts whatever is
+            // made there next.
+            refuse_in_use(backend.as_ref(), &holds, &volumes, r, "deleted")?;
             if let Some(child) = volumes.iter().find(|v| v.meta.parent == Some(r.volume)) {
                 return Err(StorageError::precondition(
                     "VOLUME_HAS_CHILDREN",
@@ -469,13 +560,6 @@ impl Storage {
                         "volume {} is the parent of {}; delete or merge the child first",
                         r.volume, child.meta.volume
                     ),
-                ));
-            }
-            if copying {
-                return Err(StorageError::precondition(
-                    "VOLUME_BUSY",
-                    r,
-                    "a copy into this volume is running",
                 ));
             }
             backend.remove(r.image, r.volume)?;
@@ -495,6 +579,7 @@ impl Storage {
         let d = self.domain(r.domain)?;
         let _guard = d.lock.lock().await;
         let backend = d.backend.clone();
+        let holds = self.inner.holds.clone();
         blocking(move || {
             let volumes = backend.list(Some(r.image))?;
             let Some(merged) = volumes.iter().find(|v| v.meta.volume == r.volume) else {
@@ -506,6 +591,10 @@ impl Storage {
                 }
                 return Err(StorageError::VolumeNotFound(r));
             };
+            // The child is rewritten (rebased) and the volume removed: no
+            // guest may have either open (a prepared child, or anything
+            // above it, has the volume in its chain).
+            refuse_in_use(backend.as_ref(), &holds, &volumes, r, "merged")?;
             let children: Vec<&Volume> = volumes
                 .iter()
                 .filter(|v| v.meta.parent == Some(r.volume))
@@ -568,39 +657,50 @@ impl Storage {
     }
 
     /// Prepares a volume and its backing chain; returns the volume's path.
+    /// The volume is held (in use) from now until its teardown, also
+    /// across a restart of the service: see [`crate::holds`].
     pub async fn prepare_volume(&self, r: VolumeRef) -> Result<PathBuf> {
         let d = self.domain(r.domain)?;
         let _guard = d.lock.lock().await;
+        if self.inner.copies.lock().expect("lock poisoned").contains_key(&r) {
+            return Err(StorageError::precondition(
+                "VOLUME_BUSY",
+                r,
+                "a copy into this volume is running; prepare it once the copy is done",
+            ));
+        }
         let backend = d.backend.clone();
-        blocking(move || prepare_chain(backend.as_ref(), r).map(|(p, _)| p)).await
+        let holds = self.inner.holds.clone();
+        blocking(move || {
+            let (path, newly) = prepare_chain(backend.as_ref(), r)?;
+            if let Err(e) = holds.add_prepared(r) {
+                for v in newly.iter().rev() {
+                    let _ = backend.teardown(r.image, *v);
+                }
+                return Err(e);
+            }
+            Ok(path)
+        })
+        .await
     }
 
-    /// Tears a volume down, with the ancestors no other prepared volume of
-    /// its image still needs.
+    /// Tears a volume down: releases its hold; the volume and its ancestors stay
+    /// active while another holder needs them (a sibling leaf, a child
+    /// prepared on top, a running copy). A volume that is gone loses its
+    /// hold all the same (NOT_FOUND).
     pub async fn teardown_volume(&self, r: VolumeRef) -> Result<()> {
         let d = self.domain(r.domain)?;
         let _guard = d.lock.lock().await;
         let backend = d.backend.clone();
+        let holds = self.inner.holds.clone();
         blocking(move || {
+            holds.remove_prepared(r)?;
             let volumes = backend.list(Some(r.image))?;
             if !volumes.iter().any(|v| v.meta.volume == r.volume) {
                 return Err(StorageError::VolumeNotFound(r));
             }
-            backend.teardown(r.image, r.volume)?;
-            // Ancestors still needed by a prepared volume outside this chain
-            // (a sibling leaf) stay.
             let own = chain(&volumes, r.volume);
-            let still_needed: std::collections::HashSet<Uuid> = volumes
-                .iter()
-                .filter(|v| !own.contains(&v.meta.volume) && backend.is_prepared(r.image, v.meta.volume))
-                .flat_map(|v| chain(&volumes, v.meta.volume))
-                .collect();
-            for ancestor in own.into_iter().skip(1) {
-                if !still_needed.contains(&ancestor) {
-                    backend.teardown(r.image, ancestor)?;
-                }
-            }
-            Ok(())
+            release(backend.as_ref(), &holds, &volumes, r, &own)
         })
         .await
     }
@@ -644,8 +744,14 @@ impl Storage {
     /// Starts (or joins) a copy and returns a receiver of its progress; the
     /// copy runs to its end whether or not anyone watches.
     pub async fn copy_volume(&self, req: CopyRequest) -> Result<watch::Receiver<CopyState>> {
+        limits::check_description("description", &req.description)?;
         let src_dom = self.domain(req.source.domain)?;
         let dst_dom = self.domain(req.target_domain)?;
+        // The source (with its chain) is in use from here to the copy's end.
+        let src_hold = self.inner.holds.hold(
+            req.source,
+            "is being read by a running copy (CopyVolume), until it ends",
+        );
         let source = {
             let b = src_dom.backend.clone();
             let s = req.source;
@@ -700,8 +806,8 @@ impl Storage {
                     }
                     // Left ILLEGAL by a copy that died with its process.
                     let b = dst_dom.backend.clone();
-                    let (i, vol) = (v.meta.image, v.meta.volume);
-                    blocking(move || b.remove(i, vol)).await?;
+                    let holds = self.inner.holds.clone();
+                    blocking(move || remove_unless_in_use(b.as_ref(), &holds, v.volume_ref())).await?;
                 }
             }
             let new = NewVolume {
@@ -732,6 +838,13 @@ impl Storage {
         };
 
         let target_ref = target.volume_ref();
+        let dst_hold = self.inner.holds.hold(
+            target_ref,
+            format!(
+                "is being written by a running copy (CopyVolume) from {}, until it ends",
+                req.source
+            ),
+        );
         let (tx, rx) = watch::channel(CopyState {
             processed: 0,
             total: source.meta.capacity,
@@ -745,7 +858,14 @@ impl Storage {
         let this = self.clone();
         tokio::spawn(async move {
             let outcome = this
-                .run_copy(src_dom, dst_dom.clone(), source, target, tx.clone())
+                .run_copy(
+                    src_dom,
+                    dst_dom.clone(),
+                    source,
+                    target,
+                    (src_hold, dst_hold),
+                    tx.clone(),
+                )
                 .await;
             if outcome.is_err() {
                 let _guard = dst_dom.lock.lock().await;
@@ -768,8 +888,10 @@ impl Storage {
         dst_dom: Arc<Domain>,
         source: Volume,
         target: Volume,
+        (src_hold, dst_hold): (RunningHold, RunningHold),
         tx: watch::Sender<CopyState>,
     ) -> Result<Volume> {
+        let holds = self.inner.holds.clone();
         let src_b = src_dom.backend.clone();
         let dst_b = dst_dom.backend.clone();
         let (sref, tref) = (source.volume_ref(), target.volume_ref());
@@ -794,9 +916,10 @@ impl Storage {
                         source_has_parent: source.meta.parent.is_some(),
                         target: dst_path,
                         target_format: target.meta.format,
-                        // A layer's unallocated clusters read its parent.
-                        target_reads_zero: target_backing.is_none()
-                            && (dst_dom.kind == DomainType::File || target.meta.format == Format::Cow),
+                        // Every new volume reads as zeros (see
+                        // Backend::create); a layer's unallocated clusters
+                        // read its parent instead.
+                        target_reads_zero: target_backing.is_none(),
                         target_backing,
                         size: source.meta.capacity,
                     };
@@ -818,24 +941,27 @@ impl Storage {
                 }
                 Err(e) => Err(e),
             };
+            // Release what the copy prepared (the target, a layer's parents
+            // beneath it; the source's chain), except what another holder
+            // needs: a client may have prepared the source meanwhile.
+            drop(dst_hold);
             let _d = dst_dom.lock.lock().await;
-            let b = dst_b.clone();
+            let (b, h) = (dst_b.clone(), holds.clone());
             let _ = blocking(move || {
-                // The target, then what was prepared beneath it (a layer's parents).
-                for v in std::iter::once(tref.volume).chain(dst_new.into_iter().rev()) {
-                    let _ = b.teardown(tref.image, v);
-                }
-                Ok(())
+                let volumes = b.list(Some(tref.image))?;
+                let mut candidates = vec![tref.volume];
+                candidates.extend(dst_new.into_iter().rev().filter(|v| *v != tref.volume));
+                release(b.as_ref(), &h, &volumes, tref, &candidates)
             })
             .await;
             drop(_d);
+            drop(src_hold);
             let _s = src_dom.lock.lock().await;
-            let b = src_b.clone();
+            let (b, h) = (src_b.clone(), holds.clone());
             let _ = blocking(move || {
-                for v in src_new.iter().rev() {
-                    b.teardown(sref.image, *v)?;
-                }
-                Ok(())
+                let volumes = b.list(Some(sref.image))?;
+                let candidates: Vec<Uuid> = src_new.into_iter().rev().collect();
+                release(b.as_ref(), &h, &volumes, sref, &candidates)
             })
             .await;
             result?
@@ -849,6 +975,112 @@ impl Storage {
         })
         .await
     }
+}
+
+/// Volumes are created on DATA domains only: an EXPORT domain receives
+/// copies (CopyVolume) and VM descriptors, nothing made from scratch.
+fn refuse_export(d: &Domain, id: Uuid) -> Result<()> {
+    if d.backend.role() == DomainRole::Export {
+        return Err(StorageError::precondition(
+            "EXPORT_DOMAIN",
+            id,
+            format!(
+                "storage domain {id} is an EXPORT domain: it only receives copies of volumes \
+                 (CopyVolume) and VM descriptors; create volumes on a DATA domain"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The first holder that uses `r` (see [`crate::holds`]): one whose
+/// backing chain contains it. `volumes` are those of r's image. On a
+/// domain whose volumes have devices (BLOCK), an active device nothing
+/// recorded (an older version's prepare, a record removed by hand) counts
+/// too: the check fails closed.
+fn user_of(backend: &dyn Backend, holds: &Holds, volumes: &[Volume], r: VolumeRef) -> Option<(Uuid, String)> {
+    let uses = |holder: Uuid| chain(volumes, holder).contains(&r.volume);
+    if let Some(h) = holds
+        .holders(r.domain, r.image)
+        .into_iter()
+        .find(|h| uses(h.volume))
+    {
+        return Some((h.volume, h.what));
+    }
+    volumes
+        .iter()
+        .map(|v| v.meta.volume)
+        .filter(|v| uses(*v))
+        .find(|v| backend.is_prepared(r.image, *v))
+        .map(|v| {
+            (
+                v,
+                "is active on this host (a device is open over it) though no PrepareVolume is recorded \
+                 (TeardownVolume releases it)"
+                    .into(),
+            )
+        })
+}
+
+/// FAILED_PRECONDITION `VOLUME_IN_USE`, naming the holder, when anything
+/// on this host uses `r`; `action` is what was refused ("deleted").
+fn refuse_in_use(
+    backend: &dyn Backend,
+    holds: &Holds,
+    volumes: &[Volume],
+    r: VolumeRef,
+    action: &str,
+) -> Result<()> {
+    let Some((holder, what)) = user_of(backend, holds, volumes, r) else {
+        return Ok(());
+    };
+    let reason = if holder == r.volume {
+        format!("volume {} {what}: it is in use and cannot be {action}", r.volume)
+    } else {
+        format!(
+            "volume {} is in the backing chain of volume {holder}, which {what}: it is in use and \
+             cannot be {action}",
+            r.volume
+        )
+    };
+    Err(StorageError::precondition("VOLUME_IN_USE", r, reason))
+}
+
+/// Removes a volume (left ILLEGAL by a crash) unless something uses it.
+fn remove_unless_in_use(backend: &dyn Backend, holds: &Holds, r: VolumeRef) -> Result<()> {
+    let volumes = backend.list(Some(r.image))?;
+    refuse_in_use(backend, holds, &volumes, r, "replaced")?;
+    backend.remove(r.image, r.volume)
+}
+
+/// Tears down those of `candidates` (volumes of r's image, leaf first)
+/// that no holder still needs: no prepared volume, no running copy, and
+/// no active volume outside the candidates has one in its chain.
+fn release(
+    backend: &dyn Backend,
+    holds: &Holds,
+    volumes: &[Volume],
+    r: VolumeRef,
+    candidates: &[Uuid],
+) -> Result<()> {
+    let mut holders: Vec<Uuid> = holds
+        .holders(r.domain, r.image)
+        .into_iter()
+        .map(|h| h.volume)
+        .collect();
+    holders.extend(
+        volumes
+            .iter()
+            .map(|v| v.meta.volume)
+            .filter(|v| !candidates.contains(v) && backend.is_prepared(r.image, *v)),
+    );
+    let needed: std::collections::HashSet<Uuid> = holders.iter().flat_map(|h| chain(volumes, *h)).collect();
+    for c in candidates {
+        if !needed.contains(c) {
+            backend.teardown(r.image, *c)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_layout(kind: DomainType, format: Format, allocation: Allocation, field: &'static str) -> Result<()> {
@@ -975,7 +1207,12 @@ fn params_match(existing: &VolumeMeta, req: &NewVolume, allocation: Allocation) 
 }
 
 /// Creates a volume and makes it LEGAL. Runs under the domain lock.
-fn create_locked(backend: &dyn Backend, req: NewVolume, allocation: Allocation) -> Result<Volume> {
+fn create_locked(
+    backend: &dyn Backend,
+    holds: &Holds,
+    req: NewVolume,
+    allocation: Allocation,
+) -> Result<Volume> {
     if let Some(req_id) = req.request_id {
         let existing = backend
             .list(None)?
@@ -993,7 +1230,7 @@ fn create_locked(backend: &dyn Backend, req: NewVolume, allocation: Allocation) 
                 return Ok(v);
             }
             // Left ILLEGAL by a crash part-way: start over.
-            backend.remove(v.meta.image, v.meta.volume)?;
+            remove_unless_in_use(backend, holds, v.volume_ref())?;
         }
     }
     let v = create_illegal(backend, req, allocation)?;
@@ -1108,26 +1345,6 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
     backend.get(image, volume)
 }
 
-fn checked_block_device(location: &str) -> Result<PathBuf> {
-    use std::os::unix::fs::FileTypeExt;
-    let path = Path::new(location);
-    if !path.is_absolute() || !location.starts_with("/dev/") || location.contains("/../") {
-        return Err(StorageError::invalid(
-            "location",
-            "must be an absolute path of a block device under /dev",
-        ));
-    }
-    let meta = std::fs::metadata(path)
-        .map_err(|e| StorageError::invalid("location", format!("{location} is not accessible: {e}")))?;
-    if !meta.file_type().is_block_device() {
-        return Err(StorageError::invalid(
-            "location",
-            format!("{location} is not a block device"),
-        ));
-    }
-    Ok(path.to_path_buf())
-}
-
 type Found = Vec<(DomainType, Arc<dyn Backend>)>;
 
 fn discover(config: &Config) -> Result<Found> {
@@ -1182,4 +1399,77 @@ fn discover(config: &Config) -> Result<Found> {
         Err(e) => tracing::warn!(error = %e, "could not scan for block domains"),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(image: Uuid, volume: Uuid, parent: Option<Uuid>) -> VolumeMeta {
+        VolumeMeta {
+            version: METADATA_VERSION,
+            image,
+            volume,
+            parent,
+            format: if parent.is_some() {
+                Format::Cow
+            } else {
+                Format::Raw
+            },
+            allocation: Allocation::Sparse,
+            purpose: Purpose::Disk,
+            legality: Legality::Legal,
+            capacity: 1 << 20,
+            description: String::new(),
+            request_id: None,
+            created_at: 0,
+        }
+    }
+
+    /// What a running copy holds (its source, and through it the source's
+    /// chain) is in use until the copy's hold is dropped.
+    #[test]
+    fn a_running_copy_holds_its_source_and_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = FileDomain::create(dir.path(), Uuid::new_v4(), "d", DomainRole::Data).unwrap();
+        let (image, base, leaf) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let base_meta = meta(image, base, None);
+        domain.create(&base_meta, None).unwrap();
+        domain
+            .create(&meta(image, leaf, Some(base)), Some(&base_meta))
+            .unwrap();
+        let holds = Arc::new(Holds::open(&dir.path().join("run")).unwrap());
+        let r = |volume| VolumeRef {
+            domain: domain.id(),
+            image,
+            volume,
+        };
+        let volumes = domain.list(Some(image)).unwrap();
+        let copy = holds.hold(
+            r(leaf),
+            "is being read by a running copy (CopyVolume), until it ends",
+        );
+        for (v, holder) in [(leaf, leaf), (base, leaf)] {
+            match refuse_in_use(&domain, &holds, &volumes, r(v), "deleted") {
+                Err(StorageError::Precondition {
+                    kind,
+                    subject,
+                    reason,
+                }) => {
+                    assert_eq!((kind, subject), ("VOLUME_IN_USE", r(v).to_string()));
+                    assert!(reason.contains("running copy"), "{reason}");
+                    assert!(reason.contains(&holder.to_string()), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(copy);
+        refuse_in_use(&domain, &holds, &volumes, r(base), "deleted").unwrap();
+        // A prepared base is in use itself; its child is not (a hold
+        // covers the holder's chain below it, never what is above).
+        holds.add_prepared(r(base)).unwrap();
+        let err = refuse_in_use(&domain, &holds, &volumes, r(base), "merged").unwrap_err();
+        assert!(err.to_string().contains("prepared"), "{err}");
+        refuse_in_use(&domain, &holds, &volumes, r(leaf), "deleted").unwrap();
+    }
 }

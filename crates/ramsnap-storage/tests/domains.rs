@@ -671,7 +671,8 @@ async fn bad_input_gets_precise_errors_and_leaves_nothing() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{name} {location}: {err:?}");
     }
-    // A device that holds other data is not overwritten.
+    // A device that holds other data is not overwritten (even one the
+    // configuration allows).
     let other = LoopDevice::new(&env.dir.path().join("roots"), 64 * MIB);
     let out = std::process::Command::new("mkfs.ext4")
         .arg("-q")
@@ -679,6 +680,9 @@ async fn bad_input_gets_precise_errors_and_leaves_nothing() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    let mut config = env.config();
+    config.block_devices.push(other.device.clone());
+    env.restart(config).await;
     let err = env
         .client
         .register_domain(pb::RegisterDomainRequest {
@@ -690,6 +694,8 @@ async fn bad_input_gets_precise_errors_and_leaves_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(precondition_of(&err).0, "DEVICE_NOT_EMPTY");
+    assert!(err.message().contains("ext4"), "{err:?}");
 }
 
 #[tokio::test]
@@ -887,9 +893,21 @@ async fn domain_roles_are_recorded_on_the_domain_and_rediscovered() {
         .join(&export.domain_id)
         .join("master/vms")
         .is_dir());
-    // Volumes live on export domains too (an export copies them there).
-    let vol = env
-        .create(new_volume(&export.domain_id, 4 * MIB, pb::VolumeFormat::Cow))
+    // Volumes live on export domains too: an export copies them there.
+    let data = env
+        .create(new_volume(
+            &env.file_domain.clone(),
+            4 * MIB,
+            pb::VolumeFormat::Cow,
+        ))
+        .await
+        .unwrap();
+    let (_, vol) = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(&data)),
+            target_domain_id: export.domain_id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
 
@@ -1453,9 +1471,10 @@ async fn a_chain_moves_layer_by_layer_with_its_ids_file_to_block_to_file() {
     for v in layers {
         assert!(v.allocated_bytes <= 3 * MIB, "{v:?}");
     }
-    // A COW child made the ordinary way on the same parent, for reference:
-    // same backing pointer as the copied one.
-    let mut req = new_volume(&export, size, pb::VolumeFormat::Cow);
+    // A COW child made the ordinary way on the same parent (on a FILE
+    // DATA domain: nothing is created on an export domain but copies), for
+    // reference: same backing pointer as the copied one.
+    let mut req = new_volume(&file, size, pb::VolumeFormat::Cow);
     req.image_id = vref(&source[0]).image_id;
     req.parent_volume_id = vref(&source[0]).volume_id;
     let sibling = env.create(req).await.unwrap();
@@ -1581,4 +1600,577 @@ async fn layer_copies_refuse_what_they_cannot_do_and_leave_nothing() {
     want.sort();
     assert_eq!(lvs, want);
     assert_eq!(loops_over(&env.loop_dev.device), 0);
+}
+
+async fn delete(env: &mut Env, r: &VolumeRef) -> Result<(), tonic::Status> {
+    env.client
+        .delete_volume(pb::DeleteVolumeRequest {
+            request_id: String::new(),
+            r#ref: Some(r.clone()),
+        })
+        .await
+        .map(drop)
+}
+
+fn ref_string(r: &VolumeRef) -> String {
+    format!("{}/{}/{}", r.domain_id, r.image_id, r.volume_id)
+}
+
+/// Asserts a VOLUME_IN_USE refusal of `r` that names `holder`.
+fn assert_in_use(err: &tonic::Status, r: &VolumeRef, holder: &VolumeRef, what: &str) {
+    assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {err:?}");
+    assert_eq!(
+        precondition_of(err),
+        ("VOLUME_IN_USE".into(), ref_string(r)),
+        "{what}: {err:?}"
+    );
+    assert!(
+        err.message().contains(&holder.volume_id),
+        "{what}: the message names the holder {}: {err:?}",
+        holder.volume_id
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_volume_in_use_is_refused_also_after_a_restart() {
+    let mut env = Env::new(1024 * MIB).await;
+    for kind in KINDS {
+        let domain = env.domain(kind);
+        // A running guest's disk: base <- leaf (prepared), and a memory
+        // dump volume being written (prepared).
+        let base = vref(
+            &env.create(new_volume(&domain, 16 * MIB, pb::VolumeFormat::Raw))
+                .await
+                .unwrap(),
+        );
+        let mut req = new_volume(&domain, 16 * MIB, pb::VolumeFormat::Cow);
+        req.image_id = base.image_id.clone();
+        req.parent_volume_id = base.volume_id.clone();
+        let leaf = vref(&env.create(req).await.unwrap());
+        let dump = vref(
+            &env.create(new_volume(&domain, 16 * MIB, pb::VolumeFormat::Raw))
+                .await
+                .unwrap(),
+        );
+        let leaf_path = env.prepare(&leaf).await;
+        let dump_path = env.prepare(&dump).await;
+
+        for restarted in [false, true] {
+            let when = format!("{kind:?}, restarted: {restarted}");
+            let err = delete(&mut env, &dump).await.unwrap_err();
+            assert_in_use(&err, &dump, &dump, &when);
+            let err = delete(&mut env, &leaf).await.unwrap_err();
+            assert_in_use(&err, &leaf, &leaf, &when);
+            // The base is in use through the leaf's chain.
+            let err = delete(&mut env, &base).await.unwrap_err();
+            assert_in_use(&err, &base, &leaf, &when);
+            // Merging the base would rewrite the leaf under the guest.
+            let err = env
+                .client
+                .merge_volume(pb::MergeVolumeRequest {
+                    request_id: String::new(),
+                    r#ref: Some(base.clone()),
+                })
+                .await
+                .unwrap_err();
+            assert_in_use(&err, &base, &leaf, &when);
+            assert!(leaf_path.exists() && dump_path.exists(), "{when}");
+            if kind == pb::DomainType::Block {
+                let lvs = lv_names(&domain);
+                for r in [&base, &leaf, &dump] {
+                    assert!(lvs.contains(&r.volume_id), "{when}: {lvs:?}");
+                }
+                assert_eq!(loops_over(&env.loop_dev.device), 3, "{when}: still active");
+            }
+            // The storage service restarts under the running guest: what
+            // is prepared stays held.
+            env.restart(env.config()).await;
+        }
+
+        // A teardown releases the hold.
+        env.teardown(&dump).await;
+        delete(&mut env, &dump).await.unwrap();
+        env.teardown(&leaf).await;
+        delete(&mut env, &leaf).await.unwrap();
+        delete(&mut env, &base).await.unwrap();
+        assert!(env.list(&domain).await.is_empty(), "{kind:?}");
+    }
+    assert!(lv_names(&env.block_domain).is_empty());
+    assert_eq!(settled_loops_over(&env.loop_dev.device, 0), 0);
+}
+
+#[tokio::test]
+async fn a_teardown_keeps_what_another_prepared_volume_needs() {
+    let mut env = Env::new(512 * MIB).await;
+    let domain = env.block_domain.clone();
+    let base = vref(
+        &env.create(new_volume(&domain, 16 * MIB, pb::VolumeFormat::Raw))
+            .await
+            .unwrap(),
+    );
+    let mut req = new_volume(&domain, 16 * MIB, pb::VolumeFormat::Cow);
+    req.image_id = base.image_id.clone();
+    req.parent_volume_id = base.volume_id.clone();
+    let leaf = vref(&env.create(req).await.unwrap());
+    // A guest runs on the base; a snapshot's overlay is prepared on top,
+    // then given up (the snapshot failed): the guest's base stays active.
+    let pv = env.loop_dev.device.clone();
+    let base_path = env.prepare(&base).await;
+    let leaf_path = env.prepare(&leaf).await;
+    assert_eq!(loops_over(&pv), 2);
+    env.teardown(&leaf).await;
+    assert!(bound_over(&base_path, &pv), "the base is still prepared");
+    assert!(!leaf_path.exists(), "the leaf is torn down");
+    assert_eq!(settled_loops_over(&pv, 1), 1);
+    // And the other way round: the base's own teardown keeps it active
+    // while the leaf (prepared on it) needs it.
+    let leaf_path = env.prepare(&leaf).await;
+    env.teardown(&base).await;
+    assert!(bound_over(&base_path, &pv), "the leaf needs its base");
+    assert!(bound_over(&leaf_path, &pv));
+    assert_eq!(loops_over(&pv), 2);
+    let err = delete(&mut env, &base).await.unwrap_err();
+    assert_in_use(&err, &base, &leaf, "base under a prepared leaf");
+    env.teardown(&leaf).await;
+    assert!(!base_path.exists() && !leaf_path.exists());
+    assert_eq!(settled_loops_over(&pv, 0), 0);
+}
+
+/// Bytes of `path` (a prepared volume) that contain `needle`, as offsets.
+fn find_all(path: &std::path::Path, needle: &[u8]) -> Vec<usize> {
+    let data = std::fs::read(path).unwrap();
+    data.windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .take(8)
+        .collect()
+}
+
+const OLD: &[u8] = b"OLD-DATA";
+
+/// Fills a prepared volume with OLD-DATA, end to end.
+fn fill_old(path: &std::path::Path, size: u64) {
+    let chunk: Vec<u8> = OLD.iter().copied().cycle().take(MIB as usize).collect();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for off in (0..size).step_by(MIB as usize) {
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+#[tokio::test]
+async fn a_new_block_volume_never_shows_a_deleted_volumes_data() {
+    let mut env = Env::new(512 * MIB).await;
+    let domain = env.block_domain.clone();
+    // A base with data of its own, for the COW child below.
+    let base = vref(
+        &env.create(new_volume(&domain, 8 * MIB, pb::VolumeFormat::Raw))
+            .await
+            .unwrap(),
+    );
+    let p = env.prepare(&base).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .write_all_at(b"BASE-DATA", 4096)
+        .unwrap();
+    env.teardown(&base).await;
+
+    let size = 32 * MIB;
+    // (format, parent) of the volume made over the deleted one's extents.
+    let cases = [
+        (pb::VolumeFormat::Raw, None),
+        (pb::VolumeFormat::Cow, None),
+        (pb::VolumeFormat::Cow, Some(base.clone())),
+    ];
+    for (format, parent) in cases {
+        let what = format!("{format:?}, parent: {}", parent.is_some());
+        // A guest wrote its data; the volume is deleted.
+        let old = vref(
+            &env.create(new_volume(&domain, size, pb::VolumeFormat::Raw))
+                .await
+                .unwrap(),
+        );
+        let p = env.prepare(&old).await;
+        fill_old(&p, size);
+        assert!(!find_all(&p, OLD).is_empty());
+        env.teardown(&old).await;
+        let extent = lv_first_pe(&domain, &old.volume_id);
+        delete(&mut env, &old).await.unwrap();
+
+        // The next volume gets the same extents.
+        let mut req = new_volume(&domain, if parent.is_some() { 8 * MIB } else { size }, format);
+        if let Some(p) = &parent {
+            req.image_id = p.image_id.clone();
+            req.parent_volume_id = p.volume_id.clone();
+        }
+        let new = vref(&env.create(req).await.unwrap());
+        assert_eq!(
+            lv_first_pe(&domain, &new.volume_id),
+            extent,
+            "{what}: reuses the extents"
+        );
+        let p = env.prepare(&new).await;
+        // Nothing of the old data, anywhere in the LV.
+        assert_eq!(find_all(&p, OLD), Vec::<usize>::new(), "{what}");
+        match (format, &parent) {
+            (pb::VolumeFormat::Raw, _) => {
+                assert!(read_all(&p, size).iter().all(|&b| b == 0), "{what}: all zeros");
+            }
+            (_, None) => {
+                // A valid, empty qcow2 reading as zeros.
+                qemu(&["qemu-img", "check", "-f", "qcow2", p.to_str().unwrap()]);
+                let out = qemu(&[
+                    "qemu-io",
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "read -P 0 0 32M",
+                    p.to_str().unwrap(),
+                ]);
+                assert!(!out.contains("Pattern verification failed"), "{what}: {out}");
+            }
+            (_, Some(_)) => {
+                // Reads as its parent: the base's data, zeros elsewhere.
+                let out = qemu(&[
+                    "qemu-io",
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "read -v 4096 9",
+                    "-c",
+                    "read -P 0 1M 7M",
+                    p.to_str().unwrap(),
+                ]);
+                assert!(out.contains("42 41 53 45 2d 44 41 54 41"), "{what}: {out}");
+                assert!(!out.contains("Pattern verification failed"), "{what}: {out}");
+            }
+        }
+        env.teardown(&new).await;
+        delete(&mut env, &new).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn registering_a_device_outside_the_configuration_is_denied_and_writes_nothing() {
+    let mut env = Env::new(256 * MIB).await;
+    let spare_dir = env.dir.path().join("spare");
+    std::fs::create_dir_all(&spare_dir).unwrap();
+    let spare = LoopDevice::new(&spare_dir, 64 * MIB);
+    let dev = spare.device.display().to_string();
+    for location in [dev.clone(), "/dev/ramsnap-test-no-such-device".to_string()] {
+        let err = env
+            .client
+            .register_domain(pb::RegisterDomainRequest {
+                name: "intruder".into(),
+                r#type: pb::DomainType::Block as i32,
+                location: location.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{location}: {err:?}");
+        assert_eq!(
+            error_info_of(&err),
+            ("BLOCK_DEVICE_NOT_ALLOWED".into(), location.clone()),
+            "{err:?}"
+        );
+    }
+    // Nothing was written to the device: no label, no signature, zeros.
+    let head = read_all(&spare_dir.join("pv.img"), MIB);
+    assert!(head.iter().all(|&b| b == 0), "the device was written to");
+    let out = std::process::Command::new("blkid")
+        .arg("-p")
+        .arg(&spare.device)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let ids: Vec<String> = env
+        .client
+        .list_domains(pb::ListDomainsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .domains
+        .into_iter()
+        .map(|d| d.domain_id)
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+
+    // Once the configuration lists it, the same device is taken.
+    let mut config = env.config();
+    config.block_devices.push(spare.device.clone());
+    env.restart(config).await;
+    let d = env.register("spare", pb::DomainType::Block, &dev).await;
+    assert_eq!(d.location, dev);
+}
+
+#[tokio::test]
+async fn a_device_that_cannot_be_probed_is_not_blank() {
+    let mut env = Env::new(256 * MIB).await;
+    let dead = DeadDevice::new();
+    let mut config = env.config();
+    config.block_devices.push(dead.path.clone());
+    env.restart(config).await;
+    let location = dead.path.display().to_string();
+    let err = env
+        .client
+        .register_domain(pb::RegisterDomainRequest {
+            name: "unprobed".into(),
+            r#type: pb::DomainType::Block as i32,
+            location: location.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(precondition_of(&err), ("DEVICE_NOT_EMPTY".into(), location));
+    assert!(err.message().contains("could not be read"), "{err:?}");
+}
+
+/// No error about caller input may be INTERNAL, nor carry a tool's
+/// command line or a host path.
+fn assert_clean(err: &tonic::Status, env: &Env, what: &str) {
+    assert_ne!(err.code(), Code::Internal, "{what}: {err:?}");
+    let msg = err.message();
+    for leak in ["lvcreate", "qemu-img", "--config", "losetup", "/dev/loop"] {
+        assert!(!msg.contains(leak), "{what}: {leak} in {msg:?}");
+    }
+    assert!(
+        !msg.contains(env.dir.path().to_str().unwrap()),
+        "{what}: a host path in {msg:?}"
+    );
+}
+
+#[tokio::test]
+async fn volumes_are_not_created_on_export_domains() {
+    let mut env = Env::new(256 * MIB).await;
+    let dir = env.dir.path().join("roots/export1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let export = env
+        .client
+        .register_domain(pb::RegisterDomainRequest {
+            name: "export".into(),
+            r#type: pb::DomainType::File as i32,
+            location: dir.display().to_string(),
+            role: pb::DomainRole::Export as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .domain_id;
+    let err = env
+        .create(new_volume(&export, 4 * MIB, pb::VolumeFormat::Cow))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(precondition_of(&err), ("EXPORT_DOMAIN".into(), export.clone()));
+    let err = env
+        .client
+        .create_memory_volumes(pb::CreateMemoryVolumesRequest {
+            domain_id: export.clone(),
+            memory_bytes: 64 * MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(precondition_of(&err), ("EXPORT_DOMAIN".into(), export.clone()));
+    assert!(env.list(&export).await.is_empty());
+    // Copies are what an export domain receives.
+    let data = env
+        .create(new_volume(
+            &env.file_domain.clone(),
+            4 * MIB,
+            pb::VolumeFormat::Raw,
+        ))
+        .await
+        .unwrap();
+    env.copy(pb::CopyVolumeRequest {
+        source: Some(vref(&data)),
+        target_domain_id: export.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(env.list(&export).await.len(), 1);
+}
+
+#[tokio::test]
+async fn hostile_input_gets_field_errors_never_internal() {
+    let mut env = Env::new(512 * MIB).await;
+    let block = env.block_domain.clone();
+    for kind in KINDS {
+        let domain = env.domain(kind);
+        // Capacities: whole sectors only.
+        for capacity in [1, 511, 513, 4 * MIB + 1] {
+            let err = env
+                .create(new_volume(&domain, capacity, pb::VolumeFormat::Raw))
+                .await
+                .unwrap_err();
+            let what = format!("{kind:?} capacity {capacity}");
+            assert_eq!(
+                (err.code(), field_of(&err).as_str()),
+                (Code::InvalidArgument, "capacity_bytes"),
+                "{what}: {err:?}"
+            );
+            assert_clean(&err, &env, &what);
+            let err = env
+                .create(new_volume(&domain, capacity, pb::VolumeFormat::Cow))
+                .await
+                .unwrap_err();
+            assert_eq!(field_of(&err), "capacity_bytes", "{what} COW: {err:?}");
+        }
+        // Descriptions: bounded, no control or bidi-override characters,
+        // on every call that records one.
+        let long = "d".repeat(501);
+        for bad in [
+            long.as_str(),
+            "\u{1b}[2Jcleared",
+            "forged\r\nline",
+            "new\nline",
+            "nul\0byte",
+            "gnp.exe\u{202E}",
+            "isolate\u{2066}x\u{2069}",
+        ] {
+            let what = format!("{kind:?} description {:?}", &bad[..bad.len().min(20)]);
+            let mut req = new_volume(&domain, MIB, pb::VolumeFormat::Raw);
+            req.description = bad.into();
+            let err = env.create(req).await.unwrap_err();
+            assert_eq!(
+                (err.code(), field_of(&err).as_str()),
+                (Code::InvalidArgument, "description"),
+                "{what}: {err:?}"
+            );
+            assert!(err.message().len() < 300, "{what}: {err:?}");
+            let err = env
+                .client
+                .create_memory_volumes(pb::CreateMemoryVolumesRequest {
+                    domain_id: domain.clone(),
+                    memory_bytes: 16 * MIB,
+                    description: bad.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(field_of(&err), "description", "{what}: {err:?}");
+        }
+        let mut ok = new_volume(&domain, MIB, pb::VolumeFormat::Raw);
+        ok.description = format!("{} ünïcode שלום\u{200F}", "d".repeat(470));
+        let src = env.create(ok).await.expect("a long, plain description");
+        let err = env
+            .copy(pb::CopyVolumeRequest {
+                source: Some(vref(&src)),
+                target_domain_id: domain.clone(),
+                description: "copy\u{1b}]0;title\u{7}".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(field_of(&err), "description", "{kind:?}: {err:?}");
+        // Ids: an 8 KiB id is refused without being repeated.
+        let huge = "x".repeat(8192);
+        let mut req = new_volume(&domain, MIB, pb::VolumeFormat::Raw);
+        req.volume_id = huge.clone();
+        let err = env.create(req).await.unwrap_err();
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "volume_id")
+        );
+        assert!(
+            err.message().len() < 200,
+            "{} bytes: {err:?}",
+            err.message().len()
+        );
+        let err = env
+            .client
+            .get_volume(pb::GetVolumeRequest {
+                r#ref: Some(VolumeRef {
+                    domain_id: domain.clone(),
+                    image_id: huge.clone(),
+                    volume_id: huge.clone(),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(field_of(&err), "ref.image_id");
+        assert!(err.message().len() < 200, "{err:?}");
+        delete(&mut env, &vref(&src)).await.unwrap();
+        assert!(env.list(&domain).await.is_empty(), "{kind:?}: nothing half-made");
+    }
+
+    // A volume id taken in another image: the LV name is taken on BLOCK.
+    let first = env
+        .create(new_volume(&block, 4 * MIB, pb::VolumeFormat::Raw))
+        .await
+        .unwrap();
+    let mut req = new_volume(&block, 4 * MIB, pb::VolumeFormat::Cow);
+    req.volume_id = vref(&first).volume_id;
+    let err = env.create(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(resource_of(&err), ("volume".into(), ref_string(&vref(&first))));
+    assert_clean(&err, &env, "duplicate volume id");
+    assert_eq!(
+        lv_names(&block),
+        vec![vref(&first).volume_id],
+        "nothing half-made"
+    );
+
+    // Registration: a domain id taken by another domain; a location of
+    // 8 KiB; one through a symlink out of the roots (its target is not
+    // revealed).
+    let nfs2 = env.dir.path().join("roots/nfs2");
+    std::fs::create_dir_all(&nfs2).unwrap();
+    let err = env
+        .client
+        .register_domain(pb::RegisterDomainRequest {
+            domain_id: block.clone(),
+            name: "twin".into(),
+            r#type: pb::DomainType::File as i32,
+            location: nfs2.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        std::fs::read_dir(&nfs2).unwrap().next().is_none(),
+        "no domain laid out"
+    );
+    let link = env.dir.path().join("roots/elsewhere");
+    std::os::unix::fs::symlink("/usr/share", &link).unwrap();
+    // A BLOCK location of 4000 bytes: denied, and not repeated whole.
+    let err = env
+        .client
+        .register_domain(pb::RegisterDomainRequest {
+            name: "x".into(),
+            r#type: pb::DomainType::Block as i32,
+            location: format!("/dev/{}", "a".repeat(4000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().len() < 300, "{err:?}");
+    for location in [format!("/{}", "a".repeat(8192)), link.display().to_string()] {
+        let err = env
+            .client
+            .register_domain(pb::RegisterDomainRequest {
+                name: "x".into(),
+                r#type: pb::DomainType::File as i32,
+                location: location.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(field_of(&err), "location", "{err:?}");
+        assert!(err.message().len() < 300, "{err:?}");
+        assert!(!err.message().contains("/usr/share"), "{err:?}");
+    }
 }

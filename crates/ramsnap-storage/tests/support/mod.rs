@@ -380,3 +380,106 @@ pub fn backing_name(path: &Path) -> String {
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     info["backing-filename"].as_str().unwrap_or_default().to_string()
 }
+
+/// First physical extent of an LV (its single contiguous segment).
+pub fn lv_first_pe(vg: &str, lv: &str) -> u64 {
+    let out = Command::new("lvs")
+        .args([
+            "--config",
+            "global { activation = 0 }",
+            "--noheadings",
+            "-o",
+            "seg_pe_ranges",
+            &format!("{vg}/{lv}"),
+        ])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    let ranges = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // "/dev/loop3:10-25"
+    ranges
+        .rsplit(':')
+        .next()
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no extents for {vg}/{lv}: {ranges:?}"))
+}
+
+/// A block device node under /dev whose driver does not exist: it can be
+/// stat'ed (a block device) but not opened (ENXIO), so every probe of it
+/// fails. Removed on drop.
+pub struct DeadDevice {
+    pub path: PathBuf,
+}
+
+impl DeadDevice {
+    pub fn new() -> DeadDevice {
+        // A major number no block driver registered (the local/experimental
+        // range, minus what /proc/devices lists).
+        let devices = std::fs::read_to_string("/proc/devices").unwrap();
+        let used: Vec<u32> = devices
+            .split("Block devices:")
+            .nth(1)
+            .unwrap_or("")
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .collect();
+        let major = (240..=250)
+            .find(|m| !used.contains(m))
+            .expect("a free major number");
+        let path = PathBuf::from(format!(
+            "/dev/ramsnap-test-dead-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        let st = Command::new("mknod")
+            .arg(&path)
+            .args(["b", &major.to_string(), "0"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mknod {}", path.display());
+        DeadDevice { path }
+    }
+}
+
+impl Drop for DeadDevice {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The ErrorInfo's reason and the ResourceInfo's name of a status.
+pub fn error_info_of(status: &tonic::Status) -> (String, String) {
+    use tonic_types::StatusExt;
+    let d = status.get_error_details();
+    (
+        d.error_info().map(|e| e.reason.clone()).unwrap_or_default(),
+        d.resource_info()
+            .map(|r| r.resource_name.clone())
+            .unwrap_or_default(),
+    )
+}
+
+/// [`loops_over`], once it is `want` or 5 s have passed: a loop device
+/// that something else has open (LVM scanning every block device, say)
+/// is detached lazily, when that closes it.
+pub fn settled_loops_over(pv: &Path, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let n = loops_over(pv);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Whether a prepared BLOCK volume's path (a symlink to a loop device)
+/// still leads to a loop device bound over `pv`.
+pub fn bound_over(link: &Path, pv: &Path) -> bool {
+    let Ok(target) = std::fs::read_link(link) else {
+        return false;
+    };
+    let name = target.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .is_ok_and(|b| b.trim() == pv.display().to_string())
+}
