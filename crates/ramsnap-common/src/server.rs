@@ -15,9 +15,12 @@
 //!    ([`DEFAULT_SHUTDOWN_GRACE`], `--shutdown-grace`) to finish; after it
 //!    [`serve`] returns anyway and the process exits, abandoning them.
 //!
-//! A second signal exits the process at once. Keep the grace well under the
-//! supervisor's own limit (Kubernetes' `terminationGracePeriodSeconds`, 30 s
-//! in `k8s/`), which ends in SIGKILL.
+//! The process then exits within about a second ([`main`] gives tasks still
+//! running one second; ramsnapd and the coordinator give their database pool
+//! two): at worst grace + 3 s after the signal. A second signal exits the
+//! process at once. Keep the grace well under the supervisor's own limit
+//! (Kubernetes' `terminationGracePeriodSeconds`, 30 s in `k8s/`), which ends
+//! in SIGKILL.
 //!
 //! # Start-up errors
 //!
