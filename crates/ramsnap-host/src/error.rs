@@ -1,6 +1,6 @@
 //! One error enum per operation area, combined into [`HostError`], and the
 //! single place that decides which gRPC status each becomes.
-use crate::model::VolumeRef;
+use crate::model::{VmStatus, VolumeRef};
 use ramsnap_common::status;
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +150,15 @@ pub enum SnapshotError {
     MetadataTooLarge { size: usize, capacity: u64 },
 }
 
+/// Forgetting a VM (ForgetVm).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ForgetError {
+    #[error("vm {vm} is not down on this host ({status:?}); stop it first")]
+    Running { vm: Uuid, status: VmStatus },
+    #[error("vm {0} has an operation in progress on this host")]
+    Busy(Uuid),
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HostError {
     #[error("{field}: {reason}")]
@@ -166,6 +175,8 @@ pub enum HostError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Forget(#[from] ForgetError),
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
     #[error("{what}: {source}")]
@@ -201,16 +212,34 @@ impl HostError {
     }
 }
 
+/// INTERNAL without the detail, which is logged with a reference the
+/// message gives: libvirt's and QEMU's messages, I/O errors and the storage
+/// agent's internal errors name host paths and carry command lines, which
+/// are not the caller's business (and on hostile input would be a leak).
+fn internal_logged(what: &str, detail: &dyn std::fmt::Display) -> Status {
+    let reference = Uuid::new_v4().simple().to_string();
+    let reference = &reference[..12];
+    tracing::error!(error_ref = reference, error = %detail, "{what} failed");
+    Status::internal(format!(
+        "{what} failed on the host; the host agent's log has the details under error_ref={reference}"
+    ))
+}
+
 impl From<HostError> for Status {
     fn from(err: HostError) -> Status {
         match err {
             HostError::InvalidArgument { field, reason } => status::invalid_argument(&field, reason),
             HostError::VmNotFound(id) => status::not_found("vm", &id.to_string()),
             HostError::Libvirt(e) => libvirt_status(e),
-            HostError::Storage(e) => {
-                let message = e.to_string();
-                Status::with_details(e.code, message, e.details)
-            }
+            HostError::Storage(e) => match e.code {
+                Code::Internal | Code::Unknown | Code::DataLoss => {
+                    internal_logged(&format!("storage {}", e.op), &e)
+                }
+                code => {
+                    let message = e.to_string();
+                    Status::with_details(code, message, e.details)
+                }
+            },
             HostError::Run(e) => match e {
                 RunError::AlreadyRunning(id) => {
                     status::already_exists("vm", &id.to_string(), "is already running on this host")
@@ -258,11 +287,14 @@ impl From<HostError> for Status {
                 SnapshotError::Cancelled(_) => Status::cancelled(e.to_string()),
                 SnapshotError::MetadataTooLarge { .. } => status::internal(&e),
             },
+            HostError::Forget(e) => match &e {
+                ForgetError::Running { vm, .. } | ForgetError::Busy(vm) => {
+                    status::failed_precondition("VM_RUNNING", &vm.to_string(), e.to_string())
+                }
+            },
             e @ HostError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
-            e @ (HostError::Io { .. } | HostError::Internal(_)) => {
-                tracing::error!(error = %e, "host operation failed");
-                status::internal(e)
-            }
+            e @ HostError::Io { .. } => internal_logged("a file operation", &e),
+            e @ HostError::Internal(_) => internal_logged("an internal step", &e),
         }
     }
 }
@@ -281,10 +313,7 @@ fn libvirt_status(e: LibvirtError) -> Status {
         LibvirtErrorKind::Unsupported => status::failed_precondition("HYPERVISOR_UNSUPPORTED", e.op, message),
         LibvirtErrorKind::Unavailable => Status::unavailable(message),
         LibvirtErrorKind::AlreadyExists => Status::already_exists(message),
-        LibvirtErrorKind::Other => {
-            tracing::error!(error = %message, code = e.code, "libvirt call failed");
-            Status::internal(message)
-        }
+        LibvirtErrorKind::Other => internal_logged(&format!("libvirt {} (code {})", e.op, e.code), &message),
     }
 }
 
@@ -324,6 +353,57 @@ mod tests {
             .precondition_failure()
             .expect("precondition failure details");
         assert_eq!(pf.violations[0].r#type, "MEMORY_DISKS_MISMATCH");
+    }
+
+    #[test]
+    fn internal_errors_keep_paths_and_command_lines_out() {
+        let secret = "/var/lib/ramsnap/boot/x: qemu-system-x86_64 -drive file=/dev/loop7";
+        let cases = [
+            HostError::Libvirt(LibvirtError {
+                op: "create",
+                kind: LibvirtErrorKind::Other,
+                code: 1,
+                message: secret.into(),
+            }),
+            HostError::io(secret, std::io::Error::other("denied")),
+            HostError::Internal(secret.into()),
+            HostError::Storage(StorageCallError::from_status(
+                "prepare",
+                &Status::internal(secret),
+            )),
+        ];
+        for e in cases {
+            let st = Status::from(e.clone());
+            assert_eq!(st.code(), Code::Internal, "{e:?}");
+            assert!(
+                !st.message().contains("/var")
+                    && !st.message().contains("qemu")
+                    && !st.message().contains("loop"),
+                "{e:?} -> {st:?}"
+            );
+            assert!(st.message().contains("error_ref="), "{st:?}");
+        }
+        assert!(Status::from(lv(LibvirtErrorKind::Other))
+            .message()
+            .contains("libvirt destroy"));
+    }
+
+    #[test]
+    fn forget_refusals_are_vm_running() {
+        let id = Uuid::new_v4();
+        for e in [
+            ForgetError::Running {
+                vm: id,
+                status: VmStatus::Up,
+            },
+            ForgetError::Busy(id),
+        ] {
+            let st = Status::from(HostError::from(e));
+            assert_eq!(st.code(), Code::FailedPrecondition);
+            let pf = st.get_error_details().precondition_failure().cloned().unwrap();
+            assert_eq!(pf.violations[0].r#type, "VM_RUNNING");
+            assert_eq!(pf.violations[0].subject, id.to_string());
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
+mod forget;
 mod run;
 mod snapshot;
 mod verify;
@@ -457,13 +458,18 @@ impl Host {
         out
     }
 
-    /// The current status, then every transition.
+    /// The current status, then every transition. For a VM the host has
+    /// no entry for (not running, not being started, forgotten): one DOWN,
+    /// then the end.
     pub fn watch(&self, id: Uuid) -> impl futures::Stream<Item = StatusEvent> + Send + 'static {
-        let vm = self.vm_entry(id);
-        let mut events = vm.events.subscribe();
-        let current = *vm.status.borrow();
-        let mut status = vm.status.subscribe();
+        let subscribed = self
+            .vm(id)
+            .map(|vm| (vm.events.subscribe(), *vm.status.borrow(), vm.status.subscribe()));
         async_stream::stream! {
+            let Some((mut events, current, mut status)) = subscribed else {
+                yield StatusEvent { status: VmStatus::Down, at_unix_ms: now_unix_ms() };
+                return;
+            };
             let mut last = current;
             yield current;
             loop {

@@ -1,9 +1,11 @@
+use anyhow::Context;
 use clap::Parser;
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME};
 use ramsnap_host::{Config, Host};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// ramsnap host agent: runs VMs and dumps/restores their memory via libvirt.
 #[derive(Parser)]
@@ -11,6 +13,11 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "RAMSNAP_HOST_LISTEN", default_value = "127.0.0.1:50053")]
     listen: SocketAddr,
+    /// How long calls in flight get to finish after SIGTERM/SIGINT (server
+    /// streams end at once; a second signal exits at once). Keep it well
+    /// under the supervisor's kill timeout.
+    #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
+    shutdown_grace: Duration,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -44,17 +51,21 @@ struct HostArgs {
     domain_prefix: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    server::main("ramsnap-host", run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("host");
-    let args = Args::parse();
+    let stop = server::stop_on_signals()?;
+    let listener = server::listen(args.listen).await?;
     let a = args.host;
     let mut config = Config::new(&a.libvirt_uri, &a.storage, a.boot_dir, a.run_dir, a.state_dir);
     config.host_id = a.host_id;
     config.domain_type = a.domain_type;
     config.domain_prefix = a.domain_prefix;
-    let host = Host::open(config).await?;
-    let listener = server::bind("host", args.listen).await?;
+    let host = Host::open(config).await.context("cannot start the host agent")?;
+    server::announce("host", &listener)?;
     let set = ServiceSet::new(SERVICE_NAME, HostApi::new(host).into_server());
-    server::serve(listener, vec![set], server::shutdown_signal()).await
+    server::serve_with_grace(listener, vec![set], stop.cancelled_owned(), args.shutdown_grace).await
 }

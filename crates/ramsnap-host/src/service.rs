@@ -54,6 +54,27 @@ fn memory_volumes(field: &str, m: Option<common::MemoryVolumeRef>) -> Result<Opt
     }))
 }
 
+/// INVALID_ARGUMENT when the pair is one volume, or one of them is among
+/// `others` (disk volumes): a purpose check would refuse it only after
+/// volumes were prepared.
+fn refuse_memory_among(field: &str, m: &MemoryVolumes, others: &[&[VolumeRef]]) -> Result<(), Status> {
+    if m.dump == m.metadata {
+        return Err(status::invalid_argument(
+            &format!("{field}.metadata"),
+            format!("is the same volume as {field}.dump"),
+        ));
+    }
+    for (name, r) in [("dump", m.dump), ("metadata", m.metadata)] {
+        if others.iter().any(|o| o.contains(&r)) {
+            return Err(status::invalid_argument(
+                &format!("{field}.{name}"),
+                "is one of the VM's disk volumes",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn boot_file(field: &str, name: &str) -> Result<Option<BootFile>, Status> {
     if name.is_empty() {
         return Ok(None);
@@ -63,18 +84,68 @@ fn boot_file(field: &str, name: &str) -> Result<Option<BootFile>, Status> {
         .map_err(|reason| status::invalid_argument(field, reason))
 }
 
+/// INVALID_ARGUMENT when `refs` (named `field(i)`) repeat a volume, or
+/// (with `per_image`) put two volumes of one image side by side: one image
+/// is one disk's chain, and QEMU cannot open a volume twice (it would fail
+/// later, with its command line in the error).
+fn refuse_repeats(
+    refs: &[VolumeRef],
+    field: impl Fn(usize) -> String,
+    per_image: bool,
+) -> Result<(), Status> {
+    for (i, r) in refs.iter().enumerate() {
+        for (j, earlier) in refs[..i].iter().enumerate() {
+            if r == earlier {
+                return Err(status::invalid_argument(
+                    &field(i),
+                    format!("is the same volume as {}", field(j)),
+                ));
+            }
+            if per_image && (r.domain, r.image) == (earlier.domain, earlier.image) {
+                return Err(status::invalid_argument(
+                    &field(i),
+                    format!("is in the same image as {} (one image is one disk)", field(j)),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A VM id: a UUID, not the nil one (libvirt's "no UUID").
+fn vm_id(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
+    let id = ids::parse(field, value)?;
+    if id.is_nil() {
+        return Err(status::invalid_argument(field, "must not be the nil UUID"));
+    }
+    Ok(id)
+}
+
 impl TryFrom<pb::VmSpec> for VmSpec {
     type Error = Status;
 
     fn try_from(s: pb::VmSpec) -> Result<VmSpec, Status> {
+        if s.disks.is_empty() {
+            return Err(status::invalid_argument(
+                "spec.disks",
+                "at least one disk is required",
+            ));
+        }
+        if s.disks.len() > model::MAX_DISKS {
+            return Err(status::invalid_argument(
+                "spec.disks",
+                format!("at most {} disks", model::MAX_DISKS),
+            ));
+        }
         let disks = s
             .disks
             .into_iter()
             .enumerate()
             .map(|(i, d)| volume_ref(&format!("spec.disks[{i}].volume"), d.volume))
             .collect::<Result<Vec<_>, _>>()?;
+        refuse_repeats(&disks, |i| format!("spec.disks[{i}].volume"), true)?;
         let spec = VmSpec {
-            vm_id: ids::parse("spec.vm_id", &s.vm_id)?,
+            vm_id: vm_id("spec.vm_id", &s.vm_id)?,
             name: s.name,
             memory_bytes: s.memory_bytes,
             vcpus: s.vcpus,
@@ -93,6 +164,12 @@ impl TryFrom<pb::SnapshotVmRequest> for SnapshotRequest {
     type Error = Status;
 
     fn try_from(r: pb::SnapshotVmRequest) -> Result<SnapshotRequest, Status> {
+        if r.disks.len() > model::MAX_DISKS {
+            return Err(status::invalid_argument(
+                "disks",
+                format!("at most {} disks", model::MAX_DISKS),
+            ));
+        }
         let disks = r
             .disks
             .into_iter()
@@ -104,6 +181,22 @@ impl TryFrom<pb::SnapshotVmRequest> for SnapshotRequest {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        let currents: Vec<VolumeRef> = disks.iter().map(|d| d.current).collect();
+        refuse_repeats(&currents, |i| format!("disks[{i}].current"), true)?;
+        let overlays: Vec<VolumeRef> = disks.iter().map(|d| d.overlay).collect();
+        refuse_repeats(&overlays, |i| format!("disks[{i}].overlay"), false)?;
+        for (i, d) in disks.iter().enumerate() {
+            if let Some(j) = currents.iter().position(|c| *c == d.overlay) {
+                return Err(status::invalid_argument(
+                    &format!("disks[{i}].overlay"),
+                    format!("is the volume of disks[{j}].current"),
+                ));
+            }
+        }
+        let memory = memory_volumes("memory", r.memory)?;
+        if let Some(m) = &memory {
+            refuse_memory_among("memory", m, &[&currents, &overlays])?;
+        }
         let mode = match pb::SnapshotMode::try_from(r.mode) {
             // oVirt 3.3's behaviour unless the caller asks for a live dump.
             Ok(pb::SnapshotMode::Unspecified | pb::SnapshotMode::Paused) => SnapshotMode::Paused,
@@ -127,10 +220,10 @@ impl TryFrom<pb::SnapshotVmRequest> for SnapshotRequest {
         };
         Ok(SnapshotRequest {
             job_id: ids::parse("job_id", &r.job_id)?,
-            vm_id: ids::parse("vm_id", &r.vm_id)?,
+            vm_id: vm_id("vm_id", &r.vm_id)?,
             snapshot_id: ids::parse("snapshot_id", &r.snapshot_id)?,
             disks,
-            memory: memory_volumes("memory", r.memory)?,
+            memory,
             mode,
             level,
         })
@@ -141,7 +234,7 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
     type Error = Status;
 
     fn try_from(r: pb::VerifyMemoryRequest) -> Result<VerifyMemoryRequest, Status> {
-        let vm_id = ids::parse("vm_id", &r.vm_id)?;
+        let vm_id = vm_id("vm_id", &r.vm_id)?;
         let memory = memory_volumes("memory", r.memory)?
             .ok_or_else(|| status::invalid_argument("memory", "is required"))?;
         let expected_sha256 = if r.expected_sha256.is_empty() {
@@ -173,6 +266,8 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
             .enumerate()
             .map(|(i, d)| volume_ref(&format!("rebind_disks[{i}]"), Some(d)))
             .collect::<Result<Vec<_>, _>>()?;
+        refuse_repeats(&disks, |i| format!("rebind_disks[{i}]"), false)?;
+        refuse_memory_among("memory", &memory, &[&disks])?;
         let rebind = match domain {
             Some(d) => Some(Rebind::DiskDomain(d)),
             None if !disks.is_empty() => Some(Rebind::Disks(disks)),
@@ -256,6 +351,9 @@ impl HostService for HostApi {
                 .ok_or_else(|| status::invalid_argument("spec", "is required"))?,
         )?;
         let restore = memory_volumes("restore_memory", req.restore_memory)?;
+        if let Some(m) = &restore {
+            refuse_memory_among("restore_memory", m, &[&spec.disks])?;
+        }
         let s = self.host.run(spec, restore).await?;
         Ok(Response::new(pb::RunVmResponse {
             status: to_pb_status(s) as i32,
@@ -389,6 +487,15 @@ impl HostService for HostApi {
         let verified = self.host.verify_memory(req).await?;
         Ok(Response::new(verified.into()))
     }
+
+    async fn forget_vm(
+        &self,
+        req: Request<pb::ForgetVmRequest>,
+    ) -> Result<Response<pb::ForgetVmResponse>, Status> {
+        let id = ids::parse("vm_id", &req.into_inner().vm_id)?;
+        let forgotten = self.host.forget(id).await?;
+        Ok(Response::new(pb::ForgetVmResponse { forgotten }))
+    }
 }
 
 #[cfg(test)]
@@ -443,6 +550,28 @@ mod tests {
             "spec.disks[0].volume.image_id"
         );
         assert_eq!(bad(&|s| s.memory_bytes = 0), "spec.memory_bytes");
+        assert_eq!(bad(&|s| s.vcpus = 100_000), "spec.vcpus");
+        assert_eq!(bad(&|s| s.disks.clear()), "spec.disks");
+        assert_eq!(bad(&|s| s.disks = vec![s.disks[0].clone(); 27]), "spec.disks");
+        assert_eq!(bad(&|s| s.disks.push(s.disks[0].clone())), "spec.disks[1].volume");
+        assert_eq!(
+            bad(&|s| {
+                let mut same_image = s.disks[0].volume.clone().unwrap();
+                same_image.volume_id = uuid::Uuid::new_v4().to_string();
+                s.disks.push(pb::DiskSpec { volume: vref() });
+                s.disks.push(pb::DiskSpec {
+                    volume: Some(same_image),
+                });
+            }),
+            "spec.disks[2].volume"
+        );
+        assert_eq!(bad(&|s| s.vm_id = uuid::Uuid::nil().to_string()), "spec.vm_id");
+        // Two volumes of one id in different images are two disks.
+        let mut s = spec();
+        let mut twin = s.disks[0].volume.clone().unwrap();
+        twin.image_id = uuid::Uuid::new_v4().to_string();
+        s.disks.push(pb::DiskSpec { volume: Some(twin) });
+        assert!(VmSpec::try_from(s).is_ok());
     }
 
     #[test]

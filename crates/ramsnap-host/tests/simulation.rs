@@ -7,6 +7,7 @@ mod support;
 use futures::StreamExt;
 use ramsnap_host::{Config, Host};
 use ramsnap_proto::host::v1 as hpb;
+use std::time::Duration;
 use support::*;
 use tonic::Code;
 
@@ -56,14 +57,15 @@ async fn simulation_run_list_watch_and_stop() {
     let disk = env.new_disk(false).await;
     let vm = uuid::Uuid::new_v4().to_string();
     let spec = vm_spec(&vm, 256, vec![disk], "");
-    let mut watch = env
-        .host
-        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: vm.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    // Not run yet: DOWN, and the stream ends (it used to wait forever).
+    let mut early = watch(&mut env, &vm).await;
+    assert_eq!(
+        statuses(&mut early, Duration::from_secs(5)).await,
+        (vec![hpb::VmStatus::Down], true)
+    );
     assert_eq!(env.status(&vm).await, hpb::VmStatus::Down);
     assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    let mut watch = self::watch(&mut env, &vm).await;
     let listed = env
         .host
         .list_vms(hpb::ListVmsRequest {})
@@ -93,21 +95,52 @@ async fn simulation_run_list_watch_and_stop() {
         .is_empty());
     // Stopping a VM that is not running succeeds.
     assert!(!env.stop(&vm, 0).await);
+    // The watch outlives the stop and sees the next run.
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
 
     let mut seen = Vec::new();
-    while let Some(Ok(ev)) = tokio::time::timeout(std::time::Duration::from_secs(2), watch.next())
+    while let Some(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), watch.next())
         .await
         .ok()
         .flatten()
     {
         assert!(ev.at_unix_ms > 0);
         seen.push(ev.status());
-        if seen.len() >= 5 {
+        if seen.len() >= 7 {
             break;
         }
     }
     use hpb::VmStatus::*;
-    assert_eq!(seen, vec![Down, PoweringUp, Up, PoweringDown, Down]);
+    assert_eq!(
+        seen,
+        vec![Up, PoweringDown, Down, PoweringUp, Up, PoweringDown, Down]
+    );
+}
+
+async fn watch(env: &mut Env, vm: &str) -> tonic::Streaming<hpb::WatchVmStatusResponse> {
+    env.host
+        .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: vm.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The statuses a watch yields within `within`, and whether it ended (OK).
+async fn statuses(
+    stream: &mut tonic::Streaming<hpb::WatchVmStatusResponse>,
+    within: Duration,
+) -> (Vec<hpb::VmStatus>, bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(m))) => seen.push(m.status()),
+            Ok(Ok(None)) => return (seen, true),
+            Ok(Err(st)) => panic!("the watch failed: {st:?} (after {seen:?})"),
+            Err(_) => return (seen, false),
+        }
+    }
 }
 
 #[tokio::test]
@@ -350,8 +383,10 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
         st.message().contains(&"0".repeat(64)) && st.message().contains(&sha),
         "expected and actual in the message: {st:?}"
     );
+    // Two disks for a memory saved with one (two of one volume is bad input).
+    let second = env.new_disk(false).await;
     let mut q = req(&moved);
-    q.rebind_disks = vec![moved_disk.clone(), moved_disk.clone()];
+    q.rebind_disks = vec![moved_disk.clone(), second];
     refused(env.verify_memory(q).await, "MEMORY_DISKS_MISMATCH");
     let swapped = ramsnap_proto::common::v1::MemoryVolumeRef {
         dump: moved.metadata.clone(),
@@ -470,4 +505,440 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
 
     // Nothing VerifyMemory prepared stays prepared.
     assert_eq!(loops_over(&pv), 0);
+}
+
+/// Hostile RunVm requests: each refused with INVALID_ARGUMENT naming its
+/// field, before anything is prepared (the disks are on the BLOCK domain,
+/// where preparing makes a loop device) or started. The same disk twice
+/// used to reach QEMU, whose refusal came back as INTERNAL with its command
+/// line and the host's paths.
+#[tokio::test]
+async fn simulation_hostile_run_requests_are_refused_before_anything_is_prepared() {
+    let mut env = Env::new(
+        "simhostile",
+        EnvOptions {
+            uri: "test:///default",
+            block_size: Some(512 * MIB),
+        },
+    )
+    .await;
+    let pv = env.loop_dev.as_ref().unwrap().device.clone();
+    let disk = env.new_disk(true).await;
+    let child = env.child_of(&disk).await;
+    let other = env.new_disk(true).await;
+    let memory = env.memory_volumes(false, 64 * MIB, false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let good = vm_spec(&vm, 64, vec![disk.clone()], "");
+
+    type Edit = Box<dyn Fn(&mut hpb::RunVmRequest)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "spec.disks[1].volume",
+            Box::new(|r| {
+                let d = r.spec.as_ref().unwrap().disks[0].clone();
+                r.spec.as_mut().unwrap().disks.push(d);
+            }),
+        ),
+        ("spec.disks[2].volume", {
+            let (other, disk) = (other.clone(), disk.clone());
+            Box::new(move |r| {
+                let disks = &mut r.spec.as_mut().unwrap().disks;
+                disks.push(hpb::DiskSpec {
+                    volume: Some(other.clone()),
+                });
+                disks.push(hpb::DiskSpec {
+                    volume: Some(disk.clone()),
+                });
+            })
+        }),
+        ("spec.disks[1].volume", {
+            let child = child.clone();
+            Box::new(move |r| {
+                r.spec.as_mut().unwrap().disks.push(hpb::DiskSpec {
+                    volume: Some(child.clone()),
+                })
+            })
+        }),
+        ("spec.disks", Box::new(|r| r.spec.as_mut().unwrap().disks.clear())),
+        (
+            "spec.disks",
+            Box::new(|r| {
+                let d = r.spec.as_ref().unwrap().disks[0].clone();
+                r.spec.as_mut().unwrap().disks = vec![d; 27];
+            }),
+        ),
+        (
+            "spec.vm_id",
+            Box::new(|r| r.spec.as_mut().unwrap().vm_id = uuid::Uuid::nil().to_string()),
+        ),
+        (
+            "spec.memory_bytes",
+            Box::new(|r| r.spec.as_mut().unwrap().memory_bytes = 0),
+        ),
+        (
+            "spec.memory_bytes",
+            Box::new(|r| r.spec.as_mut().unwrap().memory_bytes = 1 << 62),
+        ),
+        ("spec.vcpus", Box::new(|r| r.spec.as_mut().unwrap().vcpus = 0)),
+        (
+            "spec.vcpus",
+            Box::new(|r| r.spec.as_mut().unwrap().vcpus = 1_000_000),
+        ),
+        (
+            "spec.name",
+            Box::new(|r| r.spec.as_mut().unwrap().name = "a\u{7}b\nc".into()),
+        ),
+        (
+            "spec.kernel",
+            Box::new(|r| r.spec.as_mut().unwrap().kernel = "..".into()),
+        ),
+        (
+            "spec.kernel",
+            Box::new(|r| r.spec.as_mut().unwrap().kernel = "boot/vmlinux".into()),
+        ),
+        (
+            "spec.initrd",
+            Box::new(|r| r.spec.as_mut().unwrap().initrd = "../initrd".into()),
+        ),
+        (
+            "spec.cmdline",
+            Box::new(|r| r.spec.as_mut().unwrap().cmdline = "x".repeat(5000)),
+        ),
+        (
+            "spec.cmdline",
+            Box::new(|r| r.spec.as_mut().unwrap().cmdline = "console=ttyS0\ninit=/bin/sh".into()),
+        ),
+        ("restore_memory.metadata", {
+            let memory = memory.clone();
+            Box::new(move |r| {
+                r.restore_memory = Some(ramsnap_proto::common::v1::MemoryVolumeRef {
+                    dump: memory.dump.clone(),
+                    metadata: memory.dump.clone(),
+                })
+            })
+        }),
+        ("restore_memory.dump", {
+            let (memory, disk) = (memory.clone(), disk.clone());
+            Box::new(move |r| {
+                r.restore_memory = Some(ramsnap_proto::common::v1::MemoryVolumeRef {
+                    dump: Some(disk.clone()),
+                    metadata: memory.metadata.clone(),
+                })
+            })
+        }),
+    ];
+    for (field, edit) in &cases {
+        let mut req = hpb::RunVmRequest {
+            spec: Some(good.clone()),
+            restore_memory: None,
+        };
+        edit(&mut req);
+        let st = env.host.run_vm(req).await.unwrap_err();
+        assert_eq!(
+            (st.code(), field_of(&st).as_str()),
+            (Code::InvalidArgument, *field),
+            "{st:?}"
+        );
+        assert!(!st.message().contains(env.dir.path().to_str().unwrap()), "{st:?}");
+        assert_eq!(loops_over(&pv), 0, "{field}: a volume was prepared");
+        assert_eq!(env.status(&vm).await, hpb::VmStatus::Down, "{field}");
+    }
+    assert!(env
+        .host
+        .list_vms(hpb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+        .is_empty());
+
+    // The control: the good spec runs, with its disk prepared.
+    assert_eq!(env.run(&good, None).await.unwrap(), hpb::VmStatus::Up);
+    assert!(loops_over(&pv) > 0, "preparing a BLOCK disk makes a loop device");
+    assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
+    assert_eq!(loops_over(&pv), 0);
+}
+
+/// The other requests with volume lists refuse repeats and collisions too.
+#[tokio::test]
+async fn simulation_hostile_snapshot_and_verify_requests_name_their_field() {
+    let mut env = Env::new("simhostile2", opts()).await;
+    let disk = env.new_disk(false).await;
+    let overlay = env.child_of(&disk).await;
+    let memory = env.memory_volumes(false, 64 * MIB, false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let snap =
+        |disks: Vec<(
+            &ramsnap_proto::common::v1::VolumeRef,
+            &ramsnap_proto::common::v1::VolumeRef,
+        )>,
+         memory: Option<ramsnap_proto::common::v1::MemoryVolumeRef>| hpb::SnapshotVmRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: vm.clone(),
+            snapshot_id: uuid::Uuid::new_v4().to_string(),
+            disks: disks
+                .into_iter()
+                .map(|(c, o)| hpb::SnapshotDisk {
+                    current: Some(c.clone()),
+                    overlay: Some(o.clone()),
+                })
+                .collect(),
+            memory,
+            mode: hpb::SnapshotMode::Paused as i32,
+            compatibility_version: "3.3".into(),
+        };
+    let cases = vec![
+        (
+            "disks[1].current",
+            snap(vec![(&disk, &overlay), (&disk, &overlay)], None),
+        ),
+        ("disks[0].overlay", snap(vec![(&disk, &disk)], None)),
+        (
+            "memory.metadata",
+            snap(
+                vec![(&disk, &overlay)],
+                Some(ramsnap_proto::common::v1::MemoryVolumeRef {
+                    dump: memory.dump.clone(),
+                    metadata: memory.dump.clone(),
+                }),
+            ),
+        ),
+        (
+            "memory.dump",
+            snap(
+                vec![(&disk, &overlay)],
+                Some(ramsnap_proto::common::v1::MemoryVolumeRef {
+                    dump: Some(overlay.clone()),
+                    metadata: memory.metadata.clone(),
+                }),
+            ),
+        ),
+    ];
+    for (field, req) in cases {
+        let (_, r) = snapshot(&mut env.host, req).await;
+        let st = r.unwrap_err();
+        assert_eq!(
+            (st.code(), field_of(&st).as_str()),
+            (Code::InvalidArgument, field),
+            "{st:?}"
+        );
+    }
+    let verify = |f: &dyn Fn(&mut hpb::VerifyMemoryRequest)| {
+        let mut q = hpb::VerifyMemoryRequest {
+            vm_id: vm.clone(),
+            memory: Some(memory.clone()),
+            ..Default::default()
+        };
+        f(&mut q);
+        q
+    };
+    for (field, req) in [
+        (
+            "rebind_disks[1]",
+            verify(&|q| q.rebind_disks = vec![disk.clone(), disk.clone()]),
+        ),
+        (
+            "memory.dump",
+            verify(&|q| q.rebind_disks = vec![memory.dump.clone().unwrap()]),
+        ),
+        (
+            "memory.metadata",
+            verify(&|q| q.memory.as_mut().unwrap().metadata = memory.dump.clone()),
+        ),
+        ("vm_id", verify(&|q| q.vm_id = uuid::Uuid::nil().to_string())),
+    ] {
+        let st = env.verify_memory(req).await.unwrap_err();
+        assert_eq!(
+            (st.code(), field_of(&st).as_str()),
+            (Code::InvalidArgument, field),
+            "{st:?}"
+        );
+    }
+}
+
+/// Bytes that are no protobuf message: tonic refuses them before the
+/// handler (INTERNAL, "failed to decode Protobuf message"), and the server
+/// goes on serving.
+#[tokio::test]
+async fn simulation_malformed_protobuf_is_refused_by_tonic() {
+    let mut env = Env::new("simmalformed", opts()).await;
+    let channel = env.host_channel().await;
+    for (method, body) in [
+        // Field 1 (spec), length 10, then 2 bytes: truncated.
+        ("RunVm", vec![0x0a, 0x0a, 0x01, 0x02]),
+        // Field 1 (vm_id) as a string that is not UTF-8.
+        ("GetVmStatus", vec![0x0a, 0x02, 0xc3, 0x28]),
+        // A varint that never ends.
+        (
+            "StopVm",
+            vec![
+                0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        ),
+        // Wire type 7 does not exist.
+        ("ListVms", vec![0x0f]),
+    ] {
+        let st = raw_call(channel.clone(), method, body).await.unwrap_err();
+        assert_eq!(st.code(), Code::Internal, "{method}: {st:?}");
+        assert!(
+            st.message().contains("failed to decode Protobuf message"),
+            "{method}: {st:?}"
+        );
+    }
+    // Still serving.
+    assert_eq!(
+        env.status(&uuid::Uuid::new_v4().to_string()).await,
+        hpb::VmStatus::Down
+    );
+}
+
+/// Sends `body` as the raw request message of HostService/`method`.
+async fn raw_call(
+    channel: tonic::transport::Channel,
+    method: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    struct Raw;
+    struct RawEnc;
+    struct RawDec;
+    impl Encoder for RawEnc {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+    impl Decoder for RawDec {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let n = bytes::Buf::remaining(src);
+            Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path: tonic::codegen::http::uri::PathAndQuery =
+        format!("/ramsnap.host.v1.HostService/{method}").parse().unwrap();
+    grpc.unary(tonic::Request::new(body), path, Raw)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A VM this host never ran: WatchVmStatus is one DOWN and the end (it used
+/// to wait forever, holding an entry), ReadConsole NOT_FOUND.
+#[tokio::test]
+async fn simulation_unknown_vm_watch_ends_after_down() {
+    let mut env = Env::new("simunknown", opts()).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let mut w = watch(&mut env, &vm).await;
+    assert_eq!(
+        statuses(&mut w, Duration::from_secs(5)).await,
+        (vec![hpb::VmStatus::Down], true)
+    );
+    let st = env
+        .host
+        .read_console(hpb::ReadConsoleRequest {
+            vm_id: vm.clone(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+}
+
+/// ForgetVm: refused while the VM runs; once it is down, its console log
+/// directory goes, its open watches end, ReadConsole is NOT_FOUND and a
+/// watch is one DOWN; idempotent; the VM can run again afterwards.
+#[tokio::test]
+async fn simulation_forget_vm_removes_what_the_host_keeps() {
+    let mut env = Env::new("simforget", opts()).await;
+    let disk = env.new_disk(false).await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    let spec = vm_spec(&vm, 64, vec![disk], "");
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    let console_dir = env.run_dir.join(&vm);
+    assert!(console_dir.join("console.log").is_file());
+    let forget = |vm: &str| hpb::ForgetVmRequest { vm_id: vm.into() };
+
+    let st = env.host.forget_vm(forget(&vm)).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert_eq!(precondition_kind(&st), "VM_RUNNING");
+    assert_eq!(precondition_subject(&st), vm);
+    assert_eq!(env.status(&vm).await, hpb::VmStatus::Up);
+    assert!(console_dir.join("console.log").is_file());
+
+    let mut running_watch = watch(&mut env, &vm).await;
+    assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
+    // Removed, but the console log is still there: the leftover.
+    env.console(&vm).await;
+
+    let r = env.host.forget_vm(forget(&vm)).await.unwrap().into_inner();
+    assert!(r.forgotten);
+    assert!(!console_dir.exists(), "the console log directory is left");
+    // The watch open across the stop sees the end.
+    let (seen, ended) = statuses(&mut running_watch, Duration::from_secs(5)).await;
+    assert!(ended, "the watch of a forgotten VM is still open (seen {seen:?})");
+    assert_eq!(seen.last(), Some(&hpb::VmStatus::Down), "{seen:?}");
+    let st = env
+        .host
+        .read_console(hpb::ReadConsoleRequest {
+            vm_id: vm.clone(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+    let mut w = watch(&mut env, &vm).await;
+    assert_eq!(
+        statuses(&mut w, Duration::from_secs(5)).await,
+        (vec![hpb::VmStatus::Down], true)
+    );
+
+    // Again, and for a VM never seen: success, nothing forgotten.
+    assert!(
+        !env.host
+            .forget_vm(forget(&vm))
+            .await
+            .unwrap()
+            .into_inner()
+            .forgotten
+    );
+    let never = uuid::Uuid::new_v4().to_string();
+    assert!(
+        !env.host
+            .forget_vm(forget(&never))
+            .await
+            .unwrap()
+            .into_inner()
+            .forgotten
+    );
+    let st = env.host.forget_vm(forget("nope")).await.unwrap_err();
+    assert_eq!(
+        (st.code(), field_of(&st).as_str()),
+        (Code::InvalidArgument, "vm_id")
+    );
+
+    // A forgotten VM can run again.
+    assert_eq!(env.run(&spec, None).await.unwrap(), hpb::VmStatus::Up);
+    assert!(console_dir.join("console.log").is_file());
+    assert!(env.stop(&vm, 0).await || env.status(&vm).await == hpb::VmStatus::Down);
 }

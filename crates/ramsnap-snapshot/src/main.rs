@@ -1,7 +1,9 @@
+use anyhow::Context;
 use clap::Parser;
 use ramsnap_common::server;
 use ramsnap_snapshot::Coordinator;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// ramsnap coordinator.
 #[derive(Parser)]
@@ -17,20 +19,42 @@ struct Args {
         default_value = "sqlite:/var/lib/ramsnap/coordinator.db"
     )]
     database_url: String,
+    /// How long calls in flight get to finish after SIGTERM/SIGINT (server
+    /// streams end at once; a second signal exits at once). Keep it well
+    /// under the supervisor's kill timeout.
+    #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
+    shutdown_grace: Duration,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    server::main("ramsnap-snapshot", run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("snapshot");
-    let args = Args::parse();
-    let coordinator = Coordinator::open(&args.database_url).await?;
-    let listener = server::bind("snapshot", args.listen).await?;
-    server::serve(
+    let stop = server::stop_on_signals()?;
+    let listener = server::listen(args.listen).await?;
+    let coordinator = Coordinator::open(&args.database_url).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            server::redact_url(&args.database_url)
+        )
+    })?;
+    server::announce("snapshot", &listener)?;
+    let result = server::serve_with_grace(
         listener,
         vec![coordinator.service_set()],
-        server::shutdown_signal(),
+        stop.cancelled_owned(),
+        args.shutdown_grace,
     )
-    .await?;
-    coordinator.close().await;
-    Ok(())
+    .await;
+    // The pool waits for connections still checked out (a call abandoned
+    // with the grace period): bounded too.
+    if tokio::time::timeout(Duration::from_secs(2), coordinator.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database did not close within 2 s; exiting anyway");
+    }
+    result
 }

@@ -1,9 +1,11 @@
+use anyhow::Context;
 use clap::Parser;
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// ramsnap storage agent: memory and disk volumes on FILE and BLOCK domains.
 #[derive(Parser)]
@@ -40,20 +42,30 @@ struct Args {
         value_delimiter = ','
     )]
     block_devices: Vec<PathBuf>,
+    /// How long calls in flight get to finish after SIGTERM/SIGINT (server
+    /// streams end at once; a second signal exits at once). Keep it well
+    /// under the supervisor's kill timeout.
+    #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
+    shutdown_grace: Duration,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    server::main("ramsnap-storage", run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("storage");
-    let args = Args::parse();
+    let stop = server::stop_on_signals()?;
+    let listener = server::listen(args.listen).await?;
     let storage = Storage::open(Config {
         state_dir: args.state_dir,
         run_dir: args.run_dir,
         file_roots: args.file_roots,
         block_devices: args.block_devices,
     })
-    .await?;
-    let listener = server::bind("storage", args.listen).await?;
+    .await
+    .context("cannot start the storage agent")?;
+    server::announce("storage", &listener)?;
     let set = ServiceSet::new(SERVICE_NAME, StorageApi::new(storage).into_server());
-    server::serve(listener, vec![set], server::shutdown_signal()).await
+    server::serve_with_grace(listener, vec![set], stop.cancelled_owned(), args.shutdown_grace).await
 }

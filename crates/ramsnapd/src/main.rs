@@ -1,6 +1,7 @@
 //! ramsnapd: the embedded default. The coordinator (snapshot), the storage
 //! agent and the host agent run in one process, each on its own port, so
 //! that clients address them exactly as they would separate deployments.
+use anyhow::{anyhow, Context};
 use clap::Parser;
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
@@ -11,8 +12,7 @@ use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// ramsnap, all in one: snapshot, storage and host services in one process.
@@ -70,24 +70,50 @@ struct Args {
     /// libvirt domain type for QEMU: qemu (TCG) or kvm.
     #[arg(long, env = "RAMSNAP_HOST_DOMAIN_TYPE", default_value = "qemu", value_parser = ["qemu", "kvm"])]
     domain_type: String,
+    /// How long calls in flight get to finish after SIGTERM/SIGINT (server
+    /// streams end at once; a second signal exits at once). Keep it well
+    /// under the supervisor's kill timeout.
+    #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
+    shutdown_grace: Duration,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let _telemetry = ramsnap_common::telemetry::init("embedded");
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    server::main("ramsnapd", run(Args::parse()))
+}
 
-    std::fs::create_dir_all(&args.data_dir)?;
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _telemetry = ramsnap_common::telemetry::init("embedded");
+    // Handlers first: a SIGTERM right after the "listening" lines must stop
+    // the process cleanly, not kill it. One signal stops all three services
+    // (a second one exits at once); so does any one of them failing.
+    let stop = server::stop_on_signals()?;
+
+    // Bind all three before anything else, so that a taken port fails the
+    // start at once, with one line and nothing half-opened.
+    let snapshot = server::listen(args.snapshot_listen).await?;
+    let storage_listener = server::listen(args.storage_listen).await?;
+    let host = server::listen(args.host_listen).await?;
+
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+        anyhow!(
+            "cannot create the data directory {}: {}",
+            args.data_dir.display(),
+            server::io_reason(&e)
+        )
+    })?;
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("coordinator.db").display()));
     // Sagas are resumed only once this process's own agents answer (below).
-    let coordinator = Coordinator::connect(&database_url).await?;
+    let coordinator = Coordinator::connect(&database_url)
+        .await
+        .with_context(|| format!("cannot open the database {}", server::redact_url(&database_url)))?;
 
     let file_roots = if args.file_roots.is_empty() {
         // The default root is ours to create; explicit roots (NFS mounts) are not.
         let root = args.data_dir.join("domains");
-        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| anyhow!("cannot create {}: {}", root.display(), server::io_reason(&e)))?;
         vec![root]
     } else {
         args.file_roots
@@ -98,29 +124,8 @@ async fn main() -> anyhow::Result<()> {
         file_roots,
         block_devices: args.block_devices,
     })
-    .await?;
-
-    // Handlers first: a SIGTERM right after the "listening" lines must stop
-    // the process cleanly, not kill it. One signal stops all three services;
-    // so does any one of them failing.
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            stop.cancel();
-        }
-    });
-
-    // Bind all three before serving any, so that a taken port fails the start.
-    let snapshot = server::bind("snapshot", args.snapshot_listen).await?;
-    let storage_listener = server::bind("storage", args.storage_listen).await?;
-    let host = server::bind("host", args.host_listen).await?;
+    .await
+    .context("cannot start the storage agent")?;
 
     // The host agent reaches its storage agent over gRPC, as a separate
     // deployment does: at the port just bound (loopback for a wildcard).
@@ -137,7 +142,9 @@ async fn main() -> anyhow::Result<()> {
     );
     host_config.host_id = args.host_id;
     host_config.domain_type = args.domain_type;
-    let host_agent = Host::open(host_config).await?;
+    let host_agent = Host::open(host_config)
+        .await
+        .context("cannot start the host agent")?;
     let mut host_addr = host.local_addr()?;
     if host_addr.ip().is_unspecified() {
         host_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -147,12 +154,18 @@ async fn main() -> anyhow::Result<()> {
         &format!("http://{host_addr}"),
         &format!("http://{storage_addr}"),
     )
-    .await?;
+    .await
+    .context("cannot create the default cluster")?;
 
+    server::announce("snapshot", &snapshot)?;
+    server::announce("storage", &storage_listener)?;
+    server::announce("host", &host)?;
+    let grace = args.shutdown_grace;
     let run = |listener, sets| {
         let stop = stop.clone();
         async move {
-            let result = server::serve(listener, sets, stop.clone().cancelled_owned()).await;
+            let result =
+                server::serve_with_grace(listener, sets, stop.clone().cancelled_owned(), grace).await;
             stop.cancel();
             result
         }
@@ -177,7 +190,14 @@ async fn main() -> anyhow::Result<()> {
         run(host, vec![host_set]),
         resume
     );
-    coordinator.close().await;
+    // The database pool waits for connections still checked out (a saga
+    // step abandoned with the grace period): bounded too.
+    if tokio::time::timeout(Duration::from_secs(2), coordinator.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database did not close within 2 s; exiting anyway");
+    }
     a.and(b).and(c).and(d)
 }
 

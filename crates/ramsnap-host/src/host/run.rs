@@ -76,8 +76,7 @@ impl Host {
     /// memory. Returns the status reached (POWERING_UP after a boot, UP
     /// after a restore).
     pub async fn run(&self, spec: VmSpec, restore: Option<MemoryVolumes>) -> Result<VmStatus> {
-        let vm = self.vm_entry(spec.vm_id);
-        let _op = vm.op.clone().lock_owned().await;
+        let (vm, _op) = self.lock_entry(spec.vm_id).await;
         if self.inner.hv.state(spec.vm_id).await?.is_some() {
             return Err(RunError::AlreadyRunning(spec.vm_id).into());
         }

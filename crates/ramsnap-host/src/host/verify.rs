@@ -39,8 +39,7 @@ impl Host {
 
     async fn verify_memory_to_end(&self, req: VerifyMemoryRequest) -> Result<VerifiedMemory> {
         let started = Instant::now();
-        let vm = self.vm_entry(req.vm_id);
-        let op = vm.op.clone().lock_owned().await;
+        let (_vm, op) = self.lock_entry(req.vm_id).await;
         let mut prepared = Vec::new();
         let result = self.verify_prepared(&req, &mut prepared).await;
         if let Err(HostError::Restore(RestoreError::WrongVm { recorded, .. })) = &result {

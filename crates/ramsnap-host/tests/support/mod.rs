@@ -238,6 +238,8 @@ pub struct Env {
     host_server: Server,
     storage_server: Server,
     pub host: HostServiceClient<Channel>,
+    /// http://127.0.0.1:PORT of the host service.
+    pub host_addr: String,
     pub storage: StorageServiceClient<Channel>,
     pub file_domain: String,
     pub block_domain: String,
@@ -296,13 +298,14 @@ impl Env {
         let host = Host::open(host_config.clone()).await.unwrap();
         let (host_server, host_addr) =
             Server::start(ServiceSet::new(HOST_SERVICE, HostApi::new(host).into_server())).await;
-        let host = HostServiceClient::connect(host_addr).await.unwrap();
+        let host = HostServiceClient::connect(host_addr.clone()).await.unwrap();
 
         let mut env = Env {
             _domains: domains,
             host_server,
             storage_server,
             host,
+            host_addr,
             storage,
             file_domain: String::new(),
             block_domain: String::new(),
@@ -336,6 +339,15 @@ impl Env {
             .domain
             .unwrap()
             .domain_id
+    }
+
+    /// A channel of its own to the host service.
+    pub async fn host_channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.host_addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// Stops the host server (the storage server keeps running).

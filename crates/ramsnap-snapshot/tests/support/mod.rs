@@ -536,6 +536,23 @@ impl HostService for SimulatedHost {
             ..Default::default()
         }))
     }
+
+    async fn forget_vm(
+        &self,
+        req: Request<host::ForgetVmRequest>,
+    ) -> Result<Response<host::ForgetVmResponse>, Status> {
+        // As the HostService contract says: refused unless down, idempotent.
+        let vm_id = req.into_inner().vm_id;
+        if self.status(&vm_id) != host::VmStatus::Down as i32 {
+            return Err(ramsnap_common::status::failed_precondition(
+                "VM_RUNNING",
+                &vm_id,
+                format!("vm {vm_id} is not down on this host"),
+            ));
+        }
+        let forgotten = self.inner.vms.lock().unwrap().remove(&vm_id).is_some();
+        Ok(Response::new(host::ForgetVmResponse { forgotten }))
+    }
 }
 
 pub async fn serve(set: ServiceSet) -> (String, oneshot::Sender<()>) {
