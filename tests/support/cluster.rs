@@ -109,11 +109,7 @@ fn request_id() -> String {
 }
 
 async fn connect(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(addr.to_string())
-        .expect("a valid URI")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+    crate::connect_as(addr, "admin").await
 }
 
 // ---------------------------------------------------------------------------

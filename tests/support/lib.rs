@@ -124,6 +124,51 @@ pub fn spawn_ramsnapd() -> Running {
     spawn("ramsnapd", args, 3, dir)
 }
 
+/// The dev certificates (a CA, one certificate per service and per role)
+/// that every binary of this test process serves with (`--tls-dir`) and
+/// every client presents (`admin` unless told otherwise): the end-to-end
+/// tests run with mutual TLS on, as a deployment does.
+pub fn tls_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ramsnap-tls-e2e-{}", std::process::id()));
+        ramsnap_common::devcerts::ensure_dev_certs(&dir).expect("making the dev certificates");
+        dir
+    })
+}
+
+/// How test clients reach the binaries: TLS, presenting `identity`'s dev
+/// certificate (admin, operator, viewer, coordinator, ...).
+pub fn transport_as(identity: &str) -> ramsnap_common::tls::ClientTransport {
+    let files = ramsnap_common::tls::TlsFiles::in_dir(tls_dir(), identity);
+    ramsnap_common::tls::ClientTransport::Tls(
+        ramsnap_common::tls::ClientTls::new(files).expect("a dev client certificate"),
+    )
+}
+
+/// A channel to `addr` (`host:port` or a URI) as `identity`.
+pub async fn connect_as(addr: &str, identity: &str) -> tonic::transport::Channel {
+    let transport = transport_as(identity);
+    let ep = transport.endpoint(addr).expect("a valid address");
+    transport
+        .connect(&ep)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr} as {identity}: {e}"))
+}
+
+/// grpcurl's flags for the dev certificates, as `admin`.
+pub fn grpcurl_tls() -> Vec<String> {
+    let d = tls_dir();
+    vec![
+        "-cacert".into(),
+        d.join("ca.pem").display().to_string(),
+        "-cert".into(),
+        d.join("admin.pem").display().to_string(),
+        "-key".into(),
+        d.join("admin.key").display().to_string(),
+    ]
+}
+
 fn tempdir() -> TempDir {
     tempfile::Builder::new()
         .prefix("ramsnap-e2e-")
@@ -156,6 +201,8 @@ pub fn spawn_env(
     let mut command = Command::new(&path);
     command
         .args(&args)
+        .arg("--tls-dir")
+        .arg(tls_dir())
         .envs(env.iter().copied())
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
@@ -338,6 +385,7 @@ impl Drop for Running {
 pub fn grpcurl(args: &[&str]) -> Output {
     let tool = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     Command::new(&tool)
+        .args(grpcurl_tls())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -365,7 +413,7 @@ pub fn grpcurl_ok(args: &[&str]) -> String {
 
 /// The services `grpcurl list` reports at `addr`.
 pub fn grpcurl_list(addr: SocketAddr) -> Vec<String> {
-    grpcurl_ok(&["-plaintext", &addr.to_string(), "list"])
+    grpcurl_ok(&[&addr.to_string(), "list"])
         .lines()
         .map(str::to_string)
         .collect()
@@ -376,7 +424,6 @@ pub fn grpcurl_list(addr: SocketAddr) -> Vec<String> {
 pub fn grpcurl_health_check(addr: SocketAddr, service: &str) -> String {
     let request = serde_json::json!({ "service": service }).to_string();
     let out = grpcurl_ok(&[
-        "-plaintext",
         "-d",
         &request,
         &addr.to_string(),
@@ -449,9 +496,5 @@ pub async fn reflection_list(addr: SocketAddr, version: Reflection) -> Vec<Strin
 }
 
 async fn connect(addr: SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a valid URI")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+    connect_as(&addr.to_string(), "admin").await
 }

@@ -95,7 +95,7 @@ async fn storage_serves_its_service_health_and_both_reflection_apis() {
     assert_endpoint(storage.addr, &[STORAGE]).await;
 
     // Reflection is complete enough for grpcurl to describe the service.
-    let described = grpcurl_ok(&["-plaintext", &storage.addr.to_string(), "describe", STORAGE]);
+    let described = grpcurl_ok(&[&storage.addr.to_string(), "describe", STORAGE]);
     assert!(
         described.contains("rpc RegisterDomain") && described.contains("rpc CopyVolume"),
         "grpcurl describe {STORAGE} printed:\n{described}"
@@ -133,7 +133,6 @@ async fn ramsnapd_serves_the_three_services_on_ports_of_their_own() {
     // API is served on the storage port only.
     for addr in [snapshot, host] {
         let out = grpcurl(&[
-            "-plaintext",
             "-d",
             "{}",
             &addr.to_string(),

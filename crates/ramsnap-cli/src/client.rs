@@ -2,22 +2,34 @@
 //! given by a global flag (or its environment variable).
 use anyhow::Context;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use ramsnap_common::security::ClientSecurityArgs;
+use tonic::transport::Channel;
 
 /// Connects to `service` at `addr`; `how_to_set` names the flag and the
 /// variable that set the address, for the error when it cannot be reached.
-pub async fn connect(addr: &str, service: &str, how_to_set: &str) -> anyhow::Result<Channel> {
+/// Mutual TLS with the client certificate the security flags name (by
+/// default the `admin` dev certificate of `/var/lib/ramsnap/tls`), or plain
+/// text with `--insecure`.
+pub async fn connect(
+    addr: &str,
+    service: &str,
+    how_to_set: &str,
+    security: &ClientSecurityArgs,
+) -> anyhow::Result<Channel> {
+    let transport = security.transport()?;
     let uri = with_scheme(addr);
-    let endpoint = Endpoint::from_shared(uri.clone())
+    let endpoint = transport
+        .endpoint(&uri)
         .with_context(|| format!("invalid {service} service address {addr:?}"))?
         .connect_timeout(Duration::from_secs(10));
-    endpoint
-        .connect()
+    transport
+        .connect(&endpoint)
         .await
         .with_context(|| format!("cannot reach the {service} service at {uri} (set {how_to_set})"))
 }
 
-/// `host:port` is taken as plain-text gRPC, like grpcurl's `-plaintext`.
+/// `host:port` is taken as `http://host:port`: with TLS on (the default)
+/// the connection is TLS all the same.
 fn with_scheme(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_string()

@@ -42,5 +42,11 @@ pub async fn run_operation(global: &Global, cmd: OperationCommand) -> anyhow::Re
 
 /// One channel to the coordinator, shared by its four service clients.
 async fn connect(global: &Global) -> anyhow::Result<Channel> {
-    client::connect(&global.snapshot, "snapshot", "--snapshot or RAMSNAP_SNAPSHOT").await
+    client::connect(
+        &global.snapshot,
+        "snapshot",
+        "--snapshot or RAMSNAP_SNAPSHOT",
+        &global.security,
+    )
+    .await
 }

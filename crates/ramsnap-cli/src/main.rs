@@ -67,6 +67,8 @@ pub struct Global {
     /// How to print results: aligned tables for people, JSON for scripts.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+    #[command(flatten)]
+    pub security: ramsnap_common::security::ClientSecurityArgs,
 }
 
 #[derive(Subcommand, Debug)]

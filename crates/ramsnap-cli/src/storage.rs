@@ -22,7 +22,13 @@ pub async fn run_volume(global: &Global, cmd: VolumeCommand) -> anyhow::Result<(
 }
 
 async fn connect(global: &Global) -> anyhow::Result<StorageServiceClient<Channel>> {
-    let channel = client::connect(&global.storage, "storage", "--storage or RAMSNAP_STORAGE").await?;
+    let channel = client::connect(
+        &global.storage,
+        "storage",
+        "--storage or RAMSNAP_STORAGE",
+        &global.security,
+    )
+    .await?;
     Ok(StorageServiceClient::new(channel))
 }
 

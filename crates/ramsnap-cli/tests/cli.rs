@@ -56,6 +56,8 @@ impl Server {
     /// Runs `ramsnap --storage <this server> ARGS`.
     async fn ramsnap(&self, args: &[&str]) -> Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_ramsnap"))
+            // The in-process server is plain text on loopback.
+            .env("RAMSNAP_INSECURE", "true")
             .arg("--storage")
             .arg(&self.addr)
             .args(args)
@@ -453,6 +455,7 @@ async fn unreachable_service() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ramsnap"))
+        .env("RAMSNAP_INSECURE", "true")
         .args(["domain", "list"])
         .env("RAMSNAP_STORAGE", addr.to_string())
         .output()

@@ -89,7 +89,9 @@ impl Services {
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ramsnap"));
-        cmd.arg("--snapshot")
+        // The in-process servers are plain text on loopback.
+        cmd.env("RAMSNAP_INSECURE", "true")
+            .arg("--snapshot")
             .arg(&self.snapshot)
             .arg("--storage")
             .arg(&self.storage)
@@ -792,6 +794,7 @@ async fn unreachable_coordinator() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ramsnap"))
+        .env("RAMSNAP_INSECURE", "true")
         .args(["cluster", "list"])
         .env("RAMSNAP_SNAPSHOT", addr.to_string())
         .output()

@@ -33,9 +33,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
+use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -138,21 +136,44 @@ pub async fn bind(name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves the sets on one listener until `shutdown` resolves, then stops as
 /// the module documentation says, with [`DEFAULT_SHUTDOWN_GRACE`].
+///
+/// Plain text and every caller the local identity (`local-admin`): for
+/// in-process tests only, and refused unless the listener is on loopback.
+/// The binaries use [`serve_with_grace`] with the security their flags
+/// build.
 pub async fn serve(
     listener: TcpListener,
     sets: Vec<ServiceSet>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve_with_grace(listener, sets, shutdown, DEFAULT_SHUTDOWN_GRACE).await
+    let security = loopback_security(listener.local_addr()?)?;
+    serve_with_grace(listener, sets, shutdown, DEFAULT_SHUTDOWN_GRACE, security).await
 }
 
-/// [`serve`] with a grace period of its own: how long calls still in flight
-/// after `shutdown` resolved get before this returns regardless.
+/// Plain text on a loopback `listen` address, every caller the local
+/// identity with every role, the default limits: what `--insecure` gives,
+/// for in-process tests. Refused on any other address.
+pub fn loopback_security(listen: SocketAddr) -> anyhow::Result<crate::security::ServerSecurity> {
+    crate::security::ServerSecurityArgs {
+        insecure: true,
+        local_identity: crate::authz::DEFAULT_LOCAL_IDENTITY.into(),
+        max_concurrent_calls: crate::limits::DEFAULT_MAX_CONCURRENT_CALLS,
+        max_concurrent_streams: crate::limits::DEFAULT_MAX_CONCURRENT_STREAMS,
+        unary_timeout_secs: crate::limits::DEFAULT_UNARY_TIMEOUT.as_secs(),
+        ..Default::default()
+    }
+    .server(crate::security::ServerKind::Coordinator, "coordinator", listen)
+}
+
+/// Serves `sets` on `listener` with `security` (TLS or loopback plain
+/// text, the auth and audit layer, the limits) until `shutdown`; calls
+/// still in flight then get `grace` before this returns regardless.
 pub async fn serve_with_grace(
     listener: TcpListener,
     sets: Vec<ServiceSet>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    security: crate::security::ServerSecurity,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let names: Vec<&'static str> = sets.iter().flat_map(|s| s.health_names.iter().copied()).collect();
@@ -182,23 +203,22 @@ pub async fn serve_with_grace(
         reporter.set_service_status(*name, ServingStatus::Serving).await;
     }
 
-    // Nagle plus the client's delayed ACK held back the last segment of
-    // every response by ~40 ms; tonic's `tcp_nodelay` only applies to the
-    // listeners it binds itself.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream: &TcpStream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "setting TCP_NODELAY");
-            }
-        })
-    });
-
+    // Outermost first: authentication, authorization and audit, then the
+    // limits (a refused caller takes no slot), then the stream ender.
+    let (auth, limits) = security.layers();
     let stop = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .layer(auth)
+        .layer(limits)
         .layer(EndStreamsLayer { stop: stop.clone() })
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        .add_routes(routes);
+    // TCP_NODELAY on every accepted socket (Nagle plus the client's delayed
+    // ACK held back the last segment of responses by ~40 ms): see
+    // `ServerTransport::serve`.
+    let server = security
+        .transport
+        .serve(router, listener, stop.clone().cancelled_owned());
 
     // Resolves `grace` after the shutdown began; the server normally ends
     // first (once the calls in flight are done).

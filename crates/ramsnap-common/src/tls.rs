@@ -529,7 +529,12 @@ impl ServerTransport {
             }
             ServerTransport::InsecureLoopback => {
                 check_insecure_listen(listener.local_addr()?)?;
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                use tokio_stream::StreamExt as _;
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+                    conn.inspect(|s: &TcpStream| {
+                        let _ = s.set_nodelay(true);
+                    })
+                });
                 router.serve_with_incoming_shutdown(incoming, shutdown).await?
             }
         }

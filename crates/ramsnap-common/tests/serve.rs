@@ -16,7 +16,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// `test.Sleepy/Call`: a unary call that answers after `delay` (or never)
+/// A unary call (posing as StorageService.ListDomains) that answers after `delay` (or never)
 /// with `reply_bytes` bytes (a google.protobuf.BytesValue).
 #[derive(Clone)]
 struct Sleepy {
@@ -25,7 +25,9 @@ struct Sleepy {
 }
 
 impl tonic::server::NamedService for Sleepy {
-    const NAME: &'static str = "test.Sleepy";
+    // A name and method of the RPC table (a unary viewer call): the auth
+    // layer fails closed on anything else.
+    const NAME: &'static str = "ramsnap.storage.v1.StorageService";
 }
 
 struct Call(Sleepy);
@@ -71,7 +73,7 @@ async fn call_sleepy(channel: Channel) -> Result<Vec<u8>, tonic::Status> {
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     grpc.unary(
         tonic::Request::new(()),
-        http::uri::PathAndQuery::from_static("/test.Sleepy/Call"),
+        http::uri::PathAndQuery::from_static("/ramsnap.storage.v1.StorageService/ListDomains"),
         tonic_prost::ProstCodec::<(), Vec<u8>>::default(),
     )
     .await
@@ -99,7 +101,8 @@ async fn start_with(sleepy: Sleepy, grace: Duration) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
-    let set = ServiceSet::new("test.Sleepy", sleepy);
+    let set = ServiceSet::new("ramsnap.storage.v1.StorageService", sleepy);
+    let security = server::loopback_security(listener.local_addr().unwrap()).unwrap();
     let task = tokio::spawn(server::serve_with_grace(
         listener,
         vec![set],
@@ -107,6 +110,7 @@ async fn start_with(sleepy: Sleepy, grace: Duration) -> Server {
             let _ = rx.await;
         },
         grace,
+        security,
     ));
     let channel = tonic::transport::Endpoint::from_shared(addr)
         .unwrap()
@@ -146,7 +150,7 @@ async fn open_streams_end_at_once_and_serve_returns() {
     let mut server = start(Some(Duration::ZERO), Duration::from_secs(30)).await;
     let mut health = HealthClient::new(server.channel.clone());
     let mut watches = Vec::new();
-    for service in ["", "test.Sleepy"] {
+    for service in ["", "ramsnap.storage.v1.StorageService"] {
         let mut w = health
             .watch(HealthCheckRequest {
                 service: service.into(),

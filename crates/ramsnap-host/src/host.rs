@@ -62,6 +62,8 @@ pub struct Config {
     pub boot_grace: Duration,
     /// How often the monitor compares the VMs with libvirt.
     pub monitor_interval: Duration,
+    /// How the agent reaches its storage agent (TLS with its certificate).
+    pub storage_transport: ramsnap_common::tls::ClientTransport,
 }
 
 impl Config {
@@ -83,6 +85,7 @@ impl Config {
             domain_type: "qemu".into(),
             boot_grace: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(1),
+            storage_transport: ramsnap_common::tls::ClientTransport::Insecure,
         }
     }
 }
@@ -266,7 +269,7 @@ impl Host {
         } else {
             config.domain_type.clone()
         };
-        let volumes = Volumes::connect_lazy(&config.storage)?;
+        let volumes = Volumes::connect_lazy(&config.storage, &config.storage_transport)?;
         let inner = Arc::new(Inner {
             config,
             host_id,

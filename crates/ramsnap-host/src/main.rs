@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
+use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME};
 use ramsnap_host::{Config, Host};
@@ -20,6 +21,8 @@ struct Args {
     shutdown_grace: Duration,
     #[command(flatten)]
     host: HostArgs,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
 }
 
 /// The host agent's settings (shared with ramsnapd).
@@ -59,13 +62,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("host");
     let stop = server::stop_on_signals()?;
     let listener = server::listen(args.listen).await?;
+    let security = args
+        .security
+        .server(ServerKind::Agent, "host", listener.local_addr()?)?;
     let a = args.host;
     let mut config = Config::new(&a.libvirt_uri, &a.storage, a.boot_dir, a.run_dir, a.state_dir);
     config.host_id = a.host_id;
     config.domain_type = a.domain_type;
     config.domain_prefix = a.domain_prefix;
+    config.storage_transport = args.security.client("host")?;
     let host = Host::open(config).await.context("cannot start the host agent")?;
     server::announce("host", &listener)?;
     let set = ServiceSet::new(SERVICE_NAME, HostApi::new(host).into_server());
-    server::serve_with_grace(listener, vec![set], stop.cancelled_owned(), args.shutdown_grace).await
+    server::serve_with_grace(
+        listener,
+        vec![set],
+        stop.cancelled_owned(),
+        args.shutdown_grace,
+        security,
+    )
+    .await
 }

@@ -9,7 +9,8 @@ use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::path::PathBuf;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use ramsnap_common::tls::ClientTransport;
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 /// Prepare and teardown run LVM and losetup on BLOCK domains.
@@ -73,12 +74,13 @@ fn request<T>(msg: T) -> tonic::Request<T> {
 impl Volumes {
     /// A client of the StorageService at `endpoint` (http://host:port);
     /// connects on first use, so the host starts before its storage agent.
-    pub fn connect_lazy(endpoint: &str) -> Result<Volumes> {
-        let ep = Endpoint::from_shared(endpoint.to_string())
+    pub fn connect_lazy(endpoint: &str, transport: &ClientTransport) -> Result<Volumes> {
+        let ep = transport
+            .endpoint(endpoint)
             .map_err(|e| HostError::invalid("storage", format!("{endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(10));
         Ok(Volumes {
-            client: StorageServiceClient::new(ep.connect_lazy()),
+            client: StorageServiceClient::new(transport.connect_lazy(&ep)),
         })
     }
 

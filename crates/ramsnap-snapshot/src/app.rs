@@ -10,12 +10,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
-use tonic::transport::{Channel, Endpoint};
+use ramsnap_common::tls::ClientTransport;
+use tonic::transport::Channel;
 use tonic::Status;
 use uuid::Uuid;
 
 pub struct App {
     pub db: Database,
+    /// How the coordinator reaches the agents (TLS with its certificate).
+    transport: ClientTransport,
     channels: Mutex<HashMap<String, Channel>>,
     executor: OnceLock<Arc<Executor<App>>>,
     /// An operation changed (its id).
@@ -27,9 +30,15 @@ pub struct App {
 }
 
 impl App {
+    /// An App that reaches the agents in plain text (in-process tests).
     pub fn new(db: Database) -> Arc<App> {
+        App::with_transport(db, ClientTransport::Insecure)
+    }
+
+    pub fn with_transport(db: Database, transport: ClientTransport) -> Arc<App> {
         Arc::new(App {
             db,
+            transport,
             channels: Mutex::new(HashMap::new()),
             executor: OnceLock::new(),
             operation_events: broadcast::channel(1024).0,
@@ -51,11 +60,14 @@ impl App {
         if let Some(c) = map.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(address.to_string())
+        let endpoint = self
+            .transport
+            .endpoint(address)
             .map_err(|e| status::invalid_argument("address", format!("{address}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_keepalive(Some(Duration::from_secs(30)));
-        let channel = endpoint.connect_lazy();
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let channel = self.transport.connect_lazy(&endpoint);
         map.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

@@ -13,6 +13,7 @@ pub mod service;
 pub mod status;
 
 use app::App;
+use ramsnap_common::tls::ClientTransport;
 use ramsnap_common::server::ServiceSet;
 use ramsnap_proto::snapshot::v1::{
     cluster_service_server::ClusterServiceServer, operation_service_server::OperationServiceServer,
@@ -35,8 +36,14 @@ impl Coordinator {
         Ok(c)
     }
 
-    /// Opens and migrates the database; resumes nothing yet.
+    /// Opens and migrates the database; resumes nothing yet. The agents
+    /// are reached in plain text (in-process tests): see [`Coordinator::connect_with`].
     pub async fn connect(database_url: &str) -> anyhow::Result<Coordinator> {
+        Coordinator::connect_with(database_url, ClientTransport::Insecure).await
+    }
+
+    /// [`Coordinator::connect`], reaching the agents through `transport`.
+    pub async fn connect_with(database_url: &str, transport: ClientTransport) -> anyhow::Result<Coordinator> {
         if let Some(path) = database_url.strip_prefix("sqlite:") {
             let path = path.trim_start_matches("//");
             if let Some(dir) = std::path::Path::new(path).parent() {
@@ -48,7 +55,7 @@ impl Coordinator {
         let db = db::Database::connect(database_url).await?;
         db.migrate().await?;
         tracing::info!(backend = ?db.backend(), "database ready");
-        let app = App::new(db.clone());
+        let app = App::with_transport(db.clone(), transport);
         let notify_app = Arc::downgrade(&app);
         let exec = saga::Executor::new(
             db,

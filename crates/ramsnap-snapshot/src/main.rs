@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
+use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server;
 use ramsnap_snapshot::Coordinator;
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ struct Args {
     /// under the supervisor's kill timeout.
     #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
     shutdown_grace: Duration,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,18 +37,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("snapshot");
     let stop = server::stop_on_signals()?;
     let listener = server::listen(args.listen).await?;
-    let coordinator = Coordinator::open(&args.database_url).await.with_context(|| {
+    let security = args
+        .security
+        .server(ServerKind::Coordinator, "coordinator", listener.local_addr()?)?;
+    let agents = args.security.client("coordinator")?;
+    let coordinator = Coordinator::connect_with(&args.database_url, agents).await.with_context(|| {
         format!(
             "cannot open the database {}",
             server::redact_url(&args.database_url)
         )
     })?;
+    coordinator.resume().await?;
     server::announce("snapshot", &listener)?;
     let result = server::serve_with_grace(
         listener,
         vec![coordinator.service_set()],
         stop.cancelled_owned(),
         args.shutdown_grace,
+        security,
     )
     .await;
     // The pool waits for connections still checked out (a call abandoned

@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
+use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
 use ramsnap_storage::{Config, Storage};
@@ -47,6 +48,8 @@ struct Args {
     /// under the supervisor's kill timeout.
     #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
     shutdown_grace: Duration,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +60,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("storage");
     let stop = server::stop_on_signals()?;
     let listener = server::listen(args.listen).await?;
+    let security = args
+        .security
+        .server(ServerKind::Agent, "storage", listener.local_addr()?)?;
     let storage = Storage::open(Config {
         state_dir: args.state_dir,
         run_dir: args.run_dir,
@@ -67,5 +73,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .context("cannot start the storage agent")?;
     server::announce("storage", &listener)?;
     let set = ServiceSet::new(SERVICE_NAME, StorageApi::new(storage).into_server());
-    server::serve_with_grace(listener, vec![set], stop.cancelled_owned(), args.shutdown_grace).await
+    server::serve_with_grace(
+        listener,
+        vec![set],
+        stop.cancelled_owned(),
+        args.shutdown_grace,
+        security,
+    )
+    .await
 }

@@ -3,6 +3,7 @@
 //! that clients address them exactly as they would separate deployments.
 use anyhow::{anyhow, Context};
 use clap::Parser;
+use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
 use ramsnap_host::Host;
@@ -75,6 +76,11 @@ struct Args {
     /// under the supervisor's kill timeout.
     #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
     shutdown_grace: Duration,
+    /// Security: by default the dev certificates in <data-dir>/tls (a local
+    /// CA and a certificate per service and per role, made on first start;
+    /// the CLI finds them there), or --insecure on loopback.
+    #[command(flatten)]
+    security: ServerSecurityArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,11 +107,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             server::io_reason(&e)
         )
     })?;
+    let mut security = args.security.clone();
+    if security.tls_cert.is_none() && security.tls_dir.is_none() && !security.insecure {
+        security.tls_dir = Some(args.data_dir.join("tls"));
+    }
+    let snapshot_security = security.server(ServerKind::Coordinator, "coordinator", snapshot.local_addr()?)?;
+    let storage_security = security.server(ServerKind::Agent, "storage", storage_listener.local_addr()?)?;
+    let host_security = security.server(ServerKind::Agent, "host", host.local_addr()?)?;
+    let to_agents = security.client("coordinator")?;
+    let to_storage = security.client("host")?;
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite:{}", args.data_dir.join("coordinator.db").display()));
     // Sagas are resumed only once this process's own agents answer (below).
-    let coordinator = Coordinator::connect(&database_url)
+    let coordinator = Coordinator::connect_with(&database_url, to_agents.clone())
         .await
         .with_context(|| format!("cannot open the database {}", server::redact_url(&database_url)))?;
 
@@ -142,6 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     host_config.host_id = args.host_id;
     host_config.domain_type = args.domain_type;
+    host_config.storage_transport = to_storage;
     let host_agent = Host::open(host_config)
         .await
         .context("cannot start the host agent")?;
@@ -161,11 +177,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     server::announce("storage", &storage_listener)?;
     server::announce("host", &host)?;
     let grace = args.shutdown_grace;
-    let run = |listener, sets| {
+    let run = |listener, sets, security| {
         let stop = stop.clone();
         async move {
             let result =
-                server::serve_with_grace(listener, sets, stop.clone().cancelled_owned(), grace).await;
+                server::serve_with_grace(listener, sets, stop.clone().cancelled_owned(), grace, security)
+                    .await;
             stop.cancel();
             result
         }
@@ -175,7 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let resume = async {
         for (addr, service) in [(storage_addr, STORAGE_SERVICE), (host_addr, HOST_SERVICE)] {
             if let Err(e) =
-                ramsnap_common::ready::wait_serving(addr, service, std::time::Duration::from_secs(60)).await
+                ramsnap_common::ready::wait_serving_over(&to_agents, addr, service, Duration::from_secs(60)).await
             {
                 tracing::error!(error = %e, "an agent of this process does not answer; stopping");
                 stop.cancel();
@@ -185,9 +202,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         coordinator.resume().await.inspect_err(|_| stop.cancel())
     };
     let (a, b, c, d) = tokio::join!(
-        run(snapshot, vec![coordinator.service_set()]),
-        run(storage_listener, vec![storage_set]),
-        run(host, vec![host_set]),
+        run(snapshot, vec![coordinator.service_set()], snapshot_security),
+        run(storage_listener, vec![storage_set], storage_security),
+        run(host, vec![host_set], host_security),
         resume
     );
     // The database pool waits for connections still checked out (a saga
