@@ -214,7 +214,9 @@ impl Backend {
         for name in names {
             admin
                 .pool()
-                .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
                 .await
                 .expect("drop a test database");
         }

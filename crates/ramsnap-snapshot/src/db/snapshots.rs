@@ -419,9 +419,8 @@ pub(super) async fn fetch_by_vm_type_status(
 
 /// Inserts the snapshot row and its disks.
 pub(super) async fn insert(conn: &mut AnyConnection, snapshot: &Snapshot) -> Result<(), DbError> {
-    let sql = sql!(
-        "INSERT INTO snapshots ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-    );
+    let sql =
+        sql!("INSERT INTO snapshots ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
     let mut insert = sqlx::query(sql)
         .bind(snapshot.id.to_string())
         .bind(snapshot.vm_id.to_string())

@@ -2,7 +2,8 @@
 //! the export domain's VM list).
 use super::snapshot::refuse_in_preview;
 use super::{
-    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation, Start,
+    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation,
+    RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::downstream;
@@ -48,7 +49,8 @@ pub async fn export_vm(
             operation: Some(to_operation(op)),
         })
     };
-    if let Some(op) = retried_operation(app, KIND, &req.request_id).await? {
+    let key = RequestKey::of(&req)?;
+    if let Some(op) = retried_operation(app, KIND, &key).await? {
         return Ok(reply(&op));
     }
     let vm = get_vm(app, "vm_id", &req.vm_id).await?;
@@ -80,11 +82,7 @@ pub async fn export_vm(
         collapse: req.collapse_snapshots,
         force_override: req.force_override,
     };
-    let op = start_operation(
-        app,
-        Start::locked(KIND, vm.id, req.request_id, vm_export::NAME, &params),
-    )
-    .await?;
+    let op = start_operation(app, Start::locked(KIND, vm.id, key, vm_export::NAME, &params)).await?;
     Ok(reply(&op))
 }
 
@@ -159,7 +157,8 @@ pub async fn import_vm(
             warnings: op.warnings.clone(),
         })
     };
-    if let Some(op) = retried_operation(app, KIND, &req.request_id).await? {
+    let key = RequestKey::of(&req)?;
+    if let Some(op) = retried_operation(app, KIND, &key).await? {
         return Ok(reply(&op));
     }
     let export_domain_id = ids::parse("export_domain_id", &req.export_domain_id)?;
@@ -222,7 +221,7 @@ pub async fn import_vm(
             kind: KIND,
             vm_id: Some(vm_id),
             lock_vm: false,
-            request_id: req.request_id,
+            request: key,
             saga: vm_import::NAME,
             params: serde_json::to_value(params).expect("serializable"),
             warnings,

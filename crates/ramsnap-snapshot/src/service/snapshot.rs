@@ -2,7 +2,7 @@
 use super::vm::{check_domains, refuse_taken_name};
 use super::{
     check_name, get_vm, get_vm_snapshot, is_running, refuse_locked, require_down, retried_operation,
-    start_operation, to_operation, Start,
+    start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
@@ -150,7 +150,8 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let req = req.into_inner();
-        if let Some(op) = retried_operation(&self.0, "create_snapshot", &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, "create_snapshot", &key).await? {
             return Ok(Response::new(pb::CreateSnapshotResponse {
                 operation: Some(to_operation(&op)),
             }));
@@ -205,13 +206,7 @@ impl SnapshotService for SnapshotApi {
         };
         let op = start_operation(
             &self.0,
-            Start::locked(
-                "create_snapshot",
-                vm.id,
-                req.request_id,
-                snapshot_create::NAME,
-                &params,
-            ),
+            Start::locked("create_snapshot", vm.id, key, snapshot_create::NAME, &params),
         )
         .await?;
         Ok(Response::new(pb::CreateSnapshotResponse {
@@ -254,7 +249,8 @@ impl SnapshotService for SnapshotApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -271,7 +267,7 @@ impl SnapshotService for SnapshotApi {
         };
         let op = start_operation(
             &self.0,
-            Start::locked(KIND, vm.id, req.request_id, snapshot_remove::NAME, &params),
+            Start::locked(KIND, vm.id, key, snapshot_remove::NAME, &params),
         )
         .await?;
         Ok(reply(&op))
@@ -289,7 +285,8 @@ impl SnapshotService for SnapshotApi {
                 warnings: op.warnings.clone(),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -329,7 +326,7 @@ impl SnapshotService for SnapshotApi {
                 kind: KIND,
                 vm_id: Some(vm.id),
                 lock_vm: true,
-                request_id: req.request_id,
+                request: key,
                 saga: snapshot_preview::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
                 warnings,
@@ -350,7 +347,8 @@ impl SnapshotService for SnapshotApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -363,7 +361,7 @@ impl SnapshotService for SnapshotApi {
             Start::locked(
                 KIND,
                 vm.id,
-                req.request_id,
+                key,
                 snapshot_undo::NAME,
                 &snapshot_undo::Params { vm_id: vm.id },
             ),
@@ -383,7 +381,8 @@ impl SnapshotService for SnapshotApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -396,7 +395,7 @@ impl SnapshotService for SnapshotApi {
             Start::locked(
                 KIND,
                 vm.id,
-                req.request_id,
+                key,
                 snapshot_commit::NAME,
                 &snapshot_commit::Params { vm_id: vm.id },
             ),
@@ -417,7 +416,8 @@ impl SnapshotService for SnapshotApi {
                 warnings: op.warnings.clone(),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         check_name("name", &req.name)?;
@@ -480,7 +480,7 @@ impl SnapshotService for SnapshotApi {
                 kind: KIND,
                 vm_id: Some(vm.id),
                 lock_vm: true,
-                request_id: req.request_id,
+                request: key,
                 saga: vm_clone::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
                 warnings,

@@ -2,7 +2,7 @@
 use super::snapshot::{in_preview, refuse_in_preview};
 use super::{
     check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation,
-    vm_status, Start,
+    vm_status, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::downstream;
@@ -153,7 +153,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         check_name("name", &req.name)?;
@@ -196,7 +197,7 @@ impl VmService for VmApi {
                 kind: KIND,
                 vm_id: Some(vm_id),
                 lock_vm: false,
-                request_id: req.request_id,
+                request: key,
                 saga: vm_create::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
                 warnings: Vec::new(),
@@ -241,7 +242,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -253,7 +255,7 @@ impl VmService for VmApi {
             Start::locked(
                 KIND,
                 vm.id,
-                req.request_id,
+                key,
                 vm_remove::NAME,
                 &vm_remove::Params { vm_id: vm.id },
             ),
@@ -270,7 +272,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -300,11 +303,7 @@ impl VmService for VmApi {
             host_id: host.id,
             stateless,
         };
-        let op = start_operation(
-            &self.0,
-            Start::locked(KIND, vm.id, req.request_id, vm_run::NAME, &params),
-        )
-        .await?;
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_run::NAME, &params)).await?;
         Ok(reply(&op))
     }
 
@@ -316,7 +315,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -325,11 +325,7 @@ impl VmService for VmApi {
             vm_id: vm.id,
             graceful_timeout_seconds: req.graceful_timeout_seconds,
         };
-        let op = start_operation(
-            &self.0,
-            Start::locked(KIND, vm.id, req.request_id, vm_stop::NAME, &params),
-        )
-        .await?;
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_stop::NAME, &params)).await?;
         Ok(reply(&op))
     }
 

@@ -12,6 +12,8 @@
 //! Each test crate uses its own part of it.
 #![allow(dead_code)]
 
+pub mod inproc;
+
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::host::v1 as host;
