@@ -140,7 +140,7 @@ impl Database {
             .bind(op.created_at)
             .bind(warnings_json(&op.warnings))
             .bind(op.request_fingerprint.clone())
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("operation", op.id))?;
         Ok(op)
@@ -164,7 +164,7 @@ impl Database {
             .bind(op.created_at)
             .bind(warnings_json(&op.warnings))
             .bind(None::<String>)
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("operation", op.id))?;
         if result.rows_affected() == 1 {
@@ -212,7 +212,7 @@ impl Database {
         .bind(warnings_json(&op.warnings))
         .bind(result.to_string())
         .bind(fingerprint)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("operation", op.id))?;
         Ok(op)
@@ -270,7 +270,7 @@ impl Database {
         .bind(to_bigint("progress_processed", processed)?)
         .bind(to_bigint("progress_total", total)?)
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("operation", id));
@@ -303,7 +303,7 @@ impl Database {
         .bind(error)
         .bind(result.map(|r| r.to_string()))
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if updated.rows_affected() == 1 {
             return Ok(());
@@ -329,7 +329,7 @@ impl Database {
         )
         .bind(id.to_string())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if result.rows_affected() == 0 {
             // Tell "no such operation" from "already ended".
@@ -363,7 +363,7 @@ impl Database {
             .bind(&old)
             .bind(warnings_json(&warnings))
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
             if result.rows_affected() == 1 {
                 return Ok(true);

@@ -113,7 +113,7 @@ impl Database {
         .bind(&saga.owner)
         .bind(saga.operation_id.map(|id| id.to_string()))
         .bind(now)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("saga", saga.id))?;
         Ok(saga)
@@ -133,7 +133,7 @@ impl Database {
             .bind(id.to_string())
             .bind(state.as_str())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("saga", id));
@@ -148,7 +148,7 @@ impl Database {
             .bind(id.to_string())
             .bind(owner)
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("saga", id));
@@ -185,7 +185,7 @@ impl Database {
         .bind(event_type.as_str())
         .bind(data.map(|d| d.to_string()))
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("saga", saga_id))?;
         Ok(result.rows_affected() == 1)

@@ -118,7 +118,7 @@ impl Database {
     /// Creates a VM; [`DbError::ForeignKey`] if its cluster does not exist.
     pub async fn create_vm(&self, new: &NewVm) -> Result<Vm, DbError> {
         let vm = Vm::from_new(new);
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         insert_vm(&mut conn, &vm).await?;
         Ok(vm)
     }
@@ -161,7 +161,7 @@ impl Database {
             .bind(id.to_string())
             .bind(status.as_str())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
@@ -181,7 +181,7 @@ impl Database {
         .bind(id.to_string())
         .bind(status.as_str())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -199,7 +199,7 @@ impl Database {
             .bind(from.as_str())
             .bind(to.as_str())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             // Tell "no such VM" from "VM in another state".
@@ -214,7 +214,7 @@ impl Database {
             .bind(id.to_string())
             .bind(host_id.map(|h| h.to_string()))
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
@@ -226,7 +226,7 @@ impl Database {
     pub async fn delete_vm(&self, id: Uuid) -> Result<bool, DbError> {
         let result = sqlx::query("DELETE FROM vms WHERE id = $1")
             .bind(id.to_string())
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("vm", id))?;
         Ok(result.rows_affected() > 0)
@@ -244,7 +244,7 @@ impl Database {
             .bind(vm_id.to_string())
             .bind(operation_id.to_string())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("vm lock", vm_id))?;
             if result.rows_affected() == 1 {
@@ -270,13 +270,13 @@ impl Database {
         .bind(vm_id.to_string())
         .bind(operation_id.to_string())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(result.rows_affected() > 0)
     }
 
     pub async fn add_vm_disk(&self, disk: &VmDisk) -> Result<(), DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         insert_vm_disk(&mut conn, disk).await
     }
 
@@ -295,7 +295,7 @@ impl Database {
         let result = sqlx::query("DELETE FROM vm_disks WHERE vm_id = $1 AND disk_id = $2")
             .bind(vm_id.to_string())
             .bind(disk_id.to_string())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(result.rows_affected() > 0)
     }
