@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 pub mod cluster;
 pub mod export;
+pub mod limits;
 pub mod operation;
 pub mod snapshot;
 pub mod vm;
@@ -325,16 +326,7 @@ pub async fn get_vm(app: &App, field: &str, value: &str) -> Result<db::Vm, Statu
     app.db.get_vm(id).await.map_err(db_status)
 }
 
-/// A name of a VM (or cluster, host): 1-128 printable characters.
-pub fn check_name(field: &str, name: &str) -> Result<(), Status> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
-        return Err(status::invalid_argument(
-            field,
-            "must be 1-128 printable characters",
-        ));
-    }
-    Ok(())
-}
+pub use limits::check_name;
 
 /// The snapshot `value` names, which must be one of the VM's.
 pub async fn get_vm_snapshot(app: &App, vm: &db::Vm, value: &str) -> Result<db::Snapshot, Status> {

@@ -8,6 +8,8 @@ mod support;
 
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::storage::v1 as storage;
+use ramsnap_snapshot::ovf::OvfVm;
 use support::inproc::{Db, InProc};
 use support::MIB;
 use tonic::Code;
@@ -314,6 +316,344 @@ async fn request_id_reused_for_another_request_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     sim.stop(&b).await;
+    sim.assert_no_orphans().await;
+    sim.finish().await;
+}
+
+// ---------------------------------------------------------------------------
+// Items 4 and 5: values the host would refuse, unbounded strings, control
+// characters and ids that are not ids are refused at the door, and nothing
+// is made.
+
+/// Nothing at all was made: no VM, no operation, no volume.
+async fn assert_nothing_made(sim: &mut InProc) {
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(vms.is_empty(), "{vms:?}");
+    let ops = sim
+        .ops
+        .list_operations(pb::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert!(ops.is_empty(), "{ops:?}");
+    assert!(sim.inventory().await.is_empty());
+}
+
+/// The control and bidi-formatting characters a name or a description must
+/// not carry: ESC, CR, LF, NUL, another C0, DEL, a C1, the overrides and
+/// the isolates.
+const FORBIDDEN: [char; 12] = [
+    '\u{1b}', '\r', '\n', '\0', '\u{7}', '\u{7f}', '\u{9b}', '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}',
+    '\u{200f}',
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_vm_refuses_what_the_host_would_refuse() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    type Edit = Box<dyn Fn(&mut pb::CreateVmRequest)>;
+    let mut cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|r| r.memory_bytes = 1), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = 1 << 62), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = u64::MAX), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = 64 * MIB + 1), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = 8 * MIB), "memory_bytes"),
+        (Box::new(|r| r.vcpus = u32::MAX), "vcpus"),
+        (Box::new(|r| r.vcpus = 241), "vcpus"),
+        (Box::new(|r| r.disks = vec![r.disks[0].clone(); 1000]), "disks"),
+        (Box::new(|r| r.disks = vec![r.disks[0].clone(); 27]), "disks"),
+        (
+            Box::new(|r| {
+                r.disks = vec![r.disks[0].clone(); 4];
+                r.disks[3].capacity_bytes = 1;
+            }),
+            "disks[3].capacity_bytes",
+        ),
+        (
+            Box::new(|r| r.disks[0].capacity_bytes = u64::MAX),
+            "disks[0].capacity_bytes",
+        ),
+        (
+            Box::new(|r| r.disks[0].capacity_bytes = MIB + 1),
+            "disks[0].capacity_bytes",
+        ),
+        (Box::new(|r| r.name = "x".repeat(8192)), "name"),
+        (Box::new(|r| r.name = " padded".into()), "name"),
+        (Box::new(|r| r.cmdline = "console=ttyS0 ".repeat(400)), "cmdline"),
+        (Box::new(|r| r.cmdline = "a\nb".into()), "cmdline"),
+        (Box::new(|r| r.kernel = "../vmlinuz".into()), "kernel"),
+        (Box::new(|r| r.kernel = "x".repeat(8192)), "kernel"),
+        (Box::new(|r| r.initrd = "boot/initrd".into()), "initrd"),
+        (
+            Box::new(|r| {
+                r.kernel.clear();
+                r.initrd = "initrd.img".into();
+            }),
+            "kernel",
+        ),
+        (Box::new(|r| r.cluster_id = "c".repeat(8192)), "cluster_id"),
+        (Box::new(|r| r.request_id = "r".repeat(8192)), "request_id"),
+        (
+            Box::new(|r| r.disks[0].domain_id = "d".repeat(8192)),
+            "disks[0].domain_id",
+        ),
+    ];
+    for c in FORBIDDEN {
+        cases.push((Box::new(move |r| r.name = format!("evil{c}name")), "name"));
+    }
+    for (edit, field) in &cases {
+        let mut req = create_req(&sim, "vm");
+        req.kernel = "vmlinuz".into();
+        edit(&mut req);
+        let shown = format!("{:.80?}", req.name);
+        let err = sim.vms.create_vm(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field} ({shown}): {err:?}");
+        assert_eq!(support::bad_field(&err), *field, "{shown}: {err:?}");
+        assert!(
+            err.message().len() < 512,
+            "{field}: the error echoes too much: {}",
+            err.message()
+        );
+    }
+    // Disks on an EXPORT domain: a precondition, naming the field.
+    let mut req = create_req(&sim, "vm");
+    req.disks.push(pb::DiskSpec {
+        domain_id: sim.export_domain.clone(),
+        capacity_bytes: MIB,
+    });
+    let err = sim.vms.create_vm(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "NOT_A_DATA_DOMAIN");
+    assert!(err.message().contains("disks[1].domain_id"), "{err:?}");
+    assert_nothing_made(&mut sim).await;
+    // The limits themselves are accepted.
+    let mut req = create_req(&sim, "edge");
+    req.memory_bytes = 16 * MIB;
+    req.vcpus = 240;
+    req.disks = vec![req.disks[0].clone(); 26];
+    req.disks[25].capacity_bytes = MIB;
+    let op = sim.vms.create_vm(req).await.unwrap().into_inner().operation;
+    sim.ok(op).await;
+    assert_eq!(sim.inventory().await.len(), 26);
+    sim.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_text_and_ids_are_bounded_and_printable() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    // Ids of 8 KB: INVALID_ARGUMENT with a cut echo, not a transport error.
+    let long = "7".repeat(8192);
+    let err = sim
+        .vms
+        .get_vm(pb::GetVmRequest { vm_id: long.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(support::bad_field(&err), "vm_id");
+    assert!(err.message().contains('…'), "{}", err.message());
+    assert!(
+        err.message().chars().filter(|c| *c == '7').count() <= 64,
+        "{}",
+        err.message()
+    );
+    let err = sim
+        .ops
+        .get_operation(pb::GetOperationRequest {
+            operation_id: long.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = sim
+        .snaps
+        .list_snapshots(pb::ListSnapshotsRequest { vm_id: long.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Cluster and host names, host addresses.
+    let mut bad_clusters = vec![pb::CreateClusterRequest {
+        request_id: String::new(),
+        name: "c".repeat(8192),
+        compatibility_version: "3.3".into(),
+    }];
+    for c in FORBIDDEN {
+        bad_clusters.push(pb::CreateClusterRequest {
+            request_id: String::new(),
+            name: format!("c{c}"),
+            compatibility_version: "3.3".into(),
+        });
+    }
+    for req in bad_clusters {
+        let err = sim.clusters.create_cluster(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(support::bad_field(&err), "name");
+    }
+    let host = |name: &str, address: &str| pb::AddHostRequest {
+        request_id: String::new(),
+        name: name.into(),
+        cluster_id: sim.cluster_id.clone(),
+        host_address: address.into(),
+        storage_address: "http://127.0.0.1:1".into(),
+    };
+    for (req, field) in [
+        (host("h\u{1b}[2J", "http://127.0.0.1:1"), "name"),
+        (
+            host("h", &format!("http://{}:1", "a".repeat(8192))),
+            "host_address",
+        ),
+        (host("h", "http://a\nb:1"), "host_address"),
+    ] {
+        let err = sim.clusters.add_host(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(support::bad_field(&err), field);
+        assert!(err.message().len() < 512, "{}", err.message());
+    }
+    let hosts = sim
+        .clusters
+        .list_hosts(pb::ListHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+
+    // Snapshot descriptions, clone names and targets.
+    let vm = sim.create_vm("subject").await;
+    for description in FORBIDDEN
+        .iter()
+        .map(|c| format!("before{c}upgrade"))
+        .chain(["d".repeat(4097)])
+    {
+        let err = sim
+            .snaps
+            .create_snapshot(pb::CreateSnapshotRequest {
+                description: description.clone(),
+                ..support::Env::snapshot_req(&vm, false, "")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{description:?}: {err:?}");
+        assert_eq!(support::bad_field(&err), "description");
+    }
+    let s1 = sim.snapshot(&vm, false, "fine").await;
+    let clone = |name: &str, target: &str| pb::CloneVmFromSnapshotRequest {
+        request_id: Uuid::new_v4().to_string(),
+        vm_id: vm.clone(),
+        snapshot_id: s1.clone(),
+        name: name.into(),
+        target_domain_id: target.into(),
+    };
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(clone("evil\u{202e}gnp.exe", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(support::bad_field(&err), "name");
+    let export = sim.export_domain.clone();
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(clone("copy", &export))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "NOT_A_DATA_DOMAIN");
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "only the subject: {vms:?}");
+    assert_eq!(sim.export_volumes().await.len(), 0);
+    sim.assert_no_orphans().await;
+    sim.finish().await;
+}
+
+/// The exported VM's descriptor, parsed.
+async fn descriptor(sim: &mut InProc, vm_id: &str) -> OvfVm {
+    let domain_id = sim.export_domain.clone();
+    let xml = sim
+        .storage
+        .get_vm_descriptor(storage::GetVmDescriptorRequest {
+            domain_id,
+            vm_id: vm_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptor
+        .unwrap()
+        .ovf;
+    OvfVm::parse(&xml).unwrap()
+}
+
+async fn put_descriptor(sim: &mut InProc, ovf: &OvfVm) {
+    let domain_id = sim.export_domain.clone();
+    sim.storage
+        .put_vm_descriptor(storage::PutVmDescriptorRequest {
+            domain_id,
+            vm_id: ovf.vm_id.to_string(),
+            ovf: ovf.to_xml(),
+        })
+        .await
+        .unwrap();
+}
+
+/// ImportVm takes the VM's configuration from the descriptor: each value is
+/// checked as CreateVm checks it (OVF_INVALID naming the value), before
+/// anything is made; a name given in the request replaces the exported one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_checks_the_values_it_takes_from_the_descriptor() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let vm = sim.create_vm_with("exported", 1, false).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let real = descriptor(&mut sim, &vm).await;
+    type Edit = fn(&mut OvfVm);
+    let edits: [(Edit, &str); 8] = [
+        (|o| o.memory_bytes = 1, "memory_bytes"),
+        (|o| o.memory_bytes = u64::MAX, "memory_bytes"),
+        (|o| o.vcpus = u32::MAX, "vcpus"),
+        (|o| o.kernel = "../../etc/passwd".into(), "kernel"),
+        (|o| o.cmdline = "quiet\u{9b}2J\u{2066}".into(), "cmdline"),
+        (|o| o.cmdline = "x".repeat(5000), "cmdline"),
+        (|o| o.name = "evil\u{202e}name".into(), "name"),
+        (|o| o.disks[0].capacity_bytes = 3, "disks[0].capacity_bytes"),
+    ];
+    for (edit, field) in edits {
+        let mut ovf = real.clone();
+        edit(&mut ovf);
+        put_descriptor(&mut sim, &ovf).await;
+        let err = sim.import_vm_call(&vm, false, false, "").await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{field}: {err:?}");
+        assert_eq!(support::precondition(&err), "OVF_INVALID", "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
+    }
+    assert!(sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+        .is_empty());
+    assert!(sim.inventory().await.is_empty());
+    // Under a name of its own the exported name is not taken, nor checked.
+    let mut ovf = real.clone();
+    ovf.name = "evil\u{202e}name".into();
+    put_descriptor(&mut sim, &ovf).await;
+    let r = sim.import_vm_call(&vm, false, false, "renamed").await.unwrap();
+    sim.ok(r.operation).await;
+    assert_eq!(sim.vm(&vm).await.name, "renamed");
     sim.assert_no_orphans().await;
     sim.finish().await;
 }

@@ -27,6 +27,7 @@ use crate::db::{
 };
 use crate::ovf::{OvfVm, SnapshotKind};
 use crate::saga::{Node, SagaCx, SagaDef};
+use crate::service::limits;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashSet;
 use tonic::Status;
+use tonic_types::StatusExt;
 use uuid::Uuid;
 
 pub const NAME: &str = "vm_import";
@@ -192,6 +194,7 @@ pub async fn read_export(
             format!("the descriptor stored for VM {vm_id} describes VM {}", ovf.vm_id),
         ));
     }
+    check_ovf_values(&ovf, export_domain_id, None)?;
     let present: HashSet<(Uuid, Uuid)> = app
         .storage_client(h)?
         .list_volumes(storage::ListVolumesRequest {
@@ -237,6 +240,38 @@ pub async fn read_export(
         ));
     }
     Ok(ovf)
+}
+
+/// The values the import takes from the descriptor (memory, vCPUs, disks,
+/// kernel, initrd, command line, and `name` when given: the name the VM
+/// gets, the exported one unless the request names another), checked as CreateVm checks them
+/// ([`limits`]): a descriptor edited (or written by another tool) with a
+/// value the host would refuse is FAILED_PRECONDITION OVF_INVALID, naming
+/// the value, before anything is made.
+pub fn check_ovf_values(ovf: &OvfVm, export_domain_id: Uuid, name: Option<&str>) -> Result<(), Status> {
+    let values = limits::VmValues {
+        name,
+        memory_bytes: ovf.memory_bytes,
+        vcpus: ovf.vcpus,
+        kernel: &ovf.kernel,
+        initrd: &ovf.initrd,
+        cmdline: &ovf.cmdline,
+        disk_capacities: ovf.disks.iter().map(|d| d.capacity_bytes).collect(),
+    };
+    limits::check_vm(&values).map_err(|s| {
+        let (field, why) = s
+            .get_error_details()
+            .bad_request()
+            .and_then(|b| b.field_violations.first().cloned())
+            .map(|v| (v.field, v.description))
+            .unwrap_or_else(|| (String::new(), s.message().to_string()));
+        let vm_id = ovf.vm_id;
+        status::failed_precondition(
+            "OVF_INVALID",
+            &format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf"),
+            format!("the descriptor of VM {vm_id} cannot be imported: its {field} {why}"),
+        )
+    })
 }
 
 /// What the import makes of the descriptor.

@@ -31,26 +31,7 @@ fn to_host(h: &db::Host) -> pb::Host {
     }
 }
 
-fn check_name(field: &str, name: &str) -> Result<(), Status> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
-        return Err(status::invalid_argument(
-            field,
-            "must be 1-128 printable characters",
-        ));
-    }
-    Ok(())
-}
-
-fn check_address(field: &str, a: &str) -> Result<(), Status> {
-    if !(a.starts_with("http://") || a.starts_with("https://")) || a.parse::<tonic::transport::Uri>().is_err()
-    {
-        return Err(status::invalid_argument(
-            field,
-            format!("{a:?} is not an http(s)://host:port address"),
-        ));
-    }
-    Ok(())
-}
+use super::limits::{check_address, check_name};
 
 /// The id a completed call recorded as its result (`{"<key>": "<uuid>"}`).
 fn recorded_id(op: &db::Operation, key: &str) -> Result<Uuid, Status> {

@@ -179,6 +179,10 @@ pub async fn import_vm(
     } else {
         req.name.clone()
     };
+    if req.name.is_empty() {
+        // The exported name is taken from the descriptor: checked as such.
+        vm_import::check_ovf_values(&ovf, export_domain_id, Some(&name))?;
+    }
     let vm_id = if req.as_clone { Uuid::new_v4() } else { ovf.vm_id };
     if !req.as_clone {
         match app.db.get_vm(vm_id).await {

@@ -1,7 +1,7 @@
 //! SnapshotService: snapshots of a VM and the operations on them.
-use super::vm::{check_domains, refuse_taken_name};
+use super::vm::{check_data_domains, refuse_taken_name};
 use super::{
-    check_name, get_vm, get_vm_snapshot, is_running, refuse_locked, require_down, retried_operation,
+    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, require_down, retried_operation,
     start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
@@ -167,9 +167,7 @@ impl SnapshotService for SnapshotApi {
                 ))
             }
         };
-        if req.description.len() > 4096 {
-            return Err(status::invalid_argument("description", "longer than 4096 bytes"));
-        }
+        limits::check_text("description", &req.description, limits::MAX_DESCRIPTION)?;
         refuse_locked(&vm)?;
         let running = is_running(vm.status);
         if req.save_memory {
@@ -456,11 +454,15 @@ impl SnapshotService for SnapshotApi {
         }
         refuse_taken_name(&self.0, &req.name).await?;
         let host = self.0.host_for_vm(&vm).await?;
-        let domains: Vec<Uuid> = match target_domain_id {
-            Some(d) => vec![d],
-            None => snapshot.disks.iter().map(|d| d.volume.domain_id).collect(),
+        let domains: Vec<(String, Uuid)> = match target_domain_id {
+            Some(d) => vec![("target_domain_id".to_string(), d)],
+            None => snapshot
+                .disks
+                .iter()
+                .map(|d| (format!("disk {}", d.disk_id), d.volume.domain_id))
+                .collect(),
         };
-        check_domains(&self.0, &host, domains).await?;
+        check_data_domains(&self.0, &host, domains).await?;
         let warnings = if snapshot.memory.is_some() {
             vec![CLONE_MEMORY_WARNING.to_string()]
         } else {
