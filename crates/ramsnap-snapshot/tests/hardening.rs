@@ -657,3 +657,137 @@ async fn import_checks_the_values_it_takes_from_the_descriptor() {
     sim.assert_no_orphans().await;
     sim.finish().await;
 }
+
+// ---------------------------------------------------------------------------
+// Item 1: an import never deletes what it did not create.
+
+/// Every volume on the data domain, as "image/volume".
+async fn data_volumes(sim: &mut InProc) -> std::collections::BTreeSet<String> {
+    sim.inventory()
+        .await
+        .into_iter()
+        .map(|v| {
+            let r = v.r#ref.unwrap();
+            format!("{}/{}", r.image_id, r.volume_id)
+        })
+        .collect()
+}
+
+/// The case: the descriptor of an existing VM, edited to another
+/// VM id and name but with the same volume ids. The import failed with
+/// ALREADY_EXISTS and its undo deleted the existing VM's live disk. It is
+/// refused at the door now, and the VM keeps every volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_of_an_edited_descriptor_never_deletes_an_existing_vms_disks() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let (vm, _) = sim.vm_with_memory_snapshot("original").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let before = data_volumes(&mut sim).await;
+    let mut edited = descriptor(&mut sim, &vm).await;
+    edited.vm_id = Uuid::new_v4();
+    edited.name = "impostor".into();
+    put_descriptor(&mut sim, &edited).await;
+    let err = sim
+        .import_vm_call(&edited.vm_id.to_string(), false, false, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "VOLUME_EXISTS", "{err:?}");
+    assert!(err.message().contains("original"), "names the VM: {err:?}");
+    assert_eq!(data_volumes(&mut sim).await, before);
+    // A collapsed import would make the leaves' ids: refused the same way.
+    let err = sim
+        .import_vm_call(&edited.vm_id.to_string(), false, true, "")
+        .await
+        .unwrap_err();
+    assert_eq!(support::precondition(&err), "VOLUME_EXISTS", "{err:?}");
+    // As a clone (new ids) it imports beside the original.
+    let r = sim
+        .import_vm_call(&edited.vm_id.to_string(), true, false, "copy")
+        .await
+        .unwrap();
+    sim.ok(r.operation).await;
+    assert!(data_volumes(&mut sim).await.is_superset(&before));
+    sim.assert_no_orphans().await;
+    sim.run(&vm, false).await;
+    sim.stop(&vm).await;
+    sim.finish().await;
+}
+
+/// Two imports of descriptors that share volume ids (the exported VM and an
+/// edited copy under another id and name), started together: both pass the
+/// door, and their copies meet on the same volume ids. One wins; the other
+/// fails with VOLUME_EXISTS and its undo deletes only what it made, never
+/// the winner's volumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_imports_sharing_volume_ids_never_delete_each_others_volumes() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let vm = sim.create_vm_with("shared", 3, false).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let mut edited = descriptor(&mut sim, &vm).await;
+    edited.vm_id = Uuid::new_v4();
+    edited.name = "twin".into();
+    put_descriptor(&mut sim, &edited).await;
+    let twin = edited.vm_id.to_string();
+    let (a, b) = tokio::join!(
+        {
+            let mut s = sim.vms.clone();
+            let req = import_req(&sim, &vm);
+            async move { s.import_vm(req).await }
+        },
+        {
+            let mut s = sim.vms.clone();
+            let req = import_req(&sim, &twin);
+            async move { s.import_vm(req).await }
+        },
+    );
+    let mut outcomes = Vec::new();
+    for r in [a, b] {
+        outcomes.push(match r {
+            Ok(r) => {
+                let op = sim.wait(r.into_inner().operation).await;
+                (op.state == pb::OperationState::Succeeded as i32, op.error_message)
+            }
+            Err(e) => (false, format!("{}: {}", support::precondition(&e), e.message())),
+        });
+    }
+    let won = outcomes.iter().filter(|(ok, _)| *ok).count();
+    assert_eq!(won, 1, "exactly one import wins: {outcomes:?}");
+    for (ok, why) in &outcomes {
+        assert!(
+            *ok || why.contains("VOLUME_EXISTS") || why.contains("exists"),
+            "{outcomes:?}"
+        );
+    }
+    // The winner has every volume; nothing of the loser is left.
+    sim.assert_no_orphans().await;
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(sim.inventory().await.len(), 3);
+    let winner = vms[0].vm_id.clone();
+    sim.run(&winner, false).await;
+    sim.stop(&winner).await;
+    sim.finish().await;
+}
+
+fn import_req(sim: &InProc, vm_id: &str) -> pb::ImportVmRequest {
+    pb::ImportVmRequest {
+        request_id: Uuid::new_v4().to_string(),
+        export_domain_id: sim.export_domain.clone(),
+        vm_id: vm_id.into(),
+        cluster_id: sim.cluster_id.clone(),
+        target_domain_id: sim.domain.clone(),
+        as_clone: false,
+        collapse_snapshots: false,
+        name: String::new(),
+    }
+}

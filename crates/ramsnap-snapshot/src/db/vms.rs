@@ -290,6 +290,27 @@ impl Database {
         Ok(rows.iter().map(disk_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// The VM whose disk or snapshot memory is in image `image_id` (on any
+    /// domain), if one is: (vm id, vm name).
+    pub async fn vm_using_image(&self, image_id: Uuid) -> Result<Option<(Uuid, String)>, DbError> {
+        let row = sqlx::query(
+            "SELECT v.id AS id, v.name AS name FROM vms v WHERE v.id IN ( \
+                 SELECT vm_id FROM vm_disks WHERE image_id = $1 \
+                 UNION SELECT vm_id FROM snapshots WHERE memory_dump_image_id = $1 \
+                 UNION SELECT vm_id FROM snapshots WHERE memory_meta_image_id = $1 \
+                 UNION SELECT s.vm_id FROM snapshot_disks d JOIN snapshots s ON s.id = d.snapshot_id \
+                     WHERE d.image_id = $1) \
+             ORDER BY v.name LIMIT 1",
+        )
+        .bind(image_id.to_string())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.uuid("id")?, r.text("name")?)),
+            None => None,
+        })
+    }
+
     /// False if the disk was already gone.
     pub async fn remove_vm_disk(&self, vm_id: Uuid, disk_id: Uuid) -> Result<bool, DbError> {
         let result = sqlx::query("DELETE FROM vm_disks WHERE vm_id = $1 AND disk_id = $2")

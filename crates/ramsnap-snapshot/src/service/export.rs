@@ -219,6 +219,12 @@ pub async fn import_vm(
         collapse: req.collapse_snapshots,
         with_memory: !req.as_clone && memory_supported,
     };
+    // The volumes it would make, with the exported ids (a clone's are new):
+    // none may exist, nor be in an image a VM uses.
+    if !req.as_clone {
+        let plan = vm_import::make_plan(&params, &ovf, &|_| Uuid::nil());
+        vm_import::refuse_existing_targets(app, &h, &plan).await?;
+    }
     let op = start_operation(
         app,
         Start {
