@@ -791,3 +791,93 @@ fn import_req(sim: &InProc, vm_id: &str) -> pb::ImportVmRequest {
         name: String::new(),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Item 6: what is left of a removed VM.
+
+/// ReadConsole and WatchVm of an unknown or removed VM are NOT_FOUND at
+/// once, and a WatchVm stream of a VM that gets removed ends with NOT_FOUND
+/// (the proto says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_vms_have_no_console_and_their_watch_ends() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let unknown = Uuid::new_v4().to_string();
+    let quick = std::time::Duration::from_secs(5);
+    let err = tokio::time::timeout(
+        quick,
+        sim.vms.read_console(pb::ReadConsoleRequest {
+            vm_id: unknown.clone(),
+            offset: 0,
+            max_bytes: 0,
+        }),
+    )
+    .await
+    .expect("answered at once")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = tokio::time::timeout(
+        quick,
+        sim.vms.watch_vm(pb::WatchVmRequest {
+            vm_id: unknown.clone(),
+        }),
+    )
+    .await
+    .expect("answered at once")
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    let vm = sim.create_vm("doomed").await;
+    sim.run(&vm, false).await;
+    let console = sim
+        .vms
+        .read_console(pb::ReadConsoleRequest {
+            vm_id: vm.clone(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!console.data.is_empty());
+    sim.stop(&vm).await;
+    let mut watch = sim
+        .vms
+        .watch_vm(pb::WatchVmRequest { vm_id: vm.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, pb::VmStatus::Down as i32);
+    sim.remove_vm(&vm).await;
+    // The stream ends: NOT_FOUND, soon after the removal.
+    let end = loop {
+        match tokio::time::timeout(quick, watch.message())
+            .await
+            .expect("the watch of a removed VM ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(end.code(), Code::NotFound, "{end:?}");
+    let err = sim
+        .vms
+        .read_console(pb::ReadConsoleRequest {
+            vm_id: vm.clone(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = sim
+        .vms
+        .watch_vm(pb::WatchVmRequest { vm_id: vm.clone() })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    sim.finish().await;
+}
