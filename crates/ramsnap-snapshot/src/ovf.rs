@@ -510,7 +510,12 @@ impl OvfVm {
             let format = match attr(d, (OVF_NS, "volume-format"), "Disk ovf:volume-format")? {
                 "COW" => VolumeFormat::Cow,
                 "RAW" => VolumeFormat::Raw,
-                other => return err(format!("Disk {volume_id}: unknown ovf:volume-format {other:?}")),
+                other => {
+                    return err(format!(
+                        "Disk {volume_id}: unknown ovf:volume-format {}",
+                        echo(other)
+                    ))
+                }
             };
             let disk_id = uuid_attr(d, (RAMSNAP_NS, "disk-id"), "Disk ramsnap:disk-id")?;
             let capacity_bytes = number::<u64>(
@@ -583,7 +588,8 @@ impl OvfVm {
                 Some("REGULAR") => SnapshotKind::Regular,
                 other => {
                     return err(format!(
-                        "Snapshot {snapshot_id}: type {other:?} cannot be imported"
+                        "Snapshot {snapshot_id}: type {} cannot be imported",
+                        other.map(echo).unwrap_or_else(|| "(none)".into())
                     ))
                 }
             };
