@@ -4,7 +4,9 @@
 //! "database is locked", no serialization failure passed on to the user),
 //! every operation must end SUCCEEDED, and nothing is left behind or made
 //! twice: each VM exists once, with its disk, and the domain holds exactly
-//! one volume per VM.
+//! one volume per VM. The burst's time is printed, not asserted (it
+//! depends on the machine's load: 30-50 s here, most of it the storage
+//! making 500 qcow2 volumes one after another).
 mod support;
 
 use ramsnap_proto::snapshot::v1 as pb;
@@ -117,7 +119,6 @@ async fn burst_of_create_vm(db: Db) {
         "one volume per VM, none twice, none left over"
     );
     sim.assert_no_orphans().await;
-    assert!(elapsed < Duration::from_secs(60), "the burst took {elapsed:?}");
     sim.finish().await;
 }
 
