@@ -1,6 +1,7 @@
 //! Prints a failed command for an operator: the gRPC code and message, then
 //! one line per google.rpc detail (which field was wrong, which precondition
 //! failed, which resource is missing), since those say what to fix.
+use crate::output::printable;
 use std::fmt;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -44,7 +45,7 @@ pub fn report(err: &anyhow::Error) {
     match err.chain().find_map(|e| e.downcast_ref::<Status>()) {
         Some(status) => {
             for line in status_lines(status) {
-                eprintln!("{line}");
+                eprintln!("{}", printable(&line));
             }
             if let Some(RequestId(id)) = err.downcast_ref::<RequestId>() {
                 if outcome_unknown(status.code()) {
@@ -52,10 +53,11 @@ pub fn report(err: &anyhow::Error) {
                 }
             }
             if let Some(Hint(hint)) = err.downcast_ref::<Hint>() {
-                eprintln!("  {hint}");
+                eprintln!("  {}", printable(hint));
             }
         }
-        None => eprintln!("error: {err:#}"),
+        // An operation's error, a stream that broke: text from a server too.
+        None => eprintln!("error: {}", printable(&format!("{err:#}"))),
     }
 }
 

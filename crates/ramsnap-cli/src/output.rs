@@ -2,11 +2,50 @@
 //! people, pretty JSON for scripts. Everything goes to stdout; progress and
 //! errors go to stderr so that `-o json | jq` always sees clean JSON.
 use serde_json::Value;
+use std::borrow::Cow;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Table,
     Json,
+}
+
+/// Whether a character must not reach the terminal as it is: a control
+/// character (C0, DEL, C1: ESC starts terminal escape sequences, CR and LF
+/// rewrite lines) or a bidi formatting character (the embeddings and
+/// overrides U+202A..U+202E, the isolates U+2066..U+2069, the marks U+200E,
+/// U+200F, U+061C), which reorders what is shown.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
+        )
+}
+
+/// Text that came from a server (names, descriptions, error messages and
+/// details, warnings, paths) as it is printed for people: every
+/// [`unprintable`] character escaped (`\n`, `\r`, `\t`, else `\u{1b}`), so
+/// that nothing a server returns can move the cursor, clear the screen,
+/// recolour the terminal or make one name look like another. Every table
+/// cell, field value, warning, summary and error line goes through it; JSON
+/// output does not need it (serde_json escapes control characters, and a
+/// script reads the text as it is).
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(unprintable) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unprintable(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// A table with a header row; columns are as wide as their widest cell.
@@ -23,9 +62,11 @@ impl Table {
         }
     }
 
+    /// A row; each cell is made [`printable`].
     pub fn row(&mut self, cells: Vec<String>) {
         debug_assert_eq!(cells.len(), self.header.len());
-        self.rows.push(cells);
+        self.rows
+            .push(cells.into_iter().map(|c| printable(&c).into_owned()).collect());
     }
 
     pub fn render(&self) -> String {
@@ -57,13 +98,24 @@ impl Table {
     }
 }
 
-/// `key: value` lines with the values aligned, for a single resource.
+/// `key: value` lines with the values aligned, for a single resource; the
+/// values made [`printable`].
 pub fn render_fields(fields: &[(&str, String)]) -> String {
     let width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     fields
         .iter()
-        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .map(|(k, v)| format!("{:<width$} {}\n", format!("{k}:"), printable(v)))
         .collect()
+}
+
+/// Prints a line for people on stdout, made [`printable`].
+pub fn print_line(text: impl std::fmt::Display) {
+    println!("{}", printable(&text.to_string()));
+}
+
+/// Prints a line for people on stderr, made [`printable`].
+pub fn eprint_line(text: impl std::fmt::Display) {
+    eprintln!("{}", printable(&text.to_string()));
 }
 
 pub fn print_fields(fields: &[(&str, String)]) {
@@ -212,6 +264,26 @@ mod tests {
         assert_eq!(utc_time_ms(1_700_000_000_123), "2023-11-14 22:13:20.123 UTC");
         assert_eq!(utc_time_ms(5), "1970-01-01 00:00:00.005 UTC");
         assert_eq!(utc_time_ms(-1), "1969-12-31 23:59:59.999 UTC");
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_obey() {
+        assert!(matches!(printable("web-1 Überserver 漢字"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("line\nbreak\r\t"), "line\\nbreak\\r\\t");
+        assert_eq!(printable("nul\0"), "nul\\u{0}");
+        assert_eq!(printable("c1\u{9b}31m"), "c1\\u{9b}31m");
+        assert_eq!(printable("del\u{7f}"), "del\\u{7f}");
+        assert_eq!(printable("exe.\u{202e}gnp"), "exe.\\u{202e}gnp");
+        assert_eq!(printable("\u{2066}x\u{2069}"), "\\u{2066}x\\u{2069}");
+        assert_eq!(printable("\u{200f}"), "\\u{200f}");
+        let mut t = Table::new(&["NAME", "X"]);
+        t.row(vec!["evil\u{1b}[31m".into(), "\r".into()]);
+        let text = t.render();
+        assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+        assert_eq!(text, "NAME            X\nevil\\u{1b}[31m  \\r\n");
+        let f = render_fields(&[("name", "a\u{202e}b\nc".into())]);
+        assert_eq!(f, "name: a\\u{202e}b\\nc\n");
     }
 
     #[test]

@@ -470,3 +470,72 @@ async fn unreachable_service() {
         "{err}"
     );
 }
+
+/// Text from the server is printed escaped: a description with ESC (a
+/// terminal escape sequence), CR, LF and a bidi override shows as
+/// `\u{1b}`, `\r`, `\n`, `\u{202e}` in tables, field lists and errors, never
+/// raw. JSON carries it as JSON escapes it.
+#[tokio::test]
+async fn server_text_is_printed_escaped() {
+    let server = Server::start().await;
+    let domain = server.file_domain().await;
+    let evil = "evil\u{1b}[2J\rcleared\u{202e}exe.txt\nnext\u{9b}31m";
+    let escaped = "evil\\u{1b}[2J\\rcleared\\u{202e}exe.txt\\nnext\\u{9b}31m";
+    let created = server
+        .json(&[
+            "volume",
+            "create",
+            "--domain",
+            &domain,
+            "--size",
+            "1M",
+            "--description",
+            evil,
+        ])
+        .await;
+    assert_eq!(created["volume"]["description"], evil);
+    let vref = ref_of(&created["volume"]);
+    let raw = |text: &str| {
+        text.chars()
+            .filter(|c| c.is_control() && *c != '\n' || matches!(c, '\u{202a}'..='\u{202e}'))
+            .collect::<Vec<char>>()
+    };
+    for args in [
+        vec!["volume", "get", vref.as_str()],
+        vec!["volume", "list", "--domain", domain.as_str()],
+    ] {
+        let out = server.ok(&args).await;
+        assert!(
+            raw(&out).is_empty(),
+            "{args:?} printed {:?} raw: {out:?}",
+            raw(&out)
+        );
+        assert!(!out.contains("\nnext"), "{out:?}");
+    }
+    let get = server.ok(&["volume", "get", &vref]).await;
+    assert!(get.contains(escaped), "{get:?}");
+    // An error that quotes what it refuses.
+    let out = server
+        .ramsnap(&[
+            "domain",
+            "register",
+            "--name",
+            "x",
+            "--type",
+            "file",
+            "--location",
+            "/no/such\u{1b}[2J\u{202e}dir",
+        ])
+        .await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        raw(&err).is_empty(),
+        "stderr printed {:?} raw: {err:?}",
+        raw(&err)
+    );
+    assert!(
+        err.contains("\\u{1b}[2J\\u{202e}dir"),
+        "the error quotes the location: {err:?}"
+    );
+}

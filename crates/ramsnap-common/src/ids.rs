@@ -12,9 +12,24 @@ pub fn parse(field: &str, value: &str) -> Result<Uuid, Status> {
     parse_strict(value).ok_or_else(|| {
         status::invalid_argument(
             field,
-            format!("{value:?} is not a UUID in canonical hyphenated form"),
+            format!("{} is not a UUID in canonical hyphenated form", echo(value)),
         )
     })
+}
+
+/// The most characters of caller input an error message quotes.
+pub const ECHO_MAX_CHARS: usize = 64;
+
+/// Caller input as an error message quotes it: escaped (`{:?}`) and, past
+/// [`ECHO_MAX_CHARS`] characters, cut with "…". A refusal must not carry
+/// what it refuses whole: an 8 KB value echoed in the message (and again in
+/// the error details) makes response headers too large for HTTP/2 clients,
+/// which then see a transport error instead of INVALID_ARGUMENT.
+pub fn echo(value: &str) -> String {
+    match value.char_indices().nth(ECHO_MAX_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}…", &value[..cut]),
+    }
 }
 
 /// Parses an optional UUID field: empty means "not given".
@@ -51,5 +66,17 @@ mod tests {
         let err = parse("volume_id", "nope").unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("volume_id"));
+    }
+
+    #[test]
+    fn long_values_are_echoed_cut() {
+        let err = parse("vm_id", &"x".repeat(8192)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().len() < 200, "{}", err.message());
+        assert!(err.message().contains(&format!("\"{}\"…", "x".repeat(64))));
+        assert_eq!(echo("ab"), "\"ab\"");
+        assert_eq!(echo("a\u{1b}b"), "\"a\\u{1b}b\"");
+        let multibyte = "é".repeat(100);
+        assert_eq!(echo(&multibyte), format!("{:?}…", "é".repeat(64)));
     }
 }

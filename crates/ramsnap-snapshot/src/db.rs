@@ -17,6 +17,27 @@ macro_rules! sql {
     };
 }
 
+/// Runs `$body`, an `async` block that returns `Result<_, DbError>`, and
+/// runs it again (a fresh block each time) when it fails with a transient
+/// error ([`DbError::is_transient`]): a transaction's body is the unit, it
+/// starts over from its BEGIN.
+macro_rules! retry_transient {
+    ($body:expr) => {{
+        let mut attempt = 0u32;
+        loop {
+            let result: Result<_, $crate::db::DbError> = $body.await;
+            match result {
+                Err(e) if e.is_transient() && attempt < $crate::db::TRANSIENT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "transient database error; retrying");
+                    tokio::time::sleep($crate::db::transient_backoff(attempt)).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 mod clusters;
 mod flows;
 mod hosts;
@@ -79,6 +100,21 @@ impl DbError {
         matches!(self, DbError::NotFound { .. })
     }
 
+    /// A failure that running the same transaction again may not meet:
+    /// PostgreSQL's serialization_failure (40001), deadlock_detected
+    /// (40P01) and lock_not_available (55P03); SQLite's BUSY and LOCKED
+    /// (primary codes 5 and 6, with their extended codes).
+    pub fn is_transient(&self) -> bool {
+        let DbError::Sqlx(sqlx::Error::Database(e)) = self else {
+            return false;
+        };
+        let Some(code) = e.code() else { return false };
+        match code.as_ref() {
+            "40001" | "40P01" | "55P03" => true,
+            sqlite => sqlite.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)),
+        }
+    }
+
     pub(crate) fn not_found(kind: &'static str, id: impl ToString) -> Self {
         DbError::NotFound {
             kind,
@@ -119,10 +155,31 @@ pub enum Backend {
 }
 
 /// A pool of connections to the coordinator's database. Cheap to clone.
+///
+/// Writers are serialized on SQLite: every statement that writes, and every
+/// transaction, goes through `writer`, a pool of ONE connection, and
+/// transactions begin with `BEGIN IMMEDIATE`. SQLite has one writer at a
+/// time anyway; without this, a deferred transaction that reads and then
+/// writes fails with SQLITE_BUSY at once when another connection wrote in
+/// between (busy_timeout does not apply to that upgrade), which is what a
+/// burst of concurrent calls hit. Reads go through `pool` and run beside the
+/// writer (WAL). On PostgreSQL both are the same pool, and transactions that
+/// fail with a serialization failure or a deadlock are run again.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: AnyPool,
+    writer: AnyPool,
     backend: Backend,
+}
+
+/// How often a transaction that failed with a transient error is run again.
+pub(crate) const TRANSIENT_RETRIES: u32 = 10;
+
+pub(crate) fn transient_backoff(attempt: u32) -> Duration {
+    // 10, 20, 40, ... 1280 ms, with jitter so that retried twins diverge.
+    let base = 10u64 << attempt.min(7);
+    let jitter = u64::from(Uuid::new_v4().as_bytes()[0]) % (base / 2 + 1);
+    Duration::from_millis(base + jitter)
 }
 
 impl Database {
@@ -140,11 +197,22 @@ impl Database {
                 message: "must start with postgres://, postgresql:// or sqlite:".into(),
             });
         };
-        let pool = match backend {
-            Backend::Postgres => AnyPoolOptions::new().max_connections(8).connect(url).await?,
+        let (pool, writer) = match backend {
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(60))
+                    .connect(url)
+                    .await?;
+                (pool.clone(), pool)
+            }
             Backend::Sqlite => connect_sqlite(url).await?,
         };
-        Ok(Database { pool, backend })
+        Ok(Database {
+            pool,
+            writer,
+            backend,
+        })
     }
 
     /// Applies the migrations that have not been applied yet.
@@ -157,18 +225,37 @@ impl Database {
         self.backend
     }
 
-    /// The pool, for queries this module does not offer.
+    /// The pool, for queries this module does not offer (reads; on SQLite a
+    /// write through it waits for the writer up to busy_timeout).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
+    /// Where statements that write go (see [`Database`]).
+    pub(crate) fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    /// A write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock is
+    /// taken at the start, never upgraded from a read), `BEGIN` on PostgreSQL.
+    pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.writer.begin().await?,
+        })
+    }
+
     /// Closes every connection; waits for those in use to be returned.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }
 
-async fn connect_sqlite(url: &str) -> Result<AnyPool, DbError> {
+/// The SQLite pools: (readers, the one writer). An in-memory database has
+/// one connection (each connection to ":memory:" is a database of its own),
+/// which is both.
+async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool), DbError> {
     let in_memory = url.contains(":memory:") || url.contains("mode=memory");
     let url = if in_memory || url.contains("mode=") {
         url.to_owned()
@@ -188,21 +275,37 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool, DbError> {
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 conn.execute("PRAGMA foreign_keys = ON").await?;
-                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                // Another process writing the same file (in-process writers
+                // are serialized): wait for it rather than fail.
+                conn.execute("PRAGMA busy_timeout = 30000").await?;
                 Ok(())
             })
         })
         .max_connections(if in_memory { 1 } else { 8 });
     // Every connection to ":memory:" is a database of its own: keep the one.
-    let pool_options = if in_memory {
-        pool_options
+    if in_memory {
+        let pool = pool_options
             .idle_timeout(None)
             .max_lifetime(None)
             .min_connections(1)
-    } else {
-        pool_options.acquire_timeout(Duration::from_secs(30))
-    };
-    Ok(pool_options.connect_with(options).await?)
+            .acquire_timeout(Duration::from_secs(120))
+            .connect_with(options)
+            .await?;
+        return Ok((pool.clone(), pool));
+    }
+    let readers = pool_options
+        .clone()
+        .acquire_timeout(Duration::from_secs(60))
+        .connect_with(options.clone())
+        .await?;
+    // Writers queue for the one connection: each waits for those before it,
+    // a few milliseconds each, so a burst of hundreds waits seconds.
+    let writer = pool_options
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(120))
+        .connect_with(options)
+        .await?;
+    Ok((readers, writer))
 }
 
 /// Now, in unix milliseconds.

@@ -475,7 +475,9 @@ impl OvfVm {
                                 .find(|n| n.tag_name().name() == "VirtualQuantity")
                                 .and_then(|n| n.text())
                                 .ok_or_else(|| OvfError("the memory item has no VirtualQuantity".into()))?;
-                            number::<u64>(mib, "VirtualQuantity")? << 20
+                            number::<u64>(mib, "VirtualQuantity")?
+                                .checked_mul(1 << 20)
+                                .ok_or_else(|| OvfError(format!("VirtualQuantity {mib} MiB is too large")))?
                         }
                     });
                 }
@@ -508,7 +510,12 @@ impl OvfVm {
             let format = match attr(d, (OVF_NS, "volume-format"), "Disk ovf:volume-format")? {
                 "COW" => VolumeFormat::Cow,
                 "RAW" => VolumeFormat::Raw,
-                other => return err(format!("Disk {volume_id}: unknown ovf:volume-format {other:?}")),
+                other => {
+                    return err(format!(
+                        "Disk {volume_id}: unknown ovf:volume-format {}",
+                        echo(other)
+                    ))
+                }
             };
             let disk_id = uuid_attr(d, (RAMSNAP_NS, "disk-id"), "Disk ramsnap:disk-id")?;
             let capacity_bytes = number::<u64>(
@@ -581,7 +588,8 @@ impl OvfVm {
                 Some("REGULAR") => SnapshotKind::Regular,
                 other => {
                     return err(format!(
-                        "Snapshot {snapshot_id}: type {other:?} cannot be imported"
+                        "Snapshot {snapshot_id}: type {} cannot be imported",
+                        other.map(echo).unwrap_or_else(|| "(none)".into())
                     ))
                 }
             };
@@ -730,23 +738,29 @@ fn uuid_attr<'a, 'n: 'a, 'm: 'a>(
     what: &str,
 ) -> Result<Uuid, OvfError> {
     let s = attr(n, name, what)?;
-    Uuid::parse_str(s).map_err(|_| OvfError(format!("{what} {s:?} is not a UUID")))
+    Uuid::parse_str(s).map_err(|_| OvfError(format!("{what} {} is not a UUID", echo(s))))
+}
+
+/// A value from the descriptor quoted in an error: cut, so that an error
+/// about a huge attribute is not huge itself.
+fn echo(s: &str) -> String {
+    ramsnap_common::ids::echo(s)
 }
 
 fn number<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, OvfError> {
     s.trim()
         .parse()
-        .map_err(|_| OvfError(format!("{what} {s:?} is not a number")))
+        .map_err(|_| OvfError(format!("{what} {} is not a number", echo(s))))
 }
 
 /// "image/volume".
 fn image_volume(s: &str, what: &str) -> Result<(Uuid, Uuid), OvfError> {
     let (i, v) = s
         .split_once('/')
-        .ok_or_else(|| OvfError(format!("{what} {s:?} is not image/volume")))?;
+        .ok_or_else(|| OvfError(format!("{what} {} is not image/volume", echo(s))))?;
     match (Uuid::parse_str(i), Uuid::parse_str(v)) {
         (Ok(i), Ok(v)) => Ok((i, v)),
-        _ => err(format!("{what} {s:?} is not image/volume")),
+        _ => err(format!("{what} {} is not image/volume", echo(s))),
     }
 }
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 pub mod cluster;
 pub mod export;
+pub mod limits;
 pub mod operation;
 pub mod snapshot;
 pub mod vm;
@@ -26,6 +27,82 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "ramsnap.snapshot.v1.OperationService",
 ];
 
+/// A request that carries a `request_id`: a retry with the same id and the
+/// same request is answered with the first call's outcome; the same id with
+/// another request (another RPC, or other fields) is refused.
+pub trait Idempotent: prost::Message + Clone {
+    /// The full RPC name, part of the fingerprint.
+    const RPC: &'static str;
+    fn request_id(&self) -> &str;
+    /// The request with its request id cleared: what the fingerprint hashes.
+    fn without_request_id(&self) -> Self;
+}
+
+macro_rules! idempotent {
+    ($($ty:ident => $rpc:literal,)*) => {
+        $(
+            impl Idempotent for pb::$ty {
+                const RPC: &'static str = $rpc;
+                fn request_id(&self) -> &str {
+                    &self.request_id
+                }
+                fn without_request_id(&self) -> Self {
+                    pb::$ty {
+                        request_id: String::new(),
+                        ..self.clone()
+                    }
+                }
+            }
+        )*
+    };
+}
+
+// Every request of the API that has a request_id.
+idempotent! {
+    CreateClusterRequest => "ramsnap.snapshot.v1.ClusterService/CreateCluster",
+    AddHostRequest => "ramsnap.snapshot.v1.ClusterService/AddHost",
+    CreateVmRequest => "ramsnap.snapshot.v1.VmService/CreateVm",
+    RemoveVmRequest => "ramsnap.snapshot.v1.VmService/RemoveVm",
+    RunVmRequest => "ramsnap.snapshot.v1.VmService/RunVm",
+    StopVmRequest => "ramsnap.snapshot.v1.VmService/StopVm",
+    ExportVmRequest => "ramsnap.snapshot.v1.VmService/ExportVm",
+    ImportVmRequest => "ramsnap.snapshot.v1.VmService/ImportVm",
+    CreateSnapshotRequest => "ramsnap.snapshot.v1.SnapshotService/CreateSnapshot",
+    RemoveSnapshotRequest => "ramsnap.snapshot.v1.SnapshotService/RemoveSnapshot",
+    PreviewSnapshotRequest => "ramsnap.snapshot.v1.SnapshotService/PreviewSnapshot",
+    UndoPreviewRequest => "ramsnap.snapshot.v1.SnapshotService/UndoPreview",
+    CommitSnapshotRequest => "ramsnap.snapshot.v1.SnapshotService/CommitSnapshot",
+    CloneVmFromSnapshotRequest => "ramsnap.snapshot.v1.SnapshotService/CloneVmFromSnapshot",
+}
+
+/// A request's idempotency key: its request id (None when not given) and
+/// its fingerprint, `"<rpc>:sha256:<hex>"` of the prost-encoded request with
+/// the request id cleared (prost encodes fields in field-number order, and
+/// these requests have no maps: the same request always encodes the same).
+#[derive(Debug, Clone)]
+pub struct RequestKey {
+    pub id: Option<Uuid>,
+    pub fingerprint: String,
+}
+
+impl RequestKey {
+    pub fn of<R: Idempotent>(req: &R) -> Result<RequestKey, Status> {
+        let id = ids::parse_optional("request_id", req.request_id())?;
+        Ok(RequestKey {
+            id,
+            fingerprint: fingerprint(req),
+        })
+    }
+}
+
+/// See [`RequestKey`].
+pub fn fingerprint<R: Idempotent>(req: &R) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(req.without_request_id().encode_to_vec());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}:sha256:{hex}", R::RPC)
+}
+
 /// What a handler hands over to start an operation.
 pub struct Start {
     pub kind: &'static str,
@@ -34,7 +111,7 @@ pub struct Start {
     /// Whether the operation takes `vm_id`'s lock (not for a VM that the
     /// operation itself creates).
     pub lock_vm: bool,
-    pub request_id: String,
+    pub request: RequestKey,
     pub saga: &'static str,
     pub params: Value,
     pub warnings: Vec<String>,
@@ -45,7 +122,7 @@ impl Start {
     pub fn locked(
         kind: &'static str,
         vm_id: Uuid,
-        request_id: String,
+        request: RequestKey,
         saga: &'static str,
         params: &impl serde::Serialize,
     ) -> Start {
@@ -53,7 +130,7 @@ impl Start {
             kind,
             vm_id: Some(vm_id),
             lock_vm: true,
-            request_id,
+            request,
             saga,
             params: serde_json::to_value(params).expect("saga params serialize"),
             warnings: Vec::new(),
@@ -67,24 +144,48 @@ impl Start {
 
 /// The operation a request id already started, for a retried call: it is
 /// answered with that operation whatever changed since (the VM may be up
-/// now because of it). ALREADY_EXISTS if the id started another kind.
+/// now because of it). ALREADY_EXISTS, naming that operation, if the id
+/// started it for another request (another RPC, or other fields).
 pub async fn retried_operation(
     app: &App,
     kind: &str,
-    request_id: &str,
+    key: &RequestKey,
 ) -> Result<Option<db::Operation>, Status> {
-    let Some(r) = ids::parse_optional("request_id", request_id)? else {
+    let Some(r) = key.id else {
         return Ok(None);
     };
-    let r = r.to_string();
-    match app.db.get_operation_by_request_id(&r).await.map_err(db_status)? {
-        Some(op) if op.kind != kind => Err(status::already_exists(
-            "request",
-            &r,
-            format!("request_id was used for a {} operation", op.kind),
-        )),
-        other => Ok(other),
+    match app
+        .db
+        .get_operation_by_request_id(&r.to_string())
+        .await
+        .map_err(db_status)?
+    {
+        Some(op) => same_request(op, kind, key).map(Some),
+        None => Ok(None),
     }
+}
+
+/// `op`, started under `key`'s request id, if it was started for the same
+/// request; ALREADY_EXISTS naming it otherwise. An operation recorded
+/// before fingerprints existed is compared by kind.
+fn same_request(op: db::Operation, kind: &str, key: &RequestKey) -> Result<db::Operation, Status> {
+    let same = match &op.request_fingerprint {
+        Some(f) => *f == key.fingerprint,
+        None => op.kind == kind,
+    };
+    if same {
+        return Ok(op);
+    }
+    let r = key.id.map(|r| r.to_string()).unwrap_or_default();
+    Err(status::already_exists(
+        "operation",
+        &op.id.to_string(),
+        format!(
+            "request_id {r} was already used by operation {} ({}) for a different request; \
+             use a new request_id for a new request",
+            op.id, op.kind
+        ),
+    ))
 }
 
 /// FAILED_PRECONDITION VM_LOCKED, naming the holder, if an operation holds
@@ -98,10 +199,10 @@ pub fn refuse_locked(vm: &db::Vm) -> Result<(), Status> {
 
 /// Starts an operation, or returns the one its request id already started.
 pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, Status> {
-    let request_id = ids::parse_optional("request_id", &s.request_id)?.map(|r| r.to_string());
-    if let Some(op) = retried_operation(app, s.kind, &s.request_id).await? {
+    if let Some(op) = retried_operation(app, s.kind, &s.request).await? {
         return Ok(op);
     }
+    let request_id = s.request.id.map(|r| r.to_string());
     let new = NewOperation {
         id: Uuid::new_v4(),
         kind: s.kind.to_string(),
@@ -109,16 +210,15 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
         request_id: request_id.clone(),
         warnings: s.warnings,
     };
-    let op = match app.db.create_operation(&new).await {
+    let fingerprint = request_id.as_ref().map(|_| s.request.fingerprint.as_str());
+    let op = match app.db.create_operation_for_request(&new, fingerprint).await {
         Ok(op) => op,
         // Two retries racing: the other one made it.
         Err(DbError::Conflict { .. }) if request_id.is_some() => {
-            return app
-                .db
-                .get_operation_by_request_id(request_id.as_deref().unwrap_or_default())
-                .await
-                .map_err(db_status)?
-                .ok_or_else(|| Status::aborted("request id conflict; retry"));
+            return match retried_operation(app, s.kind, &s.request).await? {
+                Some(op) => Ok(op),
+                None => Err(Status::aborted("request id conflict; retry")),
+            };
         }
         Err(e) => return Err(db_status(e)),
     };
@@ -226,16 +326,7 @@ pub async fn get_vm(app: &App, field: &str, value: &str) -> Result<db::Vm, Statu
     app.db.get_vm(id).await.map_err(db_status)
 }
 
-/// A name of a VM (or cluster, host): 1-128 printable characters.
-pub fn check_name(field: &str, name: &str) -> Result<(), Status> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
-        return Err(status::invalid_argument(
-            field,
-            "must be 1-128 printable characters",
-        ));
-    }
-    Ok(())
-}
+pub use limits::check_name;
 
 /// The snapshot `value` names, which must be one of the VM's.
 pub async fn get_vm_snapshot(app: &App, vm: &db::Vm, value: &str) -> Result<db::Snapshot, Status> {

@@ -132,6 +132,10 @@ on_both_backends!(
     stateless_begin_and_end,
     remove_snapshot_row_and_memory_references,
     repoint_snapshot_disks_after_merge,
+    operation_fingerprints_and_completed_requests,
+    saga_volume_claims,
+    vm_using_image,
+    concurrent_write_transactions,
 );
 
 // ---- fixtures ----
@@ -1853,4 +1857,152 @@ async fn sqlite_in_memory_and_new_file() {
         .unwrap();
     assert_eq!(fk, 1);
     assert!(Database::connect("mysql://localhost/x").await.is_err());
+}
+
+async fn operation_fingerprints_and_completed_requests(db: Database) {
+    let request_id = Uuid::new_v4().to_string();
+    let new = NewOperation {
+        id: Uuid::new_v4(),
+        kind: "stop_vm".into(),
+        vm_id: None,
+        request_id: Some(request_id.clone()),
+        warnings: Vec::new(),
+    };
+    let op = db
+        .create_operation_for_request(&new, Some("rpc:sha256:aa"))
+        .await
+        .unwrap();
+    assert_eq!(op.request_fingerprint.as_deref(), Some("rpc:sha256:aa"));
+    let got = db
+        .get_operation_by_request_id(&request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, op);
+    // Without one (operations from before fingerprints): None.
+    let plain = operation(&db, None).await;
+    assert_eq!(db.get_operation(plain).await.unwrap().request_fingerprint, None);
+    // A call that completed at once: SUCCEEDED with its result.
+    let completed = NewOperation {
+        id: Uuid::new_v4(),
+        kind: "create_cluster".into(),
+        vm_id: None,
+        request_id: Some(Uuid::new_v4().to_string()),
+        warnings: Vec::new(),
+    };
+    let result = json!({"cluster_id": Uuid::new_v4().to_string()});
+    let done = db
+        .record_completed_request(&completed, "rpc:sha256:bb", &result)
+        .await
+        .unwrap();
+    let got = db.get_operation(completed.id).await.unwrap();
+    assert_eq!(got, done);
+    assert_eq!(got.state, OperationState::Succeeded);
+    assert_eq!(got.result, Some(result.clone()));
+    // Its request id is taken like any other.
+    let again = NewOperation {
+        id: Uuid::new_v4(),
+        ..completed.clone()
+    };
+    assert!(matches!(
+        db.record_completed_request(&again, "rpc:sha256:bb", &result)
+            .await,
+        Err(DbError::Conflict { .. })
+    ));
+}
+
+async fn saga_volume_claims(db: Database) {
+    let op = operation(&db, None).await;
+    let saga = NewSaga {
+        id: Uuid::new_v4(),
+        name: "vm_import".into(),
+        params: json!({}),
+        owner: "coordinator-1".into(),
+        operation_id: Some(op),
+    };
+    db.create_saga(&saga).await.unwrap();
+    let (a, b) = (volume(), volume());
+    assert!(db.saga_volumes(saga.id).await.unwrap().is_empty());
+    db.claim_saga_volume(saga.id, &a).await.unwrap();
+    db.claim_saga_volume(saga.id, &b).await.unwrap();
+    // Claiming again (a replayed step) changes nothing.
+    db.claim_saga_volume(saga.id, &a).await.unwrap();
+    let mut claimed = db.saga_volumes(saga.id).await.unwrap();
+    claimed.sort_by_key(|v| v.volume_id);
+    let mut expected = vec![a, b];
+    expected.sort_by_key(|v| v.volume_id);
+    assert_eq!(claimed, expected);
+    db.release_saga_volume(saga.id, &a).await.unwrap();
+    db.release_saga_volume(saga.id, &a).await.unwrap();
+    assert_eq!(db.saga_volumes(saga.id).await.unwrap(), vec![b]);
+    // Another saga's claims are its own.
+    let other = NewSaga {
+        id: Uuid::new_v4(),
+        ..saga.clone()
+    };
+    db.create_saga(&other).await.unwrap();
+    assert!(db.saga_volumes(other.id).await.unwrap().is_empty());
+}
+
+async fn vm_using_image(db: Database) {
+    let cluster = cluster(&db, "3.3").await;
+    let vm = new_vm(cluster.id);
+    let disk = VmDisk {
+        vm_id: vm.id,
+        disk_id: Uuid::new_v4(),
+        domain_id: vm.disk_domain_id,
+        image_id: Uuid::new_v4(),
+        capacity_bytes: 1 << 30,
+    };
+    let m = memory();
+    db.create_vm_with_active(
+        &vm,
+        std::slice::from_ref(&disk),
+        &new_snapshot(vm.id, SnapshotType::Active, None),
+        &[disk_volume(&disk)],
+    )
+    .await
+    .unwrap();
+    let s = new_snapshot(vm.id, SnapshotType::Regular, Some(m));
+    db.create_snapshot(&s, &[disk_volume(&disk)]).await.unwrap();
+    for image in [disk.image_id, m.dump.image_id, m.metadata.image_id] {
+        assert_eq!(
+            db.vm_using_image(image).await.unwrap(),
+            Some((vm.id, vm.name.clone())),
+            "{image}"
+        );
+    }
+    assert_eq!(db.vm_using_image(Uuid::new_v4()).await.unwrap(), None);
+}
+
+/// Write transactions that read first and then write, from many tasks at
+/// once (the shape that failed with "database is locked" on SQLite): none
+/// fails.
+async fn concurrent_write_transactions(db: Database) {
+    let cluster = cluster(&db, "3.3").await;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let db = db.clone();
+        let cluster_id = cluster.id;
+        tasks.push(tokio::spawn(async move {
+            let vm = new_vm(cluster_id);
+            let disk = VmDisk {
+                vm_id: vm.id,
+                disk_id: Uuid::new_v4(),
+                domain_id: vm.disk_domain_id,
+                image_id: Uuid::new_v4(),
+                capacity_bytes: 1 << 30,
+            };
+            let active = new_snapshot(vm.id, SnapshotType::Active, None);
+            db.create_vm_with_active(&vm, std::slice::from_ref(&disk), &active, &[disk_volume(&disk)])
+                .await?;
+            let s = new_snapshot(vm.id, SnapshotType::Regular, None);
+            db.create_snapshot(&s, &[disk_volume(&disk)]).await?;
+            db.remove_snapshot_row(s.id).await.map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(db.list_vms_in_cluster(cluster.id).await.unwrap().len(), 64);
 }

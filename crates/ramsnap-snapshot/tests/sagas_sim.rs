@@ -22,6 +22,7 @@ use ramsnap_snapshot::db::Database;
 use ramsnap_snapshot::saga::{Executor, Failpoints};
 use ramsnap_snapshot::service::export::CLONE_MEMORY_WARNING;
 use ramsnap_snapshot::{sagas, status, Coordinator};
+use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -1070,8 +1071,47 @@ async fn simulation_remove_vm_deletes_everything() {
 // and leaves everything as it was; a node past the point of no return is
 // retried and the saga completes.
 
+/// Every volume on the data and export domains, as
+/// "domain/image/volume".
+async fn all_volumes(sim: &mut Sim) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for domain in [sim.domain.clone(), sim.export_domain.clone()] {
+        let volumes = sim
+            .storage
+            .list_volumes(storage::ListVolumesRequest {
+                domain_id: domain,
+                image_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        for v in volumes {
+            let r = v.r#ref.unwrap();
+            out.insert(format!("{}/{}/{}", r.domain_id, r.image_id, r.volume_id));
+        }
+    }
+    out
+}
+
+/// A VM no saga of the scenario acts on, with a snapshot with memory and a
+/// disk-only one: whatever the saga does (completes or unwinds), every one
+/// of its volumes must still be there.
+async fn bystander(sim: &mut Sim) -> (String, BTreeSet<String>) {
+    let before = all_volumes(sim).await;
+    let (vm, _) = sim.vm_with_memory_snapshot("bystander").await;
+    sim.snapshot(&vm, false, "bystander disk-only").await;
+    let volumes = all_volumes(sim).await.difference(&before).cloned().collect();
+    (vm, volumes)
+}
+
 /// For each node of the saga: a fresh environment, the scenario's setup,
-/// then the action with an error injected at the node.
+/// then the action with an error injected at the node. Besides the state
+/// being what it was after an unwind, the harness checks one property of
+/// every saga: no volume that existed before it started is deleted by its
+/// undo (everything on the data and export domains before the action is
+/// still there after an unwind), and a bystander VM's volumes survive
+/// whatever the saga does.
 async fn fault_at_every_node(saga_name: &str) {
     let def = sagas::all()
         .into_iter()
@@ -1081,8 +1121,10 @@ async fn fault_at_every_node(saga_name: &str) {
     for (i, (node, reversible)) in nodes.iter().enumerate() {
         let mut sim = Sim::start("3.3").await;
         let (vm, snapshot) = setup(&mut sim, saga_name).await;
+        let (bystander_vm, bystander_volumes) = bystander(&mut sim).await;
         sim.assert_no_orphans().await;
         let before = state(&mut sim).await;
+        let volumes_before = all_volumes(&mut sim).await;
         let mut points = vec![format!("{saga_name}.{node}=error")];
         if *reversible {
             // Every undo that runs before it fails once, and is retried.
@@ -1097,17 +1139,31 @@ async fn fault_at_every_node(saga_name: &str) {
         let op = act(&mut sim, saga_name, &vm, &snapshot).await;
         let op = sim.wait(op).await;
         let what = format!("{saga_name}.{node} (reversible: {reversible})");
+        let volumes_after = all_volumes(&mut sim).await;
+        let lost: Vec<&String> = bystander_volumes.difference(&volumes_after).collect();
+        assert!(
+            lost.is_empty(),
+            "{what}: the bystander's volumes were deleted: {lost:?}"
+        );
         if *reversible {
             assert_eq!(op.state, pb::OperationState::Failed as i32, "{what}: {op:?}");
             assert!(op.error_message.contains("injected failure"), "{what}: {op:?}");
+            let lost: Vec<&String> = volumes_before.difference(&volumes_after).collect();
+            assert!(
+                lost.is_empty(),
+                "{what}: the unwind deleted volumes that existed before the saga: {lost:?}"
+            );
             let after = state(&mut sim).await;
             assert_eq!(before, after, "{what}: not unwound cleanly");
+            let bystander_volume = |v: &String| bystander_volumes.iter().any(|b| b.ends_with(v.as_str()));
             match saga_name {
                 // Nothing of the export: no descriptor, no volume.
                 "vm_export" => assert!(after.export.is_empty(), "{what}: {:?}", after.export),
-                // Nothing of the import: no VM, no volume on the data domain.
+                // Nothing of the import: no VM, no volume on the data
+                // domain, but the bystander's.
                 "vm_import" => assert!(
-                    after.vms.is_empty() && after.volumes.is_empty(),
+                    after.vms.iter().all(|v| v.1 == bystander_vm)
+                        && after.volumes.iter().all(bystander_volume),
                     "{what}: {after:?}"
                 ),
                 _ => {}
@@ -1183,6 +1239,93 @@ async fn simulation_faults_vm_export() {
 #[tokio::test]
 async fn simulation_faults_vm_import() {
     fault_at_every_node("vm_import").await;
+}
+
+/// The harness's property where an error cannot simply be injected: a
+/// volume the import is about to make appears (someone else's) after the
+/// import passed the door and its plan. The import halts before copying the
+/// memory; a volume with the first memory metadata volume's ids is made on
+/// the data domain; the import resumes, meets it (FAILED_PRECONDITION
+/// VOLUME_EXISTS) and unwinds: its own disk copies go, the other volume
+/// stays.
+#[tokio::test]
+async fn simulation_import_unwind_keeps_a_volume_it_did_not_create() {
+    let mut sim = Sim::start("3.3").await;
+    let (vm, _) = setup(&mut sim, "vm_import").await;
+    let export_domain = sim.export_domain.clone();
+    let xml = sim
+        .storage
+        .get_vm_descriptor(storage::GetVmDescriptorRequest {
+            domain_id: export_domain,
+            vm_id: vm.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptor
+        .unwrap()
+        .ovf;
+    let ovf = ramsnap_snapshot::ovf::OvfVm::parse(&xml).unwrap();
+    let first = (*ovf.memories().first().expect("the export has memory")).clone();
+    sim.restart_coordinator("vm_import.copy_memories=halt").await;
+    let op = act(&mut sim, "vm_import", &vm, "").await.unwrap();
+    // Halted: the node started, the disks are copied.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sagas = sim.app.db.list_unfinished_sagas().await.unwrap();
+        let saga = sagas
+            .iter()
+            .find(|s| s.operation_id.map(|o| o.to_string()) == Some(op.operation_id.clone()));
+        if let Some(saga) = saga {
+            let events = sim.app.db.saga_node_events(saga.id).await.unwrap();
+            if events.iter().any(|e| e.node_id == 3) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the import did not reach copy_memories"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let copies_before = sim.volume_ids().await;
+    assert!(!copies_before.is_empty(), "the disks were copied");
+    let collider = common::VolumeRef {
+        domain_id: sim.domain.clone(),
+        image_id: first.metadata_image_id.to_string(),
+        volume_id: first.metadata_volume_id.to_string(),
+    };
+    sim.storage
+        .create_volume(storage::CreateVolumeRequest {
+            request_id: Uuid::new_v4().to_string(),
+            domain_id: collider.domain_id.clone(),
+            image_id: collider.image_id.clone(),
+            volume_id: collider.volume_id.clone(),
+            capacity_bytes: MIB,
+            format: storage::VolumeFormat::Raw as i32,
+            allocation: storage::VolumeAllocation::Unspecified as i32,
+            purpose: storage::VolumePurpose::Disk as i32,
+            parent_volume_id: String::new(),
+            description: "someone else's".into(),
+        })
+        .await
+        .unwrap();
+    sim.restart_coordinator("").await;
+    let op = sim.wait(Some(op)).await;
+    assert_eq!(op.state, pb::OperationState::Failed as i32, "{op:?}");
+    // Only the volume it did not make is left; no VM.
+    let left: BTreeSet<String> = sim.volume_ids().await;
+    assert_eq!(left, BTreeSet::from([collider.volume_id.clone()]), "{left:?}");
+    assert!(sim.exists(&collider).await);
+    assert!(op.error_message.contains("VOLUME_EXISTS"), "{op:?}");
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(vms.is_empty(), "{vms:?}");
 }
 
 // ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //! operations, for following one started elsewhere (or with --no-wait).
 use super::render;
 use super::wait::{follow, Done, Warnings};
-use crate::output::{print_fields, print_json, Format};
+use crate::output::{print_fields, print_json, print_line, Format};
 use clap::Subcommand;
 use indicatif::ProgressBar;
 use ramsnap_proto::snapshot::v1 as pb;
@@ -86,7 +86,7 @@ pub async fn run(channel: Channel, output: Format, cmd: OperationCommand) -> any
                 .into_inner();
             let op = resp.operation.unwrap_or_default();
             match output {
-                Format::Table => println!("{}", cancel_summary(resp.cancelling, &op)),
+                Format::Table => print_line(cancel_summary(resp.cancelling, &op)),
                 Format::Json => print_json(&json!({
                     "cancelling": resp.cancelling,
                     "operation": render::operation_json(&op),

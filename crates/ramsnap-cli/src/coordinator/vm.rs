@@ -8,7 +8,7 @@ use super::render;
 use super::wait::{wait, OperationArgs, Started};
 use crate::args::{parse_size, DiskSpec};
 use crate::error::with_request_id;
-use crate::output::{print_fields, print_json, Format};
+use crate::output::{eprint_line, print_fields, print_json, print_line, Format};
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use ramsnap_proto::snapshot::v1 as pb;
@@ -433,7 +433,7 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
         VmCommand::Exported { domain } => {
             let resp = list_exported(&mut client, domain).await?;
             for entry in &resp.unreadable {
-                eprintln!("warning: unreadable VM descriptor {entry}");
+                eprint_line(format!("warning: unreadable VM descriptor {entry}"));
             }
             match output {
                 Format::Table => render::exported_vm_table(&resp.vms).print(),
@@ -518,7 +518,7 @@ async fn watch(
             bail!("the coordinator stopped reporting the status of VM {vm_id}");
         };
         match output {
-            Format::Table => println!("{}", render::vm_event_line(&event)),
+            Format::Table => print_line(render::vm_event_line(&event)),
             // One object per line, as events come.
             Format::Json => println!("{}", render::vm_event_json(&vm_id, &event)),
         }

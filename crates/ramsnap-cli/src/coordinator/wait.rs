@@ -7,7 +7,7 @@
 use super::render;
 use crate::args::RequestArg;
 use crate::error::with_hint;
-use crate::output::{print_fields, print_json, Format};
+use crate::output::{print_fields, print_json, print_line, printable, Format};
 use anyhow::bail;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -63,7 +63,7 @@ impl Warnings {
     pub fn print_new(&mut self, warnings: &[String], bar: &ProgressBar) {
         for w in warnings {
             if !self.seen.contains(w) {
-                bar.suspend(|| eprintln!("warning: {w}"));
+                bar.suspend(|| eprintln!("warning: {}", printable(w)));
                 self.seen.push(w.clone());
             }
         }
@@ -104,7 +104,7 @@ impl Done {
     /// operation, its warnings and `extra` (an object of what it made).
     pub fn print(&self, output: Format, summary: impl fmt::Display, extra: Value) {
         match output {
-            Format::Table => println!("{summary}"),
+            Format::Table => print_line(summary),
             Format::Json => print_json(&self.json(extra)),
         }
     }
@@ -144,7 +144,10 @@ pub async fn wait(
         match output {
             Format::Table => {
                 print_fields(&render::operation_fields(op));
-                eprintln!("follow it with: ramsnap operation watch {}", op.operation_id);
+                eprintln!(
+                    "follow it with: ramsnap operation watch {}",
+                    printable(&op.operation_id)
+                );
             }
             Format::Json => print_json(&json!({
                 "request_id": started.request_id.to_string(),
@@ -194,7 +197,7 @@ impl Bar {
         let bar = match output {
             Format::Table => ProgressBar::new_spinner()
                 .with_style(spinner_style())
-                .with_prefix(op.kind.replace('_', " ")),
+                .with_prefix(printable(&op.kind.replace('_', " ")).into_owned()),
             Format::Json => ProgressBar::hidden(),
         };
         let mut bar = Bar { bar, bytes: None };

@@ -1,7 +1,7 @@
 //! `ramsnap domain list|get|register|descriptors`.
 use super::render;
 use super::DomainKind;
-use crate::output::{print_fields, print_json, Format};
+use crate::output::{print_fields, print_json, print_line, Format};
 use clap::Subcommand;
 use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
@@ -124,9 +124,9 @@ pub async fn run(
             match output {
                 Format::Table => {
                     if resp.adopted {
-                        println!("adopted the existing domain at {}", domain.location);
+                        print_line(format!("adopted the existing domain at {}", domain.location));
                     } else {
-                        println!("registered a new domain at {}", domain.location);
+                        print_line(format!("registered a new domain at {}", domain.location));
                     }
                     print_fields(&render::domain_fields(&domain));
                 }

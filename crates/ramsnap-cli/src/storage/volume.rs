@@ -8,7 +8,7 @@ use super::render;
 use super::{AllocationArg, DumpModeArg, FormatArg, PurposeArg};
 use crate::args::{parse_size, RequestArg, VolumeRef};
 use crate::error::with_request_id;
-use crate::output::{print_fields, print_json, Format};
+use crate::output::{print_fields, print_json, print_line, Format};
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -256,7 +256,7 @@ pub async fn run(
                 .path;
             match output {
                 // Only the path, so that `$(ramsnap volume prepare ...)` works.
-                Format::Table => println!("{path}"),
+                Format::Table => print_line(path),
                 Format::Json => print_json(&json!({
                     "ref": render::ref_json(&volume.into()),
                     "path": path,

@@ -99,7 +99,7 @@ impl Database {
         .bind(i64::from(version.major))
         .bind(i64::from(version.minor))
         .bind(cluster.created_at)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("cluster", cluster.id))?;
         Ok(cluster)

@@ -160,27 +160,29 @@ impl Database {
         }
         let vm = Vm::from_new(new_vm);
         let active = new_active(vm.id, active, active_disks, None)?;
-        let mut tx = self.pool().begin().await?;
-        if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {
-            return Ok(existing);
-        }
-        match insert_vm_with_active(&mut tx, &vm, disks, &active).await {
-            Ok(()) => {
-                tx.commit().await?;
-                Ok(vm)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {
+                return Ok(existing);
             }
-            Err(err @ DbError::Conflict { .. }) => {
-                tx.rollback().await?;
-                // A concurrent call with the same VM may have won the race;
-                // otherwise the name (or a disk or snapshot id) is taken.
-                let mut conn = self.pool().acquire().await?;
-                match vms::fetch_vm(&mut conn, vm.id).await? {
-                    Some(existing) => Ok(existing),
-                    None => Err(err),
+            match insert_vm_with_active(&mut tx, &vm, disks, &active).await {
+                Ok(()) => {
+                    tx.commit().await?;
+                    Ok(vm.clone())
                 }
+                Err(err @ DbError::Conflict { .. }) => {
+                    tx.rollback().await?;
+                    // A concurrent call with the same VM may have won the race;
+                    // otherwise the name (or a disk or snapshot id) is taken.
+                    let mut conn = self.pool().acquire().await?;
+                    match vms::fetch_vm(&mut conn, vm.id).await? {
+                        Some(existing) => Ok(existing),
+                        None => Err(err),
+                    }
+                }
+                Err(err) => Err(err),
             }
-            Err(err) => Err(err),
-        }
+        })
     }
 
     /// A live snapshot was taken: the REGULAR snapshot `snapshot_id` (created
@@ -195,36 +197,39 @@ impl Database {
         active_id: Uuid,
         overlays: &[SnapshotDisk],
     ) -> Result<(), DbError> {
-        let mut tx = self.pool().begin().await?;
-        let snapshot = snapshots::fetch(&mut tx, snapshot_id)
-            .await?
-            .ok_or_else(|| DbError::not_found("snapshot", snapshot_id))?;
-        if snapshot.vm_id != vm_id || snapshot.snapshot_type != SnapshotType::Regular {
-            return Err(conflict(
-                "snapshot",
-                snapshot_id,
-                format!("is not a regular snapshot of vm {vm_id}"),
-            ));
-        }
-        let active = snapshots::fetch(&mut tx, active_id)
-            .await?
-            .ok_or_else(|| DbError::not_found("snapshot", active_id))?;
-        if active.vm_id != vm_id || active.snapshot_type != SnapshotType::Active {
-            return Err(conflict(
-                "snapshot",
-                active_id,
-                format!("is not the active snapshot of vm {vm_id}"),
-            ));
-        }
-        // The conditional update is the claim: a replay (or a concurrent
-        // twin) finds the snapshot OK already and leaves the active alone.
-        if !snapshots::change_status(&mut tx, snapshot_id, SnapshotStatus::Locked, SnapshotStatus::Ok).await?
-        {
-            return Ok(());
-        }
-        snapshots::replace_disks(&mut tx, active_id, overlays).await?;
-        tx.commit().await?;
-        Ok(())
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            let snapshot = snapshots::fetch(&mut tx, snapshot_id)
+                .await?
+                .ok_or_else(|| DbError::not_found("snapshot", snapshot_id))?;
+            if snapshot.vm_id != vm_id || snapshot.snapshot_type != SnapshotType::Regular {
+                return Err(conflict(
+                    "snapshot",
+                    snapshot_id,
+                    format!("is not a regular snapshot of vm {vm_id}"),
+                ));
+            }
+            let active = snapshots::fetch(&mut tx, active_id)
+                .await?
+                .ok_or_else(|| DbError::not_found("snapshot", active_id))?;
+            if active.vm_id != vm_id || active.snapshot_type != SnapshotType::Active {
+                return Err(conflict(
+                    "snapshot",
+                    active_id,
+                    format!("is not the active snapshot of vm {vm_id}"),
+                ));
+            }
+            // The conditional update is the claim: a replay (or a concurrent
+            // twin) finds the snapshot OK already and leaves the active alone.
+            if !snapshots::change_status(&mut tx, snapshot_id, SnapshotStatus::Locked, SnapshotStatus::Ok)
+                .await?
+            {
+                return Ok(());
+            }
+            snapshots::replace_disks(&mut tx, active_id, overlays).await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Starts previewing `previewed_id`: the VM's ACTIVE snapshot becomes
@@ -246,40 +251,42 @@ impl Database {
         memory: Option<&MemoryVolume>,
     ) -> Result<Snapshot, DbError> {
         let new_active = self::new_active(vm_id, new_active, overlays, memory)?;
-        let mut tx = self.pool().begin().await?;
-        if let Some(existing) = existing_active(&mut tx, vm_id, new_active.id).await? {
-            return Ok(existing);
-        }
-        let active = require_active(&mut tx, vm_id).await?;
-        refuse_if_exists(&mut tx, vm_id, SnapshotType::Preview, "is already in preview").await?;
-        refuse_if_exists(&mut tx, vm_id, SnapshotType::Stateless, "is running stateless").await?;
-        let previewed = snapshots::fetch(&mut tx, previewed_id)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            if let Some(existing) = existing_active(&mut tx, vm_id, new_active.id).await? {
+                return Ok(existing);
+            }
+            let active = require_active(&mut tx, vm_id).await?;
+            refuse_if_exists(&mut tx, vm_id, SnapshotType::Preview, "is already in preview").await?;
+            refuse_if_exists(&mut tx, vm_id, SnapshotType::Stateless, "is running stateless").await?;
+            let previewed = snapshots::fetch(&mut tx, previewed_id)
+                .await?
+                .ok_or_else(|| DbError::not_found("snapshot", previewed_id))?;
+            if previewed.vm_id != vm_id || previewed.snapshot_type != SnapshotType::Regular {
+                return Err(conflict(
+                    "snapshot",
+                    previewed_id,
+                    format!("is not a regular snapshot of vm {vm_id}"),
+                ));
+            }
+            if !snapshots::change_status(
+                &mut tx,
+                previewed_id,
+                SnapshotStatus::Ok,
+                SnapshotStatus::InPreview,
+            )
             .await?
-            .ok_or_else(|| DbError::not_found("snapshot", previewed_id))?;
-        if previewed.vm_id != vm_id || previewed.snapshot_type != SnapshotType::Regular {
-            return Err(conflict(
-                "snapshot",
-                previewed_id,
-                format!("is not a regular snapshot of vm {vm_id}"),
-            ));
-        }
-        if !snapshots::change_status(
-            &mut tx,
-            previewed_id,
-            SnapshotStatus::Ok,
-            SnapshotStatus::InPreview,
-        )
-        .await?
-        {
-            return Err(conflict(
-                "snapshot",
-                previewed_id,
-                format!("is {}, not OK", previewed.status),
-            ));
-        }
-        replace_active(&mut tx, &active, SnapshotType::Preview, &new_active).await?;
-        tx.commit().await?;
-        Ok(new_active)
+            {
+                return Err(conflict(
+                    "snapshot",
+                    previewed_id,
+                    format!("is {}, not OK", previewed.status),
+                ));
+            }
+            replace_active(&mut tx, &active, SnapshotType::Preview, &new_active).await?;
+            tx.commit().await?;
+            Ok(new_active.clone())
+        })
     }
 
     /// Undoes the VM's preview: deletes the ACTIVE snapshot and returns it
@@ -288,14 +295,17 @@ impl Database {
     /// snapshot ACTIVE again and the IN_PREVIEW one OK. Ok(None) when the VM
     /// is not in preview (a replay).
     pub async fn preview_undo(&self, vm_id: Uuid) -> Result<Option<Snapshot>, DbError> {
-        let mut tx = self.pool().begin().await?;
-        let Some(preview) = snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Preview).await? else {
-            return Ok(None);
-        };
-        let deleted = restore_active(&mut tx, vm_id, &preview).await?;
-        end_in_preview(&mut tx, vm_id).await?;
-        tx.commit().await?;
-        Ok(deleted)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            let Some(preview) = snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Preview).await?
+            else {
+                return Ok(None);
+            };
+            let deleted = restore_active(&mut tx, vm_id, &preview).await?;
+            end_in_preview(&mut tx, vm_id).await?;
+            tx.commit().await?;
+            Ok(deleted)
+        })
     }
 
     /// Commits the VM to the previewed snapshot: deletes the PREVIEW snapshot
@@ -306,37 +316,40 @@ impl Database {
     /// becomes OK; the ACTIVE snapshot keeps its memory, to restore on the
     /// next run. Ok(empty) when the VM is not in preview (a replay).
     pub async fn preview_commit(&self, vm_id: Uuid) -> Result<Vec<Snapshot>, DbError> {
-        let mut tx = self.pool().begin().await?;
-        let Some(preview) = snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Preview).await? else {
-            return Ok(Vec::new());
-        };
-        let previewed = snapshots::fetch_by_vm_type_status(
-            &mut tx,
-            vm_id,
-            SnapshotType::Regular,
-            SnapshotStatus::InPreview,
-        )
-        .await?;
-        let mut deleted = vec![preview];
-        if let Some(previewed) = &previewed {
-            let rows = sqlx::query(sql!(
-                "SELECT {} FROM snapshots WHERE vm_id = $1 AND snapshot_type = 'REGULAR' \
-                 AND (created_at > $2 OR (created_at = $2 AND id > $3)) ORDER BY created_at, id",
-                snapshots::COLUMNS
-            ))
-            .bind(vm_id.to_string())
-            .bind(previewed.created_at)
-            .bind(previewed.id.to_string())
-            .fetch_all(&mut *tx)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            let Some(preview) = snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Preview).await?
+            else {
+                return Ok(Vec::new());
+            };
+            let previewed = snapshots::fetch_by_vm_type_status(
+                &mut tx,
+                vm_id,
+                SnapshotType::Regular,
+                SnapshotStatus::InPreview,
+            )
             .await?;
-            deleted.extend(snapshots::with_disks(&mut tx, &rows).await?);
-        }
-        for snapshot in &deleted {
-            snapshots::delete(&mut tx, snapshot.id).await?;
-        }
-        end_in_preview(&mut tx, vm_id).await?;
-        tx.commit().await?;
-        Ok(deleted)
+            let mut deleted = vec![preview];
+            if let Some(previewed) = &previewed {
+                let rows = sqlx::query(sql!(
+                    "SELECT {} FROM snapshots WHERE vm_id = $1 AND snapshot_type = 'REGULAR' \
+                     AND (created_at > $2 OR (created_at = $2 AND id > $3)) ORDER BY created_at, id",
+                    snapshots::COLUMNS
+                ))
+                .bind(vm_id.to_string())
+                .bind(previewed.created_at)
+                .bind(previewed.id.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+                deleted.extend(snapshots::with_disks(&mut tx, &rows).await?);
+            }
+            for snapshot in &deleted {
+                snapshots::delete(&mut tx, snapshot.id).await?;
+            }
+            end_in_preview(&mut tx, vm_id).await?;
+            tx.commit().await?;
+            Ok(deleted)
+        })
     }
 
     /// A stateless VM starts: its ACTIVE snapshot becomes STATELESS (the
@@ -354,22 +367,24 @@ impl Database {
         memory: Option<&MemoryVolume>,
     ) -> Result<Snapshot, DbError> {
         let new_active = self::new_active(vm_id, new_active, overlays, memory)?;
-        let mut tx = self.pool().begin().await?;
-        if let Some(existing) = existing_active(&mut tx, vm_id, new_active.id).await? {
-            return Ok(existing);
-        }
-        let active = require_active(&mut tx, vm_id).await?;
-        refuse_if_exists(
-            &mut tx,
-            vm_id,
-            SnapshotType::Stateless,
-            "is already running stateless",
-        )
-        .await?;
-        refuse_if_exists(&mut tx, vm_id, SnapshotType::Preview, "is in preview").await?;
-        replace_active(&mut tx, &active, SnapshotType::Stateless, &new_active).await?;
-        tx.commit().await?;
-        Ok(new_active)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            if let Some(existing) = existing_active(&mut tx, vm_id, new_active.id).await? {
+                return Ok(existing);
+            }
+            let active = require_active(&mut tx, vm_id).await?;
+            refuse_if_exists(
+                &mut tx,
+                vm_id,
+                SnapshotType::Stateless,
+                "is already running stateless",
+            )
+            .await?;
+            refuse_if_exists(&mut tx, vm_id, SnapshotType::Preview, "is in preview").await?;
+            replace_active(&mut tx, &active, SnapshotType::Stateless, &new_active).await?;
+            tx.commit().await?;
+            Ok(new_active.clone())
+        })
     }
 
     /// A stateless VM stopped: deletes the ACTIVE snapshot and returns it
@@ -377,37 +392,42 @@ impl Database {
     /// STATELESS snapshot becomes ACTIVE again. Ok(None) when there is no
     /// STATELESS snapshot (a replay).
     pub async fn stateless_end(&self, vm_id: Uuid) -> Result<Option<Snapshot>, DbError> {
-        let mut tx = self.pool().begin().await?;
-        let Some(stateless) = snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Stateless).await?
-        else {
-            return Ok(None);
-        };
-        let deleted = restore_active(&mut tx, vm_id, &stateless).await?;
-        tx.commit().await?;
-        Ok(deleted)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            let Some(stateless) =
+                snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Stateless).await?
+            else {
+                return Ok(None);
+            };
+            let deleted = restore_active(&mut tx, vm_id, &stateless).await?;
+            tx.commit().await?;
+            Ok(deleted)
+        })
     }
 
     /// Deletes a REGULAR snapshot with its disk rows and returns it (with its
     /// disks and memory); Ok(None) if it is already gone. A snapshot of
     /// another type, or one being previewed, is a [`DbError::Conflict`].
     pub async fn remove_snapshot_row(&self, snapshot_id: Uuid) -> Result<Option<Snapshot>, DbError> {
-        let mut tx = self.pool().begin().await?;
-        let Some(snapshot) = snapshots::fetch(&mut tx, snapshot_id).await? else {
-            return Ok(None);
-        };
-        if snapshot.snapshot_type != SnapshotType::Regular {
-            return Err(conflict(
-                "snapshot",
-                snapshot_id,
-                format!("is a {} snapshot, not a regular one", snapshot.snapshot_type),
-            ));
-        }
-        if snapshot.status == SnapshotStatus::InPreview {
-            return Err(conflict("snapshot", snapshot_id, "is being previewed"));
-        }
-        snapshots::delete(&mut tx, snapshot_id).await?;
-        tx.commit().await?;
-        Ok(Some(snapshot))
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            let Some(snapshot) = snapshots::fetch(&mut tx, snapshot_id).await? else {
+                return Ok(None);
+            };
+            if snapshot.snapshot_type != SnapshotType::Regular {
+                return Err(conflict(
+                    "snapshot",
+                    snapshot_id,
+                    format!("is a {} snapshot, not a regular one", snapshot.snapshot_type),
+                ));
+            }
+            if snapshot.status == SnapshotStatus::InPreview {
+                return Err(conflict("snapshot", snapshot_id, "is being previewed"));
+            }
+            snapshots::delete(&mut tx, snapshot_id).await?;
+            tx.commit().await?;
+            Ok(Some(snapshot))
+        })
     }
 }
 
@@ -436,60 +456,64 @@ impl Database {
         let mut vm = Vm::from_new(new_vm);
         vm.status = super::VmStatus::ImageLocked;
         vm.lock_operation_id = Some(operation_id);
-        let mut tx = self.pool().begin().await?;
-        if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {
-            if existing.lock_operation_id == Some(operation_id) {
-                return Ok(());
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {
+                if existing.lock_operation_id == Some(operation_id) {
+                    return Ok(());
+                }
+                return Err(conflict(
+                    "vm",
+                    vm.id,
+                    format!("VM {} ({}) exists", existing.name, vm.id),
+                ));
             }
-            return Err(conflict(
-                "vm",
-                vm.id,
-                format!("VM {} ({}) exists", existing.name, vm.id),
-            ));
-        }
-        let taken = sqlx::query("SELECT id FROM vms WHERE name = $1")
-            .bind(&vm.name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if taken.is_some() {
-            return Err(conflict("vm_name", &vm.name, "the name is in use by another VM"));
-        }
-        vms::insert_vm(&mut tx, &vm).await?;
-        for disk in disks {
-            vms::insert_vm_disk(&mut tx, disk).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            let taken = sqlx::query("SELECT id FROM vms WHERE name = $1")
+                .bind(&vm.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if taken.is_some() {
+                return Err(conflict("vm_name", &vm.name, "the name is in use by another VM"));
+            }
+            vms::insert_vm(&mut tx, &vm).await?;
+            for disk in disks {
+                vms::insert_vm_disk(&mut tx, disk).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Records an imported VM's snapshots (ids, types, creation times and
     /// memory as given) and makes it Down; it stays locked. A replay finds
     /// the ACTIVE snapshot recorded and changes nothing.
     pub async fn finish_imported_vm(&self, vm_id: Uuid, snapshots: &[Snapshot]) -> Result<(), DbError> {
-        let mut tx = self.pool().begin().await?;
-        if snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Active)
-            .await?
-            .is_some()
-        {
-            return Ok(());
-        }
-        for s in snapshots {
-            if s.vm_id != vm_id {
-                return Err(DbError::InvalidValue {
-                    field: "snapshots.vm_id",
-                    message: format!("snapshot {} belongs to vm {}", s.id, s.vm_id),
-                });
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            if snapshots::fetch_by_vm_type(&mut tx, vm_id, SnapshotType::Active)
+                .await?
+                .is_some()
+            {
+                return Ok(());
             }
-            snapshots::insert(&mut tx, s).await?;
-        }
-        sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
-            .bind(vm_id.to_string())
-            .bind(super::VmStatus::Down.as_str())
-            .bind(super::now_ms())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+            for s in snapshots {
+                if s.vm_id != vm_id {
+                    return Err(DbError::InvalidValue {
+                        field: "snapshots.vm_id",
+                        message: format!("snapshot {} belongs to vm {}", s.id, s.vm_id),
+                    });
+                }
+                snapshots::insert(&mut tx, s).await?;
+            }
+            sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
+                .bind(vm_id.to_string())
+                .bind(super::VmStatus::Down.as_str())
+                .bind(super::now_ms())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// The undo of [`Database::reserve_imported_vm`]: deletes the VM (with
@@ -499,7 +523,7 @@ impl Database {
         let result = sqlx::query("DELETE FROM vms WHERE id = $1 AND lock_operation_id = $2")
             .bind(vm_id.to_string())
             .bind(operation_id.to_string())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(result.rows_affected() > 0)
     }

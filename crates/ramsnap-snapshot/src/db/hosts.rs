@@ -61,7 +61,7 @@ impl Database {
         .bind(&host.host_address)
         .bind(&host.storage_address)
         .bind(host.created_at)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("host", host.id))?;
         Ok(host)

@@ -41,6 +41,10 @@ pub struct Operation {
     pub created_at: i64,
     /// Unix milliseconds.
     pub updated_at: i64,
+    /// What the request that started it asked for (see
+    /// [`Database::create_operation_for_request`]); None for operations
+    /// started without one, or before fingerprints were recorded.
+    pub request_fingerprint: Option<String>,
 }
 
 /// An operation to start; it begins RUNNING with no progress.
@@ -55,7 +59,7 @@ pub struct NewOperation {
 }
 
 const COLUMNS: &str = "id, kind, vm_id, request_id, state, progress_processed, progress_total, error, \
-     result, cancel_requested, warnings, created_at, updated_at";
+     result, cancel_requested, warnings, created_at, updated_at, request_fingerprint";
 
 fn warnings_from_row(row: &AnyRow) -> Result<Vec<String>, sqlx::Error> {
     let text = row.text("warnings")?;
@@ -81,11 +85,12 @@ fn from_row(row: &AnyRow) -> Result<Operation, sqlx::Error> {
         warnings: warnings_from_row(row)?,
         created_at: row.int("created_at")?,
         updated_at: row.int("updated_at")?,
+        request_fingerprint: row.opt_text("request_fingerprint")?,
     })
 }
 
 impl NewOperation {
-    fn into_operation(self, now: i64) -> Operation {
+    fn into_operation(self, now: i64, fingerprint: Option<&str>) -> Operation {
         Operation {
             id: self.id,
             kind: self.kind,
@@ -100,19 +105,32 @@ impl NewOperation {
             warnings: self.warnings,
             created_at: now,
             updated_at: now,
+            request_fingerprint: fingerprint.map(str::to_owned),
         }
     }
 }
 
 const INSERT: &str = "INSERT INTO operations \
      (id, kind, vm_id, request_id, state, progress_processed, progress_total, error, result, \
-     cancel_requested, warnings, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, 0, 0, NULL, NULL, 0, $7, $6, $6)";
+     cancel_requested, warnings, created_at, updated_at, request_fingerprint) \
+     VALUES ($1, $2, $3, $4, $5, 0, 0, NULL, NULL, 0, $7, $6, $6, $8)";
 
 impl Database {
     /// Starts an operation. A reused id or request id is a [`DbError::Conflict`].
     pub async fn create_operation(&self, new: &NewOperation) -> Result<Operation, DbError> {
-        let op = new.clone().into_operation(now_ms());
+        self.create_operation_for_request(new, None).await
+    }
+
+    /// Starts an operation and records `fingerprint`, what the request that
+    /// started it asked for, so that a reuse of its request id for another
+    /// request can be told from a retry. A reused id or request id is a
+    /// [`DbError::Conflict`].
+    pub async fn create_operation_for_request(
+        &self,
+        new: &NewOperation,
+        fingerprint: Option<&str>,
+    ) -> Result<Operation, DbError> {
+        let op = new.clone().into_operation(now_ms(), fingerprint);
         sqlx::query(INSERT)
             .bind(op.id.to_string())
             .bind(&op.kind)
@@ -121,7 +139,8 @@ impl Database {
             .bind(op.state.as_str())
             .bind(op.created_at)
             .bind(warnings_json(&op.warnings))
-            .execute(self.pool())
+            .bind(op.request_fingerprint.clone())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("operation", op.id))?;
         Ok(op)
@@ -135,7 +154,7 @@ impl Database {
         let Some(request_id) = &new.request_id else {
             return Ok((self.create_operation(new).await?, true));
         };
-        let op = new.clone().into_operation(now_ms());
+        let op = new.clone().into_operation(now_ms(), None);
         let result = sqlx::query(sql!("{INSERT} ON CONFLICT (request_id) DO NOTHING"))
             .bind(op.id.to_string())
             .bind(&op.kind)
@@ -144,7 +163,8 @@ impl Database {
             .bind(op.state.as_str())
             .bind(op.created_at)
             .bind(warnings_json(&op.warnings))
-            .execute(self.pool())
+            .bind(None::<String>)
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("operation", op.id))?;
         if result.rows_affected() == 1 {
@@ -162,6 +182,40 @@ impl Database {
             });
         }
         Ok((existing, false))
+    }
+
+    /// Records a call that completed at once (CreateCluster, AddHost) as a
+    /// SUCCEEDED operation with its `result`, so that its request id answers
+    /// retries and refuses reuse like any other. A reused request id is a
+    /// [`DbError::Conflict`].
+    pub async fn record_completed_request(
+        &self,
+        new: &NewOperation,
+        fingerprint: &str,
+        result: &serde_json::Value,
+    ) -> Result<Operation, DbError> {
+        let mut op = new.clone().into_operation(now_ms(), Some(fingerprint));
+        op.state = OperationState::Succeeded;
+        op.result = Some(result.clone());
+        sqlx::query(
+            "INSERT INTO operations \
+             (id, kind, vm_id, request_id, state, progress_processed, progress_total, error, result, \
+             cancel_requested, warnings, created_at, updated_at, request_fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, 0, 0, NULL, $8, 0, $7, $6, $6, $9)",
+        )
+        .bind(op.id.to_string())
+        .bind(&op.kind)
+        .bind(op.vm_id.map(|id| id.to_string()))
+        .bind(op.request_id.clone())
+        .bind(op.state.as_str())
+        .bind(op.created_at)
+        .bind(warnings_json(&op.warnings))
+        .bind(result.to_string())
+        .bind(fingerprint)
+        .execute(self.writer())
+        .await
+        .map_err(DbError::on_write("operation", op.id))?;
+        Ok(op)
     }
 
     pub async fn get_operation(&self, id: Uuid) -> Result<Operation, DbError> {
@@ -216,7 +270,7 @@ impl Database {
         .bind(to_bigint("progress_processed", processed)?)
         .bind(to_bigint("progress_total", total)?)
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("operation", id));
@@ -249,7 +303,7 @@ impl Database {
         .bind(error)
         .bind(result.map(|r| r.to_string()))
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if updated.rows_affected() == 1 {
             return Ok(());
@@ -275,7 +329,7 @@ impl Database {
         )
         .bind(id.to_string())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if result.rows_affected() == 0 {
             // Tell "no such operation" from "already ended".
@@ -309,7 +363,7 @@ impl Database {
             .bind(&old)
             .bind(warnings_json(&warnings))
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
             if result.rows_affected() == 1 {
                 return Ok(true);

@@ -2,7 +2,7 @@
 //! append-only table of node events keyed by (saga, node, event type), so that
 //! recording an event twice (a replayed step) leaves one row.
 
-use super::{now_ms, Database, DbError, RowExt};
+use super::{now_ms, Database, DbError, RowExt, VolumeRef};
 use sqlx::any::AnyRow;
 use uuid::Uuid;
 
@@ -113,7 +113,7 @@ impl Database {
         .bind(&saga.owner)
         .bind(saga.operation_id.map(|id| id.to_string()))
         .bind(now)
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("saga", saga.id))?;
         Ok(saga)
@@ -133,7 +133,7 @@ impl Database {
             .bind(id.to_string())
             .bind(state.as_str())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("saga", id));
@@ -148,7 +148,7 @@ impl Database {
             .bind(id.to_string())
             .bind(owner)
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("saga", id));
@@ -185,7 +185,7 @@ impl Database {
         .bind(event_type.as_str())
         .bind(data.map(|d| d.to_string()))
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("saga", saga_id))?;
         Ok(result.rows_affected() == 1)
@@ -204,5 +204,61 @@ impl Database {
         .fetch_all(self.pool())
         .await?;
         Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Records that the saga is about to create volume `v` (before it asks
+    /// the storage), so that its undo knows the volume is its own. Claiming
+    /// again is a no-op.
+    pub async fn claim_saga_volume(&self, saga_id: Uuid, v: &VolumeRef) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO saga_volumes (saga_id, domain_id, image_id, volume_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(saga_id.to_string())
+        .bind(v.domain_id.to_string())
+        .bind(v.image_id.to_string())
+        .bind(v.volume_id.to_string())
+        .bind(now_ms())
+        .execute(self.writer())
+        .await
+        .map_err(DbError::on_write("saga", saga_id))?;
+        Ok(())
+    }
+
+    /// Forgets a claim: the storage refused to create the volume because
+    /// another one had its id (the volume is not the saga's).
+    pub async fn release_saga_volume(&self, saga_id: Uuid, v: &VolumeRef) -> Result<(), DbError> {
+        sqlx::query(
+            "DELETE FROM saga_volumes \
+             WHERE saga_id = $1 AND domain_id = $2 AND image_id = $3 AND volume_id = $4",
+        )
+        .bind(saga_id.to_string())
+        .bind(v.domain_id.to_string())
+        .bind(v.image_id.to_string())
+        .bind(v.volume_id.to_string())
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// The volumes the saga claimed (see [`Database::claim_saga_volume`]).
+    pub async fn saga_volumes(&self, saga_id: Uuid) -> Result<Vec<VolumeRef>, DbError> {
+        let rows = sqlx::query(
+            "SELECT domain_id, image_id, volume_id FROM saga_volumes WHERE saga_id = $1 \
+             ORDER BY created_at, domain_id, image_id, volume_id",
+        )
+        .bind(saga_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VolumeRef {
+                    domain_id: r.uuid("domain_id")?,
+                    image_id: r.uuid("image_id")?,
+                    volume_id: r.uuid("volume_id")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
     }
 }

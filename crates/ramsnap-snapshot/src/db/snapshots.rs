@@ -164,10 +164,12 @@ impl Database {
         disks: &[SnapshotDisk],
     ) -> Result<Snapshot, DbError> {
         let snapshot = Snapshot::from_new(new, disks);
-        let mut tx = self.pool().begin().await?;
-        insert(&mut tx, &snapshot).await?;
-        tx.commit().await?;
-        Ok(snapshot)
+        retry_transient!(async {
+            let mut tx = self.begin_write().await?;
+            insert(&mut tx, &snapshot).await?;
+            tx.commit().await?;
+            Ok(snapshot.clone())
+        })
     }
 
     pub async fn get_snapshot(&self, id: Uuid) -> Result<Snapshot, DbError> {
@@ -199,7 +201,7 @@ impl Database {
     }
 
     pub async fn set_snapshot_status(&self, id: Uuid, status: SnapshotStatus) -> Result<(), DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         if !set_status(&mut conn, id, status).await? {
             return Err(DbError::not_found("snapshot", id));
         }
@@ -212,7 +214,7 @@ impl Database {
         let result = sqlx::query("UPDATE snapshots SET snapshot_type = $2 WHERE id = $1")
             .bind(id.to_string())
             .bind(snapshot_type.as_str())
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("snapshot", id))?;
         if result.rows_affected() == 0 {
@@ -243,7 +245,7 @@ impl Database {
         for value in memory_values(memory) {
             update = update.bind(value);
         }
-        let result = update.execute(self.pool()).await?;
+        let result = update.execute(self.writer()).await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("snapshot", snapshot_id));
         }
@@ -297,12 +299,12 @@ impl Database {
 
     /// Deletes the snapshot and its disk rows. False if it was already gone.
     pub async fn delete_snapshot(&self, id: Uuid) -> Result<bool, DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         delete(&mut conn, id).await
     }
 
     pub async fn add_snapshot_disk(&self, snapshot_id: Uuid, disk: &SnapshotDisk) -> Result<(), DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         insert_disk(&mut conn, snapshot_id, disk).await
     }
 
@@ -330,7 +332,7 @@ impl Database {
         .bind(volume.domain_id.to_string())
         .bind(volume.image_id.to_string())
         .bind(volume.volume_id.to_string())
-        .execute(self.pool())
+        .execute(self.writer())
         .await
         .map_err(DbError::on_write("snapshot disk", disk_id))?;
         if result.rows_affected() == 0 {

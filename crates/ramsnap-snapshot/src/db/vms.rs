@@ -118,7 +118,7 @@ impl Database {
     /// Creates a VM; [`DbError::ForeignKey`] if its cluster does not exist.
     pub async fn create_vm(&self, new: &NewVm) -> Result<Vm, DbError> {
         let vm = Vm::from_new(new);
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         insert_vm(&mut conn, &vm).await?;
         Ok(vm)
     }
@@ -161,7 +161,7 @@ impl Database {
             .bind(id.to_string())
             .bind(status.as_str())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
@@ -181,7 +181,7 @@ impl Database {
         .bind(id.to_string())
         .bind(status.as_str())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -199,7 +199,7 @@ impl Database {
             .bind(from.as_str())
             .bind(to.as_str())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             // Tell "no such VM" from "VM in another state".
@@ -214,7 +214,7 @@ impl Database {
             .bind(id.to_string())
             .bind(host_id.map(|h| h.to_string()))
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
@@ -226,7 +226,7 @@ impl Database {
     pub async fn delete_vm(&self, id: Uuid) -> Result<bool, DbError> {
         let result = sqlx::query("DELETE FROM vms WHERE id = $1")
             .bind(id.to_string())
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("vm", id))?;
         Ok(result.rows_affected() > 0)
@@ -244,7 +244,7 @@ impl Database {
             .bind(vm_id.to_string())
             .bind(operation_id.to_string())
             .bind(now_ms())
-            .execute(self.pool())
+            .execute(self.writer())
             .await
             .map_err(DbError::on_write("vm lock", vm_id))?;
             if result.rows_affected() == 1 {
@@ -270,13 +270,13 @@ impl Database {
         .bind(vm_id.to_string())
         .bind(operation_id.to_string())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(result.rows_affected() > 0)
     }
 
     pub async fn add_vm_disk(&self, disk: &VmDisk) -> Result<(), DbError> {
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         insert_vm_disk(&mut conn, disk).await
     }
 
@@ -290,12 +290,33 @@ impl Database {
         Ok(rows.iter().map(disk_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// The VM whose disk or snapshot memory is in image `image_id` (on any
+    /// domain), if one is: (vm id, vm name).
+    pub async fn vm_using_image(&self, image_id: Uuid) -> Result<Option<(Uuid, String)>, DbError> {
+        let row = sqlx::query(
+            "SELECT v.id AS id, v.name AS name FROM vms v WHERE v.id IN ( \
+                 SELECT vm_id FROM vm_disks WHERE image_id = $1 \
+                 UNION SELECT vm_id FROM snapshots WHERE memory_dump_image_id = $1 \
+                 UNION SELECT vm_id FROM snapshots WHERE memory_meta_image_id = $1 \
+                 UNION SELECT s.vm_id FROM snapshot_disks d JOIN snapshots s ON s.id = d.snapshot_id \
+                     WHERE d.image_id = $1) \
+             ORDER BY v.name LIMIT 1",
+        )
+        .bind(image_id.to_string())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.uuid("id")?, r.text("name")?)),
+            None => None,
+        })
+    }
+
     /// False if the disk was already gone.
     pub async fn remove_vm_disk(&self, vm_id: Uuid, disk_id: Uuid) -> Result<bool, DbError> {
         let result = sqlx::query("DELETE FROM vm_disks WHERE vm_id = $1 AND disk_id = $2")
             .bind(vm_id.to_string())
             .bind(disk_id.to_string())
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(result.rows_affected() > 0)
     }

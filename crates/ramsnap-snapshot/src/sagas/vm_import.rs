@@ -19,22 +19,25 @@
 //! nothing of it remains (import as a clone to get the disks without the
 //! memory).
 use super::common::{delete_volumes_reversed, noop, ordered_disk_id};
-use super::vm_export::{run_copies, run_memory_copies, PlannedCopy, PlannedMemory};
+use super::vm_export::{run_copies, PlannedCopy, PlannedMemory};
 use crate::app::{db_status, App};
-use crate::convert::{downstream, to_wire_ref};
+use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{
     self, MemoryVolume, NewVm, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef,
 };
 use crate::ovf::{OvfVm, SnapshotKind};
 use crate::saga::{Node, SagaCx, SagaDef};
+use crate::service::limits;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
+use ramsnap_proto::host::v1 as host_pb;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashSet;
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
 use uuid::Uuid;
 
 pub const NAME: &str = "vm_import";
@@ -192,6 +195,7 @@ pub async fn read_export(
             format!("the descriptor stored for VM {vm_id} describes VM {}", ovf.vm_id),
         ));
     }
+    check_ovf_values(&ovf, export_domain_id, None)?;
     let present: HashSet<(Uuid, Uuid)> = app
         .storage_client(h)?
         .list_volumes(storage::ListVolumesRequest {
@@ -237,6 +241,38 @@ pub async fn read_export(
         ));
     }
     Ok(ovf)
+}
+
+/// The values the import takes from the descriptor (memory, vCPUs, disks,
+/// kernel, initrd, command line, and `name` when given: the name the VM
+/// gets, the exported one unless the request names another), checked as CreateVm checks them
+/// ([`limits`]): a descriptor edited (or written by another tool) with a
+/// value the host would refuse is FAILED_PRECONDITION OVF_INVALID, naming
+/// the value, before anything is made.
+pub fn check_ovf_values(ovf: &OvfVm, export_domain_id: Uuid, name: Option<&str>) -> Result<(), Status> {
+    let values = limits::VmValues {
+        name,
+        memory_bytes: ovf.memory_bytes,
+        vcpus: ovf.vcpus,
+        kernel: &ovf.kernel,
+        initrd: &ovf.initrd,
+        cmdline: &ovf.cmdline,
+        disk_capacities: ovf.disks.iter().map(|d| d.capacity_bytes).collect(),
+    };
+    limits::check_vm(&values).map_err(|s| {
+        let (field, why) = s
+            .get_error_details()
+            .bad_request()
+            .and_then(|b| b.field_violations.first().cloned())
+            .map(|v| (v.field, v.description))
+            .unwrap_or_else(|| (String::new(), s.message().to_string()));
+        let vm_id = ovf.vm_id;
+        status::failed_precondition(
+            "OVF_INVALID",
+            &format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf"),
+            format!("the descriptor of VM {vm_id} cannot be imported: its {field} {why}"),
+        )
+    })
 }
 
 /// What the import makes of the descriptor.
@@ -400,6 +436,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         require_data_domain(&cx.app, &h, p.target_domain_id).await?;
         let ovf = read_export(&cx.app, &h, p.export_domain_id, p.source_vm_id).await?;
         let mut plan = make_plan(&p, &ovf, &|purpose| cx.stable_id(purpose));
+        refuse_existing_targets(&cx.app, &h, &plan).await?;
         // The dump sizes, for the progress.
         let mut client = cx.app.storage_client(&h)?;
         for (m, _) in &mut plan.memories {
@@ -502,18 +539,37 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let plan: Plan = cx.output("plan")?;
         let h = host(&cx.app, p.cluster_id).await?;
         let mut done = 0;
-        run_copies(
-            cx,
-            &h,
-            &plan.copies,
-            &mut done,
-            total_bytes(&plan),
-            &format!("VM {} imported", plan.new_vm.name),
-        )
-        .await?;
+        let total = total_bytes(&plan);
+        let description = format!("VM {} imported", plan.new_vm.name);
+        for c in &plan.copies {
+            copy_own(cx, &h, c, &mut done, total, &description).await?;
+        }
         Ok(Value::Null)
     }
     .boxed()
+}
+
+/// The undo of a copy step: deletes the volumes of `planned` (children
+/// first) that this saga claimed, and nothing else.
+async fn delete_own(
+    cx: &SagaCx<App>,
+    p: &Params,
+    planned: &[VolumeRef],
+    purpose: &str,
+) -> Result<(), Status> {
+    let own: HashSet<VolumeRef> = cx
+        .db()
+        .saga_volumes(cx.saga_id)
+        .await
+        .map_err(db_status)?
+        .into_iter()
+        .collect();
+    let targets: Vec<VolumeRef> = planned.iter().copied().filter(|t| own.contains(t)).collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let h = host(&cx.app, p.cluster_id).await?;
+    delete_volumes_reversed(cx, &h, &targets, purpose).await
 }
 
 fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
@@ -522,9 +578,8 @@ fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let Some(plan) = cx.maybe_output::<Plan>("plan") else {
             return Ok(());
         };
-        let h = host(&cx.app, p.cluster_id).await?;
         let targets: Vec<VolumeRef> = plan.copies.iter().map(|c| c.target).collect();
-        delete_volumes_reversed(cx, &h, &targets, "undo/import-copy").await
+        delete_own(cx, &p, &targets, "undo/import-copy").await
     }
     .boxed()
 }
@@ -534,16 +589,36 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
         let h = host(&cx.app, p.cluster_id).await?;
+        let total = total_bytes(&plan);
         let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
-        let work: Vec<_> = plan
-            .memories
-            .iter()
-            .map(|(m, sha)| {
-                let domain = m.rebind_disks.is_empty().then_some(p.target_domain_id);
-                (m.clone(), Some(sha.clone()), domain)
-            })
-            .collect();
-        run_memory_copies(cx, &h, p.vm_id, &work, &mut done, total_bytes(&plan)).await?;
+        for (m, sha) in &plan.memories {
+            for (source, target, capacity) in [
+                (m.source.metadata, m.target.metadata, 0),
+                (m.source.dump, m.target.dump, m.capacity_bytes),
+            ] {
+                let copy = PlannedCopy {
+                    source,
+                    target,
+                    keep_parent: false,
+                    capacity_bytes: capacity,
+                };
+                copy_own(cx, &h, &copy, &mut done, total, "memory of a snapshot").await?;
+            }
+            // Checksummed where it landed against the descriptor, and rebound
+            // to the data domain (or to the collapsed disks).
+            let rebind_domain = m.rebind_disks.is_empty().then_some(p.target_domain_id);
+            cx.app
+                .host_client(&h)?
+                .verify_memory(host_pb::VerifyMemoryRequest {
+                    vm_id: p.vm_id.to_string(),
+                    memory: Some(to_wire_memory(&m.target)),
+                    expected_sha256: sha.clone(),
+                    rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
+                    rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
+                })
+                .await
+                .map_err(|s| downstream("verifying a memory volume", s))?;
+        }
         Ok(Value::Null)
     }
     .boxed()
@@ -555,15 +630,155 @@ fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let Some(plan) = cx.maybe_output::<Plan>("plan") else {
             return Ok(());
         };
-        let h = host(&cx.app, p.cluster_id).await?;
         let targets: Vec<VolumeRef> = plan
             .memories
             .iter()
             .flat_map(|(m, _)| [m.target.dump, m.target.metadata])
             .collect();
-        delete_volumes_reversed(cx, &h, &targets, "undo/import-memory").await
+        delete_own(cx, &p, &targets, "undo/import-memory").await
     }
     .boxed()
+}
+
+/// Copies one planned volume as this saga's own. The target is claimed in
+/// the saga's record before the storage is asked for it, and only if it is
+/// not there yet: a target that exists without this saga's claim is
+/// someone else's (FAILED_PRECONDITION VOLUME_EXISTS, and the undo leaves
+/// it alone); one that appears between the check and the copy makes the
+/// storage refuse the copy (ALREADY_EXISTS of the volume), and the claim is
+/// withdrawn. A replay finds its claim and the storage answers the copy's
+/// request id with the volume it made.
+async fn copy_own(
+    cx: &SagaCx<App>,
+    h: &db::Host,
+    c: &PlannedCopy,
+    done: &mut u64,
+    total: u64,
+    description: &str,
+) -> Result<(), Status> {
+    let db = cx.db();
+    let claimed = db
+        .saga_volumes(cx.saga_id)
+        .await
+        .map_err(db_status)?
+        .contains(&c.target);
+    if !claimed {
+        if volume_present(&cx.app, h, &c.target).await? {
+            return Err(target_exists(&cx.app, &c.target).await);
+        }
+        db.claim_saga_volume(cx.saga_id, &c.target)
+            .await
+            .map_err(db_status)?;
+    }
+    match run_copies(cx, h, std::slice::from_ref(c), done, total, description).await {
+        Err(s)
+            if s.code() == Code::AlreadyExists
+                && s.get_error_details()
+                    .resource_info()
+                    .is_some_and(|r| r.resource_type == "volume") =>
+        {
+            db.release_saga_volume(cx.saga_id, &c.target)
+                .await
+                .map_err(db_status)?;
+            Err(target_exists(&cx.app, &c.target).await)
+        }
+        other => other,
+    }
+}
+
+/// Whether the volume is on its domain.
+async fn volume_present(app: &App, h: &db::Host, r: &VolumeRef) -> Result<bool, Status> {
+    match app
+        .storage_client(h)?
+        .get_volume(storage::GetVolumeRequest {
+            r#ref: Some(to_wire_ref(r)),
+        })
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(s)
+            if s.code() == Code::NotFound
+                && s.get_error_details()
+                    .resource_info()
+                    .is_some_and(|i| i.resource_type == "volume") =>
+        {
+            Ok(false)
+        }
+        Err(s) => Err(downstream("looking for an import's target volume", s)),
+    }
+}
+
+/// FAILED_PRECONDITION VOLUME_EXISTS for a target the import would create,
+/// naming the VM that uses its image when there is one.
+async fn target_exists(app: &App, t: &VolumeRef) -> Status {
+    let owner = match app.db.vm_using_image(t.image_id).await {
+        Ok(Some((id, name))) => format!(" (it is VM {name}'s, {id})"),
+        _ => String::new(),
+    };
+    status::failed_precondition(
+        "VOLUME_EXISTS",
+        &format!("domain/{}/images/{}/{}", t.domain_id, t.image_id, t.volume_id),
+        format!(
+            "volume {}/{} of the export exists on storage domain {} already{owner}: an import keeps \
+             the exported ids; import the VM as a clone (new ids) instead",
+            t.image_id, t.volume_id, t.domain_id
+        ),
+    )
+}
+
+/// Every volume the plan creates, in the order it creates them (parents
+/// first): the disk copies, then each memory's metadata and dump.
+fn targets(plan: &Plan) -> Vec<VolumeRef> {
+    plan.copies
+        .iter()
+        .map(|c| c.target)
+        .chain(
+            plan.memories
+                .iter()
+                .flat_map(|(m, _)| [m.target.metadata, m.target.dump]),
+        )
+        .collect()
+}
+
+/// Refuses an import that would create a volume that exists, in an image
+/// that exists on the data domain, or in an image a VM of this coordinator
+/// uses (on any domain): FAILED_PRECONDITION VOLUME_EXISTS. An import keeps
+/// the exported ids, so a descriptor edited (or written elsewhere) can name
+/// the volumes of a VM that exists; before anything is made, so that
+/// nothing needs undoing. The copies check each target again (see
+/// [`copy_own`]).
+pub async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Result<(), Status> {
+    let targets = targets(plan);
+    let mut images: Vec<Uuid> = targets.iter().map(|t| t.image_id).collect();
+    images.sort();
+    images.dedup();
+    for image in &images {
+        if let Some(t) = targets.iter().find(|t| t.image_id == *image) {
+            if app.db.vm_using_image(*image).await.map_err(db_status)?.is_some() {
+                return Err(target_exists(app, t).await);
+            }
+        }
+    }
+    let Some(domain) = targets.first().map(|t| t.domain_id) else {
+        return Ok(());
+    };
+    let present: HashSet<Uuid> = app
+        .storage_client(h)?
+        .list_volumes(storage::ListVolumesRequest {
+            domain_id: domain.to_string(),
+            image_id: String::new(),
+        })
+        .await
+        .map_err(|s| downstream("listing the target domain's volumes", s))?
+        .into_inner()
+        .volumes
+        .iter()
+        .filter_map(|v| Uuid::parse_str(&v.r#ref.as_ref()?.image_id).ok())
+        .collect();
+    match targets.iter().find(|t| present.contains(&t.image_id)) {
+        Some(t) => Err(target_exists(app, t).await),
+        None => Ok(()),
+    }
 }
 
 fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {

@@ -45,15 +45,24 @@ pub fn definition() -> SagaDef<App> {
                 forward: vm_fwd,
                 undo: None,
             },
+            // Last, so that the node indices of sagas logged before it
+            // existed stay the same.
+            Node {
+                name: "forget_on_hosts",
+                forward: forget_fwd,
+                undo: None,
+            },
         ],
         result_node: None,
     }
 }
 
+/// Its output names the VM's cluster, whose hosts forget the VM at the end
+/// (the VM row is gone by then).
 fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
-        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
+        let vm = lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
+        Ok(serde_json::json!({ "cluster_id": vm.cluster_id }))
     }
     .boxed()
 }
@@ -134,6 +143,40 @@ fn vm_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         status::unfollow(&cx.app, p.vm_id);
         cx.app.db.delete_vm(p.vm_id).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+/// Best effort, once the VM is gone: every host of its cluster is to forget
+/// it (its console log, `<run_dir>/<vm_id>/console.log` on the host), so
+/// that nothing of the VM is left and no host answers ReadConsole for it.
+/// Never fails the removal: a host that cannot be reached keeps the log.
+fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        // Sagas logged before the lock step named the cluster: nothing to do.
+        let Some(cluster_id) = cx
+            .maybe_output::<Value>("lock_vm")
+            .and_then(|v| super::common::id_in(&v, "cluster_id").ok())
+        else {
+            return Ok(Value::Null);
+        };
+        let hosts = match cx.app.db.list_hosts(Some(cluster_id)).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(vm = %p.vm_id, error = %e, "listing the hosts to forget a removed VM");
+                return Ok(Value::Null);
+            }
+        };
+        for h in hosts {
+            // TODO(host ForgetVm, issue 9 item 6): the HostService has no call
+            // to forget a VM yet. Once it has one, call it here and log (never
+            // return) its errors:
+            //   cx.app.host_client(&h)?.forget_vm(host::ForgetVmRequest {
+            //       vm_id: p.vm_id.to_string() }).await
+            tracing::debug!(vm = %p.vm_id, host = %h.name, "the host keeps the removed VM's console log (no HostService.ForgetVm yet)");
+        }
         Ok(Value::Null)
     }
     .boxed()

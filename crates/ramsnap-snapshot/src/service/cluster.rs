@@ -1,9 +1,11 @@
 //! ClusterService: clusters (compatibility levels) and their hosts.
+use super::{retried_operation, RequestKey};
 use crate::app::{db_status, App};
-use crate::db::{self, CompatibilityVersion, NewCluster, NewHost};
+use crate::db::{self, CompatibilityVersion, DbError, NewCluster, NewHost, NewOperation};
 use ramsnap_common::{ids, status};
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::cluster_service_server::ClusterService;
+use serde_json::json;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -29,25 +31,44 @@ fn to_host(h: &db::Host) -> pb::Host {
     }
 }
 
-fn check_name(field: &str, name: &str) -> Result<(), Status> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
-        return Err(status::invalid_argument(
-            field,
-            "must be 1-128 printable characters",
-        ));
-    }
-    Ok(())
+use super::limits::{check_address, check_name};
+
+/// The id a completed call recorded as its result (`{"<key>": "<uuid>"}`).
+fn recorded_id(op: &db::Operation, key: &str) -> Result<Uuid, Status> {
+    op.result
+        .as_ref()
+        .and_then(|r| r.get(key))
+        .and_then(|v| v.as_str())
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| Status::internal(format!("operation {} has no {key} in its result", op.id)))
 }
 
-fn check_address(field: &str, a: &str) -> Result<(), Status> {
-    if !(a.starts_with("http://") || a.starts_with("https://")) || a.parse::<tonic::transport::Uri>().is_err()
+/// Records a call that completed at once under its request id (if it has
+/// one): a retry is answered from it, a reuse for another request refused.
+async fn record_request(
+    app: &App,
+    kind: &'static str,
+    key: &RequestKey,
+    result: serde_json::Value,
+) -> Result<(), Status> {
+    let Some(r) = key.id else { return Ok(()) };
+    let new = NewOperation {
+        id: Uuid::new_v4(),
+        kind: kind.into(),
+        vm_id: None,
+        request_id: Some(r.to_string()),
+        warnings: Vec::new(),
+    };
+    match app
+        .db
+        .record_completed_request(&new, &key.fingerprint, &result)
+        .await
     {
-        return Err(status::invalid_argument(
-            field,
-            format!("{a:?} is not an http(s)://host:port address"),
-        ));
+        Ok(_) => Ok(()),
+        // A concurrent retry recorded it first: the same request, or refused.
+        Err(DbError::Conflict { .. }) => retried_operation(app, kind, key).await.map(|_| ()),
+        Err(e) => Err(db_status(e)),
     }
-    Ok(())
 }
 
 #[tonic::async_trait]
@@ -56,8 +77,20 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::CreateClusterRequest>,
     ) -> Result<Response<pb::CreateClusterResponse>, Status> {
+        const KIND: &str = "create_cluster";
         let req = req.into_inner();
-        ids::parse_optional("request_id", &req.request_id)?;
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
+            let c = self
+                .0
+                .db
+                .get_cluster(recorded_id(&op, "cluster_id")?)
+                .await
+                .map_err(db_status)?;
+            return Ok(Response::new(pb::CreateClusterResponse {
+                cluster: Some(to_cluster(&c)),
+            }));
+        }
         check_name("name", &req.name)?;
         let version: CompatibilityVersion = req.compatibility_version.parse().map_err(|_| {
             status::invalid_argument("compatibility_version", "must be \"major.minor\", e.g. \"3.3\"")
@@ -73,6 +106,7 @@ impl ClusterService for ClusterApi {
             .find(|c| c.name == req.name)
         {
             if c.compatibility_version == version {
+                record_request(&self.0, KIND, &key, json!({ "cluster_id": c.id })).await?;
                 return Ok(Response::new(pb::CreateClusterResponse {
                     cluster: Some(to_cluster(&c)),
                 }));
@@ -88,6 +122,7 @@ impl ClusterService for ClusterApi {
             })
             .await
             .map_err(db_status)?;
+        record_request(&self.0, KIND, &key, json!({ "cluster_id": c.id })).await?;
         Ok(Response::new(pb::CreateClusterResponse {
             cluster: Some(to_cluster(&c)),
         }))
@@ -124,8 +159,20 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::AddHostRequest>,
     ) -> Result<Response<pb::AddHostResponse>, Status> {
+        const KIND: &str = "add_host";
         let req = req.into_inner();
-        ids::parse_optional("request_id", &req.request_id)?;
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
+            let h = self
+                .0
+                .db
+                .get_host(recorded_id(&op, "host_id")?)
+                .await
+                .map_err(db_status)?;
+            return Ok(Response::new(pb::AddHostResponse {
+                host: Some(to_host(&h)),
+            }));
+        }
         check_name("name", &req.name)?;
         let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
         check_address("host_address", &req.host_address)?;
@@ -144,6 +191,7 @@ impl ClusterService for ClusterApi {
                 && h.host_address == req.host_address
                 && h.storage_address == req.storage_address
             {
+                record_request(&self.0, KIND, &key, json!({ "host_id": h.id })).await?;
                 return Ok(Response::new(pb::AddHostResponse {
                     host: Some(to_host(&h)),
                 }));
@@ -161,6 +209,7 @@ impl ClusterService for ClusterApi {
             })
             .await
             .map_err(db_status)?;
+        record_request(&self.0, KIND, &key, json!({ "host_id": h.id })).await?;
         Ok(Response::new(pb::AddHostResponse {
             host: Some(to_host(&h)),
         }))

@@ -2,7 +2,8 @@
 //! the export domain's VM list).
 use super::snapshot::refuse_in_preview;
 use super::{
-    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation, Start,
+    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation,
+    RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::downstream;
@@ -48,7 +49,8 @@ pub async fn export_vm(
             operation: Some(to_operation(op)),
         })
     };
-    if let Some(op) = retried_operation(app, KIND, &req.request_id).await? {
+    let key = RequestKey::of(&req)?;
+    if let Some(op) = retried_operation(app, KIND, &key).await? {
         return Ok(reply(&op));
     }
     let vm = get_vm(app, "vm_id", &req.vm_id).await?;
@@ -80,11 +82,7 @@ pub async fn export_vm(
         collapse: req.collapse_snapshots,
         force_override: req.force_override,
     };
-    let op = start_operation(
-        app,
-        Start::locked(KIND, vm.id, req.request_id, vm_export::NAME, &params),
-    )
-    .await?;
+    let op = start_operation(app, Start::locked(KIND, vm.id, key, vm_export::NAME, &params)).await?;
     Ok(reply(&op))
 }
 
@@ -159,7 +157,8 @@ pub async fn import_vm(
             warnings: op.warnings.clone(),
         })
     };
-    if let Some(op) = retried_operation(app, KIND, &req.request_id).await? {
+    let key = RequestKey::of(&req)?;
+    if let Some(op) = retried_operation(app, KIND, &key).await? {
         return Ok(reply(&op));
     }
     let export_domain_id = ids::parse("export_domain_id", &req.export_domain_id)?;
@@ -180,6 +179,10 @@ pub async fn import_vm(
     } else {
         req.name.clone()
     };
+    if req.name.is_empty() {
+        // The exported name is taken from the descriptor: checked as such.
+        vm_import::check_ovf_values(&ovf, export_domain_id, Some(&name))?;
+    }
     let vm_id = if req.as_clone { Uuid::new_v4() } else { ovf.vm_id };
     if !req.as_clone {
         match app.db.get_vm(vm_id).await {
@@ -216,13 +219,19 @@ pub async fn import_vm(
         collapse: req.collapse_snapshots,
         with_memory: !req.as_clone && memory_supported,
     };
+    // The volumes it would make, with the exported ids (a clone's are new):
+    // none may exist, nor be in an image a VM uses.
+    if !req.as_clone {
+        let plan = vm_import::make_plan(&params, &ovf, &|_| Uuid::nil());
+        vm_import::refuse_existing_targets(app, &h, &plan).await?;
+    }
     let op = start_operation(
         app,
         Start {
             kind: KIND,
             vm_id: Some(vm_id),
             lock_vm: false,
-            request_id: req.request_id,
+            request: key,
             saga: vm_import::NAME,
             params: serde_json::to_value(params).expect("serializable"),
             warnings,

@@ -1,8 +1,8 @@
 //! SnapshotService: snapshots of a VM and the operations on them.
-use super::vm::{check_domains, refuse_taken_name};
+use super::vm::{check_data_domains, refuse_taken_name};
 use super::{
-    check_name, get_vm, get_vm_snapshot, is_running, refuse_locked, require_down, retried_operation,
-    start_operation, to_operation, Start,
+    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, require_down, retried_operation,
+    start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
@@ -150,7 +150,8 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let req = req.into_inner();
-        if let Some(op) = retried_operation(&self.0, "create_snapshot", &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, "create_snapshot", &key).await? {
             return Ok(Response::new(pb::CreateSnapshotResponse {
                 operation: Some(to_operation(&op)),
             }));
@@ -166,9 +167,7 @@ impl SnapshotService for SnapshotApi {
                 ))
             }
         };
-        if req.description.len() > 4096 {
-            return Err(status::invalid_argument("description", "longer than 4096 bytes"));
-        }
+        limits::check_text("description", &req.description, limits::MAX_DESCRIPTION)?;
         refuse_locked(&vm)?;
         let running = is_running(vm.status);
         if req.save_memory {
@@ -205,13 +204,7 @@ impl SnapshotService for SnapshotApi {
         };
         let op = start_operation(
             &self.0,
-            Start::locked(
-                "create_snapshot",
-                vm.id,
-                req.request_id,
-                snapshot_create::NAME,
-                &params,
-            ),
+            Start::locked("create_snapshot", vm.id, key, snapshot_create::NAME, &params),
         )
         .await?;
         Ok(Response::new(pb::CreateSnapshotResponse {
@@ -254,7 +247,8 @@ impl SnapshotService for SnapshotApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -271,7 +265,7 @@ impl SnapshotService for SnapshotApi {
         };
         let op = start_operation(
             &self.0,
-            Start::locked(KIND, vm.id, req.request_id, snapshot_remove::NAME, &params),
+            Start::locked(KIND, vm.id, key, snapshot_remove::NAME, &params),
         )
         .await?;
         Ok(reply(&op))
@@ -289,7 +283,8 @@ impl SnapshotService for SnapshotApi {
                 warnings: op.warnings.clone(),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -329,7 +324,7 @@ impl SnapshotService for SnapshotApi {
                 kind: KIND,
                 vm_id: Some(vm.id),
                 lock_vm: true,
-                request_id: req.request_id,
+                request: key,
                 saga: snapshot_preview::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
                 warnings,
@@ -350,7 +345,8 @@ impl SnapshotService for SnapshotApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -363,7 +359,7 @@ impl SnapshotService for SnapshotApi {
             Start::locked(
                 KIND,
                 vm.id,
-                req.request_id,
+                key,
                 snapshot_undo::NAME,
                 &snapshot_undo::Params { vm_id: vm.id },
             ),
@@ -383,7 +379,8 @@ impl SnapshotService for SnapshotApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -396,7 +393,7 @@ impl SnapshotService for SnapshotApi {
             Start::locked(
                 KIND,
                 vm.id,
-                req.request_id,
+                key,
                 snapshot_commit::NAME,
                 &snapshot_commit::Params { vm_id: vm.id },
             ),
@@ -417,7 +414,8 @@ impl SnapshotService for SnapshotApi {
                 warnings: op.warnings.clone(),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         check_name("name", &req.name)?;
@@ -456,11 +454,15 @@ impl SnapshotService for SnapshotApi {
         }
         refuse_taken_name(&self.0, &req.name).await?;
         let host = self.0.host_for_vm(&vm).await?;
-        let domains: Vec<Uuid> = match target_domain_id {
-            Some(d) => vec![d],
-            None => snapshot.disks.iter().map(|d| d.volume.domain_id).collect(),
+        let domains: Vec<(String, Uuid)> = match target_domain_id {
+            Some(d) => vec![("target_domain_id".to_string(), d)],
+            None => snapshot
+                .disks
+                .iter()
+                .map(|d| (format!("disk {}", d.disk_id), d.volume.domain_id))
+                .collect(),
         };
-        check_domains(&self.0, &host, domains).await?;
+        check_data_domains(&self.0, &host, domains).await?;
         let warnings = if snapshot.memory.is_some() {
             vec![CLONE_MEMORY_WARNING.to_string()]
         } else {
@@ -480,7 +482,7 @@ impl SnapshotService for SnapshotApi {
                 kind: KIND,
                 vm_id: Some(vm.id),
                 lock_vm: true,
-                request_id: req.request_id,
+                request: key,
                 saga: vm_clone::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
                 warnings,

@@ -1,8 +1,8 @@
 //! VmService: VMs, running and stopping them, and their status.
 use super::snapshot::{in_preview, refuse_in_preview};
 use super::{
-    check_name, get_vm, refuse_locked, require_down, retried_operation, start_operation, to_operation,
-    vm_status, Start,
+    check_name, get_vm, limits, refuse_locked, require_down, retried_operation, start_operation,
+    to_operation, vm_status, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::downstream;
@@ -23,42 +23,61 @@ use uuid::Uuid;
 
 pub struct VmApi(pub Arc<App>);
 
-/// A direct-boot image: a plain file name inside the host's boot directory.
-fn check_boot_file(field: &str, name: &str) -> Result<(), Status> {
-    if name.len() > 255 || name.contains('/') || name.contains("..") || name.chars().any(|c| c.is_control()) {
-        return Err(status::invalid_argument(
-            field,
-            "must be a file name in the hosts' boot-image directory (no '/', no '..', at most 255 bytes)",
-        ));
-    }
-    Ok(())
-}
-
-/// The request's disks, checked.
+/// The request's disks, checked (count, each domain id and capacity).
 fn disk_specs(disks: &[pb::DiskSpec]) -> Result<Vec<vm_create::DiskSpec>, Status> {
-    if disks.is_empty() {
-        return Err(status::invalid_argument(
-            "disks",
-            "at least one disk is required (its domain also holds the VM's memory volumes)",
-        ));
-    }
+    limits::check_disk_count("disks", disks.len())?;
     disks
         .iter()
         .enumerate()
         .map(|(i, d)| {
             let domain_id = ids::parse(&format!("disks[{i}].domain_id"), &d.domain_id)?;
-            if d.capacity_bytes == 0 {
-                return Err(status::invalid_argument(
-                    &format!("disks[{i}].capacity_bytes"),
-                    "must be greater than 0",
-                ));
-            }
+            limits::check_disk_capacity(&format!("disks[{i}].capacity_bytes"), d.capacity_bytes)?;
             Ok(vm_create::DiskSpec {
                 domain_id,
                 capacity_bytes: d.capacity_bytes,
             })
         })
         .collect()
+}
+
+/// NOT_FOUND unless the host's StorageService has each domain, and
+/// FAILED_PRECONDITION NOT_A_DATA_DOMAIN for an EXPORT domain: VM disks
+/// live on data domains only. `domains` are (request field, domain id).
+pub async fn check_data_domains(
+    app: &App,
+    host: &db::Host,
+    domains: impl IntoIterator<Item = (String, Uuid)>,
+) -> Result<(), Status> {
+    let mut client = app.storage_client(host)?;
+    let mut seen = BTreeSet::new();
+    for (field, d) in domains {
+        if !seen.insert(d) {
+            continue;
+        }
+        let domain = match client
+            .get_domain(storage::GetDomainRequest {
+                domain_id: d.to_string(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().domain,
+            Err(s) if s.code() == Code::NotFound => {
+                return Err(status::not_found("storage domain", &d.to_string()))
+            }
+            Err(s) => return Err(downstream("looking up a storage domain", s)),
+        };
+        if let Some(dom) = domain.filter(|x| x.role == storage::DomainRole::Export as i32) {
+            return Err(status::failed_precondition(
+                "NOT_A_DATA_DOMAIN",
+                &format!("domain/{d}"),
+                format!(
+                    "{field}: storage domain {} ({d}) is an export domain; VM disks go on data domains",
+                    dom.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// NOT_FOUND unless the host's StorageService has each domain.
@@ -153,30 +172,25 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         check_name("name", &req.name)?;
         let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
-        if req.memory_bytes == 0 {
-            return Err(status::invalid_argument("memory_bytes", "must be greater than 0"));
-        }
-        if req.vcpus == 0 {
-            return Err(status::invalid_argument("vcpus", "must be greater than 0"));
-        }
+        limits::check_memory("memory_bytes", req.memory_bytes)?;
+        limits::check_vcpus("vcpus", req.vcpus)?;
         let disks = disk_specs(&req.disks)?;
-        check_boot_file("kernel", &req.kernel)?;
-        check_boot_file("initrd", &req.initrd)?;
-        if req.cmdline.len() > 4096 || req.cmdline.chars().any(|c| c.is_control()) {
-            return Err(status::invalid_argument(
-                "cmdline",
-                "must be at most 4096 bytes of printable characters",
-            ));
-        }
+        limits::check_boot("", &req.kernel, &req.initrd, &req.cmdline)?;
         let cluster = self.0.db.get_cluster(cluster_id).await.map_err(db_status)?;
         refuse_taken_name(&self.0, &req.name).await?;
         let host = self.0.cluster_host(cluster.id).await?;
-        check_domains(&self.0, &host, disks.iter().map(|d| d.domain_id)).await?;
+        let domains: Vec<(String, Uuid)> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("disks[{i}].domain_id"), d.domain_id))
+            .collect();
+        check_data_domains(&self.0, &host, domains).await?;
         let vm_id = Uuid::new_v4();
         let params = vm_create::Params {
             vm_id,
@@ -196,7 +210,7 @@ impl VmService for VmApi {
                 kind: KIND,
                 vm_id: Some(vm_id),
                 lock_vm: false,
-                request_id: req.request_id,
+                request: key,
                 saga: vm_create::NAME,
                 params: serde_json::to_value(params).expect("serializable"),
                 warnings: Vec::new(),
@@ -241,7 +255,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -253,7 +268,7 @@ impl VmService for VmApi {
             Start::locked(
                 KIND,
                 vm.id,
-                req.request_id,
+                key,
                 vm_remove::NAME,
                 &vm_remove::Params { vm_id: vm.id },
             ),
@@ -270,7 +285,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -300,11 +316,7 @@ impl VmService for VmApi {
             host_id: host.id,
             stateless,
         };
-        let op = start_operation(
-            &self.0,
-            Start::locked(KIND, vm.id, req.request_id, vm_run::NAME, &params),
-        )
-        .await?;
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_run::NAME, &params)).await?;
         Ok(reply(&op))
     }
 
@@ -316,7 +328,8 @@ impl VmService for VmApi {
                 operation: Some(to_operation(op)),
             })
         };
-        if let Some(op) = retried_operation(&self.0, KIND, &req.request_id).await? {
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
             return Ok(reply(&op));
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
@@ -325,11 +338,7 @@ impl VmService for VmApi {
             vm_id: vm.id,
             graceful_timeout_seconds: req.graceful_timeout_seconds,
         };
-        let op = start_operation(
-            &self.0,
-            Start::locked(KIND, vm.id, req.request_id, vm_stop::NAME, &params),
-        )
-        .await?;
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_stop::NAME, &params)).await?;
         Ok(reply(&op))
     }
 

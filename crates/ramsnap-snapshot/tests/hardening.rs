@@ -1,0 +1,883 @@
+//! The coordinator API's edges (issue 9): request ids reused for another
+//! request, values the host would refuse, unbounded and control-character
+//! strings, ids that are not ids, leftovers of removed VMs, and imports that
+//! must never delete what they did not create. The real coordinator
+//! in-process over gRPC, the real StorageService, the simulated host
+//! ([`support::inproc`]).
+mod support;
+
+use ramsnap_proto::host::v1 as host;
+use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::storage::v1 as storage;
+use ramsnap_snapshot::ovf::OvfVm;
+use support::inproc::{Db, InProc};
+use support::MIB;
+use tonic::Code;
+use tonic_types::StatusExt;
+use uuid::Uuid;
+
+/// The ResourceInfo of an error: (type, name).
+fn resource(s: &tonic::Status) -> (String, String) {
+    s.get_error_details()
+        .resource_info()
+        .map(|r| (r.resource_type.clone(), r.resource_name.clone()))
+        .unwrap_or_default()
+}
+
+fn create_req(sim: &InProc, name: &str) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        request_id: Uuid::new_v4().to_string(),
+        name: name.into(),
+        cluster_id: sim.cluster_id.clone(),
+        memory_bytes: 64 * MIB,
+        vcpus: 1,
+        stateless: false,
+        disks: vec![pb::DiskSpec {
+            domain_id: sim.domain.clone(),
+            capacity_bytes: 32 * MIB,
+        }],
+        kernel: String::new(),
+        initrd: String::new(),
+        cmdline: String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Item 2: a request id reused with another request.
+
+/// The issue's case: StopVm of VM B under the request id of A's finished
+/// stop was answered with A's operation, and B kept running. Then every RPC
+/// that takes a request id, given one already used for another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_reused_for_another_request_is_refused() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let a = sim.create_vm("a").await;
+    let b = sim.create_vm("b").await;
+    sim.run(&a, false).await;
+    sim.run(&b, false).await;
+    let rid = Uuid::new_v4().to_string();
+    let stop = |vm: &str| pb::StopVmRequest {
+        request_id: rid.clone(),
+        vm_id: vm.into(),
+        graceful_timeout_seconds: 0,
+    };
+    let op = sim.vms.stop_vm(stop(&a)).await.unwrap().into_inner().operation;
+    let stopped_a = sim.ok(op).await;
+    // The same request again: the same operation.
+    let again = sim
+        .vms
+        .stop_vm(stop(&a))
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    assert_eq!(again.operation_id, stopped_a.operation_id);
+    // Another VM under the same id: refused, naming A's stop.
+    let err = sim.vms.stop_vm(stop(&b)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(
+        resource(&err),
+        ("operation".to_string(), stopped_a.operation_id.clone())
+    );
+    assert_eq!(sim.host.status(&b), host::VmStatus::Up as i32, "B still runs");
+    assert_eq!(sim.vm(&b).await.status, pb::VmStatus::Up as i32);
+    // Another field of the same RPC.
+    let mut graceful = stop(&a);
+    graceful.graceful_timeout_seconds = 30;
+    let err = sim.vms.stop_vm(graceful).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // Every RPC that takes a request id, under A's stop's: refused before
+    // anything else is looked at (even with arguments that are all wrong).
+    let nil = Uuid::nil().to_string();
+    let s = &mut sim;
+    let mut refusals: Vec<(&str, tonic::Status)> = Vec::new();
+    macro_rules! refused {
+        ($name:literal, $call:expr) => {
+            refusals.push(($name, $call.await.map(|_| ()).unwrap_err()))
+        };
+    }
+    let r = rid.clone();
+    refused!(
+        "CreateCluster",
+        s.clusters.create_cluster(pb::CreateClusterRequest {
+            request_id: r.clone(),
+            name: "c".into(),
+            compatibility_version: "3.3".into()
+        })
+    );
+    refused!(
+        "AddHost",
+        s.clusters.add_host(pb::AddHostRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "CreateVm",
+        s.vms.create_vm(pb::CreateVmRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "RemoveVm",
+        s.vms.remove_vm(pb::RemoveVmRequest {
+            request_id: r.clone(),
+            vm_id: nil.clone()
+        })
+    );
+    refused!(
+        "RunVm",
+        s.vms.run_vm(pb::RunVmRequest {
+            request_id: r.clone(),
+            vm_id: a.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "ExportVm",
+        s.vms.export_vm(pb::ExportVmRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "ImportVm",
+        s.vms.import_vm(pb::ImportVmRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "CreateSnapshot",
+        s.snaps.create_snapshot(pb::CreateSnapshotRequest {
+            request_id: r.clone(),
+            vm_id: a.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "RemoveSnapshot",
+        s.snaps.remove_snapshot(pb::RemoveSnapshotRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "PreviewSnapshot",
+        s.snaps.preview_snapshot(pb::PreviewSnapshotRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    refused!(
+        "UndoPreview",
+        s.snaps.undo_preview(pb::UndoPreviewRequest {
+            request_id: r.clone(),
+            vm_id: a.clone()
+        })
+    );
+    refused!(
+        "CommitSnapshot",
+        s.snaps.commit_snapshot(pb::CommitSnapshotRequest {
+            request_id: r.clone(),
+            vm_id: a.clone()
+        })
+    );
+    refused!(
+        "CloneVmFromSnapshot",
+        s.snaps.clone_vm_from_snapshot(pb::CloneVmFromSnapshotRequest {
+            request_id: r.clone(),
+            ..Default::default()
+        })
+    );
+    for (rpc, err) in &refusals {
+        assert_eq!(err.code(), Code::AlreadyExists, "{rpc}: {err:?}");
+        assert_eq!(resource(err).1, stopped_a.operation_id, "{rpc}: {err:?}");
+    }
+
+    // CreateVm: the same request is the same operation, other fields not.
+    let create = create_req(&sim, "c");
+    let first = sim
+        .vms
+        .create_vm(create.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    let done = sim.ok(Some(first.clone())).await;
+    let retry = sim
+        .vms
+        .create_vm(create.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    assert_eq!(retry.operation_id, first.operation_id);
+    let err = sim
+        .vms
+        .create_vm(pb::CreateVmRequest {
+            name: "c-other".into(),
+            ..create.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(resource(&err).1, done.operation_id);
+    assert!(sim
+        .vms
+        .get_vm(pb::GetVmRequest {
+            vm_id: done.result_vm_id
+        })
+        .await
+        .is_ok());
+    assert_eq!(
+        sim.inventory().await.len(),
+        5,
+        "a and b (two disks each), c (one), made once"
+    );
+
+    // CreateCluster and AddHost complete at once: their request ids too.
+    let cluster = pb::CreateClusterRequest {
+        request_id: Uuid::new_v4().to_string(),
+        name: "second".into(),
+        compatibility_version: "3.2".into(),
+    };
+    let c1 = sim
+        .clusters
+        .create_cluster(cluster.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster
+        .unwrap();
+    let c2 = sim
+        .clusters
+        .create_cluster(cluster.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster
+        .unwrap();
+    assert_eq!(c1, c2);
+    let err = sim
+        .clusters
+        .create_cluster(pb::CreateClusterRequest {
+            name: "third".into(),
+            ..cluster.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(resource(&err).0, "operation");
+    let clusters = sim
+        .clusters
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .clusters;
+    assert!(clusters.iter().all(|c| c.name != "third"), "{clusters:?}");
+    let add = pb::AddHostRequest {
+        request_id: Uuid::new_v4().to_string(),
+        name: "h2".into(),
+        cluster_id: c1.cluster_id.clone(),
+        host_address: "http://127.0.0.1:1".into(),
+        storage_address: "http://127.0.0.1:1".into(),
+    };
+    let h1 = sim
+        .clusters
+        .add_host(add.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .host
+        .unwrap();
+    let h2 = sim
+        .clusters
+        .add_host(add.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .host
+        .unwrap();
+    assert_eq!(h1, h2);
+    let err = sim
+        .clusters
+        .add_host(pb::AddHostRequest {
+            name: "h3".into(),
+            ..add
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    sim.stop(&b).await;
+    sim.assert_no_orphans().await;
+    sim.finish().await;
+}
+
+// ---------------------------------------------------------------------------
+// Items 4 and 5: values the host would refuse, unbounded strings, control
+// characters and ids that are not ids are refused at the door, and nothing
+// is made.
+
+/// Nothing at all was made: no VM, no operation, no volume.
+async fn assert_nothing_made(sim: &mut InProc) {
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(vms.is_empty(), "{vms:?}");
+    let ops = sim
+        .ops
+        .list_operations(pb::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert!(ops.is_empty(), "{ops:?}");
+    assert!(sim.inventory().await.is_empty());
+}
+
+/// The control and bidi-formatting characters a name or a description must
+/// not carry: ESC, CR, LF, NUL, another C0, DEL, a C1, the overrides and
+/// the isolates.
+const FORBIDDEN: [char; 12] = [
+    '\u{1b}', '\r', '\n', '\0', '\u{7}', '\u{7f}', '\u{9b}', '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}',
+    '\u{200f}',
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_vm_refuses_what_the_host_would_refuse() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    type Edit = Box<dyn Fn(&mut pb::CreateVmRequest)>;
+    let mut cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|r| r.memory_bytes = 1), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = 1 << 62), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = u64::MAX), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = 64 * MIB + 1), "memory_bytes"),
+        (Box::new(|r| r.memory_bytes = 8 * MIB), "memory_bytes"),
+        (Box::new(|r| r.vcpus = u32::MAX), "vcpus"),
+        (Box::new(|r| r.vcpus = 241), "vcpus"),
+        (Box::new(|r| r.disks = vec![r.disks[0].clone(); 1000]), "disks"),
+        (Box::new(|r| r.disks = vec![r.disks[0].clone(); 27]), "disks"),
+        (
+            Box::new(|r| {
+                r.disks = vec![r.disks[0].clone(); 4];
+                r.disks[3].capacity_bytes = 1;
+            }),
+            "disks[3].capacity_bytes",
+        ),
+        (
+            Box::new(|r| r.disks[0].capacity_bytes = u64::MAX),
+            "disks[0].capacity_bytes",
+        ),
+        (
+            Box::new(|r| r.disks[0].capacity_bytes = MIB + 1),
+            "disks[0].capacity_bytes",
+        ),
+        (Box::new(|r| r.name = "x".repeat(8192)), "name"),
+        (Box::new(|r| r.name = " padded".into()), "name"),
+        (Box::new(|r| r.cmdline = "console=ttyS0 ".repeat(400)), "cmdline"),
+        (Box::new(|r| r.cmdline = "a\nb".into()), "cmdline"),
+        (Box::new(|r| r.kernel = "../vmlinuz".into()), "kernel"),
+        (Box::new(|r| r.kernel = "x".repeat(8192)), "kernel"),
+        (Box::new(|r| r.initrd = "boot/initrd".into()), "initrd"),
+        (
+            Box::new(|r| {
+                r.kernel.clear();
+                r.initrd = "initrd.img".into();
+            }),
+            "kernel",
+        ),
+        (Box::new(|r| r.cluster_id = "c".repeat(8192)), "cluster_id"),
+        (Box::new(|r| r.request_id = "r".repeat(8192)), "request_id"),
+        (
+            Box::new(|r| r.disks[0].domain_id = "d".repeat(8192)),
+            "disks[0].domain_id",
+        ),
+    ];
+    for c in FORBIDDEN {
+        cases.push((Box::new(move |r| r.name = format!("evil{c}name")), "name"));
+    }
+    for (edit, field) in &cases {
+        let mut req = create_req(&sim, "vm");
+        req.kernel = "vmlinuz".into();
+        edit(&mut req);
+        let shown = format!("{:.80?}", req.name);
+        let err = sim.vms.create_vm(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field} ({shown}): {err:?}");
+        assert_eq!(support::bad_field(&err), *field, "{shown}: {err:?}");
+        assert!(
+            err.message().len() < 512,
+            "{field}: the error echoes too much: {}",
+            err.message()
+        );
+    }
+    // Disks on an EXPORT domain: a precondition, naming the field.
+    let mut req = create_req(&sim, "vm");
+    req.disks.push(pb::DiskSpec {
+        domain_id: sim.export_domain.clone(),
+        capacity_bytes: MIB,
+    });
+    let err = sim.vms.create_vm(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "NOT_A_DATA_DOMAIN");
+    assert!(err.message().contains("disks[1].domain_id"), "{err:?}");
+    assert_nothing_made(&mut sim).await;
+    // The limits themselves are accepted.
+    let mut req = create_req(&sim, "edge");
+    req.memory_bytes = 16 * MIB;
+    req.vcpus = 240;
+    req.disks = vec![req.disks[0].clone(); 26];
+    req.disks[25].capacity_bytes = MIB;
+    let op = sim.vms.create_vm(req).await.unwrap().into_inner().operation;
+    sim.ok(op).await;
+    assert_eq!(sim.inventory().await.len(), 26);
+    sim.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_text_and_ids_are_bounded_and_printable() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    // Ids of 8 KB: INVALID_ARGUMENT with a cut echo, not a transport error.
+    let long = "7".repeat(8192);
+    let err = sim
+        .vms
+        .get_vm(pb::GetVmRequest { vm_id: long.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(support::bad_field(&err), "vm_id");
+    assert!(err.message().contains('…'), "{}", err.message());
+    assert!(
+        err.message().chars().filter(|c| *c == '7').count() <= 64,
+        "{}",
+        err.message()
+    );
+    let err = sim
+        .ops
+        .get_operation(pb::GetOperationRequest {
+            operation_id: long.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = sim
+        .snaps
+        .list_snapshots(pb::ListSnapshotsRequest { vm_id: long.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Cluster and host names, host addresses.
+    let mut bad_clusters = vec![pb::CreateClusterRequest {
+        request_id: String::new(),
+        name: "c".repeat(8192),
+        compatibility_version: "3.3".into(),
+    }];
+    for c in FORBIDDEN {
+        bad_clusters.push(pb::CreateClusterRequest {
+            request_id: String::new(),
+            name: format!("c{c}"),
+            compatibility_version: "3.3".into(),
+        });
+    }
+    for req in bad_clusters {
+        let err = sim.clusters.create_cluster(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(support::bad_field(&err), "name");
+    }
+    let host = |name: &str, address: &str| pb::AddHostRequest {
+        request_id: String::new(),
+        name: name.into(),
+        cluster_id: sim.cluster_id.clone(),
+        host_address: address.into(),
+        storage_address: "http://127.0.0.1:1".into(),
+    };
+    for (req, field) in [
+        (host("h\u{1b}[2J", "http://127.0.0.1:1"), "name"),
+        (
+            host("h", &format!("http://{}:1", "a".repeat(8192))),
+            "host_address",
+        ),
+        (host("h", "http://a\nb:1"), "host_address"),
+    ] {
+        let err = sim.clusters.add_host(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(support::bad_field(&err), field);
+        assert!(err.message().len() < 512, "{}", err.message());
+    }
+    let hosts = sim
+        .clusters
+        .list_hosts(pb::ListHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+
+    // Snapshot descriptions, clone names and targets.
+    let vm = sim.create_vm("subject").await;
+    for description in FORBIDDEN
+        .iter()
+        .map(|c| format!("before{c}upgrade"))
+        .chain(["d".repeat(4097)])
+    {
+        let err = sim
+            .snaps
+            .create_snapshot(pb::CreateSnapshotRequest {
+                description: description.clone(),
+                ..support::Env::snapshot_req(&vm, false, "")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{description:?}: {err:?}");
+        assert_eq!(support::bad_field(&err), "description");
+    }
+    let s1 = sim.snapshot(&vm, false, "fine").await;
+    let clone = |name: &str, target: &str| pb::CloneVmFromSnapshotRequest {
+        request_id: Uuid::new_v4().to_string(),
+        vm_id: vm.clone(),
+        snapshot_id: s1.clone(),
+        name: name.into(),
+        target_domain_id: target.into(),
+    };
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(clone("evil\u{202e}gnp.exe", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(support::bad_field(&err), "name");
+    let export = sim.export_domain.clone();
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(clone("copy", &export))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "NOT_A_DATA_DOMAIN");
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "only the subject: {vms:?}");
+    assert_eq!(sim.export_volumes().await.len(), 0);
+    sim.assert_no_orphans().await;
+    sim.finish().await;
+}
+
+/// The exported VM's descriptor, parsed.
+async fn descriptor(sim: &mut InProc, vm_id: &str) -> OvfVm {
+    let domain_id = sim.export_domain.clone();
+    let xml = sim
+        .storage
+        .get_vm_descriptor(storage::GetVmDescriptorRequest {
+            domain_id,
+            vm_id: vm_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptor
+        .unwrap()
+        .ovf;
+    OvfVm::parse(&xml).unwrap()
+}
+
+async fn put_descriptor(sim: &mut InProc, ovf: &OvfVm) {
+    let domain_id = sim.export_domain.clone();
+    sim.storage
+        .put_vm_descriptor(storage::PutVmDescriptorRequest {
+            domain_id,
+            vm_id: ovf.vm_id.to_string(),
+            ovf: ovf.to_xml(),
+        })
+        .await
+        .unwrap();
+}
+
+/// ImportVm takes the VM's configuration from the descriptor: each value is
+/// checked as CreateVm checks it (OVF_INVALID naming the value), before
+/// anything is made; a name given in the request replaces the exported one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_checks_the_values_it_takes_from_the_descriptor() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let vm = sim.create_vm_with("exported", 1, false).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let real = descriptor(&mut sim, &vm).await;
+    type Edit = fn(&mut OvfVm);
+    let edits: [(Edit, &str); 8] = [
+        (|o| o.memory_bytes = 1, "memory_bytes"),
+        (|o| o.memory_bytes = u64::MAX, "memory_bytes"),
+        (|o| o.vcpus = u32::MAX, "vcpus"),
+        (|o| o.kernel = "../../etc/passwd".into(), "kernel"),
+        (|o| o.cmdline = "quiet\u{9b}2J\u{2066}".into(), "cmdline"),
+        (|o| o.cmdline = "x".repeat(5000), "cmdline"),
+        (|o| o.name = "evil\u{202e}name".into(), "name"),
+        (|o| o.disks[0].capacity_bytes = 3, "disks[0].capacity_bytes"),
+    ];
+    for (edit, field) in edits {
+        let mut ovf = real.clone();
+        edit(&mut ovf);
+        put_descriptor(&mut sim, &ovf).await;
+        let err = sim.import_vm_call(&vm, false, false, "").await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{field}: {err:?}");
+        assert_eq!(support::precondition(&err), "OVF_INVALID", "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
+    }
+    assert!(sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+        .is_empty());
+    assert!(sim.inventory().await.is_empty());
+    // Under a name of its own the exported name is not taken, nor checked.
+    let mut ovf = real.clone();
+    ovf.name = "evil\u{202e}name".into();
+    put_descriptor(&mut sim, &ovf).await;
+    let r = sim.import_vm_call(&vm, false, false, "renamed").await.unwrap();
+    sim.ok(r.operation).await;
+    assert_eq!(sim.vm(&vm).await.name, "renamed");
+    sim.assert_no_orphans().await;
+    sim.finish().await;
+}
+
+// ---------------------------------------------------------------------------
+// Item 1: an import never deletes what it did not create.
+
+/// Every volume on the data domain, as "image/volume".
+async fn data_volumes(sim: &mut InProc) -> std::collections::BTreeSet<String> {
+    sim.inventory()
+        .await
+        .into_iter()
+        .map(|v| {
+            let r = v.r#ref.unwrap();
+            format!("{}/{}", r.image_id, r.volume_id)
+        })
+        .collect()
+}
+
+/// The issue's case: the descriptor of an existing VM, edited to another
+/// VM id and name but with the same volume ids. The import failed with
+/// ALREADY_EXISTS and its undo deleted the existing VM's live disk. It is
+/// refused at the door now, and the VM keeps every volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_of_an_edited_descriptor_never_deletes_an_existing_vms_disks() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let (vm, _) = sim.vm_with_memory_snapshot("original").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let before = data_volumes(&mut sim).await;
+    let mut edited = descriptor(&mut sim, &vm).await;
+    edited.vm_id = Uuid::new_v4();
+    edited.name = "impostor".into();
+    put_descriptor(&mut sim, &edited).await;
+    let err = sim
+        .import_vm_call(&edited.vm_id.to_string(), false, false, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "VOLUME_EXISTS", "{err:?}");
+    assert!(err.message().contains("original"), "names the VM: {err:?}");
+    assert_eq!(data_volumes(&mut sim).await, before);
+    // A collapsed import would make the leaves' ids: refused the same way.
+    let err = sim
+        .import_vm_call(&edited.vm_id.to_string(), false, true, "")
+        .await
+        .unwrap_err();
+    assert_eq!(support::precondition(&err), "VOLUME_EXISTS", "{err:?}");
+    // As a clone (new ids) it imports beside the original.
+    let r = sim
+        .import_vm_call(&edited.vm_id.to_string(), true, false, "copy")
+        .await
+        .unwrap();
+    sim.ok(r.operation).await;
+    assert!(data_volumes(&mut sim).await.is_superset(&before));
+    sim.assert_no_orphans().await;
+    sim.run(&vm, false).await;
+    sim.stop(&vm).await;
+    sim.finish().await;
+}
+
+/// Two imports of descriptors that share volume ids (the exported VM and an
+/// edited copy under another id and name), started together: both pass the
+/// door, and their copies meet on the same volume ids. One wins; the other
+/// fails with VOLUME_EXISTS and its undo deletes only what it made, never
+/// the winner's volumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_imports_sharing_volume_ids_never_delete_each_others_volumes() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let vm = sim.create_vm_with("shared", 3, false).await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    sim.remove_vm(&vm).await;
+    let mut edited = descriptor(&mut sim, &vm).await;
+    edited.vm_id = Uuid::new_v4();
+    edited.name = "twin".into();
+    put_descriptor(&mut sim, &edited).await;
+    let twin = edited.vm_id.to_string();
+    let (a, b) = tokio::join!(
+        {
+            let mut s = sim.vms.clone();
+            let req = import_req(&sim, &vm);
+            async move { s.import_vm(req).await }
+        },
+        {
+            let mut s = sim.vms.clone();
+            let req = import_req(&sim, &twin);
+            async move { s.import_vm(req).await }
+        },
+    );
+    let mut outcomes = Vec::new();
+    for r in [a, b] {
+        outcomes.push(match r {
+            Ok(r) => {
+                let op = sim.wait(r.into_inner().operation).await;
+                (op.state == pb::OperationState::Succeeded as i32, op.error_message)
+            }
+            Err(e) => (false, format!("{}: {}", support::precondition(&e), e.message())),
+        });
+    }
+    let won = outcomes.iter().filter(|(ok, _)| *ok).count();
+    assert_eq!(won, 1, "exactly one import wins: {outcomes:?}");
+    for (ok, why) in &outcomes {
+        assert!(
+            *ok || why.contains("VOLUME_EXISTS") || why.contains("exists"),
+            "{outcomes:?}"
+        );
+    }
+    // The winner has every volume; nothing of the loser is left.
+    sim.assert_no_orphans().await;
+    let vms = sim
+        .vms
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(sim.inventory().await.len(), 3);
+    let winner = vms[0].vm_id.clone();
+    sim.run(&winner, false).await;
+    sim.stop(&winner).await;
+    sim.finish().await;
+}
+
+fn import_req(sim: &InProc, vm_id: &str) -> pb::ImportVmRequest {
+    pb::ImportVmRequest {
+        request_id: Uuid::new_v4().to_string(),
+        export_domain_id: sim.export_domain.clone(),
+        vm_id: vm_id.into(),
+        cluster_id: sim.cluster_id.clone(),
+        target_domain_id: sim.domain.clone(),
+        as_clone: false,
+        collapse_snapshots: false,
+        name: String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Item 6: what is left of a removed VM.
+
+/// ReadConsole and WatchVm of an unknown or removed VM are NOT_FOUND at
+/// once, and a WatchVm stream of a VM that gets removed ends with NOT_FOUND
+/// (the proto says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_vms_have_no_console_and_their_watch_ends() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let unknown = Uuid::new_v4().to_string();
+    let quick = std::time::Duration::from_secs(5);
+    let err = tokio::time::timeout(
+        quick,
+        sim.vms.read_console(pb::ReadConsoleRequest {
+            vm_id: unknown.clone(),
+            offset: 0,
+            max_bytes: 0,
+        }),
+    )
+    .await
+    .expect("answered at once")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = tokio::time::timeout(
+        quick,
+        sim.vms.watch_vm(pb::WatchVmRequest {
+            vm_id: unknown.clone(),
+        }),
+    )
+    .await
+    .expect("answered at once")
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    let vm = sim.create_vm("doomed").await;
+    sim.run(&vm, false).await;
+    let console = sim
+        .vms
+        .read_console(pb::ReadConsoleRequest {
+            vm_id: vm.clone(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!console.data.is_empty());
+    sim.stop(&vm).await;
+    let mut watch = sim
+        .vms
+        .watch_vm(pb::WatchVmRequest { vm_id: vm.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, pb::VmStatus::Down as i32);
+    sim.remove_vm(&vm).await;
+    // The stream ends: NOT_FOUND, soon after the removal.
+    let end = loop {
+        match tokio::time::timeout(quick, watch.message())
+            .await
+            .expect("the watch of a removed VM ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(end.code(), Code::NotFound, "{end:?}");
+    let err = sim
+        .vms
+        .read_console(pb::ReadConsoleRequest {
+            vm_id: vm.clone(),
+            offset: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = sim
+        .vms
+        .watch_vm(pb::WatchVmRequest { vm_id: vm.clone() })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    sim.finish().await;
+}
