@@ -423,12 +423,7 @@ pub fn grpcurl_list(addr: SocketAddr) -> Vec<String> {
 /// whole server), asked through grpcurl.
 pub fn grpcurl_health_check(addr: SocketAddr, service: &str) -> String {
     let request = serde_json::json!({ "service": service }).to_string();
-    let out = grpcurl_ok(&[
-        "-d",
-        &request,
-        &addr.to_string(),
-        "grpc.health.v1.Health/Check",
-    ]);
+    let out = grpcurl_ok(&["-d", &request, &addr.to_string(), "grpc.health.v1.Health/Check"]);
     let reply: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}): {out}"));
     reply["status"].as_str().unwrap_or_default().to_string()

@@ -1,8 +1,8 @@
 //! Connections to the services: one channel per invocation, to the address
 //! given by a global flag (or its environment variable).
 use anyhow::Context;
-use std::time::Duration;
 use ramsnap_common::security::ClientSecurityArgs;
+use std::time::Duration;
 use tonic::transport::Channel;
 
 /// Connects to `service` at `addr`; `how_to_set` names the flag and the

@@ -352,6 +352,7 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.host.v1.HostService/SnapshotVm", Coordinator, Stream),
     rpc("/ramsnap.host.v1.HostService/CancelSnapshot", Coordinator, Long),
     rpc("/ramsnap.host.v1.HostService/VerifyMemory", Coordinator, Long),
+    rpc("/ramsnap.host.v1.HostService/ForgetVm", Coordinator, Unary),
     // Every server: health and reflection.
     any("/grpc.health.v1.Health/Check", Unary),
     any("/grpc.health.v1.Health/Watch", Stream),

@@ -64,6 +64,9 @@ pub struct Config {
     pub monitor_interval: Duration,
     /// How the agent reaches its storage agent (TLS with its certificate).
     pub storage_transport: ramsnap_common::tls::ClientTransport,
+    /// How long a watch of a VM this host does not know stays open for the
+    /// VM to be run here (then it ends).
+    pub unknown_watch_wait: Duration,
 }
 
 impl Config {
@@ -86,6 +89,7 @@ impl Config {
             boot_grace: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(1),
             storage_transport: ramsnap_common::tls::ClientTransport::Insecure,
+            unknown_watch_wait: UNKNOWN_WATCH_WAIT,
         }
     }
 }
@@ -228,6 +232,9 @@ pub(crate) struct Inner {
     pub virt_type: String,
     vms: Mutex<HashMap<Uuid, Arc<Vm>>>,
     pub jobs: Mutex<HashMap<Uuid, Arc<snapshot::Job>>>,
+    /// A VM got an entry in the table (its id): wakes watchers that
+    /// subscribed before it was run here.
+    added: broadcast::Sender<Uuid>,
 }
 
 /// The host agent. Cheap to clone.
@@ -279,6 +286,7 @@ impl Host {
             virt_type,
             vms: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
+            added: broadcast::channel(256).0,
         });
         let host = Host { inner };
         host.rediscover().await?;
@@ -399,13 +407,22 @@ impl Host {
     }
 
     pub(crate) fn vm_entry(&self, id: Uuid) -> Arc<Vm> {
-        self.inner
+        let mut added = false;
+        let vm = self
+            .inner
             .vms
             .lock()
             .expect("vm table")
             .entry(id)
-            .or_insert_with(|| Arc::new(Vm::new(id, VmStatus::Down)))
-            .clone()
+            .or_insert_with(|| {
+                added = true;
+                Arc::new(Vm::new(id, VmStatus::Down))
+            })
+            .clone();
+        if added {
+            let _ = self.inner.added.send(id);
+        }
+        vm
     }
 
     pub(crate) fn domain_name(&self, id: Uuid) -> String {
@@ -462,19 +479,49 @@ impl Host {
     }
 
     /// The current status, then every transition. For a VM the host has
-    /// no entry for (not running, not being started, forgotten): one DOWN,
-    /// then the end.
+    /// no entry for (not running, not being started, forgotten): DOWN, and
+    /// the stream ends unless the VM is run here within
+    /// `Config::unknown_watch_wait` (a watcher that subscribes before the run).
     pub fn watch(&self, id: Uuid) -> impl futures::Stream<Item = StatusEvent> + Send + 'static {
-        let subscribed = self
-            .vm(id)
-            .map(|vm| (vm.events.subscribe(), *vm.status.borrow(), vm.status.subscribe()));
+        // Subscribed before looking, so that an entry made in between is seen.
+        let mut added = self.inner.added.subscribe();
+        let host = self.clone();
+        let wait = self.inner.config.unknown_watch_wait;
         async_stream::stream! {
-            let Some((mut events, current, mut status)) = subscribed else {
-                yield StatusEvent { status: VmStatus::Down, at_unix_ms: now_unix_ms() };
-                return;
+            let mut said_down = false;
+            let vm = match host.vm(id) {
+                Some(vm) => vm,
+                None => {
+                    said_down = true;
+                    yield StatusEvent { status: VmStatus::Down, at_unix_ms: now_unix_ms() };
+                    let appeared = tokio::time::timeout(wait, async {
+                        loop {
+                            match added.recv().await {
+                                Ok(a) if a == id => return host.vm(id),
+                                Ok(_) => {}
+                                Err(broadcast::error::RecvError::Lagged(_)) => {
+                                    if let Some(vm) = host.vm(id) {
+                                        return Some(vm);
+                                    }
+                                }
+                                Err(broadcast::error::RecvError::Closed) => return None,
+                            }
+                        }
+                    })
+                    .await;
+                    match appeared {
+                        Ok(Some(vm)) => vm,
+                        _ => return,
+                    }
+                }
             };
+            drop(host);
+            let (mut events, current, mut status) =
+                (vm.events.subscribe(), *vm.status.borrow(), vm.status.subscribe());
             let mut last = current;
-            yield current;
+            if !(said_down && current.status == VmStatus::Down) {
+                yield current;
+            }
             loop {
                 match events.recv().await {
                     Ok(ev) => {
@@ -673,6 +720,9 @@ impl Host {
             .retain(|_, job| !job.expired());
     }
 }
+
+/// The default of `Config::unknown_watch_wait`.
+pub const UNKNOWN_WATCH_WAIT: Duration = Duration::from_secs(60);
 
 /// Logs how long each step of an operation took (debug level).
 pub(crate) struct Lap {

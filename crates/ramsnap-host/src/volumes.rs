@@ -4,12 +4,12 @@ use crate::error::{HostError, Result, StorageCallError};
 use crate::metadata::is_block_device;
 use crate::model::VolumeRef;
 use crate::xml::{DiskFormat, DiskKind};
+use ramsnap_common::tls::ClientTransport;
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::path::PathBuf;
 use std::time::Duration;
-use ramsnap_common::tls::ClientTransport;
 use tonic::transport::Channel;
 use uuid::Uuid;
 

@@ -4,13 +4,13 @@
 use crate::db::{self, Database, DbError};
 use crate::saga::Executor;
 use ramsnap_common::status;
+use ramsnap_common::tls::ClientTransport;
 use ramsnap_proto::host::v1::host_service_client::HostServiceClient;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
-use ramsnap_common::tls::ClientTransport;
 use tonic::transport::Channel;
 use tonic::Status;
 use uuid::Uuid;

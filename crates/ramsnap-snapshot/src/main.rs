@@ -41,12 +41,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .security
         .server(ServerKind::Coordinator, "coordinator", listener.local_addr()?)?;
     let agents = args.security.client("coordinator")?;
-    let coordinator = Coordinator::connect_with(&args.database_url, agents).await.with_context(|| {
-        format!(
-            "cannot open the database {}",
-            server::redact_url(&args.database_url)
-        )
-    })?;
+    let coordinator = Coordinator::connect_with(&args.database_url, agents)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the database {}",
+                server::redact_url(&args.database_url)
+            )
+        })?;
     coordinator.resume().await?;
     server::announce("snapshot", &listener)?;
     let result = server::serve_with_grace(

@@ -87,7 +87,8 @@ impl CoordinatorProcess {
     async fn start(db_url: &str, failpoints: Option<&str>, log: PathBuf) -> CoordinatorProcess {
         let mut cmd = Command::new(coordinator_binary());
         // The agents are in this test process, plain text on loopback.
-        cmd.arg("--insecure").arg("--listen")
+        cmd.arg("--insecure")
+            .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--database-url")
             .arg(db_url)

@@ -111,7 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if security.tls_cert.is_none() && security.tls_dir.is_none() && !security.insecure {
         security.tls_dir = Some(args.data_dir.join("tls"));
     }
-    let snapshot_security = security.server(ServerKind::Coordinator, "coordinator", snapshot.local_addr()?)?;
+    let snapshot_security =
+        security.server(ServerKind::Coordinator, "coordinator", snapshot.local_addr()?)?;
     let storage_security = security.server(ServerKind::Agent, "storage", storage_listener.local_addr()?)?;
     let host_security = security.server(ServerKind::Agent, "host", host.local_addr()?)?;
     let to_agents = security.client("coordinator")?;
@@ -192,7 +193,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let resume = async {
         for (addr, service) in [(storage_addr, STORAGE_SERVICE), (host_addr, HOST_SERVICE)] {
             if let Err(e) =
-                ramsnap_common::ready::wait_serving_over(&to_agents, addr, service, Duration::from_secs(60)).await
+                ramsnap_common::ready::wait_serving_over(&to_agents, addr, service, Duration::from_secs(60))
+                    .await
             {
                 tracing::error!(error = %e, "an agent of this process does not answer; stopping");
                 stop.cancel();

@@ -170,12 +170,19 @@ fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             }
         };
         for h in hosts {
-            // TODO(host ForgetVm, issue 9 item 6): the HostService has no call
-            // to forget a VM yet. Once it has one, call it here and log (never
-            // return) its errors:
-            //   cx.app.host_client(&h)?.forget_vm(host::ForgetVmRequest {
-            //       vm_id: p.vm_id.to_string() }).await
-            tracing::debug!(vm = %p.vm_id, host = %h.name, "the host keeps the removed VM's console log (no HostService.ForgetVm yet)");
+            let Ok(mut client) = cx.app.host_client(&h) else { continue };
+            let mut req = tonic::Request::new(ramsnap_proto::host::v1::ForgetVmRequest {
+                vm_id: p.vm_id.to_string(),
+            });
+            req.set_timeout(std::time::Duration::from_secs(10));
+            match client.forget_vm(req).await {
+                Ok(r) => {
+                    tracing::debug!(vm = %p.vm_id, host = %h.name, forgotten = r.into_inner().forgotten, "host forgot the removed VM")
+                }
+                // An older agent without the call, or none to reach: it keeps
+                // the console log; the removal stands.
+                Err(e) => tracing::warn!(vm = %p.vm_id, host = %h.name, error = %e, "a host could not forget the removed VM"),
+            }
         }
         Ok(Value::Null)
     }
