@@ -62,36 +62,36 @@ if [ -z "$LOOP" ]; then
 fi
 
 # 4. Once the storage service answers, register the three domains it does not
-# know yet. Runs beside ramsnapd and gives up when ramsnapd is gone.
+# know yet, with the ramsnap CLI over mutual TLS (ramsnapd makes a local CA and
+# certificates under $DATA_DIR/tls at its first start; the CLI presents the
+# admin one). Runs beside ramsnapd and gives up when ramsnapd is gone.
+RAMSNAP="$ROOT/target/release/ramsnap"
+cli() {
+    "$RAMSNAP" --tls-dir "$DATA_DIR/tls" --storage "$STORAGE_LISTEN" --snapshot "$SNAPSHOT_LISTEN" "$@"
+}
 register_domains() {
     local main_pid="$1"
-    if ! command -v grpcurl >/dev/null 2>&1; then
-        log "WARNING: grpcurl not found, domains not registered (install it: scripts/setup/tools.sh, then run again)"
-        return
-    fi
-    until grpcurl -plaintext -max-time 2 "$STORAGE_LISTEN" grpc.health.v1.Health/Check >/dev/null 2>&1; do
+    until cli domain list -o json >/dev/null 2>&1; do
         kill -0 "$main_pid" 2>/dev/null || return
         sleep 0.2
     done
     local known
-    known="$(grpcurl -plaintext "$STORAGE_LISTEN" ramsnap.storage.v1.StorageService/ListDomains)" || known=""
+    known="$(cli domain list -o json)" || known=""
     local name type location role
     while read -r name type location role; do
-        if grep -q "\"name\": \"$name\"" <<<"$known"; then
+        if grep -Eq "\"name\": *\"$name\"" <<<"$known"; then
             log "domain $name already registered"
             continue
         fi
-        local request="{\"name\":\"$name\",\"type\":\"$type\",\"location\":\"$location\",\"role\":\"$role\"}"
-        if grpcurl -plaintext -d "$request" "$STORAGE_LISTEN" \
-            ramsnap.storage.v1.StorageService/RegisterDomain >/dev/null; then
+        if cli domain register --name "$name" --type "$type" --location "$location" --role "$role" >/dev/null; then
             log "registered domain $name ($type at $location)"
         else
             log "WARNING: registering domain $name ($type at $location) failed; see above"
         fi
     done <<EOF
-local-file DOMAIN_TYPE_FILE $FILE_DOMAIN DOMAIN_ROLE_DATA
-local-block DOMAIN_TYPE_BLOCK $LOOP DOMAIN_ROLE_DATA
-local-export DOMAIN_TYPE_FILE $EXPORT_DOMAIN DOMAIN_ROLE_EXPORT
+local-file file $FILE_DOMAIN data
+local-block block $LOOP data
+local-export file $EXPORT_DOMAIN export
 EOF
 }
 
@@ -104,7 +104,9 @@ run-embedded: starting ramsnapd ($RAMSNAPD)
   FILE domain       local-file  at $FILE_DOMAIN
   BLOCK domain      local-block on $LOOP (backed by $BLOCK_FILE)
   EXPORT domain     local-export at $EXPORT_DOMAIN (for vm export / vm import)
-  try               grpcurl -plaintext $STORAGE_LISTEN ramsnap.storage.v1.StorageService/ListDomains
+  TLS               mutual TLS; a local CA and certificates in $DATA_DIR/tls (the CLI uses them)
+  try               $RAMSNAP domain list
+  grpcurl           grpcurl -cacert $DATA_DIR/tls/ca.pem -cert $DATA_DIR/tls/admin.pem -key $DATA_DIR/tls/admin.key $SNAPSHOT_LISTEN list
   stop              Ctrl-C, or kill -TERM $$ (ramsnapd keeps this PID)
   clean up after    losetup -d $LOOP; rm -rf $DATA_DIR
 EOF

@@ -66,7 +66,8 @@ async fn volumes_with_paths(c: &Cluster, domain: &str) -> Vec<Vol> {
     for v in c.volumes(domain).await {
         let r: VolumeRef = v.r#ref.clone().expect("ref");
         let path = c
-            .storage()
+            .storage_as_host()
+            .await
             .prepare_volume(spb::PrepareVolumeRequest {
                 r#ref: Some(r.clone()),
             })
@@ -132,7 +133,8 @@ fn qemu_img_copy(volumes: &[Vol], dir: &Path) -> Duration {
 async fn teardown_all(c: &Cluster, domain: &str) {
     for v in c.volumes(domain).await {
         let _ = c
-            .storage()
+            .storage_as_host()
+            .await
             .teardown_volume(spb::TeardownVolumeRequest {
                 r#ref: v.r#ref.clone(),
             })

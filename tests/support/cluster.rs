@@ -553,6 +553,7 @@ pub struct Cluster {
     pub export_domain: String,
     coordinator: Channel,
     storage_channel: Channel,
+    storage_url: String,
     vm_ids: Mutex<Vec<String>>,
     // Torn down in this order (Drop takes them in turn).
     snapshot: Option<Running>,
@@ -843,6 +844,7 @@ impl Cluster {
             export_domain,
             coordinator,
             storage_channel,
+            storage_url: storage_url.clone(),
             vm_ids: Mutex::new(Vec::new()),
             snapshot: Some(snapshot),
             host,
@@ -918,6 +920,14 @@ impl Cluster {
 
     pub fn storage(&self) -> StorageServiceClient<Channel> {
         StorageServiceClient::new(self.storage_channel.clone())
+    }
+
+    /// The storage agent as the host agent sees it (the `host` identity:
+    /// prepare and teardown, which the admin may not do), for tests that
+    /// reach into a volume's bytes.
+    pub async fn storage_as_host(&self) -> StorageServiceClient<Channel> {
+        let addr = self.storage_url.clone();
+        StorageServiceClient::new(crate::connect_as(&addr, "host").await)
     }
 
     pub fn domain(&self, kind: DomainKind) -> &str {

@@ -242,8 +242,8 @@ async fn damage_exported_dump(
         domain_id: c.export_domain.clone(),
         ..dump
     };
-    let path = c
-        .storage()
+    let mut storage = c.storage_as_host().await;
+    let path = storage
         .prepare_volume(spb::PrepareVolumeRequest {
             r#ref: Some(on_export.clone()),
         })
@@ -252,7 +252,7 @@ async fn damage_exported_dump(
         .into_inner()
         .path;
     damage(std::path::Path::new(&path));
-    c.storage()
+    storage
         .teardown_volume(spb::TeardownVolumeRequest {
             r#ref: Some(on_export),
         })

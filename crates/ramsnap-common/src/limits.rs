@@ -3,7 +3,7 @@
 //!
 //! | limit | default | what happens beyond it |
 //! |---|---|---|
-//! | calls in progress (unary and long unary), per server | 256 ([`DEFAULT_MAX_CONCURRENT_CALLS`]) | RESOURCE_EXHAUSTED at once, with RetryInfo (retry after 1 s) and a QuotaFailure naming `concurrent_calls` |
+//! | calls in progress (unary and long unary), per server | 256 ([`DEFAULT_MAX_CONCURRENT_CALLS`]) | the call waits up to 10 s ([`DEFAULT_QUEUE_WAIT`]) for a slot, then RESOURCE_EXHAUSTED, with RetryInfo (retry after 1 s) and a QuotaFailure naming `concurrent_calls` |
 //! | open response streams (Watch…, CopyVolume, SnapshotVm, reflection), per server | 1024 ([`DEFAULT_MAX_CONCURRENT_STREAMS`]) | as above, naming `concurrent_streams` |
 //! | time for a unary call | 60 s ([`DEFAULT_UNARY_TIMEOUT`]) | DEADLINE_EXCEEDED; the handler is dropped (cancelled) |
 //! | time for a long unary call (see [`crate::rpcs::CallKind::Long`]) or a stream | none on the server | the client's deadline (`grpc-timeout`) still applies to a unary call |
@@ -43,6 +43,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 256;
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: usize = 1024;
 pub const DEFAULT_UNARY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a call waits for a slot before it is refused: a burst (500
+/// CreateVm at once) queues briefly instead of failing.
+pub const DEFAULT_QUEUE_WAIT: Duration = Duration::from_secs(10);
 /// tonic's own default, kept for every service but storage.
 pub const DEFAULT_MAX_DECODING_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// StorageService takes whole VM descriptors (OVF, up to 16 MiB): twice
@@ -106,6 +109,8 @@ pub struct Limits {
     pub max_concurrent_streams: usize,
     /// `None`: no server-side time limit on unary calls.
     pub unary_timeout: Option<Duration>,
+    /// How long a call waits for a free slot before RESOURCE_EXHAUSTED.
+    pub queue_wait: Duration,
 }
 
 impl Default for Limits {
@@ -114,6 +119,7 @@ impl Default for Limits {
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             unary_timeout: Some(DEFAULT_UNARY_TIMEOUT),
+            queue_wait: DEFAULT_QUEUE_WAIT,
         }
     }
 }
@@ -196,36 +202,46 @@ where
         let path = req.uri().path();
         let kind = rpcs::lookup(path).map(|r| r.kind).unwrap_or(CallKind::Unary);
         let limits = self.layer.limits;
-        let permit = if path.starts_with("/grpc.health.v1.Health/") {
+        let slot = if path.starts_with("/grpc.health.v1.Health/") {
             None
         } else {
-            let (semaphore, subject, limit) = match kind {
+            Some(match kind {
                 CallKind::Stream => (
-                    &self.layer.streams,
+                    self.layer.streams.clone(),
                     "concurrent_streams",
                     limits.max_concurrent_streams,
                 ),
-                CallKind::Unary | CallKind::Long => {
-                    (&self.layer.calls, "concurrent_calls", limits.max_concurrent_calls)
-                }
-            };
-            match semaphore.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    tracing::warn!(path, subject, limit, "call refused: limit reached");
-                    let status = exhausted(subject, limit);
-                    return Box::pin(async move { Ok(status.into_http()) });
-                }
-            }
+                CallKind::Unary | CallKind::Long => (
+                    self.layer.calls.clone(),
+                    "concurrent_calls",
+                    limits.max_concurrent_calls,
+                ),
+            })
         };
+        let path = path.to_string();
         let timeout = match kind {
             CallKind::Unary => limits.unary_timeout,
             CallKind::Long | CallKind::Stream => None,
         };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let call = inner.call(req);
         Box::pin(async move {
+            // A slot now, or within the queue wait; else refused at once
+            // with a retry hint.
+            let permit = match slot {
+                None => None,
+                Some((semaphore, subject, limit)) => match semaphore.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => match tokio::time::timeout(limits.queue_wait, semaphore.acquire_owned()).await {
+                        Ok(Ok(p)) => Some(p),
+                        _ => {
+                            tracing::warn!(path, subject, limit, "call refused: limit reached");
+                            return Ok(exhausted(subject, limit).into_http());
+                        }
+                    },
+                },
+            };
+            let call = inner.call(req);
             let response = match timeout {
                 None => call.await?,
                 Some(t) => match tokio::time::timeout(t, call).await {

@@ -123,6 +123,7 @@ impl ServerSecurityArgs {
             max_concurrent_streams: self.max_concurrent_streams.max(1),
             unary_timeout: (self.unary_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.unary_timeout_secs)),
+            queue_wait: limits::DEFAULT_QUEUE_WAIT,
         }
     }
 

@@ -905,6 +905,8 @@ async fn concurrency_limit_and_unary_timeout() {
         max_concurrent_calls: 2,
         max_concurrent_streams: 1,
         unary_timeout: Some(Duration::from_millis(300)),
+        // Refused at once: what this test looks at.
+        queue_wait: Duration::ZERO,
     };
     let server = serve(
         ServerTransport::Tls(tls_server(&certs, ClientAuth::Required)),

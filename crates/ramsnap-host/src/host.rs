@@ -518,6 +518,9 @@ impl Host {
             drop(host);
             let (mut events, current, mut status) =
                 (vm.events.subscribe(), *vm.status.borrow(), vm.status.subscribe());
+            // Only the receivers stay: when the VM's entry goes (ForgetVm,
+            // prune), its sender goes with it and this stream ends.
+            drop(vm);
             let mut last = current;
             if !(said_down && current.status == VmStatus::Down) {
                 yield current;

@@ -33,7 +33,8 @@ impl HostApi {
     }
 
     pub fn into_server(self) -> HostServiceServer<Self> {
-        HostServiceServer::new(self)
+        use ramsnap_common::limits::MessageLimits;
+        HostServiceServer::new(self).with_message_limits()
     }
 }
 

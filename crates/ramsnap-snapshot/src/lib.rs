@@ -19,6 +19,7 @@ use ramsnap_proto::snapshot::v1::{
     cluster_service_server::ClusterServiceServer, operation_service_server::OperationServiceServer,
     snapshot_service_server::SnapshotServiceServer, vm_service_server::VmServiceServer,
 };
+use ramsnap_common::limits::MessageLimits;
 use std::sync::Arc;
 
 /// The coordinator, ready to serve: database open and migrated, sagas left
@@ -93,19 +94,19 @@ impl Coordinator {
         let a = &self.app;
         ServiceSet::new(
             service::SERVICE_NAMES[0],
-            ClusterServiceServer::new(service::cluster::ClusterApi(a.clone())),
+            ClusterServiceServer::new(service::cluster::ClusterApi(a.clone())).with_message_limits(),
         )
         .with(
             service::SERVICE_NAMES[1],
-            VmServiceServer::new(service::vm::VmApi(a.clone())),
+            VmServiceServer::new(service::vm::VmApi(a.clone())).with_message_limits(),
         )
         .with(
             service::SERVICE_NAMES[2],
-            SnapshotServiceServer::new(service::snapshot::SnapshotApi(a.clone())),
+            SnapshotServiceServer::new(service::snapshot::SnapshotApi(a.clone())).with_message_limits(),
         )
         .with(
             service::SERVICE_NAMES[3],
-            OperationServiceServer::new(service::operation::OperationApi(a.clone())),
+            OperationServiceServer::new(service::operation::OperationApi(a.clone())).with_message_limits(),
         )
     }
 

@@ -31,7 +31,10 @@ impl StorageApi {
     /// (tonic's default limit is 4 MiB): up to twice the largest, so that
     /// an oversized one still reaches the handler and gets its field error.
     pub fn into_server(self) -> StorageServiceServer<Self> {
-        StorageServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
+        use ramsnap_common::limits::MessageLimits;
+        StorageServiceServer::new(self)
+            .with_message_limits()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
