@@ -553,7 +553,10 @@ pub struct Cluster {
     pub export_domain: String,
     coordinator: Channel,
     storage_channel: Channel,
-    storage_url: String,
+    /// The services' addresses, to connect as another identity.
+    pub coordinator_url: String,
+    pub storage_url: String,
+    pub host_url: String,
     vm_ids: Mutex<Vec<String>>,
     // Torn down in this order (Drop takes them in turn).
     snapshot: Option<Running>,
@@ -831,7 +834,8 @@ impl Cluster {
                 (Some(host), snapshot, host_addr)
             }
         };
-        let coordinator = connect(&format!("http://{}", snapshot.addr)).await;
+        let snapshot_addr = snapshot.addr;
+        let coordinator = connect(&format!("http://{snapshot_addr}")).await;
 
         let mut c = Cluster {
             label: label.to_string(),
@@ -845,6 +849,8 @@ impl Cluster {
             coordinator,
             storage_channel,
             storage_url: storage_url.clone(),
+            coordinator_url: format!("http://{}", snapshot_addr),
+            host_url: format!("http://{host_addr}"),
             vm_ids: Mutex::new(Vec::new()),
             snapshot: Some(snapshot),
             host,
