@@ -34,9 +34,8 @@ fn without_certificate(addr: &str) -> tonic::transport::Channel {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let transport = ramsnap_common::tls::ClientTransport::Tls(ramsnap_common::tls::ClientTls::from_config(
-        config,
-    ));
+    let transport =
+        ramsnap_common::tls::ClientTransport::Tls(ramsnap_common::tls::ClientTls::from_config(config));
     let ep = transport.endpoint(addr).expect("an address");
     transport.connect_lazy(&ep)
 }
@@ -77,7 +76,10 @@ async fn the_services_require_a_certificate_and_the_right_role() {
             .await
             .expect_err("a call without a client certificate");
         assert!(
-            matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Unauthenticated),
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Unknown | Code::Unauthenticated
+            ),
             "{name} without a certificate: {err:?}"
         );
     }

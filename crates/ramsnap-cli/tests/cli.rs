@@ -485,7 +485,14 @@ async fn server_text_is_printed_escaped() {
     let escaped = "evil\\u{1b}[2J\\rcleared\\u{202e}exe.txt\\nnext\\u{9b}31m";
     let refused = server
         .ramsnap(&[
-            "volume", "create", "--domain", &domain, "--size", "1M", "--description", evil,
+            "volume",
+            "create",
+            "--domain",
+            &domain,
+            "--size",
+            "1M",
+            "--description",
+            evil,
         ])
         .await;
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
@@ -552,8 +559,10 @@ async fn server_text_is_printed_escaped() {
         "stderr printed {:?} raw: {err:?}",
         raw(&err)
     );
+    // The storage agent names the field and the character, never echoing
+    // the raw text.
     assert!(
-        err.contains("\\u{1b}[2J\\u{202e}dir"),
-        "the error quotes the location: {err:?}"
+        err.contains("location") && err.contains("U+001B"),
+        "the error names what it refuses: {err:?}"
     );
 }

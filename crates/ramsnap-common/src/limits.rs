@@ -232,13 +232,15 @@ where
                 None => None,
                 Some((semaphore, subject, limit)) => match semaphore.clone().try_acquire_owned() {
                     Ok(p) => Some(p),
-                    Err(_) => match tokio::time::timeout(limits.queue_wait, semaphore.acquire_owned()).await {
-                        Ok(Ok(p)) => Some(p),
-                        _ => {
-                            tracing::warn!(path, subject, limit, "call refused: limit reached");
-                            return Ok(exhausted(subject, limit).into_http());
+                    Err(_) => {
+                        match tokio::time::timeout(limits.queue_wait, semaphore.acquire_owned()).await {
+                            Ok(Ok(p)) => Some(p),
+                            _ => {
+                                tracing::warn!(path, subject, limit, "call refused: limit reached");
+                                return Ok(exhausted(subject, limit).into_http());
+                            }
                         }
-                    },
+                    }
                 },
             };
             let call = inner.call(req);

@@ -13,13 +13,13 @@ pub mod service;
 pub mod status;
 
 use app::App;
+use ramsnap_common::limits::MessageLimits;
 use ramsnap_common::server::ServiceSet;
 use ramsnap_common::tls::ClientTransport;
 use ramsnap_proto::snapshot::v1::{
     cluster_service_server::ClusterServiceServer, operation_service_server::OperationServiceServer,
     snapshot_service_server::SnapshotServiceServer, vm_service_server::VmServiceServer,
 };
-use ramsnap_common::limits::MessageLimits;
 use std::sync::Arc;
 
 /// The coordinator, ready to serve: database open and migrated, sagas left

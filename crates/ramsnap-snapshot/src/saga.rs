@@ -559,14 +559,27 @@ fn has_fn(events: &[crate::db::SagaNodeEvent]) -> impl Fn(usize, SagaNodeEventTy
 }
 
 /// No answer came: the agent or the database could not be reached, or the
-/// call ran out of time. What it asked for may or may not have happened.
+/// call ran out of time (what it asked for may or may not have happened);
+/// or the agent refused it for now, being busy (RESOURCE_EXHAUSTED with a
+/// RetryInfo: its concurrency limit), and nothing happened. Either way the
+/// step is asked again, not unwound.
 pub fn outcome_unknown(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) || busy(s)
+}
+
+/// An agent's "too busy, retry later" (its limits layer), as opposed to a
+/// domain without room (RESOURCE_EXHAUSTED without a RetryInfo).
+fn busy(s: &Status) -> bool {
+    s.code() == Code::ResourceExhausted && s.get_error_details().retry_info().is_some()
 }
 
 /// Whether a call that ended with this (unknown-outcome) status may have
-/// reached the agent: anything but a refused connection may have.
+/// reached the agent: anything but a refused connection or a busy refusal
+/// may have.
 fn may_have_arrived(s: &Status) -> bool {
+    if busy(s) {
+        return false;
+    }
     let m = s.message();
     !(m.contains("tcp connect error")
         || m.contains("error trying to connect")

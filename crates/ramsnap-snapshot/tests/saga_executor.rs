@@ -22,6 +22,9 @@ struct Toy {
     runs: Mutex<Vec<&'static str>>,
     /// Node b's agent does not answer this many times, with this message.
     unanswered: Mutex<(u32, &'static str)>,
+    /// Node b's agent is too busy this many times (RESOURCE_EXHAUSTED with a
+    /// RetryInfo, as the limits layer answers).
+    busy: Mutex<u32>,
 }
 
 fn make(cx: &SagaCx<Toy>, name: &'static str) -> Result<Value, Status> {
@@ -55,6 +58,18 @@ fn b(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
         // Needs a's output: outputs survive a restart through the log.
         let out: Value = cx.output("a")?;
         assert_eq!(out["made"], "a");
+        {
+            let mut b = cx.app.busy.lock().unwrap();
+            if *b > 0 {
+                *b -= 1;
+                cx.app.runs.lock().unwrap().push("b~");
+                return Err(<Status as tonic_types::StatusExt>::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    "the server already runs 256 concurrent calls; retry later",
+                    tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_millis(10))),
+                ));
+            }
+        }
         {
             let mut u = cx.app.unanswered.lock().unwrap();
             if u.0 > 0 {
@@ -355,4 +370,19 @@ async fn a_cancel_never_unwinds_a_step_that_may_have_reached_its_agent() {
         (OperationState::Succeeded, SagaState::Done)
     );
     assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
+}
+
+#[tokio::test]
+async fn a_busy_agent_is_asked_again() {
+    // Busy (RESOURCE_EXHAUSTED with a RetryInfo): asked again.
+    let env = env().await;
+    *env.app.busy.lock().unwrap() = 2;
+    let exec = executor(&env, "");
+    let (op, saga) = start(&env, &exec).await;
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    let runs = env.app.runs.lock().unwrap().clone();
+    assert_eq!(runs, ["a", "b~", "b~", "b", "c", "d"]);
 }
