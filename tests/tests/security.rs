@@ -75,10 +75,13 @@ async fn the_services_require_a_certificate_and_the_right_role() {
             .check(tonic_health::pb::HealthCheckRequest::default())
             .await
             .expect_err("a call without a client certificate");
+        // The handshake is refused: the client sees the connection fail
+        // (how it reports that depends on when the alert arrives). Never an
+        // answer.
         assert!(
             matches!(
                 err.code(),
-                Code::Unavailable | Code::Unknown | Code::Unauthenticated
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Unauthenticated
             ),
             "{name} without a certificate: {err:?}"
         );

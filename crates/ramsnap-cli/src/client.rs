@@ -16,6 +16,13 @@ pub async fn connect(
     how_to_set: &str,
     security: &ClientSecurityArgs,
 ) -> anyhow::Result<Channel> {
+    // Bearer tokens are for scripts with their own gRPC client; the CLI
+    // authenticates with its client certificate only (for now).
+    anyhow::ensure!(
+        security.token.is_none(),
+        "--token (RAMSNAP_TOKEN) is not supported by the ramsnap CLI: it presents a client \
+         certificate (--tls-dir and --as, or --tls-cert, --tls-key and --tls-ca)"
+    );
     let transport = security.transport()?;
     let uri = with_scheme(addr);
     let endpoint = transport
