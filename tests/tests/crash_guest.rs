@@ -75,6 +75,17 @@ fn deleted_files_held(vm_id: &str) -> Vec<String> {
 
 /// The coordinator, libvirt and the disks agree (see the module's doc).
 async fn assert_agree(c: &Cluster, vm_id: &str, what: &str) {
+    // Status reports cross two processes: they may take a moment to settle
+    // after a restart (a pause of libvirt's job seen at start, say).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = c.get_vm(vm_id).await.status() == VmStatus::Up;
+        let running = virsh(&["domstate", &domain(vm_id)]).trim() == "running";
+        if (up && running) || std::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let vm = c.get_vm(vm_id).await;
     if vm.status() != VmStatus::Up {
         c.fail(&format!(

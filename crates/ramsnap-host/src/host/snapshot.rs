@@ -599,6 +599,13 @@ impl Host {
             }
         }
         self.record(vm, r).await;
+        // The status this agent found at start may be the pause of that
+        // job: libvirt's state now says what the guest does.
+        let paused = matches!(
+            self.inner.hv.state(vm.id).await,
+            Ok(Some(DomainState::Paused { by_user: true }))
+        );
+        vm.set_status(if paused { VmStatus::Paused } else { VmStatus::Up });
         Ok(Some(outcome))
     }
 
