@@ -779,6 +779,70 @@ async fn concurrent_imports_sharing_volume_ids_never_delete_each_others_volumes(
     sim.finish().await;
 }
 
+/// The export's side of the same property. An export domain holds volumes
+/// under a VM's ids that no descriptor names (an earlier export whose
+/// descriptor was removed, or a foreign one): an export without
+/// force_override is refused with VOLUME_EXISTS and leaves every one of
+/// them (its unwind used to delete them all: the first copy met one, and
+/// the undo deleted every planned target); with force_override it replaces
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_never_deletes_export_domain_volumes_it_did_not_create() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let (vm, _) = sim.vm_with_memory_snapshot("exported").await;
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let domain_id = sim.export_domain.clone();
+    sim.storage
+        .delete_vm_descriptor(storage::DeleteVmDescriptorRequest {
+            domain_id,
+            vm_id: vm.clone(),
+        })
+        .await
+        .unwrap();
+    let left = sim.export_inventory().await;
+    assert!(
+        !left.is_empty() && !left.iter().any(|v| v.starts_with("ovf:")),
+        "{left:?}"
+    );
+
+    let op = sim.export_vm(&vm, false, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Failed as i32, "{op:?}");
+    assert!(op.error_message.contains("VOLUME_EXISTS"), "{op:?}");
+    assert!(
+        op.error_message.contains("force_override"),
+        "says what to do: {op:?}"
+    );
+    assert_eq!(
+        sim.export_inventory().await,
+        left,
+        "the export domain is untouched"
+    );
+    // The collapsed export makes the leaves' ids: refused the same way.
+    let op = sim.export_vm(&vm, true, false).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Failed as i32, "{op:?}");
+    assert_eq!(
+        sim.export_inventory().await,
+        left,
+        "the export domain is untouched"
+    );
+    // The VM was never touched: it is DOWN and unlocked.
+    sim.run(&vm, false).await;
+    sim.stop(&vm).await;
+
+    let op = sim.export_vm(&vm, false, true).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let now = sim.export_inventory().await;
+    assert!(now.contains(&format!("ovf:{vm}")), "{now:?}");
+    assert_eq!(
+        now.len(),
+        left.len() + 1,
+        "the same volumes again, and the descriptor: {now:?}"
+    );
+    sim.assert_no_orphans().await;
+    sim.finish().await;
+}
+
 fn import_req(sim: &InProc, vm_id: &str) -> pb::ImportVmRequest {
     pb::ImportVmRequest {
         request_id: Uuid::new_v4().to_string(),

@@ -1,4 +1,5 @@
 //! Steps several sagas share.
+use super::vm_export::{run_copies, PlannedCopy};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_ref};
 use crate::db::{self, MemoryVolume, SnapshotType, VmStatus, VolumeRef};
@@ -9,6 +10,7 @@ use ramsnap_common::status;
 use ramsnap_proto::storage::v1 as storage;
 use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 use uuid::Uuid;
 
 /// The undo of a node that has nothing to undo (it only computes, or it is
@@ -457,4 +459,112 @@ pub async fn delete_volumes_reversed(
         .await?;
     }
     Ok(())
+}
+
+// --- volumes a saga claims -----------------------------------------------------
+//
+// A saga that copies volumes under ids it does not choose (an import keeps
+// the exported ids, an export the VM's) must never delete, when it unwinds,
+// a volume that was there before it: it claims each target in its record
+// before it asks the storage for it, and its undo deletes only what it
+// claimed.
+
+/// Copies one planned volume as this saga's own. The target is claimed in
+/// the saga's record before the storage is asked for it, and only if it is
+/// not there yet: a target that exists without this saga's claim is
+/// someone else's (FAILED_PRECONDITION VOLUME_EXISTS with `hint`, and the
+/// undo leaves it alone); one that appears between the check and the copy
+/// makes the storage refuse the copy (ALREADY_EXISTS of the volume), and
+/// the claim is withdrawn. A replay finds its claim and the storage answers
+/// the copy's request id with the volume it made.
+pub async fn copy_own(
+    cx: &SagaCx<App>,
+    h: &db::Host,
+    c: &PlannedCopy,
+    done: &mut u64,
+    total: u64,
+    description: &str,
+    hint: &str,
+) -> Result<(), Status> {
+    let db = cx.db();
+    let claimed = db
+        .saga_volumes(cx.saga_id)
+        .await
+        .map_err(db_status)?
+        .contains(&c.target);
+    if !claimed {
+        if volume_present(&cx.app, h, &c.target).await? {
+            return Err(volume_exists(&cx.app, &c.target, hint).await);
+        }
+        db.claim_saga_volume(cx.saga_id, &c.target)
+            .await
+            .map_err(db_status)?;
+    }
+    match run_copies(cx, h, std::slice::from_ref(c), done, total, description).await {
+        Err(s)
+            if s.code() == Code::AlreadyExists
+                && s.get_error_details()
+                    .resource_info()
+                    .is_some_and(|r| r.resource_type == "volume") =>
+        {
+            db.release_saga_volume(cx.saga_id, &c.target)
+                .await
+                .map_err(db_status)?;
+            Err(volume_exists(&cx.app, &c.target, hint).await)
+        }
+        other => other,
+    }
+}
+
+/// The volumes of `planned` this saga claimed (see [`copy_own`]), in the
+/// order given.
+pub async fn own_volumes(cx: &SagaCx<App>, planned: &[VolumeRef]) -> Result<Vec<VolumeRef>, Status> {
+    let own: HashSet<VolumeRef> = cx
+        .db()
+        .saga_volumes(cx.saga_id)
+        .await
+        .map_err(db_status)?
+        .into_iter()
+        .collect();
+    Ok(planned.iter().copied().filter(|t| own.contains(t)).collect())
+}
+
+/// Whether the volume is on its domain.
+pub async fn volume_present(app: &App, h: &db::Host, r: &VolumeRef) -> Result<bool, Status> {
+    match app
+        .storage_client(h)?
+        .get_volume(storage::GetVolumeRequest {
+            r#ref: Some(to_wire_ref(r)),
+        })
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(s)
+            if s.code() == Code::NotFound
+                && s.get_error_details()
+                    .resource_info()
+                    .is_some_and(|i| i.resource_type == "volume") =>
+        {
+            Ok(false)
+        }
+        Err(s) => Err(downstream("looking for a copy's target volume", s)),
+    }
+}
+
+/// FAILED_PRECONDITION VOLUME_EXISTS for a volume a saga would create,
+/// naming the VM that uses its image when there is one; `hint` says what to
+/// do instead.
+pub async fn volume_exists(app: &App, t: &VolumeRef, hint: &str) -> Status {
+    let owner = match app.db.vm_using_image(t.image_id).await {
+        Ok(Some((id, name))) => format!(" (its image is VM {name}'s, {id})"),
+        _ => String::new(),
+    };
+    status::failed_precondition(
+        "VOLUME_EXISTS",
+        &format!("domain/{}/images/{}/{}", t.domain_id, t.image_id, t.volume_id),
+        format!(
+            "volume {}/{} exists on storage domain {} already{owner}: {hint}",
+            t.image_id, t.volume_id, t.domain_id
+        ),
+    )
 }

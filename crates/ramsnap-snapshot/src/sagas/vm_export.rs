@@ -12,8 +12,8 @@
 //! everything the export wrote; `force_override` deletes an earlier export
 //! of the VM first, and that deletion is not undone.
 use super::common::{
-    copy_volume, delete_image, delete_volumes_reversed, image_lock, image_unlock, image_volumes, lock_vm,
-    noop, parents, require_down, unlock_vm, vm_and_host,
+    copy_own, copy_volume, delete_image, delete_volumes_reversed, image_lock, image_unlock, image_volumes,
+    lock_vm, noop, own_volumes, parents, require_down, unlock_vm, vm_and_host, volume_exists,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -258,6 +258,9 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             ));
         }
         let plan = make_plan(cx, &p, &vm, &h, previous).await?;
+        if !p.force_override {
+            refuse_existing_targets(&cx.app, &h, &plan).await?;
+        }
         Ok(serde_json::to_value(plan).expect("serializable"))
     }
     .boxed()
@@ -468,6 +471,63 @@ async fn make_plan(
     })
 }
 
+/// What to do about a target of the export that exists already.
+const EXPORT_HINT: &str = "the export domain has a volume under this VM's ids but no export of it names \
+                           the volume; export with force_override to replace what is there";
+
+/// Every volume the plan creates, parents first: the disk copies, then each
+/// memory's metadata and dump.
+fn targets(plan: &Plan) -> Vec<VolumeRef> {
+    plan.copies
+        .iter()
+        .map(|c| c.target)
+        .chain(
+            plan.memories
+                .iter()
+                .flat_map(|m| [m.target.metadata, m.target.dump]),
+        )
+        .collect()
+}
+
+/// Refuses an export (without force_override) that would create a volume
+/// that is on the export domain already: FAILED_PRECONDITION VOLUME_EXISTS.
+/// Without a descriptor naming them, such volumes are not this VM's export
+/// (a foreign or broken one), and the export must neither overwrite them
+/// nor, when it unwinds, delete them. The copies check each target again
+/// (see [`copy_own`]).
+async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Result<(), Status> {
+    let targets = targets(plan);
+    let Some(domain) = targets.first().map(|t| t.domain_id) else {
+        return Ok(());
+    };
+    let present: HashSet<(Uuid, Uuid)> = app
+        .storage_client(h)?
+        .list_volumes(storage::ListVolumesRequest {
+            domain_id: domain.to_string(),
+            image_id: String::new(),
+        })
+        .await
+        .map_err(|s| downstream("listing the export domain's volumes", s))?
+        .into_inner()
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            let r = v.r#ref.as_ref()?;
+            Some((
+                Uuid::parse_str(&r.image_id).ok()?,
+                Uuid::parse_str(&r.volume_id).ok()?,
+            ))
+        })
+        .collect();
+    match targets
+        .iter()
+        .find(|t| present.contains(&(t.image_id, t.volume_id)))
+    {
+        Some(t) => Err(volume_exists(app, t, EXPORT_HINT).await),
+        None => Ok(()),
+    }
+}
+
 /// Every image an export of this plan (or an earlier one) has on the
 /// export domain.
 fn images_of(ovf: &OvfVm) -> Vec<Uuid> {
@@ -483,7 +543,9 @@ fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
-        if !plan.previous {
+        // force_override also clears what an export of this VM left without
+        // a descriptor (volumes under its ids).
+        if !plan.previous && !p.force_override {
             return Ok(Value::Null);
         }
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
@@ -574,15 +636,7 @@ pub async fn run_memory_copies(
                 keep_parent: false,
                 capacity_bytes: capacity,
             };
-            run_copies(
-                cx,
-                h,
-                std::slice::from_ref(&copy),
-                done,
-                total,
-                "memory of a snapshot",
-            )
-            .await?;
+            copy_own(cx, h, &copy, done, total, "memory of a snapshot", EXPORT_HINT).await?;
         }
         let r = cx
             .app
@@ -609,15 +663,10 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
         let total = total_bytes(&plan.copies, &plan.memories);
         let mut done = 0;
-        run_copies(
-            cx,
-            &h,
-            &plan.copies,
-            &mut done,
-            total,
-            &format!("export of VM {}", vm.name),
-        )
-        .await?;
+        let description = format!("export of VM {}", vm.name);
+        for c in &plan.copies {
+            copy_own(cx, &h, c, &mut done, total, &description, EXPORT_HINT).await?;
+        }
         Ok(Value::Null)
     }
     .boxed()
@@ -629,8 +678,12 @@ fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let Some(plan) = cx.maybe_output::<Plan>("plan") else {
             return Ok(());
         };
+        let planned: Vec<VolumeRef> = plan.copies.iter().map(|c| c.target).collect();
+        let targets = own_volumes(cx, &planned).await?;
+        if targets.is_empty() {
+            return Ok(());
+        }
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
-        let targets: Vec<VolumeRef> = plan.copies.iter().map(|c| c.target).collect();
         delete_volumes_reversed(cx, &h, &targets, "undo/export-copy").await
     }
     .boxed()
@@ -656,12 +709,16 @@ fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let Some(plan) = cx.maybe_output::<Plan>("plan") else {
             return Ok(());
         };
-        let (_, h) = vm_and_host(cx, p.vm_id).await?;
-        let targets: Vec<VolumeRef> = plan
+        let planned: Vec<VolumeRef> = plan
             .memories
             .iter()
             .flat_map(|m| [m.target.dump, m.target.metadata])
             .collect();
+        let targets = own_volumes(cx, &planned).await?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let (_, h) = vm_and_host(cx, p.vm_id).await?;
         delete_volumes_reversed(cx, &h, &targets, "undo/export-memory").await
     }
     .boxed()

@@ -18,8 +18,8 @@
 //! copied. A checksum mismatch fails the whole import, which unwinds:
 //! nothing of it remains (import as a clone to get the disks without the
 //! memory).
-use super::common::{delete_volumes_reversed, noop, ordered_disk_id};
-use super::vm_export::{run_copies, PlannedCopy, PlannedMemory};
+use super::common::{copy_own, delete_volumes_reversed, noop, ordered_disk_id, own_volumes, volume_exists};
+use super::vm_export::{PlannedCopy, PlannedMemory};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{
@@ -36,7 +36,7 @@ use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashSet;
-use tonic::{Code, Status};
+use tonic::Status;
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
@@ -542,7 +542,7 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let total = total_bytes(&plan);
         let description = format!("VM {} imported", plan.new_vm.name);
         for c in &plan.copies {
-            copy_own(cx, &h, c, &mut done, total, &description).await?;
+            copy_own(cx, &h, c, &mut done, total, &description, IMPORT_HINT).await?;
         }
         Ok(Value::Null)
     }
@@ -557,14 +557,7 @@ async fn delete_own(
     planned: &[VolumeRef],
     purpose: &str,
 ) -> Result<(), Status> {
-    let own: HashSet<VolumeRef> = cx
-        .db()
-        .saga_volumes(cx.saga_id)
-        .await
-        .map_err(db_status)?
-        .into_iter()
-        .collect();
-    let targets: Vec<VolumeRef> = planned.iter().copied().filter(|t| own.contains(t)).collect();
+    let targets = own_volumes(cx, planned).await?;
     if targets.is_empty() {
         return Ok(());
     }
@@ -602,7 +595,16 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                     keep_parent: false,
                     capacity_bytes: capacity,
                 };
-                copy_own(cx, &h, &copy, &mut done, total, "memory of a snapshot").await?;
+                copy_own(
+                    cx,
+                    &h,
+                    &copy,
+                    &mut done,
+                    total,
+                    "memory of a snapshot",
+                    IMPORT_HINT,
+                )
+                .await?;
             }
             // Checksummed where it landed against the descriptor, and rebound
             // to the data domain (or to the collapsed disks).
@@ -640,90 +642,11 @@ fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-/// Copies one planned volume as this saga's own. The target is claimed in
-/// the saga's record before the storage is asked for it, and only if it is
-/// not there yet: a target that exists without this saga's claim is
-/// someone else's (FAILED_PRECONDITION VOLUME_EXISTS, and the undo leaves
-/// it alone); one that appears between the check and the copy makes the
-/// storage refuse the copy (ALREADY_EXISTS of the volume), and the claim is
-/// withdrawn. A replay finds its claim and the storage answers the copy's
-/// request id with the volume it made.
-async fn copy_own(
-    cx: &SagaCx<App>,
-    h: &db::Host,
-    c: &PlannedCopy,
-    done: &mut u64,
-    total: u64,
-    description: &str,
-) -> Result<(), Status> {
-    let db = cx.db();
-    let claimed = db
-        .saga_volumes(cx.saga_id)
-        .await
-        .map_err(db_status)?
-        .contains(&c.target);
-    if !claimed {
-        if volume_present(&cx.app, h, &c.target).await? {
-            return Err(target_exists(&cx.app, &c.target).await);
-        }
-        db.claim_saga_volume(cx.saga_id, &c.target)
-            .await
-            .map_err(db_status)?;
-    }
-    match run_copies(cx, h, std::slice::from_ref(c), done, total, description).await {
-        Err(s)
-            if s.code() == Code::AlreadyExists
-                && s.get_error_details()
-                    .resource_info()
-                    .is_some_and(|r| r.resource_type == "volume") =>
-        {
-            db.release_saga_volume(cx.saga_id, &c.target)
-                .await
-                .map_err(db_status)?;
-            Err(target_exists(&cx.app, &c.target).await)
-        }
-        other => other,
-    }
-}
+/// What to do about a target of the import that exists already.
+const IMPORT_HINT: &str = "an import keeps the exported ids; import the VM as a clone (new ids) instead";
 
-/// Whether the volume is on its domain.
-async fn volume_present(app: &App, h: &db::Host, r: &VolumeRef) -> Result<bool, Status> {
-    match app
-        .storage_client(h)?
-        .get_volume(storage::GetVolumeRequest {
-            r#ref: Some(to_wire_ref(r)),
-        })
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(s)
-            if s.code() == Code::NotFound
-                && s.get_error_details()
-                    .resource_info()
-                    .is_some_and(|i| i.resource_type == "volume") =>
-        {
-            Ok(false)
-        }
-        Err(s) => Err(downstream("looking for an import's target volume", s)),
-    }
-}
-
-/// FAILED_PRECONDITION VOLUME_EXISTS for a target the import would create,
-/// naming the VM that uses its image when there is one.
 async fn target_exists(app: &App, t: &VolumeRef) -> Status {
-    let owner = match app.db.vm_using_image(t.image_id).await {
-        Ok(Some((id, name))) => format!(" (it is VM {name}'s, {id})"),
-        _ => String::new(),
-    };
-    status::failed_precondition(
-        "VOLUME_EXISTS",
-        &format!("domain/{}/images/{}/{}", t.domain_id, t.image_id, t.volume_id),
-        format!(
-            "volume {}/{} of the export exists on storage domain {} already{owner}: an import keeps \
-             the exported ids; import the VM as a clone (new ids) instead",
-            t.image_id, t.volume_id, t.domain_id
-        ),
-    )
+    volume_exists(app, t, IMPORT_HINT).await
 }
 
 /// Every volume the plan creates, in the order it creates them (parents
