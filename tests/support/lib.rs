@@ -9,6 +9,7 @@
 //! libvirt); [`console`] parses the guest's console.
 pub mod cluster;
 pub mod console;
+pub mod faults;
 pub mod guest;
 
 use std::collections::HashMap;
@@ -70,10 +71,16 @@ pub fn spawn_service(binary: &str, args: &[&str]) -> Running {
 /// Its BLOCK discovery is limited to a device that does not exist, so that it
 /// never adopts the volume groups of other tests or of the host.
 pub fn spawn_storage() -> Running {
+    spawn_storage_with(&[])
+}
+
+/// [`spawn_storage`] with more arguments (`--tls-dir DIR`: certificates
+/// other than this test process's).
+pub fn spawn_storage_with(extra: &[&str]) -> Running {
     let dir = tempdir();
     let d = dir.path();
     std::fs::create_dir_all(d.join("domains")).expect("creating the file root");
-    let args: Vec<OsString> = vec![
+    let mut args: Vec<OsString> = vec![
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--state-dir".into(),
@@ -85,6 +92,7 @@ pub fn spawn_storage() -> Running {
         "--block-device".into(),
         d.join("no-such-device").into(),
     ];
+    args.extend(extra.iter().map(OsString::from));
     spawn("ramsnap-storage", args, 1, dir)
 }
 
@@ -199,10 +207,15 @@ pub fn spawn_env(
         .open(&log)
         .expect("creating the stderr log");
     let mut command = Command::new(&path);
+    command.args(&args);
+    // This test process's dev certificates, unless told otherwise.
+    if !args
+        .iter()
+        .any(|a| a == "--tls-dir" || a == "--tls-cert" || a == "--insecure")
+    {
+        command.arg("--tls-dir").arg(tls_dir());
+    }
     command
-        .args(&args)
-        .arg("--tls-dir")
-        .arg(tls_dir())
         .envs(env.iter().copied())
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())

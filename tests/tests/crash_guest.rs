@@ -16,104 +16,16 @@
 //! - separate agents: the host and storage agents are SIGKILLed while the
 //!   snapshot saga stands at each node (a `hold` failpoint), and come back
 //!   a moment later: the saga asks again instead of unwinding.
-use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, DOMAIN_PREFIX, MIB};
+use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
+use ramsnap_e2e::faults::{assert_running_agrees, crashed_then_restarted, AgentKiller};
 use ramsnap_e2e::guest::CMDLINE;
 use ramsnap_proto::snapshot::v1 as pb;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// The exit code of a process stopped by a failpoint.
-const FAILPOINT_EXIT: i32 = 86;
-/// A failpoint fires within this (a snapshot of a small guest, a boot).
-const FAILPOINT_TIMEOUT: Duration = Duration::from_secs(180);
 /// RAM filled with random data, so that the dump takes long enough for a
 /// crash to land in it.
 const FILL_MIB: u64 = 96;
-
-fn virsh(args: &[&str]) -> String {
-    let out = Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .expect("running virsh");
-    assert!(
-        out.status.success(),
-        "virsh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn domain(vm_id: &str) -> String {
-    format!("{DOMAIN_PREFIX}{vm_id}")
-}
-
-/// The file libvirt's vda is on now.
-fn live_disk(vm_id: &str) -> String {
-    virsh(&["domblklist", &domain(vm_id), "--details"])
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() >= 4 && f[2] == "vda")
-        .map(|f| f[3].to_string())
-        .unwrap_or_else(|| panic!("libvirt lists no vda for {}", domain(vm_id)))
-}
-
-/// Files QEMU holds open that were deleted under it.
-fn deleted_files_held(vm_id: &str) -> Vec<String> {
-    let pidfile = format!("/run/libvirt/qemu/{}.pid", domain(vm_id));
-    let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{pidfile}: {e}"));
-    let fds = format!("/proc/{}/fd", pid.trim());
-    std::fs::read_dir(&fds)
-        .unwrap_or_else(|e| panic!("{fds}: {e}"))
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .filter(|p| p.ends_with(" (deleted)") && !p.starts_with("/memfd:"))
-        .collect()
-}
-
-/// The coordinator, libvirt and the disks agree (see the module's doc).
-async fn assert_agree(c: &Cluster, vm_id: &str, what: &str) {
-    // Status reports cross two processes: they may take a moment to settle
-    // after a restart (a pause of libvirt's job seen at start, say).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = c.get_vm(vm_id).await.status() == VmStatus::Up;
-        let running = virsh(&["domstate", &domain(vm_id)]).trim() == "running";
-        if (up && running) || std::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let vm = c.get_vm(vm_id).await;
-    if vm.status() != VmStatus::Up {
-        c.fail(&format!(
-            "{what}: the coordinator reports {:?}, not UP",
-            vm.status()
-        ));
-    }
-    let state = virsh(&["domstate", &domain(vm_id)]);
-    if state.trim() != "running" {
-        c.fail(&format!("{what}: libvirt says the domain is {state:?}"));
-    }
-    let active = c.active_snapshot(vm_id).await;
-    let leaf = active.disks[0].volume.clone().expect("a disk's volume");
-    let live = live_disk(vm_id);
-    if !live.ends_with(&format!("{}/{}", leaf.image_id, leaf.volume_id)) {
-        c.fail(&format!(
-            "{what}: the guest writes to {live}, the coordinator's leaf is {}/{}",
-            leaf.image_id, leaf.volume_id
-        ));
-    }
-    if !Path::new(&live).exists() {
-        c.fail(&format!("{what}: the guest's disk {live} does not exist"));
-    }
-    let deleted = deleted_files_held(vm_id);
-    if !deleted.is_empty() {
-        c.fail(&format!("{what}: QEMU holds deleted files: {deleted:?}"));
-    }
-}
 
 fn snapshot_request(vm_id: &str, request_id: &str, description: &str) -> pb::CreateSnapshotRequest {
     pb::CreateSnapshotRequest {
@@ -135,19 +47,6 @@ async fn send_snapshot(c: &Cluster, req: &pb::CreateSnapshotRequest) -> Option<p
             None
         }
     }
-}
-
-/// Waits for the process to exit at its failpoint and starts it again with
-/// `env` (no failpoints when empty).
-fn crashed_then_restarted(c: &mut Cluster, which: Process, what: &str, env: &[(&str, &str)]) {
-    let status = c.process(which).exited_within(FAILPOINT_TIMEOUT);
-    match status.and_then(|s| s.code()) {
-        Some(FAILPOINT_EXIT) => {}
-        other => c.fail(&format!(
-            "{what}: {which:?} did not exit at the failpoint (exit {other:?})"
-        )),
-    }
-    c.process(which).restart(env);
 }
 
 /// The snapshot of `req`, after the crash: the operation ends SUCCEEDED,
@@ -172,7 +71,7 @@ async fn after_snapshot_crash(
     if !snap.has_memory {
         c.fail(&format!("{what}: the snapshot has no memory: {snap:?}"));
     }
-    assert_agree(c, vm_id, what).await;
+    assert_running_agrees(c, vm_id, what).await;
     let now = c.console_now(vm_id).await;
     if now.token != token {
         c.fail(&format!("{what}: the guest rebooted ({token} -> {})", now.token));
@@ -240,7 +139,7 @@ async fn embedded_dies_while_libvirt_dumps_and_while_it_restores() {
     while c.get_vm(&vm).await.status() != VmStatus::Up && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_agree(&c, &vm, what).await;
+    assert_running_agrees(&c, &vm, what).await;
     let active = c.active_snapshot(&vm).await;
     if active.has_memory {
         c.fail(&format!(
@@ -296,8 +195,7 @@ async fn embedded_dies_at_every_node_of_a_memory_snapshot() {
 /// agents are UNAVAILABLE meanwhile) and completes; nothing disagrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_killed_at_every_node_of_a_memory_snapshot() {
-    let failpoint_dir = tempfile::tempdir().expect("a temp dir for the release files");
-    let dir = failpoint_dir.path().display().to_string();
+    let killer = AgentKiller::new();
     let mut c = Cluster::start(Db::Sqlite, "3.3", "kill-agents").await;
     let vm = c
         .create_vm_sized("kill-agents", DomainKind::Block, 128 * MIB, CMDLINE)
@@ -312,39 +210,15 @@ async fn agents_killed_at_every_node_of_a_memory_snapshot() {
         "unlock_vm",
     ] {
         let what = format!("agents killed at snapshot_create.{node}");
-        let failpoint = format!("snapshot_create.{node}=hold");
-        c.process(Process::Coordinator).restart(&[
-            ("RAMSNAP_FAILPOINTS", failpoint.as_str()),
-            ("RAMSNAP_FAILPOINT_DIR", dir.as_str()),
-        ]);
+        killer.arm(&mut c, "snapshot_create", node);
         let req = snapshot_request(&vm, &Uuid::new_v4().to_string(), &what);
         let op = send_snapshot(&c, &req)
             .await
             .unwrap_or_else(|| c.fail(&format!("{what}: CreateSnapshot failed")));
-        // The saga stands at the node: kill both agents, let it go on
-        // against nothing for a while, then bring them back.
-        let release = failpoint_dir.path().join(format!("snapshot_create.{node}"));
-        wait_for_log(&c, &format!("failpoint snapshot_create.{node}=hold"), &what).await;
-        c.process(Process::HostAgent).kill();
-        c.process(Process::StorageAgent).kill();
-        std::fs::write(&release, b"").expect("writing the release file");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        c.process(Process::StorageAgent).restart(&[]);
-        c.process(Process::HostAgent).restart(&[]);
+        killer
+            .kill_agents_at(&mut c, "snapshot_create", node, &what)
+            .await;
         after_snapshot_crash(&c, &vm, &req, Some(op), &guest.token, &what).await;
-        let _ = std::fs::remove_file(&release);
     }
     c.assert_no_orphans().await;
-}
-
-/// Waits until the coordinator's log shows `needle`.
-async fn wait_for_log(c: &Cluster, needle: &str, what: &str) {
-    let deadline = std::time::Instant::now() + FAILPOINT_TIMEOUT;
-    while std::time::Instant::now() < deadline {
-        if c.logs().contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    c.fail(&format!("{what}: the coordinator never logged {needle:?}"));
 }

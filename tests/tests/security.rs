@@ -3,11 +3,13 @@
 //! TLS with the dev certificates of this test process: no certificate is
 //! refused; a viewer reads but cannot stop a VM; an operator cannot delete a
 //! volume on an agent directly; the agents obey only the coordinator (the
-//! admin included is refused). Certificate rotation is tested on a real TLS
-//! server in `crates/ramsnap-common/tests/security.rs` (the dev certificates
-//! here are shared by the whole test process).
+//! admin included is refused); a binary serving certificates that are
+//! replaced on disk (a new CA, a new server certificate and key) picks them
+//! up without a restart. The client side of a rotation (the coordinator's
+//! own certificate) is tested on a real TLS server in
+//! `crates/ramsnap-common/tests/security.rs`.
 use ramsnap_e2e::cluster::{Cluster, Db, DomainKind};
-use ramsnap_e2e::{connect_as, tls_dir};
+use ramsnap_e2e::{connect_as, spawn_storage_with, tls_dir};
 use ramsnap_proto::host::v1 as hpb;
 use ramsnap_proto::host::v1::host_service_client::HostServiceClient;
 use ramsnap_proto::snapshot::v1 as pb;
@@ -135,4 +137,84 @@ async fn the_services_require_a_certificate_and_the_right_role() {
     // And the coordinator, through them, still does its work.
     c.boot(&vm).await;
     c.stop_vm(&vm).await;
+}
+
+/// A channel to `addr` presenting `identity`'s certificate from `dir` and
+/// trusting `dir`'s CA.
+fn client_from(dir: &std::path::Path, identity: &str, addr: &str) -> tonic::transport::Channel {
+    let files = ramsnap_common::tls::TlsFiles::in_dir(dir, identity);
+    let transport = ramsnap_common::tls::ClientTransport::Tls(
+        ramsnap_common::tls::ClientTls::new(files).expect("a client certificate"),
+    );
+    let ep = transport.endpoint(addr).expect("an address");
+    transport.connect_lazy(&ep)
+}
+
+async fn list_domains(dir: &std::path::Path, addr: &str) -> Result<(), tonic::Status> {
+    StorageServiceClient::new(client_from(dir, "admin", addr))
+        .list_domains(spb::ListDomainsRequest::default())
+        .await
+        .map(|_| ())
+}
+
+/// The storage agent's CA, certificate and key are replaced on disk (a
+/// Kubernetes Secret update, a cert-manager renewal with a new CA): within
+/// the reload interval, the same process serves the new certificate and
+/// accepts clients of the new CA only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_picked_up_without_a_restart() {
+    let served = tempfile::tempdir().expect("a dir for the served certificates");
+    let old = tempfile::tempdir().expect("a dir for the old certificates");
+    let new = tempfile::tempdir().expect("a dir for the new certificates");
+    ramsnap_common::devcerts::ensure_dev_certs(served.path()).expect("the first CA");
+    ramsnap_common::devcerts::ensure_dev_certs(new.path()).expect("a second CA");
+    for f in std::fs::read_dir(served.path()).expect("the served dir") {
+        let f = f.expect("an entry").path();
+        std::fs::copy(&f, old.path().join(f.file_name().expect("a name"))).expect("keeping the old files");
+    }
+    let served_dir = served.path().display().to_string();
+    let mut storage = spawn_storage_with(&["--tls-dir", &served_dir]);
+    let addr = format!("https://{}", storage.addr);
+
+    list_domains(old.path(), &addr)
+        .await
+        .expect("a client of the first CA");
+    assert!(
+        list_domains(new.path(), &addr).await.is_err(),
+        "a client of the second CA is refused before the rotation"
+    );
+
+    // The rotation: each file renamed into place, as a Secret update does.
+    for name in ["ca.pem", "storage.key", "storage.pem"] {
+        let staged = served.path().join(format!(".{name}.new"));
+        std::fs::copy(new.path().join(name), &staged).expect("staging a new file");
+        std::fs::rename(&staged, served.path().join(name)).expect("renaming it into place");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match list_domains(new.path(), &addr).await {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!(
+                "the rotated certificates were not picked up in 30 s: {e}\n{}",
+                storage.logs()
+            ),
+        }
+    }
+    assert!(
+        list_domains(old.path(), &addr).await.is_err(),
+        "a client of the first CA is refused after the rotation"
+    );
+    assert!(
+        storage.exited_within(std::time::Duration::ZERO).is_none(),
+        "the same process serves on (no restart)"
+    );
+    assert!(
+        storage.logs().contains("reloaded after a file changed"),
+        "the agent logs the reload\n{}",
+        storage.logs()
+    );
 }
