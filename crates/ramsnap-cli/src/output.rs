@@ -2,7 +2,6 @@
 //! people, pretty JSON for scripts. Everything goes to stdout; progress and
 //! errors go to stderr so that `-o json | jq` always sees clean JSON.
 use serde_json::Value;
-use std::borrow::Cow;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -10,43 +9,16 @@ pub enum Format {
     Json,
 }
 
-/// Whether a character must not reach the terminal as it is: a control
-/// character (C0, DEL, C1: ESC starts terminal escape sequences, CR and LF
-/// rewrite lines) or a bidi formatting character (the embeddings and
-/// overrides U+202A..U+202E, the isolates U+2066..U+2069, the marks U+200E,
-/// U+200F, U+061C), which reorders what is shown.
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
-        )
-}
-
 /// Text that came from a server (names, descriptions, error messages and
-/// details, warnings, paths) as it is printed for people: every
-/// [`unprintable`] character escaped (`\n`, `\r`, `\t`, else `\u{1b}`), so
-/// that nothing a server returns can move the cursor, clear the screen,
+/// details, warnings, paths) as it is printed for people: every character
+/// that `ramsnap_common::text` forbids in caller text (controls, line
+/// separators, bidi formatting) escaped (`\n`, `\r`, `\t`, else `\u{1b}`),
+/// so that nothing a server returns can move the cursor, clear the screen,
 /// recolour the terminal or make one name look like another. Every table
 /// cell, field value, warning, summary and error line goes through it; JSON
 /// output does not need it (serde_json escapes control characters, and a
 /// script reads the text as it is).
-pub fn printable(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(unprintable) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if unprintable(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
-}
+pub use ramsnap_common::text::printable;
 
 /// A table with a header row; columns are as wide as their widest cell.
 pub struct Table {
@@ -223,6 +195,7 @@ pub fn utc_time_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     #[test]
     fn human_sizes() {

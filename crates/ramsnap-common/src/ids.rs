@@ -1,6 +1,7 @@
 //! Ids on the wire are canonical hyphenated UUIDs. Parsing them strictly is
 //! also what keeps caller input out of file and LVM names.
 use crate::status;
+use crate::text::echo;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -15,21 +16,6 @@ pub fn parse(field: &str, value: &str) -> Result<Uuid, Status> {
             format!("{} is not a UUID in canonical hyphenated form", echo(value)),
         )
     })
-}
-
-/// The most characters of caller input an error message quotes.
-pub const ECHO_MAX_CHARS: usize = 64;
-
-/// Caller input as an error message quotes it: escaped (`{:?}`) and, past
-/// [`ECHO_MAX_CHARS`] characters, cut with "…". A refusal must not carry
-/// what it refuses whole: an 8 KB value echoed in the message (and again in
-/// the error details) makes response headers too large for HTTP/2 clients,
-/// which then see a transport error instead of INVALID_ARGUMENT.
-pub fn echo(value: &str) -> String {
-    match value.char_indices().nth(ECHO_MAX_CHARS) {
-        None => format!("{value:?}"),
-        Some((cut, _)) => format!("{:?}…", &value[..cut]),
-    }
 }
 
 /// Parses an optional UUID field: empty means "not given".

@@ -20,4 +20,5 @@ pub mod security;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod text;
 pub mod tls;

@@ -46,8 +46,8 @@ impl BootFile {
         if name == "." || name == ".." || name.contains('/') {
             return Err(format!("{name:?} is not a plain file name"));
         }
-        if name.chars().any(|c| c.is_control()) {
-            return Err("contains control characters".into());
+        if name.chars().any(ramsnap_common::text::forbidden) {
+            return Err("contains control, line-separator or bidi-formatting characters".into());
         }
         Ok(BootFile(name.to_string()))
     }
@@ -88,10 +88,10 @@ impl VmSpec {
     /// Checks every field that the tonic layer cannot check by type;
     /// returns the offending field and why.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.name.len() > MAX_NAME || self.name.chars().any(|c| c.is_control()) {
+        if self.name.len() > MAX_NAME || self.name.chars().any(ramsnap_common::text::forbidden) {
             return Err((
                 "spec.name",
-                format!("must be at most {MAX_NAME} bytes without control characters"),
+                format!("must be at most {MAX_NAME} bytes without control, line-separator or bidi-formatting characters"),
             ));
         }
         if self.memory_bytes < MIN_MEMORY || self.memory_bytes > MAX_MEMORY {
@@ -112,10 +112,10 @@ impl VmSpec {
         if self.kernel.is_none() && (self.initrd.is_some() || !self.cmdline.is_empty()) {
             return Err(("spec.kernel", "is required with an initrd or a cmdline".into()));
         }
-        if self.cmdline.len() > MAX_CMDLINE || self.cmdline.chars().any(|c| c.is_control()) {
+        if self.cmdline.len() > MAX_CMDLINE || self.cmdline.chars().any(ramsnap_common::text::forbidden) {
             return Err((
                 "spec.cmdline",
-                format!("must be at most {MAX_CMDLINE} bytes without control characters"),
+                format!("must be at most {MAX_CMDLINE} bytes without control, line-separator or bidi-formatting characters"),
             ));
         }
         Ok(())

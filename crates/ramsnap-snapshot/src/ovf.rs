@@ -744,7 +744,7 @@ fn uuid_attr<'a, 'n: 'a, 'm: 'a>(
 /// A value from the descriptor quoted in an error: cut, so that an error
 /// about a huge attribute is not huge itself.
 fn echo(s: &str) -> String {
-    ramsnap_common::ids::echo(s)
+    ramsnap_common::text::echo(s)
 }
 
 fn number<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, OvfError> {

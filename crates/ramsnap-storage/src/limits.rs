@@ -27,22 +27,10 @@ pub const MAX_LOCATION_BYTES: usize = 4096;
 /// what qemu rounds any other size to, and LVM's unit), at least one.
 pub const SECTOR_BYTES: u64 = 512;
 
-/// How much of a bad value an error message repeats (characters): enough
-/// to recognise it, never a client's 8 KiB blob in a log line.
-pub const MAX_ECHO_CHARS: usize = 64;
+pub use ramsnap_common::text::{clip, echo};
 
-/// Characters no free-text field may hold: C0 and C1 controls (NUL, ESC,
-/// CR, LF, TAB, DEL...), which forge log lines and terminal output, the
-/// Unicode line and paragraph separators, and the bidirectional embedding,
-/// override and isolate controls (U+202A–U+202E, U+2066–U+2069), which
-/// make text display in another order than it is stored ("Trojan Source").
-/// Marks that only set a direction (LRM, RLM, ALM) are legitimate in
-/// right-to-left text and stay allowed.
-pub fn forbidden_char(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Checks a free-text field: at most `max` bytes, no [`forbidden_char`].
+/// Checks a free-text field: at most `max` bytes, no forbidden character
+/// (`ramsnap_common::text`: controls, line separators, bidi formatting).
 pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
         return Err(StorageError::invalid(
@@ -50,12 +38,15 @@ pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<()> {
             format!("is {} bytes long; at most {max} bytes are allowed", value.len()),
         ));
     }
-    if let Some((at, c)) = value.char_indices().find(|(_, c)| forbidden_char(*c)) {
+    if let Some((at, c)) = value
+        .char_indices()
+        .find(|(_, c)| ramsnap_common::text::forbidden(*c))
+    {
         return Err(StorageError::invalid(
             field,
             format!(
                 "holds the character U+{:04X} at byte {at}; control, line-separator and \
-                 bidirectional-override characters are not allowed",
+                 bidirectional-formatting characters are not allowed",
                 c as u32
             ),
         ));
@@ -82,34 +73,10 @@ pub fn check_capacity(field: &'static str, capacity: u64) -> Result<()> {
     Ok(())
 }
 
-/// `value` as an error message may quote it: Debug-escaped (so control
-/// characters show as escapes) and cut to [`MAX_ECHO_CHARS`] characters.
-pub fn echo(value: &str) -> String {
-    let quoted = format!("{value:?}");
-    let mut chars = quoted.chars();
-    let head: String = chars.by_ref().take(MAX_ECHO_CHARS).collect();
-    if chars.next().is_none() {
-        head
-    } else {
-        format!("{head}... ({} bytes)", value.len())
-    }
-}
-
-/// `value` as a message or an error detail may carry it: whole when it is
-/// at most [`MAX_ECHO_CHARS`] characters, else cut there and marked. Keeps
-/// errors small: a status's message and details travel in HTTP/2 headers,
-/// and an 8 KiB value repeated in them breaks the response.
-pub fn clip(value: &str) -> String {
-    match value.char_indices().nth(MAX_ECHO_CHARS) {
-        None => value.to_string(),
-        Some((at, _)) => format!("{}... ({} bytes)", &value[..at], value.len()),
-    }
-}
-
 /// Parses a required id (a canonical hyphenated UUID) like
 /// `ramsnap_common::ids::parse`, whose message repeats the whole value:
 /// anything that cannot be an id (not 36 bytes) is refused here first with
-/// at most [`MAX_ECHO_CHARS`] of it.
+/// a cut echo of it.
 pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
     if !value.is_empty() && value.len() != 36 {
         return Err(status::invalid_argument(
@@ -135,7 +102,7 @@ mod tests {
 
     #[test]
     fn text_rules() {
-        assert!(check_text("d", "before upgrade, ünïcode, שלום\u{200F}", 500).is_ok());
+        assert!(check_text("d", "before upgrade, ünïcode, שלום", 500).is_ok());
         for bad in [
             "a\u{1b}[31m",
             "a\rb",
@@ -144,6 +111,8 @@ mod tests {
             "a\u{202E}b",
             "a\u{2066}b",
             "a\u{85}b",
+            "a\u{200F}b",
+            "a\u{2028}b",
         ] {
             assert!(check_text("d", bad, 500).is_err(), "{bad:?}");
         }
@@ -172,6 +141,6 @@ mod tests {
         assert_eq!(echo("abc"), "\"abc\"");
         assert_eq!(clip("/dev/sda"), "/dev/sda");
         assert!(clip(&"é".repeat(100)).starts_with(&"é".repeat(64)));
-        assert!(clip(&"é".repeat(100)).ends_with("... (200 bytes)"));
+        assert!(clip(&"é".repeat(100)).ends_with("… (200 bytes)"));
     }
 }

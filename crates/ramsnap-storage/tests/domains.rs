@@ -2062,7 +2062,7 @@ async fn hostile_input_gets_field_errors_never_internal() {
             assert_eq!(field_of(&err), "description", "{what}: {err:?}");
         }
         let mut ok = new_volume(&domain, MIB, pb::VolumeFormat::Raw);
-        ok.description = format!("{} ünïcode שלום\u{200F}", "d".repeat(470));
+        ok.description = format!("{} ünïcode שלום", "d".repeat(470));
         let src = env.create(ok).await.expect("a long, plain description");
         let err = env
             .copy(pb::CopyVolumeRequest {

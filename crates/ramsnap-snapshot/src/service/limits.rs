@@ -17,10 +17,10 @@
 //! | kernel, initrd | ..= 255 bytes | a plain file name in the hosts' boot directory: no `/`, no `..`; an initrd or a command line needs a kernel (the host refuses them alone) |
 //! | host addresses | ..= 255 bytes | `http(s)://host:port` |
 //!
-//! Control characters are C0 (NUL, LF, CR, ESC, ...), DEL and C1; the bidi
-//! formatting characters are the embeddings and overrides U+202A..U+202E,
-//! the isolates U+2066..U+2069 and the marks U+200E, U+200F and U+061C: they
-//! would make a name print as another one ("Trojan Source").
+//! The forbidden characters are those of `ramsnap_common::text`, the one
+//! set every service applies: controls (C0, DEL, C1), the line and
+//! paragraph separators, and the bidi formatting characters, which would
+//! make a name print as another one ("Trojan Source").
 use ramsnap_common::status;
 use tonic::Status;
 
@@ -45,22 +45,9 @@ pub const MAX_BOOT_FILE: usize = 255;
 /// Bytes.
 pub const MAX_ADDRESS: usize = 255;
 
-/// A control character (C0, DEL, C1) or a bidi formatting character.
-pub fn is_forbidden(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
-        )
-}
-
 /// The first forbidden character of `value`, described for the error.
 fn forbidden_in(value: &str) -> Option<String> {
-    value
-        .chars()
-        .enumerate()
-        .find(|(_, c)| is_forbidden(*c))
-        .map(|(i, c)| format!("U+{:04X} at character {i}", c as u32))
+    ramsnap_common::text::first_forbidden(value)
 }
 
 /// A name of a VM, cluster or host.
@@ -75,7 +62,7 @@ pub fn check_name(field: &str, name: &str) -> Result<(), Status> {
     if let Some(c) = forbidden_in(name) {
         return Err(status::invalid_argument(
             field,
-            format!("must not contain control or bidi-formatting characters ({c})"),
+            format!("must not contain control, line-separator or bidi-formatting characters ({c})"),
         ));
     }
     if name.trim() != name {
@@ -98,7 +85,7 @@ pub fn check_text(field: &str, text: &str, max: usize) -> Result<(), Status> {
     if let Some(c) = forbidden_in(text) {
         return Err(status::invalid_argument(
             field,
-            format!("must not contain control or bidi-formatting characters ({c})"),
+            format!("must not contain control, line-separator or bidi-formatting characters ({c})"),
         ));
     }
     Ok(())
@@ -160,7 +147,7 @@ pub fn check_boot_file(field: &str, name: &str) -> Result<(), Status> {
     if name.len() > MAX_BOOT_FILE
         || name.contains('/')
         || name.contains("..")
-        || name.chars().any(is_forbidden)
+        || name.chars().any(ramsnap_common::text::forbidden)
     {
         return Err(status::invalid_argument(
             field,
@@ -218,7 +205,7 @@ pub fn check_vm(v: &VmValues<'_>) -> Result<(), Status> {
 /// A host's HostService or StorageService address: `http(s)://host:port`.
 pub fn check_address(field: &str, a: &str) -> Result<(), Status> {
     let ok = a.len() <= MAX_ADDRESS
-        && !a.chars().any(is_forbidden)
+        && !a.chars().any(ramsnap_common::text::forbidden)
         && (a.starts_with("http://") || a.starts_with("https://"))
         && a.parse::<tonic::transport::Uri>()
             .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
@@ -234,12 +221,7 @@ pub fn check_address(field: &str, a: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Caller input quoted in an error message: escaped, and cut after 64
-/// characters with "…", so that an error never carries (or prints) what it
-/// refuses whole.
-pub fn echo(value: &str) -> String {
-    ramsnap_common::ids::echo(value)
-}
+pub use ramsnap_common::text::echo;
 
 #[cfg(test)]
 mod tests {
