@@ -12,12 +12,14 @@
 //! - all in one (`ramsnapd`, the embedded default): the process dies while
 //!   libvirt writes the memory of a LIVE snapshot (a host failpoint) and
 //!   while libvirt restores a memory on run; and at every node of the
-//!   snapshot saga (`crash` and `crash_after` failpoints of the coordinator);
+//!   snapshot, run (restoring a memory) and stop sagas (`crash` and
+//!   `crash_after` failpoints of the coordinator);
 //! - separate agents: the host and storage agents are SIGKILLed while the
 //!   snapshot saga stands at each node (a `hold` failpoint), and come back
 //!   a moment later: the saga asks again instead of unwinding.
+use ramsnap_e2e::cluster::Run;
 use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
-use ramsnap_e2e::faults::{assert_running_agrees, crashed_then_restarted, AgentKiller};
+use ramsnap_e2e::faults::{assert_down_agrees, assert_running_agrees, crashed_then_restarted, AgentKiller};
 use ramsnap_e2e::guest::CMDLINE;
 use ramsnap_proto::snapshot::v1 as pb;
 use std::time::Duration;
@@ -185,6 +187,122 @@ async fn embedded_dies_at_every_node_of_a_memory_snapshot() {
             let op = send_snapshot(&c, &req).await;
             crashed_then_restarted(&mut c, Process::Coordinator, &what, &[]);
             after_snapshot_crash(&c, &vm, &req, op, &guest.token, &what).await;
+        }
+    }
+    c.assert_no_orphans().await;
+}
+
+/// The same for RunVm restoring a memory, and for StopVm: `ramsnapd` exits
+/// at every node of the run and stop sagas (`crash`, `crash_after`) and
+/// comes back; the run resumes the guest from the memory (never boots it,
+/// never leaves it paused), the stop leaves it stopped, and everything
+/// agrees. A reply lost in the crash is asked for again with the same
+/// request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_dies_at_every_node_of_a_run_with_restore_and_of_a_stop() {
+    let mut c = Cluster::start_embedded(Db::Sqlite, "3.3", "crash-run", &[]).await;
+    let vm = c
+        .create_vm_sized("crash-run", DomainKind::File, 128 * MIB, CMDLINE)
+        .await;
+    c.boot(&vm).await;
+    let run_nodes = [
+        "lock_vm",
+        "restore_stateless",
+        "stateless_overlays",
+        "stateless_begin",
+        "run_on_host",
+        "started",
+        "unlock_vm",
+    ];
+    for node in run_nodes {
+        for action in ["crash", "crash_after"] {
+            let what = format!("vm_run.{node}={action}, restoring a memory");
+            let taken = c.take_snapshot(&vm, true, &what).await;
+            c.stop_vm(&vm).await;
+            c.preview(&vm, &taken.snapshot_id, true).await;
+            c.commit(&vm).await;
+            let console_offset = c.console_end(&vm).await;
+            let failpoint = format!("vm_run.{node}={action}");
+            c.process(Process::Coordinator)
+                .restart(&[("RAMSNAP_FAILPOINTS", failpoint.as_str())]);
+            let req = pb::RunVmRequest {
+                request_id: Uuid::new_v4().to_string(),
+                vm_id: vm.clone(),
+                host_id: String::new(),
+                run_stateless: false,
+            };
+            let op = c
+                .vms()
+                .run_vm(req.clone())
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().operation);
+            crashed_then_restarted(&mut c, Process::Coordinator, &what, &[]);
+            let op = match op {
+                Some(op) => op,
+                None => c
+                    .vms()
+                    .run_vm(req)
+                    .await
+                    .unwrap_or_else(|e| c.fail(&format!("{what}: RunVm after the restart: {e}")))
+                    .into_inner()
+                    .operation
+                    .unwrap_or_else(|| c.fail(&format!("{what}: RunVm answered no operation"))),
+            };
+            let operation = c.succeed(Some(op), &what).await;
+            assert_running_agrees(&c, &vm, &what).await;
+            let run = Run {
+                statuses: Vec::new(),
+                console_offset,
+                operation,
+            };
+            c.assert_restored(&vm, &run, &taken).await;
+            if c.active_snapshot(&vm).await.has_memory {
+                c.fail(&format!(
+                    "{what}: the ACTIVE snapshot still has memory after the run"
+                ));
+            }
+        }
+    }
+    for node in [
+        "lock_vm",
+        "stop_on_host",
+        "stopped",
+        "restore_stateless",
+        "unlock_vm",
+    ] {
+        for action in ["crash", "crash_after"] {
+            let what = format!("vm_stop.{node}={action}");
+            let failpoint = what.clone();
+            c.process(Process::Coordinator)
+                .restart(&[("RAMSNAP_FAILPOINTS", failpoint.as_str())]);
+            let req = pb::StopVmRequest {
+                request_id: Uuid::new_v4().to_string(),
+                vm_id: vm.clone(),
+                graceful_timeout_seconds: 0,
+            };
+            let op = c
+                .vms()
+                .stop_vm(req.clone())
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().operation);
+            crashed_then_restarted(&mut c, Process::Coordinator, &what, &[]);
+            let op = match op {
+                Some(op) => op,
+                None => c
+                    .vms()
+                    .stop_vm(req)
+                    .await
+                    .unwrap_or_else(|e| c.fail(&format!("{what}: StopVm after the restart: {e}")))
+                    .into_inner()
+                    .operation
+                    .unwrap_or_else(|| c.fail(&format!("{what}: StopVm answered no operation"))),
+            };
+            c.succeed(Some(op), &what).await;
+            assert_down_agrees(&c, &vm, &what).await;
+            c.run_vm(&vm, false).await;
+            assert_running_agrees(&c, &vm, &what).await;
         }
     }
     c.assert_no_orphans().await;
