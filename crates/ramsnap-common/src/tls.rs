@@ -290,6 +290,11 @@ async fn accept_loop(
                     // connection is just dropped.
                     let _ = tx.send(Ok(stream)).await;
                 }
+                // Closed before a word was said: a TCP probe (Kubernetes'
+                // tcpSocket checks, every few seconds) or a port scan.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%peer, "connection closed before the TLS handshake")
+                }
                 Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::warn!(%peer, timeout = ?handshake_timeout, "TLS handshake timed out"),
             }

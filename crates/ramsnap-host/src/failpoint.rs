@@ -1,7 +1,7 @@
 //! Faults for crash tests, from `RAMSNAP_HOST_FAILPOINTS="name,..."`: the
 //! agent process exits (code 86, like the coordinator's `crash`) at that
 //! point, while libvirt goes on with what it was asked to do. Names:
-//! - `snapshot_during_dump`: once libvirt's snapshot job has written memory;
+//! - `snapshot_during_dump`: once libvirt's snapshot job is under way;
 //! - `restore_during_load`: once libvirt's restore has created the domain.
 //!
 //! Each fires once per process. Unset in production: nothing fires.

@@ -25,7 +25,7 @@ use crate::xml::{self, DiskFormat, DiskKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
@@ -129,6 +129,16 @@ pub(crate) struct Running {
 
 const RUNNING_VERSION: u32 = 1;
 
+/// How a domain left by an interrupted restore was settled.
+enum Settled {
+    /// The guest had resumed: adopted with this record; the memory volumes
+    /// (given) are to be released.
+    Adopted(Running, Vec<VolumeRef>),
+    /// The guest had not resumed: destroyed; these volumes are to be
+    /// released.
+    Destroyed(Vec<VolumeRef>),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RunningDisk {
     pub dev: String,
@@ -167,6 +177,11 @@ pub(crate) struct Vm {
     /// Bumped at every run and stop: a boot watcher of an older run stops.
     pub generation: AtomicU64,
     pub job: Mutex<Option<Arc<snapshot::Job>>>,
+    /// Found running at start (a domain an earlier agent process ran): its
+    /// first snapshot job first asks libvirt what an earlier process may
+    /// have left under way (see `resolve_earlier_attempt`). Cleared once
+    /// that is settled; a VM this process ran needs no such look.
+    pub adopted: AtomicBool,
 }
 
 impl Vm {
@@ -183,6 +198,7 @@ impl Vm {
             running: Mutex::new(None),
             generation: AtomicU64::new(0),
             job: Mutex::new(None),
+            adopted: AtomicBool::new(false),
         }
     }
 
@@ -301,25 +317,21 @@ impl Host {
             .list(self.inner.config.domain_prefix.clone())
             .await?;
         for e in entries {
-            let Some(element) = e.metadata.clone() else {
+            let Some(mut record) = self.our_record(&e) else {
                 continue;
             };
-            let record = xml::metadata_text(&element)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Running>(&t).ok());
-            let Some(record) = record else {
-                tracing::warn!(domain = %e.name, "domain with an unreadable ramsnap record; left alone");
-                continue;
-            };
-            if record.spec.vm_id != e.uuid || record.host_id != self.inner.host_id {
-                continue;
-            }
-            let mut record = record;
-            if let Some(memory) = record.restoring {
-                if self.finish_interrupted_restore(&e, &mut record).await? {
-                    continue;
+            let mut release = Vec::new();
+            if record.restoring.is_some() {
+                match self.finish_interrupted_restore(&e, record).await? {
+                    Settled::Destroyed(refs) => {
+                        self.release_in_background(self.vm_entry(e.uuid), refs);
+                        continue;
+                    }
+                    Settled::Adopted(adopted, memory) => {
+                        record = adopted;
+                        release = memory;
+                    }
                 }
-                self.release_in_background(self.vm_entry(e.uuid), vec![memory.dump, memory.metadata]);
             }
             let status = match e.state {
                 DomainState::Paused { by_user: true } => VmStatus::Paused,
@@ -327,22 +339,76 @@ impl Host {
             };
             let vm = Arc::new(Vm::new(e.uuid, status));
             *vm.running.lock().expect("vm lock") = Some(record);
+            vm.adopted.store(true, Ordering::SeqCst);
             tracing::info!(vm = %e.uuid, domain = %e.name, "rediscovered a running VM");
-            self.inner.vms.lock().expect("vm table").insert(e.uuid, vm);
+            self.inner
+                .vms
+                .lock()
+                .expect("vm table")
+                .insert(e.uuid, vm.clone());
+            if !release.is_empty() {
+                self.release_in_background(vm, release);
+            }
         }
         Ok(())
     }
 
-    /// A domain whose restore was under way when the previous agent process
-    /// died. Paused: the guest never ran on the memory (it is resumed only
-    /// once the dump's checksum matched), so the domain is destroyed and its
-    /// volumes released; the engine's retried run restores it again. True
-    /// when it was destroyed. Running: it was resumed; the mark is cleared.
+    /// This agent's record of a listed domain (its `<metadata>`), if the
+    /// domain is one this agent ran.
+    fn our_record(&self, e: &libvirt::DomainEntry) -> Option<Running> {
+        let element = e.metadata.as_ref()?;
+        let record = xml::metadata_text(element)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Running>(&t).ok());
+        let Some(record) = record else {
+            tracing::warn!(domain = %e.name, "domain with an unreadable ramsnap record; left alone");
+            return None;
+        };
+        (record.spec.vm_id == e.uuid && record.host_id == self.inner.host_id).then_some(record)
+    }
+
+    /// A domain left by a restore that was under way when an agent process
+    /// died: found at start, or by a run that meets a domain it has no
+    /// record of (libvirt may create it only after the agent restarted).
+    /// Called with the VM's operation lock held, or before anything runs.
+    pub(crate) async fn settle_unrecorded_restore(&self, vm: &Vm) -> Result<bool> {
+        let entries = self
+            .inner
+            .hv
+            .list(self.inner.config.domain_prefix.clone())
+            .await?;
+        let Some(e) = entries.into_iter().find(|e| e.uuid == vm.id) else {
+            return Ok(false);
+        };
+        let Some(record) = self.our_record(&e).filter(|r| r.restoring.is_some()) else {
+            return Ok(false);
+        };
+        match self.finish_interrupted_restore(&e, record).await? {
+            Settled::Destroyed(refs) => {
+                self.inner.volumes.teardown_all(&refs).await;
+                Ok(true)
+            }
+            Settled::Adopted(record, memory) => {
+                *vm.running.lock().expect("vm lock") = Some(record);
+                vm.adopted.store(true, Ordering::SeqCst);
+                vm.set_status(VmStatus::Up);
+                self.inner.volumes.teardown_all(&memory).await;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Settles a domain whose restore was under way when the previous
+    /// agent process died. Paused: the guest never ran on the memory (it
+    /// is resumed only once the dump's checksum matched), so the domain is
+    /// destroyed; its volumes are to be released, and the engine's retried
+    /// run restores it again. Running: it was resumed; the mark is cleared
+    /// and the memory volumes are to be released.
     async fn finish_interrupted_restore(
         &self,
         e: &libvirt::DomainEntry,
-        record: &mut Running,
-    ) -> Result<bool> {
+        mut record: Running,
+    ) -> Result<Settled> {
         let hv = &self.inner.hv;
         // libvirt may still be loading the memory for the dead process.
         let started = Instant::now();
@@ -350,14 +416,19 @@ impl Host {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let state = hv.state(e.uuid).await?;
-        let memory = record.restoring.take();
+        let memory: Vec<VolumeRef> = record
+            .restoring
+            .take()
+            .into_iter()
+            .flat_map(|m| [m.dump, m.metadata])
+            .collect();
         match state {
             Some(DomainState::Running) => {
                 tracing::warn!(vm = %e.uuid, "a restore interrupted after the guest resumed: adopting it");
                 if let Err(err) = hv.set_metadata(e.uuid, record.metadata_body()).await {
                     tracing::warn!(vm = %e.uuid, error = %err, "clearing the restore mark failed");
                 }
-                Ok(false)
+                Ok(Settled::Adopted(record, memory))
             }
             _ => {
                 tracing::warn!(vm = %e.uuid, "a restore interrupted before the guest resumed: destroying the paused domain");
@@ -365,11 +436,8 @@ impl Host {
                     hv.destroy(e.uuid).await?;
                 }
                 let mut refs: Vec<VolumeRef> = record.disks.iter().flat_map(|d| d.prepared.clone()).collect();
-                if let Some(m) = memory {
-                    refs.extend([m.dump, m.metadata]);
-                }
-                self.release_in_background(self.vm_entry(e.uuid), refs);
-                Ok(true)
+                refs.extend(memory);
+                Ok(Settled::Destroyed(refs))
             }
         }
     }

@@ -386,6 +386,49 @@ impl Hypervisor {
     }
 
     /// virDomainSnapshotCreateXML; blocks for the whole snapshot.
+    /// For the `snapshot_during_dump` failpoint (crash tests): a thread of
+    /// its own, on a connection of its own, that exits the process as soon
+    /// as libvirt's control state shows a job on the domain. Returns once that thread
+    /// watches, so that a snapshot called next cannot finish unseen: a
+    /// small guest's dump is over in a few hundred milliseconds.
+    pub async fn exit_once_a_job_runs(&self, id: Uuid) {
+        let uri = self.uri.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let watched = Connect::open(Some(&uri))
+                .lv("open")
+                .and_then(|conn| Ok((lookup(&conn, id, "failpoint")?, conn)));
+            let (d, _conn) = match watched {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("host failpoint snapshot_during_dump: cannot watch the domain: {e}");
+                    let _ = tx.send(());
+                    return;
+                }
+            };
+            let _ = tx.send(());
+            // The control state, not the job statistics: from another
+            // connection, virDomainGetJobStats showed no job all along a
+            // LIVE snapshot here, while the control state shows JOB.
+            loop {
+                let mut info = sys::virDomainControlInfo {
+                    state: 0,
+                    details: 0,
+                    stateTime: 0,
+                };
+                // SAFETY: `d` is a live domain handle and `info` outlives the call.
+                let r = unsafe { sys::virDomainGetControlInfo(d.as_ptr(), &mut info, 0) };
+                if r == 0 && info.state == sys::VIR_DOMAIN_CONTROL_JOB {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            eprintln!("host failpoint snapshot_during_dump: exiting");
+            std::process::exit(86);
+        });
+        let _ = rx.await;
+    }
+
     pub async fn snapshot(&self, id: Uuid, xml: String, flags: u32, timeout: Duration) -> Result<()> {
         self.call_dedicated("snapshot", timeout, move |c| {
             lookup(c, id, "snapshot")?

@@ -78,7 +78,14 @@ impl Host {
     pub async fn run(&self, spec: VmSpec, restore: Option<MemoryVolumes>) -> Result<VmStatus> {
         let (vm, _op) = self.lock_entry(spec.vm_id).await;
         if self.inner.hv.state(spec.vm_id).await?.is_some() {
-            return Err(RunError::AlreadyRunning(spec.vm_id).into());
+            // A domain this agent has no record of may be a restore that an
+            // earlier agent process left (libvirt created it after this
+            // process had looked at start): destroyed if the guest never
+            // resumed, and then run again here.
+            let destroyed = vm.running().is_none() && self.settle_unrecorded_restore(&vm).await?;
+            if !destroyed {
+                return Err(RunError::AlreadyRunning(spec.vm_id).into());
+            }
         }
         // A record left by a VM that went down between two monitor rounds.
         if vm.running().is_some() {

@@ -272,8 +272,12 @@ impl Host {
             Some(DomainState::Running | DomainState::Paused { .. }) => {}
             _ => return Err(SnapshotError::VmNotRunning(req.vm_id).into()),
         }
-        if let Some(outcome) = self.resolve_earlier_attempt(vm, job, req, &running).await? {
-            return Ok(outcome);
+        if vm.adopted.load(Ordering::SeqCst) {
+            let earlier = self.resolve_earlier_attempt(vm, job, req, &running).await?;
+            vm.adopted.store(false, Ordering::SeqCst);
+            if let Some(outcome) = earlier {
+                return Ok(outcome);
+            }
         }
         if req.disks.len() != running.disks.len() {
             return Err(SnapshotError::DisksMismatch(format!(
@@ -368,6 +372,9 @@ impl Host {
             // switch of its disk record alone.
             Ok(())
         } else {
+            if crate::failpoint::hit("snapshot_during_dump") {
+                hv.exit_once_a_job_runs(req.vm_id).await;
+            }
             hv.snapshot(
                 req.vm_id,
                 snapshot_xml,
@@ -1019,9 +1026,6 @@ async fn watch_job(
     let progress = async {
         while !*stop.borrow() {
             if let Ok(Some(p)) = hv.job_progress(id).await {
-                if p.processed > 0 {
-                    crate::failpoint::crash("snapshot_during_dump");
-                }
                 job.progress(Progress {
                     processed: p.processed,
                     total: p.total.max(p.processed),
