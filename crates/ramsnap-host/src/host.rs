@@ -133,7 +133,7 @@ const RUNNING_VERSION: u32 = 1;
 enum Settled {
     /// The guest had resumed: adopted with this record; the memory volumes
     /// (given) are to be released.
-    Adopted(Running, Vec<VolumeRef>),
+    Adopted(Box<Running>, Vec<VolumeRef>),
     /// The guest had not resumed: destroyed; these volumes are to be
     /// released.
     Destroyed(Vec<VolumeRef>),
@@ -328,7 +328,7 @@ impl Host {
                         continue;
                     }
                     Settled::Adopted(adopted, memory) => {
-                        record = adopted;
+                        record = *adopted;
                         release = memory;
                     }
                 }
@@ -389,7 +389,7 @@ impl Host {
                 Ok(true)
             }
             Settled::Adopted(record, memory) => {
-                *vm.running.lock().expect("vm lock") = Some(record);
+                *vm.running.lock().expect("vm lock") = Some(*record);
                 vm.adopted.store(true, Ordering::SeqCst);
                 vm.set_status(VmStatus::Up);
                 self.inner.volumes.teardown_all(&memory).await;
@@ -428,7 +428,7 @@ impl Host {
                 if let Err(err) = hv.set_metadata(e.uuid, record.metadata_body()).await {
                     tracing::warn!(vm = %e.uuid, error = %err, "clearing the restore mark failed");
                 }
-                Ok(Settled::Adopted(record, memory))
+                Ok(Settled::Adopted(Box::new(record), memory))
             }
             _ => {
                 tracing::warn!(vm = %e.uuid, "a restore interrupted before the guest resumed: destroying the paused domain");
