@@ -21,10 +21,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub type Forward<S> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<Value, Status>>;
@@ -313,6 +314,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             db: self.db.clone(),
         };
 
+        let saga_started = Instant::now();
         let outcome = if saga.state == SagaState::Unwinding {
             let failure = events
                 .iter()
@@ -327,9 +329,17 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 cancelled,
             }
         } else {
-            self.run_forward(&def, &cx, &has).await?
+            self.run_forward(&def, &cx, &has)
+                .instrument(tracing::info_span!("saga", saga = %saga_id, saga_name = def.name))
+                .await?
         };
-        self.finish(&def, &cx, outcome).await
+        let unwound = matches!(outcome, Outcome::Unwound { .. });
+        let finished = self.finish(&def, &cx, outcome).await;
+        tracing::info!(
+            saga = %saga_id, saga_name = def.name, unwound,
+            ms = saga_started.elapsed().as_millis() as u64, "saga done"
+        );
+        finished
     }
 
     async fn run_forward(
@@ -369,6 +379,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 return Err(Status::aborted(format!("halted at {}.{}", def.name, node.name)));
             }
             self.failpoints.hold(def.name, node.name).await;
+            // Each node's forward action in a span of its own (exported over
+            // OTLP with the calls it makes), and its time logged: where a
+            // saga spends its time shows at once.
+            let span =
+                tracing::info_span!("saga_node", saga = %cx.saga_id, saga_name = def.name, node = node.name);
+            let node_started = Instant::now();
             let mut attempt = 0u32;
             let output = loop {
                 let result = if self.failpoints.hit(def.name, node.name, "error") {
@@ -377,7 +393,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         def.name, node.name
                     )))
                 } else {
-                    (node.forward)(cx).await
+                    (node.forward)(cx).instrument(span.clone()).await
                 };
                 match result {
                     Ok(v) => break v,
@@ -435,6 +451,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     }
                 }
             };
+            tracing::info!(
+                saga = %cx.saga_id, saga_name = def.name, node = node.name,
+                ms = node_started.elapsed().as_millis() as u64, attempts = attempt + 1,
+                "saga node done"
+            );
             self.failpoints.crash(def.name, node.name, "crash_after");
             if self.failpoints.hit(def.name, node.name, "halt_after") {
                 return Err(Status::aborted(format!(

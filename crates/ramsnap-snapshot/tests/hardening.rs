@@ -945,3 +945,44 @@ async fn removed_vms_have_no_console_and_their_watch_ends() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     sim.finish().await;
 }
+
+/// ListVms answers from one query for every VM's disks and leaves (not a
+/// few per VM): it shows exactly what GetVm shows for each VM, with one
+/// disk or several, after snapshots and during a preview, for all VMs and
+/// for a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_vms_shows_what_get_vm_shows() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        list_vms_against_get_vm(db).await;
+    }
+}
+
+async fn list_vms_against_get_vm(db: Db) {
+    let mut sim = InProc::start(db).await;
+    let one = sim.create_vm_with("one-disk", 1, false).await;
+    let three = sim.create_vm_with("three-disks", 3, false).await;
+    let snapped = sim.create_vm_with("snapped", 2, false).await;
+    let first = sim.snapshot(&snapped, false, "first").await;
+    sim.snapshot(&snapped, false, "second").await;
+    sim.preview(&snapped, &first, false).await;
+    let cluster = sim.cluster_id.clone();
+    for filter in [String::new(), cluster] {
+        let listed = sim
+            .vms
+            .list_vms(pb::ListVmsRequest {
+                cluster_id: filter.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .vms;
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        for id in [&one, &three, &snapped] {
+            let got = sim.vm(id).await;
+            let from_list = listed.iter().find(|v| v.vm_id == *id).expect("listed");
+            assert_eq!(*from_list, got, "cluster filter {filter:?}");
+            assert!(got.disks.iter().all(|d| !d.leaf_volume_id.is_empty()), "{got:?}");
+        }
+    }
+    sim.finish().await;
+}

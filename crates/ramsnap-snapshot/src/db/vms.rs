@@ -290,6 +290,39 @@ impl Database {
         Ok(rows.iter().map(disk_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// Every disk of every VM (or of a cluster's VMs), with the volume the
+    /// VM's ACTIVE snapshot has for it (None if it has none): what ListVms
+    /// shows, in one query instead of a few per VM.
+    pub async fn vm_disks_with_leaves(
+        &self,
+        cluster_id: Option<Uuid>,
+    ) -> Result<Vec<(VmDisk, Option<Uuid>)>, DbError> {
+        const BASE: &str = "SELECT d.vm_id AS vm_id, d.disk_id AS disk_id, d.domain_id AS domain_id, \
+             d.image_id AS image_id, d.capacity_bytes AS capacity_bytes, sd.volume_id AS leaf_volume_id \
+             FROM vm_disks d \
+             LEFT JOIN snapshots s ON s.vm_id = d.vm_id AND s.snapshot_type = 'ACTIVE' \
+             LEFT JOIN snapshot_disks sd ON sd.snapshot_id = s.id AND sd.disk_id = d.disk_id";
+        let rows = match cluster_id {
+            Some(c) => {
+                sqlx::query(sql!(
+                    "{BASE} WHERE d.vm_id IN (SELECT id FROM vms WHERE cluster_id = $1) ORDER BY d.vm_id, d.disk_id"
+                ))
+                .bind(c.to_string())
+                .fetch_all(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query(sql!("{BASE} ORDER BY d.vm_id, d.disk_id"))
+                    .fetch_all(self.pool())
+                    .await?
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|r| Ok((disk_from_row(r)?, r.opt_uuid("leaf_volume_id")?)))
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
     /// The VM whose disk or snapshot memory is in image `image_id` (on any
     /// domain), if one is: (vm id, vm name).
     pub async fn vm_using_image(&self, image_id: Uuid) -> Result<Option<(Uuid, String)>, DbError> {

@@ -120,7 +120,30 @@ pub async fn refuse_taken_name(app: &App, name: &str) -> Result<(), Status> {
 pub async fn to_vm(app: &App, vm: &db::Vm) -> Result<pb::Vm, Status> {
     let disks = app.db.vm_disks(vm.id).await.map_err(db_status)?;
     let active = app.db.active_snapshot(vm.id).await.ok();
-    Ok(pb::Vm {
+    let leaf = |d: &db::VmDisk| {
+        active
+            .as_ref()
+            .and_then(|a| a.disks.iter().find(|x| x.disk_id == d.disk_id))
+            .map(|x| x.volume.volume_id)
+    };
+    Ok(vm_message(
+        vm,
+        disks.iter().map(|d| wire_disk(d, leaf(d))).collect(),
+    ))
+}
+
+fn wire_disk(d: &db::VmDisk, leaf: Option<uuid::Uuid>) -> pb::Disk {
+    pb::Disk {
+        disk_id: d.disk_id.to_string(),
+        domain_id: d.domain_id.to_string(),
+        image_id: d.image_id.to_string(),
+        capacity_bytes: d.capacity_bytes,
+        leaf_volume_id: leaf.map(|l| l.to_string()).unwrap_or_default(),
+    }
+}
+
+fn vm_message(vm: &db::Vm, disks: Vec<pb::Disk>) -> pb::Vm {
+    pb::Vm {
         vm_id: vm.id.to_string(),
         name: vm.name.clone(),
         cluster_id: vm.cluster_id.to_string(),
@@ -129,25 +152,12 @@ pub async fn to_vm(app: &App, vm: &db::Vm) -> Result<pb::Vm, Status> {
         vcpus: vm.vcpus,
         stateless: vm.stateless,
         status: vm_status(vm.status) as i32,
-        disks: disks
-            .iter()
-            .map(|d| pb::Disk {
-                disk_id: d.disk_id.to_string(),
-                domain_id: d.domain_id.to_string(),
-                image_id: d.image_id.to_string(),
-                capacity_bytes: d.capacity_bytes,
-                leaf_volume_id: active
-                    .as_ref()
-                    .and_then(|a| a.disks.iter().find(|x| x.disk_id == d.disk_id))
-                    .map(|x| x.volume.volume_id.to_string())
-                    .unwrap_or_default(),
-            })
-            .collect(),
+        disks,
         kernel: vm.kernel.clone(),
         initrd: vm.initrd.clone(),
         cmdline: vm.cmdline.clone(),
         locked_by_operation_id: vm.lock_operation_id.map(|o| o.to_string()).unwrap_or_default(),
-    })
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchVmResponse, Status>> + Send>>;
@@ -237,10 +247,16 @@ impl VmService for VmApi {
             None => self.0.db.list_vms().await,
         }
         .map_err(db_status)?;
-        let mut out = Vec::with_capacity(vms.len());
-        for vm in &vms {
-            out.push(to_vm(&self.0, vm).await?);
+        // Every VM's disks and leaves in one query (not a few per VM).
+        let mut disks: std::collections::HashMap<uuid::Uuid, Vec<pb::Disk>> =
+            std::collections::HashMap::new();
+        for (d, leaf) in self.0.db.vm_disks_with_leaves(cluster).await.map_err(db_status)? {
+            disks.entry(d.vm_id).or_default().push(wire_disk(&d, leaf));
         }
+        let out = vms
+            .iter()
+            .map(|vm| vm_message(vm, disks.remove(&vm.id).unwrap_or_default()))
+            .collect();
         Ok(Response::new(pb::ListVmsResponse { vms: out }))
     }
 

@@ -1,0 +1,323 @@
+//! The path a user takes: a snapshot with memory and a run that restores
+//! it, through the coordinator's gRPC API (the embedded default, `ramsnapd`
+//! release build, SQLite, a FILE domain, mutual TLS), beside virsh doing the
+//! same on a twin guest in the same run, writing to the same file system.
+//!
+//! Two VMs of 1 GiB RAM, 600 MiB of it random (`ramsnap.fill`), one 64 MiB
+//! disk each, both created and booted through ramsnap:
+//! - VM A, through the coordinator only: CreateSnapshot with memory PAUSED,
+//!   then LIVE (the wall time from the call to the operation's end, as a
+//!   client sees it); then StopVm, PreviewSnapshot (restore_memory) and
+//!   CommitSnapshot, and RunVm timed until the VM is UP;
+//! - VM B's libvirt domain, through virsh only: `snapshot-create-as
+//!   --no-metadata --memspec ... --diskspec ...` without and with `--live`,
+//!   into files in the FILE domain's directory; then `virsh destroy` and
+//!   `virsh restore` of the last memory file (its disk pointed at a fresh
+//!   overlay).
+//!
+//! The page cache is dropped before every timed step. Each run repeats the
+//! whole sequence; medians are reported with the ratios, and ramsnap's
+//! own figures for its steps (the host agent's guest pause and the saga's
+//! per-node times, from the logs).
+//!
+//! Run: `cargo build --release --bins && cargo bench -p ramsnap-e2e --bench snapshot_path`
+//! (root, libvirtd up; RAMSNAP_BENCH_RUNS=N for more than 3 runs).
+use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
+use ramsnap_e2e::faults::{domain, live_disk, virsh};
+use ramsnap_e2e::guest::CMDLINE;
+use ramsnap_proto::snapshot::v1 as pb;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MEMORY_MIB: u64 = 1024;
+const FILL_MIB: u64 = 600;
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// The last `key=<number>` on a log line containing `needle`.
+fn last_logged(logs: &str, needle: &str, key: &str) -> Option<f64> {
+    let line = logs.lines().rev().find(|l| l.contains(needle))?;
+    let clean: String = strip_ansi(line);
+    let at = clean.find(&format!("{key}="))? + key.len() + 1;
+    clean[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Per saga node: the last time logged ("saga node done ... node=N ms=M").
+fn node_times(logs: &str, saga: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in logs.lines().map(strip_ansi) {
+        if !line.contains("saga node done") || !line.contains(&format!("saga_name=\"{saga}\"")) {
+            continue;
+        }
+        let node = line
+            .split("node=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?")
+            .to_string();
+        if let Some(ms) = last_logged(&line, "saga node done", "ms") {
+            out.insert(node, ms);
+        }
+    }
+    out
+}
+
+/// tests/guest/strip-backing.awk, in Rust: drops every <backingStore>.
+fn strip_backing(xml: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0usize;
+    for line in xml.lines() {
+        let t = line.trim();
+        if depth == 0 && t.starts_with("<backingStore") {
+            if !t.ends_with("/>") {
+                depth = 1;
+            }
+            continue;
+        }
+        if depth > 0 {
+            if t.starts_with("<backingStore") && !t.ends_with("/>") {
+                depth += 1;
+            } else if t.starts_with("</backingStore>") {
+                depth -= 1;
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+struct Figures {
+    paused: Vec<f64>,
+    live: Vec<f64>,
+    restore: Vec<f64>,
+}
+
+impl Figures {
+    fn new() -> Figures {
+        Figures {
+            paused: Vec::new(),
+            live: Vec::new(),
+            restore: Vec::new(),
+        }
+    }
+}
+
+async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f64, String) {
+    drop_caches();
+    let t = Instant::now();
+    let r = c
+        .snapshots_api()
+        .create_snapshot(pb::CreateSnapshotRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: vm.to_string(),
+            description: what.to_string(),
+            save_memory: true,
+            memory_mode: mode as i32,
+        })
+        .await
+        .expect("CreateSnapshot")
+        .into_inner();
+    let op = c.succeed(r.operation, what).await;
+    (t.elapsed().as_secs_f64(), op.snapshot_id)
+}
+
+/// virsh snapshot-create-as of B's domain into `dir`; the wall time.
+fn virsh_snapshot(vm: &str, dir: &Path, tag: &str, live: bool) -> (f64, PathBuf) {
+    let mem = dir.join(format!("virsh-{tag}.mem"));
+    let overlay = dir.join(format!("virsh-{tag}.qcow2"));
+    let memspec = format!("file={},snapshot=external", mem.display());
+    let diskspec = format!("vda,snapshot=external,file={}", overlay.display());
+    let name = domain(vm);
+    let mut args = vec![
+        "snapshot-create-as",
+        name.as_str(),
+        "--no-metadata",
+        "--memspec",
+        memspec.as_str(),
+        "--diskspec",
+        diskspec.as_str(),
+    ];
+    if live {
+        args.push("--live");
+    }
+    drop_caches();
+    let t = Instant::now();
+    virsh(&args);
+    (t.elapsed().as_secs_f64(), mem)
+}
+
+/// virsh destroy, then virsh restore of `mem` with the disk on a fresh
+/// overlay of the disk it was taken on; the restore's wall time.
+fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path) -> f64 {
+    let name = domain(vm);
+    let frozen = live_disk(vm);
+    virsh(&["destroy", &name]);
+    let fresh = dir.join(format!("virsh-{tag}-restore.qcow2"));
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &frozen])
+        .arg(&fresh)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = virsh(&[
+        "save-image-dumpxml",
+        mem.to_str().expect("utf-8"),
+        "--security-info",
+    ]);
+    let xml = strip_backing(&saved).replace(
+        &format!("<source file='{frozen}'"),
+        &format!("<source file='{}'", fresh.display()),
+    );
+    let xml_path = dir.join(format!("virsh-{tag}.xml"));
+    std::fs::write(&xml_path, xml).expect("writing the XML");
+    drop_caches();
+    let t = Instant::now();
+    virsh(&[
+        "restore",
+        mem.to_str().expect("utf-8"),
+        "--xml",
+        xml_path.to_str().expect("utf-8"),
+    ]);
+    t.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs: usize = std::env::var("RAMSNAP_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut c = Cluster::start_embedded(Db::Sqlite, "3.3", "bench-path", &[]).await;
+    let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");
+    let a = c
+        .create_vm_sized("path-a", DomainKind::File, MEMORY_MIB * MIB, &cmdline)
+        .await;
+    let b = c
+        .create_vm_sized("path-b", DomainKind::File, MEMORY_MIB * MIB, &cmdline)
+        .await;
+    eprintln!("booting two {MEMORY_MIB} MiB guests, {FILL_MIB} MiB of random data each...");
+    c.boot(&a).await;
+    c.boot(&b).await;
+    // The guests fill their RAM at boot: wait until both have ticked past it.
+    for vm in [&a, &b] {
+        c.wait_counter(vm, 0, 8).await;
+    }
+    // virsh writes where ramsnap's FILE domain keeps its volumes.
+    let dir = Path::new(&live_disk(&b))
+        .ancestors()
+        .nth(3)
+        .expect("the FILE domain's directory")
+        .join("virsh-bench");
+    std::fs::create_dir_all(&dir).expect("a directory beside the volumes");
+
+    let mut ours = Figures::new();
+    let mut bare = Figures::new();
+    let mut pauses = Vec::new();
+    let mut nodes: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for run in 0..runs {
+        eprintln!("run {} of {runs}", run + 1);
+        let (t, _) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
+        ours.paused.push(t);
+        // The whole log of ramsnapd (the last lines are this snapshot's).
+        let logs = c.process(Process::Coordinator).logs();
+        pauses.push(last_logged(&logs, "guest pause", "pause_ms").unwrap_or(f64::NAN));
+        for (node, ms) in node_times(&logs, "snapshot_create") {
+            nodes.entry(node).or_default().push(ms);
+        }
+        let (t, live_snapshot) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
+        ours.live.push(t);
+        c.stop_vm(&a).await;
+        c.preview(&a, &live_snapshot, true).await;
+        c.commit(&a).await;
+        drop_caches();
+        let t = Instant::now();
+        let r = c
+            .vms()
+            .run_vm(pb::RunVmRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                vm_id: a.clone(),
+                host_id: String::new(),
+                run_stateless: false,
+            })
+            .await
+            .expect("RunVm")
+            .into_inner();
+        c.succeed(r.operation, "RunVm").await;
+        while c.get_vm(&a).await.status() != VmStatus::Up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ours.restore.push(t.elapsed().as_secs_f64());
+
+        let (t, _) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false);
+        bare.paused.push(t);
+        let (t, mem) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true);
+        bare.live.push(t);
+        bare.restore
+            .push(virsh_restore(&b, &dir, &format!("{run}"), &mem));
+        for f in std::fs::read_dir(&dir).expect("the virsh directory").flatten() {
+            if f.path().extension().is_some_and(|e| e == "mem") {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+    let _ = Command::new("virsh")
+        .args(["-c", "qemu:///system", "destroy", &domain(&b)])
+        .output();
+
+    println!("\n{runs} runs, medians, page cache dropped before each step; {MEMORY_MIB} MiB guests, {FILL_MIB} MiB random\n");
+    println!("| path | ramsnap (gRPC, coordinator) | virsh | ratio |");
+    println!("|---|---|---|---|");
+    for (what, o, b) in [
+        ("snapshot with memory, PAUSED", &ours.paused, &bare.paused),
+        ("snapshot with memory, LIVE", &ours.live, &bare.live),
+        (
+            "run with restore, to UP / virsh restore",
+            &ours.restore,
+            &bare.restore,
+        ),
+    ] {
+        let (o, b) = (median(o.clone()), median(b.clone()));
+        println!("| {what} | {o:.2} s | {b:.2} s | {:.2} |", o / b);
+    }
+    println!(
+        "\nramsnap PAUSED snapshot: guest pause (host agent) {:.0} ms",
+        median(pauses)
+    );
+    println!("PAUSED snapshot saga, per node (median ms):");
+    for (node, v) in nodes {
+        println!("  {node}: {:.0}", median(v));
+    }
+}
