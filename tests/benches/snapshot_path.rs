@@ -93,6 +93,28 @@ fn node_times(logs: &str, saga: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// The host agent's laps of its last snapshot step ("snapshot step ...
+/// step=\"S\" ms=M"), in order.
+fn host_laps(logs: &str) -> Vec<(String, f64)> {
+    let lines: Vec<String> = logs
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("snapshot step") && l.contains("step=\""))
+        .collect();
+    // The last step's laps: from the last "prepare and scrub" on.
+    let start = lines
+        .iter()
+        .rposition(|l| l.contains("prepare and scrub"))
+        .unwrap_or(0);
+    lines[start..]
+        .iter()
+        .filter_map(|l| {
+            let step = l.split("step=\"").nth(1)?.split('"').next()?.to_string();
+            Some((step, last_logged(l, "snapshot step", "ms")?))
+        })
+        .collect()
+}
+
 /// tests/guest/strip-backing.awk, in Rust: drops every <backingStore>.
 fn strip_backing(xml: &str) -> String {
     let mut out = String::new();
@@ -220,7 +242,14 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let mut c = Cluster::start_embedded(Db::Sqlite, "3.3", "bench-path", &[]).await;
+    // The host agent's step laps ("snapshot step", at debug) in the log.
+    let mut c = Cluster::start_embedded(
+        Db::Sqlite,
+        "3.3",
+        "bench-path",
+        &[("RUST_LOG", "info,ramsnap_host::host=debug")],
+    )
+    .await;
     let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");
     let a = c
         .create_vm_sized("path-a", DomainKind::File, MEMORY_MIB * MIB, &cmdline)
@@ -247,6 +276,7 @@ async fn main() {
     let mut bare = Figures::new();
     let mut pauses = Vec::new();
     let mut nodes: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut laps: Vec<(String, Vec<f64>)> = Vec::new();
     for run in 0..runs {
         eprintln!("run {} of {runs}", run + 1);
         let (t, _) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
@@ -256,6 +286,12 @@ async fn main() {
         pauses.push(last_logged(&logs, "guest pause", "pause_ms").unwrap_or(f64::NAN));
         for (node, ms) in node_times(&logs, "snapshot_create") {
             nodes.entry(node).or_default().push(ms);
+        }
+        for (i, (step, ms)) in host_laps(&logs).into_iter().enumerate() {
+            if laps.len() <= i {
+                laps.push((step, Vec::new()));
+            }
+            laps[i].1.push(ms);
         }
         let (t, live_snapshot) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
         ours.live.push(t);
@@ -316,6 +352,10 @@ async fn main() {
         "\nramsnap PAUSED snapshot: guest pause (host agent) {:.0} ms",
         median(pauses)
     );
+    println!("PAUSED snapshot, the host agent's snapshot step, lap by lap (median ms):");
+    for (step, v) in laps {
+        println!("  {step}: {:.0}", median(v));
+    }
     println!("PAUSED snapshot saga, per node (median ms):");
     for (node, v) in nodes {
         println!("  {node}: {:.0}", median(v));

@@ -404,6 +404,19 @@ pub fn sweep_stale() {
         };
         for e in entries.flatten() {
             let dir = e.path();
+            // The dev certificates of a test process that has ended
+            // (`tls_dir`, named by its pid).
+            if let Some(pid) = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("ramsnap-tls-e2e-")
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                continue;
+            }
             let stale =
                 e.file_name().to_string_lossy().starts_with(ROOT_PREFIX) && dir.is_dir() && owner_gone(&dir);
             if !stale {
