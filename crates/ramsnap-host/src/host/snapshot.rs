@@ -39,6 +39,10 @@ use virt::sys;
 /// Finished jobs are remembered this long, for retries.
 const JOB_RETENTION: Duration = Duration::from_secs(3600);
 const STATE_POLL: Duration = Duration::from_millis(5);
+/// The state poll when libvirt's lifecycle events measure the pause (the
+/// poll is then only the fallback clock and the cancel/size check): fewer
+/// calls into libvirtd while QEMU writes the memory.
+const STATE_POLL_WITH_EVENTS: Duration = Duration::from_millis(50);
 const PROGRESS_POLL: Duration = Duration::from_millis(100);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -985,6 +989,11 @@ async fn watch_job(
         }
     };
 
+    let state_poll = if hv.pause_events().is_some() {
+        STATE_POLL_WITH_EVENTS
+    } else {
+        STATE_POLL
+    };
     let states = async {
         let mut clock = PauseClock::default();
         let mut abort_sent = false;
@@ -1013,7 +1022,7 @@ async fn watch_job(
                     abort_sent = true;
                 }
             }
-            sleep_or_stop(stop.clone(), STATE_POLL).await;
+            sleep_or_stop(stop.clone(), state_poll).await;
         }
         let end = Instant::now();
         if let Ok(Some(state)) = hv.state(id).await {
