@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod authn;
 pub mod authz;
+pub mod checksum;
 pub mod devcerts;
 pub mod ids;
 pub mod limits;

@@ -143,7 +143,7 @@ impl Bench {
             .unwrap()
             .unwrap();
         let checksum = t.elapsed().as_secs_f64();
-        assert_eq!(d.sha256, r.dump_sha256);
+        assert_eq!(d.checksum.to_string(), r.dump_checksum);
         if block {
             self.env.teardown(&dump).await;
         }

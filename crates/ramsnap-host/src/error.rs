@@ -119,7 +119,7 @@ pub enum RestoreError {
     WrongVm { recorded: Uuid, requested: Uuid },
     #[error("the VM's disks do not match the memory snapshot: {reason}")]
     DisksMismatch { reason: String },
-    #[error("memory dump {volume} is corrupt: SHA-256 {actual}, recorded {expected}")]
+    #[error("memory dump {volume} is corrupt: checksum {actual}, recorded {expected}")]
     DumpCorrupt {
         volume: VolumeRef,
         expected: String,

@@ -1,22 +1,27 @@
 //! The memory metadata volume's format (versioned JSON, NUL-padded to the
-//! volume's capacity) and the dump checksum.
+//! volume's capacity), and how the dump volume is readied for a dump.
 //!
-//! Checksum: SHA-256 of the dump volume's first `capacity` bytes, where
-//! bytes past a file's end count as zeros. A FILE dump shrinks to the dump's
-//! size (libvirt opens it with O_TRUNC), a BLOCK dump does not (it is zeroed
-//! before the dump), and a storage copy copies exactly `capacity` bytes,
-//! zero-filling past the end: the checksum is the same on every copy.
+//! The dump's checksum (see `ramsnap_common::checksum`) covers the dump
+//! volume's first `capacity` bytes, where bytes past a file's end count as
+//! zeros. A FILE dump shrinks to the dump's size (libvirt opens it with
+//! O_TRUNC), a BLOCK dump does not (it is zeroed before the dump), and a
+//! storage copy copies exactly `capacity` bytes, zero-filling past the end:
+//! the checksum is the same on every copy.
+//!
+//! Version 1 records the checksum as `dump.sha256` (hex SHA-256); version 2
+//! as `dump.checksum` in its text form (`blake3-4m:<hex>`). Both are read.
 use crate::model::{SnapshotMode, VolumeRef};
+use ramsnap_common::checksum::Checksum;
+pub use ramsnap_common::checksum::{device_len, digest_file, Algorithm, FileDigest};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use uuid::Uuid;
 
 pub const FORMAT: &str = "ramsnap.memory-metadata";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The document and its padding use at most this much of the volume (1 MiB
 /// volumes in practice), whatever capacity the volume reports.
 pub const MAX_DOCUMENT: u64 = 16 << 20;
@@ -44,13 +49,56 @@ pub struct DiskRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "DumpRecordDoc", into = "DumpRecordDoc")]
 pub struct DumpRecord {
     pub volume: VolumeRef,
     /// The dump volume's capacity: the checksum covers this many bytes.
     pub capacity: u64,
     pub dump_bytes: u64,
-    /// Hex SHA-256.
-    pub sha256: String,
+    pub checksum: Checksum,
+}
+
+/// [`DumpRecord`] as stored: `checksum` (version 2) or `sha256` (1).
+#[derive(Serialize, Deserialize)]
+struct DumpRecordDoc {
+    volume: VolumeRef,
+    capacity: u64,
+    dump_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+}
+
+impl TryFrom<DumpRecordDoc> for DumpRecord {
+    type Error = String;
+
+    fn try_from(d: DumpRecordDoc) -> Result<DumpRecord, String> {
+        let checksum = match (d.checksum, d.sha256) {
+            (Some(c), _) => c.parse().map_err(|e| format!("dump.checksum: {e}"))?,
+            (None, Some(hex)) if hex.len() == 64 => hex.parse().map_err(|e| format!("dump.sha256: {e}"))?,
+            (None, Some(_)) => return Err("dump.sha256 is not 64 hex digits".into()),
+            (None, None) => return Err("the dump has no checksum".into()),
+        };
+        Ok(DumpRecord {
+            volume: d.volume,
+            capacity: d.capacity,
+            dump_bytes: d.dump_bytes,
+            checksum,
+        })
+    }
+}
+
+impl From<DumpRecord> for DumpRecordDoc {
+    fn from(r: DumpRecord) -> DumpRecordDoc {
+        DumpRecordDoc {
+            volume: r.volume,
+            capacity: r.capacity,
+            dump_bytes: r.dump_bytes,
+            checksum: Some(r.checksum.to_string()),
+            sha256: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -102,206 +150,10 @@ impl MemoryMetadata {
     }
 }
 
-/// The checksum of a dump and where its data ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DumpDigest {
-    pub sha256: String,
-    /// End of the last non-zero byte within `capacity`: the dump's size on
-    /// a block device, where it cannot be told from the file length.
-    pub data_end: u64,
-    /// Length of the file (or device).
-    pub len: u64,
-}
-
-const CHUNK: usize = 4 << 20;
-
-static ZEROS: [u8; 4096] = [0; 4096];
-
-/// Index of the last non-zero byte. Compares whole 4 KiB blocks with a zero
-/// block (memcmp, fast in any build profile), then bytes in the last
-/// non-zero block only.
-fn last_nonzero(buf: &[u8]) -> Option<usize> {
-    let block = buf.chunks(4096).rposition(|b| b != &ZEROS[..b.len()])?;
-    let start = block * 4096;
-    let end = (start + 4096).min(buf.len());
-    buf[start..end].iter().rposition(|&b| b != 0).map(|i| start + i)
-}
-
-/// SHA-256 of the first `capacity` bytes of `path`, zeros past its end.
-pub fn digest(path: &Path, capacity: u64) -> io::Result<DumpDigest> {
-    let f = File::open(path)?;
-    let len = device_len(&f)?;
-    let readable = len.min(capacity);
-    let mut hasher = Sha256::new();
-    let mut data_end = 0u64;
-    let done = {
-        let mut take = |offset: u64, chunk: &[u8]| {
-            if let Some(i) = last_nonzero(chunk) {
-                data_end = offset + i as u64 + 1;
-            }
-            hasher.update(chunk);
-        };
-        if f.metadata()?.file_type().is_block_device() {
-            // The dump just written is in the page cache: read it buffered up
-            // to the first chunk of zeros; the zeroed rest goes faster with
-            // direct reads. Where the switch happens changes the speed only.
-            let data = read_sequential(&f, 0, readable, true, &mut take)?;
-            match read_parallel_direct(path, data, readable, &mut take) {
-                Ok(end) => end,
-                Err(_) => read_sequential(&f, data, readable, false, &mut take)?,
-            }
-        } else {
-            read_sequential(&f, 0, readable, false, &mut take)?
-        }
-    };
-    let zeros = vec![0u8; CHUNK];
-    let mut done = done;
-    while done < capacity {
-        let n = ((capacity - done) as usize).min(CHUNK);
-        hasher.update(&zeros[..n]);
-        done += n as u64;
-    }
-    Ok(DumpDigest {
-        sha256: hex(&hasher.finalize()),
-        data_end,
-        len,
-    })
-}
-
-/// Feeds `[start, end)` of the file to `take` in order; returns where it
-/// stopped: `end`, the file's end, or with `until_zeros` after the first
-/// chunk of zeros.
-fn read_sequential(
-    f: &File,
-    start: u64,
-    end: u64,
-    until_zeros: bool,
-    take: &mut dyn FnMut(u64, &[u8]),
-) -> io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = start;
-    while done < end {
-        let want = ((end - done) as usize).min(CHUNK);
-        let n = f.read_at(&mut buf[..want], done)?;
-        if n == 0 {
-            break;
-        }
-        take(done, &buf[..n]);
-        done += n as u64;
-        if until_zeros && n == CHUNK && last_nonzero(&buf[..n]).is_none() {
-            break;
-        }
-    }
-    Ok(done)
-}
-
-const READERS: usize = 4;
-const BUFFERS: usize = 2 * READERS;
-const ALIGN: usize = 4096;
-
-/// Feeds `[start, len)` of a block device to `take` in order, read by several
-/// O_DIRECT readers: one buffered reader gets about 100-200 MB/s through
-/// loop devices, four direct ones about 1 GB/s. A fixed pool of buffers
-/// bounds the memory; a reader takes a buffer before it takes the next
-/// chunk number, so the lowest missing chunk always has a buffer.
-fn read_parallel_direct(
-    path: &Path,
-    start: u64,
-    len: u64,
-    take: &mut dyn FnMut(u64, &[u8]),
-) -> io::Result<u64> {
-    use std::collections::BTreeMap;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{mpsc, Mutex};
-
-    if !start.is_multiple_of(ALIGN as u64) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "unaligned start"));
-    }
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)?;
-    let chunks = (len.saturating_sub(start)).div_ceil(CHUNK as u64);
-    let next = AtomicU64::new(0);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..BUFFERS {
-        let _ = free_tx.send(vec![0u8; CHUNK + ALIGN]);
-    }
-    let free_rx = Mutex::new(free_rx);
-    let (full_tx, full_rx) = mpsc::channel::<io::Result<(u64, Vec<u8>, usize)>>();
-    std::thread::scope(|scope| {
-        for _ in 0..READERS {
-            let (f, next, free_rx, full_tx) = (&f, &next, &free_rx, full_tx.clone());
-            scope.spawn(move || loop {
-                let Ok(mut buf) = free_rx.lock().expect("buffer pool").recv() else {
-                    return;
-                };
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= chunks {
-                    return;
-                }
-                let offset = start + i * CHUNK as u64;
-                let want = ((len - offset) as usize).min(CHUNK);
-                let start = buf.as_ptr().align_offset(ALIGN);
-                // O_DIRECT wants whole sectors: round the read up, use `want`.
-                let padded = want.div_ceil(512) * 512;
-                let r = (|| {
-                    let mut got = 0;
-                    while got < want {
-                        let n = f.read_at(&mut buf[start + got..start + padded], offset + got as u64)?;
-                        if n == 0 {
-                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "device ended early"));
-                        }
-                        got += n;
-                    }
-                    Ok(())
-                })();
-                let failed = r.is_err();
-                if full_tx.send(r.map(|()| (i, buf, want))).is_err() || failed {
-                    return;
-                }
-            });
-        }
-        drop(full_tx);
-        let mut pending: BTreeMap<u64, (Vec<u8>, usize)> = BTreeMap::new();
-        let mut want_next = 0u64;
-        let mut done = start;
-        while want_next < chunks {
-            let (i, buf, n) = match full_rx.recv() {
-                Ok(r) => r?,
-                Err(_) => return Err(io::Error::other("a reader stopped")),
-            };
-            pending.insert(i, (buf, n));
-            while let Some((buf, n)) = pending.remove(&want_next) {
-                let start = buf.as_ptr().align_offset(ALIGN);
-                take(done, &buf[start..start + n]);
-                done += n as u64;
-                want_next += 1;
-                let _ = free_tx.send(buf);
-            }
-        }
-        drop(free_tx);
-        Ok(done)
-    })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The size of a regular file or of a block device.
-pub fn device_len(f: &File) -> io::Result<u64> {
-    let meta = f.metadata()?;
-    if meta.file_type().is_block_device() {
-        let mut g = f;
-        let end = g.seek(SeekFrom::End(0))?;
-        g.seek(SeekFrom::Start(0))?;
-        Ok(end)
-    } else {
-        Ok(meta.len())
-    }
+/// The checksum of the first `capacity` bytes of `path` (zeros past its
+/// end), with the algorithm new dumps get.
+pub fn digest(path: &Path, capacity: u64) -> io::Result<FileDigest> {
+    digest_file(path, capacity, Algorithm::CURRENT)
 }
 
 pub fn is_block_device(path: &Path) -> io::Result<bool> {
@@ -329,10 +181,10 @@ pub fn scrub_dump(path: &Path, capacity: u64) -> io::Result<()> {
         return Ok(());
     }
     let mut f = f;
-    let zeros = vec![0u8; CHUNK];
+    let zeros = vec![0u8; 4 << 20];
     let mut done = 0u64;
     while done < len {
-        let n = ((len - done) as usize).min(CHUNK);
+        let n = ((len - done) as usize).min(zeros.len());
         f.write_all(&zeros[..n])?;
         done += n as u64;
     }
@@ -382,7 +234,7 @@ mod tests {
                 volume: vref(),
                 capacity: 1 << 20,
                 dump_bytes: 1000,
-                sha256: "ab".repeat(32),
+                checksum: format!("blake3-4m:{}", "ab".repeat(32)).parse().unwrap(),
             },
             domain_xml: "<domain type='qemu'>\0</domain>".into(),
         }
@@ -412,63 +264,50 @@ mod tests {
             MemoryMetadata::decode(b"garbage"),
             Err(DecodeError::Invalid(_))
         ));
-        let newer = format!("{{\"format\":\"{FORMAT}\",\"version\":2}}");
+        let newer = format!("{{\"format\":\"{FORMAT}\",\"version\":3}}");
         assert_eq!(
             MemoryMetadata::decode(newer.as_bytes()),
-            Err(DecodeError::Version(2))
+            Err(DecodeError::Version(3))
         );
-        // Unknown fields in version 1 are ignored.
+        // Unknown fields are ignored.
         let mut v: serde_json::Value = serde_json::to_value(sample()).unwrap();
         v["future_field"] = serde_json::json!(42);
         assert!(MemoryMetadata::decode(v.to_string().as_bytes()).is_ok());
     }
 
     #[test]
-    fn checksum_counts_bytes_past_the_end_as_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let short = dir.path().join("short");
-        let long = dir.path().join("long");
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 + 1).collect();
-        std::fs::write(&short, &data).unwrap();
-        let mut padded = data.clone();
-        padded.resize(9 << 20, 0);
-        std::fs::write(&long, &padded).unwrap();
-        let cap = 8 << 20;
-        let a = digest(&short, cap).unwrap();
-        let b = digest(&long, cap).unwrap();
-        assert_eq!(a.sha256, b.sha256, "a file and its zero-padded copy hash alike");
-        assert_eq!(a.data_end, 100_000);
-        assert_eq!(b.data_end, 100_000);
-        let mut hasher = Sha256::new();
-        hasher.update(&padded[..cap as usize]);
-        assert_eq!(a.sha256, hex(&hasher.finalize()));
-        // One changed byte changes the checksum.
-        padded[5] ^= 1;
-        std::fs::write(&long, &padded).unwrap();
-        assert_ne!(digest(&long, cap).unwrap().sha256, a.sha256);
-    }
-
-    #[test]
-    fn parallel_direct_reads_deliver_every_chunk_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("data");
-        // Several chunks, and a tail that is not a whole chunk.
-        let data: Vec<u8> = (0..(3 * CHUNK + 8192) as u32).map(|i| (i % 253) as u8).collect();
-        std::fs::write(&p, &data).unwrap();
-        let mut got = Vec::new();
-        let r = read_parallel_direct(&p, 0, data.len() as u64, &mut |off, c| {
-            assert_eq!(off as usize, got.len());
-            got.extend_from_slice(c);
-        });
-        match r {
-            Ok(n) => {
-                assert_eq!(n as usize, data.len());
-                assert!(got == data, "the chunks came out of order or wrong");
-            }
-            // A file system without O_DIRECT (tmpfs): nothing to check here.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => panic!("{e}"),
-        }
+    fn version_1_documents_still_read() {
+        let m = sample();
+        let mut v: serde_json::Value = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["dump"]["checksum"], m.dump.checksum.to_string().as_str());
+        assert!(
+            v["dump"].get("sha256").is_none(),
+            "version 2 writes `checksum` only"
+        );
+        // What version 1 wrote: a bare hex SHA-256 under `sha256`.
+        let hex = "cd".repeat(32);
+        v["version"] = serde_json::json!(1);
+        v["dump"].as_object_mut().unwrap().remove("checksum");
+        v["dump"]["sha256"] = serde_json::json!(hex);
+        let old = MemoryMetadata::decode(v.to_string().as_bytes()).unwrap();
+        assert_eq!(old.version, 1);
+        assert_eq!(old.dump.checksum.to_string(), format!("sha256:{hex}"));
+        // A document without a checksum, or with a malformed one, is not metadata.
+        v["dump"]["sha256"] = serde_json::json!("cd");
+        assert!(matches!(
+            MemoryMetadata::decode(v.to_string().as_bytes()),
+            Err(DecodeError::Invalid(_))
+        ));
+        v["dump"].as_object_mut().unwrap().remove("sha256");
+        assert!(matches!(
+            MemoryMetadata::decode(v.to_string().as_bytes()),
+            Err(DecodeError::Invalid(_))
+        ));
+        v["dump"]["checksum"] = serde_json::json!(format!("md5:{hex}"));
+        assert!(matches!(
+            MemoryMetadata::decode(v.to_string().as_bytes()),
+            Err(DecodeError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -478,7 +317,5 @@ mod tests {
         std::fs::write(&p, b"old dump").unwrap();
         scrub_dump(&p, 1 << 20).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
-        assert_eq!(last_nonzero(&[0, 0, 3, 0]), Some(2));
-        assert_eq!(last_nonzero(&[0; 9000]), None);
     }
 }

@@ -2,6 +2,7 @@
 //! as volume refs, memory volumes, snapshot modes and the VM status machine.
 //! The tonic layer converts into these (rejecting bad input there); nothing
 //! below it sees a protobuf type.
+use ramsnap_common::checksum::Checksum;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use uuid::Uuid;
@@ -207,7 +208,8 @@ pub struct Progress {
 pub struct SnapshotOutcome {
     pub memory_saved: bool,
     pub dump_bytes: u64,
-    pub dump_sha256: String,
+    /// None without memory.
+    pub dump_checksum: Option<Checksum>,
     pub guest_pause_ms: u64,
     pub duration_ms: u64,
 }
@@ -233,15 +235,15 @@ pub struct VerifyMemoryRequest {
     pub vm_id: Uuid,
     /// Where the dump and metadata volumes are now.
     pub memory: MemoryVolumes,
-    /// Lowercase hex SHA-256 the dump must match besides the metadata's.
-    pub expected_sha256: Option<String>,
+    /// A checksum the dump must match besides the metadata's.
+    pub expected_checksum: Option<Checksum>,
     pub rebind: Option<Rebind>,
 }
 
 /// What VerifyMemory found (and, with a rebind, wrote).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedMemory {
-    pub sha256: String,
+    pub checksum: Checksum,
     pub dump_bytes: u64,
     /// The dump capacity the checksum covers.
     pub capacity: u64,
@@ -252,13 +254,6 @@ pub struct VerifiedMemory {
     pub rebound: bool,
     /// Per disk, the volume the metadata binds it to now (its frozen volume).
     pub disks: Vec<VolumeRef>,
-}
-
-/// True for 64 lowercase hex digits (a SHA-256 as the host writes it).
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub fn now_unix_ms() -> i64 {

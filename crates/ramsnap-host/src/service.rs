@@ -7,6 +7,7 @@ use crate::model::{
     StatusEvent, VerifiedMemory, VerifyMemoryRequest, VmSpec, VmStatus, VolumeRef,
 };
 use futures::StreamExt;
+use ramsnap_common::checksum::ChecksumError;
 use ramsnap_common::{ids, status};
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::host::v1 as pb;
@@ -238,16 +239,14 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
         let vm_id = vm_id("vm_id", &r.vm_id)?;
         let memory = memory_volumes("memory", r.memory)?
             .ok_or_else(|| status::invalid_argument("memory", "is required"))?;
-        let expected_sha256 = if r.expected_sha256.is_empty() {
-            None
-        } else if model::is_sha256_hex(&r.expected_sha256) {
-            Some(r.expected_sha256)
-        } else {
-            return Err(status::invalid_argument(
-                "expected_sha256",
-                "must be empty or 64 lowercase hex digits",
-            ));
-        };
+        let expected_checksum =
+            if r.expected_checksum.is_empty() {
+                None
+            } else {
+                Some(r.expected_checksum.parse().map_err(|e: ChecksumError| {
+                    status::invalid_argument("expected_checksum", e.to_string())
+                })?)
+            };
         let domain = ids::parse_optional("rebind_disk_domain_id", &r.rebind_disk_domain_id)?;
         if domain.is_some() && !r.rebind_disks.is_empty() {
             return Err(status::invalid_argument(
@@ -277,7 +276,7 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
         Ok(VerifyMemoryRequest {
             vm_id,
             memory,
-            expected_sha256,
+            expected_checksum,
             rebind,
         })
     }
@@ -294,7 +293,7 @@ fn to_pb_volume_ref(r: &VolumeRef) -> common::VolumeRef {
 impl From<VerifiedMemory> for pb::VerifyMemoryResponse {
     fn from(v: VerifiedMemory) -> pb::VerifyMemoryResponse {
         pb::VerifyMemoryResponse {
-            sha256: v.sha256,
+            checksum: v.checksum.to_string(),
             dump_bytes: v.dump_bytes,
             capacity: v.capacity,
             snapshot_id: v.snapshot_id.to_string(),
@@ -453,7 +452,7 @@ impl HostService for HostApi {
                             result: Some(pb::SnapshotResult {
                                 memory_saved: o.memory_saved,
                                 dump_bytes: o.dump_bytes,
-                                dump_sha256: o.dump_sha256,
+                                dump_checksum: o.dump_checksum.map(|c| c.to_string()).unwrap_or_default(),
                                 guest_pause_ms: o.guest_pause_ms,
                                 duration_ms: o.duration_ms,
                             }),
@@ -583,12 +582,12 @@ mod tests {
                 dump: vref(),
                 metadata: vref(),
             }),
-            expected_sha256: String::new(),
+            expected_checksum: String::new(),
             rebind_disk_domain_id: String::new(),
             rebind_disks: vec![],
         };
         let r = VerifyMemoryRequest::try_from(req()).unwrap();
-        assert_eq!((r.expected_sha256, r.rebind), (None, None));
+        assert_eq!((r.expected_checksum, r.rebind), (None, None));
         let ok = |f: &dyn Fn(&mut pb::VerifyMemoryRequest)| {
             let mut q = req();
             f(&mut q);
@@ -596,10 +595,10 @@ mod tests {
         };
         let domain = uuid::Uuid::new_v4();
         let r = ok(&|q| {
-            q.expected_sha256 = "0a".repeat(32);
+            q.expected_checksum = "0a".repeat(32);
             q.rebind_disk_domain_id = domain.to_string();
         });
-        assert_eq!(r.expected_sha256, Some("0a".repeat(32)));
+        assert_eq!(r.expected_checksum, Some("0a".repeat(32).parse().unwrap()));
         assert_eq!(r.rebind, Some(Rebind::DiskDomain(domain)));
         let r = ok(&|q| q.rebind_disks = vec![vref().unwrap(), vref().unwrap()]);
         assert!(matches!(r.rebind, Some(Rebind::Disks(d)) if d.len() == 2));
@@ -631,9 +630,18 @@ mod tests {
             bad(&|q| q.memory.as_mut().unwrap().metadata.as_mut().unwrap().domain_id = "../x".into()),
             "memory.metadata.domain_id"
         );
-        assert_eq!(bad(&|q| q.expected_sha256 = "AB".repeat(32)), "expected_sha256");
-        assert_eq!(bad(&|q| q.expected_sha256 = "ab".repeat(31)), "expected_sha256");
-        assert_eq!(bad(&|q| q.expected_sha256 = "g".repeat(64)), "expected_sha256");
+        assert_eq!(
+            bad(&|q| q.expected_checksum = "AB".repeat(32)),
+            "expected_checksum"
+        );
+        assert_eq!(
+            bad(&|q| q.expected_checksum = "ab".repeat(31)),
+            "expected_checksum"
+        );
+        assert_eq!(
+            bad(&|q| q.expected_checksum = "g".repeat(64)),
+            "expected_checksum"
+        );
         assert_eq!(
             bad(&|q| q.rebind_disk_domain_id = "nope".into()),
             "rebind_disk_domain_id"

@@ -160,7 +160,11 @@ async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: boo
         progress.len()
     );
     assert!(result.memory_saved);
-    assert_eq!(result.dump_sha256.len(), 64);
+    assert!(
+        result.dump_checksum.starts_with("blake3-4m:") && result.dump_checksum.len() == 74,
+        "{}",
+        result.dump_checksum
+    );
     assert!(result.dump_bytes > 8 * MIB, "{result:?}");
     assert!(
         result.guest_pause_ms > 0 && result.guest_pause_ms <= result.duration_ms,
@@ -187,13 +191,13 @@ async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: boo
     assert!(bytes[end..].iter().all(|&b| b == 0));
     let md: serde_json::Value = serde_json::from_slice(&bytes[..end]).unwrap();
     assert_eq!(md["format"], "ramsnap.memory-metadata");
-    assert_eq!(md["version"], 1);
+    assert_eq!(md["version"], 2);
     assert_eq!(md["vm_id"], g.id.as_str());
     assert_eq!(md["snapshot_id"], snapshot_id.as_str());
     assert_eq!(md["mode"], if live { "live" } else { "paused" });
     assert_eq!(md["disks"][0]["current"]["volume"], frozen.volume_id.as_str());
     assert_eq!(md["disks"][0]["overlay"]["volume"], overlay.volume_id.as_str());
-    assert_eq!(md["dump"]["sha256"], result.dump_sha256.as_str());
+    assert_eq!(md["dump"]["checksum"], result.dump_checksum.as_str());
     assert!(md["domain_xml"].as_str().unwrap().contains(&g.id));
     Taken {
         frozen,
@@ -426,7 +430,7 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     let mut g = boot(&mut env, false, 256, "").await;
     let taken = take_memory_snapshot(&mut env, &mut g, false, false).await;
     env.stop(&g.id, 0).await;
-    let sha = taken.result.dump_sha256.clone();
+    let sha = taken.result.dump_checksum.clone();
 
     let block = env.block_domain.clone();
     let moved = common::MemoryVolumeRef {
@@ -453,13 +457,13 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     let req = || hpb::VerifyMemoryRequest {
         vm_id: g.id.clone(),
         memory: Some(moved.clone()),
-        expected_sha256: sha.clone(),
+        expected_checksum: sha.clone(),
         ..Default::default()
     };
     let before = env.volume_bytes(&moved_meta, MIB).await;
     // A wrong checksum, a flipped byte: MEMORY_DUMP_CORRUPT, nothing rewritten.
     let mut q = req();
-    q.expected_sha256 = "f".repeat(64);
+    q.expected_checksum = "f".repeat(64);
     q.rebind_disk_domain_id = block.clone();
     let st = env.verify_memory(q).await.unwrap_err();
     assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
@@ -474,6 +478,40 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     assert_eq!(env.volume_bytes(&moved_meta, MIB).await, before);
     env.flip_byte(&moved_dump, at).await;
 
+    // Memory saved by version 1 hosts (metadata version 1: a bare hex
+    // SHA-256 under `dump.sha256`) still verifies, against that value and
+    // against a version 1 export's bare hex; a flipped byte is still found.
+    let end = before.iter().position(|&b| b == 0).unwrap();
+    let mut v1: serde_json::Value = serde_json::from_slice(&before[..end]).unwrap();
+    let capacity = v1["dump"]["capacity"].as_u64().unwrap();
+    let dump_path = env.path_of(&moved_dump).await;
+    let sha256 = ramsnap_common::checksum::digest_file(
+        &dump_path,
+        capacity,
+        ramsnap_common::checksum::Algorithm::Sha256,
+    )
+    .unwrap()
+    .checksum;
+    env.teardown(&moved_dump).await;
+    v1["version"] = 1.into();
+    let dump = v1["dump"].as_object_mut().unwrap();
+    dump.remove("checksum");
+    dump.insert("sha256".into(), sha256.hex().into());
+    let mut doc = serde_json::to_vec(&v1).unwrap();
+    doc.resize(MIB as usize, 0);
+    env.write_bytes(&moved_meta, 0, &doc).await;
+    let mut q = req();
+    q.expected_checksum = sha256.hex();
+    let v = env.verify_memory(q).await.unwrap();
+    assert_eq!(v.checksum, sha256.to_string());
+    env.flip_byte(&moved_dump, at).await;
+    let mut q = req();
+    q.expected_checksum.clear();
+    let st = env.verify_memory(q).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    env.flip_byte(&moved_dump, at).await;
+    env.write_bytes(&moved_meta, 0, &before).await;
+
     // Verified and rebound to the BLOCK domain.
     let started = std::time::Instant::now();
     let mut q = req();
@@ -485,7 +523,7 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
         started.elapsed().as_millis()
     );
     assert!(v.rebound);
-    assert_eq!(v.sha256, sha);
+    assert_eq!(v.checksum, sha);
     assert_eq!(v.dump_bytes, taken.result.dump_bytes);
     assert_eq!(v.disks, vec![frozen.clone()]);
     let v = env.verify_memory(req()).await.unwrap();
@@ -520,7 +558,7 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     );
     // Verifying the memory of the running VM leaves it and its disks alone.
     let v = env.verify_memory(req()).await.unwrap();
-    assert_eq!(v.sha256, sha);
+    assert_eq!(v.checksum, sha);
     assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
     assert_eq!(
         env.live_disks(&g.id),

@@ -325,18 +325,18 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     .await;
     let taken = r.expect("simulated snapshot with memory");
     assert!(taken.memory_saved);
-    let sha = taken.dump_sha256.clone();
+    let sha = taken.dump_checksum.clone();
     let req = |memory: &ramsnap_proto::common::v1::MemoryVolumeRef| hpb::VerifyMemoryRequest {
         vm_id: vm.clone(),
         memory: Some(memory.clone()),
-        expected_sha256: sha.clone(),
+        expected_checksum: sha.clone(),
         ..Default::default()
     };
 
     // Where it was written, while the VM runs: verified, nothing rewritten,
     // the VM left alone.
     let v = env.verify_memory(req(&memory)).await.unwrap();
-    assert_eq!(v.sha256, sha);
+    assert_eq!(v.checksum, sha);
     assert!(!v.rebound);
     assert_eq!(v.disks, vec![disk.clone()]);
     assert_eq!(v.snapshot_id, snapshot_id);
@@ -358,7 +358,7 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     // Checked there (VM down: not running on this host); the metadata still
     // names the disk where it was.
     let v = env.verify_memory(req(&moved)).await.unwrap();
-    assert_eq!((v.sha256.as_str(), v.rebound), (sha.as_str(), false));
+    assert_eq!((v.checksum.as_str(), v.rebound), (sha.as_str(), false));
     assert_eq!(v.disks, vec![disk.clone()]);
     assert_eq!(env.status(&vm).await, hpb::VmStatus::Down);
 
@@ -375,7 +375,7 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     let st = refused(env.verify_memory(q).await, "MEMORY_VM_MISMATCH");
     assert_eq!(precondition_subject(&st), vm);
     let mut q = req(&moved);
-    q.expected_sha256 = "0".repeat(64);
+    q.expected_checksum = "0".repeat(64);
     q.rebind_disk_domain_id = block.clone();
     let st = refused(env.verify_memory(q).await, "MEMORY_DUMP_CORRUPT");
     assert_eq!(precondition_subject(&st), volume_name(&moved_dump));
@@ -427,8 +427,8 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     q.vm_id = "not-a-uuid".into();
     assert_eq!(bad(env.verify_memory(q).await.unwrap_err()), "vm_id");
     let mut q = req(&moved);
-    q.expected_sha256 = sha.to_uppercase();
-    assert_eq!(bad(env.verify_memory(q).await.unwrap_err()), "expected_sha256");
+    q.expected_checksum = sha.to_uppercase();
+    assert_eq!(bad(env.verify_memory(q).await.unwrap_err()), "expected_checksum");
     let mut q = req(&moved);
     q.rebind_disk_domain_id = block.clone();
     q.rebind_disks = vec![moved_disk.clone()];
@@ -454,7 +454,7 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     let v = env.verify_memory(q).await.unwrap();
     assert!(v.rebound);
     assert_eq!(
-        (v.sha256.as_str(), v.disks.clone()),
+        (v.checksum.as_str(), v.disks.clone()),
         (sha.as_str(), vec![moved_disk.clone()])
     );
     // Read back by a plain verification.
@@ -466,7 +466,7 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     assert!(after[end..].iter().all(|&b| b == 0), "NUL-padded");
     let md: serde_json::Value = serde_json::from_slice(&after[..end]).unwrap();
     assert_eq!(md["vm_id"], vm.as_str());
-    assert_eq!(md["dump"]["sha256"], sha.as_str());
+    assert_eq!(md["dump"]["checksum"], sha.as_str());
     assert_eq!(md["dump"]["volume"]["domain"], block.as_str());
     assert_eq!(md["dump"]["volume"]["volume"], moved_dump.volume_id.as_str());
     assert_eq!(md["disks"][0]["current"]["domain"], block.as_str());
@@ -480,7 +480,7 @@ async fn simulation_verify_memory_checks_and_rebinds_a_moved_pair() {
     // and the metadata stays as it was.
     env.flip_byte(&moved_dump, 4096).await;
     let mut q = req(&moved);
-    q.expected_sha256.clear();
+    q.expected_checksum.clear();
     q.rebind_disks = vec![env.new_disk(true).await];
     let st = refused(env.verify_memory(q).await, "MEMORY_DUMP_CORRUPT");
     assert_eq!(precondition_subject(&st), volume_name(&moved_dump));

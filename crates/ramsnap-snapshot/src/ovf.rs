@@ -11,6 +11,7 @@
 //! its images' chains; ramsnap's snapshots can share volumes). Elements and
 //! attributes an import does not need (OperatingSystemSection, rasd items)
 //! are written for other OVF readers and ignored when read.
+use ramsnap_common::checksum::Checksum;
 use roxmltree::{Document, Node};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -61,9 +62,12 @@ pub struct OvfMemory {
     pub dump_volume_id: Uuid,
     pub metadata_image_id: Uuid,
     pub metadata_volume_id: Uuid,
-    /// Lowercase hex SHA-256 of the dump volume, verified on the export
-    /// domain when it was written.
-    pub sha256: String,
+    /// The dump volume's checksum in its text form (`blake3-4m:<hex>`, or
+    /// `sha256:<hex>` for memory saved by version 1 hosts), verified on the
+    /// export domain when it was written. (`sha256`: what saga records
+    /// written before the rename call it.)
+    #[serde(alias = "sha256")]
+    pub checksum: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -218,16 +222,8 @@ impl OvfVm {
                 }
             }
             if let Some(m) = &s.memory {
-                if m.sha256.len() != 64
-                    || !m
-                        .sha256
-                        .bytes()
-                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-                {
-                    return err(format!(
-                        "snapshot {}: the memory's sha256 is not 64 hex digits",
-                        s.snapshot_id
-                    ));
+                if let Err(e) = m.checksum.parse::<Checksum>() {
+                    return err(format!("snapshot {}: the memory's checksum: {e}", s.snapshot_id));
                 }
                 if volume_ids.contains(&m.dump_volume_id) || volume_ids.contains(&m.metadata_volume_id) {
                     return err(format!(
@@ -403,8 +399,8 @@ impl OvfVm {
             if let Some(m) = &s.memory {
                 let _ = writeln!(
                     x,
-                    "        <Memory ramsnap:sha256=\"{}\">{sd},{nil},{},{},{},{}</Memory>",
-                    m.sha256, m.dump_image_id, m.dump_volume_id, m.metadata_image_id, m.metadata_volume_id
+                    "        <Memory ramsnap:checksum=\"{}\">{sd},{nil},{},{},{},{}</Memory>",
+                    m.checksum, m.dump_image_id, m.dump_volume_id, m.metadata_image_id, m.metadata_volume_id
                 );
             }
             x.push_str("      </Snapshot>\n");
@@ -682,10 +678,19 @@ fn parse_memory(m: Node, snapshot_id: Uuid) -> Result<OvfMemory, OvfError> {
         dump_volume_id: id(3)?,
         metadata_image_id: id(4)?,
         metadata_volume_id: id(5)?,
-        sha256: m
-            .attribute((RAMSNAP_NS, "sha256"))
-            .ok_or_else(|| OvfError(format!("Snapshot {snapshot_id}: Memory has no ramsnap:sha256")))?
-            .to_string(),
+        // Exports written by version 1 name a bare hex SHA-256 `sha256`.
+        checksum: match (
+            m.attribute((RAMSNAP_NS, "checksum")),
+            m.attribute((RAMSNAP_NS, "sha256")),
+        ) {
+            (Some(c), _) => c.to_string(),
+            (None, Some(hex)) => format!("sha256:{hex}"),
+            (None, None) => {
+                return Err(OvfError(format!(
+                    "Snapshot {snapshot_id}: Memory has no ramsnap:checksum"
+                )))
+            }
+        },
     })
 }
 
@@ -816,7 +821,7 @@ mod tests {
             dump_volume_id: id(21),
             metadata_image_id: id(22),
             metadata_volume_id: id(23),
-            sha256: "ab".repeat(32),
+            checksum: format!("blake3-4m:{}", "ab".repeat(32)),
         };
         OvfVm {
             vm_id: id(1),
@@ -879,7 +884,15 @@ mod tests {
         let back = OvfVm::parse(&xml).unwrap();
         assert_eq!(back, vm);
         assert_eq!(vm.memories().len(), 1, "two snapshots share one memory");
-        assert!(xml.contains("<Memory ramsnap:sha256="));
+        assert!(xml.contains("<Memory ramsnap:checksum=\"blake3-4m:"));
+        // What version 1 exports wrote reads as a SHA-256.
+        let old = xml.replace(
+            &format!("ramsnap:checksum=\"blake3-4m:{}\"", "ab".repeat(32)),
+            &format!("ramsnap:sha256=\"{}\"", "cd".repeat(32)),
+        );
+        assert_ne!(old, xml);
+        let old = OvfVm::parse(&old).unwrap();
+        assert_eq!(old.memories()[0].checksum, format!("sha256:{}", "cd".repeat(32)));
         assert!(xml.contains("xsi:type=\"ovf:SnapshotsSection_Type\""));
         assert!(
             xml.contains("<ExportDate>2025/11/26 14:00:00</ExportDate>"),
@@ -921,7 +934,12 @@ mod tests {
                 good.replace("<Type>ACTIVE</Type>", "<Type>PREVIEW</Type>"),
                 "cannot be imported",
             ),
-            (good.replace(&"ab".repeat(32), "xyz"), "sha256"),
+            (good.replace(&"ab".repeat(32), "xyz"), "checksum"),
+            (good.replace("blake3-4m:", "md5:"), "checksum"),
+            (
+                good.replace("ramsnap:checksum=", "ramsnap:digest="),
+                "no ramsnap:checksum",
+            ),
             (
                 good.replace(
                     &format!("volume-id=\"{}\"", id(5)),

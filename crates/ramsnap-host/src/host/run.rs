@@ -275,11 +275,11 @@ impl Host {
         // if it does not: it never runs on memory that failed the check.
         let hv = &self.inner.hv;
         let dump_file = dump.path.clone();
-        let dump_capacity = md.dump.capacity;
+        let (dump_capacity, algorithm) = (md.dump.capacity, md.dump.checksum.algorithm);
         let check = async {
             let t = Instant::now();
             let d = blocking_io("checksumming the memory dump".into(), move || {
-                metadata::digest(&dump_file, dump_capacity)
+                metadata::digest_file(&dump_file, dump_capacity, algorithm)
             })
             .await;
             tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: checksum");
@@ -332,7 +332,7 @@ impl Host {
         let (digest, started) = tokio::join!(check, start);
         lap.done("checksum beside libvirt's restore");
         let corrupt = match &digest {
-            Ok(d) => d.sha256 != md.dump.sha256,
+            Ok(d) => d.checksum != md.dump.checksum,
             Err(_) => true,
         };
         if corrupt {
@@ -344,8 +344,8 @@ impl Host {
             let d = digest?;
             return Err(RestoreError::DumpCorrupt {
                 volume: memory.dump,
-                expected: md.dump.sha256.clone(),
-                actual: d.sha256,
+                expected: md.dump.checksum.to_string(),
+                actual: d.checksum.to_string(),
             }
             .into());
         }
@@ -494,7 +494,7 @@ mod tests {
                 volume: vref(),
                 capacity: 1,
                 dump_bytes: 1,
-                sha256: String::new(),
+                checksum: format!("blake3-4m:{}", "00".repeat(32)).parse().unwrap(),
             },
             domain_xml: String::new(),
         };

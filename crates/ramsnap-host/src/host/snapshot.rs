@@ -597,7 +597,7 @@ impl Host {
             None => SnapshotOutcome {
                 memory_saved: false,
                 dump_bytes: 0,
-                dump_sha256: String::new(),
+                dump_checksum: None,
                 guest_pause_ms: 0,
                 duration_ms: 0,
             },
@@ -636,7 +636,7 @@ impl Host {
         let disk_only = SnapshotOutcome {
             memory_saved: false,
             dump_bytes: 0,
-            dump_sha256: String::new(),
+            dump_checksum: None,
             guest_pause_ms: 0,
             duration_ms: 0,
         };
@@ -651,7 +651,7 @@ impl Host {
             Ok(md) if md.snapshot_id == req.snapshot_id && md.vm_id == req.vm_id => Some(SnapshotOutcome {
                 memory_saved: true,
                 dump_bytes: md.dump.dump_bytes,
-                dump_sha256: md.dump.sha256,
+                dump_checksum: Some(md.dump.checksum),
                 guest_pause_ms: 0,
                 duration_ms: 0,
             }),
@@ -755,7 +755,7 @@ impl Host {
             return Ok(SnapshotOutcome {
                 memory_saved: false,
                 dump_bytes: 0,
-                dump_sha256: String::new(),
+                dump_checksum: None,
                 guest_pause_ms: 0,
                 duration_ms: 0,
             });
@@ -804,7 +804,7 @@ impl Host {
                 volume: m.volumes.dump,
                 capacity,
                 dump_bytes,
-                sha256: digest.sha256.clone(),
+                checksum: digest.checksum,
             },
             domain_xml,
         };
@@ -829,7 +829,7 @@ impl Host {
         Ok(SnapshotOutcome {
             memory_saved: true,
             dump_bytes,
-            dump_sha256: digest.sha256,
+            dump_checksum: Some(digest.checksum),
             guest_pause_ms,
             duration_ms: 0,
         })

@@ -15,6 +15,7 @@ use crate::error::{HostError, RestoreError, Result, SnapshotError};
 use crate::metadata::{self, MemoryMetadata};
 use crate::model::{Rebind, VerifiedMemory, VerifyMemoryRequest, VolumeRef};
 use crate::volumes::Purpose;
+use ramsnap_common::checksum::Checksum;
 use std::time::Instant;
 
 impl Host {
@@ -58,7 +59,7 @@ impl Host {
         let ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(v) => tracing::info!(
-                vm = %req.vm_id, dump = %req.memory.dump, sha256 = %v.sha256, rebound = v.rebound, ms,
+                vm = %req.vm_id, dump = %req.memory.dump, checksum = %v.checksum, rebound = v.rebound, ms,
                 "memory verified"
             ),
             Err(e) => {
@@ -101,21 +102,24 @@ impl Host {
 
         let dump = volumes.prepare(&memory.dump).await?;
         prepared.push(memory.dump);
-        let (dump_path, capacity) = (dump.path.clone(), md.dump.capacity);
+        let (dump_path, capacity, algorithm) =
+            (dump.path.clone(), md.dump.capacity, md.dump.checksum.algorithm);
         let digest = blocking_io("checksumming the memory dump".into(), move || {
-            metadata::digest(&dump_path, capacity)
+            metadata::digest_file(&dump_path, capacity, algorithm)
         })
         .await?;
-        let corrupt = |expected: &str| RestoreError::DumpCorrupt {
+        let corrupt = |expected: &Checksum| RestoreError::DumpCorrupt {
             volume: memory.dump,
             expected: expected.to_string(),
-            actual: digest.sha256.clone(),
+            actual: digest.checksum.to_string(),
         };
-        if digest.sha256 != md.dump.sha256 {
-            return Err(corrupt(&md.dump.sha256).into());
+        if digest.checksum != md.dump.checksum {
+            return Err(corrupt(&md.dump.checksum).into());
         }
-        if let Some(expected) = req.expected_sha256.as_deref() {
-            if digest.sha256 != expected {
+        // The value an export recorded was computed from this metadata's
+        // algorithm: another algorithm cannot match.
+        if let Some(expected) = &req.expected_checksum {
+            if digest.checksum != *expected {
                 return Err(corrupt(expected).into());
             }
         }
@@ -145,7 +149,7 @@ impl Host {
             }
         };
         Ok(VerifiedMemory {
-            sha256: digest.sha256,
+            checksum: digest.checksum,
             dump_bytes: md.dump.dump_bytes,
             capacity: md.dump.capacity,
             snapshot_id: md.snapshot_id,
@@ -191,6 +195,9 @@ pub(crate) fn rebind(
 ) -> Result<MemoryMetadata, RestoreError> {
     let mut out = md.clone();
     out.dump.volume = dump;
+    // Written in today's layout (the checksum under `checksum`), whatever
+    // version it was read from.
+    out.version = metadata::VERSION;
     match how {
         Rebind::DiskDomain(domain) => {
             let moved = |r: VolumeRef| VolumeRef { domain: *domain, ..r };
@@ -263,7 +270,7 @@ mod tests {
                 volume: vref(),
                 capacity: 1 << 20,
                 dump_bytes: 1000,
-                sha256: "ab".repeat(32),
+                checksum: format!("blake3-4m:{}", "ab".repeat(32)).parse().unwrap(),
             },
             domain_xml: "<domain/>".into(),
         }
@@ -308,7 +315,7 @@ mod tests {
         assert_eq!(out.disks[1].current, new[1]);
         assert_eq!(out.disks[0].overlay, md.disks[0].overlay);
         assert_eq!(out.disks[1].overlay, md.disks[1].overlay);
-        assert_eq!(out.dump.sha256, md.dump.sha256);
+        assert_eq!(out.dump.checksum, md.dump.checksum);
     }
 
     #[test]

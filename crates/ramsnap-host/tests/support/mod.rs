@@ -520,6 +520,18 @@ impl Env {
         self.teardown(r).await;
     }
 
+    /// Writes `bytes` at `at` of a volume (prepared, written with fsync,
+    /// torn down).
+    pub async fn write_bytes(&mut self, r: &common::VolumeRef, at: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let path = self.path_of(r).await;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        self.teardown(r).await;
+    }
+
     pub async fn verify_memory(
         &mut self,
         req: hpb::VerifyMemoryRequest,

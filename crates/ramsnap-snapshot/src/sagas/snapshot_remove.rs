@@ -386,7 +386,7 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             |rebind_disks: Vec<ramsnap_proto::common::v1::VolumeRef>| host_pb::VerifyMemoryRequest {
                 vm_id: p.vm_id.to_string(),
                 memory: Some(to_wire_memory(&m)),
-                expected_sha256: String::new(),
+                expected_checksum: String::new(),
                 rebind_disk_domain_id: String::new(),
                 rebind_disks,
             };

@@ -442,7 +442,7 @@ async fn make_plan(
                 dump_volume_id: m.dump.volume_id,
                 metadata_image_id: m.metadata.image_id,
                 metadata_volume_id: m.metadata.volume_id,
-                sha256: String::new(),
+                checksum: String::new(),
             }),
         })
         .collect();
@@ -615,7 +615,7 @@ pub async fn run_copies(
 }
 
 /// Copies memory pairs, then checksums (and rebinds) each where it landed.
-/// Returns (dump volume id, sha256) of each.
+/// Returns (dump volume id, checksum) of each.
 pub async fn run_memory_copies(
     cx: &SagaCx<App>,
     h: &db::Host,
@@ -644,14 +644,14 @@ pub async fn run_memory_copies(
             .verify_memory(host::VerifyMemoryRequest {
                 vm_id: vm_id.to_string(),
                 memory: Some(to_wire_memory(&m.target)),
-                expected_sha256: expected.clone().unwrap_or_default(),
+                expected_checksum: expected.clone().unwrap_or_default(),
                 rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
                 rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
             })
             .await
             .map_err(|s| downstream("verifying a memory volume", s))?
             .into_inner();
-        out.push((m.source.dump.volume_id, r.sha256));
+        out.push((m.source.dump.volume_id, r.checksum));
     }
     Ok(out)
 }
@@ -731,7 +731,7 @@ fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let sums: Vec<(Uuid, String)> = cx.output("copy_memories")?;
         let sums: HashMap<Uuid, String> = sums.into_iter().collect();
         for m in plan.ovf.snapshots.iter_mut().filter_map(|s| s.memory.as_mut()) {
-            m.sha256 = sums
+            m.checksum = sums
                 .get(&m.dump_volume_id)
                 .cloned()
                 .ok_or_else(|| Status::internal(format!("memory {} was not verified", m.dump_volume_id)))?;

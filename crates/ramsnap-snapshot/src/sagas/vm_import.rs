@@ -375,7 +375,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
                                 Vec::new()
                             },
                         },
-                        m.sha256.clone(),
+                        m.checksum.clone(),
                     ));
                 }
                 Some(target)
@@ -614,7 +614,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 .verify_memory(host_pb::VerifyMemoryRequest {
                     vm_id: p.vm_id.to_string(),
                     memory: Some(to_wire_memory(&m.target)),
-                    expected_sha256: sha.clone(),
+                    expected_checksum: sha.clone(),
                     rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
                     rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
                 })

@@ -460,16 +460,16 @@ impl HostService for SimulatedHost {
         Ok(Response::new(host::CancelSnapshotResponse { cancelled: false }))
     }
 
-    /// The SHA-256 of the dump volume's bytes (zeros up to its capacity),
+    /// The checksum of the dump volume's bytes (zeros up to its capacity),
     /// read through the real StorageService; compared with
-    /// `expected_sha256` when given. A simulated snapshot writes no
+    /// `expected_checksum` when given. A simulated snapshot writes no
     /// metadata document, so there is none to check or rebind: a rebind
     /// request is only recorded.
     async fn verify_memory(
         &self,
         req: Request<host::VerifyMemoryRequest>,
     ) -> Result<Response<host::VerifyMemoryResponse>, Status> {
-        use sha2::{Digest, Sha256};
+        use ramsnap_common::checksum::{digest_file, same, Algorithm};
         let req = req.into_inner();
         let m = req.memory.ok_or_else(|| Status::invalid_argument("memory"))?;
         let dump = m.dump.ok_or_else(|| Status::invalid_argument("memory.dump"))?;
@@ -502,25 +502,23 @@ impl HostService for SimulatedHost {
             .await?
             .into_inner()
             .path;
-        let mut bytes = std::fs::read(&path).map_err(|e| Status::internal(e.to_string()))?;
-        bytes.resize(capacity as usize, 0);
-        let sha256: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let checksum = digest_file(std::path::Path::new(&path), capacity, Algorithm::CURRENT)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .checksum
+            .to_string();
         let _ = client
             .teardown_volume(storage::TeardownVolumeRequest {
                 r#ref: Some(dump.clone()),
             })
             .await;
-        if !req.expected_sha256.is_empty() && req.expected_sha256 != sha256 {
+        if !req.expected_checksum.is_empty() && !same(&req.expected_checksum, &checksum) {
             // The real host's words (ramsnap-host's RestoreError::DumpCorrupt).
             return Err(ramsnap_common::status::failed_precondition(
                 "MEMORY_DUMP_CORRUPT",
                 &dump.volume_id,
                 format!(
-                    "memory dump {}/{}/{} is corrupt: SHA-256 {sha256}, recorded {}",
-                    dump.domain_id, dump.image_id, dump.volume_id, req.expected_sha256
+                    "memory dump {}/{}/{} is corrupt: checksum {checksum}, recorded {}",
+                    dump.domain_id, dump.image_id, dump.volume_id, req.expected_checksum
                 ),
             ));
         }
@@ -531,7 +529,7 @@ impl HostService for SimulatedHost {
             rebind_disks: req.rebind_disks.clone(),
         });
         Ok(Response::new(host::VerifyMemoryResponse {
-            sha256,
+            checksum,
             capacity,
             rebound,
             disks: req.rebind_disks,

@@ -1,0 +1,736 @@
+//! Memory dump checksums.
+//!
+//! A dump's checksum covers the first `capacity` bytes of its volume, bytes
+//! past a file's end counting as zeros, so that it is the same on every copy
+//! of the dump: FILE or BLOCK, sparse or not, shrunk to the dump or not.
+//! Two algorithms, named by a prefix in the checksum's text form:
+//!
+//! - `sha256:<hex>` (memory metadata version 1; a bare 64-digit hex value is
+//!   read as this): SHA-256 of those bytes. One core, and every zero past
+//!   the dump is hashed like data. Still verified, no longer written.
+//! - `blake3-4m:<hex>` (version 2): the bytes are cut into 4 MiB chunks and
+//!   each chunk has its own BLAKE3 digest, so chunks hash in parallel, and a
+//!   chunk of zeros (found by a compare, or lying past the file's end) takes
+//!   a precomputed digest instead of being hashed. The checksum is the BLAKE3
+//!   of a header (a domain tag, the capacity, the chunk size) followed by the
+//!   chunk digests in order. A flipped byte changes its chunk's digest; a
+//!   truncation turns the chunks it cut into other digests.
+//!
+//! [`StreamHasher`] computes either from bytes read in order (a copy
+//! stream); [`digest_file`] reads a file or a block device with several
+//! threads.
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// The chunk size of `blake3-4m`.
+pub const CHUNK: usize = 4 << 20;
+const BLAKE3_DOMAIN: &[u8] = b"ramsnap memory dump checksum blake3-4m\0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    Sha256,
+    Blake3Chunks,
+}
+
+impl Algorithm {
+    /// What new dumps are checksummed with.
+    pub const CURRENT: Algorithm = Algorithm::Blake3Chunks;
+
+    pub fn tag(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Blake3Chunks => "blake3-4m",
+        }
+    }
+}
+
+/// A checksum, validated: an algorithm and 32 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Checksum {
+    pub algorithm: Algorithm,
+    pub bytes: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a checksum: want sha256:<64 hex digits>, blake3-4m:<64 hex digits>, or 64 hex digits (SHA-256)")]
+pub struct ChecksumError(pub String);
+
+impl FromStr for Checksum {
+    type Err = ChecksumError;
+
+    fn from_str(s: &str) -> Result<Checksum, ChecksumError> {
+        let bad = || ChecksumError(crate::text::clip(s));
+        let (algorithm, hex) = match s.split_once(':') {
+            None => (Algorithm::Sha256, s),
+            Some(("sha256", hex)) => (Algorithm::Sha256, hex),
+            Some(("blake3-4m", hex)) => (Algorithm::Blake3Chunks, hex),
+            Some(_) => return Err(bad()),
+        };
+        // The canonical form only: lowercase, so that equal checksums
+        // are equal strings.
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+        }
+        Ok(Checksum { algorithm, bytes })
+    }
+}
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.algorithm.tag())?;
+        self.bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl Checksum {
+    /// The 64 hex digits alone (what version 1 metadata stores).
+    pub fn hex(&self) -> String {
+        self.bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// True when `a` and `b` name the same checksum (`sha256:` prefix or not).
+pub fn same(a: &str, b: &str) -> bool {
+    matches!((a.parse::<Checksum>(), b.parse::<Checksum>()), (Ok(x), Ok(y)) if x == y)
+}
+
+fn zero_chunk_digest() -> &'static [u8; 32] {
+    static ZERO: OnceLock<[u8; 32]> = OnceLock::new();
+    ZERO.get_or_init(|| *blake3::hash(&vec![0u8; CHUNK]).as_bytes())
+}
+
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Index of the last non-zero byte. Compares whole 4 KiB blocks with a zero
+/// block (memcmp), then bytes in the last non-zero block only.
+pub fn last_nonzero(buf: &[u8]) -> Option<usize> {
+    let block = buf.chunks(4096).rposition(|b| b != &ZEROS[..b.len()])?;
+    let start = block * 4096;
+    let end = (start + 4096).min(buf.len());
+    buf[start..end].iter().rposition(|&b| b != 0).map(|i| start + i)
+}
+
+/// The digest of one `blake3-4m` chunk of `len` bytes whose first
+/// `data.len()` bytes are `data` and the rest zeros; and the index of its
+/// last non-zero byte.
+fn chunk_digest(data: &[u8], len: usize) -> ([u8; 32], Option<usize>) {
+    debug_assert!(data.len() <= len && len <= CHUNK);
+    let last = last_nonzero(data);
+    if last.is_none() && len == CHUNK {
+        return (*zero_chunk_digest(), None);
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(data);
+    let mut pad = len - data.len();
+    while pad > 0 {
+        let n = pad.min(ZEROS.len());
+        h.update(&ZEROS[..n]);
+        pad -= n;
+    }
+    (*h.finalize().as_bytes(), last)
+}
+
+fn chunk_count(capacity: u64) -> u64 {
+    capacity.div_ceil(CHUNK as u64)
+}
+
+fn chunk_len(capacity: u64, index: u64) -> usize {
+    (capacity - index * CHUNK as u64).min(CHUNK as u64) as usize
+}
+
+fn blake3_outer(capacity: u64) -> blake3::Hasher {
+    let mut outer = blake3::Hasher::new();
+    outer.update(BLAKE3_DOMAIN);
+    outer.update(&capacity.to_le_bytes());
+    outer.update(&(CHUNK as u64).to_le_bytes());
+    outer
+}
+
+/// Computes a checksum from the volume's bytes in order, starting at 0
+/// (a copy stream). Bytes past `capacity` are ignored; [`finish`] counts
+/// what was not given as zeros.
+///
+/// [`finish`]: StreamHasher::finish
+pub struct StreamHasher {
+    capacity: u64,
+    pos: u64,
+    data_end: u64,
+    state: StreamState,
+}
+
+enum StreamState {
+    Sha256(Box<Sha256>),
+    Blake3 {
+        outer: Box<blake3::Hasher>,
+        chunk: Box<blake3::Hasher>,
+        /// Chunks done, bytes of the current one given so far, and
+        /// whether any of them was not zero.
+        done: u64,
+        filled: usize,
+        nonzero: bool,
+    },
+}
+
+impl StreamHasher {
+    pub fn new(algorithm: Algorithm, capacity: u64) -> StreamHasher {
+        let state = match algorithm {
+            Algorithm::Sha256 => StreamState::Sha256(Box::default()),
+            Algorithm::Blake3Chunks => StreamState::Blake3 {
+                outer: Box::new(blake3_outer(capacity)),
+                chunk: Box::default(),
+                done: 0,
+                filled: 0,
+                nonzero: false,
+            },
+        };
+        StreamHasher {
+            capacity,
+            pos: 0,
+            data_end: 0,
+            state,
+        }
+    }
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        let room = self.capacity - self.pos;
+        if (bytes.len() as u64) > room {
+            bytes = &bytes[..room as usize];
+        }
+        if let Some(i) = last_nonzero(bytes) {
+            self.data_end = self.pos + i as u64 + 1;
+        }
+        match &mut self.state {
+            StreamState::Sha256(h) => h.update(bytes),
+            StreamState::Blake3 {
+                outer,
+                chunk,
+                done,
+                filled,
+                nonzero,
+            } => {
+                while !bytes.is_empty() {
+                    let n = (CHUNK - *filled).min(bytes.len());
+                    let (now, rest) = bytes.split_at(n);
+                    *nonzero |= last_nonzero(now).is_some();
+                    // Hashing a chunk of zeros is left for its end: it may
+                    // turn out to be the precomputed one.
+                    if *nonzero {
+                        if *filled > 0 && chunk.count() == 0 {
+                            zeros_into(chunk, *filled);
+                        }
+                        chunk.update(now);
+                    }
+                    *filled += n;
+                    bytes = rest;
+                    if *filled == chunk_len(self.capacity, *done) {
+                        finish_chunk(outer, chunk, *filled, *nonzero);
+                        *done += 1;
+                        *filled = 0;
+                        *nonzero = false;
+                    }
+                    self.pos += n as u64;
+                }
+                return;
+            }
+        }
+        self.pos += bytes.len() as u64;
+    }
+
+    /// Where the last non-zero byte given ends.
+    pub fn data_end(&self) -> u64 {
+        self.data_end
+    }
+
+    pub fn finish(mut self) -> Checksum {
+        match self.state {
+            StreamState::Sha256(mut h) => {
+                let mut left = self.capacity - self.pos;
+                while left > 0 {
+                    let n = left.min(ZEROS.len() as u64) as usize;
+                    h.update(&ZEROS[..n]);
+                    left -= n as u64;
+                }
+                Checksum {
+                    algorithm: Algorithm::Sha256,
+                    bytes: h.finalize().into(),
+                }
+            }
+            StreamState::Blake3 {
+                ref mut outer,
+                ref mut chunk,
+                done,
+                filled,
+                nonzero,
+            } => {
+                let mut index = done;
+                if filled > 0 {
+                    let len = chunk_len(self.capacity, index);
+                    if nonzero {
+                        zeros_into(chunk, len - filled);
+                    }
+                    finish_chunk(outer, chunk, len, nonzero);
+                    index += 1;
+                }
+                while index < chunk_count(self.capacity) {
+                    let len = chunk_len(self.capacity, index);
+                    outer.update(&chunk_digest(&[], len).0);
+                    index += 1;
+                }
+                Checksum {
+                    algorithm: Algorithm::Blake3Chunks,
+                    bytes: *outer.finalize().as_bytes(),
+                }
+            }
+        }
+    }
+}
+
+fn zeros_into(h: &mut blake3::Hasher, mut n: usize) {
+    while n > 0 {
+        let k = n.min(ZEROS.len());
+        h.update(&ZEROS[..k]);
+        n -= k;
+    }
+}
+
+/// Adds the digest of a chunk of `len` bytes to `outer`; `chunk` holds its
+/// bytes when `nonzero`, nothing otherwise.
+fn finish_chunk(outer: &mut blake3::Hasher, chunk: &mut blake3::Hasher, len: usize, nonzero: bool) {
+    if nonzero {
+        outer.update(chunk.finalize().as_bytes());
+        chunk.reset();
+    } else {
+        outer.update(&chunk_digest(&[], len).0);
+    }
+}
+
+/// The checksum of a file or a block device, and where its data ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    pub checksum: Checksum,
+    /// End of the last non-zero byte within `capacity`: the dump's size on
+    /// a block device, where it cannot be told from the file length.
+    pub data_end: u64,
+    /// Length of the file (or device).
+    pub len: u64,
+}
+
+/// The size of a regular file or of a block device.
+pub fn device_len(f: &File) -> io::Result<u64> {
+    let meta = f.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut g = f;
+        let end = g.seek(SeekFrom::End(0))?;
+        g.seek(SeekFrom::Start(0))?;
+        Ok(end)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+const ALIGN: usize = 4096;
+
+/// Reads chunk `index` of `f` (up to `readable`) into `buf`; returns how
+/// many bytes it holds (less than the chunk past the end). `direct`: `buf`
+/// is aligned and `f` opened with O_DIRECT (whole sectors are read).
+fn read_chunk(f: &File, index: u64, readable: u64, buf: &mut [u8], direct: bool) -> io::Result<usize> {
+    let offset = index * CHUNK as u64;
+    if offset >= readable {
+        return Ok(0);
+    }
+    let want = ((readable - offset) as usize).min(CHUNK);
+    let padded = if direct { want.div_ceil(512) * 512 } else { want };
+    let mut got = 0;
+    while got < want {
+        let n = f.read_at(&mut buf[got..padded], offset + got as u64)?;
+        if n == 0 {
+            // A file that shrank under us: the rest counts as zeros, as
+            // past any file's end.
+            break;
+        }
+        got += n;
+    }
+    Ok(got.min(want))
+}
+
+/// The checksum of the first `capacity` bytes of `path` (zeros past its
+/// end) with `algorithm`.
+///
+/// `blake3-4m` hashes chunks on several threads, each reading its own
+/// chunks: buffered on a regular file (a dump just written is in the page
+/// cache), O_DIRECT on a block device (one buffered reader gets about
+/// 100-200 MB/s through loop devices, several direct ones about 1 GB/s).
+/// Chunks past a file's end are not read.
+pub fn digest_file(path: &Path, capacity: u64, algorithm: Algorithm) -> io::Result<FileDigest> {
+    let f = File::open(path)?;
+    let len = device_len(&f)?;
+    let readable = len.min(capacity);
+    if algorithm == Algorithm::Sha256 {
+        return digest_sha256(path, f, len, capacity);
+    }
+    let block = f.metadata()?.file_type().is_block_device();
+    let f = if block {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?
+    } else {
+        f
+    };
+    let chunks = chunk_count(capacity);
+    let with_data = chunk_count(readable);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = if block { cores.max(4) } else { cores }
+        .clamp(1, 8)
+        .min(with_data.max(1) as usize);
+
+    let digests = Mutex::new(vec![[0u8; 32]; chunks as usize]);
+    let next = AtomicU64::new(0);
+    let data_end = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<io::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut storage = vec![0u8; CHUNK + ALIGN];
+                let start = if block {
+                    storage.as_ptr().align_offset(ALIGN)
+                } else {
+                    0
+                };
+                let buf = &mut storage[start..start + CHUNK];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= with_data || failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let n = match read_chunk(&f, i, readable, buf, block) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().expect("error slot").get_or_insert(e);
+                            return;
+                        }
+                    };
+                    let (d, last) = chunk_digest(&buf[..n], chunk_len(capacity, i));
+                    if let Some(last) = last {
+                        data_end.fetch_max(i * CHUNK as u64 + last as u64 + 1, Ordering::Relaxed);
+                    }
+                    digests.lock().expect("digests")[i as usize] = d;
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().expect("error slot") {
+        return Err(e);
+    }
+    let mut digests = digests.into_inner().expect("digests");
+    for i in with_data..chunks {
+        digests[i as usize] = chunk_digest(&[], chunk_len(capacity, i)).0;
+    }
+    let mut outer = blake3_outer(capacity);
+    for d in &digests {
+        outer.update(d);
+    }
+    Ok(FileDigest {
+        checksum: Checksum {
+            algorithm: Algorithm::Blake3Chunks,
+            bytes: *outer.finalize().as_bytes(),
+        },
+        data_end: data_end.into_inner(),
+        len,
+    })
+}
+
+/// Version 1: SHA-256 in order. Chunks are read by several threads (direct
+/// on a block device) and hashed in order as they arrive.
+fn digest_sha256(path: &Path, f: File, len: u64, capacity: u64) -> io::Result<FileDigest> {
+    let readable = len.min(capacity);
+    let block = f.metadata()?.file_type().is_block_device();
+    let mut hasher = StreamHasher::new(Algorithm::Sha256, capacity);
+    if block {
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        read_in_order(&direct, readable, true, &mut |c| hasher.update(c))?;
+    } else {
+        read_in_order(&f, readable, false, &mut |c| hasher.update(c))?;
+    }
+    let data_end = hasher.data_end();
+    Ok(FileDigest {
+        checksum: hasher.finish(),
+        data_end,
+        len,
+    })
+}
+
+/// Feeds the chunks of `[0, readable)` to `take` in order, read by a few
+/// threads; a short chunk ends the stream (the file shrank).
+fn read_in_order(f: &File, readable: u64, direct: bool, take: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+    use std::collections::BTreeMap;
+    use std::sync::{mpsc, Arc};
+    const READERS: usize = 4;
+    const BUFFERS: usize = 2 * READERS;
+    let chunks = chunk_count(readable);
+    let next = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        // Both channels live in this closure: whatever way it returns, the
+        // readers see them closed and stop.
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..BUFFERS {
+            let _ = free_tx.send(vec![0u8; CHUNK + ALIGN]);
+        }
+        let free_rx = Arc::new(Mutex::new(free_rx));
+        let (full_tx, full_rx) = mpsc::channel::<io::Result<(u64, Vec<u8>, usize)>>();
+        for _ in 0..READERS {
+            let (next, free_rx, full_tx) = (&next, free_rx.clone(), full_tx.clone());
+            // A reader takes a buffer before it takes the next chunk
+            // number, so the lowest missing chunk always has a buffer.
+            scope.spawn(move || loop {
+                let Ok(mut buf) = free_rx.lock().expect("buffer pool").recv() else {
+                    return;
+                };
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= chunks {
+                    return;
+                }
+                let start = if direct {
+                    buf.as_ptr().align_offset(ALIGN)
+                } else {
+                    0
+                };
+                let r = read_chunk(f, i, readable, &mut buf[start..start + CHUNK], direct);
+                let failed = r.is_err();
+                if full_tx.send(r.map(|n| (i, buf, n))).is_err() || failed {
+                    return;
+                }
+            });
+        }
+        drop(full_tx);
+        let mut pending: BTreeMap<u64, (Vec<u8>, usize)> = BTreeMap::new();
+        let mut want_next = 0u64;
+        while want_next < chunks {
+            let (i, buf, n) = match full_rx.recv() {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::other("a reader stopped")),
+            };
+            pending.insert(i, (buf, n));
+            while let Some((buf, n)) = pending.remove(&want_next) {
+                let start = if direct {
+                    buf.as_ptr().align_offset(ALIGN)
+                } else {
+                    0
+                };
+                take(&buf[start..start + n]);
+                let short = n < chunk_len(readable, want_next);
+                want_next += 1;
+                let _ = free_tx.send(buf);
+                if short {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The definition of `blake3-4m`, written out the slow way.
+    fn blake3_reference(bytes: &[u8], capacity: u64) -> Checksum {
+        let mut padded = bytes[..bytes.len().min(capacity as usize)].to_vec();
+        padded.resize(capacity as usize, 0);
+        let mut outer = blake3::Hasher::new();
+        outer.update(BLAKE3_DOMAIN);
+        outer.update(&capacity.to_le_bytes());
+        outer.update(&(CHUNK as u64).to_le_bytes());
+        for c in padded.chunks(CHUNK) {
+            outer.update(blake3::hash(c).as_bytes());
+        }
+        Checksum {
+            algorithm: Algorithm::Blake3Chunks,
+            bytes: *outer.finalize().as_bytes(),
+        }
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
+            .collect()
+    }
+
+    #[test]
+    fn text_forms_parse_and_print() {
+        let hex = "ab".repeat(32);
+        let bare: Checksum = hex.parse().unwrap();
+        assert_eq!(bare.algorithm, Algorithm::Sha256);
+        assert_eq!(bare.to_string(), format!("sha256:{hex}"));
+        assert_eq!(format!("sha256:{hex}").parse::<Checksum>().unwrap(), bare);
+        let b3: Checksum = format!("blake3-4m:{hex}").parse().unwrap();
+        assert_eq!(b3.algorithm, Algorithm::Blake3Chunks);
+        assert_eq!(b3.hex(), hex);
+        assert!(same(&hex, &format!("sha256:{hex}")));
+        assert!(!same(&hex, &format!("blake3-4m:{hex}")));
+        for bad in [
+            "",
+            "xyz",
+            &"ab".repeat(31),
+            &format!("md5:{hex}"),
+            &format!("blake3-4m:{}", "zz".repeat(32)),
+            &format!("blake3-4m:{}é", "a".repeat(62)),
+            &"a".repeat(10_000),
+            &"AB".repeat(32),
+        ] {
+            assert!(bad.parse::<Checksum>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn both_algorithms_count_bytes_past_the_end_as_zeros_and_match_their_definition() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        let long = dir.path().join("long");
+        // Not a whole number of chunks, nor of sectors.
+        let bytes = data(2 * CHUNK + 100_003);
+        std::fs::write(&short, &bytes).unwrap();
+        let mut padded = bytes.clone();
+        padded.resize(5 * CHUNK + 77, 0);
+        std::fs::write(&long, &padded).unwrap();
+        let cap = (4 * CHUNK + 12_345) as u64;
+        for algorithm in [Algorithm::Sha256, Algorithm::Blake3Chunks] {
+            let a = digest_file(&short, cap, algorithm).unwrap();
+            let b = digest_file(&long, cap, algorithm).unwrap();
+            assert_eq!(
+                a.checksum, b.checksum,
+                "{algorithm:?}: a file and its zero-padded copy"
+            );
+            assert_eq!(a.data_end, bytes.len() as u64);
+            assert_eq!(b.data_end, bytes.len() as u64);
+            assert_eq!((a.len, b.len), (bytes.len() as u64, padded.len() as u64));
+            let expected = match algorithm {
+                Algorithm::Sha256 => format!("sha256:{}", sha256_hex(&padded[..cap as usize])),
+                Algorithm::Blake3Chunks => blake3_reference(&bytes, cap).to_string(),
+            };
+            assert_eq!(a.checksum.to_string(), expected);
+            // The stream hasher agrees, however the stream is cut.
+            for piece in [1 << 20, 4096 + 7, CHUNK, 3 * CHUNK] {
+                let mut h = StreamHasher::new(algorithm, cap);
+                padded.chunks(piece).for_each(|c| h.update(c));
+                assert_eq!(h.data_end(), bytes.len() as u64);
+                assert_eq!(h.finish(), a.checksum, "{algorithm:?} in pieces of {piece}");
+            }
+            let mut h = StreamHasher::new(algorithm, cap);
+            h.update(&bytes[..1000]);
+            h.update(&bytes[1000..]);
+            assert_eq!(h.finish(), a.checksum, "{algorithm:?}: stream that stops early");
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_or_a_truncation_changes_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        let bytes = data(3 * CHUNK + 5000);
+        let cap = (4 * CHUNK) as u64;
+        std::fs::write(&p, &bytes).unwrap();
+        let good = digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap().checksum;
+        for at in [0, 1, CHUNK - 1, CHUNK, 2 * CHUNK + 17, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            std::fs::write(&p, &b).unwrap();
+            assert_ne!(
+                digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap().checksum,
+                good,
+                "flip at {at}"
+            );
+        }
+        // A byte in the zeros past the data (inside the capacity) counts.
+        let mut b = bytes.clone();
+        b.resize(cap as usize, 0);
+        b[3 * CHUNK + 9000] = 1;
+        std::fs::write(&p, &b).unwrap();
+        assert_ne!(
+            digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap().checksum,
+            good
+        );
+        for cut in [bytes.len() - 1, 3 * CHUNK, CHUNK + 1, 0] {
+            std::fs::write(&p, &bytes[..cut]).unwrap();
+            assert_ne!(
+                digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap().checksum,
+                good,
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_capacity_of_zero_and_an_empty_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("empty");
+        std::fs::write(&p, b"").unwrap();
+        for algorithm in [Algorithm::Sha256, Algorithm::Blake3Chunks] {
+            let d = digest_file(&p, 0, algorithm).unwrap();
+            assert_eq!(d.checksum, StreamHasher::new(algorithm, 0).finish());
+            assert_eq!(d.data_end, 0);
+            let d = digest_file(&p, (2 * CHUNK) as u64, algorithm).unwrap();
+            assert_eq!(
+                d.checksum,
+                StreamHasher::new(algorithm, (2 * CHUNK) as u64).finish()
+            );
+        }
+    }
+
+    #[test]
+    fn parallel_direct_reads_deliver_every_chunk_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data");
+        // Several chunks, and a tail that is not a whole chunk.
+        let bytes = data(3 * CHUNK + 8192);
+        std::fs::write(&p, &bytes).unwrap();
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p)
+        {
+            Ok(f) => f,
+            // A file system without O_DIRECT (tmpfs): nothing to check here.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let mut got = Vec::new();
+        match read_in_order(&f, bytes.len() as u64, true, &mut |c| got.extend_from_slice(c)) {
+            Ok(()) => assert!(got == bytes, "the chunks came out of order or wrong"),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(last_nonzero(&[0, 0, 3, 0]), Some(2));
+        assert_eq!(last_nonzero(&[0; 9000]), None);
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error() {
+        assert!(digest_file(Path::new("/nonexistent/ramsnap"), 10, Algorithm::Blake3Chunks).is_err());
+    }
+}
