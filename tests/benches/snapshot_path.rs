@@ -93,26 +93,82 @@ fn node_times(logs: &str, saga: &str) -> BTreeMap<String, f64> {
     out
 }
 
-/// The host agent's laps of its last snapshot step ("snapshot step ...
-/// step=\"S\" ms=M"), in order.
-fn host_laps(logs: &str) -> Vec<(String, f64)> {
+/// The host agent's laps of its last step of a kind (`what`: "snapshot
+/// step" or "restore step", logged as "WHAT ... step=\"S\" ms=M"), in
+/// order: from the last lap named `first` on.
+fn host_laps(logs: &str, what: &str, first: &str) -> Vec<(String, f64)> {
     let lines: Vec<String> = logs
         .lines()
         .map(strip_ansi)
-        .filter(|l| l.contains("snapshot step") && l.contains("step=\""))
+        .filter(|l| l.contains(what) && l.contains("step=\""))
         .collect();
-    // The last step's laps: from the last "prepare and scrub" on.
     let start = lines
         .iter()
-        .rposition(|l| l.contains("prepare and scrub"))
+        .rposition(|l| l.contains(&format!("step=\"{first}\"")))
         .unwrap_or(0);
     lines[start..]
         .iter()
         .filter_map(|l| {
             let step = l.split("step=\"").nth(1)?.split('"').next()?.to_string();
-            Some((step, last_logged(l, "snapshot step", "ms")?))
+            Some((step, last_logged(l, what, "ms")?))
         })
         .collect()
+}
+
+/// Where one path's time went, run by run: the saga's nodes, the host
+/// agent's laps, the guest pause.
+#[derive(Default)]
+struct Breakdown {
+    nodes: BTreeMap<String, Vec<f64>>,
+    laps: Vec<(String, Vec<f64>)>,
+    pauses: Vec<f64>,
+    /// Other timings the host agent logs ("MESSAGE ... ms=M").
+    timed: BTreeMap<&'static str, Vec<f64>>,
+}
+
+impl Breakdown {
+    /// Takes the last run's figures from the whole log of ramsnapd.
+    fn add(&mut self, logs: &str, saga: &str, what: &str, first: &str) {
+        for (node, ms) in node_times(logs, saga) {
+            self.nodes.entry(node).or_default().push(ms);
+        }
+        for (i, (step, ms)) in host_laps(logs, what, first).into_iter().enumerate() {
+            if self.laps.len() <= i {
+                self.laps.push((step, Vec::new()));
+            }
+            self.laps[i].1.push(ms);
+        }
+        if what == "snapshot step" {
+            self.pauses
+                .push(last_logged(logs, "guest pause", "pause_ms").unwrap_or(f64::NAN));
+        } else {
+            // The two halves of "checksum beside libvirt's restore".
+            for m in ["restore: checksum", "restore: libvirt restore (paused)"] {
+                self.timed
+                    .entry(m)
+                    .or_default()
+                    .push(last_logged(logs, m, "ms").unwrap_or(f64::NAN));
+            }
+        }
+    }
+
+    fn print(self, title: &str) {
+        println!("\n{title}");
+        if !self.pauses.is_empty() {
+            println!("  guest pause (host agent): {:.0} ms", median(self.pauses));
+        }
+        println!("  the host agent's step, lap by lap (median ms):");
+        for (step, v) in self.laps {
+            println!("    {step}: {:.0}", median(v));
+        }
+        for (what, v) in self.timed {
+            println!("    ({what}: {:.0})", median(v));
+        }
+        println!("  the saga, per node (median ms):");
+        for (node, v) in self.nodes {
+            println!("    {node}: {:.0}", median(v));
+        }
+    }
 }
 
 /// tests/guest/strip-backing.awk, in Rust: drops every <backingStore>.
@@ -274,27 +330,20 @@ async fn main() {
 
     let mut ours = Figures::new();
     let mut bare = Figures::new();
-    let mut pauses = Vec::new();
-    let mut nodes: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut laps: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut paused = Breakdown::default();
+    let mut live = Breakdown::default();
+    let mut restore = Breakdown::default();
     for run in 0..runs {
         eprintln!("run {} of {runs}", run + 1);
         let (t, _) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
         ours.paused.push(t);
         // The whole log of ramsnapd (the last lines are this snapshot's).
         let logs = c.process(Process::Coordinator).logs();
-        pauses.push(last_logged(&logs, "guest pause", "pause_ms").unwrap_or(f64::NAN));
-        for (node, ms) in node_times(&logs, "snapshot_create") {
-            nodes.entry(node).or_default().push(ms);
-        }
-        for (i, (step, ms)) in host_laps(&logs).into_iter().enumerate() {
-            if laps.len() <= i {
-                laps.push((step, Vec::new()));
-            }
-            laps[i].1.push(ms);
-        }
+        paused.add(&logs, "snapshot_create", "snapshot step", "prepare and scrub");
         let (t, live_snapshot) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
         ours.live.push(t);
+        let logs = c.process(Process::Coordinator).logs();
+        live.add(&logs, "snapshot_create", "snapshot step", "prepare and scrub");
         c.stop_vm(&a).await;
         c.preview(&a, &live_snapshot, true).await;
         c.commit(&a).await;
@@ -316,6 +365,8 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         ours.restore.push(t.elapsed().as_secs_f64());
+        let logs = c.process(Process::Coordinator).logs();
+        restore.add(&logs, "vm_run", "restore step", "prepare memory volumes");
 
         let (t, _) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false);
         bare.paused.push(t);
@@ -348,16 +399,7 @@ async fn main() {
         let (o, b) = (median(o.clone()), median(b.clone()));
         println!("| {what} | {o:.2} s | {b:.2} s | {:.2} |", o / b);
     }
-    println!(
-        "\nramsnap PAUSED snapshot: guest pause (host agent) {:.0} ms",
-        median(pauses)
-    );
-    println!("PAUSED snapshot, the host agent's snapshot step, lap by lap (median ms):");
-    for (step, v) in laps {
-        println!("  {step}: {:.0}", median(v));
-    }
-    println!("PAUSED snapshot saga, per node (median ms):");
-    for (node, v) in nodes {
-        println!("  {node}: {:.0}", median(v));
-    }
+    paused.print("ramsnap, snapshot with memory, PAUSED:");
+    live.print("ramsnap, snapshot with memory, LIVE:");
+    restore.print("ramsnap, run with restore:");
 }

@@ -377,7 +377,23 @@ fn read_chunk(f: &File, index: u64, readable: u64, buf: &mut [u8], direct: bool)
 /// 100-200 MB/s through loop devices, several direct ones about 1 GB/s).
 /// Chunks past a file's end are not read.
 pub fn digest_file(path: &Path, capacity: u64, algorithm: Algorithm) -> io::Result<FileDigest> {
+    digest_file_after(path, capacity, algorithm, None)
+}
+
+/// [`digest_file`], taking the chunks `followed` hashed while the file was
+/// written as they are (`blake3-4m` only; ignored with another algorithm
+/// or when `followed` was taken of another file or capacity).
+pub fn digest_file_after(
+    path: &Path,
+    capacity: u64,
+    algorithm: Algorithm,
+    followed: Option<&Followed>,
+) -> io::Result<FileDigest> {
     let f = File::open(path)?;
+    let followed = match followed {
+        Some(fw) if fw.capacity == capacity && fw.identity == identity(&f)? => Some(fw),
+        _ => None,
+    };
     let len = device_len(&f)?;
     let readable = len.min(capacity);
     if algorithm == Algorithm::Sha256 {
@@ -394,6 +410,11 @@ pub fn digest_file(path: &Path, capacity: u64, algorithm: Algorithm) -> io::Resu
     };
     let chunks = chunk_count(capacity);
     let with_data = chunk_count(readable);
+    // Chunks hashed while the file was written: known unless the file has
+    // shrunk below them since.
+    let known = followed
+        .filter(|fw| fw.end() <= with_data && fw.end() * CHUNK as u64 <= readable)
+        .map_or(0..0, |fw| fw.first..fw.end());
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = if block { cores.max(4) } else { cores }
         .clamp(1, 8)
@@ -419,6 +440,9 @@ pub fn digest_file(path: &Path, capacity: u64, algorithm: Algorithm) -> io::Resu
                     if i >= with_data || failed.load(Ordering::Relaxed) {
                         return;
                     }
+                    if known.contains(&i) {
+                        continue;
+                    }
                     let n = match read_chunk(&f, i, readable, buf, block) {
                         Ok(n) => n,
                         Err(e) => {
@@ -440,6 +464,11 @@ pub fn digest_file(path: &Path, capacity: u64, algorithm: Algorithm) -> io::Resu
         return Err(e);
     }
     let mut digests = digests.into_inner().expect("digests");
+    let mut data_end = data_end.into_inner();
+    if let Some(fw) = followed.filter(|_| !known.is_empty()) {
+        digests[known.start as usize..known.end as usize].copy_from_slice(&fw.digests);
+        data_end = data_end.max(fw.data_end);
+    }
     for i in with_data..chunks {
         digests[i as usize] = chunk_digest(&[], chunk_len(capacity, i)).0;
     }
@@ -452,9 +481,84 @@ pub fn digest_file(path: &Path, capacity: u64, algorithm: Algorithm) -> io::Resu
             algorithm: Algorithm::Blake3Chunks,
             bytes: *outer.finalize().as_bytes(),
         },
-        data_end: data_end.into_inner(),
+        data_end,
         len,
     })
+}
+
+/// The device and inode of an open file.
+fn identity(f: &File) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The `blake3-4m` digests of chunks of a regular file taken while another
+/// process was writing it: see [`follow_growing_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    capacity: u64,
+    identity: (u64, u64),
+    /// The index of the first chunk hashed; `digests` has the following.
+    first: u64,
+    digests: Vec<[u8; 32]>,
+    data_end: u64,
+}
+
+impl Followed {
+    fn end(&self) -> u64 {
+        self.first + self.digests.len() as u64
+    }
+
+    /// Bytes hashed while the file was written.
+    pub fn bytes(&self) -> u64 {
+        self.digests.len() as u64 * CHUNK as u64
+    }
+}
+
+/// Hashes the chunks of a regular file that a writer is filling in order
+/// (a dump that QEMU streams into it), each once the file has grown past
+/// its end, until `stop` is set. So the checksum
+/// after the dump ([`digest_file_after`]) has only the last chunks left.
+///
+/// Only for writers that never go back, except to chunk 0: it is never
+/// taken here (libvirt rewrites its save image header when the dump ends).
+/// The caller must know the file was written that way (see the host's
+/// check of libvirt's save image format), else drop what this returns.
+pub fn follow_growing_file(
+    path: &Path,
+    capacity: u64,
+    stop: &AtomicBool,
+    poll: std::time::Duration,
+) -> io::Result<Followed> {
+    let f = File::open(path)?;
+    let mut out = Followed {
+        capacity,
+        identity: identity(&f)?,
+        first: 1,
+        digests: Vec::new(),
+        data_end: 0,
+    };
+    let mut buf = vec![0u8; CHUNK];
+    // Once stopped, what is left is hashed after, in parallel.
+    while !stop.load(Ordering::Acquire) {
+        let grown = f.metadata()?.len().min(capacity);
+        while (out.end() + 1) * CHUNK as u64 <= grown && !stop.load(Ordering::Acquire) {
+            let i = out.end();
+            let n = read_chunk(&f, i, grown, &mut buf, false)?;
+            if n < CHUNK {
+                // Shrank under us: what is known so far stays.
+                return Ok(out);
+            }
+            let (d, last) = chunk_digest(&buf, CHUNK);
+            if let Some(last) = last {
+                out.data_end = out.data_end.max(i * CHUNK as u64 + last as u64 + 1);
+            }
+            out.digests.push(d);
+        }
+        std::thread::sleep(poll);
+    }
+    Ok(out)
 }
 
 /// Version 1: SHA-256 in order. Chunks are read by several threads (direct
@@ -727,6 +831,71 @@ mod tests {
         }
         assert_eq!(last_nonzero(&[0, 0, 3, 0]), Some(2));
         assert_eq!(last_nonzero(&[0; 9000]), None);
+    }
+
+    #[test]
+    fn chunks_hashed_while_a_file_grew_give_the_same_checksum() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        std::fs::write(&p, b"").unwrap();
+        let bytes = data(6 * CHUNK + 4321);
+        let cap = (8 * CHUNK) as u64;
+        let stop = AtomicBool::new(false);
+        let followed = std::thread::scope(|scope| {
+            let follower =
+                scope.spawn(|| follow_growing_file(&p, cap, &stop, std::time::Duration::from_millis(1)));
+            // A writer in pieces that are not chunks, with pauses.
+            let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+            for piece in bytes.chunks(CHUNK / 3 + 11) {
+                f.write_all(piece).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            stop.store(true, Ordering::Release);
+            follower.join().unwrap().unwrap()
+        });
+        // Chunk 0 is left for the end, chunk 6 is not whole; how many of
+        // the others it took depends on the machine's pace.
+        assert_eq!(followed.first, 1);
+        assert!((2..=6).contains(&followed.end()), "{}", followed.end());
+        let whole = digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap();
+        let after = digest_file_after(&p, cap, Algorithm::Blake3Chunks, Some(&followed)).unwrap();
+        assert_eq!(after, whole);
+
+        // The header rewritten at the end (chunk 0) counts.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"final header", 0).unwrap();
+        let after = digest_file_after(&p, cap, Algorithm::Blake3Chunks, Some(&followed)).unwrap();
+        assert_ne!(after, whole);
+        assert_eq!(after, digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap());
+
+        // Taken of another file (a new inode under the name), another
+        // capacity, or of chunks the file no longer has: not used.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        let fresh = digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap();
+        assert_eq!(
+            digest_file_after(&p, cap, Algorithm::Blake3Chunks, Some(&followed)).unwrap(),
+            fresh
+        );
+        let mut stale = followed.clone();
+        stale.identity = identity(&File::open(&p).unwrap()).unwrap();
+        stale.digests[2] = [7; 32];
+        assert_ne!(
+            digest_file_after(&p, cap, Algorithm::Blake3Chunks, Some(&stale)).unwrap(),
+            fresh,
+            "the digests are taken as they are"
+        );
+        assert_eq!(
+            digest_file_after(&p, cap + CHUNK as u64, Algorithm::Blake3Chunks, Some(&stale)).unwrap(),
+            digest_file(&p, cap + CHUNK as u64, Algorithm::Blake3Chunks).unwrap()
+        );
+        std::fs::write(&p, &bytes[..2 * CHUNK]).unwrap();
+        assert_eq!(
+            digest_file_after(&p, cap, Algorithm::Blake3Chunks, Some(&stale)).unwrap(),
+            digest_file(&p, cap, Algorithm::Blake3Chunks).unwrap()
+        );
     }
 
     #[test]

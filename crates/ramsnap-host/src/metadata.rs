@@ -12,7 +12,7 @@
 //! as `dump.checksum` in its text form (`blake3-4m:<hex>`). Both are read.
 use crate::model::{SnapshotMode, VolumeRef};
 use ramsnap_common::checksum::Checksum;
-pub use ramsnap_common::checksum::{device_len, digest_file, Algorithm, FileDigest};
+pub use ramsnap_common::checksum::{device_len, digest_file, Algorithm, FileDigest, Followed};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -154,6 +154,44 @@ impl MemoryMetadata {
 /// end), with the algorithm new dumps get.
 pub fn digest(path: &Path, capacity: u64) -> io::Result<FileDigest> {
     digest_file(path, capacity, Algorithm::CURRENT)
+}
+
+/// [`digest`], taking the chunks hashed while the dump was written (see
+/// `follow_dump`) when libvirt wrote it in order.
+pub fn digest_after(path: &Path, capacity: u64, followed: Option<&Followed>) -> io::Result<FileDigest> {
+    let followed = match followed {
+        Some(f) if written_in_order(path)? => Some(f),
+        _ => None,
+    };
+    ramsnap_common::checksum::digest_file_after(path, capacity, Algorithm::CURRENT, followed)
+}
+
+/// Hashes a FILE dump's chunks while libvirt writes it, until `stop`.
+pub fn follow_dump(path: &Path, capacity: u64, stop: &std::sync::atomic::AtomicBool) -> io::Result<Followed> {
+    ramsnap_common::checksum::follow_growing_file(path, capacity, stop, std::time::Duration::from_millis(2))
+}
+
+const SAVE_MAGIC: &[u8; 16] = b"LibvirtQemudSave";
+
+/// True when the file is a libvirt save image whose QEMU stream was
+/// written in order: libvirt's header (magic, then version, data length,
+/// was-running and the image format as native u32s) says the raw format.
+/// A compressed image goes through a compressor, and the sparse format of
+/// newer libvirt (QEMU's mapped-ram) writes pages at fixed offsets: for
+/// both the chunks hashed during the dump are not trusted.
+pub fn written_in_order(path: &Path) -> io::Result<bool> {
+    let mut head = [0u8; 32];
+    let f = File::open(path)?;
+    let mut got = 0;
+    while got < head.len() {
+        let n = (&f).read(&mut head[got..])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        got += n;
+    }
+    let format = u32::from_ne_bytes(head[28..32].try_into().expect("4 bytes"));
+    Ok(&head[..16] == SAVE_MAGIC && format == 0)
 }
 
 pub fn is_block_device(path: &Path) -> io::Result<bool> {
@@ -308,6 +346,33 @@ mod tests {
             MemoryMetadata::decode(v.to_string().as_bytes()),
             Err(DecodeError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn only_a_raw_libvirt_save_image_counts_as_written_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        let header = |magic: &[u8; 16], format: u32| {
+            let mut h = magic.to_vec();
+            for v in [2u32, 1000, 1, format, 0] {
+                h.extend_from_slice(&v.to_ne_bytes());
+            }
+            h
+        };
+        std::fs::write(&p, header(SAVE_MAGIC, 0)).unwrap();
+        assert!(written_in_order(&p).unwrap());
+        // Compressed (gzip is 1) or sparse: no.
+        for format in [1, 5] {
+            std::fs::write(&p, header(SAVE_MAGIC, format)).unwrap();
+            assert!(!written_in_order(&p).unwrap());
+        }
+        // Not yet finished (libvirt writes "LibvirtQemudPart" first), short, empty.
+        std::fs::write(&p, header(b"LibvirtQemudPart", 0)).unwrap();
+        assert!(!written_in_order(&p).unwrap());
+        std::fs::write(&p, &SAVE_MAGIC[..]).unwrap();
+        assert!(!written_in_order(&p).unwrap());
+        std::fs::write(&p, b"").unwrap();
+        assert!(!written_in_order(&p).unwrap());
     }
 
     #[test]

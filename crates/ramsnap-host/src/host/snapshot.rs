@@ -22,7 +22,7 @@ use super::run::check_purpose;
 use super::{Host, RunningDisk, Vm};
 use crate::error::{HostError, LibvirtErrorKind, Result, SnapshotError};
 use crate::libvirt::DomainState;
-use crate::metadata::{self, DiskRecord, DumpRecord, MemoryMetadata};
+use crate::metadata::{self, DiskRecord, DumpRecord, Followed, MemoryMetadata};
 use crate::model::{
     MemoryVolumes, Progress, SnapshotMode, SnapshotOutcome, SnapshotRequest, VmStatus, VolumeRef, MIB,
 };
@@ -370,6 +370,15 @@ impl Host {
             .filter(|m| m.dump.kind == DiskKind::File)
             .map(|m| (m.dump.path.clone(), m.dump_capacity));
         let monitor = tokio::spawn(watch_job(self.clone(), job.clone(), file_limit, stop_rx));
+        // A FILE dump is hashed while QEMU writes it (see follow_dump).
+        let stop_following = Arc::new(AtomicBool::new(false));
+        let follower = mem
+            .as_ref()
+            .filter(|m| m.dump.kind == DiskKind::File && !self.inner.simulated)
+            .map(|m| {
+                let (path, capacity, stop) = (m.dump.path.clone(), m.dump_capacity, stop_following.clone());
+                tokio::task::spawn_blocking(move || metadata::follow_dump(&path, capacity, &stop))
+            });
         let result = if self.inner.simulated && mem.is_none() {
             // The test driver takes external disk snapshots only with a
             // memory snapshot; a simulated host's disk-only snapshot is the
@@ -389,6 +398,18 @@ impl Host {
         };
         lap.done("libvirt snapshot");
         let _ = stop_tx.send(true);
+        stop_following.store(true, Ordering::Release);
+        let followed = match follower {
+            Some(f) => match f.await {
+                Ok(Ok(f)) => Some(f),
+                Ok(Err(e)) => {
+                    tracing::debug!(vm = %req.vm_id, error = %e, "hashing the dump while it was written failed; hashed after");
+                    None
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
         let watched = monitor.await.unwrap_or_default();
         let downtime = if mem.is_some() {
             hv.completed_downtime_ms(req.vm_id)
@@ -448,7 +469,15 @@ impl Host {
             vm.transition(Some(VmStatus::SavingState), VmStatus::Up);
         }
         let finished = self
-            .finish_snapshot(job, req, &running.disks, &overlays, mem.as_ref(), guest_pause_ms)
+            .finish_snapshot(
+                job,
+                req,
+                &running.disks,
+                &overlays,
+                mem.as_ref(),
+                followed,
+                guest_pause_ms,
+            )
             .await;
         lap.done("checksum and metadata");
         match finished {
@@ -669,7 +698,7 @@ impl Host {
                 .await
             {
                 Ok(_) => {
-                    self.finish_snapshot(job, req, before, overlays, Some(&target), 0)
+                    self.finish_snapshot(job, req, before, overlays, Some(&target), None, 0)
                         .await
                 }
                 Err(e) => Err(e),
@@ -744,6 +773,7 @@ impl Host {
         disks: &[RunningDisk],
         overlays: &[Prepared],
         mem: Option<&MemoryTarget>,
+        followed: Option<Followed>,
         guest_pause_ms: u64,
     ) -> Result<SnapshotOutcome> {
         if job.cancelled() {
@@ -762,10 +792,13 @@ impl Host {
         };
         let path = m.dump.path.clone();
         let capacity = m.dump_capacity;
-        let digest = tokio::task::spawn_blocking(move || metadata::digest(&path, capacity))
-            .await
-            .map_err(|e| HostError::Internal(e.to_string()))?
-            .map_err(|e| HostError::io("checksumming the memory dump", e))?;
+        let during = followed.as_ref().map_or(0, |f| f.bytes());
+        let digest =
+            tokio::task::spawn_blocking(move || metadata::digest_after(&path, capacity, followed.as_ref()))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))?
+                .map_err(|e| HostError::io("checksumming the memory dump", e))?;
+        tracing::debug!(vm = %req.vm_id, bytes = digest.len, hashed_during_dump = during, "dump checksummed");
         // A FILE dump grows past the volume's capacity instead of failing:
         // that dump would not survive a copy, so the snapshot fails.
         if digest.len > capacity {

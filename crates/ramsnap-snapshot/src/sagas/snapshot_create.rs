@@ -142,16 +142,12 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             MemoryMode::Paused => storage::MemoryDumpMode::Paused,
             MemoryMode::Live => storage::MemoryDumpMode::Live,
         };
-        // The VM's disk domain first, then the others by free space.
+        // The VM's disk domain first; only when it has no room, the others
+        // by free space (listing them costs a look at every domain).
         let mut domains = vec![vm.disk_domain_id];
-        if let Ok(list) = client.list_domains(storage::ListDomainsRequest {}).await {
-            let mut others: Vec<_> = list.into_inner().domains;
-            others.sort_by_key(|d| std::cmp::Reverse(d.free_bytes));
-            domains.extend(others.iter().filter_map(|d| Uuid::parse_str(&d.domain_id).ok()));
-        }
-        domains.dedup();
+        let mut listed = false;
         let mut last = Status::resource_exhausted("no storage domain has room for the memory volumes");
-        for domain in domains {
+        while let Some(domain) = domains.pop() {
             let req = storage::CreateMemoryVolumesRequest {
                 // One request id per domain tried, so a replay finds its volumes.
                 request_id: cx.stable_id(&format!("memory/{domain}")).to_string(),
@@ -171,6 +167,20 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 }
                 Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::NotFound) => last = s,
                 Err(s) => return Err(downstream("creating the memory volumes", s)),
+            }
+            if !listed {
+                listed = true;
+                if let Ok(list) = client.list_domains(storage::ListDomainsRequest {}).await {
+                    let mut others: Vec<_> = list.into_inner().domains;
+                    // Popped from the end: the most free space last.
+                    others.sort_by_key(|d| d.free_bytes);
+                    domains.extend(
+                        others
+                            .iter()
+                            .filter_map(|d| Uuid::parse_str(&d.domain_id).ok())
+                            .filter(|d| *d != vm.disk_domain_id),
+                    );
+                }
             }
         }
         Err(last)
