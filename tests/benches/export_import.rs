@@ -24,11 +24,13 @@
 //!
 //! Run: `cargo build --release --bins && cargo bench -p ramsnap-e2e --bench export_import`
 //! (root, libvirtd up, the guest built: see tests/guest/README.md).
-use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, VmStatus, MIB};
+use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
 use ramsnap_e2e::guest::CMDLINE;
+use ramsnap_e2e::logs::node_times;
 use ramsnap_proto::common::v1::VolumeRef;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::storage::v1 as spb;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -181,7 +183,7 @@ fn report(what: &str, ramsnap: Duration, baseline: Duration, bytes: u64) {
 }
 
 async fn run() {
-    let c = Cluster::start(Db::Sqlite, "3.3", "bench-export").await;
+    let mut c = Cluster::start(Db::Sqlite, "3.3", "bench-export").await;
     let vm = c
         .create_vm_sized(
             "bench-export",
@@ -214,8 +216,10 @@ async fn run() {
 
     // Export.
     let mut exports = Vec::new();
+    let mut export_nodes = Nodes::default();
     for i in 0..RUNS {
         exports.push(timed_export(&c, &vm, i > 0).await);
+        export_nodes.add(&c.process(Process::Coordinator).logs(), "vm_export");
     }
     let sources = volumes_with_paths(&c, &c.file_domain).await;
     let scratch = PathBuf::from(
@@ -252,8 +256,10 @@ async fn run() {
     teardown_all(&c, &c.export_domain).await;
     c.remove_vm(&vm).await;
     let mut imports = Vec::new();
+    let mut import_nodes = Nodes::default();
     for i in 0..RUNS {
         imports.push(timed_import(&c, &vm, DomainKind::File).await);
+        import_nodes.add(&c.process(Process::Coordinator).logs(), "vm_import");
         if i + 1 < RUNS {
             c.remove_vm(&vm).await;
         }
@@ -286,6 +292,31 @@ async fn run() {
         "(bytes counted: the virtual size of every copied volume, {} MiB)",
         total / MIB
     );
+    export_nodes.print("export FILE -> export domain");
+    import_nodes.print("import export domain -> FILE");
+}
+
+/// Each saga node's time, run by run (from the coordinator's log).
+#[derive(Default)]
+struct Nodes(BTreeMap<String, Vec<f64>>);
+
+impl Nodes {
+    fn add(&mut self, logs: &str, saga: &str) {
+        for (node, ms) in node_times(logs, saga) {
+            self.0.entry(node).or_default().push(ms);
+        }
+    }
+
+    fn print(self, what: &str) {
+        println!("{what}, per saga node (median ms, nodes over 5 ms):");
+        for (node, mut v) in self.0 {
+            v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+            let m = v[v.len() / 2];
+            if m > 5.0 {
+                println!("  {node}: {m:.0}");
+            }
+        }
+    }
 }
 
 fn main() {

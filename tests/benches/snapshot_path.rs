@@ -25,6 +25,7 @@
 use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
 use ramsnap_e2e::faults::{domain, live_disk, virsh};
 use ramsnap_e2e::guest::CMDLINE;
+use ramsnap_e2e::logs::{last_logged, node_times, strip_ansi};
 use ramsnap_proto::snapshot::v1 as pb;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,55 +43,6 @@ fn drop_caches() {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
-}
-
-/// The last `key=<number>` on a log line containing `needle`.
-fn last_logged(logs: &str, needle: &str, key: &str) -> Option<f64> {
-    let line = logs.lines().rev().find(|l| l.contains(needle))?;
-    let clean: String = strip_ansi(line);
-    let at = clean.find(&format!("{key}="))? + key.len() + 1;
-    clean[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Per saga node: the last time logged ("saga node done ... node=N ms=M").
-fn node_times(logs: &str, saga: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for line in logs.lines().map(strip_ansi) {
-        if !line.contains("saga node done") || !line.contains(&format!("saga_name=\"{saga}\"")) {
-            continue;
-        }
-        let node = line
-            .split("node=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("?")
-            .to_string();
-        if let Some(ms) = last_logged(&line, "saga node done", "ms") {
-            out.insert(node, ms);
-        }
-    }
-    out
 }
 
 /// The host agent's laps of its last step of a kind (`what`: "snapshot

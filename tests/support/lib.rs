@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod console;
 pub mod faults;
 pub mod guest;
+pub mod logs;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
