@@ -55,7 +55,14 @@ pub struct SagaCx<S> {
     outputs: Mutex<HashMap<&'static str, Value>>,
     pub cancel: CancellationToken,
     db: Database,
+    /// When progress was last written (see [`SagaCx::progress`]).
+    progress_written: Mutex<Option<std::time::Instant>>,
 }
+
+/// Progress is written at most this often, but always when it reaches the
+/// total: each write is a database commit (an fsync on SQLite), and a copy
+/// or a dump reports progress as fast as it is read.
+pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl<S> SagaCx<S> {
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, Status> {
@@ -82,8 +89,17 @@ impl<S> SagaCx<S> {
         Uuid::new_v5(&self.saga_id, purpose.as_bytes())
     }
 
-    /// Reports the operation's progress (best effort).
+    /// Reports the operation's progress (best effort; at most every
+    /// [`PROGRESS_INTERVAL`], and when it reaches the total).
     pub async fn progress(&self, processed: u64, total: u64) {
+        {
+            let mut last = self.progress_written.lock().expect("poisoned");
+            let now = std::time::Instant::now();
+            if processed < total && last.is_some_and(|t| now.duration_since(t) < PROGRESS_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
         let _ = self
             .db
             .update_operation_progress(self.operation_id, processed, total)
@@ -312,6 +328,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             outputs: Mutex::new(outputs),
             cancel: cancel.clone(),
             db: self.db.clone(),
+            progress_written: Mutex::new(None),
         };
 
         let saga_started = Instant::now();

@@ -25,6 +25,10 @@ struct Toy {
     /// Node b's agent is too busy this many times (RESOURCE_EXHAUSTED with a
     /// RetryInfo, as the limits layer answers).
     busy: Mutex<u32>,
+    /// What node c's progress reports left in the operation, and whether
+    /// the second came within the progress interval of the first.
+    progress: Mutex<Vec<(u64, u64)>>,
+    progress_quick: Mutex<bool>,
 }
 
 fn make(cx: &SagaCx<Toy>, name: &'static str) -> Result<Value, Status> {
@@ -86,7 +90,24 @@ fn b_undo(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<(), Status>> {
     async move { remove(cx, "b") }.boxed()
 }
 fn c(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move { make(cx, "c") }.boxed()
+    async move {
+        // Progress: the first report is written, one right after it is
+        // not (each is a commit), reaching the total always is.
+        let t = std::time::Instant::now();
+        let mut seen = Vec::new();
+        for (done, total) in [(1, 10), (2, 10), (10, 10)] {
+            cx.progress(done, total).await;
+            let o = cx.db().get_operation(cx.operation_id).await.unwrap();
+            seen.push((o.progress_processed, o.progress_total));
+            if done == 2 {
+                *cx.app.progress_quick.lock().unwrap() =
+                    t.elapsed() < ramsnap_snapshot::saga::PROGRESS_INTERVAL;
+            }
+        }
+        *cx.app.progress.lock().unwrap() = seen;
+        make(cx, "c")
+    }
+    .boxed()
 }
 fn d(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
     async move { make(cx, "d") }.boxed()
@@ -207,6 +228,11 @@ async fn a_saga_runs_to_the_end() {
     assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
     let o = env.db.get_operation(op).await.unwrap();
     assert_eq!(o.result, Some(json!({ "made": "b" })));
+    let seen = env.app.progress.lock().unwrap().clone();
+    assert_eq!((seen[0], seen[2]), ((1, 10), (10, 10)));
+    if *env.app.progress_quick.lock().unwrap() {
+        assert_eq!(seen[1], (1, 10), "a report right after another is not written");
+    }
 }
 
 #[tokio::test]
