@@ -20,6 +20,12 @@
 //! own figures for its steps (the host agent's guest pause and the saga's
 //! per-node times, from the logs).
 //!
+//! With `RAMSNAP_BENCH_DOMAIN=block`, VM A lives on the BLOCK domain (its
+//! disk and memory volumes are LVs) and virsh writes its memory into an LV
+//! of the same domain, as big as ramsnap's LIVE dump volume and prepared
+//! the same way (on this machine LVs are loop devices standing in for
+//! device-mapper: both sides pay for it). virsh's disk overlays stay files.
+//!
 //! Run: `cargo build --release --bins && cargo bench -p ramsnap-e2e --bench snapshot_path`
 //! (root, libvirtd up; RAMSNAP_BENCH_RUNS=N for more than 3 runs).
 use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
@@ -184,9 +190,10 @@ async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f
     (t.elapsed().as_secs_f64(), op.snapshot_id)
 }
 
-/// virsh snapshot-create-as of B's domain into `dir`; the wall time.
-fn virsh_snapshot(vm: &str, dir: &Path, tag: &str, live: bool) -> (f64, PathBuf) {
-    let mem = dir.join(format!("virsh-{tag}.mem"));
+/// virsh snapshot-create-as of B's domain into `dir` (the memory into
+/// `memory_target` when given, a block device); the wall time.
+fn virsh_snapshot(vm: &str, dir: &Path, tag: &str, live: bool, memory_target: Option<&Path>) -> (f64, PathBuf) {
+    let mem = memory_target.map_or_else(|| dir.join(format!("virsh-{tag}.mem")), Path::to_path_buf);
     let overlay = dir.join(format!("virsh-{tag}.qcow2"));
     let memspec = format!("file={},snapshot=external", mem.display());
     let diskspec = format!("vda,snapshot=external,file={}", overlay.display());
@@ -259,8 +266,14 @@ async fn main() {
     )
     .await;
     let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");
+    let block = std::env::var("RAMSNAP_BENCH_DOMAIN").is_ok_and(|d| d == "block");
     let a = c
-        .create_vm_sized("path-a", DomainKind::File, MEMORY_MIB * MIB, &cmdline)
+        .create_vm_sized(
+            "path-a",
+            if block { DomainKind::Block } else { DomainKind::File },
+            MEMORY_MIB * MIB,
+            &cmdline,
+        )
         .await;
     let b = c
         .create_vm_sized("path-b", DomainKind::File, MEMORY_MIB * MIB, &cmdline)
@@ -279,6 +292,33 @@ async fn main() {
         .expect("the FILE domain's directory")
         .join("virsh-bench");
     std::fs::create_dir_all(&dir).expect("a directory beside the volumes");
+    // BLOCK: virsh's memory goes into an LV like ramsnap's LIVE dump volume.
+    let memory_lv = if block {
+        let mut storage = c.storage();
+        let made = storage
+            .create_memory_volumes(ramsnap_proto::storage::v1::CreateMemoryVolumesRequest {
+                request_id: String::new(),
+                domain_id: c.block_domain.clone(),
+                memory_bytes: MEMORY_MIB * MIB,
+                mode: ramsnap_proto::storage::v1::MemoryDumpMode::Live as i32,
+                description: "virsh's memory target (benchmark)".into(),
+            })
+            .await
+            .expect("CreateMemoryVolumes")
+            .into_inner();
+        let path = storage
+            .prepare_volume(ramsnap_proto::storage::v1::PrepareVolumeRequest {
+                r#ref: made.dump.and_then(|v| v.r#ref),
+            })
+            .await
+            .expect("PrepareVolume")
+            .into_inner()
+            .path;
+        eprintln!("virsh writes its memory into {path}");
+        Some(PathBuf::from(path))
+    } else {
+        None
+    };
 
     let mut ours = Figures::new();
     let mut bare = Figures::new();
@@ -320,9 +360,9 @@ async fn main() {
         let logs = c.process(Process::Coordinator).logs();
         restore.add(&logs, "vm_run", "restore step", "prepare memory volumes");
 
-        let (t, _) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false);
+        let (t, _) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false, memory_lv.as_deref());
         bare.paused.push(t);
-        let (t, mem) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true);
+        let (t, mem) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true, memory_lv.as_deref());
         bare.live.push(t);
         bare.restore
             .push(virsh_restore(&b, &dir, &format!("{run}"), &mem));
@@ -336,9 +376,12 @@ async fn main() {
         .args(["-c", "qemu:///system", "destroy", &domain(&b)])
         .output();
 
-    println!("\n{runs} runs, medians, page cache dropped before each step; {MEMORY_MIB} MiB guests, {FILL_MIB} MiB random\n");
-    println!("| path | ramsnap (gRPC, coordinator) | virsh | ratio |");
-    println!("|---|---|---|---|");
+    println!(
+        "\n{runs} runs, medians, page cache dropped before each step; {MEMORY_MIB} MiB guests, {FILL_MIB} MiB random; {} domain\n",
+        if block { "BLOCK (virsh's memory into an LV of it)" } else { "FILE" }
+    );
+    println!("| path | ramsnap (gRPC, coordinator) | virsh | ratio | ramsnap runs | virsh runs |");
+    println!("|---|---|---|---|---|---|");
     for (what, o, b) in [
         ("snapshot with memory, PAUSED", &ours.paused, &bare.paused),
         ("snapshot with memory, LIVE", &ours.live, &bare.live),
@@ -348,8 +391,10 @@ async fn main() {
             &bare.restore,
         ),
     ] {
+        let runs = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+        let (or, br) = (runs(o), runs(b));
         let (o, b) = (median(o.clone()), median(b.clone()));
-        println!("| {what} | {o:.2} s | {b:.2} s | {:.2} |", o / b);
+        println!("| {what} | {o:.2} s | {b:.2} s | {:.2} | {or} | {br} |", o / b);
     }
     paused.print("ramsnap, snapshot with memory, PAUSED:");
     live.print("ramsnap, snapshot with memory, LIVE:");
