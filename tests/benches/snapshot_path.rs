@@ -192,7 +192,13 @@ async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f
 
 /// virsh snapshot-create-as of B's domain into `dir` (the memory into
 /// `memory_target` when given, a block device); the wall time.
-fn virsh_snapshot(vm: &str, dir: &Path, tag: &str, live: bool, memory_target: Option<&Path>) -> (f64, PathBuf) {
+fn virsh_snapshot(
+    vm: &str,
+    dir: &Path,
+    tag: &str,
+    live: bool,
+    memory_target: Option<&Path>,
+) -> (f64, PathBuf) {
     let mem = memory_target.map_or_else(|| dir.join(format!("virsh-{tag}.mem")), Path::to_path_buf);
     let overlay = dir.join(format!("virsh-{tag}.qcow2"));
     let memspec = format!("file={},snapshot=external", mem.display());
@@ -270,7 +276,11 @@ async fn main() {
     let a = c
         .create_vm_sized(
             "path-a",
-            if block { DomainKind::Block } else { DomainKind::File },
+            if block {
+                DomainKind::Block
+            } else {
+                DomainKind::File
+            },
             MEMORY_MIB * MIB,
             &cmdline,
         )

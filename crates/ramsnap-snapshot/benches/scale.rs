@@ -80,6 +80,9 @@ fn start_host(bin: &Path, dir: &Path, i: usize, storage: &str) -> HostProc {
     std::fs::write(d.join("boot/initrd.img"), b"initrd").unwrap();
     let mut child = Command::new(bin)
         .args([
+            // The coordinator and storage of this benchmark serve plain
+            // gRPC on loopback.
+            "--insecure",
             "--listen",
             "127.0.0.1:0",
             "--libvirt-uri",

@@ -122,6 +122,24 @@ impl App {
     }
 }
 
+/// Waits until `events` names `id` (or missed events: it lagged), or the
+/// backstop passes. A watch re-reads its object then: with many watchers,
+/// each must not re-read on every other object's change.
+pub async fn changed(events: &mut broadcast::Receiver<Uuid>, id: Uuid, backstop: std::time::Duration) {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e == id => return,
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                // No more events (shutting down): the backstop alone.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(backstop, wait).await;
+}
+
 /// Database errors as gRPC statuses.
 pub fn db_status(e: DbError) -> Status {
     match e {

@@ -53,7 +53,7 @@ impl OperationService for OperationApi {
             yield pb::WatchOperationResponse { operation: Some(to_operation(&first)) };
             while !last.state.is_terminal() {
                 // Woken by a change, or every half second (progress, other processes).
-                let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+                crate::app::changed(&mut events, id, Duration::from_millis(500)).await;
                 let op = app.db.get_operation(id).await.map_err(db_status)?;
                 if op != last {
                     yield pb::WatchOperationResponse { operation: Some(to_operation(&op)) };
