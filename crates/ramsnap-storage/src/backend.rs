@@ -42,6 +42,15 @@ pub trait Backend: Send + Sync + 'static {
     fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>>;
     /// Where the domain keeps VM descriptors: Some on EXPORT domains only.
     fn descriptors(&self) -> Option<DescriptorStore>;
+    /// The volume that a create (or copy) with request id `request` made,
+    /// whatever its legality: its metadata records the request. The
+    /// default looks at every volume of the domain.
+    fn find_request(&self, request: Uuid) -> Result<Option<Volume>> {
+        Ok(self
+            .list(None)?
+            .into_iter()
+            .find(|v| v.meta.request_id == Some(request)))
+    }
 }
 
 /// How long completed delete requests are remembered for retries.

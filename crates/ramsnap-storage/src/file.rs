@@ -134,6 +134,47 @@ impl FileDomain {
         self.image_dir(image).join(format!("{volume}.meta"))
     }
 
+    /// The request index: `dom_md/requests/<request id>`, a symlink whose
+    /// target text is `<image>/<volume>`, made before the volume's
+    /// metadata (so it never misses a volume that records the request) and
+    /// removed with the volume. A link whose volume is gone, or does not
+    /// record the request, is not a match. `.complete` says the index
+    /// covers every volume: domains laid out before it get it built once
+    /// from a scan.
+    fn requests_dir(&self) -> PathBuf {
+        self.dir.join("dom_md/requests")
+    }
+
+    fn ensure_request_index(&self) -> Result<()> {
+        let dir = self.requests_dir();
+        if dir.join(".complete").exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(&dir)?;
+        for v in self.list(None)? {
+            if let Some(r) = v.meta.request_id {
+                self.link_request(r, v.meta.image, v.meta.volume)?;
+            }
+        }
+        sync_dir(&dir)?;
+        write_atomic(&dir.join(".complete"), b"")
+    }
+
+    fn link_request(&self, request: Uuid, image: Uuid, volume: Uuid) -> Result<()> {
+        let link = self.requests_dir().join(request.to_string());
+        remove_if_exists(&link)?;
+        std::os::unix::fs::symlink(format!("{image}/{volume}"), &link)?;
+        Ok(())
+    }
+
+    fn unlink_request(&self, request: Uuid, image: Uuid, volume: Uuid) -> Result<()> {
+        let link = self.requests_dir().join(request.to_string());
+        match fs::read_link(&link) {
+            Ok(t) if t == Path::new(&format!("{image}/{volume}")) => remove_if_exists(&link),
+            _ => Ok(()),
+        }
+    }
+
     fn read_volume(&self, image: Uuid, volume: Uuid) -> Result<Option<Volume>> {
         let meta_path = self.meta_path(image, volume);
         let mut meta: VolumeMeta = match fs::read(&meta_path) {
@@ -263,6 +304,11 @@ impl Backend for FileDomain {
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
         fs::create_dir_all(self.image_dir(meta.image))?;
+        if let Some(r) = meta.request_id {
+            self.ensure_request_index()?;
+            self.link_request(r, meta.image, meta.volume)?;
+            sync_dir(&self.requests_dir())?;
+        }
         // Metadata first, so that a crash part-way leaves a visible ILLEGAL
         // volume rather than an unaccounted file.
         let result = self.write_meta(meta).and_then(|_| self.create_data(meta, parent));
@@ -286,12 +332,22 @@ impl Backend for FileDomain {
     }
 
     fn remove(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        let request = self
+            .read_volume(image, volume)
+            .ok()
+            .flatten()
+            .and_then(|v| v.meta.request_id);
         if self.meta_path(image, volume).exists() {
             // Mark first: a crash mid-removal must not leave a LEGAL volume
             // without its data.
             let _ = self.set_legality(image, volume, Legality::Illegal);
         }
-        self.remove_files(image, volume)
+        self.remove_files(image, volume)?;
+        // After the files: a link left by a crash here names nothing.
+        if let Some(r) = request {
+            self.unlink_request(r, image, volume)?;
+        }
+        Ok(())
     }
 
     fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
@@ -346,6 +402,25 @@ impl Backend for FileDomain {
             }
         }
         Ok(())
+    }
+
+    fn find_request(&self, request: Uuid) -> Result<Option<Volume>> {
+        self.ensure_request_index()?;
+        let target = match fs::read_link(self.requests_dir().join(request.to_string())) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let named = target
+            .to_str()
+            .and_then(|t| t.split_once('/'))
+            .and_then(|(i, v)| Some((Uuid::parse_str(i).ok()?, Uuid::parse_str(v).ok()?)));
+        let Some((image, volume)) = named else {
+            return Ok(None);
+        };
+        Ok(self
+            .read_volume(image, volume)?
+            .filter(|v| v.meta.request_id == Some(request)))
     }
 
     fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>> {

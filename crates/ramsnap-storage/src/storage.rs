@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, RwLock as AsyncRwLock};
 use uuid::Uuid;
 
 #[derive(Clone, Debug)]
@@ -54,13 +54,51 @@ struct Inner {
 struct Domain {
     kind: DomainType,
     backend: Arc<dyn Backend>,
-    /// Serializes metadata changes on this domain within the process; LVM's
-    /// own VG lock covers other processes on the same host.
-    lock: Mutex<()>,
+    /// Serializes metadata changes on this domain within the process (held
+    /// for writing); LVM's own VG lock covers other processes on the same
+    /// host. A volume creation on a FILE domain holds it for reading, and
+    /// [`Domain::creates`] for its image and request: creations in other
+    /// images run side by side (a snapshot's overlays and memory volumes of
+    /// many VMs at once).
+    lock: AsyncRwLock<()>,
+    creates: KeyedLocks,
     /// Serializes changes to VM descriptors (EXPORT domains), apart from
     /// volume changes: a Delete must not remove a VM directory between a
     /// Put's mkdir and its rename, and a large Put must not hold up volumes.
     descriptor_lock: Mutex<()>,
+}
+
+/// Locks by key (an image, a request id) over a fixed set of stripes: two
+/// keys may share a stripe, which only serializes them.
+struct KeyedLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Default for KeyedLocks {
+    fn default() -> KeyedLocks {
+        KeyedLocks {
+            stripes: (0..64).map(|_| Mutex::new(())).collect(),
+        }
+    }
+}
+
+impl KeyedLocks {
+    /// Locks the stripes of the given keys, in stripe order (no deadlock
+    /// between two callers), each once.
+    async fn lock(&self, keys: &[Option<Uuid>]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = keys
+            .iter()
+            .flatten()
+            .map(|k| (k.as_u128() % self.stripes.len() as u128) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.stripes[i].lock().await);
+        }
+        guards
+    }
 }
 
 /// What a caller wants created.
@@ -155,7 +193,8 @@ impl Storage {
             Arc::new(Domain {
                 kind,
                 backend,
-                lock: Mutex::new(()),
+                lock: AsyncRwLock::new(()),
+                creates: KeyedLocks::default(),
                 descriptor_lock: Mutex::new(()),
             })
         });
@@ -441,9 +480,14 @@ impl Storage {
                 "is required with parent_volume_id",
             ));
         }
-        let _guard = d.lock.lock().await;
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
+        if d.kind == DomainType::File {
+            let _shared = d.lock.read().await;
+            let _keys = d.creates.lock(&[req.image, req.request_id]).await;
+            return blocking(move || create_locked(backend.as_ref(), &holds, req, allocation)).await;
+        }
+        let _guard = d.lock.write().await;
         blocking(move || create_locked(backend.as_ref(), &holds, req, allocation)).await
     }
 
@@ -498,11 +542,10 @@ impl Storage {
         let need = dump.capacity.saturating_add(meta.capacity);
         let free = self.get_domain(domain).await?.free;
         let retry = match dump.request_id {
-            Some(r) => self
-                .list_volumes(domain, None)
-                .await?
-                .iter()
-                .any(|v| v.meta.request_id == Some(r)),
+            Some(r) => {
+                let b = d.backend.clone();
+                blocking(move || b.find_request(r)).await?.is_some()
+            }
             None => false,
         };
         if !retry && need > free {
@@ -516,7 +559,7 @@ impl Storage {
         match self.create_volume(meta).await {
             Ok(meta) => Ok((dump, meta)),
             Err(e) => {
-                let _guard = d.lock.lock().await;
+                let _guard = d.lock.write().await;
                 let b = d.backend.clone();
                 let (i, v) = (dump.meta.image, dump.meta.volume);
                 let _ = blocking(move || b.remove(i, v)).await;
@@ -527,7 +570,7 @@ impl Storage {
 
     pub async fn delete_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<()> {
         let d = self.domain(r.domain)?;
-        let _guard = d.lock.lock().await;
+        let _guard = d.lock.write().await;
         let backend = d.backend.clone();
         let copying = self.inner.copies.lock().expect("lock poisoned").contains_key(&r);
         let holds = self.inner.holds.clone();
@@ -577,7 +620,7 @@ impl Storage {
     /// its request id like a delete.
     pub async fn merge_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<Volume> {
         let d = self.domain(r.domain)?;
-        let _guard = d.lock.lock().await;
+        let _guard = d.lock.write().await;
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         blocking(move || {
@@ -661,7 +704,7 @@ impl Storage {
     /// across a restart of the service: see [`crate::holds`].
     pub async fn prepare_volume(&self, r: VolumeRef) -> Result<PathBuf> {
         let d = self.domain(r.domain)?;
-        let _guard = d.lock.lock().await;
+        let _guard = d.lock.write().await;
         if self.inner.copies.lock().expect("lock poisoned").contains_key(&r) {
             return Err(StorageError::precondition(
                 "VOLUME_BUSY",
@@ -690,7 +733,7 @@ impl Storage {
     /// hold all the same (NOT_FOUND).
     pub async fn teardown_volume(&self, r: VolumeRef) -> Result<()> {
         let d = self.domain(r.domain)?;
-        let _guard = d.lock.lock().await;
+        let _guard = d.lock.write().await;
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         blocking(move || {
@@ -775,16 +818,11 @@ impl Storage {
         check_layout(dst_dom.kind, format, allocation, "target_allocation")?;
 
         let target = {
-            let _guard = dst_dom.lock.lock().await;
+            let _guard = dst_dom.lock.write().await;
             // A retry: the request's volume may exist already.
             if let Some(req_id) = req.request_id {
                 let b = dst_dom.backend.clone();
-                let existing = blocking(move || {
-                    Ok(b.list(None)?
-                        .into_iter()
-                        .find(|v| v.meta.request_id == Some(req_id)))
-                })
-                .await?;
+                let existing = blocking(move || b.find_request(req_id)).await?;
                 if let Some(v) = existing {
                     let running = self
                         .inner
@@ -868,7 +906,7 @@ impl Storage {
                 )
                 .await;
             if outcome.is_err() {
-                let _guard = dst_dom.lock.lock().await;
+                let _guard = dst_dom.lock.write().await;
                 let b = dst_dom.backend.clone();
                 let _ = blocking(move || b.remove(target_ref.image, target_ref.volume)).await;
             }
@@ -896,14 +934,14 @@ impl Storage {
         let dst_b = dst_dom.backend.clone();
         let (sref, tref) = (source.volume_ref(), target.volume_ref());
         let stats = {
-            let _s = src_dom.lock.lock().await;
+            let _s = src_dom.lock.write().await;
             let (src_path, src_new) = {
                 let b = src_b.clone();
                 blocking(move || prepare_chain(b.as_ref(), sref)).await?
             };
             drop(_s);
             let dst = {
-                let _d = dst_dom.lock.lock().await;
+                let _d = dst_dom.lock.write().await;
                 let b = dst_b.clone();
                 blocking(move || prepare_target(b.as_ref(), tref)).await
             };
@@ -945,7 +983,7 @@ impl Storage {
             // beneath it; the source's chain), except what another holder
             // needs: a client may have prepared the source meanwhile.
             drop(dst_hold);
-            let _d = dst_dom.lock.lock().await;
+            let _d = dst_dom.lock.write().await;
             let (b, h) = (dst_b.clone(), holds.clone());
             let _ = blocking(move || {
                 let volumes = b.list(Some(tref.image))?;
@@ -956,7 +994,7 @@ impl Storage {
             .await;
             drop(_d);
             drop(src_hold);
-            let _s = src_dom.lock.lock().await;
+            let _s = src_dom.lock.write().await;
             let (b, h) = (src_b.clone(), holds.clone());
             let _ = blocking(move || {
                 let volumes = b.list(Some(sref.image))?;
@@ -967,7 +1005,7 @@ impl Storage {
             result?
         };
         tracing::info!(source = %sref, target = %tref, data = stats.data_bytes, zero = stats.zero_bytes, "copy done");
-        let _guard = dst_dom.lock.lock().await;
+        let _guard = dst_dom.lock.write().await;
         let b = dst_b.clone();
         blocking(move || {
             b.set_legality(tref.image, tref.volume, Legality::Legal)?;
@@ -1214,11 +1252,7 @@ fn create_locked(
     allocation: Allocation,
 ) -> Result<Volume> {
     if let Some(req_id) = req.request_id {
-        let existing = backend
-            .list(None)?
-            .into_iter()
-            .find(|v| v.meta.request_id == Some(req_id));
-        if let Some(v) = existing {
+        if let Some(v) = backend.find_request(req_id)? {
             if !params_match(&v.meta, &req, allocation) {
                 return Err(StorageError::AlreadyExists {
                     resource: "request",

@@ -2174,3 +2174,122 @@ async fn hostile_input_gets_field_errors_never_internal() {
         assert!(!err.message().contains("/usr/share"), "{err:?}");
     }
 }
+
+/// A FILE domain finds the volume of a request through its request index
+/// (`dom_md/requests`), not by reading every volume's metadata: the index
+/// is built once for a domain laid out before it, follows deletes, and a
+/// link left naming nothing (a crash between the link and the volume) is
+/// no match.
+#[tokio::test]
+async fn a_file_domain_finds_a_request_through_its_index() {
+    let mut env = Env::new(1024 * MIB).await;
+    let domain = env.domain(pb::DomainType::File);
+    let location = env
+        .client
+        .get_domain(pb::GetDomainRequest {
+            domain_id: domain.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .location;
+    let index = std::path::Path::new(&location)
+        .join(&domain)
+        .join("dom_md/requests");
+    let mut req = new_volume(&domain, 8 * MIB, pb::VolumeFormat::Raw);
+    let request = Uuid::new_v4();
+    req.request_id = request.to_string();
+    let a = env.create(req.clone()).await.unwrap();
+    assert!(index.join(".complete").exists());
+    let link = index.join(request.to_string());
+    let r = vref(&a);
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        std::path::PathBuf::from(format!("{}/{}", r.image_id, r.volume_id))
+    );
+
+    // A domain from before the index: built from a scan on first use.
+    std::fs::remove_dir_all(&index).unwrap();
+    assert_eq!(
+        env.create(req.clone()).await.unwrap().r#ref,
+        a.r#ref,
+        "the retry finds it"
+    );
+    assert!(std::fs::symlink_metadata(&link).is_ok() && index.join(".complete").exists());
+
+    // Deleted: the link goes with it, and the request makes a new volume.
+    env.client
+        .delete_volume(pb::DeleteVolumeRequest {
+            request_id: String::new(),
+            r#ref: Some(r.clone()),
+        })
+        .await
+        .unwrap();
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "the link went with the volume"
+    );
+    let b = env.create(req.clone()).await.unwrap();
+    assert_ne!(b.r#ref, a.r#ref);
+
+    // A link naming nothing (or garbage) is no match.
+    let stale = Uuid::new_v4();
+    std::os::unix::fs::symlink(
+        format!("{}/{}", Uuid::new_v4(), Uuid::new_v4()),
+        index.join(stale.to_string()),
+    )
+    .unwrap();
+    let garbage = Uuid::new_v4();
+    std::os::unix::fs::symlink("../../etc/passwd", index.join(garbage.to_string())).unwrap();
+    for r in [stale, garbage] {
+        let mut q = new_volume(&domain, 8 * MIB, pb::VolumeFormat::Raw);
+        q.request_id = r.to_string();
+        let made = env.create(q.clone()).await.unwrap();
+        assert_eq!(env.create(q).await.unwrap().r#ref, made.r#ref);
+    }
+    assert_eq!(env.list(&domain).await.len(), 3);
+}
+
+/// Creations on a FILE domain run side by side (image and request locks,
+/// not one lock per domain), and still act once per request id.
+#[tokio::test]
+async fn concurrent_creates_on_one_file_domain_act_once_per_request() {
+    let mut env = Env::new(1024 * MIB).await;
+    let domain = env.domain(pb::DomainType::File);
+    let mut same = new_volume(&domain, 8 * MIB, pb::VolumeFormat::Raw);
+    same.request_id = Uuid::new_v4().to_string();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let mut client = env.client.clone();
+        let req = if i % 2 == 0 {
+            same.clone()
+        } else {
+            let mut r = new_volume(&domain, 8 * MIB, pb::VolumeFormat::Raw);
+            r.request_id = Uuid::new_v4().to_string();
+            r
+        };
+        set.spawn(async move {
+            (
+                i % 2 == 0,
+                client
+                    .create_volume(req)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .volume
+                    .unwrap(),
+            )
+        });
+    }
+    let mut refs_of_same = std::collections::HashSet::new();
+    while let Some(r) = set.join_next().await {
+        let (is_same, v) = r.unwrap();
+        if is_same {
+            refs_of_same.insert(format!("{:?}", v.r#ref));
+        }
+    }
+    assert_eq!(refs_of_same.len(), 1, "one volume for the repeated request");
+    assert_eq!(env.list(&domain).await.len(), 17);
+}
