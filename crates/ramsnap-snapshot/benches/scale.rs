@@ -688,6 +688,35 @@ async fn body(
         sagas_per_s * commits_per_saga,
         tps_tpcb
     );
+    // Where a saga's time goes: each node from its start to its success.
+    let names: Vec<&str> = ramsnap_snapshot::sagas::snapshot_create::definition()
+        .nodes
+        .iter()
+        .map(|n| n.name)
+        .collect();
+    let rows = sqlx::query(
+        "SELECT a.node_id, \
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY b.created_at - a.created_at)::float8, \
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY b.created_at - a.created_at)::float8 \
+         FROM saga_node_events a \
+         JOIN saga_node_events b ON b.saga_id = a.saga_id AND b.node_id = a.node_id \
+         JOIN sagas s ON s.id = a.saga_id \
+         WHERE s.name = 'snapshot_create' AND a.event_type = 'started' AND b.event_type = 'succeeded' \
+         GROUP BY a.node_id ORDER BY a.node_id",
+    )
+    .fetch_all(&stats_pool)
+    .await
+    .unwrap();
+    println!("--- per node, start to success (ms) ---");
+    for r in rows {
+        let node: i64 = r.get(0);
+        let name = names.get(node as usize).copied().unwrap_or("?");
+        println!(
+            "  {name:<18} p50 {:>7.1}   p99 {:>7.1}",
+            r.get::<f64, _>(1),
+            r.get::<f64, _>(2)
+        );
+    }
     for e in errs.iter().take(5) {
         println!("failure: {e}");
     }
