@@ -304,8 +304,9 @@ async fn main() {
     std::fs::create_dir_all(&dir).expect("a directory beside the volumes");
     // BLOCK: virsh's memory goes into an LV like ramsnap's LIVE dump volume.
     let memory_lv = if block {
-        let mut storage = c.storage();
-        let made = storage
+        let made = c
+            .storage_as("coordinator")
+            .await
             .create_memory_volumes(ramsnap_proto::storage::v1::CreateMemoryVolumesRequest {
                 request_id: String::new(),
                 domain_id: c.block_domain.clone(),
@@ -316,7 +317,9 @@ async fn main() {
             .await
             .expect("CreateMemoryVolumes")
             .into_inner();
-        let path = storage
+        let path = c
+            .storage_as_host()
+            .await
             .prepare_volume(ramsnap_proto::storage::v1::PrepareVolumeRequest {
                 r#ref: made.dump.and_then(|v| v.r#ref),
             })

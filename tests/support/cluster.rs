@@ -945,8 +945,14 @@ impl Cluster {
     /// prepare and teardown, which the admin may not do), for tests that
     /// reach into a volume's bytes.
     pub async fn storage_as_host(&self) -> StorageServiceClient<Channel> {
+        self.storage_as("host").await
+    }
+
+    /// The storage agent as one of the dev identities sees it (`host`,
+    /// `coordinator`, ...).
+    pub async fn storage_as(&self, identity: &str) -> StorageServiceClient<Channel> {
         let addr = self.storage_url.clone();
-        StorageServiceClient::new(crate::connect_as(&addr, "host").await)
+        StorageServiceClient::new(crate::connect_as(&addr, identity).await)
     }
 
     pub fn domain(&self, kind: DomainKind) -> &str {
