@@ -80,6 +80,8 @@ struct Breakdown {
     nodes: BTreeMap<String, Vec<f64>>,
     laps: Vec<(String, Vec<f64>)>,
     pauses: Vec<f64>,
+    /// QEMU's own downtime (libvirt's completed job statistics).
+    downtimes: Vec<f64>,
     /// Other timings the host agent logs ("MESSAGE ... ms=M").
     timed: BTreeMap<&'static str, Vec<f64>>,
 }
@@ -99,6 +101,8 @@ impl Breakdown {
         if what == "snapshot step" {
             self.pauses
                 .push(last_logged(logs, "guest pause", "pause_ms").unwrap_or(f64::NAN));
+            self.downtimes
+                .push(last_logged(logs, "guest pause", "qemu_downtime_ms").unwrap_or(f64::NAN));
         } else {
             // The two halves of "checksum beside libvirt's restore".
             for m in ["restore: checksum", "restore: libvirt restore (paused)"] {
@@ -222,6 +226,26 @@ fn virsh_snapshot(
     (t.elapsed().as_secs_f64(), mem)
 }
 
+/// The median of the values that are numbers; NaN when none is.
+fn median_known(v: &[f64]) -> f64 {
+    let known: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if known.is_empty() {
+        f64::NAN
+    } else {
+        median(known)
+    }
+}
+
+/// "Total downtime" of the domain's last completed job (`virsh domjobinfo
+/// --completed`), in ms.
+fn completed_downtime_ms(vm: &str) -> Option<f64> {
+    let out = virsh(&["domjobinfo", &domain(vm), "--completed"]);
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Total downtime:"))?;
+    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
 /// virsh destroy, then virsh restore of `mem` with the disk on a fresh
 /// overlay of the disk it was taken on; the restore's wall time.
 fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path) -> f64 {
@@ -338,6 +362,7 @@ async fn main() {
     let mut paused = Breakdown::default();
     let mut live = Breakdown::default();
     let mut restore = Breakdown::default();
+    let mut virsh_downtime = Vec::new();
     for run in 0..runs {
         eprintln!("run {} of {runs}", run + 1);
         let (t, _) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
@@ -377,6 +402,8 @@ async fn main() {
         bare.paused.push(t);
         let (t, mem) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true, memory_lv.as_deref());
         bare.live.push(t);
+        // QEMU's downtime of virsh's LIVE snapshot, as libvirt recorded it.
+        virsh_downtime.push(completed_downtime_ms(&b).unwrap_or(f64::NAN));
         bare.restore
             .push(virsh_restore(&b, &dir, &format!("{run}"), &mem));
         for f in std::fs::read_dir(&dir).expect("the virsh directory").flatten() {
@@ -409,6 +436,11 @@ async fn main() {
         let (o, b) = (median(o.clone()), median(b.clone()));
         println!("| {what} | {o:.2} s | {b:.2} s | {:.2} | {or} | {br} |", o / b);
     }
+    println!(
+        "\nLIVE snapshot, QEMU's downtime (libvirt's completed job): ramsnap {:.0} ms, virsh {:.0} ms",
+        median_known(&live.downtimes),
+        median_known(&virsh_downtime)
+    );
     paused.print("ramsnap, snapshot with memory, PAUSED:");
     live.print("ramsnap, snapshot with memory, LIVE:");
     restore.print("ramsnap, run with restore:");
