@@ -68,8 +68,43 @@ pub(crate) struct Job {
 }
 
 impl Job {
+    /// A sample of libvirt's job statistics. One without a total (the job
+    /// not started yet, or already gone) says nothing, and progress never
+    /// goes back.
     fn progress(&self, p: Progress) {
+        if p.total == 0 {
+            return;
+        }
         self.view.send_if_modified(|v| {
+            let p = Progress {
+                processed: p
+                    .processed
+                    .max(v.progress.processed)
+                    .min(p.total.max(v.progress.total)),
+                total: p.total.max(v.progress.total),
+            };
+            if v.outcome.is_none() && v.progress != p {
+                v.progress = p;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The dump is complete: all of it processed. `fallback_total` (the
+    /// guest's RAM) when no sample came (a job faster than the polling).
+    fn progress_complete(&self, fallback_total: u64) {
+        self.view.send_if_modified(|v| {
+            let total = if v.progress.total > 0 {
+                v.progress.total
+            } else {
+                fallback_total
+            };
+            let p = Progress {
+                processed: total,
+                total,
+            };
             if v.outcome.is_none() && v.progress != p {
                 v.progress = p;
                 true
@@ -465,6 +500,7 @@ impl Host {
         // libvirt switched the disks: from here on, a failure merges them back.
         // The dump is written: the guest is no longer saving its state.
         if mem.is_some() {
+            job.progress_complete(running.spec.memory_bytes);
             job.dumped();
             vm.transition(Some(VmStatus::SavingState), VmStatus::Up);
         }
