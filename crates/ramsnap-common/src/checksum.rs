@@ -136,12 +136,7 @@ fn chunk_digest(data: &[u8], len: usize) -> ([u8; 32], Option<usize>) {
     }
     let mut h = blake3::Hasher::new();
     h.update(data);
-    let mut pad = len - data.len();
-    while pad > 0 {
-        let n = pad.min(ZEROS.len());
-        h.update(&ZEROS[..n]);
-        pad -= n;
-    }
+    zeros_into(&mut h, len - data.len());
     (*h.finalize().as_bytes(), last)
 }
 
