@@ -4,7 +4,7 @@
 //! The dump's checksum (see `ramsnap_common::checksum`) covers the dump
 //! volume's first `capacity` bytes, where bytes past a file's end count as
 //! zeros. A FILE dump shrinks to the dump's size (libvirt opens it with
-//! O_TRUNC), a BLOCK dump does not (it is zeroed before the dump), and a
+//! O_TRUNC), a BLOCK dump does not (it reads as zeros before the dump: zeroed by the storage service when made, or scrubbed by the host when its pair is marked as written, see `pair_is_clean`), and a
 //! storage copy copies exactly `capacity` bytes, zero-filling past the end:
 //! the checksum is the same on every copy.
 //!
@@ -198,6 +198,64 @@ pub fn is_block_device(path: &Path) -> io::Result<bool> {
     Ok(std::fs::metadata(path)?.file_type().is_block_device())
 }
 
+/// The first block of a metadata volume whose dump volume is being
+/// written: a document of its own format (never taken for metadata).
+pub const IN_PROGRESS_FORMAT: &str = "ramsnap.memory-dump-in-progress";
+const MARK_BYTES: usize = 4096;
+
+/// True when the metadata volume's first block reads as zeros: the pair is
+/// as the storage service made it (both volumes zeroed) or as a clean-up
+/// left it (the dump scrubbed, then the metadata zeroed), so the dump
+/// volume reads as zeros too. Every writer of a dump marks the metadata
+/// volume first ([`mark_dump_in_progress`]), and a complete dump's metadata
+/// starts at the same place. A block device is read with O_DIRECT: another
+/// host, or this one before, may have written it through another device
+/// node, and no stale cached page may answer.
+pub fn pair_is_clean(meta_path: &Path) -> io::Result<bool> {
+    let block = is_block_device(meta_path)?;
+    let mut storage = vec![0u8; MARK_BYTES * 2];
+    let start = storage.as_ptr().align_offset(MARK_BYTES);
+    let buf = &mut storage[start..start + MARK_BYTES];
+    let f = if block {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(meta_path)?
+    } else {
+        File::open(meta_path)?
+    };
+    let mut got = 0;
+    while got < MARK_BYTES {
+        let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf[got..], got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(buf[..got].iter().all(|&b| b == 0))
+}
+
+/// Marks the pair as being written, durably, before libvirt writes the
+/// dump: a later attempt on the same pair then scrubs the dump first.
+/// Within the volume's `capacity`.
+pub fn mark_dump_in_progress(
+    meta_path: &Path,
+    capacity: u64,
+    vm_id: Uuid,
+    snapshot_id: Uuid,
+) -> io::Result<()> {
+    let mut doc = serde_json::to_vec(&serde_json::json!({
+        "format": IN_PROGRESS_FORMAT,
+        "version": 1,
+        "vm_id": vm_id,
+        "snapshot_id": snapshot_id,
+    }))
+    .expect("serializes");
+    doc.resize(MARK_BYTES.min(capacity as usize).max(1), 0);
+    write_volume(meta_path, &doc)
+}
+
 // BLKZEROOUT = _IO(0x12, 127)
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
@@ -382,5 +440,39 @@ mod tests {
         std::fs::write(&p, b"old dump").unwrap();
         scrub_dump(&p, 1 << 20).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_pair_is_clean_until_marked_and_again_once_zeroed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        assert!(pair_is_clean(&p).unwrap(), "a new, zeroed volume");
+        let (vm, snap) = (Uuid::new_v4(), Uuid::new_v4());
+        mark_dump_in_progress(&p, 1 << 20, vm, snap).unwrap();
+        assert!(!pair_is_clean(&p).unwrap());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20, "within the volume");
+        // The mark is never taken for metadata.
+        let bytes = read_volume(&p, 1 << 20).unwrap();
+        match MemoryMetadata::decode(&bytes) {
+            Err(DecodeError::Invalid(r)) => assert!(r.contains(IN_PROGRESS_FORMAT), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        // A byte anywhere in the first block counts.
+        write_volume(&p, &vec![0u8; 1 << 20]).unwrap();
+        assert!(pair_is_clean(&p).unwrap());
+        std::os::unix::fs::FileExt::write_at(
+            &std::fs::OpenOptions::new().write(true).open(&p).unwrap(),
+            &[1],
+            4095,
+        )
+        .unwrap();
+        assert!(!pair_is_clean(&p).unwrap());
+        // A tiny volume takes a mark cut to its size.
+        let small = dir.path().join("small");
+        std::fs::File::create(&small).unwrap().set_len(16).unwrap();
+        mark_dump_in_progress(&small, 16, vm, snap).unwrap();
+        assert_eq!(std::fs::metadata(&small).unwrap().len(), 16);
+        assert!(!pair_is_clean(&small).unwrap());
     }
 }

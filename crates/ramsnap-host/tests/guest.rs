@@ -139,11 +139,22 @@ struct Taken {
 /// the VM runs on the overlay, the metadata volume records the frozen disk
 /// and the dump's checksum.
 async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: bool, live: bool) -> Taken {
-    let frozen = g.leaf();
-    let overlay = env.child_of(&frozen).await;
     let memory = env
         .memory_volumes(memory_on_block, g.memory_mib * MIB, live)
         .await;
+    take_memory_snapshot_into(env, g, memory, memory_on_block, live).await
+}
+
+/// [`take_memory_snapshot`] into a given pair of memory volumes.
+async fn take_memory_snapshot_into(
+    env: &mut Env,
+    g: &mut Guest,
+    memory: common::MemoryVolumeRef,
+    memory_on_block: bool,
+    live: bool,
+) -> Taken {
+    let frozen = g.leaf();
+    let overlay = env.child_of(&frozen).await;
     let counter_before = last_tick(&env.console(&g.id).await, &g.token);
     let req = snapshot_req(g, &overlay, Some(memory.clone()), live, "3.3");
     let snapshot_id = req.snapshot_id.clone();
@@ -296,6 +307,53 @@ async fn memory_on_block_paused_then_live_restores_the_same_guest_and_a_run_with
         );
         restore(&mut env, &mut g, &taken).await;
     }
+
+    // A pair an earlier attempt wrote into (its metadata volume marked, the
+    // dump holding old bytes) is scrubbed before the dump: the old bytes
+    // past the new dump's end are gone and the restore verifies.
+    let planted = vec![0xABu8; 4096];
+    let dirty = env.memory_volumes(true, g.memory_mib * MIB, false).await;
+    let dump_ref = dirty.dump.clone().unwrap();
+    let capacity = env
+        .storage
+        .get_volume(spb::GetVolumeRequest {
+            r#ref: Some(dump_ref.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .capacity_bytes;
+    env.write_bytes(&dump_ref, capacity - 4096, &planted).await;
+    env.write_bytes(
+        dirty.metadata.as_ref().unwrap(),
+        0,
+        br#"{"format":"ramsnap.memory-dump-in-progress"}"#,
+    )
+    .await;
+    let taken = take_memory_snapshot_into(&mut env, &mut g, dirty, true, false).await;
+    assert!(
+        env.volume_bytes(&dump_ref, capacity).await[(capacity - 4096) as usize..]
+            .iter()
+            .all(|&b| b == 0),
+        "a marked pair's dump is scrubbed before the dump"
+    );
+    restore(&mut env, &mut g, &taken).await;
+
+    // A clean pair (metadata volume zero, as the storage service makes it)
+    // is not zeroed a second time: bytes planted past the dump's end (which
+    // no writer of ramsnap leaves there) stay, and are in the checksum.
+    let clean = env.memory_volumes(true, g.memory_mib * MIB, false).await;
+    let dump_ref = clean.dump.clone().unwrap();
+    env.write_bytes(&dump_ref, capacity - 4096, &planted).await;
+    let taken = take_memory_snapshot_into(&mut env, &mut g, clean, true, false).await;
+    assert_eq!(
+        &env.volume_bytes(&dump_ref, capacity).await[(capacity - 4096) as usize..],
+        &planted[..],
+        "a clean pair's dump volume is not zeroed again"
+    );
+    restore(&mut env, &mut g, &taken).await;
 
     // Run without memory: a cold boot, with a new token.
     env.stop(&g.id, 0).await;

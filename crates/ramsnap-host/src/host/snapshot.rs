@@ -745,14 +745,7 @@ impl Host {
             Err(e) => {
                 tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id, error = %e,
                     "the memory of the snapshot taken earlier is not usable: the snapshot is kept without it");
-                if let Err(e) = scrub(&target).await {
-                    tracing::error!(vm = %req.vm_id, error = %e, "scrubbing the dump volume failed");
-                }
-                let (path, capacity) = (target.meta.path.clone(), target.meta_capacity);
-                let _ = tokio::task::spawn_blocking(move || {
-                    metadata::write_volume(&path, &vec![0u8; capacity as usize])
-                })
-                .await;
+                scrub_pair(&target, req.vm_id).await;
                 disk_only
             }
         };
@@ -797,7 +790,7 @@ impl Host {
         }
         let Some(m) = memory else { return Ok(()) };
         *mem = Some(self.prepare_memory(m).await?);
-        scrub(mem.as_ref().expect("just set")).await
+        ready_dump(mem.as_ref().expect("just set"), req).await
     }
 
     /// After libvirt's part succeeded: checks, checksum, metadata volume.
@@ -922,17 +915,7 @@ impl Host {
             }
         }
         if let Some(m) = mem {
-            if let Err(e) = scrub(m).await {
-                tracing::error!(vm = %vm.id, error = %e, "scrubbing the dump volume failed");
-            }
-            let (path, capacity) = (m.meta.path.clone(), m.meta_capacity);
-            let zeroed = tokio::task::spawn_blocking(move || {
-                metadata::write_volume(&path, &vec![0u8; capacity as usize])
-            })
-            .await;
-            if !matches!(zeroed, Ok(Ok(()))) {
-                tracing::error!(vm = %vm.id, "zeroing the metadata volume failed");
-            }
+            scrub_pair(m, vm.id).await;
             volumes.teardown_all(&[m.volumes.dump, m.volumes.metadata]).await;
         }
         let paused = matches!(
@@ -965,6 +948,53 @@ fn adopt(d: &mut RunningDisk, o: &Prepared) {
 
 fn chrono_now() -> i64 {
     crate::model::now_unix_ms() / 1000
+}
+
+/// Readies the dump volume for libvirt: it must read as zeros (the
+/// checksum covers its whole capacity), and the pair is marked as being
+/// written before anything writes it. A BLOCK pair that is clean (see
+/// `metadata::pair_is_clean`: as the storage service made it, zeroed) is
+/// not zeroed again: that is a full pass over the LV (about a second per
+/// GiB here). A FILE dump is always truncated, which costs nothing.
+async fn ready_dump(m: &MemoryTarget, req: &SnapshotRequest) -> Result<()> {
+    let (meta, capacity) = (m.meta.path.clone(), m.meta_capacity);
+    let block = m.dump.kind == DiskKind::Block;
+    let clean = block
+        && tokio::task::spawn_blocking({
+            let meta = meta.clone();
+            move || metadata::pair_is_clean(&meta)
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::io("reading the memory metadata volume", e))?;
+    if clean {
+        tracing::debug!(vm = %req.vm_id, dump = %m.volumes.dump, "the dump volume is clean: no scrub");
+    } else {
+        scrub(m).await?;
+    }
+    let (vm_id, snapshot_id) = (req.vm_id, req.snapshot_id);
+    tokio::task::spawn_blocking(move || metadata::mark_dump_in_progress(&meta, capacity, vm_id, snapshot_id))
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::io("marking the memory metadata volume", e))
+}
+
+/// Makes a pair clean again after a dump that is not kept: the dump
+/// scrubbed, then the metadata zeroed. Only in that order, and the
+/// metadata only when the scrub succeeded: zero metadata says the dump
+/// reads as zeros (see `ready_dump`).
+async fn scrub_pair(m: &MemoryTarget, vm: Uuid) {
+    if let Err(e) = scrub(m).await {
+        tracing::error!(vm = %vm, error = %e, "scrubbing the dump volume failed; its metadata volume keeps its mark");
+        return;
+    }
+    let (path, capacity) = (m.meta.path.clone(), m.meta_capacity);
+    let zeroed =
+        tokio::task::spawn_blocking(move || metadata::write_volume(&path, &vec![0u8; capacity as usize]))
+            .await;
+    if !matches!(zeroed, Ok(Ok(()))) {
+        tracing::error!(vm = %vm, "zeroing the metadata volume failed");
+    }
 }
 
 /// Makes the dump volume read as zeros. libvirt may have unlinked a FILE
