@@ -366,6 +366,8 @@ impl<S: Send + Sync + 'static> Executor<S> {
         has: &(dyn Fn(usize, SagaNodeEventType) -> bool + Sync),
     ) -> Result<Outcome, Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        // The node whose start was logged with its predecessor's success.
+        let mut start_logged: Option<usize> = None;
         for (i, node) in def.nodes.iter().enumerate() {
             if has(i, SagaNodeEventType::Succeeded) {
                 continue;
@@ -387,10 +389,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
             // A node that had started in an earlier process may have reached
             // an agent: its outcome is unknown until an agent answers.
             let mut in_doubt = has(i, SagaNodeEventType::Started);
-            self.db
-                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Started, None)
-                .await
-                .map_err(db_err)?;
+            if start_logged != Some(i) {
+                self.db
+                    .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Started, None)
+                    .await
+                    .map_err(db_err)?;
+            }
             self.failpoints.crash(def.name, node.name, "crash");
             if self.failpoints.hit(def.name, node.name, "halt") {
                 return Err(Status::aborted(format!("halted at {}.{}", def.name, node.name)));
@@ -480,10 +484,31 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     def.name, node.name
                 )));
             }
-            self.db
-                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Succeeded, Some(&output))
-                .await
-                .map_err(db_err)?;
+            // The next node's start goes in the same commit, unless a cancel
+            // is to stop the saga before it (checked again at its turn: a
+            // start logged for nothing is undone as any started node is,
+            // as after a crash right after the log).
+            let next = i + 1;
+            let batch = def
+                .nodes
+                .get(next)
+                .is_some_and(|n| !(n.undo.is_some() && cx.cancel.is_cancelled()));
+            if batch {
+                self.db
+                    .append_saga_node_events(
+                        cx.saga_id,
+                        (i as u32, SagaNodeEventType::Succeeded, Some(&output)),
+                        (next as u32, SagaNodeEventType::Started, None),
+                    )
+                    .await
+                    .map_err(db_err)?;
+                start_logged = Some(next);
+            } else {
+                self.db
+                    .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Succeeded, Some(&output))
+                    .await
+                    .map_err(db_err)?;
+            }
             cx.outputs.lock().expect("poisoned").insert(node.name, output);
             (self.notify)(cx.operation_id);
         }

@@ -815,10 +815,53 @@ async fn saga_node_events_are_idempotent(db: Database) {
         .iter()
         .find(|e| e.event_type == SagaNodeEventType::Succeeded)
         .unwrap();
-    assert_eq!(succeeded.data, Some(output));
+    assert_eq!(succeeded.data, Some(output.clone()));
 
     let err = db
         .append_saga_node_event(Uuid::new_v4(), 0, SagaNodeEventType::Started, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
+
+    // A node's success and the next node's start in one commit: both rows,
+    // in life-cycle order though they share a time; again, no new row.
+    let saga = db
+        .create_saga(&NewSaga {
+            id: Uuid::new_v4(),
+            ..new.clone()
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        db.append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None)
+            .await
+            .unwrap();
+        db.append_saga_node_events(
+            saga.id,
+            (0, SagaNodeEventType::Succeeded, Some(&output)),
+            (1, SagaNodeEventType::Started, None),
+        )
+        .await
+        .unwrap();
+    }
+    let events = db.saga_node_events(saga.id).await.unwrap();
+    let seen: Vec<(u32, SagaNodeEventType)> = events.iter().map(|e| (e.node_id, e.event_type)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (0, SagaNodeEventType::Started),
+            (0, SagaNodeEventType::Succeeded),
+            (1, SagaNodeEventType::Started)
+        ]
+    );
+    assert_eq!(events[1].data, Some(output));
+    assert_eq!(events[1].created_at, events[2].created_at);
+    let err = db
+        .append_saga_node_events(
+            Uuid::new_v4(),
+            (0, SagaNodeEventType::Succeeded, None),
+            (1, SagaNodeEventType::Started, None),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");

@@ -191,6 +191,33 @@ impl Database {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Appends two events in one commit: a node's success and the next
+    /// node's start (the saga log's one write between two nodes).
+    pub async fn append_saga_node_events(
+        &self,
+        saga_id: Uuid,
+        first: (u32, SagaNodeEventType, Option<&serde_json::Value>),
+        second: (u32, SagaNodeEventType, Option<&serde_json::Value>),
+    ) -> Result<(), DbError> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
+             VALUES ($1, $2, $3, $4, $5), ($1, $6, $7, $8, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(saga_id.to_string())
+        .bind(i64::from(first.0))
+        .bind(first.1.as_str())
+        .bind(first.2.map(|d| d.to_string()))
+        .bind(now)
+        .bind(i64::from(second.0))
+        .bind(second.1.as_str())
+        .bind(second.2.map(|d| d.to_string()))
+        .execute(self.writer())
+        .await
+        .map_err(DbError::on_write("saga", saga_id))?;
+        Ok(())
+    }
+
     /// The saga's node events in the order they happened: by time, and
     /// within a node in the order of its life cycle.
     pub async fn saga_node_events(&self, saga_id: Uuid) -> Result<Vec<SagaNodeEvent>, DbError> {
