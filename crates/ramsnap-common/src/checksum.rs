@@ -156,6 +156,50 @@ fn blake3_outer(capacity: u64) -> blake3::Hasher {
     outer
 }
 
+/// Computes a `blake3-4m` checksum from its chunks in any order, each
+/// given whole by whoever read it (a copy's parallel readers): chunk
+/// `index` covers bytes `[index * CHUNK, (index + 1) * CHUNK)` of the
+/// first `capacity`. A chunk never given counts as zeros.
+pub struct ChunkHasher {
+    capacity: u64,
+    digests: std::sync::Mutex<Vec<Option<[u8; 32]>>>,
+}
+
+impl ChunkHasher {
+    pub fn new(capacity: u64) -> ChunkHasher {
+        ChunkHasher {
+            capacity,
+            digests: std::sync::Mutex::new(vec![None; chunk_count(capacity) as usize]),
+        }
+    }
+
+    /// Chunk `index`'s bytes from its start (`data`; fewer than the chunk
+    /// holds: the rest are zeros). Out of range: ignored.
+    pub fn chunk(&self, index: u64, data: &[u8]) {
+        if index >= chunk_count(self.capacity) {
+            return;
+        }
+        let len = chunk_len(self.capacity, index);
+        let (d, _) = chunk_digest(&data[..data.len().min(len)], len);
+        self.digests.lock().expect("digests")[index as usize] = Some(d);
+    }
+
+    pub fn finish(self) -> Checksum {
+        let digests = self.digests.into_inner().expect("digests");
+        let mut outer = blake3_outer(self.capacity);
+        for (i, d) in digests.iter().enumerate() {
+            match d {
+                Some(d) => outer.update(d),
+                None => outer.update(&chunk_digest(&[], chunk_len(self.capacity, i as u64)).0),
+            };
+        }
+        Checksum {
+            algorithm: Algorithm::Blake3Chunks,
+            bytes: *outer.finalize().as_bytes(),
+        }
+    }
+}
+
 /// Computes a checksum from the volume's bytes in order, starting at 0
 /// (a copy stream). Bytes past `capacity` are ignored; [`finish`] counts
 /// what was not given as zeros.
@@ -678,6 +722,30 @@ mod tests {
         (0..n as u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
             .collect()
+    }
+
+    #[test]
+    fn chunks_given_in_any_order_or_not_at_all_match_the_definition() {
+        // 3 chunks and a part; chunk 1 zero (never given), the last one
+        // given short (its zeros implied).
+        let capacity = 3 * CHUNK as u64 + 1000;
+        let mut bytes = data(3 * CHUNK + 500);
+        bytes[CHUNK..2 * CHUNK].fill(0);
+        let h = ChunkHasher::new(capacity);
+        for i in [3u64, 2, 0] {
+            let start = i as usize * CHUNK;
+            h.chunk(i, &bytes[start..(start + CHUNK).min(bytes.len())]);
+        }
+        h.chunk(4, &[1]); // past the capacity: ignored
+        assert_eq!(h.finish(), blake3_reference(&bytes, capacity));
+        assert_ne!(
+            ChunkHasher::new(capacity).finish(),
+            blake3_reference(&bytes, capacity)
+        );
+        assert_eq!(
+            ChunkHasher::new(capacity).finish(),
+            blake3_reference(&[], capacity)
+        );
     }
 
     #[test]

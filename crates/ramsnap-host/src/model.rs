@@ -237,6 +237,10 @@ pub struct VerifyMemoryRequest {
     pub memory: MemoryVolumes,
     /// A checksum the dump must match besides the metadata's.
     pub expected_checksum: Option<Checksum>,
+    /// The dump's checksum as the storage service's copy computed it: with
+    /// the metadata's algorithm and capacity, it stands for the dump's
+    /// bytes (not read again).
+    pub copied_checksum: Option<Checksum>,
     pub rebind: Option<Rebind>,
 }
 

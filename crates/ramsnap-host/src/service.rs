@@ -247,6 +247,15 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
                     status::invalid_argument("expected_checksum", e.to_string())
                 })?)
             };
+        let copied_checksum = if r.copied_checksum.is_empty() {
+            None
+        } else {
+            Some(
+                r.copied_checksum
+                    .parse()
+                    .map_err(|e: ChecksumError| status::invalid_argument("copied_checksum", e.to_string()))?,
+            )
+        };
         let domain = ids::parse_optional("rebind_disk_domain_id", &r.rebind_disk_domain_id)?;
         if domain.is_some() && !r.rebind_disks.is_empty() {
             return Err(status::invalid_argument(
@@ -277,6 +286,7 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
             vm_id,
             memory,
             expected_checksum,
+            copied_checksum,
             rebind,
         })
     }
@@ -585,9 +595,20 @@ mod tests {
             expected_checksum: String::new(),
             rebind_disk_domain_id: String::new(),
             rebind_disks: vec![],
+            copied_checksum: String::new(),
         };
         let r = VerifyMemoryRequest::try_from(req()).unwrap();
-        assert_eq!((r.expected_checksum, r.rebind), (None, None));
+        assert_eq!(
+            (r.expected_checksum, r.copied_checksum, r.rebind),
+            (None, None, None)
+        );
+        let b3 = format!("blake3-4m:{}", "0b".repeat(32));
+        let r = VerifyMemoryRequest::try_from(pb::VerifyMemoryRequest {
+            copied_checksum: b3.clone(),
+            ..req()
+        })
+        .unwrap();
+        assert_eq!(r.copied_checksum, Some(b3.parse().unwrap()));
         let ok = |f: &dyn Fn(&mut pb::VerifyMemoryRequest)| {
             let mut q = req();
             f(&mut q);
@@ -641,6 +662,14 @@ mod tests {
         assert_eq!(
             bad(&|q| q.expected_checksum = "g".repeat(64)),
             "expected_checksum"
+        );
+        assert_eq!(
+            bad(&|q| q.copied_checksum = format!("blake3-4m:{}", "AB".repeat(32))),
+            "copied_checksum"
+        );
+        assert_eq!(
+            bad(&|q| q.copied_checksum = "x".repeat(100_000)),
+            "copied_checksum"
         );
         assert_eq!(
             bad(&|q| q.rebind_disk_domain_id = "nope".into()),

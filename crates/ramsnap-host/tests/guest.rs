@@ -536,6 +536,27 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     assert_eq!(env.volume_bytes(&moved_meta, MIB).await, before);
     env.flip_byte(&moved_dump, at).await;
 
+    // A copy's checksum (copied_checksum) stands for the dump's bytes: a
+    // wrong one is refused though the dump is good, nothing rewritten; the
+    // right one verifies; one of another algorithm than the metadata's is
+    // not used (the dump is read, and a flipped byte still found).
+    let mut q = req();
+    q.copied_checksum = format!("blake3-4m:{}", "0c".repeat(32));
+    q.rebind_disk_domain_id = block.clone();
+    let st = env.verify_memory(q).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    assert_eq!(env.volume_bytes(&moved_meta, MIB).await, before);
+    let mut q = req();
+    q.copied_checksum = sha.clone();
+    assert_eq!(env.verify_memory(q).await.unwrap().checksum, sha);
+    env.flip_byte(&moved_dump, at).await;
+    let mut q = req();
+    q.copied_checksum = format!("sha256:{}", "0c".repeat(32));
+    let st = env.verify_memory(q).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    assert!(st.message().contains(&sha), "{st:?}");
+    env.flip_byte(&moved_dump, at).await;
+
     // Memory saved by version 1 hosts (metadata version 1: a bare hex
     // SHA-256 under `dump.sha256`) still verifies, against that value and
     // against a version 1 export's bare hex; a flipped byte is still found.

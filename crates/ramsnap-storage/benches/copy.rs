@@ -354,6 +354,8 @@ async fn copy(storage: &Storage, source: VolumeRef, target_domain: uuid::Uuid) -
             target_allocation: None,
             description: String::new(),
             keep_parent: false,
+            // As an export or import copies a memory dump.
+            checksum: true,
         })
         .await
         .unwrap();

@@ -8,6 +8,7 @@
 //! source's top layer.
 use crate::error::{Result, StorageError};
 use crate::model::Format;
+use ramsnap_common::checksum::{self, Checksum, ChunkHasher};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
@@ -39,6 +40,9 @@ pub struct CopyJob {
     pub target_backing: Option<Backing>,
     /// Virtual size to copy.
     pub size: u64,
+    /// Also compute the `blake3-4m` checksum of the `size` bytes copied
+    /// (RAW to RAW only), from the bytes the readers pass to the writer.
+    pub checksum: bool,
 }
 
 /// A target's backing file, as its qcow2 header names it.
@@ -54,6 +58,8 @@ pub struct CopyStats {
     pub data_bytes: u64,
     /// Bytes recognised as zero (holes or zero blocks).
     pub zero_bytes: u64,
+    /// With [`CopyJob::checksum`]: the copied bytes' checksum.
+    pub checksum: Option<Checksum>,
 }
 
 /// Runs the copy, reporting (processed, total) bytes as it goes.
@@ -64,6 +70,11 @@ pub fn run(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result
         && job.target_backing.is_none();
     if native {
         copy_raw(job, progress)
+    } else if job.checksum {
+        Err(StorageError::invalid(
+            "checksum_algorithm",
+            "a checksum is computed on the copy of a RAW volume without a parent only",
+        ))
     } else {
         qemu_img_convert(job, progress)
     }
@@ -145,9 +156,11 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
     let (tx, rx) = mpsc::sync_channel::<Piece>(2 * READERS);
     let (recycle_tx, recycle_rx) = mpsc::channel::<Buf>();
     let mut stats = CopyStats::default();
+    let hasher = job.checksum.then(|| ChunkHasher::new(size));
 
     std::thread::scope(|s| -> Result<()> {
-        let reader = s.spawn(move || read_pieces(&src, size, tx, recycle_rx));
+        let hasher = hasher.as_ref();
+        let reader = s.spawn(move || read_pieces(&src, size, tx, recycle_rx, hasher));
         let mut done = 0u64;
         let mut write_err = None;
         for piece in rx.iter() {
@@ -188,6 +201,7 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
     })?;
     dst_buffered.sync_data()?;
     dst.sync_data()?;
+    stats.checksum = hasher.map(ChunkHasher::finish);
     Ok(stats)
 }
 
@@ -199,9 +213,34 @@ enum Job {
     Read { offset: u64, len: usize },
 }
 
-/// Plans the reads from the source's data extents.
-fn plan(src: &File, size: u64) -> Vec<Job> {
+/// Plans the reads from the source's data extents. With `grid`, on the
+/// checksum's chunks instead: each chunk with any data in it is read
+/// whole (its holes read as zeros), so that one reader sees all of it.
+fn plan(src: &File, size: u64, grid: bool) -> Vec<Job> {
     let mut jobs = Vec::new();
+    if grid {
+        let step = checksum::CHUNK as u64;
+        let mut pos = 0u64;
+        while pos < size {
+            let end = (pos + step).min(size);
+            if next_data(src, pos, end).0 < end {
+                jobs.push(Job::Read {
+                    offset: pos,
+                    len: (end - pos) as usize,
+                });
+            } else {
+                match jobs.last_mut() {
+                    Some(Job::Zero { offset, len }) if *offset + *len == pos => *len += end - pos,
+                    _ => jobs.push(Job::Zero {
+                        offset: pos,
+                        len: end - pos,
+                    }),
+                }
+            }
+            pos = end;
+        }
+        return jobs;
+    }
     let mut pos = 0u64;
     while pos < size {
         let (data_start, data_end) = next_data(src, pos, size);
@@ -230,8 +269,9 @@ fn read_pieces(
     size: u64,
     tx: mpsc::SyncSender<Piece>,
     recycle: mpsc::Receiver<Buf>,
+    hasher: Option<&ChunkHasher>,
 ) -> Result<()> {
-    let jobs = plan(src, size);
+    let jobs = plan(src, size, hasher.is_some());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let recycle = std::sync::Mutex::new(recycle);
     let take_buf = || {
@@ -258,6 +298,9 @@ fn read_pieces(
                                 // bytes past `len` are not used.
                                 let want = len.div_ceil(ALIGN) * ALIGN;
                                 read_full_at(src, &mut buf[..want], offset)?;
+                                if let Some(h) = hasher {
+                                    h.chunk(offset / checksum::CHUNK as u64, &buf[..len]);
+                                }
                                 split(buf, len, offset, take_buf)
                             }
                         };
@@ -458,6 +501,7 @@ fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) 
     Ok(CopyStats {
         data_bytes: allocated(&job.target),
         zero_bytes: 0,
+        checksum: None,
     })
 }
 
@@ -481,6 +525,7 @@ mod tests {
             target_reads_zero: zero,
             target_backing: None,
             size,
+            checksum: false,
         }
     }
 
@@ -509,6 +554,44 @@ mod tests {
         );
         assert_eq!(stats.data_bytes + stats.zero_bytes, size);
         assert!(allocated(&dst) < 2 << 20, "target allocated {}", allocated(&dst));
+    }
+
+    #[test]
+    fn a_checksummed_copy_gives_the_checksum_of_what_it_wrote() {
+        use ramsnap_common::checksum::{digest_file, Algorithm};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let dst = dir.path().join("dst");
+        // Capacity past the source's end (a FILE dump shrinks to its size),
+        // data across a chunk boundary, a hole, a zero block, a short tail.
+        let chunk = ramsnap_common::checksum::CHUNK as u64;
+        let size = 5 * chunk + 4096;
+        let f = File::create(&src).unwrap();
+        f.write_all_at(&vec![7u8; 300_000], chunk - 100_000).unwrap();
+        f.write_all_at(&vec![0u8; 1 << 20], 2 * chunk).unwrap();
+        f.write_all_at(&[5u8; 10], 3 * chunk + 12_345).unwrap();
+        let src_len = f.metadata().unwrap().len();
+        assert!(src_len < size);
+        File::create(&dst).unwrap().set_len(size).unwrap();
+        let mut j = job(&src, &dst, size, true);
+        j.checksum = true;
+        let stats = run(&j, &mut |_, _| {}).unwrap();
+        let want = digest_file(&src, size, Algorithm::Blake3Chunks).unwrap().checksum;
+        assert_eq!(stats.checksum, Some(want));
+        assert_eq!(
+            digest_file(&dst, size, Algorithm::Blake3Chunks).unwrap().checksum,
+            want
+        );
+        // Without asking: none; a qcow2 copy cannot give one.
+        assert_eq!(
+            run(&job(&src, &dst, size, false), &mut |_, _| {})
+                .unwrap()
+                .checksum,
+            None
+        );
+        j.source_format = Format::Cow;
+        let e = run(&j, &mut |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
     }
 
     #[test]
@@ -600,6 +683,7 @@ mod tests {
                 format: Format::Raw,
             }),
             size: 16 * mib,
+            checksum: false,
         };
         run(&job, &mut |_, _| {}).unwrap();
         qemu(

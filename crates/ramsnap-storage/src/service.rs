@@ -317,6 +317,20 @@ impl StorageService for StorageApi {
             target_allocation: allocation_of("target_allocation", req.target_allocation)?,
             description: req.description,
             keep_parent: req.keep_parent,
+            checksum: match req.checksum_algorithm.as_str() {
+                "" => false,
+                "blake3-4m" => true,
+                other => {
+                    return Err(StorageError::invalid(
+                        "checksum_algorithm",
+                        format!(
+                            "{} is not supported: \"blake3-4m\", or empty for none",
+                            ramsnap_common::text::echo(other)
+                        ),
+                    )
+                    .into())
+                }
+            },
         };
         let mut rx = self.storage.copy_volume(copy).await?;
         let stream = async_stream::try_stream! {
@@ -325,11 +339,12 @@ impl StorageService for StorageApi {
                 let progress = Some(common::Progress { processed_bytes: state.processed, total_bytes: state.total });
                 match state.outcome {
                     Some(Ok(v)) => {
-                        yield pb::CopyVolumeResponse { progress, volume: Some(to_volume(v)) };
+                        let checksum = state.checksum.map(|c| c.to_string()).unwrap_or_default();
+                        yield pb::CopyVolumeResponse { progress, volume: Some(to_volume(v)), checksum };
                         break;
                     }
                     Some(Err(e)) => Err(Status::from(e))?,
-                    None => yield pb::CopyVolumeResponse { progress, volume: None },
+                    None => yield pb::CopyVolumeResponse { progress, volume: None, checksum: String::new() },
                 }
                 if rx.changed().await.is_err() {
                     Err(Status::from(StorageError::Tool { cmd: "copy".into(), stderr: "copy task ended without a result".into() }))?;

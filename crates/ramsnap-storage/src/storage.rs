@@ -129,6 +129,9 @@ pub struct CopyRequest {
     /// Copy only the source's own layer, onto the same parent already on
     /// the target (see [`layer_parent`]).
     pub keep_parent: bool,
+    /// Compute the `blake3-4m` checksum of the bytes copied (a RAW source
+    /// without a parent only): see [`CopyState::checksum`].
+    pub checksum: bool,
 }
 
 /// The state of a copy as its watchers see it.
@@ -137,6 +140,9 @@ pub struct CopyState {
     pub processed: u64,
     pub total: u64,
     pub outcome: Option<Result<Volume>>,
+    /// The checksum of the bytes this copy wrote, when asked for. Not known
+    /// when the request's copy had already ended before (a retry).
+    pub checksum: Option<ramsnap_common::checksum::Checksum>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -839,6 +845,7 @@ impl Storage {
                             processed: v.meta.capacity,
                             total: v.meta.capacity,
                             outcome: Some(Ok(v)),
+                            checksum: None,
                         });
                         return Ok(rx);
                     }
@@ -887,6 +894,7 @@ impl Storage {
             processed: 0,
             total: source.meta.capacity,
             outcome: None,
+            checksum: None,
         });
         self.inner
             .copies
@@ -903,6 +911,7 @@ impl Storage {
                     target,
                     (src_hold, dst_hold),
                     tx.clone(),
+                    req.checksum,
                 )
                 .await;
             if outcome.is_err() {
@@ -928,6 +937,7 @@ impl Storage {
         target: Volume,
         (src_hold, dst_hold): (RunningHold, RunningHold),
         tx: watch::Sender<CopyState>,
+        checksum: bool,
     ) -> Result<Volume> {
         let holds = self.inner.holds.clone();
         let src_b = src_dom.backend.clone();
@@ -960,6 +970,7 @@ impl Storage {
                         target_reads_zero: target_backing.is_none(),
                         target_backing,
                         size: source.meta.capacity,
+                        checksum,
                     };
                     let tx = tx.clone();
                     blocking(move || {
@@ -1005,6 +1016,7 @@ impl Storage {
             result?
         };
         tracing::info!(source = %sref, target = %tref, data = stats.data_bytes, zero = stats.zero_bytes, "copy done");
+        tx.send_modify(|s| s.checksum = stats.checksum);
         let _guard = dst_dom.lock.write().await;
         let b = dst_b.clone();
         blocking(move || {

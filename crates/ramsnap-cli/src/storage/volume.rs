@@ -310,6 +310,7 @@ async fn copy(
             .map_or(0, |a| pb::VolumeAllocation::from(a) as i32),
         description: args.description.unwrap_or_default(),
         keep_parent: args.keep_parent,
+        checksum_algorithm: String::new(),
     };
     let mut stream = client
         .copy_volume(req)

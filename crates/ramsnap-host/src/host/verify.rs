@@ -4,7 +4,9 @@
 //!
 //! The checks are the restore's (RunVm with `restore_memory`), on storage
 //! alone: the metadata is a version this host reads and belongs to the VM,
-//! the dump's SHA-256 matches the metadata's (and the caller's, when given).
+//! the dump's checksum matches the metadata's (and the caller's, when given),
+//! computed here or, after a copy, by the storage service from the bytes it
+//! wrote (`copied_checksum`).
 //! Restore compares the disks' full volume refs, domain included, with
 //! those the metadata records; a VM whose volumes moved to another domain
 //! passes only once its metadata names them where they are now, which is
@@ -100,26 +102,39 @@ impl Host {
             .map(|how| rebind(&md, memory.dump, how))
             .transpose()?;
 
-        let dump = volumes.prepare(&memory.dump).await?;
-        prepared.push(memory.dump);
-        let (dump_path, capacity, algorithm) =
-            (dump.path.clone(), md.dump.capacity, md.dump.checksum.algorithm);
-        let digest = blocking_io("checksumming the memory dump".into(), move || {
-            metadata::digest_file(&dump_path, capacity, algorithm)
-        })
-        .await?;
+        // The copy's checksum stands for the dump's bytes when it covers
+        // what the metadata's does (same algorithm, over the same capacity,
+        // which is the volume's): the storage service computed it from the
+        // bytes it wrote here, and a restore verifies the dump itself again.
+        let copied = req
+            .copied_checksum
+            .filter(|c| c.algorithm == md.dump.checksum.algorithm && md.dump.capacity == dump_info.capacity);
+        let actual = match copied {
+            Some(c) => c,
+            None => {
+                let dump = volumes.prepare(&memory.dump).await?;
+                prepared.push(memory.dump);
+                let (dump_path, capacity, algorithm) =
+                    (dump.path.clone(), md.dump.capacity, md.dump.checksum.algorithm);
+                blocking_io("checksumming the memory dump".into(), move || {
+                    metadata::digest_file(&dump_path, capacity, algorithm)
+                })
+                .await?
+                .checksum
+            }
+        };
         let corrupt = |expected: &Checksum| RestoreError::DumpCorrupt {
             volume: memory.dump,
             expected: expected.to_string(),
-            actual: digest.checksum.to_string(),
+            actual: actual.to_string(),
         };
-        if digest.checksum != md.dump.checksum {
+        if actual != md.dump.checksum {
             return Err(corrupt(&md.dump.checksum).into());
         }
         // The value an export recorded was computed from this metadata's
         // algorithm: another algorithm cannot match.
         if let Some(expected) = &req.expected_checksum {
-            if digest.checksum != *expected {
+            if actual != *expected {
                 return Err(corrupt(expected).into());
             }
         }
@@ -148,8 +163,9 @@ impl Host {
                 (new, true)
             }
         };
+        tracing::debug!(vm = %req.vm_id, dump = %memory.dump, read = copied.is_none(), "dump checksum");
         Ok(VerifiedMemory {
-            checksum: digest.checksum,
+            checksum: actual,
             dump_bytes: md.dump.dump_bytes,
             capacity: md.dump.capacity,
             snapshot_id: md.snapshot_id,

@@ -408,13 +408,20 @@ pub async fn preview_end_plan(cx: &SagaCx<App>, vm_id: Uuid) -> Result<PreviewEn
 /// `total` as the operation's progress; the copied volume. A cancelled
 /// operation stops waiting (the copy goes on in the StorageService, and the
 /// undo deletes it once it is done: DeleteVolume refuses a running copy).
+/// A copy's result: the target volume, and the checksum of what the copy
+/// wrote when the request asked for one and this call ran the copy.
+pub struct Copied {
+    pub volume: VolumeRef,
+    pub checksum: Option<String>,
+}
+
 pub async fn copy_volume(
     cx: &SagaCx<App>,
     host: &db::Host,
     req: storage::CopyVolumeRequest,
     done: u64,
     total: u64,
-) -> Result<VolumeRef, Status> {
+) -> Result<Copied, Status> {
     let mut client = cx.app.storage_client(host)?;
     let mut stream = client
         .copy_volume(req)
@@ -430,7 +437,10 @@ pub async fn copy_volume(
                             cx.progress(done + pr.processed_bytes, total).await;
                         }
                         if let Some(v) = m.volume {
-                            return from_wire_ref(v.r#ref.as_ref());
+                            return Ok(Copied {
+                                volume: from_wire_ref(v.r#ref.as_ref())?,
+                                checksum: Some(m.checksum).filter(|c| !c.is_empty()),
+                            });
                         }
                     }
                     None => return Err(Status::unavailable("the copy stream ended without a volume")),
@@ -486,6 +496,22 @@ pub async fn copy_own(
     description: &str,
     hint: &str,
 ) -> Result<(), Status> {
+    copy_own_checked(cx, h, c, (done, total), description, hint, false)
+        .await
+        .map(drop)
+}
+
+/// [`copy_own`]; with `checksum`, the copy also computes the `blake3-4m`
+/// checksum of what it wrote (a memory dump), returned when it ran now.
+pub async fn copy_own_checked(
+    cx: &SagaCx<App>,
+    h: &db::Host,
+    c: &PlannedCopy,
+    (done, total): (&mut u64, u64),
+    description: &str,
+    hint: &str,
+    checksum: bool,
+) -> Result<Option<String>, Status> {
     let db = cx.db();
     let claimed = db
         .saga_volumes(cx.saga_id)
@@ -500,7 +526,10 @@ pub async fn copy_own(
             .await
             .map_err(db_status)?;
     }
-    match run_copies(cx, h, std::slice::from_ref(c), done, total, description).await {
+    match run_copies(cx, h, std::slice::from_ref(c), done, total, description, checksum)
+        .await
+        .map(|sums| sums.into_iter().next().flatten())
+    {
         Err(s)
             if s.code() == Code::AlreadyExists
                 && s.get_error_details()

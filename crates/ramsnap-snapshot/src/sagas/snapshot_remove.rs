@@ -389,6 +389,7 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 expected_checksum: String::new(),
                 rebind_disk_domain_id: String::new(),
                 rebind_disks,
+                copied_checksum: String::new(),
             };
         // Past the point of no return this step is retried until it
         // succeeds; memory the host refuses to read (corrupt, foreign) is

@@ -149,8 +149,9 @@ fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 target_allocation: storage::VolumeAllocation::Sparse as i32,
                 description: format!("disk {i} of VM {} (clone of snapshot {})", p.name, snapshot.id),
                 keep_parent: false,
+                checksum_algorithm: String::new(),
             };
-            let volume = copy_volume(cx, &host, req, done, total).await?;
+            let volume = copy_volume(cx, &host, req, done, total).await?.volume;
             let capacity_bytes = capacity(d.disk_id)?;
             done += capacity_bytes;
             cx.progress(done, total).await;

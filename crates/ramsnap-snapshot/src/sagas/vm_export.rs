@@ -12,8 +12,8 @@
 //! everything the export wrote; `force_override` deletes an earlier export
 //! of the VM first, and that deletion is not undone.
 use super::common::{
-    copy_own, copy_volume, delete_image, delete_volumes_reversed, image_lock, image_unlock, image_volumes,
-    lock_vm, noop, own_volumes, parents, require_down, unlock_vm, vm_and_host, volume_exists,
+    copy_own, copy_own_checked, copy_volume, delete_image, delete_volumes_reversed, image_lock, image_unlock,
+    image_volumes, lock_vm, noop, own_volumes, parents, require_down, unlock_vm, vm_and_host, volume_exists,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -584,7 +584,9 @@ fn total_bytes(copies: &[PlannedCopy], memories: &[PlannedMemory]) -> u64 {
         + memories.iter().map(|m| m.capacity_bytes).sum::<u64>()
 }
 
-/// Runs the planned copies in order (shared with the import).
+/// Runs the planned copies in order (shared with the import). With
+/// `checksum`, each copy also computes the `blake3-4m` checksum of what it
+/// wrote; returns those it did (`None` for a copy that had ended before).
 pub async fn run_copies(
     cx: &SagaCx<App>,
     h: &db::Host,
@@ -592,7 +594,9 @@ pub async fn run_copies(
     done: &mut u64,
     total: u64,
     description: &str,
-) -> Result<(), Status> {
+    checksum: bool,
+) -> Result<Vec<Option<String>>, Status> {
+    let mut sums = Vec::new();
     for c in copies {
         let req = storage::CopyVolumeRequest {
             request_id: cx
@@ -606,12 +610,18 @@ pub async fn run_copies(
             target_allocation: storage::VolumeAllocation::Unspecified as i32,
             description: description.to_string(),
             keep_parent: c.keep_parent,
+            checksum_algorithm: if checksum {
+                "blake3-4m".into()
+            } else {
+                String::new()
+            },
         };
-        copy_volume(cx, h, req, *done, total).await?;
+        let copied = copy_volume(cx, h, req, *done, total).await?;
+        sums.push(copied.checksum);
         *done += c.capacity_bytes;
         cx.progress(*done, total).await;
     }
-    Ok(())
+    Ok(sums)
 }
 
 /// Copies memory pairs, then checksums (and rebinds) each where it landed.
@@ -626,9 +636,10 @@ pub async fn run_memory_copies(
 ) -> Result<Vec<(Uuid, String)>, Status> {
     let mut out = Vec::new();
     for (m, expected, rebind_domain) in memories {
-        for (source, target, capacity) in [
-            (m.source.metadata, m.target.metadata, 0),
-            (m.source.dump, m.target.dump, m.capacity_bytes),
+        let mut copied = None;
+        for (source, target, capacity, is_dump) in [
+            (m.source.metadata, m.target.metadata, 0, false),
+            (m.source.dump, m.target.dump, m.capacity_bytes, true),
         ] {
             let copy = PlannedCopy {
                 source,
@@ -636,7 +647,19 @@ pub async fn run_memory_copies(
                 keep_parent: false,
                 capacity_bytes: capacity,
             };
-            copy_own(cx, h, &copy, done, total, "memory of a snapshot", EXPORT_HINT).await?;
+            let sum = copy_own_checked(
+                cx,
+                h,
+                &copy,
+                (done, total),
+                "memory of a snapshot",
+                EXPORT_HINT,
+                is_dump,
+            )
+            .await?;
+            if is_dump {
+                copied = sum;
+            }
         }
         let r = cx
             .app
@@ -647,6 +670,7 @@ pub async fn run_memory_copies(
                 expected_checksum: expected.clone().unwrap_or_default(),
                 rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
                 rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
+                copied_checksum: copied.unwrap_or_default(),
             })
             .await
             .map_err(|s| downstream("verifying a memory volume", s))?

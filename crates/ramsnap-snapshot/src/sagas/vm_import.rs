@@ -18,7 +18,9 @@
 //! copied. A checksum mismatch fails the whole import, which unwinds:
 //! nothing of it remains (import as a clone to get the disks without the
 //! memory).
-use super::common::{copy_own, delete_volumes_reversed, noop, ordered_disk_id, own_volumes, volume_exists};
+use super::common::{
+    copy_own, copy_own_checked, delete_volumes_reversed, noop, ordered_disk_id, own_volumes, volume_exists,
+};
 use super::vm_export::{PlannedCopy, PlannedMemory};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -585,9 +587,10 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let total = total_bytes(&plan);
         let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
         for (m, sha) in &plan.memories {
-            for (source, target, capacity) in [
-                (m.source.metadata, m.target.metadata, 0),
-                (m.source.dump, m.target.dump, m.capacity_bytes),
+            let mut copied = None;
+            for (source, target, capacity, is_dump) in [
+                (m.source.metadata, m.target.metadata, 0, false),
+                (m.source.dump, m.target.dump, m.capacity_bytes, true),
             ] {
                 let copy = PlannedCopy {
                     source,
@@ -595,16 +598,19 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                     keep_parent: false,
                     capacity_bytes: capacity,
                 };
-                copy_own(
+                let sum = copy_own_checked(
                     cx,
                     &h,
                     &copy,
-                    &mut done,
-                    total,
+                    (&mut done, total),
                     "memory of a snapshot",
                     IMPORT_HINT,
+                    is_dump,
                 )
                 .await?;
+                if is_dump {
+                    copied = sum;
+                }
             }
             // Checksummed where it landed against the descriptor, and rebound
             // to the data domain (or to the collapsed disks).
@@ -617,6 +623,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                     expected_checksum: sha.clone(),
                     rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
                     rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
+                    copied_checksum: copied.unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| downstream("verifying a memory volume", s))?;
