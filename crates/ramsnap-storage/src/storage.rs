@@ -910,8 +910,7 @@ impl Storage {
                     source,
                     target,
                     (src_hold, dst_hold),
-                    tx.clone(),
-                    req.checksum,
+                    (tx.clone(), req.checksum),
                 )
                 .await;
             if outcome.is_err() {
@@ -936,8 +935,8 @@ impl Storage {
         source: Volume,
         target: Volume,
         (src_hold, dst_hold): (RunningHold, RunningHold),
-        tx: watch::Sender<CopyState>,
-        checksum: bool,
+        // Where the copy's state goes, and whether it computes a checksum.
+        (tx, checksum): (watch::Sender<CopyState>, bool),
     ) -> Result<Volume> {
         let holds = self.inner.holds.clone();
         let src_b = src_dom.backend.clone();
