@@ -369,11 +369,11 @@ async fn main() {
         ours.paused.push(t);
         // The whole log of ramsnapd (the last lines are this snapshot's).
         let logs = c.process(Process::Coordinator).logs();
-        paused.add(&logs, "snapshot_create", "snapshot step", "prepare and scrub");
+        paused.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
         let (t, live_snapshot) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
         ours.live.push(t);
         let logs = c.process(Process::Coordinator).logs();
-        live.add(&logs, "snapshot_create", "snapshot step", "prepare and scrub");
+        live.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
         c.stop_vm(&a).await;
         c.preview(&a, &live_snapshot, true).await;
         c.commit(&a).await;

@@ -218,11 +218,13 @@ impl BlockDomain {
         }
     }
 
-    fn activate(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
+    /// Activates the LV: its device, and for a loop device the mapping it
+    /// was set up with (see [`LoopMap`]).
+    fn activate(&self, image: Uuid, volume: Uuid) -> Result<(PathBuf, Option<LoopMap>)> {
         let lv = self.lv(image, volume)?;
         if lvm::device_mapper_available() {
             lvm::lv_activate(&self.vg, &lv.name, true)?;
-            return Ok(PathBuf::from(format!("/dev/{}/{}", self.vg, lv.name)));
+            return Ok((PathBuf::from(format!("/dev/{}/{}", self.vg, lv.name)), None));
         }
         let vg = lvm::vg_info(&self.vg)?;
         let first = lv.first_pe.ok_or_else(|| StorageError::Tool {
@@ -239,7 +241,16 @@ impl BlockDomain {
             "--show",
             &vg.pv,
         ]))?;
-        Ok(PathBuf::from(out.trim()))
+        let map = LoopMap {
+            backing: vg.pv.clone(),
+            offset,
+        };
+        Ok((PathBuf::from(out.trim()), Some(map)))
+    }
+
+    /// Where a prepared loop device's mapping is recorded, beside its link.
+    fn map_record(&self, image: Uuid, volume: Uuid) -> PathBuf {
+        self.link(image, volume).with_extension("loop")
     }
 
     fn deactivate(&self, device: &Path) -> Result<()> {
@@ -297,11 +308,26 @@ impl BlockDomain {
             return None;
         }
         if is_loop(&target) {
-            let lv = self.lv(image, volume).ok()?;
-            let vg = lvm::vg_info(&self.vg).ok()?;
-            let offset = vg.pe_start + lv.first_pe? * vg.extent_size;
+            // The loop device must still map this LV's extents (after a
+            // reboot or a detach by hand, its number may map something
+            // else): against the mapping recorded when it was set up (no
+            // LVM command), else against LVM's.
+            let expected = match fs::read_to_string(self.map_record(image, volume))
+                .ok()
+                .and_then(|t| LoopMap::parse(&t))
+            {
+                Some(m) => m,
+                None => {
+                    let lv = self.lv(image, volume).ok()?;
+                    let vg = lvm::vg_info(&self.vg).ok()?;
+                    LoopMap {
+                        offset: vg.pe_start + lv.first_pe? * vg.extent_size,
+                        backing: vg.pv,
+                    }
+                }
+            };
             let backing = loop_attr(&target, "backing_file")?;
-            if loop_offset(&target)? != offset || backing.trim() != vg.pv {
+            if loop_offset(&target)? != expected.offset || backing.trim() != expected.backing {
                 return None;
             }
         }
@@ -438,10 +464,17 @@ impl Backend for BlockDomain {
         if self.live_device(image, volume).is_some() {
             return Ok(link);
         }
-        let device = self.activate(image, volume)?;
+        let (device, map) = self.activate(image, volume)?;
+        let record = self.map_record(image, volume);
         let place = (|| {
             fs::create_dir_all(link.parent().expect("has a parent"))?;
             let _ = fs::remove_file(&link);
+            match &map {
+                Some(m) => fs::write(&record, m.to_text())?,
+                None => {
+                    let _ = fs::remove_file(&record);
+                }
+            }
             std::os::unix::fs::symlink(&device, &link)
         })();
         if let Err(e) = place {
@@ -465,6 +498,7 @@ impl Backend for BlockDomain {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
+        let _ = fs::remove_file(self.map_record(image, volume));
         if let Some(dir) = link.parent() {
             let _ = fs::remove_dir(dir);
         }
@@ -568,6 +602,28 @@ fn is_loop(device: &Path) -> bool {
 fn loop_attr(device: &Path, attr: &str) -> Option<String> {
     let name = device.file_name()?.to_str()?;
     fs::read_to_string(format!("/sys/block/{name}/loop/{attr}")).ok()
+}
+
+/// What a loop device standing in for an LV maps: its backing device (the
+/// PV) and the offset of the LV's first extent on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LoopMap {
+    backing: String,
+    offset: u64,
+}
+
+impl LoopMap {
+    fn to_text(&self) -> String {
+        format!("{}\n{}\n", self.offset, self.backing)
+    }
+
+    fn parse(text: &str) -> Option<LoopMap> {
+        let (offset, backing) = text.split_once('\n')?;
+        Some(LoopMap {
+            offset: offset.parse().ok()?,
+            backing: backing.strip_suffix('\n')?.to_string(),
+        })
+    }
 }
 
 fn loop_offset(device: &Path) -> Option<u64> {

@@ -59,7 +59,8 @@ struct Domain {
     /// host. A volume creation on a FILE domain holds it for reading, and
     /// [`Domain::creates`] for its image and request: creations in other
     /// images run side by side (a snapshot's overlays and memory volumes of
-    /// many VMs at once).
+    /// many VMs at once). Prepares and teardowns (both kinds) hold it for
+    /// reading and [`Domain::creates`] for their image.
     lock: AsyncRwLock<()>,
     creates: KeyedLocks,
     /// Serializes changes to VM descriptors (EXPORT domains), apart from
@@ -710,7 +711,11 @@ impl Storage {
     /// across a restart of the service: see [`crate::holds`].
     pub async fn prepare_volume(&self, r: VolumeRef) -> Result<PathBuf> {
         let d = self.domain(r.domain)?;
-        let _guard = d.lock.write().await;
+        // Prepares in other images run side by side (a snapshot's overlay
+        // and its two memory volumes): what a prepare or teardown touches
+        // (the image's chain, its devices, their holds) is the image's.
+        let _shared = d.lock.read().await;
+        let _image = d.creates.lock(&[Some(r.image)]).await;
         if self.inner.copies.lock().expect("lock poisoned").contains_key(&r) {
             return Err(StorageError::precondition(
                 "VOLUME_BUSY",
@@ -739,7 +744,9 @@ impl Storage {
     /// hold all the same (NOT_FOUND).
     pub async fn teardown_volume(&self, r: VolumeRef) -> Result<()> {
         let d = self.domain(r.domain)?;
-        let _guard = d.lock.write().await;
+        // As prepare_volume: per image.
+        let _shared = d.lock.read().await;
+        let _image = d.creates.lock(&[Some(r.image)]).await;
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         blocking(move || {

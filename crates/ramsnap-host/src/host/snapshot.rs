@@ -353,8 +353,10 @@ impl Host {
         let mut overlays: Vec<Prepared> = Vec::new();
         let mut mem: Option<MemoryTarget> = None;
         let mut lap = super::Lap::new(req.vm_id, "snapshot step");
-        let prepared = self.prepare_snapshot(req, memory, &mut overlays, &mut mem).await;
-        lap.done("prepare and scrub");
+        let prepared = self
+            .prepare_snapshot(req, memory, &mut overlays, &mut mem, &mut lap)
+            .await;
+        lap.done("ready the dump volume");
         if let Err(e) = prepared {
             self.clean_up(vm, &overlays, mem.as_ref()).await;
             return Err(e);
@@ -753,20 +755,25 @@ impl Host {
         outcome
     }
 
-    /// Prepares a memory pair and reads their capacities (no scrub).
+    /// Prepares a memory pair and reads their capacities (no scrub). The
+    /// two volumes (in images of their own) side by side.
     async fn prepare_memory(&self, m: MemoryVolumes) -> Result<MemoryTarget> {
         let volumes = &self.inner.volumes;
-        let dump_info: VolumeInfo = volumes.get(&m.dump).await?;
+        let (dump_info, meta_info): (VolumeInfo, VolumeInfo) =
+            tokio::try_join!(volumes.get(&m.dump), volumes.get(&m.metadata))?;
         check_purpose(&dump_info, Purpose::MemoryDump)?;
-        let meta_info = volumes.get(&m.metadata).await?;
         check_purpose(&meta_info, Purpose::MemoryMetadata)?;
-        let dump = volumes.prepare(&m.dump).await?;
-        let meta = match volumes.prepare(&m.metadata).await {
-            Ok(p) => p,
-            Err(e) => {
+        let (dump, meta) = match tokio::join!(volumes.prepare(&m.dump), volumes.prepare(&m.metadata)) {
+            (Ok(d), Ok(mt)) => (d, mt),
+            (Ok(_), Err(e)) => {
                 volumes.teardown_all(&[m.dump]).await;
                 return Err(e);
             }
+            (Err(e), Ok(_)) => {
+                volumes.teardown_all(&[m.metadata]).await;
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
         };
         Ok(MemoryTarget {
             volumes: m,
@@ -783,14 +790,45 @@ impl Host {
         memory: Option<MemoryVolumes>,
         overlays: &mut Vec<Prepared>,
         mem: &mut Option<MemoryTarget>,
+        lap: &mut super::Lap,
     ) -> Result<()> {
+        // The overlays and the memory pair side by side: each prepare is a
+        // call to the storage service, and on BLOCK a few LVM commands.
         let volumes = &self.inner.volumes;
-        for d in &req.disks {
-            overlays.push(volumes.prepare(&d.overlay).await?);
+        let disks = futures::future::join_all(req.disks.iter().map(|d| volumes.prepare(&d.overlay)));
+        let pair = async {
+            match memory {
+                Some(m) => Some(self.prepare_memory(m).await),
+                None => None,
+            }
+        };
+        let (disks, pair) = tokio::join!(disks, pair);
+        lap.done("prepare volumes");
+        // What was prepared is recorded (for the clean-up) before any
+        // error is returned.
+        let mut failed = None;
+        for r in disks {
+            match r {
+                Ok(p) => overlays.push(p),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        let Some(m) = memory else { return Ok(()) };
-        *mem = Some(self.prepare_memory(m).await?);
-        ready_dump(mem.as_ref().expect("just set"), req).await
+        match pair {
+            Some(Ok(t)) => *mem = Some(t),
+            Some(Err(e)) => {
+                failed.get_or_insert(e);
+            }
+            None => {}
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match mem.as_ref() {
+            Some(target) => ready_dump(target, req).await,
+            None => Ok(()),
+        }
     }
 
     /// After libvirt's part succeeded: checks, checksum, metadata volume.
