@@ -20,6 +20,7 @@ use crate::descriptor::DescriptorStore;
 use crate::error::{Result, StorageError};
 use crate::lvm;
 use crate::model::*;
+use crate::qcow2;
 use crate::tool;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -199,22 +200,8 @@ impl BlockDomain {
     fn lv_size(meta: &VolumeMeta) -> Result<u64> {
         match meta.format {
             Format::Raw => Ok(meta.capacity),
-            Format::Cow => {
-                let out = tool::run(Command::new("qemu-img").args([
-                    "measure",
-                    "-O",
-                    "qcow2",
-                    "--size",
-                    &meta.capacity.to_string(),
-                ]))?;
-                out.lines()
-                    .find_map(|l| l.strip_prefix("fully allocated size:"))
-                    .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| StorageError::Tool {
-                        cmd: "qemu-img measure".into(),
-                        stderr: out.clone(),
-                    })
-            }
+            // What `qemu-img measure` says for a fully allocated image.
+            Format::Cow => Ok(qcow2::fully_allocated_size(meta.capacity)),
         }
     }
 
@@ -274,9 +261,11 @@ impl BlockDomain {
     /// Makes a new LV read as zeros, through its extents on the PV (it is
     /// inactive and contiguous): the same on hosts with and without
     /// device-mapper. See [`zero_range`].
-    fn zero(&self, volume: Uuid) -> Result<()> {
+    /// Returns where the LV is: its PV, and its offset and length there.
+    fn zero(&self, volume: Uuid) -> Result<(String, u64, u64)> {
         let (pv, offset, len) = lvm::lv_extent(&self.vg, &volume.to_string())?;
-        zero_range(Path::new(&pv), offset, len)
+        zero_range(Path::new(&pv), offset, len)?;
+        Ok((pv, offset, len))
     }
 
     /// After a failed lvcreate: ALREADY_EXISTS when the name was taken. A
@@ -397,21 +386,20 @@ impl Backend for BlockDomain {
             // volume's data. A new volume reads as zeros (RAW) or as its
             // parent (COW, whose unallocated clusters qemu never reads from
             // the LV, but the LV itself must not carry old data either).
-            self.zero(meta.volume)?;
+            let (pv, offset, _) = self.zero(meta.volume)?;
             if meta.format == Format::Cow {
-                let path = self.prepare(meta.image, meta.volume)?;
-                let mut cmd = Command::new("qemu-img");
-                cmd.current_dir(path.parent().expect("links live in an image directory"));
-                cmd.args(["create", "-q", "-f", "qcow2"]);
-                if let Some(p) = parent {
-                    // -u: the size is given, so the parent need not be opened; it may be
-                    // in use (and locked) by a running VM taking a snapshot.
-                    cmd.args(["-u", "-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
-                }
-                cmd.arg(&path).arg(meta.capacity.to_string());
-                let r = tool::run(&mut cmd).map(drop);
-                self.teardown(meta.image, meta.volume)?;
-                r?;
+                // The empty image (see crate::qcow2) goes straight onto the
+                // LV's extents, as the zeroing did, without activating it.
+                // Its backing file is named by volume id: the parent's link
+                // beside it in the same image directory.
+                let f = fs::OpenOptions::new().write(true).open(&pv)?;
+                let name = parent.map(|p| p.volume.to_string());
+                let backing = parent.zip(name.as_deref()).map(|(p, name)| qcow2::BackingFile {
+                    name,
+                    format: p.format.qemu_name(),
+                });
+                qcow2::create_at(&f, offset, meta.capacity, backing)?;
+                f.sync_data()?;
             }
             Ok(())
         })();

@@ -15,6 +15,7 @@ use crate::backend::{Backend, DELETE_JOURNAL_TTL_SECS};
 use crate::descriptor::DescriptorStore;
 use crate::error::{Result, StorageError};
 use crate::model::*;
+use crate::qcow2;
 use crate::tool;
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -218,6 +219,17 @@ impl FileDomain {
                 if meta.allocation == Allocation::Preallocated {
                     fallocate(&f, meta.capacity)?;
                 }
+                f.sync_all()?;
+            }
+            // An empty sparse overlay is written here (see crate::qcow2).
+            Format::Cow if meta.allocation == Allocation::Sparse => {
+                let f = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+                let name = parent.map(|p| p.volume.to_string());
+                let backing = parent.zip(name.as_deref()).map(|(p, name)| qcow2::BackingFile {
+                    name,
+                    format: p.format.qemu_name(),
+                });
+                qcow2::create(&f, meta.capacity, backing)?;
                 f.sync_all()?;
             }
             Format::Cow => {

@@ -24,6 +24,7 @@ pub mod holds;
 pub mod limits;
 pub mod lvm;
 pub mod model;
+pub mod qcow2;
 pub mod service;
 pub mod storage;
 pub mod tool;
