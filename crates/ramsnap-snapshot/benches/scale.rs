@@ -1,10 +1,12 @@
 //! Scale benchmark: snapshot sagas per second and their p50/p99 latency for
 //! 64 concurrent VMs on simulated hosts (real `ramsnap-host` processes on
 //! libvirt's test:///default driver) with the coordinator in-process on
-//! PostgreSQL, and pgbench's commit rate on the same server beside it.
+//! PostgreSQL, and pgbench's commit rate on the same server beside it; or,
+//! with SCALE_DB=sqlite, on the embedded default (SQLite, a file in a
+//! temporary directory).
 //!
 //! `cargo bench -p ramsnap-snapshot --bench scale`
-//! Env: RAMSNAP_TEST_PG_URL (default postgres://ramsnap:ramsnap@127.0.0.1:5432/ramsnap),
+//! Env: SCALE_DB (postgres or sqlite), RAMSNAP_TEST_PG_URL (default postgres://ramsnap:ramsnap@127.0.0.1:5432/ramsnap),
 //! SCALE_VMS (64), SCALE_HOSTS (4), SCALE_SNAPSHOTS (snapshots per VM, 5),
 //! SCALE_PGBENCH_SECS (10), RAMSNAP_HOST_BIN (path of ramsnap-host).
 #[path = "../tests/support/mod.rs"]
@@ -208,6 +210,49 @@ async fn snapshot_once(c: &mut Clients, vm: &str, memory: bool) -> Result<Durati
     op_ok(&op).map(|_| d)
 }
 
+async fn snapshot_sagas(pool: &sqlx::AnyPool) -> i64 {
+    sqlx::query("SELECT count(*) FROM sagas WHERE name = 'snapshot_create'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// pgbench's TPC-B-like and -N rates on a scratch database.
+fn pgbench_tps(url: &str, secs: u64) -> (f64, f64) {
+    let pgb = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", url])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        pgb.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&pgb.stderr)
+    );
+    let run = |extra: &[&str]| {
+        let mut a = vec!["-c", "8", "-j", "2", "-n"];
+        a.extend_from_slice(extra);
+        let secs = secs.to_string();
+        let out = Command::new("pgbench")
+            .args(&a)
+            .args(["-T", &secs, url])
+            .output()
+            .expect("pgbench");
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "pgbench: {s}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.lines()
+            .find(|l| l.starts_with("tps ="))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("tps line")
+    };
+    (run(&[]), run(&["-N"]))
+}
+
 async fn pg_stats(pool: &sqlx::PgPool, db: &str) -> (i64, Vec<(String, i64, i64)>) {
     let commits: i64 = sqlx::query("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
         .bind(db)
@@ -332,11 +377,40 @@ fn main() {
     rt.block_on(run());
 }
 
+/// The coordinator's database in this run.
+enum BenchDb {
+    Postgres {
+        url: String,
+        name: String,
+        pgbench_url: String,
+    },
+    Sqlite {
+        url: String,
+    },
+}
+
+impl BenchDb {
+    fn url(&self) -> &str {
+        match self {
+            BenchDb::Postgres { url, .. } | BenchDb::Sqlite { url } => url,
+        }
+    }
+}
+
 async fn run() {
     let n_vms: usize = env_or("SCALE_VMS", 64);
     let n_hosts: usize = env_or("SCALE_HOSTS", 4);
     let k: usize = env_or("SCALE_SNAPSHOTS", 5);
     let pgbench_secs: u64 = env_or("SCALE_PGBENCH_SECS", 10);
+    sqlx::any::install_default_drivers();
+    if std::env::var("SCALE_DB").as_deref() == Ok("sqlite") {
+        let dir = tempfile::tempdir().unwrap();
+        let db = BenchDb::Sqlite {
+            url: format!("sqlite://{}", dir.path().join("ramsnap.db").display()),
+        };
+        body(&db, n_vms, n_hosts, k, pgbench_secs).await;
+        return;
+    }
     let pg = std::env::var("RAMSNAP_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG.into());
     let tag = Uuid::new_v4().simple().to_string()[..8].to_string();
     let bench_db = format!("ramsnap_scale_{tag}");
@@ -354,15 +428,12 @@ async fn run() {
     let bench_url = with_db(&pg, &bench_db);
     let pgb_url = with_db(&pg, &pgb_db);
 
-    let result = std::panic::AssertUnwindSafe(body(
-        &bench_url,
-        &bench_db,
-        &pgb_url,
-        n_vms,
-        n_hosts,
-        k,
-        pgbench_secs,
-    ));
+    let db = BenchDb::Postgres {
+        url: bench_url,
+        name: bench_db.clone(),
+        pgbench_url: pgb_url,
+    };
+    let result = std::panic::AssertUnwindSafe(body(&db, n_vms, n_hosts, k, pgbench_secs));
     let r = futures::FutureExt::catch_unwind(result).await;
 
     for db in [&bench_db, &pgb_db] {
@@ -382,16 +453,8 @@ async fn run() {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn body(
-    bench_url: &str,
-    bench_db: &str,
-    pgb_url: &str,
-    n_vms: usize,
-    n_hosts: usize,
-    k: usize,
-    pgbench_secs: u64,
-) {
+async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs: u64) {
+    let bench_url = db.url();
     let dir = tempfile::tempdir().unwrap();
     // Storage, in-process, FILE domain in the temp dir.
     std::fs::create_dir_all(dir.path().join("roots/nfs1")).unwrap();
@@ -553,14 +616,17 @@ async fn body(
     println!("mode: {mode}");
 
     // Let idle backends flush their statistics (PostgreSQL 15: 10 s idle).
-    let stats_pool = sqlx::PgPool::connect(bench_url).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    let (c0, t0) = pg_stats(&stats_pool, bench_db).await;
-    let sagas0: i64 = sqlx::query("SELECT count(*) FROM sagas WHERE name = 'snapshot_create'")
-        .fetch_one(&stats_pool)
-        .await
-        .unwrap()
-        .get(0);
+    let any_pool = sqlx::AnyPool::connect(bench_url).await.unwrap();
+    let pg = match db {
+        BenchDb::Postgres { url, name, .. } => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(11)).await;
+            let stats = pg_stats(&pool, name).await;
+            Some((pool, stats))
+        }
+        BenchDb::Sqlite { .. } => None,
+    };
+    let sagas0 = snapshot_sagas(&any_pool).await;
 
     // The measurement: every VM takes k snapshots in a loop, all at once.
     let t = Instant::now();
@@ -593,58 +659,30 @@ async fn body(
 
     // pgbench beside it, same server, own scratch database (also lets the
     // coordinator's idle backends flush their statistics meanwhile).
-    let pgb = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q", pgb_url])
-        .output()
-        .expect("pgbench -i");
-    assert!(
-        pgb.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&pgb.stderr)
-    );
-    let run_pgbench = |extra: &[&str]| {
-        let mut a = vec!["-c", "8", "-j", "2", "-n"];
-        a.extend_from_slice(extra);
-        let secs = pgbench_secs.to_string();
-        let out = Command::new("pgbench")
-            .args(&a)
-            .args(["-T", &secs, pgb_url])
-            .output()
-            .expect("pgbench");
-        let s = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "pgbench: {s}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        s.lines()
-            .find(|l| l.starts_with("tps ="))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse::<f64>().ok())
-            .expect("tps line")
+    let pgbench = match db {
+        BenchDb::Postgres { pgbench_url, .. } => Some(pgbench_tps(pgbench_url, pgbench_secs)),
+        BenchDb::Sqlite { .. } => None,
     };
-    let tps_tpcb = run_pgbench(&[]);
-    let tps_n = run_pgbench(&["-N"]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (c1, t1) = pg_stats(&stats_pool, bench_db).await;
-    let sagas1: i64 = sqlx::query("SELECT count(*) FROM sagas WHERE name = 'snapshot_create'")
-        .fetch_one(&stats_pool)
-        .await
-        .unwrap()
-        .get(0);
+    let sagas1 = snapshot_sagas(&any_pool).await;
     let ev_per_saga: f64 = sqlx::query(
-        "SELECT count(e.*)::float8 / NULLIF(count(DISTINCT s.id), 0) FROM sagas s JOIN saga_node_events e ON e.saga_id = s.id WHERE s.name = 'snapshot_create'",
+        "SELECT CAST(count(*) AS DOUBLE PRECISION) / NULLIF((SELECT count(*) FROM sagas WHERE name = 'snapshot_create'), 0) \
+         FROM saga_node_events e JOIN sagas s ON e.saga_id = s.id WHERE s.name = 'snapshot_create'",
     )
-    .fetch_one(&stats_pool)
+    .fetch_one(&any_pool)
     .await
     .unwrap()
     .get::<Option<f64>, _>(0)
     .unwrap_or(0.0);
     let n_sagas = (sagas1 - sagas0).max(1) as f64;
-    let commits_per_saga = (c1 - c0) as f64 / n_sagas;
 
     println!();
-    println!("=== ramsnap scale: snapshot sagas on PostgreSQL ===");
+    match db {
+        BenchDb::Postgres { .. } => println!("=== ramsnap scale: snapshot sagas on PostgreSQL ==="),
+        BenchDb::Sqlite { .. } => {
+            println!("=== ramsnap scale: snapshot sagas on SQLite (the embedded default) ===")
+        }
+    }
     println!(
         "hosts                     {n_hosts} x ramsnap-host, libvirt test:///default (simulated){}",
         if sims.is_empty() {
@@ -666,28 +704,35 @@ async fn body(
         "latency max               {:.1} ms",
         ms(lat.last().copied().unwrap_or_default())
     );
-    println!("pgbench tps (TPC-B-like)  {tps_tpcb:.1}   (-c 8 -j 2 -T {pgbench_secs}, scale 1)");
-    println!("pgbench tps (-N)          {tps_n:.1}");
-    println!(
-        "sagas/s / pgbench tps     {:.4} (TPC-B-like), {:.4} (-N)",
-        sagas_per_s / tps_tpcb,
-        sagas_per_s / tps_n
-    );
+    if let Some((tps_tpcb, tps_n)) = pgbench {
+        println!("pgbench tps (TPC-B-like)  {tps_tpcb:.1}   (-c 8 -j 2 -T {pgbench_secs}, scale 1)");
+        println!("pgbench tps (-N)          {tps_n:.1}");
+        println!(
+            "sagas/s / pgbench tps     {:.4} (TPC-B-like), {:.4} (-N)",
+            sagas_per_s / tps_tpcb,
+            sagas_per_s / tps_n
+        );
+    }
     println!("--- DB work per snapshot saga (from the database) ---");
     println!("snapshot_create sagas     {} in window", sagas1 - sagas0);
     println!("saga_node_events / saga   {ev_per_saga:.1}");
-    println!("xact_commit / saga        {commits_per_saga:.1}   (pg_stat_database delta over the window incl. reads)");
-    for ((name, i0, u0), (_, i1, u1)) in t0.iter().zip(t1.iter()) {
-        let (di, du) = ((i1 - i0) as f64 / n_sagas, (u1 - u0) as f64 / n_sagas);
-        if di > 0.0 || du > 0.0 {
-            println!("  {name:<22}  inserts/saga {di:>5.2}  updates/saga {du:>5.2}");
+    if let (Some((pool, (c0, t0))), BenchDb::Postgres { name, .. }, Some((tps_tpcb, _))) = (&pg, db, pgbench)
+    {
+        let (c1, t1) = pg_stats(pool, name).await;
+        let commits_per_saga = (c1 - c0) as f64 / n_sagas;
+        println!("xact_commit / saga        {commits_per_saga:.1}   (pg_stat_database delta over the window incl. reads)");
+        for ((name, i0, u0), (_, i1, u1)) in t0.iter().zip(t1.iter()) {
+            let (di, du) = ((i1 - i0) as f64 / n_sagas, (u1 - u0) as f64 / n_sagas);
+            if di > 0.0 || du > 0.0 {
+                println!("  {name:<22}  inserts/saga {di:>5.2}  updates/saga {du:>5.2}");
+            }
         }
+        println!(
+            "implied commits/s        {:.0} (sagas/s x xact_commit/saga), vs pgbench {:.0}",
+            sagas_per_s * commits_per_saga,
+            tps_tpcb
+        );
     }
-    println!(
-        "implied commits/s        {:.0} (sagas/s x xact_commit/saga), vs pgbench {:.0}",
-        sagas_per_s * commits_per_saga,
-        tps_tpcb
-    );
     // Where a saga's time goes: each node from its start to its success.
     let names: Vec<&str> = ramsnap_snapshot::sagas::snapshot_create::definition()
         .nodes
@@ -695,26 +740,31 @@ async fn body(
         .map(|n| n.name)
         .collect();
     let rows = sqlx::query(
-        "SELECT a.node_id, \
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY b.created_at - a.created_at)::float8, \
-           percentile_cont(0.99) WITHIN GROUP (ORDER BY b.created_at - a.created_at)::float8 \
+        "SELECT a.node_id, b.created_at - a.created_at \
          FROM saga_node_events a \
          JOIN saga_node_events b ON b.saga_id = a.saga_id AND b.node_id = a.node_id \
          JOIN sagas s ON s.id = a.saga_id \
-         WHERE s.name = 'snapshot_create' AND a.event_type = 'started' AND b.event_type = 'succeeded' \
-         GROUP BY a.node_id ORDER BY a.node_id",
+         WHERE s.name = 'snapshot_create' AND a.event_type = 'started' AND b.event_type = 'succeeded'",
     )
-    .fetch_all(&stats_pool)
+    .fetch_all(&any_pool)
     .await
     .unwrap();
-    println!("--- per node, start to success (ms) ---");
+    let mut per_node: std::collections::BTreeMap<i64, Vec<Duration>> = Default::default();
     for r in rows {
-        let node: i64 = r.get(0);
+        let ms: i64 = r.get(1);
+        per_node
+            .entry(r.get(0))
+            .or_default()
+            .push(Duration::from_millis(ms.max(0) as u64));
+    }
+    println!("--- per node, start to success (ms) ---");
+    for (node, mut times) in per_node {
+        times.sort();
         let name = names.get(node as usize).copied().unwrap_or("?");
         println!(
             "  {name:<18} p50 {:>7.1}   p99 {:>7.1}",
-            r.get::<f64, _>(1),
-            r.get::<f64, _>(2)
+            ms(pct(&times, 50.0)),
+            ms(pct(&times, 99.0))
         );
     }
     for e in errs.iter().take(5) {
@@ -722,7 +772,10 @@ async fn body(
     }
 
     // Cleanup.
-    stats_pool.close().await;
+    any_pool.close().await;
+    if let Some((pool, _)) = pg {
+        pool.close().await;
+    }
     let _ = coord_stop.send(());
     coord.close().await;
     for h in hosts.iter_mut() {
