@@ -175,6 +175,18 @@ impl Figures {
     }
 }
 
+/// Where the memory of `vm`'s snapshot went: its dump volume's domain.
+async fn memory_domain(c: &Cluster, vm: &str, snapshot_id: &str) -> String {
+    c.list_snapshots(vm)
+        .await
+        .into_iter()
+        .find(|s| s.snapshot_id == snapshot_id)
+        .and_then(|s| s.memory)
+        .and_then(|m| m.dump)
+        .map(|d| d.domain_id)
+        .unwrap_or_default()
+}
+
 async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f64, String) {
     drop_caches();
     let t = Instant::now();
@@ -281,12 +293,28 @@ fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
     let runs: usize = std::env::var("RAMSNAP_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let block = std::env::var("RAMSNAP_BENCH_DOMAIN").is_ok_and(|d| d == "block");
+    if block && std::env::var_os("RAMSNAP_E2E_BLOCK_PV_BYTES").is_none() {
+        // Every run keeps a PAUSED (1.2 GiB) and a LIVE (2.2 GiB) dump
+        // volume, and virsh's LV is as big as the LIVE one: all on BLOCK.
+        let bytes = (4u64 << 30) + runs as u64 * (4 << 30);
+        // SAFETY: no other thread runs yet (the runtime starts below).
+        unsafe { std::env::set_var("RAMSNAP_E2E_BLOCK_PV_BYTES", bytes.to_string()) };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(run(runs, block));
+}
+
+async fn run(runs: usize, block: bool) {
     // The host agent's step laps ("snapshot step", at debug) in the log.
     let mut c = Cluster::start_embedded(
         Db::Sqlite,
@@ -296,7 +324,6 @@ async fn main() {
     )
     .await;
     let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");
-    let block = std::env::var("RAMSNAP_BENCH_DOMAIN").is_ok_and(|d| d == "block");
     let a = c
         .create_vm_sized(
             "path-a",
@@ -365,13 +392,32 @@ async fn main() {
     let mut virsh_downtime = Vec::new();
     for run in 0..runs {
         eprintln!("run {} of {runs}", run + 1);
-        let (t, _) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
+        let (t, paused_snapshot) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
         ours.paused.push(t);
+        // A snapshot whose memory found no room on the VM's domain puts it
+        // on another: that would measure another domain.
+        let want = if block {
+            c.block_domain.clone()
+        } else {
+            c.file_domain.clone()
+        };
+        for (id, what) in [(&paused_snapshot, "PAUSED")] {
+            let got = memory_domain(&c, &a, id).await;
+            assert_eq!(
+                got, want,
+                "the {what} snapshot's memory is not on the measured domain"
+            );
+        }
         // The whole log of ramsnapd (the last lines are this snapshot's).
         let logs = c.process(Process::Coordinator).logs();
         paused.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
         let (t, live_snapshot) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
         ours.live.push(t);
+        let got = memory_domain(&c, &a, &live_snapshot).await;
+        assert_eq!(
+            got, want,
+            "the LIVE snapshot's memory is not on the measured domain"
+        );
         let logs = c.process(Process::Coordinator).logs();
         live.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
         c.stop_vm(&a).await;

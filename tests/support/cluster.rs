@@ -46,7 +46,16 @@ pub const VM_MEMORY_BYTES: u64 = 256 * MIB;
 pub const VM_DISK_BYTES: u64 = 64 * MIB;
 /// The BLOCK domain's PV: a sparse file, so only what is written costs.
 /// A 256 MiB guest's paused-mode dump volume is 456 MiB, preallocated.
+/// `RAMSNAP_E2E_BLOCK_PV_BYTES` sets another size (benchmarks whose
+/// memory volumes must all fit on BLOCK).
 const BLOCK_PV_BYTES: u64 = 4 << 30;
+
+fn block_pv_bytes() -> u64 {
+    std::env::var("RAMSNAP_E2E_BLOCK_PV_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BLOCK_PV_BYTES)
+}
 
 /// Longest wait for an operation to end.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -675,7 +684,7 @@ impl Cluster {
             std::os::unix::fs::symlink(guest_dir.join(f), boot.join(f)).expect("linking a boot image");
         }
 
-        let loop_dev = LoopDevice::new(&r.join("pv.img"), BLOCK_PV_BYTES);
+        let loop_dev = LoopDevice::new(&r.join("pv.img"), block_pv_bytes());
 
         // Storage agent: adopts only this test's device; FILE domains live
         // under this test's file root.
