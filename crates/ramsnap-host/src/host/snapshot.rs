@@ -18,7 +18,7 @@
 //! midpoint between the last "running" and the first "paused" observation).
 //! The result is at least QEMU's own downtime from libvirt's completed-job
 //! stats, which leaves out the overlay switch that follows the dump.
-use super::run::check_purpose;
+use super::run::{blocking_io, check_purpose};
 use super::{Host, RunningDisk, Vm};
 use crate::error::{HostError, LibvirtErrorKind, Result, SnapshotError};
 use crate::libvirt::DomainState;
@@ -995,26 +995,20 @@ fn chrono_now() -> i64 {
 /// not zeroed again: that is a full pass over the LV (about a second per
 /// GiB here). A FILE dump is always truncated, which costs nothing.
 async fn ready_dump(m: &MemoryTarget, req: &SnapshotRequest) -> Result<()> {
-    let (meta, capacity) = (m.meta.path.clone(), m.meta_capacity);
-    let block = m.dump.kind == DiskKind::Block;
-    let clean = block
-        && tokio::task::spawn_blocking({
-            let meta = meta.clone();
-            move || metadata::pair_is_clean(&meta)
-        })
-        .await
-        .map_err(|e| HostError::Internal(e.to_string()))?
-        .map_err(|e| HostError::io("reading the memory metadata volume", e))?;
-    if clean {
-        tracing::debug!(vm = %req.vm_id, dump = %m.volumes.dump, "the dump volume is clean: no scrub");
-    } else {
-        scrub(m).await?;
-    }
+    let (dump, meta) = (m.dump.clone(), m.meta.clone());
+    let (capacity, meta_capacity) = (m.dump_capacity, m.meta_capacity);
     let (vm_id, snapshot_id) = (req.vm_id, req.snapshot_id);
-    tokio::task::spawn_blocking(move || metadata::mark_dump_in_progress(&meta, capacity, vm_id, snapshot_id))
-        .await
-        .map_err(|e| HostError::Internal(e.to_string()))?
-        .map_err(|e| HostError::io("marking the memory metadata volume", e))
+    let scrubbed = blocking_io("readying the dump volume".into(), move || {
+        let clean = dump.kind == DiskKind::Block && metadata::pair_is_clean(&meta.path)?;
+        if !clean {
+            scrub_dump(&dump, capacity)?;
+        }
+        metadata::mark_dump_in_progress(&meta.path, meta_capacity, vm_id, snapshot_id)?;
+        Ok(!clean)
+    })
+    .await?;
+    tracing::debug!(vm = %req.vm_id, dump = %m.volumes.dump, scrubbed, "dump volume ready");
+    Ok(())
 }
 
 /// Makes a pair clean again after a dump that is not kept: the dump
@@ -1027,29 +1021,31 @@ async fn scrub_pair(m: &MemoryTarget, vm: Uuid) {
         return;
     }
     let (path, capacity) = (m.meta.path.clone(), m.meta_capacity);
-    let zeroed =
-        tokio::task::spawn_blocking(move || metadata::write_volume(&path, &vec![0u8; capacity as usize]))
-            .await;
-    if !matches!(zeroed, Ok(Ok(()))) {
-        tracing::error!(vm = %vm, "zeroing the metadata volume failed");
+    let zeroed = blocking_io("zeroing the memory metadata".into(), move || {
+        metadata::write_volume(&path, &vec![0u8; capacity as usize])
+    })
+    .await;
+    if let Err(e) = zeroed {
+        tracing::error!(vm = %vm, error = %e, "zeroing the metadata volume failed");
     }
 }
 
-/// Makes the dump volume read as zeros. libvirt may have unlinked a FILE
-/// dump after a failure: the volume's file is made again, empty.
+/// Makes the dump volume read as zeros (see [`scrub_dump`]).
 async fn scrub(m: &MemoryTarget) -> Result<()> {
-    let path: PathBuf = m.dump.path.clone();
-    let capacity = m.dump_capacity;
-    let file = m.dump.kind == DiskKind::File;
-    tokio::task::spawn_blocking(move || {
-        if file && !path.exists() {
-            std::fs::File::create(&path)?;
-        }
-        metadata::scrub_dump(&path, capacity)
+    let (dump, capacity) = (m.dump.clone(), m.dump_capacity);
+    blocking_io("scrubbing the memory dump".into(), move || {
+        scrub_dump(&dump, capacity)
     })
     .await
-    .map_err(|e| HostError::Internal(e.to_string()))?
-    .map_err(|e| HostError::io("scrubbing the memory dump", e))
+}
+
+/// libvirt may have unlinked a FILE dump after a failure: the volume's
+/// file is made again, empty.
+fn scrub_dump(dump: &Prepared, capacity: u64) -> std::io::Result<()> {
+    if dump.kind == DiskKind::File && !dump.path.exists() {
+        std::fs::File::create(&dump.path)?;
+    }
+    metadata::scrub_dump(&dump.path, capacity)
 }
 
 /// Makes a qcow2 overlay empty again, in place: the same virtual size,
