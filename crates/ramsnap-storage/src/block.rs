@@ -390,15 +390,8 @@ impl Backend for BlockDomain {
             if meta.format == Format::Cow {
                 // The empty image (see crate::qcow2) goes straight onto the
                 // LV's extents, as the zeroing did, without activating it.
-                // Its backing file is named by volume id: the parent's link
-                // beside it in the same image directory.
                 let f = fs::OpenOptions::new().write(true).open(&pv)?;
-                let name = parent.map(|p| p.volume.to_string());
-                let backing = parent.zip(name.as_deref()).map(|(p, name)| qcow2::BackingFile {
-                    name,
-                    format: p.format.qemu_name(),
-                });
-                qcow2::create_at(&f, offset, meta.capacity, backing)?;
+                qcow2::create_volume_at(&f, offset, meta, parent)?;
                 f.sync_data()?;
             }
             Ok(())

@@ -224,12 +224,7 @@ impl FileDomain {
             // An empty sparse overlay is written here (see crate::qcow2).
             Format::Cow if meta.allocation == Allocation::Sparse => {
                 let f = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
-                let name = parent.map(|p| p.volume.to_string());
-                let backing = parent.zip(name.as_deref()).map(|(p, name)| qcow2::BackingFile {
-                    name,
-                    format: p.format.qemu_name(),
-                });
-                qcow2::create(&f, meta.capacity, backing)?;
+                qcow2::create_volume_at(&f, 0, meta, parent)?;
                 f.sync_all()?;
             }
             Format::Cow => {

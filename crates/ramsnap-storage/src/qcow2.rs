@@ -34,6 +34,23 @@ pub struct BackingFile<'a> {
     pub format: &'a str,
 }
 
+/// Writes an empty overlay of the volume `meta` describes at byte `base`
+/// of `f`, its parent (if any) as backing file, named by volume id as the
+/// parent's file (FILE) or link (BLOCK) beside it is. The caller syncs.
+pub fn create_volume_at(
+    f: &File,
+    base: u64,
+    meta: &crate::model::VolumeMeta,
+    parent: Option<&crate::model::VolumeMeta>,
+) -> io::Result<()> {
+    let name = parent.map(|p| p.volume.to_string());
+    let backing = parent.zip(name.as_deref()).map(|(p, name)| BackingFile {
+        name,
+        format: p.format.qemu_name(),
+    });
+    create_at(f, base, meta.capacity, backing)
+}
+
 fn l1_entries(size: u64) -> u64 {
     // Each L2 table maps a cluster's worth of 8-byte entries.
     let per_l2 = CLUSTER_SIZE * (CLUSTER_SIZE / 8);
