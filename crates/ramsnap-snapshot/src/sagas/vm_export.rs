@@ -624,6 +624,36 @@ pub async fn run_copies(
     Ok(sums)
 }
 
+/// Copies a memory pair, metadata then dump (shared with the import); the
+/// dump's checksum as the copy computed it, when this call ran the copy.
+pub async fn copy_memory_pair(
+    cx: &SagaCx<App>,
+    h: &db::Host,
+    m: &PlannedMemory,
+    (done, total): (&mut u64, u64),
+    hint: &str,
+) -> Result<Option<String>, Status> {
+    let copy = |source, target, capacity_bytes| PlannedCopy {
+        source,
+        target,
+        keep_parent: false,
+        capacity_bytes,
+    };
+    let metadata = copy(m.source.metadata, m.target.metadata, 0);
+    copy_own_checked(
+        cx,
+        h,
+        &metadata,
+        (&mut *done, total),
+        "memory of a snapshot",
+        hint,
+        false,
+    )
+    .await?;
+    let dump = copy(m.source.dump, m.target.dump, m.capacity_bytes);
+    copy_own_checked(cx, h, &dump, (done, total), "memory of a snapshot", hint, true).await
+}
+
 /// Copies memory pairs, then checksums (and rebinds) each where it landed.
 /// Returns (dump volume id, checksum) of each.
 pub async fn run_memory_copies(
@@ -636,31 +666,7 @@ pub async fn run_memory_copies(
 ) -> Result<Vec<(Uuid, String)>, Status> {
     let mut out = Vec::new();
     for (m, expected, rebind_domain) in memories {
-        let mut copied = None;
-        for (source, target, capacity, is_dump) in [
-            (m.source.metadata, m.target.metadata, 0, false),
-            (m.source.dump, m.target.dump, m.capacity_bytes, true),
-        ] {
-            let copy = PlannedCopy {
-                source,
-                target,
-                keep_parent: false,
-                capacity_bytes: capacity,
-            };
-            let sum = copy_own_checked(
-                cx,
-                h,
-                &copy,
-                (done, total),
-                "memory of a snapshot",
-                EXPORT_HINT,
-                is_dump,
-            )
-            .await?;
-            if is_dump {
-                copied = sum;
-            }
-        }
+        let copied = copy_memory_pair(cx, h, m, (done, total), EXPORT_HINT).await?;
         let r = cx
             .app
             .host_client(h)?

@@ -18,10 +18,8 @@
 //! copied. A checksum mismatch fails the whole import, which unwinds:
 //! nothing of it remains (import as a clone to get the disks without the
 //! memory).
-use super::common::{
-    copy_own, copy_own_checked, delete_volumes_reversed, noop, ordered_disk_id, own_volumes, volume_exists,
-};
-use super::vm_export::{PlannedCopy, PlannedMemory};
+use super::common::{copy_own, delete_volumes_reversed, noop, ordered_disk_id, own_volumes, volume_exists};
+use super::vm_export::{copy_memory_pair, PlannedCopy, PlannedMemory};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{
@@ -587,31 +585,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let total = total_bytes(&plan);
         let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
         for (m, sha) in &plan.memories {
-            let mut copied = None;
-            for (source, target, capacity, is_dump) in [
-                (m.source.metadata, m.target.metadata, 0, false),
-                (m.source.dump, m.target.dump, m.capacity_bytes, true),
-            ] {
-                let copy = PlannedCopy {
-                    source,
-                    target,
-                    keep_parent: false,
-                    capacity_bytes: capacity,
-                };
-                let sum = copy_own_checked(
-                    cx,
-                    &h,
-                    &copy,
-                    (&mut done, total),
-                    "memory of a snapshot",
-                    IMPORT_HINT,
-                    is_dump,
-                )
-                .await?;
-                if is_dump {
-                    copied = sum;
-                }
-            }
+            let copied = copy_memory_pair(cx, &h, m, (&mut done, total), IMPORT_HINT).await?;
             // Checksummed where it landed against the descriptor, and rebound
             // to the data domain (or to the collapsed disks).
             let rebind_domain = m.rebind_disks.is_empty().then_some(p.target_domain_id);
