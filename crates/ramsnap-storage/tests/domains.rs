@@ -2293,3 +2293,92 @@ async fn concurrent_creates_on_one_file_domain_act_once_per_request() {
     assert_eq!(refs_of_same.len(), 1, "one volume for the repeated request");
     assert_eq!(env.list(&domain).await.len(), 17);
 }
+
+/// The final message of a copy: its volume and checksum.
+async fn copy_with_checksum(
+    env: &mut Env,
+    req: pb::CopyVolumeRequest,
+) -> Result<(pb::Volume, String), tonic::Status> {
+    let mut stream = env.client.copy_volume(req).await?.into_inner();
+    while let Some(msg) = stream.message().await? {
+        if let Some(v) = msg.volume {
+            return Ok((v, msg.checksum));
+        }
+    }
+    panic!("copy stream ended without a volume");
+}
+
+#[tokio::test]
+async fn a_copy_checksum_is_what_was_written_and_bad_asks_leave_nothing() {
+    use ramsnap_common::checksum::{digest_file, Algorithm};
+    let mut env = Env::new(512 * MIB).await;
+    let (file, block) = (env.file_domain.clone(), env.block_domain.clone());
+    let raw = env
+        .create(new_volume(&file, 8 * MIB, pb::VolumeFormat::Raw))
+        .await
+        .unwrap();
+    let path = env.prepare(&vref(&raw)).await;
+    let expected = fill_pattern(&path, 8 * MIB);
+    assert_eq!(expected.len() as u64, 8 * MIB);
+    let want = digest_file(&path, 8 * MIB, Algorithm::Blake3Chunks)
+        .unwrap()
+        .checksum;
+
+    // Asked for, on a RAW copy to BLOCK: the checksum of what the target holds.
+    let req = pb::CopyVolumeRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        source: Some(vref(&raw)),
+        target_domain_id: block.clone(),
+        checksum_algorithm: "blake3-4m".into(),
+        ..Default::default()
+    };
+    let (v, sum) = copy_with_checksum(&mut env, req.clone()).await.unwrap();
+    assert_eq!(sum, want.to_string());
+    let target = env.prepare(&vref(&v)).await;
+    assert_eq!(
+        digest_file(&target, 8 * MIB, Algorithm::Blake3Chunks)
+            .unwrap()
+            .checksum,
+        want
+    );
+    env.teardown(&vref(&v)).await;
+    // The same request again: the volume, no checksum (nothing was copied).
+    let (again, sum) = copy_with_checksum(&mut env, req).await.unwrap();
+    assert_eq!((vref(&again), sum.as_str()), (vref(&v), ""));
+
+    // Hostile asks: an unknown algorithm, a huge value, a checksum of a COW
+    // volume. Each is INVALID_ARGUMENT on the field; no volume is left.
+    let before = env.list(&block).await.len();
+    let cow = env
+        .create(new_volume(&file, 8 * MIB, pb::VolumeFormat::Cow))
+        .await
+        .unwrap();
+    for (source, algorithm) in [
+        (&raw, "md5".to_string()),
+        (&raw, "x".repeat(1 << 20)),
+        (&cow, "blake3-4m".to_string()),
+    ] {
+        let err = copy_with_checksum(
+            &mut env,
+            pb::CopyVolumeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                source: Some(vref(source)),
+                target_domain_id: block.clone(),
+                checksum_algorithm: algorithm.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{}: {err:?}",
+            &algorithm[..algorithm.len().min(16)]
+        );
+        assert_eq!(field_of(&err), "checksum_algorithm");
+        assert!(err.message().len() < 4096, "the value is not echoed whole");
+        assert_eq!(env.list(&block).await.len(), before, "no target left");
+    }
+    assert_eq!(loops_over(&env.loop_dev.device), 0);
+}
