@@ -428,15 +428,33 @@ pub fn digest_file_after(
     algorithm: Algorithm,
     followed: Option<&Followed>,
 ) -> io::Result<FileDigest> {
+    digest_file_upto(path, capacity, algorithm, followed, u64::MAX)
+}
+
+/// [`digest_file_after`], reading nothing at or past `zeros_from`: those
+/// bytes count as zeros, as past a file's end. For a dump on a block
+/// device, which cannot say where the dump ends: the caller knows the
+/// volume holds zeros past there, or that nothing past there is part of
+/// the dump. Sound for the checksum's purpose either way: a value computed
+/// so matches the one recorded only if the recorded bytes past
+/// `zeros_from` were zeros, so whatever a restore reads of the dump lies
+/// before `zeros_from`, and was read here.
+pub fn digest_file_upto(
+    path: &Path,
+    capacity: u64,
+    algorithm: Algorithm,
+    followed: Option<&Followed>,
+    zeros_from: u64,
+) -> io::Result<FileDigest> {
     let f = File::open(path)?;
     let followed = match followed {
         Some(fw) if fw.capacity == capacity && fw.identity == identity(&f)? => Some(fw),
         _ => None,
     };
     let len = device_len(&f)?;
-    let readable = len.min(capacity);
+    let readable = len.min(capacity).min(zeros_from);
     if algorithm == Algorithm::Sha256 {
-        return digest_sha256(path, f, len, capacity);
+        return digest_sha256(path, f, len, readable, capacity);
     }
     let block = f.metadata()?.file_type().is_block_device();
     let f = if block {
@@ -602,8 +620,7 @@ pub fn follow_growing_file(
 
 /// Version 1: SHA-256 in order. Chunks are read by several threads (direct
 /// on a block device) and hashed in order as they arrive.
-fn digest_sha256(path: &Path, f: File, len: u64, capacity: u64) -> io::Result<FileDigest> {
-    let readable = len.min(capacity);
+fn digest_sha256(path: &Path, f: File, len: u64, readable: u64, capacity: u64) -> io::Result<FileDigest> {
     let block = f.metadata()?.file_type().is_block_device();
     let mut hasher = StreamHasher::new(Algorithm::Sha256, capacity);
     if block {
@@ -849,6 +866,39 @@ mod tests {
                 good,
                 "cut at {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn bytes_past_zeros_from_are_not_read_and_count_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        let bytes = data(2 * CHUNK + 100_003);
+        let cap = (5 * CHUNK) as u64;
+        let mut padded = bytes.clone();
+        padded.resize(cap as usize, 0);
+        std::fs::write(&p, &padded).unwrap();
+        for algorithm in [Algorithm::Sha256, Algorithm::Blake3Chunks] {
+            let full = digest_file(&p, cap, algorithm).unwrap();
+            // Anywhere at or past the data's end: the same value.
+            for from in [bytes.len() as u64, 3 * CHUNK as u64, cap, u64::MAX] {
+                let d = digest_file_upto(&p, cap, algorithm, None, from).unwrap();
+                assert_eq!(d, full, "{algorithm:?} from {from}");
+            }
+            // Bytes past it are not read: garbage there leaves the value.
+            let mut dirty = padded.clone();
+            dirty[4 * CHUNK + 5] = 0xff;
+            std::fs::write(&p, &dirty).unwrap();
+            let d = digest_file_upto(&p, cap, algorithm, None, 3 * CHUNK as u64).unwrap();
+            assert_eq!(d.checksum, full.checksum, "{algorithm:?}: garbage past the bound");
+            assert_ne!(digest_file(&p, cap, algorithm).unwrap().checksum, full.checksum);
+            std::fs::write(&p, &padded).unwrap();
+            // A bound inside the data: another value, and data_end says
+            // where the bytes read end.
+            let cut = bytes.len() as u64 - 1;
+            let d = digest_file_upto(&p, cap, algorithm, None, cut).unwrap();
+            assert_ne!(d.checksum, full.checksum, "{algorithm:?}: bound inside the data");
+            assert!(d.data_end <= cut);
         }
     }
 

@@ -411,9 +411,8 @@ impl Host {
     ) -> Result<Settled> {
         let hv = &self.inner.hv;
         // libvirt may still be loading the memory for the dead process.
-        let started = Instant::now();
-        while hv.busy(e.uuid).await? && started.elapsed() < Duration::from_secs(600) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if !self.inner.simulated {
+            hv.wait_for_jobs(e.uuid, Duration::from_secs(600)).await?;
         }
         let state = hv.state(e.uuid).await?;
         let memory: Vec<VolumeRef> = record

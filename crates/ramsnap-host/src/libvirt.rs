@@ -123,6 +123,21 @@ fn classify(state: u32, reason: u32) -> DomainState {
     }
 }
 
+/// The figures of a domain's completed job that ramsnap uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompletedJob {
+    /// The guest's downtime (ms), as QEMU measured it.
+    pub downtime_ms: Option<u64>,
+    /// How many bytes QEMU's migration stream holds: for a memory dump,
+    /// what QEMU wrote after libvirt's header (QEMU's `ram.transferred`,
+    /// which counts every byte put on the migration file, device state
+    /// included).
+    pub stream_bytes: Option<u64>,
+}
+
+/// The job statistic that carries QEMU's `ram.transferred`.
+const STREAM_BYTES: &str = "memory_processed";
+
 /// A domain's job statistics (typed parameters), freed on drop.
 struct JobStats {
     params: sys::virTypedParameterPtr,
@@ -439,30 +454,52 @@ impl Hypervisor {
         .await
     }
 
-    /// Whether libvirt is busy with the domain: a job runs (a snapshot,
-    /// a save or restore, a migration) or a command is in progress. A job
-    /// started by an agent process that has since died goes on in libvirtd,
-    /// and shows here. False when the driver cannot tell (test driver).
-    pub async fn busy(&self, id: Uuid) -> Result<bool> {
-        self.call("control_info", QUICK, move |c| {
-            let d = match lookup(c, id, "control_info") {
-                Ok(d) => d,
-                Err(e) if e.is_no_domain() => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            let mut info = sys::virDomainControlInfo {
-                state: 0,
-                details: 0,
-                stateTime: 0,
-            };
-            // SAFETY: `d` is a live domain handle and `info` outlives the call.
-            let r = unsafe { sys::virDomainGetControlInfo(d.as_ptr(), &mut info, 0) };
-            if r < 0 {
-                return Ok(false);
+    /// Waits (up to `limit`) until no job of libvirt's runs on the domain,
+    /// such as a snapshot, save or restore that an earlier agent process
+    /// began and libvirt went on with after it died. The domain's control
+    /// state (virDomainGetControlInfo) cannot tell: it shows an async job
+    /// only while the job is inside a monitor call, and says OK while the
+    /// job waits for QEMU between calls (seen: a new snapshot begun then
+    /// collided with the old one's disks). So this takes a modify job of its own (it
+    /// writes ramsnap's metadata element back as it is), which libvirt
+    /// grants only once any async job has ended, retrying while libvirt
+    /// gives up waiting for the job lock. Ok at once when the domain is
+    /// gone.
+    pub async fn wait_for_jobs(&self, id: Uuid, limit: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let r = self
+                .call_dedicated("job barrier", QUICK + QUICK, move |c| {
+                    let d = match lookup(c, id, "job barrier") {
+                        Ok(d) => d,
+                        Err(e) if e.is_no_domain() => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
+                    let element = metadata_of(&d);
+                    d.set_metadata(
+                        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                        element.as_deref(),
+                        element.as_ref().map(|_| METADATA_KEY),
+                        Some(METADATA_NS),
+                        sys::VIR_DOMAIN_AFFECT_LIVE,
+                    )
+                    .lv("job barrier")
+                })
+                .await;
+            match r {
+                Err(HostError::Libvirt(e)) if e.kind == LibvirtErrorKind::Timeout => {
+                    tracing::warn!(vm = %id, error = %e, "libvirt still runs a job on the domain: waiting for it to end");
+                }
+                Err(HostError::Libvirt(e)) if e.kind == LibvirtErrorKind::NoDomain => return Ok(()),
+                other => return other,
             }
-            Ok(info.state == sys::VIR_DOMAIN_CONTROL_JOB || info.state == sys::VIR_DOMAIN_CONTROL_OCCUPIED)
-        })
-        .await
+            if started.elapsed() > limit {
+                return Err(HostError::Timeout {
+                    what: "waiting for libvirt's job on the domain to end".into(),
+                    after: limit,
+                });
+            }
+        }
     }
 
     /// Progress of the domain's running job, if one runs.
@@ -482,12 +519,17 @@ impl Hypervisor {
         .await
     }
 
-    /// The downtime (ms) of the domain's last completed job, as QEMU
-    /// measured it, when libvirt has it.
-    pub async fn completed_downtime_ms(&self, id: Uuid) -> Result<Option<u64>> {
+    /// What libvirt says of the domain's last completed job (None when it
+    /// has nothing).
+    pub async fn completed_job(&self, id: Uuid) -> Result<Option<CompletedJob>> {
         self.call("job_stats", QUICK, move |c| {
             let d = lookup(c, id, "job_stats")?;
-            Ok(job_stats(&d, sys::VIR_DOMAIN_JOB_STATS_COMPLETED).and_then(|s| s.get("downtime")))
+            Ok(
+                job_stats(&d, sys::VIR_DOMAIN_JOB_STATS_COMPLETED).map(|s| CompletedJob {
+                    downtime_ms: s.get("downtime"),
+                    stream_bytes: s.get(STREAM_BYTES),
+                }),
+            )
         })
         .await
     }

@@ -12,7 +12,7 @@
 //! as `dump.checksum` in its text form (`blake3-4m:<hex>`). Both are read.
 use crate::model::{SnapshotMode, VolumeRef};
 use ramsnap_common::checksum::Checksum;
-pub use ramsnap_common::checksum::{device_len, digest_file, Algorithm, FileDigest, Followed};
+pub use ramsnap_common::checksum::{device_len, digest_file, Algorithm, FileDigest, Followed, CHUNK};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -165,6 +165,93 @@ pub fn digest_after(path: &Path, capacity: u64, followed: Option<&Followed>) -> 
     };
     ramsnap_common::checksum::digest_file_after(path, capacity, Algorithm::CURRENT, followed)
 }
+
+/// The checksum of a dump libvirt has just written, and where it ends.
+///
+/// A regular file ends where the dump does. A block device does not: the
+/// dump volume is as long as the guest's memory could need, and the dump
+/// is often half of it. When libvirt wrote a raw save image and its job
+/// says how long QEMU's stream is (`stream_bytes`), the read stops one
+/// chunk past the stream's end: the volume held zeros before the dump
+/// (created zeroed, scrubbed after a failed write, and never written
+/// unmarked: see [`pair_is_clean`]), and QEMU writes nothing past its
+/// stream. The chunk past the end checks the figure: a non-zero byte
+/// there means it was wrong, and the whole volume is read. The value is
+/// the whole volume's either way, zeros past the end included.
+pub fn digest_dump(
+    path: &Path,
+    capacity: u64,
+    followed: Option<&Followed>,
+    stream_bytes: Option<u64>,
+) -> io::Result<FileDigest> {
+    if let (Some(n), true) = (stream_bytes, is_block_device(path)?) {
+        if let Some(start) = stream_start(path)? {
+            if let Some(d) = digest_to_stream_end(path, capacity, start.saturating_add(n))? {
+                return Ok(d);
+            }
+        }
+    }
+    digest_after(path, capacity, followed)
+}
+
+/// The checksum of a volume that holds zeros past `end`, read up to one
+/// chunk past it; None when a byte in that chunk is not zero (`end` was
+/// wrong), or when the volume is no longer than that anyway.
+pub fn digest_to_stream_end(path: &Path, capacity: u64, end: u64) -> io::Result<Option<FileDigest>> {
+    let bound = (end.div_ceil(CHUNK as u64).saturating_add(1)).saturating_mul(CHUNK as u64);
+    if bound >= capacity {
+        return Ok(None);
+    }
+    let d = ramsnap_common::checksum::digest_file_upto(path, capacity, Algorithm::CURRENT, None, bound)?;
+    if d.data_end > end {
+        tracing::warn!(
+            path = %path.display(), stream_end = end, data_end = d.data_end,
+            "bytes past the end of the dump's stream: the whole volume is checksummed"
+        );
+        return Ok(None);
+    }
+    Ok(Some(d))
+}
+
+/// The checksum of a recorded dump as its volume holds it now, for a
+/// restore or a verification: reads up to the end of the chunk holding
+/// the dump's last byte (`dump_bytes`, as recorded), taking what follows
+/// as zeros (see [`ramsnap_common::checksum::digest_file_upto`]). A value
+/// computed so matches the recorded one only if the dump had nothing past
+/// there, so everything a restore reads of it was read here; a wrong
+/// `dump_bytes` can only make it fail to match. The bytes past it are
+/// not the dump's: a restore never reads them.
+pub fn digest_recorded(path: &Path, dump: &DumpRecord) -> io::Result<FileDigest> {
+    let zeros_from = match dump.dump_bytes {
+        0 => u64::MAX,
+        n => n.div_ceil(CHUNK as u64).saturating_mul(CHUNK as u64),
+    };
+    ramsnap_common::checksum::digest_file_upto(path, dump.capacity, dump.checksum.algorithm, None, zeros_from)
+}
+
+/// Where QEMU's stream starts in a raw libvirt save image: past libvirt's
+/// header (96 bytes: magic, six u32s, 15 unused u32s) and the data it
+/// counts (the domain XML, the cookie, padding). None for any other image.
+pub fn stream_start(path: &Path) -> io::Result<Option<u64>> {
+    let mut head = [0u8; 32];
+    let f = File::open(path)?;
+    let mut got = 0;
+    while got < head.len() {
+        let n = (&f).read(&mut head[got..])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        got += n;
+    }
+    let u32_at = |at: usize| u32::from_ne_bytes(head[at..at + 4].try_into().expect("4 bytes"));
+    if &head[..16] != SAVE_MAGIC || u32_at(28) != 0 {
+        return Ok(None);
+    }
+    Ok(Some(SAVE_HEADER_BYTES + u64::from(u32_at(20))))
+}
+
+/// The size of libvirt's save image header (`virQEMUSaveHeader`).
+const SAVE_HEADER_BYTES: u64 = 96;
 
 /// Hashes a FILE dump's chunks while libvirt writes it, until `stop`.
 pub fn follow_dump(path: &Path, capacity: u64, stop: &std::sync::atomic::AtomicBool) -> io::Result<Followed> {
@@ -431,6 +518,92 @@ mod tests {
         assert!(!written_in_order(&p).unwrap());
         std::fs::write(&p, b"").unwrap();
         assert!(!written_in_order(&p).unwrap());
+    }
+
+    #[test]
+    fn a_raw_save_image_says_where_its_stream_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        let header = |magic: &[u8; 16], data_len: u32, format: u32| {
+            let mut h = magic.to_vec();
+            for v in [2u32, data_len, 1, format, 0] {
+                h.extend_from_slice(&v.to_ne_bytes());
+            }
+            h.resize(96, 0);
+            h
+        };
+        std::fs::write(&p, header(SAVE_MAGIC, 8096, 0)).unwrap();
+        assert_eq!(stream_start(&p).unwrap(), Some(96 + 8096));
+        for (magic, format) in [(SAVE_MAGIC, 1), (b"LibvirtQemudPart", 0)] {
+            std::fs::write(&p, header(magic, 8096, format)).unwrap();
+            assert_eq!(stream_start(&p).unwrap(), None);
+        }
+        std::fs::write(&p, b"LibvirtQemudSave").unwrap();
+        assert_eq!(stream_start(&p).unwrap(), None);
+    }
+
+    /// The read that stops one chunk past a dump's stream: the value is
+    /// the whole volume's when the volume holds zeros past the stream; a
+    /// non-zero byte in the chunk past it (the stream's length was wrong)
+    /// gives None, so the caller reads everything; a restore's read, bound
+    /// by the recorded dump_bytes, gives the same value.
+    #[test]
+    fn a_dump_read_to_its_stream_end_has_the_whole_volumes_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        let cap = 8 * CHUNK as u64;
+        let end = 2 * CHUNK as u64 + 12_345;
+        let mut bytes: Vec<u8> = (0..end).map(|i| (i % 251) as u8 | 1).collect();
+        bytes.resize(cap as usize, 0);
+        std::fs::write(&p, &bytes).unwrap();
+        let full = digest(&p, cap).unwrap();
+        let d = digest_to_stream_end(&p, cap, end).unwrap().unwrap();
+        assert_eq!(d.checksum, full.checksum);
+        assert_eq!(d.data_end, end);
+        let record = DumpRecord {
+            volume: vref(),
+            capacity: cap,
+            dump_bytes: d.data_end,
+            checksum: d.checksum,
+        };
+        assert_eq!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
+
+        // The stream's length undercounted: the bytes past it are found.
+        for short in [end - 1, end - 4096, CHUNK as u64 + 1] {
+            assert_eq!(digest_to_stream_end(&p, cap, short).unwrap(), None, "{short}");
+        }
+        // A volume hardly longer than the stream is read whole.
+        assert_eq!(digest_to_stream_end(&p, 3 * CHUNK as u64, end).unwrap(), None);
+
+        // Bytes far past the dump are no part of it: neither read nor
+        // counted, by the dump's checksum or by a restore's.
+        bytes[7 * CHUNK] = 0xAB;
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(
+            digest_to_stream_end(&p, cap, end).unwrap().unwrap().checksum,
+            full.checksum
+        );
+        assert_eq!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
+        assert_ne!(digest(&p, cap).unwrap().checksum, full.checksum);
+        // A flipped byte in the dump, or a recorded dump_bytes cut short,
+        // fails to match.
+        bytes[7 * CHUNK] = 0;
+        bytes[CHUNK + 5] ^= 0x40;
+        std::fs::write(&p, &bytes).unwrap();
+        assert_ne!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
+        bytes[CHUNK + 5] ^= 0x40;
+        std::fs::write(&p, &bytes).unwrap();
+        let cut = DumpRecord {
+            dump_bytes: CHUNK as u64,
+            ..record.clone()
+        };
+        assert_ne!(digest_recorded(&p, &cut).unwrap().checksum, full.checksum);
+        // No dump_bytes recorded: the whole volume.
+        let none = DumpRecord {
+            dump_bytes: 0,
+            ..record
+        };
+        assert_eq!(digest_recorded(&p, &none).unwrap().checksum, full.checksum);
     }
 
     #[test]

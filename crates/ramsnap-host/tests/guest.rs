@@ -138,6 +138,31 @@ struct Taken {
 /// Takes a snapshot with memory of a running guest and checks what it did:
 /// the VM runs on the overlay, the metadata volume records the frozen disk
 /// and the dump's checksum.
+/// The checksum of a whole volume, every byte read (a dump volume's
+/// capacity, zeros past the dump included), as its text form.
+async fn whole_volume_checksum(env: &mut Env, r: &common::VolumeRef) -> String {
+    let capacity = env
+        .storage
+        .get_volume(spb::GetVolumeRequest {
+            r#ref: Some(r.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .capacity_bytes;
+    let path = env.path_of(r).await;
+    let d = ramsnap_common::checksum::digest_file(
+        &path,
+        capacity,
+        ramsnap_common::checksum::Algorithm::Blake3Chunks,
+    )
+    .unwrap();
+    env.teardown(r).await;
+    d.checksum.to_string()
+}
+
 async fn take_memory_snapshot(env: &mut Env, g: &mut Guest, memory_on_block: bool, live: bool) -> Taken {
     let memory = env
         .memory_volumes(memory_on_block, g.memory_mib * MIB, live)
@@ -305,6 +330,15 @@ async fn memory_on_block_paused_then_live_restores_the_same_guest_and_a_run_with
             "{:?}",
             taken.result
         );
+        // The host read the dump only up to its stream's end (libvirt's
+        // figure) and took the rest as zeros: the value is the one every
+        // byte of the volume gives.
+        let dump_ref = taken.memory.dump.clone().unwrap();
+        assert_eq!(
+            whole_volume_checksum(&mut env, &dump_ref).await,
+            taken.result.dump_checksum,
+            "live: {live}"
+        );
         restore(&mut env, &mut g, &taken).await;
     }
 
@@ -342,16 +376,29 @@ async fn memory_on_block_paused_then_live_restores_the_same_guest_and_a_run_with
     restore(&mut env, &mut g, &taken).await;
 
     // A clean pair (metadata volume zero, as the storage service makes it)
-    // is not zeroed a second time: bytes planted past the dump's end (which
-    // no writer of ramsnap leaves there) stay, and are in the checksum.
+    // is not zeroed a second time: bytes planted far past the dump's end
+    // (which no writer of ramsnap leaves there) stay. They are no part of
+    // the dump: its checksum stops a chunk past the stream's end, as the
+    // restore's check does (so the whole volume's value differs), and the
+    // guest resumes.
     let clean = env.memory_volumes(true, g.memory_mib * MIB, false).await;
     let dump_ref = clean.dump.clone().unwrap();
     env.write_bytes(&dump_ref, capacity - 4096, &planted).await;
     let taken = take_memory_snapshot_into(&mut env, &mut g, clean, true, false).await;
+    assert!(
+        taken.result.dump_bytes + 2 * ramsnap_common::checksum::CHUNK as u64 <= capacity - 4096,
+        "{:?}",
+        taken.result
+    );
     assert_eq!(
         &env.volume_bytes(&dump_ref, capacity).await[(capacity - 4096) as usize..],
         &planted[..],
         "a clean pair's dump volume is not zeroed again"
+    );
+    assert_ne!(
+        whole_volume_checksum(&mut env, &dump_ref).await,
+        taken.result.dump_checksum,
+        "the bytes past the dump were not read"
     );
     restore(&mut env, &mut g, &taken).await;
 

@@ -275,11 +275,11 @@ impl Host {
         // if it does not: it never runs on memory that failed the check.
         let hv = &self.inner.hv;
         let dump_file = dump.path.clone();
-        let (dump_capacity, algorithm) = (md.dump.capacity, md.dump.checksum.algorithm);
+        let recorded = md.dump.clone();
         let check = async {
             let t = Instant::now();
             let d = blocking_io("checksumming the memory dump".into(), move || {
-                metadata::digest_file(&dump_file, dump_capacity, algorithm)
+                metadata::digest_recorded(&dump_file, &recorded)
             })
             .await;
             tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: checksum");

@@ -21,7 +21,7 @@
 use super::run::{blocking_io, check_purpose};
 use super::{Host, RunningDisk, Vm};
 use crate::error::{HostError, LibvirtErrorKind, Result, SnapshotError};
-use crate::libvirt::DomainState;
+use crate::libvirt::{CompletedJob, DomainState};
 use crate::metadata::{self, DiskRecord, DumpRecord, Followed, MemoryMetadata};
 use crate::model::{
     MemoryVolumes, Progress, SnapshotMode, SnapshotOutcome, SnapshotRequest, VmStatus, VolumeRef, MIB,
@@ -448,15 +448,16 @@ impl Host {
             None => None,
         };
         let watched = monitor.await.unwrap_or_default();
-        let downtime = if mem.is_some() {
-            hv.completed_downtime_ms(req.vm_id)
+        let completed = if mem.is_some() {
+            hv.completed_job(req.vm_id)
                 .await
                 .ok()
                 .flatten()
-                .unwrap_or(0)
+                .unwrap_or_default()
         } else {
-            0
+            CompletedJob::default()
         };
+        let downtime = completed.downtime_ms.unwrap_or(0);
         let guest_pause_ms = (watched.paused.as_millis() as u64).max(downtime);
         tracing::info!(
             vm = %req.vm_id, pause_ms = watched.paused.as_millis() as u64,
@@ -514,6 +515,7 @@ impl Host {
                 &overlays,
                 mem.as_ref(),
                 followed,
+                completed.stream_bytes,
                 guest_pause_ms,
             )
             .await;
@@ -594,22 +596,11 @@ impl Host {
     ) -> Result<Option<SnapshotOutcome>> {
         let hv = &self.inner.hv;
         let volumes = &self.inner.volumes;
-        let started = Instant::now();
-        let limit = snapshot_timeout(running.spec.memory_bytes);
-        let mut logged = false;
-        while hv.busy(req.vm_id).await? {
-            if !logged {
-                tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id,
-                    "libvirt is busy with the domain (a job left by an earlier agent process?): waiting for it to end");
-                logged = true;
-            }
-            if started.elapsed() > limit {
-                return Err(HostError::Timeout {
-                    what: "waiting for libvirt's job on the domain to end".into(),
-                    after: limit,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        // A job the earlier process began may still run: what it does to
+        // the disks is known only once it has ended.
+        if !self.inner.simulated {
+            hv.wait_for_jobs(req.vm_id, snapshot_timeout(running.spec.memory_bytes))
+                .await?;
         }
         if req.disks.len() != running.disks.len() {
             return Ok(None); // the usual checks say what is wrong
@@ -736,7 +727,7 @@ impl Host {
                 .await
             {
                 Ok(_) => {
-                    self.finish_snapshot(job, req, before, overlays, Some(&target), None, 0)
+                    self.finish_snapshot(job, req, before, overlays, Some(&target), None, None, 0)
                         .await
                 }
                 Err(e) => Err(e),
@@ -841,6 +832,7 @@ impl Host {
         overlays: &[Prepared],
         mem: Option<&MemoryTarget>,
         followed: Option<Followed>,
+        stream_bytes: Option<u64>,
         guest_pause_ms: u64,
     ) -> Result<SnapshotOutcome> {
         if job.cancelled() {
@@ -860,11 +852,12 @@ impl Host {
         let path = m.dump.path.clone();
         let capacity = m.dump_capacity;
         let during = followed.as_ref().map_or(0, |f| f.bytes());
-        let digest =
-            tokio::task::spawn_blocking(move || metadata::digest_after(&path, capacity, followed.as_ref()))
-                .await
-                .map_err(|e| HostError::Internal(e.to_string()))?
-                .map_err(|e| HostError::io("checksumming the memory dump", e))?;
+        let digest = tokio::task::spawn_blocking(move || {
+            metadata::digest_dump(&path, capacity, followed.as_ref(), stream_bytes)
+        })
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))?
+        .map_err(|e| HostError::io("checksumming the memory dump", e))?;
         tracing::debug!(vm = %req.vm_id, bytes = digest.len, hashed_during_dump = during, "dump checksummed");
         // A FILE dump grows past the volume's capacity instead of failing:
         // that dump would not survive a copy, so the snapshot fails.

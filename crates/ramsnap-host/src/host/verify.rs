@@ -114,10 +114,9 @@ impl Host {
             None => {
                 let dump = volumes.prepare(&memory.dump).await?;
                 prepared.push(memory.dump);
-                let (dump_path, capacity, algorithm) =
-                    (dump.path.clone(), md.dump.capacity, md.dump.checksum.algorithm);
+                let (dump_path, recorded) = (dump.path.clone(), md.dump.clone());
                 blocking_io("checksumming the memory dump".into(), move || {
-                    metadata::digest_file(&dump_path, capacity, algorithm)
+                    metadata::digest_recorded(&dump_path, &recorded)
                 })
                 .await?
                 .checksum
