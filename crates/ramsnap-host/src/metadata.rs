@@ -171,22 +171,22 @@ pub fn digest_after(path: &Path, capacity: u64, followed: Option<&Followed>) -> 
 /// A regular file ends where the dump does. A block device does not: the
 /// dump volume is as long as the guest's memory could need, and the dump
 /// is often half of it. When libvirt wrote a raw save image and its job
-/// says how long QEMU's stream is (`stream_bytes`), the read stops one
-/// chunk past the stream's end: the volume held zeros before the dump
-/// (created zeroed, scrubbed after a failed write, and never written
+/// says how many bytes of guest memory QEMU's stream carried
+/// (`memory_bytes`, libvirt's `memory_processed`), the read stops a little
+/// past that: see [`digest_near_stream_end`]. The volume held zeros before
+/// the dump (created zeroed, scrubbed after a failed write, never written
 /// unmarked: see [`pair_is_clean`]), and QEMU writes nothing past its
-/// stream. The chunk past the end checks the figure: a non-zero byte
-/// there means it was wrong, and the whole volume is read. The value is
-/// the whole volume's either way, zeros past the end included.
+/// stream. The value is the whole volume's either way, zeros past the end
+/// included.
 pub fn digest_dump(
     path: &Path,
     capacity: u64,
     followed: Option<&Followed>,
-    stream_bytes: Option<u64>,
+    memory_bytes: Option<u64>,
 ) -> io::Result<FileDigest> {
-    if let (Some(n), true) = (stream_bytes, is_block_device(path)?) {
+    if let (Some(n), true) = (memory_bytes, is_block_device(path)?) {
         if let Some(start) = stream_start(path)? {
-            if let Some(d) = digest_to_stream_end(path, capacity, start.saturating_add(n))? {
+            if let Some(d) = digest_near_stream_end(path, capacity, start.saturating_add(n))? {
                 return Ok(d);
             }
         }
@@ -194,22 +194,35 @@ pub fn digest_dump(
     digest_after(path, capacity, followed)
 }
 
-/// The checksum of a volume that holds zeros past `end`, read up to one
-/// chunk past it; None when a byte in that chunk is not zero (`end` was
-/// wrong), or when the volume is no longer than that anyway.
-pub fn digest_to_stream_end(path: &Path, capacity: u64, end: u64) -> io::Result<Option<FileDigest>> {
-    let bound = (end.div_ceil(CHUNK as u64).saturating_add(1)).saturating_mul(CHUNK as u64);
+/// How far past the end of the stream's memory part a dump is read: the
+/// device state that follows it (seen: 85 KiB for the test guest) must
+/// end well before, so that at least one whole chunk of zeros is read
+/// past the data.
+const PAST_MEMORY: u64 = 2 * CHUNK as u64;
+
+/// The checksum of a volume that holds zeros past its dump, where the
+/// dump's memory part ends at `memory_end` and the device state follows:
+/// read up to [`PAST_MEMORY`] past the chunk holding `memory_end`. None
+/// (read the whole volume) unless the last chunk read is all zeros, so
+/// the figure was not far wrong; or when the volume is no longer than
+/// that anyway.
+pub fn digest_near_stream_end(path: &Path, capacity: u64, memory_end: u64) -> io::Result<Option<FileDigest>> {
+    let bound = memory_end
+        .div_ceil(CHUNK as u64)
+        .saturating_mul(CHUNK as u64)
+        .saturating_add(PAST_MEMORY);
     if bound >= capacity {
         return Ok(None);
     }
     let d = ramsnap_common::checksum::digest_file_upto(path, capacity, Algorithm::CURRENT, None, bound)?;
-    if d.data_end > end {
+    if d.data_end > bound - CHUNK as u64 {
         tracing::warn!(
-            path = %path.display(), stream_end = end, data_end = d.data_end,
-            "bytes past the end of the dump's stream: the whole volume is checksummed"
+            path = %path.display(), memory_end, data_end = d.data_end,
+            "the dump runs on far past its memory: the whole volume is checksummed"
         );
         return Ok(None);
     }
+    tracing::debug!(path = %path.display(), memory_end, data_end = d.data_end, "dump read to its end");
     Ok(Some(d))
 }
 
@@ -542,22 +555,26 @@ mod tests {
         assert_eq!(stream_start(&p).unwrap(), None);
     }
 
-    /// The read that stops one chunk past a dump's stream: the value is
-    /// the whole volume's when the volume holds zeros past the stream; a
-    /// non-zero byte in the chunk past it (the stream's length was wrong)
-    /// gives None, so the caller reads everything; a restore's read, bound
-    /// by the recorded dump_bytes, gives the same value.
+    /// The read that stops a little past a dump's memory part: the value
+    /// is the whole volume's when the volume holds zeros past the dump
+    /// (the device state past the memory part included); a dump that runs
+    /// on into the last chunk read (the figure was far wrong) gives None,
+    /// so the caller reads everything; a restore's read, bound by the
+    /// recorded dump_bytes, gives the same value.
     #[test]
-    fn a_dump_read_to_its_stream_end_has_the_whole_volumes_checksum() {
+    fn a_dump_read_near_its_end_has_the_whole_volumes_checksum() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("dump");
-        let cap = 8 * CHUNK as u64;
-        let end = 2 * CHUNK as u64 + 12_345;
+        let chunk = CHUNK as u64;
+        let cap = 10 * chunk;
+        // Memory up to 2 chunks + 12,345; device state for 90 KB more.
+        let memory_end = 2 * chunk + 12_345;
+        let end = memory_end + 90_000;
         let mut bytes: Vec<u8> = (0..end).map(|i| (i % 251) as u8 | 1).collect();
         bytes.resize(cap as usize, 0);
         std::fs::write(&p, &bytes).unwrap();
         let full = digest(&p, cap).unwrap();
-        let d = digest_to_stream_end(&p, cap, end).unwrap().unwrap();
+        let d = digest_near_stream_end(&p, cap, memory_end).unwrap().unwrap();
         assert_eq!(d.checksum, full.checksum);
         assert_eq!(d.data_end, end);
         let record = DumpRecord {
@@ -568,33 +585,40 @@ mod tests {
         };
         assert_eq!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
 
-        // The stream's length undercounted: the bytes past it are found.
-        for short in [end - 1, end - 4096, CHUNK as u64 + 1] {
-            assert_eq!(digest_to_stream_end(&p, cap, short).unwrap(), None, "{short}");
+        // A figure somewhat short still gives the whole volume's value; one
+        // far short of the dump (its bytes reach the last chunk read) gives
+        // None, and the whole volume is to be read.
+        let d = digest_near_stream_end(&p, cap, chunk + 1).unwrap().unwrap();
+        assert_eq!((d.checksum, d.data_end), (full.checksum, end));
+        for short in [chunk - 1, 1] {
+            assert_eq!(digest_near_stream_end(&p, cap, short).unwrap(), None, "{short}");
         }
-        // A volume hardly longer than the stream is read whole.
-        assert_eq!(digest_to_stream_end(&p, 3 * CHUNK as u64, end).unwrap(), None);
+        // A volume hardly longer than the dump is read whole.
+        assert_eq!(digest_near_stream_end(&p, 5 * chunk, memory_end).unwrap(), None);
 
         // Bytes far past the dump are no part of it: neither read nor
         // counted, by the dump's checksum or by a restore's.
-        bytes[7 * CHUNK] = 0xAB;
+        bytes[9 * CHUNK] = 0xAB;
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(
-            digest_to_stream_end(&p, cap, end).unwrap().unwrap().checksum,
+            digest_near_stream_end(&p, cap, memory_end)
+                .unwrap()
+                .unwrap()
+                .checksum,
             full.checksum
         );
         assert_eq!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
         assert_ne!(digest(&p, cap).unwrap().checksum, full.checksum);
         // A flipped byte in the dump, or a recorded dump_bytes cut short,
         // fails to match.
-        bytes[7 * CHUNK] = 0;
+        bytes[9 * CHUNK] = 0;
         bytes[CHUNK + 5] ^= 0x40;
         std::fs::write(&p, &bytes).unwrap();
         assert_ne!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
         bytes[CHUNK + 5] ^= 0x40;
         std::fs::write(&p, &bytes).unwrap();
         let cut = DumpRecord {
-            dump_bytes: CHUNK as u64,
+            dump_bytes: chunk,
             ..record.clone()
         };
         assert_ne!(digest_recorded(&p, &cut).unwrap().checksum, full.checksum);

@@ -515,7 +515,7 @@ impl Host {
                 &overlays,
                 mem.as_ref(),
                 followed,
-                completed.stream_bytes,
+                completed.memory_bytes,
                 guest_pause_ms,
             )
             .await;
@@ -832,7 +832,7 @@ impl Host {
         overlays: &[Prepared],
         mem: Option<&MemoryTarget>,
         followed: Option<Followed>,
-        stream_bytes: Option<u64>,
+        memory_bytes: Option<u64>,
         guest_pause_ms: u64,
     ) -> Result<SnapshotOutcome> {
         if job.cancelled() {
@@ -853,7 +853,7 @@ impl Host {
         let capacity = m.dump_capacity;
         let during = followed.as_ref().map_or(0, |f| f.bytes());
         let digest = tokio::task::spawn_blocking(move || {
-            metadata::digest_dump(&path, capacity, followed.as_ref(), stream_bytes)
+            metadata::digest_dump(&path, capacity, followed.as_ref(), memory_bytes)
         })
         .await
         .map_err(|e| HostError::Internal(e.to_string()))?
