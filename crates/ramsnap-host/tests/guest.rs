@@ -698,6 +698,51 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     );
 }
 
+/// The wait for a job that an earlier agent process left running in
+/// libvirt (a snapshot it began before it died): a live memory dump runs
+/// on the domain from another libvirt client; libvirt's control state says
+/// OK for most of it (the async job waits for QEMU between monitor calls),
+/// and `wait_for_jobs` returns only once that client's job has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_libvirts_jobs_outlasts_another_clients_live_dump() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("barrier", real_env()).await;
+    let g = boot(&mut env, false, 512, "ramsnap.fill=300").await;
+    let id: uuid::Uuid = g.id.parse().unwrap();
+    let hv = ramsnap_host::libvirt::Hypervisor::open("qemu:///system")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("core");
+    let domain = env.domain_name(&g.id);
+    let mut dump = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "dump", "--live", "--memory-only", &domain])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The job is under way once the dump file grows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the dump never began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    hv.wait_for_jobs(id, Duration::from_secs(120)).await.unwrap();
+    assert!(
+        dump.try_wait().unwrap().is_some(),
+        "wait_for_jobs returned while another client's dump still ran"
+    );
+    assert!(dump.wait().unwrap().success());
+    // With no job, at once; the domain is untouched.
+    let t = std::time::Instant::now();
+    hv.wait_for_jobs(id, Duration::from_secs(10)).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let mark = env.console(&g.id).await.len();
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token), "{lines:?}");
+    env.stop(&g.id, 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_a_dump_leaves_the_vm_running_and_nothing_half_made() {
     let _guest = GUESTS.acquire().await.unwrap();
