@@ -428,7 +428,7 @@ pub fn digest_file_after(
     algorithm: Algorithm,
     followed: Option<&Followed>,
 ) -> io::Result<FileDigest> {
-    digest_file_upto(path, capacity, algorithm, followed, u64::MAX)
+    digest_file_upto(path, capacity, algorithm, followed, u64::MAX, false)
 }
 
 /// [`digest_file_after`], reading nothing at or past `zeros_from`: those
@@ -439,12 +439,18 @@ pub fn digest_file_after(
 /// so matches the one recorded only if the recorded bytes past
 /// `zeros_from` were zeros, so whatever a restore reads of the dump lies
 /// before `zeros_from`, and was read here.
+///
+/// `through_cache`: a block device is read through the page cache, not
+/// with O_DIRECT: for a dump that another process (QEMU restoring it)
+/// reads at the same time, so that the device is read once, by whichever
+/// comes first, and the other finds the pages cached.
 pub fn digest_file_upto(
     path: &Path,
     capacity: u64,
     algorithm: Algorithm,
     followed: Option<&Followed>,
     zeros_from: u64,
+    through_cache: bool,
 ) -> io::Result<FileDigest> {
     let f = File::open(path)?;
     let followed = match followed {
@@ -456,7 +462,7 @@ pub fn digest_file_upto(
     if algorithm == Algorithm::Sha256 {
         return digest_sha256(path, f, len, readable, capacity);
     }
-    let block = f.metadata()?.file_type().is_block_device();
+    let block = f.metadata()?.file_type().is_block_device() && !through_cache;
     let f = if block {
         OpenOptions::new()
             .read(true)
@@ -882,21 +888,21 @@ mod tests {
             let full = digest_file(&p, cap, algorithm).unwrap();
             // Anywhere at or past the data's end: the same value.
             for from in [bytes.len() as u64, 3 * CHUNK as u64, cap, u64::MAX] {
-                let d = digest_file_upto(&p, cap, algorithm, None, from).unwrap();
+                let d = digest_file_upto(&p, cap, algorithm, None, from, false).unwrap();
                 assert_eq!(d, full, "{algorithm:?} from {from}");
             }
             // Bytes past it are not read: garbage there leaves the value.
             let mut dirty = padded.clone();
             dirty[4 * CHUNK + 5] = 0xff;
             std::fs::write(&p, &dirty).unwrap();
-            let d = digest_file_upto(&p, cap, algorithm, None, 3 * CHUNK as u64).unwrap();
+            let d = digest_file_upto(&p, cap, algorithm, None, 3 * CHUNK as u64, false).unwrap();
             assert_eq!(d.checksum, full.checksum, "{algorithm:?}: garbage past the bound");
             assert_ne!(digest_file(&p, cap, algorithm).unwrap().checksum, full.checksum);
             std::fs::write(&p, &padded).unwrap();
             // A bound inside the data: another value, and data_end says
             // where the bytes read end.
             let cut = bytes.len() as u64 - 1;
-            let d = digest_file_upto(&p, cap, algorithm, None, cut).unwrap();
+            let d = digest_file_upto(&p, cap, algorithm, None, cut, false).unwrap();
             assert_ne!(d.checksum, full.checksum, "{algorithm:?}: bound inside the data");
             assert!(d.data_end <= cut);
         }

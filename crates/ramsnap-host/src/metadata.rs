@@ -214,7 +214,8 @@ pub fn digest_near_stream_end(path: &Path, capacity: u64, memory_end: u64) -> io
     if bound >= capacity {
         return Ok(None);
     }
-    let d = ramsnap_common::checksum::digest_file_upto(path, capacity, Algorithm::CURRENT, None, bound)?;
+    let d =
+        ramsnap_common::checksum::digest_file_upto(path, capacity, Algorithm::CURRENT, None, bound, false)?;
     if d.data_end > bound - CHUNK as u64 {
         tracing::warn!(
             path = %path.display(), memory_end, data_end = d.data_end,
@@ -234,12 +235,23 @@ pub fn digest_near_stream_end(path: &Path, capacity: u64, memory_end: u64) -> io
 /// there, so everything a restore reads of it was read here; a wrong
 /// `dump_bytes` can only make it fail to match. The bytes past it are
 /// not the dump's: a restore never reads them.
-pub fn digest_recorded(path: &Path, dump: &DumpRecord) -> io::Result<FileDigest> {
+///
+/// `beside_restore`: QEMU reads the dump at the same time; the read goes
+/// through the page cache, so that the volume is read from the device
+/// once (see [`ramsnap_common::checksum::digest_file_upto`]).
+pub fn digest_recorded(path: &Path, dump: &DumpRecord, beside_restore: bool) -> io::Result<FileDigest> {
     let zeros_from = match dump.dump_bytes {
         0 => u64::MAX,
         n => n.div_ceil(CHUNK as u64).saturating_mul(CHUNK as u64),
     };
-    ramsnap_common::checksum::digest_file_upto(path, dump.capacity, dump.checksum.algorithm, None, zeros_from)
+    ramsnap_common::checksum::digest_file_upto(
+        path,
+        dump.capacity,
+        dump.checksum.algorithm,
+        None,
+        zeros_from,
+        beside_restore,
+    )
 }
 
 /// Where QEMU's stream starts in a raw libvirt save image: past libvirt's
@@ -583,7 +595,10 @@ mod tests {
             dump_bytes: d.data_end,
             checksum: d.checksum,
         };
-        assert_eq!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
+        assert_eq!(
+            digest_recorded(&p, &record, false).unwrap().checksum,
+            full.checksum
+        );
 
         // A figure somewhat short still gives the whole volume's value; one
         // far short of the dump (its bytes reach the last chunk read) gives
@@ -607,27 +622,33 @@ mod tests {
                 .checksum,
             full.checksum
         );
-        assert_eq!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
+        assert_eq!(
+            digest_recorded(&p, &record, false).unwrap().checksum,
+            full.checksum
+        );
         assert_ne!(digest(&p, cap).unwrap().checksum, full.checksum);
         // A flipped byte in the dump, or a recorded dump_bytes cut short,
         // fails to match.
         bytes[9 * CHUNK] = 0;
         bytes[CHUNK + 5] ^= 0x40;
         std::fs::write(&p, &bytes).unwrap();
-        assert_ne!(digest_recorded(&p, &record).unwrap().checksum, full.checksum);
+        assert_ne!(
+            digest_recorded(&p, &record, false).unwrap().checksum,
+            full.checksum
+        );
         bytes[CHUNK + 5] ^= 0x40;
         std::fs::write(&p, &bytes).unwrap();
         let cut = DumpRecord {
             dump_bytes: chunk,
             ..record.clone()
         };
-        assert_ne!(digest_recorded(&p, &cut).unwrap().checksum, full.checksum);
+        assert_ne!(digest_recorded(&p, &cut, false).unwrap().checksum, full.checksum);
         // No dump_bytes recorded: the whole volume.
         let none = DumpRecord {
             dump_bytes: 0,
             ..record
         };
-        assert_eq!(digest_recorded(&p, &none).unwrap().checksum, full.checksum);
+        assert_eq!(digest_recorded(&p, &none, true).unwrap().checksum, full.checksum);
     }
 
     #[test]

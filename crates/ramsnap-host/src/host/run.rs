@@ -279,7 +279,7 @@ impl Host {
         let check = async {
             let t = Instant::now();
             let d = blocking_io("checksumming the memory dump".into(), move || {
-                metadata::digest_recorded(&dump_file, &recorded)
+                metadata::digest_recorded(&dump_file, &recorded, true)
             })
             .await;
             tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: checksum");

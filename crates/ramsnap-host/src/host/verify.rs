@@ -116,7 +116,7 @@ impl Host {
                 prepared.push(memory.dump);
                 let (dump_path, recorded) = (dump.path.clone(), md.dump.clone());
                 blocking_io("checksumming the memory dump".into(), move || {
-                    metadata::digest_recorded(&dump_path, &recorded)
+                    metadata::digest_recorded(&dump_path, &recorded, false)
                 })
                 .await?
                 .checksum
