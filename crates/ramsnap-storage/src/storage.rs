@@ -880,34 +880,38 @@ impl Storage {
             };
             let b = dst_dom.backend.clone();
             let target_domain = req.target_domain;
-            blocking(move || {
+            let target = blocking(move || {
                 if let (Some(p), Some(image)) = (parent, new.image) {
                     require_layer_parent(b.as_ref(), target_domain, image, p)?;
                 }
                 create_illegal(b.as_ref(), new, allocation)
             })
-            .await?
+            .await?;
+            // Held and listed as copying before the domain lock is let go:
+            // a PrepareVolume or DeleteVolume that was waiting for it finds
+            // the copy running (VOLUME_BUSY), never the ILLEGAL target alone.
+            let target_ref = target.volume_ref();
+            let dst_hold = self.inner.holds.hold(
+                target_ref,
+                format!(
+                    "is being written by a running copy (CopyVolume) from {}, until it ends",
+                    req.source
+                ),
+            );
+            let (tx, rx) = watch::channel(CopyState {
+                processed: 0,
+                total: source.meta.capacity,
+                outcome: None,
+                checksum: None,
+            });
+            self.inner
+                .copies
+                .lock()
+                .expect("lock poisoned")
+                .insert(target_ref, rx.clone());
+            (target, target_ref, dst_hold, tx, rx)
         };
-
-        let target_ref = target.volume_ref();
-        let dst_hold = self.inner.holds.hold(
-            target_ref,
-            format!(
-                "is being written by a running copy (CopyVolume) from {}, until it ends",
-                req.source
-            ),
-        );
-        let (tx, rx) = watch::channel(CopyState {
-            processed: 0,
-            total: source.meta.capacity,
-            outcome: None,
-            checksum: None,
-        });
-        self.inner
-            .copies
-            .lock()
-            .expect("lock poisoned")
-            .insert(target_ref, rx.clone());
+        let (target, target_ref, dst_hold, tx, rx) = target;
         let this = self.clone();
         tokio::spawn(async move {
             let outcome = this
