@@ -1289,13 +1289,16 @@ fn create_locked(
             remove_unless_in_use(backend, holds, v.volume_ref())?;
         }
     }
-    let v = create_illegal(backend, req, allocation)?;
+    let mut v = create_illegal(backend, req, allocation)?;
     let (i, vol) = (v.meta.image, v.meta.volume);
     if let Err(e) = backend.set_legality(i, vol, Legality::Legal) {
         let _ = backend.remove(i, vol);
         return Err(e);
     }
-    backend.get(i, vol)
+    // What the backend would read back now: the legality is all that
+    // changed (on BLOCK, reading it back is one more lvs).
+    v.meta.legality = Legality::Legal;
+    Ok(v)
 }
 
 /// Validates against the domain's current state and creates the volume

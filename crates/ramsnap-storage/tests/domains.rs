@@ -42,6 +42,11 @@ async fn create_list_get_delete_on_both_kinds() {
         }
         let listed = env.list(&domain).await;
         assert_eq!(listed.len(), 2, "{kind:?}: {listed:?}");
+        // What a create answers is what the domain holds.
+        for made in [&raw, &cow] {
+            let back = listed.iter().find(|v| v.r#ref == made.r#ref).unwrap();
+            assert_eq!(back, made, "{kind:?}");
+        }
         let got = env
             .client
             .get_volume(pb::GetVolumeRequest {
