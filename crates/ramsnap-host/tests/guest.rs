@@ -702,12 +702,15 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
 /// libvirt (a snapshot it began before it died): a live memory dump runs
 /// on the domain from another libvirt client; libvirt's control state says
 /// OK for most of it (the async job waits for QEMU between monitor calls),
-/// and `wait_for_jobs` returns only once that client's job has ended.
+/// and `wait_for_jobs` returns only once that client's job has ended: the
+/// client (virsh) exits right after, not a dump's length later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_libvirts_jobs_outlasts_another_clients_live_dump() {
     let _guest = GUESTS.acquire().await.unwrap();
     let mut env = Env::new("barrier", real_env()).await;
-    let g = boot(&mut env, false, 512, "ramsnap.fill=300").await;
+    // A 1 GiB guest: its memory-only dump (every page, zeros included)
+    // takes well over a second here.
+    let g = boot(&mut env, false, 1024, "ramsnap.fill=600").await;
     let id: uuid::Uuid = g.id.parse().unwrap();
     let hv = ramsnap_host::libvirt::Hypervisor::open("qemu:///system")
         .await
@@ -727,12 +730,26 @@ async fn waiting_for_libvirts_jobs_outlasts_another_clients_live_dump() {
         assert!(std::time::Instant::now() < deadline, "the dump never began");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let began = std::time::Instant::now();
     hv.wait_for_jobs(id, Duration::from_secs(120)).await.unwrap();
-    assert!(
-        dump.try_wait().unwrap().is_some(),
-        "wait_for_jobs returned while another client's dump still ran"
+    let returned = std::time::Instant::now();
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = dump.wait().unwrap();
+        (status, std::time::Instant::now())
+    })
+    .await
+    .unwrap();
+    assert!(exited.0.success(), "virsh dump: {:?}", exited.0);
+    let lag = exited.1.duration_since(returned);
+    eprintln!(
+        "dump ran {:?} after it began writing; wait_for_jobs returned {:?} in, virsh exited {lag:?} after that",
+        exited.1.duration_since(began),
+        returned.duration_since(began)
     );
-    assert!(dump.wait().unwrap().success());
+    assert!(
+        lag < Duration::from_millis(500),
+        "wait_for_jobs returned {lag:?} before another client's dump ended"
+    );
     // With no job, at once; the domain is untouched.
     let t = std::time::Instant::now();
     hv.wait_for_jobs(id, Duration::from_secs(10)).await.unwrap();
