@@ -458,11 +458,11 @@ impl Hypervisor {
     /// state (virDomainGetControlInfo) cannot tell: it shows an async job
     /// only while the job is inside a monitor call, and says OK while the
     /// job waits for QEMU between calls (seen: a new snapshot begun then
-    /// collided with the old one's disks). So this takes a modify job of its own (it
-    /// writes ramsnap's metadata element back as it is), which libvirt
-    /// grants only once any async job has ended, retrying while libvirt
-    /// gives up waiting for the job lock. Ok at once when the domain is
-    /// gone.
+    /// collided with the old one's disks). So this takes a modify job of
+    /// its own (it writes ramsnap's metadata element back as it is), which
+    /// libvirt grants only once any async job has ended, retrying while
+    /// libvirt gives up waiting for the job lock. Ok at once when the
+    /// domain is gone.
     pub async fn wait_for_jobs(&self, id: Uuid, limit: Duration) -> Result<()> {
         let started = Instant::now();
         loop {

@@ -258,6 +258,13 @@ pub fn digest_recorded(path: &Path, dump: &DumpRecord, beside_restore: bool) -> 
 /// header (96 bytes: magic, six u32s, 15 unused u32s) and the data it
 /// counts (the domain XML, the cookie, padding). None for any other image.
 pub fn stream_start(path: &Path) -> io::Result<Option<u64>> {
+    Ok(raw_save_data_len(path)?.map(|data_len| SAVE_HEADER_BYTES + u64::from(data_len)))
+}
+
+/// The data length in libvirt's save image header when the file is a
+/// finished, raw save image (magic, then version, data length, was-running
+/// and the image format as native u32s; format 0 is raw); None otherwise.
+fn raw_save_data_len(path: &Path) -> io::Result<Option<u32>> {
     let mut head = [0u8; 32];
     let f = File::open(path)?;
     let mut got = 0;
@@ -269,10 +276,7 @@ pub fn stream_start(path: &Path) -> io::Result<Option<u64>> {
         got += n;
     }
     let u32_at = |at: usize| u32::from_ne_bytes(head[at..at + 4].try_into().expect("4 bytes"));
-    if &head[..16] != SAVE_MAGIC || u32_at(28) != 0 {
-        return Ok(None);
-    }
-    Ok(Some(SAVE_HEADER_BYTES + u64::from(u32_at(20))))
+    Ok((&head[..16] == SAVE_MAGIC && u32_at(28) == 0).then(|| u32_at(20)))
 }
 
 /// The size of libvirt's save image header (`virQEMUSaveHeader`).
@@ -286,24 +290,12 @@ pub fn follow_dump(path: &Path, capacity: u64, stop: &std::sync::atomic::AtomicB
 const SAVE_MAGIC: &[u8; 16] = b"LibvirtQemudSave";
 
 /// True when the file is a libvirt save image whose QEMU stream was
-/// written in order: libvirt's header (magic, then version, data length,
-/// was-running and the image format as native u32s) says the raw format.
+/// written in order: libvirt's header says the raw format.
 /// A compressed image goes through a compressor, and the sparse format of
 /// newer libvirt (QEMU's mapped-ram) writes pages at fixed offsets: for
 /// both the chunks hashed during the dump are not trusted.
 pub fn written_in_order(path: &Path) -> io::Result<bool> {
-    let mut head = [0u8; 32];
-    let f = File::open(path)?;
-    let mut got = 0;
-    while got < head.len() {
-        let n = (&f).read(&mut head[got..])?;
-        if n == 0 {
-            return Ok(false);
-        }
-        got += n;
-    }
-    let format = u32::from_ne_bytes(head[28..32].try_into().expect("4 bytes"));
-    Ok(&head[..16] == SAVE_MAGIC && format == 0)
+    Ok(raw_save_data_len(path)?.is_some())
 }
 
 pub fn is_block_device(path: &Path) -> io::Result<bool> {

@@ -138,11 +138,8 @@ struct Taken {
 /// Takes a snapshot with memory of a running guest and checks what it did:
 /// the VM runs on the overlay, the metadata volume records the frozen disk
 /// and the dump's checksum.
-/// The checksum of a whole volume, every byte read (a dump volume's
-/// capacity, zeros past the dump included), as its text form.
-async fn whole_volume_checksum(env: &mut Env, r: &common::VolumeRef) -> String {
-    let capacity = env
-        .storage
+async fn volume_capacity(env: &mut Env, r: &common::VolumeRef) -> u64 {
+    env.storage
         .get_volume(spb::GetVolumeRequest {
             r#ref: Some(r.clone()),
         })
@@ -151,7 +148,13 @@ async fn whole_volume_checksum(env: &mut Env, r: &common::VolumeRef) -> String {
         .into_inner()
         .volume
         .unwrap()
-        .capacity_bytes;
+        .capacity_bytes
+}
+
+/// The checksum of a whole volume, every byte read (a dump volume's
+/// capacity, zeros past the dump included), as its text form.
+async fn whole_volume_checksum(env: &mut Env, r: &common::VolumeRef) -> String {
+    let capacity = volume_capacity(env, r).await;
     let path = env.path_of(r).await;
     let d = ramsnap_common::checksum::digest_file(
         &path,
@@ -348,17 +351,7 @@ async fn memory_on_block_paused_then_live_restores_the_same_guest_and_a_run_with
     let planted = vec![0xABu8; 4096];
     let dirty = env.memory_volumes(true, g.memory_mib * MIB, false).await;
     let dump_ref = dirty.dump.clone().unwrap();
-    let capacity = env
-        .storage
-        .get_volume(spb::GetVolumeRequest {
-            r#ref: Some(dump_ref.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .capacity_bytes;
+    let capacity = volume_capacity(&mut env, &dump_ref).await;
     env.write_bytes(&dump_ref, capacity - 4096, &planted).await;
     env.write_bytes(
         dirty.metadata.as_ref().unwrap(),
