@@ -48,7 +48,7 @@ mod vms;
 
 pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
 pub use hosts::{Host, NewHost};
-pub use operations::{NewOperation, Operation, OperationState};
+pub use operations::{Accepted, NewOperation, Operation, OperationState};
 pub use sagas::{NewSaga, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
 pub use snapshots::{
     MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef,

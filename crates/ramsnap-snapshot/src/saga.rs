@@ -15,7 +15,7 @@
 //! unwound (the saga then always completes); a failed node's own undo runs
 //! too (undo actions treat "nothing to undo" as success), which is what
 //! steno's no-op "undo carrier" nodes achieve.
-use crate::db::{Database, NewSaga, OperationState, SagaNodeEventType, SagaState};
+use crate::db::{Database, NewSaga, OperationState, Saga, SagaNodeEventType, SagaState};
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -194,8 +194,14 @@ pub struct Executor<S> {
 }
 
 enum Outcome {
-    Done,
-    Unwound { status: Status, cancelled: bool },
+    /// With the last node's success, if it is not logged yet.
+    Done {
+        last: Option<(u32, Value)>,
+    },
+    Unwound {
+        status: Status,
+        cancelled: bool,
+    },
 }
 
 impl<S: Send + Sync + 'static> Executor<S> {
@@ -279,39 +285,88 @@ impl<S: Send + Sync + 'static> Executor<S> {
         });
     }
 
+    /// The owner name this executor records on the sagas it runs.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Whether a saga of this name is defined.
+    pub fn defines(&self, name: &str) -> bool {
+        self.sagas.contains_key(name)
+    }
+
+    /// Runs a saga just recorded with its first node's start
+    /// ([`crate::db::Database::accept_operation`]): nothing is read back.
+    /// It counts as running (a cancel reaches it) when this returns.
+    pub fn run_accepted(self: &Arc<Self>, saga: Saga) {
+        let operation_id = saga.operation_id.unwrap_or(saga.id);
+        let Some(running) = self.register(operation_id) else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let saga_id = saga.id;
+            if let Err(e) = this.drive(saga, Vec::new(), running, Some(0)).await {
+                tracing::error!(saga = %saga_id, error = %e, "saga execution stopped; it resumes at the next start");
+            }
+        });
+    }
+
+    /// Marks the operation's saga as executing here; None if it already is.
+    fn register(self: &Arc<Self>, operation_id: Uuid) -> Option<Running<S>> {
+        let cancel = CancellationToken::new();
+        let mut running = self.running.lock().expect("poisoned");
+        if running.contains_key(&operation_id) {
+            return None;
+        }
+        running.insert(operation_id, cancel.clone());
+        Some(Running {
+            cancel,
+            _guard: RunningGuard {
+                exec: self.clone(),
+                operation_id,
+            },
+        })
+    }
+
     async fn execute(self: &Arc<Self>, saga_id: Uuid) -> Result<(), Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
         let saga = self.db.get_saga(saga_id).await.map_err(db_err)?;
+        let operation_id = saga.operation_id.unwrap_or(saga_id);
+        let Some(running) = self.register(operation_id) else {
+            return Ok(()); // already executing in this process
+        };
+        if let Ok(op) = self.db.get_operation(operation_id).await {
+            if op.cancel_requested {
+                running.cancel.cancel();
+            }
+        }
+        let events = self.db.saga_node_events(saga_id).await.map_err(db_err)?;
+        self.drive(saga, events, running, None).await
+    }
+
+    /// Runs `saga` on from its log, `events`; `start_logged` is a node
+    /// whose start is logged although `events` do not show it.
+    async fn drive(
+        self: &Arc<Self>,
+        saga: Saga,
+        events: Vec<crate::db::SagaNodeEvent>,
+        running: Running<S>,
+        start_logged: Option<usize>,
+    ) -> Result<(), Status> {
+        let saga_id = saga.id;
         let def =
             self.sagas.get(saga.name.as_str()).cloned().ok_or_else(|| {
                 Status::internal(format!("saga {saga_id} names unknown saga {}", saga.name))
             })?;
         let operation_id = saga.operation_id.unwrap_or(saga_id);
-        let cancel = CancellationToken::new();
-        {
-            let mut running = self.running.lock().expect("poisoned");
-            if running.contains_key(&operation_id) {
-                return Ok(()); // already executing in this process
-            }
-            running.insert(operation_id, cancel.clone());
-        }
-        let _guard = RunningGuard {
-            exec: self.clone(),
-            operation_id,
-        };
-        if let Ok(op) = self.db.get_operation(operation_id).await {
-            if op.cancel_requested {
-                cancel.cancel();
-            }
-        }
-
-        let events = self.db.saga_node_events(saga_id).await.map_err(db_err)?;
-        let mut outputs = HashMap::new();
+        let cancel = running.cancel.clone();
         let has = |node: usize, t: SagaNodeEventType| {
             events
                 .iter()
                 .any(|e| e.node_id as usize == node && e.event_type == t)
         };
+        let mut outputs = HashMap::new();
         for (i, node) in def.nodes.iter().enumerate() {
             if let Some(e) = events
                 .iter()
@@ -346,7 +401,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 cancelled,
             }
         } else {
-            self.run_forward(&def, &cx, &has)
+            self.run_forward(&def, &cx, &has, start_logged)
                 .instrument(tracing::info_span!("saga", saga = %saga_id, saga_name = def.name))
                 .await?
         };
@@ -364,10 +419,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
         def: &SagaDef<S>,
         cx: &SagaCx<S>,
         has: &(dyn Fn(usize, SagaNodeEventType) -> bool + Sync),
+        mut start_logged: Option<usize>,
     ) -> Result<Outcome, Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
-        // The node whose start was logged with its predecessor's success.
-        let mut start_logged: Option<usize> = None;
+        // The last node's success, logged with the operation's end.
+        let mut last = None;
         for (i, node) in def.nodes.iter().enumerate() {
             if has(i, SagaNodeEventType::Succeeded) {
                 continue;
@@ -503,6 +559,8 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     .await
                     .map_err(db_err)?;
                 start_logged = Some(next);
+            } else if next == def.nodes.len() {
+                last = Some((i as u32, output.clone()));
             } else {
                 self.db
                     .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Succeeded, Some(&output))
@@ -510,9 +568,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     .map_err(db_err)?;
             }
             cx.outputs.lock().expect("poisoned").insert(node.name, output);
-            (self.notify)(cx.operation_id);
+            if last.is_none() {
+                (self.notify)(cx.operation_id);
+            }
         }
-        Ok(Outcome::Done)
+        Ok(Outcome::Done { last })
     }
 
     /// Undoes, last first, every node that started and is not undone yet.
@@ -562,12 +622,20 @@ impl<S: Send + Sync + 'static> Executor<S> {
     async fn finish(&self, def: &SagaDef<S>, cx: &SagaCx<S>, outcome: Outcome) -> Result<(), Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
         match outcome {
-            Outcome::Done => {
+            Outcome::Done { last } => {
                 let result = def
                     .result_node
                     .and_then(|n| cx.outputs.lock().expect("poisoned").get(n).cloned());
+                let last = last.as_ref().map(|(node, output)| (*node, output));
                 self.db
-                    .finish_operation(cx.operation_id, OperationState::Succeeded, None, result.as_ref())
+                    .finish_saga(
+                        cx.saga_id,
+                        last,
+                        cx.operation_id,
+                        OperationState::Succeeded,
+                        None,
+                        result.as_ref(),
+                    )
                     .await
                     .map_err(db_err)?;
             }
@@ -579,15 +647,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 };
                 let error = error_text(&status);
                 self.db
-                    .finish_operation(cx.operation_id, state, Some(&error), None)
+                    .finish_saga(cx.saga_id, None, cx.operation_id, state, Some(&error), None)
                     .await
                     .map_err(db_err)?;
             }
         }
-        self.db
-            .set_saga_state(cx.saga_id, SagaState::Done)
-            .await
-            .map_err(db_err)?;
         (self.notify)(cx.operation_id);
         Ok(())
     }
@@ -596,6 +660,13 @@ impl<S: Send + Sync + 'static> Executor<S> {
         let ms = 50u64.saturating_mul(1 << attempt.min(10));
         Duration::from_millis(ms).min(self.retry_cap)
     }
+}
+
+/// A saga executing here: its cancel token, and its entry in `running`
+/// until dropped.
+struct Running<S: Send + Sync + 'static> {
+    cancel: CancellationToken,
+    _guard: RunningGuard<S>,
 }
 
 struct RunningGuard<S: Send + Sync + 'static> {

@@ -198,9 +198,12 @@ pub fn refuse_locked(vm: &db::Vm) -> Result<(), Status> {
 }
 
 /// Starts an operation, or returns the one its request id already started.
+/// The operation, the VM's lock, the saga and its first node's start are
+/// recorded in one transaction ([`db::Database::accept_operation`]).
 pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, Status> {
-    if let Some(op) = retried_operation(app, s.kind, &s.request).await? {
-        return Ok(op);
+    let executor = app.executor();
+    if !executor.defines(s.saga) {
+        return Err(Status::internal(format!("no saga named {}", s.saga)));
     }
     let request_id = s.request.id.map(|r| r.to_string());
     let new = NewOperation {
@@ -210,46 +213,42 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
         request_id: request_id.clone(),
         warnings: s.warnings,
     };
+    let saga = db::NewSaga {
+        id: Uuid::new_v4(),
+        name: s.saga.to_string(),
+        params: s.params,
+        owner: executor.owner().to_string(),
+        operation_id: Some(new.id),
+    };
     let fingerprint = request_id.as_ref().map(|_| s.request.fingerprint.as_str());
-    let op = match app.db.create_operation_for_request(&new, fingerprint).await {
-        Ok(op) => op,
-        // Two retries racing: the other one made it.
+    let locked = s.vm_id.filter(|_| s.lock_vm);
+    let locked_error = |holder: Uuid| {
+        let status = vm_locked(locked.unwrap_or_default(), holder);
+        format!("{}: {}", code_name(status.code()), status.message())
+    };
+    match app
+        .db
+        .accept_operation(&new, fingerprint, locked, &locked_error, &saga)
+        .await
+    {
+        Ok(db::Accepted::Started { operation, saga }) => {
+            if let Some(vm) = locked {
+                app.notify_vm(vm);
+            }
+            executor.run_accepted(saga);
+            Ok(operation)
+        }
+        Ok(db::Accepted::VmLocked { holder, .. }) => Err(vm_locked(locked.unwrap_or_default(), holder)),
+        // The request id is taken: a retry (answered with what it started),
+        // possibly racing this one, or a reuse (refused).
         Err(DbError::Conflict { .. }) if request_id.is_some() => {
-            return match retried_operation(app, s.kind, &s.request).await? {
+            match retried_operation(app, s.kind, &s.request).await? {
                 Some(op) => Ok(op),
                 None => Err(Status::aborted("request id conflict; retry")),
-            };
+            }
         }
-        Err(e) => return Err(db_status(e)),
-    };
-    let locked = s.vm_id.filter(|_| s.lock_vm);
-    if let Some(vm) = locked {
-        if let Err(e) = app.db.try_lock_vm(vm, op.id).await {
-            let status = match e {
-                DbError::VmLocked { vm_id, holder } => vm_locked(vm_id, holder),
-                e => db_status(e),
-            };
-            let msg = format!("{}: {}", code_name(status.code()), status.message());
-            let _ = app
-                .db
-                .finish_operation(op.id, OperationState::Failed, Some(&msg), None)
-                .await;
-            return Err(status);
-        }
-        app.notify_vm(vm);
+        Err(e) => Err(db_status(e)),
     }
-    if let Err(e) = app.executor().start(s.saga, s.params, op.id).await {
-        if let Some(vm) = locked {
-            let _ = app.db.unlock_vm(vm, op.id).await;
-        }
-        let msg = format!("{}: {}", code_name(e.code()), e.message());
-        let _ = app
-            .db
-            .finish_operation(op.id, OperationState::Failed, Some(&msg), None)
-            .await;
-        return Err(e);
-    }
-    app.db.get_operation(op.id).await.map_err(db_status)
 }
 
 pub fn to_operation(op: &db::Operation) -> pb::Operation {

@@ -3,9 +3,9 @@
 //! created through the server named by RAMSNAP_TEST_PG_URL and dropped after.
 
 use ramsnap_snapshot::db::{
-    Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewHost, NewOperation,
-    NewSaga, NewSnapshot, NewVm, OperationState, SagaNodeEventType, SagaState, Snapshot, SnapshotDisk,
-    SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
+    Accepted, Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewHost,
+    NewOperation, NewSaga, NewSnapshot, NewVm, OperationState, SagaNodeEventType, SagaState, Snapshot,
+    SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
 };
 use serde_json::json;
 use sqlx::Executor;
@@ -136,6 +136,8 @@ on_both_backends!(
     saga_volume_claims,
     vm_using_image,
     concurrent_write_transactions,
+    accept_operation_is_one_transaction,
+    finish_saga_ends_log_operation_and_saga_together,
 );
 
 // ---- fixtures ----
@@ -2048,4 +2050,202 @@ async fn concurrent_write_transactions(db: Database) {
         t.await.unwrap().unwrap();
     }
     assert_eq!(db.list_vms_in_cluster(cluster.id).await.unwrap().len(), 64);
+}
+
+fn new_saga(operation_id: Uuid) -> NewSaga {
+    NewSaga {
+        id: Uuid::new_v4(),
+        name: "snapshot_create".into(),
+        params: json!({"k": 1}),
+        owner: "test".into(),
+        operation_id: Some(operation_id),
+    }
+}
+
+async fn accept_operation_is_one_transaction(db: Database) {
+    let vm = vm(&db).await;
+    let locked_error = |holder: Uuid| format!("FAILED_PRECONDITION: VM_LOCKED: held by {holder}");
+    let new = NewOperation {
+        id: Uuid::new_v4(),
+        kind: "create_snapshot".into(),
+        vm_id: Some(vm.id),
+        request_id: Some(Uuid::new_v4().to_string()),
+        warnings: vec!["w".into()],
+    };
+    let saga = new_saga(new.id);
+    let Accepted::Started {
+        operation,
+        saga: recorded,
+    } = db
+        .accept_operation(&new, Some("fp"), Some(vm.id), &locked_error, &saga)
+        .await
+        .unwrap()
+    else {
+        panic!("the VM was free");
+    };
+    // What it answers is what it stored.
+    assert_eq!(db.get_operation(new.id).await.unwrap(), operation);
+    assert_eq!(operation.state, OperationState::Running);
+    assert_eq!(operation.request_fingerprint.as_deref(), Some("fp"));
+    assert_eq!(db.get_saga(saga.id).await.unwrap(), recorded);
+    assert_eq!(recorded.state, SagaState::Running);
+    assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(new.id));
+    let events = db.saga_node_events(saga.id).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].node_id, events[0].event_type),
+        (0, SagaNodeEventType::Started)
+    );
+
+    // A second operation on the locked VM is recorded FAILED, naming the
+    // holder, with no saga and without touching the lock.
+    let second = NewOperation {
+        id: Uuid::new_v4(),
+        request_id: Some(Uuid::new_v4().to_string()),
+        ..new.clone()
+    };
+    let second_saga = new_saga(second.id);
+    match db
+        .accept_operation(&second, None, Some(vm.id), &locked_error, &second_saga)
+        .await
+        .unwrap()
+    {
+        Accepted::VmLocked { operation, holder } => {
+            assert_eq!(holder, new.id);
+            assert_eq!(operation.state, OperationState::Failed);
+            assert_eq!(db.get_operation(second.id).await.unwrap(), operation);
+            assert_eq!(
+                operation.error.as_deref(),
+                Some(format!("FAILED_PRECONDITION: VM_LOCKED: held by {}", new.id).as_str())
+            );
+        }
+        other => panic!("the VM was locked: {other:?}"),
+    }
+    assert!(db.get_saga(second_saga.id).await.unwrap_err().is_not_found());
+    assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(new.id));
+
+    // A reused request id records nothing (the operation, the lock and the
+    // saga roll back together).
+    db.unlock_vm(vm.id, new.id).await.unwrap();
+    let reuse = NewOperation {
+        id: Uuid::new_v4(),
+        ..new.clone()
+    };
+    let reuse_saga = new_saga(reuse.id);
+    let err = db
+        .accept_operation(&reuse, None, Some(vm.id), &locked_error, &reuse_saga)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert!(db.get_operation(reuse.id).await.unwrap_err().is_not_found());
+    assert!(db.get_saga(reuse_saga.id).await.unwrap_err().is_not_found());
+    assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, None);
+
+    // A VM that does not exist: nothing recorded.
+    let ghost = NewOperation {
+        id: Uuid::new_v4(),
+        request_id: None,
+        ..new.clone()
+    };
+    let ghost_saga = new_saga(ghost.id);
+    let err = db
+        .accept_operation(&ghost, None, Some(Uuid::new_v4()), &locked_error, &ghost_saga)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    assert!(db.get_operation(ghost.id).await.unwrap_err().is_not_found());
+
+    // Without a lock (an operation that creates its VM).
+    let free = NewOperation {
+        id: Uuid::new_v4(),
+        vm_id: None,
+        request_id: None,
+        ..new.clone()
+    };
+    let free_saga = new_saga(free.id);
+    assert!(matches!(
+        db.accept_operation(&free, None, None, &locked_error, &free_saga)
+            .await
+            .unwrap(),
+        Accepted::Started { .. }
+    ));
+}
+
+async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
+    let op = operation(&db, None).await;
+    let saga = new_saga(op);
+    db.create_saga(&saga).await.unwrap();
+    let output = json!({"snapshot_id": "x"});
+    db.finish_saga(
+        saga.id,
+        Some((3, &output)),
+        op,
+        OperationState::Succeeded,
+        None,
+        Some(&output),
+    )
+    .await
+    .unwrap();
+    let events = db.saga_node_events(saga.id).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].node_id, events[0].event_type),
+        (3, SagaNodeEventType::Succeeded)
+    );
+    assert_eq!(events[0].data, Some(output.clone()));
+    let o = db.get_operation(op).await.unwrap();
+    assert_eq!(
+        (o.state, o.result),
+        (OperationState::Succeeded, Some(output.clone()))
+    );
+    assert_eq!(db.get_saga(saga.id).await.unwrap().state, SagaState::Done);
+    // A replay is a no-op; another outcome is refused, and changes nothing.
+    db.finish_saga(
+        saga.id,
+        Some((3, &output)),
+        op,
+        OperationState::Succeeded,
+        None,
+        Some(&output),
+    )
+    .await
+    .unwrap();
+    let err = db
+        .finish_saga(
+            saga.id,
+            None,
+            op,
+            OperationState::Failed,
+            Some("INTERNAL: x"),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(
+        db.get_operation(op).await.unwrap().state,
+        OperationState::Succeeded
+    );
+
+    // The operation's refusal rolls the log event back too.
+    let op2 = operation(&db, None).await;
+    let saga2 = new_saga(op2);
+    db.create_saga(&saga2).await.unwrap();
+    db.finish_operation(op2, OperationState::Cancelled, Some("CANCELLED: x"), None)
+        .await
+        .unwrap();
+    let err = db
+        .finish_saga(
+            saga2.id,
+            Some((1, &output)),
+            op2,
+            OperationState::Succeeded,
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert!(db.saga_node_events(saga2.id).await.unwrap().is_empty());
+    assert_eq!(db.get_saga(saga2.id).await.unwrap().state, SagaState::Running);
 }

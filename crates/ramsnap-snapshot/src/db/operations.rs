@@ -1,8 +1,9 @@
 //! Long-running operations: their progress and outcome, and the client
 //! request ids that make starting one idempotent.
 
-use super::{decode_error, now_ms, to_bigint, Database, DbError, RowExt};
+use super::{decode_error, now_ms, to_bigint, Database, DbError, NewSaga, RowExt, Saga, SagaNodeEventType};
 use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
 use uuid::Uuid;
 
 super::text_enum! {
@@ -131,18 +132,8 @@ impl Database {
         fingerprint: Option<&str>,
     ) -> Result<Operation, DbError> {
         let op = new.clone().into_operation(now_ms(), fingerprint);
-        sqlx::query(INSERT)
-            .bind(op.id.to_string())
-            .bind(&op.kind)
-            .bind(op.vm_id.map(|id| id.to_string()))
-            .bind(op.request_id.clone())
-            .bind(op.state.as_str())
-            .bind(op.created_at)
-            .bind(warnings_json(&op.warnings))
-            .bind(op.request_fingerprint.clone())
-            .execute(self.writer())
-            .await
-            .map_err(DbError::on_write("operation", op.id))?;
+        let mut conn = self.writer().acquire().await?;
+        insert(&mut conn, &op).await?;
         Ok(op)
     }
 
@@ -288,34 +279,48 @@ impl Database {
         error: Option<&str>,
         result: Option<&serde_json::Value>,
     ) -> Result<(), DbError> {
-        if !state.is_terminal() {
-            return Err(DbError::InvalidValue {
-                field: "state",
-                message: "an operation can only be finished in a terminal state".into(),
-            });
-        }
-        let updated = sqlx::query(
-            "UPDATE operations SET state = $2, error = $3, result = $4, updated_at = $5 \
-             WHERE id = $1 AND state = 'RUNNING'",
-        )
-        .bind(id.to_string())
-        .bind(state.as_str())
-        .bind(error)
-        .bind(result.map(|r| r.to_string()))
-        .bind(now_ms())
-        .execute(self.writer())
-        .await?;
-        if updated.rows_affected() == 1 {
-            return Ok(());
-        }
-        let current = self.get_operation(id).await?;
-        if current.state == state {
-            return Ok(());
-        }
-        Err(DbError::Conflict {
-            kind: "operation",
-            id: id.to_string(),
-            message: format!("already {}, cannot become {state}", current.state),
+        let mut conn = self.writer().acquire().await?;
+        end_operation(&mut conn, id, state, error, result, now_ms()).await
+    }
+
+    /// Accepts a request in ONE transaction: records the operation (with
+    /// the request's fingerprint), takes `lock_vm`'s lock for it, records
+    /// its saga and the start of the saga's first node, so that the saga
+    /// runs at once without another commit. If another operation holds the
+    /// VM, the operation is recorded FAILED with `locked_error(holder)` (its
+    /// request id then answers retries as any other) and nothing else is;
+    /// a reused id or request id is a [`DbError::Conflict`] and a VM that
+    /// does not exist [`DbError::NotFound`], both recording nothing.
+    pub async fn accept_operation(
+        &self,
+        new: &NewOperation,
+        fingerprint: Option<&str>,
+        lock_vm: Option<Uuid>,
+        locked_error: &(dyn Fn(Uuid) -> String + Sync),
+        saga: &NewSaga,
+    ) -> Result<Accepted, DbError> {
+        retry_transient!(async {
+            let now = now_ms();
+            let mut op = new.clone().into_operation(now, fingerprint);
+            let mut tx = self.begin_write().await?;
+            insert(&mut tx, &op).await?;
+            if let Some(vm_id) = lock_vm {
+                if let Some(holder) = super::vms::lock(&mut tx, vm_id, op.id).await? {
+                    let error = locked_error(holder);
+                    end_operation(&mut tx, op.id, OperationState::Failed, Some(&error), None, now).await?;
+                    tx.commit().await?;
+                    op.state = OperationState::Failed;
+                    op.error = Some(error);
+                    return Ok(Accepted::VmLocked {
+                        operation: op,
+                        holder,
+                    });
+                }
+            }
+            let saga = super::sagas::insert_saga(&mut tx, saga, now).await?;
+            super::sagas::insert_event(&mut tx, saga.id, 0, SagaNodeEventType::Started, None, now).await?;
+            tx.commit().await?;
+            Ok(Accepted::Started { operation: op, saga })
         })
     }
 
@@ -370,4 +375,75 @@ impl Database {
             }
         }
     }
+}
+
+/// What [`Database::accept_operation`] did.
+#[derive(Debug)]
+pub enum Accepted {
+    /// The operation is RUNNING and its saga recorded, its first node started.
+    Started { operation: Operation, saga: Saga },
+    /// `holder` holds the VM: the operation is recorded FAILED.
+    VmLocked { operation: Operation, holder: Uuid },
+}
+
+/// Records a new operation.
+async fn insert(conn: &mut AnyConnection, op: &Operation) -> Result<(), DbError> {
+    sqlx::query(INSERT)
+        .bind(op.id.to_string())
+        .bind(&op.kind)
+        .bind(op.vm_id.map(|id| id.to_string()))
+        .bind(op.request_id.clone())
+        .bind(op.state.as_str())
+        .bind(op.created_at)
+        .bind(warnings_json(&op.warnings))
+        .bind(op.request_fingerprint.clone())
+        .execute(&mut *conn)
+        .await
+        .map_err(DbError::on_write("operation", op.id))?;
+    Ok(())
+}
+
+/// Ends a RUNNING operation (see [`Database::finish_operation`]).
+pub(super) async fn end_operation(
+    conn: &mut AnyConnection,
+    id: Uuid,
+    state: OperationState,
+    error: Option<&str>,
+    result: Option<&serde_json::Value>,
+    now: i64,
+) -> Result<(), DbError> {
+    if !state.is_terminal() {
+        return Err(DbError::InvalidValue {
+            field: "state",
+            message: "an operation can only be finished in a terminal state".into(),
+        });
+    }
+    let updated = sqlx::query(
+        "UPDATE operations SET state = $2, error = $3, result = $4, updated_at = $5 \
+         WHERE id = $1 AND state = 'RUNNING'",
+    )
+    .bind(id.to_string())
+    .bind(state.as_str())
+    .bind(error)
+    .bind(result.map(|r| r.to_string()))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == 1 {
+        return Ok(());
+    }
+    let row = sqlx::query("SELECT state FROM operations WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| DbError::not_found("operation", id))?;
+    let current: OperationState = row.parsed("state")?;
+    if current == state {
+        return Ok(());
+    }
+    Err(DbError::Conflict {
+        kind: "operation",
+        id: id.to_string(),
+        message: format!("already {current}, cannot become {state}"),
+    })
 }

@@ -2,8 +2,9 @@
 //! append-only table of node events keyed by (saga, node, event type), so that
 //! recording an event twice (a replayed step) leaves one row.
 
-use super::{now_ms, Database, DbError, RowExt, VolumeRef};
+use super::{now_ms, Database, DbError, OperationState, RowExt, VolumeRef};
 use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
 use uuid::Uuid;
 
 super::text_enum! {
@@ -91,32 +92,8 @@ fn event_from_row(row: &AnyRow) -> Result<SagaNodeEvent, sqlx::Error> {
 
 impl Database {
     pub async fn create_saga(&self, new: &NewSaga) -> Result<Saga, DbError> {
-        let now = now_ms();
-        let saga = Saga {
-            id: new.id,
-            name: new.name.clone(),
-            params: new.params.clone(),
-            state: SagaState::Running,
-            owner: new.owner.clone(),
-            operation_id: new.operation_id,
-            created_at: now,
-            updated_at: now,
-        };
-        sqlx::query(
-            "INSERT INTO sagas (id, name, params, state, owner, operation_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-        )
-        .bind(saga.id.to_string())
-        .bind(&saga.name)
-        .bind(saga.params.to_string())
-        .bind(saga.state.as_str())
-        .bind(&saga.owner)
-        .bind(saga.operation_id.map(|id| id.to_string()))
-        .bind(now)
-        .execute(self.writer())
-        .await
-        .map_err(DbError::on_write("saga", saga.id))?;
-        Ok(saga)
+        let mut conn = self.writer().acquire().await?;
+        insert_saga(&mut conn, new, now_ms()).await
     }
 
     pub async fn get_saga(&self, id: Uuid) -> Result<Saga, DbError> {
@@ -139,6 +116,47 @@ impl Database {
             return Err(DbError::not_found("saga", id));
         }
         Ok(())
+    }
+
+    /// Ends a saga in ONE transaction: records `last` (its last node's
+    /// success, when the executor has not logged it yet), ends its operation
+    /// (see [`Database::finish_operation`]) and marks the saga DONE.
+    pub async fn finish_saga(
+        &self,
+        saga_id: Uuid,
+        last: Option<(u32, &serde_json::Value)>,
+        operation_id: Uuid,
+        state: OperationState,
+        error: Option<&str>,
+        result: Option<&serde_json::Value>,
+    ) -> Result<(), DbError> {
+        retry_transient!(async {
+            let now = now_ms();
+            let mut tx = self.begin_write().await?;
+            if let Some((node, output)) = last {
+                insert_event(
+                    &mut tx,
+                    saga_id,
+                    node,
+                    SagaNodeEventType::Succeeded,
+                    Some(output),
+                    now,
+                )
+                .await?;
+            }
+            super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
+            let done = sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1")
+                .bind(saga_id.to_string())
+                .bind(SagaState::Done.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Err(DbError::not_found("saga", saga_id));
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Hands the saga to another coordinator instance (recovery adopts the
@@ -288,4 +306,58 @@ impl Database {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(DbError::from)
     }
+}
+
+/// Records `new` as a RUNNING saga.
+pub(super) async fn insert_saga(conn: &mut AnyConnection, new: &NewSaga, now: i64) -> Result<Saga, DbError> {
+    let saga = Saga {
+        id: new.id,
+        name: new.name.clone(),
+        params: new.params.clone(),
+        state: SagaState::Running,
+        owner: new.owner.clone(),
+        operation_id: new.operation_id,
+        created_at: now,
+        updated_at: now,
+    };
+    sqlx::query(
+        "INSERT INTO sagas (id, name, params, state, owner, operation_id, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+    )
+    .bind(saga.id.to_string())
+    .bind(&saga.name)
+    .bind(saga.params.to_string())
+    .bind(saga.state.as_str())
+    .bind(&saga.owner)
+    .bind(saga.operation_id.map(|id| id.to_string()))
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(DbError::on_write("saga", saga.id))?;
+    Ok(saga)
+}
+
+/// Records a node event; the same (saga, node, event type) again changes
+/// nothing.
+pub(super) async fn insert_event(
+    conn: &mut AnyConnection,
+    saga_id: Uuid,
+    node_id: u32,
+    event_type: SagaNodeEventType,
+    data: Option<&serde_json::Value>,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(saga_id.to_string())
+    .bind(i64::from(node_id))
+    .bind(event_type.as_str())
+    .bind(data.map(|d| d.to_string()))
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(DbError::on_write("saga", saga_id))?;
+    Ok(())
 }

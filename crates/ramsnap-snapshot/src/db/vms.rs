@@ -236,26 +236,10 @@ impl Database {
     /// operation succeeds (a replayed saga step); if another operation holds
     /// it, fails with [`DbError::VmLocked`] naming the holder.
     pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
-        loop {
-            let result = sqlx::query(
-                "UPDATE vms SET lock_operation_id = $2, updated_at = $3 \
-                 WHERE id = $1 AND lock_operation_id IS NULL",
-            )
-            .bind(vm_id.to_string())
-            .bind(operation_id.to_string())
-            .bind(now_ms())
-            .execute(self.writer())
-            .await
-            .map_err(DbError::on_write("vm lock", vm_id))?;
-            if result.rows_affected() == 1 {
-                return Ok(());
-            }
-            match self.get_vm(vm_id).await?.lock_operation_id {
-                Some(holder) if holder == operation_id => return Ok(()),
-                Some(holder) => return Err(DbError::VmLocked { vm_id, holder }),
-                // Released between the two statements: try again.
-                None => continue,
-            }
+        let mut conn = self.writer().acquire().await?;
+        match lock(&mut conn, vm_id, operation_id).await? {
+            None => Ok(()),
+            Some(holder) => Err(DbError::VmLocked { vm_id, holder }),
         }
     }
 
@@ -380,6 +364,41 @@ impl Vm {
 }
 
 // Connection-level building blocks, shared with `flows.rs`.
+
+/// Takes the VM lock for `operation_id` (taking it again for the same
+/// operation changes nothing); `Some(holder)` if another operation holds it.
+pub(super) async fn lock(
+    conn: &mut AnyConnection,
+    vm_id: Uuid,
+    operation_id: Uuid,
+) -> Result<Option<Uuid>, DbError> {
+    loop {
+        let result = sqlx::query(
+            "UPDATE vms SET lock_operation_id = $2, updated_at = $3 \
+             WHERE id = $1 AND lock_operation_id IS NULL",
+        )
+        .bind(vm_id.to_string())
+        .bind(operation_id.to_string())
+        .bind(now_ms())
+        .execute(&mut *conn)
+        .await
+        .map_err(DbError::on_write("vm lock", vm_id))?;
+        if result.rows_affected() == 1 {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT lock_operation_id FROM vms WHERE id = $1")
+            .bind(vm_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| DbError::not_found("vm", vm_id))?;
+        match row.opt_uuid("lock_operation_id")? {
+            Some(holder) if holder == operation_id => return Ok(None),
+            Some(holder) => return Ok(Some(holder)),
+            // Released between the two statements: try again.
+            None => continue,
+        }
+    }
+}
 
 pub(super) async fn fetch_vm(conn: &mut AnyConnection, id: Uuid) -> Result<Option<Vm>, DbError> {
     let row = sqlx::query(sql!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1"))
