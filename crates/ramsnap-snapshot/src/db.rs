@@ -49,7 +49,7 @@ mod vms;
 pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
 pub use hosts::{Host, NewHost};
 pub use operations::{Accepted, NewOperation, Operation, OperationState};
-pub use sagas::{NewSaga, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
+pub use sagas::{NewSaga, PendingEvent, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
 pub use snapshots::{
     MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef,
 };

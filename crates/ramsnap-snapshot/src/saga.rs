@@ -37,6 +37,32 @@ pub struct Node<S> {
     pub forward: Forward<S>,
     /// None: the node is past the point of no return.
     pub undo: Option<Undo<S>>,
+    /// The node changes nothing outside the coordinator's database (and,
+    /// like every node, does the same again when replayed): its start and
+    /// success need not be logged before the next node runs, and go with
+    /// the next commit of the log. A node that calls an agent is never
+    /// local: its start must be logged before the call can arrive.
+    pub local: bool,
+}
+
+pub use crate::db::PendingEvent;
+
+/// Log events waiting for the next commit.
+#[derive(Default)]
+struct Pending(Vec<PendingEvent>);
+
+impl Pending {
+    fn push(&mut self, node: usize, event_type: SagaNodeEventType, data: Option<Value>) {
+        self.0.push(PendingEvent {
+            node_id: node as u32,
+            event_type,
+            data,
+        });
+    }
+
+    fn take(&mut self) -> Vec<PendingEvent> {
+        std::mem::take(&mut self.0)
+    }
 }
 
 pub struct SagaDef<S> {
@@ -57,6 +83,7 @@ pub struct SagaCx<S> {
     db: Database,
     /// When progress was last written (see [`SagaCx::progress`]).
     progress_written: Mutex<Option<std::time::Instant>>,
+    notify: Arc<dyn Fn(Uuid) + Send + Sync>,
 }
 
 /// Progress is written at most this often, but always when it reaches the
@@ -100,10 +127,20 @@ impl<S> SagaCx<S> {
             }
             *last = Some(now);
         }
-        let _ = self
+        if self
             .db
             .update_operation_progress(self.operation_id, processed, total)
-            .await;
+            .await
+            .is_ok()
+        {
+            self.operation_changed();
+        }
+    }
+
+    /// Tells the operation's watchers that it changed (its progress or its
+    /// warnings; the executor tells them of its end).
+    pub fn operation_changed(&self) {
+        (self.notify)(self.operation_id);
     }
 
     pub fn db(&self) -> &Database {
@@ -194,9 +231,9 @@ pub struct Executor<S> {
 }
 
 enum Outcome {
-    /// With the last node's success, if it is not logged yet.
+    /// With the events not logged yet (the last node's success at least).
     Done {
-        last: Option<(u32, Value)>,
+        pending: Vec<PendingEvent>,
     },
     Unwound {
         status: Status,
@@ -235,7 +272,8 @@ impl<S: Send + Sync + 'static> Executor<S> {
             return Err(Status::internal(format!("no saga named {name}")));
         }
         let id = Uuid::new_v4();
-        self.db
+        let saga = self
+            .db
             .create_saga(&NewSaga {
                 id,
                 name: name.into(),
@@ -245,7 +283,16 @@ impl<S: Send + Sync + 'static> Executor<S> {
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        self.spawn(id);
+        // Running here (a cancel reaches it) from now on.
+        let Some(running) = self.register(operation_id) else {
+            return Ok(id);
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.drive(saga, Vec::new(), running, None).await {
+                tracing::error!(saga = %id, error = %e, "saga execution stopped; it resumes at the next start");
+            }
+        });
         Ok(id)
     }
 
@@ -263,6 +310,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
             self.spawn(s.id);
         }
         Ok(n)
+    }
+
+    /// Whether the saga of `operation_id` is executing in this process.
+    pub fn is_running(&self, operation_id: Uuid) -> bool {
+        self.running.lock().expect("poisoned").contains_key(&operation_id)
     }
 
     /// Asks the saga of `operation_id` to stop; false if it is not running here.
@@ -384,6 +436,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             cancel: cancel.clone(),
             db: self.db.clone(),
             progress_written: Mutex::new(None),
+            notify: self.notify.clone(),
         };
 
         let saga_started = Instant::now();
@@ -422,8 +475,10 @@ impl<S: Send + Sync + 'static> Executor<S> {
         mut start_logged: Option<usize>,
     ) -> Result<Outcome, Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
-        // The last node's success, logged with the operation's end.
-        let mut last = None;
+        // Events not committed yet: those of local nodes, which go with the
+        // next commit (the start of a node that is not local, a failure, or
+        // the saga's end).
+        let mut pending = Pending::default();
         for (i, node) in def.nodes.iter().enumerate() {
             if has(i, SagaNodeEventType::Succeeded) {
                 continue;
@@ -431,6 +486,10 @@ impl<S: Send + Sync + 'static> Executor<S> {
             let reversible = node.undo.is_some();
             if reversible && cx.cancel.is_cancelled() {
                 let status = Status::cancelled("cancelled by request");
+                self.db
+                    .append_saga_node_events(cx.saga_id, &pending.take())
+                    .await
+                    .map_err(db_err)?;
                 self.db
                     .set_saga_state(cx.saga_id, SagaState::Unwinding)
                     .await
@@ -446,10 +505,13 @@ impl<S: Send + Sync + 'static> Executor<S> {
             // an agent: its outcome is unknown until an agent answers.
             let mut in_doubt = has(i, SagaNodeEventType::Started);
             if start_logged != Some(i) {
-                self.db
-                    .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Started, None)
-                    .await
-                    .map_err(db_err)?;
+                pending.push(i, SagaNodeEventType::Started, None);
+                if !node.local {
+                    self.db
+                        .append_saga_node_events(cx.saga_id, &pending.take())
+                        .await
+                        .map_err(db_err)?;
+                }
             }
             self.failpoints.crash(def.name, node.name, "crash");
             if self.failpoints.hit(def.name, node.name, "halt") {
@@ -508,13 +570,10 @@ impl<S: Send + Sync + 'static> Executor<S> {
                             status
                         };
                         tracing::warn!(saga = %cx.saga_id, node = node.name, error = %status, "node failed; unwinding");
+                        // The local nodes' events first: their undo runs too.
+                        pending.push(i, SagaNodeEventType::Failed, Some(status_to_json(&status)));
                         self.db
-                            .append_saga_node_event(
-                                cx.saga_id,
-                                i as u32,
-                                SagaNodeEventType::Failed,
-                                Some(&status_to_json(&status)),
-                            )
+                            .append_saga_node_events(cx.saga_id, &pending.take())
                             .await
                             .map_err(db_err)?;
                         self.db
@@ -540,39 +599,37 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     def.name, node.name
                 )));
             }
+            pending.push(i, SagaNodeEventType::Succeeded, Some(output.clone()));
+            cx.outputs.lock().expect("poisoned").insert(node.name, output);
             // The next node's start goes in the same commit, unless a cancel
             // is to stop the saga before it (checked again at its turn: a
             // start logged for nothing is undone as any started node is,
-            // as after a crash right after the log).
+            // as after a crash right after the log). A local next node's
+            // start waits for the commit after it too; the last node's
+            // success goes with the operation's end.
             let next = i + 1;
-            let batch = def
-                .nodes
-                .get(next)
-                .is_some_and(|n| !(n.undo.is_some() && cx.cancel.is_cancelled()));
-            if batch {
-                self.db
-                    .append_saga_node_events(
-                        cx.saga_id,
-                        (i as u32, SagaNodeEventType::Succeeded, Some(&output)),
-                        (next as u32, SagaNodeEventType::Started, None),
-                    )
-                    .await
-                    .map_err(db_err)?;
-                start_logged = Some(next);
-            } else if next == def.nodes.len() {
-                last = Some((i as u32, output.clone()));
-            } else {
-                self.db
-                    .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::Succeeded, Some(&output))
-                    .await
-                    .map_err(db_err)?;
-            }
-            cx.outputs.lock().expect("poisoned").insert(node.name, output);
-            if last.is_none() {
-                (self.notify)(cx.operation_id);
+            match def.nodes.get(next) {
+                None => {}
+                Some(n) if n.undo.is_some() && cx.cancel.is_cancelled() => {
+                    self.db
+                        .append_saga_node_events(cx.saga_id, &pending.take())
+                        .await
+                        .map_err(db_err)?;
+                }
+                Some(n) if n.local => {}
+                Some(_) => {
+                    pending.push(next, SagaNodeEventType::Started, None);
+                    self.db
+                        .append_saga_node_events(cx.saga_id, &pending.take())
+                        .await
+                        .map_err(db_err)?;
+                    start_logged = Some(next);
+                }
             }
         }
-        Ok(Outcome::Done { last })
+        Ok(Outcome::Done {
+            pending: pending.take(),
+        })
     }
 
     /// Undoes, last first, every node that started and is not undone yet.
@@ -622,15 +679,14 @@ impl<S: Send + Sync + 'static> Executor<S> {
     async fn finish(&self, def: &SagaDef<S>, cx: &SagaCx<S>, outcome: Outcome) -> Result<(), Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
         match outcome {
-            Outcome::Done { last } => {
+            Outcome::Done { pending } => {
                 let result = def
                     .result_node
                     .and_then(|n| cx.outputs.lock().expect("poisoned").get(n).cloned());
-                let last = last.as_ref().map(|(node, output)| (*node, output));
                 self.db
                     .finish_saga(
                         cx.saga_id,
-                        last,
+                        &pending,
                         cx.operation_id,
                         OperationState::Succeeded,
                         None,
@@ -647,7 +703,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 };
                 let error = error_text(&status);
                 self.db
-                    .finish_saga(cx.saga_id, None, cx.operation_id, state, Some(&error), None)
+                    .finish_saga(cx.saga_id, &[], cx.operation_id, state, Some(&error), None)
                     .await
                     .map_err(db_err)?;
             }

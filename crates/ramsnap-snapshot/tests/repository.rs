@@ -4,8 +4,8 @@
 
 use ramsnap_snapshot::db::{
     Accepted, Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewHost,
-    NewOperation, NewSaga, NewSnapshot, NewVm, OperationState, SagaNodeEventType, SagaState, Snapshot,
-    SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
+    NewOperation, NewSaga, NewSnapshot, NewVm, OperationState, PendingEvent, SagaNodeEventType, SagaState,
+    Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
 };
 use serde_json::json;
 use sqlx::Executor;
@@ -840,8 +840,10 @@ async fn saga_node_events_are_idempotent(db: Database) {
             .unwrap();
         db.append_saga_node_events(
             saga.id,
-            (0, SagaNodeEventType::Succeeded, Some(&output)),
-            (1, SagaNodeEventType::Started, None),
+            &[
+                ev(0, SagaNodeEventType::Succeeded, Some(&output)),
+                ev(1, SagaNodeEventType::Started, None),
+            ],
         )
         .await
         .unwrap();
@@ -861,12 +863,24 @@ async fn saga_node_events_are_idempotent(db: Database) {
     let err = db
         .append_saga_node_events(
             Uuid::new_v4(),
-            (0, SagaNodeEventType::Succeeded, None),
-            (1, SagaNodeEventType::Started, None),
+            &[
+                ev(0, SagaNodeEventType::Succeeded, None),
+                ev(1, SagaNodeEventType::Started, None),
+            ],
         )
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
+    // Nothing to append is no error (and no commit).
+    db.append_saga_node_events(Uuid::new_v4(), &[]).await.unwrap();
+}
+
+fn ev(node_id: u32, event_type: SagaNodeEventType, data: Option<&serde_json::Value>) -> PendingEvent {
+    PendingEvent {
+        node_id,
+        event_type,
+        data: data.cloned(),
+    }
 }
 
 async fn unfinished_sagas(db: Database) {
@@ -2178,7 +2192,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     let output = json!({"snapshot_id": "x"});
     db.finish_saga(
         saga.id,
-        Some((3, &output)),
+        &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
         op,
         OperationState::Succeeded,
         None,
@@ -2202,7 +2216,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     // A replay is a no-op; another outcome is refused, and changes nothing.
     db.finish_saga(
         saga.id,
-        Some((3, &output)),
+        &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
         op,
         OperationState::Succeeded,
         None,
@@ -2213,7 +2227,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     let err = db
         .finish_saga(
             saga.id,
-            None,
+            &[],
             op,
             OperationState::Failed,
             Some("INTERNAL: x"),
@@ -2237,7 +2251,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     let err = db
         .finish_saga(
             saga2.id,
-            Some((1, &output)),
+            &[ev(1, SagaNodeEventType::Succeeded, Some(&output))],
             op2,
             OperationState::Succeeded,
             None,

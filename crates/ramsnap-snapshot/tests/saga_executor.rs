@@ -6,7 +6,7 @@
 //! and completes; undo steps that fail once still unwind.
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use ramsnap_snapshot::db::{Database, NewOperation, OperationState, SagaState};
+use ramsnap_snapshot::db::{Database, NewOperation, OperationState, SagaNodeEventType, SagaState};
 use ramsnap_snapshot::saga::{Executor, Failpoints, Node, SagaCx, SagaDef};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -29,6 +29,8 @@ struct Toy {
     /// the second came within the progress interval of the first.
     progress: Mutex<Vec<(u64, u64)>>,
     progress_quick: Mutex<bool>,
+    /// How many events the saga's log held when node b ran.
+    log_seen_by_b: Mutex<Option<usize>>,
 }
 
 fn make(cx: &SagaCx<Toy>, name: &'static str) -> Result<Value, Status> {
@@ -62,6 +64,8 @@ fn b(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
         // Needs a's output: outputs survive a restart through the log.
         let out: Value = cx.output("a")?;
         assert_eq!(out["made"], "a");
+        let log = cx.db().saga_node_events(cx.saga_id).await.unwrap();
+        *cx.app.log_seen_by_b.lock().unwrap() = Some(log.len());
         {
             let mut b = cx.app.busy.lock().unwrap();
             if *b > 0 {
@@ -116,33 +120,47 @@ fn d(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
 const NODES: [&str; 4] = ["a", "b", "c", "d"];
 
 fn toy() -> SagaDef<Toy> {
-    SagaDef {
+    toy_with_local(&[])
+}
+
+/// The toy saga with the nodes named in `local` marked local (their log
+/// events wait for the next commit).
+fn toy_with_local(local: &[&str]) -> SagaDef<Toy> {
+    let mut def = SagaDef {
         name: "toy",
         nodes: vec![
             Node {
                 name: "a",
                 forward: a,
                 undo: Some(a_undo),
+                local: false,
             },
             Node {
                 name: "b",
                 forward: b,
                 undo: Some(b_undo),
+                local: false,
             },
             // Past the point of no return.
             Node {
                 name: "c",
                 forward: c,
                 undo: None,
+                local: false,
             },
             Node {
                 name: "d",
                 forward: d,
                 undo: None,
+                local: false,
             },
         ],
         result_node: Some("b"),
+    };
+    for n in &mut def.nodes {
+        n.local = local.contains(&n.name);
     }
+    def
 }
 
 struct Env {
@@ -165,10 +183,14 @@ async fn env() -> Env {
 }
 
 fn executor(env: &Env, failpoints: &str) -> Arc<Executor<Toy>> {
+    executor_with_local(env, failpoints, &[])
+}
+
+fn executor_with_local(env: &Env, failpoints: &str, local: &[&str]) -> Arc<Executor<Toy>> {
     Executor::new(
         env.db.clone(),
         env.app.clone(),
-        vec![toy()],
+        vec![toy_with_local(local)],
         Failpoints::parse(failpoints),
         Arc::new(|_| {}),
     )
@@ -228,6 +250,8 @@ async fn a_saga_runs_to_the_end() {
     assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
     let o = env.db.get_operation(op).await.unwrap();
     assert_eq!(o.result, Some(json!({ "made": "b" })));
+    // a's start and success, and b's start, were logged before b ran.
+    assert_eq!(*env.app.log_seen_by_b.lock().unwrap(), Some(3));
     let seen = env.app.progress.lock().unwrap().clone();
     assert_eq!((seen[0], seen[2]), ((1, 10), (10, 10)));
     if *env.app.progress_quick.lock().unwrap() {
@@ -411,4 +435,104 @@ async fn a_busy_agent_is_asked_again() {
     );
     let runs = env.app.runs.lock().unwrap().clone();
     assert_eq!(runs, ["a", "b~", "b~", "b", "c", "d"]);
+}
+
+/// Local nodes (whose log events go with the next commit) unwind, resume
+/// and complete as any other: an error at any reversible node leaves
+/// nothing (the undo of a local node that ran runs too), a crash before or
+/// after any node resumes to the end.
+#[tokio::test]
+async fn local_nodes_unwind_and_resume_like_any_other() {
+    for local in [
+        &["a"][..],
+        &["a", "b"],
+        &["b", "c"],
+        &["c", "d"],
+        &["a", "b", "c", "d"],
+    ] {
+        for node in ["a", "b"] {
+            let env = env().await;
+            let exec = executor_with_local(&env, &format!("toy.{node}=error"), local);
+            let (op, saga) = start(&env, &exec).await;
+            assert_eq!(
+                settle(&env, op, saga).await,
+                (OperationState::Failed, SagaState::Done),
+                "{local:?} error at {node}"
+            );
+            assert!(
+                resources(&env, saga).is_empty(),
+                "{local:?} error at {node} left {:?}",
+                resources(&env, saga)
+            );
+        }
+        for node in NODES {
+            for point in ["halt", "halt_after"] {
+                let env = env().await;
+                let first = executor_with_local(&env, &format!("toy.{node}={point}"), local);
+                let (op, saga) = start(&env, &first).await;
+                stopped(&first, op).await;
+                let second = executor_with_local(&env, "", local);
+                assert_eq!(second.recover().await.unwrap(), 1, "{local:?} {node} {point}");
+                assert_eq!(
+                    settle(&env, op, saga).await,
+                    (OperationState::Succeeded, SagaState::Done),
+                    "{local:?} {node} {point}"
+                );
+                assert_eq!(
+                    resources(&env, saga),
+                    ["a", "b", "c", "d"],
+                    "{local:?} {node} {point}"
+                );
+                let events = env.db.saga_node_events(saga).await.unwrap();
+                for i in 0..4 {
+                    for t in [SagaNodeEventType::Started, SagaNodeEventType::Succeeded] {
+                        assert!(
+                            events.iter().any(|e| e.node_id == i && e.event_type == t),
+                            "{local:?} {node} {point}: node {i} has no {t} event: {events:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The events of local nodes are committed with the next node's start: while
+/// the local b runs, nothing of a's or b's is in the log; then one commit (one
+/// created_at) holds a's and b's start and success and c's start.
+#[tokio::test]
+async fn local_nodes_are_logged_with_the_next_commit() {
+    let env = env().await;
+    let exec = executor_with_local(&env, "toy.c=halt", &["a", "b"]);
+    let (op, saga) = start(&env, &exec).await;
+    stopped(&exec, op).await;
+    assert_eq!(*env.app.log_seen_by_b.lock().unwrap(), Some(0));
+    let events = env.db.saga_node_events(saga).await.unwrap();
+    let seen: Vec<(u32, SagaNodeEventType)> = events.iter().map(|e| (e.node_id, e.event_type)).collect();
+    assert_eq!(
+        seen,
+        [
+            (0, SagaNodeEventType::Started),
+            (0, SagaNodeEventType::Succeeded),
+            (1, SagaNodeEventType::Started),
+            (1, SagaNodeEventType::Succeeded),
+            (2, SagaNodeEventType::Started),
+        ]
+    );
+    assert!(
+        events.iter().all(|e| e.created_at == events[0].created_at),
+        "{events:?}"
+    );
+    assert_eq!(events[1].data, Some(json!({ "made": "a" })));
+}
+
+/// Waits until the executor no longer runs the operation's saga (halted).
+async fn stopped(exec: &Arc<Executor<Toy>>, op: Uuid) {
+    for _ in 0..400 {
+        if !exec.is_running(op) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the saga of operation {op} still runs");
 }

@@ -54,6 +54,14 @@ pub struct NewSaga {
     pub operation_id: Option<Uuid>,
 }
 
+/// An event to append to a saga's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvent {
+    pub node_id: u32,
+    pub event_type: SagaNodeEventType,
+    pub data: Option<serde_json::Value>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaNodeEvent {
     pub saga_id: Uuid,
@@ -118,13 +126,13 @@ impl Database {
         Ok(())
     }
 
-    /// Ends a saga in ONE transaction: records `last` (its last node's
-    /// success, when the executor has not logged it yet), ends its operation
+    /// Ends a saga in ONE transaction: records `events` (its last node's
+    /// success, and any other the executor has not logged yet), ends its operation
     /// (see [`Database::finish_operation`]) and marks the saga DONE.
     pub async fn finish_saga(
         &self,
         saga_id: Uuid,
-        last: Option<(u32, &serde_json::Value)>,
+        events: &[PendingEvent],
         operation_id: Uuid,
         state: OperationState,
         error: Option<&str>,
@@ -133,16 +141,8 @@ impl Database {
         retry_transient!(async {
             let now = now_ms();
             let mut tx = self.begin_write().await?;
-            if let Some((node, output)) = last {
-                insert_event(
-                    &mut tx,
-                    saga_id,
-                    node,
-                    SagaNodeEventType::Succeeded,
-                    Some(output),
-                    now,
-                )
-                .await?;
+            for e in events {
+                insert_event(&mut tx, saga_id, e.node_id, e.event_type, e.data.as_ref(), now).await?;
             }
             super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
             let done = sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1")
@@ -209,31 +209,38 @@ impl Database {
         Ok(result.rows_affected() == 1)
     }
 
-    /// Appends two events in one commit: a node's success and the next
-    /// node's start (the saga log's one write between two nodes).
+    /// Appends events in one commit (the saga log's one write between two
+    /// nodes: a node's success and the next node's start, with the events of
+    /// local nodes run in between). Nothing to append is no commit.
     pub async fn append_saga_node_events(
         &self,
         saga_id: Uuid,
-        first: (u32, SagaNodeEventType, Option<&serde_json::Value>),
-        second: (u32, SagaNodeEventType, Option<&serde_json::Value>),
+        events: &[PendingEvent],
     ) -> Result<(), DbError> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
-             VALUES ($1, $2, $3, $4, $5), ($1, $6, $7, $8, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(saga_id.to_string())
-        .bind(i64::from(first.0))
-        .bind(first.1.as_str())
-        .bind(first.2.map(|d| d.to_string()))
-        .bind(now)
-        .bind(i64::from(second.0))
-        .bind(second.1.as_str())
-        .bind(second.2.map(|d| d.to_string()))
-        .execute(self.writer())
-        .await
-        .map_err(DbError::on_write("saga", saga_id))?;
-        Ok(())
+        match events {
+            [] => Ok(()),
+            [e] => {
+                let mut conn = self.writer().acquire().await?;
+                insert_event(
+                    &mut conn,
+                    saga_id,
+                    e.node_id,
+                    e.event_type,
+                    e.data.as_ref(),
+                    now_ms(),
+                )
+                .await
+            }
+            _ => retry_transient!(async {
+                let now = now_ms();
+                let mut tx = self.begin_write().await?;
+                for e in events {
+                    insert_event(&mut tx, saga_id, e.node_id, e.event_type, e.data.as_ref(), now).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }),
+        }
     }
 
     /// The saga's node events in the order they happened: by time, and

@@ -44,11 +44,13 @@ pub fn definition() -> SagaDef<App> {
                 name: "ids",
                 forward: ids_fwd,
                 undo: Some(noop),
+                local: true,
             },
             Node {
                 name: "base_volumes",
                 forward: volumes_fwd,
                 undo: Some(volumes_undo),
+                local: false,
             },
             // The last step, and reversible: a name taken meanwhile fails it,
             // and the volumes go.
@@ -56,6 +58,7 @@ pub fn definition() -> SagaDef<App> {
                 name: "record_vm",
                 forward: record_fwd,
                 undo: Some(record_undo),
+                local: false,
             },
         ],
         result_node: Some("ids"),

@@ -83,11 +83,13 @@ pub fn definition() -> SagaDef<App> {
                 name: "lock_vm",
                 forward: lock_fwd,
                 undo: Some(lock_undo),
+                local: true,
             },
             Node {
                 name: "plan",
                 forward: plan_fwd,
                 undo: Some(noop),
+                local: false,
             },
             // Deleting an earlier export (force_override) cannot be undone;
             // it comes first so that nothing after it needs it.
@@ -95,26 +97,31 @@ pub fn definition() -> SagaDef<App> {
                 name: "clear_previous",
                 forward: clear_fwd,
                 undo: Some(noop),
+                local: false,
             },
             Node {
                 name: "copy_disks",
                 forward: disks_fwd,
                 undo: Some(disks_undo),
+                local: false,
             },
             Node {
                 name: "copy_memories",
                 forward: memories_fwd,
                 undo: Some(memories_undo),
+                local: false,
             },
             Node {
                 name: "write_ovf",
                 forward: ovf_fwd,
                 undo: Some(ovf_undo),
+                local: false,
             },
             Node {
                 name: "unlock_vm",
                 forward: unlock_fwd,
                 undo: None,
+                local: true,
             },
         ],
         result_node: Some("plan"),

@@ -107,32 +107,38 @@ pub fn definition() -> SagaDef<App> {
                 name: "plan",
                 forward: plan_fwd,
                 undo: Some(noop),
+                local: false,
             },
             Node {
                 name: "reserve_vm",
                 forward: reserve_fwd,
                 undo: Some(reserve_undo),
+                local: false,
             },
             Node {
                 name: "copy_disks",
                 forward: disks_fwd,
                 undo: Some(disks_undo),
+                local: false,
             },
             Node {
                 name: "copy_memories",
                 forward: memories_fwd,
                 undo: Some(memories_undo),
+                local: false,
             },
             // Undone by reserve_vm's undo, which deletes the VM's rows.
             Node {
                 name: "record_vm",
                 forward: record_fwd,
                 undo: Some(noop),
+                local: false,
             },
             Node {
                 name: "unlock_vm",
                 forward: unlock_fwd,
                 undo: None,
+                local: true,
             },
         ],
         result_node: Some("plan"),

@@ -29,21 +29,25 @@ pub fn definition() -> SagaDef<App> {
                 name: "lock_vm",
                 forward: lock_fwd,
                 undo: Some(lock_undo),
+                local: true,
             },
             Node {
                 name: "delete_disks",
                 forward: disks_fwd,
                 undo: None,
+                local: false,
             },
             Node {
                 name: "delete_memory",
                 forward: memory_fwd,
                 undo: None,
+                local: false,
             },
             Node {
                 name: "delete_vm",
                 forward: vm_fwd,
                 undo: None,
+                local: false,
             },
             // Last, so that the node indices of sagas logged before it
             // existed stay the same.
@@ -51,6 +55,7 @@ pub fn definition() -> SagaDef<App> {
                 name: "forget_on_hosts",
                 forward: forget_fwd,
                 undo: None,
+                local: false,
             },
         ],
         result_node: None,

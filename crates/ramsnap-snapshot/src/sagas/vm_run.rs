@@ -53,6 +53,7 @@ pub fn definition() -> SagaDef<App> {
                 name: "lock_vm",
                 forward: lock_fwd,
                 undo: Some(lock_undo),
+                local: true,
             },
             // A stateless run that ended without StopVm (the guest shut
             // down) left its STATELESS snapshot: go back to it first.
@@ -60,32 +61,38 @@ pub fn definition() -> SagaDef<App> {
                 name: "restore_stateless",
                 forward: restore_stateless_fwd,
                 undo: Some(noop),
+                local: false,
             },
             Node {
                 name: "stateless_overlays",
                 forward: overlays_fwd,
                 undo: Some(overlays_undo),
+                local: false,
             },
             Node {
                 name: "stateless_begin",
                 forward: stateless_begin_fwd,
                 undo: Some(stateless_begin_undo),
+                local: false,
             },
             Node {
                 name: "run_on_host",
                 forward: run_fwd,
                 undo: Some(run_undo),
+                local: false,
             },
             // Past the point of no return: the guest runs.
             Node {
                 name: "started",
                 forward: started_fwd,
                 undo: None,
+                local: false,
             },
             Node {
                 name: "unlock_vm",
                 forward: unlock_fwd,
                 undo: None,
+                local: true,
             },
         ],
         result_node: None,
@@ -336,7 +343,9 @@ fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                     s.message()
                 );
                 tracing::warn!(vm = %vm.id, error = %s, "restore refused; booting");
-                let _ = db.add_operation_warning(cx.operation_id, &warning).await;
+                if db.add_operation_warning(cx.operation_id, &warning).await.is_ok() {
+                    cx.operation_changed();
+                }
                 db.set_vm_status(vm.id, db::VmStatus::PoweringUp)
                     .await
                     .map_err(db_status)?;

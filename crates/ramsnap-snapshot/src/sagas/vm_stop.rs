@@ -34,6 +34,7 @@ pub fn definition() -> SagaDef<App> {
                 name: "lock_vm",
                 forward: lock_fwd,
                 undo: Some(lock_undo),
+                local: true,
             },
             // Reversible so that an unreachable host fails the operation (and
             // frees the VM) instead of retrying for ever; there is nothing to
@@ -42,21 +43,25 @@ pub fn definition() -> SagaDef<App> {
                 name: "stop_on_host",
                 forward: stop_fwd,
                 undo: Some(noop),
+                local: false,
             },
             Node {
                 name: "stopped",
                 forward: stopped_fwd,
                 undo: None,
+                local: false,
             },
             Node {
                 name: "restore_stateless",
                 forward: restore_stateless_fwd,
                 undo: None,
+                local: false,
             },
             Node {
                 name: "unlock_vm",
                 forward: unlock_fwd,
                 undo: None,
+                local: true,
             },
         ],
         result_node: None,
