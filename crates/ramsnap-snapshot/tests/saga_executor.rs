@@ -119,10 +119,6 @@ fn d(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
 
 const NODES: [&str; 4] = ["a", "b", "c", "d"];
 
-fn toy() -> SagaDef<Toy> {
-    toy_with_local(&[])
-}
-
 /// The toy saga with the nodes named in `local` marked local (their log
 /// events wait for the next commit).
 fn toy_with_local(local: &[&str]) -> SagaDef<Toy> {
