@@ -8,6 +8,8 @@
 //! `cargo bench -p ramsnap-snapshot --bench scale`
 //! Env: SCALE_DB (postgres or sqlite), RAMSNAP_TEST_PG_URL (default postgres://ramsnap:ramsnap@127.0.0.1:5432/ramsnap),
 //! SCALE_VMS (64), SCALE_HOSTS (4), SCALE_SNAPSHOTS (snapshots per VM, 5),
+//! SCALE_SNAPSHOT (memory, or disk: disk-only snapshots of the running VMs),
+//! SCALE_VM_MIB (each VM's memory, 64),
 //! SCALE_PGBENCH_SECS (10), RAMSNAP_HOST_BIN (path of ramsnap-host).
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -294,7 +296,7 @@ async fn setup_vms(
                     request_id: Uuid::new_v4().to_string(),
                     name,
                     cluster_id,
-                    memory_bytes: 64 * MIB,
+                    memory_bytes: env_or("SCALE_VM_MIB", 64u64) * MIB,
                     vcpus: 1,
                     stateless: false,
                     disks: vec![pb::DiskSpec {
@@ -612,7 +614,16 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
     } else {
         (vms, mode)
     };
-    let memory = mode.contains("memory snapshots");
+    // SCALE_SNAPSHOT=disk: disk-only snapshots of the running VMs (the host
+    // step switches the disks and answers at once): the coordinator's own
+    // cost, with nothing dumped or hashed.
+    let memory =
+        mode.contains("memory snapshots") && std::env::var("SCALE_SNAPSHOT").as_deref() != Ok("disk");
+    let mode = if memory {
+        mode
+    } else {
+        "disk-only snapshots of running VMs (save_memory=false)"
+    };
     println!("mode: {mode}");
 
     // Let idle backends flush their statistics (PostgreSQL 15: 10 s idle).

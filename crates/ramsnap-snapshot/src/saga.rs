@@ -81,9 +81,11 @@ pub struct SagaCx<S> {
     outputs: Mutex<HashMap<&'static str, Value>>,
     pub cancel: CancellationToken,
     db: Database,
-    /// When progress was last written (see [`SagaCx::progress`]).
-    progress_written: Mutex<Option<std::time::Instant>>,
+    /// When progress was last written, and what (see [`SagaCx::progress`]).
+    progress_written: Mutex<Option<(std::time::Instant, u64, u64)>>,
     notify: Arc<dyn Fn(Uuid) + Send + Sync>,
+    /// See [`SagaCx::memo`].
+    memos: Mutex<HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 /// Progress is written at most this often, but always when it reaches the
@@ -117,15 +119,18 @@ impl<S> SagaCx<S> {
     }
 
     /// Reports the operation's progress (best effort; at most every
-    /// [`PROGRESS_INTERVAL`], and when it reaches the total).
+    /// [`PROGRESS_INTERVAL`], and when it reaches the total). A report
+    /// without a total, or of what was last written, writes nothing.
     pub async fn progress(&self, processed: u64, total: u64) {
         {
             let mut last = self.progress_written.lock().expect("poisoned");
             let now = std::time::Instant::now();
-            if processed < total && last.is_some_and(|t| now.duration_since(t) < PROGRESS_INTERVAL) {
+            let same = last.is_some_and(|(_, p, t)| (p, t) == (processed, total));
+            let soon = last.is_some_and(|(at, _, _)| now.duration_since(at) < PROGRESS_INTERVAL);
+            if total == 0 || same || (processed < total && soon) {
                 return;
             }
-            *last = Some(now);
+            *last = Some((now, processed, total));
         }
         if self
             .db
@@ -135,6 +140,28 @@ impl<S> SagaCx<S> {
         {
             self.operation_changed();
         }
+    }
+
+    /// `read`'s answer, read once per execution of the saga: for what
+    /// several nodes read and nothing changes while the saga holds its
+    /// locks (the VM's row and its host). A saga resumed after a restart
+    /// reads again.
+    pub async fn memo<T, F, Fut>(&self, key: &'static str, read: F) -> Result<T, Status>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let known = self.memos.lock().expect("poisoned").get(key).cloned();
+        if let Some(v) = known.and_then(|v| v.downcast::<T>().ok()) {
+            return Ok((*v).clone());
+        }
+        let v = read().await?;
+        self.memos
+            .lock()
+            .expect("poisoned")
+            .insert(key, Arc::new(v.clone()));
+        Ok(v)
     }
 
     /// Tells the operation's watchers that it changed (its progress or its
@@ -437,6 +464,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             db: self.db.clone(),
             progress_written: Mutex::new(None),
             notify: self.notify.clone(),
+            memos: Mutex::new(HashMap::new()),
         };
 
         let saga_started = Instant::now();

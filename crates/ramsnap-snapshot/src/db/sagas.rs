@@ -141,9 +141,7 @@ impl Database {
         retry_transient!(async {
             let now = now_ms();
             let mut tx = self.begin_write().await?;
-            for e in events {
-                insert_event(&mut tx, saga_id, e.node_id, e.event_type, e.data.as_ref(), now).await?;
-            }
+            insert_events(&mut tx, saga_id, events, now).await?;
             super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
             let done = sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1")
                 .bind(saga_id.to_string())
@@ -217,30 +215,11 @@ impl Database {
         saga_id: Uuid,
         events: &[PendingEvent],
     ) -> Result<(), DbError> {
-        match events {
-            [] => Ok(()),
-            [e] => {
-                let mut conn = self.writer().acquire().await?;
-                insert_event(
-                    &mut conn,
-                    saga_id,
-                    e.node_id,
-                    e.event_type,
-                    e.data.as_ref(),
-                    now_ms(),
-                )
-                .await
-            }
-            _ => retry_transient!(async {
-                let now = now_ms();
-                let mut tx = self.begin_write().await?;
-                for e in events {
-                    insert_event(&mut tx, saga_id, e.node_id, e.event_type, e.data.as_ref(), now).await?;
-                }
-                tx.commit().await?;
-                Ok(())
-            }),
+        if events.is_empty() {
+            return Ok(());
         }
+        let mut conn = self.writer().acquire().await?;
+        insert_events(&mut conn, saga_id, events, now_ms()).await
     }
 
     /// The saga's node events in the order they happened: by time, and
@@ -366,5 +345,36 @@ pub(super) async fn insert_event(
     .execute(&mut *conn)
     .await
     .map_err(DbError::on_write("saga", saga_id))?;
+    Ok(())
+}
+
+/// Records events in one statement (see [`insert_event`]).
+async fn insert_events(
+    conn: &mut AnyConnection,
+    saga_id: Uuid,
+    events: &[PendingEvent],
+    now: i64,
+) -> Result<(), DbError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<String> = (0..events.len())
+        .map(|i| format!("($1, ${}, ${}, ${}, $2)", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+        .collect();
+    let text = sql!(
+        "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) VALUES {} \
+         ON CONFLICT DO NOTHING",
+        values.join(", ")
+    );
+    let mut q = sqlx::query(text).bind(saga_id.to_string()).bind(now);
+    for e in events {
+        q = q
+            .bind(i64::from(e.node_id))
+            .bind(e.event_type.as_str())
+            .bind(e.data.as_ref().map(|d| d.to_string()));
+    }
+    q.execute(&mut *conn)
+        .await
+        .map_err(DbError::on_write("saga", saga_id))?;
     Ok(())
 }

@@ -176,7 +176,7 @@ impl Database {
     pub async fn record_host_status(&self, id: Uuid, status: VmStatus) -> Result<bool, DbError> {
         let result = sqlx::query(
             "UPDATE vms SET status = $2, updated_at = $3 \
-             WHERE id = $1 AND NOT (status = 'Down' AND lock_operation_id IS NOT NULL)",
+             WHERE id = $1 AND status <> $2 AND NOT (status = 'Down' AND lock_operation_id IS NOT NULL)",
         )
         .bind(id.to_string())
         .bind(status.as_str())

@@ -131,11 +131,16 @@ fn snapshot_id(cx: &SagaCx<App>) -> Result<Uuid, Status> {
         .ok_or_else(|| Status::internal("ids output"))
 }
 
+/// The VM and its host, read once per execution (the saga holds the VM's
+/// lock: what the nodes use of them does not change).
 async fn vm_and_host(cx: &SagaCx<App>) -> Result<(db::Vm, db::Host), Status> {
-    let p: Params = cx.params()?;
-    let vm = cx.app.db.get_vm(p.vm_id).await.map_err(db_status)?;
-    let host = cx.app.host_for_vm(&vm).await?;
-    Ok((vm, host))
+    cx.memo("vm_and_host", || async {
+        let p: Params = cx.params()?;
+        let vm = cx.app.db.get_vm(p.vm_id).await.map_err(db_status)?;
+        let host = cx.app.host_for_vm(&vm).await?;
+        Ok((vm, host))
+    })
+    .await
 }
 
 fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
