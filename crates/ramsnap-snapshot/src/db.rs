@@ -170,6 +170,8 @@ pub struct Database {
     pool: AnyPool,
     writer: AnyPool,
     backend: Backend,
+    /// The saga log's writer (see [`Database::append_saga_node_events`]).
+    appender: tokio::sync::mpsc::UnboundedSender<sagas::AppendJob>,
 }
 
 /// How often a transaction that failed with a transient error is run again.
@@ -208,11 +210,22 @@ impl Database {
             }
             Backend::Sqlite => connect_sqlite(url).await?,
         };
-        Ok(Database {
+        let (appender, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let db = Database {
             pool,
             writer,
             backend,
-        })
+            appender,
+        };
+        // The writer holds a handle without the sender, so that it ends
+        // when the last handle is dropped.
+        let (closed, _) = tokio::sync::mpsc::unbounded_channel();
+        let handle = Database {
+            appender: closed,
+            ..db.clone()
+        };
+        tokio::spawn(sagas::log_writer(handle, jobs));
+        Ok(db)
     }
 
     /// Applies the migrations that have not been applied yet.

@@ -210,6 +210,15 @@ impl Database {
     /// Appends events in one commit (the saga log's one write between two
     /// nodes: a node's success and the next node's start, with the events of
     /// local nodes run in between). Nothing to append is no commit.
+    ///
+    /// On SQLite, whose writes are serialized, appends from concurrent sagas
+    /// are committed together (group commit): one task writes them, each
+    /// batch in one transaction, so that with many sagas the log costs one
+    /// commit (one fsync) per batch rather than per append (scale bench,
+    /// disk-only: 146.5 -> 167.2 sagas/s). PostgreSQL flushes concurrent
+    /// commits together already: batching there measured the same (152 and
+    /// 147 sagas/s direct, 158 and 150 batched), so it writes directly. The
+    /// call returns once its events are committed.
     pub async fn append_saga_node_events(
         &self,
         saga_id: Uuid,
@@ -218,8 +227,27 @@ impl Database {
         if events.is_empty() {
             return Ok(());
         }
-        let mut conn = self.writer().acquire().await?;
-        insert_events(&mut conn, saga_id, events, now_ms()).await
+        if self.backend == super::Backend::Postgres {
+            let mut conn = self.writer().acquire().await?;
+            return insert_events(&mut conn, saga_id, events, now_ms()).await;
+        }
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job = AppendJob {
+            saga_id,
+            events: events.to_vec(),
+            done,
+        };
+        if self.appender.send(job).is_err() {
+            // The log writer is gone (the database is closing): write here.
+            let mut conn = self.writer().acquire().await?;
+            return insert_events(&mut conn, saga_id, events, now_ms()).await;
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(DbError::InvalidValue {
+                field: "saga log",
+                message: "the log writer stopped before answering".into(),
+            })
+        })
     }
 
     /// The saga's node events in the order they happened: by time, and
@@ -376,5 +404,55 @@ async fn insert_events(
     q.execute(&mut *conn)
         .await
         .map_err(DbError::on_write("saga", saga_id))?;
+    Ok(())
+}
+
+/// One saga's events for the log writer, and where to say they are committed.
+pub(super) struct AppendJob {
+    saga_id: Uuid,
+    events: Vec<PendingEvent>,
+    done: tokio::sync::oneshot::Sender<Result<(), DbError>>,
+}
+
+/// Most appends committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The log writer: takes every append waiting, commits them in one
+/// transaction, answers each. A batch that fails (an append for a saga
+/// that does not exist, a transient error) is written again one append per
+/// transaction, so that each gets its own answer. Ends when every
+/// [`Database`] handle is gone.
+pub(super) async fn log_writer(db: Database, mut jobs: tokio::sync::mpsc::UnboundedReceiver<AppendJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if batch.len() > 1 && write_batch(&db, &batch).await.is_ok() {
+            for job in batch {
+                let _ = job.done.send(Ok(()));
+            }
+            continue;
+        }
+        for job in batch {
+            let result = retry_transient!(async {
+                let mut conn = db.writer().acquire().await?;
+                insert_events(&mut conn, job.saga_id, &job.events, now_ms()).await
+            });
+            let _ = job.done.send(result);
+        }
+    }
+}
+
+async fn write_batch(db: &Database, batch: &[AppendJob]) -> Result<(), DbError> {
+    let now = now_ms();
+    let mut tx = db.begin_write().await?;
+    for job in batch {
+        insert_events(&mut tx, job.saga_id, &job.events, now).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
