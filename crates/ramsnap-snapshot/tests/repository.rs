@@ -138,6 +138,7 @@ on_both_backends!(
     concurrent_write_transactions,
     accept_operation_is_one_transaction,
     finish_saga_ends_log_operation_and_saga_together,
+    concurrent_log_appends_are_each_answered,
 );
 
 // ---- fixtures ----
@@ -2262,4 +2263,43 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
     assert!(db.saga_node_events(saga2.id).await.unwrap().is_empty());
     assert_eq!(db.get_saga(saga2.id).await.unwrap().state, SagaState::Running);
+}
+
+/// Appends from many sagas at once (group-committed on SQLite): each is
+/// answered for itself; one for a saga that does not exist fails alone.
+async fn concurrent_log_appends_are_each_answered(db: Database) {
+    let mut sagas = Vec::new();
+    for _ in 0..40 {
+        let op = operation(&db, None).await;
+        let saga = new_saga(op);
+        db.create_saga(&saga).await.unwrap();
+        sagas.push(saga.id);
+    }
+    let ghost = Uuid::new_v4();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in sagas.iter().copied().chain([ghost]).enumerate() {
+        let db = db.clone();
+        tasks.spawn(async move {
+            let out = json!({ "i": i });
+            for node in 0..3u32 {
+                let events = [
+                    ev(node, SagaNodeEventType::Succeeded, Some(&out)),
+                    ev(node + 1, SagaNodeEventType::Started, None),
+                ];
+                if let Err(e) = db.append_saga_node_events(id, &events).await {
+                    return (id, Err(e));
+                }
+            }
+            (id, Ok(()))
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (id, result) = r.unwrap();
+        if id == ghost {
+            assert!(matches!(result, Err(DbError::ForeignKey { .. })), "{result:?}");
+        } else {
+            result.unwrap();
+            assert_eq!(db.saga_node_events(id).await.unwrap().len(), 6);
+        }
+    }
 }
