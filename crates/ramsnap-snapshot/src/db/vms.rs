@@ -236,6 +236,11 @@ impl Database {
     /// operation succeeds (a replayed saga step); if another operation holds
     /// it, fails with [`DbError::VmLocked`] naming the holder.
     pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
+        // A saga's lock node usually finds the lock taken for it when its
+        // operation was accepted: one read, no write.
+        if self.get_vm(vm_id).await?.lock_operation_id == Some(operation_id) {
+            return Ok(());
+        }
         let mut conn = self.writer().acquire().await?;
         match lock(&mut conn, vm_id, operation_id).await? {
             None => Ok(()),
