@@ -139,6 +139,7 @@ on_both_backends!(
     accept_operation_is_one_transaction,
     finish_saga_ends_log_operation_and_saga_together,
     concurrent_log_appends_are_each_answered,
+    snapshot_types_and_active_id,
 );
 
 // ---- fixtures ----
@@ -2302,4 +2303,23 @@ async fn concurrent_log_appends_are_each_answered(db: Database) {
             assert_eq!(db.saga_node_events(id).await.unwrap().len(), 6);
         }
     }
+}
+
+/// The one-read checks: the VM's snapshot types, and its ACTIVE snapshot's id.
+async fn snapshot_types_and_active_id(db: Database) {
+    let f = flow_vm(&db).await;
+    assert_eq!(db.active_snapshot_id(f.vm.id).await.unwrap(), f.active_id);
+    assert_eq!(db.snapshot_types(f.vm.id).await.unwrap(), [SnapshotType::Active]);
+    take_snapshot(&db, f.vm.id, None).await;
+    take_snapshot(&db, f.vm.id, None).await;
+    let mut types = db.snapshot_types(f.vm.id).await.unwrap();
+    types.sort_by_key(|t| t.as_str());
+    assert_eq!(types, [SnapshotType::Active, SnapshotType::Regular]);
+    assert_eq!(
+        db.active_snapshot_id(f.vm.id).await.unwrap(),
+        db.active_snapshot(f.vm.id).await.unwrap().id
+    );
+    let ghost = Uuid::new_v4();
+    assert!(db.active_snapshot_id(ghost).await.unwrap_err().is_not_found());
+    assert!(db.snapshot_types(ghost).await.unwrap().is_empty());
 }

@@ -199,7 +199,7 @@ impl Database {
     ) -> Result<(), DbError> {
         retry_transient!(async {
             let mut tx = self.begin_write().await?;
-            let snapshot = snapshots::fetch(&mut tx, snapshot_id)
+            let snapshot = snapshots::fetch_head(&mut tx, snapshot_id)
                 .await?
                 .ok_or_else(|| DbError::not_found("snapshot", snapshot_id))?;
             if snapshot.vm_id != vm_id || snapshot.snapshot_type != SnapshotType::Regular {
@@ -209,7 +209,7 @@ impl Database {
                     format!("is not a regular snapshot of vm {vm_id}"),
                 ));
             }
-            let active = snapshots::fetch(&mut tx, active_id)
+            let active = snapshots::fetch_head(&mut tx, active_id)
                 .await?
                 .ok_or_else(|| DbError::not_found("snapshot", active_id))?;
             if active.vm_id != vm_id || active.snapshot_type != SnapshotType::Active {

@@ -200,6 +200,29 @@ impl Database {
             .ok_or_else(|| DbError::not_found("active snapshot of vm", vm_id))
     }
 
+    /// The id of the VM's ACTIVE snapshot (one read, without its disks).
+    pub async fn active_snapshot_id(&self, vm_id: Uuid) -> Result<Uuid, DbError> {
+        let row = sqlx::query("SELECT id FROM snapshots WHERE vm_id = $1 AND snapshot_type = $2")
+            .bind(vm_id.to_string())
+            .bind(SnapshotType::Active.as_str())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("active snapshot of vm", vm_id))?;
+        Ok(row.uuid("id")?)
+    }
+
+    /// The types of the VM's snapshots, each once (one read).
+    pub async fn snapshot_types(&self, vm_id: Uuid) -> Result<Vec<SnapshotType>, DbError> {
+        let rows = sqlx::query("SELECT DISTINCT snapshot_type FROM snapshots WHERE vm_id = $1")
+            .bind(vm_id.to_string())
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.parsed("snapshot_type"))
+            .collect::<Result<_, _>>()?)
+    }
+
     pub async fn set_snapshot_status(&self, id: Uuid, status: SnapshotStatus) -> Result<(), DbError> {
         let mut conn = self.writer().acquire().await?;
         if !set_status(&mut conn, id, status).await? {
@@ -380,6 +403,16 @@ pub(super) async fn fetch(conn: &mut AnyConnection, id: Uuid) -> Result<Option<S
         .fetch_optional(&mut *conn)
         .await?;
     Ok(with_disks(conn, row.as_slice()).await?.pop())
+}
+
+/// The snapshot's own row, without its disks (left empty): for checks of
+/// its VM, type and status.
+pub(super) async fn fetch_head(conn: &mut AnyConnection, id: Uuid) -> Result<Option<Snapshot>, DbError> {
+    let row = sqlx::query(sql!("SELECT {COLUMNS} FROM snapshots WHERE id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.as_ref().map(from_row).transpose()?)
 }
 
 /// The VM's newest snapshot of this type (the only one, for every type but

@@ -419,7 +419,7 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let id = snapshot_id(cx)?;
         let overlays: Vec<Overlay> = cx.output("overlays")?;
         let result: Value = cx.output("host_snapshot")?;
-        let active = cx.app.db.active_snapshot(p.vm_id).await.map_err(db_status)?;
+        let active_id = cx.app.db.active_snapshot_id(p.vm_id).await.map_err(db_status)?;
         let disks: Vec<SnapshotDisk> = overlays
             .iter()
             .map(|o| SnapshotDisk {
@@ -429,7 +429,7 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .collect();
         cx.app
             .db
-            .snapshot_taken(p.vm_id, id, active.id, &disks)
+            .snapshot_taken(p.vm_id, id, active_id, &disks)
             .await
             .map_err(db_status)?;
         // Memory asked for but not taken (the host fell back to disk-only):

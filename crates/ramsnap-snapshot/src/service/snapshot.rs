@@ -73,6 +73,31 @@ async fn require_in_preview(app: &App, vm: &db::Vm) -> Result<(), Status> {
     Ok(())
 }
 
+/// FAILED_PRECONDITION VM_IN_PREVIEW or VM_RUNNING_STATELESS (in that
+/// order) if the VM previews a snapshot or runs stateless: one read for
+/// both checks.
+async fn refuse_preview_or_stateless(app: &App, vm: &db::Vm, what: &str) -> Result<(), Status> {
+    let types = app.db.snapshot_types(vm.id).await.map_err(db_status)?;
+    if types.contains(&SnapshotType::Preview) {
+        return Err(in_preview_status(vm, what));
+    }
+    if types.contains(&SnapshotType::Stateless) {
+        return Err(stateless_status(vm, what));
+    }
+    Ok(())
+}
+
+fn stateless_status(vm: &db::Vm, what: &str) -> Status {
+    status::failed_precondition(
+        "VM_RUNNING_STATELESS",
+        &format!("vm/{}", vm.id),
+        format!(
+            "VM {} runs stateless (or its stateless run was not ended); stop it with StopVm before {what}",
+            vm.name
+        ),
+    )
+}
+
 /// Refuses to change the snapshots of a VM that runs stateless (oVirt:
 /// VM_RUNNING_STATELESS), or whose stateless run ended without StopVm.
 async fn refuse_stateless(app: &App, vm: &db::Vm, what: &str) -> Result<(), Status> {
@@ -82,14 +107,7 @@ async fn refuse_stateless(app: &App, vm: &db::Vm, what: &str) -> Result<(), Stat
         .await
         .map_err(db_status)?;
     if stateless.is_some() {
-        return Err(status::failed_precondition(
-            "VM_RUNNING_STATELESS",
-            &format!("vm/{}", vm.id),
-            format!(
-                "VM {} runs stateless (or its stateless run was not ended); stop it with StopVm before {what}",
-                vm.name
-            ),
-        ));
+        return Err(stateless_status(vm, what));
     }
     Ok(())
 }
@@ -131,16 +149,20 @@ fn require_regular_ok(s: &db::Snapshot, what: &str) -> Result<(), Status> {
 /// Refuses to change a VM whose snapshots are in preview.
 pub async fn refuse_in_preview(app: &App, vm: &db::Vm, what: &str) -> Result<(), Status> {
     if in_preview(app, vm).await? {
-        return Err(status::failed_precondition(
-            "VM_IN_PREVIEW",
-            &format!("vm/{}", vm.id),
-            format!(
-                "VM {} is previewing a snapshot; commit or undo the preview before {what}",
-                vm.name
-            ),
-        ));
+        return Err(in_preview_status(vm, what));
     }
     Ok(())
+}
+
+fn in_preview_status(vm: &db::Vm, what: &str) -> Status {
+    status::failed_precondition(
+        "VM_IN_PREVIEW",
+        &format!("vm/{}", vm.id),
+        format!(
+            "VM {} is previewing a snapshot; commit or undo the preview before {what}",
+            vm.name
+        ),
+    )
 }
 
 #[tonic::async_trait]
@@ -193,8 +215,7 @@ impl SnapshotService for SnapshotApi {
                 ));
             }
         }
-        refuse_in_preview(&self.0, &vm, "taking a snapshot").await?;
-        refuse_stateless(&self.0, &vm, "taking a snapshot").await?;
+        refuse_preview_or_stateless(&self.0, &vm, "taking a snapshot").await?;
         let params = snapshot_create::Params {
             vm_id: vm.id,
             description: req.description,
