@@ -192,19 +192,8 @@ impl Database {
         event_type: SagaNodeEventType,
         data: Option<&serde_json::Value>,
     ) -> Result<bool, DbError> {
-        let result = sqlx::query(
-            "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(saga_id.to_string())
-        .bind(i64::from(node_id))
-        .bind(event_type.as_str())
-        .bind(data.map(|d| d.to_string()))
-        .bind(now_ms())
-        .execute(self.writer())
-        .await
-        .map_err(DbError::on_write("saga", saga_id))?;
-        Ok(result.rows_affected() == 1)
+        let mut conn = self.writer().acquire().await?;
+        insert_event(&mut conn, saga_id, node_id, event_type, data, now_ms()).await
     }
 
     /// Appends events in one commit (the saga log's one write between two
@@ -352,7 +341,7 @@ pub(super) async fn insert_saga(conn: &mut AnyConnection, new: &NewSaga, now: i6
 }
 
 /// Records a node event; the same (saga, node, event type) again changes
-/// nothing.
+/// nothing and returns false.
 pub(super) async fn insert_event(
     conn: &mut AnyConnection,
     saga_id: Uuid,
@@ -360,8 +349,8 @@ pub(super) async fn insert_event(
     event_type: SagaNodeEventType,
     data: Option<&serde_json::Value>,
     now: i64,
-) -> Result<(), DbError> {
-    sqlx::query(
+) -> Result<bool, DbError> {
+    let result = sqlx::query(
         "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
     )
@@ -373,7 +362,7 @@ pub(super) async fn insert_event(
     .execute(&mut *conn)
     .await
     .map_err(DbError::on_write("saga", saga_id))?;
-    Ok(())
+    Ok(result.rows_affected() == 1)
 }
 
 /// Records events in one statement (see [`insert_event`]).
