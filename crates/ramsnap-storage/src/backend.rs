@@ -19,6 +19,23 @@ pub trait Backend: Send + Sync + 'static {
     /// (RAW) or as its parent (COW), never as whatever its space held
     /// before. On error nothing is left behind.
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()>;
+    /// Creates a volume whose content is complete once it is made (a new
+    /// empty volume, not a copy's target) and leaves it LEGAL: `meta` says
+    /// LEGAL. A crash part-way still leaves a visible ILLEGAL volume, as
+    /// [`Backend::create`] does. The default is that create and then the
+    /// flip; a backend may do it in fewer writes.
+    fn create_legal(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        let illegal = VolumeMeta {
+            legality: Legality::Illegal,
+            ..meta.clone()
+        };
+        self.create(&illegal, parent)?;
+        if let Err(e) = self.set_legality(meta.image, meta.volume, Legality::Legal) {
+            let _ = self.remove(meta.image, meta.volume);
+            return Err(e);
+        }
+        Ok(())
+    }
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()>;
     /// Records a new parent in the volume's metadata (after a rebase).
     fn set_parent(&self, image: Uuid, volume: Uuid, parent: Option<Uuid>) -> Result<()>;

@@ -135,6 +135,12 @@ impl FileDomain {
         self.image_dir(image).join(format!("{volume}.meta"))
     }
 
+    /// Where [`Backend::create_legal`] writes a volume's data before the
+    /// data takes its name: not a volume (list reads `.meta` files only).
+    fn staging_path(&self, image: Uuid, volume: Uuid) -> PathBuf {
+        self.image_dir(image).join(format!("{volume}.creating"))
+    }
+
     /// The request index: `dom_md/requests/<request id>`, a symlink whose
     /// target text is `<image>/<volume>`, made before the volume's
     /// metadata (so it never misses a volume that records the request) and
@@ -210,11 +216,12 @@ impl FileDomain {
         )
     }
 
-    fn create_data(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
-        let path = self.volume_path(meta.image, meta.volume);
+    /// Writes a new volume's data at `path` (its own name, or its staging
+    /// name) and makes it durable.
+    fn create_data(&self, path: &Path, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
         match meta.format {
             Format::Raw => {
-                let f = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+                let f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
                 f.set_len(meta.capacity)?;
                 if meta.allocation == Allocation::Preallocated {
                     fallocate(&f, meta.capacity)?;
@@ -223,7 +230,7 @@ impl FileDomain {
             }
             // An empty sparse overlay is written here (see crate::qcow2).
             Format::Cow if meta.allocation == Allocation::Sparse => {
-                let f = fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+                let f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
                 qcow2::create_volume_at(&f, 0, meta, parent)?;
                 f.sync_all()?;
             }
@@ -241,14 +248,27 @@ impl FileDomain {
                     Allocation::Preallocated => "falloc",
                 };
                 cmd.args(["-o", &format!("preallocation={prealloc}")]);
-                cmd.arg(meta.volume.to_string()).arg(meta.capacity.to_string());
+                cmd.arg(path).arg(meta.capacity.to_string());
                 tool::run(&mut cmd)?;
             }
         }
         Ok(())
     }
 
+    /// The image directory and the request index entry, made durable
+    /// before the volume's metadata (see `requests_dir`).
+    fn begin_create(&self, meta: &VolumeMeta) -> Result<()> {
+        fs::create_dir_all(self.image_dir(meta.image))?;
+        if let Some(r) = meta.request_id {
+            self.ensure_request_index()?;
+            self.link_request(r, meta.image, meta.volume)?;
+            sync_dir(&self.requests_dir())?;
+        }
+        Ok(())
+    }
+
     fn remove_files(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        remove_if_exists(&self.staging_path(image, volume))?;
         remove_if_exists(&self.volume_path(image, volume))?;
         remove_if_exists(&self.meta_path(image, volume))?;
         // The image directory goes with its last volume.
@@ -310,17 +330,39 @@ impl Backend for FileDomain {
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
-        fs::create_dir_all(self.image_dir(meta.image))?;
-        if let Some(r) = meta.request_id {
-            self.ensure_request_index()?;
-            self.link_request(r, meta.image, meta.volume)?;
-            sync_dir(&self.requests_dir())?;
-        }
+        self.begin_create(meta)?;
         // Metadata first, so that a crash part-way leaves a visible ILLEGAL
         // volume rather than an unaccounted file.
-        let result = self.write_meta(meta).and_then(|_| self.create_data(meta, parent));
+        let path = self.volume_path(meta.image, meta.volume);
+        let result = self
+            .write_meta(meta)
+            .and_then(|_| self.create_data(&path, meta, parent));
         if let Err(e) = result {
             let _ = self.remove_files(meta.image, meta.volume);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// One metadata write instead of two: the metadata says LEGAL from the
+    /// start, and the data is written under its staging name and renamed
+    /// into place when complete. Until then the volume reads as ILLEGAL
+    /// (a volume without its data is never LEGAL, see `read_volume`), on
+    /// this host and on any other that shares the domain, and a crash
+    /// part-way leaves exactly that: a visible ILLEGAL volume, removed
+    /// with its staging file like any other.
+    fn create_legal(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        debug_assert_eq!(meta.legality, Legality::Legal);
+        self.begin_create(meta)?;
+        let (image, volume) = (meta.image, meta.volume);
+        let result = self.write_meta(meta).and_then(|_| {
+            let staging = self.staging_path(image, volume);
+            self.create_data(&staging, meta, parent)?;
+            fs::rename(&staging, self.volume_path(image, volume))?;
+            sync_dir(&self.image_dir(image))
+        });
+        if let Err(e) = result {
+            let _ = self.remove_files(image, volume);
             return Err(e);
         }
         Ok(())

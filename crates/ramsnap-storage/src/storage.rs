@@ -474,7 +474,7 @@ impl Storage {
         let d = self.domain(req.domain)?;
         refuse_export(&d, req.domain)?;
         let allocation = req.allocation.unwrap_or_else(|| d.backend.natural_allocation());
-        check_layout(d.kind, req.format, allocation, "allocation")?;
+        check_layout(d.kind, req.format, allocation, req.parent.is_some(), "allocation")?;
         if req.parent.is_some() && req.format != Format::Cow {
             return Err(StorageError::invalid(
                 "parent_volume_id",
@@ -828,7 +828,13 @@ impl Storage {
         let allocation = req
             .target_allocation
             .unwrap_or_else(|| dst_dom.backend.natural_allocation());
-        check_layout(dst_dom.kind, format, allocation, "target_allocation")?;
+        check_layout(
+            dst_dom.kind,
+            format,
+            allocation,
+            parent.is_some(),
+            "target_allocation",
+        )?;
 
         let target = {
             let _guard = dst_dom.lock.write().await;
@@ -884,7 +890,7 @@ impl Storage {
                 if let (Some(p), Some(image)) = (parent, new.image) {
                     require_layer_parent(b.as_ref(), target_domain, image, p)?;
                 }
-                create_illegal(b.as_ref(), new, allocation)
+                create_new(b.as_ref(), new, allocation, Legality::Illegal)
             })
             .await?;
             // Held and listed as copying before the domain lock is let go:
@@ -1143,11 +1149,29 @@ fn release(
     Ok(())
 }
 
-fn check_layout(kind: DomainType, format: Format, allocation: Allocation, field: &'static str) -> Result<()> {
+fn check_layout(
+    kind: DomainType,
+    format: Format,
+    allocation: Allocation,
+    has_parent: bool,
+    field: &'static str,
+) -> Result<()> {
     if kind == DomainType::Block && format == Format::Raw && allocation == Allocation::Sparse {
         return Err(StorageError::invalid(
             field,
             "RAW volumes on BLOCK domains are always PREALLOCATED (an LV has no holes)",
+        ));
+    }
+    // qemu-img refuses it (preallocated clusters would hide the parent's
+    // data), as VDSM does: a layer on a file is a sparse qcow2 file.
+    if kind == DomainType::File
+        && format == Format::Cow
+        && has_parent
+        && allocation == Allocation::Preallocated
+    {
+        return Err(StorageError::invalid(
+            field,
+            "a COW volume with a parent on a FILE domain is SPARSE: preallocated clusters would hide the parent's data",
         ));
     }
     Ok(())
@@ -1232,7 +1256,11 @@ fn chain(volumes: &[Volume], volume: Uuid) -> Vec<Uuid> {
 /// Prepares base to leaf; returns the leaf's path and the volumes that this
 /// call prepared (so the caller can undo exactly those).
 fn prepare_chain(backend: &dyn Backend, r: VolumeRef) -> Result<(PathBuf, Vec<Uuid>)> {
-    let volumes = backend.list(Some(r.image))?;
+    prepare_listed(backend, &backend.list(Some(r.image))?, r)
+}
+
+/// [`prepare_chain`] with the image's volumes already listed.
+fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Result<(PathBuf, Vec<Uuid>)> {
     if !volumes.iter().any(|v| v.meta.volume == r.volume) {
         return Err(StorageError::VolumeNotFound(r));
     }
@@ -1289,21 +1317,19 @@ fn create_locked(
             remove_unless_in_use(backend, holds, v.volume_ref())?;
         }
     }
-    let mut v = create_illegal(backend, req, allocation)?;
-    let (i, vol) = (v.meta.image, v.meta.volume);
-    if let Err(e) = backend.set_legality(i, vol, Legality::Legal) {
-        let _ = backend.remove(i, vol);
-        return Err(e);
-    }
-    // What the backend would read back now: the legality is all that
-    // changed (on BLOCK, reading it back is one more lvs).
-    v.meta.legality = Legality::Legal;
-    Ok(v)
+    create_new(backend, req, allocation, Legality::Legal)
 }
 
-/// Validates against the domain's current state and creates the volume
-/// ILLEGAL. Runs under the domain lock.
-fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation) -> Result<Volume> {
+/// Validates against the domain's current state and creates the volume:
+/// ILLEGAL for a copy's target (flipped when the copy completes), LEGAL for
+/// a new empty volume (see [`Backend::create_legal`]). Runs under the
+/// domain lock.
+fn create_new(
+    backend: &dyn Backend,
+    req: NewVolume,
+    allocation: Allocation,
+    legality: Legality,
+) -> Result<Volume> {
     let domain = backend.info()?;
     let image = req.image.unwrap_or_else(Uuid::new_v4);
     let volume = req.volume.unwrap_or_else(Uuid::new_v4);
@@ -1378,7 +1404,7 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
         format: req.format,
         allocation,
         purpose: req.purpose,
-        legality: Legality::Illegal,
+        legality,
         capacity: req.capacity,
         description: req.description,
         request_id: req.request_id,
@@ -1386,17 +1412,17 @@ fn create_illegal(backend: &dyn Backend, req: NewVolume, allocation: Allocation)
     };
     let mut prepared = Vec::new();
     if let Some(p) = &parent {
-        prepared = prepare_chain(
-            backend,
-            VolumeRef {
-                domain: domain.id,
-                image,
-                volume: p.volume,
-            },
-        )?
-        .1;
+        let r = VolumeRef {
+            domain: domain.id,
+            image,
+            volume: p.volume,
+        };
+        prepared = prepare_listed(backend, &in_image, r)?.1;
     }
-    let result = backend.create(&meta, parent.as_ref());
+    let result = match legality {
+        Legality::Legal => backend.create_legal(&meta, parent.as_ref()),
+        Legality::Illegal => backend.create(&meta, parent.as_ref()),
+    };
     for v in prepared.iter().rev() {
         let _ = backend.teardown(image, *v);
     }

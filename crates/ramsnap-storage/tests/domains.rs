@@ -2387,3 +2387,135 @@ async fn a_copy_checksum_is_what_was_written_and_bad_asks_leave_nothing() {
     }
     assert_eq!(loops_over(&env.loop_dev.device), 0);
 }
+
+/// A FILE create writes the metadata once (LEGAL) and names the data when
+/// it is complete. A crash between the two (the data still under its
+/// staging name) leaves a visible ILLEGAL volume, as before: a retry of the
+/// same request makes it again, and a delete leaves no file.
+#[tokio::test]
+async fn a_file_create_cut_before_its_data_is_named_reads_illegal_and_recovers() {
+    let mut env = Env::new(1024 * MIB).await;
+    let domain = env.domain(pb::DomainType::File);
+    let location = get_domain(&mut env, &domain).await.location;
+    let root = std::path::Path::new(&location).join(&domain).join("images");
+    let files = |image: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(root.join(image))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let base = env
+        .create(new_volume(&domain, 16 * MIB, pb::VolumeFormat::Raw))
+        .await
+        .unwrap();
+    let image = vref(&base).image_id;
+    // A preallocated COW child is refused before anything is made (qemu-img
+    // would refuse it part-way).
+    let mut bad = new_volume(&domain, 16 * MIB, pb::VolumeFormat::Cow);
+    bad.allocation = pb::VolumeAllocation::Preallocated as i32;
+    bad.image_id = image.clone();
+    bad.parent_volume_id = vref(&base).volume_id;
+    let err = env.create(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(field_of(&err), "allocation");
+    assert_eq!(files(&image).len(), 2, "{:?}", files(&image));
+
+    // The ways a FILE volume's data is written: a sparse COW child (written
+    // by ramsnap), a preallocated COW volume (qemu-img), RAW.
+    let mut parent = base.clone();
+    for (format, allocation, child) in [
+        (pb::VolumeFormat::Cow, pb::VolumeAllocation::Sparse, true),
+        (pb::VolumeFormat::Cow, pb::VolumeAllocation::Preallocated, false),
+        (pb::VolumeFormat::Raw, pb::VolumeAllocation::Sparse, false),
+    ] {
+        let mut req = new_volume(&domain, 16 * MIB, format);
+        req.allocation = allocation as i32;
+        if child {
+            req.image_id = image.clone();
+            req.parent_volume_id = vref(&parent).volume_id;
+        } else {
+            req.image_id = Uuid::new_v4().to_string();
+        }
+        req.request_id = Uuid::new_v4().to_string();
+        // As the coordinator asks: the ids are chosen by the caller.
+        req.volume_id = Uuid::new_v4().to_string();
+        let made = env.create(req.clone()).await.unwrap();
+        let r = vref(&made);
+        assert_eq!(made.legality, pb::VolumeLegality::Legal as i32);
+        let data = root.join(&r.image_id).join(&r.volume_id);
+        let staging = root.join(&r.image_id).join(format!("{}.creating", r.volume_id));
+        assert!(data.exists() && !staging.exists(), "{:?}", files(&r.image_id));
+
+        // The crash: metadata written, data not yet named.
+        std::fs::rename(&data, &staging).unwrap();
+        let seen = env
+            .client
+            .get_volume(pb::GetVolumeRequest {
+                r#ref: Some(r.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(
+            seen.legality,
+            pb::VolumeLegality::Illegal as i32,
+            "{allocation:?}"
+        );
+        let listed = env.list(&domain).await;
+        assert!(
+            listed
+                .iter()
+                .any(|v| v.r#ref == made.r#ref && v.legality == pb::VolumeLegality::Illegal as i32),
+            "the cut volume is listed, ILLEGAL"
+        );
+
+        // The retry makes it again, complete, and leaves no staging file.
+        let again = env.create(req).await.unwrap();
+        assert_eq!(again.r#ref, made.r#ref);
+        assert_eq!(again.legality, pb::VolumeLegality::Legal as i32);
+        assert!(data.exists() && !staging.exists(), "{:?}", files(&r.image_id));
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        let qemu_format = if format == pb::VolumeFormat::Cow {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        assert!(info.contains(&format!("\"format\": \"{qemu_format}\"")), "{info}");
+        assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
+        if child {
+            assert!(
+                info.contains(&vref(&parent).volume_id),
+                "a child of its parent: {info}"
+            );
+            parent = again;
+        }
+    }
+
+    // Cut again, then deleted instead of retried: nothing is left of it.
+    let leaf = vref(&parent);
+    let data = root.join(&image).join(&leaf.volume_id);
+    std::fs::rename(
+        &data,
+        root.join(&image).join(format!("{}.creating", leaf.volume_id)),
+    )
+    .unwrap();
+    delete(&mut env, &leaf).await.unwrap();
+    assert!(
+        !files(&image).iter().any(|f| f.starts_with(&leaf.volume_id)),
+        "{:?}",
+        files(&image)
+    );
+    assert_eq!(env.list(&domain).await.len(), 3, "the base and the two others");
+}
