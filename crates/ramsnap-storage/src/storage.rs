@@ -1266,7 +1266,7 @@ fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Re
     }
     let mut newly = Vec::new();
     let mut path = PathBuf::new();
-    for v in chain(&volumes, r.volume).into_iter().rev() {
+    for v in chain(volumes, r.volume).into_iter().rev() {
         let was = backend.is_prepared(r.image, v);
         match backend.prepare(r.image, v) {
             Ok(p) => path = p,
