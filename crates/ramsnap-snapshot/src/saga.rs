@@ -52,12 +52,8 @@ pub use crate::db::PendingEvent;
 struct Pending(Vec<PendingEvent>);
 
 impl Pending {
-    fn push(&mut self, node: usize, event_type: SagaNodeEventType, data: Option<Value>) {
-        self.0.push(PendingEvent {
-            node_id: node as u32,
-            event_type,
-            data,
-        });
+    fn push(&mut self, event: PendingEvent) {
+        self.0.push(event);
     }
 
     fn take(&mut self) -> Vec<PendingEvent> {
@@ -86,6 +82,8 @@ pub struct SagaCx<S> {
     notify: Arc<dyn Fn(Uuid) + Send + Sync>,
     /// See [`SagaCx::memo`].
     memos: Mutex<HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>>,
+    /// The id each node of the definition has in the log (see [`align`]).
+    log_ids: Vec<u32>,
 }
 
 /// Progress is written at most this often, but always when it reaches the
@@ -374,6 +372,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
         self.sagas.contains_key(name)
     }
 
+    /// The name of the saga's first node (logged as started when the
+    /// operation is accepted); None for a saga not defined.
+    pub fn first_node(&self, name: &str) -> Option<&'static str> {
+        self.sagas.get(name).and_then(|d| d.nodes.first()).map(|n| n.name)
+    }
+
     /// Runs a saga just recorded with its first node's start
     /// ([`crate::db::Database::accept_operation`]): nothing is read back.
     /// It counts as running (a cancel reaches it) when this returns.
@@ -439,17 +443,24 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 Status::internal(format!("saga {saga_id} names unknown saga {}", saga.name))
             })?;
         let operation_id = saga.operation_id.unwrap_or(saga_id);
-        let cancel = running.cancel.clone();
-        let has = |node: usize, t: SagaNodeEventType| {
-            events
-                .iter()
-                .any(|e| e.node_id as usize == node && e.event_type == t)
+        let log_ids = match align(&def, &events) {
+            Ok(ids) => ids,
+            Err(reason) => return self.park(&saga, operation_id, &reason).await,
         };
+        if saga.parked.is_some() {
+            // It fits this release (a roll-back, say): it runs again.
+            self.db
+                .set_saga_parked(saga_id, None)
+                .await
+                .map_err(|e| Status::unavailable(format!("saga log: {e}")))?;
+            tracing::info!(saga = %saga_id, saga_name = def.name, "parked saga fits this release; resuming");
+        }
+        let cancel = running.cancel.clone();
         let mut outputs = HashMap::new();
         for (i, node) in def.nodes.iter().enumerate() {
             if let Some(e) = events
                 .iter()
-                .find(|e| e.node_id as usize == i && e.event_type == SagaNodeEventType::Succeeded)
+                .find(|e| e.node_id == log_ids[i] && e.event_type == SagaNodeEventType::Succeeded)
             {
                 outputs.insert(node.name, e.data.clone().unwrap_or(Value::Null));
             }
@@ -465,7 +476,9 @@ impl<S: Send + Sync + 'static> Executor<S> {
             progress_written: Mutex::new(None),
             notify: self.notify.clone(),
             memos: Mutex::new(HashMap::new()),
+            log_ids,
         };
+        let has = has_fn(&events, &cx.log_ids);
 
         let saga_started = Instant::now();
         let outcome = if saga.state == SagaState::Unwinding {
@@ -476,7 +489,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 .map(status_from_json)
                 .unwrap_or_else(|| Status::aborted("unwound after a restart"));
             let cancelled = failure.code() == Code::Cancelled;
-            self.unwind(&def, &cx, &has_fn(&events)).await?;
+            self.unwind(&def, &cx, &has).await?;
             Outcome::Unwound {
                 status: failure,
                 cancelled,
@@ -523,7 +536,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     .await
                     .map_err(db_err)?;
                 let events = self.db.saga_node_events(cx.saga_id).await.map_err(db_err)?;
-                self.unwind(def, cx, &has_fn(&events)).await?;
+                self.unwind(def, cx, &has_fn(&events, &cx.log_ids)).await?;
                 return Ok(Outcome::Unwound {
                     status,
                     cancelled: true,
@@ -533,7 +546,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             // an agent: its outcome is unknown until an agent answers.
             let mut in_doubt = has(i, SagaNodeEventType::Started);
             if start_logged != Some(i) {
-                pending.push(i, SagaNodeEventType::Started, None);
+                pending.push(event(def, cx, i, SagaNodeEventType::Started, None));
                 if !node.local {
                     self.db
                         .append_saga_node_events(cx.saga_id, &pending.take())
@@ -599,7 +612,13 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         };
                         tracing::warn!(saga = %cx.saga_id, node = node.name, error = %status, "node failed; unwinding");
                         // The local nodes' events first: their undo runs too.
-                        pending.push(i, SagaNodeEventType::Failed, Some(status_to_json(&status)));
+                        pending.push(event(
+                            def,
+                            cx,
+                            i,
+                            SagaNodeEventType::Failed,
+                            Some(status_to_json(&status)),
+                        ));
                         self.db
                             .append_saga_node_events(cx.saga_id, &pending.take())
                             .await
@@ -609,7 +628,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                             .await
                             .map_err(db_err)?;
                         let events = self.db.saga_node_events(cx.saga_id).await.map_err(db_err)?;
-                        self.unwind(def, cx, &has_fn(&events)).await?;
+                        self.unwind(def, cx, &has_fn(&events, &cx.log_ids)).await?;
                         let cancelled = status.code() == Code::Cancelled;
                         return Ok(Outcome::Unwound { status, cancelled });
                     }
@@ -627,7 +646,13 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     def.name, node.name
                 )));
             }
-            pending.push(i, SagaNodeEventType::Succeeded, Some(output.clone()));
+            pending.push(event(
+                def,
+                cx,
+                i,
+                SagaNodeEventType::Succeeded,
+                Some(output.clone()),
+            ));
             cx.outputs.lock().expect("poisoned").insert(node.name, output);
             // The next node's start goes in the same commit, unless a cancel
             // is to stop the saga before it (checked again at its turn: a
@@ -646,7 +671,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 }
                 Some(n) if n.local => {}
                 Some(_) => {
-                    pending.push(next, SagaNodeEventType::Started, None);
+                    pending.push(event(def, cx, next, SagaNodeEventType::Started, None));
                     self.db
                         .append_saga_node_events(cx.saga_id, &pending.take())
                         .await
@@ -674,7 +699,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
             }
             let Some(undo) = node.undo else { continue };
             self.db
-                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::UndoStarted, None)
+                .append_saga_node_event(
+                    cx.saga_id,
+                    (cx.log_ids[i], node.name),
+                    SagaNodeEventType::UndoStarted,
+                    None,
+                )
                 .await
                 .map_err(db_err)?;
             let mut attempt = 0u32;
@@ -697,7 +727,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 }
             }
             self.db
-                .append_saga_node_event(cx.saga_id, i as u32, SagaNodeEventType::UndoFinished, None)
+                .append_saga_node_event(
+                    cx.saga_id,
+                    (cx.log_ids[i], node.name),
+                    SagaNodeEventType::UndoFinished,
+                    None,
+                )
                 .await
                 .map_err(db_err)?;
         }
@@ -740,6 +775,29 @@ impl<S: Send + Sync + 'static> Executor<S> {
         Ok(())
     }
 
+    /// Leaves a saga whose log does not fit this release's definition
+    /// unexecuted, with why on the saga and as a warning on its operation:
+    /// it keeps its locks (what it did is unknown to this release), and it
+    /// is tried again at every start (see [`align`]).
+    async fn park(&self, saga: &Saga, operation_id: Uuid, reason: &str) -> Result<(), Status> {
+        let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        tracing::error!(saga = %saga.id, saga_name = %saga.name, reason, "saga parked: its log does not fit this release");
+        let why = format!("saga {} ({}) is parked: {reason}", saga.id, saga.name);
+        self.db
+            .set_saga_parked(saga.id, Some(&why))
+            .await
+            .map_err(db_err)?;
+        if self
+            .db
+            .add_operation_warning(operation_id, &why)
+            .await
+            .map_err(db_err)?
+        {
+            (self.notify)(operation_id);
+        }
+        Err(Status::failed_precondition(why))
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let ms = 50u64.saturating_mul(1 << attempt.min(10));
         Duration::from_millis(ms).min(self.retry_cap)
@@ -768,12 +826,111 @@ impl<S: Send + Sync + 'static> Drop for RunningGuard<S> {
     }
 }
 
-fn has_fn(events: &[crate::db::SagaNodeEvent]) -> impl Fn(usize, SagaNodeEventType) -> bool + '_ {
+/// Whether the log `events` has an event of type `t` for the definition's
+/// node `node` (at its log id, `log_ids[node]`).
+fn has_fn<'a>(
+    events: &'a [crate::db::SagaNodeEvent],
+    log_ids: &'a [u32],
+) -> impl Fn(usize, SagaNodeEventType) -> bool + Sync + 'a {
     move |node, t| {
         events
             .iter()
-            .any(|e| e.node_id as usize == node && e.event_type == t)
+            .any(|e| e.node_id == log_ids[node] && e.event_type == t)
     }
+}
+
+/// An event of the definition's node `i`, under its log id and name.
+fn event<S>(
+    def: &SagaDef<S>,
+    cx: &SagaCx<S>,
+    i: usize,
+    event_type: SagaNodeEventType,
+    data: Option<Value>,
+) -> PendingEvent {
+    PendingEvent {
+        node_id: cx.log_ids[i],
+        node_name: def.nodes[i].name,
+        event_type,
+        data,
+    }
+}
+
+/// Lines a saga's log up with the saga's definition in this release, by
+/// node names, and returns the log id of each node of the definition: the
+/// id it was logged under, and for a node not logged yet a new id after
+/// every logged one (so a saga begun by an older release resumes on the
+/// definition it meets). Events logged before the log named nodes are read
+/// by position, as they were written.
+///
+/// The log fits when the nodes it names are, in log order, the first nodes
+/// of the definition: a release may add nodes after the point a saga
+/// reached. It does not fit (Err, why) when it names a node the definition
+/// does not have, or when a node of the definition comes before a logged
+/// node but has no record: running it now, after the nodes that follow
+/// it, or skipping it, would each be a guess.
+fn align<S>(def: &SagaDef<S>, events: &[crate::db::SagaNodeEvent]) -> Result<Vec<u32>, String> {
+    let mut logged: Vec<(u32, usize)> = Vec::new();
+    for e in events {
+        let index = match &e.node_name {
+            Some(name) => def.nodes.iter().position(|n| n.name == name).ok_or_else(|| {
+                format!(
+                    "its log names node {name:?}, which saga {} no longer has",
+                    def.name
+                )
+            })?,
+            None => usize::try_from(e.node_id)
+                .ok()
+                .filter(|&i| i < def.nodes.len())
+                .ok_or_else(|| {
+                    format!(
+                        "its log names node #{} by position, and saga {} has {} nodes",
+                        e.node_id,
+                        def.name,
+                        def.nodes.len()
+                    )
+                })?,
+        };
+        match logged.iter().find(|(id, _)| *id == e.node_id) {
+            Some(&(_, seen)) if seen != index => {
+                return Err(format!(
+                    "its log names two nodes ({:?} and {:?}) under one id, {}",
+                    def.nodes[seen].name, def.nodes[index].name, e.node_id
+                ));
+            }
+            Some(_) => {}
+            None => logged.push((e.node_id, index)),
+        }
+    }
+    logged.sort_unstable();
+    for (position, &(_, index)) in logged.iter().enumerate() {
+        if index != position {
+            let missing = def.nodes[position].name;
+            let recorded = def.nodes[index].name;
+            return Err(if logged.iter().any(|&(_, i)| i == position) {
+                format!(
+                    "its log ran node {recorded:?} before node {missing:?}, in the other order from saga {}'s nodes now",
+                    def.name
+                )
+            } else {
+                format!(
+                    "saga {} now has node {missing:?} before node {recorded:?}, and its log has no record of it: \
+                     it was begun by a release without that node",
+                    def.name
+                )
+            });
+        }
+    }
+    let mut next = logged.last().map_or(0, |&(id, _)| id + 1);
+    let ids = (0..def.nodes.len())
+        .map(|i| match logged.get(i) {
+            Some(&(id, _)) => id,
+            None => {
+                next += 1;
+                next - 1
+            }
+        })
+        .collect();
+    Ok(ids)
 }
 
 /// No answer came: the agent or the database could not be reached, or the

@@ -202,9 +202,9 @@ pub fn refuse_locked(vm: &db::Vm) -> Result<(), Status> {
 /// recorded in one transaction ([`db::Database::accept_operation`]).
 pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, Status> {
     let executor = app.executor();
-    if !executor.defines(s.saga) {
+    let Some(first_node) = executor.first_node(s.saga) else {
         return Err(Status::internal(format!("no saga named {}", s.saga)));
-    }
+    };
     let request_id = s.request.id.map(|r| r.to_string());
     let new = NewOperation {
         id: Uuid::new_v4(),
@@ -228,7 +228,7 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
     };
     match app
         .db
-        .accept_operation(&new, fingerprint, locked, &locked_error, &saga)
+        .accept_operation(&new, fingerprint, locked, &locked_error, &saga, first_node)
         .await
     {
         Ok(db::Accepted::Started { operation, saga }) => {

@@ -774,42 +774,61 @@ async fn saga_node_events_are_idempotent(db: Database) {
 
     let output = json!({"volume_id": Uuid::new_v4().to_string()});
     assert!(db
-        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None)
+        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::Started, None)
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Succeeded, Some(&output))
+        .append_saga_node_event(
+            saga.id,
+            (0, "lock_vm"),
+            SagaNodeEventType::Succeeded,
+            Some(&output)
+        )
         .await
         .unwrap());
     // The same event twice: one row, and the first data wins.
     assert!(!db
-        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Succeeded, Some(&json!(1)))
+        .append_saga_node_event(
+            saga.id,
+            (0, "lock_vm"),
+            SagaNodeEventType::Succeeded,
+            Some(&json!(1))
+        )
         .await
         .unwrap());
     assert!(!db
-        .append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None)
+        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::Started, None)
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, 1, SagaNodeEventType::Started, None)
+        .append_saga_node_event(saga.id, (1, "overlays"), SagaNodeEventType::Started, None)
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, 1, SagaNodeEventType::Failed, Some(&json!("boom")))
+        .append_saga_node_event(
+            saga.id,
+            (1, "overlays"),
+            SagaNodeEventType::Failed,
+            Some(&json!("boom"))
+        )
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, 0, SagaNodeEventType::UndoStarted, None)
+        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::UndoStarted, None)
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, 0, SagaNodeEventType::UndoFinished, None)
+        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::UndoFinished, None)
         .await
         .unwrap());
 
     let events = db.saga_node_events(saga.id).await.unwrap();
     let seen: Vec<(u32, SagaNodeEventType)> = events.iter().map(|e| (e.node_id, e.event_type)).collect();
     assert_eq!(seen.len(), 6);
+    // Each event names its node.
+    for e in &events {
+        assert_eq!(e.node_name.as_deref(), Some(node_name(e.node_id)), "{e:?}");
+    }
     let position = |n, t| seen.iter().position(|e| *e == (n, t)).unwrap();
     assert!(position(0, SagaNodeEventType::Started) < position(0, SagaNodeEventType::Succeeded));
     assert!(position(0, SagaNodeEventType::UndoStarted) < position(0, SagaNodeEventType::UndoFinished));
@@ -822,7 +841,7 @@ async fn saga_node_events_are_idempotent(db: Database) {
     assert_eq!(succeeded.data, Some(output.clone()));
 
     let err = db
-        .append_saga_node_event(Uuid::new_v4(), 0, SagaNodeEventType::Started, None)
+        .append_saga_node_event(Uuid::new_v4(), (0, "lock_vm"), SagaNodeEventType::Started, None)
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
@@ -837,7 +856,7 @@ async fn saga_node_events_are_idempotent(db: Database) {
         .await
         .unwrap();
     for _ in 0..2 {
-        db.append_saga_node_event(saga.id, 0, SagaNodeEventType::Started, None)
+        db.append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::Started, None)
             .await
             .unwrap();
         db.append_saga_node_events(
@@ -877,9 +896,18 @@ async fn saga_node_events_are_idempotent(db: Database) {
     db.append_saga_node_events(Uuid::new_v4(), &[]).await.unwrap();
 }
 
+/// A name for the node at `id` (the log stores both).
+fn node_name(id: u32) -> &'static str {
+    ["lock_vm", "overlays", "record", "host", "commit", "unlock"]
+        .get(id as usize)
+        .copied()
+        .unwrap_or("later")
+}
+
 fn ev(node_id: u32, event_type: SagaNodeEventType, data: Option<&serde_json::Value>) -> PendingEvent {
     PendingEvent {
         node_id,
+        node_name: node_name(node_id),
         event_type,
         data: data.cloned(),
     }
@@ -2093,7 +2121,7 @@ async fn accept_operation_is_one_transaction(db: Database) {
         operation,
         saga: recorded,
     } = db
-        .accept_operation(&new, Some("fp"), Some(vm.id), &locked_error, &saga)
+        .accept_operation(&new, Some("fp"), Some(vm.id), &locked_error, &saga, "lock_vm")
         .await
         .unwrap()
     else {
@@ -2109,8 +2137,12 @@ async fn accept_operation_is_one_transaction(db: Database) {
     let events = db.saga_node_events(saga.id).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(
-        (events[0].node_id, events[0].event_type),
-        (0, SagaNodeEventType::Started)
+        (
+            events[0].node_id,
+            events[0].node_name.as_deref(),
+            events[0].event_type
+        ),
+        (0, Some("lock_vm"), SagaNodeEventType::Started)
     );
 
     // A second operation on the locked VM is recorded FAILED, naming the
@@ -2122,7 +2154,7 @@ async fn accept_operation_is_one_transaction(db: Database) {
     };
     let second_saga = new_saga(second.id);
     match db
-        .accept_operation(&second, None, Some(vm.id), &locked_error, &second_saga)
+        .accept_operation(&second, None, Some(vm.id), &locked_error, &second_saga, "lock_vm")
         .await
         .unwrap()
     {
@@ -2149,7 +2181,7 @@ async fn accept_operation_is_one_transaction(db: Database) {
     };
     let reuse_saga = new_saga(reuse.id);
     let err = db
-        .accept_operation(&reuse, None, Some(vm.id), &locked_error, &reuse_saga)
+        .accept_operation(&reuse, None, Some(vm.id), &locked_error, &reuse_saga, "lock_vm")
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
@@ -2165,7 +2197,14 @@ async fn accept_operation_is_one_transaction(db: Database) {
     };
     let ghost_saga = new_saga(ghost.id);
     let err = db
-        .accept_operation(&ghost, None, Some(Uuid::new_v4()), &locked_error, &ghost_saga)
+        .accept_operation(
+            &ghost,
+            None,
+            Some(Uuid::new_v4()),
+            &locked_error,
+            &ghost_saga,
+            "lock_vm",
+        )
         .await
         .unwrap_err();
     assert!(err.is_not_found(), "{err:?}");
@@ -2180,7 +2219,7 @@ async fn accept_operation_is_one_transaction(db: Database) {
     };
     let free_saga = new_saga(free.id);
     assert!(matches!(
-        db.accept_operation(&free, None, None, &locked_error, &free_saga)
+        db.accept_operation(&free, None, None, &locked_error, &free_saga, "lock_vm")
             .await
             .unwrap(),
         Accepted::Started { .. }

@@ -532,3 +532,170 @@ async fn stopped(exec: &Arc<Executor<Toy>>, op: Uuid) {
     }
     panic!("the saga of operation {op} still runs");
 }
+
+fn x(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move { make(cx, "x") }.boxed()
+}
+fn x_undo(cx: &SagaCx<Toy>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { remove(cx, "x") }.boxed()
+}
+
+/// The toy saga as another release defines it: `order` names its nodes,
+/// "x" being a node the first release does not have.
+fn toy_release(order: &[&'static str]) -> SagaDef<Toy> {
+    let v1 = toy_with_local(&[]);
+    let nodes = order
+        .iter()
+        .map(|name| match v1.nodes.iter().find(|n| n.name == *name) {
+            Some(n) => Node {
+                name: n.name,
+                forward: n.forward,
+                undo: n.undo,
+                local: n.local,
+            },
+            None => Node {
+                name: "x",
+                forward: x,
+                undo: Some(x_undo),
+                local: false,
+            },
+        })
+        .collect();
+    SagaDef {
+        name: "toy",
+        nodes,
+        result_node: Some("b"),
+    }
+}
+
+fn executor_of(env: &Env, def: SagaDef<Toy>) -> Arc<Executor<Toy>> {
+    Executor::new(
+        env.db.clone(),
+        env.app.clone(),
+        vec![def],
+        Failpoints::default(),
+        Arc::new(|_| {}),
+    )
+}
+
+/// A saga stopped by a crash, then resumed by a release whose definition
+/// changed: its log is matched by node names, never by position. A node
+/// added after the point the saga reached runs; a node added before it,
+/// or a logged node the release no longer has, parks the saga (it keeps
+/// what it did, the operation says why) until a release that fits resumes
+/// it.
+#[tokio::test]
+async fn a_changed_saga_definition_resumes_by_node_names_or_parks_the_saga() {
+    // Gains a node after the point reached (the crash is after a ran).
+    let env = crate::env().await;
+    let first = executor(&env, "toy.a=halt_after");
+    let (op, saga) = start(&env, &first).await;
+    stopped(&first, op).await;
+    let later = executor_of(&env, toy_release(&["a", "b", "x", "c", "d"]));
+    assert_eq!(later.recover().await.unwrap(), 1);
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    assert_eq!(resources(&env, saga), ["a", "b", "c", "d", "x"]);
+    let log: Vec<(u32, String)> = env
+        .db
+        .saga_node_events(saga)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == SagaNodeEventType::Succeeded)
+        .map(|e| (e.node_id, e.node_name.clone().unwrap()))
+        .collect();
+    let expected: Vec<(u32, String)> = ["a", "b", "x", "c", "d"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u32, n.to_string()))
+        .collect();
+    assert_eq!(log, expected);
+
+    // Gains a node before the point reached (the crash is at c, after a
+    // and b): parked, with nothing run or undone.
+    let env = crate::env().await;
+    let first = executor(&env, "toy.c=halt");
+    let (op, saga) = start(&env, &first).await;
+    stopped(&first, op).await;
+    let runs_before = env.app.runs.lock().unwrap().len();
+    let later = executor_of(&env, toy_release(&["a", "x", "b", "c", "d"]));
+    assert_eq!(later.recover().await.unwrap(), 1);
+    let why = parked(&env, saga).await;
+    stopped(&later, op).await;
+    assert_eq!(env.db.get_saga(saga).await.unwrap().state, SagaState::Running);
+    assert!(why.contains("\"x\"") && why.contains("\"b\""), "{why}");
+    let o = env.db.get_operation(op).await.unwrap();
+    assert_eq!(o.state, OperationState::Running);
+    assert_eq!(o.warnings, vec![why.clone()]);
+    assert_eq!(env.app.runs.lock().unwrap().len(), runs_before, "nothing ran");
+    assert_eq!(resources(&env, saga), ["a", "b"], "nothing undone");
+    // Another start of the same release: parked again, one warning.
+    env.db.set_saga_parked(saga, None).await.unwrap();
+    let again = executor_of(&env, toy_release(&["a", "x", "b", "c", "d"]));
+    assert_eq!(again.recover().await.unwrap(), 1);
+    assert_eq!(parked(&env, saga).await, why);
+    stopped(&again, op).await;
+    assert_eq!(env.db.get_operation(op).await.unwrap().warnings.len(), 1);
+    // The release that began it (a roll-back) resumes it.
+    let back = executor(&env, "");
+    assert_eq!(back.recover().await.unwrap(), 1);
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
+    assert_eq!(env.db.get_saga(saga).await.unwrap().parked, None);
+
+    // Loses a node the log names, or reorders two: parked.
+    for (order, expect) in [
+        (&["a", "c", "d"][..], "no longer has"),
+        (&["b", "a", "c", "d"][..], "other order"),
+    ] {
+        let env = crate::env().await;
+        let first = executor(&env, "toy.c=halt");
+        let (op, saga) = start(&env, &first).await;
+        stopped(&first, op).await;
+        let later = executor_of(&env, toy_release(order));
+        later.recover().await.unwrap();
+        let why = parked(&env, saga).await;
+        stopped(&later, op).await;
+        assert!(why.contains(expect), "{order:?}: {why}");
+        assert_eq!(resources(&env, saga), ["a", "b"], "{order:?}");
+    }
+
+    // A log from before node names (read by position) still resumes.
+    let env = crate::env().await;
+    let first = executor(&env, "toy.c=halt");
+    let (op, saga) = start(&env, &first).await;
+    stopped(&first, op).await;
+    sqlx::query("UPDATE saga_node_events SET node_name = NULL")
+        .execute(env.db.pool())
+        .await
+        .unwrap();
+    let later = executor(&env, "");
+    later.recover().await.unwrap();
+    assert_eq!(
+        settle(&env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    assert_eq!(resources(&env, saga), ["a", "b", "c", "d"]);
+    let named = env.db.saga_node_events(saga).await.unwrap();
+    assert!(
+        named.iter().any(|e| e.node_name.as_deref() == Some("d")),
+        "new events are named: {named:?}"
+    );
+}
+
+/// Waits until the saga is parked; returns why.
+async fn parked(env: &Env, saga: Uuid) -> String {
+    for _ in 0..400 {
+        if let Some(why) = env.db.get_saga(saga).await.unwrap().parked {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("saga {saga} was not parked");
+}

@@ -298,6 +298,7 @@ impl Database {
         lock_vm: Option<Uuid>,
         locked_error: &(dyn Fn(Uuid) -> String + Sync),
         saga: &NewSaga,
+        first_node: &str,
     ) -> Result<Accepted, DbError> {
         retry_transient!(async {
             let now = now_ms();
@@ -318,7 +319,15 @@ impl Database {
                 }
             }
             let saga = super::sagas::insert_saga(&mut tx, saga, now).await?;
-            super::sagas::insert_event(&mut tx, saga.id, 0, SagaNodeEventType::Started, None, now).await?;
+            super::sagas::insert_event(
+                &mut tx,
+                saga.id,
+                (0, first_node),
+                SagaNodeEventType::Started,
+                None,
+                now,
+            )
+            .await?;
             tx.commit().await?;
             Ok(Accepted::Started { operation: op, saga })
         })

@@ -38,6 +38,9 @@ pub struct Saga {
     /// The coordinator instance executing the saga.
     pub owner: String,
     pub operation_id: Option<Uuid>,
+    /// Why the saga is not executed, if it is parked (its log does not fit
+    /// its definition in this release).
+    pub parked: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Unix milliseconds.
@@ -58,6 +61,8 @@ pub struct NewSaga {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingEvent {
     pub node_id: u32,
+    /// The node's name in the saga's definition.
+    pub node_name: &'static str,
     pub event_type: SagaNodeEventType,
     pub data: Option<serde_json::Value>,
 }
@@ -66,6 +71,8 @@ pub struct PendingEvent {
 pub struct SagaNodeEvent {
     pub saga_id: Uuid,
     pub node_id: u32,
+    /// None for events logged before the log named nodes.
+    pub node_name: Option<String>,
     pub event_type: SagaNodeEventType,
     /// A succeeded node's output, or a failed node's error.
     pub data: Option<serde_json::Value>,
@@ -73,7 +80,7 @@ pub struct SagaNodeEvent {
     pub created_at: i64,
 }
 
-const SAGA_COLUMNS: &str = "id, name, params, state, owner, operation_id, created_at, updated_at";
+const SAGA_COLUMNS: &str = "id, name, params, state, owner, operation_id, parked, created_at, updated_at";
 
 fn saga_from_row(row: &AnyRow) -> Result<Saga, sqlx::Error> {
     Ok(Saga {
@@ -83,6 +90,7 @@ fn saga_from_row(row: &AnyRow) -> Result<Saga, sqlx::Error> {
         state: row.parsed("state")?,
         owner: row.text("owner")?,
         operation_id: row.opt_uuid("operation_id")?,
+        parked: row.opt_text("parked")?,
         created_at: row.int("created_at")?,
         updated_at: row.int("updated_at")?,
     })
@@ -92,6 +100,7 @@ fn event_from_row(row: &AnyRow) -> Result<SagaNodeEvent, sqlx::Error> {
     Ok(SagaNodeEvent {
         saga_id: row.uuid("saga_id")?,
         node_id: row.unsigned("node_id")?,
+        node_name: row.opt_text("node_name")?,
         event_type: row.parsed("event_type")?,
         data: row.opt_json("data")?,
         created_at: row.int("created_at")?,
@@ -188,12 +197,36 @@ impl Database {
     pub async fn append_saga_node_event(
         &self,
         saga_id: Uuid,
-        node_id: u32,
+        node: (u32, &str),
         event_type: SagaNodeEventType,
         data: Option<&serde_json::Value>,
     ) -> Result<bool, DbError> {
         let mut conn = self.writer().acquire().await?;
-        insert_event(&mut conn, saga_id, node_id, event_type, data, now_ms()).await
+        insert_event(&mut conn, saga_id, node, event_type, data, now_ms()).await
+    }
+
+    /// Records why the saga is not executed (None: it runs again).
+    pub async fn set_saga_parked(&self, id: Uuid, reason: Option<&str>) -> Result<(), DbError> {
+        let result = sqlx::query("UPDATE sagas SET parked = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(reason)
+            .bind(now_ms())
+            .execute(self.writer())
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("saga", id));
+        }
+        Ok(())
+    }
+
+    /// Why the saga is parked, if it is.
+    pub async fn saga_parked(&self, id: Uuid) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT parked FROM sagas WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| DbError::not_found("saga", id))?;
+        Ok(row.opt_text("parked")?)
     }
 
     /// Appends events in one commit (the saga log's one write between two
@@ -243,7 +276,7 @@ impl Database {
     /// within a node in the order of its life cycle.
     pub async fn saga_node_events(&self, saga_id: Uuid) -> Result<Vec<SagaNodeEvent>, DbError> {
         let rows = sqlx::query(
-            "SELECT saga_id, node_id, event_type, data, created_at FROM saga_node_events \
+            "SELECT saga_id, node_id, node_name, event_type, data, created_at FROM saga_node_events \
              WHERE saga_id = $1 \
              ORDER BY created_at, node_id, CASE event_type WHEN 'started' THEN 0 WHEN 'succeeded' THEN 1 \
              WHEN 'failed' THEN 1 WHEN 'undo_started' THEN 2 ELSE 3 END",
@@ -320,6 +353,7 @@ pub(super) async fn insert_saga(conn: &mut AnyConnection, new: &NewSaga, now: i6
         state: SagaState::Running,
         owner: new.owner.clone(),
         operation_id: new.operation_id,
+        parked: None,
         created_at: now,
         updated_at: now,
     };
@@ -345,20 +379,21 @@ pub(super) async fn insert_saga(conn: &mut AnyConnection, new: &NewSaga, now: i6
 pub(super) async fn insert_event(
     conn: &mut AnyConnection,
     saga_id: Uuid,
-    node_id: u32,
+    (node_id, node_name): (u32, &str),
     event_type: SagaNodeEventType,
     data: Option<&serde_json::Value>,
     now: i64,
 ) -> Result<bool, DbError> {
     let result = sqlx::query(
-        "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "INSERT INTO saga_node_events (saga_id, node_id, node_name, event_type, data, created_at) \
+         VALUES ($1, $2, $6, $3, $4, $5) ON CONFLICT DO NOTHING",
     )
     .bind(saga_id.to_string())
     .bind(i64::from(node_id))
     .bind(event_type.as_str())
     .bind(data.map(|d| d.to_string()))
     .bind(now)
+    .bind(node_name)
     .execute(&mut *conn)
     .await
     .map_err(DbError::on_write("saga", saga_id))?;
@@ -376,10 +411,18 @@ async fn insert_events(
         return Ok(());
     }
     let values: Vec<String> = (0..events.len())
-        .map(|i| format!("($1, ${}, ${}, ${}, $2)", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+        .map(|i| {
+            format!(
+                "($1, ${}, ${}, ${}, ${}, $2)",
+                4 * i + 3,
+                4 * i + 4,
+                4 * i + 5,
+                4 * i + 6
+            )
+        })
         .collect();
     let text = sql!(
-        "INSERT INTO saga_node_events (saga_id, node_id, event_type, data, created_at) VALUES {} \
+        "INSERT INTO saga_node_events (saga_id, node_id, node_name, event_type, data, created_at) VALUES {} \
          ON CONFLICT DO NOTHING",
         values.join(", ")
     );
@@ -387,6 +430,7 @@ async fn insert_events(
     for e in events {
         q = q
             .bind(i64::from(e.node_id))
+            .bind(e.node_name)
             .bind(e.event_type.as_str())
             .bind(e.data.as_ref().map(|d| d.to_string()));
     }
