@@ -5,7 +5,8 @@
 //! guest is exercised (clusters, hosts, VMs that are down, their disk-only
 //! snapshots, previews, operations).
 use ramsnap_common::server::{self, ServiceSet};
-use ramsnap_snapshot::Coordinator;
+use ramsnap_common::tls::ClientTransport;
+use ramsnap_snapshot::{Coordinator, Options};
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
 use ramsnap_storage::{Config, Storage};
 use serde_json::Value;
@@ -16,10 +17,6 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const MIB: u64 = 1024 * 1024;
-
-/// Coordinators read RAMSNAP_FAILPOINTS when they open: one opens at a time,
-/// so that a test's failpoints reach only its own coordinator.
-static OPENING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Services {
     dir: TempDir,
@@ -71,13 +68,8 @@ impl Services {
         ))
         .await;
         let db = format!("sqlite:{}", dir.path().join("coordinator.db").display());
-        let coordinator = {
-            let _one = OPENING.lock().await;
-            std::env::set_var("RAMSNAP_FAILPOINTS", failpoints);
-            let opened = Coordinator::open(&db).await;
-            std::env::remove_var("RAMSNAP_FAILPOINTS");
-            opened.unwrap()
-        };
+        let options = Options::new(ClientTransport::Insecure).failpoints(failpoints);
+        let coordinator = Coordinator::open_with(&db, options).await.unwrap();
         let (snapshot, stop_snapshot) = serve(coordinator.service_set()).await;
         Services {
             dir,

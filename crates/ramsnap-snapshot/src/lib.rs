@@ -26,6 +26,43 @@ use std::sync::Arc;
 /// unfinished by an earlier process resumed, VM status streams followed.
 pub struct Coordinator {
     pub app: Arc<App>,
+    /// On SQLite, the lock that keeps a second coordinator off the database
+    /// (see [`Options::sole_sqlite_user`]); released when dropped.
+    _sqlite_guard: Option<std::fs::File>,
+}
+
+/// How a coordinator is opened.
+pub struct Options {
+    /// How the agents are reached.
+    pub transport: ClientTransport,
+    /// Faults to inject (see [`saga::Failpoints`]); by default those of
+    /// `RAMSNAP_FAILPOINTS`. Per instance, so that tests running several
+    /// coordinators in one process need not share the environment.
+    pub failpoints: saga::Failpoints,
+    /// On SQLite, hold the database file for this coordinator alone: a
+    /// second coordinator on the same file is refused at start, with an
+    /// error naming the file (SQLite is the single-node embedded default;
+    /// several coordinators need PostgreSQL). The lock goes with the
+    /// process, so a restart after a crash is never refused. Off only for
+    /// in-process crash simulations, which open a new coordinator beside a
+    /// halted one that still lives in memory.
+    pub sole_sqlite_user: bool,
+}
+
+impl Options {
+    pub fn new(transport: ClientTransport) -> Options {
+        Options {
+            transport,
+            failpoints: saga::Failpoints::from_env(),
+            sole_sqlite_user: true,
+        }
+    }
+
+    /// These failpoints instead of the environment's.
+    pub fn failpoints(mut self, spec: &str) -> Options {
+        self.failpoints = saga::Failpoints::parse(spec);
+        self
+    }
 }
 
 impl Coordinator {
@@ -33,6 +70,13 @@ impl Coordinator {
     /// coordinator whose agents run elsewhere.
     pub async fn open(database_url: &str) -> anyhow::Result<Coordinator> {
         let c = Coordinator::connect(database_url).await?;
+        c.resume().await?;
+        Ok(c)
+    }
+
+    /// [`Coordinator::connect_with_options`], then [`Coordinator::resume`].
+    pub async fn open_with(database_url: &str, options: Options) -> anyhow::Result<Coordinator> {
+        let c = Coordinator::connect_with_options(database_url, options).await?;
         c.resume().await?;
         Ok(c)
     }
@@ -45,24 +89,32 @@ impl Coordinator {
 
     /// [`Coordinator::connect`], reaching the agents through `transport`.
     pub async fn connect_with(database_url: &str, transport: ClientTransport) -> anyhow::Result<Coordinator> {
-        if let Some(path) = database_url.strip_prefix("sqlite:") {
-            let path = path.trim_start_matches("//");
-            if let Some(dir) = std::path::Path::new(path).parent() {
+        Coordinator::connect_with_options(database_url, Options::new(transport)).await
+    }
+
+    /// Opens and migrates the database as `options` say; resumes nothing yet.
+    pub async fn connect_with_options(database_url: &str, options: Options) -> anyhow::Result<Coordinator> {
+        let mut sqlite_guard = None;
+        if let Some(path) = sqlite_path(database_url) {
+            if let Some(dir) = path.parent() {
                 if !dir.as_os_str().is_empty() {
                     std::fs::create_dir_all(dir)?;
                 }
+            }
+            if options.sole_sqlite_user {
+                sqlite_guard = Some(hold_sqlite(&path)?);
             }
         }
         let db = db::Database::connect(database_url).await?;
         db.migrate().await?;
         tracing::info!(backend = ?db.backend(), "database ready");
-        let app = App::with_transport(db.clone(), transport);
+        let app = App::with_transport(db.clone(), options.transport);
         let notify_app = Arc::downgrade(&app);
         let exec = saga::Executor::new(
             db,
             app.clone(),
             sagas::all(),
-            saga::Failpoints::from_env(),
+            options.failpoints,
             Arc::new(move |op| {
                 if let Some(app) = notify_app.upgrade() {
                     app.notify_operation(op);
@@ -70,7 +122,10 @@ impl Coordinator {
             }),
         );
         app.set_executor(exec);
-        Ok(Coordinator { app })
+        Ok(Coordinator {
+            app,
+            _sqlite_guard: sqlite_guard,
+        })
     }
 
     /// Resumes the sagas an earlier process left unfinished and follows the
@@ -112,5 +167,40 @@ impl Coordinator {
 
     pub async fn close(&self) {
         self.app.db.close().await;
+    }
+}
+
+/// The file of a `sqlite:` database URL (None for another database, or an
+/// in-memory one).
+fn sqlite_path(database_url: &str) -> Option<std::path::PathBuf> {
+    let rest = database_url.strip_prefix("sqlite:")?;
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
+/// Takes the lock that says a coordinator uses the SQLite database `path`:
+/// an exclusive lock on `<path>.coordinator.lock`, held while the returned
+/// file is open, and gone with the process however it ends.
+fn hold_sqlite(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".coordinator.lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another coordinator is using the SQLite database {} (it holds {}): SQLite serves one \
+             coordinator; stop the other one, or run several coordinators on PostgreSQL",
+            path.display(),
+            lock_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("locking {}: {e}", lock_path.display())),
     }
 }

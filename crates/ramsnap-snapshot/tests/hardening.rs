@@ -986,3 +986,64 @@ async fn list_vms_against_get_vm(db: Db) {
     }
     sim.finish().await;
 }
+
+/// SQLite serves one coordinator (issue 11): a second one opened on the
+/// same file is refused at start, with an error that names the file; the
+/// lock goes with its holder however that ends (here another process,
+/// util-linux `flock`, killed with SIGKILL), so a restart after a crash is
+/// never refused.
+#[tokio::test]
+async fn a_second_coordinator_on_one_sqlite_file_is_refused() {
+    use ramsnap_common::tls::ClientTransport;
+    use ramsnap_snapshot::{Coordinator, Options};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.db");
+    let url = format!("sqlite:{}", file.display());
+    let options = || Options::new(ClientTransport::Insecure);
+    let refused = |r: anyhow::Result<Coordinator>| match r {
+        Ok(_) => panic!("a second coordinator opened the same SQLite file"),
+        Err(e) => e.to_string(),
+    };
+
+    let first = Coordinator::connect_with_options(&url, options()).await.unwrap();
+    let err = refused(Coordinator::connect_with_options(&url, options()).await);
+    assert!(
+        err.contains("another coordinator") && err.contains(&file.display().to_string()),
+        "{err}"
+    );
+    first.close().await;
+    drop(first);
+    let second = Coordinator::connect_with_options(&url, options()).await.unwrap();
+    second.close().await;
+    drop(second);
+
+    // Held by another process, then that process killed (--no-fork: the
+    // process that holds the lock is the one killed).
+    let lock = dir.path().join("coordinator.db.coordinator.lock");
+    let mut holder = std::process::Command::new("flock")
+        .args(["--exclusive", "--no-fork"])
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let mut held = false;
+    for _ in 0..200 {
+        let probe = std::process::Command::new("flock")
+            .args(["--nonblock", "--exclusive"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        if !probe.success() {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(held, "the other process took the lock");
+    refused(Coordinator::connect_with_options(&url, options()).await);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let after = Coordinator::connect_with_options(&url, options()).await.unwrap();
+    after.close().await;
+}

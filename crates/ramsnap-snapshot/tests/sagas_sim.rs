@@ -13,15 +13,14 @@
 //! process of its own, killed and restarted at every saga node).
 mod support;
 
+use ramsnap_common::tls::ClientTransport;
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::storage::v1 as storage;
 use ramsnap_snapshot::app::App;
-use ramsnap_snapshot::db::Database;
-use ramsnap_snapshot::saga::{Executor, Failpoints};
 use ramsnap_snapshot::service::export::CLONE_MEMORY_WARNING;
-use ramsnap_snapshot::{sagas, status, Coordinator};
+use ramsnap_snapshot::{sagas, status, Coordinator, Options};
 use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::FileExt;
@@ -59,28 +58,18 @@ impl DerefMut for Sim {
     }
 }
 
-/// The coordinator as `Coordinator::open` makes it, but with failpoints
-/// given here (the environment variable is process-wide).
+/// The coordinator as `Coordinator::open` makes it, with failpoints of its
+/// own (the environment variable is process-wide).
 async fn open_coordinator(db_url: &str, failpoints: &str) -> Coordinator {
-    let db = Database::connect(db_url).await.unwrap();
-    db.migrate().await.unwrap();
-    let app = App::new(db.clone());
-    let notify_app = Arc::downgrade(&app);
-    let exec = Executor::new(
-        db,
-        app.clone(),
-        sagas::all(),
-        Failpoints::parse(failpoints),
-        Arc::new(move |op| {
-            if let Some(app) = notify_app.upgrade() {
-                app.notify_operation(op);
-            }
-        }),
-    );
-    app.set_executor(exec.clone());
-    exec.recover().await.unwrap();
-    status::follow_running(&app).await;
-    Coordinator { app }
+    // The production start-up with these failpoints; the SQLite lock off,
+    // since a test opens a new coordinator beside a halted one.
+    let options = Options {
+        sole_sqlite_user: false,
+        ..Options::new(ClientTransport::Insecure).failpoints(failpoints)
+    };
+    let coordinator = Coordinator::connect_with_options(db_url, options).await.unwrap();
+    coordinator.resume().await.unwrap();
+    coordinator
 }
 
 impl Sim {

@@ -3,10 +3,10 @@
 //! [`InProc::finish`]), with the agents of [`super::Agents`]. For the tests
 //! of the API's edges (`hardening.rs`, `burst.rs`).
 use super::{serve, Agents, Env};
+use ramsnap_common::tls::ClientTransport;
 use ramsnap_snapshot::app::App;
 use ramsnap_snapshot::db::Database;
-use ramsnap_snapshot::saga::{Executor, Failpoints};
-use ramsnap_snapshot::{sagas, status, Coordinator};
+use ramsnap_snapshot::{status, Coordinator, Options};
 use sqlx::Executor as _;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -46,25 +46,15 @@ impl DerefMut for InProc {
 
 /// The coordinator as `Coordinator::open` makes it, with these failpoints.
 pub async fn open_coordinator(db_url: &str, failpoints: &str) -> Coordinator {
-    let db = Database::connect(db_url).await.unwrap();
-    db.migrate().await.unwrap();
-    let app = App::new(db.clone());
-    let notify_app = Arc::downgrade(&app);
-    let exec = Executor::new(
-        db,
-        app.clone(),
-        sagas::all(),
-        Failpoints::parse(failpoints),
-        Arc::new(move |op| {
-            if let Some(app) = notify_app.upgrade() {
-                app.notify_operation(op);
-            }
-        }),
-    );
-    app.set_executor(exec.clone());
-    exec.recover().await.unwrap();
-    status::follow_running(&app).await;
-    Coordinator { app }
+    // The production start-up with these failpoints; the SQLite lock off,
+    // since a test opens a new coordinator beside a halted one.
+    let options = Options {
+        sole_sqlite_user: false,
+        ..Options::new(ClientTransport::Insecure).failpoints(failpoints)
+    };
+    let coordinator = Coordinator::connect_with_options(db_url, options).await.unwrap();
+    coordinator.resume().await.unwrap();
+    coordinator
 }
 
 /// `url` with its database name replaced by `name`.
