@@ -149,6 +149,11 @@ pub fn db_status(e: DbError) -> Status {
             status::failed_precondition("REFERENCE", &format!("{kind}/{id}"), message)
         }
         DbError::VmLocked { vm_id, holder } => vm_locked(vm_id, holder),
+        DbError::StaleOwner { saga, .. } => status::failed_precondition(
+            "STALE_OWNER",
+            &format!("saga/{saga}"),
+            format!("saga {saga} is owned by another coordinator now"),
+        ),
         DbError::InvalidValue { field, message } => status::invalid_argument(field, message),
         e @ (DbError::Migrate(_) | DbError::Sqlx(_)) => Status::unavailable(format!("database: {e}")),
     }

@@ -42,6 +42,7 @@ mod clusters;
 mod flows;
 mod hosts;
 mod operations;
+mod replicas;
 mod sagas;
 mod snapshots;
 mod vms;
@@ -49,6 +50,7 @@ mod vms;
 pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
 pub use hosts::{Host, NewHost};
 pub use operations::{Accepted, NewOperation, Operation, OperationState};
+pub use replicas::{NewReplica, Replica};
 pub use sagas::{NewSaga, PendingEvent, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
 pub use snapshots::{
     MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef,
@@ -87,6 +89,10 @@ pub enum DbError {
     },
     #[error("vm {vm_id} is locked by operation {holder}")]
     VmLocked { vm_id: Uuid, holder: Uuid },
+    /// A saga-log write by a replica that no longer owns the saga: another
+    /// adopted it (its generation moved on past `generation`).
+    #[error("saga {saga} was adopted by another coordinator (this one wrote as generation {generation})")]
+    StaleOwner { saga: Uuid, generation: i64 },
     #[error("{field}: {message}")]
     InvalidValue { field: &'static str, message: String },
     #[error(transparent)]

@@ -47,6 +47,10 @@ pub struct Options {
     /// in-process crash simulations, which open a new coordinator beside a
     /// halted one that still lives in memory.
     pub sole_sqlite_user: bool,
+    /// On PostgreSQL, this replica's lease: how long after it stops
+    /// answering the other replicas adopt its sagas. By default
+    /// `RAMSNAP_LEASE_MS`, or [`saga::DEFAULT_LEASE`].
+    pub lease: std::time::Duration,
 }
 
 impl Options {
@@ -55,6 +59,11 @@ impl Options {
             transport,
             failpoints: saga::Failpoints::from_env(),
             sole_sqlite_user: true,
+            lease: std::env::var("RAMSNAP_LEASE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis)
+                .unwrap_or(saga::DEFAULT_LEASE),
         }
     }
 
@@ -121,6 +130,7 @@ impl Coordinator {
                 }
             }),
         );
+        exec.set_lease(options.lease);
         app.set_executor(exec);
         Ok(Coordinator {
             app,

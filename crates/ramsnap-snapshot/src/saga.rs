@@ -15,11 +15,12 @@
 //! unwound (the saga then always completes); a failed node's own undo runs
 //! too (undo actions treat "nothing to undo" as success), which is what
 //! steno's no-op "undo carrier" nodes achieve.
-use crate::db::{Database, NewSaga, OperationState, Saga, SagaNodeEventType, SagaState};
+use crate::db::{Backend, Database, NewReplica, NewSaga, OperationState, Saga, SagaNodeEventType, SagaState};
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,9 @@ pub struct SagaCx<S> {
     memos: Mutex<HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>>,
     /// The id each node of the definition has in the log (see [`align`]).
     log_ids: Vec<u32>,
+    /// The saga's generation when this execution began: every write to its
+    /// log is refused once another coordinator has adopted it.
+    generation: i64,
 }
 
 /// Progress is written at most this often, but always when it reaches the
@@ -247,7 +251,13 @@ pub struct Executor<S> {
     db: Database,
     app: Arc<S>,
     sagas: HashMap<&'static str, Arc<SagaDef<S>>>,
+    /// This coordinator replica: a new id per process.
+    replica: NewReplica,
+    /// What it records as the owner of its sagas: its replica id.
     owner: String,
+    /// Its lease on PostgreSQL, in milliseconds (see [`Executor::recover`]).
+    lease_ms: AtomicU64,
+    heartbeat: AtomicBool,
     failpoints: Failpoints,
     running: Mutex<HashMap<Uuid, CancellationToken>>,
     /// Called whenever an operation changes (for watchers).
@@ -274,11 +284,20 @@ impl<S: Send + Sync + 'static> Executor<S> {
         failpoints: Failpoints,
         notify: Arc<dyn Fn(Uuid) + Send + Sync>,
     ) -> Arc<Executor<S>> {
+        let replica = NewReplica {
+            id: Uuid::new_v4(),
+            name: format!("{}:{}", hostname(), std::process::id()),
+            local_key: local_key(),
+            pid: i64::from(std::process::id()),
+        };
         Arc::new(Executor {
             db,
             app,
             sagas: defs.into_iter().map(|d| (d.name, Arc::new(d))).collect(),
-            owner: format!("{}:{}", hostname(), std::process::id()),
+            owner: replica.id.to_string(),
+            replica,
+            lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
+            heartbeat: AtomicBool::new(false),
             failpoints,
             running: Mutex::new(HashMap::new()),
             notify,
@@ -321,20 +340,108 @@ impl<S: Send + Sync + 'static> Executor<S> {
         Ok(id)
     }
 
-    /// Resumes every saga left unfinished by an earlier process.
+    /// This replica's id (the owner it records on its sagas).
+    pub fn replica_id(&self) -> Uuid {
+        self.replica.id
+    }
+
+    /// The lease this replica holds on PostgreSQL (renewed every third of
+    /// it). Set before [`Executor::recover`].
+    pub fn set_lease(&self, lease: Duration) {
+        self.lease_ms
+            .store(lease.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
+    /// Takes over the sagas left unfinished by coordinators that are gone,
+    /// and runs them; returns how many.
+    ///
+    /// On PostgreSQL, where several replicas may share the database, this
+    /// replica registers with a lease and adopts only the sagas whose owner
+    /// holds no live lease (a predecessor on this host whose process is
+    /// gone gives its lease up at once); a heartbeat then renews the lease
+    /// and adopts, each third of a lease, the sagas of replicas whose lease
+    /// ran out. On SQLite, which one coordinator uses at a time (see
+    /// `Options::sole_sqlite_user`), it adopts every unfinished saga at once.
+    /// Adopting bumps a saga's generation: the previous owner's writes to
+    /// its log are refused from then on.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, Status> {
-        let sagas = self
-            .db
-            .list_unfinished_sagas()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let n = sagas.len();
-        for s in sagas {
-            tracing::info!(saga = %s.id, name = %s.name, state = ?s.state, "resuming saga");
-            let _ = self.db.set_saga_owner(s.id, &self.owner).await;
-            self.spawn(s.id);
+        let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
+        let shared = self.db.backend() == Backend::Postgres;
+        if shared {
+            self.db
+                .register_replica(&self.replica, self.lease())
+                .await
+                .map_err(db_err)?;
+            let gone = self
+                .db
+                .expire_gone_replicas(self.replica.id, &self.replica.local_key, &pid_alive)
+                .await
+                .map_err(db_err)?;
+            for r in gone {
+                tracing::info!(replica = %r.id, name = %r.name, "an earlier coordinator on this host is gone; its lease ends now");
+            }
+        }
+        let n = self.adopt(!shared).await.map_err(db_err)?;
+        if shared && !self.heartbeat.swap(true, Ordering::SeqCst) {
+            self.spawn_heartbeat();
         }
         Ok(n)
+    }
+
+    /// Adopts orphaned sagas (all unfinished sagas of others, with `all`)
+    /// and runs them.
+    async fn adopt(self: &Arc<Self>, all: bool) -> Result<usize, crate::db::DbError> {
+        let sagas = self.db.adopt_sagas(self.replica.id, all).await?;
+        for s in &sagas {
+            tracing::info!(saga = %s.id, name = %s.name, state = ?s.state, generation = s.generation, "adopted saga; resuming it");
+            self.spawn(s.id);
+        }
+        Ok(sagas.len())
+    }
+
+    /// Renews the lease and adopts orphaned sagas each third of a lease,
+    /// for as long as the executor lives. Also runs this replica's own
+    /// unfinished sagas that are not running (one whose execution stopped
+    /// on a database error, say), unless parked.
+    fn spawn_heartbeat(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(lease) = weak.upgrade().map(|e| e.lease()) else {
+                    return;
+                };
+                tokio::time::sleep(lease / 3).await;
+                let Some(this) = weak.upgrade() else { return };
+                match this.db.renew_lease(this.replica.id, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if let Err(e) = this.db.register_replica(&this.replica, lease).await {
+                            tracing::warn!(error = %e, "registering the coordinator replica again failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "renewing the coordinator's lease failed"),
+                }
+                if let Err(e) = this.adopt(false).await {
+                    tracing::warn!(error = %e, "adopting orphaned sagas failed");
+                }
+                match this.db.list_unfinished_sagas().await {
+                    Ok(sagas) => {
+                        for s in sagas {
+                            let op = s.operation_id.unwrap_or(s.id);
+                            if s.owner == this.owner && s.parked.is_none() && !this.is_running(op) {
+                                tracing::info!(saga = %s.id, name = %s.name, "own saga not running; resuming it");
+                                this.spawn(s.id);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "listing unfinished sagas failed"),
+                }
+            }
+        });
     }
 
     /// Whether the saga of `operation_id` is executing in this process.
@@ -450,7 +557,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
         if saga.parked.is_some() {
             // It fits this release (a roll-back, say): it runs again.
             self.db
-                .set_saga_parked(saga_id, None)
+                .set_saga_parked(saga_id, saga.generation, None)
                 .await
                 .map_err(|e| Status::unavailable(format!("saga log: {e}")))?;
             tracing::info!(saga = %saga_id, saga_name = def.name, "parked saga fits this release; resuming");
@@ -477,6 +584,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             notify: self.notify.clone(),
             memos: Mutex::new(HashMap::new()),
             log_ids,
+            generation: saga.generation,
         };
         let has = has_fn(&events, &cx.log_ids);
 
@@ -528,11 +636,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
             if reversible && cx.cancel.is_cancelled() {
                 let status = Status::cancelled("cancelled by request");
                 self.db
-                    .append_saga_node_events(cx.saga_id, &pending.take())
+                    .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
                     .await
                     .map_err(db_err)?;
                 self.db
-                    .set_saga_state(cx.saga_id, SagaState::Unwinding)
+                    .set_saga_state(cx.saga_id, cx.generation, SagaState::Unwinding)
                     .await
                     .map_err(db_err)?;
                 let events = self.db.saga_node_events(cx.saga_id).await.map_err(db_err)?;
@@ -549,7 +657,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 pending.push(event(def, cx, i, SagaNodeEventType::Started, None));
                 if !node.local {
                     self.db
-                        .append_saga_node_events(cx.saga_id, &pending.take())
+                        .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
                         .await
                         .map_err(db_err)?;
                 }
@@ -620,11 +728,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
                             Some(status_to_json(&status)),
                         ));
                         self.db
-                            .append_saga_node_events(cx.saga_id, &pending.take())
+                            .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
                             .await
                             .map_err(db_err)?;
                         self.db
-                            .set_saga_state(cx.saga_id, SagaState::Unwinding)
+                            .set_saga_state(cx.saga_id, cx.generation, SagaState::Unwinding)
                             .await
                             .map_err(db_err)?;
                         let events = self.db.saga_node_events(cx.saga_id).await.map_err(db_err)?;
@@ -665,7 +773,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 None => {}
                 Some(n) if n.undo.is_some() && cx.cancel.is_cancelled() => {
                     self.db
-                        .append_saga_node_events(cx.saga_id, &pending.take())
+                        .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
                         .await
                         .map_err(db_err)?;
                 }
@@ -673,7 +781,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 Some(_) => {
                     pending.push(event(def, cx, next, SagaNodeEventType::Started, None));
                     self.db
-                        .append_saga_node_events(cx.saga_id, &pending.take())
+                        .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
                         .await
                         .map_err(db_err)?;
                     start_logged = Some(next);
@@ -701,6 +809,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             self.db
                 .append_saga_node_event(
                     cx.saga_id,
+                    cx.generation,
                     (cx.log_ids[i], node.name),
                     SagaNodeEventType::UndoStarted,
                     None,
@@ -729,6 +838,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             self.db
                 .append_saga_node_event(
                     cx.saga_id,
+                    cx.generation,
                     (cx.log_ids[i], node.name),
                     SagaNodeEventType::UndoFinished,
                     None,
@@ -748,7 +858,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                     .and_then(|n| cx.outputs.lock().expect("poisoned").get(n).cloned());
                 self.db
                     .finish_saga(
-                        cx.saga_id,
+                        (cx.saga_id, cx.generation),
                         &pending,
                         cx.operation_id,
                         OperationState::Succeeded,
@@ -766,7 +876,14 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 };
                 let error = error_text(&status);
                 self.db
-                    .finish_saga(cx.saga_id, &[], cx.operation_id, state, Some(&error), None)
+                    .finish_saga(
+                        (cx.saga_id, cx.generation),
+                        &[],
+                        cx.operation_id,
+                        state,
+                        Some(&error),
+                        None,
+                    )
                     .await
                     .map_err(db_err)?;
             }
@@ -784,7 +901,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
         tracing::error!(saga = %saga.id, saga_name = %saga.name, reason, "saga parked: its log does not fit this release");
         let why = format!("saga {} ({}) is parked: {reason}", saga.id, saga.name);
         self.db
-            .set_saga_parked(saga.id, Some(&why))
+            .set_saga_parked(saga.id, saga.generation, Some(&why))
             .await
             .map_err(db_err)?;
         if self
@@ -1008,6 +1125,34 @@ fn error_text(s: &Status) -> String {
 }
 
 pub use ramsnap_common::status::code_name;
+
+/// How long a replica's lease lasts unless set otherwise: the time after
+/// which the other replicas adopt the sagas of one that stopped answering.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// The machine boot and PID namespace this process runs in: PIDs are
+/// comparable only within both.
+fn local_key() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{}/{ns}", boot.trim())
+}
+
+/// Whether a process `pid` exists here (a PID taken again by another
+/// process counts as alive: its lease then runs out instead).
+fn pid_alive(pid: i64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -774,12 +774,13 @@ async fn saga_node_events_are_idempotent(db: Database) {
 
     let output = json!({"volume_id": Uuid::new_v4().to_string()});
     assert!(db
-        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::Started, None)
+        .append_saga_node_event(saga.id, 0, (0, "lock_vm"), SagaNodeEventType::Started, None)
         .await
         .unwrap());
     assert!(db
         .append_saga_node_event(
             saga.id,
+            0,
             (0, "lock_vm"),
             SagaNodeEventType::Succeeded,
             Some(&output)
@@ -790,6 +791,7 @@ async fn saga_node_events_are_idempotent(db: Database) {
     assert!(!db
         .append_saga_node_event(
             saga.id,
+            0,
             (0, "lock_vm"),
             SagaNodeEventType::Succeeded,
             Some(&json!(1))
@@ -797,16 +799,17 @@ async fn saga_node_events_are_idempotent(db: Database) {
         .await
         .unwrap());
     assert!(!db
-        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::Started, None)
+        .append_saga_node_event(saga.id, 0, (0, "lock_vm"), SagaNodeEventType::Started, None)
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, (1, "overlays"), SagaNodeEventType::Started, None)
+        .append_saga_node_event(saga.id, 0, (1, "overlays"), SagaNodeEventType::Started, None)
         .await
         .unwrap());
     assert!(db
         .append_saga_node_event(
             saga.id,
+            0,
             (1, "overlays"),
             SagaNodeEventType::Failed,
             Some(&json!("boom"))
@@ -814,11 +817,11 @@ async fn saga_node_events_are_idempotent(db: Database) {
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::UndoStarted, None)
+        .append_saga_node_event(saga.id, 0, (0, "lock_vm"), SagaNodeEventType::UndoStarted, None)
         .await
         .unwrap());
     assert!(db
-        .append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::UndoFinished, None)
+        .append_saga_node_event(saga.id, 0, (0, "lock_vm"), SagaNodeEventType::UndoFinished, None)
         .await
         .unwrap());
 
@@ -841,7 +844,13 @@ async fn saga_node_events_are_idempotent(db: Database) {
     assert_eq!(succeeded.data, Some(output.clone()));
 
     let err = db
-        .append_saga_node_event(Uuid::new_v4(), (0, "lock_vm"), SagaNodeEventType::Started, None)
+        .append_saga_node_event(
+            Uuid::new_v4(),
+            0,
+            (0, "lock_vm"),
+            SagaNodeEventType::Started,
+            None,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
@@ -856,11 +865,12 @@ async fn saga_node_events_are_idempotent(db: Database) {
         .await
         .unwrap();
     for _ in 0..2 {
-        db.append_saga_node_event(saga.id, (0, "lock_vm"), SagaNodeEventType::Started, None)
+        db.append_saga_node_event(saga.id, 0, (0, "lock_vm"), SagaNodeEventType::Started, None)
             .await
             .unwrap();
         db.append_saga_node_events(
             saga.id,
+            0,
             &[
                 ev(0, SagaNodeEventType::Succeeded, Some(&output)),
                 ev(1, SagaNodeEventType::Started, None),
@@ -884,6 +894,7 @@ async fn saga_node_events_are_idempotent(db: Database) {
     let err = db
         .append_saga_node_events(
             Uuid::new_v4(),
+            0,
             &[
                 ev(0, SagaNodeEventType::Succeeded, None),
                 ev(1, SagaNodeEventType::Started, None),
@@ -893,7 +904,7 @@ async fn saga_node_events_are_idempotent(db: Database) {
         .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
     // Nothing to append is no error (and no commit).
-    db.append_saga_node_events(Uuid::new_v4(), &[]).await.unwrap();
+    db.append_saga_node_events(Uuid::new_v4(), 0, &[]).await.unwrap();
 }
 
 /// A name for the node at `id` (the log stores both).
@@ -926,10 +937,9 @@ async fn unfinished_sagas(db: Database) {
         db.create_saga(&new).await.unwrap();
         ids.push(new.id);
     }
-    db.set_saga_state(ids[1], SagaState::Unwinding).await.unwrap();
-    db.set_saga_state(ids[2], SagaState::Done).await.unwrap();
-    db.set_saga_state(ids[3], SagaState::Abandoned).await.unwrap();
-    db.set_saga_owner(ids[0], "coordinator-2").await.unwrap();
+    db.set_saga_state(ids[1], 0, SagaState::Unwinding).await.unwrap();
+    db.set_saga_state(ids[2], 0, SagaState::Done).await.unwrap();
+    db.set_saga_state(ids[3], 0, SagaState::Abandoned).await.unwrap();
 
     let unfinished = db.list_unfinished_sagas().await.unwrap();
     let mut got: Vec<Uuid> = unfinished.iter().map(|s| s.id).collect();
@@ -937,11 +947,40 @@ async fn unfinished_sagas(db: Database) {
     let mut expected = vec![ids[0], ids[1]];
     expected.sort();
     assert_eq!(got, expected);
-    let adopted = unfinished.iter().find(|s| s.id == ids[0]).unwrap();
-    assert_eq!(adopted.owner, "coordinator-2");
-    assert_eq!(adopted.params, json!({}));
+
+    // Adopted by another coordinator (all: the one coordinator of the
+    // database): owner and generation change, and writes at the old
+    // generation are refused, nothing changed.
+    let me = Uuid::new_v4();
+    let adopted = db.adopt_sagas(me, true).await.unwrap();
+    let mut got: Vec<Uuid> = adopted.iter().map(|s| s.id).collect();
+    got.sort();
+    assert_eq!(got, expected);
+    for s in &adopted {
+        assert_eq!((s.owner.as_str(), s.generation), (me.to_string().as_str(), 1));
+        assert_eq!(s.params, json!({}));
+    }
+    assert!(
+        db.adopt_sagas(me, true).await.unwrap().is_empty(),
+        "its own sagas stay"
+    );
+    let err = db.set_saga_state(ids[0], 0, SagaState::Done).await.unwrap_err();
+    assert!(
+        matches!(err, DbError::StaleOwner { generation: 0, .. }),
+        "{err:?}"
+    );
+    let err = db
+        .append_saga_node_events(ids[0], 0, &[ev(0, SagaNodeEventType::Started, None)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::StaleOwner { .. }), "{err:?}");
+    assert!(db.saga_node_events(ids[0]).await.unwrap().is_empty());
+    db.append_saga_node_events(ids[0], 1, &[ev(0, SagaNodeEventType::Started, None)])
+        .await
+        .unwrap();
+    assert_eq!(db.get_saga(ids[0]).await.unwrap().state, SagaState::Running);
     assert!(db
-        .set_saga_state(Uuid::new_v4(), SagaState::Done)
+        .set_saga_state(Uuid::new_v4(), 0, SagaState::Done)
         .await
         .unwrap_err()
         .is_not_found());
@@ -2232,7 +2271,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     db.create_saga(&saga).await.unwrap();
     let output = json!({"snapshot_id": "x"});
     db.finish_saga(
-        saga.id,
+        (saga.id, 0),
         &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
         op,
         OperationState::Succeeded,
@@ -2256,7 +2295,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     assert_eq!(db.get_saga(saga.id).await.unwrap().state, SagaState::Done);
     // A replay is a no-op; another outcome is refused, and changes nothing.
     db.finish_saga(
-        saga.id,
+        (saga.id, 0),
         &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
         op,
         OperationState::Succeeded,
@@ -2267,7 +2306,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     .unwrap();
     let err = db
         .finish_saga(
-            saga.id,
+            (saga.id, 0),
             &[],
             op,
             OperationState::Failed,
@@ -2291,7 +2330,7 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
         .unwrap();
     let err = db
         .finish_saga(
-            saga2.id,
+            (saga2.id, 0),
             &[ev(1, SagaNodeEventType::Succeeded, Some(&output))],
             op2,
             OperationState::Succeeded,
@@ -2326,7 +2365,7 @@ async fn concurrent_log_appends_are_each_answered(db: Database) {
                     ev(node, SagaNodeEventType::Succeeded, Some(&out)),
                     ev(node + 1, SagaNodeEventType::Started, None),
                 ];
-                if let Err(e) = db.append_saga_node_events(id, &events).await {
+                if let Err(e) = db.append_saga_node_events(id, 0, &events).await {
                     return (id, Err(e));
                 }
             }

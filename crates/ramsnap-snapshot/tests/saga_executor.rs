@@ -633,7 +633,10 @@ async fn a_changed_saga_definition_resumes_by_node_names_or_parks_the_saga() {
     assert_eq!(env.app.runs.lock().unwrap().len(), runs_before, "nothing ran");
     assert_eq!(resources(&env, saga), ["a", "b"], "nothing undone");
     // Another start of the same release: parked again, one warning.
-    env.db.set_saga_parked(saga, None).await.unwrap();
+    env.db
+        .set_saga_parked(saga, env.db.get_saga(saga).await.unwrap().generation, None)
+        .await
+        .unwrap();
     let again = executor_of(&env, toy_release(&["a", "x", "b", "c", "d"]));
     assert_eq!(again.recover().await.unwrap(), 1);
     assert_eq!(parked(&env, saga).await, why);
@@ -698,4 +701,135 @@ async fn parked(env: &Env, saga: Uuid) -> String {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("saga {saga} was not parked");
+}
+
+/// A scratch PostgreSQL database for replica tests, dropped at the end.
+struct PgEnv {
+    env: Env,
+    server: String,
+    name: String,
+}
+
+async fn pg_env() -> PgEnv {
+    let server = std::env::var("RAMSNAP_TEST_PG_URL").unwrap_or_else(|_| {
+        panic!(
+            "RAMSNAP_TEST_PG_URL is not set, so this PostgreSQL test cannot run. Start PostgreSQL \
+             with `bash scripts/setup/postgres.sh` and set \
+             RAMSNAP_TEST_PG_URL=postgres://ramsnap:ramsnap@127.0.0.1:5432/ramsnap"
+        )
+    });
+    let name = format!("rs_replicas_{}", Uuid::new_v4().simple());
+    let admin = Database::connect(&server).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(admin.pool())
+        .await
+        .unwrap();
+    admin.close().await;
+    let (base, _) = server.rsplit_once('/').unwrap();
+    let db = Database::connect(&format!("{base}/{name}")).await.unwrap();
+    db.migrate().await.unwrap();
+    PgEnv {
+        env: Env {
+            _dir: tempfile::tempdir().unwrap(),
+            db,
+            app: Arc::new(Toy::default()),
+        },
+        server,
+        name,
+    }
+}
+
+impl PgEnv {
+    async fn drop_database(self) {
+        self.env.db.close().await;
+        let admin = Database::connect(&self.server).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(admin.pool())
+        .await
+        .unwrap();
+        admin.close().await;
+    }
+}
+
+/// Replicas on one PostgreSQL database (issue 11): a saga whose owner
+/// holds no live lease is adopted by a live replica, with a new generation,
+/// and completed there; the old owner, still running it (a replica frozen
+/// past its lease, then thawed), is refused every write to the saga's log
+/// from then on and gives the saga up. Exactly one success per node is
+/// logged, and the operation ends once.
+#[tokio::test]
+async fn a_live_replica_adopts_the_sagas_of_one_whose_lease_ran_out_and_fences_it() {
+    let pg = pg_env().await;
+    let env = &pg.env;
+    let release = env._dir.path().join("toy.c");
+    std::env::set_var("RAMSNAP_FAILPOINT_DIR", env._dir.path());
+
+    // A: registered with a long lease (its heartbeat renews it every 20 s),
+    // runs a saga that waits at c.
+    let a = executor(env, "toy.c=hold");
+    a.set_lease(Duration::from_secs(60));
+    assert_eq!(a.recover().await.unwrap(), 0);
+    let (op, saga) = start(env, &a).await;
+    for _ in 0..400 {
+        let log = env.db.saga_node_events(saga).await.unwrap();
+        if log.iter().any(|e| e.node_name.as_deref() == Some("c")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // B: a second replica with a short lease; while A's lease runs, B
+    // leaves A's saga alone.
+    let b = executor(env, "");
+    b.set_lease(Duration::from_millis(300));
+    assert_eq!(b.recover().await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = env.db.get_saga(saga).await.unwrap();
+    assert_eq!((s.owner.clone(), s.generation), (a.replica_id().to_string(), 0));
+    let replicas = env.db.replicas().await.unwrap();
+    assert_eq!(replicas.len(), 2);
+    assert!(replicas.iter().all(|r| r.live), "{replicas:?}");
+
+    // A stops answering: its lease ends (as if frozen past it). Within a
+    // heartbeat of B (100 ms), B adopts the saga and completes it.
+    env.db.expire_lease(a.replica_id()).await.unwrap();
+    let adopted_at = std::time::Instant::now();
+    assert_eq!(
+        settle(env, op, saga).await,
+        (OperationState::Succeeded, SagaState::Done)
+    );
+    assert!(
+        adopted_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        adopted_at.elapsed()
+    );
+    let s = env.db.get_saga(saga).await.unwrap();
+    assert_eq!((s.owner.clone(), s.generation), (b.replica_id().to_string(), 1));
+    assert_eq!(resources(env, saga), ["a", "b", "c", "d"]);
+
+    // A thaws: it runs c and writes c's success, which is refused; it
+    // stops the saga and writes nothing more.
+    let log_before = env.db.saga_node_events(saga).await.unwrap();
+    std::fs::write(&release, b"").unwrap();
+    stopped(&a, op).await;
+    let log_after = env.db.saga_node_events(saga).await.unwrap();
+    assert_eq!(log_after, log_before, "the stale replica wrote nothing");
+    for node in NODES {
+        let successes = log_after
+            .iter()
+            .filter(|e| e.node_name.as_deref() == Some(node) && e.event_type == SagaNodeEventType::Succeeded)
+            .count();
+        assert_eq!(successes, 1, "{node}: {log_after:?}");
+    }
+    let o = env.db.get_operation(op).await.unwrap();
+    assert_eq!(o.state, OperationState::Succeeded);
+    // A ran c (its write came after), and nothing after it: d ran once, on B.
+    let runs = env.app.runs.lock().unwrap().clone();
+    let count = |n: &str| runs.iter().filter(|r| **r == n).count();
+    assert_eq!((count("c"), count("d")), (2, 1), "{runs:?}");
+    // A's next heartbeat renews its lease: it is a live replica again,
+    // with nothing to run.
+    pg.drop_database().await;
 }

@@ -41,6 +41,10 @@ pub struct Saga {
     /// Why the saga is not executed, if it is parked (its log does not fit
     /// its definition in this release).
     pub parked: Option<String>,
+    /// Bumped each time a coordinator adopts the saga from another; every
+    /// write to its log names the generation it was read at and is refused
+    /// once the saga has moved on ([`DbError::StaleOwner`]).
+    pub generation: i64,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Unix milliseconds.
@@ -80,9 +84,10 @@ pub struct SagaNodeEvent {
     pub created_at: i64,
 }
 
-const SAGA_COLUMNS: &str = "id, name, params, state, owner, operation_id, parked, created_at, updated_at";
+pub(super) const SAGA_COLUMNS: &str =
+    "id, name, params, state, owner, operation_id, parked, generation, created_at, updated_at";
 
-fn saga_from_row(row: &AnyRow) -> Result<Saga, sqlx::Error> {
+pub(super) fn saga_from_row(row: &AnyRow) -> Result<Saga, sqlx::Error> {
     Ok(Saga {
         id: row.uuid("id")?,
         name: row.text("name")?,
@@ -91,6 +96,7 @@ fn saga_from_row(row: &AnyRow) -> Result<Saga, sqlx::Error> {
         owner: row.text("owner")?,
         operation_id: row.opt_uuid("operation_id")?,
         parked: row.opt_text("parked")?,
+        generation: row.int("generation")?,
         created_at: row.int("created_at")?,
         updated_at: row.int("updated_at")?,
     })
@@ -122,25 +128,29 @@ impl Database {
         Ok(saga_from_row(&row)?)
     }
 
-    pub async fn set_saga_state(&self, id: Uuid, state: SagaState) -> Result<(), DbError> {
-        let result = sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(state.as_str())
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
+    /// Sets the state of a saga owned at `generation`.
+    pub async fn set_saga_state(&self, id: Uuid, generation: i64, state: SagaState) -> Result<(), DbError> {
+        let mut conn = self.writer().acquire().await?;
+        let result =
+            sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1 AND generation = $4")
+                .bind(id.to_string())
+                .bind(state.as_str())
+                .bind(now_ms())
+                .bind(generation)
+                .execute(&mut *conn)
+                .await?;
         if result.rows_affected() == 0 {
-            return Err(DbError::not_found("saga", id));
+            return Err(stale_or_missing(&mut conn, id, generation).await);
         }
         Ok(())
     }
 
-    /// Ends a saga in ONE transaction: records `events` (its last node's
+    /// Ends a saga (owned at a generation) in ONE transaction: records `events` (its last node's
     /// success, and any other the executor has not logged yet), ends its operation
     /// (see [`Database::finish_operation`]) and marks the saga DONE.
     pub async fn finish_saga(
         &self,
-        saga_id: Uuid,
+        (saga_id, generation): (Uuid, i64),
         events: &[PendingEvent],
         operation_id: Uuid,
         state: OperationState,
@@ -150,35 +160,24 @@ impl Database {
         retry_transient!(async {
             let now = now_ms();
             let mut tx = self.begin_write().await?;
-            insert_events(&mut tx, saga_id, events, now).await?;
-            super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
-            let done = sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1")
-                .bind(saga_id.to_string())
-                .bind(SagaState::Done.as_str())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            // The saga's row first: its lock keeps an adoption out until
+            // this commits, and a saga adopted already ends nothing here.
+            let done =
+                sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1 AND generation = $4")
+                    .bind(saga_id.to_string())
+                    .bind(SagaState::Done.as_str())
+                    .bind(now)
+                    .bind(generation)
+                    .execute(&mut *tx)
+                    .await?;
             if done.rows_affected() == 0 {
-                return Err(DbError::not_found("saga", saga_id));
+                return Err(stale_or_missing(&mut tx, saga_id, generation).await);
             }
+            insert_events(&mut tx, saga_id, None, events, now).await?;
+            super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
             tx.commit().await?;
             Ok(())
         })
-    }
-
-    /// Hands the saga to another coordinator instance (recovery adopts the
-    /// sagas of an instance that is gone).
-    pub async fn set_saga_owner(&self, id: Uuid, owner: &str) -> Result<(), DbError> {
-        let result = sqlx::query("UPDATE sagas SET owner = $2, updated_at = $3 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(owner)
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
-        if result.rows_affected() == 0 {
-            return Err(DbError::not_found("saga", id));
-        }
-        Ok(())
     }
 
     /// Sagas still RUNNING or UNWINDING, oldest first: what recovery resumes.
@@ -197,24 +196,41 @@ impl Database {
     pub async fn append_saga_node_event(
         &self,
         saga_id: Uuid,
+        generation: i64,
         node: (u32, &str),
         event_type: SagaNodeEventType,
         data: Option<&serde_json::Value>,
     ) -> Result<bool, DbError> {
         let mut conn = self.writer().acquire().await?;
-        insert_event(&mut conn, saga_id, node, event_type, data, now_ms()).await
+        let event = [PendingEvent {
+            node_id: node.0,
+            node_name: "",
+            event_type,
+            data: data.cloned(),
+        }];
+        let n = insert_named(&mut conn, saga_id, Some(generation), &event, &[node.1], now_ms()).await?;
+        Ok(n == 1)
     }
 
-    /// Records why the saga is not executed (None: it runs again).
-    pub async fn set_saga_parked(&self, id: Uuid, reason: Option<&str>) -> Result<(), DbError> {
-        let result = sqlx::query("UPDATE sagas SET parked = $2, updated_at = $3 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(reason)
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
+    /// Records why the saga (owned at `generation`) is not executed; None:
+    /// it runs again.
+    pub async fn set_saga_parked(
+        &self,
+        id: Uuid,
+        generation: i64,
+        reason: Option<&str>,
+    ) -> Result<(), DbError> {
+        let mut conn = self.writer().acquire().await?;
+        let result =
+            sqlx::query("UPDATE sagas SET parked = $2, updated_at = $3 WHERE id = $1 AND generation = $4")
+                .bind(id.to_string())
+                .bind(reason)
+                .bind(now_ms())
+                .bind(generation)
+                .execute(&mut *conn)
+                .await?;
         if result.rows_affected() == 0 {
-            return Err(DbError::not_found("saga", id));
+            return Err(stale_or_missing(&mut conn, id, generation).await);
         }
         Ok(())
     }
@@ -244,6 +260,7 @@ impl Database {
     pub async fn append_saga_node_events(
         &self,
         saga_id: Uuid,
+        generation: i64,
         events: &[PendingEvent],
     ) -> Result<(), DbError> {
         if events.is_empty() {
@@ -251,18 +268,19 @@ impl Database {
         }
         if self.backend == super::Backend::Postgres {
             let mut conn = self.writer().acquire().await?;
-            return insert_events(&mut conn, saga_id, events, now_ms()).await;
+            return insert_events(&mut conn, saga_id, Some(generation), events, now_ms()).await;
         }
         let (done, answer) = tokio::sync::oneshot::channel();
         let job = AppendJob {
             saga_id,
+            generation,
             events: events.to_vec(),
             done,
         };
         if self.appender.send(job).is_err() {
             // The log writer is gone (the database is closing): write here.
             let mut conn = self.writer().acquire().await?;
-            return insert_events(&mut conn, saga_id, events, now_ms()).await;
+            return insert_events(&mut conn, saga_id, Some(generation), events, now_ms()).await;
         }
         answer.await.unwrap_or_else(|_| {
             Err(DbError::InvalidValue {
@@ -354,6 +372,7 @@ pub(super) async fn insert_saga(conn: &mut AnyConnection, new: &NewSaga, now: i6
         owner: new.owner.clone(),
         operation_id: new.operation_id,
         parked: None,
+        generation: 0,
         created_at: now,
         updated_at: now,
     };
@@ -384,65 +403,140 @@ pub(super) async fn insert_event(
     data: Option<&serde_json::Value>,
     now: i64,
 ) -> Result<bool, DbError> {
-    let result = sqlx::query(
-        "INSERT INTO saga_node_events (saga_id, node_id, node_name, event_type, data, created_at) \
-         VALUES ($1, $2, $6, $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(saga_id.to_string())
-    .bind(i64::from(node_id))
-    .bind(event_type.as_str())
-    .bind(data.map(|d| d.to_string()))
-    .bind(now)
-    .bind(node_name)
-    .execute(&mut *conn)
-    .await
-    .map_err(DbError::on_write("saga", saga_id))?;
-    Ok(result.rows_affected() == 1)
+    let event = [PendingEvent {
+        node_id,
+        node_name: "",
+        event_type,
+        data: data.cloned(),
+    }];
+    Ok(insert_named(conn, saga_id, None, &event, &[node_name], now).await? == 1)
 }
 
-/// Records events in one statement (see [`insert_event`]).
+/// Records events in one statement; with a generation, only while the
+/// saga is still at it (see [`insert_named`]).
 async fn insert_events(
     conn: &mut AnyConnection,
     saga_id: Uuid,
+    generation: Option<i64>,
     events: &[PendingEvent],
     now: i64,
 ) -> Result<(), DbError> {
+    let names: Vec<&str> = events.iter().map(|e| e.node_name).collect();
+    insert_named(conn, saga_id, generation, events, &names, now).await?;
+    Ok(())
+}
+
+/// Inserts `events` (named `names`, one each) into the saga's log in one
+/// statement and returns how many were new: an event already recorded is
+/// left as it is. With a generation, the insert is conditional on the
+/// saga still being at that generation, checked under a share lock of its
+/// row on PostgreSQL (an adoption waits for this insert's transaction, or
+/// this insert sees the adoption), and a saga that has moved on is
+/// [`DbError::StaleOwner`].
+async fn insert_named(
+    conn: &mut AnyConnection,
+    saga_id: Uuid,
+    generation: Option<i64>,
+    events: &[PendingEvent],
+    names: &[&str],
+    now: i64,
+) -> Result<u64, DbError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let values: Vec<String> = (0..events.len())
         .map(|i| {
-            format!(
-                "($1, ${}, ${}, ${}, ${}, $2)",
-                4 * i + 3,
-                4 * i + 4,
-                4 * i + 5,
-                4 * i + 6
-            )
+            let p = 4 * i + 3;
+            format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3)
         })
         .collect();
-    let text = sql!(
-        "INSERT INTO saga_node_events (saga_id, node_id, node_name, event_type, data, created_at) VALUES {} \
-         ON CONFLICT DO NOTHING",
-        values.join(", ")
-    );
+    let fence_param = 4 * events.len() + 3;
+    let share = if conn.backend_name() == "PostgreSQL" {
+        " FOR SHARE"
+    } else {
+        ""
+    };
+    let text = match generation {
+        None => sql!(
+            "INSERT INTO saga_node_events (saga_id, node_id, node_name, event_type, data, created_at) VALUES {} \
+             ON CONFLICT DO NOTHING",
+            values.join(", ")
+        ),
+        Some(_) => sql!(
+            "INSERT INTO saga_node_events (saga_id, node_id, node_name, event_type, data, created_at) \
+             SELECT * FROM (VALUES {}) AS v \
+             WHERE EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND generation = ${fence_param}{share}) \
+             ON CONFLICT DO NOTHING",
+            values.join(", ")
+        ),
+    };
     let mut q = sqlx::query(text).bind(saga_id.to_string()).bind(now);
-    for e in events {
+    for (e, name) in events.iter().zip(names) {
         q = q
             .bind(i64::from(e.node_id))
-            .bind(e.node_name)
+            .bind(*name)
             .bind(e.event_type.as_str())
             .bind(e.data.as_ref().map(|d| d.to_string()));
     }
-    q.execute(&mut *conn)
+    if let Some(g) = generation {
+        q = q.bind(g);
+    }
+    let inserted = q
+        .execute(&mut *conn)
         .await
-        .map_err(DbError::on_write("saga", saga_id))?;
-    Ok(())
+        .map_err(DbError::on_write("saga", saga_id))?
+        .rows_affected();
+    if let Some(g) = generation {
+        if inserted < events.len() as u64 {
+            // Replayed events, or a saga that moved on (or is gone).
+            match saga_generation(conn, saga_id).await? {
+                Some(at) if at == g => {}
+                Some(_) => {
+                    return Err(DbError::StaleOwner {
+                        saga: saga_id,
+                        generation: g,
+                    })
+                }
+                None => {
+                    return Err(DbError::ForeignKey {
+                        kind: "saga",
+                        id: saga_id.to_string(),
+                        message: "no such saga".into(),
+                    })
+                }
+            }
+        }
+    }
+    Ok(inserted)
+}
+
+async fn saga_generation(conn: &mut AnyConnection, saga_id: Uuid) -> Result<Option<i64>, DbError> {
+    let row = sqlx::query("SELECT generation FROM sagas WHERE id = $1")
+        .bind(saga_id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        Some(r) => Some(r.int("generation")?),
+        None => None,
+    })
+}
+
+/// Why a write conditional on (saga, generation) changed nothing.
+async fn stale_or_missing(conn: &mut AnyConnection, saga_id: Uuid, generation: i64) -> DbError {
+    match saga_generation(conn, saga_id).await {
+        Ok(Some(_)) => DbError::StaleOwner {
+            saga: saga_id,
+            generation,
+        },
+        Ok(None) => DbError::not_found("saga", saga_id),
+        Err(e) => e,
+    }
 }
 
 /// One saga's events for the log writer, and where to say they are committed.
 pub(super) struct AppendJob {
     saga_id: Uuid,
+    generation: i64,
     events: Vec<PendingEvent>,
     done: tokio::sync::oneshot::Sender<Result<(), DbError>>,
 }
@@ -473,7 +567,14 @@ pub(super) async fn log_writer(db: Database, mut jobs: tokio::sync::mpsc::Unboun
         for job in batch {
             let result = retry_transient!(async {
                 let mut conn = db.writer().acquire().await?;
-                insert_events(&mut conn, job.saga_id, &job.events, now_ms()).await
+                insert_events(
+                    &mut conn,
+                    job.saga_id,
+                    Some(job.generation),
+                    &job.events,
+                    now_ms(),
+                )
+                .await
             });
             let _ = job.done.send(result);
         }
@@ -484,7 +585,7 @@ async fn write_batch(db: &Database, batch: &[AppendJob]) -> Result<(), DbError> 
     let now = now_ms();
     let mut tx = db.begin_write().await?;
     for job in batch {
-        insert_events(&mut tx, job.saga_id, &job.events, now).await?;
+        insert_events(&mut tx, job.saga_id, Some(job.generation), &job.events, now).await?;
     }
     tx.commit().await?;
     Ok(())
