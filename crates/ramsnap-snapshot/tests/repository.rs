@@ -4,8 +4,8 @@
 
 use ramsnap_snapshot::db::{
     Accepted, Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewHost,
-    NewOperation, NewSaga, NewSnapshot, NewVm, OperationState, PendingEvent, SagaNodeEventType, SagaState,
-    Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
+    NewOperation, NewReplica, NewSaga, NewSnapshot, NewVm, OperationState, PendingEvent, SagaNodeEventType,
+    SagaState, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
 };
 use serde_json::json;
 use sqlx::Executor;
@@ -121,6 +121,7 @@ on_both_backends!(
     operation_progress_and_finish,
     saga_node_events_are_idempotent,
     unfinished_sagas,
+    replica_leases,
     not_found_and_foreign_keys,
     hosts_crud,
     operation_cancel_and_warnings,
@@ -984,6 +985,80 @@ async fn unfinished_sagas(db: Database) {
         .await
         .unwrap_err()
         .is_not_found());
+}
+
+/// Replica leases by the database's clock: registered live, expired by
+/// name or because the process is gone on this host, renewed; adoption
+/// takes only the sagas of replicas without a live lease.
+async fn replica_leases(db: Database) {
+    let replica = |key: &str, pid: i64| NewReplica {
+        id: Uuid::new_v4(),
+        name: format!("host:{pid}"),
+        local_key: key.into(),
+        pid,
+    };
+    let me = replica("here", 1);
+    let gone = replica("here", 2);
+    let elsewhere = replica("there", 2);
+    let alive = replica("here", 3);
+    for r in [&me, &gone, &elsewhere, &alive] {
+        db.register_replica(r, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let live = |rs: &[ramsnap_snapshot::db::Replica], id: Uuid| rs.iter().find(|r| r.id == id).unwrap().live;
+    let all = db.replicas().await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().all(|r| r.live), "{all:?}");
+
+    // Sagas of each: none is adopted while its owner's lease runs.
+    let mut sagas = Vec::new();
+    for r in [&gone, &elsewhere, &alive] {
+        let new = NewSaga {
+            id: Uuid::new_v4(),
+            name: "toy".into(),
+            params: json!({}),
+            owner: r.id.to_string(),
+            operation_id: None,
+        };
+        db.create_saga(&new).await.unwrap();
+        sagas.push(new.id);
+    }
+    assert!(db.adopt_sagas(me.id, false).await.unwrap().is_empty());
+
+    // PID 2 is gone here: only the replica of this host and PID namespace
+    // loses its lease (PID 2 elsewhere is another process).
+    let expired = db
+        .expire_gone_replicas(me.id, "here", &|pid| pid != 2)
+        .await
+        .unwrap();
+    assert_eq!(expired.iter().map(|r| r.id).collect::<Vec<_>>(), vec![gone.id]);
+    let all = db.replicas().await.unwrap();
+    assert!(!live(&all, gone.id) && live(&all, elsewhere.id) && live(&all, alive.id) && live(&all, me.id));
+    let adopted = db.adopt_sagas(me.id, false).await.unwrap();
+    assert_eq!(adopted.iter().map(|s| s.id).collect::<Vec<_>>(), vec![sagas[0]]);
+    assert_eq!(adopted[0].generation, 1);
+
+    // A lease ended by name; its replica renews it (thawed): live again,
+    // but what was adopted meanwhile stays adopted.
+    db.expire_lease(alive.id).await.unwrap();
+    let adopted = db.adopt_sagas(me.id, false).await.unwrap();
+    assert_eq!(adopted.iter().map(|s| s.id).collect::<Vec<_>>(), vec![sagas[2]]);
+    assert!(db
+        .renew_lease(alive.id, std::time::Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(live(&db.replicas().await.unwrap(), alive.id));
+    assert_eq!(db.get_saga(sagas[2]).await.unwrap().owner, me.id.to_string());
+    // A lease of 0 ms has run out at once; an unknown replica renews nothing.
+    db.register_replica(&elsewhere, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!live(&db.replicas().await.unwrap(), elsewhere.id));
+    assert!(!db
+        .renew_lease(Uuid::new_v4(), std::time::Duration::from_secs(1))
+        .await
+        .unwrap());
 }
 
 async fn not_found_and_foreign_keys(db: Database) {
