@@ -176,6 +176,7 @@ impl Coordinator {
     }
 
     pub async fn close(&self) {
+        self.app.executor().give_up_lease().await;
         self.app.db.close().await;
     }
 }

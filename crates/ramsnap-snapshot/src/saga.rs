@@ -384,6 +384,9 @@ impl<S: Send + Sync + 'static> Executor<S> {
             for r in gone {
                 tracing::info!(replica = %r.id, name = %r.name, "an earlier coordinator on this host is gone; its lease ends now");
             }
+            if let Err(e) = self.db.forget_old_replicas(Duration::from_secs(24 * 3600)).await {
+                tracing::warn!(error = %e, "forgetting old coordinator replicas failed");
+            }
         }
         let n = self.adopt(!shared).await.map_err(db_err)?;
         if shared && !self.heartbeat.swap(true, Ordering::SeqCst) {
@@ -467,6 +470,17 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 tracing::error!(saga = %saga_id, error = %e, "saga execution stopped; it resumes at the next start");
             }
         });
+    }
+
+    /// Ends this replica's lease now (a clean stop): the other replicas
+    /// adopt its unfinished sagas at their next heartbeat instead of after
+    /// the lease.
+    pub async fn give_up_lease(&self) {
+        if self.heartbeat.load(Ordering::SeqCst) {
+            if let Err(e) = self.db.expire_lease(self.replica.id).await {
+                tracing::warn!(error = %e, "ending the coordinator's lease failed");
+            }
+        }
     }
 
     /// The owner name this executor records on the sagas it runs.
@@ -1151,7 +1165,19 @@ fn pid_alive(pid: i64) -> bool {
     }
     // SAFETY: signal 0 only checks that the process exists.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    // A zombie (killed, not yet reaped by its parent) has ended.
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .is_some_and(|state| state == 'Z')
 }
 
 fn hostname() -> String {

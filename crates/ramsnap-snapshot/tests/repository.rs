@@ -1059,6 +1059,18 @@ async fn replica_leases(db: Database) {
         .renew_lease(Uuid::new_v4(), std::time::Duration::from_secs(1))
         .await
         .unwrap());
+
+    // Replicas long expired are forgotten, unless they still own an
+    // unfinished saga (elsewhere's was never adopted).
+    assert_eq!(
+        db.forget_old_replicas(std::time::Duration::ZERO).await.unwrap(),
+        1
+    );
+    let left: Vec<Uuid> = db.replicas().await.unwrap().iter().map(|r| r.id).collect();
+    assert!(!left.contains(&gone.id), "{left:?}");
+    for kept in [me.id, elsewhere.id, alive.id] {
+        assert!(left.contains(&kept), "{left:?}");
+    }
 }
 
 async fn not_found_and_foreign_keys(db: Database) {

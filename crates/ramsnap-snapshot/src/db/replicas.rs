@@ -105,6 +105,21 @@ impl Database {
         Ok(gone)
     }
 
+    /// Forgets replicas whose lease ran out more than `age` ago and that
+    /// own no unfinished saga (each process start registers a new one).
+    pub async fn forget_old_replicas(&self, age: Duration) -> Result<u64, DbError> {
+        let now = clock(self.backend);
+        let result = sqlx::query(sql!(
+            "DELETE FROM coordinators WHERE lease_expires_at < {now} - $1 \
+             AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.owner = coordinators.id \
+                 AND s.state IN ('RUNNING', 'UNWINDING'))"
+        ))
+        .bind(age.as_millis() as i64)
+        .execute(self.writer())
+        .await?;
+        Ok(result.rows_affected())
+    }
+
     /// Every registered replica, with whether its lease runs.
     pub async fn replicas(&self) -> Result<Vec<Replica>, DbError> {
         let now = clock(self.backend);
