@@ -27,6 +27,8 @@ pub struct App {
     pub vm_events: broadcast::Sender<Uuid>,
     /// VMs whose host status stream is being followed.
     pub(crate) followed: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
+    /// The other replicas on PostgreSQL (see [`crate::peers`]).
+    peers: OnceLock<Arc<crate::peers::Peers>>,
 }
 
 impl App {
@@ -44,7 +46,12 @@ impl App {
             operation_events: broadcast::channel(1024).0,
             vm_events: broadcast::channel(1024).0,
             followed: Mutex::new(HashMap::new()),
+            peers: OnceLock::new(),
         })
+    }
+
+    pub(crate) fn set_peers(&self, peers: Arc<crate::peers::Peers>) {
+        let _ = self.peers.set(peers);
     }
 
     pub fn set_executor(&self, exec: Arc<Executor<App>>) {
@@ -113,11 +120,28 @@ impl App {
         self.cluster_host(vm.cluster_id).await
     }
 
+    /// The operation changed: its watchers here and on the other replicas
+    /// read it again.
     pub fn notify_operation(&self, id: Uuid) {
+        self.wake_operation_watchers(id);
+        if let Some(p) = self.peers.get() {
+            p.publish("op", id);
+        }
+    }
+
+    /// The VM changed (see [`App::notify_operation`]).
+    pub fn notify_vm(&self, id: Uuid) {
+        self.wake_vm_watchers(id);
+        if let Some(p) = self.peers.get() {
+            p.publish("vm", id);
+        }
+    }
+
+    pub(crate) fn wake_operation_watchers(&self, id: Uuid) {
         let _ = self.operation_events.send(id);
     }
 
-    pub fn notify_vm(&self, id: Uuid) {
+    pub(crate) fn wake_vm_watchers(&self, id: Uuid) {
         let _ = self.vm_events.send(id);
     }
 }

@@ -7,6 +7,7 @@ pub mod app;
 pub mod convert;
 pub mod db;
 pub mod ovf;
+pub mod peers;
 pub mod saga;
 pub mod sagas;
 pub mod service;
@@ -131,7 +132,11 @@ impl Coordinator {
             }),
         );
         exec.set_lease(options.lease);
+        let replica = exec.replica_id();
         app.set_executor(exec);
+        if app.db.backend() == db::Backend::Postgres {
+            app.set_peers(peers::start(&app, database_url, replica));
+        }
         Ok(Coordinator {
             app,
             _sqlite_guard: sqlite_guard,

@@ -1047,3 +1047,95 @@ async fn a_second_coordinator_on_one_sqlite_file_is_refused() {
     let after = Coordinator::connect_with_options(&url, options()).await.unwrap();
     after.close().await;
 }
+
+/// Two coordinator replicas on one PostgreSQL (issue 11): an operation
+/// that runs on A is followed by WatchOperation on B, its changes pushed
+/// over LISTEN/NOTIFY (not found by B's 500 ms poll), and cancelled
+/// through B: A cancels it where it runs, and it unwinds.
+#[tokio::test]
+async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first() {
+    let holds = tempfile::tempdir().unwrap();
+    std::env::set_var("RAMSNAP_FAILPOINT_DIR", holds.path());
+    let mut sim = InProc::start_with(Db::Postgres, "3.3", "snapshot_create.overlays=hold").await;
+    let b = support::inproc::open_coordinator(&sim.db_url, "").await;
+    let (b_addr, b_stop) = support::serve(b.service_set()).await;
+    let channel = tonic::transport::Endpoint::from_shared(b_addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut b_ops = pb::operation_service_client::OperationServiceClient::new(channel);
+    // What the replicas say to each other, heard by the test itself.
+    let server = std::env::var("RAMSNAP_TEST_PG_URL").unwrap();
+    let (base, _) = server.rsplit_once('/').unwrap();
+    let db_name = sim.db_url.rsplit('/').next().unwrap().to_string();
+    let mut listener = sqlx::postgres::PgListener::connect(&format!("{base}/{db_name}"))
+        .await
+        .unwrap();
+    listener.listen(ramsnap_snapshot::peers::CHANNEL).await.unwrap();
+
+    let vm = sim.create_vm("replicas").await;
+    // Both replicas see the other live (their peer check runs every second).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let op = sim
+        .snaps
+        .create_snapshot(support::Env::snapshot_req(&vm, false, "held on A"))
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    let mut watch = b_ops
+        .watch_operation(pb::WatchOperationRequest {
+            operation_id: op.operation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap().operation.unwrap();
+    assert_eq!(first.state, pb::OperationState::Running as i32);
+    assert!(!b.app.executor().is_running(op.operation_id.parse().unwrap()));
+
+    // Cancelled through B, then A's hold released: A unwinds it.
+    let cancel = b_ops
+        .cancel_operation(pb::CancelOperationRequest {
+            operation_id: op.operation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cancel.cancelling);
+    let b_id = b.app.executor().replica_id().to_string();
+    let told = format!("{b_id} op:{}", op.operation_id);
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while listener.recv().await.unwrap().payload() != told {}
+    })
+    .await
+    .expect("B told the other replicas of the cancel");
+    std::fs::write(holds.path().join("snapshot_create.overlays"), b"").unwrap();
+    let last = loop {
+        let o = tokio::time::timeout(std::time::Duration::from_secs(20), watch.message())
+            .await
+            .expect("a change within 20 s")
+            .unwrap()
+            .expect("the stream ends after the last state")
+            .operation
+            .unwrap();
+        if o.state != pb::OperationState::Running as i32 {
+            break o;
+        }
+    };
+    let seen_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert_eq!(last.state, pb::OperationState::Cancelled as i32, "{last:?}");
+    // Pushed: seen on B well within the 500 ms poll (the replicas share
+    // this machine's clock).
+    let lag = seen_at - last.updated_at;
+    assert!(lag < 200, "B saw the end {lag} ms after A committed it");
+    assert!(sim.vm(&vm).await.locked_by_operation_id.is_empty());
+    let _ = b_stop.send(());
+    b.close().await;
+    sim.finish().await;
+}

@@ -71,8 +71,9 @@ impl OperationService for OperationApi {
         let id = ids::parse("operation_id", &req.get_ref().operation_id)?;
         let op = self.0.db.get_operation(id).await.map_err(db_status)?;
         let cancelling = !op.state.is_terminal() && self.0.db.request_cancel(id).await.map_err(db_status)?;
-        if cancelling {
-            self.0.executor().cancel(id);
+        if cancelling && !self.0.executor().cancel(id) {
+            // Running on another replica (or none yet): it hears of it.
+            self.0.notify_operation(id);
         }
         let op = self.0.db.get_operation(id).await.map_err(db_status)?;
         Ok(Response::new(pb::CancelOperationResponse {
