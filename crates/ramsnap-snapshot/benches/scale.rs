@@ -10,6 +10,9 @@
 //! SCALE_VMS (64), SCALE_HOSTS (4), SCALE_SNAPSHOTS (snapshots per VM, 5),
 //! SCALE_SNAPSHOT (memory, or disk: disk-only snapshots of the running VMs),
 //! SCALE_VM_MIB (each VM's memory, 64),
+//! SCALE_REPLICAS (coordinator replicas on the one PostgreSQL database, 1:
+//! in this process, each with its own gRPC server; VM i's calls go to
+//! replica i mod N),
 //! SCALE_PGBENCH_SECS (10), RAMSNAP_HOST_BIN (path of ramsnap-host).
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -500,6 +503,24 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
         .await
         .expect("coordinator");
     let (coord_addr, coord_stop) = support::serve(coord.service_set()).await;
+    // More replicas on the same database (PostgreSQL only: SQLite serves one).
+    let n_replicas: usize = match db {
+        BenchDb::Postgres { .. } => env_or("SCALE_REPLICAS", 1usize).max(1),
+        BenchDb::Sqlite { .. } => 1,
+    };
+    let mut replicas = Vec::new();
+    for _ in 1..n_replicas {
+        let c = ramsnap_snapshot::Coordinator::open(bench_url)
+            .await
+            .expect("coordinator replica");
+        let (addr, stop) = support::serve(c.service_set()).await;
+        let channel = tonic::transport::Endpoint::from_shared(addr)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        replicas.push((c, stop, channel));
+    }
     let channel = tonic::transport::Endpoint::from_shared(coord_addr.clone())
         .unwrap()
         .connect()
@@ -642,8 +663,18 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
     // The measurement: every VM takes k snapshots in a loop, all at once.
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for vm in vms.clone() {
-        let mut c = mk();
+    for (i, vm) in vms.clone().into_iter().enumerate() {
+        let mut c = match i % n_replicas {
+            0 => mk(),
+            r => {
+                let channel = &replicas[r - 1].2;
+                Clients {
+                    vms: VmServiceClient::new(channel.clone()),
+                    snaps: SnapshotServiceClient::new(channel.clone()),
+                    ops: OperationServiceClient::new(channel.clone()),
+                }
+            }
+        };
         set.spawn(async move {
             let mut lat = Vec::new();
             let mut errs = Vec::new();
@@ -702,6 +733,7 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
             format!(" + {n_hosts} in-test SimulatedHost (snapshot step)")
         }
     );
+    println!("coordinator replicas      {n_replicas} (in this process, one database)");
     println!("VMs (concurrent)          {}", vms.len());
     println!("snapshot kind             {mode}");
     println!("snapshots per VM          {k}");
@@ -786,6 +818,10 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
     any_pool.close().await;
     if let Some((pool, _)) = pg {
         pool.close().await;
+    }
+    for (c, stop, _) in replicas {
+        let _ = stop.send(());
+        c.close().await;
     }
     let _ = coord_stop.send(());
     coord.close().await;
