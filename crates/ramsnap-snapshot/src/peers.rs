@@ -1,6 +1,7 @@
 //! Changes pushed between coordinator replicas on PostgreSQL: LISTEN/NOTIFY
-//! on one channel, each payload naming the sending replica and one object
-//! ("<replica> op:<id>" or "<replica> vm:<id>"), never its content. A
+//! on one channel, each payload naming the sending replica and the objects
+//! that changed ("<replica> op:<id>,vm:<id>,..."), never their content:
+//! what is queued when the publisher comes round goes in one notification. A
 //! replica that hears of an object wakes its own watchers of it (they read
 //! it again); for an operation it runs whose cancel was asked of another
 //! replica, it cancels it. A notification can be lost (a reconnection):
@@ -18,8 +19,13 @@ pub const CHANNEL: &str = "ramsnap_changes";
 /// How often a replica looks whether others are live.
 const PEER_CHECK: Duration = Duration::from_secs(1);
 
+/// Most bytes of object names in one notification (PostgreSQL takes
+/// payloads under 8000 bytes).
+const MAX_PAYLOAD: usize = 7000;
+
 pub struct Peers {
     me: Uuid,
+    /// Changed objects, "op:<id>" or "vm:<id>".
     tx: mpsc::UnboundedSender<String>,
     /// Whether another replica holds a live lease (checked every
     /// [`PEER_CHECK`]).
@@ -31,7 +37,7 @@ impl Peers {
     /// ("vm") `id` changed.
     pub fn publish(&self, kind: &str, id: Uuid) {
         if self.others.load(Ordering::Relaxed) {
-            let _ = self.tx.send(format!("{} {kind}:{id}", self.me));
+            let _ = self.tx.send(format!("{kind}:{id}"));
         }
     }
 }
@@ -45,7 +51,7 @@ pub fn start(app: &Arc<App>, url: &str, me: Uuid) -> Arc<Peers> {
         tx,
         others: AtomicBool::new(false),
     });
-    tokio::spawn(publish(Arc::downgrade(app), rx));
+    tokio::spawn(publish(Arc::downgrade(app), me, rx));
     tokio::spawn(listen(Arc::downgrade(app), url.to_string(), me));
     let (weak_app, weak_peers) = (Arc::downgrade(app), Arc::downgrade(&peers));
     tokio::spawn(async move {
@@ -64,15 +70,26 @@ pub fn start(app: &Arc<App>, url: &str, me: Uuid) -> Arc<Peers> {
     peers
 }
 
-/// Sends what is queued, each distinct payload once per round.
-async fn publish(app: Weak<App>, mut rx: mpsc::UnboundedReceiver<String>) {
+/// Sends what is queued, each object once per round, in as few
+/// notifications as fit.
+async fn publish(app: Weak<App>, me: Uuid, mut rx: mpsc::UnboundedReceiver<String>) {
     while let Some(first) = rx.recv().await {
         let mut batch = BTreeSet::from([first]);
         while let Ok(more) = rx.try_recv() {
             batch.insert(more);
         }
         let Some(app) = app.upgrade() else { return };
-        for payload in batch {
+        let mut payloads: Vec<String> = Vec::new();
+        for object in batch {
+            match payloads.last_mut() {
+                Some(p) if p.len() + object.len() < MAX_PAYLOAD => {
+                    p.push(',');
+                    p.push_str(&object);
+                }
+                _ => payloads.push(format!("{me} {object}")),
+            }
+        }
+        for payload in payloads {
             if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(&payload)
@@ -116,12 +133,18 @@ async fn listen(app: Weak<App>, url: String, me: Uuid) {
 }
 
 fn heard(app: &Arc<App>, me: Uuid, payload: &str) {
-    let Some((from, object)) = payload.split_once(' ') else {
+    let Some((from, objects)) = payload.split_once(' ') else {
         return;
     };
     if Uuid::parse_str(from).ok() == Some(me) {
         return;
     }
+    for object in objects.split(',') {
+        heard_of(app, object);
+    }
+}
+
+fn heard_of(app: &Arc<App>, object: &str) {
     let Some((kind, id)) = object.split_once(':') else {
         return;
     };

@@ -1106,9 +1106,15 @@ async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first(
         .into_inner();
     assert!(cancel.cancelling);
     let b_id = b.app.executor().replica_id().to_string();
-    let told = format!("{b_id} op:{}", op.operation_id);
+    let told = format!("op:{}", op.operation_id);
     tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while listener.recv().await.unwrap().payload() != told {}
+        loop {
+            let note = listener.recv().await.unwrap();
+            let (from, objects) = note.payload().split_once(' ').unwrap();
+            if from == b_id && objects.split(',').any(|o| o == told) {
+                break;
+            }
+        }
     })
     .await
     .expect("B told the other replicas of the cancel");
