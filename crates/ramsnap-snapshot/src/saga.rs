@@ -540,6 +540,13 @@ impl<S: Send + Sync + 'static> Executor<S> {
         let Some(running) = self.register(operation_id) else {
             return Ok(()); // already executing in this process
         };
+        // Read again now that no other execution here can end it: one that
+        // just ended has committed its end, which must not run again (an
+        // unwound saga run forward).
+        let saga = self.db.get_saga(saga_id).await.map_err(db_err)?;
+        if !matches!(saga.state, SagaState::Running | SagaState::Unwinding) {
+            return Ok(());
+        }
         if let Ok(op) = self.db.get_operation(operation_id).await {
             if op.cancel_requested {
                 running.cancel.cancel();
