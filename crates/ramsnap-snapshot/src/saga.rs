@@ -566,11 +566,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
         start_logged: Option<usize>,
     ) -> Result<(), Status> {
         let saga_id = saga.id;
-        let def =
-            self.sagas.get(saga.name.as_str()).cloned().ok_or_else(|| {
-                Status::internal(format!("saga {saga_id} names unknown saga {}", saga.name))
-            })?;
         let operation_id = saga.operation_id.unwrap_or(saga_id);
+        let Some(def) = self.sagas.get(saga.name.as_str()).cloned() else {
+            let reason = format!("this release has no saga named {:?}", saga.name);
+            return self.park(&saga, operation_id, &reason).await;
+        };
         let log_ids = match align(&def, &events) {
             Ok(ids) => ids,
             Err(reason) => return self.park(&saga, operation_id, &reason).await,

@@ -669,6 +669,19 @@ async fn a_changed_saga_definition_resumes_by_node_names_or_parks_the_saga() {
         assert_eq!(resources(&env, saga), ["a", "b"], "{order:?}");
     }
 
+    // A release without the saga at all: parked too.
+    let env = crate::env().await;
+    let first = executor(&env, "toy.c=halt");
+    let (op, saga) = start(&env, &first).await;
+    stopped(&first, op).await;
+    let mut other = toy_release(&["a", "b", "c", "d"]);
+    other.name = "other";
+    let later = executor_of(&env, other);
+    assert_eq!(later.recover().await.unwrap(), 1);
+    let why = parked(&env, saga).await;
+    assert!(why.contains("no saga named \"toy\""), "{why}");
+    assert_eq!(resources(&env, saga), ["a", "b"]);
+
     // A log from before node names (read by position) still resumes.
     let env = crate::env().await;
     let first = executor(&env, "toy.c=halt");
