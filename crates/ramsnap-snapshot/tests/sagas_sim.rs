@@ -13,20 +13,20 @@
 //! process of its own, killed and restarted at every saga node).
 mod support;
 
-use ramsnap_common::tls::ClientTransport;
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::storage::v1 as storage;
 use ramsnap_snapshot::app::App;
 use ramsnap_snapshot::service::export::CLONE_MEMORY_WARNING;
-use ramsnap_snapshot::{sagas, status, Coordinator, Options};
+use ramsnap_snapshot::{sagas, status};
 use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use support::inproc::open_coordinator;
 use support::{
     act, bad_field, memory_ref, precondition, precondition_subject, serve, setup, state, Agents, Env,
     HostCall, MIB,
@@ -56,20 +56,6 @@ impl DerefMut for Sim {
     fn deref_mut(&mut self) -> &mut Env {
         &mut self.env
     }
-}
-
-/// The coordinator as `Coordinator::open` makes it, with failpoints of its
-/// own (the environment variable is process-wide).
-async fn open_coordinator(db_url: &str, failpoints: &str) -> Coordinator {
-    // The production start-up with these failpoints; the SQLite lock off,
-    // since a test opens a new coordinator beside a halted one.
-    let options = Options {
-        sole_sqlite_user: false,
-        ..Options::new(ClientTransport::Insecure).failpoints(failpoints)
-    };
-    let coordinator = Coordinator::connect_with_options(db_url, options).await.unwrap();
-    coordinator.resume().await.unwrap();
-    coordinator
 }
 
 impl Sim {

@@ -130,15 +130,29 @@ impl Database {
 
     /// Sets the state of a saga owned at `generation`.
     pub async fn set_saga_state(&self, id: Uuid, generation: i64, state: SagaState) -> Result<(), DbError> {
+        self.update_owned_saga(id, generation, "state", Some(state.as_str()))
+            .await
+    }
+
+    /// Sets one text column of a saga owned at `generation`; a saga that
+    /// moved on is [`DbError::StaleOwner`].
+    async fn update_owned_saga(
+        &self,
+        id: Uuid,
+        generation: i64,
+        column: &'static str,
+        value: Option<&str>,
+    ) -> Result<(), DbError> {
         let mut conn = self.writer().acquire().await?;
-        let result =
-            sqlx::query("UPDATE sagas SET state = $2, updated_at = $3 WHERE id = $1 AND generation = $4")
-                .bind(id.to_string())
-                .bind(state.as_str())
-                .bind(now_ms())
-                .bind(generation)
-                .execute(&mut *conn)
-                .await?;
+        let result = sqlx::query(sql!(
+            "UPDATE sagas SET {column} = $2, updated_at = $3 WHERE id = $1 AND generation = $4"
+        ))
+        .bind(id.to_string())
+        .bind(value)
+        .bind(now_ms())
+        .bind(generation)
+        .execute(&mut *conn)
+        .await?;
         if result.rows_affected() == 0 {
             return Err(stale_or_missing(&mut conn, id, generation).await);
         }
@@ -202,14 +216,13 @@ impl Database {
         data: Option<&serde_json::Value>,
     ) -> Result<bool, DbError> {
         let mut conn = self.writer().acquire().await?;
-        let event = [PendingEvent {
+        let row = EventRow {
             node_id: node.0,
-            node_name: "",
+            node_name: node.1,
             event_type,
-            data: data.cloned(),
-        }];
-        let n = insert_named(&mut conn, saga_id, Some(generation), &event, &[node.1], now_ms()).await?;
-        Ok(n == 1)
+            data,
+        };
+        Ok(insert_rows(&mut conn, saga_id, Some(generation), &[row], now_ms()).await? == 1)
     }
 
     /// Records why the saga (owned at `generation`) is not executed; None:
@@ -220,29 +233,7 @@ impl Database {
         generation: i64,
         reason: Option<&str>,
     ) -> Result<(), DbError> {
-        let mut conn = self.writer().acquire().await?;
-        let result =
-            sqlx::query("UPDATE sagas SET parked = $2, updated_at = $3 WHERE id = $1 AND generation = $4")
-                .bind(id.to_string())
-                .bind(reason)
-                .bind(now_ms())
-                .bind(generation)
-                .execute(&mut *conn)
-                .await?;
-        if result.rows_affected() == 0 {
-            return Err(stale_or_missing(&mut conn, id, generation).await);
-        }
-        Ok(())
-    }
-
-    /// Why the saga is parked, if it is.
-    pub async fn saga_parked(&self, id: Uuid) -> Result<Option<String>, DbError> {
-        let row = sqlx::query("SELECT parked FROM sagas WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(self.pool())
-            .await?
-            .ok_or_else(|| DbError::not_found("saga", id))?;
-        Ok(row.opt_text("parked")?)
+        self.update_owned_saga(id, generation, "parked", reason).await
     }
 
     /// Appends events in one commit (the saga log's one write between two
@@ -403,17 +394,36 @@ pub(super) async fn insert_event(
     data: Option<&serde_json::Value>,
     now: i64,
 ) -> Result<bool, DbError> {
-    let event = [PendingEvent {
+    let row = EventRow {
         node_id,
-        node_name: "",
+        node_name,
         event_type,
-        data: data.cloned(),
-    }];
-    Ok(insert_named(conn, saga_id, None, &event, &[node_name], now).await? == 1)
+        data,
+    };
+    Ok(insert_rows(conn, saga_id, None, &[row], now).await? == 1)
+}
+
+/// A row of the saga log as it is inserted.
+struct EventRow<'a> {
+    node_id: u32,
+    node_name: &'a str,
+    event_type: SagaNodeEventType,
+    data: Option<&'a serde_json::Value>,
+}
+
+impl<'a> From<&'a PendingEvent> for EventRow<'a> {
+    fn from(e: &'a PendingEvent) -> Self {
+        EventRow {
+            node_id: e.node_id,
+            node_name: e.node_name,
+            event_type: e.event_type,
+            data: e.data.as_ref(),
+        }
+    }
 }
 
 /// Records events in one statement; with a generation, only while the
-/// saga is still at it (see [`insert_named`]).
+/// saga is still at it (see [`insert_rows`]).
 async fn insert_events(
     conn: &mut AnyConnection,
     saga_id: Uuid,
@@ -421,24 +431,22 @@ async fn insert_events(
     events: &[PendingEvent],
     now: i64,
 ) -> Result<(), DbError> {
-    let names: Vec<&str> = events.iter().map(|e| e.node_name).collect();
-    insert_named(conn, saga_id, generation, events, &names, now).await?;
+    let rows: Vec<EventRow> = events.iter().map(EventRow::from).collect();
+    insert_rows(conn, saga_id, generation, &rows, now).await?;
     Ok(())
 }
 
-/// Inserts `events` (named `names`, one each) into the saga's log in one
-/// statement and returns how many were new: an event already recorded is
+/// Inserts `events` into the saga's log in one statement and returns how many were new: an event already recorded is
 /// left as it is. With a generation, the insert is conditional on the
 /// saga still being at that generation, checked under a share lock of its
 /// row on PostgreSQL (an adoption waits for this insert's transaction, or
 /// this insert sees the adoption), and a saga that has moved on is
 /// [`DbError::StaleOwner`].
-async fn insert_named(
+async fn insert_rows(
     conn: &mut AnyConnection,
     saga_id: Uuid,
     generation: Option<i64>,
-    events: &[PendingEvent],
-    names: &[&str],
+    events: &[EventRow<'_>],
     now: i64,
 ) -> Result<u64, DbError> {
     if events.is_empty() {
@@ -471,12 +479,12 @@ async fn insert_named(
         ),
     };
     let mut q = sqlx::query(text).bind(saga_id.to_string()).bind(now);
-    for (e, name) in events.iter().zip(names) {
+    for e in events {
         q = q
             .bind(i64::from(e.node_id))
-            .bind(*name)
+            .bind(e.node_name)
             .bind(e.event_type.as_str())
-            .bind(e.data.as_ref().map(|d| d.to_string()));
+            .bind(e.data.map(|d| d.to_string()));
     }
     if let Some(g) = generation {
         q = q.bind(g);
