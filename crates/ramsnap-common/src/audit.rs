@@ -62,6 +62,8 @@ pub(crate) struct CallRecord {
     pub peer: Option<SocketAddr>,
     pub start: Instant,
     pub span: tracing::Span,
+    /// The saga the call was made for, and its owner's generation.
+    pub fence: Option<crate::fence::Fence>,
 }
 
 impl CallRecord {
@@ -78,6 +80,8 @@ impl CallRecord {
             grpc_code = code as i32,
             duration_ms = self.start.elapsed().as_millis() as u64,
             peer = self.peer.map(|p| p.to_string()).unwrap_or_default(),
+            saga = self.fence.map(|f| f.saga.to_string()).unwrap_or_default(),
+            saga_generation = self.fence.map(|f| f.generation).unwrap_or(0),
             "rpc"
         );
     }
@@ -232,6 +236,7 @@ mod tests {
             peer: None,
             start: Instant::now(),
             span: tracing::Span::none(),
+            fence: None,
         }
     }
 

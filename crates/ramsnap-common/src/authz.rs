@@ -34,6 +34,7 @@
 //! ```
 use crate::audit::{self, CallRecord};
 use crate::authn::{self, Identity, IdentitySource, TokenTable};
+use crate::fence::{self, Fences};
 use crate::reload::{self, Reloadable};
 use crate::rpcs::{self, Access, Role, RoleSet, Rpc};
 use anyhow::Context as _;
@@ -230,6 +231,8 @@ struct AuthShared {
     mode: AuthMode,
     policy: Reloadable<Policy>,
     tokens: Option<Reloadable<TokenTable>>,
+    /// The highest saga generations seen (see [`crate::fence`]).
+    fences: Arc<Fences>,
 }
 
 /// Authentication, authorization and audit for every call (see the module
@@ -255,6 +258,7 @@ impl AuthLayer {
                 mode,
                 policy,
                 tokens: None,
+                fences: Arc::default(),
             }),
         }
     }
@@ -374,12 +378,29 @@ where
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         };
+        // A mutating call made for a saga is refused once a newer owner of
+        // that saga has called (the coordinator's fencing, see `fence`).
+        let fence = if rpc.is_mutating() {
+            match fence::from_headers(req.headers()).and_then(|f| {
+                f.map(|f| self.layer.shared.fences.admit(f).map(|()| f))
+                    .transpose()
+            }) {
+                Ok(f) => f,
+                Err(status) => {
+                    audit::denied(&path, Some(&identity), Some(rpc), &status, peer);
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            }
+        } else {
+            None
+        };
         let record = rpc.is_mutating().then(|| CallRecord {
             identity: identity.clone(),
             rpc,
             peer,
             start,
             span: tracing::Span::current(),
+            fence,
         });
         req.extensions_mut().insert(identity);
         // The clone that was polled ready is the one to call.

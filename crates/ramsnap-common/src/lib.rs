@@ -3,7 +3,8 @@
 //! ([`status`]) and id parsing ([`ids`]); and the security machinery:
 //! mutual TLS with reloadable certificates ([`tls`], [`reload`]), caller
 //! identities ([`authn`]), the RPC table and roles ([`rpcs`]),
-//! authorization ([`authz`]), the audit trail ([`audit`]), call limits
+//! authorization ([`authz`]), the fencing of stale saga owners
+//! ([`fence`]), the audit trail ([`audit`]), call limits
 //! ([`limits`]), dev certificates ([`devcerts`]), and the flags that
 //! build them for a binary ([`security`]).
 
@@ -12,6 +13,7 @@ pub mod authn;
 pub mod authz;
 pub mod checksum;
 pub mod devcerts;
+pub mod fence;
 pub mod ids;
 pub mod limits;
 pub mod ready;

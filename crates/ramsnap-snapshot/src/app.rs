@@ -3,17 +3,22 @@
 //! channels that wake watchers of operations and VMs.
 use crate::db::{self, Database, DbError};
 use crate::saga::Executor;
-use ramsnap_common::status;
 use ramsnap_common::tls::ClientTransport;
+use ramsnap_common::{fence, status};
 use ramsnap_proto::host::v1::host_service_client::HostServiceClient;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
+use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Status;
 use uuid::Uuid;
+
+/// The channel to an agent: stamped with the fence of the saga node that
+/// calls (see [`ramsnap_common::fence`]).
+pub type AgentChannel = InterceptedService<Channel, fence::Stamp>;
 
 pub struct App {
     pub db: Database,
@@ -83,15 +88,24 @@ impl App {
         self.db.get_host(host_id).await.map_err(db_status)
     }
 
-    pub fn host_client(&self, host: &db::Host) -> Result<HostServiceClient<Channel>, Status> {
-        Ok(HostServiceClient::new(self.channel(&host.host_address)?).max_decoding_message_size(64 << 20))
+    /// A host agent's client. Calls made from a saga node carry the saga's
+    /// id and generation, which the agent fences on (see
+    /// [`ramsnap_common::fence`]).
+    pub fn host_client(&self, host: &db::Host) -> Result<HostServiceClient<AgentChannel>, Status> {
+        Ok(
+            HostServiceClient::with_interceptor(self.channel(&host.host_address)?, fence::Stamp)
+                .max_decoding_message_size(64 << 20),
+        )
     }
 
-    pub fn storage_client(&self, host: &db::Host) -> Result<StorageServiceClient<Channel>, Status> {
+    /// A storage agent's client, fenced as [`App::host_client`].
+    pub fn storage_client(&self, host: &db::Host) -> Result<StorageServiceClient<AgentChannel>, Status> {
         // VM descriptors (OVF) may be up to 16 MiB each.
-        Ok(StorageServiceClient::new(self.channel(&host.storage_address)?)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        Ok(
+            StorageServiceClient::with_interceptor(self.channel(&host.storage_address)?, fence::Stamp)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
     }
 
     /// The cluster's first host, through which its storage is reached;

@@ -17,6 +17,7 @@
 //! steno's no-op "undo carrier" nodes achieve.
 use crate::db::{Backend, Database, NewReplica, NewSaga, OperationState, Saga, SagaNodeEventType, SagaState};
 use futures::future::BoxFuture;
+use ramsnap_common::fence;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -96,6 +97,14 @@ pub struct SagaCx<S> {
 pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl<S> SagaCx<S> {
+    /// What this execution's agent calls carry (see [`fence`]).
+    fn fence(&self) -> fence::Fence {
+        fence::Fence {
+            saga: self.saga_id,
+            generation: self.generation,
+        }
+    }
+
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, Status> {
         serde_json::from_value(self.params.clone())
             .map_err(|e| Status::internal(format!("saga {} has unreadable params: {e}", self.saga_id)))
@@ -260,6 +269,11 @@ pub struct Executor<S> {
     heartbeat: AtomicBool,
     failpoints: Failpoints,
     running: Mutex<HashMap<Uuid, CancellationToken>>,
+    /// Cancelled when this replica finds its lease ran out: every execution
+    /// it had stops where it is, as in a crash (the replicas that adopted
+    /// the sagas, or this one once registered again, resume them from the
+    /// log). Replaced by a fresh token at once.
+    lease_lost: Mutex<CancellationToken>,
     /// Called whenever an operation changes (for watchers).
     notify: Arc<dyn Fn(Uuid) + Send + Sync>,
     retry_cap: Duration,
@@ -300,6 +314,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             heartbeat: AtomicBool::new(false),
             failpoints,
             running: Mutex::new(HashMap::new()),
+            lease_lost: Mutex::new(CancellationToken::new()),
             notify,
             retry_cap: Duration::from_secs(5),
         })
@@ -332,11 +347,10 @@ impl<S: Send + Sync + 'static> Executor<S> {
             return Ok(id);
         };
         let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.drive(saga, Vec::new(), running, None).await {
-                tracing::error!(saga = %id, error = %e, "saga execution stopped; it resumes at the next start");
-            }
-        });
+        self.in_background(
+            id,
+            async move { this.drive(saga, Vec::new(), running, None).await },
+        );
         Ok(id)
     }
 
@@ -422,6 +436,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 match this.db.renew_lease(this.replica.id, lease).await {
                     Ok(true) => {}
                     Ok(false) => {
+                        // Frozen, or cut off from the database, past the
+                        // lease: the others may have adopted its sagas, whose
+                        // every write is now refused. Stop them all at once,
+                        // then join again as a fresh member.
+                        tracing::warn!(replica = %this.replica.id, "this coordinator's lease ran out; stopping its sagas and registering again");
+                        this.abandon_all();
                         if let Err(e) = this.db.register_replica(&this.replica, lease).await {
                             tracing::warn!(error = %e, "registering the coordinator replica again failed");
                         }
@@ -465,11 +485,37 @@ impl<S: Send + Sync + 'static> Executor<S> {
 
     fn spawn(self: &Arc<Self>, saga_id: Uuid) {
         let this = self.clone();
+        self.in_background(saga_id, async move { this.execute(saga_id).await });
+    }
+
+    /// Runs an execution of `saga_id` until it ends or this replica loses
+    /// its lease, whichever comes first.
+    fn in_background(
+        &self,
+        saga_id: Uuid,
+        execution: impl std::future::Future<Output = Result<(), Status>> + Send + 'static,
+    ) {
+        let lost = self.lease_lost.lock().expect("poisoned").clone();
         tokio::spawn(async move {
-            if let Err(e) = this.execute(saga_id).await {
+            let result = tokio::select! {
+                r = execution => r,
+                _ = lost.cancelled() => Err(Status::aborted(
+                    "this coordinator's lease ran out; the saga is left to the replica that owns it now",
+                )),
+            };
+            if let Err(e) = result {
                 tracing::error!(saga = %saga_id, error = %e, "saga execution stopped; it resumes at the next start");
             }
         });
+    }
+
+    /// Stops every execution of this replica (see `lease_lost`).
+    fn abandon_all(&self) {
+        let old = std::mem::replace(
+            &mut *self.lease_lost.lock().expect("poisoned"),
+            CancellationToken::new(),
+        );
+        old.cancel();
     }
 
     /// Ends this replica's lease now (a clean stop): the other replicas
@@ -508,11 +554,8 @@ impl<S: Send + Sync + 'static> Executor<S> {
             return;
         };
         let this = self.clone();
-        tokio::spawn(async move {
-            let saga_id = saga.id;
-            if let Err(e) = this.drive(saga, Vec::new(), running, Some(0)).await {
-                tracing::error!(saga = %saga_id, error = %e, "saga execution stopped; it resumes at the next start");
-            }
+        self.in_background(saga.id, async move {
+            this.drive(saga, Vec::new(), running, Some(0)).await
         });
     }
 
@@ -702,10 +745,15 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         def.name, node.name
                     )))
                 } else {
-                    (node.forward)(cx).instrument(span.clone()).await
+                    fence::scope(cx.fence(), (node.forward)(cx))
+                        .instrument(span.clone())
+                        .await
                 };
                 match result {
                     Ok(v) => break v,
+                    // Another replica owns the saga now (an agent saw its
+                    // newer generation): stop here, neither retry nor unwind.
+                    Err(status) if fence::is_stale_owner(&status) => return Err(status),
                     Err(status) if !reversible => {
                         // Past the point of no return: retry until it goes through.
                         attempt += 1;
@@ -845,10 +893,11 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         def.name, node.name
                     )))
                 } else {
-                    undo(cx).await
+                    fence::scope(cx.fence(), undo(cx)).await
                 };
                 match result {
                     Ok(()) => break,
+                    Err(status) if fence::is_stale_owner(&status) => return Err(status),
                     Err(status) => {
                         attempt += 1;
                         tracing::warn!(saga = %cx.saga_id, node = node.name, attempt, error = %status, "undo failed; retrying");

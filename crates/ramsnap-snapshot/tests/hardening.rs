@@ -1145,3 +1145,133 @@ async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first(
     b.close().await;
     sim.finish().await;
 }
+
+/// The agents fence the coordinator's calls by saga generation (issue 11):
+/// once a call of generation 2 of a saga has arrived, a mutating call of
+/// generation 1 of that saga is refused with STALE_OWNER before it does
+/// anything, while reads, other sagas and calls made outside any saga go
+/// through; malformed fence headers are INVALID_ARGUMENT naming the header.
+#[tokio::test]
+async fn agents_refuse_the_calls_of_a_stale_saga_owner() {
+    use ramsnap_common::fence::{GENERATION_HEADER, SAGA_HEADER};
+    let sim = InProc::start(Db::Sqlite).await;
+    let mut storage = sim.storage.clone();
+    let saga = Uuid::new_v4();
+    let create = |volume: Uuid, saga: Option<(Uuid, &str)>| {
+        let mut req = tonic::Request::new(storage::CreateVolumeRequest {
+            request_id: volume.to_string(),
+            domain_id: sim.domain.clone(),
+            image_id: Uuid::new_v4().to_string(),
+            volume_id: volume.to_string(),
+            capacity_bytes: MIB,
+            format: storage::VolumeFormat::Raw as i32,
+            allocation: storage::VolumeAllocation::Unspecified as i32,
+            purpose: storage::VolumePurpose::Disk as i32,
+            parent_volume_id: String::new(),
+            description: "fenced".into(),
+        });
+        if let Some((saga, generation)) = saga {
+            req.metadata_mut()
+                .insert(SAGA_HEADER, saga.to_string().parse().unwrap());
+            req.metadata_mut()
+                .insert(GENERATION_HEADER, generation.parse().unwrap());
+        }
+        req
+    };
+    let listed =
+        |storage: &mut storage::storage_service_client::StorageServiceClient<tonic::transport::Channel>| {
+            let mut s = storage.clone();
+            let domain = sim.domain.clone();
+            async move {
+                s.list_volumes(storage::ListVolumesRequest {
+                    domain_id: domain,
+                    image_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes
+                .into_iter()
+                .map(|v| v.r#ref.unwrap().volume_id)
+                .collect::<Vec<_>>()
+            }
+        };
+
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    storage.create_volume(create(a, Some((saga, "1")))).await.unwrap();
+    // The adopter (generation 2) calls; from then on generation 1 is stale.
+    storage.create_volume(create(b, Some((saga, "2")))).await.unwrap();
+    let refused = storage
+        .create_volume(create(c, Some((saga, "1"))))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(support::precondition(&refused), "STALE_OWNER", "{refused:?}");
+    assert_eq!(support::precondition_subject(&refused), format!("saga/{saga}"));
+    let volumes = listed(&mut storage).await;
+    assert!(
+        !volumes.contains(&c.to_string()),
+        "a refused call made its volume: {volumes:?}"
+    );
+    assert!(
+        volumes.contains(&a.to_string()) && volumes.contains(&b.to_string()),
+        "{volumes:?}"
+    );
+
+    // A stale delete is refused too, and deletes nothing.
+    let mut del = tonic::Request::new(storage::DeleteVolumeRequest {
+        request_id: Uuid::new_v4().to_string(),
+        r#ref: Some(ramsnap_proto::common::v1::VolumeRef {
+            domain_id: sim.domain.clone(),
+            image_id: String::new(),
+            volume_id: a.to_string(),
+        }),
+    });
+    del.metadata_mut()
+        .insert(SAGA_HEADER, saga.to_string().parse().unwrap());
+    del.metadata_mut().insert(GENERATION_HEADER, "1".parse().unwrap());
+    let refused = storage.delete_volume(del).await.unwrap_err();
+    assert_eq!(support::precondition(&refused), "STALE_OWNER", "{refused:?}");
+    assert!(listed(&mut storage).await.contains(&a.to_string()));
+
+    // Reads are not fenced; another saga's generation 1 is its own; a call
+    // outside any saga is not fenced.
+    let mut read = tonic::Request::new(storage::ListVolumesRequest {
+        domain_id: sim.domain.clone(),
+        image_id: String::new(),
+    });
+    read.metadata_mut()
+        .insert(SAGA_HEADER, saga.to_string().parse().unwrap());
+    read.metadata_mut()
+        .insert(GENERATION_HEADER, "1".parse().unwrap());
+    storage.list_volumes(read).await.unwrap();
+    storage
+        .create_volume(create(c, Some((Uuid::new_v4(), "1"))))
+        .await
+        .unwrap();
+    storage.create_volume(create(Uuid::new_v4(), None)).await.unwrap();
+
+    // Malformed fences.
+    for (saga, generation, field) in [
+        ("not-a-uuid", "1", SAGA_HEADER),
+        ("6b9f7f4e-8f0a-4d39-9d43-1d7f4f1e0b8a", "-3", GENERATION_HEADER),
+        (
+            "6b9f7f4e-8f0a-4d39-9d43-1d7f4f1e0b8a",
+            "99999999999999999999999",
+            GENERATION_HEADER,
+        ),
+    ] {
+        let mut req = create(Uuid::new_v4(), None);
+        req.metadata_mut().insert(SAGA_HEADER, saga.parse().unwrap());
+        req.metadata_mut()
+            .insert(GENERATION_HEADER, generation.parse().unwrap());
+        let bad = storage.create_volume(req).await.unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+        assert_eq!(support::bad_field(&bad), field, "{bad:?}");
+    }
+    let mut half = create(Uuid::new_v4(), None);
+    half.metadata_mut()
+        .insert(SAGA_HEADER, saga.to_string().parse().unwrap());
+    let bad = storage.create_volume(half).await.unwrap_err();
+    assert_eq!(support::bad_field(&bad), GENERATION_HEADER, "{bad:?}");
+}

@@ -1039,11 +1039,20 @@ async fn replica_leases(db: Database) {
     assert_eq!(adopted.iter().map(|s| s.id).collect::<Vec<_>>(), vec![sagas[0]]);
     assert_eq!(adopted[0].generation, 1);
 
-    // A lease ended by name; its replica renews it (thawed): live again,
-    // but what was adopted meanwhile stays adopted.
+    // A lease ended by name; its replica (thawed) cannot renew it, which
+    // tells it to stop its sagas, and registers again: live again, but
+    // what was adopted meanwhile stays adopted.
     db.expire_lease(alive.id).await.unwrap();
     let adopted = db.adopt_sagas(me.id, false).await.unwrap();
     assert_eq!(adopted.iter().map(|s| s.id).collect::<Vec<_>>(), vec![sagas[2]]);
+    assert!(!db
+        .renew_lease(alive.id, std::time::Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(!live(&db.replicas().await.unwrap(), alive.id));
+    db.register_replica(&alive, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(db
         .renew_lease(alive.id, std::time::Duration::from_secs(60))
         .await

@@ -62,11 +62,12 @@ impl Database {
     }
 
     /// Extends the replica's lease to `lease` from now; false when the
-    /// replica is not registered (any more).
+    /// replica is not registered (any more) or its lease has run out: a
+    /// lease is never extended once the others may have adopted its sagas.
     pub async fn renew_lease(&self, id: Uuid, lease: Duration) -> Result<bool, DbError> {
         let now = clock(self.backend);
         let result = sqlx::query(sql!(
-            "UPDATE coordinators SET lease_expires_at = {now} + $2 WHERE id = $1"
+            "UPDATE coordinators SET lease_expires_at = {now} + $2 WHERE id = $1 AND lease_expires_at > {now}"
         ))
         .bind(id.to_string())
         .bind(lease.as_millis() as i64)
