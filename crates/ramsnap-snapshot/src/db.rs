@@ -51,7 +51,7 @@ pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
 pub use hosts::{Host, NewHost};
 pub use operations::{Accepted, NewOperation, Operation, OperationState};
 pub use replicas::{NewReplica, Replica};
-pub use sagas::{NewSaga, PendingEvent, Saga, SagaNodeEvent, SagaNodeEventType, SagaState};
+pub use sagas::{NewSaga, PendingEvent, Saga, SagaNodeEvent, SagaNodeEventType, SagaOwner, SagaState};
 pub use snapshots::{
     MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef,
 };

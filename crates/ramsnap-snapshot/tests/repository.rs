@@ -117,6 +117,7 @@ on_both_backends!(
     snapshot_by_vm_type_status,
     one_active_snapshot_per_vm,
     vm_lock,
+    vm_lock_and_progress_of_a_stale_saga_owner,
     operation_request_id,
     operation_progress_and_finish,
     saga_node_events_are_idempotent,
@@ -644,6 +645,53 @@ async fn vm_lock(db: Database) {
     assert!(matches!(err, DbError::ForeignKey { .. }), "{err:?}");
 }
 
+/// The writes a saga's nodes make outside its log (the VM lock, progress)
+/// are conditional on its owner generation: once another replica adopted
+/// the saga, the old owner's are refused and change nothing.
+async fn vm_lock_and_progress_of_a_stale_saga_owner(db: Database) {
+    let vm = vm(&db).await;
+    let op = operation(&db, Some(vm.id)).await;
+    let saga = NewSaga {
+        id: Uuid::new_v4(),
+        name: "toy".into(),
+        params: json!({}),
+        owner: Uuid::new_v4().to_string(),
+        operation_id: Some(op),
+    };
+    db.create_saga(&saga).await.unwrap();
+    let old = (saga.id, 0);
+    db.try_lock_vm_as(vm.id, op, Some(old)).await.unwrap();
+    db.update_operation_progress(op, 1, 4, Some(old)).await.unwrap();
+
+    let adopter = Uuid::new_v4();
+    let adopted = db.adopt_sagas(adopter, true).await.unwrap();
+    assert_eq!(adopted.len(), 1);
+    let new = (saga.id, adopted[0].generation);
+    assert_ne!(new, old);
+
+    let stale = |e: DbError| matches!(e, DbError::StaleOwner { saga: s, .. } if s == saga.id);
+    let e = db.unlock_vm_as(vm.id, op, Some(old)).await.unwrap_err();
+    assert!(stale(e));
+    assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(op));
+    let e = db
+        .update_operation_progress(op, 3, 4, Some(old))
+        .await
+        .unwrap_err();
+    assert!(stale(e));
+    assert_eq!(db.get_operation(op).await.unwrap().progress_processed, 1);
+
+    // The adopter's go through; then the old owner cannot lock again.
+    db.update_operation_progress(op, 2, 4, Some(new)).await.unwrap();
+    assert!(db.unlock_vm_as(vm.id, op, Some(new)).await.unwrap());
+    let e = db.try_lock_vm_as(vm.id, op, Some(old)).await.unwrap_err();
+    assert!(stale(e));
+    assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, None);
+    // Repeats by the owner stay harmless.
+    assert!(!db.unlock_vm_as(vm.id, op, Some(new)).await.unwrap());
+    db.try_lock_vm_as(vm.id, op, Some(new)).await.unwrap();
+    assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(op));
+}
+
 async fn operation_request_id(db: Database) {
     let vm = vm(&db).await;
     let new = NewOperation {
@@ -709,7 +757,7 @@ async fn operation_request_id(db: Database) {
 
 async fn operation_progress_and_finish(db: Database) {
     let id = operation(&db, None).await;
-    db.update_operation_progress(id, 512, 1024).await.unwrap();
+    db.update_operation_progress(id, 512, 1024, None).await.unwrap();
     let op = db.get_operation(id).await.unwrap();
     assert_eq!((op.progress_processed, op.progress_total), (512, 1024));
     assert!(op.updated_at >= op.created_at);
@@ -749,7 +797,7 @@ async fn operation_progress_and_finish(db: Database) {
         DbError::InvalidValue { .. }
     ));
     assert!(db
-        .update_operation_progress(Uuid::new_v4(), 1, 2)
+        .update_operation_progress(Uuid::new_v4(), 1, 2, None)
         .await
         .unwrap_err()
         .is_not_found());

@@ -1,6 +1,7 @@
 //! Long-running operations: their progress and outcome, and the client
 //! request ids that make starting one idempotent.
 
+use super::sagas::{bind_owner, check_owner, owned_by, SagaOwner};
 use super::{decode_error, now_ms, to_bigint, Database, DbError, NewSaga, RowExt, Saga, SagaNodeEventType};
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
@@ -247,23 +248,30 @@ impl Database {
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
+    /// Writes an operation's progress; with `owner`, only while that saga
+    /// is owned at that generation ([`DbError::StaleOwner`] after).
     pub async fn update_operation_progress(
         &self,
         id: Uuid,
         processed: u64,
         total: u64,
+        owner: Option<SagaOwner>,
     ) -> Result<(), DbError> {
-        let result = sqlx::query(
+        let mut conn = self.writer().acquire().await?;
+        let query = sqlx::query(sql!(
             "UPDATE operations SET progress_processed = $2, progress_total = $3, updated_at = $4 \
-             WHERE id = $1",
-        )
+             WHERE id = $1 {}",
+            owned_by(5, owner)
+        ))
         .bind(id.to_string())
         .bind(to_bigint("progress_processed", processed)?)
         .bind(to_bigint("progress_total", total)?)
-        .bind(now_ms())
-        .execute(self.writer())
-        .await?;
+        .bind(now_ms());
+        let result = bind_owner(query, owner).execute(&mut *conn).await?;
         if result.rows_affected() == 0 {
+            if let Some(owner) = owner {
+                check_owner(&mut conn, owner).await?;
+            }
             return Err(DbError::not_found("operation", id));
         }
         Ok(())
@@ -306,7 +314,7 @@ impl Database {
             let mut tx = self.begin_write().await?;
             insert(&mut tx, &op).await?;
             if let Some(vm_id) = lock_vm {
-                if let Some(holder) = super::vms::lock(&mut tx, vm_id, op.id).await? {
+                if let Some(holder) = super::vms::lock(&mut tx, vm_id, op.id, None).await? {
                     let error = locked_error(holder);
                     end_operation(&mut tx, op.id, OperationState::Failed, Some(&error), None, now).await?;
                     tx.commit().await?;

@@ -530,6 +530,47 @@ async fn saga_generation(conn: &mut AnyConnection, saga_id: Uuid) -> Result<Opti
 }
 
 /// Why a write conditional on (saga, generation) changed nothing.
+/// The saga a write is made for and its owner's generation: the write is
+/// refused once another replica has adopted the saga.
+pub type SagaOwner = (Uuid, i64);
+
+/// The condition that makes a write conditional on `owner` (nothing
+/// without one), its saga id and generation bound as `$first` and
+/// `$first + 1` (see [`bind_owner`]).
+pub(super) fn owned_by(first: usize, owner: Option<SagaOwner>) -> String {
+    match owner {
+        Some(_) => format!(
+            "AND EXISTS (SELECT 1 FROM sagas WHERE id = ${first} AND generation = ${})",
+            first + 1
+        ),
+        None => String::new(),
+    }
+}
+
+/// Binds what [`owned_by`] refers to.
+pub(super) fn bind_owner<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    owner: Option<SagaOwner>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    match owner {
+        Some((saga, generation)) => query.bind(saga.to_string()).bind(generation),
+        None => query,
+    }
+}
+
+/// After a conditional write changed nothing: [`DbError::StaleOwner`] if
+/// the saga is not owned at that generation (any more), else Ok.
+pub(super) async fn check_owner(
+    conn: &mut AnyConnection,
+    (saga, generation): SagaOwner,
+) -> Result<(), DbError> {
+    match saga_generation(conn, saga).await? {
+        Some(g) if g == generation => Ok(()),
+        Some(_) => Err(DbError::StaleOwner { saga, generation }),
+        None => Err(DbError::not_found("saga", saga)),
+    }
+}
+
 async fn stale_or_missing(conn: &mut AnyConnection, saga_id: Uuid, generation: i64) -> DbError {
     match saga_generation(conn, saga_id).await {
         Ok(Some(_)) => DbError::StaleOwner {

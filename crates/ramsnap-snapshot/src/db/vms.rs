@@ -1,6 +1,7 @@
 //! VMs, their disks, and the VM lock that an operation holds while it changes
 //! the VM (a live snapshot with memory locks the VM, as the spec requires).
 
+use super::sagas::{bind_owner, check_owner, owned_by, SagaOwner};
 use super::{now_ms, to_bigint, Database, DbError, RowExt};
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
@@ -236,13 +237,25 @@ impl Database {
     /// operation succeeds (a replayed saga step); if another operation holds
     /// it, fails with [`DbError::VmLocked`] naming the holder.
     pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
+        self.try_lock_vm_as(vm_id, operation_id, None).await
+    }
+
+    /// [`Database::try_lock_vm`] for a saga owned at a generation: refused
+    /// with [`DbError::StaleOwner`] once another replica has adopted it (a
+    /// stale owner must not lock a VM whose saga the adopter has ended).
+    pub async fn try_lock_vm_as(
+        &self,
+        vm_id: Uuid,
+        operation_id: Uuid,
+        owner: Option<SagaOwner>,
+    ) -> Result<(), DbError> {
         // A saga's lock node usually finds the lock taken for it when its
         // operation was accepted: one read, no write.
         if self.get_vm(vm_id).await?.lock_operation_id == Some(operation_id) {
             return Ok(());
         }
         let mut conn = self.writer().acquire().await?;
-        match lock(&mut conn, vm_id, operation_id).await? {
+        match lock(&mut conn, vm_id, operation_id, owner).await? {
             None => Ok(()),
             Some(holder) => Err(DbError::VmLocked { vm_id, holder }),
         }
@@ -252,15 +265,33 @@ impl Database {
     /// did; releasing a lock not held (or of a VM that is gone) is not an
     /// error, so that undo steps can repeat.
     pub async fn unlock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<bool, DbError> {
-        let result = sqlx::query(
+        self.unlock_vm_as(vm_id, operation_id, None).await
+    }
+
+    /// [`Database::unlock_vm`] for a saga owned at a generation: refused
+    /// with [`DbError::StaleOwner`] once another replica has adopted it (a
+    /// stale owner must not unlock a VM the adopter is still changing).
+    pub async fn unlock_vm_as(
+        &self,
+        vm_id: Uuid,
+        operation_id: Uuid,
+        owner: Option<SagaOwner>,
+    ) -> Result<bool, DbError> {
+        let mut conn = self.writer().acquire().await?;
+        let result = sqlx::query(sql!(
             "UPDATE vms SET lock_operation_id = NULL, updated_at = $3 \
-             WHERE id = $1 AND lock_operation_id = $2",
-        )
+             WHERE id = $1 AND lock_operation_id = $2 {}",
+            owned_by(4, owner)
+        ))
         .bind(vm_id.to_string())
         .bind(operation_id.to_string())
-        .bind(now_ms())
-        .execute(self.writer())
-        .await?;
+        .bind(now_ms());
+        let result = bind_owner(result, owner).execute(&mut *conn).await?;
+        if result.rows_affected() == 0 {
+            if let Some(owner) = owner {
+                check_owner(&mut conn, owner).await?;
+            }
+        }
         Ok(result.rows_affected() > 0)
     }
 
@@ -376,20 +407,26 @@ pub(super) async fn lock(
     conn: &mut AnyConnection,
     vm_id: Uuid,
     operation_id: Uuid,
+    owner: Option<SagaOwner>,
 ) -> Result<Option<Uuid>, DbError> {
     loop {
-        let result = sqlx::query(
+        let query = sqlx::query(sql!(
             "UPDATE vms SET lock_operation_id = $2, updated_at = $3 \
-             WHERE id = $1 AND lock_operation_id IS NULL",
-        )
+             WHERE id = $1 AND lock_operation_id IS NULL {}",
+            owned_by(4, owner)
+        ))
         .bind(vm_id.to_string())
         .bind(operation_id.to_string())
-        .bind(now_ms())
-        .execute(&mut *conn)
-        .await
-        .map_err(DbError::on_write("vm lock", vm_id))?;
+        .bind(now_ms());
+        let result = bind_owner(query, owner)
+            .execute(&mut *conn)
+            .await
+            .map_err(DbError::on_write("vm lock", vm_id))?;
         if result.rows_affected() == 1 {
             return Ok(None);
+        }
+        if let Some(owner) = owner {
+            check_owner(conn, owner).await?;
         }
         let row = sqlx::query("SELECT lock_operation_id FROM vms WHERE id = $1")
             .bind(vm_id.to_string())

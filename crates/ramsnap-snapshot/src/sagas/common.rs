@@ -23,7 +23,7 @@ pub fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 pub async fn lock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
     cx.app
         .db
-        .try_lock_vm(vm_id, cx.operation_id)
+        .try_lock_vm_as(vm_id, cx.operation_id, Some(cx.owner()))
         .await
         .map_err(db_status)
 }
@@ -31,7 +31,7 @@ pub async fn lock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
 pub async fn unlock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
     cx.app
         .db
-        .unlock_vm(vm_id, cx.operation_id)
+        .unlock_vm_as(vm_id, cx.operation_id, Some(cx.owner()))
         .await
         .map_err(db_status)?;
     cx.app.notify_vm(vm_id);
