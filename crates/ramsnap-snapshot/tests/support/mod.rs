@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod inproc;
+pub mod process;
 
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_proto::common::v1 as common;
