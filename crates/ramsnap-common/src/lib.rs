@@ -16,6 +16,7 @@ pub mod devcerts;
 pub mod fence;
 pub mod ids;
 pub mod limits;
+pub mod probe;
 pub mod ready;
 pub mod reload;
 pub mod rpcs;

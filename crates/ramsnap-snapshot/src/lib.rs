@@ -180,6 +180,24 @@ impl Coordinator {
         )
     }
 
+    /// Readiness for [`ramsnap_common::probe`]: ready while this replica
+    /// holds a live lease (on SQLite: once its sagas are recovered).
+    pub fn ready_check(&self) -> ramsnap_common::probe::ReadyCheck {
+        let app = self.app.clone();
+        Arc::new(move || {
+            let exec = app.executor();
+            exec.lease_status()
+                .map(|left| {
+                    format!(
+                        "replica {} holds its lease for {} ms more",
+                        exec.replica_id(),
+                        left.as_millis()
+                    )
+                })
+                .map_err(|why| format!("replica {}: {why}", exec.replica_id()))
+        })
+    }
+
     pub async fn close(&self) {
         self.app.executor().give_up_lease().await;
         self.app.db.close().await;

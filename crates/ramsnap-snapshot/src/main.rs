@@ -25,6 +25,11 @@ struct Args {
     /// under the supervisor's kill timeout.
     #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
     shutdown_grace: Duration,
+    /// Also serve plain-HTTP probes here: `GET /livez`, and `GET /readyz`
+    /// (200 while this replica holds its lease, else 503), for Kubernetes,
+    /// whose probes cannot speak the gRPC port's mutual TLS. Off by default.
+    #[arg(long, env = "RAMSNAP_PROBE_LISTEN")]
+    probe_listen: Option<SocketAddr>,
     #[command(flatten)]
     security: ServerSecurityArgs,
 }
@@ -49,6 +54,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 server::redact_url(&args.database_url)
             )
         })?;
+    if let Some(addr) = args.probe_listen {
+        let probes = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for probes on {addr}"))?;
+        tracing::info!(addr = %probes.local_addr()?, "serving /livez and /readyz");
+        tokio::spawn(ramsnap_common::probe::serve(
+            probes,
+            coordinator.ready_check(),
+            stop.clone(),
+        ));
+    }
     coordinator.resume().await?;
     server::announce("snapshot", &listener)?;
     let result = server::serve_with_grace(

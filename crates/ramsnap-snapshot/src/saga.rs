@@ -281,6 +281,11 @@ pub struct Executor<S> {
     /// the sagas, or this one once registered again, resume them from the
     /// log). Replaced by a fresh token at once.
     lease_lost: Mutex<CancellationToken>,
+    /// Until when, by this process's clock, the lease is surely held: the
+    /// time a registration or renewal was sent plus the lease (None before
+    /// the first, and after a renewal found the lease ran out). On SQLite,
+    /// set for good once the sagas are recovered.
+    lease_held_until: Mutex<Option<Instant>>,
     /// Called whenever an operation changes (for watchers).
     notify: Arc<dyn Fn(Uuid) + Send + Sync>,
     retry_cap: Duration,
@@ -322,6 +327,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             failpoints,
             running: Mutex::new(HashMap::new()),
             lease_lost: Mutex::new(CancellationToken::new()),
+            lease_held_until: Mutex::new(None),
             notify,
             retry_cap: Duration::from_secs(5),
         })
@@ -393,10 +399,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
         let shared = self.db.backend() == Backend::Postgres;
         if shared {
+            let sent = Instant::now();
             self.db
                 .register_replica(&self.replica, self.lease())
                 .await
                 .map_err(db_err)?;
+            self.lease_held(Some(sent + self.lease()));
             let gone = self
                 .db
                 .expire_gone_replicas(self.replica.id, &self.replica.local_key, &pid_alive)
@@ -413,7 +421,27 @@ impl<S: Send + Sync + 'static> Executor<S> {
         if shared && !self.heartbeat.swap(true, Ordering::SeqCst) {
             self.spawn_heartbeat();
         }
+        if !shared {
+            // The one coordinator of its database (its file lock says so).
+            self.lease_held(Some(Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)));
+        }
         Ok(n)
+    }
+
+    fn lease_held(&self, until: Option<Instant>) {
+        *self.lease_held_until.lock().expect("poisoned") = until;
+    }
+
+    /// Whether this replica holds a live lease (it may run sagas and adopt
+    /// others'): what its readiness says. Err says why not.
+    pub fn lease_status(&self) -> Result<Duration, &'static str> {
+        match *self.lease_held_until.lock().expect("poisoned") {
+            None => Err("no lease: not registered yet, or its lease ran out"),
+            Some(until) => until
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+                .ok_or("its lease ran out and was not renewed in time"),
+        }
     }
 
     /// Adopts orphaned sagas (all unfinished sagas of others, with `all`)
@@ -440,17 +468,23 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 };
                 tokio::time::sleep(lease / 3).await;
                 let Some(this) = weak.upgrade() else { return };
+                let sent = Instant::now();
                 match this.db.renew_lease(this.replica.id, lease).await {
-                    Ok(true) => {}
+                    Ok(true) => this.lease_held(Some(sent + lease)),
                     Ok(false) => {
+                        this.lease_held(None);
                         // Frozen, or cut off from the database, past the
                         // lease: the others may have adopted its sagas, whose
                         // every write is now refused. Stop them all at once,
                         // then join again as a fresh member.
                         tracing::warn!(replica = %this.replica.id, "this coordinator's lease ran out; stopping its sagas and registering again");
                         this.abandon_all();
-                        if let Err(e) = this.db.register_replica(&this.replica, lease).await {
-                            tracing::warn!(error = %e, "registering the coordinator replica again failed");
+                        let sent = Instant::now();
+                        match this.db.register_replica(&this.replica, lease).await {
+                            Ok(()) => this.lease_held(Some(sent + lease)),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "registering the coordinator replica again failed")
+                            }
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "renewing the coordinator's lease failed"),

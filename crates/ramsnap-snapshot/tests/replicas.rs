@@ -85,6 +85,8 @@ struct Replicas {
     db_url: String,
     dir: PathBuf,
     slots: Vec<Option<CoordinatorProcess>>,
+    /// Each slot's probe address (`/readyz`, `/livez`).
+    probes: Vec<Option<std::net::SocketAddr>>,
     live: Live,
     starts: usize,
 }
@@ -106,6 +108,7 @@ impl Replicas {
             db_url: db_url.to_string(),
             dir,
             slots: (0..n).map(|_| None).collect(),
+            probes: vec![None; n],
             live: Live::default(),
             starts: 0,
         };
@@ -118,9 +121,17 @@ impl Replicas {
     async fn start_in(&mut self, slot: usize, failpoints: Option<&str>) {
         let log = self.dir.join(format!("replica-{}.log", self.starts));
         self.starts += 1;
+        // A free port for the probes (taken back at once; the process
+        // binds it a moment later).
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        self.probes[slot] = Some(probe);
         let env = [
             ("RAMSNAP_LEASE_MS", LEASE.as_millis().to_string()),
             ("RAMSNAP_FAILPOINT_DIR", self.dir.display().to_string()),
+            ("RAMSNAP_PROBE_LISTEN", probe.to_string()),
         ];
         let p = CoordinatorProcess::start_with(&self.db_url, failpoints, log, &env).await;
         self.live.0.lock().unwrap().push(p.addr.clone());
@@ -139,6 +150,19 @@ impl Replicas {
     fn get(&self, slot: usize) -> &CoordinatorProcess {
         self.slots[slot].as_ref().expect("a replica in the slot")
     }
+}
+
+/// `GET /readyz` of a replica's probe port: (status code, body).
+async fn readyz(addr: std::net::SocketAddr) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: probe\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
 /// The replica id a coordinator process registered under.
@@ -511,6 +535,15 @@ async fn a_frozen_replica_is_fenced_and_gives_its_sagas_up() {
     let saga_id: String = saga_row.get("id");
     let first_generation: i64 = saga_row.get("generation");
 
+    // Ready while it holds its lease (what the Kubernetes probe asks).
+    let a_probe = replicas.probes[0].unwrap();
+    let (code, body) = readyz(a_probe).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(&a_id.to_string()) && body.contains("holds its lease"),
+        "{body}"
+    );
+
     // Freeze A past its lease: B adopts the saga and ends it.
     a.signal(libc::SIGSTOP);
     let frozen_at = Instant::now();
@@ -606,6 +639,8 @@ async fn a_frozen_replica_is_fenced_and_gives_its_sagas_up() {
         .iter()
         .any(|r| r.id == a_id && r.live);
     assert!(a_live, "A did not register again");
+    let (code, body) = readyz(a_probe).await;
+    assert_eq!(code, 200, "{body}");
     let mut vms_on_a = VmServiceClient::new(channel(&a.addr));
     let stop = vms_on_a
         .stop_vm(pb::StopVmRequest {
