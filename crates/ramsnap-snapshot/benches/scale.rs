@@ -12,7 +12,8 @@
 //! SCALE_VM_MIB (each VM's memory, 64),
 //! SCALE_REPLICAS (coordinator replicas on the one PostgreSQL database, 1:
 //! in this process, each with its own gRPC server; VM i's calls go to
-//! replica i mod N),
+//! replica i mod N; a list such as 1,2,3 runs each in turn, on a fresh
+//! database, and ends with one table of them all),
 //! SCALE_PGBENCH_SECS (10), RAMSNAP_HOST_BIN (path of ramsnap-host).
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -413,9 +414,59 @@ async fn run() {
         let db = BenchDb::Sqlite {
             url: format!("sqlite://{}", dir.path().join("ramsnap.db").display()),
         };
-        body(&db, n_vms, n_hosts, k, pgbench_secs).await;
+        body(&db, n_vms, n_hosts, k, pgbench_secs, 1).await;
         return;
     }
+    let counts: Vec<usize> = std::env::var("SCALE_REPLICAS")
+        .unwrap_or_else(|_| "1".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<usize>()
+                .expect("SCALE_REPLICAS: numbers, e.g. 1,2,3")
+                .max(1)
+        })
+        .collect();
+    let mut table = Vec::new();
+    for n in counts {
+        table.push(on_postgres(n_vms, n_hosts, k, pgbench_secs, n).await);
+    }
+    if table.len() > 1 {
+        println!();
+        println!("=== replicas on one PostgreSQL, this run ({n_vms} VMs, {k} snapshots each) ===");
+        println!("replicas   sagas/s   vs 1 replica   p50 ms   p99 ms   failures");
+        let base = table[0].sagas_per_s;
+        for r in &table {
+            println!(
+                "{:>8}   {:>7.1}   {:>12.2}   {:>6.1}   {:>6.1}   {:>8}",
+                r.replicas,
+                r.sagas_per_s,
+                r.sagas_per_s / base,
+                ms(r.p50),
+                ms(r.p99),
+                r.failures
+            );
+        }
+    }
+}
+
+/// One run's figures.
+struct Summary {
+    replicas: usize,
+    sagas_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    failures: usize,
+}
+
+/// [`body`] on a fresh PostgreSQL database (and one for pgbench), dropped after.
+async fn on_postgres(
+    n_vms: usize,
+    n_hosts: usize,
+    k: usize,
+    pgbench_secs: u64,
+    n_replicas: usize,
+) -> Summary {
     let pg = std::env::var("RAMSNAP_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG.into());
     let tag = Uuid::new_v4().simple().to_string()[..8].to_string();
     let bench_db = format!("ramsnap_scale_{tag}");
@@ -438,7 +489,7 @@ async fn run() {
         name: bench_db.clone(),
         pgbench_url: pgb_url,
     };
-    let result = std::panic::AssertUnwindSafe(body(&db, n_vms, n_hosts, k, pgbench_secs));
+    let result = std::panic::AssertUnwindSafe(body(&db, n_vms, n_hosts, k, pgbench_secs, n_replicas));
     let r = futures::FutureExt::catch_unwind(result).await;
 
     for db in [&bench_db, &pgb_db] {
@@ -453,12 +504,20 @@ async fn run() {
     }
     admin.close().await;
     println!("cleanup: databases {bench_db}, {pgb_db} dropped");
-    if let Err(p) = r {
-        std::panic::resume_unwind(p);
+    match r {
+        Ok(summary) => summary,
+        Err(p) => std::panic::resume_unwind(p),
     }
 }
 
-async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs: u64) {
+async fn body(
+    db: &BenchDb,
+    n_vms: usize,
+    n_hosts: usize,
+    k: usize,
+    pgbench_secs: u64,
+    n_replicas: usize,
+) -> Summary {
     let bench_url = db.url();
     let dir = tempfile::tempdir().unwrap();
     // Storage, in-process, FILE domain in the temp dir.
@@ -504,8 +563,8 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
         .expect("coordinator");
     let (coord_addr, coord_stop) = support::serve(coord.service_set()).await;
     // More replicas on the same database (PostgreSQL only: SQLite serves one).
-    let n_replicas: usize = match db {
-        BenchDb::Postgres { .. } => env_or("SCALE_REPLICAS", 1usize).max(1),
+    let n_replicas = match db {
+        BenchDb::Postgres { .. } => n_replicas,
         BenchDb::Sqlite { .. } => 1,
     };
     let mut replicas = Vec::new();
@@ -834,4 +893,11 @@ async fn body(db: &BenchDb, n_vms: usize, n_hosts: usize, k: usize, pgbench_secs
     drop(dir);
     println!("cleanup: {} host processes stopped, temp dir removed", n_hosts);
     assert!(errs.is_empty(), "{} snapshot sagas failed", errs.len());
+    Summary {
+        replicas: n_replicas,
+        sagas_per_s,
+        p50: pct(&lat, 50.0),
+        p99: pct(&lat, 99.0),
+        failures: errs.len(),
+    }
 }

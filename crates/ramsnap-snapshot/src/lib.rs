@@ -6,6 +6,7 @@
 pub mod app;
 pub mod convert;
 pub mod db;
+pub mod error;
 pub mod ovf;
 pub mod peers;
 pub mod saga;

@@ -985,7 +985,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 } else {
                     OperationState::Failed
                 };
-                let error = error_text(&status);
+                let error = crate::error::OperationError::from_status(&status).encode();
                 self.db
                     .finish_saga(
                         (cx.saga_id, cx.generation),
@@ -1223,19 +1223,6 @@ fn status_from_json(v: Value) -> Status {
         _ => Status::new(Code::from_i32(code), message),
     }
 }
-
-/// An operation's error text: "CODE: message", with the precondition kind
-/// first in the message ("FAILED_PRECONDITION: MEMORY_DUMP_CORRUPT: ...").
-fn error_text(s: &Status) -> String {
-    match precondition(s) {
-        Some((kind, _)) if !s.message().starts_with(&kind) => {
-            format!("{}: {kind}: {}", code_name(s.code()), s.message())
-        }
-        _ => format!("{}: {}", code_name(s.code()), s.message()),
-    }
-}
-
-pub use ramsnap_common::status::code_name;
 
 /// How long a replica's lease lasts unless set otherwise: the time after
 /// which the other replicas adopt the sagas of one that stopped answering.

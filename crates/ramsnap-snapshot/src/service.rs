@@ -5,7 +5,6 @@
 //! a saga that does the work.
 use crate::app::{db_status, vm_locked, App};
 use crate::db::{self, DbError, NewOperation, OperationState};
-use crate::saga::code_name;
 use ramsnap_common::{ids, status};
 use ramsnap_proto::snapshot::v1 as pb;
 use serde_json::Value;
@@ -223,8 +222,7 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
     let fingerprint = request_id.as_ref().map(|_| s.request.fingerprint.as_str());
     let locked = s.vm_id.filter(|_| s.lock_vm);
     let locked_error = |holder: Uuid| {
-        let status = vm_locked(locked.unwrap_or_default(), holder);
-        format!("{}: {}", code_name(status.code()), status.message())
+        crate::error::OperationError::from_status(&vm_locked(locked.unwrap_or_default(), holder)).encode()
     };
     match app
         .db
@@ -252,15 +250,7 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
 }
 
 pub fn to_operation(op: &db::Operation) -> pb::Operation {
-    let (error_code, error_message) = match &op.error {
-        Some(e) => match e.split_once(": ") {
-            Some((c, m)) if c.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') => {
-                (c.to_string(), m.to_string())
-            }
-            _ => ("UNKNOWN".to_string(), e.clone()),
-        },
-        None => (String::new(), String::new()),
-    };
+    let error = op.error.as_deref().map(crate::error::OperationError::decode);
     let result = op.result.clone().unwrap_or(Value::Null);
     let field = |k: &str| {
         result
@@ -284,8 +274,10 @@ pub fn to_operation(op: &db::Operation) -> pb::Operation {
             processed_bytes: op.progress_processed,
             total_bytes: op.progress_total,
         }),
-        error_code,
-        error_message,
+        error_code: error.as_ref().map(|e| e.code.clone()).unwrap_or_default(),
+        error_message: error.as_ref().map(|e| e.display_message()).unwrap_or_default(),
+        error_precondition: error.as_ref().map(|e| e.precondition.clone()).unwrap_or_default(),
+        error_subject: error.map(|e| e.subject).unwrap_or_default(),
         snapshot_id: field("snapshot_id"),
         result_vm_id: field("vm_id"),
         warnings: op.warnings.clone(),

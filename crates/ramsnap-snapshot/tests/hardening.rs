@@ -1119,6 +1119,15 @@ async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first(
     .await
     .expect("B told the other replicas of the cancel");
     std::fs::write(holds.path().join("snapshot_create.overlays"), b"").unwrap();
+    // Each change B shows, and how long after its commit (its updated_at;
+    // the replicas share this machine's clock).
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let mut lags = Vec::new();
     let last = loop {
         let o = tokio::time::timeout(std::time::Duration::from_secs(20), watch.message())
             .await
@@ -1127,19 +1136,16 @@ async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first(
             .expect("the stream ends after the last state")
             .operation
             .unwrap();
+        lags.push((now_ms() - o.updated_at, o.state, o.warnings.len()));
         if o.state != pb::OperationState::Running as i32 {
             break o;
         }
     };
-    let seen_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
     assert_eq!(last.state, pb::OperationState::Cancelled as i32, "{last:?}");
-    // Pushed: seen on B well within the 500 ms poll (the replicas share
-    // this machine's clock).
-    let lag = seen_at - last.updated_at;
-    assert!(lag < 200, "B saw the end {lag} ms after A committed it");
+    // Pushed: every change seen on B within 100 ms of its commit on A (the
+    // database poll behind it runs every 500 ms).
+    eprintln!("changes seen on B, ms after their commit on A (lag, state, warnings): {lags:?}");
+    assert!(lags.iter().all(|(lag, _, _)| *lag < 100), "{lags:?}");
     assert!(sim.vm(&vm).await.locked_by_operation_id.is_empty());
     let _ = b_stop.send(());
     b.close().await;

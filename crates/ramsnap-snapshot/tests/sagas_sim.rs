@@ -2059,6 +2059,9 @@ async fn import_fails_corrupt(sim: &mut Sim, vm: &str, dump: &common::VolumeRef)
         op.error_message.starts_with("MEMORY_DUMP_CORRUPT: ") && op.error_message.contains(&dump.volume_id),
         "{op:?}"
     );
+    // And says so in fields of their own.
+    assert_eq!(op.error_precondition, "MEMORY_DUMP_CORRUPT", "{op:?}");
+    assert!(!op.error_subject.is_empty(), "{op:?}");
     assert_eq!(state(sim).await, before, "the import did not unwind");
     let err = sim
         .vms
