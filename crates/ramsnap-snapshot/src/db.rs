@@ -178,6 +178,10 @@ pub struct Database {
     backend: Backend,
     /// The saga log's writer (see [`Database::append_saga_node_events`]).
     appender: tokio::sync::mpsc::UnboundedSender<sagas::AppendJob>,
+    /// Set on a saga's handle ([`Database::for_saga`]): every write made
+    /// through it is refused with [`DbError::StaleOwner`] once another
+    /// replica has adopted the saga.
+    owner: Option<SagaOwner>,
 }
 
 /// How often a transaction that failed with a transient error is run again.
@@ -222,6 +226,7 @@ impl Database {
             writer,
             backend,
             appender,
+            owner: None,
         };
         // The writer holds a handle without the sender, so that it ends
         // when the last handle is dropped.
@@ -255,13 +260,46 @@ impl Database {
         &self.writer
     }
 
+    /// This database as a saga's nodes write to it: every write is
+    /// conditional on the saga being owned at `owner`'s generation. Write
+    /// transactions check it first (on PostgreSQL under `FOR SHARE`, so
+    /// that an adoption waits for them or they see it); single statements
+    /// run in such a transaction.
+    pub fn for_saga(&self, owner: SagaOwner) -> Database {
+        Database {
+            owner: Some(owner),
+            ..self.clone()
+        }
+    }
+
     /// A write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock is
     /// taken at the start, never upgraded from a read), `BEGIN` on PostgreSQL.
+    /// On a saga's handle, refused as [`DbError::StaleOwner`] unless the saga
+    /// is still owned at its generation.
     pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
-        Ok(match self.backend {
+        let mut tx = match self.backend {
             Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.writer.begin().await?,
-        })
+        };
+        if let Some(owner) = self.owner {
+            sagas::hold_owner(&mut tx, self.backend, owner).await?;
+        }
+        Ok(tx)
+    }
+
+    /// Runs one write statement: on a saga's handle, in a transaction that
+    /// checks the saga's owner first (see [`Database::begin_write`]).
+    pub(crate) async fn execute_write<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Result<sqlx::any::AnyQueryResult, DbError> {
+        if self.owner.is_none() {
+            return Ok(query.execute(self.writer()).await?);
+        }
+        let mut tx = self.begin_write().await?;
+        let result = query.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(result)
     }
 
     /// Closes every connection; waits for those in use to be returned.

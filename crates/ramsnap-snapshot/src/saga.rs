@@ -188,6 +188,9 @@ impl<S> SagaCx<S> {
         (self.notify)(self.operation_id);
     }
 
+    /// The database as this execution's nodes write to it: every write is
+    /// refused (StaleOwner) once another replica has adopted the saga (see
+    /// [`Database::for_saga`]).
     pub fn db(&self) -> &Database {
         &self.db
     }
@@ -684,7 +687,9 @@ impl<S: Send + Sync + 'static> Executor<S> {
             params: saga.params.clone(),
             outputs: Mutex::new(outputs),
             cancel: cancel.clone(),
-            db: self.db.clone(),
+            // Every write a node makes through `cx.db()` is fenced by the
+            // generation this execution owns the saga at.
+            db: self.db.for_saga((saga_id, saga.generation)),
             progress_written: Mutex::new(None),
             notify: self.notify.clone(),
             memos: Mutex::new(HashMap::new()),

@@ -686,6 +686,27 @@ async fn vm_lock_and_progress_of_a_stale_saga_owner(db: Database) {
     let e = db.try_lock_vm_as(vm.id, op, Some(old)).await.unwrap_err();
     assert!(stale(e));
     assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, None);
+    // The saga's handle fences every write: single statements and
+    // transactions alike; the owner's go through.
+    let stale_db = db.for_saga(old);
+    let before = db.get_vm(vm.id).await.unwrap().status;
+    assert!(stale(
+        stale_db.set_vm_status(vm.id, VmStatus::Up).await.unwrap_err()
+    ));
+    assert!(stale(
+        stale_db
+            .transition_vm_status(vm.id, before, VmStatus::ImageLocked)
+            .await
+            .unwrap_err()
+    ));
+    assert_eq!(db.get_vm(vm.id).await.unwrap().status, before);
+    let snap = new_snapshot(vm.id, SnapshotType::Regular, None);
+    assert!(stale(stale_db.create_snapshot(&snap, &[]).await.unwrap_err()));
+    assert!(db.get_snapshot(snap.id).await.unwrap_err().is_not_found());
+    let owner_db = db.for_saga(new);
+    owner_db.set_vm_status(vm.id, VmStatus::Up).await.unwrap();
+    owner_db.create_snapshot(&snap, &[]).await.unwrap();
+    assert_eq!(db.get_vm(vm.id).await.unwrap().status, VmStatus::Up);
     // Repeats by the owner stay harmless.
     assert!(!db.unlock_vm_as(vm.id, op, Some(new)).await.unwrap());
     db.try_lock_vm_as(vm.id, op, Some(new)).await.unwrap();

@@ -271,8 +271,10 @@ async fn an_error_at_any_reversible_node_unwinds_everything() {
             "error at {node} left {:?}",
             resources(&env, saga)
         );
-        let err = env.db.get_operation(op).await.unwrap().error.unwrap();
-        assert!(err.starts_with("INTERNAL: injected failure"), "{err}");
+        let raw = env.db.get_operation(op).await.unwrap().error.unwrap();
+        let err = ramsnap_snapshot::error::OperationError::decode(&raw);
+        assert_eq!(err.code, "INTERNAL", "{raw}");
+        assert!(err.message.starts_with("injected failure"), "{raw}");
     }
 }
 

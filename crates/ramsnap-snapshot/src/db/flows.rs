@@ -520,11 +520,10 @@ impl Database {
     /// its disks and snapshots) if `operation_id` still holds it; false if
     /// it does not (it is gone, or another operation's).
     pub async fn release_imported_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<bool, DbError> {
-        let result = sqlx::query("DELETE FROM vms WHERE id = $1 AND lock_operation_id = $2")
+        let query = sqlx::query("DELETE FROM vms WHERE id = $1 AND lock_operation_id = $2")
             .bind(vm_id.to_string())
-            .bind(operation_id.to_string())
-            .execute(self.writer())
-            .await?;
+            .bind(operation_id.to_string());
+        let result = self.execute_write(query).await?;
         Ok(result.rows_affected() > 0)
     }
 }

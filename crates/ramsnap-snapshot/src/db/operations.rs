@@ -378,15 +378,14 @@ impl Database {
             warnings.push(warning.to_owned());
             // Compare and swap: a concurrent append makes this one retry
             // rather than be lost.
-            let result = sqlx::query(
+            let query = sqlx::query(
                 "UPDATE operations SET warnings = $3, updated_at = $4 WHERE id = $1 AND warnings = $2",
             )
             .bind(id.to_string())
             .bind(&old)
             .bind(warnings_json(&warnings))
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
+            .bind(now_ms());
+            let result = self.execute_write(query).await?;
             if result.rows_affected() == 1 {
                 return Ok(true);
             }

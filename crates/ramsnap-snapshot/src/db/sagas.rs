@@ -529,7 +529,6 @@ async fn saga_generation(conn: &mut AnyConnection, saga_id: Uuid) -> Result<Opti
     })
 }
 
-/// Why a write conditional on (saga, generation) changed nothing.
 /// The saga a write is made for and its owner's generation: the write is
 /// refused once another replica has adopted the saga.
 pub type SagaOwner = (Uuid, i64);
@@ -571,6 +570,37 @@ pub(super) async fn check_owner(
     }
 }
 
+/// In a write transaction of a saga's handle: holds the saga's row (FOR
+/// SHARE on PostgreSQL: an adoption waits until this transaction ends) and
+/// refuses if the saga is not owned at `owner`'s generation.
+pub(super) async fn hold_owner(
+    conn: &mut AnyConnection,
+    backend: super::Backend,
+    owner: SagaOwner,
+) -> Result<(), DbError> {
+    let lock = match backend {
+        super::Backend::Postgres => " FOR SHARE",
+        super::Backend::Sqlite => "",
+    };
+    let row = sqlx::query(sql!("SELECT generation FROM sagas WHERE id = $1{lock}"))
+        .bind(owner.0.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let generation = match row {
+        Some(r) => Some(r.int("generation")?),
+        None => None,
+    };
+    match generation {
+        Some(g) if g == owner.1 => Ok(()),
+        Some(_) => Err(DbError::StaleOwner {
+            saga: owner.0,
+            generation: owner.1,
+        }),
+        None => Err(DbError::not_found("saga", owner.0)),
+    }
+}
+
+/// Why a write conditional on (saga, generation) changed nothing.
 async fn stale_or_missing(conn: &mut AnyConnection, saga_id: Uuid, generation: i64) -> DbError {
     match saga_generation(conn, saga_id).await {
         Ok(Some(_)) => DbError::StaleOwner {

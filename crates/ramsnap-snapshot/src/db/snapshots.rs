@@ -234,12 +234,13 @@ impl Database {
     /// Changes the snapshot's type; making a second ACTIVE snapshot of a VM is
     /// a [`DbError::Conflict`].
     pub async fn set_snapshot_type(&self, id: Uuid, snapshot_type: SnapshotType) -> Result<(), DbError> {
-        let result = sqlx::query("UPDATE snapshots SET snapshot_type = $2 WHERE id = $1")
+        let query = sqlx::query("UPDATE snapshots SET snapshot_type = $2 WHERE id = $1")
             .bind(id.to_string())
-            .bind(snapshot_type.as_str())
-            .execute(self.writer())
-            .await
-            .map_err(DbError::on_write("snapshot", id))?;
+            .bind(snapshot_type.as_str());
+        let result = self.execute_write(query).await.map_err(|e| match e {
+            DbError::Sqlx(e) => DbError::on_write("snapshot", id)(e),
+            e => e,
+        })?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("snapshot", id));
         }
@@ -268,7 +269,7 @@ impl Database {
         for value in memory_values(memory) {
             update = update.bind(value);
         }
-        let result = update.execute(self.writer()).await?;
+        let result = self.execute_write(update).await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("snapshot", snapshot_id));
         }
@@ -346,7 +347,7 @@ impl Database {
         disk_id: Uuid,
         volume: &VolumeRef,
     ) -> Result<(), DbError> {
-        let result = sqlx::query(
+        let query = sqlx::query(
             "UPDATE snapshot_disks SET domain_id = $3, image_id = $4, volume_id = $5 \
              WHERE snapshot_id = $1 AND disk_id = $2",
         )
@@ -354,10 +355,11 @@ impl Database {
         .bind(disk_id.to_string())
         .bind(volume.domain_id.to_string())
         .bind(volume.image_id.to_string())
-        .bind(volume.volume_id.to_string())
-        .execute(self.writer())
-        .await
-        .map_err(DbError::on_write("snapshot disk", disk_id))?;
+        .bind(volume.volume_id.to_string());
+        let result = self.execute_write(query).await.map_err(|e| match e {
+            DbError::Sqlx(e) => DbError::on_write("snapshot disk", disk_id)(e),
+            e => e,
+        })?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found(
                 "snapshot disk",

@@ -158,12 +158,11 @@ impl Database {
     }
 
     pub async fn set_vm_status(&self, id: Uuid, status: VmStatus) -> Result<(), DbError> {
-        let result = sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
+        let query = sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
             .bind(id.to_string())
             .bind(status.as_str())
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
+            .bind(now_ms());
+        let result = self.execute_write(query).await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
         }
@@ -195,13 +194,12 @@ impl Database {
         from: VmStatus,
         to: VmStatus,
     ) -> Result<bool, DbError> {
-        let result = sqlx::query("UPDATE vms SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
+        let query = sqlx::query("UPDATE vms SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
             .bind(id.to_string())
             .bind(from.as_str())
             .bind(to.as_str())
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
+            .bind(now_ms());
+        let result = self.execute_write(query).await?;
         if result.rows_affected() == 0 {
             // Tell "no such VM" from "VM in another state".
             self.get_vm(id).await?;
@@ -211,12 +209,11 @@ impl Database {
     }
 
     pub async fn set_vm_host(&self, id: Uuid, host_id: Option<Uuid>) -> Result<(), DbError> {
-        let result = sqlx::query("UPDATE vms SET host_id = $2, updated_at = $3 WHERE id = $1")
+        let query = sqlx::query("UPDATE vms SET host_id = $2, updated_at = $3 WHERE id = $1")
             .bind(id.to_string())
             .bind(host_id.map(|h| h.to_string()))
-            .bind(now_ms())
-            .execute(self.writer())
-            .await?;
+            .bind(now_ms());
+        let result = self.execute_write(query).await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
         }
@@ -225,11 +222,11 @@ impl Database {
 
     /// Deletes the VM with its disks and snapshots. False if it was already gone.
     pub async fn delete_vm(&self, id: Uuid) -> Result<bool, DbError> {
-        let result = sqlx::query("DELETE FROM vms WHERE id = $1")
-            .bind(id.to_string())
-            .execute(self.writer())
-            .await
-            .map_err(DbError::on_write("vm", id))?;
+        let query = sqlx::query("DELETE FROM vms WHERE id = $1").bind(id.to_string());
+        let result = self.execute_write(query).await.map_err(|e| match e {
+            DbError::Sqlx(e) => DbError::on_write("vm", id)(e),
+            e => e,
+        })?;
         Ok(result.rows_affected() > 0)
     }
 

@@ -21,16 +21,14 @@ pub fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 
 /// Takes the VM's lock for this operation (idempotent for the holder).
 pub async fn lock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
-    cx.app
-        .db
+    cx.db()
         .try_lock_vm_as(vm_id, cx.operation_id, Some(cx.owner()))
         .await
         .map_err(db_status)
 }
 
 pub async fn unlock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
-    cx.app
-        .db
+    cx.db()
         .unlock_vm_as(vm_id, cx.operation_id, Some(cx.owner()))
         .await
         .map_err(db_status)?;
@@ -42,7 +40,7 @@ pub async fn unlock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
 /// it is down (the handler checked before the lock was taken).
 pub async fn lock_down_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<db::Vm, Status> {
     lock_vm(cx, vm_id).await?;
-    let vm = cx.app.db.get_vm(vm_id).await.map_err(db_status)?;
+    let vm = cx.db().get_vm(vm_id).await.map_err(db_status)?;
     require_down(&vm)?;
     Ok(vm)
 }
@@ -62,7 +60,7 @@ pub fn require_down(vm: &db::Vm) -> Result<(), Status> {
 /// Shows the down VM as ImageLocked while an operation changes its images.
 /// A replay finds it ImageLocked already.
 pub async fn image_lock(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
-    let db = &cx.app.db;
+    let db = cx.db();
     if !db
         .transition_vm_status(vm_id, VmStatus::Down, VmStatus::ImageLocked)
         .await
@@ -95,7 +93,7 @@ pub async fn image_unlock(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
 
 /// The VM and the host whose StorageService reaches its domains.
 pub async fn vm_and_host(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(db::Vm, db::Host), Status> {
-    let vm = cx.app.db.get_vm(vm_id).await.map_err(db_status)?;
+    let vm = cx.db().get_vm(vm_id).await.map_err(db_status)?;
     let host = cx.app.host_for_vm(&vm).await?;
     Ok((vm, host))
 }
@@ -210,7 +208,7 @@ pub async fn release_memories(
 /// The memory of every snapshot of the VM (recorded before a change that
 /// deletes snapshots, and released after it).
 pub async fn vm_memories(cx: &SagaCx<App>, vm_id: Uuid) -> Result<Vec<MemoryVolume>, Status> {
-    let snaps = cx.app.db.list_snapshots(vm_id).await.map_err(db_status)?;
+    let snaps = cx.db().list_snapshots(vm_id).await.map_err(db_status)?;
     Ok(snaps.iter().filter_map(|s| s.memory).collect())
 }
 
@@ -287,8 +285,8 @@ async fn delete_children_first(
 /// the leftovers of a preview, a commit, a stateless run or a failed step.
 /// Safe because the caller holds the VM lock and images belong to one VM.
 pub async fn collect_garbage(cx: &SagaCx<App>, host: &db::Host, vm_id: Uuid) -> Result<(), Status> {
-    let disks = cx.app.db.vm_disks(vm_id).await.map_err(db_status)?;
-    let snaps = cx.app.db.list_snapshots(vm_id).await.map_err(db_status)?;
+    let disks = cx.db().vm_disks(vm_id).await.map_err(db_status)?;
+    let snaps = cx.db().list_snapshots(vm_id).await.map_err(db_status)?;
     for disk in disks {
         let volumes = image_volumes(&cx.app, host, disk.domain_id, disk.image_id).await?;
         let parents = parents(&volumes);
@@ -340,7 +338,7 @@ pub async fn delete_image(
 /// STATELESS one is ACTIVE again (with the memory it had, so that the next
 /// stateless run restores it again). Nothing to do without one.
 pub async fn end_stateless(cx: &SagaCx<App>, host: &db::Host, vm_id: Uuid) -> Result<(), Status> {
-    let db = &cx.app.db;
+    let db = cx.db();
     let stateless = db
         .snapshot_by_vm_type(vm_id, SnapshotType::Stateless)
         .await
@@ -381,7 +379,7 @@ pub struct PreviewEnd {
 }
 
 pub async fn preview_end_plan(cx: &SagaCx<App>, vm_id: Uuid) -> Result<PreviewEnd, Status> {
-    let db = &cx.app.db;
+    let db = cx.db();
     let in_preview = db
         .snapshot_by_vm_type(vm_id, SnapshotType::Preview)
         .await

@@ -126,7 +126,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        cx.app.db.preview_commit(p.vm_id).await.map_err(db_status)?;
+        cx.db().preview_commit(p.vm_id).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
         Ok(Value::Null)
     }

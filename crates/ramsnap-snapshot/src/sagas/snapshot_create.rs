@@ -136,7 +136,7 @@ fn snapshot_id(cx: &SagaCx<App>) -> Result<Uuid, Status> {
 async fn vm_and_host(cx: &SagaCx<App>) -> Result<(db::Vm, db::Host), Status> {
     cx.memo("vm_and_host", || async {
         let p: Params = cx.params()?;
-        let vm = cx.app.db.get_vm(p.vm_id).await.map_err(db_status)?;
+        let vm = cx.db().get_vm(p.vm_id).await.map_err(db_status)?;
         let host = cx.app.host_for_vm(&vm).await?;
         Ok((vm, host))
     })
@@ -219,7 +219,7 @@ fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let (vm, host) = vm_and_host(cx).await?;
-        let active = cx.app.db.active_snapshot(vm.id).await.map_err(db_status)?;
+        let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
         let mut client = cx.app.storage_client(&host)?;
         let mut out = Vec::new();
         for d in &active.disks {
@@ -255,7 +255,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 }
 
 async fn disk_capacity(cx: &SagaCx<App>, vm: &db::Vm, d: &SnapshotDisk) -> Result<u64, Status> {
-    let disks = cx.app.db.vm_disks(vm.id).await.map_err(db_status)?;
+    let disks = cx.db().vm_disks(vm.id).await.map_err(db_status)?;
     disks
         .iter()
         .find(|x| x.disk_id == d.disk_id)
@@ -266,7 +266,7 @@ async fn disk_capacity(cx: &SagaCx<App>, vm: &db::Vm, d: &SnapshotDisk) -> Resul
 fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let (vm, host) = vm_and_host(cx).await?;
-        let active = cx.app.db.active_snapshot(vm.id).await.map_err(db_status)?;
+        let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
         // Whatever this saga may have made, whether or not the step finished.
         for d in &active.disks {
             let overlay = VolumeRef {
@@ -294,7 +294,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         let id = snapshot_id(cx)?;
-        if cx.app.db.get_snapshot(id).await.is_ok() {
+        if cx.db().get_snapshot(id).await.is_ok() {
             return Ok(Value::Null);
         }
         let overlays: Vec<Overlay> = cx.output("overlays")?;
@@ -317,7 +317,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 volume: o.current,
             })
             .collect();
-        cx.app.db.create_snapshot(&new, &disks).await.map_err(db_status)?;
+        cx.db().create_snapshot(&new, &disks).await.map_err(db_status)?;
         Ok(Value::Null)
     }
     .boxed()
@@ -326,7 +326,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn record_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         if let Ok(id) = snapshot_id(cx) {
-            cx.app.db.delete_snapshot(id).await.map_err(db_status)?;
+            cx.db().delete_snapshot(id).await.map_err(db_status)?;
         }
         Ok(())
     }
@@ -341,7 +341,7 @@ fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             return Ok(json!({ "memory_saved": false }));
         }
         let (vm, host) = vm_and_host(cx).await?;
-        let cluster = cx.app.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        let cluster = cx.db().get_cluster(vm.cluster_id).await.map_err(db_status)?;
         let overlays: Vec<Overlay> = cx.output("overlays")?;
         let memory = cx.output::<Value>("memory_volumes").ok().and_then(|v| memory_from_json(&v));
         let job_id = cx.stable_id("host-job");
@@ -419,7 +419,7 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let id = snapshot_id(cx)?;
         let overlays: Vec<Overlay> = cx.output("overlays")?;
         let result: Value = cx.output("host_snapshot")?;
-        let active_id = cx.app.db.active_snapshot_id(p.vm_id).await.map_err(db_status)?;
+        let active_id = cx.db().active_snapshot_id(p.vm_id).await.map_err(db_status)?;
         let disks: Vec<SnapshotDisk> = overlays
             .iter()
             .map(|o| SnapshotDisk {
@@ -427,8 +427,7 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 volume: o.overlay,
             })
             .collect();
-        cx.app
-            .db
+        cx.db()
             .snapshot_taken(p.vm_id, id, active_id, &disks)
             .await
             .map_err(db_status)?;
@@ -440,7 +439,7 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .and_then(|v| memory_from_json(&v));
         if let Some(m) = memory {
             if !p.vm_running || result["memory_saved"] != json!(true) {
-                cx.app.db.remove_memory(id).await.map_err(db_status)?;
+                cx.db().remove_memory(id).await.map_err(db_status)?;
                 let (_, host) = vm_and_host(cx).await?;
                 release_memory(cx, &host, &m, "unused-memory").await?;
             }

@@ -131,7 +131,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (vm, host) = vm_and_host(cx, p.vm_id).await?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let disks = db.vm_disks(vm.id).await.map_err(db_status)?;
         let mut out = Vec::new();
@@ -167,7 +167,7 @@ fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;
         for d in &snapshot.disks {
@@ -194,7 +194,7 @@ fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let overlays: Vec<SnapshotDisk> = cx.output("overlays")?;
         let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let memory = snapshot.memory.filter(|_| p.restore_memory);
@@ -218,7 +218,7 @@ fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn begin_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         if let Ok(active) = db.active_snapshot(p.vm_id).await {
             if active.id == cx.stable_id("preview-active") {
                 db.preview_undo(p.vm_id).await.map_err(db_status)?;

@@ -175,7 +175,7 @@ fn image_unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let s = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let subject = format!("snapshot/{}", s.id);
         if s.vm_id != p.vm_id || s.snapshot_type != SnapshotType::Regular {
@@ -220,7 +220,7 @@ fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn lock_snapshot_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         match db.get_snapshot(p.snapshot_id).await {
             Ok(s) if s.status == SnapshotStatus::Locked => db
                 .set_snapshot_status(s.id, SnapshotStatus::Ok)
@@ -239,7 +239,7 @@ fn lock_snapshot_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
         let s = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let mut disks = Vec::new();
@@ -440,8 +440,7 @@ fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
-        cx.app
-            .db
+        cx.db()
             .remove_snapshot_row(p.snapshot_id)
             .await
             .map_err(db_status)?;

@@ -83,7 +83,7 @@ fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let p: Params = cx.params()?;
         lock_vm(cx, p.source_vm_id).await?;
         // Checked again now that nothing else changes the VM's snapshots.
-        let s = cx.app.db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let s = cx.db().get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         if s.status != SnapshotStatus::Ok || s.snapshot_type == SnapshotType::Active {
             return Err(status::failed_precondition(
                 "SNAPSHOT_NOT_CLONABLE",
@@ -125,7 +125,7 @@ fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (_, host) = vm_and_host(cx, p.source_vm_id).await?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let disks = db.vm_disks(p.source_vm_id).await.map_err(db_status)?;
         let capacity = |disk_id: Uuid| {
@@ -176,7 +176,7 @@ fn copies_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let (_, host) = vm_and_host(cx, p.source_vm_id).await?;
-        let snapshot = cx.app.db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let snapshot = cx.db().get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         // Whatever this saga may have made, whether or not the step finished.
         for (i, d) in snapshot.disks.iter().enumerate() {
             let (_, image_id, volume_id) = copy_ids(cx, i, d.disk_id);
@@ -202,7 +202,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         let copies: Vec<DiskCopy> = cx.output("copies")?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let source = db.get_vm(p.source_vm_id).await.map_err(db_status)?;
         let first = copies
             .first()
@@ -257,9 +257,9 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn record_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        if let Ok(active) = cx.app.db.active_snapshot(p.new_vm_id).await {
+        if let Ok(active) = cx.db().active_snapshot(p.new_vm_id).await {
             if active.id == cx.stable_id("active") {
-                cx.app.db.delete_vm(p.new_vm_id).await.map_err(db_status)?;
+                cx.db().delete_vm(p.new_vm_id).await.map_err(db_status)?;
             }
         }
         Ok(())

@@ -166,8 +166,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             description: "Active VM".into(),
             memory: None,
         };
-        cx.app
-            .db
+        cx.db()
             .create_vm_with_active(&new_vm, &disks, &active, &volumes)
             .await
             .map_err(db_status)?;
@@ -181,9 +180,9 @@ fn record_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         // Only the VM this saga made: the same id, with this saga's ACTIVE.
-        if let Ok(active) = cx.app.db.active_snapshot(p.vm_id).await {
+        if let Ok(active) = cx.db().active_snapshot(p.vm_id).await {
             if active.id == cx.stable_id("active") {
-                cx.app.db.delete_vm(p.vm_id).await.map_err(db_status)?;
+                cx.db().delete_vm(p.vm_id).await.map_err(db_status)?;
             }
         }
         Ok(())

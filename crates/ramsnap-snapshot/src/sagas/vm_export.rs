@@ -132,7 +132,7 @@ fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         lock_vm(cx, p.vm_id).await?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let vm = db.get_vm(p.vm_id).await.map_err(db_status)?;
         if vm.status != db::VmStatus::ImageLocked {
             require_down(&vm)?;
@@ -280,7 +280,7 @@ async fn make_plan(
     h: &db::Host,
     previous: bool,
 ) -> Result<Plan, Status> {
-    let db = &cx.app.db;
+    let db = cx.db();
     let cluster = db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
     let disks = db.vm_disks(vm.id).await.map_err(db_status)?;
     let mut snaps: Vec<db::Snapshot> = db

@@ -523,8 +523,7 @@ pub fn name_in_use(name: &str) -> Status {
 fn reserve_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        cx.app
-            .db
+        cx.db()
             .release_imported_vm(p.vm_id, cx.operation_id)
             .await
             .map_err(db_status)?;
@@ -717,8 +716,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 }
             })
             .collect();
-        cx.app
-            .db
+        cx.db()
             .finish_imported_vm(p.vm_id, &snapshots)
             .await
             .map_err(db_status)?;

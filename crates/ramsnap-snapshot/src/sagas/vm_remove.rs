@@ -78,7 +78,7 @@ fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 
 /// The VM's storage host; None when the VM row is already gone.
 async fn host_if_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<Option<crate::db::Host>, Status> {
-    match cx.app.db.get_vm(vm_id).await {
+    match cx.db().get_vm(vm_id).await {
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(db_status(e)),
         Ok(_) => Ok(Some(vm_and_host(cx, vm_id).await?.1)),
@@ -91,7 +91,7 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let Some(host) = host_if_vm(cx, p.vm_id).await? else {
             return Ok(Value::Null); // the VM row is gone: a replay of the end
         };
-        for disk in cx.app.db.vm_disks(p.vm_id).await.map_err(db_status)? {
+        for disk in cx.db().vm_disks(p.vm_id).await.map_err(db_status)? {
             delete_image(cx, &host, disk.domain_id, disk.image_id).await?;
         }
         Ok(Value::Null)
@@ -105,7 +105,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let Some(host) = host_if_vm(cx, p.vm_id).await? else {
             return Ok(Value::Null);
         };
-        let db = &cx.app.db;
+        let db = cx.db();
         let mut seen = HashSet::new();
         for s in db.list_snapshots(p.vm_id).await.map_err(db_status)? {
             let Some(m) = s.memory else { continue };
@@ -146,7 +146,7 @@ fn vm_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         status::unfollow(&cx.app, p.vm_id);
-        cx.app.db.delete_vm(p.vm_id).await.map_err(db_status)?;
+        cx.db().delete_vm(p.vm_id).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
         Ok(Value::Null)
     }
@@ -167,7 +167,7 @@ fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         else {
             return Ok(Value::Null);
         };
-        let hosts = match cx.app.db.list_hosts(Some(cluster_id)).await {
+        let hosts = match cx.db().list_hosts(Some(cluster_id)).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(vm = %p.vm_id, error = %e, "listing the hosts to forget a removed VM");

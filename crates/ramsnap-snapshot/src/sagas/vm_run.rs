@@ -152,8 +152,8 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             return Ok(Value::Null);
         }
         let host = run_host(cx).await?;
-        let active = cx.app.db.active_snapshot(p.vm_id).await.map_err(db_status)?;
-        let disks = cx.app.db.vm_disks(p.vm_id).await.map_err(db_status)?;
+        let active = cx.db().active_snapshot(p.vm_id).await.map_err(db_status)?;
+        let disks = cx.db().vm_disks(p.vm_id).await.map_err(db_status)?;
         let mut out = Vec::new();
         for d in &active.disks {
             let capacity = disks
@@ -190,7 +190,7 @@ fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             return Ok(());
         }
         let host = run_host(cx).await?;
-        let active = cx.app.db.active_snapshot(p.vm_id).await.map_err(db_status)?;
+        let active = cx.db().active_snapshot(p.vm_id).await.map_err(db_status)?;
         for d in &active.disks {
             let overlay = VolumeRef {
                 volume_id: overlay_id(cx, d.disk_id),
@@ -219,7 +219,7 @@ fn stateless_begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>>
             return Ok(Value::Null);
         }
         let overlays: Vec<SnapshotDisk> = cx.output("stateless_overlays")?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;
         // oVirt: the new ACTIVE snapshot points at the previous ACTIVE's
         // memory, which the run then restores.
@@ -243,7 +243,7 @@ fn stateless_begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>>
 fn stateless_begin_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         if let Ok(active) = db.active_snapshot(p.vm_id).await {
             if active.id == cx.stable_id("stateless-active") {
                 db.stateless_end(p.vm_id).await.map_err(db_status)?;
@@ -262,7 +262,7 @@ pub fn domain_name(vm_id: Uuid) -> String {
 fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        let db = &cx.app.db;
+        let db = cx.db();
         let vm = db.get_vm(p.vm_id).await.map_err(db_status)?;
         let cluster = db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
         let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;
@@ -417,8 +417,7 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             }
             Err(s) => return Err(downstream("stopping the VM after a failed run", s)),
         }
-        cx.app
-            .db
+        cx.db()
             .set_vm_status(p.vm_id, db::VmStatus::Down)
             .await
             .map_err(db_status)?;
@@ -433,7 +432,7 @@ fn started_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let p: Params = cx.params()?;
         let s: Started = cx.output("run_on_host")?;
         let host = run_host(cx).await?;
-        let db = &cx.app.db;
+        let db = cx.db();
         db.set_vm_host(p.vm_id, Some(host.id)).await.map_err(db_status)?;
         let vm_status = status::from_host(s.status).unwrap_or(if s.restored {
             db::VmStatus::RestoringState

@@ -91,7 +91,7 @@ fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn stop_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        let vm = cx.app.db.get_vm(p.vm_id).await.map_err(db_status)?;
+        let vm = cx.db().get_vm(p.vm_id).await.map_err(db_status)?;
         // A VM that never ran has no host to ask.
         if vm.host_id.is_none() && vm.status == VmStatus::Down {
             return Ok(json!({ "graceful": false }));
@@ -118,8 +118,7 @@ fn stopped_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
         status::unfollow(&cx.app, p.vm_id);
-        cx.app
-            .db
+        cx.db()
             .set_vm_status(p.vm_id, VmStatus::Down)
             .await
             .map_err(db_status)?;
