@@ -53,6 +53,7 @@ use crate::app::App;
 use crate::saga::SagaDef;
 
 pub mod common;
+pub mod preview_end;
 pub mod snapshot_commit;
 pub mod snapshot_create;
 pub mod snapshot_preview;

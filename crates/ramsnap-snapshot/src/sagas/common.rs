@@ -3,11 +3,12 @@ use super::vm_export::{run_copies, PlannedCopy};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_ref};
 use crate::db::{self, MemoryVolume, SnapshotType, VmStatus, VolumeRef};
-use crate::saga::SagaCx;
+use crate::saga::{Node, SagaCx};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
 use ramsnap_proto::storage::v1 as storage;
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -17,6 +18,106 @@ use uuid::Uuid;
 /// the "undo carrier" of a step whose cleanup lives elsewhere).
 pub fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async { Ok(()) }.boxed()
+}
+
+/// The parameters of a saga on one VM: what the shared lock nodes read.
+pub trait OnVm: serde::de::DeserializeOwned {
+    fn vm_id(&self) -> Uuid;
+}
+
+/// `lock_vm`: takes the VM's lock (with `down`, and checks that the VM is
+/// down); its undo releases it. Local: it only writes the database.
+pub fn lock_vm_node<P: OnVm>(down: bool) -> Node<App> {
+    Node {
+        name: "lock_vm",
+        forward: if down { lock_down_fwd::<P> } else { lock_fwd::<P> },
+        undo: Some(unlock_undo::<P>),
+        local: true,
+    }
+}
+
+/// `image_locked`: shows the down VM as ImageLocked; its undo sets it back.
+pub fn image_lock_node<P: OnVm>() -> Node<App> {
+    Node {
+        name: "image_locked",
+        forward: image_lock_fwd::<P>,
+        undo: Some(image_unlock_undo::<P>),
+        local: false,
+    }
+}
+
+/// `image_unlocked`: the VM is Down again (past the point of no return).
+pub fn image_unlock_node<P: OnVm>() -> Node<App> {
+    Node {
+        name: "image_unlocked",
+        forward: image_unlock_fwd::<P>,
+        undo: None,
+        local: false,
+    }
+}
+
+/// `unlock_vm`: the saga's last node, releasing the VM's lock.
+pub fn unlock_vm_node<P: OnVm>() -> Node<App> {
+    Node {
+        name: "unlock_vm",
+        forward: unlock_fwd::<P>,
+        undo: None,
+        local: true,
+    }
+}
+
+/// The VM of a saga on one VM.
+fn vm_of<P: OnVm>(cx: &SagaCx<App>) -> Result<Uuid, Status> {
+    Ok(cx.params::<P>()?.vm_id())
+}
+
+fn lock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        lock_vm(cx, vm_of::<P>(cx)?).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn lock_down_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        lock_down_vm(cx, vm_of::<P>(cx)?).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+/// The undo of a node that took the VM's lock.
+pub fn unlock_undo<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { unlock_vm(cx, vm_of::<P>(cx)?).await }.boxed()
+}
+
+fn unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        unlock_vm(cx, vm_of::<P>(cx)?).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn image_lock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        image_lock(cx, vm_of::<P>(cx)?).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
+}
+
+fn image_unlock_undo<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move { image_unlock(cx, vm_of::<P>(cx)?).await }.boxed()
+}
+
+fn image_unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+    async move {
+        image_unlock(cx, vm_of::<P>(cx)?).await?;
+        Ok(Value::Null)
+    }
+    .boxed()
 }
 
 /// Takes the VM's lock for this operation (idempotent for the holder).

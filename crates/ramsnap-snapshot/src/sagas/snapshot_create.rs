@@ -4,7 +4,7 @@
 //! disk domain first); each disk gets a new COW overlay over its current
 //! leaf; the host takes the snapshot (overlays + memory); then the new
 //! snapshot points at the frozen volumes and the active one at the overlays.
-use super::common::{delete_volume, lock_vm, release_memory, unlock_vm};
+use super::common::{delete_volume, lock_vm_node, release_memory, unlock_vm_node, OnVm};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_memory, to_wire_ref};
 use crate::db::{self, MemoryVolume, NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
@@ -37,6 +37,12 @@ pub struct Params {
     pub vm_running: bool,
 }
 
+impl OnVm for Params {
+    fn vm_id(&self) -> Uuid {
+        self.vm_id
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Overlay {
     disk_id: Uuid,
@@ -48,12 +54,7 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
+            lock_vm_node::<Params>(false),
             Node {
                 name: "ids",
                 forward: ids_fwd,
@@ -91,12 +92,7 @@ pub fn definition() -> SagaDef<App> {
                 undo: None,
                 local: false,
             },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            unlock_vm_node::<Params>(),
         ],
         result_node: Some("ids"),
     }
@@ -104,19 +100,6 @@ pub fn definition() -> SagaDef<App> {
 
 fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async { Ok(()) }.boxed()
-}
-
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        let p: Params = cx.params()?;
-        lock_vm(cx, p.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
 }
 
 fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
@@ -445,14 +428,6 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             }
         }
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
         Ok(Value::Null)
     }
     .boxed()

@@ -5,7 +5,8 @@
 //! handler decided), at the snapshot's memory, and the previewed snapshot is
 //! IN_PREVIEW.
 use super::common::{
-    delete_volume, ensure_cow_volume, image_lock, image_unlock, lock_down_vm, noop, unlock_vm, vm_and_host,
+    delete_volume, ensure_cow_volume, image_lock_node, image_unlock_node, lock_vm_node, noop, unlock_vm_node,
+    vm_and_host, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::db::{NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
@@ -28,28 +29,24 @@ pub struct Params {
     pub restore_memory: bool,
 }
 
+impl OnVm for Params {
+    fn vm_id(&self) -> Uuid {
+        self.vm_id
+    }
+}
+
 pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
+            lock_vm_node::<Params>(true),
             Node {
                 name: "ids",
                 forward: ids_fwd,
                 undo: Some(noop),
                 local: true,
             },
-            Node {
-                name: "image_locked",
-                forward: image_lock_fwd,
-                undo: Some(image_lock_undo),
-                local: false,
-            },
+            image_lock_node::<Params>(),
             Node {
                 name: "overlays",
                 forward: overlays_fwd,
@@ -62,65 +59,15 @@ pub fn definition() -> SagaDef<App> {
                 undo: Some(begin_undo),
                 local: false,
             },
-            Node {
-                name: "image_unlocked",
-                forward: image_unlock_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            image_unlock_node::<Params>(),
+            unlock_vm_node::<Params>(),
         ],
         result_node: Some("ids"),
     }
 }
 
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
-}
-
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
 fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move { Ok(json!({ "snapshot_id": cx.params::<Params>()?.snapshot_id })) }.boxed()
-}
-
-fn image_lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        image_lock(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn image_lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { image_unlock(cx, cx.params::<Params>()?.vm_id).await }.boxed()
-}
-
-fn image_unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        image_unlock(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
 }
 
 fn overlay_id(cx: &SagaCx<App>, disk_id: Uuid) -> Uuid {

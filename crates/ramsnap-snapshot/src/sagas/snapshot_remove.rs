@@ -17,8 +17,8 @@
 //! with memory) stays, and its metadata is rebound to the children that
 //! took the merged volumes' place, so that the next run still restores it.
 use super::common::{
-    delete_volume, image_lock, image_unlock, image_volumes, lock_down_vm, noop, parents, release_memory,
-    unlock_vm, vm_and_host,
+    delete_volume, image_lock_node, image_unlock_node, image_volumes, lock_vm_node, noop, parents,
+    release_memory, unlock_vm_node, vm_and_host, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -40,6 +40,12 @@ pub const NAME: &str = "snapshot_remove";
 pub struct Params {
     pub vm_id: Uuid,
     pub snapshot_id: Uuid,
+}
+
+impl OnVm for Params {
+    fn vm_id(&self) -> Uuid {
+        self.vm_id
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,18 +78,8 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
-            Node {
-                name: "image_locked",
-                forward: image_lock_fwd,
-                undo: Some(image_lock_undo),
-                local: false,
-            },
+            lock_vm_node::<Params>(true),
+            image_lock_node::<Params>(),
             Node {
                 name: "lock_snapshot",
                 forward: lock_snapshot_fwd,
@@ -115,61 +111,11 @@ pub fn definition() -> SagaDef<App> {
                 undo: None,
                 local: false,
             },
-            Node {
-                name: "image_unlocked",
-                forward: image_unlock_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            image_unlock_node::<Params>(),
+            unlock_vm_node::<Params>(),
         ],
         result_node: Some("plan"),
     }
-}
-
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
-}
-
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn image_lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        image_lock(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn image_lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { image_unlock(cx, cx.params::<Params>()?.vm_id).await }.boxed()
-}
-
-fn image_unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        image_unlock(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
 }
 
 fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {

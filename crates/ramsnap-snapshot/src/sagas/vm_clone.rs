@@ -4,7 +4,10 @@
 //! the source's configuration and an ACTIVE snapshot over the copies. The
 //! snapshot's memory is never copied (oVirt 3.3: the new VM boots; the
 //! handler warns). The source VM stays locked while its volumes are read.
-use super::common::{copy_volume, delete_volume, lock_vm, noop, ordered_disk_id, unlock_vm, vm_and_host};
+use super::common::{
+    copy_volume, delete_volume, lock_vm, noop, ordered_disk_id, unlock_undo, unlock_vm_node, vm_and_host,
+    OnVm,
+};
 use crate::app::{db_status, App};
 use crate::convert::to_wire_ref;
 use crate::db::{NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
@@ -31,6 +34,12 @@ pub struct Params {
     pub target_domain_id: Option<Uuid>,
 }
 
+impl OnVm for Params {
+    fn vm_id(&self) -> Uuid {
+        self.source_vm_id
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct DiskCopy {
     source_disk_id: Uuid,
@@ -46,7 +55,7 @@ pub fn definition() -> SagaDef<App> {
             Node {
                 name: "lock_vm",
                 forward: lock_fwd,
-                undo: Some(lock_undo),
+                undo: Some(unlock_undo::<Params>),
                 local: true,
             },
             Node {
@@ -67,12 +76,7 @@ pub fn definition() -> SagaDef<App> {
                 undo: Some(record_undo),
                 local: false,
             },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            unlock_vm_node::<Params>(),
         ],
         result_node: Some("ids"),
     }
@@ -91,18 +95,6 @@ fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 format!("snapshot {} is {} {}", s.id, s.snapshot_type, s.status),
             ));
         }
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { unlock_vm(cx, cx.params::<Params>()?.source_vm_id).await }.boxed()
-}
-
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        unlock_vm(cx, cx.params::<Params>()?.source_vm_id).await?;
         Ok(Value::Null)
     }
     .boxed()

@@ -11,7 +11,7 @@
 //! the same memory (the STATELESS snapshot keeps it when the run's ACTIVE
 //! drops it). StopVm goes back to the STATELESS state.
 use super::common::{
-    end_stateless, ensure_cow_volume, lock_down_vm, noop, release_memory, unlock_vm, vm_and_host,
+    end_stateless, ensure_cow_volume, lock_vm_node, noop, release_memory, unlock_vm_node, vm_and_host, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -37,6 +37,12 @@ pub struct Params {
     pub stateless: bool,
 }
 
+impl OnVm for Params {
+    fn vm_id(&self) -> Uuid {
+        self.vm_id
+    }
+}
+
 /// What the host answered, and the memory the ACTIVE snapshot had.
 #[derive(Debug, Serialize, Deserialize)]
 struct Started {
@@ -49,12 +55,7 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
+            lock_vm_node::<Params>(true),
             // A stateless run that ended without StopVm (the guest shut
             // down) left its STATELESS snapshot: go back to it first.
             Node {
@@ -88,12 +89,7 @@ pub fn definition() -> SagaDef<App> {
                 undo: None,
                 local: false,
             },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            unlock_vm_node::<Params>(),
         ],
         result_node: None,
     }
@@ -101,26 +97,6 @@ pub fn definition() -> SagaDef<App> {
 
 async fn run_host(cx: &SagaCx<App>) -> Result<db::Host, Status> {
     cx.app.host(cx.params::<Params>()?.host_id).await
-}
-
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
-}
-
-fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
-    async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
-}
-
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
-    }
-    .boxed()
 }
 
 fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
