@@ -97,13 +97,6 @@ pub struct SagaCx<S> {
 pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl<S> SagaCx<S> {
-    /// The saga and the generation this execution owns it at: the writes
-    /// a node makes for it pass this, to be refused once another replica
-    /// has adopted the saga.
-    pub fn owner(&self) -> crate::db::SagaOwner {
-        (self.saga_id, self.generation)
-    }
-
     /// What this execution's agent calls carry (see [`fence`]).
     fn fence(&self) -> fence::Fence {
         fence::Fence {
@@ -152,7 +145,7 @@ impl<S> SagaCx<S> {
         }
         if self
             .db
-            .update_operation_progress(self.operation_id, processed, total, Some(self.owner()))
+            .update_operation_progress(self.operation_id, processed, total)
             .await
             .is_ok()
         {

@@ -660,8 +660,11 @@ async fn vm_lock_and_progress_of_a_stale_saga_owner(db: Database) {
     };
     db.create_saga(&saga).await.unwrap();
     let old = (saga.id, 0);
-    db.try_lock_vm_as(vm.id, op, Some(old)).await.unwrap();
-    db.update_operation_progress(op, 1, 4, Some(old)).await.unwrap();
+    db.for_saga(old).try_lock_vm(vm.id, op).await.unwrap();
+    db.for_saga(old)
+        .update_operation_progress(op, 1, 4)
+        .await
+        .unwrap();
 
     let adopter = Uuid::new_v4();
     let adopted = db.adopt_sagas(adopter, true).await.unwrap();
@@ -670,20 +673,24 @@ async fn vm_lock_and_progress_of_a_stale_saga_owner(db: Database) {
     assert_ne!(new, old);
 
     let stale = |e: DbError| matches!(e, DbError::StaleOwner { saga: s, .. } if s == saga.id);
-    let e = db.unlock_vm_as(vm.id, op, Some(old)).await.unwrap_err();
+    let e = db.for_saga(old).unlock_vm(vm.id, op).await.unwrap_err();
     assert!(stale(e));
     assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(op));
     let e = db
-        .update_operation_progress(op, 3, 4, Some(old))
+        .for_saga(old)
+        .update_operation_progress(op, 3, 4)
         .await
         .unwrap_err();
     assert!(stale(e));
     assert_eq!(db.get_operation(op).await.unwrap().progress_processed, 1);
 
     // The adopter's go through; then the old owner cannot lock again.
-    db.update_operation_progress(op, 2, 4, Some(new)).await.unwrap();
-    assert!(db.unlock_vm_as(vm.id, op, Some(new)).await.unwrap());
-    let e = db.try_lock_vm_as(vm.id, op, Some(old)).await.unwrap_err();
+    db.for_saga(new)
+        .update_operation_progress(op, 2, 4)
+        .await
+        .unwrap();
+    assert!(db.for_saga(new).unlock_vm(vm.id, op).await.unwrap());
+    let e = db.for_saga(old).try_lock_vm(vm.id, op).await.unwrap_err();
     assert!(stale(e));
     assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, None);
     // The saga's handle fences every write: single statements and
@@ -708,8 +715,8 @@ async fn vm_lock_and_progress_of_a_stale_saga_owner(db: Database) {
     owner_db.create_snapshot(&snap, &[]).await.unwrap();
     assert_eq!(db.get_vm(vm.id).await.unwrap().status, VmStatus::Up);
     // Repeats by the owner stay harmless.
-    assert!(!db.unlock_vm_as(vm.id, op, Some(new)).await.unwrap());
-    db.try_lock_vm_as(vm.id, op, Some(new)).await.unwrap();
+    assert!(!db.for_saga(new).unlock_vm(vm.id, op).await.unwrap());
+    db.for_saga(new).try_lock_vm(vm.id, op).await.unwrap();
     assert_eq!(db.get_vm(vm.id).await.unwrap().lock_operation_id, Some(op));
 }
 
@@ -778,7 +785,7 @@ async fn operation_request_id(db: Database) {
 
 async fn operation_progress_and_finish(db: Database) {
     let id = operation(&db, None).await;
-    db.update_operation_progress(id, 512, 1024, None).await.unwrap();
+    db.update_operation_progress(id, 512, 1024).await.unwrap();
     let op = db.get_operation(id).await.unwrap();
     assert_eq!((op.progress_processed, op.progress_total), (512, 1024));
     assert!(op.updated_at >= op.created_at);
@@ -818,7 +825,7 @@ async fn operation_progress_and_finish(db: Database) {
         DbError::InvalidValue { .. }
     ));
     assert!(db
-        .update_operation_progress(Uuid::new_v4(), 1, 2, None)
+        .update_operation_progress(Uuid::new_v4(), 1, 2)
         .await
         .unwrap_err()
         .is_not_found());

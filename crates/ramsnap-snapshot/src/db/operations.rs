@@ -1,7 +1,7 @@
 //! Long-running operations: their progress and outcome, and the client
 //! request ids that make starting one idempotent.
 
-use super::sagas::{bind_owner, check_owner, owned_by, SagaOwner};
+use super::sagas::{bind_owner, check_owner, owned_by};
 use super::{decode_error, now_ms, to_bigint, Database, DbError, NewSaga, RowExt, Saga, SagaNodeEventType};
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
@@ -248,15 +248,15 @@ impl Database {
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
-    /// Writes an operation's progress; with `owner`, only while that saga
-    /// is owned at that generation ([`DbError::StaleOwner`] after).
+    /// Writes an operation's progress; on a saga's handle, only while the
+    /// saga is owned at its generation ([`DbError::StaleOwner`] after).
     pub async fn update_operation_progress(
         &self,
         id: Uuid,
         processed: u64,
         total: u64,
-        owner: Option<SagaOwner>,
     ) -> Result<(), DbError> {
+        let owner = self.owner;
         let mut conn = self.writer().acquire().await?;
         let query = sqlx::query(sql!(
             "UPDATE operations SET progress_processed = $2, progress_total = $3, updated_at = $4 \

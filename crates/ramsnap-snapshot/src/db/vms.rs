@@ -233,19 +233,11 @@ impl Database {
     /// Takes the VM lock for `operation_id`. Taking it again for the same
     /// operation succeeds (a replayed saga step); if another operation holds
     /// it, fails with [`DbError::VmLocked`] naming the holder.
-    pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
-        self.try_lock_vm_as(vm_id, operation_id, None).await
-    }
-
-    /// [`Database::try_lock_vm`] for a saga owned at a generation: refused
-    /// with [`DbError::StaleOwner`] once another replica has adopted it (a
+    /// On a saga's handle ([`Database::for_saga`]), refused with
+    /// [`DbError::StaleOwner`] once another replica has adopted the saga (a
     /// stale owner must not lock a VM whose saga the adopter has ended).
-    pub async fn try_lock_vm_as(
-        &self,
-        vm_id: Uuid,
-        operation_id: Uuid,
-        owner: Option<SagaOwner>,
-    ) -> Result<(), DbError> {
+    pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
+        let owner = self.owner;
         // A saga's lock node usually finds the lock taken for it when its
         // operation was accepted: one read, no write.
         if self.get_vm(vm_id).await?.lock_operation_id == Some(operation_id) {
@@ -261,19 +253,11 @@ impl Database {
     /// Releases the VM lock if `operation_id` holds it. Returns whether it
     /// did; releasing a lock not held (or of a VM that is gone) is not an
     /// error, so that undo steps can repeat.
+    /// On a saga's handle, refused with [`DbError::StaleOwner`] once another
+    /// replica has adopted the saga (a stale owner must not unlock a VM the
+    /// adopter is still changing).
     pub async fn unlock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<bool, DbError> {
-        self.unlock_vm_as(vm_id, operation_id, None).await
-    }
-
-    /// [`Database::unlock_vm`] for a saga owned at a generation: refused
-    /// with [`DbError::StaleOwner`] once another replica has adopted it (a
-    /// stale owner must not unlock a VM the adopter is still changing).
-    pub async fn unlock_vm_as(
-        &self,
-        vm_id: Uuid,
-        operation_id: Uuid,
-        owner: Option<SagaOwner>,
-    ) -> Result<bool, DbError> {
+        let owner = self.owner;
         let mut conn = self.writer().acquire().await?;
         let result = sqlx::query(sql!(
             "UPDATE vms SET lock_operation_id = NULL, updated_at = $3 \

@@ -123,14 +123,14 @@ fn image_unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, St
 /// Takes the VM's lock for this operation (idempotent for the holder).
 pub async fn lock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
     cx.db()
-        .try_lock_vm_as(vm_id, cx.operation_id, Some(cx.owner()))
+        .try_lock_vm(vm_id, cx.operation_id)
         .await
         .map_err(db_status)
 }
 
 pub async fn unlock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
     cx.db()
-        .unlock_vm_as(vm_id, cx.operation_id, Some(cx.owner()))
+        .unlock_vm(vm_id, cx.operation_id)
         .await
         .map_err(db_status)?;
     cx.app.notify_vm(vm_id);

@@ -729,12 +729,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let p: Params = cx.params()?;
-        match cx
-            .app
-            .db
-            .unlock_vm_as(p.vm_id, cx.operation_id, Some(cx.owner()))
-            .await
-        {
+        match cx.app.db.unlock_vm(p.vm_id, cx.operation_id).await {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(db_status(e)),
