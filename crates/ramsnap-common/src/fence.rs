@@ -54,14 +54,35 @@ pub fn current() -> Option<Fence> {
     CURRENT.try_with(|f| *f).ok()
 }
 
+/// The metadata that carries the domain-writer generation a storage call
+/// is made under (see [`Stamp::writer`]).
+pub const WRITER_HEADER: &str = "ramsnap-domain-writer";
+
 /// The coordinator's client interceptor: stamps each request with the
 /// current fence (see [`scope`]); requests made outside a saga go as they
-/// are.
+/// are. A client made for a storage domain's metadata writer
+/// ([`Stamp::writer`]) also stamps the writer generation it was chosen
+/// under, which the storage agent checks against the one recorded on the
+/// domain.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Stamp;
+pub struct Stamp {
+    writer: Option<i64>,
+}
+
+impl Stamp {
+    /// Stamps the domain-writer generation too.
+    pub fn writer(generation: i64) -> Stamp {
+        Stamp {
+            writer: Some(generation),
+        }
+    }
+}
 
 impl tonic::service::Interceptor for Stamp {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(g) = self.writer {
+            req.metadata_mut().insert(WRITER_HEADER, MetadataValue::from(g));
+        }
         if let Some(f) = current() {
             let md = req.metadata_mut();
             md.insert(
@@ -109,6 +130,26 @@ pub fn from_headers(headers: &http::HeaderMap) -> Result<Option<Fence>, Status> 
             status::invalid_argument(GENERATION_HEADER, "not a generation (an integer of at least 0)")
         })?;
     Ok(Some(Fence { saga, generation }))
+}
+
+/// Reads a storage call's domain-writer generation: None without one;
+/// INVALID_ARGUMENT naming the header when it is not an integer of at
+/// least 0.
+pub fn writer_from(metadata: &tonic::metadata::MetadataMap) -> Result<Option<i64>, Status> {
+    let Some(v) = metadata.get(WRITER_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|g| *g >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            status::invalid_argument(
+                WRITER_HEADER,
+                "not a writer generation (an integer of at least 0)",
+            )
+        })
 }
 
 /// An agent's table: the highest generation seen per saga.

@@ -93,16 +93,26 @@ impl App {
     /// [`ramsnap_common::fence`]).
     pub fn host_client(&self, host: &db::Host) -> Result<HostServiceClient<AgentChannel>, Status> {
         Ok(
-            HostServiceClient::with_interceptor(self.channel(&host.host_address)?, fence::Stamp)
+            HostServiceClient::with_interceptor(self.channel(&host.host_address)?, fence::Stamp::default())
                 .max_decoding_message_size(64 << 20),
         )
     }
 
-    /// A storage agent's client, fenced as [`App::host_client`].
+    /// A storage agent's client, fenced as [`App::host_client`], for
+    /// reads and for what stays on the host (prepare, teardown); metadata
+    /// changes go through [`App::on_domain_writer`].
     pub fn storage_client(&self, host: &db::Host) -> Result<StorageServiceClient<AgentChannel>, Status> {
+        self.storage_client_stamped(host, fence::Stamp::default())
+    }
+
+    pub(crate) fn storage_client_stamped(
+        &self,
+        host: &db::Host,
+        stamp: fence::Stamp,
+    ) -> Result<StorageServiceClient<AgentChannel>, Status> {
         // VM descriptors (OVF) may be up to 16 MiB each.
         Ok(
-            StorageServiceClient::with_interceptor(self.channel(&host.storage_address)?, fence::Stamp)
+            StorageServiceClient::with_interceptor(self.channel(&host.storage_address)?, stamp)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )

@@ -46,6 +46,7 @@ mod replicas;
 mod sagas;
 mod snapshots;
 mod vms;
+mod writers;
 
 pub use clusters::{Cluster, CompatibilityVersion, NewCluster};
 pub use hosts::{Host, NewHost};

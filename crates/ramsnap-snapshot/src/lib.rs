@@ -13,6 +13,7 @@ pub mod saga;
 pub mod sagas;
 pub mod service;
 pub mod status;
+pub mod writers;
 
 use app::App;
 use ramsnap_common::limits::MessageLimits;

@@ -1177,7 +1177,7 @@ fn busy(s: &Status) -> bool {
 /// Whether a call that ended with this (unknown-outcome) status may have
 /// reached the agent: anything but a refused connection or a busy refusal
 /// may have.
-fn may_have_arrived(s: &Status) -> bool {
+pub(crate) fn may_have_arrived(s: &Status) -> bool {
     if busy(s) {
         return false;
     }

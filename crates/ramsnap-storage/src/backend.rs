@@ -59,6 +59,11 @@ pub trait Backend: Send + Sync + 'static {
     fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>>;
     /// Where the domain keeps VM descriptors: Some on EXPORT domains only.
     fn descriptors(&self) -> Option<DescriptorStore>;
+    /// The highest metadata-writer generation recorded on the domain; 0
+    /// when none was (see [`crate::storage::Storage::admit_writer`]).
+    fn writer_generation(&self) -> Result<i64>;
+    /// Records `generation` on the domain in place of `previous`.
+    fn set_writer_generation(&self, previous: i64, generation: i64) -> Result<()>;
     /// The volume that a create (or copy) with request id `request` made,
     /// whatever its legality: its metadata records the request. The
     /// default looks at every volume of the domain.

@@ -515,6 +515,25 @@ impl Backend for BlockDomain {
         lvm::vg_change_tags(&self.vg, &expired, &[tag])
     }
 
+    /// A VG tag, `RS_WRITER_<generation>`: in the VG's own metadata, which
+    /// every host reads from the LUN.
+    fn writer_generation(&self) -> Result<i64> {
+        Ok(lvm::vg_info(&self.vg)?
+            .tags
+            .iter()
+            .filter_map(|t| t.strip_prefix(WRITER_TAG)?.parse::<i64>().ok())
+            .max()
+            .unwrap_or(0))
+    }
+
+    fn set_writer_generation(&self, previous: i64, generation: i64) -> Result<()> {
+        let remove: Vec<String> = (previous > 0)
+            .then(|| format!("{WRITER_TAG}{previous}"))
+            .into_iter()
+            .collect();
+        lvm::vg_change_tags(&self.vg, &remove, &[format!("{WRITER_TAG}{generation}")])
+    }
+
     fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>> {
         Ok(lvm::vg_info(&self.vg)?
             .tags
@@ -524,6 +543,8 @@ impl Backend for BlockDomain {
             .map(|(_, _, survivor)| survivor))
     }
 }
+
+const WRITER_TAG: &str = "RS_WRITER_";
 
 /// `RS_DEL_<request>_<unix secs>[_<survivor>]`
 fn parse_delete_tag(tag: &str) -> Option<(Uuid, i64, Option<Uuid>)> {

@@ -4,6 +4,7 @@
 //! ```text
 //! <location>/<domain-id>/dom_md/metadata          domain metadata (JSON)
 //! <location>/<domain-id>/dom_md/deleted/<req-id>  completed delete requests
+//! <location>/<domain-id>/dom_md/writer            metadata-writer generation
 //! <location>/<domain-id>/images/<image>/<volume>  volume data (raw or qcow2)
 //! <location>/<domain-id>/images/<image>/<volume>.meta  volume metadata (JSON)
 //! <location>/<domain-id>/master/vms/<vm>/<vm>.ovf   VM descriptors (EXPORT only)
@@ -470,6 +471,29 @@ impl Backend for FileDomain {
         Ok(self
             .read_volume(image, volume)?
             .filter(|v| v.meta.request_id == Some(request)))
+    }
+
+    /// `dom_md/writer`: the generation, as text.
+    fn writer_generation(&self) -> Result<i64> {
+        let path = self.dir.join("dom_md/writer");
+        match fs::read_to_string(&path) {
+            Ok(s) => s
+                .trim()
+                .parse::<i64>()
+                .map_err(|e| StorageError::CorruptMetadata {
+                    subject: path.display().to_string(),
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_writer_generation(&self, _previous: i64, generation: i64) -> Result<()> {
+        write_atomic(
+            &self.dir.join("dom_md/writer"),
+            format!("{generation}\n").as_bytes(),
+        )
     }
 
     fn delete_recorded(&self, request: Uuid) -> Result<Option<Option<Uuid>>> {

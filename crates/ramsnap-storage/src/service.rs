@@ -118,6 +118,17 @@ fn to_domain(d: DomainInfo) -> pb::StorageDomain {
     }
 }
 
+/// Admits a metadata change on `domain` when the call names the domain-
+/// writer generation it was made under (the coordinator's calls do; see
+/// [`Storage::admit_writer`]). A call without one (an operator's) is not
+/// checked: the one-writer rule is the coordinator's.
+async fn admit_writer(storage: &Storage, writer: Option<i64>, domain: uuid::Uuid) -> Result<(), Status> {
+    match writer {
+        Some(g) => Ok(storage.admit_writer(domain, g).await?),
+        None => Ok(()),
+    }
+}
+
 pub fn to_volume(v: model::Volume) -> pb::Volume {
     let m = &v.meta;
     pb::Volume {
@@ -207,6 +218,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let new = NewVolume {
             request_id: parse_optional_id("request_id", &req.request_id)?,
@@ -220,6 +232,7 @@ impl StorageService for StorageApi {
             parent: parse_optional_id("parent_volume_id", &req.parent_volume_id)?,
             description: req.description,
         };
+        admit_writer(&self.storage, writer, new.domain).await?;
         let v = self.storage.create_volume(new).await?;
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(to_volume(v)),
@@ -230,20 +243,18 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::CreateMemoryVolumesRequest>,
     ) -> Result<Response<pb::CreateMemoryVolumesResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let mode = match enum_value::<pb::MemoryDumpMode>("mode", req.mode)? {
             pb::MemoryDumpMode::Unspecified | pb::MemoryDumpMode::Live => DumpMode::Live,
             pb::MemoryDumpMode::Paused => DumpMode::Paused,
         };
+        let domain = parse_id("domain_id", &req.domain_id)?;
+        let request_id = parse_optional_id("request_id", &req.request_id)?;
+        admit_writer(&self.storage, writer, domain).await?;
         let (dump, metadata) = self
             .storage
-            .create_memory_volumes(
-                parse_optional_id("request_id", &req.request_id)?,
-                parse_id("domain_id", &req.domain_id)?,
-                req.memory_bytes,
-                mode,
-                req.description,
-            )
+            .create_memory_volumes(request_id, domain, req.memory_bytes, mode, req.description)
             .await?;
         Ok(Response::new(pb::CreateMemoryVolumesResponse {
             dump: Some(to_volume(dump)),
@@ -283,9 +294,11 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let request_id = parse_optional_id("request_id", &req.request_id)?;
         let r = volume_ref("ref", req.r#ref)?;
+        admit_writer(&self.storage, writer, r.domain).await?;
         self.storage.delete_volume(r, request_id).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
@@ -294,9 +307,11 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::MergeVolumeRequest>,
     ) -> Result<Response<pb::MergeVolumeResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let request_id = parse_optional_id("request_id", &req.request_id)?;
         let r = volume_ref("ref", req.r#ref)?;
+        admit_writer(&self.storage, writer, r.domain).await?;
         let child = self.storage.merge_volume(r, request_id).await?;
         Ok(Response::new(pb::MergeVolumeResponse {
             child: Some(to_volume(child)),
@@ -306,6 +321,7 @@ impl StorageService for StorageApi {
     type CopyVolumeStream = CopyStream;
 
     async fn copy_volume(&self, req: Request<pb::CopyVolumeRequest>) -> Result<Response<CopyStream>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let copy = CopyRequest {
             request_id: parse_optional_id("request_id", &req.request_id)?,
@@ -332,6 +348,7 @@ impl StorageService for StorageApi {
                 }
             },
         };
+        admit_writer(&self.storage, writer, copy.target_domain).await?;
         let mut rx = self.storage.copy_volume(copy).await?;
         let stream = async_stream::try_stream! {
             loop {
@@ -378,9 +395,11 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::PutVmDescriptorRequest>,
     ) -> Result<Response<pb::PutVmDescriptorResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let domain = parse_id("domain_id", &req.domain_id)?;
         let vm = parse_id("vm_id", &req.vm_id)?;
+        admit_writer(&self.storage, writer, domain).await?;
         let d = self.storage.put_vm_descriptor(domain, vm, req.ovf).await?;
         Ok(Response::new(pb::PutVmDescriptorResponse {
             descriptor: Some(to_descriptor(d)),
@@ -419,9 +438,11 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::DeleteVmDescriptorRequest>,
     ) -> Result<Response<pb::DeleteVmDescriptorResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
         let req = req.into_inner();
         let domain = parse_id("domain_id", &req.domain_id)?;
         let vm = parse_id("vm_id", &req.vm_id)?;
+        admit_writer(&self.storage, writer, domain).await?;
         self.storage.delete_vm_descriptor(domain, vm).await?;
         Ok(Response::new(pb::DeleteVmDescriptorResponse {}))
     }

@@ -67,6 +67,9 @@ struct Domain {
     /// volume changes: a Delete must not remove a VM directory between a
     /// Put's mkdir and its rename, and a large Put must not hold up volumes.
     descriptor_lock: Mutex<()>,
+    /// Serializes [`Storage::admit_writer`]'s read and record of the
+    /// writer generation within the process.
+    writer: Mutex<()>,
 }
 
 /// Locks by key (an image, a request id) over a fixed set of stripes: two
@@ -203,6 +206,7 @@ impl Storage {
                 lock: AsyncRwLock::new(()),
                 creates: KeyedLocks::default(),
                 descriptor_lock: Mutex::new(()),
+                writer: Mutex::new(()),
             })
         });
         id
@@ -216,6 +220,38 @@ impl Storage {
             .get(&id)
             .cloned()
             .ok_or(StorageError::DomainNotFound(id))
+    }
+
+    /// Admits a metadata change on `domain` made under domain-writer
+    /// generation `generation` (the coordinator's choice of this host as the
+    /// domain's one metadata writer; see `ramsnap_snapshot::writers`).
+    /// The highest generation is recorded on the domain itself, where every
+    /// host sees it: a call under a lower one comes from a writer that was
+    /// replaced and is refused with FAILED_PRECONDITION `STALE_WRITER`; a
+    /// higher one is recorded. Read on every call, never cached: the
+    /// replacing writer is another process, on another host.
+    pub async fn admit_writer(&self, domain: Uuid, generation: i64) -> Result<()> {
+        let d = self.domain(domain)?;
+        let _one = d.writer.lock().await;
+        let backend = d.backend.clone();
+        blocking(move || {
+            let recorded = backend.writer_generation()?;
+            if generation < recorded {
+                return Err(StorageError::precondition(
+                    "STALE_WRITER",
+                    format!("storage_domain/{domain}"),
+                    format!(
+                        "this host was the metadata writer of storage domain {domain} under generation \
+                         {generation}; generation {recorded} has replaced it"
+                    ),
+                ));
+            }
+            if generation > recorded {
+                backend.set_writer_generation(recorded, generation)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Attaches a domain: adopts the one already at `location`, or lays out

@@ -223,7 +223,6 @@ pub async fn ensure_cow_volume(
     request_id: Uuid,
     description: String,
 ) -> Result<VolumeRef, Status> {
-    let mut client = cx.app.storage_client(host)?;
     let req = storage::CreateVolumeRequest {
         request_id: request_id.to_string(),
         domain_id: domain_id.to_string(),
@@ -236,8 +235,12 @@ pub async fn ensure_cow_volume(
         parent_volume_id: parent.map(|p| p.to_string()).unwrap_or_default(),
         description,
     };
-    let v = client
-        .create_volume(req)
+    let v = cx
+        .app
+        .on_domain_writer(&req.domain_id, host, |mut c| {
+            let req = req.clone();
+            async move { c.create_volume(req).await }
+        })
         .await
         .map_err(|s| downstream("creating a disk volume", s))?;
     from_wire_ref(v.into_inner().volume.as_ref().and_then(|v| v.r#ref.as_ref()))
@@ -250,11 +253,14 @@ pub async fn delete_volume(
     v: &db::VolumeRef,
     request_id: Uuid,
 ) -> Result<(), Status> {
-    let mut storage = app.storage_client(host)?;
-    match storage
-        .delete_volume(storage::DeleteVolumeRequest {
-            request_id: request_id.to_string(),
-            r#ref: Some(to_wire_ref(v)),
+    let req = storage::DeleteVolumeRequest {
+        request_id: request_id.to_string(),
+        r#ref: Some(to_wire_ref(v)),
+    };
+    match app
+        .on_domain_writer(&v.domain_id.to_string(), host, |mut c| {
+            let req = req.clone();
+            async move { c.delete_volume(req).await }
         })
         .await
     {
@@ -521,9 +527,12 @@ pub async fn copy_volume(
     done: u64,
     total: u64,
 ) -> Result<Copied, Status> {
-    let mut client = cx.app.storage_client(host)?;
-    let mut stream = client
-        .copy_volume(req)
+    let mut stream = cx
+        .app
+        .on_domain_writer(&req.target_domain_id, host, |mut c| {
+            let req = req.clone();
+            async move { c.copy_volume(req).await }
+        })
         .await
         .map_err(|s| downstream("copying a volume", s))?
         .into_inner();

@@ -152,7 +152,14 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 mode: mode as i32,
                 description: format!("memory of snapshot {} of VM {}", snapshot_id(cx)?, vm.name),
             };
-            match client.create_memory_volumes(req).await {
+            let made = cx
+                .app
+                .on_domain_writer(&req.domain_id, &host, |mut c| {
+                    let req = req.clone();
+                    async move { c.create_memory_volumes(req).await }
+                })
+                .await;
+            match made {
                 Ok(r) => {
                     let r = r.into_inner();
                     let m = MemoryVolume {
@@ -203,7 +210,6 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     async move {
         let (vm, host) = vm_and_host(cx).await?;
         let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
-        let mut client = cx.app.storage_client(&host)?;
         let mut out = Vec::new();
         for d in &active.disks {
             let overlay_id = cx.stable_id(&format!("overlay/{}", d.disk_id));
@@ -221,8 +227,12 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 parent_volume_id: d.volume.volume_id.to_string(),
                 description: format!("active layer after snapshot {}", snapshot_id(cx)?),
             };
-            let v = client
-                .create_volume(req)
+            let v = cx
+                .app
+                .on_domain_writer(&req.domain_id, &host, |mut c| {
+                    let req = req.clone();
+                    async move { c.create_volume(req).await }
+                })
                 .await
                 .map_err(|s| downstream("creating a disk overlay", s))?;
             let overlay = from_wire_ref(v.into_inner().volume.as_ref().and_then(|v| v.r#ref.as_ref()))?;

@@ -276,19 +276,23 @@ fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
-        let mut client = cx.app.storage_client(&host)?;
         for (i, d) in plan.disks.iter().enumerate() {
             let request_id = cx.stable_id(&format!("merge/{}", d.disk_id));
             cx.progress(i as u64, plan.disks.len() as u64).await;
             match d.step {
                 Step::Merge => {
-                    match client
-                        .merge_volume(storage::MergeVolumeRequest {
-                            request_id: request_id.to_string(),
-                            r#ref: Some(to_wire_ref(&d.volume)),
+                    let req = storage::MergeVolumeRequest {
+                        request_id: request_id.to_string(),
+                        r#ref: Some(to_wire_ref(&d.volume)),
+                    };
+                    let merged = cx
+                        .app
+                        .on_domain_writer(&d.volume.domain_id.to_string(), &host, |mut c| {
+                            let req = req.clone();
+                            async move { c.merge_volume(req).await }
                         })
-                        .await
-                    {
+                        .await;
+                    match merged {
                         Ok(_) => {}
                         // Merged before (the journal answers with the child;
                         // NOT_FOUND only if the volume is gone all the same).

@@ -575,13 +575,16 @@ fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 }
 
 pub async fn delete_descriptor(app: &App, h: &db::Host, domain_id: Uuid, vm_id: Uuid) -> Result<(), Status> {
-    app.storage_client(h)?
-        .delete_vm_descriptor(storage::DeleteVmDescriptorRequest {
-            domain_id: domain_id.to_string(),
-            vm_id: vm_id.to_string(),
-        })
-        .await
-        .map_err(|s| downstream("deleting a VM descriptor", s))?;
+    let req = storage::DeleteVmDescriptorRequest {
+        domain_id: domain_id.to_string(),
+        vm_id: vm_id.to_string(),
+    };
+    app.on_domain_writer(&req.domain_id, h, |mut c| {
+        let req = req.clone();
+        async move { c.delete_vm_descriptor(req).await }
+    })
+    .await
+    .map_err(|s| downstream("deleting a VM descriptor", s))?;
     Ok(())
 }
 
@@ -778,12 +781,15 @@ fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .validate()
             .map_err(|e| Status::internal(format!("the descriptor this export wrote is invalid: {e}")))?;
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
+        let req = storage::PutVmDescriptorRequest {
+            domain_id: p.export_domain_id.to_string(),
+            vm_id: p.vm_id.to_string(),
+            ovf: plan.ovf.to_xml(),
+        };
         cx.app
-            .storage_client(&h)?
-            .put_vm_descriptor(storage::PutVmDescriptorRequest {
-                domain_id: p.export_domain_id.to_string(),
-                vm_id: p.vm_id.to_string(),
-                ovf: plan.ovf.to_xml(),
+            .on_domain_writer(&req.domain_id, &h, |mut c| {
+                let req = req.clone();
+                async move { c.put_vm_descriptor(req).await }
             })
             .await
             .map_err(|s| downstream("writing the VM's descriptor", s))?;
