@@ -245,16 +245,29 @@ mod tests {
     fn headers_round_trip_and_bad_ones_name_the_field() {
         use tonic::service::Interceptor;
         let saga = Uuid::new_v4();
-        let outside = Stamp.call(Request::new(())).unwrap();
+        let outside = Stamp::default().call(Request::new(())).unwrap();
         assert!(from_headers(&outside.metadata().clone().into_headers())
             .unwrap()
             .is_none());
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let stamped = rt.block_on(scope(fence(saga, 4), async {
-            Stamp.call(Request::new(())).unwrap()
+            Stamp::default().call(Request::new(())).unwrap()
         }));
         let got = from_headers(&stamped.metadata().clone().into_headers()).unwrap();
         assert_eq!(got, Some(fence(saga, 4)));
+        assert_eq!(writer_from(stamped.metadata()).unwrap(), None);
+
+        // The domain-writer generation, on its own or beside the fence.
+        let writer = Stamp::writer(9).call(Request::new(())).unwrap();
+        assert_eq!(writer_from(writer.metadata()).unwrap(), Some(9));
+        for bad in ["-1", "x", "99999999999999999999"] {
+            let mut r = Request::new(());
+            r.metadata_mut().insert(WRITER_HEADER, bad.parse().unwrap());
+            let s = writer_from(r.metadata()).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{bad}");
+            use tonic_types::StatusExt;
+            assert_eq!(s.get_error_details().bad_request().unwrap().field_violations[0].field, WRITER_HEADER);
+        }
 
         let field = |pairs: &[(&'static str, &'static str)]| {
             let mut h = http::HeaderMap::new();
