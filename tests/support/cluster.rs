@@ -928,6 +928,76 @@ impl Cluster {
         p.unwrap_or_else(|| panic!("{which:?} is not a process of its own in this layout"))
     }
 
+    /// The BLOCK domain's device (the shared LUN).
+    pub fn block_device(&self) -> &Path {
+        &self
+            .loop_dev
+            .as_ref()
+            .expect("the loop device lives as long as the system")
+            .device
+    }
+
+    /// A second storage agent on this system's BLOCK device, as a second
+    /// hypervisor host on the same LUN has one: its own state and run
+    /// directories, and its own LVM system directory whose `lvm.conf` puts
+    /// LVM's locks in a directory of its own (LVM's locking is local to a
+    /// host), so nothing serializes its LVM commands with the first
+    /// agent's. It adopts the BLOCK domain at start. Drop it before the system.
+    pub async fn second_storage_agent(&self) -> Running {
+        let root = self
+            .root
+            .as_ref()
+            .expect("the system's root")
+            .path()
+            .to_path_buf();
+        let dir = subdir(&root, "storage2-");
+        let d = dir.path().to_path_buf();
+        let lvm = d.join("lvm");
+        std::fs::create_dir_all(lvm.join("lock")).expect("creating the LVM lock dir");
+        std::fs::write(
+            lvm.join("lvm.conf"),
+            format!(
+                "global {{\n    locking_dir = \"{}\"\n}}\n",
+                lvm.join("lock").display()
+            ),
+        )
+        .expect("writing lvm.conf");
+        std::fs::create_dir_all(d.join("domains")).expect("creating the file root");
+        let device = self.block_device().display().to_string();
+        let lvm_dir = lvm.display().to_string();
+        let agent = spawn_env(
+            "ramsnap-storage",
+            os_args(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                &d.join("state").display().to_string(),
+                "--run-dir",
+                &d.join("run").display().to_string(),
+                "--file-root",
+                &d.join("domains").display().to_string(),
+                "--block-device",
+                &device,
+            ]),
+            1,
+            dir,
+            &[("LVM_SYSTEM_DIR", &lvm_dir)],
+        );
+        // It adopts the domains on its --block-device at start.
+        let mut sc = StorageServiceClient::new(connect(&format!("http://{}", agent.addr)).await);
+        let listed = sc
+            .list_domains(spb::ListDomainsRequest {})
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("ListDomains on the second agent: {e}")))
+            .into_inner()
+            .domains;
+        assert!(
+            listed.iter().any(|d| d.domain_id == self.block_domain),
+            "the second agent adopted the BLOCK domain at start: {listed:?}"
+        );
+        agent
+    }
+
     // --- clients -----------------------------------------------------------
 
     pub fn clusters(&self) -> ClusterServiceClient<Channel> {

@@ -266,7 +266,10 @@ mod tests {
             let s = writer_from(r.metadata()).unwrap_err();
             assert_eq!(s.code(), tonic::Code::InvalidArgument, "{bad}");
             use tonic_types::StatusExt;
-            assert_eq!(s.get_error_details().bad_request().unwrap().field_violations[0].field, WRITER_HEADER);
+            assert_eq!(
+                s.get_error_details().bad_request().unwrap().field_violations[0].field,
+                WRITER_HEADER
+            );
         }
 
         let field = |pairs: &[(&'static str, &'static str)]| {

@@ -2568,15 +2568,24 @@ async fn metadata_changes_under_a_replaced_writer_are_refused() {
         delete.metadata_mut().insert(WRITER_HEADER, "2".parse().unwrap());
         let refused = env.client.delete_volume(delete).await.unwrap_err();
         assert_eq!(precondition_of(&refused).0, "STALE_WRITER", "{kind:?}");
-        assert_eq!(env.list(&domain).await.len(), before, "{kind:?}: nothing made, nothing deleted");
+        assert_eq!(
+            env.list(&domain).await.len(),
+            before,
+            "{kind:?}: nothing made, nothing deleted"
+        );
         let bad = env
             .client
             .create_volume(stamped(new_volume(&domain, MIB, pb::VolumeFormat::Raw), "-4"))
             .await
             .unwrap_err();
-        assert_eq!((bad.code(), field_of(&bad)), (Code::InvalidArgument, WRITER_HEADER.to_string()));
+        assert_eq!(
+            (bad.code(), field_of(&bad)),
+            (Code::InvalidArgument, WRITER_HEADER.to_string())
+        );
         // Unstamped: not checked.
-        env.create(new_volume(&domain, MIB, pb::VolumeFormat::Raw)).await.unwrap();
+        env.create(new_volume(&domain, MIB, pb::VolumeFormat::Raw))
+            .await
+            .unwrap();
     }
     // Recorded on the domains: a restarted service refuses generation 2 too.
     let config = env.config();
@@ -2588,6 +2597,10 @@ async fn metadata_changes_under_a_replaced_writer_are_refused() {
             .create_volume(stamped(new_volume(&domain, MIB, pb::VolumeFormat::Raw), "2"))
             .await
             .unwrap_err();
-        assert_eq!(precondition_of(&refused).0, "STALE_WRITER", "{kind:?} after a restart");
+        assert_eq!(
+            precondition_of(&refused).0,
+            "STALE_WRITER",
+            "{kind:?} after a restart"
+        );
     }
 }
