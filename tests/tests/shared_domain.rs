@@ -9,6 +9,8 @@
 //! Afterwards: `vgck` finds the VG clean; both agents list the same
 //! volumes, which are exactly those the coordinator's snapshots name; no
 //! extent belongs to two LVs; and only one agent made metadata changes.
+//! Then the writer's agent is killed: the role moves to the other host
+//! (generation 2 on the VG), whose VMs go on.
 use ramsnap_e2e::cluster::{Cluster, Db, Process};
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::storage::v1 as spb;
@@ -280,6 +282,35 @@ async fn two_hosts_on_one_block_domain(db: Db) {
         (first_changes == 0) != (second_changes == 0),
         "exactly one agent changes the domain's metadata: {first_changes} and {second_changes}"
     );
+    let (ok, tags, stderr) = lvm(&["vgs", "--noheadings", "-o", "vg_tags", &vg]);
+    assert!(ok && tags.contains("RS_WRITER_1"), "the writer generation on the VG: {tags} {stderr}");
+
+    // The writer's agent dies: the role moves to the host that next needs
+    // it, one generation up, recorded on the VG; that host's VMs go on.
+    let mut second = second;
+    let (survivor_cluster, mut survivor) = if first_changes > 0 {
+        c.process(Process::StorageAgent).kill();
+        (cluster_b.clone(), second_client)
+    } else {
+        second.kill();
+        (c.cluster_id.clone(), first)
+    };
+    let kept_vm = vm_life(&c, &survivor_cluster, "after-failover".into(), false)
+        .await
+        .expect("kept");
+    let (ok, tags, stderr) = lvm(&["vgs", "--noheadings", "-o", "vg_tags", &vg]);
+    assert!(
+        ok && tags.contains("RS_WRITER_2") && !tags.contains("RS_WRITER_1"),
+        "the role moved to generation 2: {tags} {stderr}"
+    );
+    for s in c.list_snapshots(&kept_vm).await {
+        for d in s.disks {
+            named.insert(d.volume.expect("a snapshot disk's volume").volume_id);
+        }
+    }
+    assert_eq!(volumes_on(&mut survivor, &vg).await, named, "after the move");
+    let (ok, _, stderr) = lvm(&["vgck", &vg]);
+    assert!(ok, "vgck after the move: {stderr}");
     drop(second);
 }
 
