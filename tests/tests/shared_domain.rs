@@ -283,17 +283,20 @@ async fn two_hosts_on_one_block_domain(db: Db) {
         "exactly one agent changes the domain's metadata: {first_changes} and {second_changes}"
     );
     let (ok, tags, stderr) = lvm(&["vgs", "--noheadings", "-o", "vg_tags", &vg]);
-    assert!(ok && tags.contains("RS_WRITER_1"), "the writer generation on the VG: {tags} {stderr}");
+    assert!(
+        ok && tags.contains("RS_WRITER_1"),
+        "the writer generation on the VG: {tags} {stderr}"
+    );
 
     // The writer's agent dies: the role moves to the host that next needs
     // it, one generation up, recorded on the VG; that host's VMs go on.
     let mut second = second;
-    let (survivor_cluster, mut survivor) = if first_changes > 0 {
+    let (survivor_cluster, survivor_url, mut survivor) = if first_changes > 0 {
         c.process(Process::StorageAgent).kill();
-        (cluster_b.clone(), second_client)
+        (cluster_b.clone(), second_url.clone(), second_client)
     } else {
         second.kill();
-        (c.cluster_id.clone(), first)
+        (c.cluster_id.clone(), c.storage_url.clone(), first)
     };
     let kept_vm = vm_life(&c, &survivor_cluster, "after-failover".into(), false)
         .await
@@ -311,6 +314,58 @@ async fn two_hosts_on_one_block_domain(db: Db) {
     assert_eq!(volumes_on(&mut survivor, &vg).await, named, "after the move");
     let (ok, _, stderr) = lvm(&["vgck", &vg]);
     assert!(ok, "vgck after the move: {stderr}");
+
+    // A generation set from outside the coordinator (a direct call with a
+    // forged stamp, by a holder of the coordinator's identity): the
+    // coordinator's next change is refused, goes past it, and the VM's
+    // operations go on.
+    let mut forger = StorageServiceClient::new(ramsnap_e2e::connect_as(&survivor_url, "coordinator").await);
+    let mut forged = tonic::Request::new(spb::CreateVolumeRequest {
+        request_id: String::new(),
+        domain_id: vg.clone(),
+        image_id: String::new(),
+        volume_id: String::new(),
+        capacity_bytes: 1 << 20,
+        format: spb::VolumeFormat::Raw as i32,
+        allocation: spb::VolumeAllocation::Unspecified as i32,
+        purpose: spb::VolumePurpose::Disk as i32,
+        parent_volume_id: String::new(),
+        description: "forged".into(),
+    });
+    forged
+        .metadata_mut()
+        .insert(ramsnap_common::fence::WRITER_HEADER, "1000".parse().unwrap());
+    let made = forger
+        .create_volume(forged)
+        .await
+        .expect("the forged call")
+        .into_inner();
+    forger
+        .delete_volume(spb::DeleteVolumeRequest {
+            request_id: String::new(),
+            r#ref: made.volume.and_then(|v| v.r#ref),
+        })
+        .await
+        .expect("deleting the forged volume");
+    let resp = c
+        .snapshots_api()
+        .create_snapshot(pb::CreateSnapshotRequest {
+            request_id: request_id(),
+            vm_id: kept_vm.clone(),
+            description: "past the forged generation".into(),
+            save_memory: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| c.fail(&format!("CreateSnapshot past the forged generation: {e}")))
+        .into_inner();
+    c.succeed(resp.operation, "CreateSnapshot past the forged generation")
+        .await;
+    let (ok, tags, stderr) = lvm(&["vgs", "--noheadings", "-o", "vg_tags", &vg]);
+    assert!(
+        ok && tags.contains("RS_WRITER_1001") && !tags.contains("RS_WRITER_1000,"),
+        "the coordinator went past the forged generation: {tags} {stderr}"
+    );
     drop(second);
 }
 

@@ -21,8 +21,12 @@
 //!   `ramsnap-domain-writer`). The agent records the highest it has seen
 //!   on the domain itself (a VG tag `RS_WRITER_<n>`, or `dom_md/writer`),
 //!   read from the shared storage on every call, and refuses a lower one
-//!   with FAILED_PRECONDITION `STALE_WRITER`. A writer that was replaced
-//!   while cut off cannot start a change after it learns nothing.
+//!   with FAILED_PRECONDITION `STALE_WRITER` (its ErrorInfo carries the
+//!   recorded generation). A writer that was replaced cannot start a
+//!   change once the new one has made one. A refusal of a call made under
+//!   the generation the database still holds means the higher one was set
+//!   outside the coordinator (a direct call, a restored database): the
+//!   caller raises the database's past it and asks again.
 //! - **Moving the role**: when the writer's agent refuses connections (its
 //!   process is not there, so nothing of it is in flight) or does not know
 //!   the domain, the caller moves the role to the VM's host, one
@@ -91,9 +95,32 @@ impl App {
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut moved = false;
+        let mut raised = false;
         loop {
             let w = self.domain_writer(domain, via).await?;
             match call(w.client.clone()).await {
+                Err(s) if !raised && stale_writer(&s).is_some() => {
+                    // The domain records a higher generation than the one
+                    // this call was made under. When the database still
+                    // says this one, nobody here moved the role: the
+                    // higher one was set from outside (a direct call, a
+                    // database restored from a backup), and the writer
+                    // goes past it. Else the role moved meanwhile: read it
+                    // again.
+                    let recorded = stale_writer(&s).unwrap_or(w.generation);
+                    let raised_now = self
+                        .db
+                        .raise_domain_writer(w.domain, w.generation, recorded + 1)
+                        .await
+                        .map_err(db_status)?;
+                    if raised_now {
+                        tracing::warn!(
+                            domain = %w.domain, from = w.generation, to = recorded + 1,
+                            "the storage domain records a writer generation the coordinator did not give; going past it"
+                        );
+                    }
+                    raised = true;
+                }
                 Err(s) if !moved && w.host.id != via.id && writer_gone(&s) => {
                     tracing::warn!(
                         domain = %w.domain, from = %w.host.id, to = %via.id, generation = w.generation,
@@ -109,6 +136,17 @@ impl App {
             }
         }
     }
+}
+
+/// The generation recorded on the domain, when the writer refused the call
+/// as made under a lower one (STALE_WRITER).
+fn stale_writer(s: &Status) -> Option<i64> {
+    use tonic_types::StatusExt;
+    let details = s.get_error_details();
+    let info = details.error_info()?;
+    (s.code() == Code::FailedPrecondition && info.reason == "STALE_WRITER")
+        .then(|| info.metadata.get("recorded_generation")?.parse().ok())
+        .flatten()
 }
 
 /// The writer cannot act for the domain, and nothing it was asked is in

@@ -39,6 +39,17 @@ pub enum StorageError {
         reason_code: &'static str,
         reason: String,
     },
+    /// A metadata change made under a domain-writer generation lower than
+    /// the one recorded on the domain (see `Storage::admit_writer`).
+    #[error(
+        "this host was the metadata writer of storage domain {domain} under generation {generation}; \
+         generation {recorded} has replaced it"
+    )]
+    StaleWriter {
+        domain: Uuid,
+        generation: i64,
+        recorded: i64,
+    },
     #[error("{cmd} failed: {stderr}")]
     Tool { cmd: String, stderr: String },
     #[error("on-domain metadata of {subject} is unreadable: {reason}")]
@@ -92,6 +103,25 @@ impl From<StorageError> for Status {
                 subject,
                 reason,
             } => status::failed_precondition(kind, &subject, reason),
+            e @ StorageError::StaleWriter { domain, recorded, .. } => {
+                // The recorded generation, for a coordinator whose own is
+                // behind it (set outside the coordinator) to go past.
+                use tonic_types::{ErrorDetails, StatusExt};
+                let mut details = ErrorDetails::with_precondition_failure_violation(
+                    "STALE_WRITER",
+                    format!("storage_domain/{domain}"),
+                    e.to_string(),
+                );
+                details.set_error_info(
+                    "STALE_WRITER",
+                    "ramsnap.storage",
+                    std::collections::HashMap::from([(
+                        "recorded_generation".to_string(),
+                        recorded.to_string(),
+                    )]),
+                );
+                Status::with_error_details(tonic::Code::FailedPrecondition, e.to_string(), details)
+            }
             StorageError::PermissionDenied {
                 resource,
                 name,

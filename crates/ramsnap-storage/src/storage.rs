@@ -237,14 +237,11 @@ impl Storage {
         blocking(move || {
             let recorded = backend.writer_generation()?;
             if generation < recorded {
-                return Err(StorageError::precondition(
-                    "STALE_WRITER",
-                    format!("storage_domain/{domain}"),
-                    format!(
-                        "this host was the metadata writer of storage domain {domain} under generation \
-                         {generation}; generation {recorded} has replaced it"
-                    ),
-                ));
+                return Err(StorageError::StaleWriter {
+                    domain,
+                    generation,
+                    recorded,
+                });
             }
             if generation > recorded {
                 backend.set_writer_generation(recorded, generation)?;

@@ -51,4 +51,20 @@ impl Database {
         .await?;
         Ok(done.rows_affected() == 1)
     }
+
+    /// Raises the writer's generation from `from` to `to` (the writer
+    /// stays), when a higher one than the database's was recorded on the
+    /// domain from outside the coordinator. False when it had changed.
+    pub async fn raise_domain_writer(&self, domain: Uuid, from: i64, to: i64) -> Result<bool, DbError> {
+        let done = sqlx::query(
+            "UPDATE domain_writers SET generation = $1, assigned_at = $2 WHERE domain_id = $3 AND generation = $4",
+        )
+        .bind(to)
+        .bind(now_ms())
+        .bind(domain.to_string())
+        .bind(from)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
 }
