@@ -697,7 +697,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 .iter()
                 .find(|e| e.event_type == SagaNodeEventType::Failed)
                 .and_then(|e| e.data.clone())
-                .map(status_from_json)
+                .map(|v| Status::from(crate::error::Error::from_json(v)))
                 .unwrap_or_else(|| Status::aborted("unwound after a restart"));
             let cancelled = failure.code() == Code::Cancelled;
             self.unwind(&def, &cx, &has).await?;
@@ -833,7 +833,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                             cx,
                             i,
                             SagaNodeEventType::Failed,
-                            Some(status_to_json(&status)),
+                            Some(crate::error::Error::from(&status).to_json()),
                         ));
                         self.db
                             .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
@@ -983,7 +983,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 } else {
                     OperationState::Failed
                 };
-                let error = crate::error::OperationError::from_status(&status).encode();
+                let error = crate::error::Error::from(&status).encode();
                 self.db
                     .finish_saga(
                         (cx.saga_id, cx.generation),
@@ -1185,41 +1185,6 @@ pub(crate) fn may_have_arrived(s: &Status) -> bool {
     !(m.contains("tcp connect error")
         || m.contains("error trying to connect")
         || m.contains("Connection refused"))
-}
-
-/// The first precondition violation of a status: (type, subject).
-fn precondition(s: &Status) -> Option<(String, String)> {
-    s.get_error_details().precondition_failure().and_then(|p| {
-        p.violations
-            .first()
-            .map(|v| (v.r#type.clone(), v.subject.clone()))
-    })
-}
-
-/// A failed node's status as the log keeps it: code, message and the
-/// precondition kind, so that the operation still names it after a restart.
-fn status_to_json(s: &Status) -> Value {
-    let mut v = serde_json::json!({"code": s.code() as i32, "message": s.message()});
-    if let Some((kind, subject)) = precondition(s) {
-        v["precondition"] = serde_json::json!({"type": kind, "subject": subject});
-    }
-    v
-}
-
-fn status_from_json(v: Value) -> Status {
-    let code = v.get("code").and_then(|c| c.as_i64()).unwrap_or(2) as i32;
-    let message = v
-        .get("message")
-        .and_then(|m| m.as_str())
-        .unwrap_or("")
-        .to_string();
-    let p = &v["precondition"];
-    match (p["type"].as_str(), p["subject"].as_str()) {
-        (Some(kind), Some(subject)) if code == Code::FailedPrecondition as i32 => {
-            ramsnap_common::status::failed_precondition(kind, subject, message)
-        }
-        _ => Status::new(Code::from_i32(code), message),
-    }
 }
 
 /// How long a replica's lease lasts unless set otherwise: the time after

@@ -222,7 +222,7 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
     let fingerprint = request_id.as_ref().map(|_| s.request.fingerprint.as_str());
     let locked = s.vm_id.filter(|_| s.lock_vm);
     let locked_error = |holder: Uuid| {
-        crate::error::OperationError::from_status(&vm_locked(locked.unwrap_or_default(), holder)).encode()
+        crate::error::Error::from_status(&vm_locked(locked.unwrap_or_default(), holder)).encode()
     };
     match app
         .db
@@ -250,7 +250,7 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
 }
 
 pub fn to_operation(op: &db::Operation) -> pb::Operation {
-    let error = op.error.as_deref().map(crate::error::OperationError::decode);
+    let error = op.error.as_deref().map(crate::error::Error::decode);
     let result = op.result.clone().unwrap_or(Value::Null);
     let field = |k: &str| {
         result

@@ -272,7 +272,7 @@ async fn an_error_at_any_reversible_node_unwinds_everything() {
             resources(&env, saga)
         );
         let raw = env.db.get_operation(op).await.unwrap().error.unwrap();
-        let err = ramsnap_snapshot::error::OperationError::decode(&raw);
+        let err = ramsnap_snapshot::error::Error::decode(&raw);
         assert_eq!(err.code, "INTERNAL", "{raw}");
         assert!(err.message.starts_with("injected failure"), "{raw}");
     }
