@@ -19,8 +19,10 @@ use crate::db::{Backend, Database, NewReplica, NewSaga, OperationState, Saga, Sa
 use futures::future::BoxFuture;
 use ramsnap_common::fence;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +32,40 @@ use tonic_types::StatusExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub type Forward<S> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<Value, Status>>;
+/// A node's forward action, as the executor runs it: its output in the
+/// log's form. Made from a typed [`Step`] by [`Node::new`].
+pub type Forward<S> =
+    Arc<dyn for<'a> Fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<Value, Status>> + Send + Sync>;
+/// A node's forward action as a saga writes it: it returns its output's
+/// own type.
+pub type Step<S, T> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<T, Status>>;
 pub type Undo<S> = for<'a> fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<(), Status>>;
+
+/// A node's output: its name (the node's, in the log) and its type,
+/// declared once and shared by the node that makes it ([`Node::new`]) and
+/// the nodes that read it ([`SagaCx::get`]), so that the two cannot
+/// disagree on what it is. Outputs are kept in the log as JSON.
+pub struct Output<T> {
+    pub name: &'static str,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Output<T> {
+    pub const fn new(name: &'static str) -> Output<T> {
+        Output {
+            name,
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> Clone for Output<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Output<T> {}
 
 pub struct Node<S> {
     /// Stable name: the log and the failpoints refer to nodes by it.
@@ -45,6 +79,49 @@ pub struct Node<S> {
     /// the next commit of the log. A node that calls an agent is never
     /// local: its start must be logged before the call can arrive.
     pub local: bool,
+}
+
+impl<S: Send + Sync + 'static> Node<S> {
+    /// The node that makes `output` with `forward`: named after its output,
+    /// without an undo (past the point of no return; see [`Node::undo`])
+    /// and not local (see [`Node::local`]).
+    pub fn new<T: Serialize + Send + 'static>(output: Output<T>, forward: Step<S, T>) -> Node<S> {
+        let name = output.name;
+        Node {
+            name,
+            forward: erase(move |cx| {
+                let step = forward(cx);
+                Box::pin(async move {
+                    let out = step.await?;
+                    serde_json::to_value(out)
+                        .map_err(|e| Status::internal(format!("node {name}: output not serializable: {e}")))
+                })
+            }),
+            undo: None,
+            local: false,
+        }
+    }
+
+    /// What undoes the node's forward action.
+    pub fn undo(mut self, undo: Undo<S>) -> Node<S> {
+        self.undo = Some(undo);
+        self
+    }
+
+    /// The node changes nothing outside the database (see the field).
+    pub fn local(mut self) -> Node<S> {
+        self.local = true;
+        self
+    }
+}
+
+/// Fixes a closure's signature as a [`Forward`]'s (higher-ranked over the
+/// context's lifetime).
+fn erase<S, F>(f: F) -> Forward<S>
+where
+    F: for<'a> Fn(&'a SagaCx<S>) -> BoxFuture<'a, Result<Value, Status>> + Send + Sync + 'static,
+{
+    Arc::new(f)
 }
 
 pub use crate::db::PendingEvent;
@@ -110,7 +187,18 @@ impl<S> SagaCx<S> {
             .map_err(|e| Status::internal(format!("saga {} has unreadable params: {e}", self.saga_id)))
     }
 
-    /// The output of an earlier node.
+    /// An earlier node's output.
+    pub fn get<T: DeserializeOwned>(&self, output: Output<T>) -> Result<T, Status> {
+        self.output(output.name)
+    }
+
+    /// An earlier node's output, if that node ran (for undo actions).
+    pub fn get_if_ran<T: DeserializeOwned>(&self, output: Output<T>) -> Option<T> {
+        self.output(output.name).ok()
+    }
+
+    /// The output of an earlier node, by name: [`SagaCx::get`] for sagas
+    /// whose nodes are not known when they are written (tests).
     pub fn output<T: DeserializeOwned>(&self, node: &str) -> Result<T, Status> {
         let v = self.outputs.lock().expect("poisoned").get(node).cloned();
         let v =

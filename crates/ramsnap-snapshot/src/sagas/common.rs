@@ -3,12 +3,11 @@ use super::vm_export::{run_copies, PlannedCopy};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_ref};
 use crate::db::{self, MemoryVolume, SnapshotType, VmStatus, VolumeRef};
-use crate::saga::{Node, SagaCx};
+use crate::saga::{Node, Output, SagaCx};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
 use ramsnap_proto::storage::v1 as storage;
-use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -28,42 +27,27 @@ pub trait OnVm: serde::de::DeserializeOwned {
 /// `lock_vm`: takes the VM's lock (with `down`, and checks that the VM is
 /// down); its undo releases it. Local: it only writes the database.
 pub fn lock_vm_node<P: OnVm>(down: bool) -> Node<App> {
-    Node {
-        name: "lock_vm",
-        forward: if down { lock_down_fwd::<P> } else { lock_fwd::<P> },
-        undo: Some(unlock_undo::<P>),
-        local: true,
-    }
+    Node::new(
+        Output::new("lock_vm"),
+        if down { lock_down_fwd::<P> } else { lock_fwd::<P> },
+    )
+    .undo(unlock_undo::<P>)
+    .local()
 }
 
 /// `image_locked`: shows the down VM as ImageLocked; its undo sets it back.
 pub fn image_lock_node<P: OnVm>() -> Node<App> {
-    Node {
-        name: "image_locked",
-        forward: image_lock_fwd::<P>,
-        undo: Some(image_unlock_undo::<P>),
-        local: false,
-    }
+    Node::new(Output::new("image_locked"), image_lock_fwd::<P>).undo(image_unlock_undo::<P>)
 }
 
 /// `image_unlocked`: the VM is Down again (past the point of no return).
 pub fn image_unlock_node<P: OnVm>() -> Node<App> {
-    Node {
-        name: "image_unlocked",
-        forward: image_unlock_fwd::<P>,
-        undo: None,
-        local: false,
-    }
+    Node::new(Output::new("image_unlocked"), image_unlock_fwd::<P>)
 }
 
 /// `unlock_vm`: the saga's last node, releasing the VM's lock.
 pub fn unlock_vm_node<P: OnVm>() -> Node<App> {
-    Node {
-        name: "unlock_vm",
-        forward: unlock_fwd::<P>,
-        undo: None,
-        local: true,
-    }
+    Node::new(Output::new("unlock_vm"), unlock_fwd::<P>).local()
 }
 
 /// The VM of a saga on one VM.
@@ -71,18 +55,18 @@ fn vm_of<P: OnVm>(cx: &SagaCx<App>) -> Result<Uuid, Status> {
     Ok(cx.params::<P>()?.vm_id())
 }
 
-fn lock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn lock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         lock_vm(cx, vm_of::<P>(cx)?).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn lock_down_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn lock_down_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         lock_down_vm(cx, vm_of::<P>(cx)?).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -92,18 +76,18 @@ pub fn unlock_undo<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status
     async move { unlock_vm(cx, vm_of::<P>(cx)?).await }.boxed()
 }
 
-fn unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         unlock_vm(cx, vm_of::<P>(cx)?).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn image_lock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn image_lock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         image_lock(cx, vm_of::<P>(cx)?).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -112,10 +96,10 @@ fn image_unlock_undo<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Stat
     async move { image_unlock(cx, vm_of::<P>(cx)?).await }.boxed()
 }
 
-fn image_unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn image_unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         image_unlock(cx, vm_of::<P>(cx)?).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

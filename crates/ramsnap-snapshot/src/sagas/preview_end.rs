@@ -9,11 +9,10 @@ use super::common::{
     release_memories, unlock_vm_node, vm_and_host, OnVm, PreviewEnd,
 };
 use crate::app::App;
-use crate::saga::{Forward, Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef, Step};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -32,7 +31,7 @@ impl OnVm for Params {
 /// its forward action) and whose clean-up node is named `cleanup`.
 pub(super) fn definition(
     name: &'static str,
-    end: (&'static str, Forward<App>),
+    end: (&'static str, Step<App, ()>),
     cleanup: &'static str,
 ) -> SagaDef<App> {
     SagaDef {
@@ -40,44 +39,28 @@ pub(super) fn definition(
         nodes: vec![
             lock_vm_node::<Params>(true),
             image_lock_node::<Params>(),
-            Node {
-                name: "plan",
-                forward: plan_fwd,
-                undo: Some(noop),
-                local: false,
-            },
+            Node::new(PLAN, plan_fwd).undo(noop),
             // Past the point of no return.
-            Node {
-                name: end.0,
-                forward: end.1,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: cleanup,
-                forward: cleanup_fwd,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new(end.0), end.1),
+            Node::new(Output::new(cleanup), cleanup_fwd),
             image_unlock_node::<Params>(),
             unlock_vm_node::<Params>(),
         ],
-        result_node: Some("plan"),
+        result_node: Some(PLAN.name),
     }
 }
 
-fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move {
-        let plan = preview_end_plan(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(serde_json::to_value(plan).expect("serializable"))
-    }
-    .boxed()
+/// What the end removes; the operation's result.
+const PLAN: Output<PreviewEnd> = Output::new("plan");
+
+fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<PreviewEnd, Status>> {
+    async move { preview_end_plan(cx, cx.params::<Params>()?.vm_id).await }.boxed()
 }
 
-fn cleanup_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn cleanup_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: PreviewEnd = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
         // The volumes no remaining snapshot reaches: a commit's PREVIEW
         // snapshot and the snapshots newer than the committed one; an
@@ -86,7 +69,7 @@ fn cleanup_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         // Their memory, unless still referenced: never the memory the
         // ACTIVE snapshot now holds.
         release_memories(cx, &host, &plan.memories).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

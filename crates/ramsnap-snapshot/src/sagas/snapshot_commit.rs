@@ -9,7 +9,6 @@ use crate::app::{db_status, App};
 use crate::saga::{SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use serde_json::Value;
 use tonic::Status;
 
 pub const NAME: &str = "snapshot_commit";
@@ -20,12 +19,12 @@ pub fn definition() -> SagaDef<App> {
     preview_end::definition(NAME, ("preview_commit", commit_fwd), "delete_removed_volumes")
 }
 
-fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         cx.db().preview_commit(p.vm_id).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

@@ -8,7 +8,7 @@ use super::common::{delete_volume, lock_vm_node, release_memory, unlock_vm_node,
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_memory, to_wire_ref};
 use crate::db::{self, MemoryVolume, NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_proto::host::v1 as host;
@@ -55,43 +55,15 @@ pub fn definition() -> SagaDef<App> {
         name: NAME,
         nodes: vec![
             lock_vm_node::<Params>(false),
-            Node {
-                name: "ids",
-                forward: ids_fwd,
-                undo: Some(noop),
-                local: true,
-            },
-            Node {
-                name: "memory_volumes",
-                forward: memory_fwd,
-                undo: Some(memory_undo),
-                local: false,
-            },
-            Node {
-                name: "overlays",
-                forward: overlays_fwd,
-                undo: Some(overlays_undo),
-                local: false,
-            },
-            Node {
-                name: "record_snapshot",
-                forward: record_fwd,
-                undo: Some(record_undo),
-                local: true,
-            },
-            Node {
-                name: "host_snapshot",
-                forward: host_fwd,
-                undo: Some(noop),
-                local: false,
-            },
+            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
+            Node::new(Output::new("memory_volumes"), memory_fwd).undo(memory_undo),
+            Node::new(Output::new("overlays"), overlays_fwd).undo(overlays_undo),
+            Node::new(Output::new("record_snapshot"), record_fwd)
+                .undo(record_undo)
+                .local(),
+            Node::new(Output::new("host_snapshot"), host_fwd).undo(noop),
             // Past the point of no return: the VM now writes to the overlays.
-            Node {
-                name: "commit",
-                forward: commit_fwd,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new("commit"), commit_fwd),
             unlock_vm_node::<Params>(),
         ],
         result_node: Some("ids"),
@@ -283,12 +255,12 @@ fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let id = snapshot_id(cx)?;
         if cx.db().get_snapshot(id).await.is_ok() {
-            return Ok(Value::Null);
+            return Ok(());
         }
         let overlays: Vec<Overlay> = cx.output("overlays")?;
         let memory = cx
@@ -311,7 +283,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             })
             .collect();
         cx.db().create_snapshot(&new, &disks).await.map_err(db_status)?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

@@ -10,7 +10,7 @@ use super::common::{
 };
 use crate::app::{db_status, App};
 use crate::db::{NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -40,25 +40,10 @@ pub fn definition() -> SagaDef<App> {
         name: NAME,
         nodes: vec![
             lock_vm_node::<Params>(true),
-            Node {
-                name: "ids",
-                forward: ids_fwd,
-                undo: Some(noop),
-                local: true,
-            },
+            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
             image_lock_node::<Params>(),
-            Node {
-                name: "overlays",
-                forward: overlays_fwd,
-                undo: Some(overlays_undo),
-                local: false,
-            },
-            Node {
-                name: "preview_begin",
-                forward: begin_fwd,
-                undo: Some(begin_undo),
-                local: false,
-            },
+            Node::new(Output::new("overlays"), overlays_fwd).undo(overlays_undo),
+            Node::new(Output::new("preview_begin"), begin_fwd).undo(begin_undo),
             image_unlock_node::<Params>(),
             unlock_vm_node::<Params>(),
         ],
@@ -138,7 +123,7 @@ fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
@@ -157,7 +142,7 @@ fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

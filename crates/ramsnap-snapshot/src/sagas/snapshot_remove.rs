@@ -23,7 +23,7 @@ use super::common::{
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{MemoryVolume, SnapshotStatus, SnapshotType, VolumeRef};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
@@ -80,37 +80,12 @@ pub fn definition() -> SagaDef<App> {
         nodes: vec![
             lock_vm_node::<Params>(true),
             image_lock_node::<Params>(),
-            Node {
-                name: "lock_snapshot",
-                forward: lock_snapshot_fwd,
-                undo: Some(lock_snapshot_undo),
-                local: false,
-            },
-            Node {
-                name: "plan",
-                forward: plan_fwd,
-                undo: Some(noop),
-                local: false,
-            },
+            Node::new(Output::new("lock_snapshot"), lock_snapshot_fwd).undo(lock_snapshot_undo),
+            Node::new(Output::new("plan"), plan_fwd).undo(noop),
             // Past the point of no return: the chains change.
-            Node {
-                name: "merge_volumes",
-                forward: merge_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "rebind_memory",
-                forward: rebind_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "remove_row",
-                forward: remove_row_fwd,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new("merge_volumes"), merge_fwd),
+            Node::new(Output::new("rebind_memory"), rebind_fwd),
+            Node::new(Output::new("remove_row"), remove_row_fwd),
             image_unlock_node::<Params>(),
             unlock_vm_node::<Params>(),
         ],
@@ -118,7 +93,7 @@ pub fn definition() -> SagaDef<App> {
     }
 }
 
-fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
@@ -158,7 +133,7 @@ fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 "the VM is previewing a snapshot; commit or undo the preview first",
             ));
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -271,7 +246,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     .boxed()
 }
 
-fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -305,7 +280,7 @@ fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         }
         cx.progress(plan.disks.len() as u64, plan.disks.len() as u64)
             .await;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -316,12 +291,12 @@ fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 /// (they show the same content), so that a restore still accepts the disks.
 /// Read first, then rewritten only if it still names a merged volume: a
 /// replay finds it rebound.
-fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
         let Some(m) = plan.memory else {
-            return Ok(Value::Null);
+            return Ok(());
         };
         let shared = cx
             .app
@@ -337,7 +312,7 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .filter_map(|d| Some((d.volume.volume_id, d.child?)))
             .collect();
         if !shared || moved.is_empty() {
-            return Ok(Value::Null);
+            return Ok(());
         }
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
         let mut client = cx.app.host_client(&host)?;
@@ -357,7 +332,7 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             Ok(r) => r.into_inner().disks,
             Err(s) if s.code() == Code::FailedPrecondition => {
                 tracing::warn!(vm = %p.vm_id, error = %s.message(), "memory not rebound after the merge");
-                return Ok(Value::Null);
+                return Ok(());
             }
             Err(s) => return Err(downstream("reading the memory's metadata", s)),
         };
@@ -381,12 +356,12 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 .await
                 .map_err(|s| downstream("rebinding the memory to the merged disks", s))?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -401,7 +376,7 @@ fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             release_memory(cx, &host, &m, "snapshot-memory").await?;
         }
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

@@ -8,7 +8,6 @@ use crate::app::{db_status, App};
 use crate::saga::{SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use serde_json::Value;
 use tonic::Status;
 
 pub const NAME: &str = "snapshot_undo";
@@ -19,12 +18,12 @@ pub fn definition() -> SagaDef<App> {
     preview_end::definition(NAME, ("preview_undo", undo_fwd), "delete_preview_volumes")
 }
 
-fn undo_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn undo_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         cx.db().preview_undo(p.vm_id).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

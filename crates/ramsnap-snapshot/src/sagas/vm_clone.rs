@@ -11,7 +11,7 @@ use super::common::{
 use crate::app::{db_status, App};
 use crate::convert::to_wire_ref;
 use crate::db::{NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
@@ -52,37 +52,19 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(unlock_undo::<Params>),
-                local: true,
-            },
-            Node {
-                name: "ids",
-                forward: ids_fwd,
-                undo: Some(noop),
-                local: true,
-            },
-            Node {
-                name: "copies",
-                forward: copies_fwd,
-                undo: Some(copies_undo),
-                local: false,
-            },
-            Node {
-                name: "record_vm",
-                forward: record_fwd,
-                undo: Some(record_undo),
-                local: false,
-            },
+            Node::new(Output::new("lock_vm"), lock_fwd)
+                .undo(unlock_undo::<Params>)
+                .local(),
+            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
+            Node::new(Output::new("copies"), copies_fwd).undo(copies_undo),
+            Node::new(Output::new("record_vm"), record_fwd).undo(record_undo),
             unlock_vm_node::<Params>(),
         ],
         result_node: Some("ids"),
     }
 }
 
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         lock_vm(cx, p.source_vm_id).await?;
@@ -95,7 +77,7 @@ fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 format!("snapshot {} is {} {}", s.id, s.snapshot_type, s.status),
             ));
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -190,7 +172,7 @@ fn copies_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let copies: Vec<DiskCopy> = cx.output("copies")?;
@@ -241,7 +223,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.new_vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

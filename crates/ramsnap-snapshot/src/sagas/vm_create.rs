@@ -4,7 +4,7 @@
 use super::common::{delete_volume, ensure_cow_volume, noop, ordered_disk_id};
 use crate::app::{db_status, App};
 use crate::db::{self, NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -40,26 +40,11 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "ids",
-                forward: ids_fwd,
-                undo: Some(noop),
-                local: true,
-            },
-            Node {
-                name: "base_volumes",
-                forward: volumes_fwd,
-                undo: Some(volumes_undo),
-                local: false,
-            },
+            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
+            Node::new(Output::new("base_volumes"), volumes_fwd).undo(volumes_undo),
             // The last step, and reversible: a name taken meanwhile fails it,
             // and the volumes go.
-            Node {
-                name: "record_vm",
-                forward: record_fwd,
-                undo: Some(record_undo),
-                local: false,
-            },
+            Node::new(Output::new("record_vm"), record_fwd).undo(record_undo),
         ],
         result_node: Some("ids"),
     }
@@ -127,7 +112,7 @@ fn volumes_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let volumes: Vec<SnapshotDisk> = cx.output("base_volumes")?;
@@ -171,7 +156,7 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

@@ -19,7 +19,7 @@ use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{self, MemoryVolume, SnapshotType, VolumeRef};
 use crate::ovf::{self, OvfDisk, OvfMemory, OvfSnapshot, OvfVm, OvfVolume, SnapshotKind};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
@@ -79,56 +79,23 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
-            Node {
-                name: "plan",
-                forward: plan_fwd,
-                undo: Some(noop),
-                local: false,
-            },
+            Node::new(Output::new("lock_vm"), lock_fwd)
+                .undo(lock_undo)
+                .local(),
+            Node::new(Output::new("plan"), plan_fwd).undo(noop),
             // Deleting an earlier export (force_override) cannot be undone;
             // it comes first so that nothing after it needs it.
-            Node {
-                name: "clear_previous",
-                forward: clear_fwd,
-                undo: Some(noop),
-                local: false,
-            },
-            Node {
-                name: "copy_disks",
-                forward: disks_fwd,
-                undo: Some(disks_undo),
-                local: false,
-            },
-            Node {
-                name: "copy_memories",
-                forward: memories_fwd,
-                undo: Some(memories_undo),
-                local: false,
-            },
-            Node {
-                name: "write_ovf",
-                forward: ovf_fwd,
-                undo: Some(ovf_undo),
-                local: false,
-            },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            Node::new(Output::new("clear_previous"), clear_fwd).undo(noop),
+            Node::new(Output::new("copy_disks"), disks_fwd).undo(disks_undo),
+            Node::new(Output::new("copy_memories"), memories_fwd).undo(memories_undo),
+            Node::new(Output::new("write_ovf"), ovf_fwd).undo(ovf_undo),
+            Node::new(Output::new("unlock_vm"), unlock_fwd).local(),
         ],
         result_node: Some("plan"),
     }
 }
 
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         lock_vm(cx, p.vm_id).await?;
@@ -139,7 +106,7 @@ fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         }
         refuse_unexportable(&cx.app, &vm).await?;
         image_lock(cx, p.vm_id).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -185,12 +152,12 @@ fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         image_unlock(cx, p.vm_id).await?;
         unlock_vm(cx, p.vm_id).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -546,14 +513,14 @@ fn images_of(ovf: &OvfVm) -> Vec<Uuid> {
     images
 }
 
-fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
         // force_override also clears what an export of this VM left without
         // a descriptor (volumes under its ids).
         if !plan.previous && !p.force_override {
-            return Ok(Value::Null);
+            return Ok(());
         }
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
         let mut images = images_of(&plan.ovf);
@@ -569,7 +536,7 @@ fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             delete_image(cx, &h, p.export_domain_id, image).await?;
         }
         delete_descriptor(&cx.app, &h, p.export_domain_id, p.vm_id).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -696,7 +663,7 @@ pub async fn run_memory_copies(
     Ok(out)
 }
 
-fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -707,7 +674,7 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         for c in &plan.copies {
             copy_own(cx, &h, c, &mut done, total, &description, EXPORT_HINT).await?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -764,7 +731,7 @@ fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let mut plan: Plan = cx.output("plan")?;
@@ -793,7 +760,7 @@ fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             })
             .await
             .map_err(|s| downstream("writing the VM's descriptor", s))?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

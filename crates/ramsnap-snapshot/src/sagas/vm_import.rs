@@ -26,7 +26,7 @@ use crate::db::{
     self, MemoryVolume, NewVm, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef,
 };
 use crate::ovf::{OvfVm, SnapshotKind};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use crate::service::limits;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -103,43 +103,13 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "plan",
-                forward: plan_fwd,
-                undo: Some(noop),
-                local: false,
-            },
-            Node {
-                name: "reserve_vm",
-                forward: reserve_fwd,
-                undo: Some(reserve_undo),
-                local: false,
-            },
-            Node {
-                name: "copy_disks",
-                forward: disks_fwd,
-                undo: Some(disks_undo),
-                local: false,
-            },
-            Node {
-                name: "copy_memories",
-                forward: memories_fwd,
-                undo: Some(memories_undo),
-                local: false,
-            },
+            Node::new(Output::new("plan"), plan_fwd).undo(noop),
+            Node::new(Output::new("reserve_vm"), reserve_fwd).undo(reserve_undo),
+            Node::new(Output::new("copy_disks"), disks_fwd).undo(disks_undo),
+            Node::new(Output::new("copy_memories"), memories_fwd).undo(memories_undo),
             // Undone by reserve_vm's undo, which deletes the VM's rows.
-            Node {
-                name: "record_vm",
-                forward: record_fwd,
-                undo: Some(noop),
-                local: false,
-            },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            Node::new(Output::new("record_vm"), record_fwd).undo(noop),
+            Node::new(Output::new("unlock_vm"), unlock_fwd).local(),
         ],
         result_node: Some("plan"),
     }
@@ -460,7 +430,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     .boxed()
 }
 
-fn reserve_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn reserve_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -499,7 +469,7 @@ fn reserve_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             Err(e) => return Err(db_status(e)),
         }
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -538,7 +508,7 @@ fn total_bytes(plan: &Plan) -> u64 {
         + plan.memories.iter().map(|(m, _)| m.capacity_bytes).sum::<u64>()
 }
 
-fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -549,7 +519,7 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         for c in &plan.copies {
             copy_own(cx, &h, c, &mut done, total, &description, IMPORT_HINT).await?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -582,7 +552,7 @@ fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -607,7 +577,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 .await
                 .map_err(|s| downstream("verifying a memory volume", s))?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -690,7 +660,7 @@ pub async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Re
     }
 }
 
-fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan: Plan = cx.output("plan")?;
@@ -721,12 +691,12 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         match cx.app.db.unlock_vm(p.vm_id, cx.operation_id).await {
@@ -735,7 +705,7 @@ fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             Err(e) => return Err(db_status(e)),
         }
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

@@ -4,7 +4,7 @@
 //! it starts deleting: a half-removed VM is of no use, so it is finished.
 use super::common::{delete_image, delete_volume, lock_down_vm, unlock_vm, vm_and_host};
 use crate::app::{db_status, App};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use crate::status;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -25,38 +25,15 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
-            Node {
-                name: "delete_disks",
-                forward: disks_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "delete_memory",
-                forward: memory_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "delete_vm",
-                forward: vm_fwd,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new("lock_vm"), lock_fwd)
+                .undo(lock_undo)
+                .local(),
+            Node::new(Output::new("delete_disks"), disks_fwd),
+            Node::new(Output::new("delete_memory"), memory_fwd),
+            Node::new(Output::new("delete_vm"), vm_fwd),
             // Last, so that the node indices of sagas logged before it
             // existed stay the same.
-            Node {
-                name: "forget_on_hosts",
-                forward: forget_fwd,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new("forget_on_hosts"), forget_fwd),
         ],
         result_node: None,
     }
@@ -85,25 +62,25 @@ async fn host_if_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<Option<crate::db::H
     }
 }
 
-fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let Some(host) = host_if_vm(cx, p.vm_id).await? else {
-            return Ok(Value::Null); // the VM row is gone: a replay of the end
+            return Ok(()); // the VM row is gone: a replay of the end
         };
         for disk in cx.db().vm_disks(p.vm_id).await.map_err(db_status)? {
             delete_image(cx, &host, disk.domain_id, disk.image_id).await?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let Some(host) = host_if_vm(cx, p.vm_id).await? else {
-            return Ok(Value::Null);
+            return Ok(());
         };
         let db = cx.db();
         let mut seen = HashSet::new();
@@ -137,18 +114,18 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             )
             .await?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn vm_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn vm_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         status::unfollow(&cx.app, p.vm_id);
         cx.db().delete_vm(p.vm_id).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -157,7 +134,7 @@ fn vm_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 /// it (its console log, `<run_dir>/<vm_id>/console.log` on the host), so
 /// that nothing of the VM is left and no host answers ReadConsole for it.
 /// Never fails the removal: a host that cannot be reached keeps the log.
-fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         // Sagas logged before the lock step named the cluster: nothing to do.
@@ -165,13 +142,13 @@ fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .maybe_output::<Value>("lock_vm")
             .and_then(|v| super::common::id_in(&v, "cluster_id").ok())
         else {
-            return Ok(Value::Null);
+            return Ok(());
         };
         let hosts = match cx.db().list_hosts(Some(cluster_id)).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(vm = %p.vm_id, error = %e, "listing the hosts to forget a removed VM");
-                return Ok(Value::Null);
+                return Ok(());
             }
         };
         for h in hosts {
@@ -189,7 +166,7 @@ fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 Err(e) => tracing::warn!(vm = %p.vm_id, host = %h.name, error = %e, "a host could not forget the removed VM"),
             }
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

@@ -16,7 +16,7 @@ use super::common::{
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
 use crate::db::{self, MemoryVolume, NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use crate::status;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -58,37 +58,12 @@ pub fn definition() -> SagaDef<App> {
             lock_vm_node::<Params>(true),
             // A stateless run that ended without StopVm (the guest shut
             // down) left its STATELESS snapshot: go back to it first.
-            Node {
-                name: "restore_stateless",
-                forward: restore_stateless_fwd,
-                undo: Some(noop),
-                local: false,
-            },
-            Node {
-                name: "stateless_overlays",
-                forward: overlays_fwd,
-                undo: Some(overlays_undo),
-                local: false,
-            },
-            Node {
-                name: "stateless_begin",
-                forward: stateless_begin_fwd,
-                undo: Some(stateless_begin_undo),
-                local: false,
-            },
-            Node {
-                name: "run_on_host",
-                forward: run_fwd,
-                undo: Some(run_undo),
-                local: false,
-            },
+            Node::new(Output::new("restore_stateless"), restore_stateless_fwd).undo(noop),
+            Node::new(Output::new("stateless_overlays"), overlays_fwd).undo(overlays_undo),
+            Node::new(Output::new("stateless_begin"), stateless_begin_fwd).undo(stateless_begin_undo),
+            Node::new(Output::new("run_on_host"), run_fwd).undo(run_undo),
             // Past the point of no return: the guest runs.
-            Node {
-                name: "started",
-                forward: started_fwd,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new("started"), started_fwd),
             unlock_vm_node::<Params>(),
         ],
         result_node: None,
@@ -99,7 +74,7 @@ async fn run_host(cx: &SagaCx<App>) -> Result<db::Host, Status> {
     cx.app.host(cx.params::<Params>()?.host_id).await
 }
 
-fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let leftover = cx
@@ -112,7 +87,7 @@ fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status
             let (_, host) = vm_and_host(cx, p.vm_id).await?;
             end_stateless(cx, &host, p.vm_id).await?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -188,11 +163,11 @@ fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn stateless_begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn stateless_begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         if !p.stateless {
-            return Ok(Value::Null);
+            return Ok(());
         }
         let overlays: Vec<SnapshotDisk> = cx.output("stateless_overlays")?;
         let db = cx.db();
@@ -211,7 +186,7 @@ fn stateless_begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>>
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -403,7 +378,7 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn started_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn started_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let s: Started = cx.output("run_on_host")?;
@@ -428,7 +403,7 @@ fn started_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             }
             release_memory(cx, &host, &m, "run-memory").await?;
         }
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }

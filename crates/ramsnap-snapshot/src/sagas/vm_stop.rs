@@ -8,7 +8,7 @@ use super::common::{end_stateless, lock_vm, noop, unlock_vm, vm_and_host};
 use crate::app::{db_status, App};
 use crate::convert::downstream;
 use crate::db::VmStatus;
-use crate::saga::{Node, SagaCx, SagaDef};
+use crate::saga::{Node, Output, SagaCx, SagaDef};
 use crate::status;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -30,48 +30,25 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node {
-                name: "lock_vm",
-                forward: lock_fwd,
-                undo: Some(lock_undo),
-                local: true,
-            },
+            Node::new(Output::new("lock_vm"), lock_fwd)
+                .undo(lock_undo)
+                .local(),
             // Reversible so that an unreachable host fails the operation (and
             // frees the VM) instead of retrying for ever; there is nothing to
             // undo: the status follower reports whatever the host did.
-            Node {
-                name: "stop_on_host",
-                forward: stop_fwd,
-                undo: Some(noop),
-                local: false,
-            },
-            Node {
-                name: "stopped",
-                forward: stopped_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "restore_stateless",
-                forward: restore_stateless_fwd,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "unlock_vm",
-                forward: unlock_fwd,
-                undo: None,
-                local: true,
-            },
+            Node::new(Output::new("stop_on_host"), stop_fwd).undo(noop),
+            Node::new(Output::new("stopped"), stopped_fwd),
+            Node::new(Output::new("restore_stateless"), restore_stateless_fwd),
+            Node::new(Output::new("unlock_vm"), unlock_fwd).local(),
         ],
         result_node: None,
     }
 }
 
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         lock_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -80,10 +57,10 @@ fn lock_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move { unlock_vm(cx, cx.params::<Params>()?.vm_id).await }.boxed()
 }
 
-fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         unlock_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
@@ -114,7 +91,7 @@ fn stop_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     .boxed()
 }
 
-fn stopped_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn stopped_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         status::unfollow(&cx.app, p.vm_id);
@@ -123,17 +100,17 @@ fn stopped_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
-fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn restore_stateless_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
         end_stateless(cx, &host, p.vm_id).await?;
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
