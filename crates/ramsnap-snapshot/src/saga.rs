@@ -206,11 +206,6 @@ impl<S> SagaCx<S> {
         serde_json::from_value(v).map_err(|e| Status::internal(format!("node {node} output unreadable: {e}")))
     }
 
-    /// The output of an earlier node, if it ran (for undo actions).
-    pub fn maybe_output<T: DeserializeOwned>(&self, node: &str) -> Option<T> {
-        self.output(node).ok()
-    }
-
     /// A stable id derived from this saga: the same on every replay, so
     /// that a re-executed step asks for the same thing again.
     pub fn stable_id(&self, purpose: &str) -> Uuid {

@@ -7,7 +7,7 @@
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_snapshot::db::{Database, NewOperation, OperationState, SagaNodeEventType, SagaState};
-use ramsnap_snapshot::saga::{Executor, Failpoints, Node, SagaCx, SagaDef};
+use ramsnap_snapshot::saga::{Executor, Failpoints, Node, Output, SagaCx, SagaDef};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -125,31 +125,11 @@ fn toy_with_local(local: &[&str]) -> SagaDef<Toy> {
     let mut def = SagaDef {
         name: "toy",
         nodes: vec![
-            Node {
-                name: "a",
-                forward: a,
-                undo: Some(a_undo),
-                local: false,
-            },
-            Node {
-                name: "b",
-                forward: b,
-                undo: Some(b_undo),
-                local: false,
-            },
+            Node::new(Output::new("a"), a).undo(a_undo),
+            Node::new(Output::new("b"), b).undo(b_undo),
             // Past the point of no return.
-            Node {
-                name: "c",
-                forward: c,
-                undo: None,
-                local: false,
-            },
-            Node {
-                name: "d",
-                forward: d,
-                undo: None,
-                local: false,
-            },
+            Node::new(Output::new("c"), c),
+            Node::new(Output::new("d"), d),
         ],
         result_node: Some("b"),
     };
@@ -551,16 +531,11 @@ fn toy_release(order: &[&'static str]) -> SagaDef<Toy> {
         .map(|name| match v1.nodes.iter().find(|n| n.name == *name) {
             Some(n) => Node {
                 name: n.name,
-                forward: n.forward,
+                forward: n.forward.clone(),
                 undo: n.undo,
                 local: n.local,
             },
-            None => Node {
-                name: "x",
-                forward: x,
-                undo: Some(x_undo),
-                local: false,
-            },
+            None => Node::new(Output::new("x"), x).undo(x_undo),
         })
         .collect();
     SagaDef {

@@ -13,6 +13,18 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
+/// The result of a saga that makes a VM: its id.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct MadeVm {
+    pub vm_id: Uuid,
+}
+
+/// The result of a saga that makes (or shows) a snapshot: its id.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct MadeSnapshot {
+    pub snapshot_id: Uuid,
+}
+
 /// The undo of a node that has nothing to undo (it only computes, or it is
 /// the "undo carrier" of a step whose cleanup lives elsewhere).
 pub fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
@@ -449,14 +461,6 @@ pub async fn end_stateless(cx: &SagaCx<App>, host: &db::Host, vm_id: Uuid) -> Re
     }
     cx.app.notify_vm(vm_id);
     Ok(())
-}
-
-/// A node output's `{"<key>": "<uuid>"}`.
-pub fn id_in(v: &serde_json::Value, key: &str) -> Result<Uuid, Status> {
-    v[key]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| Status::internal(format!("node output has no {key}")))
 }
 
 /// What ending a preview (undo or commit) needs to know before it changes

@@ -4,7 +4,7 @@
 //! disk domain first); each disk gets a new COW overlay over its current
 //! leaf; the host takes the snapshot (overlays + memory); then the new
 //! snapshot points at the frozen volumes and the active one at the overlays.
-use super::common::{delete_volume, lock_vm_node, release_memory, unlock_vm_node, OnVm};
+use super::common::{delete_volume, lock_vm_node, release_memory, unlock_vm_node, MadeSnapshot, OnVm};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_memory, to_wire_ref};
 use crate::db::{self, MemoryVolume, NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
@@ -14,7 +14,6 @@ use futures::FutureExt;
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -55,35 +54,69 @@ pub fn definition() -> SagaDef<App> {
         name: NAME,
         nodes: vec![
             lock_vm_node::<Params>(false),
-            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
-            Node::new(Output::new("memory_volumes"), memory_fwd).undo(memory_undo),
-            Node::new(Output::new("overlays"), overlays_fwd).undo(overlays_undo),
+            Node::new(IDS, ids_fwd).undo(noop).local(),
+            Node::new(MEMORY_VOLUMES, memory_fwd).undo(memory_undo),
+            Node::new(OVERLAYS, overlays_fwd).undo(overlays_undo),
             Node::new(Output::new("record_snapshot"), record_fwd)
                 .undo(record_undo)
                 .local(),
-            Node::new(Output::new("host_snapshot"), host_fwd).undo(noop),
+            Node::new(HOST_SNAPSHOT, host_fwd).undo(noop),
             // Past the point of no return: the VM now writes to the overlays.
             Node::new(Output::new("commit"), commit_fwd),
             unlock_vm_node::<Params>(),
         ],
-        result_node: Some("ids"),
+        result_node: Some(IDS.name),
     }
+}
+
+const IDS: Output<MadeSnapshot> = Output::new("ids");
+/// The memory volumes made for the snapshot; None (null in the log) when
+/// it saves no memory.
+const MEMORY_VOLUMES: Output<Option<MemoryJson>> = Output::new("memory_volumes");
+/// Each disk's current leaf and the overlay made over it.
+const OVERLAYS: Output<Vec<Overlay>> = Output::new("overlays");
+const HOST_SNAPSHOT: Output<HostSnapshot> = Output::new("host_snapshot");
+
+/// What the host's snapshot answered (a down VM's: nothing saved).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HostSnapshot {
+    memory_saved: bool,
+    #[serde(default)]
+    dump_bytes: u64,
+    #[serde(default)]
+    guest_pause_ms: u64,
+}
+
+impl From<&host::SnapshotResult> for HostSnapshot {
+    fn from(r: &host::SnapshotResult) -> HostSnapshot {
+        HostSnapshot {
+            memory_saved: r.memory_saved,
+            dump_bytes: r.dump_bytes,
+            guest_pause_ms: r.guest_pause_ms,
+        }
+    }
+}
+
+/// The snapshot's memory volumes, if it saves memory and they were made.
+fn memory_volumes(cx: &SagaCx<App>) -> Option<MemoryVolume> {
+    cx.get_if_ran(MEMORY_VOLUMES).flatten().map(|m| m.volumes())
 }
 
 fn noop(_: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async { Ok(()) }.boxed()
 }
 
-fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move { Ok(json!({ "snapshot_id": cx.stable_id("snapshot") })) }.boxed()
+fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<MadeSnapshot, Status>> {
+    async move {
+        Ok(MadeSnapshot {
+            snapshot_id: cx.stable_id("snapshot"),
+        })
+    }
+    .boxed()
 }
 
 fn snapshot_id(cx: &SagaCx<App>) -> Result<Uuid, Status> {
-    let v: Value = cx.output("ids")?;
-    v["snapshot_id"]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| Status::internal("ids output"))
+    Ok(cx.get(IDS)?.snapshot_id)
 }
 
 /// The VM and its host, read once per execution (the saga holds the VM's
@@ -98,11 +131,11 @@ async fn vm_and_host(cx: &SagaCx<App>) -> Result<(db::Vm, db::Host), Status> {
     .await
 }
 
-fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryJson>, Status>> {
     async move {
         let p: Params = cx.params()?;
         if !p.save_memory {
-            return Ok(Value::Null);
+            return Ok(None);
         }
         let (vm, host) = vm_and_host(cx).await?;
         let mut client = cx.app.storage_client(&host)?;
@@ -138,7 +171,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                         dump: from_wire_ref(r.dump.as_ref().and_then(|v| v.r#ref.as_ref()))?,
                         metadata: from_wire_ref(r.metadata.as_ref().and_then(|v| v.r#ref.as_ref()))?,
                     };
-                    return Ok(serde_json::to_value(memory_json(&m)).expect("serializable"));
+                    return Ok(Some(memory_json(&m)));
                 }
                 Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::NotFound) => last = s,
                 Err(s) => return Err(downstream("creating the memory volumes", s)),
@@ -165,10 +198,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 
 fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
-        let Some(m) = cx
-            .maybe_output::<Value>("memory_volumes")
-            .and_then(|v| memory_from_json(&v))
-        else {
+        let Some(m) = memory_volumes(cx) else {
             return Ok(());
         };
         let (_, host) = vm_and_host(cx).await?;
@@ -178,7 +208,7 @@ fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>> {
     async move {
         let (vm, host) = vm_and_host(cx).await?;
         let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
@@ -214,7 +244,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 overlay,
             });
         }
-        Ok(serde_json::to_value(out).expect("serializable"))
+        Ok(out)
     }
     .boxed()
 }
@@ -262,11 +292,8 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         if cx.db().get_snapshot(id).await.is_ok() {
             return Ok(());
         }
-        let overlays: Vec<Overlay> = cx.output("overlays")?;
-        let memory = cx
-            .output::<Value>("memory_volumes")
-            .ok()
-            .and_then(|v| memory_from_json(&v));
+        let overlays = cx.get(OVERLAYS)?;
+        let memory = memory_volumes(cx);
         let new = NewSnapshot {
             id,
             vm_id: p.vm_id,
@@ -298,17 +325,17 @@ fn record_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<HostSnapshot, Status>> {
     async move {
         let p: Params = cx.params()?;
         if !p.vm_running {
             // A down VM's disks simply continue on the overlays.
-            return Ok(json!({ "memory_saved": false }));
+            return Ok(HostSnapshot::default());
         }
         let (vm, host) = vm_and_host(cx).await?;
         let cluster = cx.db().get_cluster(vm.cluster_id).await.map_err(db_status)?;
-        let overlays: Vec<Overlay> = cx.output("overlays")?;
-        let memory = cx.output::<Value>("memory_volumes").ok().and_then(|v| memory_from_json(&v));
+        let overlays = cx.get(OVERLAYS)?;
+        let memory = memory_volumes(cx);
         let job_id = cx.stable_id("host-job");
         let req = host::SnapshotVmRequest {
             job_id: job_id.to_string(),
@@ -336,11 +363,7 @@ fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                                 cx.progress(pr.processed_bytes, pr.total_bytes).await;
                             }
                             if let Some(r) = m.result {
-                                return Ok(json!({
-                                    "memory_saved": r.memory_saved,
-                                    "dump_bytes": r.dump_bytes,
-                                    "guest_pause_ms": r.guest_pause_ms,
-                                }));
+                                return Ok(HostSnapshot::from(&r));
                             }
                         }
                         None => return Err(Status::unavailable("the host's snapshot stream ended without a result")),
@@ -359,11 +382,7 @@ fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                             Ok(Some(m)) => {
                                 if let Some(r) = m.result {
                                     tracing::info!(vm = %vm.id, "cancel came after the host took the snapshot: it stands");
-                                    return Ok(json!({
-                                        "memory_saved": r.memory_saved,
-                                        "dump_bytes": r.dump_bytes,
-                                        "guest_pause_ms": r.guest_pause_ms,
-                                    }));
+                                    return Ok(HostSnapshot::from(&r));
                                 }
                             }
                             Ok(None) => return Err(Status::unavailable("the host's snapshot stream ended without a result")),
@@ -378,12 +397,12 @@ fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
     .boxed()
 }
 
-fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let id = snapshot_id(cx)?;
-        let overlays: Vec<Overlay> = cx.output("overlays")?;
-        let result: Value = cx.output("host_snapshot")?;
+        let overlays = cx.get(OVERLAYS)?;
+        let result = cx.get(HOST_SNAPSHOT)?;
         let active_id = cx.db().active_snapshot_id(p.vm_id).await.map_err(db_status)?;
         let disks: Vec<SnapshotDisk> = overlays
             .iter()
@@ -398,23 +417,21 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .map_err(db_status)?;
         // Memory asked for but not taken (the host fell back to disk-only):
         // the snapshot must not claim it.
-        let memory = cx
-            .output::<Value>("memory_volumes")
-            .ok()
-            .and_then(|v| memory_from_json(&v));
-        if let Some(m) = memory {
-            if !p.vm_running || result["memory_saved"] != json!(true) {
+        if let Some(m) = memory_volumes(cx) {
+            if !p.vm_running || !result.memory_saved {
                 cx.db().remove_memory(id).await.map_err(db_status)?;
                 let (_, host) = vm_and_host(cx).await?;
                 release_memory(cx, &host, &m, "unused-memory").await?;
             }
         }
         cx.app.notify_vm(p.vm_id);
-        Ok(Value::Null)
+        Ok(())
     }
     .boxed()
 }
 
+/// A memory volume pair as the log keeps it: each volume as [domain,
+/// image, volume].
 #[derive(Serialize, Deserialize)]
 pub(crate) struct MemoryJson {
     dump: [Uuid; 3],
@@ -429,15 +446,16 @@ pub(crate) fn memory_json(m: &MemoryVolume) -> MemoryJson {
     }
 }
 
-pub(crate) fn memory_from_json(v: &Value) -> Option<MemoryVolume> {
-    let m: MemoryJson = serde_json::from_value(v.clone()).ok()?;
-    let r = |a: [Uuid; 3]| VolumeRef {
-        domain_id: a[0],
-        image_id: a[1],
-        volume_id: a[2],
-    };
-    Some(MemoryVolume {
-        dump: r(m.dump),
-        metadata: r(m.metadata),
-    })
+impl MemoryJson {
+    pub(crate) fn volumes(&self) -> MemoryVolume {
+        let r = |a: [Uuid; 3]| VolumeRef {
+            domain_id: a[0],
+            image_id: a[1],
+            volume_id: a[2],
+        };
+        MemoryVolume {
+            dump: r(self.dump),
+            metadata: r(self.metadata),
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! IN_PREVIEW.
 use super::common::{
     delete_volume, ensure_cow_volume, image_lock_node, image_unlock_node, lock_vm_node, noop, unlock_vm_node,
-    vm_and_host, OnVm,
+    vm_and_host, MadeSnapshot, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::db::{NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
@@ -14,7 +14,6 @@ use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -40,26 +39,35 @@ pub fn definition() -> SagaDef<App> {
         name: NAME,
         nodes: vec![
             lock_vm_node::<Params>(true),
-            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
+            Node::new(IDS, ids_fwd).undo(noop).local(),
             image_lock_node::<Params>(),
-            Node::new(Output::new("overlays"), overlays_fwd).undo(overlays_undo),
+            Node::new(OVERLAYS, overlays_fwd).undo(overlays_undo),
             Node::new(Output::new("preview_begin"), begin_fwd).undo(begin_undo),
             image_unlock_node::<Params>(),
             unlock_vm_node::<Params>(),
         ],
-        result_node: Some("ids"),
+        result_node: Some(IDS.name),
     }
 }
 
-fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move { Ok(json!({ "snapshot_id": cx.params::<Params>()?.snapshot_id })) }.boxed()
+const IDS: Output<MadeSnapshot> = Output::new("ids");
+/// The previewed snapshot's disks, each on a new overlay.
+const OVERLAYS: Output<Vec<SnapshotDisk>> = Output::new("overlays");
+
+fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<MadeSnapshot, Status>> {
+    async move {
+        Ok(MadeSnapshot {
+            snapshot_id: cx.params::<Params>()?.snapshot_id,
+        })
+    }
+    .boxed()
 }
 
 fn overlay_id(cx: &SagaCx<App>, disk_id: Uuid) -> Uuid {
     cx.stable_id(&format!("preview/{disk_id}"))
 }
 
-fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<SnapshotDisk>, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (vm, host) = vm_and_host(cx, p.vm_id).await?;
@@ -90,7 +98,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 volume: v,
             });
         }
-        Ok(serde_json::to_value(out).expect("serializable"))
+        Ok(out)
     }
     .boxed()
 }
@@ -127,7 +135,7 @@ fn begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
-        let overlays: Vec<SnapshotDisk> = cx.output("overlays")?;
+        let overlays = cx.get(OVERLAYS)?;
         let snapshot = db.get_snapshot(p.snapshot_id).await.map_err(db_status)?;
         let memory = snapshot.memory.filter(|_| p.restore_memory);
         let new = NewSnapshot {

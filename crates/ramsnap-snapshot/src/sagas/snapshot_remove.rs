@@ -30,7 +30,6 @@ use ramsnap_common::status;
 use ramsnap_proto::host::v1 as host_pb;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -81,7 +80,7 @@ pub fn definition() -> SagaDef<App> {
             lock_vm_node::<Params>(true),
             image_lock_node::<Params>(),
             Node::new(Output::new("lock_snapshot"), lock_snapshot_fwd).undo(lock_snapshot_undo),
-            Node::new(Output::new("plan"), plan_fwd).undo(noop),
+            Node::new(PLAN, plan_fwd).undo(noop),
             // Past the point of no return: the chains change.
             Node::new(Output::new("merge_volumes"), merge_fwd),
             Node::new(Output::new("rebind_memory"), rebind_fwd),
@@ -89,9 +88,13 @@ pub fn definition() -> SagaDef<App> {
             image_unlock_node::<Params>(),
             unlock_vm_node::<Params>(),
         ],
-        result_node: Some("plan"),
+        result_node: Some(PLAN.name),
     }
 }
+
+/// What the removal does to each disk, and the memory it releases; the
+/// operation's result.
+const PLAN: Output<Plan> = Output::new("plan");
 
 fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
@@ -157,7 +160,7 @@ fn lock_snapshot_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 
 /// Checks every disk before anything changes: its volume has at most one
 /// child, a COW one, and no other snapshot points at it.
-fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
@@ -236,12 +239,11 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 child,
             });
         }
-        Ok(serde_json::to_value(Plan {
+        Ok(Plan {
             snapshot_id: s.id,
             disks,
             memory: s.memory,
         })
-        .expect("serializable"))
     }
     .boxed()
 }
@@ -249,7 +251,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
         for (i, d) in plan.disks.iter().enumerate() {
             let request_id = cx.stable_id(&format!("merge/{}", d.disk_id));
@@ -294,7 +296,7 @@ fn merge_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let Some(m) = plan.memory else {
             return Ok(());
         };
@@ -364,7 +366,7 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         cx.db()
             .remove_snapshot_row(p.snapshot_id)
             .await

@@ -6,7 +6,7 @@
 //! handler warns). The source VM stays locked while its volumes are read.
 use super::common::{
     copy_volume, delete_volume, lock_vm, noop, ordered_disk_id, unlock_undo, unlock_vm_node, vm_and_host,
-    OnVm,
+    MadeVm, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::to_wire_ref;
@@ -17,7 +17,6 @@ use futures::FutureExt;
 use ramsnap_common::status;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -55,14 +54,18 @@ pub fn definition() -> SagaDef<App> {
             Node::new(Output::new("lock_vm"), lock_fwd)
                 .undo(unlock_undo::<Params>)
                 .local(),
-            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
-            Node::new(Output::new("copies"), copies_fwd).undo(copies_undo),
+            Node::new(IDS, ids_fwd).undo(noop).local(),
+            Node::new(COPIES, copies_fwd).undo(copies_undo),
             Node::new(Output::new("record_vm"), record_fwd).undo(record_undo),
             unlock_vm_node::<Params>(),
         ],
-        result_node: Some("ids"),
+        result_node: Some(IDS.name),
     }
 }
+
+const IDS: Output<MadeVm> = Output::new("ids");
+/// The copies of the snapshot's disks.
+const COPIES: Output<Vec<DiskCopy>> = Output::new("copies");
 
 fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
@@ -82,8 +85,13 @@ fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move { Ok(json!({ "vm_id": cx.params::<Params>()?.new_vm_id })) }.boxed()
+fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<MadeVm, Status>> {
+    async move {
+        Ok(MadeVm {
+            vm_id: cx.params::<Params>()?.new_vm_id,
+        })
+    }
+    .boxed()
 }
 
 /// Where disk `source` of the snapshot is copied: (disk, image, volume).
@@ -95,7 +103,7 @@ fn copy_ids(cx: &SagaCx<App>, index: usize, source: Uuid) -> (Uuid, Uuid, Uuid) 
     )
 }
 
-fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<DiskCopy>, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (_, host) = vm_and_host(cx, p.source_vm_id).await?;
@@ -141,7 +149,7 @@ fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 volume,
             });
         }
-        Ok(serde_json::to_value(out).expect("serializable"))
+        Ok(out)
     }
     .boxed()
 }
@@ -175,7 +183,7 @@ fn copies_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let copies: Vec<DiskCopy> = cx.output("copies")?;
+        let copies = cx.get(COPIES)?;
         let db = cx.db();
         let source = db.get_vm(p.source_vm_id).await.map_err(db_status)?;
         let first = copies

@@ -1,14 +1,13 @@
 //! Create a VM (oVirt's AddVm): one image per disk, each with a COW sparse
 //! base volume on the disk's domain, so that snapshots chain onto it; then
 //! the VM, its disks and its ACTIVE snapshot (no memory) in one transaction.
-use super::common::{delete_volume, ensure_cow_volume, noop, ordered_disk_id};
+use super::common::{delete_volume, ensure_cow_volume, noop, ordered_disk_id, MadeVm};
 use crate::app::{db_status, App};
 use crate::db::{self, NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
 use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -40,15 +39,19 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node::new(Output::new("ids"), ids_fwd).undo(noop).local(),
-            Node::new(Output::new("base_volumes"), volumes_fwd).undo(volumes_undo),
+            Node::new(IDS, ids_fwd).undo(noop).local(),
+            Node::new(BASE_VOLUMES, volumes_fwd).undo(volumes_undo),
             // The last step, and reversible: a name taken meanwhile fails it,
             // and the volumes go.
             Node::new(Output::new("record_vm"), record_fwd).undo(record_undo),
         ],
-        result_node: Some("ids"),
+        result_node: Some(IDS.name),
     }
 }
+
+const IDS: Output<MadeVm> = Output::new("ids");
+/// Each disk's first volume.
+const BASE_VOLUMES: Output<Vec<SnapshotDisk>> = Output::new("base_volumes");
 
 /// The ids of disk `i`: (disk, image, volume).
 fn disk_ids(cx: &SagaCx<App>, i: usize) -> (Uuid, Uuid, Uuid) {
@@ -63,11 +66,16 @@ async fn host(cx: &SagaCx<App>, cluster_id: Uuid) -> Result<db::Host, Status> {
     cx.app.cluster_host(cluster_id).await
 }
 
-fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
-    async move { Ok(json!({ "vm_id": cx.params::<Params>()?.vm_id })) }.boxed()
+fn ids_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<MadeVm, Status>> {
+    async move {
+        Ok(MadeVm {
+            vm_id: cx.params::<Params>()?.vm_id,
+        })
+    }
+    .boxed()
 }
 
-fn volumes_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn volumes_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<SnapshotDisk>, Status>> {
     async move {
         let p: Params = cx.params()?;
         let host = host(cx, p.cluster_id).await?;
@@ -88,7 +96,7 @@ fn volumes_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             .await?;
             out.push(SnapshotDisk { disk_id, volume: v });
         }
-        Ok(serde_json::to_value(out).expect("serializable"))
+        Ok(out)
     }
     .boxed()
 }
@@ -115,7 +123,7 @@ fn volumes_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let volumes: Vec<SnapshotDisk> = cx.output("base_volumes")?;
+        let volumes = cx.get(BASE_VOLUMES)?;
         let first = p
             .disks
             .first()

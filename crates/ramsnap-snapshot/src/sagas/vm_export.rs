@@ -26,7 +26,6 @@ use ramsnap_common::status;
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -82,18 +81,23 @@ pub fn definition() -> SagaDef<App> {
             Node::new(Output::new("lock_vm"), lock_fwd)
                 .undo(lock_undo)
                 .local(),
-            Node::new(Output::new("plan"), plan_fwd).undo(noop),
+            Node::new(PLAN, plan_fwd).undo(noop),
             // Deleting an earlier export (force_override) cannot be undone;
             // it comes first so that nothing after it needs it.
             Node::new(Output::new("clear_previous"), clear_fwd).undo(noop),
             Node::new(Output::new("copy_disks"), disks_fwd).undo(disks_undo),
-            Node::new(Output::new("copy_memories"), memories_fwd).undo(memories_undo),
+            Node::new(COPY_MEMORIES, memories_fwd).undo(memories_undo),
             Node::new(Output::new("write_ovf"), ovf_fwd).undo(ovf_undo),
             Node::new(Output::new("unlock_vm"), unlock_fwd).local(),
         ],
-        result_node: Some("plan"),
+        result_node: Some(PLAN.name),
     }
 }
+
+/// What the export copies; the operation's result.
+const PLAN: Output<Plan> = Output::new("plan");
+/// Each exported memory dump's volume and its checksum.
+const COPY_MEMORIES: Output<Vec<(Uuid, String)>> = Output::new("copy_memories");
 
 fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
@@ -213,7 +217,7 @@ pub async fn descriptor(
     }
 }
 
-fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
@@ -235,7 +239,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
         if !p.force_override {
             refuse_existing_targets(&cx.app, &h, &plan).await?;
         }
-        Ok(serde_json::to_value(plan).expect("serializable"))
+        Ok(plan)
     }
     .boxed()
 }
@@ -516,7 +520,7 @@ fn images_of(ovf: &OvfVm) -> Vec<Uuid> {
 fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         // force_override also clears what an export of this VM left without
         // a descriptor (volumes under its ids).
         if !plan.previous && !p.force_override {
@@ -666,7 +670,7 @@ pub async fn run_memory_copies(
 fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
         let total = total_bytes(&plan.copies, &plan.memories);
         let mut done = 0;
@@ -682,7 +686,7 @@ fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let Some(plan) = cx.maybe_output::<Plan>("plan") else {
+        let Some(plan) = cx.get_if_ran(PLAN) else {
             return Ok(());
         };
         let planned: Vec<VolumeRef> = plan.copies.iter().map(|c| c.target).collect();
@@ -696,16 +700,15 @@ fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<(Uuid, String)>, Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
         let total = total_bytes(&plan.copies, &plan.memories);
         let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
         let work: Vec<_> = plan.memories.iter().map(|m| (m.clone(), None, None)).collect();
-        let sums = run_memory_copies(cx, &h, p.vm_id, &work, &mut done, total).await?;
-        Ok(serde_json::to_value(sums).expect("serializable"))
+        run_memory_copies(cx, &h, p.vm_id, &work, &mut done, total).await
     }
     .boxed()
 }
@@ -713,7 +716,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let Some(plan) = cx.maybe_output::<Plan>("plan") else {
+        let Some(plan) = cx.get_if_ran(PLAN) else {
             return Ok(());
         };
         let planned: Vec<VolumeRef> = plan
@@ -734,8 +737,8 @@ fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let mut plan: Plan = cx.output("plan")?;
-        let sums: Vec<(Uuid, String)> = cx.output("copy_memories")?;
+        let mut plan = cx.get(PLAN)?;
+        let sums = cx.get(COPY_MEMORIES)?;
         let sums: HashMap<Uuid, String> = sums.into_iter().collect();
         for m in plan.ovf.snapshots.iter_mut().filter_map(|s| s.memory.as_mut()) {
             m.checksum = sums

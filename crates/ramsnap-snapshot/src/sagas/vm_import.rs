@@ -34,7 +34,6 @@ use ramsnap_common::status;
 use ramsnap_proto::host::v1 as host_pb;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::HashSet;
 use tonic::Status;
 use tonic_types::StatusExt;
@@ -103,7 +102,7 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node::new(Output::new("plan"), plan_fwd).undo(noop),
+            Node::new(PLAN, plan_fwd).undo(noop),
             Node::new(Output::new("reserve_vm"), reserve_fwd).undo(reserve_undo),
             Node::new(Output::new("copy_disks"), disks_fwd).undo(disks_undo),
             Node::new(Output::new("copy_memories"), memories_fwd).undo(memories_undo),
@@ -111,9 +110,12 @@ pub fn definition() -> SagaDef<App> {
             Node::new(Output::new("record_vm"), record_fwd).undo(noop),
             Node::new(Output::new("unlock_vm"), unlock_fwd).local(),
         ],
-        result_node: Some("plan"),
+        result_node: Some(PLAN.name),
     }
 }
+
+/// What the import copies and makes; the operation's result.
+const PLAN: Output<Plan> = Output::new("plan");
 
 async fn host(app: &App, cluster_id: Uuid) -> Result<db::Host, Status> {
     app.cluster_host(cluster_id).await
@@ -405,7 +407,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
     }
 }
 
-fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
     async move {
         let p: Params = cx.params()?;
         let h = host(&cx.app, p.cluster_id).await?;
@@ -425,7 +427,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 .into_inner();
             m.capacity_bytes = v.volume.map(|v| v.capacity_bytes).unwrap_or(0);
         }
-        Ok(serde_json::to_value(plan).expect("serializable"))
+        Ok(plan)
     }
     .boxed()
 }
@@ -433,7 +435,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
 fn reserve_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let new_vm = NewVm {
             id: p.vm_id,
             name: plan.new_vm.name.clone(),
@@ -511,7 +513,7 @@ fn total_bytes(plan: &Plan) -> u64 {
 fn disks_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let h = host(&cx.app, p.cluster_id).await?;
         let mut done = 0;
         let total = total_bytes(&plan);
@@ -543,7 +545,7 @@ async fn delete_own(
 fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let Some(plan) = cx.maybe_output::<Plan>("plan") else {
+        let Some(plan) = cx.get_if_ran(PLAN) else {
             return Ok(());
         };
         let targets: Vec<VolumeRef> = plan.copies.iter().map(|c| c.target).collect();
@@ -555,7 +557,7 @@ fn disks_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let h = host(&cx.app, p.cluster_id).await?;
         let total = total_bytes(&plan);
         let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
@@ -585,7 +587,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn memories_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let Some(plan) = cx.maybe_output::<Plan>("plan") else {
+        let Some(plan) = cx.get_if_ran(PLAN) else {
             return Ok(());
         };
         let targets: Vec<VolumeRef> = plan
@@ -663,7 +665,7 @@ pub async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Re
 fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let plan: Plan = cx.output("plan")?;
+        let plan = cx.get(PLAN)?;
         let snapshots: Vec<Snapshot> = plan
             .snapshots
             .iter()

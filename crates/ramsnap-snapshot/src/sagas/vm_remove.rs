@@ -9,7 +9,6 @@ use crate::status;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::HashSet;
 use tonic::Status;
 use uuid::Uuid;
@@ -25,9 +24,7 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            Node::new(Output::new("lock_vm"), lock_fwd)
-                .undo(lock_undo)
-                .local(),
+            Node::new(LOCK_VM, lock_fwd).undo(lock_undo).local(),
             Node::new(Output::new("delete_disks"), disks_fwd),
             Node::new(Output::new("delete_memory"), memory_fwd),
             Node::new(Output::new("delete_vm"), vm_fwd),
@@ -39,12 +36,21 @@ pub fn definition() -> SagaDef<App> {
     }
 }
 
-/// Its output names the VM's cluster, whose hosts forget the VM at the end
-/// (the VM row is gone by then).
-fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+/// The VM's cluster, whose hosts forget the VM at the end (the VM row is
+/// gone by then).
+#[derive(Debug, Serialize, Deserialize)]
+struct Locked {
+    cluster_id: Uuid,
+}
+
+const LOCK_VM: Output<Locked> = Output::new("lock_vm");
+
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Locked, Status>> {
     async move {
         let vm = lock_down_vm(cx, cx.params::<Params>()?.vm_id).await?;
-        Ok(serde_json::json!({ "cluster_id": vm.cluster_id }))
+        Ok(Locked {
+            cluster_id: vm.cluster_id,
+        })
     }
     .boxed()
 }
@@ -138,10 +144,7 @@ fn forget_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         // Sagas logged before the lock step named the cluster: nothing to do.
-        let Some(cluster_id) = cx
-            .maybe_output::<Value>("lock_vm")
-            .and_then(|v| super::common::id_in(&v, "cluster_id").ok())
-        else {
+        let Some(Locked { cluster_id }) = cx.get_if_ran(LOCK_VM) else {
             return Ok(());
         };
         let hosts = match cx.db().list_hosts(Some(cluster_id)).await {

@@ -22,7 +22,6 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_proto::host::v1 as host;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -59,9 +58,9 @@ pub fn definition() -> SagaDef<App> {
             // A stateless run that ended without StopVm (the guest shut
             // down) left its STATELESS snapshot: go back to it first.
             Node::new(Output::new("restore_stateless"), restore_stateless_fwd).undo(noop),
-            Node::new(Output::new("stateless_overlays"), overlays_fwd).undo(overlays_undo),
+            Node::new(STATELESS_OVERLAYS, overlays_fwd).undo(overlays_undo),
             Node::new(Output::new("stateless_begin"), stateless_begin_fwd).undo(stateless_begin_undo),
-            Node::new(Output::new("run_on_host"), run_fwd).undo(run_undo),
+            Node::new(RUN_ON_HOST, run_fwd).undo(run_undo),
             // Past the point of no return: the guest runs.
             Node::new(Output::new("started"), started_fwd),
             unlock_vm_node::<Params>(),
@@ -69,6 +68,11 @@ pub fn definition() -> SagaDef<App> {
         result_node: None,
     }
 }
+
+/// A stateless run's overlays, one per disk, on top of what the ACTIVE
+/// snapshot had; None (null in the log) for a stateful run.
+const STATELESS_OVERLAYS: Output<Option<Vec<SnapshotDisk>>> = Output::new("stateless_overlays");
+const RUN_ON_HOST: Output<Started> = Output::new("run_on_host");
 
 async fn run_host(cx: &SagaCx<App>) -> Result<db::Host, Status> {
     cx.app.host(cx.params::<Params>()?.host_id).await
@@ -96,11 +100,11 @@ fn overlay_id(cx: &SagaCx<App>, disk_id: Uuid) -> Uuid {
     cx.stable_id(&format!("stateless/{disk_id}"))
 }
 
-fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<Vec<SnapshotDisk>>, Status>> {
     async move {
         let p: Params = cx.params()?;
         if !p.stateless {
-            return Ok(Value::Null);
+            return Ok(None);
         }
         let host = run_host(cx).await?;
         let active = cx.db().active_snapshot(p.vm_id).await.map_err(db_status)?;
@@ -129,7 +133,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
                 volume: v,
             });
         }
-        Ok(serde_json::to_value(out).expect("serializable"))
+        Ok(Some(out))
     }
     .boxed()
 }
@@ -169,7 +173,7 @@ fn stateless_begin_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         if !p.stateless {
             return Ok(());
         }
-        let overlays: Vec<SnapshotDisk> = cx.output("stateless_overlays")?;
+        let overlays = cx.get(STATELESS_OVERLAYS)?.unwrap_or_default();
         let db = cx.db();
         let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;
         // oVirt: the new ACTIVE snapshot points at the previous ACTIVE's
@@ -210,7 +214,7 @@ pub fn domain_name(vm_id: Uuid) -> String {
     format!("ramsnap-{}", &vm_id.simple().to_string()[..8])
 }
 
-fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Started, Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
@@ -339,13 +343,12 @@ fn refused_memory(s: &Status) -> bool {
             .is_some_and(|p| p.violations.iter().any(|v| v.r#type.starts_with("MEMORY_")))
 }
 
-fn started(status: i32, restored: bool, active_memory: Option<MemoryVolume>) -> Value {
-    serde_json::to_value(Started {
+fn started(status: i32, restored: bool, active_memory: Option<MemoryVolume>) -> Started {
+    Started {
         status,
         restored,
         active_memory,
-    })
-    .expect("serializable")
+    }
 }
 
 /// Makes sure no half-started guest is left on the host. A host that cannot
@@ -381,7 +384,7 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn started_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
-        let s: Started = cx.output("run_on_host")?;
+        let s = cx.get(RUN_ON_HOST)?;
         let host = run_host(cx).await?;
         let db = cx.db();
         db.set_vm_host(p.vm_id, Some(host.id)).await.map_err(db_status)?;

@@ -14,7 +14,6 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_proto::host::v1 as host;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -65,13 +64,19 @@ fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn stop_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
+/// Whether the guest shut down by itself (else it was destroyed).
+#[derive(Debug, Serialize, Deserialize)]
+struct Stopped {
+    graceful: bool,
+}
+
+fn stop_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Stopped, Status>> {
     async move {
         let p: Params = cx.params()?;
         let vm = cx.db().get_vm(p.vm_id).await.map_err(db_status)?;
         // A VM that never ran has no host to ask.
         if vm.host_id.is_none() && vm.status == VmStatus::Down {
-            return Ok(json!({ "graceful": false }));
+            return Ok(Stopped { graceful: false });
         }
         let host = cx.app.host_for_vm(&vm).await?;
         let mut client = cx.app.host_client(&host)?;
@@ -82,9 +87,11 @@ fn stop_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Value, Status>> {
             })
             .await
         {
-            Ok(r) => Ok(json!({ "graceful": r.into_inner().graceful })),
+            Ok(r) => Ok(Stopped {
+                graceful: r.into_inner().graceful,
+            }),
             // The host does not know the VM: it is not running there.
-            Err(s) if s.code() == Code::NotFound => Ok(json!({ "graceful": false })),
+            Err(s) if s.code() == Code::NotFound => Ok(Stopped { graceful: false }),
             Err(s) => Err(downstream("stopping the VM on its host", s)),
         }
     }
