@@ -99,7 +99,7 @@ impl App {
         loop {
             let w = self.domain_writer(domain, via).await?;
             match call(w.client.clone()).await {
-                Err(s) if !raised && stale_writer(&s).is_some() => {
+                Err(s) if !raised && stale_writer(&s).is_some_and(|r| r < i64::MAX) => {
                     // The domain records a higher generation than the one
                     // this call was made under. When the database still
                     // says this one, nobody here moved the role: the
