@@ -404,6 +404,28 @@ impl Backend for BlockDomain {
         Ok(())
     }
 
+    /// As the default (made ILLEGAL, zeroed, then flipped), without looking
+    /// the new LV up again before the flip: its name is its volume id.
+    /// Saves an `lvs` (50-60 ms here) on every new disk and memory volume.
+    fn create_legal(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        let illegal = VolumeMeta {
+            legality: Legality::Illegal,
+            ..meta.clone()
+        };
+        self.create(&illegal, parent)?;
+        let flipped = lvm::lv_change_tags(
+            &self.vg,
+            &meta.volume.to_string(),
+            &[legality_tag(Legality::Illegal).to_string()],
+            &[legality_tag(Legality::Legal).to_string()],
+        );
+        if let Err(e) = flipped {
+            let _ = self.remove(meta.image, meta.volume);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()> {
         let lv = self.lv(image, volume)?;
         let other = match legality {
