@@ -64,6 +64,13 @@ pub trait Backend: Send + Sync + 'static {
     fn writer_generation(&self) -> Result<i64>;
     /// Records `generation` on the domain in place of `previous`.
     fn set_writer_generation(&self, previous: i64, generation: i64) -> Result<()>;
+    /// What a create in an existing image reads first: the volume that
+    /// request `request` made ([`Backend::find_request`]) and the volumes
+    /// of `image`. The default asks for each; a backend may read both at
+    /// once.
+    fn request_and_image(&self, request: Uuid, image: Uuid) -> Result<(Option<Volume>, Vec<Volume>)> {
+        Ok((self.find_request(request)?, self.list(Some(image))?))
+    }
     /// The volume that a create (or copy) with request id `request` made,
     /// whatever its legality: its metadata records the request. The
     /// default looks at every volume of the domain.

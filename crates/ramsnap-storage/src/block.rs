@@ -353,6 +353,14 @@ impl Backend for BlockDomain {
         Ok(out)
     }
 
+    /// Both from one `lvs`.
+    fn request_and_image(&self, request: Uuid, image: Uuid) -> Result<(Option<Volume>, Vec<Volume>)> {
+        let all = self.list(None)?;
+        let found = all.iter().find(|v| v.meta.request_id == Some(request)).cloned();
+        let in_image = all.into_iter().filter(|v| v.meta.image == image).collect();
+        Ok((found, in_image))
+    }
+
     fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume> {
         let lv = self.lv(image, volume)?;
         self.to_volume(&lv)?

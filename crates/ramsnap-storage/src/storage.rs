@@ -581,14 +581,18 @@ impl Storage {
         // already made them).
         let need = dump.capacity.saturating_add(meta.capacity);
         let free = self.get_domain(domain).await?.free;
-        let retry = match dump.request_id {
-            Some(r) => {
-                let b = d.backend.clone();
-                blocking(move || b.find_request(r)).await?.is_some()
+        // Whether this is a retry is asked only when it matters (an lvs on
+        // BLOCK): the create below finds the request again anyway.
+        let retry = || async {
+            match dump.request_id {
+                Some(r) => {
+                    let b = d.backend.clone();
+                    Ok::<_, StorageError>(blocking(move || b.find_request(r)).await?.is_some())
+                }
+                None => Ok(false),
             }
-            None => false,
         };
-        if !retry && need > free {
+        if need > free && !retry().await? {
             return Err(StorageError::NoSpace {
                 domain,
                 requested: need,
@@ -1334,39 +1338,65 @@ fn create_locked(
     req: NewVolume,
     allocation: Allocation,
 ) -> Result<Volume> {
-    if let Some(req_id) = req.request_id {
-        if let Some(v) = backend.find_request(req_id)? {
-            if !params_match(&v.meta, &req, allocation) {
-                return Err(StorageError::AlreadyExists {
-                    resource: "request",
-                    id: req_id.to_string(),
-                    reason: "request_id was already used for a volume with different parameters".into(),
-                });
-            }
-            if v.meta.legality == Legality::Legal {
-                return Ok(v);
-            }
-            // Left ILLEGAL by a crash part-way: start over.
-            remove_unless_in_use(backend, holds, v.volume_ref())?;
+    // What the request made before, and the image's volumes: one read
+    // where the backend can (see Backend::request_and_image).
+    let (found, mut in_image) = match (req.request_id, req.image) {
+        (Some(r), Some(i)) => {
+            let (found, listed) = backend.request_and_image(r, i)?;
+            (found, Some(listed))
+        }
+        (Some(r), None) => (backend.find_request(r)?, None),
+        (None, _) => (None, None),
+    };
+    if let (Some(v), Some(req_id)) = (found, req.request_id) {
+        if !params_match(&v.meta, &req, allocation) {
+            return Err(StorageError::AlreadyExists {
+                resource: "request",
+                id: req_id.to_string(),
+                reason: "request_id was already used for a volume with different parameters".into(),
+            });
+        }
+        if v.meta.legality == Legality::Legal {
+            return Ok(v);
+        }
+        // Left ILLEGAL by a crash part-way: start over.
+        remove_unless_in_use(backend, holds, v.volume_ref())?;
+        if let Some(listed) = &mut in_image {
+            listed.retain(|x| x.meta.volume != v.meta.volume);
         }
     }
-    create_new(backend, req, allocation, Legality::Legal)
+    create_new_in(backend, req, allocation, Legality::Legal, in_image)
 }
 
-/// Validates against the domain's current state and creates the volume:
-/// ILLEGAL for a copy's target (flipped when the copy completes), LEGAL for
-/// a new empty volume (see [`Backend::create_legal`]). Runs under the
-/// domain lock.
 fn create_new(
     backend: &dyn Backend,
     req: NewVolume,
     allocation: Allocation,
     legality: Legality,
 ) -> Result<Volume> {
+    create_new_in(backend, req, allocation, legality, None)
+}
+
+/// Validates against the domain's current state and creates the volume:
+/// ILLEGAL for a copy's target (flipped when the copy completes), LEGAL for
+/// a new empty volume (see [`Backend::create_legal`]). Runs under the
+/// domain lock. `in_image`: the image's volumes, when the caller has just
+/// read them.
+fn create_new_in(
+    backend: &dyn Backend,
+    req: NewVolume,
+    allocation: Allocation,
+    legality: Legality,
+    in_image: Option<Vec<Volume>>,
+) -> Result<Volume> {
     let domain = backend.info()?;
-    let image = req.image.unwrap_or_else(Uuid::new_v4);
+    // A new image has no volumes: no need to list it (an lvs on BLOCK).
+    let (image, in_image) = match (req.image, in_image) {
+        (Some(i), Some(listed)) => (i, listed),
+        (Some(i), None) => (i, backend.list(Some(i))?),
+        (None, _) => (Uuid::new_v4(), Vec::new()),
+    };
     let volume = req.volume.unwrap_or_else(Uuid::new_v4);
-    let in_image = backend.list(Some(image))?;
     if in_image.iter().any(|v| v.meta.volume == volume) {
         return Err(StorageError::AlreadyExists {
             resource: "volume",

@@ -2604,3 +2604,52 @@ async fn metadata_changes_under_a_replaced_writer_are_refused() {
         );
     }
 }
+
+/// A child left ILLEGAL by a crash part-way through its create, in an image
+/// that has other volumes, is made again by the retry of its request: what
+/// the create read of the image first (one read on BLOCK, with the request)
+/// no longer counts the volume the retry removed.
+#[tokio::test]
+async fn a_retried_child_left_illegal_in_its_image_is_made_again() {
+    let mut env = Env::new(1024 * MIB).await;
+    let domain = env.domain(pb::DomainType::Block);
+    let base = env
+        .create(new_volume(&domain, 8 * MIB, pb::VolumeFormat::Raw))
+        .await
+        .unwrap();
+    let base_ref = vref(&base);
+    let mut child = new_volume(&domain, 8 * MIB, pb::VolumeFormat::Cow);
+    child.request_id = Uuid::new_v4().to_string();
+    // Named by the caller (as the coordinator does): the retry makes the
+    // same volume again.
+    child.volume_id = Uuid::new_v4().to_string();
+    child.image_id = base_ref.image_id.clone();
+    child.parent_volume_id = base_ref.volume_id.clone();
+    child.allocation = pb::VolumeAllocation::Preallocated as i32;
+    let first = env.create(child.clone()).await.unwrap();
+    // As a crash between the LV and its LEGAL tag leaves it.
+    let lv = format!("{domain}/{}", vref(&first).volume_id);
+    let out = std::process::Command::new("lvchange")
+        .args([
+            "--config",
+            "global { activation = 0 }",
+            "--deltag",
+            "RS_LEGAL",
+            "--addtag",
+            "RS_ILLEGAL",
+            &lv,
+        ])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = env.list(&domain).await;
+    let illegal = listed.iter().find(|v| v.r#ref == first.r#ref).unwrap();
+    assert_eq!(illegal.legality, pb::VolumeLegality::Illegal as i32);
+
+    let again = env.create(child).await.unwrap();
+    assert_eq!(again.r#ref, first.r#ref);
+    assert_eq!(again.legality, pb::VolumeLegality::Legal as i32);
+    let listed = env.list(&domain).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+}
