@@ -113,7 +113,7 @@ impl DomainKind {
     }
 }
 
-fn request_id() -> String {
+pub fn request_id() -> String {
     Uuid::new_v4().to_string()
 }
 

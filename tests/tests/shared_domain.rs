@@ -11,7 +11,7 @@
 //! extent belongs to two LVs; and only one agent made metadata changes.
 //! Then the writer's agent is killed: the role moves to the other host
 //! (generation 2 on the VG), whose VMs go on.
-use ramsnap_e2e::cluster::{Cluster, Db, Process};
+use ramsnap_e2e::cluster::{request_id, Cluster, Db, Process};
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::storage::v1 as spb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
@@ -21,10 +21,6 @@ use std::process::Command;
 const VMS_PER_HOST: usize = 6;
 const SNAPSHOTS_PER_VM: usize = 3;
 const DISK_BYTES: u64 = 16 << 20;
-
-fn request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
 
 /// One VM's life on a cluster: created on the BLOCK domain, three disk-only
 /// snapshots, the middle one removed (a merge), and the VM itself removed
@@ -138,7 +134,7 @@ fn lvm(args: &[&str]) -> (bool, String, String) {
 fn metadata_changes(log: &std::path::Path) -> usize {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
-        .map(strip_ansi)
+        .map(ramsnap_e2e::logs::strip_ansi)
         .filter(|l| {
             ["CreateVolume", "DeleteVolume", "MergeVolume"]
                 .iter()
@@ -146,24 +142,6 @@ fn metadata_changes(log: &std::path::Path) -> usize {
                 && l.contains("outcome=\"OK\"")
         })
         .count()
-}
-
-/// The log line without its terminal colours.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
 }
 
 async fn two_hosts_on_one_block_domain(db: Db) {

@@ -110,7 +110,7 @@ impl App {
                     let recorded = stale_writer(&s).unwrap_or(w.generation);
                     let raised_now = self
                         .db
-                        .raise_domain_writer(w.domain, w.generation, recorded + 1)
+                        .replace_domain_writer(w.domain, w.generation, w.host.id, recorded + 1)
                         .await
                         .map_err(db_status)?;
                     if raised_now {
@@ -127,7 +127,7 @@ impl App {
                         error = %s, "the storage domain's metadata writer is gone; moving the role"
                     );
                     self.db
-                        .move_domain_writer(w.domain, w.generation, via.id)
+                        .replace_domain_writer(w.domain, w.generation, via.id, w.generation + 1)
                         .await
                         .map_err(db_status)?;
                     moved = true;

@@ -35,31 +35,24 @@ impl Database {
         })
     }
 
-    /// Moves the role from the writer that holds it under `from` to `host`,
-    /// one generation up. False when it had moved already (another caller
-    /// found the same writer gone first): the caller reads it again.
-    pub async fn move_domain_writer(&self, domain: Uuid, from: i64, host: Uuid) -> Result<bool, DbError> {
+    /// Gives the role held under generation `from` to `host` under
+    /// `generation` (compare-and-set): moving it (another host, `from` + 1)
+    /// or raising it past one recorded outside the coordinator (the same
+    /// host). False when it had changed meanwhile: the caller reads it
+    /// again.
+    pub async fn replace_domain_writer(
+        &self,
+        domain: Uuid,
+        from: i64,
+        host: Uuid,
+        generation: i64,
+    ) -> Result<bool, DbError> {
         let done = sqlx::query(
-            "UPDATE domain_writers SET host_id = $1, generation = generation + 1, assigned_at = $2 \
-             WHERE domain_id = $3 AND generation = $4",
+            "UPDATE domain_writers SET host_id = $1, generation = $2, assigned_at = $3 \
+             WHERE domain_id = $4 AND generation = $5",
         )
         .bind(host.to_string())
-        .bind(now_ms())
-        .bind(domain.to_string())
-        .bind(from)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Raises the writer's generation from `from` to `to` (the writer
-    /// stays), when a higher one than the database's was recorded on the
-    /// domain from outside the coordinator. False when it had changed.
-    pub async fn raise_domain_writer(&self, domain: Uuid, from: i64, to: i64) -> Result<bool, DbError> {
-        let done = sqlx::query(
-            "UPDATE domain_writers SET generation = $1, assigned_at = $2 WHERE domain_id = $3 AND generation = $4",
-        )
-        .bind(to)
+        .bind(generation)
         .bind(now_ms())
         .bind(domain.to_string())
         .bind(from)
