@@ -187,8 +187,9 @@ async fn memory_domain(c: &Cluster, vm: &str, snapshot_id: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f64, String) {
+async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f64, String, f64) {
     drop_caches();
+    let watch = PauseWatch::start(vm);
     let t = Instant::now();
     let r = c
         .snapshots_api()
@@ -203,7 +204,8 @@ async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f
         .expect("CreateSnapshot")
         .into_inner();
     let op = c.succeed(r.operation, what).await;
-    (t.elapsed().as_secs_f64(), op.snapshot_id)
+    let took = t.elapsed().as_secs_f64();
+    (took, op.snapshot_id, watch.finish())
 }
 
 /// virsh snapshot-create-as of B's domain into `dir` (the memory into
@@ -214,7 +216,7 @@ fn virsh_snapshot(
     tag: &str,
     live: bool,
     memory_target: Option<&Path>,
-) -> (f64, PathBuf) {
+) -> (f64, PathBuf, f64) {
     let mem = memory_target.map_or_else(|| dir.join(format!("virsh-{tag}.mem")), Path::to_path_buf);
     let overlay = dir.join(format!("virsh-{tag}.qcow2"));
     let memspec = format!("file={},snapshot=external", mem.display());
@@ -233,9 +235,75 @@ fn virsh_snapshot(
         args.push("--live");
     }
     drop_caches();
+    let watch = PauseWatch::start(vm);
     let t = Instant::now();
     virsh(&args);
-    (t.elapsed().as_secs_f64(), mem)
+    let took = t.elapsed().as_secs_f64();
+    (took, mem, watch.finish())
+}
+
+/// How long a guest was paused, as libvirt's lifecycle events say, on
+/// both domains alike: `virsh event --loop --timestamp` runs beside the
+/// step, and each "Suspended" to the next "Resumed" counts. This covers
+/// the whole pause (QEMU's downtime plus what libvirt does while the guest
+/// is stopped, such as syncing the dump), which QEMU's own "downtime" does
+/// not.
+struct PauseWatch(std::process::Child);
+
+impl PauseWatch {
+    fn start(vm: &str) -> PauseWatch {
+        let child = Command::new("virsh")
+            .args(["-c", "qemu:///system", "event", "--domain", &domain(vm)])
+            .args(["--event", "lifecycle", "--loop", "--timestamp"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("virsh event");
+        // virsh registers for events once connected: give it that time,
+        // outside the timed step.
+        std::thread::sleep(Duration::from_millis(400));
+        PauseWatch(child)
+    }
+
+    /// Ends the watch: the total pause in ms (NaN when no pause was seen).
+    fn finish(mut self) -> f64 {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.0.kill();
+        let out = self.0.wait_with_output().expect("virsh event output");
+        paused_ms(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+/// The sum of the Suspended-to-Resumed intervals in `virsh event
+/// --timestamp` output ("2026-12-06 16:33:22.814+0000: event 'lifecycle'
+/// for domain 'x': Suspended Paused").
+fn paused_ms(events: &str) -> f64 {
+    let at = |line: &str| -> Option<f64> {
+        let time = line.split_whitespace().nth(1)?.split('+').next()?;
+        let mut parts = time.split(':');
+        let (h, m, s): (f64, f64, f64) = (
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+        );
+        Some((h * 3600.0 + m * 60.0 + s) * 1000.0)
+    };
+    let (mut total, mut since, mut seen) = (0.0, None, false);
+    for line in events.lines() {
+        if line.contains(": Suspended") {
+            since = since.or(at(line));
+        } else if line.contains(": Resumed") {
+            if let (Some(a), Some(b)) = (since.take(), at(line)) {
+                total += b - a;
+                seen = true;
+            }
+        }
+    }
+    if seen {
+        total
+    } else {
+        f64::NAN
+    }
 }
 
 /// The median of the values that are numbers; NaN when none is.
@@ -390,10 +458,13 @@ async fn run(runs: usize, block: bool) {
     let mut live = Breakdown::default();
     let mut restore = Breakdown::default();
     let mut virsh_downtime = Vec::new();
+    // Guest pauses from libvirt's lifecycle events, both sides alike.
+    let (mut ours_pause, mut bare_pause) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
     for run in 0..runs {
         eprintln!("run {} of {runs}", run + 1);
-        let (t, paused_snapshot) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
+        let (t, paused_snapshot, pause) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
         ours.paused.push(t);
+        ours_pause.0.push(pause);
         // A snapshot whose memory found no room on the VM's domain puts it
         // on another: that would measure another domain.
         let want = if block {
@@ -411,8 +482,9 @@ async fn run(runs: usize, block: bool) {
         // The whole log of ramsnapd (the last lines are this snapshot's).
         let logs = c.process(Process::Coordinator).logs();
         paused.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
-        let (t, live_snapshot) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
+        let (t, live_snapshot, pause) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
         ours.live.push(t);
+        ours_pause.1.push(pause);
         let got = memory_domain(&c, &a, &live_snapshot).await;
         assert_eq!(
             got, want,
@@ -444,10 +516,12 @@ async fn run(runs: usize, block: bool) {
         let logs = c.process(Process::Coordinator).logs();
         restore.add(&logs, "vm_run", "restore step", "prepare memory volumes");
 
-        let (t, _) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false, memory_lv.as_deref());
+        let (t, _, pause) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false, memory_lv.as_deref());
         bare.paused.push(t);
-        let (t, mem) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true, memory_lv.as_deref());
+        bare_pause.0.push(pause);
+        let (t, mem, pause) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true, memory_lv.as_deref());
         bare.live.push(t);
+        bare_pause.1.push(pause);
         // QEMU's downtime of virsh's LIVE snapshot, as libvirt recorded it.
         virsh_downtime.push(completed_downtime_ms(&b).unwrap_or(f64::NAN));
         bare.restore
@@ -486,6 +560,13 @@ async fn run(runs: usize, block: bool) {
         "\nLIVE snapshot, QEMU's downtime (libvirt's completed job): ramsnap {:.0} ms, virsh {:.0} ms",
         median_known(&live.downtimes),
         median_known(&virsh_downtime)
+    );
+    println!(
+        "Guest pause (libvirt's lifecycle events, Suspended to Resumed): PAUSED ramsnap {:.0} ms, virsh {:.0} ms; LIVE ramsnap {:.0} ms, virsh {:.0} ms",
+        median_known(&ours_pause.0),
+        median_known(&bare_pause.0),
+        median_known(&ours_pause.1),
+        median_known(&bare_pause.1),
     );
     paused.print("ramsnap, snapshot with memory, PAUSED:");
     live.print("ramsnap, snapshot with memory, LIVE:");

@@ -121,11 +121,12 @@ impl From<VolumeRef> for common::VolumeRef {
     }
 }
 
-/// One disk of a new VM: `DOMAIN:SIZE`, the storage domain's id and the
-/// disk's virtual size as [`parse_size`] reads it (`3f2a...:10G`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One disk of a new VM: `DOMAIN:SIZE`, the storage domain (its name or
+/// id) and the disk's virtual size as [`parse_size`] reads it
+/// (`local-file:10G`, `3f2a...:10G`). Domain names have no `:`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
-    pub domain: Uuid,
+    pub domain: crate::names::Ref,
     pub size: u64,
 }
 
@@ -134,13 +135,11 @@ impl FromStr for DiskSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let Some((domain, size)) = s.split_once(':') else {
-            return Err(format!(
-                "expected DOMAIN:SIZE (a storage domain id and a size, e.g. {}:10G)",
-                Uuid::nil()
-            ));
+            return Err(
+                "expected DOMAIN:SIZE (a storage domain's name or id and a size, e.g. local-file:10G)".into(),
+            );
         };
-        let domain =
-            Uuid::parse_str(domain.trim()).map_err(|_| format!("domain id {domain:?} is not a UUID"))?;
+        let domain = domain.parse().map_err(|e| format!("domain: {e}"))?;
         let size = parse_size(size).map_err(|e| format!("disk size: {e}"))?;
         Ok(DiskSpec { domain, size })
     }
@@ -230,18 +229,19 @@ mod tests {
 
     #[test]
     fn disks() {
+        use crate::names::Ref;
         let d = Uuid::new_v4();
         assert_eq!(
             format!("{d}:10G").parse::<DiskSpec>(),
             Ok(DiskSpec {
-                domain: d,
+                domain: Ref::Id(d),
                 size: 10 << 30
             })
         );
         assert_eq!(
             format!("{}:4096", d.to_string().to_uppercase()).parse::<DiskSpec>(),
             Ok(DiskSpec {
-                domain: d,
+                domain: Ref::Id(d),
                 size: 4096
             })
         );
@@ -249,6 +249,15 @@ mod tests {
             format!("{d}:1.5G").parse::<DiskSpec>().map(|s| s.size),
             Ok(3 << 29)
         );
+        // By name (domain names have no ':').
+        assert_eq!(
+            "local-file:64M".parse::<DiskSpec>(),
+            Ok(DiskSpec {
+                domain: Ref::Name("local-file".into()),
+                size: 64 << 20
+            })
+        );
+        assert!("nfs:a:1G".parse::<DiskSpec>().is_err());
     }
 
     #[test]
@@ -258,9 +267,9 @@ mod tests {
             .unwrap_err()
             .contains("DOMAIN:SIZE"));
         assert!(DiskSpec::from_str("").unwrap_err().contains("DOMAIN:SIZE"));
-        assert!(DiskSpec::from_str("files:10G")
+        assert!(DiskSpec::from_str(":10G")
             .unwrap_err()
-            .contains("domain id \"files\""));
+            .starts_with("domain: empty"));
         assert!(DiskSpec::from_str(&format!("{d}:"))
             .unwrap_err()
             .starts_with("disk size: "));

@@ -17,27 +17,33 @@ pub use operation::OperationCommand;
 pub use snapshot::SnapshotCommand;
 pub use vm::VmCommand;
 
+use crate::names::Names;
 use crate::{client, Global};
 use tonic::transport::Channel;
 
 pub async fn run_cluster(global: &Global, cmd: ClusterCommand) -> anyhow::Result<()> {
-    cluster::run(connect(global).await?, global.output, cmd).await
+    let channel = connect(global).await?;
+    cluster::run(channel.clone(), &Names::new(global, channel), global.output, cmd).await
 }
 
 pub async fn run_host(global: &Global, cmd: HostCommand) -> anyhow::Result<()> {
-    host::run(connect(global).await?, global.output, cmd).await
+    let channel = connect(global).await?;
+    host::run(channel.clone(), &Names::new(global, channel), global.output, cmd).await
 }
 
 pub async fn run_vm(global: &Global, cmd: VmCommand) -> anyhow::Result<()> {
-    vm::run(connect(global).await?, global.output, cmd).await
+    let channel = connect(global).await?;
+    vm::run(channel.clone(), &Names::new(global, channel), global.output, cmd).await
 }
 
 pub async fn run_snapshot(global: &Global, cmd: SnapshotCommand) -> anyhow::Result<()> {
-    snapshot::run(connect(global).await?, global.output, cmd).await
+    let channel = connect(global).await?;
+    snapshot::run(channel.clone(), &Names::new(global, channel), global.output, cmd).await
 }
 
 pub async fn run_operation(global: &Global, cmd: OperationCommand) -> anyhow::Result<()> {
-    operation::run(connect(global).await?, global.output, cmd).await
+    let channel = connect(global).await?;
+    operation::run(channel.clone(), &Names::new(global, channel), global.output, cmd).await
 }
 
 /// One channel to the coordinator, shared by its four service clients.

@@ -10,6 +10,7 @@ mod args;
 mod client;
 mod coordinator;
 mod error;
+mod names;
 mod output;
 mod storage;
 

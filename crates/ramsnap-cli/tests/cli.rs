@@ -186,6 +186,15 @@ async fn domain_register_list_and_get() {
 
     let get = server.ok(&["domain", "get", &id]).await;
     assert!(get.contains("name:") && get.contains("files"), "{get}");
+    // By name too; a name that is no domain's says which there are.
+    let by_name = server.json(&["domain", "get", "files"]).await;
+    assert_eq!(by_name["domain_id"], id.as_str());
+    let out = server.ramsnap(&["volume", "list", "--domain", "filez"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        "error: no storage domain is named \"filez\" (known: \"files\")"
+    );
     // Free space moves with whatever else writes to the file system.
     let without_free = |mut d: Value| {
         d.as_object_mut().unwrap().remove("free_bytes");
@@ -430,7 +439,7 @@ async fn bad_input_is_a_usage_error() {
         vec!["volume", "create", "--domain", &domain, "--size", "1.3"],
         vec!["volume", "get", "not-a-ref"],
         vec!["volume", "get", "a/b/c"],
-        vec!["domain", "get", "nope"],
+        vec!["domain", "get", ""],
         vec![
             "domain",
             "register",

@@ -464,12 +464,108 @@ async fn bad_input_names_the_field() {
         vec!["snapshot", "create", &vm, "--live"],
         vec!["snapshot", "preview", &vm],
         vec!["snapshot", "clone", &vm, &vm],
-        vec!["cluster", "get", "prod"],
-        vec!["host", "list", "--cluster", "c"],
+        vec!["cluster", "get", ""],
+        vec!["host", "list", "--cluster", " "],
     ] {
         let err = s.fails(2, &args).await;
         assert!(err.starts_with("error: "), "{args:?}: {err}");
     }
+    // A name that is no object's: exit 1, nothing asked of the service
+    // but the list, and the names there are.
+    let err = s.fails(1, &["cluster", "get", "prod"]).await;
+    assert_eq!(err.trim(), "error: no cluster is named \"prod\" (known: \"c\")");
+    let err = s.fails(1, &["vm", "run", "nope", "--no-wait"]).await;
+    assert_eq!(err.trim(), "error: no VM is named \"nope\" (there is no VM)");
+}
+
+/// The quick tour's commands typed with names: a cluster, a domain, a VM,
+/// a snapshot by its description or a prefix of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_instead_of_ids() {
+    let s = Services::start().await;
+    let (cluster, _host, domain) = s.cluster_with_storage().await;
+    let created = s
+        .json(&[
+            "vm",
+            "create",
+            "--name",
+            "web",
+            "--cluster",
+            "default",
+            "--memory",
+            "256M",
+            "--disk",
+            "files:64M",
+        ])
+        .await;
+    let vm = created["vm"]["vm_id"].as_str().unwrap().to_string();
+    assert_eq!(created["vm"]["cluster_id"], cluster.as_str());
+    assert_eq!(
+        created["vm"]["disks"][0]["domain_id"],
+        domain.as_str(),
+        "{created}"
+    );
+    assert_eq!(s.json(&["vm", "get", "web"]).await["vm_id"], vm.as_str());
+    assert_eq!(
+        s.json(&["cluster", "get", "default"]).await["cluster_id"],
+        cluster.as_str()
+    );
+    let listed = s.json(&["vm", "list", "--cluster", "default"]).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let hosts = s.json(&["host", "list", "--cluster", "default"]).await;
+    assert_eq!(hosts[0]["name"], "hv1");
+
+    let first = s
+        .json(&["snapshot", "create", "web", "--description", "before upgrade"])
+        .await["snapshot"]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = s
+        .json(&[
+            "snapshot",
+            "create",
+            "web",
+            "--description",
+            "before upgrade, again",
+        ])
+        .await["snapshot"]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A prefix two descriptions share is ambiguous: both are listed, and
+    // nothing is previewed.
+    let err = s.fails(1, &["snapshot", "preview", "web", "before"]).await;
+    assert!(
+        err.starts_with("error: 2 snapshots are with a description starting with \"before\""),
+        "{err}"
+    );
+    assert!(err.contains(&first) && err.contains(&second), "{err}");
+    assert_eq!(s.json(&["vm", "get", "web"]).await["status"], "down");
+    // The whole description names the first even though it prefixes the
+    // second; a unique prefix names the second.
+    let in_preview = || async {
+        let list = s.json(&["snapshot", "list", "web"]).await;
+        let hit: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["status"] == "in-preview")
+            .map(|x| x["snapshot_id"].as_str().unwrap().to_string())
+            .collect();
+        hit
+    };
+    s.ok(&["snapshot", "preview", "web", "before upgrade"]).await;
+    assert_eq!(in_preview().await, vec![first.clone()]);
+    s.ok(&["snapshot", "undo", "web"]).await;
+    s.ok(&["snapshot", "preview", "web", "before upgrade,"]).await;
+    assert_eq!(in_preview().await, vec![second.clone()]);
+    s.ok(&["snapshot", "commit", "web"]).await;
+    let ops = s.json(&["operation", "list", "--vm", "web"]).await;
+    assert!(ops.as_array().unwrap().len() >= 5, "{ops}");
+    s.ok(&["vm", "remove", "web"]).await;
+    let err = s.fails(1, &["vm", "get", "web"]).await;
+    assert_eq!(err.trim(), "error: no VM is named \"web\" (there is no VM)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

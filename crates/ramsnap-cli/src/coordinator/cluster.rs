@@ -2,13 +2,13 @@
 use super::render;
 use crate::args::RequestArg;
 use crate::error::with_request_id;
+use crate::names::{Names, Ref};
 use crate::output::{print_fields, print_json, Format};
 use clap::Subcommand;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::cluster_service_client::ClusterServiceClient;
 use serde_json::json;
 use tonic::transport::Channel;
-use uuid::Uuid;
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
@@ -29,13 +29,18 @@ pub enum ClusterCommand {
     List,
     /// Shows one cluster.
     Get {
-        /// The cluster's id.
-        #[arg(value_name = "UUID")]
-        id: Uuid,
+        /// The cluster: its name or id.
+        #[arg(value_name = "CLUSTER")]
+        id: Ref,
     },
 }
 
-pub async fn run(channel: Channel, output: Format, cmd: ClusterCommand) -> anyhow::Result<()> {
+pub async fn run(
+    channel: Channel,
+    names: &Names<'_>,
+    output: Format,
+    cmd: ClusterCommand,
+) -> anyhow::Result<()> {
     let mut client = ClusterServiceClient::new(channel);
     match cmd {
         ClusterCommand::Create {
@@ -75,6 +80,7 @@ pub async fn run(channel: Channel, output: Format, cmd: ClusterCommand) -> anyho
             }
         }
         ClusterCommand::Get { id } => {
+            let id = names.cluster(&id).await?;
             let cluster = client
                 .get_cluster(pb::GetClusterRequest {
                     cluster_id: id.to_string(),

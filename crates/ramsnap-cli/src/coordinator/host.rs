@@ -3,22 +3,22 @@
 use super::render;
 use crate::args::RequestArg;
 use crate::error::with_request_id;
+use crate::names::{Names, Ref};
 use crate::output::{print_fields, print_json, Format};
 use clap::Subcommand;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::cluster_service_client::ClusterServiceClient;
 use serde_json::json;
 use tonic::transport::Channel;
-use uuid::Uuid;
 
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
     /// Adds a hypervisor host to a cluster. Adding the same host again
     /// returns it.
     Add {
-        /// The cluster to add the host to.
-        #[arg(long, value_name = "UUID")]
-        cluster: Uuid,
+        /// The cluster to add the host to: its name or id.
+        #[arg(long, value_name = "CLUSTER")]
+        cluster: Ref,
         /// 1-128 printable characters.
         #[arg(long)]
         name: String,
@@ -33,13 +33,18 @@ pub enum HostCommand {
     },
     /// Lists the hosts, of every cluster or of one.
     List {
-        /// Only the hosts of this cluster.
-        #[arg(long, value_name = "UUID")]
-        cluster: Option<Uuid>,
+        /// Only the hosts of this cluster (name or id).
+        #[arg(long, value_name = "CLUSTER")]
+        cluster: Option<Ref>,
     },
 }
 
-pub async fn run(channel: Channel, output: Format, cmd: HostCommand) -> anyhow::Result<()> {
+pub async fn run(
+    channel: Channel,
+    names: &Names<'_>,
+    output: Format,
+    cmd: HostCommand,
+) -> anyhow::Result<()> {
     let mut client = ClusterServiceClient::new(channel);
     match cmd {
         HostCommand::Add {
@@ -49,6 +54,7 @@ pub async fn run(channel: Channel, output: Format, cmd: HostCommand) -> anyhow::
             storage_address,
             request,
         } => {
+            let cluster = names.cluster(&cluster).await?;
             let request_id = request.id();
             let host = client
                 .add_host(pb::AddHostRequest {
@@ -72,6 +78,10 @@ pub async fn run(channel: Channel, output: Format, cmd: HostCommand) -> anyhow::
             }
         }
         HostCommand::List { cluster } => {
+            let cluster = match cluster {
+                Some(c) => Some(names.cluster(&c).await?),
+                None => None,
+            };
             let hosts = client
                 .list_hosts(pb::ListHostsRequest {
                     cluster_id: cluster.map(|c| c.to_string()).unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! operations, for following one started elsewhere (or with --no-wait).
 use super::render;
 use super::wait::{follow, Done, Warnings};
+use crate::names::{Names, Ref};
 use crate::output::{print_fields, print_json, print_line, Format};
 use clap::Subcommand;
 use indicatif::ProgressBar;
@@ -15,9 +16,9 @@ use uuid::Uuid;
 pub enum OperationCommand {
     /// Lists the operations, oldest first, of every VM or of one.
     List {
-        /// Only the operations on this VM.
-        #[arg(long, value_name = "UUID")]
-        vm: Option<Uuid>,
+        /// Only the operations on this VM (name or id).
+        #[arg(long, value_name = "VM")]
+        vm: Option<Ref>,
     },
     /// Shows one operation.
     Get {
@@ -41,10 +42,19 @@ pub enum OperationCommand {
     },
 }
 
-pub async fn run(channel: Channel, output: Format, cmd: OperationCommand) -> anyhow::Result<()> {
+pub async fn run(
+    channel: Channel,
+    names: &Names<'_>,
+    output: Format,
+    cmd: OperationCommand,
+) -> anyhow::Result<()> {
     let mut client = OperationServiceClient::new(channel.clone());
     match cmd {
         OperationCommand::List { vm } => {
+            let vm = match vm {
+                Some(v) => Some(names.vm(&v).await?),
+                None => None,
+            };
             let operations = client
                 .list_operations(pb::ListOperationsRequest {
                     vm_id: vm.map(|v| v.to_string()).unwrap_or_default(),

@@ -4,6 +4,7 @@
 use super::render;
 use super::wait::{wait, Done, OperationArgs, Started};
 use crate::error::with_request_id;
+use crate::names::{Names, Ref};
 use crate::output::{print_fields, print_json, Format};
 use clap::Subcommand;
 use ramsnap_proto::snapshot::v1 as pb;
@@ -18,9 +19,9 @@ pub enum SnapshotCommand {
     /// Lists a VM's snapshots, oldest first, the active one last; MEMORY
     /// says whether a snapshot holds the VM's memory.
     List {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
+        vm: Ref,
     },
     /// Shows one snapshot, with its disk and memory volumes.
     Get {
@@ -30,9 +31,9 @@ pub enum SnapshotCommand {
     },
     /// Takes a snapshot of a VM's disks, and with --memory of its RAM.
     Create {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
+        vm: Ref,
         /// Free text shown in the list.
         #[arg(long)]
         description: Option<String>,
@@ -50,25 +51,25 @@ pub enum SnapshotCommand {
     /// Removes a snapshot of a VM that is down: its disk volumes are merged,
     /// its memory volumes go unless another snapshot uses them.
     Remove {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
-        /// The snapshot's id.
+        vm: Ref,
+        /// The snapshot: its id, its description, or a unique prefix of it.
         // Not the id `snapshot`: that is the global --snapshot's.
         #[arg(id = "snapshot_id", value_name = "SNAPSHOT")]
-        snapshot: Uuid,
+        snapshot: Ref,
         #[command(flatten)]
         op: OperationArgs,
     },
     /// Sets a VM that is down to preview a snapshot; undo or commit it then.
     Preview {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
-        /// The snapshot's id.
+        vm: Ref,
+        /// The snapshot: its id, its description, or a unique prefix of it.
         // Not the id `snapshot`: that is the global --snapshot's.
         #[arg(id = "snapshot_id", value_name = "SNAPSHOT")]
-        snapshot: Uuid,
+        snapshot: Ref,
         /// Restore Memory: the next run resumes from the snapshot's memory
         /// instead of booting (a snapshot with memory, cluster 3.3+).
         #[arg(long)]
@@ -78,37 +79,38 @@ pub enum SnapshotCommand {
     },
     /// Leaves the preview: back to the state before it.
     Undo {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
+        vm: Ref,
         #[command(flatten)]
         op: OperationArgs,
     },
     /// Keeps the previewed state; the snapshots newer than it go, with their
     /// memory.
     Commit {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
+        vm: Ref,
         #[command(flatten)]
         op: OperationArgs,
     },
     /// Creates a new VM whose disks are copies of a snapshot's. The memory
     /// is not copied.
     Clone {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        vm: Uuid,
-        /// The snapshot's id.
+        vm: Ref,
+        /// The snapshot: its id, its description, or a unique prefix of it.
         // Not the id `snapshot`: that is the global --snapshot's.
         #[arg(id = "snapshot_id", value_name = "SNAPSHOT")]
-        snapshot: Uuid,
+        snapshot: Ref,
         /// The new VM's name.
         #[arg(long)]
         name: String,
-        /// Where the copies go; by default each disk's own domain.
-        #[arg(long, value_name = "UUID")]
-        target_domain: Option<Uuid>,
+        /// Where the copies go (a domain's name or id); by default each
+        /// disk's own domain.
+        #[arg(long, value_name = "DOMAIN")]
+        target_domain: Option<Ref>,
         #[command(flatten)]
         op: OperationArgs,
     },
@@ -133,10 +135,16 @@ fn next_run(active: Option<&pb::Snapshot>) -> &'static str {
     }
 }
 
-pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyhow::Result<()> {
+pub async fn run(
+    channel: Channel,
+    names: &Names<'_>,
+    output: Format,
+    cmd: SnapshotCommand,
+) -> anyhow::Result<()> {
     let mut client = SnapshotServiceClient::new(channel.clone());
     match cmd {
         SnapshotCommand::List { vm } => {
+            let vm = names.vm(&vm).await?;
             let snapshots = list(&mut client, vm).await?;
             match output {
                 Format::Table => render::snapshot_table(&snapshots).print(),
@@ -164,6 +172,7 @@ pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyh
             live,
             op,
         } => {
+            let vm = names.vm(&vm).await?;
             let request_id = op.request.id();
             let resp = client
                 .create_snapshot(pb::CreateSnapshotRequest {
@@ -193,6 +202,8 @@ pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyh
             );
         }
         SnapshotCommand::Remove { vm, snapshot, op } => {
+            let vm = names.vm(&vm).await?;
+            let snapshot = names.snapshot(vm, &snapshot).await?;
             let request_id = op.request.id();
             let resp = client
                 .remove_snapshot(pb::RemoveSnapshotRequest {
@@ -214,6 +225,8 @@ pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyh
             restore_memory,
             op,
         } => {
+            let vm = names.vm(&vm).await?;
+            let snapshot = names.snapshot(vm, &snapshot).await?;
             let request_id = op.request.id();
             let resp = client
                 .preview_snapshot(pb::PreviewSnapshotRequest {
@@ -232,6 +245,7 @@ pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyh
             }
         }
         SnapshotCommand::Undo { vm, op } => {
+            let vm = names.vm(&vm).await?;
             let request_id = op.request.id();
             let resp = client
                 .undo_preview(pb::UndoPreviewRequest {
@@ -248,6 +262,7 @@ pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyh
             }
         }
         SnapshotCommand::Commit { vm, op } => {
+            let vm = names.vm(&vm).await?;
             let request_id = op.request.id();
             let resp = client
                 .commit_snapshot(pb::CommitSnapshotRequest {
@@ -273,6 +288,12 @@ pub async fn run(channel: Channel, output: Format, cmd: SnapshotCommand) -> anyh
             target_domain,
             op,
         } => {
+            let vm = names.vm(&vm).await?;
+            let snapshot = names.snapshot(vm, &snapshot).await?;
+            let target_domain = match target_domain {
+                Some(d) => Some(names.domain(&d).await?),
+                None => None,
+            };
             let request_id = op.request.id();
             let resp = client
                 .clone_vm_from_snapshot(pb::CloneVmFromSnapshotRequest {
@@ -433,10 +454,18 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((name.as_str(), target_domain), ("copy", Some(dom)));
+        assert_eq!((name.as_str(), target_domain), ("copy", Some(Ref::Id(dom))));
         assert!(parse(&["clone", &vm.to_string(), &snap.to_string()]).is_err());
         assert!(parse(&["remove", &vm.to_string()]).is_err());
-        assert!(parse(&["list", "not-a-vm"]).is_err());
+        // A VM and a snapshot by name and description.
+        let SnapshotCommand::Preview { vm, snapshot, .. } =
+            parse(&["preview", "web", "before upgrade"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(vm, Ref::Name("web".into()));
+        assert_eq!(snapshot, Ref::Name("before upgrade".into()));
+        assert!(parse(&["list", ""]).is_err());
     }
 
     #[test]

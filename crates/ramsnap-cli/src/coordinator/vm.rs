@@ -8,6 +8,7 @@ use super::render;
 use super::wait::{wait, OperationArgs, Started};
 use crate::args::{parse_size, DiskSpec};
 use crate::error::with_request_id;
+use crate::names::{Names, Ref};
 use crate::output::{eprint_line, print_fields, print_json, print_line, Format};
 use anyhow::bail;
 use clap::{Args, Subcommand};
@@ -25,26 +26,26 @@ pub enum VmCommand {
     Create(CreateArgs),
     /// Lists the VMs, of every cluster or of one.
     List {
-        /// Only the VMs of this cluster.
-        #[arg(long, value_name = "UUID")]
-        cluster: Option<Uuid>,
+        /// Only the VMs of this cluster (name or id).
+        #[arg(long, value_name = "CLUSTER")]
+        cluster: Option<Ref>,
     },
     /// Shows one VM and its disks.
     Get {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
+        id: Ref,
     },
     /// Runs a VM: it resumes from its active snapshot's memory when it has
     /// some (after a preview or commit with --restore-memory), else boots.
     Run {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
+        id: Ref,
         /// The host to run on; by default the cluster's first host. (Not
         /// `--host`: that global flag is the host agent's address.)
-        #[arg(long, value_name = "UUID")]
-        on_host: Option<Uuid>,
+        #[arg(long, value_name = "HOST")]
+        on_host: Option<Ref>,
         /// Runs this time as stateless (Run Once): stopping it goes back to
         /// the state it ran from.
         #[arg(long)]
@@ -54,9 +55,9 @@ pub enum VmCommand {
     },
     /// Stops a VM; a stateless VM goes back to the state it was run from.
     Stop {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
+        id: Ref,
         /// Asks the guest to shut down and waits up to SECS before powering
         /// it off; 0 (the default) powers it off at once.
         #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -66,27 +67,27 @@ pub enum VmCommand {
     },
     /// Removes a VM that is down, with its snapshots, disks and memory volumes.
     Remove {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
+        id: Ref,
         #[command(flatten)]
         op: OperationArgs,
     },
     /// Prints the VM's status, then each change with its time, until Ctrl-C
     /// or until the VM reaches --until.
     Watch {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
+        id: Ref,
         /// Returns once the VM is in this status.
         #[arg(long, value_enum, value_name = "STATUS")]
         until: Option<VmStatusArg>,
     },
     /// Prints the guest's serial console.
     Console {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
+        id: Ref,
         /// Keeps printing what the guest writes, until Ctrl-C.
         #[arg(long, short = 'f')]
         follow: bool,
@@ -94,12 +95,12 @@ pub enum VmCommand {
     /// Exports a VM that is down to an export domain: every snapshot's
     /// volumes with their memory, ids kept, and its OVF descriptor.
     Export {
-        /// The VM's id.
+        /// The VM: its name or id.
         #[arg(value_name = "VM")]
-        id: Uuid,
-        /// The export domain.
-        #[arg(long, value_name = "UUID")]
-        domain: Uuid,
+        id: Ref,
+        /// The export domain: its name or id.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Ref,
         /// Exports only the active snapshot, with its memory: each disk's
         /// chain collapsed into one volume.
         #[arg(long)]
@@ -117,9 +118,9 @@ pub enum VmCommand {
     /// Lists the VMs an export domain holds, from their OVF descriptors;
     /// SNAPSHOTS counts the active one too, WITH-MEMORY those holding memory.
     Exported {
-        /// The export domain.
-        #[arg(long, value_name = "UUID")]
-        domain: Uuid,
+        /// The export domain: its name or id.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Ref,
     },
 }
 
@@ -128,17 +129,17 @@ pub struct CreateArgs {
     /// The VM's name, unique.
     #[arg(long)]
     name: String,
-    /// The cluster the VM belongs to.
-    #[arg(long, value_name = "UUID")]
-    cluster: Uuid,
+    /// The cluster the VM belongs to: its name or id.
+    #[arg(long, value_name = "CLUSTER")]
+    cluster: Ref,
     /// The guest's RAM: bytes, or with a unit: 256M, 4G.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory: u64,
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// A disk: the storage domain and the virtual size, e.g.
-    /// 3f2a...:10G. Repeat for more disks; the first one's domain is the
+    /// A disk: the storage domain (name or id) and the virtual size, e.g.
+    /// local-file:10G. Repeat for more disks; the first one's domain is the
     /// VM's. At least one.
     #[arg(long = "disk", value_name = "DOMAIN:SIZE", required = true)]
     disks: Vec<DiskSpec>,
@@ -160,19 +161,20 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// The exported VM's id (as `ramsnap vm exported` lists it).
+    /// The exported VM: its name or id (as `ramsnap vm exported` lists it).
     #[arg(value_name = "VM")]
-    id: Uuid,
-    /// The export domain.
-    #[arg(long, value_name = "UUID")]
-    domain: Uuid,
-    /// The cluster the imported VM belongs to; below 3.3 the memory is not
-    /// imported.
-    #[arg(long, value_name = "UUID")]
-    cluster: Uuid,
-    /// The data domain (FILE or BLOCK) that receives the disks and memory.
-    #[arg(long, value_name = "UUID")]
-    target_domain: Uuid,
+    id: Ref,
+    /// The export domain: its name or id.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Ref,
+    /// The cluster the imported VM belongs to (name or id); below 3.3 the
+    /// memory is not imported.
+    #[arg(long, value_name = "CLUSTER")]
+    cluster: Ref,
+    /// The data domain (FILE or BLOCK) that receives the disks and memory:
+    /// its name or id.
+    #[arg(long, value_name = "DOMAIN")]
+    target_domain: Ref,
     /// Imports as a clone: new ids, only the active snapshot, no memory: the
     /// VM boots.
     #[arg(long)]
@@ -221,28 +223,29 @@ const CONSOLE_CHUNK: u32 = 64 * 1024;
 /// How often `vm console --follow` asks for more.
 const CONSOLE_POLL: Duration = Duration::from_millis(500);
 
-pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Result<()> {
+pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCommand) -> anyhow::Result<()> {
     let mut client = VmServiceClient::new(channel.clone());
     match cmd {
         VmCommand::Create(args) => {
             let request_id = args.op.request.id();
+            let cluster = names.cluster(&args.cluster).await?;
+            let mut disks = Vec::with_capacity(args.disks.len());
+            for d in &args.disks {
+                disks.push(pb::DiskSpec {
+                    domain_id: names.domain(&d.domain).await?.to_string(),
+                    capacity_bytes: d.size,
+                });
+            }
             let name = args.name.clone();
             let resp = client
                 .create_vm(pb::CreateVmRequest {
                     request_id: request_id.to_string(),
                     name: args.name,
-                    cluster_id: args.cluster.to_string(),
+                    cluster_id: cluster.to_string(),
                     memory_bytes: args.memory,
                     vcpus: args.vcpus,
                     stateless: args.stateless,
-                    disks: args
-                        .disks
-                        .iter()
-                        .map(|d| pb::DiskSpec {
-                            domain_id: d.domain.to_string(),
-                            capacity_bytes: d.size,
-                        })
-                        .collect(),
+                    disks,
                     kernel: args.kernel.unwrap_or_default(),
                     initrd: args.initrd.unwrap_or_default(),
                     cmdline: args.cmdline.unwrap_or_default(),
@@ -263,6 +266,10 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             );
         }
         VmCommand::List { cluster } => {
+            let cluster = match cluster {
+                Some(c) => Some(names.cluster(&c).await?),
+                None => None,
+            };
             let vms = client
                 .list_vms(pb::ListVmsRequest {
                     cluster_id: cluster.map(|c| c.to_string()).unwrap_or_default(),
@@ -276,6 +283,7 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             }
         }
         VmCommand::Get { id } => {
+            let id = names.vm(&id).await?;
             let vm = client
                 .get_vm(pb::GetVmRequest {
                     vm_id: id.to_string(),
@@ -295,6 +303,11 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             stateless,
             op,
         } => {
+            let id = names.vm(&id).await?;
+            let on_host = match on_host {
+                Some(h) => Some(names.host(&h).await?),
+                None => None,
+            };
             let request_id = op.request.id();
             let resp = client
                 .run_vm(pb::RunVmRequest {
@@ -323,6 +336,7 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
         }
         VmCommand::Stop { id, timeout, op } => {
+            let id = names.vm(&id).await?;
             let request_id = op.request.id();
             let resp = client
                 .stop_vm(pb::StopVmRequest {
@@ -345,6 +359,7 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
         }
         VmCommand::Remove { id, op } => {
+            let id = names.vm(&id).await?;
             let request_id = op.request.id();
             let resp = client
                 .remove_vm(pb::RemoveVmRequest {
@@ -366,6 +381,8 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             force_override,
             op,
         } => {
+            let id = names.vm(&id).await?;
+            let domain = names.domain(&domain).await?;
             let request_id = op.request.id();
             let resp = client
                 .export_vm(pb::ExportVmRequest {
@@ -402,14 +419,17 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
         }
         VmCommand::Import(args) => {
             let request_id = args.op.request.id();
-            let domain = args.domain;
+            let domain = names.domain(&args.domain).await?;
+            let vm = names.exported_vm(domain, &args.id).await?;
+            let cluster = names.cluster(&args.cluster).await?;
+            let target_domain = names.domain(&args.target_domain).await?;
             let resp = client
                 .import_vm(pb::ImportVmRequest {
                     request_id: request_id.to_string(),
                     export_domain_id: domain.to_string(),
-                    vm_id: args.id.to_string(),
-                    cluster_id: args.cluster.to_string(),
-                    target_domain_id: args.target_domain.to_string(),
+                    vm_id: vm.to_string(),
+                    cluster_id: cluster.to_string(),
+                    target_domain_id: target_domain.to_string(),
                     as_clone: args.as_clone,
                     collapse_snapshots: args.collapse_snapshots,
                     name: args.name.unwrap_or_default(),
@@ -431,6 +451,7 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
             done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
         }
         VmCommand::Exported { domain } => {
+            let domain = names.domain(&domain).await?;
             let resp = list_exported(&mut client, domain).await?;
             for entry in &resp.unreadable {
                 eprint_line(format!("warning: unreadable VM descriptor {entry}"));
@@ -440,8 +461,8 @@ pub async fn run(channel: Channel, output: Format, cmd: VmCommand) -> anyhow::Re
                 Format::Json => print_json(&resp.vms.iter().map(render::exported_vm_json).collect()),
             }
         }
-        VmCommand::Watch { id, until } => watch(client, output, id, until).await?,
-        VmCommand::Console { id, follow } => console(client, output, id, follow).await?,
+        VmCommand::Watch { id, until } => watch(client, output, names.vm(&id).await?, until).await?,
+        VmCommand::Console { id, follow } => console(client, output, names.vm(&id).await?, follow).await?,
     }
     Ok(())
 }
@@ -651,11 +672,11 @@ mod tests {
             args.disks,
             [
                 DiskSpec {
-                    domain: d1,
+                    domain: Ref::Id(d1),
                     size: 1 << 30
                 },
                 DiskSpec {
-                    domain: d2,
+                    domain: Ref::Id(d2),
                     size: 512 << 20
                 }
             ]
@@ -714,7 +735,7 @@ mod tests {
         else {
             panic!("{cmd:?}")
         };
-        assert_eq!(on_host, Some(host));
+        assert_eq!(on_host, Some(Ref::Id(host)));
         assert!(stateless && op.no_wait);
         let VmCommand::Stop { timeout, .. } = parse(&["stop", &id.to_string()]).unwrap() else {
             panic!()
@@ -742,7 +763,7 @@ mod tests {
         else {
             panic!("{cmd:?}")
         };
-        assert_eq!((vm, domain), (id, dom));
+        assert_eq!((vm, domain), (Ref::Id(id), Ref::Id(dom)));
         assert!(!collapse_snapshots && !force_override && !op.no_wait);
         let cmd = parse(&[
             "export",
@@ -764,10 +785,15 @@ mod tests {
             panic!("{cmd:?}")
         };
         assert!(collapse_snapshots && force_override && op.no_wait);
-        // The export domain is required, and a UUID.
+        // The export domain is required; a name is taken for a lookup.
         let err = parse(&["export", &id.to_string()]).unwrap_err().to_string();
         assert!(err.contains("--domain"), "{err}");
-        assert!(parse(&["export", &id.to_string(), "--domain", "exports"]).is_err());
+        let VmCommand::Export { domain, .. } = parse(&["export", "web", "--domain", "exports"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(domain, Ref::Name("exports".into()));
+        assert!(parse(&["export", "web", "--domain", ""]).is_err());
     }
 
     #[test]
@@ -832,7 +858,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(domain, dom);
+        assert_eq!(domain, Ref::Id(dom));
         assert!(parse(&["exported"]).is_err());
     }
 

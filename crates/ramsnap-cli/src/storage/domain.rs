@@ -1,6 +1,7 @@
 //! `ramsnap domain list|get|register|descriptors`.
 use super::render;
 use super::DomainKind;
+use crate::names::{domain_on, Ref};
 use crate::output::{print_fields, print_json, print_line, Format};
 use clap::Subcommand;
 use ramsnap_proto::storage::v1 as pb;
@@ -15,9 +16,9 @@ pub enum DomainCommand {
     List,
     /// Shows one storage domain.
     Get {
-        /// The domain's id.
-        #[arg(value_name = "UUID")]
-        id: Uuid,
+        /// The domain: its name or id.
+        #[arg(value_name = "DOMAIN")]
+        id: Ref,
     },
     /// Attaches a storage domain: lays out a new one at LOCATION, or adopts
     /// the ramsnap domain already there.
@@ -45,9 +46,9 @@ pub enum DomainCommand {
     /// Lists the VM descriptors (OVF documents) on an export domain: the
     /// VMs exported there and when each was last written.
     Descriptors {
-        /// The export domain's id.
-        #[arg(value_name = "UUID")]
-        id: Uuid,
+        /// The export domain: its name or id.
+        #[arg(value_name = "DOMAIN")]
+        id: Ref,
     },
 }
 
@@ -90,6 +91,7 @@ pub async fn run(
             }
         }
         DomainCommand::Get { id } => {
+            let id = domain_on(&mut client, &id).await?;
             let domain = client
                 .get_domain(pb::GetDomainRequest {
                     domain_id: id.to_string(),
@@ -137,6 +139,7 @@ pub async fn run(
             }
         }
         DomainCommand::Descriptors { id } => {
+            let id = domain_on(&mut client, &id).await?;
             let descriptors = client
                 .max_decoding_message_size(MAX_RESPONSE_BYTES)
                 .list_vm_descriptors(pb::ListVmDescriptorsRequest {

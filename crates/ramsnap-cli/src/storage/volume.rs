@@ -8,6 +8,7 @@ use super::render;
 use super::{AllocationArg, DumpModeArg, FormatArg, PurposeArg};
 use crate::args::{parse_size, RequestArg, VolumeRef};
 use crate::error::with_request_id;
+use crate::names::{domain_on, Ref};
 use crate::output::{print_fields, print_json, print_line, Format};
 use anyhow::bail;
 use clap::{Args, Subcommand};
@@ -23,9 +24,9 @@ use uuid::Uuid;
 pub enum VolumeCommand {
     /// Lists the volumes of a domain, or of one image.
     List {
-        /// The storage domain's id.
-        #[arg(long, value_name = "UUID")]
-        domain: Uuid,
+        /// The storage domain: its name or id.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Ref,
         /// Only the volumes of this image.
         #[arg(long, value_name = "UUID")]
         image: Option<Uuid>,
@@ -64,9 +65,9 @@ pub enum VolumeCommand {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
-    /// The storage domain to create the volume on.
-    #[arg(long, value_name = "UUID")]
-    domain: Uuid,
+    /// The storage domain to create the volume on: its name or id.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Ref,
     /// Virtual size: bytes, or with a unit: 512M, 10G, 1.5T (powers of 1024).
     #[arg(long, value_parser = parse_size)]
     size: u64,
@@ -97,9 +98,9 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct CreateMemoryArgs {
-    /// The storage domain to create the volumes on.
-    #[arg(long, value_name = "UUID")]
-    domain: Uuid,
+    /// The storage domain to create the volumes on: its name or id.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Ref,
     /// The guest's RAM: bytes, or with a unit: 4G, 512M.
     #[arg(long, value_parser = parse_size)]
     memory: u64,
@@ -117,9 +118,9 @@ pub struct CreateMemoryArgs {
 pub struct CopyArgs {
     #[arg(value_name = "DOMAIN/IMAGE/VOLUME")]
     volume: VolumeRef,
-    /// The domain to copy to (may be the source's).
-    #[arg(long, value_name = "UUID")]
-    to_domain: Uuid,
+    /// The domain to copy to (may be the source's): its name or id.
+    #[arg(long, value_name = "DOMAIN")]
+    to_domain: Ref,
     /// The target image's id; generated when not given.
     #[arg(long, value_name = "UUID")]
     to_image: Option<Uuid>,
@@ -156,6 +157,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match cmd {
         VolumeCommand::List { domain, image } => {
+            let domain = domain_on(&mut client, &domain).await?;
             let volumes = client
                 .list_volumes(pb::ListVolumesRequest {
                     domain_id: domain.to_string(),
@@ -184,7 +186,7 @@ pub async fn run(
             let request_id = args.request.id();
             let req = pb::CreateVolumeRequest {
                 request_id: request_id.to_string(),
-                domain_id: args.domain.to_string(),
+                domain_id: domain_on(&mut client, &args.domain).await?.to_string(),
                 image_id: id_or_empty(args.image),
                 volume_id: id_or_empty(args.id),
                 capacity_bytes: args.size,
@@ -207,10 +209,11 @@ pub async fn run(
         }
         VolumeCommand::CreateMemory(args) => {
             let request_id = args.request.id();
+            let domain = domain_on(&mut client, &args.domain).await?;
             let resp = client
                 .create_memory_volumes(pb::CreateMemoryVolumesRequest {
                     request_id: request_id.to_string(),
-                    domain_id: args.domain.to_string(),
+                    domain_id: domain.to_string(),
                     memory_bytes: args.memory,
                     mode: args.mode.map_or(0, |m| pb::MemoryDumpMode::from(m) as i32),
                     description: args.description.unwrap_or_default(),
@@ -301,7 +304,7 @@ async fn copy(
     let req = pb::CopyVolumeRequest {
         request_id: request_id.to_string(),
         source: Some(source),
-        target_domain_id: args.to_domain.to_string(),
+        target_domain_id: domain_on(&mut client, &args.to_domain).await?.to_string(),
         target_image_id: id_or_empty(args.to_image),
         target_volume_id: id_or_empty(args.to_volume),
         target_format: args.format.map_or(0, |f| pb::VolumeFormat::from(f) as i32),
