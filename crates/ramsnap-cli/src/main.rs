@@ -14,7 +14,7 @@ mod names;
 mod output;
 mod storage;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use output::Format;
 use std::process::ExitCode;
 
@@ -97,6 +97,18 @@ enum Command {
     /// Volumes on storage domains: disks and memory dumps.
     #[command(subcommand)]
     Volume(storage::VolumeCommand),
+    /// Prints the completion script for a shell, e.g.
+    /// `ramsnap completions bash > /etc/bash_completion.d/ramsnap`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Writes the man pages (ramsnap.1, and ramsnap-vm-create.1 and so on
+    /// for each command) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -107,6 +119,26 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Generated from the clap definitions; no service is needed.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "ramsnap", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            return match write_man_pages(dir) {
+                Ok(n) => {
+                    println!("wrote {n} man pages into {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: writing man pages into {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -123,6 +155,7 @@ fn main() -> ExitCode {
             Command::Operation(cmd) => coordinator::run_operation(&cli.global, cmd).await,
             Command::Domain(cmd) => storage::run_domain(&cli.global, cmd).await,
             Command::Volume(cmd) => storage::run_volume(&cli.global, cmd).await,
+            Command::Completions { .. } | Command::Man { .. } => Ok(()),
         }
     });
     match result {
@@ -134,10 +167,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// One page for `ramsnap` and one per command and subcommand, named as
+/// man does (`ramsnap-vm-create.1`); how many were written.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
+    fn write(dir: &std::path::Path, cmd: clap::Command, name: String) -> std::io::Result<usize> {
+        let cmd = cmd.name(name.clone());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+        let mut n = 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            n += write(dir, sub.clone(), format!("{name}-{}", sub.get_name()))?;
+        }
+        Ok(n)
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(dir, cmd, "ramsnap".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+
+    #[test]
+    fn completions_and_man_pages_come_from_the_definitions() {
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "ramsnap",
+            &mut bash,
+        );
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(
+            bash.contains("--restore-memory") && bash.contains("ramsnap__subcmd__snapshot__subcmd__preview")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let n = write_man_pages(dir.path()).unwrap();
+        assert!(n > 30, "{n}");
+        let page = std::fs::read_to_string(dir.path().join("ramsnap-snapshot-preview.1")).unwrap();
+        assert!(page.contains("restore\\-memory"), "{page}");
+    }
 
     /// Every command's flags fit together (no flag spelled twice, e.g. a
     /// subcommand's `--host` against the global one).
