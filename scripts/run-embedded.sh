@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs ramsnap's embedded default on this machine: ramsnapd (snapshot, storage
 # and host services in one process) with a local FILE domain, a FILE EXPORT
-# domain and a BLOCK domain on a loop device over a sparse file. Safe to run again: what exists
-# is reused, and registering an existing domain adopts it.
+# domain and a BLOCK domain on a loop device over a sparse file, all three attached by ramsnapd
+# itself at start (--domain). Safe to run again: what exists is reused, and a domain found at its
+# location is adopted.
 #
 #   scripts/run-embedded.sh [extra ramsnapd flags]     # Ctrl-C stops it
 #
@@ -12,6 +13,8 @@
 #   RAMSNAP_SNAPSHOT_LISTEN   [127.0.0.1:50051]
 #   RAMSNAP_STORAGE_LISTEN    [127.0.0.1:50052]
 #   RAMSNAP_HOST_LISTEN       [127.0.0.1:50053]
+#   RAMSNAP_BUILD_PROFILE     cargo profile of the binaries it builds and runs [release]
+#   RAMSNAP_PREBUILT          1: run the binaries already in target/ without building
 set -euo pipefail
 
 log() { printf 'run-embedded: %s\n' "$*" >&2; }
@@ -39,9 +42,21 @@ for part in packages libvirt; do
 done
 
 # 2. The binaries.
-log "building ramsnapd and the ramsnap CLI (release)"
-(cd "$ROOT" && cargo build --release -p ramsnapd -p ramsnap-cli)
-RAMSNAPD="$ROOT/target/release/ramsnapd"
+PROFILE="${RAMSNAP_BUILD_PROFILE:-release}"
+case "$PROFILE" in
+    release) DIR=release ;;
+    dev | debug) PROFILE=dev DIR=debug ;;
+    *) die "RAMSNAP_BUILD_PROFILE must be release or debug, not $PROFILE" ;;
+esac
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs), then run this again"
+RAMSNAPD="$ROOT/target/$DIR/ramsnapd"
+if [ "${RAMSNAP_PREBUILT:-}" = 1 ] && [ -x "$RAMSNAPD" ] && [ -x "$ROOT/target/$DIR/ramsnap" ]; then
+    log "using the binaries in target/$DIR as they are (RAMSNAP_PREBUILT=1)"
+else
+    log "building ramsnapd and the ramsnap CLI ($PROFILE)"
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -p ramsnapd -p ramsnap-cli)
+fi
 
 # The demo guest (tests/guest/) in the host's boot-image directory:
 # vmlinux + initramfs.img, named by VmSpec.kernel / initrd.
@@ -61,39 +76,7 @@ if [ -z "$LOOP" ]; then
     log "attached $BLOCK_FILE as $LOOP"
 fi
 
-# 4. Once the storage service answers, register the three domains it does not
-# know yet, with the ramsnap CLI over mutual TLS (ramsnapd makes a local CA and
-# certificates under $DATA_DIR/tls at its first start; the CLI presents the
-# admin one). Runs beside ramsnapd and gives up when ramsnapd is gone.
-RAMSNAP="$ROOT/target/release/ramsnap"
-cli() {
-    "$RAMSNAP" --tls-dir "$DATA_DIR/tls" --storage "$STORAGE_LISTEN" --snapshot "$SNAPSHOT_LISTEN" "$@"
-}
-register_domains() {
-    local main_pid="$1"
-    until cli domain list -o json >/dev/null 2>&1; do
-        kill -0 "$main_pid" 2>/dev/null || return
-        sleep 0.2
-    done
-    local known
-    known="$(cli domain list -o json)" || known=""
-    local name type location role
-    while read -r name type location role; do
-        if grep -Eq "\"name\": *\"$name\"" <<<"$known"; then
-            log "domain $name already registered"
-            continue
-        fi
-        if cli domain register --name "$name" --type "$type" --location "$location" --role "$role" >/dev/null; then
-            log "registered domain $name ($type at $location)"
-        else
-            log "WARNING: registering domain $name ($type at $location) failed; see above"
-        fi
-    done <<EOF
-local-file file $FILE_DOMAIN data
-local-block block $LOOP data
-local-export file $EXPORT_DOMAIN export
-EOF
-}
+RAMSNAP="$ROOT/target/$DIR/ramsnap"
 
 cat >&2 <<EOF
 run-embedded: starting ramsnapd ($RAMSNAPD)
@@ -105,13 +88,11 @@ run-embedded: starting ramsnapd ($RAMSNAPD)
   BLOCK domain      local-block on $LOOP (backed by $BLOCK_FILE)
   EXPORT domain     local-export at $EXPORT_DOMAIN (for vm export / vm import)
   TLS               mutual TLS; a local CA and certificates in $DATA_DIR/tls (the CLI uses them)
-  try               $RAMSNAP domain list
+  try               $RAMSNAP domain list   (the quick tour in README.md)
   grpcurl           grpcurl -cacert $DATA_DIR/tls/ca.pem -cert $DATA_DIR/tls/admin.pem -key $DATA_DIR/tls/admin.key $SNAPSHOT_LISTEN list
   stop              Ctrl-C, or kill -TERM $$ (ramsnapd keeps this PID)
   clean up after    losetup -d $LOOP; rm -rf $DATA_DIR
 EOF
-
-register_domains "$$" &
 
 # ramsnapd replaces this shell, so Ctrl-C and SIGTERM reach it directly.
 exec "$RAMSNAPD" \
@@ -120,4 +101,7 @@ exec "$RAMSNAPD" \
     --host-listen "$HOST_LISTEN" \
     --data-dir "$DATA_DIR" \
     --block-device "$LOOP" \
+    --domain "local-file=file:$FILE_DOMAIN" \
+    --domain "local-block=block:$LOOP" \
+    --domain "local-export=export:$EXPORT_DOMAIN" \
     "$@"

@@ -320,7 +320,7 @@ fn virsh(args: &[&str]) -> Option<String> {
 /// Destroys and undefines the domains of `vm_ids` and every ramsnap domain
 /// whose definition mentions `marker` (the fixture's directory: the console
 /// log lives there), and removes their QEMU logs.
-fn destroy_domains(vm_ids: &[String], marker: &str) {
+pub fn destroy_domains(vm_ids: &[String], marker: &str) {
     let mut names: BTreeSet<String> = vm_ids.iter().map(|id| format!("{DOMAIN_PREFIX}{id}")).collect();
     let listed = if marker.is_empty() {
         None
@@ -357,6 +357,19 @@ const OWNER_FILE: &str = "owner";
 /// In each fixture's directory, for PostgreSQL: the database's name.
 const PG_FILE: &str = "pg-database";
 const ROOT_PREFIX: &str = "ramsnap-e2e-";
+
+/// A fresh temp directory for a test's fixture, named and owned so that
+/// [`sweep_stale`] cleans what a killed run left in it (its processes,
+/// guests and loop devices).
+pub fn fixture_dir(label: &str) -> tempfile::TempDir {
+    sweep_stale();
+    let root = tempfile::Builder::new()
+        .prefix(&format!("{ROOT_PREFIX}{label}-"))
+        .tempdir()
+        .expect("creating the test's temp dir");
+    write_owner(root.path());
+    root
+}
 
 /// A process's start time (clock ticks since boot), which tells it apart
 /// from a later process with the same pid.

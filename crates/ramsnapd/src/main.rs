@@ -9,6 +9,7 @@ use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
 use ramsnap_host::Host;
 use ramsnap_snapshot::db::{CompatibilityVersion, Database, NewCluster, NewHost};
 use ramsnap_snapshot::Coordinator;
+use ramsnap_storage::model::{DomainRole, DomainType};
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
 use ramsnap_storage::{Config, Storage};
 use std::net::SocketAddr;
@@ -53,6 +54,12 @@ struct Args {
         value_delimiter = ','
     )]
     block_devices: Vec<PathBuf>,
+    /// A storage domain to attach at start (repeatable): NAME=file:DIR,
+    /// NAME=export:DIR (an EXPORT domain, FILE) or NAME=block:DEVICE. One
+    /// already attached under NAME is kept; one found at the location is
+    /// adopted; else a new one is laid out there.
+    #[arg(long = "domain", env = "RAMSNAP_DOMAINS", value_delimiter = ',', value_name = "NAME=KIND:LOCATION", value_parser = parse_domain)]
+    domains: Vec<DomainArg>,
     /// The host agent's libvirt connection URI (test:///default: a simulated host).
     #[arg(long, env = "RAMSNAP_HOST_LIBVIRT_URI", default_value = "qemu:///system")]
     libvirt_uri: String,
@@ -142,6 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await
     .context("cannot start the storage agent")?;
+    attach_domains(&storage, &args.domains).await?;
 
     // The host agent reaches its storage agent over gRPC, as a separate
     // deployment does: at the port just bound (loopback for a wildcard).
@@ -220,6 +228,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
     a.and(b).and(c).and(d)
 }
 
+/// `--domain NAME=KIND:LOCATION`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DomainArg {
+    name: String,
+    kind: DomainType,
+    role: DomainRole,
+    location: String,
+}
+
+fn parse_domain(text: &str) -> Result<DomainArg, String> {
+    let usage = "expected NAME=file:DIR, NAME=export:DIR or NAME=block:DEVICE";
+    let (name, rest) = text.split_once('=').ok_or(usage)?;
+    let (kind, location) = rest.split_once(':').ok_or(usage)?;
+    let (kind, role) = match kind {
+        "file" => (DomainType::File, DomainRole::Data),
+        "export" => (DomainType::File, DomainRole::Export),
+        "block" => (DomainType::Block, DomainRole::Data),
+        other => return Err(format!("unknown kind {other:?}: {usage}")),
+    };
+    if name.is_empty() || location.is_empty() {
+        return Err(usage.into());
+    }
+    Ok(DomainArg {
+        name: name.into(),
+        kind,
+        role,
+        location: location.into(),
+    })
+}
+
+/// Attaches the `--domain`s: each one not attached under its name yet is
+/// registered (adopted when a domain is at its location). A refusal stops
+/// the start with the domain's name and the reason.
+async fn attach_domains(storage: &Storage, domains: &[DomainArg]) -> anyhow::Result<()> {
+    for d in domains {
+        let known = storage.list_domains().await?;
+        if let Some(k) = known.iter().find(|k| k.name == d.name) {
+            tracing::info!(domain = %k.id, name = %d.name, location = %k.location, "storage domain already attached");
+            continue;
+        }
+        let (info, adopted) = storage
+            .register_domain(None, d.name.clone(), d.kind, d.location.clone(), Some(d.role))
+            .await
+            .map_err(|e| anyhow!("cannot attach storage domain {} at {}: {e}", d.name, d.location))?;
+        tracing::info!(
+            domain = %info.id, name = %info.name, location = %info.location, adopted,
+            "storage domain attached"
+        );
+    }
+    Ok(())
+}
+
 /// On the first start, a cluster "default" at compatibility 3.3 with this
 /// machine as its host "local", so that VMs can be made at once. Later
 /// starts keep what is there (the default ports are fixed).
@@ -244,4 +304,31 @@ async fn default_cluster(db: &Database, host_address: &str, storage_address: &st
     .await?;
     tracing::info!(cluster = %cluster.id, "created cluster \"default\" (3.3) with host \"local\"");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_flags() {
+        assert_eq!(
+            parse_domain("local-file=file:/var/lib/ramsnap/domains/local").unwrap(),
+            DomainArg {
+                name: "local-file".into(),
+                kind: DomainType::File,
+                role: DomainRole::Data,
+                location: "/var/lib/ramsnap/domains/local".into(),
+            }
+        );
+        let e = parse_domain("x=export:/d").unwrap();
+        assert_eq!((e.kind, e.role), (DomainType::File, DomainRole::Export));
+        assert_eq!(
+            parse_domain("b=block:/dev/loop3").unwrap().kind,
+            DomainType::Block
+        );
+        for bad in ["", "x", "x=/d", "=file:/d", "x=file:", "x=nfs:/d"] {
+            assert!(parse_domain(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -38,6 +38,7 @@ pub enum VmCommand {
     },
     /// Runs a VM: it resumes from its active snapshot's memory when it has
     /// some (after a preview or commit with --restore-memory), else boots.
+    /// Returns once the VM is up (or with --no-wait at once).
     Run {
         /// The VM: its name or id.
         #[arg(value_name = "VM")]
@@ -323,7 +324,13 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
             let Some(done) = wait(&channel, output, &op, started).await? else {
                 return Ok(());
             };
-            let vm = get_vm(&mut client, &id.to_string()).await;
+            // The operation ends once the guest starts; the VM is UP once
+            // the guest shows signs of life (or is resumed from memory).
+            // Commands typed next (a snapshot with memory) need it UP.
+            let vm = match until_started(&mut client, id).await? {
+                Some(vm) => Some(vm),
+                None => get_vm(&mut client, &id.to_string()).await,
+            };
             let summary = match &vm {
                 Some(vm) if !vm.host_id.is_empty() => format!(
                     "VM {id} is {} on host {}",
@@ -513,6 +520,28 @@ fn exported_contents(v: &pb::ExportedVm) -> String {
 }
 
 /// Whether `vm watch` is done with the VM in `status`.
+/// Follows a VM that is starting (POWERING_UP, RESTORING_STATE) until it
+/// is up or paused; an error when it goes down instead. None when the
+/// stream ends first.
+async fn until_started(client: &mut VmServiceClient<Channel>, id: Uuid) -> anyhow::Result<Option<pb::Vm>> {
+    let vm_id = id.to_string();
+    let mut stream = client
+        .watch_vm(pb::WatchVmRequest { vm_id: vm_id.clone() })
+        .await?
+        .into_inner();
+    while let Some(event) = stream.message().await? {
+        let status = pb::VmStatus::try_from(event.status).unwrap_or_default();
+        match status {
+            pb::VmStatus::PoweringUp | pb::VmStatus::RestoringState | pb::VmStatus::Unspecified => continue,
+            pb::VmStatus::Down => {
+                bail!("VM {vm_id} went down while it started: see `ramsnap vm console {vm_id}`")
+            }
+            _ => return Ok(get_vm(client, &vm_id).await),
+        }
+    }
+    Ok(None)
+}
+
 fn reached(until: Option<VmStatusArg>, status: i32) -> bool {
     until.is_some_and(|u| pb::VmStatus::from(u) as i32 == status)
 }
