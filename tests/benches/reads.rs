@@ -85,7 +85,10 @@ async fn main() {
         let vm = vms[i % VMS].clone();
         async move {
             snaps
-                .list_snapshots(pb::ListSnapshotsRequest { vm_id: vm })
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    vm_id: vm,
+                    ..Default::default()
+                })
                 .await
                 .expect("ListSnapshots");
         }

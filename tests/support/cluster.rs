@@ -1512,6 +1512,7 @@ impl Cluster {
         self.snapshots_api()
             .list_snapshots(pb::ListSnapshotsRequest {
                 vm_id: vm_id.to_string(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| self.fail(&format!("ListSnapshots({vm_id}): {e}")))
@@ -1649,6 +1650,7 @@ impl Cluster {
             .list_volumes(spb::ListVolumesRequest {
                 domain_id: domain_id.to_string(),
                 image_id: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| self.fail(&format!("ListVolumes({domain_id}): {e}")))
@@ -1709,6 +1711,7 @@ impl Cluster {
             .vms()
             .list_vms(pb::ListVmsRequest {
                 cluster_id: self.cluster_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| self.fail(&format!("ListVms: {e}")))
@@ -1827,6 +1830,7 @@ impl Cluster {
             .vms()
             .list_exported_vms(pb::ListExportedVmsRequest {
                 export_domain_id: self.export_domain.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| self.fail(&format!("ListExportedVms: {e}")))

@@ -106,6 +106,7 @@ async fn volumes_on(
         .list_volumes(spb::ListVolumesRequest {
             domain_id: domain.to_string(),
             image_id: String::new(),
+            ..Default::default()
         })
         .await
         .expect("ListVolumes")

@@ -35,6 +35,28 @@ pub async fn connect(
         .with_context(|| format!("cannot reach the {service} service at {uri} (set {how_to_set})"))
 }
 
+/// Every page of a List call: `fetch` is called with each page token ("" for
+/// the first) and returns that page's response; `next` reads its
+/// next_page_token. The responses, in order.
+pub async fn all_pages<R, Fut>(
+    mut fetch: impl FnMut(String) -> Fut,
+    next: impl Fn(&R) -> &str,
+) -> Result<Vec<R>, tonic::Status>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = fetch(token).await?.into_inner();
+        token = next(&page).to_string();
+        pages.push(page);
+        if token.is_empty() {
+            return Ok(pages);
+        }
+    }
+}
+
 /// `host:port` is taken as `http://host:port`: with TLS on (the default)
 /// the connection is TLS all the same.
 fn with_scheme(addr: &str) -> String {

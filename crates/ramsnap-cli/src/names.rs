@@ -191,11 +191,24 @@ impl<'a> Names<'a> {
             Ref::Id(id) => return Ok(*id),
             Ref::Name(n) => n,
         };
-        let all = VmServiceClient::new(self.coordinator.clone())
-            .list_vms(pb::ListVmsRequest::default())
-            .await?
-            .into_inner()
-            .vms;
+        let client = VmServiceClient::new(self.coordinator.clone());
+        let all: Vec<pb::Vm> = client::all_pages(
+            |page_token| {
+                let mut c = client.clone();
+                async move {
+                    c.list_vms(pb::ListVmsRequest {
+                        page_token,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            },
+            |r: &pb::ListVmsResponse| &r.next_page_token,
+        )
+        .await?
+        .into_iter()
+        .flat_map(|r| r.vms)
+        .collect();
         pick("VM", name, &ids(all, |v| (&v.vm_id, &v.name)))
     }
 
@@ -205,13 +218,25 @@ impl<'a> Names<'a> {
             Ref::Id(id) => return Ok(*id),
             Ref::Name(n) => n,
         };
-        let all = VmServiceClient::new(self.coordinator.clone())
-            .list_exported_vms(pb::ListExportedVmsRequest {
-                export_domain_id: domain.to_string(),
-            })
-            .await?
-            .into_inner()
-            .vms;
+        let client = VmServiceClient::new(self.coordinator.clone());
+        let all: Vec<pb::ExportedVm> = client::all_pages(
+            |page_token| {
+                let mut c = client.clone();
+                async move {
+                    c.list_exported_vms(pb::ListExportedVmsRequest {
+                        export_domain_id: domain.to_string(),
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                }
+            },
+            |r: &pb::ListExportedVmsResponse| &r.next_page_token,
+        )
+        .await?
+        .into_iter()
+        .flat_map(|r| r.vms)
+        .collect();
         pick("exported VM", name, &ids(all, |v| (&v.vm_id, &v.name)))
     }
 
@@ -221,13 +246,25 @@ impl<'a> Names<'a> {
             Ref::Id(id) => return Ok(*id),
             Ref::Name(n) => n,
         };
-        let all = SnapshotServiceClient::new(self.coordinator.clone())
-            .list_snapshots(pb::ListSnapshotsRequest {
-                vm_id: vm.to_string(),
-            })
-            .await?
-            .into_inner()
-            .snapshots;
+        let client = SnapshotServiceClient::new(self.coordinator.clone());
+        let all: Vec<pb::Snapshot> = client::all_pages(
+            |page_token| {
+                let mut c = client.clone();
+                async move {
+                    c.list_snapshots(pb::ListSnapshotsRequest {
+                        vm_id: vm.to_string(),
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                }
+            },
+            |r: &pb::ListSnapshotsResponse| &r.next_page_token,
+        )
+        .await?
+        .into_iter()
+        .flat_map(|r| r.snapshots)
+        .collect();
         pick_snapshot(text, &ids(all, |s| (&s.snapshot_id, &s.description)))
     }
 

@@ -1056,6 +1056,7 @@ async fn all_volumes(sim: &mut Sim) -> BTreeSet<String> {
             .list_volumes(storage::ListVolumesRequest {
                 domain_id: domain,
                 image_id: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -1328,7 +1329,10 @@ async fn simulation_export_remove_import_keeps_every_memory() {
     let export_domain_id = sim.export_domain.clone();
     let listed = sim
         .vms
-        .list_exported_vms(pb::ListExportedVmsRequest { export_domain_id })
+        .list_exported_vms(pb::ListExportedVmsRequest {
+            export_domain_id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -1785,6 +1789,7 @@ async fn simulation_export_refusals_leave_nothing_behind() {
             .vms
             .list_exported_vms(pb::ListExportedVmsRequest {
                 export_domain_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -2318,6 +2323,7 @@ async fn simulation_import_into_another_data_domain() {
         .list_volumes(storage::ListVolumesRequest {
             domain_id: other.clone(),
             image_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -4,6 +4,7 @@ use crate::error::StorageError;
 use crate::limits::{parse_id, parse_optional_id};
 use crate::model::{self, DomainInfo, DumpMode, VmDescriptor, VolumeRef, MAX_DESCRIPTOR_BYTES};
 use crate::storage::{CopyRequest, NewVolume, Storage};
+use ramsnap_common::paging::PageRequest;
 use ramsnap_common::status;
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::storage::v1 as pb;
@@ -74,6 +75,10 @@ fn allocation_of(field: &str, v: i32) -> Result<Option<model::Allocation>, Statu
         pb::VolumeAllocation::Preallocated => Some(model::Allocation::Preallocated),
     })
 }
+
+/// How many bytes of OVF documents one ListVmDescriptors page carries at
+/// most: below gRPC's 4 MiB default message limit, for any client.
+const DESCRIPTOR_PAGE_BYTES: usize = 3 << 20;
 
 fn purpose_of(field: &str, v: i32) -> Result<model::Purpose, Status> {
     Ok(match enum_value::<pb::VolumePurpose>(field, v)? {
@@ -280,14 +285,28 @@ impl StorageService for StorageApi {
         let req = req.into_inner();
         let domain = parse_id("domain_id", &req.domain_id)?;
         let image = parse_optional_id("image_id", &req.image_id)?;
-        let volumes = self
-            .storage
-            .list_volumes(domain, image)
-            .await?
+        let purpose = match req.purpose {
+            0 => None,
+            p => Some(purpose_of("purpose", p)?),
+        };
+        let page = PageRequest::parse(
+            req.page_size,
+            &req.page_token,
+            &[&req.domain_id, &req.image_id, &req.purpose.to_string()],
+        )?;
+        let all = self.storage.list_volumes(domain, image).await?;
+        let selected = all
             .into_iter()
-            .map(to_volume)
+            .filter(|v| purpose.is_none_or(|p| v.meta.purpose == p))
             .collect();
-        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+        // In (image, volume) order: a volume keeps its place while others
+        // come and go.
+        let (volumes, next_page_token) =
+            page.page(selected, |v| format!("{}/{}", v.meta.image, v.meta.volume));
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes: volumes.into_iter().map(to_volume).collect(),
+            next_page_token,
+        }))
     }
 
     async fn delete_volume(
@@ -423,15 +442,18 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::ListVmDescriptorsRequest>,
     ) -> Result<Response<pb::ListVmDescriptorsResponse>, Status> {
-        let domain = parse_id("domain_id", &req.get_ref().domain_id)?;
-        let descriptors = self
-            .storage
-            .list_vm_descriptors(domain)
-            .await?
-            .into_iter()
-            .map(to_descriptor)
-            .collect();
-        Ok(Response::new(pb::ListVmDescriptorsResponse { descriptors }))
+        let req = req.into_inner();
+        let domain = parse_id("domain_id", &req.domain_id)?;
+        let page = PageRequest::parse(req.page_size, &req.page_token, &[&req.domain_id])?;
+        let all = self.storage.list_vm_descriptors(domain).await?;
+        // OVF documents are large: a page also ends before its documents
+        // pass DESCRIPTOR_PAGE_BYTES (it holds one at least).
+        let (descriptors, next_page_token) =
+            page.page_within(all, |d| d.vm.to_string(), |d| d.ovf.len(), DESCRIPTOR_PAGE_BYTES);
+        Ok(Response::new(pb::ListVmDescriptorsResponse {
+            descriptors: descriptors.into_iter().map(to_descriptor).collect(),
+            next_page_token,
+        }))
     }
 
     async fn delete_vm_descriptor(

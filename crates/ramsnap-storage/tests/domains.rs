@@ -1143,7 +1143,10 @@ async fn vm_descriptors_live_on_export_domains_as_ovirt_keeps_them() {
         let mut client = env.client.clone();
         async move {
             client
-                .list_vm_descriptors(pb::ListVmDescriptorsRequest { domain_id: domain })
+                .list_vm_descriptors(pb::ListVmDescriptorsRequest {
+                    domain_id: domain,
+                    ..Default::default()
+                })
                 .await
                 .map(|r| r.into_inner().descriptors)
         }
@@ -2652,4 +2655,121 @@ async fn a_retried_child_left_illegal_in_its_image_is_made_again() {
     assert_eq!(again.legality, pb::VolumeLegality::Legal as i32);
     let listed = env.list(&domain).await;
     assert_eq!(listed.len(), 2, "{listed:?}");
+}
+
+/// ListVolumes pages (AIP-158): 2,000 volumes of a FILE domain read page
+/// by page while more are being created: each of the 2,000 exactly once,
+/// in (image, volume) order, nothing twice; the purpose filter; a token
+/// refused with another filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_listed_page_by_page_while_more_are_made() {
+    use futures::StreamExt;
+    let mut env = Env::new(64 * MIB).await;
+    let domain = env.file_domain.clone();
+    let t = std::time::Instant::now();
+    let made: std::collections::BTreeSet<String> = futures::stream::iter(0..2000)
+        .map(|_| {
+            let mut c = env.client.clone();
+            let req = new_volume(&domain, MIB, pb::VolumeFormat::Raw);
+            async move { c.create_volume(req).await.unwrap().into_inner().volume.unwrap() }
+        })
+        .buffer_unordered(8)
+        .map(|v| vref(&v).volume_id)
+        .collect()
+        .await;
+    eprintln!("2,000 volumes made in {:.1} s", t.elapsed().as_secs_f64());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let maker = {
+        let (stop, mut c, domain) = (stop.clone(), env.client.clone(), domain.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.create_volume(new_volume(&domain, MIB, pb::VolumeFormat::Raw))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let list = |c: &mut pb::storage_service_client::StorageServiceClient<tonic::transport::Channel>,
+                purpose: pb::VolumePurpose,
+                page_size: i32,
+                page_token: String| {
+        let mut c = c.clone();
+        let domain_id = domain.clone();
+        async move {
+            c.list_volumes(pb::ListVolumesRequest {
+                domain_id,
+                page_size,
+                page_token,
+                purpose: purpose as i32,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = list(&mut env.client, pb::VolumePurpose::Unspecified, 99, token)
+            .await
+            .unwrap();
+        assert!(page.volumes.len() <= 99);
+        pages += 1;
+        seen.extend(page.volumes);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let extra = maker.await.unwrap();
+    let keys: Vec<(String, String)> = seen
+        .iter()
+        .map(|v| (vref(v).image_id, vref(v).volume_id))
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "twice, or out of (image, volume) order"
+    );
+    let ids: std::collections::BTreeSet<String> = keys.into_iter().map(|(_, v)| v).collect();
+    assert!(made.iter().all(|id| ids.contains(id)), "a volume was missed");
+    eprintln!("{} volumes in {pages} pages, {extra} made meanwhile", seen.len());
+
+    // The purpose filter, and a token that keeps its filter.
+    let pair = env
+        .client
+        .create_memory_volumes(pb::CreateMemoryVolumesRequest {
+            domain_id: domain.clone(),
+            memory_bytes: 16 * MIB,
+            mode: pb::MemoryDumpMode::Paused as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dumps = list(&mut env.client, pb::VolumePurpose::MemoryDump, 0, String::new())
+        .await
+        .unwrap();
+    assert_eq!(dumps.volumes.len(), 1);
+    assert_eq!(dumps.volumes[0].r#ref, pair.dump.unwrap().r#ref);
+    let first = list(&mut env.client, pb::VolumePurpose::Disk, 10, String::new())
+        .await
+        .unwrap();
+    assert_eq!(first.volumes.len(), 10);
+    let err = list(
+        &mut env.client,
+        pb::VolumePurpose::MemoryDump,
+        10,
+        first.next_page_token,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(field_of(&err), "page_token");
+    let err = list(&mut env.client, pb::VolumePurpose::Disk, -5, String::new())
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&err), "page_size");
 }

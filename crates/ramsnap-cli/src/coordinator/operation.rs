@@ -2,6 +2,7 @@
 //! operations, for following one started elsewhere (or with --no-wait).
 use super::render;
 use super::wait::{follow, Done, Warnings};
+use crate::client;
 use crate::names::{Names, Ref};
 use crate::output::{print_fields, print_json, print_line, Format};
 use clap::Subcommand;
@@ -12,6 +13,26 @@ use serde_json::json;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+/// The states `operation list --state` takes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateArg {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateArg> for pb::OperationState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Running => pb::OperationState::Running,
+            StateArg::Succeeded => pb::OperationState::Succeeded,
+            StateArg::Failed => pb::OperationState::Failed,
+            StateArg::Cancelled => pb::OperationState::Cancelled,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum OperationCommand {
     /// Lists the operations, oldest first, of every VM or of one.
@@ -19,6 +40,9 @@ pub enum OperationCommand {
         /// Only the operations on this VM (name or id).
         #[arg(long, value_name = "VM")]
         vm: Option<Ref>,
+        /// Only the operations in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
     },
     /// Shows one operation.
     Get {
@@ -50,18 +74,30 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut client = OperationServiceClient::new(channel.clone());
     match cmd {
-        OperationCommand::List { vm } => {
+        OperationCommand::List { vm, state } => {
             let vm = match vm {
                 Some(v) => Some(names.vm(&v).await?),
                 None => None,
             };
-            let operations = client
-                .list_operations(pb::ListOperationsRequest {
-                    vm_id: vm.map(|v| v.to_string()).unwrap_or_default(),
-                })
-                .await?
-                .into_inner()
-                .operations;
+            let vm_id = vm.map(|v| v.to_string()).unwrap_or_default();
+            let state = state.map_or(0, |s| pb::OperationState::from(s) as i32);
+            let operations: Vec<pb::Operation> = client::all_pages(
+                |page_token| {
+                    let mut c = client.clone();
+                    let req = pb::ListOperationsRequest {
+                        vm_id: vm_id.clone(),
+                        page_size: 0,
+                        page_token,
+                        state,
+                    };
+                    async move { c.list_operations(req).await }
+                },
+                |r: &pb::ListOperationsResponse| &r.next_page_token,
+            )
+            .await?
+            .into_iter()
+            .flat_map(|r| r.operations)
+            .collect();
             match output {
                 Format::Table => render::operation_table(&operations).print(),
                 Format::Json => print_json(&operations.iter().map(render::operation_json).collect()),

@@ -331,13 +331,20 @@ pub async fn run(
 }
 
 async fn list(client: &mut SnapshotServiceClient<Channel>, vm: Uuid) -> anyhow::Result<Vec<pb::Snapshot>> {
-    Ok(client
-        .list_snapshots(pb::ListSnapshotsRequest {
-            vm_id: vm.to_string(),
-        })
-        .await?
-        .into_inner()
-        .snapshots)
+    let pages = crate::client::all_pages(
+        |page_token| {
+            let mut c = client.clone();
+            let req = pb::ListSnapshotsRequest {
+                vm_id: vm.to_string(),
+                page_size: 0,
+                page_token,
+            };
+            async move { c.list_snapshots(req).await }
+        },
+        |r: &pb::ListSnapshotsResponse| &r.next_page_token,
+    )
+    .await?;
+    Ok(pages.into_iter().flat_map(|r| r.snapshots).collect())
 }
 
 /// A snapshot after an operation made it; `None` when it cannot be read

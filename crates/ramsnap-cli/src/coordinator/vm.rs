@@ -271,13 +271,23 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                 Some(c) => Some(names.cluster(&c).await?),
                 None => None,
             };
-            let vms = client
-                .list_vms(pb::ListVmsRequest {
-                    cluster_id: cluster.map(|c| c.to_string()).unwrap_or_default(),
-                })
-                .await?
-                .into_inner()
-                .vms;
+            let cluster_id = cluster.map(|c| c.to_string()).unwrap_or_default();
+            let vms: Vec<pb::Vm> = crate::client::all_pages(
+                |page_token| {
+                    let mut c = client.clone();
+                    let req = pb::ListVmsRequest {
+                        cluster_id: cluster_id.clone(),
+                        page_size: 0,
+                        page_token,
+                    };
+                    async move { c.list_vms(req).await }
+                },
+                |r: &pb::ListVmsResponse| &r.next_page_token,
+            )
+            .await?
+            .into_iter()
+            .flat_map(|r| r.vms)
+            .collect();
             match output {
                 Format::Table => render::vm_table(&vms).print(),
                 Format::Json => print_json(&vms.iter().map(render::vm_json).collect()),
@@ -495,12 +505,25 @@ async fn list_exported(
     client: &mut VmServiceClient<Channel>,
     domain: Uuid,
 ) -> Result<pb::ListExportedVmsResponse, tonic::Status> {
-    Ok(client
-        .list_exported_vms(pb::ListExportedVmsRequest {
-            export_domain_id: domain.to_string(),
-        })
-        .await?
-        .into_inner())
+    let pages = crate::client::all_pages(
+        |page_token| {
+            let mut c = client.clone();
+            let req = pb::ListExportedVmsRequest {
+                export_domain_id: domain.to_string(),
+                page_size: 0,
+                page_token,
+            };
+            async move { c.list_exported_vms(req).await }
+        },
+        |r: &pb::ListExportedVmsResponse| &r.next_page_token,
+    )
+    .await?;
+    let mut all = pb::ListExportedVmsResponse::default();
+    for p in pages {
+        all.vms.extend(p.vms);
+        all.unreadable.extend(p.unreadable);
+    }
+    Ok(all)
 }
 
 /// What an export holds, for its summary: `3 snapshots (2 with memory),

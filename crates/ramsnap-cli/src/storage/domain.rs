@@ -140,14 +140,23 @@ pub async fn run(
         }
         DomainCommand::Descriptors { id } => {
             let id = domain_on(&mut client, &id).await?;
-            let descriptors = client
-                .max_decoding_message_size(MAX_RESPONSE_BYTES)
-                .list_vm_descriptors(pb::ListVmDescriptorsRequest {
-                    domain_id: id.to_string(),
-                })
-                .await?
-                .into_inner()
-                .descriptors;
+            let client = client.max_decoding_message_size(MAX_RESPONSE_BYTES);
+            let descriptors: Vec<pb::VmDescriptor> = crate::client::all_pages(
+                |page_token| {
+                    let mut c = client.clone();
+                    let req = pb::ListVmDescriptorsRequest {
+                        domain_id: id.to_string(),
+                        page_size: 0,
+                        page_token,
+                    };
+                    async move { c.list_vm_descriptors(req).await }
+                },
+                |r: &pb::ListVmDescriptorsResponse| &r.next_page_token,
+            )
+            .await?
+            .into_iter()
+            .flat_map(|r| r.descriptors)
+            .collect();
             match output {
                 Format::Table => render::descriptor_table(&descriptors).print(),
                 Format::Json => print_json(&descriptors.iter().map(render::descriptor_json).collect()),

@@ -30,6 +30,9 @@ pub enum VolumeCommand {
         /// Only the volumes of this image.
         #[arg(long, value_name = "UUID")]
         image: Option<Uuid>,
+        /// Only the volumes with this purpose.
+        #[arg(long, value_enum)]
+        purpose: Option<PurposeArg>,
     },
     /// Shows one volume.
     Get {
@@ -156,16 +159,30 @@ pub async fn run(
     cmd: VolumeCommand,
 ) -> anyhow::Result<()> {
     match cmd {
-        VolumeCommand::List { domain, image } => {
+        VolumeCommand::List {
+            domain,
+            image,
+            purpose,
+        } => {
             let domain = domain_on(&mut client, &domain).await?;
-            let volumes = client
-                .list_volumes(pb::ListVolumesRequest {
-                    domain_id: domain.to_string(),
-                    image_id: id_or_empty(image),
-                })
-                .await?
-                .into_inner()
-                .volumes;
+            let volumes: Vec<pb::Volume> = crate::client::all_pages(
+                |page_token| {
+                    let mut c = client.clone();
+                    let req = pb::ListVolumesRequest {
+                        domain_id: domain.to_string(),
+                        image_id: id_or_empty(image),
+                        page_size: 0,
+                        page_token,
+                        purpose: purpose.map_or(0, |p| pb::VolumePurpose::from(p) as i32),
+                    };
+                    async move { c.list_volumes(req).await }
+                },
+                |r: &pb::ListVolumesResponse| &r.next_page_token,
+            )
+            .await?
+            .into_iter()
+            .flat_map(|r| r.volumes)
+            .collect();
             match output {
                 Format::Table => render::volume_table(&volumes).print(),
                 Format::Json => print_json(&volumes.iter().map(render::volume_json).collect()),

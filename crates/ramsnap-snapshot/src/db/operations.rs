@@ -248,6 +248,56 @@ impl Database {
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
+    /// One page of operations in (created_at, id) order: those of `vm_id`
+    /// and in `state` when given, after the (created_at, id) `after`; at
+    /// most `limit` (a keyset query: a page costs the same wherever it is).
+    pub async fn list_operations_page(
+        &self,
+        vm_id: Option<Uuid>,
+        state: Option<OperationState>,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<Operation>, DbError> {
+        let mut conditions = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        if vm_id.is_some() {
+            conditions.push(format!("vm_id = ${}", next()));
+        }
+        if state.is_some() {
+            conditions.push(format!("state = ${}", next()));
+        }
+        if after.is_some() {
+            let (t, t2, id) = (next(), next(), next());
+            conditions.push(format!(
+                "(created_at > ${t} OR (created_at = ${t2} AND id > ${id}))"
+            ));
+        }
+        let limit_at = next();
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let text =
+            sql!("SELECT {COLUMNS} FROM operations {filter} ORDER BY created_at, id LIMIT ${limit_at}");
+        let mut query = sqlx::query(text);
+        if let Some(vm) = vm_id {
+            query = query.bind(vm.to_string());
+        }
+        if let Some(state) = state {
+            query = query.bind(state.as_str());
+        }
+        if let Some((t, id)) = after {
+            query = query.bind(t).bind(t).bind(id);
+        }
+        let rows = query.bind(limit).fetch_all(self.pool()).await?;
+        Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
+    }
+
     /// Writes an operation's progress; on a saga's handle, only while the
     /// saga is owned at its generation ([`DbError::StaleOwner`] after).
     pub async fn update_operation_progress(

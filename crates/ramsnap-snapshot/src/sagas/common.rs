@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
 use ramsnap_proto::storage::v1 as storage;
+use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::collections::{HashMap, HashSet};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -323,15 +324,35 @@ pub async fn image_volumes(
     image_id: Uuid,
 ) -> Result<Vec<storage::Volume>, Status> {
     let mut client = app.storage_client(host)?;
-    match client
-        .list_volumes(storage::ListVolumesRequest {
-            domain_id: domain_id.to_string(),
-            image_id: image_id.to_string(),
-        })
+    all_volumes(&mut client, domain_id, Some(image_id))
         .await
-    {
-        Ok(r) => Ok(r.into_inner().volumes),
-        Err(s) => Err(downstream("listing an image's volumes", s)),
+        .map_err(|s| downstream("listing an image's volumes", s))
+}
+
+/// Every volume of a domain (or of one image of it), page after page.
+pub async fn all_volumes(
+    client: &mut StorageServiceClient<crate::app::AgentChannel>,
+    domain_id: Uuid,
+    image_id: Option<Uuid>,
+) -> Result<Vec<storage::Volume>, Status> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_volumes(storage::ListVolumesRequest {
+                domain_id: domain_id.to_string(),
+                image_id: image_id.map(|i| i.to_string()).unwrap_or_default(),
+                page_size: ramsnap_common::paging::MAX_PAGE_SIZE as i32,
+                page_token,
+                purpose: 0,
+            })
+            .await?
+            .into_inner();
+        all.extend(page.volumes);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
     }
 }
 

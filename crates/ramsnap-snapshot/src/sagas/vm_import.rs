@@ -174,26 +174,20 @@ pub async fn read_export(
         ));
     }
     check_ovf_values(&ovf, export_domain_id, None)?;
-    let present: HashSet<(Uuid, Uuid)> = app
-        .storage_client(h)?
-        .list_volumes(storage::ListVolumesRequest {
-            domain_id: export_domain_id.to_string(),
-            image_id: String::new(),
-        })
-        .await
-        .map_err(|s| downstream("listing the export domain's volumes", s))?
-        .into_inner()
-        .volumes
-        .iter()
-        .filter(|v| v.legality == storage::VolumeLegality::Legal as i32)
-        .filter_map(|v| {
-            let r = v.r#ref.as_ref()?;
-            Some((
-                Uuid::parse_str(&r.image_id).ok()?,
-                Uuid::parse_str(&r.volume_id).ok()?,
-            ))
-        })
-        .collect();
+    let present: HashSet<(Uuid, Uuid)> =
+        super::common::all_volumes(&mut app.storage_client(h)?, export_domain_id, None)
+            .await
+            .map_err(|s| downstream("listing the export domain's volumes", s))?
+            .iter()
+            .filter(|v| v.legality == storage::VolumeLegality::Legal as i32)
+            .filter_map(|v| {
+                let r = v.r#ref.as_ref()?;
+                Some((
+                    Uuid::parse_str(&r.image_id).ok()?,
+                    Uuid::parse_str(&r.volume_id).ok()?,
+                ))
+            })
+            .collect();
     let mut needed: Vec<(Uuid, Uuid)> = ovf
         .disks
         .iter()
@@ -643,16 +637,9 @@ pub async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Re
     let Some(domain) = targets.first().map(|t| t.domain_id) else {
         return Ok(());
     };
-    let present: HashSet<Uuid> = app
-        .storage_client(h)?
-        .list_volumes(storage::ListVolumesRequest {
-            domain_id: domain.to_string(),
-            image_id: String::new(),
-        })
+    let present: HashSet<Uuid> = super::common::all_volumes(&mut app.storage_client(h)?, domain, None)
         .await
         .map_err(|s| downstream("listing the target domain's volumes", s))?
-        .into_inner()
-        .volumes
         .iter()
         .filter_map(|v| Uuid::parse_str(&v.r#ref.as_ref()?.image_id).ok())
         .collect();

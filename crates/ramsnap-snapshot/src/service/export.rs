@@ -122,15 +122,24 @@ pub async fn list_exported_vms(
     let h = any_host(app).await?;
     super::vm::check_domains(app, &h, [domain_id]).await?;
     vm_export::require_export_domain(app, &h, domain_id).await?;
-    let descriptors = app
+    // A page of the domain's descriptors is a page of its VMs (both in
+    // the order of the VM ids, with the domain as the only filter): the
+    // paging is the storage service's, passed through.
+    let page = app
         .storage_client(&h)?
         .list_vm_descriptors(storage::ListVmDescriptorsRequest {
             domain_id: domain_id.to_string(),
+            page_size: req.page_size,
+            page_token: req.page_token,
         })
         .await
-        .map_err(|s| downstream("listing the export domain's VMs", s))?
-        .into_inner()
-        .descriptors;
+        .map_err(|s| match s.code() {
+            // The request's own paging fields, refused as they are.
+            tonic::Code::InvalidArgument => s,
+            _ => downstream("listing the export domain's VMs", s),
+        })?
+        .into_inner();
+    let (descriptors, next_page_token) = (page.descriptors, page.next_page_token);
     let mut vms = Vec::new();
     let mut unreadable = Vec::new();
     for d in descriptors {
@@ -143,7 +152,11 @@ pub async fn list_exported_vms(
             Err(e) => unreadable.push(format!("{}: {e}", d.vm_id)),
         }
     }
-    Ok(Response::new(pb::ListExportedVmsResponse { vms, unreadable }))
+    Ok(Response::new(pb::ListExportedVmsResponse {
+        vms,
+        unreadable,
+        next_page_token,
+    }))
 }
 
 pub async fn import_vm(

@@ -1,7 +1,9 @@
 //! OperationService: long operations, their progress and their cancellation.
 use super::to_operation;
 use crate::app::{db_status, App};
-use ramsnap_common::ids;
+use crate::db;
+use ramsnap_common::paging::{self, PageRequest};
+use ramsnap_common::{ids, status};
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::operation_service_server::OperationService;
 use std::pin::Pin;
@@ -31,10 +33,41 @@ impl OperationService for OperationApi {
         &self,
         req: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
-        let vm = ids::parse_optional("vm_id", &req.get_ref().vm_id)?;
-        let ops = self.0.db.list_operations(vm).await.map_err(db_status)?;
+        let req = req.into_inner();
+        let vm = ids::parse_optional("vm_id", &req.vm_id)?;
+        let state = match pb::OperationState::try_from(req.state) {
+            Ok(pb::OperationState::Unspecified) => None,
+            Ok(pb::OperationState::Running) => Some(db::OperationState::Running),
+            Ok(pb::OperationState::Succeeded) => Some(db::OperationState::Succeeded),
+            Ok(pb::OperationState::Failed) => Some(db::OperationState::Failed),
+            Ok(pb::OperationState::Cancelled) => Some(db::OperationState::Cancelled),
+            Err(_) => {
+                return Err(status::invalid_argument(
+                    "state",
+                    format!("{} is not an OperationState", req.state),
+                ))
+            }
+        };
+        let page = PageRequest::parse(
+            req.page_size,
+            &req.page_token,
+            &[&req.vm_id, &req.state.to_string()],
+        )?;
+        let after = page.after.as_deref().map(paging::parse_time_key).transpose()?;
+        let ops = self
+            .0
+            .db
+            .list_operations_page(vm, state, after, page.fetch_limit())
+            .await
+            .map_err(db_status)?;
+        let keyed = ops
+            .into_iter()
+            .map(|op| (paging::time_key(op.created_at, &op.id.to_string()), op))
+            .collect();
+        let (ops, next_page_token) = page.cut(keyed);
         Ok(Response::new(pb::ListOperationsResponse {
             operations: ops.iter().map(to_operation).collect(),
+            next_page_token,
         }))
     }
 

@@ -9,6 +9,7 @@ use crate::convert::{to_wire_memory, to_wire_ref};
 use crate::db::{self, SnapshotStatus, SnapshotType};
 use crate::sagas::snapshot_create::{self, MemoryMode};
 use crate::sagas::{snapshot_commit, snapshot_preview, snapshot_remove, snapshot_undo, vm_clone};
+use ramsnap_common::paging::{self, PageRequest};
 use ramsnap_common::{ids, status};
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::snapshot_service_server::SnapshotService;
@@ -248,12 +249,22 @@ impl SnapshotService for SnapshotApi {
         &self,
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let vm = get_vm(&self.0, "vm_id", &req.get_ref().vm_id).await?;
-        let mut snaps = self.0.db.list_snapshots(vm.id).await.map_err(db_status)?;
-        // Oldest first, the active one last.
-        snaps.sort_by_key(|s| (s.snapshot_type == SnapshotType::Active, s.created_at));
+        let req = req.into_inner();
+        let page = PageRequest::parse(req.page_size, &req.page_token, &[&req.vm_id])?;
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        let snaps = self.0.db.list_snapshots(vm.id).await.map_err(db_status)?;
+        // Oldest first (then by id), the active one last.
+        let (snaps, next_page_token) = page.page(snaps, |s| {
+            let active = if s.snapshot_type == SnapshotType::Active {
+                "1"
+            } else {
+                "0"
+            };
+            format!("{active}/{}", paging::time_key(s.created_at, &s.id.to_string()))
+        });
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: snaps.iter().map(to_snapshot).collect(),
+            next_page_token,
         }))
     }
 

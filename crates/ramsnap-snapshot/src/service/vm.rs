@@ -8,6 +8,7 @@ use crate::app::{db_status, App};
 use crate::convert::downstream;
 use crate::db;
 use crate::sagas::{vm_create, vm_remove, vm_run, vm_stop};
+use ramsnap_common::paging::PageRequest;
 use ramsnap_common::{ids, status};
 use ramsnap_proto::host::v1 as host;
 use ramsnap_proto::snapshot::v1 as pb;
@@ -241,12 +242,16 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
-        let cluster = ids::parse_optional("cluster_id", &req.get_ref().cluster_id)?;
+        let req = req.into_inner();
+        let cluster = ids::parse_optional("cluster_id", &req.cluster_id)?;
+        let page = PageRequest::parse(req.page_size, &req.page_token, &[&req.cluster_id])?;
         let vms = match cluster {
             Some(c) => self.0.db.list_vms_in_cluster(c).await,
             None => self.0.db.list_vms().await,
         }
         .map_err(db_status)?;
+        // In the order of the names (unique).
+        let (vms, next_page_token) = page.page(vms, |vm| vm.name.clone());
         // Every VM's disks and leaves in one query (not a few per VM).
         let mut disks: std::collections::HashMap<uuid::Uuid, Vec<pb::Disk>> =
             std::collections::HashMap::new();
@@ -257,7 +262,10 @@ impl VmService for VmApi {
             .iter()
             .map(|vm| vm_message(vm, disks.remove(&vm.id).unwrap_or_default()))
             .collect();
-        Ok(Response::new(pb::ListVmsResponse { vms: out }))
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: out,
+            next_page_token,
+        }))
     }
 
     async fn remove_vm(

@@ -934,7 +934,10 @@ impl Env {
 
     pub async fn snapshots(&mut self, vm_id: &str) -> Vec<pb::Snapshot> {
         self.snaps
-            .list_snapshots(pb::ListSnapshotsRequest { vm_id: vm_id.into() })
+            .list_snapshots(pb::ListSnapshotsRequest {
+                vm_id: vm_id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -1032,6 +1035,7 @@ impl Env {
             .list_volumes(storage::ListVolumesRequest {
                 domain_id: self.domain.clone(),
                 image_id: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -1174,6 +1178,7 @@ impl Env {
             .list_volumes(storage::ListVolumesRequest {
                 domain_id: self.export_domain.clone(),
                 image_id: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -1186,6 +1191,7 @@ impl Env {
         self.storage
             .list_vm_descriptors(storage::ListVmDescriptorsRequest {
                 domain_id: self.export_domain.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -1213,6 +1219,7 @@ impl Env {
         self.vms
             .list_exported_vms(pb::ListExportedVmsRequest {
                 export_domain_id: self.export_domain.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()

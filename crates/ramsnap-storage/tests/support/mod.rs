@@ -179,6 +179,7 @@ impl Env {
             .list_volumes(pb::ListVolumesRequest {
                 domain_id: domain.into(),
                 image_id: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
