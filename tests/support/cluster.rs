@@ -1650,6 +1650,8 @@ impl Cluster {
             .list_volumes(spb::ListVolumesRequest {
                 domain_id: domain_id.to_string(),
                 image_id: String::new(),
+                // Every volume: these tests make fewer than a page's maximum.
+                page_size: 1000,
                 ..Default::default()
             })
             .await

@@ -234,6 +234,8 @@ mod tests {
             vec!["snapshot", "clone", &vm, &snap, "--name", "copy"],
             vec!["snapshot", "get", &snap],
             vec!["vm", "run", &vm, "--on-host", &host],
+            vec!["host", "remove", &host],
+            vec!["vm", "update", &vm, "--vcpus", "2"],
             vec![
                 "host",
                 "add",

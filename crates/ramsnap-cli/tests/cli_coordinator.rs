@@ -563,9 +563,24 @@ async fn names_instead_of_ids() {
     s.ok(&["snapshot", "commit", "web"]).await;
     let ops = s.json(&["operation", "list", "--vm", "web"]).await;
     assert!(ops.as_array().unwrap().len() >= 5, "{ops}");
-    s.ok(&["vm", "remove", "web"]).await;
+    let updated = s
+        .json(&["vm", "update", "web", "--name", "web-2", "--vcpus", "2"])
+        .await;
+    assert_eq!(
+        (updated["vm"]["name"].as_str(), updated["vm"]["vcpus"].as_u64()),
+        (Some("web-2"), Some(2))
+    );
+    let err = s.fails(1, &["cluster", "delete", "default"]).await;
+    assert!(err.contains("CLUSTER_NOT_EMPTY"), "{err}");
+    s.ok(&["vm", "remove", "web-2"]).await;
     let err = s.fails(1, &["vm", "get", "web"]).await;
     assert_eq!(err.trim(), "error: no VM is named \"web\" (there is no VM)");
+    assert!(s.ok(&["host", "remove", "hv1"]).await.starts_with("host "));
+    assert!(s
+        .ok(&["cluster", "delete", "default"])
+        .await
+        .starts_with("cluster "));
+    assert_eq!(s.json(&["cluster", "list"]).await.as_array().unwrap().len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

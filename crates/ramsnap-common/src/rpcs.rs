@@ -214,6 +214,8 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.snapshot.v1.ClusterService/ListClusters", Viewer, Unary),
     rpc("/ramsnap.snapshot.v1.ClusterService/AddHost", Admin, Unary),
     rpc("/ramsnap.snapshot.v1.ClusterService/ListHosts", Viewer, Unary),
+    rpc("/ramsnap.snapshot.v1.ClusterService/RemoveHost", Admin, Unary),
+    rpc("/ramsnap.snapshot.v1.ClusterService/DeleteCluster", Admin, Unary),
     // Coordinator: VMs. Export and import move VMs between domains the
     // admin registered: operator, like any other VM operation.
     rpc("/ramsnap.snapshot.v1.VmService/CreateVm", Operator, Unary),
@@ -222,6 +224,7 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.snapshot.v1.VmService/RemoveVm", Operator, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/RunVm", Operator, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/StopVm", Operator, Unary),
+    rpc("/ramsnap.snapshot.v1.VmService/UpdateVm", Operator, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/WatchVm", Viewer, Stream),
     rpc("/ramsnap.snapshot.v1.VmService/ReadConsole", Viewer, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/ExportVm", Operator, Unary),

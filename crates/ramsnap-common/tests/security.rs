@@ -109,6 +109,20 @@ impl ClusterService for Stub {
         Err(Status::unimplemented("stub"))
     }
 
+    async fn remove_host(
+        &self,
+        _: Request<pb::RemoveHostRequest>,
+    ) -> Result<Response<pb::RemoveHostResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn delete_cluster(
+        &self,
+        _: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::DeleteClusterResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     async fn list_hosts(
         &self,
         _: Request<pb::ListHostsRequest>,

@@ -203,6 +203,11 @@ pub fn db_status(e: DbError) -> Status {
             format!("saga {saga} is owned by another coordinator now"),
         ),
         DbError::InvalidValue { field, message } => status::invalid_argument(field, message),
+        DbError::Refused {
+            kind,
+            subject,
+            message,
+        } => status::failed_precondition(kind, &subject, message),
         e @ (DbError::Migrate(_) | DbError::Sqlx(_)) => Status::unavailable(format!("database: {e}")),
     }
 }

@@ -96,6 +96,14 @@ pub enum DbError {
     StaleOwner { saga: Uuid, generation: i64 },
     #[error("{field}: {message}")]
     InvalidValue { field: &'static str, message: String },
+    /// A change the state of other rows forbids (a host a VM runs on, a
+    /// cluster that still has VMs): FAILED_PRECONDITION `kind` on `subject`.
+    #[error("{message}")]
+    Refused {
+        kind: &'static str,
+        subject: String,
+        message: String,
+    },
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]

@@ -44,6 +44,10 @@
 //! - `vm_clone` copies content only; the clone has no memory (oVirt 3.3).
 //! - `vm_stop` of a stateless VM discards the run's disks and memory
 //!   reference together, returning to a consistent (disks, memory) pair.
+//! - `vm_update` that changes the machine (memory, vcpus, boot images)
+//!   drops the ACTIVE snapshot's memory: the disks still match it, but the
+//!   machine it would be restored into is another one. A rename or the
+//!   stateless flag keeps it.
 //!
 //! A VM's images belong to it alone and change only under its lock, which
 //! is what lets undo, commit and stop delete every volume no snapshot
@@ -66,6 +70,7 @@ pub mod vm_import;
 pub mod vm_remove;
 pub mod vm_run;
 pub mod vm_stop;
+pub mod vm_update;
 
 pub fn all() -> Vec<SagaDef<App>> {
     vec![
@@ -78,6 +83,7 @@ pub fn all() -> Vec<SagaDef<App>> {
         vm_remove::definition(),
         vm_run::definition(),
         vm_stop::definition(),
+        vm_update::definition(),
         vm_clone::definition(),
         vm_export::definition(),
         vm_import::definition(),

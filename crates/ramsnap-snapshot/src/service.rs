@@ -64,6 +64,7 @@ idempotent! {
     RemoveVmRequest => "ramsnap.snapshot.v1.VmService/RemoveVm",
     RunVmRequest => "ramsnap.snapshot.v1.VmService/RunVm",
     StopVmRequest => "ramsnap.snapshot.v1.VmService/StopVm",
+    UpdateVmRequest => "ramsnap.snapshot.v1.VmService/UpdateVm",
     ExportVmRequest => "ramsnap.snapshot.v1.VmService/ExportVm",
     ImportVmRequest => "ramsnap.snapshot.v1.VmService/ImportVm",
     CreateSnapshotRequest => "ramsnap.snapshot.v1.SnapshotService/CreateSnapshot",

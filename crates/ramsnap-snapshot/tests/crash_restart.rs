@@ -442,6 +442,18 @@ fn check_flow(saga: &str, c: &Scenario) {
             let on: Vec<String> = disks.iter().map(|d| d.volume_id.clone()).collect();
             assert_eq!(on, disk_volumes(active));
         }
+        "vm_update" => {
+            // A down VM committed to s1's memory gets another machine.
+            let (active_before, active) = (active_before.unwrap(), active.unwrap());
+            assert!(active_before.has_memory);
+            assert!(!active.has_memory, "the ACTIVE snapshot's memory is dropped");
+            assert_eq!(active.snapshot_id, active_before.snapshot_id);
+            assert!(by_id(after, c.snapshot).unwrap().has_memory, "s1 keeps it");
+            assert_eq!(vm_row(after, SUBJECT).unwrap().2, pb::VmStatus::Down as i32);
+            // s1 still refers to the memory: no volume goes.
+            assert_eq!(after.volumes, before.volumes);
+            assert_eq!(c.op.warnings.len(), 1, "{:?}", c.op);
+        }
         "vm_stop" => {
             // The end of a stateless run: back to the STATELESS snapshot.
             let stateless = of_type(before, SUBJECT, pb::SnapshotType::Stateless).expect("STATELESS");
@@ -827,6 +839,7 @@ crash_tests!(sqlite => on_sqlite:
     vm_remove,
     vm_run,
     vm_stop,
+    vm_update,
     snapshot_create,
     snapshot_remove,
     snapshot_preview,

@@ -1466,3 +1466,243 @@ async fn operations_paged(db: Db) {
     assert_eq!(err.code(), Code::InvalidArgument);
     sim.finish().await;
 }
+
+async fn update(sim: &mut InProc, req: pb::UpdateVmRequest) -> Result<pb::Operation, tonic::Status> {
+    let r = sim
+        .vms
+        .update_vm(pb::UpdateVmRequest {
+            request_id: Uuid::new_v4().to_string(),
+            ..req
+        })
+        .await?
+        .into_inner();
+    Ok(sim.wait(r.operation).await)
+}
+
+/// UpdateVm on both databases: the name and the stateless flag change
+/// while the VM runs; memory, vcpus and boot images only while it is down,
+/// and such a change drops the memory the active snapshot held (a warning
+/// says so; the volumes go unless a snapshot keeps them); bad values are
+/// refused before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_vm_edits_what_its_state_allows() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        update_vm_cases(db).await;
+    }
+}
+
+async fn update_vm_cases(db: Db) {
+    let mut sim = InProc::start(db).await;
+    let vm = sim.create_vm("edit-me").await;
+    sim.create_vm("taken").await;
+    let by = |f: fn(&mut pb::UpdateVmRequest)| {
+        let mut r = pb::UpdateVmRequest {
+            vm_id: vm.clone(),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    sim.run(&vm, false).await;
+    // While it runs: the name and the stateless flag.
+    let op = update(
+        &mut sim,
+        by(|r| {
+            r.name = Some("edited".into());
+            r.stateless = Some(true);
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let got = sim.vm(&vm).await;
+    assert_eq!((got.name.as_str(), got.stateless), ("edited", true));
+    // Not the machine.
+    let err = update(&mut sim, by(|r| r.memory_bytes = Some(128 * MIB)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("VM edited is"), "{}", err.message());
+    assert_eq!(sim.vm(&vm).await.memory_bytes, 64 * MIB);
+
+    // A memory snapshot, previewed with its memory: the next run would
+    // restore it. A change of the machine drops it.
+    let op = update(&mut sim, by(|r| r.stateless = Some(false))).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    let snap = sim.snapshot(&vm, true, "with memory").await;
+    sim.stop(&vm).await;
+    sim.preview(&vm, &snap, true).await;
+    let memory = sim.active(&vm).await.memory.expect("the preview has the memory");
+    let op = update(
+        &mut sim,
+        by(|r| {
+            r.memory_bytes = Some(128 * MIB);
+            r.vcpus = Some(2);
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    assert_eq!(op.warnings.len(), 1, "{op:?}");
+    assert!(
+        op.warnings[0].contains("memory of its active snapshot was dropped"),
+        "{op:?}"
+    );
+    let got = sim.vm(&vm).await;
+    assert_eq!((got.memory_bytes, got.vcpus), (128 * MIB, 2));
+    assert!(sim.active(&vm).await.memory.is_none());
+    // The previewed snapshot still holds it: the volumes stay.
+    assert!(sim.exists(memory.dump.as_ref().unwrap()).await);
+    sim.assert_no_orphans().await;
+    // A change that is no change of the machine keeps memory alone.
+    let op = update(&mut sim, by(|r| r.memory_bytes = Some(128 * MIB)))
+        .await
+        .unwrap();
+    assert!(op.warnings.is_empty(), "{op:?}");
+
+    // Refused before anything changes.
+    for (req, field) in [
+        (by(|_| {}), "vm_id"),
+        (by(|r| r.name = Some(String::new())), "name"),
+        (by(|r| r.memory_bytes = Some(1)), "memory_bytes"),
+        (by(|r| r.vcpus = Some(0)), "vcpus"),
+        (
+            by(|r| {
+                r.kernel = Some(String::new());
+                r.initrd = Some("initrd.img".into());
+            }),
+            "kernel",
+        ),
+        (by(|r| r.kernel = Some("../etc/passwd".into())), "kernel"),
+        (by(|r| r.name = Some("x".repeat(100_000))), "name"),
+    ] {
+        let err = update(&mut sim, req).await.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+    }
+    let err = update(&mut sim, by(|r| r.name = Some("taken".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = update(
+        &mut sim,
+        pb::UpdateVmRequest {
+            vm_id: Uuid::new_v4().to_string(),
+            vcpus: Some(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let got = sim.vm(&vm).await;
+    assert_eq!(
+        (got.name.as_str(), got.memory_bytes, got.vcpus),
+        ("edited", 128 * MIB, 2)
+    );
+    sim.finish().await;
+}
+
+/// RemoveHost and DeleteCluster: refused while in use (a VM runs on the
+/// host; the cluster has VMs or hosts), then done; an unknown id is
+/// NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_and_clusters_are_removed_only_when_unused() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        remove_host_and_cluster(db).await;
+    }
+}
+
+async fn remove_host_and_cluster(db: Db) {
+    let mut sim = InProc::start(db).await;
+    let vm = sim.create_vm("runs-here").await;
+    sim.run(&vm, false).await;
+    let (host, cluster) = (sim.host_id.clone(), sim.cluster_id.clone());
+    let err = sim
+        .clusters
+        .remove_host(pb::RemoveHostRequest {
+            host_id: host.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let details = err.get_error_details();
+    let v = &details.precondition_failure().expect("a precondition").violations[0];
+    assert_eq!(
+        (v.r#type.as_str(), v.subject.as_str()),
+        ("HOST_IN_USE", format!("host/{host}").as_str())
+    );
+    let err = sim
+        .clusters
+        .delete_cluster(pb::DeleteClusterRequest {
+            cluster_id: cluster.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("1 VM(s) and 1 host(s)"),
+        "{}",
+        err.message()
+    );
+
+    sim.stop(&vm).await;
+    sim.clusters
+        .remove_host(pb::RemoveHostRequest {
+            host_id: host.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(sim.vm(&vm).await.host_id.is_empty(), "the VM forgot its host");
+    let hosts = sim
+        .clusters
+        .list_hosts(pb::ListHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert!(hosts.iter().all(|h| h.host_id != host));
+    let err = sim
+        .clusters
+        .remove_host(pb::RemoveHostRequest {
+            host_id: host.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = sim
+        .clusters
+        .remove_host(pb::RemoveHostRequest {
+            host_id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Still a VM in it.
+    let err = sim
+        .clusters
+        .delete_cluster(pb::DeleteClusterRequest {
+            cluster_id: cluster.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("1 VM(s) and 0 host(s)"),
+        "{}",
+        err.message()
+    );
+    sim.app.db.delete_vm(Uuid::parse_str(&vm).unwrap()).await.unwrap();
+    sim.clusters
+        .delete_cluster(pb::DeleteClusterRequest {
+            cluster_id: cluster.clone(),
+        })
+        .await
+        .unwrap();
+    let err = sim
+        .clusters
+        .get_cluster(pb::GetClusterRequest { cluster_id: cluster })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    sim.finish().await;
+}

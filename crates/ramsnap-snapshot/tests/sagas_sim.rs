@@ -1056,6 +1056,8 @@ async fn all_volumes(sim: &mut Sim) -> BTreeSet<String> {
             .list_volumes(storage::ListVolumesRequest {
                 domain_id: domain,
                 image_id: String::new(),
+                // Every volume: these tests make fewer than a page's maximum.
+                page_size: 1000,
                 ..Default::default()
             })
             .await
@@ -1175,6 +1177,11 @@ async fn simulation_faults_vm_run() {
 #[tokio::test]
 async fn simulation_faults_vm_stop() {
     fault_at_every_node("vm_stop").await;
+}
+
+#[tokio::test]
+async fn simulation_faults_vm_update() {
+    fault_at_every_node("vm_update").await;
 }
 
 #[tokio::test]

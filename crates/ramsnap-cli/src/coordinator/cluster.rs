@@ -27,6 +27,12 @@ pub enum ClusterCommand {
     },
     /// Lists the clusters.
     List,
+    /// Deletes a cluster that has no VM and no host.
+    Delete {
+        /// The cluster: its name or id.
+        #[arg(value_name = "CLUSTER")]
+        id: Ref,
+    },
     /// Shows one cluster.
     Get {
         /// The cluster: its name or id.
@@ -77,6 +83,18 @@ pub async fn run(
             match output {
                 Format::Table => render::cluster_table(&clusters).print(),
                 Format::Json => print_json(&clusters.iter().map(render::cluster_json).collect()),
+            }
+        }
+        ClusterCommand::Delete { id } => {
+            let id = names.cluster(&id).await?;
+            client
+                .delete_cluster(pb::DeleteClusterRequest {
+                    cluster_id: id.to_string(),
+                })
+                .await?;
+            match output {
+                Format::Table => println!("cluster {id} deleted"),
+                Format::Json => print_json(&json!({ "cluster_id": id.to_string(), "deleted": true })),
             }
         }
         ClusterCommand::Get { id } => {

@@ -31,6 +31,13 @@ pub enum HostCommand {
         #[command(flatten)]
         request: RequestArg,
     },
+    /// Removes a host from its cluster; refused while a VM runs on it.
+    Remove {
+        /// The host: its name or id.
+        // Not the id `host`: that is the global --host's.
+        #[arg(value_name = "HOST")]
+        id: Ref,
+    },
     /// Lists the hosts, of every cluster or of one.
     List {
         /// Only the hosts of this cluster (name or id).
@@ -75,6 +82,18 @@ pub async fn run(
                     "request_id": request_id.to_string(),
                     "host": render::host_json(&host),
                 })),
+            }
+        }
+        HostCommand::Remove { id } => {
+            let id = names.host(&id).await?;
+            client
+                .remove_host(pb::RemoveHostRequest {
+                    host_id: id.to_string(),
+                })
+                .await?;
+            match output {
+                Format::Table => println!("host {id} removed"),
+                Format::Json => print_json(&json!({ "host_id": id.to_string(), "removed": true })),
             }
         }
         HostCommand::List { cluster } => {

@@ -54,6 +54,9 @@ pub enum VmCommand {
         #[command(flatten)]
         op: OperationArgs,
     },
+    /// Edits a VM: the options given. Memory, vcpus and boot images need
+    /// the VM down, and drop the memory its active snapshot holds.
+    Update(UpdateArgs),
     /// Stops a VM; a stateless VM goes back to the state it was run from.
     Stop {
         /// The VM: its name or id.
@@ -156,6 +159,36 @@ pub struct CreateArgs {
     /// The kernel command line for --kernel.
     #[arg(long, value_name = "TEXT", requires = "kernel")]
     cmdline: Option<String>,
+    #[command(flatten)]
+    op: OperationArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    /// The VM: its name or id.
+    #[arg(value_name = "VM")]
+    id: Ref,
+    /// A new name, unique.
+    #[arg(long)]
+    name: Option<String>,
+    /// The guest's RAM: bytes, or with a unit: 256M, 4G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Runs stateless from the next run on (true), or not (false).
+    #[arg(long, value_name = "BOOL")]
+    stateless: Option<bool>,
+    /// Direct boot: a kernel image in each host's boot-image directory.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_direct_boot")]
+    kernel: Option<String>,
+    #[arg(long, value_name = "FILE", conflicts_with = "no_direct_boot")]
+    initrd: Option<String>,
+    #[arg(long, value_name = "TEXT", conflicts_with = "no_direct_boot")]
+    cmdline: Option<String>,
+    /// Removes direct boot (kernel, initrd and command line).
+    #[arg(long)]
+    no_direct_boot: bool,
     #[command(flatten)]
     op: OperationArgs,
 }
@@ -351,6 +384,39 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                 None => format!("VM {id} started"),
             };
             done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
+        }
+        VmCommand::Update(args) => {
+            let id = names.vm(&args.id).await?;
+            let request_id = args.op.request.id();
+            let resp = client
+                .update_vm(pb::UpdateVmRequest {
+                    request_id: request_id.to_string(),
+                    vm_id: id.to_string(),
+                    name: args.name,
+                    memory_bytes: args.memory,
+                    vcpus: args.vcpus,
+                    stateless: args.stateless,
+                    kernel: if args.no_direct_boot {
+                        Some(String::new())
+                    } else {
+                        args.kernel
+                    },
+                    initrd: args.initrd,
+                    cmdline: args.cmdline,
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            let Some(done) = wait(&channel, output, &args.op, started).await? else {
+                return Ok(());
+            };
+            let vm = get_vm(&mut client, &id.to_string()).await;
+            done.print(
+                output,
+                format!("VM {id} updated"),
+                json!({ "vm": vm.as_ref().map(render::vm_json) }),
+            );
         }
         VmCommand::Stop { id, timeout, op } => {
             let id = names.vm(&id).await?;

@@ -114,6 +114,37 @@ impl Database {
         Ok(from_row(&row)?)
     }
 
+    /// Deletes a cluster with no VM and no host: [`DbError::Refused`]
+    /// CLUSTER_NOT_EMPTY otherwise. One transaction (a VM or host added
+    /// meanwhile fails on its reference to the cluster instead).
+    pub async fn delete_cluster(&self, id: Uuid) -> Result<(), DbError> {
+        let mut tx = self.begin_write().await?;
+        let count = |table: &'static str| {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT COUNT(*) AS n FROM {table} WHERE cluster_id = $1"
+            )))
+            .bind(id.to_string())
+        };
+        let vms = count("vms").fetch_one(&mut *tx).await?.int("n")?;
+        let hosts = count("hosts").fetch_one(&mut *tx).await?.int("n")?;
+        if vms > 0 || hosts > 0 {
+            return Err(DbError::Refused {
+                kind: "CLUSTER_NOT_EMPTY",
+                subject: format!("cluster/{id}"),
+                message: format!("cluster {id} still has {vms} VM(s) and {hosts} host(s): remove them first"),
+            });
+        }
+        let gone = sqlx::query("DELETE FROM clusters WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() == 0 {
+            return Err(DbError::not_found("cluster", id));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn list_clusters(&self) -> Result<Vec<Cluster>, DbError> {
         let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM clusters ORDER BY name"))
             .fetch_all(self.pool())

@@ -96,6 +96,52 @@ impl Database {
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
+    /// Removes a host: refused ([`DbError::Refused`] HOST_IN_USE) while a
+    /// VM runs on it or an operation holds a VM that last ran there. The
+    /// down VMs that last ran on it forget it, and the domains it was the
+    /// metadata writer of lose their writer (the next change names another,
+    /// a generation above what the domain recorded). One transaction.
+    pub async fn remove_host(&self, id: Uuid) -> Result<(), DbError> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query("SELECT id, name, status, lock_operation_id FROM vms WHERE host_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &rows {
+            let (vm, name, status) = (row.text("id")?, row.text("name")?, row.text("status")?);
+            let locked = row.opt_text("lock_operation_id")?.is_some();
+            if status != "Down" || locked {
+                let why = if locked {
+                    "an operation holds it".to_string()
+                } else {
+                    format!("it is {status}")
+                };
+                return Err(DbError::Refused {
+                    kind: "HOST_IN_USE",
+                    subject: format!("host/{id}"),
+                    message: format!("VM {name} ({vm}) is on host {id} and {why}: stop it or move it first"),
+                });
+            }
+        }
+        sqlx::query("UPDATE vms SET host_id = NULL WHERE host_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM domain_writers WHERE host_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let gone = sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() == 0 {
+            return Err(DbError::not_found("host", id));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The cluster's first registered host (oldest; ties by name), where a VM
     /// of the cluster runs when no host is asked for. None if it has none.
     pub async fn first_host_in_cluster(&self, cluster_id: Uuid) -> Result<Option<Host>, DbError> {

@@ -157,6 +157,33 @@ impl Database {
         Ok(rows.iter().map(vm_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// Writes a VM's editable configuration (UpdateVm): name, memory,
+    /// vcpus, stateless flag and boot images, as `vm` has them. A name
+    /// another VM has is a [`DbError::Conflict`].
+    pub async fn update_vm_config(&self, vm: &Vm) -> Result<(), DbError> {
+        let query = sqlx::query(
+            "UPDATE vms SET name = $2, memory_bytes = $3, vcpus = $4, stateless = $5, kernel = $6, \
+             initrd = $7, cmdline = $8, updated_at = $9 WHERE id = $1",
+        )
+        .bind(vm.id.to_string())
+        .bind(vm.name.clone())
+        .bind(super::to_bigint("memory_bytes", vm.memory_bytes)?)
+        .bind(i64::from(vm.vcpus))
+        .bind(vm.stateless)
+        .bind(vm.kernel.clone())
+        .bind(vm.initrd.clone())
+        .bind(vm.cmdline.clone())
+        .bind(now_ms());
+        let result = self.execute_write(query).await.map_err(|e| match e {
+            DbError::Sqlx(e) => DbError::on_write("vm", &vm.name)(e),
+            e => e,
+        })?;
+        if result.rows_affected() == 0 {
+            return Err(DbError::not_found("vm", vm.id));
+        }
+        Ok(())
+    }
+
     pub async fn set_vm_status(&self, id: Uuid, status: VmStatus) -> Result<(), DbError> {
         let query = sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
             .bind(id.to_string())

@@ -231,4 +231,24 @@ impl ClusterService for ClusterApi {
             .collect();
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
+
+    async fn remove_host(
+        &self,
+        req: Request<pb::RemoveHostRequest>,
+    ) -> Result<Response<pb::RemoveHostResponse>, Status> {
+        let id = ids::parse("host_id", &req.get_ref().host_id)?;
+        self.0.db.remove_host(id).await.map_err(db_status)?;
+        tracing::info!(host = %id, "host removed");
+        Ok(Response::new(pb::RemoveHostResponse {}))
+    }
+
+    async fn delete_cluster(
+        &self,
+        req: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::DeleteClusterResponse>, Status> {
+        let id = ids::parse("cluster_id", &req.get_ref().cluster_id)?;
+        self.0.db.delete_cluster(id).await.map_err(db_status)?;
+        tracing::info!(cluster = %id, "cluster deleted");
+        Ok(Response::new(pb::DeleteClusterResponse {}))
+    }
 }

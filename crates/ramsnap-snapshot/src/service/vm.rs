@@ -7,7 +7,7 @@ use super::{
 use crate::app::{db_status, App};
 use crate::convert::downstream;
 use crate::db;
-use crate::sagas::{vm_create, vm_remove, vm_run, vm_stop};
+use crate::sagas::{vm_create, vm_remove, vm_run, vm_stop, vm_update};
 use ramsnap_common::paging::PageRequest;
 use ramsnap_common::{ids, status};
 use ramsnap_proto::host::v1 as host;
@@ -363,6 +363,71 @@ impl VmService for VmApi {
             graceful_timeout_seconds: req.graceful_timeout_seconds,
         };
         let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_stop::NAME, &params)).await?;
+        Ok(reply(&op))
+    }
+
+    async fn update_vm(
+        &self,
+        req: Request<pb::UpdateVmRequest>,
+    ) -> Result<Response<pb::UpdateVmResponse>, Status> {
+        const KIND: &str = "update_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::UpdateVmResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
+            return Ok(reply(&op));
+        }
+        let params = vm_update::Params {
+            vm_id: ids::parse("vm_id", &req.vm_id)?,
+            name: req.name,
+            memory_bytes: req.memory_bytes,
+            vcpus: req.vcpus,
+            stateless: req.stateless,
+            kernel: req.kernel,
+            initrd: req.initrd,
+            cmdline: req.cmdline,
+        };
+        let given = [
+            params.name.is_some(),
+            params.memory_bytes.is_some(),
+            params.vcpus.is_some(),
+            params.stateless.is_some(),
+            params.kernel.is_some(),
+            params.initrd.is_some(),
+            params.cmdline.is_some(),
+        ];
+        if !given.contains(&true) {
+            return Err(status::invalid_argument(
+                "vm_id",
+                "nothing to change: give at least one of name, memory_bytes, vcpus, stateless, kernel, \
+                 initrd, cmdline",
+            ));
+        }
+        if let Some(name) = &params.name {
+            check_name("name", name)?;
+        }
+        if let Some(m) = params.memory_bytes {
+            limits::check_memory("memory_bytes", m)?;
+        }
+        if let Some(c) = params.vcpus {
+            limits::check_vcpus("vcpus", c)?;
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        let after = params.apply(&vm);
+        limits::check_boot("", &after.kernel, &after.initrd, &after.cmdline)?;
+        if after.name != vm.name {
+            refuse_taken_name(&self.0, &after.name).await?;
+        }
+        refuse_locked(&vm)?;
+        if vm_update::machine_changed(&vm, &after) {
+            // Checked again under the lock by the saga.
+            require_down(&vm, "changing its memory, vcpus or boot images")?;
+        }
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_update::NAME, &params)).await?;
         Ok(reply(&op))
     }
 

@@ -1030,17 +1030,26 @@ impl Env {
         Ok(self.wait(op).await)
     }
 
+    /// Every volume of the data domain, page after page.
     pub async fn inventory(&mut self) -> Vec<storage::Volume> {
-        self.storage
-            .list_volumes(storage::ListVolumesRequest {
-                domain_id: self.domain.clone(),
-                image_id: String::new(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volumes
+        let (mut all, mut page_token) = (Vec::new(), String::new());
+        loop {
+            let page = self
+                .storage
+                .list_volumes(storage::ListVolumesRequest {
+                    domain_id: self.domain.clone(),
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            all.extend(page.volumes);
+            if page.next_page_token.is_empty() {
+                return all;
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub async fn volume_ids(&mut self) -> BTreeSet<String> {
@@ -1178,6 +1187,8 @@ impl Env {
             .list_volumes(storage::ListVolumesRequest {
                 domain_id: self.export_domain.clone(),
                 image_id: String::new(),
+                // Every volume: these tests make fewer than a page's maximum.
+                page_size: 1000,
                 ..Default::default()
             })
             .await
@@ -1359,7 +1370,7 @@ pub async fn state(sim: &mut Env) -> State {
 pub async fn setup(sim: &mut Env, saga: &str) -> (String, String) {
     match saga {
         "vm_create" => (String::new(), String::new()),
-        "vm_run" | "vm_export" => sim.committed_memory_vm("subject").await,
+        "vm_run" | "vm_export" | "vm_update" => sim.committed_memory_vm("subject").await,
         "vm_import" => {
             let (vm, s1) = sim.committed_memory_vm("subject").await;
             let op = sim.export_vm(&vm, false, false).await.unwrap();
@@ -1449,6 +1460,20 @@ pub async fn act_with(
                     vm_id: vm,
                     host_id: String::new(),
                     run_stateless: true,
+                })
+                .await?
+                .into_inner()
+                .operation
+        }
+        "vm_update" => {
+            // A change of the machine: the ACTIVE snapshot's memory goes.
+            sim.vms
+                .update_vm(pb::UpdateVmRequest {
+                    request_id: rid,
+                    vm_id: vm,
+                    memory_bytes: Some(128 * MIB),
+                    vcpus: Some(2),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()
