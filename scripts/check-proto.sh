@@ -31,6 +31,13 @@ echo "check-proto: buf $(buf --version), $(find proto -name '*.proto' | wc -l) p
 run "buf build" buf build -o /dev/null
 run "buf lint" buf lint
 run "buf format --diff --exit-code" buf format --diff --exit-code
+# buf.gen.yaml generates (into a scratch directory), when its local plugins
+# are installed (scripts/setup/packages.sh installs them).
+if command -v protoc >/dev/null 2>&1 && [ -x /usr/bin/grpc_python_plugin ]; then
+    gen="$(mktemp -d)"
+    run "buf generate (buf.gen.yaml)" buf generate -o "$gen"
+    rm -rf "$gen"
+fi
 
 if [ "$fail" -ne 0 ]; then
     echo "check-proto: FAILED" >&2

@@ -15,6 +15,10 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 # The end-to-end tests' guest (tests/guest/build.sh) extracts vmlinux from
 # the xz-compressed Debian kernel.
 command -v xz >/dev/null 2>&1 || need+=(xz-utils)
+# The Python client (clients/python): its stubs' generator and runtime.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -x /usr/bin/grpc_python_plugin ] || need+=(protobuf-compiler-grpc)
+/usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null || need+=(python3-grpcio python3-protobuf)
 
 if ((${#need[@]})); then
   echo "packages: installing ${need[*]}" >&2

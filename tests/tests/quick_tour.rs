@@ -224,6 +224,53 @@ fn run_tour(tour: &[String], cli: &str, embedded: &Embedded) {
         .expect("bash");
     let vms = String::from_utf8_lossy(&vms.stdout);
     assert!(vms.contains("\"name\": \"demo-copy\""), "{vms}");
+
+    // The Python client's example, the specification's flow, against the
+    // same services.
+    python_example(cli, &domains);
+}
+
+/// `clients/python/example.py` against the embedded default: it exits 0
+/// only when the run after the commit resumed the guest from its memory.
+fn python_example(cli: &str, domains: &str) {
+    let root = repo_root();
+    let generated = Command::new("bash")
+        .arg(root.join("clients/python/generate.sh"))
+        .output()
+        .expect("bash");
+    assert!(
+        generated.status.success(),
+        "clients/python/generate.sh: {}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_str(domains).expect("domain list JSON");
+    let domain = list
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["name"] == "local-file"))
+        .and_then(|d| d["domain_id"].as_str())
+        .expect("local-file's id")
+        .to_string();
+    // "<ramsnap> --tls-dir DIR --snapshot ADDR --storage ADDR"
+    let words: Vec<&str> = cli.split_whitespace().collect();
+    let after = |flag: &str| words[words.iter().position(|w| *w == flag).expect(flag) + 1];
+    let out = Command::new("/usr/bin/python3")
+        .arg(root.join("clients/python/example.py"))
+        .args(["--target", after("--snapshot"), "--tls-dir", after("--tls-dir")])
+        .args(["--domain-id", &domain])
+        .env("PYTHONPATH", root.join("clients/python"))
+        .output()
+        .expect("/usr/bin/python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("$ python3 clients/python/example.py\n{text}");
+    assert!(out.status.success(), "the Python example failed:\n{text}");
+    assert!(
+        text.contains("VM_STATUS_RESTORING_STATE -> VM_STATUS_UP"),
+        "{text}"
+    );
 }
 
 #[test]
