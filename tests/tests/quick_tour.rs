@@ -86,7 +86,7 @@ fn the_readme_quick_tour_runs_as_written() {
 
     let fixture = fixture_dir("quick-tour");
     let data = fixture.path().join("data");
-    let (snapshot, storage, host) = (free_port(), free_port(), free_port());
+    let (snapshot, storage, host, probes) = (free_port(), free_port(), free_port(), free_port());
     let log = fixture.path().join("run-embedded.log");
     let out = std::fs::File::create(&log).expect("the log file");
     let child = Command::new("bash")
@@ -99,6 +99,7 @@ fn the_readme_quick_tour_runs_as_written() {
             "--host-run-dir",
             &fixture.path().join("run/host").display().to_string(),
         ])
+        .args(["--probe-listen", &format!("127.0.0.1:{probes}")])
         .env("RAMSNAP_DATA_DIR", &data)
         .env("RAMSNAP_BLOCK_SIZE", "6G")
         .env("RAMSNAP_SNAPSHOT_LISTEN", format!("127.0.0.1:{snapshot}"))
@@ -120,7 +121,7 @@ fn the_readme_quick_tour_runs_as_written() {
         root.join("target/debug/ramsnap").display(),
         data.join("tls").display()
     );
-    let result = std::panic::catch_unwind(|| run_tour(&tour, &cli, &embedded));
+    let result = std::panic::catch_unwind(|| run_tour(&tour, &cli, &embedded, probes));
     // Whatever happened: the guests, ramsnapd, then the loop device and its VG.
     destroy_domains(&[], &marker);
     let log_text = std::fs::read_to_string(&embedded.log).unwrap_or_default();
@@ -149,7 +150,27 @@ fn the_readme_quick_tour_runs_as_written() {
     }
 }
 
-fn run_tour(tour: &[String], cli: &str, embedded: &Embedded) {
+/// GET /metrics on the probe port: the Prometheus text.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the probe port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The sum of a metric's samples whose labels contain each of `labels`.
+fn sample(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn run_tour(tour: &[String], cli: &str, embedded: &Embedded, probes: u16) {
     // The script builds nothing here; ramsnapd attaches the three domains
     // before it serves.
     let started = Instant::now();
@@ -176,6 +197,7 @@ fn run_tour(tour: &[String], cli: &str, embedded: &Embedded) {
         );
     }
 
+    let before = scrape(probes);
     let mut outputs = Vec::new();
     for command in &tour[1..] {
         let script = format!("set -euo pipefail\nramsnap='{cli}'\n{command}");
@@ -224,6 +246,41 @@ fn run_tour(tour: &[String], cli: &str, embedded: &Embedded) {
         .expect("bash");
     let vms = String::from_utf8_lossy(&vms.stdout);
     assert!(vms.contains("\"name\": \"demo-copy\""), "{vms}");
+
+    // The metrics moved with the tour: its RPCs, its sagas, the memory
+    // dump, the guest's pause, the restore, the export's copies; the VMs by
+    // status.
+    let after = scrape(probes);
+    let moved = |metric: &str, labels: &[&str]| {
+        let (b, a) = (sample(&before, metric, labels), sample(&after, metric, labels));
+        assert!(a > b, "{metric}{labels:?} did not move ({b} then {a}):\n{after}");
+    };
+    moved(
+        "ramsnap_rpc_server_duration_seconds_count",
+        &[
+            "rpc_method=\"/ramsnap.snapshot.v1.SnapshotService/CreateSnapshot\"",
+            "rpc_grpc_status_code=\"0\"",
+        ],
+    );
+    moved(
+        "ramsnap_rpc_server_duration_seconds_count",
+        &["rpc_method=\"/ramsnap.host.v1.HostService/SnapshotVm\""],
+    );
+    moved(
+        "ramsnap_saga_duration_seconds_count",
+        &["saga=\"snapshot_create\"", "outcome=\"succeeded\""],
+    );
+    moved(
+        "ramsnap_saga_duration_seconds_count",
+        &["saga=\"vm_import\"", "outcome=\"succeeded\""],
+    );
+    moved("ramsnap_memory_dumped_bytes_total", &[]);
+    moved("ramsnap_guest_pause_seconds_count", &["mode=\"paused\""]);
+    moved("ramsnap_memory_restore_duration_seconds_count", &[]);
+    moved("ramsnap_volume_copied_bytes_total", &[]);
+    std::thread::sleep(Duration::from_secs(6));
+    let vms = scrape(probes);
+    assert!(sample(&vms, "ramsnap_vms", &["status=\"Down\""]) >= 2.0, "{vms}");
 
     // The Python client's example, the specification's flow, against the
     // same services.

@@ -40,6 +40,13 @@ pub(crate) fn denied(
     status: &Status,
     peer: Option<SocketAddr>,
 ) {
+    // Paths that are no RPC of ramsnap are counted under one label: a
+    // client must not make a series per path it invents.
+    crate::metrics::record_rpc(
+        rpc.map(|r| r.path).unwrap_or("unknown"),
+        status.code() as i32,
+        0.0,
+    );
     tracing::warn!(
         target: TARGET,
         identity = identity.map(|i| i.name.as_str()).unwrap_or(""),
@@ -55,7 +62,7 @@ pub(crate) fn denied(
     );
 }
 
-/// An allowed mutating call, logged when it ends.
+/// An allowed call, measured when it ends (and logged if it is mutating).
 pub(crate) struct CallRecord {
     pub identity: Identity,
     pub rpc: &'static Rpc,
@@ -64,11 +71,17 @@ pub(crate) struct CallRecord {
     pub span: tracing::Span,
     /// The saga the call was made for, and its owner's generation.
     pub fence: Option<crate::fence::Fence>,
+    /// Logged (mutating calls), besides being measured (every call).
+    pub log: bool,
 }
 
 impl CallRecord {
     fn emit(&self, code: Option<Code>) {
         let code = code.unwrap_or(Code::Cancelled);
+        crate::metrics::record_rpc(self.rpc.path, code as i32, self.start.elapsed().as_secs_f64());
+        if !self.log {
+            return;
+        }
         tracing::info!(
             target: TARGET,
             parent: &self.span,
@@ -237,6 +250,7 @@ mod tests {
             start: Instant::now(),
             span: tracing::Span::none(),
             fence: None,
+            log: true,
         }
     }
 

@@ -394,13 +394,15 @@ where
         } else {
             None
         };
-        let record = rpc.is_mutating().then(|| CallRecord {
+        // Every call is measured; the mutating ones are logged too.
+        let record = Some(CallRecord {
             identity: identity.clone(),
             rpc,
             peer,
             start,
             span: tracing::Span::current(),
             fence,
+            log: rpc.is_mutating(),
         });
         req.extensions_mut().insert(identity);
         // The clone that was polled ready is the one to call.

@@ -16,6 +16,7 @@ pub mod devcerts;
 pub mod fence;
 pub mod ids;
 pub mod limits;
+pub mod metrics;
 pub mod paging;
 pub mod probe;
 pub mod ready;

@@ -1,5 +1,6 @@
 //! Plain-HTTP probes for Kubernetes: `GET /livez` (the process answers)
-//! and `GET /readyz` (what the service's own check says). The gRPC port
+//! and `GET /readyz` (what the service's own check says); and `GET /metrics`
+//! for Prometheus (see [`crate::metrics`]). The gRPC port
 //! speaks only mutual TLS, which the kubelet's probes cannot; this port
 //! tells nothing but ready or not, and why, so it needs no TLS.
 //!
@@ -18,6 +19,20 @@ pub type ReadyCheck = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST: usize = 4096;
+
+/// Binds `addr` (when given) and serves the probes there until `stop`,
+/// ready whenever the process serves (an agent has no lease to hold).
+pub async fn serve_agent(addr: Option<std::net::SocketAddr>, stop: CancellationToken) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for probes and metrics on {addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /livez, /readyz and /metrics");
+    tokio::spawn(serve(listener, Arc::new(|| Ok("serving".into())), stop));
+    Ok(())
+}
 
 /// Serves the probes on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, ready: ReadyCheck, stop: CancellationToken) {
@@ -80,11 +95,13 @@ fn respond(request: &[u8], ready: &ReadyCheck) -> (u16, String) {
     let path = target.split('?').next().unwrap_or_default();
     match (method, path) {
         ("GET", "/livez") => (200, "alive\n".into()),
+        // Prometheus's text format; counts and durations only, no secret.
+        ("GET", "/metrics") => (200, crate::metrics::render()),
         ("GET", "/readyz") => match ready() {
             Ok(what) => (200, format!("ready: {what}\n")),
             Err(why) => (503, format!("not ready: {why}\n")),
         },
-        _ => (404, "not found: GET /livez or /readyz\n".into()),
+        _ => (404, "not found: GET /livez, /readyz or /metrics\n".into()),
     }
 }
 

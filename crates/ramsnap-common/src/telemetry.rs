@@ -1,6 +1,6 @@
 //! Logs go through `tracing` (RUST_LOG filters, `RAMSNAP_LOG_FORMAT=json`
 //! for JSON lines). When OTEL_EXPORTER_OTLP_ENDPOINT is set, spans are also
-//! exported over OTLP/gRPC to that collector.
+//! exported over OTLP/gRPC to that collector. Metrics: see [`crate::metrics`].
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -9,12 +9,16 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// Keeps the OTLP pipeline alive; dropping it flushes pending spans.
 pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
             let _ = provider.shutdown();
+        }
+        if let Some(meters) = self.meters.take() {
+            let _ = meters.shutdown();
         }
     }
 }
@@ -54,7 +58,10 @@ pub fn init(service: &'static str) -> Telemetry {
         .with(fmt)
         .with(otel)
         .try_init();
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        meters: crate::metrics::init(service),
+    }
 }
 
 fn otlp_provider(service: &'static str) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {

@@ -11,6 +11,10 @@ use std::time::Duration;
 /// ramsnap host agent: runs VMs and dumps/restores their memory via libvirt.
 #[derive(Parser)]
 struct Args {
+    /// Plain-HTTP address for GET /livez, /readyz and /metrics (Prometheus);
+    /// off by default.
+    #[arg(long, env = "RAMSNAP_PROBE_LISTEN")]
+    probe_listen: Option<SocketAddr>,
     /// Address to listen on.
     #[arg(long, env = "RAMSNAP_HOST_LISTEN", default_value = "127.0.0.1:50053")]
     listen: SocketAddr,
@@ -62,6 +66,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("host");
     let stop = server::stop_on_signals()?;
     let listener = server::listen(args.listen).await?;
+    ramsnap_common::probe::serve_agent(args.probe_listen, stop.clone()).await?;
     let security = args
         .security
         .server(ServerKind::Agent, "host", listener.local_addr()?)?;

@@ -159,7 +159,35 @@ impl Coordinator {
             tracing::info!(resumed, "resumed unfinished sagas");
         }
         status::follow_running(&self.app).await;
+        self.measure_vms();
         Ok(())
+    }
+
+    /// The `ramsnap_vms{status}` gauge: counted from the database every
+    /// few seconds (a scrape reads the last count).
+    fn measure_vms(&self) {
+        use std::sync::{Arc, Mutex};
+        let counts: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let seen = counts.clone();
+        let gauge = ramsnap_common::metrics::meter()
+            .i64_observable_gauge("ramsnap.vms")
+            .with_description("VMs by status")
+            .with_callback(move |g| {
+                for (status, n) in seen.lock().expect("vm counts").iter() {
+                    g.observe(*n, &[opentelemetry::KeyValue::new("status", status.clone())]);
+                }
+            })
+            .build();
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            loop {
+                if let Ok(now) = app.db.count_vms_by_status().await {
+                    *counts.lock().expect("vm counts") = now;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
     }
 
     pub fn service_set(&self) -> ServiceSet {

@@ -795,6 +795,12 @@ impl<S: Send + Sync + 'static> Executor<S> {
         };
         let unwound = matches!(outcome, Outcome::Unwound { .. });
         let finished = self.finish(&def, &cx, outcome).await;
+        let result = match (&finished, unwound) {
+            (Err(_), _) => "failed",
+            (Ok(_), true) => "unwound",
+            (Ok(_), false) => "succeeded",
+        };
+        ramsnap_common::metrics::record_saga(def.name, result, saga_started.elapsed().as_secs_f64());
         tracing::info!(
             saga = %saga_id, saga_name = def.name, unwound,
             ms = saga_started.elapsed().as_millis() as u64, "saga done"

@@ -11,6 +11,10 @@ use std::time::Duration;
 /// ramsnap storage agent: memory and disk volumes on FILE and BLOCK domains.
 #[derive(Parser)]
 struct Args {
+    /// Plain-HTTP address for GET /livez, /readyz and /metrics (Prometheus);
+    /// off by default.
+    #[arg(long, env = "RAMSNAP_PROBE_LISTEN")]
+    probe_listen: Option<SocketAddr>,
     /// Address to listen on.
     #[arg(long, env = "RAMSNAP_STORAGE_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
@@ -60,6 +64,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = ramsnap_common::telemetry::init("storage");
     let stop = server::stop_on_signals()?;
     let listener = server::listen(args.listen).await?;
+    ramsnap_common::probe::serve_agent(args.probe_listen, stop.clone()).await?;
     let security = args
         .security
         .server(ServerKind::Agent, "storage", listener.local_addr()?)?;

@@ -957,6 +957,7 @@ impl Storage {
         let (target, target_ref, dst_hold, tx, rx) = target;
         let this = self.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let outcome = this
                 .run_copy(
                     src_dom,
@@ -967,6 +968,10 @@ impl Storage {
                     (tx.clone(), req.checksum),
                 )
                 .await;
+            if outcome.is_ok() {
+                let copied = tx.borrow().processed;
+                ramsnap_common::metrics::record_copy(copied, started.elapsed().as_secs_f64());
+            }
             if outcome.is_err() {
                 let _guard = dst_dom.lock.write().await;
                 let b = dst_dom.backend.clone();

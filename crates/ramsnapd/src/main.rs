@@ -60,6 +60,10 @@ struct Args {
     /// adopted; else a new one is laid out there.
     #[arg(long = "domain", env = "RAMSNAP_DOMAINS", value_delimiter = ',', value_name = "NAME=KIND:LOCATION", value_parser = parse_domain)]
     domains: Vec<DomainArg>,
+    /// Plain-HTTP address for GET /livez, /readyz and /metrics (Prometheus:
+    /// the three services' metrics); off by default.
+    #[arg(long, env = "RAMSNAP_PROBE_LISTEN")]
+    probe_listen: Option<SocketAddr>,
     /// The host agent's libvirt connection URI (test:///default: a simulated host).
     #[arg(long, env = "RAMSNAP_HOST_LIBVIRT_URI", default_value = "qemu:///system")]
     libvirt_uri: String,
@@ -106,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let snapshot = server::listen(args.snapshot_listen).await?;
     let storage_listener = server::listen(args.storage_listen).await?;
     let host = server::listen(args.host_listen).await?;
+    ramsnap_common::probe::serve_agent(args.probe_listen, stop.clone()).await?;
 
     std::fs::create_dir_all(&args.data_dir).map_err(|e| {
         anyhow!(

@@ -245,6 +245,7 @@ impl Host {
     ) -> Result<()> {
         let volumes = &self.inner.volumes;
         let mut lap = super::Lap::new(spec.vm_id, "restore step");
+        let step = std::time::Instant::now();
         let dump_info = volumes.get(&memory.dump).await?;
         check_purpose(&dump_info, Purpose::MemoryDump)?;
         let meta_info = volumes.get(&memory.metadata).await?;
@@ -358,6 +359,7 @@ impl Host {
             tracing::warn!(vm = %spec.vm_id, error = %e, "clearing the restore mark failed");
         }
         lap.done("resume");
+        ramsnap_common::metrics::record_restore(step.elapsed().as_secs_f64());
         *running = record;
         Ok(())
     }

@@ -416,12 +416,14 @@ impl Host {
                 let (path, capacity, stop) = (m.dump.path.clone(), m.dump_capacity, stop_following.clone());
                 tokio::task::spawn_blocking(move || metadata::follow_dump(&path, capacity, &stop))
             });
+        let mut libvirt_started = Instant::now();
         let result = if self.inner.simulated && mem.is_none() {
             // The test driver takes external disk snapshots only with a
             // memory snapshot; a simulated host's disk-only snapshot is the
             // switch of its disk record alone.
             Ok(())
         } else {
+            libvirt_started = Instant::now();
             if crate::failpoint::hit("snapshot_during_dump") {
                 hv.exit_once_a_job_runs(req.vm_id).await;
             }
@@ -433,6 +435,7 @@ impl Host {
             )
             .await
         };
+        let libvirt_took = libvirt_started.elapsed();
         lap.done("libvirt snapshot");
         let _ = stop_tx.send(true);
         stop_following.store(true, Ordering::Release);
@@ -522,6 +525,18 @@ impl Host {
         lap.done("checksum and metadata");
         match finished {
             Ok(outcome) => {
+                if outcome.memory_saved {
+                    let mode = match req.mode {
+                        SnapshotMode::Live => "live",
+                        SnapshotMode::Paused => "paused",
+                    };
+                    ramsnap_common::metrics::record_dump(
+                        mode,
+                        libvirt_took.as_secs_f64(),
+                        outcome.dump_bytes,
+                        outcome.guest_pause_ms as f64 / 1000.0,
+                    );
+                }
                 let mut r = running.clone();
                 for (d, o) in r.disks.iter_mut().zip(&overlays) {
                     adopt(d, o);

@@ -184,6 +184,17 @@ impl Database {
         Ok(())
     }
 
+    /// How many VMs are in each status.
+    pub async fn count_vms_by_status(&self) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM vms GROUP BY status")
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.text("status")?, r.int("n")?)))
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
     pub async fn set_vm_status(&self, id: Uuid, status: VmStatus) -> Result<(), DbError> {
         let query = sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
             .bind(id.to_string())
