@@ -80,6 +80,7 @@ impl Stamp {
 
 impl tonic::service::Interceptor for Stamp {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        crate::tracecontext::inject(req.metadata_mut());
         if let Some(g) = self.writer {
             req.metadata_mut().insert(WRITER_HEADER, MetadataValue::from(g));
         }

@@ -28,3 +28,4 @@ pub mod status;
 pub mod telemetry;
 pub mod text;
 pub mod tls;
+pub mod tracecontext;

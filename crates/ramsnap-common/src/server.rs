@@ -208,7 +208,7 @@ pub async fn serve_with_grace(
     let (auth, limits) = security.layers();
     let stop = CancellationToken::new();
     let router = tonic::transport::Server::builder()
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .trace_fn(crate::tracecontext::server_span)
         .layer(auth)
         .layer(limits)
         .layer(EndStreamsLayer { stop: stop.clone() })

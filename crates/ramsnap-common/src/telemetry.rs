@@ -37,6 +37,7 @@ pub fn init(service: &'static str) -> Telemetry {
             .with_writer(std::io::stderr)
             .boxed()
     };
+    crate::tracecontext::install();
     let mut provider = None;
     let otel = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
         match otlp_provider(service) {

@@ -5,11 +5,13 @@ use crate::metadata::is_block_device;
 use crate::model::VolumeRef;
 use crate::xml::{DiskFormat, DiskKind};
 use ramsnap_common::tls::ClientTransport;
+use ramsnap_common::tracecontext::Propagate;
 use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::storage::v1 as pb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::path::PathBuf;
 use std::time::Duration;
+use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -54,7 +56,7 @@ pub struct Prepared {
 
 #[derive(Clone)]
 pub struct Volumes {
-    client: StorageServiceClient<Channel>,
+    client: StorageServiceClient<InterceptedService<Channel, Propagate>>,
 }
 
 fn to_pb(r: &VolumeRef) -> common::VolumeRef {
@@ -80,7 +82,7 @@ impl Volumes {
             .map_err(|e| HostError::invalid("storage", format!("{endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(10));
         Ok(Volumes {
-            client: StorageServiceClient::new(transport.connect_lazy(&ep)),
+            client: StorageServiceClient::with_interceptor(transport.connect_lazy(&ep), Propagate),
         })
     }
 

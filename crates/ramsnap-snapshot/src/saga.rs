@@ -67,6 +67,10 @@ impl<T> Clone for Output<T> {
 
 impl<T> Copy for Output<T> {}
 
+/// The key in a saga's parameters under which the W3C `traceparent` of the
+/// call that started it is kept (see `service::start_operation`).
+pub const TRACEPARENT: &str = "_traceparent";
+
 pub struct Node<S> {
     /// Stable name: the log and the failpoints refer to nodes by it.
     pub name: &'static str,
@@ -775,6 +779,10 @@ impl<S: Send + Sync + 'static> Executor<S> {
         let has = has_fn(&events, &cx.log_ids);
 
         let saga_started = Instant::now();
+        let span = tracing::info_span!("saga", saga = %saga_id, saga_name = def.name);
+        if let Some(tp) = saga.params.get(TRACEPARENT).and_then(|v| v.as_str()) {
+            ramsnap_common::tracecontext::continue_trace(&span, tp);
+        }
         let outcome = if saga.state == SagaState::Unwinding {
             let failure = events
                 .iter()
@@ -783,14 +791,14 @@ impl<S: Send + Sync + 'static> Executor<S> {
                 .map(|v| Status::from(crate::error::Error::from_json(v)))
                 .unwrap_or_else(|| Status::aborted("unwound after a restart"));
             let cancelled = failure.code() == Code::Cancelled;
-            self.unwind(&def, &cx, &has).await?;
+            self.unwind(&def, &cx, &has).instrument(span).await?;
             Outcome::Unwound {
                 status: failure,
                 cancelled,
             }
         } else {
             self.run_forward(&def, &cx, &has, start_logged)
-                .instrument(tracing::info_span!("saga", saga = %saga_id, saga_name = def.name))
+                .instrument(span)
                 .await?
         };
         let unwound = matches!(outcome, Outcome::Unwound { .. });

@@ -213,10 +213,18 @@ pub async fn start_operation(app: &Arc<App>, s: Start) -> Result<db::Operation, 
         request_id: request_id.clone(),
         warnings: s.warnings,
     };
+    // The trace of the call that starts the saga: the saga's spans (and the
+    // agents' calls it makes) continue it, after a restart too.
+    let mut params = s.params;
+    if let (serde_json::Value::Object(map), Some(tp)) =
+        (&mut params, ramsnap_common::tracecontext::current_traceparent())
+    {
+        map.insert(crate::saga::TRACEPARENT.into(), serde_json::Value::String(tp));
+    }
     let saga = db::NewSaga {
         id: Uuid::new_v4(),
         name: s.saga.to_string(),
-        params: s.params,
+        params,
         owner: executor.owner().to_string(),
         operation_id: Some(new.id),
     };
