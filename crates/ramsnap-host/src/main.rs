@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// ramsnap host agent: runs VMs and dumps/restores their memory via libvirt.
 #[derive(Parser)]
+#[command(version)]
 struct Args {
     /// Plain-HTTP address for GET /livez, /readyz and /metrics (Prometheus);
     /// off by default.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 /// ramsnap coordinator.
 #[derive(Parser)]
+#[command(version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "RAMSNAP_SNAPSHOT_LISTEN", default_value = "127.0.0.1:50051")]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// ramsnap storage agent: memory and disk volumes on FILE and BLOCK domains.
 #[derive(Parser)]
+#[command(version)]
 struct Args {
     /// Plain-HTTP address for GET /livez, /readyz and /metrics (Prometheus);
     /// off by default.

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 /// ramsnap, all in one: snapshot, storage and host services in one process.
 #[derive(Parser)]
+#[command(version)]
 struct Args {
     /// Address of the snapshot service (the coordinator).
     #[arg(long, env = "RAMSNAP_SNAPSHOT_LISTEN", default_value = "127.0.0.1:50051")]
