@@ -216,9 +216,11 @@ pub fn spawn_env(
     {
         command.arg("--tls-dir").arg(tls_dir());
     }
+    // A collector of the developer's shell is not the tests'; one a test
+    // names (`env`) is.
     command
-        .envs(env.iter().copied())
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);

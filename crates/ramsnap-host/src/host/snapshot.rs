@@ -253,26 +253,33 @@ impl Host {
         *vm.job.lock().expect("vm lock") = Some(job.clone());
         let rx = job.view.subscribe();
         let host = self.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let outcome = host.take_snapshot(&vm, &job, &req).await.map(|mut o| {
-                o.duration_ms = started.elapsed().as_millis() as u64;
-                o
-            });
-            match &outcome {
-                Ok(o) => tracing::info!(
-                    vm = %req.vm_id, snapshot = %req.snapshot_id, memory = o.memory_saved,
-                    dump_bytes = o.dump_bytes, pause_ms = o.guest_pause_ms, ms = o.duration_ms,
-                    "snapshot taken"
-                ),
-                Err(e) => {
-                    tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id, error = %e, "snapshot failed")
+        // The job outlives the call that started it (a caller may go and
+        // come back for it), and stays in the call's trace: its storage
+        // calls carry that trace's context.
+        let span = tracing::info_span!("snapshot_job", vm = %req.vm_id, snapshot = %req.snapshot_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let started = Instant::now();
+                let outcome = host.take_snapshot(&vm, &job, &req).await.map(|mut o| {
+                    o.duration_ms = started.elapsed().as_millis() as u64;
+                    o
+                });
+                match &outcome {
+                    Ok(o) => tracing::info!(
+                        vm = %req.vm_id, snapshot = %req.snapshot_id, memory = o.memory_saved,
+                        dump_bytes = o.dump_bytes, pause_ms = o.guest_pause_ms, ms = o.duration_ms,
+                        "snapshot taken"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(vm = %req.vm_id, snapshot = %req.snapshot_id, error = %e, "snapshot failed")
+                    }
                 }
-            }
-            vm.job.lock().expect("vm lock").take();
-            job.finish(outcome);
-            drop(op);
-        });
+                vm.job.lock().expect("vm lock").take();
+                job.finish(outcome);
+                drop(op);
+            },
+            span,
+        ));
         Ok(rx)
     }
 
