@@ -70,6 +70,8 @@ pub struct Global {
     pub output: Format,
     #[command(flatten)]
     pub security: ramsnap_common::security::ClientSecurityArgs,
+    #[command(flatten)]
+    pub config: ramsnap_common::config::ConfigArg,
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,6 +119,15 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal disposition to the default before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // Settings from a config file (ramsnap_common::config): flags, then
+    // the environment, then the file, then the defaults.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Err(e) = ramsnap_common::config::apply(&Cli::command(), &argv) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
     let cli = Cli::parse();
     // Generated from the clap definitions; no service is needed.

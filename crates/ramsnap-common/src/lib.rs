@@ -12,6 +12,7 @@ pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod checksum;
+pub mod config;
 pub mod devcerts;
 pub mod fence;
 pub mod ids;

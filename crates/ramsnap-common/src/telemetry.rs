@@ -26,7 +26,10 @@ impl Drop for Telemetry {
 /// Installs the global subscriber. Logs go to stderr; stdout is kept for the
 /// machine-readable "listening" line.
 pub fn init(service: &'static str) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // OpenTelemetry's own notices ("global meter provider is set") only
+    // when asked for.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn,opentelemetry_sdk=warn"));
     let fmt = if std::env::var("RAMSNAP_LOG_FORMAT").as_deref() == Ok("json") {
         tracing_subscriber::fmt::layer()
             .json()

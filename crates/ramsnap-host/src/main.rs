@@ -1,5 +1,5 @@
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME};
@@ -28,6 +28,8 @@ struct Args {
     host: HostArgs,
     #[command(flatten)]
     security: ServerSecurityArgs,
+    #[command(flatten)]
+    _config: ramsnap_common::config::ConfigArg,
 }
 
 /// The host agent's settings (shared with ramsnapd).
@@ -60,6 +62,15 @@ struct HostArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // Settings from a config file first (see ramsnap_common::config):
+    // flags, then the environment, then the file, then the defaults.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Err(e) = ramsnap_common::config::apply(&Args::command(), &argv) {
+        eprintln!("ramsnap-host: error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     server::main("ramsnap-host", run(Args::parse()))
 }
 

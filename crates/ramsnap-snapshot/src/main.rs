@@ -1,5 +1,5 @@
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server;
 use ramsnap_snapshot::Coordinator;
@@ -33,9 +33,20 @@ struct Args {
     probe_listen: Option<SocketAddr>,
     #[command(flatten)]
     security: ServerSecurityArgs,
+    #[command(flatten)]
+    _config: ramsnap_common::config::ConfigArg,
 }
 
 fn main() -> std::process::ExitCode {
+    // Settings from a config file first (see ramsnap_common::config):
+    // flags, then the environment, then the file, then the defaults.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Err(e) = ramsnap_common::config::apply(&Args::command(), &argv) {
+        eprintln!("ramsnap-snapshot: error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     server::main("ramsnap-snapshot", run(Args::parse()))
 }
 

@@ -2,7 +2,7 @@
 //! agent and the host agent run in one process, each on its own port, so
 //! that clients address them exactly as they would separate deployments.
 use anyhow::{anyhow, Context};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
@@ -93,9 +93,20 @@ struct Args {
     /// the CLI finds them there), or --insecure on loopback.
     #[command(flatten)]
     security: ServerSecurityArgs,
+    #[command(flatten)]
+    _config: ramsnap_common::config::ConfigArg,
 }
 
 fn main() -> std::process::ExitCode {
+    // Settings from a config file first (see ramsnap_common::config):
+    // flags, then the environment, then the file, then the defaults.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Err(e) = ramsnap_common::config::apply(&Args::command(), &argv) {
+        eprintln!("ramsnapd: error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     server::main("ramsnapd", run(Args::parse()))
 }
 
