@@ -1139,16 +1139,27 @@ async fn vm_descriptors_live_on_export_domains_as_ovirt_keeps_them() {
     std::fs::create_dir_all(vms.join(&c)).unwrap();
     std::fs::write(vms.join(&c).join(format!("{c}.tmp.0123")), "<half").unwrap();
     std::fs::write(vms.join(&b).join(format!("{b}.tmp.4567")), "<half").unwrap();
+    // Every page: a page ends before 3 MiB of OVF (the 16 MiB one below
+    // is a page of its own).
     let list = |env: &mut Env, domain: String| {
         let mut client = env.client.clone();
         async move {
-            client
-                .list_vm_descriptors(pb::ListVmDescriptorsRequest {
-                    domain_id: domain,
-                    ..Default::default()
-                })
-                .await
-                .map(|r| r.into_inner().descriptors)
+            let (mut all, mut page_token) = (Vec::new(), String::new());
+            loop {
+                let page = client
+                    .list_vm_descriptors(pb::ListVmDescriptorsRequest {
+                        domain_id: domain.clone(),
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.descriptors);
+                if page.next_page_token.is_empty() {
+                    return Ok::<_, tonic::Status>(all);
+                }
+                page_token = page.next_page_token;
+            }
         }
     };
     let listed = list(&mut env, export.clone()).await.unwrap();
