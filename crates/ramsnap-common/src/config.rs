@@ -60,11 +60,13 @@ pub fn settings(cmd: &clap::Command, text: &str) -> Result<Vec<(String, String)>
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
     let mut flags: BTreeMap<String, Option<String>> = BTreeMap::new();
     for arg in cmd.get_arguments() {
-        if let Some(long) = arg.get_long() {
-            flags.insert(
-                long.to_string(),
-                arg.get_env().map(|e| e.to_string_lossy().into_owned()),
-            );
+        let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+        for name in arg
+            .get_long()
+            .into_iter()
+            .chain(arg.get_visible_aliases().into_iter().flatten())
+        {
+            flags.insert(name.to_string(), env.clone());
         }
     }
     let mut out = Vec::new();

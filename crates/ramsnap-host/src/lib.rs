@@ -12,6 +12,7 @@
 //! - [`xml`]: domain and snapshot XML, the restore rewrite;
 //!   [`metadata`]: the memory metadata volume's format and the dump checksum.
 
+pub mod args;
 pub mod error;
 pub mod failpoint;
 pub mod host;

@@ -1,11 +1,10 @@
 use anyhow::Context;
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser};
 use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME};
-use ramsnap_host::{Config, Host};
+use ramsnap_host::Host;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// ramsnap host agent: runs VMs and dumps/restores their memory via libvirt.
@@ -24,41 +23,15 @@ struct Args {
     /// under the supervisor's kill timeout.
     #[arg(long, env = "RAMSNAP_SHUTDOWN_GRACE", default_value = "10s", value_parser = server::parse_duration)]
     shutdown_grace: Duration,
+    /// This host's StorageService.
+    #[arg(long, env = "RAMSNAP_HOST_STORAGE", default_value = "http://127.0.0.1:50052")]
+    storage: String,
     #[command(flatten)]
-    host: HostArgs,
+    host: ramsnap_host::args::HostArgs,
     #[command(flatten)]
     security: ServerSecurityArgs,
     #[command(flatten)]
     _config: ramsnap_common::config::ConfigArg,
-}
-
-/// The host agent's settings (shared with ramsnapd).
-#[derive(clap::Args)]
-struct HostArgs {
-    /// libvirt connection URI (test:///default for a simulated host).
-    #[arg(long, env = "RAMSNAP_HOST_LIBVIRT_URI", default_value = "qemu:///system")]
-    libvirt_uri: String,
-    /// This host's StorageService.
-    #[arg(long, env = "RAMSNAP_HOST_STORAGE", default_value = "http://127.0.0.1:50052")]
-    storage: String,
-    /// Directory of the kernels and initrds that VM specs name.
-    #[arg(long, env = "RAMSNAP_HOST_BOOT_DIR", default_value = "/var/lib/ramsnap/boot")]
-    boot_dir: PathBuf,
-    /// Console logs go to <run-dir>/<vm_id>/console.log.
-    #[arg(long, env = "RAMSNAP_HOST_RUN_DIR", default_value = "/run/ramsnap/host")]
-    run_dir: PathBuf,
-    /// Where the agent keeps its host id.
-    #[arg(long, env = "RAMSNAP_HOST_STATE_DIR", default_value = "/var/lib/ramsnap/host")]
-    state_dir: PathBuf,
-    /// The host id [default: a UUID kept in <state-dir>/host-id].
-    #[arg(long, env = "RAMSNAP_HOST_ID")]
-    host_id: Option<String>,
-    /// libvirt domain type for QEMU: qemu (TCG) or kvm.
-    #[arg(long, env = "RAMSNAP_HOST_DOMAIN_TYPE", default_value = "qemu", value_parser = ["qemu", "kvm"])]
-    domain_type: String,
-    /// Domains are named <prefix><vm_id>; the agent only looks at these.
-    #[arg(long, env = "RAMSNAP_HOST_DOMAIN_PREFIX", default_value = "ramsnap-")]
-    domain_prefix: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,11 +40,16 @@ fn main() -> std::process::ExitCode {
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    if let Err(e) = ramsnap_common::config::apply(&Args::command(), &argv) {
+    let cmd = ramsnap_host::args::agent_aliases(Args::command());
+    if let Err(e) = ramsnap_common::config::apply(&cmd, &argv) {
         eprintln!("ramsnap-host: error: {e}");
         return std::process::ExitCode::from(2);
     }
-    server::main("ramsnap-host", run(Args::parse()))
+    let args = match Args::from_arg_matches(&cmd.get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    server::main("ramsnap-host", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -82,11 +60,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let security = args
         .security
         .server(ServerKind::Agent, "host", listener.local_addr()?)?;
-    let a = args.host;
-    let mut config = Config::new(&a.libvirt_uri, &a.storage, a.boot_dir, a.run_dir, a.state_dir);
-    config.host_id = a.host_id;
-    config.domain_type = a.domain_type;
-    config.domain_prefix = a.domain_prefix;
+    let mut config = args
+        .host
+        .config(&args.storage, std::path::Path::new("/var/lib/ramsnap"));
     config.storage_transport = args.security.client("host")?;
     let host = Host::open(config).await.context("cannot start the host agent")?;
     server::announce("host", &listener)?;

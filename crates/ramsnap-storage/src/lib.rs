@@ -14,6 +14,7 @@
 //!   copy), so that none is deleted or merged under its user.
 //! - [`limits`]: every bound on caller input, in one place.
 
+pub mod args;
 pub mod backend;
 pub mod block;
 pub mod copy;

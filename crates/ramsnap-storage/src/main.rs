@@ -1,11 +1,10 @@
 use anyhow::Context;
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser};
 use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME};
-use ramsnap_storage::{Config, Storage};
+use ramsnap_storage::Storage;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// ramsnap storage agent: memory and disk volumes on FILE and BLOCK domains.
@@ -19,35 +18,8 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "RAMSNAP_STORAGE_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
-    /// Where the agent remembers attached domains.
-    #[arg(
-        long,
-        env = "RAMSNAP_STORAGE_STATE_DIR",
-        default_value = "/var/lib/ramsnap/storage"
-    )]
-    state_dir: PathBuf,
-    /// Where prepared BLOCK volumes get their paths.
-    #[arg(long, env = "RAMSNAP_STORAGE_RUN_DIR", default_value = "/run/ramsnap/storage")]
-    run_dir: PathBuf,
-    /// Directories FILE domains may live in (repeatable).
-    #[arg(
-        long = "file-root",
-        env = "RAMSNAP_STORAGE_FILE_ROOTS",
-        value_delimiter = ',',
-        default_value = "/var/lib/ramsnap/domains"
-    )]
-    file_roots: Vec<PathBuf>,
-    /// Block devices BLOCK domains may be on (repeatable). RegisterDomain
-    /// takes only these (any other device: PERMISSION_DENIED, untouched);
-    /// when given, also the only devices whose domains are adopted at start.
-    /// Default: none may be registered; every ramsnap VG the host sees is
-    /// adopted at start.
-    #[arg(
-        long = "block-device",
-        env = "RAMSNAP_STORAGE_BLOCK_DEVICES",
-        value_delimiter = ','
-    )]
-    block_devices: Vec<PathBuf>,
+    #[command(flatten)]
+    storage: ramsnap_storage::args::StorageArgs,
     /// How long calls in flight get to finish after SIGTERM/SIGINT (server
     /// streams end at once; a second signal exits at once). Keep it well
     /// under the supervisor's kill timeout.
@@ -65,11 +37,16 @@ fn main() -> std::process::ExitCode {
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    if let Err(e) = ramsnap_common::config::apply(&Args::command(), &argv) {
+    let cmd = ramsnap_storage::args::agent_aliases(Args::command());
+    if let Err(e) = ramsnap_common::config::apply(&cmd, &argv) {
         eprintln!("ramsnap-storage: error: {e}");
         return std::process::ExitCode::from(2);
     }
-    server::main("ramsnap-storage", run(Args::parse()))
+    let args = match Args::from_arg_matches(&cmd.get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    server::main("ramsnap-storage", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -80,14 +57,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let security = args
         .security
         .server(ServerKind::Agent, "storage", listener.local_addr()?)?;
-    let storage = Storage::open(Config {
-        state_dir: args.state_dir,
-        run_dir: args.run_dir,
-        file_roots: args.file_roots,
-        block_devices: args.block_devices,
-    })
-    .await
-    .context("cannot start the storage agent")?;
+    let storage = Storage::open(args.storage.config(std::path::Path::new("/var/lib/ramsnap")))
+        .await
+        .context("cannot start the storage agent")?;
     server::announce("storage", &listener)?;
     let set = ServiceSet::new(SERVICE_NAME, StorageApi::new(storage).into_server());
     server::serve_with_grace(

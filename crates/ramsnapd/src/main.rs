@@ -2,7 +2,7 @@
 //! agent and the host agent run in one process, each on its own port, so
 //! that clients address them exactly as they would separate deployments.
 use anyhow::{anyhow, Context};
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser};
 use ramsnap_common::security::{ServerKind, ServerSecurityArgs};
 use ramsnap_common::server::{self, ServiceSet};
 use ramsnap_host::service::{HostApi, SERVICE_NAME as HOST_SERVICE};
@@ -11,7 +11,7 @@ use ramsnap_snapshot::db::{CompatibilityVersion, Database, NewCluster, NewHost};
 use ramsnap_snapshot::Coordinator;
 use ramsnap_storage::model::{DomainRole, DomainType};
 use ramsnap_storage::service::{StorageApi, SERVICE_NAME as STORAGE_SERVICE};
-use ramsnap_storage::{Config, Storage};
+use ramsnap_storage::Storage;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,22 +39,8 @@ struct Args {
     /// [default: sqlite:<data-dir>/coordinator.db].
     #[arg(long, env = "RAMSNAP_DATABASE_URL")]
     database_url: Option<String>,
-    /// Where the storage agent remembers attached domains [default: <data-dir>/storage].
-    #[arg(long, env = "RAMSNAP_STORAGE_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Where prepared BLOCK volumes get their paths.
-    #[arg(long, env = "RAMSNAP_STORAGE_RUN_DIR", default_value = "/run/ramsnap/storage")]
-    run_dir: PathBuf,
-    /// Directories FILE domains may live in (repeatable) [default: <data-dir>/domains].
-    #[arg(long = "file-root", env = "RAMSNAP_STORAGE_FILE_ROOTS", value_delimiter = ',')]
-    file_roots: Vec<PathBuf>,
-    /// Only adopt BLOCK domains on these devices (default: all the host sees).
-    #[arg(
-        long = "block-device",
-        env = "RAMSNAP_STORAGE_BLOCK_DEVICES",
-        value_delimiter = ','
-    )]
-    block_devices: Vec<PathBuf>,
+    #[command(flatten)]
+    storage: ramsnap_storage::args::StorageArgs,
     /// A storage domain to attach at start (repeatable): NAME=file:DIR,
     /// NAME=export:DIR (an EXPORT domain, FILE) or NAME=block:DEVICE. One
     /// already attached under NAME is kept; one found at the location is
@@ -65,24 +51,8 @@ struct Args {
     /// the three services' metrics); off by default.
     #[arg(long, env = "RAMSNAP_PROBE_LISTEN")]
     probe_listen: Option<SocketAddr>,
-    /// The host agent's libvirt connection URI (test:///default: a simulated host).
-    #[arg(long, env = "RAMSNAP_HOST_LIBVIRT_URI", default_value = "qemu:///system")]
-    libvirt_uri: String,
-    /// Directory of the kernels and initrds that VM specs name [default: <data-dir>/boot].
-    #[arg(long, env = "RAMSNAP_HOST_BOOT_DIR")]
-    boot_dir: Option<PathBuf>,
-    /// Where the host agent writes console logs (<host-run-dir>/<vm_id>/console.log).
-    #[arg(long, env = "RAMSNAP_HOST_RUN_DIR", default_value = "/run/ramsnap/host")]
-    host_run_dir: PathBuf,
-    /// Where the host agent keeps its host id [default: <data-dir>/host].
-    #[arg(long, env = "RAMSNAP_HOST_STATE_DIR")]
-    host_state_dir: Option<PathBuf>,
-    /// The host id [default: a UUID kept in the host state dir].
-    #[arg(long, env = "RAMSNAP_HOST_ID")]
-    host_id: Option<String>,
-    /// libvirt domain type for QEMU: qemu (TCG) or kvm.
-    #[arg(long, env = "RAMSNAP_HOST_DOMAIN_TYPE", default_value = "qemu", value_parser = ["qemu", "kvm"])]
-    domain_type: String,
+    #[command(flatten)]
+    host: ramsnap_host::args::HostArgs,
     /// How long calls in flight get to finish after SIGTERM/SIGINT (server
     /// streams end at once; a second signal exits at once). Keep it well
     /// under the supervisor's kill timeout.
@@ -103,11 +73,23 @@ fn main() -> std::process::ExitCode {
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    if let Err(e) = ramsnap_common::config::apply(&Args::command(), &argv) {
+    let cmd = command();
+    if let Err(e) = ramsnap_common::config::apply(&cmd, &argv) {
         eprintln!("ramsnapd: error: {e}");
         return std::process::ExitCode::from(2);
     }
-    server::main("ramsnapd", run(Args::parse()))
+    let args = match Args::from_arg_matches(&cmd.get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    server::main("ramsnapd", run(args))
+}
+
+/// The command, with the storage agent's names ramsnapd has always taken
+/// (`--state-dir`, `--run-dir`) kept as aliases of `--storage-state-dir`
+/// and `--storage-run-dir`.
+fn command() -> clap::Command {
+    ramsnap_storage::args::agent_aliases(Args::command())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -149,23 +131,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open the database {}", server::redact_url(&database_url)))?;
 
-    let file_roots = if args.file_roots.is_empty() {
+    let storage_config = args.storage.config(&args.data_dir);
+    if args.storage.file_roots.is_empty() {
         // The default root is ours to create; explicit roots (NFS mounts) are not.
-        let root = args.data_dir.join("domains");
-        std::fs::create_dir_all(&root)
-            .map_err(|e| anyhow!("cannot create {}: {}", root.display(), server::io_reason(&e)))?;
-        vec![root]
-    } else {
-        args.file_roots
-    };
-    let storage = Storage::open(Config {
-        state_dir: args.state_dir.unwrap_or_else(|| args.data_dir.join("storage")),
-        run_dir: args.run_dir,
-        file_roots,
-        block_devices: args.block_devices,
-    })
-    .await
-    .context("cannot start the storage agent")?;
+        for root in &storage_config.file_roots {
+            std::fs::create_dir_all(root)
+                .map_err(|e| anyhow!("cannot create {}: {}", root.display(), server::io_reason(&e)))?;
+        }
+    }
+    let storage = Storage::open(storage_config)
+        .await
+        .context("cannot start the storage agent")?;
     attach_domains(&storage, &args.domains).await?;
 
     // The host agent reaches its storage agent over gRPC, as a separate
@@ -174,15 +150,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if storage_addr.ip().is_unspecified() {
         storage_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let mut host_config = ramsnap_host::Config::new(
-        &args.libvirt_uri,
-        &format!("http://{storage_addr}"),
-        args.boot_dir.unwrap_or_else(|| args.data_dir.join("boot")),
-        args.host_run_dir,
-        args.host_state_dir.unwrap_or_else(|| args.data_dir.join("host")),
-    );
-    host_config.host_id = args.host_id;
-    host_config.domain_type = args.domain_type;
+    let mut host_config = args
+        .host
+        .config(&format!("http://{storage_addr}"), &args.data_dir);
     host_config.storage_transport = to_storage;
     let host_agent = Host::open(host_config)
         .await
