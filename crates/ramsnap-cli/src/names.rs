@@ -12,6 +12,7 @@ use ramsnap_proto::snapshot::v1::vm_service_client::VmServiceClient;
 use ramsnap_proto::storage::v1 as spb;
 use ramsnap_proto::storage::v1::storage_service_client::StorageServiceClient;
 use std::fmt;
+use std::future::Future;
 use std::str::FromStr;
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
@@ -143,6 +144,36 @@ fn ids<T>(items: Vec<T>, f: impl Fn(&T) -> (&str, &str)) -> Vec<(Uuid, String)> 
         .collect()
 }
 
+/// `r`'s id: the one given, or the one `choose` finds among the (id, name)
+/// pairs that `candidates` lists (awaited only when a name was given).
+async fn resolve<F>(
+    r: &Ref,
+    candidates: F,
+    choose: impl FnOnce(&str, &[(Uuid, String)]) -> anyhow::Result<Uuid>,
+) -> anyhow::Result<Uuid>
+where
+    F: Future<Output = Result<Vec<(Uuid, String)>, tonic::Status>>,
+{
+    match r {
+        Ref::Id(id) => Ok(*id),
+        Ref::Name(name) => choose(name, &candidates.await?),
+    }
+}
+
+/// The (id, name) pairs of every item of every page of a List call.
+async fn every_page<R, T, Fut>(
+    fetch: impl FnMut(String) -> Fut,
+    next: impl Fn(&R) -> &str,
+    items: impl Fn(R) -> Vec<T>,
+    key: impl Fn(&T) -> (&str, &str),
+) -> Result<Vec<(Uuid, String)>, tonic::Status>
+where
+    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let pages = client::all_pages(fetch, next).await?;
+    Ok(ids(pages.into_iter().flat_map(items).collect(), key))
+}
+
 /// Looks names up: on the coordinator's channel, and on the storage
 /// service (domains) when a domain is named, connected once on first use.
 pub struct Names<'a> {
@@ -161,38 +192,26 @@ impl<'a> Names<'a> {
     }
 
     pub async fn cluster(&self, r: &Ref) -> anyhow::Result<Uuid> {
-        let name = match r {
-            Ref::Id(id) => return Ok(*id),
-            Ref::Name(n) => n,
+        let mut client = ClusterServiceClient::new(self.coordinator.clone());
+        let all = async move {
+            let all = client.list_clusters(pb::ListClustersRequest {}).await?;
+            Ok(ids(all.into_inner().clusters, |c| (&c.cluster_id, &c.name)))
         };
-        let all = ClusterServiceClient::new(self.coordinator.clone())
-            .list_clusters(pb::ListClustersRequest {})
-            .await?
-            .into_inner()
-            .clusters;
-        pick("cluster", name, &ids(all, |c| (&c.cluster_id, &c.name)))
+        resolve(r, all, |name, all| pick("cluster", name, all)).await
     }
 
     pub async fn host(&self, r: &Ref) -> anyhow::Result<Uuid> {
-        let name = match r {
-            Ref::Id(id) => return Ok(*id),
-            Ref::Name(n) => n,
+        let mut client = ClusterServiceClient::new(self.coordinator.clone());
+        let all = async move {
+            let all = client.list_hosts(pb::ListHostsRequest::default()).await?;
+            Ok(ids(all.into_inner().hosts, |h| (&h.host_id, &h.name)))
         };
-        let all = ClusterServiceClient::new(self.coordinator.clone())
-            .list_hosts(pb::ListHostsRequest::default())
-            .await?
-            .into_inner()
-            .hosts;
-        pick("host", name, &ids(all, |h| (&h.host_id, &h.name)))
+        resolve(r, all, |name, all| pick("host", name, all)).await
     }
 
     pub async fn vm(&self, r: &Ref) -> anyhow::Result<Uuid> {
-        let name = match r {
-            Ref::Id(id) => return Ok(*id),
-            Ref::Name(n) => n,
-        };
         let client = VmServiceClient::new(self.coordinator.clone());
-        let all: Vec<pb::Vm> = client::all_pages(
+        let all = every_page(
             |page_token| {
                 let mut c = client.clone();
                 async move {
@@ -204,22 +223,16 @@ impl<'a> Names<'a> {
                 }
             },
             |r: &pb::ListVmsResponse| &r.next_page_token,
-        )
-        .await?
-        .into_iter()
-        .flat_map(|r| r.vms)
-        .collect();
-        pick("VM", name, &ids(all, |v| (&v.vm_id, &v.name)))
+            |r| r.vms,
+            |v| (&v.vm_id, &v.name),
+        );
+        resolve(r, all, |name, all| pick("VM", name, all)).await
     }
 
     /// A VM held by an export domain (as `vm exported` lists them).
     pub async fn exported_vm(&self, domain: Uuid, r: &Ref) -> anyhow::Result<Uuid> {
-        let name = match r {
-            Ref::Id(id) => return Ok(*id),
-            Ref::Name(n) => n,
-        };
         let client = VmServiceClient::new(self.coordinator.clone());
-        let all: Vec<pb::ExportedVm> = client::all_pages(
+        let all = every_page(
             |page_token| {
                 let mut c = client.clone();
                 async move {
@@ -232,22 +245,16 @@ impl<'a> Names<'a> {
                 }
             },
             |r: &pb::ListExportedVmsResponse| &r.next_page_token,
-        )
-        .await?
-        .into_iter()
-        .flat_map(|r| r.vms)
-        .collect();
-        pick("exported VM", name, &ids(all, |v| (&v.vm_id, &v.name)))
+            |r| r.vms,
+            |v| (&v.vm_id, &v.name),
+        );
+        resolve(r, all, |name, all| pick("exported VM", name, all)).await
     }
 
     /// A snapshot of `vm`: by id, description, or a unique prefix of one.
     pub async fn snapshot(&self, vm: Uuid, r: &Ref) -> anyhow::Result<Uuid> {
-        let text = match r {
-            Ref::Id(id) => return Ok(*id),
-            Ref::Name(n) => n,
-        };
         let client = SnapshotServiceClient::new(self.coordinator.clone());
-        let all: Vec<pb::Snapshot> = client::all_pages(
+        let all = every_page(
             |page_token| {
                 let mut c = client.clone();
                 async move {
@@ -260,12 +267,10 @@ impl<'a> Names<'a> {
                 }
             },
             |r: &pb::ListSnapshotsResponse| &r.next_page_token,
-        )
-        .await?
-        .into_iter()
-        .flat_map(|r| r.snapshots)
-        .collect();
-        pick_snapshot(text, &ids(all, |s| (&s.snapshot_id, &s.description)))
+            |r| r.snapshots,
+            |s| (&s.snapshot_id, &s.description),
+        );
+        resolve(r, all, pick_snapshot).await
     }
 
     /// A storage domain, looked up on the storage service (`--storage`).
@@ -290,16 +295,11 @@ impl<'a> Names<'a> {
 
 /// A storage domain, looked up on the storage service `client` talks to.
 pub async fn domain_on(client: &mut StorageServiceClient<Channel>, r: &Ref) -> anyhow::Result<Uuid> {
-    let name = match r {
-        Ref::Id(id) => return Ok(*id),
-        Ref::Name(n) => n,
+    let all = async move {
+        let all = client.list_domains(spb::ListDomainsRequest {}).await?;
+        Ok(ids(all.into_inner().domains, |d| (&d.domain_id, &d.name)))
     };
-    let all = client
-        .list_domains(spb::ListDomainsRequest {})
-        .await?
-        .into_inner()
-        .domains;
-    pick("storage domain", name, &ids(all, |d| (&d.domain_id, &d.name)))
+    resolve(r, all, |name, all| pick("storage domain", name, all)).await
 }
 
 #[cfg(test)]
