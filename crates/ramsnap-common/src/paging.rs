@@ -62,13 +62,7 @@ impl PageRequest {
     /// The page of `items` (any order) after the previous one, in key
     /// order, and the token of the next page ("" when this is the last).
     pub fn page<T>(&self, items: Vec<T>, key: impl Fn(&T) -> String) -> (Vec<T>, String) {
-        let mut keyed: Vec<(String, T)> = items
-            .into_iter()
-            .map(|t| (key(&t), t))
-            .filter(|(k, _)| self.admits(k))
-            .collect();
-        keyed.sort_by(|a, b| a.0.cmp(&b.0));
-        self.cut(keyed)
+        self.page_within(items, key, |_| 0, usize::MAX)
     }
 
     /// Like [`page`](Self::page), and the page also ends before the
