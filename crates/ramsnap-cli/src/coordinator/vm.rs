@@ -363,27 +363,29 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                 .await
                 .map_err(|s| with_request_id(s, request_id))?
                 .into_inner();
-            let started = Started::new(request_id, resp.operation, Vec::new());
-            let Some(done) = wait(&channel, output, &op, started).await? else {
-                return Ok(());
-            };
             // The operation ends once the guest starts; the VM is UP once
             // the guest shows signs of life (or is resumed from memory).
             // Commands typed next (a snapshot with memory) need it UP.
-            let vm = match until_started(&mut client, id).await? {
-                Some(vm) => Some(vm),
-                None => get_vm(&mut client, &id.to_string()).await,
-            };
-            let summary = match &vm {
-                Some(vm) if !vm.host_id.is_empty() => format!(
-                    "VM {id} is {} on host {}",
-                    render::vm_status(vm.status),
-                    vm.host_id
-                ),
-                Some(vm) => format!("VM {id} is {}", render::vm_status(vm.status)),
-                None => format!("VM {id} started"),
-            };
-            done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            then_show_vm(
+                &channel,
+                &mut client,
+                output,
+                &op,
+                started,
+                id,
+                Until::Started,
+                |vm| match vm {
+                    Some(vm) if !vm.host_id.is_empty() => format!(
+                        "VM {id} is {} on host {}",
+                        render::vm_status(vm.status),
+                        vm.host_id
+                    ),
+                    Some(vm) => format!("VM {id} is {}", render::vm_status(vm.status)),
+                    None => format!("VM {id} started"),
+                },
+            )
+            .await?;
         }
         VmCommand::Update(args) => {
             let id = names.vm(&args.id).await?;
@@ -408,15 +410,17 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                 .map_err(|s| with_request_id(s, request_id))?
                 .into_inner();
             let started = Started::new(request_id, resp.operation, Vec::new());
-            let Some(done) = wait(&channel, output, &args.op, started).await? else {
-                return Ok(());
-            };
-            let vm = get_vm(&mut client, &id.to_string()).await;
-            done.print(
+            then_show_vm(
+                &channel,
+                &mut client,
                 output,
-                format!("VM {id} updated"),
-                json!({ "vm": vm.as_ref().map(render::vm_json) }),
-            );
+                &args.op,
+                started,
+                id,
+                Until::Done,
+                |_| format!("VM {id} updated"),
+            )
+            .await?;
         }
         VmCommand::Stop { id, timeout, op } => {
             let id = names.vm(&id).await?;
@@ -431,15 +435,20 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                 .map_err(|s| with_request_id(s, request_id))?
                 .into_inner();
             let started = Started::new(request_id, resp.operation, Vec::new());
-            let Some(done) = wait(&channel, output, &op, started).await? else {
-                return Ok(());
-            };
-            let vm = get_vm(&mut client, &id.to_string()).await;
-            let summary = match &vm {
-                Some(vm) => format!("VM {id} stopped ({})", render::vm_status(vm.status)),
-                None => format!("VM {id} stopped"),
-            };
-            done.print(output, summary, json!({ "vm": vm.as_ref().map(render::vm_json) }));
+            then_show_vm(
+                &channel,
+                &mut client,
+                output,
+                &op,
+                started,
+                id,
+                Until::Done,
+                |vm| match vm {
+                    Some(vm) => format!("VM {id} stopped ({})", render::vm_status(vm.status)),
+                    None => format!("VM {id} stopped"),
+                },
+            )
+            .await?;
         }
         VmCommand::Remove { id, op } => {
             let id = names.vm(&id).await?;
@@ -606,6 +615,47 @@ fn exported_contents(v: &pb::ExportedVm) -> String {
         text.push_str(", collapsed");
     }
     text
+}
+
+/// How long [`then_show_vm`] follows the VM after its operation ends.
+enum Until {
+    /// The operation's end.
+    Done,
+    /// The VM is up (or paused) too; an error if it goes down instead.
+    Started,
+}
+
+/// Waits for the operation a VM call started (as `op` asks; nothing more
+/// when it is not waited for), then prints `summary` of the VM as it is
+/// then, with the VM itself in JSON.
+#[allow(clippy::too_many_arguments)]
+async fn then_show_vm(
+    channel: &Channel,
+    client: &mut VmServiceClient<Channel>,
+    output: Format,
+    op: &OperationArgs,
+    started: Started,
+    id: Uuid,
+    until: Until,
+    summary: impl FnOnce(Option<&pb::Vm>) -> String,
+) -> anyhow::Result<()> {
+    let Some(done) = wait(channel, output, op, started).await? else {
+        return Ok(());
+    };
+    let vm = match until {
+        Until::Started => until_started(client, id).await?,
+        Until::Done => None,
+    };
+    let vm = match vm {
+        Some(vm) => Some(vm),
+        None => get_vm(client, &id.to_string()).await,
+    };
+    done.print(
+        output,
+        summary(vm.as_ref()),
+        json!({ "vm": vm.as_ref().map(render::vm_json) }),
+    );
+    Ok(())
 }
 
 /// Whether `vm watch` is done with the VM in `status`.

@@ -356,6 +356,20 @@ pub async fn all_volumes(
     }
 }
 
+/// The (image id, volume id) of each volume.
+pub fn volume_keys<'a>(volumes: impl IntoIterator<Item = &'a storage::Volume>) -> HashSet<(Uuid, Uuid)> {
+    volumes
+        .into_iter()
+        .filter_map(|v| {
+            let r = v.r#ref.as_ref()?;
+            Some((
+                Uuid::parse_str(&r.image_id).ok()?,
+                Uuid::parse_str(&r.volume_id).ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// (volume id, parent volume id) of each volume.
 pub fn parents(volumes: &[storage::Volume]) -> HashMap<Uuid, Option<Uuid>> {
     volumes

@@ -478,19 +478,11 @@ async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Result
     let Some(domain) = targets.first().map(|t| t.domain_id) else {
         return Ok(());
     };
-    let present: HashSet<(Uuid, Uuid)> =
-        super::common::all_volumes(&mut app.storage_client(h)?, domain, None)
+    let present = super::common::volume_keys(
+        &super::common::all_volumes(&mut app.storage_client(h)?, domain, None)
             .await
-            .map_err(|s| downstream("listing the export domain's volumes", s))?
-            .iter()
-            .filter_map(|v| {
-                let r = v.r#ref.as_ref()?;
-                Some((
-                    Uuid::parse_str(&r.image_id).ok()?,
-                    Uuid::parse_str(&r.volume_id).ok()?,
-                ))
-            })
-            .collect();
+            .map_err(|s| downstream("listing the export domain's volumes", s))?,
+    );
     match targets
         .iter()
         .find(|t| present.contains(&(t.image_id, t.volume_id)))

@@ -174,20 +174,13 @@ pub async fn read_export(
         ));
     }
     check_ovf_values(&ovf, export_domain_id, None)?;
-    let present: HashSet<(Uuid, Uuid)> =
+    let present = super::common::volume_keys(
         super::common::all_volumes(&mut app.storage_client(h)?, export_domain_id, None)
             .await
             .map_err(|s| downstream("listing the export domain's volumes", s))?
             .iter()
-            .filter(|v| v.legality == storage::VolumeLegality::Legal as i32)
-            .filter_map(|v| {
-                let r = v.r#ref.as_ref()?;
-                Some((
-                    Uuid::parse_str(&r.image_id).ok()?,
-                    Uuid::parse_str(&r.volume_id).ok()?,
-                ))
-            })
-            .collect();
+            .filter(|v| v.legality == storage::VolumeLegality::Legal as i32),
+    );
     let mut needed: Vec<(Uuid, Uuid)> = ovf
         .disks
         .iter()
@@ -637,12 +630,14 @@ pub async fn refuse_existing_targets(app: &App, h: &db::Host, plan: &Plan) -> Re
     let Some(domain) = targets.first().map(|t| t.domain_id) else {
         return Ok(());
     };
-    let present: HashSet<Uuid> = super::common::all_volumes(&mut app.storage_client(h)?, domain, None)
-        .await
-        .map_err(|s| downstream("listing the target domain's volumes", s))?
-        .iter()
-        .filter_map(|v| Uuid::parse_str(&v.r#ref.as_ref()?.image_id).ok())
-        .collect();
+    let present: HashSet<Uuid> = super::common::volume_keys(
+        &super::common::all_volumes(&mut app.storage_client(h)?, domain, None)
+            .await
+            .map_err(|s| downstream("listing the target domain's volumes", s))?,
+    )
+    .into_iter()
+    .map(|(image, _)| image)
+    .collect();
     match targets.iter().find(|t| present.contains(&t.image_id)) {
         Some(t) => Err(target_exists(app, t).await),
         None => Ok(()),
