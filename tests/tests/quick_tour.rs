@@ -278,7 +278,8 @@ fn run_tour(tour: &[String], cli: &str, embedded: &Embedded, probes: u16) {
     moved("ramsnap_guest_pause_seconds_count", &["mode=\"paused\""]);
     moved("ramsnap_memory_restore_duration_seconds_count", &[]);
     moved("ramsnap_volume_copied_bytes_total", &[]);
-    std::thread::sleep(Duration::from_secs(6));
+    // The VM count is retaken a second after the last change.
+    std::thread::sleep(Duration::from_secs(3));
     let vms = scrape(probes);
     assert!(sample(&vms, "ramsnap_vms", &["status=\"Down\""]) >= 2.0, "{vms}");
 

@@ -25,6 +25,13 @@ use ramsnap_proto::snapshot::v1::{
 };
 use std::sync::Arc;
 
+/// How long the VM count waits after a VM changes, so that a burst of
+/// changes is counted once.
+const VM_COUNT_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the VM count is taken when nothing is heard (a change the
+/// events missed, e.g. a peer's while the notification link was down).
+const VM_COUNT_BACKSTOP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The coordinator, ready to serve: database open and migrated, sagas left
 /// unfinished by an earlier process resumed, VM status streams followed.
 pub struct Coordinator {
@@ -163,10 +170,14 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The `ramsnap_vms{status}` gauge: counted from the database every
-    /// few seconds (a scrape reads the last count).
+    /// The `ramsnap_vms{status}` gauge (a scrape reads the last count):
+    /// counted from the database when a VM changes (its own replica's
+    /// changes and, on PostgreSQL, the peers'), at most once per
+    /// [`VM_COUNT_SETTLE`], and every [`VM_COUNT_BACKSTOP`] in any case. The
+    /// task ends when the coordinator is dropped.
     fn measure_vms(&self) {
         use std::sync::{Arc, Mutex};
+        use tokio::sync::broadcast::error::RecvError;
         let counts: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
         let seen = counts.clone();
         let gauge = ramsnap_common::metrics::meter()
@@ -178,14 +189,27 @@ impl Coordinator {
                 }
             })
             .build();
-        let app = self.app.clone();
+        let app = Arc::downgrade(&self.app);
+        let mut changes = self.app.vm_events.subscribe();
         tokio::spawn(async move {
             let _gauge = gauge;
             loop {
+                let Some(app) = app.upgrade() else { return };
                 if let Ok(now) = app.db.count_vms_by_status().await {
                     *counts.lock().expect("vm counts") = now;
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                drop(app);
+                tokio::select! {
+                    changed = changes.recv() => match changed {
+                        Ok(_) | Err(RecvError::Lagged(_)) => {
+                            // Let a burst of changes settle into one count.
+                            tokio::time::sleep(VM_COUNT_SETTLE).await;
+                            changes = changes.resubscribe();
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                    _ = tokio::time::sleep(VM_COUNT_BACKSTOP) => {}
+                }
             }
         });
     }
