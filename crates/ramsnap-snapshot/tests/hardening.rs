@@ -552,6 +552,7 @@ async fn free_text_and_ids_are_bounded_and_printable() {
         snapshot_id: s1.clone(),
         name: name.into(),
         target_domain_id: target.into(),
+        keep_memory: false,
     };
     let err = sim
         .snaps

@@ -761,6 +761,7 @@ async fn simulation_clone_from_snapshot_warns_and_boots() {
         snapshot_id: snapshot.into(),
         name: name.into(),
         target_domain_id: String::new(),
+        keep_memory: false,
     };
     let active = sim.active(&vm).await;
     let err = sim

@@ -1552,6 +1552,7 @@ pub async fn act_with(
                     snapshot_id: snapshot,
                     name: "cloned".into(),
                     target_domain_id: String::new(),
+                    keep_memory: false,
                 })
                 .await?
                 .into_inner()
