@@ -669,7 +669,10 @@ mod tests {
             assert_eq!(head_owner(&given, from, to), Some(to));
             assert_eq!(replace_id(&given, to, from), head);
             let text = String::from_utf8_lossy(&given[96..]).to_string();
-            assert!(text.contains(&format!("<name>ramsnap-{to}</name><uuid>{to}</uuid>")), "{text}");
+            assert!(
+                text.contains(&format!("<name>ramsnap-{to}</name><uuid>{to}</uuid>")),
+                "{text}"
+            );
 
             // Read with its own header, the dump has its recorded value.
             assert_eq!(digest_with_head(&p, &record, &head).unwrap(), before.checksum);

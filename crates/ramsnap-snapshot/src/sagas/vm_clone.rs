@@ -21,11 +21,11 @@ use crate::convert::{downstream, to_wire_memory};
 use crate::db::{
     MemoryVolume, NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef,
 };
-use ramsnap_proto::host::v1 as host_pb;
 use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
+use ramsnap_proto::host::v1 as host_pb;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
@@ -231,19 +231,34 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryVolume>, St
             .first()
             .ok_or_else(|| Status::failed_precondition("the snapshot has no disks to clone"))?;
         let target = memory_targets(cx, first.volume.domain_id);
-        let copy = |from: &VolumeRef, to: &VolumeRef, what: &str, checksum: bool| storage::CopyVolumeRequest {
-            request_id: cx.stable_id(&format!("memory-copy-request/{what}")).to_string(),
-            source: Some(to_wire_ref(from)),
-            target_domain_id: to.domain_id.to_string(),
-            target_image_id: to.image_id.to_string(),
-            target_volume_id: to.volume_id.to_string(),
-            target_format: storage::VolumeFormat::Unspecified as i32,
-            target_allocation: storage::VolumeAllocation::Unspecified as i32,
-            description: format!("memory {what} of VM {} (clone of snapshot {})", p.name, snapshot.id),
-            keep_parent: false,
-            checksum_algorithm: if checksum { "blake3-4m".into() } else { String::new() },
-        };
-        copy_volume(cx, &host, copy(&source.metadata, &target.metadata, "metadata", false), 0, 0).await?;
+        let copy =
+            |from: &VolumeRef, to: &VolumeRef, what: &str, checksum: bool| storage::CopyVolumeRequest {
+                request_id: cx.stable_id(&format!("memory-copy-request/{what}")).to_string(),
+                source: Some(to_wire_ref(from)),
+                target_domain_id: to.domain_id.to_string(),
+                target_image_id: to.image_id.to_string(),
+                target_volume_id: to.volume_id.to_string(),
+                target_format: storage::VolumeFormat::Unspecified as i32,
+                target_allocation: storage::VolumeAllocation::Unspecified as i32,
+                description: format!(
+                    "memory {what} of VM {} (clone of snapshot {})",
+                    p.name, snapshot.id
+                ),
+                keep_parent: false,
+                checksum_algorithm: if checksum {
+                    "blake3-4m".into()
+                } else {
+                    String::new()
+                },
+            };
+        copy_volume(
+            cx,
+            &host,
+            copy(&source.metadata, &target.metadata, "metadata", false),
+            0,
+            0,
+        )
+        .await?;
         let copied = copy_volume(cx, &host, copy(&source.dump, &target.dump, "dump", true), 0, 0).await?;
         // The source's host gives the copy to the clone: it checks the dump
         // against its recorded checksum, then rewrites the dump's save
