@@ -124,13 +124,24 @@ impl Host {
                 let head = blocking_io("reading the dump's save header".into(), move || {
                     metadata::read_save_head(&path)
                 })
-                .await?
-                .ok_or_else(|| RestoreError::NotGivable {
-                    volume: memory.dump,
-                    reason: "it is not a raw libvirt save image".into(),
-                })?;
+                .await?;
+                let head = match head {
+                    Some(head) => head,
+                    // libvirt's test driver (a simulated host) writes no
+                    // dump: only the metadata is given (an empty header
+                    // is the original and the given one alike).
+                    None if self.inner.simulated => Vec::new(),
+                    None => {
+                        return Err(RestoreError::NotGivable {
+                            volume: memory.dump,
+                            reason: "it is not a raw libvirt save image".into(),
+                        }
+                        .into())
+                    }
+                };
                 let from = req.vm_id;
                 let original = match metadata::head_owner(&head, from, to) {
+                    _ if head.is_empty() => head.clone(),
                     Some(owner) if owner == from => head.clone(),
                     Some(_) => metadata::replace_id(&head, to, from),
                     None => {

@@ -1552,7 +1552,8 @@ pub async fn act_with(
                     snapshot_id: snapshot,
                     name: "cloned".into(),
                     target_domain_id: String::new(),
-                    keep_memory: false,
+                    // A fork: the memory node runs too (s1 has memory).
+                    keep_memory: true,
                 })
                 .await?
                 .into_inner()
