@@ -1891,6 +1891,7 @@ impl Cluster {
             as_clone,
             collapse_snapshots: collapse,
             name: name.to_string(),
+            keep_memory: false,
         }
     }
 

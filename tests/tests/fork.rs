@@ -1,8 +1,9 @@
 //! Fork (issue 13, item 1): CloneVmFromSnapshot with `keep_memory` makes a
 //! VM that resumes from the snapshot's memory under its own name and UUID in
-//! libvirt, while the source VM goes on running, on the real guest through
-//! the real coordinator, on SQLite with a FILE domain and on PostgreSQL with
-//! a BLOCK domain.
+//! libvirt, while the source VM goes on running; ImportVm `as_clone` with
+//! `keep_memory` does the same from an export domain. On the real guest
+//! through the real coordinator, on SQLite with a FILE domain and on
+//! PostgreSQL with a BLOCK domain (the imported fork on the other kind).
 //!
 //! The guest shows what happened: a resumed guest keeps its boot token and
 //! counts on from the snapshot's counter; a booted one has a new token and
@@ -107,9 +108,54 @@ async fn fork(db: Db, kind: DomainKind, label: &str) {
     // fork, made from copies, resumes all the same.
     let fork_b = fork_of(&c, &source, &taken, &format!("{label}-fork-b")).await;
     c.stop_vm(&source).await;
+
+    // A fork through an export domain: the source, committed to the
+    // snapshot with its memory, exported, then imported as a clone that
+    // keeps the active snapshot's memory.
+    c.preview(&source, &taken.snapshot_id, true).await;
+    c.commit(&source).await;
+    c.export_vm(&source, false).await;
+    let mut plain = c.import_request(&source, kind.other(), true, false, &format!("{label}-fork-c"));
+    plain.keep_memory = false;
+    let refused = c
+        .vms()
+        .import_vm(pb::ImportVmRequest {
+            as_clone: false,
+            keep_memory: true,
+            ..plain.clone()
+        })
+        .await
+        .expect_err("keep_memory without as_clone");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let r = c
+        .vms()
+        .import_vm(pb::ImportVmRequest {
+            keep_memory: true,
+            ..plain
+        })
+        .await
+        .unwrap_or_else(|e| c.fail(&format!("ImportVm(as_clone, keep_memory): {e}")))
+        .into_inner();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("identity")),
+        "an imported fork warns that the guest keeps the source's identity: {:?}",
+        r.warnings
+    );
+    let op = c.succeed(r.operation, "ImportVm").await;
+    let fork_c = op.result_vm_id.clone();
+    assert!(!fork_c.is_empty() && fork_c != source, "{op:?}");
+    c.track_vm(&fork_c);
+    assert!(
+        c.active_snapshot(&fork_c).await.has_memory,
+        "the imported fork keeps the memory"
+    );
+
     c.remove_vm(&source).await;
     run_fork(&c, &fork_b, &taken).await;
+    // Both forks run at once, the imported one on the other domain kind.
+    run_fork(&c, &fork_c, &taken).await;
     c.stop_vm(&fork_b).await;
+    c.stop_vm(&fork_c).await;
     c.assert_no_orphans().await;
     eprintln!("[{label}] passed in {:.1}s", t.elapsed().as_secs_f64());
 }

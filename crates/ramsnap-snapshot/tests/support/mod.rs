@@ -1162,6 +1162,7 @@ impl Env {
                 as_clone,
                 collapse_snapshots: collapse,
                 name: name.into(),
+                keep_memory: false,
             })
             .await?
             .into_inner())
@@ -1583,6 +1584,7 @@ pub async fn act_with(
                     as_clone: false,
                     collapse_snapshots: false,
                     name: String::new(),
+                    keep_memory: false,
                 })
                 .await?
                 .into_inner()
