@@ -1849,6 +1849,15 @@ impl Cluster {
     }
 
     /// RemoveVm; waits for success.
+    /// Destroys the VM's libvirt domain when the cluster goes, as for the
+    /// VMs it created (a clone made through the API).
+    pub fn track_vm(&self, vm_id: &str) {
+        let mut ids = self.vm_ids.lock().expect("vm ids");
+        if !ids.iter().any(|v| v == vm_id) {
+            ids.push(vm_id.to_string());
+        }
+    }
+
     pub async fn remove_vm(&self, vm_id: &str) {
         self.step("RemoveVm");
         let resp = self
@@ -1882,6 +1891,7 @@ impl Cluster {
             as_clone,
             collapse_snapshots: collapse,
             name: name.to_string(),
+            keep_memory: false,
         }
     }
 

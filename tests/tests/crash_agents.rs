@@ -249,6 +249,7 @@ async fn clone_call(c: &Cluster, vm: &str, snapshot: &str, name: &str, what: &st
             snapshot_id: snapshot.into(),
             name: name.into(),
             target_domain_id: String::new(),
+            keep_memory: false,
         })
         .await;
     operation(c, what, r.map(|r| r.into_inner().operation))

@@ -125,6 +125,8 @@ pub enum RestoreError {
         expected: String,
         actual: String,
     },
+    #[error("memory dump {volume} cannot be given to another VM: {reason}")]
+    NotGivable { volume: VolumeRef, reason: String },
 }
 
 /// Taking (or cancelling) a snapshot.
@@ -262,6 +264,7 @@ impl From<HostError> for Status {
                     RestoreError::WrongVm { recorded, .. } => ("MEMORY_VM_MISMATCH", recorded.to_string()),
                     RestoreError::DisksMismatch { .. } => ("MEMORY_DISKS_MISMATCH", "spec.disks".to_string()),
                     RestoreError::DumpCorrupt { volume, .. } => ("MEMORY_DUMP_CORRUPT", volume.to_string()),
+                    RestoreError::NotGivable { volume, .. } => ("MEMORY_NOT_GIVABLE", volume.to_string()),
                 };
                 status::failed_precondition(kind, &subject, e.to_string())
             }

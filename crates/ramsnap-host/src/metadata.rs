@@ -406,6 +406,97 @@ pub fn read_volume(path: &Path, capacity: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Giving a memory to another VM (a fork): libvirt's save header holds the
+/// domain XML, whose name and UUID carry the VM's id; libvirt refuses to
+/// restore an image under another name or UUID. A header's XML written in
+/// place with the other id (same length, so the cookie and QEMU's stream do
+/// not move) makes the image the other VM's.
+///
+/// The header of a finished, raw libvirt save image, and the data it counts
+/// (domain XML, cookie, padding): the bytes that name the domain. None for
+/// any other image.
+pub fn read_save_head(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let Some(data_len) = raw_save_data_len(path)? else {
+        return Ok(None);
+    };
+    let len = SAVE_HEADER_BYTES + u64::from(data_len);
+    let mut head = Vec::with_capacity(len as usize);
+    File::open(path)?.take(len).read_to_end(&mut head)?;
+    Ok((head.len() as u64 == len).then_some(head))
+}
+
+/// Whose the head is: the VM `from`'s, or already `to`'s; None when it names
+/// neither or both (it is not this VM's image, or a damaged one).
+pub fn head_owner(head: &[u8], from: Uuid, to: Uuid) -> Option<Uuid> {
+    let has = |id: Uuid| contains(head, id.to_string().as_bytes());
+    match (has(from), has(to)) {
+        (true, false) => Some(from),
+        (false, true) => Some(to),
+        _ => None,
+    }
+}
+
+/// `head` with every mention of `from`'s id replaced by `to`'s (the same
+/// length: nothing moves).
+pub fn replace_id(head: &[u8], from: Uuid, to: Uuid) -> Vec<u8> {
+    let (from, to) = (from.to_string(), to.to_string());
+    let (from, to) = (from.as_bytes(), to.as_bytes());
+    let mut out = head.to_vec();
+    let mut at = 0;
+    while let Some(i) = find(&out[at..], from) {
+        out[at + i..at + i + from.len()].copy_from_slice(to);
+        at += i + from.len();
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+/// Writes `head` over the start of the dump, durably.
+pub fn write_head(path: &Path, head: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(head, 0)?;
+    f.sync_data()
+}
+
+/// The checksum `dump` records, computed over the dump as if its first
+/// `head.len()` bytes were `head` (in order, on one thread): to verify a
+/// dump whose header was already rewritten against the value recorded
+/// before.
+pub fn digest_with_head(path: &Path, dump: &DumpRecord, head: &[u8]) -> io::Result<Checksum> {
+    let f = File::open(path)?;
+    let zeros_from = match dump.dump_bytes {
+        0 => u64::MAX,
+        n => n.div_ceil(CHUNK as u64).saturating_mul(CHUNK as u64),
+    };
+    let readable = device_len(&f)?.min(dump.capacity).min(zeros_from);
+    let mut hasher = ramsnap_common::checksum::StreamHasher::new(dump.checksum.algorithm, dump.capacity);
+    let mut reader = io::BufReader::with_capacity(CHUNK, f.take(readable));
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0usize;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let block = &mut buf[..n];
+        if pos < head.len() {
+            let k = (head.len() - pos).min(n);
+            block[..k].copy_from_slice(&head[pos..pos + k]);
+        }
+        hasher.update(block);
+        pos += n;
+    }
+    Ok(hasher.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +626,72 @@ mod tests {
         assert!(!written_in_order(&p).unwrap());
         std::fs::write(&p, b"").unwrap();
         assert!(!written_in_order(&p).unwrap());
+    }
+
+    /// A save image given to another VM: its header names the other id
+    /// (nothing moves: the same length), its checksum changes, and the
+    /// value recorded before can still be checked on the rewritten dump by
+    /// reading it with the original header, for both algorithms.
+    #[test]
+    fn a_save_image_is_given_to_another_vm_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dump");
+        let (from, to, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let xml = format!("<domain><name>ramsnap-{from}</name><uuid>{from}</uuid><on_poweroff>destroy</on_poweroff></domain>");
+        let data_len = 4096u32;
+        let mut bytes = SAVE_MAGIC.to_vec();
+        for v in [2u32, data_len, 1, 0, 0] {
+            bytes.extend_from_slice(&v.to_ne_bytes());
+        }
+        bytes.resize(96, 0);
+        bytes.extend_from_slice(xml.as_bytes());
+        bytes.resize(96 + data_len as usize, 0);
+        // QEMU's stream: two chunks and a bit, then zeros.
+        bytes.extend((0..2 * CHUNK + 777).map(|i| (i % 253) as u8 | 1));
+        let cap = 6 * CHUNK as u64;
+        std::fs::write(&p, &bytes).unwrap();
+
+        for algorithm in [Algorithm::Blake3Chunks, Algorithm::Sha256] {
+            std::fs::write(&p, &bytes).unwrap();
+            let before = digest_file(&p, cap, algorithm).unwrap();
+            let record = DumpRecord {
+                volume: vref(),
+                capacity: cap,
+                dump_bytes: before.data_end,
+                checksum: before.checksum,
+            };
+            let head = read_save_head(&p).unwrap().unwrap();
+            assert_eq!(head.len(), 96 + data_len as usize);
+            assert_eq!(head_owner(&head, from, to), Some(from));
+            assert_eq!(head_owner(&head, other, to), None, "names neither");
+            let given = replace_id(&head, from, to);
+            assert_eq!(given.len(), head.len());
+            assert_eq!(head_owner(&given, from, to), Some(to));
+            assert_eq!(replace_id(&given, to, from), head);
+            let text = String::from_utf8_lossy(&given[96..]).to_string();
+            assert!(
+                text.contains(&format!("<name>ramsnap-{to}</name><uuid>{to}</uuid>")),
+                "{text}"
+            );
+
+            // Read with its own header, the dump has its recorded value.
+            assert_eq!(digest_with_head(&p, &record, &head).unwrap(), before.checksum);
+            write_head(&p, &given).unwrap();
+            assert_eq!(read_save_head(&p).unwrap().unwrap(), given);
+            let after = digest_recorded(&p, &record, false).unwrap().checksum;
+            assert_ne!(after, before.checksum);
+            // The rewritten dump read with the original header: the old value.
+            assert_eq!(digest_with_head(&p, &record, &head).unwrap(), before.checksum);
+            assert_eq!(digest_with_head(&p, &record, &given).unwrap(), after);
+            // Anything else in the stream still counts.
+            let mut flipped = std::fs::read(&p).unwrap();
+            flipped[96 + data_len as usize + CHUNK + 5] ^= 0x40;
+            std::fs::write(&p, &flipped).unwrap();
+            assert_ne!(digest_with_head(&p, &record, &head).unwrap(), before.checksum);
+        }
+        // Not a raw save image: nothing to give.
+        std::fs::write(&p, b"QEVM").unwrap();
+        assert_eq!(read_save_head(&p).unwrap(), None);
     }
 
     #[test]

@@ -242,6 +242,8 @@ pub struct VerifyMemoryRequest {
     /// bytes (not read again).
     pub copied_checksum: Option<Checksum>,
     pub rebind: Option<Rebind>,
+    /// Give the pair to this VM (see the proto's `rebrand_vm_id`).
+    pub rebrand: Option<Uuid>,
 }
 
 /// What VerifyMemory found (and, with a rebind, wrote).

@@ -282,12 +282,20 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
             None if !disks.is_empty() => Some(Rebind::Disks(disks)),
             None => None,
         };
+        let rebrand = ids::parse_optional("rebrand_vm_id", &r.rebrand_vm_id)?;
+        if rebrand == Some(vm_id) {
+            return Err(status::invalid_argument(
+                "rebrand_vm_id",
+                "is vm_id: the memory already belongs to it",
+            ));
+        }
         Ok(VerifyMemoryRequest {
             vm_id,
             memory,
             expected_checksum,
             copied_checksum,
             rebind,
+            rebrand,
         })
     }
 }
@@ -596,8 +604,10 @@ mod tests {
             rebind_disk_domain_id: String::new(),
             rebind_disks: vec![],
             copied_checksum: String::new(),
+            rebrand_vm_id: String::new(),
         };
         let r = VerifyMemoryRequest::try_from(req()).unwrap();
+        assert_eq!(r.rebrand, None);
         assert_eq!(
             (r.expected_checksum, r.copied_checksum, r.rebind),
             (None, None, None)
@@ -632,6 +642,10 @@ mod tests {
             field(&st)
         };
         assert_eq!(bad(&|q| q.vm_id = "x".into()), "vm_id");
+        assert_eq!(bad(&|q| q.rebrand_vm_id = "y".repeat(100_000)), "rebrand_vm_id");
+        assert_eq!(bad(&|q| q.rebrand_vm_id = q.vm_id.clone()), "rebrand_vm_id");
+        let to = uuid::Uuid::new_v4();
+        assert_eq!(ok(&|q| q.rebrand_vm_id = to.to_string()).rebrand, Some(to));
         assert_eq!(bad(&|q| q.vm_id = q.vm_id.replace('-', "")), "vm_id");
         assert_eq!(bad(&|q| q.memory = None), "memory");
         assert_eq!(bad(&|q| q.memory.as_mut().unwrap().dump = None), "memory.dump");

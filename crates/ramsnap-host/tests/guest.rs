@@ -691,6 +691,132 @@ async fn verify_memory_rebinds_a_moved_pair_and_the_guest_resumes_from_it() {
     );
 }
 
+/// A fork, as the host sees it: the memory pair copied (to the BLOCK
+/// domain), then given to another VM with VerifyMemory's rebrand_vm_id.
+/// A corrupt dump is refused with nothing written; a pair whose header was
+/// given before the metadata (a crash between the two) is finished by the
+/// retry; a retry of a given pair writes nothing more; the source VM's id
+/// no longer owns it; and the other VM, with its own name and UUID in
+/// libvirt, resumes the same guest from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_memory_gives_a_pair_to_another_vm_which_resumes_from_it() {
+    use ramsnap_host::metadata;
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("give", real_env()).await;
+    let mut g = boot(&mut env, false, 256, "").await;
+    let taken = take_memory_snapshot(&mut env, &mut g, false, false).await;
+    env.stop(&g.id, 0).await;
+    let sha = taken.result.dump_checksum.clone();
+
+    let block = env.block_domain.clone();
+    let pair = common::MemoryVolumeRef {
+        dump: Some(
+            env.copy_same_ids(taken.memory.dump.as_ref().unwrap(), &block)
+                .await,
+        ),
+        metadata: Some(
+            env.copy_same_ids(taken.memory.metadata.as_ref().unwrap(), &block)
+                .await,
+        ),
+    };
+    let (dump, meta) = (pair.dump.clone().unwrap(), pair.metadata.clone().unwrap());
+    let frozen = env.copy_same_ids(&taken.frozen, &block).await;
+    let leaf = env.child_of(&frozen).await;
+    let source: uuid::Uuid = g.id.parse().unwrap();
+    let fork = uuid::Uuid::new_v4();
+    let req = || hpb::VerifyMemoryRequest {
+        vm_id: g.id.clone(),
+        memory: Some(pair.clone()),
+        rebind_disks: vec![frozen.clone()],
+        rebrand_vm_id: fork.to_string(),
+        ..Default::default()
+    };
+    let meta_before = env.volume_bytes(&meta, MIB).await;
+    let dump_path = env.path_of(&dump).await;
+    let head = metadata::read_save_head(&dump_path)
+        .unwrap()
+        .expect("a libvirt save image");
+    env.teardown(&dump).await;
+    assert_eq!(metadata::head_owner(&head, source, fork), Some(source));
+
+    // A flipped byte: MEMORY_DUMP_CORRUPT, neither header nor metadata written.
+    let at = taken.result.dump_bytes / 2;
+    env.flip_byte(&dump, at).await;
+    let st = env.verify_memory(req()).await.unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    assert_eq!(env.volume_bytes(&meta, MIB).await, meta_before);
+    let dump_path = env.path_of(&dump).await;
+    assert_eq!(metadata::read_save_head(&dump_path).unwrap().unwrap(), head);
+    env.teardown(&dump).await;
+    env.flip_byte(&dump, at).await;
+
+    // Half given: the header names the fork, the metadata the source (a
+    // crash between the two writes). The retry checks the dump against the
+    // recorded value as the source wrote it, and finishes.
+    let dump_path = env.path_of(&dump).await;
+    metadata::write_head(&dump_path, &metadata::replace_id(&head, source, fork)).unwrap();
+    env.teardown(&dump).await;
+    let started = std::time::Instant::now();
+    let v = env.verify_memory(req()).await.unwrap();
+    eprintln!(
+        "giving a {} MiB dump volume on BLOCK to another VM: {} ms",
+        v.capacity / MIB,
+        started.elapsed().as_millis()
+    );
+    assert!(v.rebound);
+    assert_ne!(v.checksum, sha, "the header changed, so did the checksum");
+    assert_eq!(v.disks, vec![frozen.clone()]);
+    let given = v.checksum.clone();
+    // Again: given already; the same value, nothing more to write.
+    let v = env.verify_memory(req()).await.unwrap();
+    assert_eq!(v.checksum, given);
+    let meta_given = env.volume_bytes(&meta, MIB).await;
+    let v = env.verify_memory(req()).await.unwrap();
+    assert_eq!(v.checksum, given);
+    assert_eq!(env.volume_bytes(&meta, MIB).await, meta_given);
+    // The source no longer owns it.
+    let st = env
+        .verify_memory(hpb::VerifyMemoryRequest {
+            vm_id: g.id.clone(),
+            memory: Some(pair.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(precondition_kind(&st), "MEMORY_VM_MISMATCH", "{st:?}");
+
+    // The fork resumes the same guest: same token, the counter going on.
+    let mut spec = g.spec.clone();
+    spec.vm_id = fork.to_string();
+    spec.name = format!("fork-of-{}", g.id);
+    spec.disks[0].volume = Some(leaf.clone());
+    // A new VM: its console starts empty.
+    let mark = 0;
+    assert_eq!(
+        env.run(&spec, Some(pair.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    let lines = env
+        .wait_ticks(&spec.vm_id, mark, 2, Duration::from_secs(30))
+        .await;
+    assert!(
+        !lines
+            .iter()
+            .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
+        "the fork rebooted or saw the wrong disk: {lines:?}"
+    );
+    let t = ticks(&lines);
+    assert!(t.iter().all(|(tok, _)| *tok == g.token), "{t:?}");
+    assert!(
+        t[0].1 > taken.counter_before && t[0].1 <= taken.counter_after + 2,
+        "counter after restore {}, snapshot between {} and {}",
+        t[0].1,
+        taken.counter_before,
+        taken.counter_after
+    );
+    env.stop(&spec.vm_id, 0).await;
+}
+
 /// The wait for a job that an earlier agent process left running in
 /// libvirt (a snapshot it began before it died): a live memory dump runs
 /// on the domain from another libvirt client; libvirt's control state says

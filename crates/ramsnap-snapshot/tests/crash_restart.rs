@@ -590,18 +590,28 @@ fn check_flow(saga: &str, c: &Scenario) {
             let snaps = snapshots_of(after, "cloned");
             assert_eq!(snaps.len(), 1);
             assert_eq!(snaps[0].r#type, pb::SnapshotType::Active as i32);
-            assert!(!snaps[0].has_memory, "a clone has no memory");
+            // A fork (keep_memory): its own copy of s1's memory.
+            assert!(snaps[0].has_memory, "a fork keeps the memory");
             let copies = disk_volumes(snaps[0]);
             assert_eq!(copies.len(), 2);
             for v in &copies {
                 assert!(!c.parents.contains_key(v), "a standalone copy");
             }
+            let memory = memory_volumes(snaps[0]);
+            assert_eq!(memory.len(), 2);
+            assert!(
+                memory.iter().all(|v| !before.volumes.contains(v)),
+                "the fork's memory is a copy"
+            );
             assert_eq!(
                 snapshots_of(after, SUBJECT),
                 snapshots_of(before, SUBJECT),
                 "the source is unchanged"
             );
-            assert_eq!(after.volumes, with(&before.volumes, &copies, &[]));
+            assert_eq!(
+                after.volumes,
+                with(&before.volumes, &[copies, memory].concat(), &[])
+            );
         }
         "vm_export" => {
             // A down VM, s1 and the ACTIVE snapshot sharing s1's memory.

@@ -552,6 +552,7 @@ async fn free_text_and_ids_are_bounded_and_printable() {
         snapshot_id: s1.clone(),
         name: name.into(),
         target_domain_id: target.into(),
+        keep_memory: false,
     };
     let err = sim
         .snaps
@@ -567,6 +568,17 @@ async fn free_text_and_ids_are_bounded_and_printable() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(support::precondition(&err), "NOT_A_DATA_DOMAIN");
+    // A fork of a snapshot without memory: nothing to keep.
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(pb::CloneVmFromSnapshotRequest {
+            keep_memory: true,
+            ..clone("fork", "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(support::precondition(&err), "SNAPSHOT_HAS_NO_MEMORY");
     let vms = sim
         .vms
         .list_vms(pb::ListVmsRequest::default())
@@ -577,6 +589,25 @@ async fn free_text_and_ids_are_bounded_and_printable() {
     assert_eq!(vms.len(), 1, "only the subject: {vms:?}");
     assert_eq!(sim.export_volumes().await.len(), 0);
     sim.assert_no_orphans().await;
+    // A request id reused for the fork of what it cloned before: refused.
+    let first = clone("copy", "");
+    let op = sim
+        .snaps
+        .clone_vm_from_snapshot(first.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .operation;
+    sim.ok(op).await;
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(pb::CloneVmFromSnapshotRequest {
+            keep_memory: true,
+            ..first
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     sim.finish().await;
 }
 
@@ -856,6 +887,7 @@ fn import_req(sim: &InProc, vm_id: &str) -> pb::ImportVmRequest {
         as_clone: false,
         collapse_snapshots: false,
         name: String::new(),
+        keep_memory: false,
     }
 }
 

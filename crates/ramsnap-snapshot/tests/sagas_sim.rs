@@ -307,6 +307,24 @@ async fn simulation_below_3_3_refuses_memory_and_ignores_restore() {
         metadata: r(mem.metadata.as_ref().unwrap()),
     };
     sim.app.db.set_memory(s.parse().unwrap(), &memory).await.unwrap();
+    // A fork of that memory is refused below 3.3, and nothing is made.
+    let err = sim
+        .snaps
+        .clone_vm_from_snapshot(pb::CloneVmFromSnapshotRequest {
+            request_id: Uuid::new_v4().to_string(),
+            vm_id: vm.clone(),
+            snapshot_id: s.clone(),
+            name: "legacy-fork".into(),
+            target_domain_id: String::new(),
+            keep_memory: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), precondition(&err).as_str()),
+        (Code::FailedPrecondition, "CLUSTER_BELOW_3_3"),
+        "{err:?}"
+    );
     let preview = sim.preview(&vm, &s, true).await;
     assert_eq!(preview.warnings.len(), 1, "{:?}", preview.warnings);
     assert!(preview.warnings[0].contains("3.3"), "{:?}", preview.warnings);
@@ -761,6 +779,7 @@ async fn simulation_clone_from_snapshot_warns_and_boots() {
         snapshot_id: snapshot.into(),
         name: name.into(),
         target_domain_id: String::new(),
+        keep_memory: false,
     };
     let active = sim.active(&vm).await;
     let err = sim
@@ -1402,6 +1421,7 @@ fn import_req(sim: &Sim, vm_id: &str) -> pb::ImportVmRequest {
         as_clone: false,
         collapse_snapshots: false,
         name: String::new(),
+        keep_memory: false,
     }
 }
 

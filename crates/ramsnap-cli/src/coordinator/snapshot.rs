@@ -111,6 +111,11 @@ pub enum SnapshotCommand {
         /// disk's own domain.
         #[arg(long, value_name = "DOMAIN")]
         target_domain: Option<Ref>,
+        /// Fork: the new VM also gets the snapshot's memory, and its first
+        /// run resumes from it while the source VM goes on. The guest wakes
+        /// up with the source's identity inside it.
+        #[arg(long)]
+        keep_memory: bool,
         #[command(flatten)]
         op: OperationArgs,
     },
@@ -286,6 +291,7 @@ pub async fn run(
             snapshot,
             name,
             target_domain,
+            keep_memory,
             op,
         } => {
             let vm = names.vm(&vm).await?;
@@ -302,6 +308,7 @@ pub async fn run(
                     snapshot_id: snapshot.to_string(),
                     name: name.clone(),
                     target_domain_id: target_domain.map(|d| d.to_string()).unwrap_or_default(),
+                    keep_memory,
                 })
                 .await
                 .map_err(|s| with_request_id(s, request_id))?

@@ -213,6 +213,11 @@ pub struct ImportArgs {
     /// VM boots.
     #[arg(long)]
     as_clone: bool,
+    /// With --as-clone: a fork. The clone also gets the exported active
+    /// snapshot's memory and its first run resumes from it; the guest
+    /// wakes up with the exported VM's identity inside it.
+    #[arg(long, requires = "as_clone")]
+    keep_memory: bool,
     /// Imports only the active snapshot, with its memory: each disk's chain
     /// collapsed into one volume.
     #[arg(long)]
@@ -525,6 +530,7 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                     as_clone: args.as_clone,
                     collapse_snapshots: args.collapse_snapshots,
                     name: args.name.unwrap_or_default(),
+                    keep_memory: args.keep_memory,
                 })
                 .await
                 .map_err(|s| with_request_id(s, request_id))?

@@ -88,13 +88,17 @@ impl Host {
         let meta = volumes.prepare(&memory.metadata).await?;
         prepared.push(memory.metadata);
         let md = read_memory_metadata(&meta, meta_info.capacity).await?;
-        if md.vm_id != req.vm_id {
+        // A pair given to the clone already (a retry after the metadata was
+        // rewritten): verified as the clone's, nothing written again.
+        let given = req.rebrand.filter(|to| md.vm_id == *to);
+        if md.vm_id != req.vm_id && given.is_none() {
             return Err(RestoreError::WrongVm {
                 recorded: md.vm_id,
                 requested: req.vm_id,
             }
             .into());
         }
+        let rebrand = req.rebrand.filter(|_| given.is_none());
         // Before the (long) checksum: a rebind that cannot apply fails now.
         let rebound = req
             .rebind
@@ -109,11 +113,64 @@ impl Host {
         let copied = req
             .copied_checksum
             .filter(|c| c.algorithm == md.dump.checksum.algorithm && md.dump.capacity == dump_info.capacity);
-        let actual = match copied {
-            Some(c) => c,
-            None => {
+        // Giving the pair to another VM: its header as it is now, and as
+        // the VM it belongs to wrote it (they differ when an earlier attempt
+        // wrote the header and stopped before the metadata).
+        let heads = match rebrand {
+            Some(to) => {
                 let dump = volumes.prepare(&memory.dump).await?;
                 prepared.push(memory.dump);
+                let path = dump.path.clone();
+                let head = blocking_io("reading the dump's save header".into(), move || {
+                    metadata::read_save_head(&path)
+                })
+                .await?;
+                let head = match head {
+                    Some(head) => head,
+                    // libvirt's test driver (a simulated host) writes no
+                    // dump: only the metadata is given (an empty header
+                    // is the original and the given one alike).
+                    None if self.inner.simulated => Vec::new(),
+                    None => {
+                        return Err(RestoreError::NotGivable {
+                            volume: memory.dump,
+                            reason: "it is not a raw libvirt save image".into(),
+                        }
+                        .into())
+                    }
+                };
+                let from = req.vm_id;
+                let original = match metadata::head_owner(&head, from, to) {
+                    _ if head.is_empty() => head.clone(),
+                    Some(owner) if owner == from => head.clone(),
+                    Some(_) => metadata::replace_id(&head, to, from),
+                    None => {
+                        return Err(RestoreError::NotGivable {
+                            volume: memory.dump,
+                            reason: format!("its save header names neither vm {from} nor vm {to}, or both"),
+                        }
+                        .into())
+                    }
+                };
+                Some((dump.path, head, original))
+            }
+            None => None,
+        };
+        let actual = match (copied, &heads) {
+            (Some(c), Some((_, head, original))) if head == original => c,
+            (Some(c), None) => c,
+            (_, Some((path, head, original))) if head != original => {
+                let (path, recorded, original) = (path.clone(), md.dump.clone(), original.clone());
+                blocking_io("checksumming the memory dump".into(), move || {
+                    metadata::digest_with_head(&path, &recorded, &original)
+                })
+                .await?
+            }
+            _ => {
+                let dump = volumes.prepare(&memory.dump).await?;
+                if !prepared.contains(&memory.dump) {
+                    prepared.push(memory.dump);
+                }
                 let (dump_path, recorded) = (dump.path.clone(), md.dump.clone());
                 blocking_io("checksumming the memory dump".into(), move || {
                     metadata::digest_recorded(&dump_path, &recorded, false)
@@ -138,6 +195,29 @@ impl Host {
             }
         }
 
+        // Given to the other VM: the header written (unless it was), then
+        // the dump's new checksum, which the rewritten metadata records.
+        let rebound = match (rebrand, heads) {
+            (Some(to), Some((path, head, original))) => {
+                let given_head = metadata::replace_id(&original, req.vm_id, to);
+                let recorded = md.dump.clone();
+                let checksum = blocking_io("giving the dump to the clone".into(), move || {
+                    if head != given_head {
+                        metadata::write_head(&path, &given_head)?;
+                    }
+                    metadata::digest_recorded(&path, &recorded, false).map(|d| d.checksum)
+                })
+                .await?;
+                let mut new = rebound.unwrap_or_else(|| md.clone());
+                new.version = metadata::VERSION;
+                new.vm_id = to;
+                new.dump.checksum = checksum;
+                let xml = metadata::replace_id(new.domain_xml.as_bytes(), req.vm_id, to);
+                new.domain_xml = String::from_utf8(xml).expect("an id replaced by another in UTF-8 text");
+                Some(new)
+            }
+            _ => rebound,
+        };
         let (md, rebound) = match rebound {
             None => (md, false),
             Some(new) => {
@@ -164,7 +244,8 @@ impl Host {
         };
         tracing::debug!(vm = %req.vm_id, dump = %memory.dump, read = copied.is_none(), "dump checksum");
         Ok(VerifiedMemory {
-            checksum: actual,
+            // The dump's checksum now (a given dump's changed with its header).
+            checksum: md.dump.checksum,
             dump_bytes: md.dump.dump_bytes,
             capacity: md.dump.capacity,
             snapshot_id: md.snapshot_id,

@@ -138,10 +138,10 @@ async fn insert_vm_with_active(
 }
 
 impl Database {
-    /// Creates the VM with its disks and its ACTIVE snapshot (status OK, no
-    /// memory, pointing at `active_disks`), in one transaction. `active`'s
-    /// type, status and memory are not used. If the VM already exists (a
-    /// replay), returns it as it is now.
+    /// Creates the VM with its disks and its ACTIVE snapshot (status OK,
+    /// pointing at `active_disks`, with `active`'s memory: a fork's), in one
+    /// transaction. `active`'s type and status are not used. If the VM
+    /// already exists (a replay), returns it as it is now.
     pub async fn create_vm_with_active(
         &self,
         new_vm: &NewVm,
@@ -159,7 +159,7 @@ impl Database {
             });
         }
         let vm = Vm::from_new(new_vm);
-        let active = new_active(vm.id, active, active_disks, None)?;
+        let active = new_active(vm.id, active, active_disks, active.memory.as_ref())?;
         retry_transient!(async {
             let mut tx = self.begin_write().await?;
             if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {

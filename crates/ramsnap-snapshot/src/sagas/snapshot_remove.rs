@@ -326,6 +326,7 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
                 rebind_disk_domain_id: String::new(),
                 rebind_disks,
                 copied_checksum: String::new(),
+                rebrand_vm_id: String::new(),
             };
         // Past the point of no return this step is retried until it
         // succeeds; memory the host refuses to read (corrupt, foreign) is

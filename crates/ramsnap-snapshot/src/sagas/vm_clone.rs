@@ -1,20 +1,31 @@
 //! Clone a VM from a snapshot (oVirt's AddVmFromSnapshot): each of the
 //! snapshot's disk volumes is copied, its chain collapsed, into a new image
 //! (on the requested domain, or the disk's own), and a new VM is made with
-//! the source's configuration and an ACTIVE snapshot over the copies. The
-//! snapshot's memory is never copied (oVirt 3.3: the new VM boots; the
-//! handler warns). The source VM stays locked while its volumes are read.
+//! the source's configuration and an ACTIVE snapshot over the copies.
+//!
+//! Without `keep_memory` the snapshot's memory is not copied (oVirt 3.3:
+//! the new VM boots; the handler warns). With it (a fork), the memory pair
+//! is copied too, onto the first disk copy's domain, and the source's host
+//! gives the copy to the new VM (VerifyMemory with `rebrand_vm_id`): the
+//! dump is verified, its libvirt save header and the metadata then name the
+//! new VM, and the metadata binds the memory to the disk copies. The new
+//! VM's ACTIVE snapshot holds that memory: its first run resumes from it.
+//! The source VM stays locked while its volumes are read.
 use super::common::{
     copy_volume, delete_volume, lock_vm, noop, ordered_disk_id, unlock_undo, unlock_vm_node, vm_and_host,
     MadeVm, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::to_wire_ref;
-use crate::db::{NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef};
+use crate::convert::{downstream, to_wire_memory};
+use crate::db::{
+    MemoryVolume, NewSnapshot, NewVm, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VolumeRef,
+};
 use crate::saga::{Node, Output, SagaCx, SagaDef};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ramsnap_common::status;
+use ramsnap_proto::host::v1 as host_pb;
 use ramsnap_proto::storage::v1 as storage;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
@@ -31,6 +42,9 @@ pub struct Params {
     pub name: String,
     /// None: each copy goes to its disk's own domain.
     pub target_domain_id: Option<Uuid>,
+    /// Fork: the clone also gets the snapshot's memory.
+    #[serde(default)]
+    pub keep_memory: bool,
 }
 
 impl OnVm for Params {
@@ -56,6 +70,7 @@ pub fn definition() -> SagaDef<App> {
                 .local(),
             Node::new(IDS, ids_fwd).undo(noop).local(),
             Node::new(COPIES, copies_fwd).undo(copies_undo),
+            Node::new(MEMORY, memory_fwd).undo(memory_undo),
             Node::new(Output::new("record_vm"), record_fwd).undo(record_undo),
             unlock_vm_node::<Params>(),
         ],
@@ -66,6 +81,8 @@ pub fn definition() -> SagaDef<App> {
 const IDS: Output<MadeVm> = Output::new("ids");
 /// The copies of the snapshot's disks.
 const COPIES: Output<Vec<DiskCopy>> = Output::new("copies");
+/// The memory pair given to the clone (keep_memory).
+const MEMORY: Output<Option<MemoryVolume>> = Output::new("memory");
 
 fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
@@ -180,6 +197,111 @@ fn copies_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
+/// Where the memory pair is copied (keep_memory): the first disk copy's
+/// domain, new image and volume ids.
+fn memory_targets(cx: &SagaCx<App>, domain_id: Uuid) -> MemoryVolume {
+    let at = |what: &str| VolumeRef {
+        domain_id,
+        image_id: cx.stable_id(&format!("memory-image/{what}")),
+        volume_id: cx.stable_id(&format!("memory-volume/{what}")),
+    };
+    MemoryVolume {
+        dump: at("dump"),
+        metadata: at("metadata"),
+    }
+}
+
+fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryVolume>, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        if !p.keep_memory {
+            return Ok(None);
+        }
+        let (_, host) = vm_and_host(cx, p.source_vm_id).await?;
+        let snapshot = cx.db().get_snapshot(p.snapshot_id).await.map_err(db_status)?;
+        let source = snapshot.memory.ok_or_else(|| {
+            status::failed_precondition(
+                "SNAPSHOT_HAS_NO_MEMORY",
+                &format!("snapshot/{}", snapshot.id),
+                format!("snapshot {} has no memory to keep", snapshot.id),
+            )
+        })?;
+        let copies = cx.get(COPIES)?;
+        let first = copies
+            .first()
+            .ok_or_else(|| Status::failed_precondition("the snapshot has no disks to clone"))?;
+        let target = memory_targets(cx, first.volume.domain_id);
+        let copy =
+            |from: &VolumeRef, to: &VolumeRef, what: &str, checksum: bool| storage::CopyVolumeRequest {
+                request_id: cx.stable_id(&format!("memory-copy-request/{what}")).to_string(),
+                source: Some(to_wire_ref(from)),
+                target_domain_id: to.domain_id.to_string(),
+                target_image_id: to.image_id.to_string(),
+                target_volume_id: to.volume_id.to_string(),
+                target_format: storage::VolumeFormat::Unspecified as i32,
+                target_allocation: storage::VolumeAllocation::Unspecified as i32,
+                description: format!(
+                    "memory {what} of VM {} (clone of snapshot {})",
+                    p.name, snapshot.id
+                ),
+                keep_parent: false,
+                checksum_algorithm: if checksum {
+                    "blake3-4m".into()
+                } else {
+                    String::new()
+                },
+            };
+        copy_volume(
+            cx,
+            &host,
+            copy(&source.metadata, &target.metadata, "metadata", false),
+            0,
+            0,
+        )
+        .await?;
+        let copied = copy_volume(cx, &host, copy(&source.dump, &target.dump, "dump", true), 0, 0).await?;
+        // The source's host gives the copy to the clone: it checks the dump
+        // against its recorded checksum, then rewrites the dump's save
+        // header and the metadata (the clone's id, its disk copies).
+        cx.app
+            .host_client(&host)?
+            .verify_memory(host_pb::VerifyMemoryRequest {
+                vm_id: p.source_vm_id.to_string(),
+                memory: Some(to_wire_memory(&target)),
+                expected_checksum: String::new(),
+                rebind_disk_domain_id: String::new(),
+                rebind_disks: copies.iter().map(|c| to_wire_ref(&c.volume)).collect(),
+                copied_checksum: copied.checksum.unwrap_or_default(),
+                rebrand_vm_id: p.new_vm_id.to_string(),
+            })
+            .await
+            .map_err(|s| downstream("giving the snapshot's memory to the clone", s))?;
+        Ok(Some(target))
+    }
+    .boxed()
+}
+
+fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        if !p.keep_memory {
+            return Ok(());
+        }
+        let (_, host) = vm_and_host(cx, p.source_vm_id).await?;
+        let copies = cx.get(COPIES)?;
+        let Some(first) = copies.first() else {
+            return Ok(());
+        };
+        // Whatever this saga may have made, whether or not the step finished.
+        let target = memory_targets(cx, first.volume.domain_id);
+        for (r, what) in [(target.dump, "dump"), (target.metadata, "metadata")] {
+            delete_volume(&cx.app, &host, &r, cx.stable_id(&format!("undo/memory/{what}"))).await?;
+        }
+        Ok(())
+    }
+    .boxed()
+}
+
 fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
@@ -218,14 +340,14 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
                 volume: c.volume,
             })
             .collect();
-        // No memory: the clone boots.
+        // Without memory the clone boots; with it, it resumes.
         let active = NewSnapshot {
             id: cx.stable_id("active"),
             vm_id: p.new_vm_id,
             snapshot_type: SnapshotType::Active,
             status: SnapshotStatus::Ok,
             description: "Active VM".into(),
-            memory: None,
+            memory: cx.get(MEMORY)?,
         };
         db.create_vm_with_active(&new_vm, &disks, &active, &active_disks)
             .await

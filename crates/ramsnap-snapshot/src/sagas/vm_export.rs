@@ -644,6 +644,7 @@ pub async fn run_memory_copies(
                 rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
                 rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
                 copied_checksum: copied.unwrap_or_default(),
+                rebrand_vm_id: String::new(),
             })
             .await
             .map_err(|s| downstream("verifying a memory volume", s))?

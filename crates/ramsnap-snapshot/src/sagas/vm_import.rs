@@ -11,7 +11,11 @@
 //!   one volume with the leaf's ids, with the ACTIVE snapshot's memory
 //!   (rebound to the collapsed volumes).
 //! - `as_clone`: new ids for the VM, its disks, images and volumes; only the
-//!   ACTIVE snapshot, collapsed, and no memory (oVirt 3.3: the clone boots).
+//!   ACTIVE snapshot, collapsed, and no memory (oVirt 3.3: the clone boots),
+//!   unless `with_memory` (a fork, ImportVm's keep_memory): then the ACTIVE
+//!   snapshot's memory, with new ids, bound to the collapsed volumes and
+//!   given to the clone (VerifyMemory's rebrand_vm_id), so that its first
+//!   run resumes from it.
 //!
 //! The VM is reserved first (inserted ImageLocked and locked by this
 //! operation), so a second import of it is refused before anything is
@@ -54,7 +58,8 @@ pub struct Params {
     pub target_domain_id: Uuid,
     pub as_clone: bool,
     pub collapse: bool,
-    /// False for a clone, or a cluster below 3.3: no memory is imported.
+    /// False for a clone (unless a fork), or a cluster below 3.3: no memory
+    /// is imported.
     pub with_memory: bool,
 }
 
@@ -332,9 +337,10 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
                             },
                             target,
                             capacity_bytes: 0,
-                            // Collapsed here: bound to the collapsed volumes.
-                            // Otherwise the ids are kept and the domain moves.
-                            rebind_disks: if collapse && !ovf.collapsed {
+                            // Collapsed here, or a clone's (new ids): bound
+                            // to the copies. Otherwise the ids are kept and
+                            // the domain moves.
+                            rebind_disks: if (collapse && !ovf.collapsed) || p.as_clone {
                                 copies.iter().map(|c| c.target).collect()
                             } else {
                                 Vec::new()
@@ -551,17 +557,23 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         for (m, sha) in &plan.memories {
             let copied = copy_memory_pair(cx, &h, m, (&mut done, total), IMPORT_HINT).await?;
             // Checksummed where it landed against the descriptor, and rebound
-            // to the data domain (or to the collapsed disks).
+            // to the data domain (or to the collapsed disks); a fork's is
+            // given to the clone.
             let rebind_domain = m.rebind_disks.is_empty().then_some(p.target_domain_id);
             cx.app
                 .host_client(&h)?
                 .verify_memory(host_pb::VerifyMemoryRequest {
-                    vm_id: p.vm_id.to_string(),
+                    vm_id: p.source_vm_id.to_string(),
                     memory: Some(to_wire_memory(&m.target)),
                     expected_checksum: sha.clone(),
                     rebind_disk_domain_id: rebind_domain.map(|d| d.to_string()).unwrap_or_default(),
                     rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
                     copied_checksum: copied.unwrap_or_default(),
+                    rebrand_vm_id: if p.as_clone {
+                        p.vm_id.to_string()
+                    } else {
+                        String::new()
+                    },
                 })
                 .await
                 .map_err(|s| downstream("verifying a memory volume", s))?;

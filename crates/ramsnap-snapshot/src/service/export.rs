@@ -178,6 +178,12 @@ pub async fn import_vm(
     let source_vm_id = ids::parse("vm_id", &req.vm_id)?;
     let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
     let target_domain_id = ids::parse("target_domain_id", &req.target_domain_id)?;
+    if req.keep_memory && !req.as_clone {
+        return Err(status::invalid_argument(
+            "keep_memory",
+            "only with as_clone: a plain import keeps every snapshot's memory",
+        ));
+    }
     if !req.name.is_empty() {
         check_name("name", &req.name)?;
     }
@@ -210,11 +216,36 @@ pub async fn import_vm(
         Err(e) => return Err(db_status(e)),
     }
     let has_memory = ovf.snapshots.iter().any(|s| s.memory.is_some());
+    let memory_supported = cluster.compatibility_version.supports_memory_snapshots();
+    if req.keep_memory {
+        if ovf.active().memory.is_none() {
+            return Err(status::failed_precondition(
+                "SNAPSHOT_HAS_NO_MEMORY",
+                &format!("domain/{export_domain_id}/vms/{source_vm_id}"),
+                format!(
+                    "the exported active snapshot of VM {source_vm_id} has no memory: keep_memory has nothing to keep"
+                ),
+            ));
+        }
+        if !memory_supported {
+            return Err(status::failed_precondition(
+                "CLUSTER_BELOW_3_3",
+                &format!("cluster/{}", cluster.id),
+                format!(
+                    "cluster {} is at compatibility {}; a clone resumes from memory at 3.3 or above",
+                    cluster.name, cluster.compatibility_version
+                ),
+            ));
+        }
+    }
     let mut warnings = Vec::new();
     if req.as_clone && ovf.active().memory.is_some() {
-        warnings.push(CLONE_MEMORY_WARNING.to_string());
+        warnings.push(if req.keep_memory {
+            super::snapshot::FORK_IDENTITY_WARNING.to_string()
+        } else {
+            CLONE_MEMORY_WARNING.to_string()
+        });
     }
-    let memory_supported = cluster.compatibility_version.supports_memory_snapshots();
     if !req.as_clone && has_memory && !memory_supported {
         warnings.push(format!(
             "cluster {} is at compatibility level {}, below 3.3: the snapshots' memory is not imported",
@@ -230,7 +261,7 @@ pub async fn import_vm(
         target_domain_id,
         as_clone: req.as_clone,
         collapse: req.collapse_snapshots,
-        with_memory: !req.as_clone && memory_supported,
+        with_memory: (!req.as_clone || req.keep_memory) && memory_supported,
     };
     // The volumes it would make, with the exported ids (a clone's are new):
     // none may exist, nor be in an image a VM uses.

@@ -19,6 +19,8 @@ use uuid::Uuid;
 
 /// The warning of a clone from a snapshot with memory (oVirt's popup).
 pub const CLONE_MEMORY_WARNING: &str = "the snapshot's memory is discarded: the new VM boots";
+/// The response's warning for a fork (keep_memory).
+pub const FORK_IDENTITY_WARNING: &str = "the clone resumes from the snapshot's memory with the source's identity inside the guest (addresses, host name, machine id): change them in the guest before both VMs share a network";
 
 pub struct SnapshotApi(pub Arc<App>);
 
@@ -495,10 +497,33 @@ impl SnapshotService for SnapshotApi {
                 .collect(),
         };
         check_data_domains(&self.0, &host, domains).await?;
-        let warnings = if snapshot.memory.is_some() {
-            vec![CLONE_MEMORY_WARNING.to_string()]
-        } else {
-            Vec::new()
+        if req.keep_memory {
+            if snapshot.memory.is_none() {
+                return Err(status::failed_precondition(
+                    "SNAPSHOT_HAS_NO_MEMORY",
+                    &subject,
+                    format!(
+                        "snapshot {} was taken without memory: keep_memory has nothing to keep (clone without it: the new VM boots)",
+                        snapshot.id
+                    ),
+                ));
+            }
+            let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+            if !cluster.compatibility_version.supports_memory_snapshots() {
+                return Err(status::failed_precondition(
+                    "CLUSTER_BELOW_3_3",
+                    &format!("cluster/{}", cluster.id),
+                    format!(
+                        "cluster {} is at compatibility {}; a clone resumes from memory at 3.3 or above",
+                        cluster.name, cluster.compatibility_version
+                    ),
+                ));
+            }
+        }
+        let warnings = match (&snapshot.memory, req.keep_memory) {
+            (Some(_), true) => vec![FORK_IDENTITY_WARNING.to_string()],
+            (Some(_), false) => vec![CLONE_MEMORY_WARNING.to_string()],
+            (None, _) => Vec::new(),
         };
         let new_vm_id = Uuid::new_v4();
         let params = vm_clone::Params {
@@ -507,6 +532,7 @@ impl SnapshotService for SnapshotApi {
             new_vm_id,
             name: req.name,
             target_domain_id,
+            keep_memory: req.keep_memory,
         };
         let op = start_operation(
             &self.0,

@@ -1162,6 +1162,7 @@ impl Env {
                 as_clone,
                 collapse_snapshots: collapse,
                 name: name.into(),
+                keep_memory: false,
             })
             .await?
             .into_inner())
@@ -1552,6 +1553,8 @@ pub async fn act_with(
                     snapshot_id: snapshot,
                     name: "cloned".into(),
                     target_domain_id: String::new(),
+                    // A fork: the memory node runs too (s1 has memory).
+                    keep_memory: true,
                 })
                 .await?
                 .into_inner()
@@ -1581,6 +1584,7 @@ pub async fn act_with(
                     as_clone: false,
                     collapse_snapshots: false,
                     name: String::new(),
+                    keep_memory: false,
                 })
                 .await?
                 .into_inner()
