@@ -99,7 +99,7 @@ const REMOVE_VM: &[&str] = &[
     "forget_on_hosts",
 ];
 const CREATE_VM: &[&str] = &["ids", "base_volumes", "record_vm"];
-const CLONE: &[&str] = &["lock_vm", "ids", "copies", "record_vm", "unlock_vm"];
+const CLONE: &[&str] = &["lock_vm", "ids", "copies", "memory", "record_vm", "unlock_vm"];
 
 /// The operation of a mutating call's response; fails the test when the
 /// call failed.
@@ -249,7 +249,10 @@ async fn clone_call(c: &Cluster, vm: &str, snapshot: &str, name: &str, what: &st
             snapshot_id: snapshot.into(),
             name: name.into(),
             target_domain_id: String::new(),
-            keep_memory: false,
+            // A fork: the memory node copies the memory and the host gives
+            // it to the clone (rewriting the dump's header), agents killed
+            // or not.
+            keep_memory: true,
         })
         .await;
     operation(c, what, r.map(|r| r.into_inner().operation))
@@ -545,6 +548,19 @@ async fn agents_killed_at_every_node_of_export_import_remove_create_and_clone() 
             ));
         }
         assert_down_agrees(&c, &clone, &what).await;
+        if !c.active_snapshot(&clone).await.has_memory {
+            c.fail(&format!("{what}: the fork has no memory"));
+        }
+        if *node == "memory" {
+            // The fork made through the faults at its memory node resumes
+            // (a new VM: its console starts empty).
+            c.track_vm(&clone);
+            let console_offset = 0;
+            let op = run_call(&c, &clone, &what).await;
+            run_restoring(&c, &clone, &taken, op, console_offset, &what).await;
+            let op = stop_call(&c, &clone, &what).await;
+            c.succeed(Some(op), &what).await;
+        }
         let op = remove_vm_call(&c, &clone, "RemoveVm").await;
         c.succeed(Some(op), "RemoveVm").await;
     }
