@@ -188,6 +188,22 @@ fn same_request(op: db::Operation, kind: &str, key: &RequestKey) -> Result<db::O
     ))
 }
 
+/// CLUSTER_BELOW_3_3 unless the cluster's level keeps memory (3.3 and
+/// above); `needs` says what the call needed it for.
+pub fn require_memory_level(cluster: &db::Cluster, needs: &str) -> Result<(), Status> {
+    if cluster.compatibility_version.supports_memory_snapshots() {
+        return Ok(());
+    }
+    Err(status::failed_precondition(
+        "CLUSTER_BELOW_3_3",
+        &format!("cluster/{}", cluster.id),
+        format!(
+            "cluster {} is at compatibility {}; {needs}",
+            cluster.name, cluster.compatibility_version
+        ),
+    ))
+}
+
 /// FAILED_PRECONDITION VM_LOCKED, naming the holder, if an operation holds
 /// the VM (checked before the VM's state, which the holder is changing).
 pub fn refuse_locked(vm: &db::Vm) -> Result<(), Status> {

@@ -227,16 +227,7 @@ pub async fn import_vm(
                 ),
             ));
         }
-        if !memory_supported {
-            return Err(status::failed_precondition(
-                "CLUSTER_BELOW_3_3",
-                &format!("cluster/{}", cluster.id),
-                format!(
-                    "cluster {} is at compatibility {}; a clone resumes from memory at 3.3 or above",
-                    cluster.name, cluster.compatibility_version
-                ),
-            ));
-        }
+        super::require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
     }
     let mut warnings = Vec::new();
     if req.as_clone && ovf.active().memory.is_some() {

@@ -1,8 +1,8 @@
 //! SnapshotService: snapshots of a VM and the operations on them.
 use super::vm::{check_data_domains, refuse_taken_name};
 use super::{
-    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, require_down, retried_operation,
-    start_operation, to_operation, RequestKey, Start,
+    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, require_down,
+    require_memory_level, retried_operation, start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
@@ -197,16 +197,10 @@ impl SnapshotService for SnapshotApi {
         let running = is_running(vm.status);
         if req.save_memory {
             let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
-            if !cluster.compatibility_version.supports_memory_snapshots() {
-                return Err(status::failed_precondition(
-                    "CLUSTER_BELOW_3_3",
-                    &format!("cluster/{}", cluster.id),
-                    format!(
-                        "cluster {} is at compatibility {}; saving memory needs 3.3 or above (a disk-only snapshot works)",
-                        cluster.name, cluster.compatibility_version
-                    ),
-                ));
-            }
+            require_memory_level(
+                &cluster,
+                "saving memory needs 3.3 or above (a disk-only snapshot works)",
+            )?;
             if vm.status != db::VmStatus::Up {
                 return Err(status::failed_precondition(
                     "VM_NOT_RUNNING",
@@ -509,16 +503,7 @@ impl SnapshotService for SnapshotApi {
                 ));
             }
             let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
-            if !cluster.compatibility_version.supports_memory_snapshots() {
-                return Err(status::failed_precondition(
-                    "CLUSTER_BELOW_3_3",
-                    &format!("cluster/{}", cluster.id),
-                    format!(
-                        "cluster {} is at compatibility {}; a clone resumes from memory at 3.3 or above",
-                        cluster.name, cluster.compatibility_version
-                    ),
-                ));
-            }
+            require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
         }
         let warnings = match (&snapshot.memory, req.keep_memory) {
             (Some(_), true) => vec![FORK_IDENTITY_WARNING.to_string()],
