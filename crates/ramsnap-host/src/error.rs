@@ -127,6 +127,9 @@ pub enum RestoreError {
     },
     #[error("memory dump {volume} cannot be given to another VM: {reason}")]
     NotGivable { volume: VolumeRef, reason: String },
+    /// Not a fault of the memory: this host cannot run the saved guest.
+    #[error("this host cannot take the saved guest: {}", .gaps.join("; "))]
+    HostCannotTake { gaps: Vec<String> },
 }
 
 /// Taking (or cancelling) a snapshot.
@@ -265,6 +268,7 @@ impl From<HostError> for Status {
                     RestoreError::DisksMismatch { .. } => ("MEMORY_DISKS_MISMATCH", "spec.disks".to_string()),
                     RestoreError::DumpCorrupt { volume, .. } => ("MEMORY_DUMP_CORRUPT", volume.to_string()),
                     RestoreError::NotGivable { volume, .. } => ("MEMORY_NOT_GIVABLE", volume.to_string()),
+                    RestoreError::HostCannotTake { .. } => ("HOST_CANNOT_TAKE_GUEST", "host".to_string()),
                 };
                 status::failed_precondition(kind, &subject, e.to_string())
             }

@@ -13,6 +13,7 @@
 //!   [`metadata`]: the memory metadata volume's format and the dump checksum.
 
 pub mod args;
+pub mod capabilities;
 pub mod error;
 pub mod failpoint;
 pub mod host;

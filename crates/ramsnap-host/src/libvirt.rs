@@ -615,6 +615,28 @@ impl Hypervisor {
         .await
     }
 
+    /// libvirt's domain capabilities of this host for that emulator,
+    /// architecture, machine type and virtualization type.
+    pub async fn domain_capabilities(
+        &self,
+        emulator: Option<String>,
+        arch: String,
+        machine: String,
+        virt_type: String,
+    ) -> Result<String> {
+        self.call("domain_capabilities", QUICK, move |c| {
+            c.domain_capabilities(
+                emulator.as_deref(),
+                Some(&arch),
+                Some(&machine),
+                Some(&virt_type),
+                0,
+            )
+            .lv("domain_capabilities")
+        })
+        .await
+    }
+
     /// The domain XML embedded in a saved memory image.
     pub async fn saved_xml(&self, path: String) -> Result<String> {
         self.call("save_image_xml_desc", QUICK, move |c| {

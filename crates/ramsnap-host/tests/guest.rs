@@ -817,6 +817,96 @@ async fn verify_memory_gives_a_pair_to_another_vm_which_resumes_from_it() {
     env.stop(&spec.vm_id, 0).await;
 }
 
+/// A host that cannot take the saved guest is refused before anything
+/// starts (issue 13, item 3): the machine type, then the CPU model, of the
+/// domain XML in the dump's header changed to ones this host lacks:
+/// HOST_CANNOT_TAKE_GUEST naming it, the VM down, no domain, the memory
+/// left as it is; put back, the same run resumes the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_take_the_guest_is_refused_before_the_restore() {
+    use ramsnap_host::metadata;
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("takes", real_env()).await;
+    let mut g = boot(&mut env, false, 256, "").await;
+    let taken = take_memory_snapshot(&mut env, &mut g, false, false).await;
+    env.stop(&g.id, 0).await;
+    let dump = taken.memory.dump.clone().unwrap();
+    let path = env.path_of(&dump).await;
+    let head = metadata::read_save_head(&path)
+        .unwrap()
+        .expect("a libvirt save image");
+    let text = String::from_utf8_lossy(&head).to_string();
+    let machine = text
+        .split("machine='")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .expect("the saved machine type")
+        .to_string();
+    assert!(machine.starts_with("pc-i440fx-"), "{machine}");
+    let lacking = format!("pc-i440fx-{}", "0".repeat(machine.len() - "pc-i440fx-".len()));
+    let mut spec = g.spec.clone();
+    spec.disks[0].volume = Some(env.child_of(&taken.frozen).await);
+    let meta = taken.memory.metadata.clone().unwrap();
+    let meta_before = env.volume_bytes(&meta, MIB).await;
+    let end = meta_before.iter().position(|&b| b == 0).unwrap();
+    let meta_doc: serde_json::Value = serde_json::from_slice(&meta_before[..end]).unwrap();
+    let capacity = meta_doc["dump"]["capacity"].as_u64().unwrap();
+    for (from, to, named) in [
+        (
+            format!("machine='{machine}'"),
+            format!("machine='{lacking}'"),
+            lacking.clone(),
+        ),
+        (
+            ">qemu64<".to_string(),
+            ">phenom<".to_string(),
+            "CPU model phenom".to_string(),
+        ),
+    ] {
+        let at = head
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .expect("the saved value");
+        let mut changed = head.clone();
+        changed[at..at + to.len()].copy_from_slice(to.as_bytes());
+        // A sound dump of a guest this host cannot run: the header changed,
+        // and the metadata records the changed dump's checksum.
+        let path = env.path_of(&dump).await;
+        metadata::write_head(&path, &changed).unwrap();
+        let sum = ramsnap_common::checksum::digest_file(
+            &path,
+            capacity,
+            ramsnap_common::checksum::Algorithm::Blake3Chunks,
+        )
+        .unwrap()
+        .checksum;
+        env.teardown(&dump).await;
+        let mut doc = meta_doc.clone();
+        doc["dump"]["checksum"] = sum.to_string().into();
+        let mut bytes = serde_json::to_vec(&doc).unwrap();
+        bytes.resize(meta_before.len(), 0);
+        env.write_bytes(&meta, 0, &bytes).await;
+        let st = env.run(&spec, Some(taken.memory.clone())).await.unwrap_err();
+        assert_eq!(precondition_kind(&st), "HOST_CANNOT_TAKE_GUEST", "{st:?}");
+        eprintln!("refused: {}", st.message());
+        assert!(st.message().contains(&named), "{named}: {st:?}");
+        assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
+        assert!(!env.domain_exists(&g.id));
+    }
+    let path = env.path_of(&dump).await;
+    metadata::write_head(&path, &head).unwrap();
+    env.teardown(&dump).await;
+    env.write_bytes(&meta, 0, &meta_before).await;
+    let mark = env.console(&g.id).await.len();
+    assert_eq!(
+        env.run(&spec, Some(taken.memory.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token), "{lines:?}");
+    env.stop(&g.id, 0).await;
+}
+
 /// The wait for a job that an earlier agent process left running in
 /// libvirt (a snapshot it began before it died): a live memory dump runs
 /// on the domain from another libvirt client; libvirt's control state says

@@ -293,6 +293,10 @@ impl Host {
         let start = async {
             let t = Instant::now();
             let saved = hv.saved_xml(dump_path.clone()).await?;
+            // Before anything starts: this host can take the guest.
+            if !self.inner.simulated {
+                self.check_host_takes(&saved).await?;
+            }
             // libvirt refuses a restore under another name: keep the saved one.
             record.domain_name = xml::domain_name(&saved).map_err(|e| HostError::Internal(e.to_string()))?;
             // Marked as restoring until resumed (see `Running::restoring`).
@@ -362,6 +366,50 @@ impl Host {
         ramsnap_common::metrics::record_restore(step.elapsed().as_secs_f64());
         *running = record;
         Ok(())
+    }
+}
+
+impl Host {
+    /// HOST_CANNOT_TAKE_GUEST, naming what differs, unless this host's
+    /// domain capabilities offer what the saved guest was running with:
+    /// its machine type and CPU model, for its emulator, architecture and
+    /// virtualization type (libvirt refuses to describe a machine type or
+    /// type the emulator lacks: that is a gap too).
+    async fn check_host_takes(&self, saved: &str) -> Result<()> {
+        let needs = crate::capabilities::guest_needs(saved).map_err(|e| RestoreError::HostCannotTake {
+            gaps: vec![format!("its domain XML cannot be read: {e}")],
+        })?;
+        let caps = self
+            .inner
+            .hv
+            .domain_capabilities(
+                needs.emulator.clone(),
+                needs.arch.clone(),
+                needs.machine.clone(),
+                needs.virt_type.clone(),
+            )
+            .await;
+        let gaps = match caps {
+            Ok(caps) => {
+                crate::capabilities::gaps(&needs, &caps).map_err(|e| RestoreError::HostCannotTake {
+                    gaps: vec![format!("this host's domain capabilities cannot be read: {e}")],
+                })?
+            }
+            Err(HostError::Libvirt(e)) => vec![format!(
+                "{} machine type {} of {} ({}): {}",
+                needs.virt_type,
+                needs.machine,
+                needs.emulator.as_deref().unwrap_or("the default emulator"),
+                needs.arch,
+                e.message
+            )],
+            Err(e) => return Err(e),
+        };
+        if gaps.is_empty() {
+            Ok(())
+        } else {
+            Err(RestoreError::HostCannotTake { gaps }.into())
+        }
     }
 }
 
