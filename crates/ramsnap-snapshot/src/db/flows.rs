@@ -138,16 +138,30 @@ async fn insert_vm_with_active(
 }
 
 impl Database {
-    /// Creates the VM with its disks and its ACTIVE snapshot (status OK,
-    /// pointing at `active_disks`, with `active`'s memory: a fork's), in one
-    /// transaction. `active`'s type and status are not used. If the VM
-    /// already exists (a replay), returns it as it is now.
+    /// Creates the VM with its disks and its ACTIVE snapshot (status OK, no
+    /// memory, pointing at `active_disks`), in one transaction. `active`'s
+    /// type, status and memory are not used. If the VM already exists (a
+    /// replay), returns it as it is now.
     pub async fn create_vm_with_active(
         &self,
         new_vm: &NewVm,
         disks: &[VmDisk],
         active: &NewSnapshot,
         active_disks: &[SnapshotDisk],
+    ) -> Result<Vm, DbError> {
+        self.create_vm_with_active_memory(new_vm, disks, active, active_disks, None)
+            .await
+    }
+
+    /// [`Database::create_vm_with_active`] whose ACTIVE snapshot holds
+    /// `memory` (a fork's: its first run resumes from it).
+    pub async fn create_vm_with_active_memory(
+        &self,
+        new_vm: &NewVm,
+        disks: &[VmDisk],
+        active: &NewSnapshot,
+        active_disks: &[SnapshotDisk],
+        memory: Option<&MemoryVolume>,
     ) -> Result<Vm, DbError> {
         if let Some(disk) = disks.iter().find(|d| d.vm_id != new_vm.id) {
             return Err(DbError::InvalidValue {
@@ -159,7 +173,7 @@ impl Database {
             });
         }
         let vm = Vm::from_new(new_vm);
-        let active = new_active(vm.id, active, active_disks, active.memory.as_ref())?;
+        let active = new_active(vm.id, active, active_disks, memory)?;
         retry_transient!(async {
             let mut tx = self.begin_write().await?;
             if let Some(existing) = vms::fetch_vm(&mut tx, vm.id).await? {

@@ -347,9 +347,10 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             snapshot_type: SnapshotType::Active,
             status: SnapshotStatus::Ok,
             description: "Active VM".into(),
-            memory: cx.get(MEMORY)?,
+            memory: None,
         };
-        db.create_vm_with_active(&new_vm, &disks, &active, &active_disks)
+        let memory = cx.get(MEMORY)?;
+        db.create_vm_with_active_memory(&new_vm, &disks, &active, &active_disks, memory.as_ref())
             .await
             .map_err(db_status)?;
         cx.app.notify_vm(p.new_vm_id);
