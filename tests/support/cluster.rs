@@ -517,7 +517,12 @@ impl Drop for StatusRecorder {
 pub fn startup_sequence(statuses: &[VmStatus]) -> Vec<VmStatus> {
     let mut out: Vec<VmStatus> = Vec::new();
     for s in statuses {
-        if out.is_empty() && matches!(s, VmStatus::Down | VmStatus::ImageLocked | VmStatus::Unspecified) {
+        if out.is_empty()
+            && matches!(
+                s,
+                VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended | VmStatus::Unspecified
+            )
+        {
             continue;
         }
         if out.last() != Some(s) {
@@ -1306,6 +1311,46 @@ impl Cluster {
         self.succeed(resp.operation, "StopVm").await;
         if self.get_vm(vm_id).await.status() != VmStatus::Down {
             recorder.until(VmStatus::Down, STATUS_TIMEOUT, "StopVm").await;
+        }
+    }
+
+    /// SuspendVm: SAVING_STATE, then SUSPENDED, the memory on the ACTIVE
+    /// snapshot. Returns the console around it as a [`Taken`] (no snapshot
+    /// id), for [`Cluster::assert_restored`] after the next run.
+    pub async fn suspend_vm(&self, vm_id: &str) -> Taken {
+        self.step("SuspendVm");
+        let before = self.console_now(vm_id).await;
+        let mut recorder = self.watch_vm(vm_id).await;
+        let resp = self
+            .vms()
+            .suspend_vm(pb::SuspendVmRequest {
+                request_id: request_id(),
+                vm_id: vm_id.to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("SuspendVm: {e}")))
+            .into_inner();
+        let operation = self.succeed(resp.operation, "SuspendVm").await;
+        let statuses = recorder
+            .until(VmStatus::Suspended, STATUS_TIMEOUT, "SuspendVm")
+            .await;
+        assert_eq!(
+            &statuses[statuses.len() - 2..],
+            &[VmStatus::SavingState, VmStatus::Suspended],
+            "SuspendVm's statuses: {statuses:?}"
+        );
+        let after = self.console_now(vm_id).await;
+        assert_eq!(after.token, before.token, "the guest rebooted before it was suspended");
+        self.step(&format!(
+            "suspended between counters {} and {}",
+            before.counter, after.counter
+        ));
+        Taken {
+            snapshot_id: String::new(),
+            token: before.token,
+            counter_before: before.counter,
+            counter_after: after.counter,
+            operation,
         }
     }
 

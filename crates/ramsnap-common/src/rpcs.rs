@@ -227,6 +227,7 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.snapshot.v1.VmService/UpdateVm", Operator, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/WatchVm", Viewer, Stream),
     rpc("/ramsnap.snapshot.v1.VmService/ReadConsole", Viewer, Unary),
+    rpc("/ramsnap.snapshot.v1.VmService/SuspendVm", Operator, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/ExportVm", Operator, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/ListExportedVms", Viewer, Unary),
     rpc("/ramsnap.snapshot.v1.VmService/ImportVm", Operator, Unary),
@@ -356,6 +357,7 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.host.v1.HostService/CancelSnapshot", Coordinator, Long),
     rpc("/ramsnap.host.v1.HostService/VerifyMemory", Coordinator, Long),
     rpc("/ramsnap.host.v1.HostService/ForgetVm", Coordinator, Unary),
+    rpc("/ramsnap.host.v1.HostService/SuspendVm", Coordinator, Long),
     // Every server: health and reflection.
     any("/grpc.health.v1.Health/Check", Unary),
     any("/grpc.health.v1.Health/Watch", Stream),

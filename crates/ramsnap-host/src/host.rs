@@ -34,9 +34,11 @@ use uuid::Uuid;
 mod forget;
 mod run;
 mod snapshot;
+mod suspend;
 mod verify;
 
 pub use snapshot::JobView;
+pub use suspend::{SuspendOutcome, SuspendRequest};
 
 /// How the host agent runs.
 #[derive(Debug, Clone)]

@@ -452,6 +452,25 @@ impl Hypervisor {
         .await
     }
 
+    /// virDomainSaveFlags: the guest's memory into `path` (a save image, the
+    /// format of a snapshot's memory file), then the (transient) domain is
+    /// gone. Blocks for the whole save; a failed save leaves it running.
+    pub async fn save(&self, id: Uuid, path: String, timeout: Duration) -> Result<()> {
+        self.call_dedicated("save", timeout, move |c| {
+            let d = lookup(c, id, "save")?;
+            let to = std::ffi::CString::new(path)
+                .map_err(|_| HostError::Internal("a save path with a NUL byte".into()))?;
+            // SAFETY: `d` is a live domain handle, `to` outlives the call, and
+            // a null dxml means "the domain's own definition".
+            let r = unsafe { sys::virDomainSaveFlags(d.as_ptr(), to.as_ptr(), std::ptr::null(), 0) };
+            if r < 0 {
+                return Err(last_error("save"));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Waits (up to `limit`) until no job of libvirt's runs on the domain,
     /// such as a snapshot, save or restore that an earlier agent process
     /// began and libvirt went on with after it died. The domain's control

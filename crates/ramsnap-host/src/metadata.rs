@@ -367,6 +367,22 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 /// is well-defined: a file is truncated to nothing, a block device has its
 /// first `capacity` bytes zeroed (BLKZEROOUT, or plain writes where the
 /// device cannot).
+/// The (vm, snapshot) of the in-progress mark `mark_dump_in_progress`
+/// wrote, if the metadata volume holds one (None: zeros, a recorded
+/// document, or anything else).
+pub fn in_progress_mark(meta_path: &Path, capacity: u64) -> io::Result<Option<(Uuid, Uuid)>> {
+    let bytes = read_volume(meta_path, (MARK_BYTES as u64).min(capacity))?;
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes[..end]) else {
+        return Ok(None);
+    };
+    if doc["format"].as_str() != Some(IN_PROGRESS_FORMAT) {
+        return Ok(None);
+    }
+    let id = |k: &str| doc[k].as_str().and_then(|s| Uuid::parse_str(s).ok());
+    Ok(id("vm_id").zip(id("snapshot_id")))
+}
+
 pub fn scrub_dump(path: &Path, capacity: u64) -> io::Result<()> {
     if !is_block_device(path)? {
         let f = OpenOptions::new().write(true).open(path)?;

@@ -1,7 +1,7 @@
 //! The tonic handler: converts requests into the domain layer's types
 //! (rejecting bad input with field details), calls [`Host`], converts back.
 use crate::error::HostError;
-use crate::host::{Host, JobView};
+use crate::host::{Host, JobView, SuspendRequest};
 use crate::model::{
     self, BootFile, ClusterLevel, MemoryVolumes, Rebind, SnapshotDisk, SnapshotMode, SnapshotRequest,
     StatusEvent, VerifiedMemory, VerifyMemoryRequest, VmSpec, VmStatus, VolumeRef,
@@ -504,6 +504,36 @@ impl HostService for HostApi {
         let req = VerifyMemoryRequest::try_from(req.into_inner())?;
         let verified = self.host.verify_memory(req).await?;
         Ok(Response::new(verified.into()))
+    }
+
+    async fn suspend_vm(
+        &self,
+        req: Request<pb::SuspendVmRequest>,
+    ) -> Result<Response<pb::SuspendVmResponse>, Status> {
+        let r = req.into_inner();
+        let disks = r
+            .disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| volume_ref(&format!("disks[{i}]"), Some(d)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        refuse_repeats(&disks, |i| format!("disks[{i}]"), true)?;
+        let memory = memory_volumes("memory", r.memory)?
+            .ok_or_else(|| status::invalid_argument("memory", "is required"))?;
+        refuse_memory_among("memory", &memory, &[&disks])?;
+        let req = SuspendRequest {
+            vm_id: vm_id("vm_id", &r.vm_id)?,
+            snapshot_id: ids::parse("snapshot_id", &r.snapshot_id)?,
+            disks,
+            memory,
+        };
+        let o = self.host.suspend(req).await?;
+        Ok(Response::new(pb::SuspendVmResponse {
+            dump_bytes: o.dump_bytes,
+            dump_checksum: o.dump_checksum.to_string(),
+            duration_ms: o.duration_ms,
+            saved_earlier: o.saved_earlier,
+        }))
     }
 
     async fn forget_vm(

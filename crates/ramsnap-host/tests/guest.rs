@@ -1236,3 +1236,136 @@ async fn too_small_dump_volumes_fail_cleanly_and_old_clusters_take_disk_only_sna
     assert!(!lines.iter().any(|l| matches!(l, Line::Mismatch(_))));
     env.stop(&g.id, 0).await;
 }
+
+/// SuspendVm (hibernate): the guest's memory into a pair and the guest
+/// gone, its disk untouched (no overlay); a retry answers as the first
+/// call did; RunVm with the pair resumes it on the very same leaf
+/// (RESTORING_STATE, then UP, the same boot token, the counter going on).
+/// Then once more with the disk on BLOCK and the memory on BLOCK. Bad
+/// requests (disks that are not the leaves, an unknown VM) change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_saves_the_guest_without_an_overlay_and_run_resumes_it() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("suspend", real_env()).await;
+    for on_block in [false, true] {
+        let g = boot(&mut env, on_block, 256, "").await;
+        let leaf = g.leaf();
+        let memory = env.memory_volumes(on_block, g.memory_mib * MIB, false).await;
+        let snapshot_id = uuid::Uuid::new_v4().to_string();
+        let req = |disks: Vec<common::VolumeRef>, vm: &str| hpb::SuspendVmRequest {
+            vm_id: vm.to_string(),
+            snapshot_id: snapshot_id.clone(),
+            disks,
+            memory: Some(memory.clone()),
+        };
+
+        // Hostile first: another volume as the disk, an unknown VM.
+        let other = env.child_of(&leaf).await;
+        let st = env
+            .host
+            .suspend_vm(req(vec![other.clone()], &g.id))
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        assert_eq!(env.status(&g.id).await, hpb::VmStatus::Up);
+        env.delete_volume(&other).await;
+        let stranger = uuid::Uuid::new_v4().to_string();
+        let st = env
+            .host
+            .suspend_vm(req(vec![leaf.clone()], &stranger))
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        let st = env
+            .host
+            .suspend_vm(hpb::SuspendVmRequest {
+                memory: None,
+                ..req(vec![leaf.clone()], &g.id)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+
+        let counter_before = last_tick(&env.console(&g.id).await, &g.token);
+        let r = env
+            .host
+            .suspend_vm(req(vec![leaf.clone()], &g.id))
+            .await
+            .expect("suspend")
+            .into_inner();
+        eprintln!(
+            "suspend (disk and memory on {}): {} ms, dump {} bytes",
+            if on_block { "BLOCK" } else { "FILE" },
+            r.duration_ms,
+            r.dump_bytes
+        );
+        assert!(!r.saved_earlier);
+        assert!(r.dump_bytes > 8 * MIB, "{r:?}");
+        assert!(r.dump_checksum.starts_with("blake3-4m:"), "{r:?}");
+        assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
+        assert!(!env.domain_exists(&g.id));
+        let counter_after = last_tick(&env.console(&g.id).await, &g.token);
+        // The metadata binds the disk to its leaf, with no overlay.
+        let meta = memory.metadata.clone().unwrap();
+        let bytes = env.volume_bytes(&meta, MIB).await;
+        let end = bytes.iter().position(|&b| b == 0).unwrap();
+        let md: serde_json::Value = serde_json::from_slice(&bytes[..end]).unwrap();
+        assert_eq!(md["vm_id"], g.id.as_str());
+        assert_eq!(md["snapshot_id"], snapshot_id.as_str());
+        assert_eq!(md["disks"][0]["current"]["volume"], leaf.volume_id.as_str());
+        assert_eq!(md["disks"][0]["overlay"]["volume"], leaf.volume_id.as_str());
+        assert_eq!(md["dump"]["checksum"], r.dump_checksum.as_str());
+
+        // A retry (the coordinator lost the answer) gets the same answer.
+        let again = env
+            .host
+            .suspend_vm(req(vec![leaf.clone()], &g.id))
+            .await
+            .expect("suspend retried")
+            .into_inner();
+        assert!(again.saved_earlier);
+        assert_eq!(again.dump_checksum, r.dump_checksum);
+        assert_eq!(again.dump_bytes, r.dump_bytes);
+
+        // Resume on the same leaf.
+        let mut watch = env
+            .host
+            .watch_vm_status(hpb::WatchVmStatusRequest { vm_id: g.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mark = env.console(&g.id).await.len();
+        assert_eq!(
+            env.run(&g.spec, Some(memory.clone())).await.unwrap(),
+            hpb::VmStatus::Up
+        );
+        assert_eq!(
+            collect_until_up(&mut watch).await,
+            vec![
+                hpb::VmStatus::Down,
+                hpb::VmStatus::RestoringState,
+                hpb::VmStatus::Up
+            ]
+        );
+        let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+        assert!(
+            !lines
+                .iter()
+                .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
+            "the guest rebooted or saw the wrong disk: {lines:?}"
+        );
+        let t = ticks(&lines);
+        assert!(t.iter().all(|(tok, _)| *tok == g.token), "{t:?}");
+        assert!(
+            t[0].1 > counter_before && t[0].1 <= counter_after + 2,
+            "counter after resume {}, suspended between {counter_before} and {counter_after}",
+            t[0].1
+        );
+        let leaf_path = env.path_of(&leaf).await;
+        assert_eq!(
+            env.live_disks(&g.id),
+            vec![("vda".to_string(), leaf_path.display().to_string())]
+        );
+        env.stop(&g.id, 0).await;
+    }
+}

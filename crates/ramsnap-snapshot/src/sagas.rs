@@ -44,6 +44,11 @@
 //! - `vm_clone` copies content only; the clone has no memory (oVirt 3.3).
 //! - `vm_stop` of a stateless VM discards the run's disks and memory
 //!   reference together, returning to a consistent (disks, memory) pair.
+//! - `vm_suspend` saves the running guest's memory with no overlay: the
+//!   disks stay on the leaves it was saved with, and the memory goes on the
+//!   ACTIVE snapshot, which `vm_run` restores (and clears) as above. While
+//!   the VM is SUSPENDED, nothing that changes its disks runs (VM_SUSPENDED);
+//!   `vm_stop` discards the memory.
 //! - `vm_update` that changes the machine (memory, vcpus, boot images)
 //!   drops the ACTIVE snapshot's memory: the disks still match it, but the
 //!   machine it would be restored into is another one. A rename or the
@@ -70,6 +75,7 @@ pub mod vm_import;
 pub mod vm_remove;
 pub mod vm_run;
 pub mod vm_stop;
+pub mod vm_suspend;
 pub mod vm_update;
 
 pub fn all() -> Vec<SagaDef<App>> {
@@ -83,6 +89,7 @@ pub fn all() -> Vec<SagaDef<App>> {
         vm_remove::definition(),
         vm_run::definition(),
         vm_stop::definition(),
+        vm_suspend::definition(),
         vm_update::definition(),
         vm_clone::definition(),
         vm_export::definition(),

@@ -64,6 +64,7 @@ idempotent! {
     RemoveVmRequest => "ramsnap.snapshot.v1.VmService/RemoveVm",
     RunVmRequest => "ramsnap.snapshot.v1.VmService/RunVm",
     StopVmRequest => "ramsnap.snapshot.v1.VmService/StopVm",
+    SuspendVmRequest => "ramsnap.snapshot.v1.VmService/SuspendVm",
     UpdateVmRequest => "ramsnap.snapshot.v1.VmService/UpdateVm",
     ExportVmRequest => "ramsnap.snapshot.v1.VmService/ExportVm",
     ImportVmRequest => "ramsnap.snapshot.v1.VmService/ImportVm",
@@ -321,6 +322,7 @@ pub fn vm_status(s: db::VmStatus) -> pb::VmStatus {
         db::VmStatus::SavingState => pb::VmStatus::SavingState,
         db::VmStatus::PoweringDown => pb::VmStatus::PoweringDown,
         db::VmStatus::ImageLocked => pb::VmStatus::ImageLocked,
+        db::VmStatus::Suspended => pb::VmStatus::Suspended,
     }
 }
 
@@ -354,13 +356,32 @@ pub async fn get_vm_snapshot(app: &App, vm: &db::Vm, value: &str) -> Result<db::
     }
 }
 
-/// FAILED_PRECONDITION VM_NOT_DOWN unless the VM is down.
+/// FAILED_PRECONDITION VM_NOT_DOWN unless the VM is down; VM_SUSPENDED
+/// for a suspended one.
 pub fn require_down(vm: &db::Vm, what: &str) -> Result<(), Status> {
+    refuse_suspended(vm, what)?;
     if vm.status != db::VmStatus::Down {
         return Err(status::failed_precondition(
             "VM_NOT_DOWN",
             &format!("vm/{}", vm.id),
             format!("VM {} is {}; {what} needs it down", vm.name, vm.status),
+        ));
+    }
+    Ok(())
+}
+
+/// FAILED_PRECONDITION VM_SUSPENDED when the VM is suspended: `what`
+/// would change the disks its saved memory was taken with.
+pub fn refuse_suspended(vm: &db::Vm, what: &str) -> Result<(), Status> {
+    if vm.status == db::VmStatus::Suspended {
+        return Err(status::failed_precondition(
+            "VM_SUSPENDED",
+            &format!("vm/{}", vm.id),
+            format!(
+                "VM {} is suspended (its memory is saved); {what} needs it down: run it to resume it, \
+                 or stop it to discard the saved state",
+                vm.name
+            ),
         ));
     }
     Ok(())

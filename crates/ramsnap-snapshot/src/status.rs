@@ -26,7 +26,7 @@ pub async fn follow_running(app: &Arc<App>) {
     let Ok(vms) = app.db.list_vms().await else { return };
     for vm in vms
         .into_iter()
-        .filter(|v| !matches!(v.status, VmStatus::Down | VmStatus::ImageLocked))
+        .filter(|v| !matches!(v.status, VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended))
     {
         if let Ok(host) = app.host_for_vm(&vm).await {
             follow(app, vm.id, host);

@@ -159,6 +159,7 @@ fn settled(status: i32, on_host: i32) -> bool {
     match pb::VmStatus::try_from(status) {
         Ok(pb::VmStatus::Down) => on_host == host::VmStatus::Down,
         Ok(pb::VmStatus::Up) => on_host == host::VmStatus::Up,
+        Ok(pb::VmStatus::Suspended) => on_host == host::VmStatus::Down,
         _ => false,
     }
 }
@@ -507,6 +508,33 @@ fn check_flow(saga: &str, c: &Scenario) {
             let replayed = c.fault.as_deref() == Some("host_snapshot=crash_after");
             assert_eq!(joins, usize::from(replayed), "{:?}", c.calls);
         }
+        "vm_suspend" => {
+            // A running VM, suspended: its memory on the ACTIVE snapshot,
+            // the disks as they were.
+            let (active_before, active) = (active_before.unwrap(), active.unwrap());
+            assert_eq!(vm_row(after, SUBJECT).unwrap().2, pb::VmStatus::Suspended as i32);
+            assert_eq!(active.snapshot_id, active_before.snapshot_id);
+            assert_eq!(active.disks, active_before.disks, "no overlay");
+            assert!(active.has_memory, "{active:?}");
+            let memory = memory_volumes(active);
+            assert_eq!(memory.len(), 2);
+            assert_eq!(after.volumes, with(&before.volumes, &memory, &[]));
+            let suspends: Vec<&HostCall> = c
+                .calls
+                .iter()
+                .filter(|h| matches!(h, HostCall::Suspend { .. }))
+                .collect();
+            let replayed = c.fault.as_deref() == Some("host_suspend=crash_after");
+            assert_eq!(suspends.len(), 1 + usize::from(replayed), "{:?}", c.calls);
+            for s in suspends {
+                let HostCall::Suspend { disks, memory, .. } = s else {
+                    unreachable!()
+                };
+                let on: Vec<String> = disks.iter().map(|d| d.volume_id.clone()).collect();
+                assert_eq!(on, disk_volumes(active), "the leaves");
+                assert_eq!(memory, &active.memory, "into the ACTIVE's memory");
+            }
+        }
         "snapshot_remove" => {
             let s1 = by_id(before, c.snapshot).unwrap();
             assert!(by_id(after, c.snapshot).is_none(), "s1 is removed");
@@ -849,6 +877,7 @@ crash_tests!(sqlite => on_sqlite:
     vm_remove,
     vm_run,
     vm_stop,
+    vm_suspend,
     vm_update,
     snapshot_create,
     snapshot_remove,
@@ -865,6 +894,7 @@ crash_tests!(sqlite => on_sqlite:
 // row against concurrent imports), on PostgreSQL too.
 crash_tests!(postgres => on_postgres:
     snapshot_create,
+    vm_suspend,
     snapshot_remove,
     vm_run,
     snapshot_commit,

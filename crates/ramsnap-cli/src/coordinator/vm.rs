@@ -57,7 +57,18 @@ pub enum VmCommand {
     /// Edits a VM: the options given. Memory, vcpus and boot images need
     /// the VM down, and drop the memory its active snapshot holds.
     Update(UpdateArgs),
-    /// Stops a VM; a stateless VM goes back to the state it was run from.
+    /// Suspends a running VM (hibernate): its memory is saved and the guest
+    /// stops, SUSPENDED; `vm run` resumes it where it was, `vm stop`
+    /// discards the saved state. Its disks cannot change meanwhile.
+    Suspend {
+        /// The VM: its name or id.
+        #[arg(value_name = "VM")]
+        id: Ref,
+        #[command(flatten)]
+        op: OperationArgs,
+    },
+    /// Stops a VM; a stateless VM goes back to the state it was run from;
+    /// a suspended VM's saved state is discarded.
     Stop {
         /// The VM: its name or id.
         #[arg(value_name = "VM")]
@@ -240,6 +251,7 @@ pub enum VmStatusArg {
     SavingState,
     PoweringDown,
     ImageLocked,
+    Suspended,
 }
 
 impl From<VmStatusArg> for pb::VmStatus {
@@ -253,6 +265,7 @@ impl From<VmStatusArg> for pb::VmStatus {
             VmStatusArg::SavingState => pb::VmStatus::SavingState,
             VmStatusArg::PoweringDown => pb::VmStatus::PoweringDown,
             VmStatusArg::ImageLocked => pb::VmStatus::ImageLocked,
+            VmStatusArg::Suspended => pb::VmStatus::Suspended,
         }
     }
 }
@@ -424,6 +437,33 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
                 id,
                 Until::Done,
                 |_| format!("VM {id} updated"),
+            )
+            .await?;
+        }
+        VmCommand::Suspend { id, op } => {
+            let id = names.vm(&id).await?;
+            let request_id = op.request.id();
+            let resp = client
+                .suspend_vm(pb::SuspendVmRequest {
+                    request_id: request_id.to_string(),
+                    vm_id: id.to_string(),
+                })
+                .await
+                .map_err(|s| with_request_id(s, request_id))?
+                .into_inner();
+            let started = Started::new(request_id, resp.operation, Vec::new());
+            then_show_vm(
+                &channel,
+                &mut client,
+                output,
+                &op,
+                started,
+                id,
+                Until::Done,
+                |vm| match vm {
+                    Some(vm) => format!("VM {id} suspended ({})", render::vm_status(vm.status)),
+                    None => format!("VM {id} suspended"),
+                },
             )
             .await?;
         }

@@ -46,7 +46,7 @@ const STATE_POLL_WITH_EVENTS: Duration = Duration::from_millis(50);
 const PROGRESS_POLL: Duration = Duration::from_millis(100);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn snapshot_timeout(memory: u64) -> Duration {
+pub(super) fn snapshot_timeout(memory: u64) -> Duration {
     Duration::from_secs(300 + memory / (10 * MIB))
 }
 
@@ -160,12 +160,12 @@ impl Job {
 }
 
 /// The memory part of a snapshot, once its volumes are prepared.
-struct MemoryTarget {
-    volumes: MemoryVolumes,
-    dump: Prepared,
-    dump_capacity: u64,
-    meta: Prepared,
-    meta_capacity: u64,
+pub(super) struct MemoryTarget {
+    pub volumes: MemoryVolumes,
+    pub dump: Prepared,
+    pub dump_capacity: u64,
+    pub meta: Prepared,
+    pub meta_capacity: u64,
 }
 
 /// Tracks how long the guest was paused from polled observations.
@@ -770,7 +770,7 @@ impl Host {
 
     /// Prepares a memory pair and reads their capacities (no scrub). The
     /// two volumes (in images of their own) side by side.
-    async fn prepare_memory(&self, m: MemoryVolumes) -> Result<MemoryTarget> {
+    pub(super) async fn prepare_memory(&self, m: MemoryVolumes) -> Result<MemoryTarget> {
         let volumes = &self.inner.volumes;
         let (dump_info, meta_info): (VolumeInfo, VolumeInfo) =
             tokio::try_join!(volumes.get(&m.dump), volumes.get(&m.metadata))?;
@@ -839,7 +839,7 @@ impl Host {
             return Err(e);
         }
         match mem.as_ref() {
-            Some(target) => ready_dump(target, req).await,
+            Some(target) => ready_dump(target, req.vm_id, req.snapshot_id).await,
             None => Ok(()),
         }
     }
@@ -999,7 +999,7 @@ fn adopt(d: &mut RunningDisk, o: &Prepared) {
     d.prepared.push(o.r);
 }
 
-fn chrono_now() -> i64 {
+pub(super) fn chrono_now() -> i64 {
     crate::model::now_unix_ms() / 1000
 }
 
@@ -1009,10 +1009,9 @@ fn chrono_now() -> i64 {
 /// `metadata::pair_is_clean`: as the storage service made it, zeroed) is
 /// not zeroed again: that is a full pass over the LV (about a second per
 /// GiB here). A FILE dump is always truncated, which costs nothing.
-async fn ready_dump(m: &MemoryTarget, req: &SnapshotRequest) -> Result<()> {
+pub(super) async fn ready_dump(m: &MemoryTarget, vm_id: Uuid, snapshot_id: Uuid) -> Result<()> {
     let (dump, meta) = (m.dump.clone(), m.meta.clone());
     let (capacity, meta_capacity) = (m.dump_capacity, m.meta_capacity);
-    let (vm_id, snapshot_id) = (req.vm_id, req.snapshot_id);
     let scrubbed = blocking_io("readying the dump volume".into(), move || {
         let clean = dump.kind == DiskKind::Block && metadata::pair_is_clean(&meta.path)?;
         if !clean {
@@ -1022,7 +1021,7 @@ async fn ready_dump(m: &MemoryTarget, req: &SnapshotRequest) -> Result<()> {
         Ok(!clean)
     })
     .await?;
-    tracing::debug!(vm = %req.vm_id, dump = %m.volumes.dump, scrubbed, "dump volume ready");
+    tracing::debug!(vm = %vm_id, dump = %m.volumes.dump, scrubbed, "dump volume ready");
     Ok(())
 }
 
@@ -1030,7 +1029,7 @@ async fn ready_dump(m: &MemoryTarget, req: &SnapshotRequest) -> Result<()> {
 /// scrubbed, then the metadata zeroed. Only in that order, and the
 /// metadata only when the scrub succeeded: zero metadata says the dump
 /// reads as zeros (see `ready_dump`).
-async fn scrub_pair(m: &MemoryTarget, vm: Uuid) {
+pub(super) async fn scrub_pair(m: &MemoryTarget, vm: Uuid) {
     if let Err(e) = scrub(m).await {
         tracing::error!(vm = %vm, error = %e, "scrubbing the dump volume failed; its metadata volume keeps its mark");
         return;

@@ -20,6 +20,19 @@ super::text_enum! {
         SavingState => "SavingState",
         PoweringDown => "PoweringDown",
         ImageLocked => "ImageLocked",
+        /// Not running, its memory saved on the ACTIVE snapshot by
+        /// SuspendVm (stored as Down with `suspended` set).
+        Suspended => "Suspended",
+    }
+}
+
+impl VmStatus {
+    /// The `status` column's value and the `suspended` flag.
+    fn stored(self) -> (&'static str, bool) {
+        match self {
+            VmStatus::Suspended => (VmStatus::Down.as_str(), true),
+            s => (s.as_str(), false),
+        }
     }
 }
 
@@ -80,7 +93,8 @@ pub struct VmDisk {
 }
 
 const VM_COLUMNS: &str = "id, name, cluster_id, memory_bytes, vcpus, \
-     CASE WHEN stateless THEN 1 ELSE 0 END AS stateless, host_id, status, disk_domain_id, \
+     CASE WHEN stateless THEN 1 ELSE 0 END AS stateless, host_id, status, \
+     CASE WHEN suspended THEN 1 ELSE 0 END AS suspended, disk_domain_id, \
      lock_operation_id, kernel, initrd, cmdline, created_at, updated_at";
 
 fn vm_from_row(row: &AnyRow) -> Result<Vm, sqlx::Error> {
@@ -92,7 +106,10 @@ fn vm_from_row(row: &AnyRow) -> Result<Vm, sqlx::Error> {
         vcpus: row.unsigned("vcpus")?,
         stateless: row.flag("stateless")?,
         host_id: row.opt_uuid("host_id")?,
-        status: row.parsed("status")?,
+        status: match row.parsed("status")? {
+            VmStatus::Down if row.flag("suspended")? => VmStatus::Suspended,
+            s => s,
+        },
         disk_domain_id: row.uuid("disk_domain_id")?,
         lock_operation_id: row.opt_uuid("lock_operation_id")?,
         kernel: row.text("kernel")?,
@@ -186,7 +203,10 @@ impl Database {
 
     /// How many VMs are in each status.
     pub async fn count_vms_by_status(&self) -> Result<Vec<(String, i64)>, DbError> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM vms GROUP BY status")
+        let rows = sqlx::query(
+            "SELECT CASE WHEN suspended THEN 'Suspended' ELSE status END AS status, COUNT(*) AS n \
+             FROM vms GROUP BY 1",
+        )
             .fetch_all(self.pool())
             .await?;
         Ok(rows
@@ -196,10 +216,12 @@ impl Database {
     }
 
     pub async fn set_vm_status(&self, id: Uuid, status: VmStatus) -> Result<(), DbError> {
-        let query = sqlx::query("UPDATE vms SET status = $2, updated_at = $3 WHERE id = $1")
+        let (text, suspended) = status.stored();
+        let query = sqlx::query("UPDATE vms SET status = $2, suspended = $4, updated_at = $3 WHERE id = $1")
             .bind(id.to_string())
-            .bind(status.as_str())
-            .bind(now_ms());
+            .bind(text)
+            .bind(now_ms())
+            .bind(suspended);
         let result = self.execute_write(query).await?;
         if result.rows_affected() == 0 {
             return Err(DbError::not_found("vm", id));
@@ -210,14 +232,16 @@ impl Database {
     /// Records a status the VM's host reported (the status follower). A VM
     /// that an operation has set Down while holding its lock (StopVm) keeps
     /// Down: a report still in flight when the follower was stopped must not
-    /// bring it back up. False if nothing changed.
+    /// bring it back up. A suspended VM keeps its status: its host no
+    /// longer runs it. False if nothing changed.
     pub async fn record_host_status(&self, id: Uuid, status: VmStatus) -> Result<bool, DbError> {
         let result = sqlx::query(
             "UPDATE vms SET status = $2, updated_at = $3 \
-             WHERE id = $1 AND status <> $2 AND NOT (status = 'Down' AND lock_operation_id IS NOT NULL)",
+             WHERE id = $1 AND status <> $2 AND NOT suspended \
+             AND NOT (status = 'Down' AND lock_operation_id IS NOT NULL)",
         )
         .bind(id.to_string())
-        .bind(status.as_str())
+        .bind(status.stored().0)
         .bind(now_ms())
         .execute(self.writer())
         .await?;
@@ -232,11 +256,17 @@ impl Database {
         from: VmStatus,
         to: VmStatus,
     ) -> Result<bool, DbError> {
-        let query = sqlx::query("UPDATE vms SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2")
-            .bind(id.to_string())
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(now_ms());
+        let ((from, from_suspended), (to, to_suspended)) = (from.stored(), to.stored());
+        let query = sqlx::query(
+            "UPDATE vms SET status = $3, suspended = $6, updated_at = $4 \
+             WHERE id = $1 AND status = $2 AND suspended = $5",
+        )
+        .bind(id.to_string())
+        .bind(from)
+        .bind(to)
+        .bind(now_ms())
+        .bind(from_suspended)
+        .bind(to_suspended);
         let result = self.execute_write(query).await?;
         if result.rows_affected() == 0 {
             // Tell "no such VM" from "VM in another state".
@@ -472,8 +502,8 @@ pub(super) async fn fetch_vm(conn: &mut AnyConnection, id: Uuid) -> Result<Optio
 pub(super) async fn insert_vm(conn: &mut AnyConnection, vm: &Vm) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO vms (id, name, cluster_id, memory_bytes, vcpus, stateless, host_id, status, \
-         disk_domain_id, lock_operation_id, kernel, initrd, cmdline, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+         disk_domain_id, lock_operation_id, kernel, initrd, cmdline, created_at, updated_at, suspended) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(vm.id.to_string())
     .bind(&vm.name)
@@ -482,7 +512,7 @@ pub(super) async fn insert_vm(conn: &mut AnyConnection, vm: &Vm) -> Result<(), D
     .bind(i64::from(vm.vcpus))
     .bind(vm.stateless)
     .bind(vm.host_id.map(|id| id.to_string()))
-    .bind(vm.status.as_str())
+    .bind(vm.status.stored().0)
     .bind(vm.disk_domain_id.to_string())
     .bind(vm.lock_operation_id.map(|id| id.to_string()))
     .bind(&vm.kernel)
@@ -490,6 +520,7 @@ pub(super) async fn insert_vm(conn: &mut AnyConnection, vm: &Vm) -> Result<(), D
     .bind(&vm.cmdline)
     .bind(vm.created_at)
     .bind(vm.updated_at)
+    .bind(vm.status.stored().1)
     .execute(conn)
     .await
     .map_err(DbError::on_write("vm", vm.id))?;

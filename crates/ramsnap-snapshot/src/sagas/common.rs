@@ -145,6 +145,7 @@ pub async fn lock_down_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<db::Vm, Statu
 
 /// FAILED_PRECONDITION VM_NOT_DOWN unless the VM is down.
 pub fn require_down(vm: &db::Vm) -> Result<(), Status> {
+    crate::service::refuse_suspended(vm, "this operation")?;
     if vm.status != VmStatus::Down {
         return Err(status::failed_precondition(
             "VM_NOT_DOWN",

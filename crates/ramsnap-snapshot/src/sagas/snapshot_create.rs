@@ -138,62 +138,77 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryJson>, Stat
             return Ok(None);
         }
         let (vm, host) = vm_and_host(cx).await?;
-        let mut client = cx.app.storage_client(&host)?;
-        let mode = match p.mode {
-            MemoryMode::Paused => storage::MemoryDumpMode::Paused,
-            MemoryMode::Live => storage::MemoryDumpMode::Live,
-        };
-        // The VM's disk domain first; only when it has no room, the others
-        // by free space (listing them costs a look at every domain).
-        let mut domains = vec![vm.disk_domain_id];
-        let mut listed = false;
-        let mut last = Status::resource_exhausted("no storage domain has room for the memory volumes");
-        while let Some(domain) = domains.pop() {
-            let req = storage::CreateMemoryVolumesRequest {
-                // One request id per domain tried, so a replay finds its volumes.
-                request_id: cx.stable_id(&format!("memory/{domain}")).to_string(),
-                domain_id: domain.to_string(),
-                memory_bytes: vm.memory_bytes,
-                mode: mode as i32,
-                description: format!("memory of snapshot {} of VM {}", snapshot_id(cx)?, vm.name),
-            };
-            let made = cx
-                .app
-                .on_domain_writer(&req.domain_id, &host, |mut c| {
-                    let req = req.clone();
-                    async move { c.create_memory_volumes(req).await }
-                })
-                .await;
-            match made {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let m = MemoryVolume {
-                        dump: from_wire_ref(r.dump.as_ref().and_then(|v| v.r#ref.as_ref()))?,
-                        metadata: from_wire_ref(r.metadata.as_ref().and_then(|v| v.r#ref.as_ref()))?,
-                    };
-                    return Ok(Some(memory_json(&m)));
-                }
-                Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::NotFound) => last = s,
-                Err(s) => return Err(downstream("creating the memory volumes", s)),
-            }
-            if !listed {
-                listed = true;
-                if let Ok(list) = client.list_domains(storage::ListDomainsRequest {}).await {
-                    let mut others: Vec<_> = list.into_inner().domains;
-                    // Popped from the end: the most free space last.
-                    others.sort_by_key(|d| d.free_bytes);
-                    domains.extend(
-                        others
-                            .iter()
-                            .filter_map(|d| Uuid::parse_str(&d.domain_id).ok())
-                            .filter(|d| *d != vm.disk_domain_id),
-                    );
-                }
-            }
-        }
-        Err(last)
+        let description = format!("memory of snapshot {} of VM {}", snapshot_id(cx)?, vm.name);
+        let m = make_memory_volumes(cx, &vm, &host, p.mode, description).await?;
+        Ok(Some(memory_json(&m)))
     }
     .boxed()
+}
+
+/// A memory volume pair for the VM's RAM: on the VM's disk domain, or
+/// when it has no room, on the domain with the most free space. One request
+/// id per domain tried (from the saga), so a replay finds its volumes.
+pub(crate) async fn make_memory_volumes(
+    cx: &SagaCx<App>,
+    vm: &db::Vm,
+    host: &db::Host,
+    mode: MemoryMode,
+    description: String,
+) -> Result<MemoryVolume, Status> {
+    let mut client = cx.app.storage_client(host)?;
+    let mode = match mode {
+        MemoryMode::Paused => storage::MemoryDumpMode::Paused,
+        MemoryMode::Live => storage::MemoryDumpMode::Live,
+    };
+    // The VM's disk domain first; only when it has no room, the others
+    // by free space (listing them costs a look at every domain).
+    let mut domains = vec![vm.disk_domain_id];
+    let mut listed = false;
+    let mut last = Status::resource_exhausted("no storage domain has room for the memory volumes");
+    while let Some(domain) = domains.pop() {
+        let req = storage::CreateMemoryVolumesRequest {
+            // One request id per domain tried, so a replay finds its volumes.
+            request_id: cx.stable_id(&format!("memory/{domain}")).to_string(),
+            domain_id: domain.to_string(),
+            memory_bytes: vm.memory_bytes,
+            mode: mode as i32,
+            description: description.clone(),
+        };
+        let made = cx
+            .app
+            .on_domain_writer(&req.domain_id, host, |mut c| {
+                let req = req.clone();
+                async move { c.create_memory_volumes(req).await }
+            })
+            .await;
+        match made {
+            Ok(r) => {
+                let r = r.into_inner();
+                let m = MemoryVolume {
+                    dump: from_wire_ref(r.dump.as_ref().and_then(|v| v.r#ref.as_ref()))?,
+                    metadata: from_wire_ref(r.metadata.as_ref().and_then(|v| v.r#ref.as_ref()))?,
+                };
+                return Ok(m);
+            }
+            Err(s) if matches!(s.code(), Code::ResourceExhausted | Code::NotFound) => last = s,
+            Err(s) => return Err(downstream("creating the memory volumes", s)),
+        }
+        if !listed {
+            listed = true;
+            if let Ok(list) = client.list_domains(storage::ListDomainsRequest {}).await {
+                let mut others: Vec<_> = list.into_inner().domains;
+                // Popped from the end: the most free space last.
+                others.sort_by_key(|d| d.free_bytes);
+                domains.extend(
+                    others
+                        .iter()
+                        .filter_map(|d| Uuid::parse_str(&d.domain_id).ok())
+                        .filter(|d| *d != vm.disk_domain_id),
+                );
+            }
+        }
+    }
+    Err(last)
 }
 
 fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {

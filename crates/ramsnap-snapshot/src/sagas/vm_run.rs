@@ -11,7 +11,8 @@
 //! the same memory (the STATELESS snapshot keeps it when the run's ACTIVE
 //! drops it). StopVm goes back to the STATELESS state.
 use super::common::{
-    end_stateless, ensure_cow_volume, lock_vm_node, noop, release_memory, unlock_vm_node, vm_and_host, OnVm,
+    end_stateless, ensure_cow_volume, lock_vm, noop, release_memory, require_down, unlock_undo, unlock_vm_node,
+    vm_and_host, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -54,7 +55,7 @@ pub fn definition() -> SagaDef<App> {
     SagaDef {
         name: NAME,
         nodes: vec![
-            lock_vm_node::<Params>(true),
+            Node::new(LOCKED, lock_fwd).undo(unlock_undo::<Params>).local(),
             // A stateless run that ended without StopVm (the guest shut
             // down) left its STATELESS snapshot: go back to it first.
             Node::new(Output::new("restore_stateless"), restore_stateless_fwd).undo(noop),
@@ -69,10 +70,29 @@ pub fn definition() -> SagaDef<App> {
     }
 }
 
+/// The lock taken; true when the VM was SUSPENDED (it resumes, and a
+/// failed run leaves it suspended).
+const LOCKED: Output<bool> = Output::new("lock_vm");
 /// A stateless run's overlays, one per disk, on top of what the ACTIVE
 /// snapshot had; None (null in the log) for a stateful run.
 const STATELESS_OVERLAYS: Output<Option<Vec<SnapshotDisk>>> = Output::new("stateless_overlays");
 const RUN_ON_HOST: Output<Started> = Output::new("run_on_host");
+
+/// Takes the VM's lock and checks, under it, that the VM is down or
+/// suspended.
+fn lock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<bool, Status>> {
+    async move {
+        let p: Params = cx.params()?;
+        lock_vm(cx, p.vm_id).await?;
+        let vm = cx.db().get_vm(p.vm_id).await.map_err(db_status)?;
+        if vm.status == db::VmStatus::Suspended {
+            return Ok(true);
+        }
+        require_down(&vm)?;
+        Ok(false)
+    }
+    .boxed()
+}
 
 async fn run_host(cx: &SagaCx<App>) -> Result<db::Host, Status> {
     cx.app.host(cx.params::<Params>()?.host_id).await
@@ -371,10 +391,14 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             }
             Err(s) => return Err(downstream("stopping the VM after a failed run", s)),
         }
-        cx.db()
-            .set_vm_status(p.vm_id, db::VmStatus::Down)
-            .await
-            .map_err(db_status)?;
+        // A suspended VM's memory is still on its ACTIVE snapshot: it stays
+        // suspended.
+        let back = if cx.get(LOCKED)? {
+            db::VmStatus::Suspended
+        } else {
+            db::VmStatus::Down
+        };
+        cx.db().set_vm_status(p.vm_id, back).await.map_err(db_status)?;
         cx.app.notify_vm(p.vm_id);
         Ok(())
     }

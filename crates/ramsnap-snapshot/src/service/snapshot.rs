@@ -1,7 +1,7 @@
 //! SnapshotService: snapshots of a VM and the operations on them.
 use super::vm::{check_data_domains, refuse_taken_name};
 use super::{
-    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, require_down,
+    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, refuse_suspended, require_down,
     require_memory_level, retried_operation, start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
@@ -194,6 +194,7 @@ impl SnapshotService for SnapshotApi {
         };
         limits::check_text("description", &req.description, limits::MAX_DESCRIPTION)?;
         refuse_locked(&vm)?;
+        refuse_suspended(&vm, "taking a snapshot")?;
         let running = is_running(vm.status);
         if req.save_memory {
             let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;

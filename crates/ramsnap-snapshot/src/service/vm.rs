@@ -1,13 +1,13 @@
 //! VmService: VMs, running and stopping them, and their status.
 use super::snapshot::{in_preview, refuse_in_preview};
 use super::{
-    check_name, get_vm, limits, refuse_locked, require_down, retried_operation, start_operation,
-    to_operation, vm_status, RequestKey, Start,
+    check_name, get_vm, limits, refuse_locked, require_down, require_memory_level, retried_operation,
+    start_operation, to_operation, vm_status, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::downstream;
 use crate::db;
-use crate::sagas::{vm_create, vm_remove, vm_run, vm_stop, vm_update};
+use crate::sagas::{vm_create, vm_remove, vm_run, vm_stop, vm_suspend, vm_update};
 use ramsnap_common::paging::PageRequest;
 use ramsnap_common::{ids, status};
 use ramsnap_proto::host::v1 as host;
@@ -316,7 +316,9 @@ impl VmService for VmApi {
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
         let host_id = ids::parse_optional("host_id", &req.host_id)?;
         refuse_locked(&vm)?;
-        require_down(&vm, "running it")?;
+        if vm.status != db::VmStatus::Suspended {
+            require_down(&vm, "running it")?;
+        }
         let host = match host_id {
             Some(h) => {
                 let host = self.0.host(h).await?;
@@ -363,6 +365,38 @@ impl VmService for VmApi {
             graceful_timeout_seconds: req.graceful_timeout_seconds,
         };
         let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_stop::NAME, &params)).await?;
+        Ok(reply(&op))
+    }
+
+    async fn suspend_vm(
+        &self,
+        req: Request<pb::SuspendVmRequest>,
+    ) -> Result<Response<pb::SuspendVmResponse>, Status> {
+        const KIND: &str = "suspend_vm";
+        let req = req.into_inner();
+        let reply = |op: &db::Operation| {
+            Response::new(pb::SuspendVmResponse {
+                operation: Some(to_operation(op)),
+            })
+        };
+        let key = RequestKey::of(&req)?;
+        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
+            return Ok(reply(&op));
+        }
+        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+        refuse_locked(&vm)?;
+        let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        require_memory_level(&cluster, "suspending a VM saves its memory, which needs 3.3 or above")?;
+        if vm.status != db::VmStatus::Up {
+            return Err(status::failed_precondition(
+                "VM_NOT_RUNNING",
+                &format!("vm/{}", vm.id),
+                format!("VM {} is {}; only a VM that is up can be suspended", vm.name, vm.status),
+            ));
+        }
+        // The rest (a stateless run) is checked under the VM's lock.
+        let params = vm_suspend::Params { vm_id: vm.id };
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_suspend::NAME, &params)).await?;
         Ok(reply(&op))
     }
 

@@ -80,6 +80,12 @@ pub enum HostCall {
         vm_id: String,
         job_id: String,
     },
+    /// SuspendVm: the guest's memory into `memory`, the guest stopped.
+    Suspend {
+        vm_id: String,
+        disks: Vec<common::VolumeRef>,
+        memory: Option<common::MemoryVolumeRef>,
+    },
 }
 
 /// A HostService without libvirt: VMs are status machines. RunVm checks
@@ -102,6 +108,9 @@ pub struct SimInner {
     pub refuse_restore: Mutex<bool>,
     /// Snapshot jobs by job id.
     jobs: Mutex<HashMap<String, SnapshotJob>>,
+    /// Suspended VMs: the snapshot id and memory pair each was saved with
+    /// (what a real host finds in the pair's metadata on a retry).
+    suspended: Mutex<HashMap<String, (String, Option<common::MemoryVolumeRef>)>>,
 }
 
 /// A snapshot job: `done` holds `memory_saved` once it is taken.
@@ -121,6 +130,7 @@ impl SimulatedHost {
                 snapshot_gate: Mutex::new(None),
                 refuse_restore: Mutex::new(false),
                 jobs: Mutex::new(HashMap::new()),
+                suspended: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -535,6 +545,44 @@ impl HostService for SimulatedHost {
             rebound,
             disks: req.rebind_disks,
             ..Default::default()
+        }))
+    }
+
+    async fn suspend_vm(
+        &self,
+        req: Request<host::SuspendVmRequest>,
+    ) -> Result<Response<host::SuspendVmResponse>, Status> {
+        // As the HostService contract says: a VM that runs is saved and
+        // stopped; a retry finds it saved; otherwise VM_NOT_RUNNING.
+        let r = req.into_inner();
+        self.record(HostCall::Suspend {
+            vm_id: r.vm_id.clone(),
+            disks: r.disks.clone(),
+            memory: r.memory.clone(),
+        });
+        let saved = (r.snapshot_id.clone(), r.memory.clone());
+        if self.status(&r.vm_id) != host::VmStatus::Up as i32 {
+            if self.inner.suspended.lock().unwrap().get(&r.vm_id) == Some(&saved) {
+                return Ok(Response::new(host::SuspendVmResponse {
+                    dump_bytes: 0,
+                    dump_checksum: String::new(),
+                    duration_ms: 0,
+                    saved_earlier: true,
+                }));
+            }
+            return Err(ramsnap_common::status::failed_precondition(
+                "VM_NOT_RUNNING",
+                &r.vm_id,
+                format!("vm {} is not running on this host", r.vm_id),
+            ));
+        }
+        self.set_status(&r.vm_id, host::VmStatus::Down);
+        self.inner.suspended.lock().unwrap().insert(r.vm_id.clone(), saved);
+        Ok(Response::new(host::SuspendVmResponse {
+            dump_bytes: 0,
+            dump_checksum: String::new(),
+            duration_ms: 0,
+            saved_earlier: false,
         }))
     }
 
@@ -1384,7 +1432,7 @@ pub async fn setup(sim: &mut Env, saga: &str) -> (String, String) {
             sim.run(&vm, true).await;
             (vm, s1)
         }
-        "snapshot_create" => {
+        "snapshot_create" | "vm_suspend" => {
             let vm = sim.create_vm("subject").await;
             sim.run(&vm, false).await;
             (vm, String::new())
@@ -1475,6 +1523,16 @@ pub async fn act_with(
                     memory_bytes: Some(128 * MIB),
                     vcpus: Some(2),
                     ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .operation
+        }
+        "vm_suspend" => {
+            sim.vms
+                .suspend_vm(pb::SuspendVmRequest {
+                    request_id: rid,
+                    vm_id: vm,
                 })
                 .await?
                 .into_inner()
