@@ -1340,7 +1340,10 @@ impl Cluster {
             "SuspendVm's statuses: {statuses:?}"
         );
         let after = self.console_now(vm_id).await;
-        assert_eq!(after.token, before.token, "the guest rebooted before it was suspended");
+        assert_eq!(
+            after.token, before.token,
+            "the guest rebooted before it was suspended"
+        );
         self.step(&format!(
             "suspended between counters {} and {}",
             before.counter, after.counter

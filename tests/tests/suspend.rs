@@ -125,7 +125,11 @@ async fn suspend_and_resume(db: Db, kind: DomainKind, label: &str) {
         "SuspendVm of a suspended VM",
     );
     assert_eq!(c.get_vm(&vm).await.status(), VmStatus::Suspended);
-    assert_eq!(c.list_snapshots(&vm).await.len(), 2, "nothing was added or removed");
+    assert_eq!(
+        c.list_snapshots(&vm).await.len(),
+        2,
+        "nothing was added or removed"
+    );
 
     // Resume: the same guest, counting on; the memory is freed.
     let run = c.run_vm(&vm, false).await;

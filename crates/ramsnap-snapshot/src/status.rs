@@ -24,10 +24,12 @@ pub fn from_host(s: i32) -> Option<VmStatus> {
 /// ImageLocked VM is down: the saga that changes its images sets it back.
 pub async fn follow_running(app: &Arc<App>) {
     let Ok(vms) = app.db.list_vms().await else { return };
-    for vm in vms
-        .into_iter()
-        .filter(|v| !matches!(v.status, VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended))
-    {
+    for vm in vms.into_iter().filter(|v| {
+        !matches!(
+            v.status,
+            VmStatus::Down | VmStatus::ImageLocked | VmStatus::Suspended
+        )
+    }) {
         if let Ok(host) = app.host_for_vm(&vm).await {
             follow(app, vm.id, host);
         }

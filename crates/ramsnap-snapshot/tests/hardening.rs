@@ -187,6 +187,13 @@ async fn request_id_reused_for_another_request_is_refused() {
         })
     );
     refused!(
+        "SuspendVm",
+        s.vms.suspend_vm(pb::SuspendVmRequest {
+            request_id: r.clone(),
+            vm_id: a.clone()
+        })
+    );
+    refused!(
         "CloneVmFromSnapshot",
         s.snaps.clone_vm_from_snapshot(pb::CloneVmFromSnapshotRequest {
             request_id: r.clone(),
@@ -1737,4 +1744,95 @@ async fn remove_host_and_cluster(db: Db) {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     sim.finish().await;
+}
+
+/// SuspendVm from a hostile client: malformed, oversized and unknown ids,
+/// a VM that is not up, a stateless run, a VM another operation holds, a
+/// cluster below 3.3: each refused with its field or precondition, nothing
+/// made, the VM as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_vm_refuses_what_it_cannot_suspend() {
+    let mut sim = InProc::start(Db::Sqlite).await;
+    let suspend = |vm: &str| pb::SuspendVmRequest {
+        request_id: Uuid::new_v4().to_string(),
+        vm_id: vm.into(),
+    };
+    for (vm, code, field) in [
+        ("nope", Code::InvalidArgument, "vm_id"),
+        (&*"7".repeat(8192), Code::InvalidArgument, "vm_id"),
+        ("", Code::InvalidArgument, "vm_id"),
+    ] {
+        let err = sim.vms.suspend_vm(suspend(vm)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert_eq!(support::bad_field(&err), field, "{err:?}");
+    }
+    let err = sim
+        .vms
+        .suspend_vm(suspend(&Uuid::new_v4().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let mut bad_rid = suspend(&Uuid::new_v4().to_string());
+    bad_rid.request_id = "x".repeat(100_000);
+    let err = sim.vms.suspend_vm(bad_rid).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let vm = sim.create_vm("down").await;
+    let err = sim.vms.suspend_vm(suspend(&vm)).await.unwrap_err();
+    assert_eq!(support::precondition(&err), "VM_NOT_RUNNING", "{err:?}");
+
+    // A stateless run: refused under the lock; the run goes on.
+    sim.run(&vm, true).await;
+    let op = sim
+        .vms
+        .suspend_vm(suspend(&vm))
+        .await
+        .unwrap()
+        .into_inner()
+        .operation;
+    let op = sim.wait(op).await;
+    assert_eq!(op.state, pb::OperationState::Failed as i32, "{op:?}");
+    assert_eq!(op.error_precondition, "VM_STATELESS_RUN", "{op:?}");
+    assert_eq!(sim.vm(&vm).await.status, pb::VmStatus::Up as i32);
+    assert_eq!(sim.host.status(&vm), host::VmStatus::Up as i32);
+    assert!(!sim.active(&vm).await.has_memory);
+    sim.stop(&vm).await;
+    assert_nothing_made_but(&mut sim, &vm).await;
+
+    // A VM another operation holds.
+    sim.run(&vm, false).await;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    *sim.host.inner.snapshot_gate.lock().unwrap() = Some(gate.clone());
+    let snap = sim
+        .snaps
+        .create_snapshot(support::Env::snapshot_req(&vm, true, "held"))
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sim
+        .host
+        .calls()
+        .iter()
+        .any(|c| matches!(c, support::HostCall::Snapshot { .. }))
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let err = sim.vms.suspend_vm(suspend(&vm)).await.unwrap_err();
+    assert_eq!(support::precondition(&err), "VM_LOCKED", "{err:?}");
+    gate.notify_one();
+    *sim.host.inner.snapshot_gate.lock().unwrap() = None;
+    sim.ok(Some(snap)).await;
+    assert_eq!(sim.vm(&vm).await.status, pb::VmStatus::Up as i32);
+}
+
+/// After a refused suspend: no memory volume was left of it.
+async fn assert_nothing_made_but(sim: &mut InProc, vm: &str) {
+    sim.assert_no_orphans().await;
+    for s in sim.snapshots(vm).await {
+        assert!(!s.has_memory, "{s:?}");
+    }
 }

@@ -142,6 +142,7 @@ on_both_backends!(
     finish_saga_ends_log_operation_and_saga_together,
     concurrent_log_appends_are_each_answered,
     snapshot_types_and_active_id,
+    suspended_is_down_with_a_flag,
 );
 
 // ---- fixtures ----
@@ -2572,4 +2573,37 @@ async fn snapshot_types_and_active_id(db: Database) {
     let ghost = Uuid::new_v4();
     assert!(db.active_snapshot_id(ghost).await.unwrap_err().is_not_found());
     assert!(db.snapshot_types(ghost).await.unwrap().is_empty());
+}
+
+/// A suspended VM is stored Down with its `suspended` flag: it reads back
+/// SUSPENDED, a Down-to-ImageLocked transition does not take it, a host's
+/// report does not overwrite it, it is counted apart, and any other status
+/// clears the flag.
+async fn suspended_is_down_with_a_flag(db: Database) {
+    let new = vm(&db).await;
+    db.set_vm_status(new.id, VmStatus::Up).await.unwrap();
+    db.set_vm_status(new.id, VmStatus::Suspended).await.unwrap();
+    assert_eq!(db.get_vm(new.id).await.unwrap().status, VmStatus::Suspended);
+    assert!(!db
+        .transition_vm_status(new.id, VmStatus::Down, VmStatus::ImageLocked)
+        .await
+        .unwrap());
+    assert!(!db.record_host_status(new.id, VmStatus::Down).await.unwrap());
+    assert!(!db.record_host_status(new.id, VmStatus::Up).await.unwrap());
+    assert_eq!(db.get_vm(new.id).await.unwrap().status, VmStatus::Suspended);
+    let counts = db.count_vms_by_status().await.unwrap();
+    assert!(counts.contains(&("Suspended".to_string(), 1)), "{counts:?}");
+    assert!(!counts.iter().any(|(s, _)| s == "Down"), "{counts:?}");
+    assert!(db
+        .transition_vm_status(new.id, VmStatus::Suspended, VmStatus::RestoringState)
+        .await
+        .unwrap());
+    assert_eq!(db.get_vm(new.id).await.unwrap().status, VmStatus::RestoringState);
+    db.set_vm_status(new.id, VmStatus::Suspended).await.unwrap();
+    db.set_vm_status(new.id, VmStatus::Down).await.unwrap();
+    assert_eq!(db.get_vm(new.id).await.unwrap().status, VmStatus::Down);
+    assert!(db
+        .transition_vm_status(new.id, VmStatus::Down, VmStatus::ImageLocked)
+        .await
+        .unwrap());
 }

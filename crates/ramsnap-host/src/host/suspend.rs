@@ -106,7 +106,11 @@ impl Host {
         // A FILE dump is hashed while libvirt writes it (as for a snapshot).
         let stop_following = Arc::new(AtomicBool::new(false));
         let follower = (target.dump.kind == DiskKind::File && !self.inner.simulated).then(|| {
-            let (path, capacity, stop) = (target.dump.path.clone(), target.dump_capacity, stop_following.clone());
+            let (path, capacity, stop) = (
+                target.dump.path.clone(),
+                target.dump_capacity,
+                stop_following.clone(),
+            );
             tokio::task::spawn_blocking(move || metadata::follow_dump(&path, capacity, &stop))
         });
         let saved = hv
@@ -202,7 +206,12 @@ impl Host {
             .flatten()
             .is_some_and(|(vm, snapshot)| vm == req.vm_id && snapshot == req.snapshot_id);
         if marked && !self.inner.simulated {
-            if let Ok(xml) = self.inner.hv.saved_xml(target.dump.path.display().to_string()).await {
+            if let Ok(xml) = self
+                .inner
+                .hv
+                .saved_xml(target.dump.path.display().to_string())
+                .await
+            {
                 if crate::xml::domain_name(&xml).ok() == Some(self.domain_name(req.vm_id)) {
                     tracing::warn!(vm = %req.vm_id, "a save finished for an earlier agent process: recording it");
                     let (bytes, checksum) = self.record_saved(target, req, None, None).await?;
@@ -294,10 +303,7 @@ impl Host {
         let path = target.dump.path.display().to_string();
         let xml = self.inner.hv.saved_xml(path.clone()).await?;
         tracing::warn!(vm = %vm_id, "resuming the guest from its unrecorded memory");
-        self.inner
-            .hv
-            .restore(path, xml, false, snapshot_timeout(0))
-            .await
+        self.inner.hv.restore(path, xml, false, snapshot_timeout(0)).await
     }
 
     async fn teardown_pair(&self, m: &MemoryVolumes) {

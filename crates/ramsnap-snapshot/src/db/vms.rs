@@ -207,8 +207,8 @@ impl Database {
             "SELECT CASE WHEN suspended THEN 'Suspended' ELSE status END AS status, COUNT(*) AS n \
              FROM vms GROUP BY 1",
         )
-            .fetch_all(self.pool())
-            .await?;
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows
             .iter()
             .map(|r| Ok((r.text("status")?, r.int("n")?)))

@@ -11,8 +11,8 @@
 //! the same memory (the STATELESS snapshot keeps it when the run's ACTIVE
 //! drops it). StopVm goes back to the STATELESS state.
 use super::common::{
-    end_stateless, ensure_cow_volume, lock_vm, noop, release_memory, require_down, unlock_undo, unlock_vm_node,
-    vm_and_host, OnVm,
+    end_stateless, ensure_cow_volume, lock_vm, noop, release_memory, require_down, unlock_undo,
+    unlock_vm_node, vm_and_host, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};

@@ -80,7 +80,10 @@ fn check_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             return Err(st::failed_precondition(
                 "VM_NOT_RUNNING",
                 &format!("vm/{}", vm.id),
-                format!("VM {} is {}; only a VM that is up can be suspended", vm.name, vm.status),
+                format!(
+                    "VM {} is {}; only a VM that is up can be suspended",
+                    vm.name, vm.status
+                ),
             ));
         }
         let types = db.snapshot_types(p.vm_id).await.map_err(db_status)?;
@@ -88,7 +91,10 @@ fn check_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             return Err(st::failed_precondition(
                 "VM_STATELESS_RUN",
                 &format!("vm/{}", vm.id),
-                format!("VM {} runs stateless: its run is discarded when it stops, not suspended", vm.name),
+                format!(
+                    "VM {} runs stateless: its run is discarded when it stops, not suspended",
+                    vm.name
+                ),
             ));
         }
         let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;

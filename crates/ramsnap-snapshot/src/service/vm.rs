@@ -386,17 +386,27 @@ impl VmService for VmApi {
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
         refuse_locked(&vm)?;
         let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
-        require_memory_level(&cluster, "suspending a VM saves its memory, which needs 3.3 or above")?;
+        require_memory_level(
+            &cluster,
+            "suspending a VM saves its memory, which needs 3.3 or above",
+        )?;
         if vm.status != db::VmStatus::Up {
             return Err(status::failed_precondition(
                 "VM_NOT_RUNNING",
                 &format!("vm/{}", vm.id),
-                format!("VM {} is {}; only a VM that is up can be suspended", vm.name, vm.status),
+                format!(
+                    "VM {} is {}; only a VM that is up can be suspended",
+                    vm.name, vm.status
+                ),
             ));
         }
         // The rest (a stateless run) is checked under the VM's lock.
         let params = vm_suspend::Params { vm_id: vm.id };
-        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_suspend::NAME, &params)).await?;
+        let op = start_operation(
+            &self.0,
+            Start::locked(KIND, vm.id, key, vm_suspend::NAME, &params),
+        )
+        .await?;
         Ok(reply(&op))
     }
 

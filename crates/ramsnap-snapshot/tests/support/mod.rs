@@ -577,7 +577,11 @@ impl HostService for SimulatedHost {
             ));
         }
         self.set_status(&r.vm_id, host::VmStatus::Down);
-        self.inner.suspended.lock().unwrap().insert(r.vm_id.clone(), saved);
+        self.inner
+            .suspended
+            .lock()
+            .unwrap()
+            .insert(r.vm_id.clone(), saved);
         Ok(Response::new(host::SuspendVmResponse {
             dump_bytes: 0,
             dump_checksum: String::new(),
