@@ -1016,6 +1016,128 @@ impl Cluster {
         agent
     }
 
+    /// A second host agent on this machine's libvirt (a run directory,
+    /// state directory, host id and port of its own; the same storage agent,
+    /// so it sees the same domains), added to the cluster under `name`.
+    /// Returns the process (stopped on drop) and its host id.
+    pub async fn second_host_agent(&self, name: &str) -> (Running, String) {
+        let root = self
+            .root
+            .as_ref()
+            .expect("the system's root")
+            .path()
+            .to_path_buf();
+        let dir = subdir(&root, "host2-");
+        let h = dir.path().to_path_buf();
+        let agent = spawn_env(
+            "ramsnap-host",
+            os_args(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--libvirt-uri",
+                LIBVIRT_URI,
+                "--storage",
+                &self.storage_url,
+                "--boot-dir",
+                &root.join("boot").display().to_string(),
+                "--run-dir",
+                &h.join("run").display().to_string(),
+                "--state-dir",
+                &h.join("state").display().to_string(),
+                "--domain-type",
+                "qemu",
+            ]),
+            1,
+            dir,
+            &[],
+        );
+        let host = self
+            .clusters()
+            .add_host(pb::AddHostRequest {
+                request_id: request_id(),
+                name: name.to_string(),
+                cluster_id: self.cluster_id.clone(),
+                host_address: format!("http://{}", agent.addr),
+                storage_address: self.storage_url.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("AddHost {name}: {e}")))
+            .into_inner()
+            .host
+            .expect("AddHost returns the host");
+        (agent, host.host_id)
+    }
+
+    /// The end of the VM's console log on that host (0 if it has none),
+    /// read from the host agent itself.
+    pub async fn console_end_on(&self, vm_id: &str, host_id: &str) -> u64 {
+        use ramsnap_proto::host::v1 as hpb;
+        let hosts = self
+            .clusters()
+            .list_hosts(pb::ListHostsRequest {
+                cluster_id: self.cluster_id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("ListHosts: {e}")))
+            .into_inner()
+            .hosts;
+        let address = hosts
+            .iter()
+            .find(|h| h.host_id == host_id)
+            .unwrap_or_else(|| self.fail(&format!("no host {host_id} in the cluster")))
+            .host_address
+            .clone();
+        let mut host = hpb::host_service_client::HostServiceClient::new(connect(&address).await);
+        let mut at = 0;
+        loop {
+            match host
+                .read_console(hpb::ReadConsoleRequest {
+                    vm_id: vm_id.to_string(),
+                    offset: at,
+                    max_bytes: 1 << 20,
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.data.is_empty() {
+                        return at;
+                    }
+                    at = r.next_offset;
+                }
+                Err(e) if e.code() == tonic::Code::NotFound => return 0,
+                Err(e) => self.fail(&format!("ReadConsole on host {host_id}: {e}")),
+            }
+        }
+    }
+
+    /// RunVm on that host; waits for UP as [`Cluster::run_vm`] does.
+    pub async fn run_vm_on(&self, vm_id: &str, host_id: &str) -> Run {
+        self.step(&format!("RunVm on host {host_id}"));
+        // Each host keeps a console log of its own: where the target's ends.
+        let console_offset = self.console_end_on(vm_id, host_id).await;
+        let mut recorder = self.watch_vm(vm_id).await;
+        let resp = self
+            .vms()
+            .run_vm(pb::RunVmRequest {
+                request_id: request_id(),
+                vm_id: vm_id.to_string(),
+                host_id: host_id.to_string(),
+                run_stateless: false,
+            })
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("RunVm on {host_id}: {e}")))
+            .into_inner();
+        let operation = self.succeed(resp.operation, "RunVm").await;
+        let statuses = recorder.until(VmStatus::Up, STATUS_TIMEOUT, "RunVm").await;
+        self.step(&format!("RunVm: statuses {statuses:?}"));
+        Run {
+            statuses,
+            console_offset,
+            operation,
+        }
+    }
+
     // --- clients -----------------------------------------------------------
 
     pub fn clusters(&self) -> ClusterServiceClient<Channel> {
