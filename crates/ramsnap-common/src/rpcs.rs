@@ -340,6 +340,11 @@ pub const RPCS: &[Rpc] = &[
         Unary,
     ),
     rpc(
+        "/ramsnap.storage.v1.StorageService/DropCommittedVolume",
+        Coordinator,
+        Long,
+    ),
+    rpc(
         "/ramsnap.storage.v1.StorageService/DeleteVmDescriptor",
         Coordinator,
         Long,
@@ -358,6 +363,7 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.host.v1.HostService/VerifyMemory", Coordinator, Long),
     rpc("/ramsnap.host.v1.HostService/ForgetVm", Coordinator, Unary),
     rpc("/ramsnap.host.v1.HostService/SuspendVm", Coordinator, Long),
+    rpc("/ramsnap.host.v1.HostService/CommitVolume", Coordinator, Long),
     // Every server: health and reflection.
     any("/grpc.health.v1.Health/Check", Unary),
     any("/grpc.health.v1.Health/Watch", Stream),

@@ -32,11 +32,13 @@ use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 mod forget;
+mod merge;
 mod run;
 mod snapshot;
 mod suspend;
 mod verify;
 
+pub use merge::CommitOutcome;
 pub use snapshot::JobView;
 pub use suspend::{SuspendOutcome, SuspendRequest};
 

@@ -634,6 +634,117 @@ impl Hypervisor {
         .await
     }
 
+    /// Waits until no block job runs on disk `dev` (one an earlier agent
+    /// process began and libvirt went on with); an active commit that is
+    /// ready is pivoted, which is what that process was about to do. True
+    /// when there was a job.
+    pub async fn settle_block_job(&self, id: Uuid, dev: String, timeout: Duration) -> Result<bool> {
+        self.call_dedicated("block_job_settle", timeout + QUICK, move |c| {
+            let d = lookup(c, id, "block_job_settle")?;
+            let disk = cstring("block_job_settle", &dev)?;
+            let deadline = Instant::now() + timeout;
+            let mut seen = false;
+            loop {
+                let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
+                // SAFETY: `d` is a live domain handle; `info` is written by the call.
+                let r =
+                    unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
+                if r < 0 {
+                    return Err(last_error("block_job_info"));
+                }
+                if r == 0 {
+                    return Ok(seen);
+                }
+                seen = true;
+                // SAFETY: r > 0: libvirt filled `info`.
+                let info = unsafe { info.assume_init() };
+                if info.type_ == sys::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT as i32
+                    && info.end > 0
+                    && info.cur == info.end
+                {
+                    // SAFETY: as above.
+                    let _ = unsafe {
+                        sys::virDomainBlockJobAbort(
+                            d.as_ptr(),
+                            disk.as_ptr(),
+                            sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+                        )
+                    };
+                }
+                if Instant::now() > deadline {
+                    return Err(HostError::Timeout {
+                        what: format!("the block job on {dev}"),
+                        after: timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .await
+    }
+
+    /// Merges `top`, a volume inside disk `dev`'s backing chain (not its
+    /// active layer), into `base`, its backing volume (a non-active block
+    /// commit; paths as the live XML names them): the volume above `top`
+    /// then reads `base`, its header rewritten with a relative name. Waits
+    /// until libvirt's job is gone; `progress` gets (done, total) samples.
+    pub async fn commit_layer(
+        &self,
+        id: Uuid,
+        dev: String,
+        top: String,
+        base: String,
+        timeout: Duration,
+        progress: impl Fn(u64, u64) + Send + 'static,
+    ) -> Result<()> {
+        self.call_dedicated("block_commit", timeout + QUICK, move |c| {
+            let d = lookup(c, id, "block_commit")?;
+            let disk = cstring("block_commit", &dev)?;
+            let (top_c, base_c) = (cstring("block_commit", &top)?, cstring("block_commit", &base)?);
+            let flags = sys::VIR_DOMAIN_BLOCK_COMMIT_RELATIVE;
+            // SAFETY: `d` is a live domain handle; the strings outlive the call.
+            let r = unsafe {
+                sys::virDomainBlockCommit(
+                    d.as_ptr(),
+                    disk.as_ptr(),
+                    base_c.as_ptr(),
+                    top_c.as_ptr(),
+                    0,
+                    flags,
+                )
+            };
+            if r < 0 {
+                return Err(last_error("block_commit"));
+            }
+            let deadline = Instant::now() + timeout;
+            loop {
+                let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
+                // SAFETY: as above; `info` is written by the call.
+                let r =
+                    unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
+                if r < 0 {
+                    return Err(last_error("block_job_info"));
+                }
+                if r == 0 {
+                    return Ok(()); // the job is over
+                }
+                // SAFETY: r > 0: libvirt filled `info`.
+                let info = unsafe { info.assume_init() };
+                progress(info.cur, info.end);
+                if Instant::now() > deadline {
+                    // SAFETY: as above.
+                    let _ = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), 0) };
+                    return Err(HostError::Timeout {
+                        what: format!("block commit of {top} into {base}"),
+                        after: timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+    }
+
     /// libvirt's domain capabilities of this host for that emulator,
     /// architecture, machine type and virtualization type.
     pub async fn domain_capabilities(

@@ -506,6 +506,23 @@ impl HostService for HostApi {
         Ok(Response::new(verified.into()))
     }
 
+    async fn commit_volume(
+        &self,
+        req: Request<pb::CommitVolumeRequest>,
+    ) -> Result<Response<pb::CommitVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let vm = vm_id("vm_id", &r.vm_id)?;
+        let top = volume_ref("top", r.top)?;
+        let base = volume_ref("base", r.base)?;
+        let o = self.host.commit_volume(vm, top, base).await?;
+        Ok(Response::new(pb::CommitVolumeResponse {
+            was_leaf: o.was_leaf,
+            done_earlier: o.done_earlier,
+            duration_ms: o.duration_ms,
+            bytes: o.bytes,
+        }))
+    }
+
     async fn suspend_vm(
         &self,
         req: Request<pb::SuspendVmRequest>,

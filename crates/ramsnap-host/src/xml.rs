@@ -570,9 +570,73 @@ pub fn disk_sources(xml: &str) -> Result<Vec<(String, String)>, XmlError> {
     Ok(out)
 }
 
+/// Each disk's (target dev, backing chain), the chain leaf first: the
+/// `source` path of the disk, then of each nested `backingStore`, as the
+/// live XML reports them.
+pub fn disk_chains(xml: &str) -> Result<Vec<(String, Vec<String>)>, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut out = Vec::new();
+    // The open disk: its depth, target dev and chain so far.
+    let mut cur: Option<(usize, Option<String>, Vec<String>)> = None;
+    loop {
+        let ev = reader.read_event()?;
+        let (e, empty) = match &ev {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(_) => {
+                path.pop();
+                if cur.as_ref().is_some_and(|(d, _, _)| path.len() < *d) {
+                    let (_, dev, chain) = cur.take().expect("checked");
+                    out.push((dev.unwrap_or_default(), chain));
+                }
+                continue;
+            }
+            Event::Eof => break,
+            _ => continue,
+        };
+        let name = e.name().as_ref().to_vec();
+        if name == b"disk" && path == [b"domain".to_vec(), b"devices".to_vec()] {
+            cur = Some((path.len() + 1, None, Vec::new()));
+        } else if let Some((d, dev, chain)) = cur.as_mut() {
+            let in_disk_or_backing = path.len() >= *d
+                && path[*d - 1..].iter().enumerate().all(|(i, n)| {
+                    if i == 0 {
+                        n == b"disk"
+                    } else {
+                        n == b"backingStore"
+                    }
+                });
+            if path.len() == *d && name == b"target" {
+                *dev = attr(e, "dev")?;
+            } else if name == b"source" && in_disk_or_backing {
+                if let Some(p) = attr(e, "file")?.or(attr(e, "dev")?) {
+                    chain.push(p);
+                }
+            }
+        }
+        if !empty {
+            path.push(name);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_chains_follow_the_backing_stores() {
+        let chains = disk_chains(SAVED).unwrap();
+        assert_eq!(
+            chains,
+            vec![(
+                "vda".to_string(),
+                vec!["/old/images/base".to_string(), "/old/images/older".to_string()]
+            )]
+        );
+    }
 
     const SAVED: &str = r#"<domain type='qemu'>
   <name>ramsnap-b6425bc1-16d4-492a-98af-b47000084aa3</name>

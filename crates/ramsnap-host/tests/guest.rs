@@ -1369,3 +1369,152 @@ async fn suspend_saves_the_guest_without_an_overlay_and_run_resumes_it() {
         env.stop(&g.id, 0).await;
     }
 }
+
+/// Live merge (CommitVolume): the guest runs on base ← O1 ← O2 after two
+/// disk-only snapshots. O1 (inside the chain) is committed into base: the
+/// guest now reads base ← O2, and the storage service, told
+/// (DropCommittedVolume), records O2's new parent and deletes O1. A retry
+/// answers done. Then O2, the leaf, is committed into base (active commit):
+/// the guest runs on base. Throughout, the guest keeps counting under the
+/// same boot token and finds on its disk what it wrote (no
+/// RAMSNAP-DISK-MISMATCH). On FILE, then BLOCK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_volume_merges_a_running_guests_chain_while_it_runs() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("merge", real_env()).await;
+    for on_block in [false, true] {
+        let mut g = boot(&mut env, on_block, 256, "").await;
+        let base = g.leaf();
+        let mut chain = vec![base.clone()];
+        for _ in 0..2 {
+            let overlay = env.child_of(&g.leaf()).await;
+            let (_, r) = snapshot(&mut env.host, snapshot_req(&g, &overlay, None, false, "3.3")).await;
+            assert!(!r.expect("disk-only snapshot").memory_saved);
+            g.spec.disks[0].volume = Some(overlay.clone());
+            chain.push(overlay);
+        }
+        let (o1, o2) = (chain[1].clone(), chain[2].clone());
+        let mark = env.console(&g.id).await.len();
+        let commit = |top: &common::VolumeRef, base: &common::VolumeRef| hpb::CommitVolumeRequest {
+            vm_id: g.id.clone(),
+            top: Some(top.clone()),
+            base: Some(base.clone()),
+        };
+
+        // Hostile: the order reversed, a base that is not right below.
+        let st = env.host.commit_volume(commit(&base, &o1)).await.unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        let st = env.host.commit_volume(commit(&o2, &base)).await.unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        let st = env.host.commit_volume(commit(&o1, &o1)).await.unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        // Not committed yet: the storage service refuses to drop it.
+        let st = env
+            .storage
+            .drop_committed_volume(spb::DropCommittedVolumeRequest {
+                request_id: String::new(),
+                r#ref: Some(o1.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+
+        // O1, inside the chain, into base.
+        let r = env
+            .host
+            .commit_volume(commit(&o1, &base))
+            .await
+            .expect("commit O1")
+            .into_inner();
+        assert!(!r.was_leaf && !r.done_earlier, "{r:?}");
+        eprintln!(
+            "live merge of an inner volume ({}): {} ms",
+            kind(on_block),
+            r.duration_ms
+        );
+        let again = env
+            .host
+            .commit_volume(commit(&o1, &base))
+            .await
+            .expect("retry")
+            .into_inner();
+        assert!(again.done_earlier, "{again:?}");
+        let o2_path = env.path_of(&o2).await;
+        assert_eq!(
+            env.live_disks(&g.id),
+            vec![("vda".to_string(), o2_path.display().to_string())]
+        );
+        let drop_req = |r: &common::VolumeRef, id: &str| spb::DropCommittedVolumeRequest {
+            request_id: id.to_string(),
+            r#ref: Some(r.clone()),
+        };
+        let rid = uuid::Uuid::new_v4().to_string();
+        env.storage
+            .drop_committed_volume(drop_req(&o1, &rid))
+            .await
+            .expect("drop O1");
+        env.storage
+            .drop_committed_volume(drop_req(&o1, &rid))
+            .await
+            .expect("drop O1 retried");
+        let o2_now = env
+            .storage
+            .get_volume(spb::GetVolumeRequest {
+                r#ref: Some(o2.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(o2_now.parent_volume_id, base.volume_id, "O2 now reads base");
+        let lines = env.wait_ticks(&g.id, mark, 3, Duration::from_secs(30)).await;
+        assert_clean(&lines, &g.token);
+
+        // O2, the leaf, into base: the guest runs on base.
+        let mark = env.console(&g.id).await.len();
+        let r = env
+            .host
+            .commit_volume(commit(&o2, &base))
+            .await
+            .expect("commit O2")
+            .into_inner();
+        assert!(r.was_leaf && !r.done_earlier, "{r:?}");
+        eprintln!(
+            "live merge of the leaf ({}): {} ms",
+            kind(on_block),
+            r.duration_ms
+        );
+        let base_path = env.path_of(&base).await;
+        assert_eq!(
+            env.live_disks(&g.id),
+            vec![("vda".to_string(), base_path.display().to_string())]
+        );
+        env.storage
+            .drop_committed_volume(drop_req(&o2, ""))
+            .await
+            .expect("drop O2");
+        let lines = env.wait_ticks(&g.id, mark, 3, Duration::from_secs(30)).await;
+        assert_clean(&lines, &g.token);
+        env.stop(&g.id, 0).await;
+    }
+}
+
+fn kind(block: bool) -> &'static str {
+    if block {
+        "BLOCK"
+    } else {
+        "FILE"
+    }
+}
+
+/// The guest went on (its token) and saw its disk as it wrote it.
+fn assert_clean(lines: &[Line], token: &str) {
+    assert!(
+        !lines
+            .iter()
+            .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_) | Line::Error(_))),
+        "the guest rebooted or saw the wrong disk: {lines:?}"
+    );
+    assert!(ticks(lines).iter().all(|(t, _)| t == token), "{lines:?}");
+}

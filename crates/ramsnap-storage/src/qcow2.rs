@@ -51,6 +51,37 @@ pub fn create_volume_at(
     create_at(f, base, meta.capacity, backing)
 }
 
+/// The backing file name in a qcow2 header (None: no backing file), read
+/// from the start of `path` (a file, or a device).
+pub fn backing_name(path: &std::path::Path) -> io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path)?;
+    let mut head = [0u8; 20];
+    f.read_exact_at(&mut head, 0)?;
+    if &head[..4] != b"QFI\xfb" {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a qcow2 image"));
+    }
+    let offset = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
+    let size = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    if size > 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a backing file name over 4 KiB",
+        ));
+    }
+    let mut name = vec![0u8; size];
+    f.read_exact_at(&mut name, offset)?;
+    String::from_utf8(name).map(Some).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a backing file name that is not UTF-8",
+        )
+    })
+}
+
 fn l1_entries(size: u64) -> u64 {
     // Each L2 table maps a cluster's worth of 8-byte entries.
     let per_l2 = CLUSTER_SIZE * (CLUSTER_SIZE / 8);

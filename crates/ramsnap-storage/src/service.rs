@@ -337,6 +337,19 @@ impl StorageService for StorageApi {
         }))
     }
 
+    async fn drop_committed_volume(
+        &self,
+        req: Request<pb::DropCommittedVolumeRequest>,
+    ) -> Result<Response<pb::DropCommittedVolumeResponse>, Status> {
+        let writer = ramsnap_common::fence::writer_from(req.metadata())?;
+        let req = req.into_inner();
+        let request_id = parse_optional_id("request_id", &req.request_id)?;
+        let r = volume_ref("ref", req.r#ref)?;
+        admit_writer(&self.storage, writer, r.domain).await?;
+        self.storage.drop_committed_volume(r, request_id).await?;
+        Ok(Response::new(pb::DropCommittedVolumeResponse {}))
+    }
+
     type CopyVolumeStream = CopyStream;
 
     async fn copy_volume(&self, req: Request<pb::CopyVolumeRequest>) -> Result<Response<CopyStream>, Status> {

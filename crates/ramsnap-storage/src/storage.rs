@@ -743,6 +743,86 @@ impl Storage {
         .await
     }
 
+    /// Records a live merge (see the proto): `r`'s data is in its parent,
+    /// and the volume above it reads the parent.
+    pub async fn drop_committed_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<()> {
+        let d = self.domain(r.domain)?;
+        let _guard = d.lock.write().await;
+        let backend = d.backend.clone();
+        let holds = self.inner.holds.clone();
+        blocking(move || {
+            if let Some(req) = request_id {
+                if backend.delete_recorded(req)?.is_some() {
+                    return Ok(());
+                }
+            }
+            let volumes = backend.list(Some(r.image))?;
+            let Some(top) = volumes.iter().find(|v| v.meta.volume == r.volume) else {
+                return Err(StorageError::VolumeNotFound(r));
+            };
+            let Some(parent) = top.meta.parent else {
+                return Err(StorageError::precondition(
+                    "VOLUME_HAS_NO_PARENT",
+                    r,
+                    "a base volume has no parent to have been committed into",
+                ));
+            };
+            if holds.is_prepared(r) {
+                return Err(StorageError::precondition(
+                    "VOLUME_IN_USE",
+                    r,
+                    format!("volume {} is prepared: tear it down first", r.volume),
+                ));
+            }
+            let children: Vec<&Volume> = volumes
+                .iter()
+                .filter(|v| v.meta.parent == Some(r.volume))
+                .collect();
+            let child = match children[..] {
+                [] => None,
+                [c] => Some(c.meta.volume),
+                _ => {
+                    return Err(StorageError::precondition(
+                        "VOLUME_HAS_CHILDREN",
+                        r,
+                        format!("volume {} has {} children", r.volume, children.len()),
+                    ))
+                }
+            };
+            if let Some(c) = child {
+                let cref = VolumeRef { volume: c, ..r };
+                let (path, newly) = prepare_listed(backend.as_ref(), &volumes, cref)?;
+                let named = crate::qcow2::backing_name(&path);
+                for v in newly.iter().rev() {
+                    let _ = backend.teardown(r.image, *v);
+                }
+                let named = named?;
+                if named.as_deref() != Some(parent.to_string().as_str()) {
+                    return Err(StorageError::precondition(
+                        "CHILD_NOT_REBASED",
+                        r,
+                        format!(
+                            "volume {c} still reads {:?}, not the parent {parent}: the merge did not happen",
+                            named.unwrap_or_default()
+                        ),
+                    ));
+                }
+                backend.set_parent(r.image, c, Some(parent))?;
+            }
+            // No chain reaches the volume now: its device goes (unless
+            // something still holds it, which refuses the drop).
+            let volumes = backend.list(Some(r.image))?;
+            release(backend.as_ref(), &holds, &volumes, r, &[r.volume])?;
+            refuse_in_use(backend.as_ref(), &holds, &volumes, r, "dropped")?;
+            backend.remove(r.image, r.volume)?;
+            if let Some(req) = request_id {
+                backend.record_delete(req, child)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Prepares a volume and its backing chain; returns the volume's path.
     /// The volume is held (in use) from now until its teardown, also
     /// across a restart of the service: see [`crate::holds`].

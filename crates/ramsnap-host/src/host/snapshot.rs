@@ -982,7 +982,7 @@ impl Host {
     }
 
     /// Stores the VM's new record here and in the domain's metadata.
-    async fn record(&self, vm: &Arc<Vm>, running: super::Running) {
+    pub(super) async fn record(&self, vm: &Arc<Vm>, running: super::Running) {
         let element = running.metadata_body();
         *vm.running.lock().expect("vm lock") = Some(running);
         if let Err(e) = self.inner.hv.set_metadata(vm.id, element).await {
