@@ -631,10 +631,14 @@ mod tests {
         let chains = disk_chains(SAVED).unwrap();
         assert_eq!(
             chains,
-            vec![(
-                "vda".to_string(),
-                vec!["/old/images/base".to_string(), "/old/images/older".to_string()]
-            )]
+            vec![
+                (
+                    "vda".to_string(),
+                    vec!["/old/images/base".to_string(), "/old/images/older".to_string()]
+                ),
+                ("hdc".to_string(), vec![]),
+                ("vdb".to_string(), vec!["/old/images/data".to_string()]),
+            ]
         );
     }
 
