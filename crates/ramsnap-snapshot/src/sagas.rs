@@ -36,6 +36,11 @@
 //! - `snapshot_remove` merges a volume into its child, which shows the same
 //!   content afterwards: whatever the ACTIVE snapshot (or any remaining
 //!   snapshot) shows is unchanged, so its memory stays valid.
+//! - `snapshot_remove_live` (the VM runs) commits the volume above the
+//!   removed snapshot's into it instead: that volume then shows what the
+//!   one above showed, and whatever pointed there points at it (a newer
+//!   snapshot's memory is rebound). The ACTIVE snapshot of a running VM
+//!   holds no memory, so none is dropped.
 //! - `snapshot_preview` branches new, empty leaves off the snapshot's
 //!   volumes, which show what the snapshot showed when its memory was saved;
 //!   `snapshot_undo` returns to the pre-preview ACTIVE snapshot, whose
@@ -67,6 +72,7 @@ pub mod snapshot_commit;
 pub mod snapshot_create;
 pub mod snapshot_preview;
 pub mod snapshot_remove;
+pub mod snapshot_remove_live;
 pub mod snapshot_undo;
 pub mod vm_clone;
 pub mod vm_create;
@@ -82,6 +88,7 @@ pub fn all() -> Vec<SagaDef<App>> {
     vec![
         snapshot_create::definition(),
         snapshot_remove::definition(),
+        snapshot_remove_live::definition(),
         snapshot_preview::definition(),
         snapshot_undo::definition(),
         snapshot_commit::definition(),

@@ -549,6 +549,37 @@ fn check_flow(saga: &str, c: &Scenario) {
             assert_eq!(gone.len(), 4);
             assert_eq!(after.volumes, with(&before.volumes, &[], &gone));
         }
+        "snapshot_remove_live" => {
+            // s1 goes while the VM runs: s2's volumes are committed into
+            // s1's, s2 points at those, the ACTIVE is unchanged.
+            let s1 = by_id(before, c.snapshot).unwrap();
+            assert!(by_id(after, c.snapshot).is_none(), "s1 is removed");
+            assert_eq!(c.op.snapshot_id, c.snapshot);
+            assert_eq!(vm_row(after, SUBJECT).unwrap().2, pb::VmStatus::Up as i32);
+            let s2_before = snapshots_of(before, SUBJECT)
+                .into_iter()
+                .find(|s| s.description == "s2")
+                .expect("s2");
+            let s2 = by_id(after, &s2_before.snapshot_id).expect("s2 stays");
+            assert_eq!(s2.disks, s1.disks, "s2 now points at s1's volumes");
+            assert_eq!(s2.memory, s2_before.memory, "s2 keeps its memory");
+            assert_eq!(active, active_before, "the ACTIVE is unchanged");
+            let gone: Vec<String> = [disk_volumes(s2_before), memory_volumes(s1)].concat();
+            assert_eq!(after.volumes, with(&before.volumes, &[], &gone));
+            let commits: Vec<&HostCall> = c
+                .calls
+                .iter()
+                .filter(|h| matches!(h, HostCall::Commit { .. }))
+                .collect();
+            assert!(!commits.is_empty(), "{:?}", c.calls);
+            for h in commits {
+                let HostCall::Commit { top, base, .. } = h else {
+                    unreachable!()
+                };
+                assert!(disk_volumes(s2_before).contains(&top.volume_id), "{h:?}");
+                assert!(disk_volumes(s1).contains(&base.volume_id), "{h:?}");
+            }
+        }
         "snapshot_preview" => {
             let (active_before, active) = (active_before.unwrap(), active.unwrap());
             let s1_before = by_id(before, c.snapshot).unwrap();
@@ -881,6 +912,7 @@ crash_tests!(sqlite => on_sqlite:
     vm_update,
     snapshot_create,
     snapshot_remove,
+    snapshot_remove_live,
     snapshot_preview,
     snapshot_undo,
     snapshot_commit,
@@ -895,6 +927,7 @@ crash_tests!(sqlite => on_sqlite:
 crash_tests!(postgres => on_postgres:
     snapshot_create,
     vm_suspend,
+    snapshot_remove_live,
     snapshot_remove,
     vm_run,
     snapshot_commit,

@@ -1199,6 +1199,11 @@ async fn simulation_faults_vm_stop() {
 }
 
 #[tokio::test]
+async fn simulation_faults_snapshot_remove_live() {
+    fault_at_every_node("snapshot_remove_live").await;
+}
+
+#[tokio::test]
 async fn simulation_faults_vm_suspend() {
     fault_at_every_node("vm_suspend").await;
 }

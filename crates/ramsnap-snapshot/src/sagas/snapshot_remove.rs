@@ -96,7 +96,7 @@ pub fn definition() -> SagaDef<App> {
 /// operation's result.
 const PLAN: Output<Plan> = Output::new("plan");
 
-fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+pub(super) fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
@@ -141,7 +141,7 @@ fn lock_snapshot_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     .boxed()
 }
 
-fn lock_snapshot_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
+pub(super) fn lock_snapshot_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let db = cx.db();
@@ -317,51 +317,63 @@ fn rebind_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             return Ok(());
         }
         let (_, host) = vm_and_host(cx, p.vm_id).await?;
-        let mut client = cx.app.host_client(&host)?;
-        let request =
-            |rebind_disks: Vec<ramsnap_proto::common::v1::VolumeRef>| host_pb::VerifyMemoryRequest {
-                vm_id: p.vm_id.to_string(),
-                memory: Some(to_wire_memory(&m)),
-                expected_checksum: String::new(),
-                rebind_disk_domain_id: String::new(),
-                rebind_disks,
-                copied_checksum: String::new(),
-                rebrand_vm_id: String::new(),
-            };
-        // Past the point of no return this step is retried until it
-        // succeeds; memory the host refuses to read (corrupt, foreign) is
-        // left as it is: a restore refuses it too, and that run boots.
-        let bound = match client.verify_memory(request(Vec::new())).await {
-            Ok(r) => r.into_inner().disks,
-            Err(s) if s.code() == Code::FailedPrecondition => {
-                tracing::warn!(vm = %p.vm_id, error = %s.message(), "memory not rebound after the merge");
-                return Ok(());
-            }
-            Err(s) => return Err(downstream("reading the memory's metadata", s)),
-        };
-        let mut changed = false;
-        let rebound: Vec<_> = bound
-            .into_iter()
-            .map(|r| {
-                let id = Uuid::parse_str(&r.volume_id).ok();
-                match moved.iter().find(|(v, _)| Some(*v) == id) {
-                    Some((_, child)) => {
-                        changed = true;
-                        to_wire_ref(child)
-                    }
-                    None => r,
-                }
-            })
-            .collect();
-        if changed {
-            client
-                .verify_memory(request(rebound))
-                .await
-                .map_err(|s| downstream("rebinding the memory to the merged disks", s))?;
-        }
-        Ok(())
+        rebind_memory(cx, &host, p.vm_id, &m, &moved).await
     }
     .boxed()
+}
+
+/// Rebinds a memory's metadata after merges: each disk bound to a volume
+/// in `moved` (old volume id, the volume that now shows its content) is
+/// bound to the new one. Read first, then rewritten only if it still names
+/// a moved volume: a replay finds it rebound. Memory the host refuses to
+/// read (corrupt, foreign) is left as it is: a restore refuses it too, and
+/// that run boots.
+pub(super) async fn rebind_memory(
+    cx: &SagaCx<App>,
+    host: &crate::db::Host,
+    vm_id: Uuid,
+    m: &MemoryVolume,
+    moved: &[(Uuid, VolumeRef)],
+) -> Result<(), Status> {
+    let mut client = cx.app.host_client(host)?;
+    let request = |rebind_disks: Vec<ramsnap_proto::common::v1::VolumeRef>| host_pb::VerifyMemoryRequest {
+        vm_id: vm_id.to_string(),
+        memory: Some(to_wire_memory(m)),
+        expected_checksum: String::new(),
+        rebind_disk_domain_id: String::new(),
+        rebind_disks,
+        copied_checksum: String::new(),
+        rebrand_vm_id: String::new(),
+    };
+    let bound = match client.verify_memory(request(Vec::new())).await {
+        Ok(r) => r.into_inner().disks,
+        Err(s) if s.code() == Code::FailedPrecondition => {
+            tracing::warn!(vm = %vm_id, error = %s.message(), "memory not rebound after the merge");
+            return Ok(());
+        }
+        Err(s) => return Err(downstream("reading the memory's metadata", s)),
+    };
+    let mut changed = false;
+    let rebound: Vec<_> = bound
+        .into_iter()
+        .map(|r| {
+            let id = Uuid::parse_str(&r.volume_id).ok();
+            match moved.iter().find(|(v, _)| Some(*v) == id) {
+                Some((_, to)) => {
+                    changed = true;
+                    to_wire_ref(to)
+                }
+                None => r,
+            }
+        })
+        .collect();
+    if changed {
+        client
+            .verify_memory(request(rebound))
+            .await
+            .map_err(|s| downstream("rebinding the memory to the merged disks", s))?;
+    }
+    Ok(())
 }
 
 fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {

@@ -8,7 +8,9 @@ use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
 use crate::db::{self, SnapshotStatus, SnapshotType};
 use crate::sagas::snapshot_create::{self, MemoryMode};
-use crate::sagas::{snapshot_commit, snapshot_preview, snapshot_remove, snapshot_undo, vm_clone};
+use crate::sagas::{
+    snapshot_commit, snapshot_preview, snapshot_remove, snapshot_remove_live, snapshot_undo, vm_clone,
+};
 use ramsnap_common::paging::{self, PageRequest};
 use ramsnap_common::{ids, status};
 use ramsnap_proto::snapshot::v1 as pb;
@@ -283,8 +285,12 @@ impl SnapshotService for SnapshotApi {
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
         let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
         refuse_locked(&vm)?;
-        // oVirt 3.3: no live merge.
-        require_down(&vm, "removing a snapshot (no live merge)")?;
+        // A running VM's snapshot goes by live merge (beyond oVirt 3.3,
+        // which needed the VM down; oVirt 3.6 added it).
+        let live = matches!(vm.status, db::VmStatus::Up | db::VmStatus::Paused);
+        if !live {
+            require_down(&vm, "removing a snapshot (a live merge needs it up)")?;
+        }
         require_regular_ok(&snapshot, "removed")?;
         refuse_in_preview(&self.0, &vm, "removing a snapshot").await?;
         self.0.host_for_vm(&vm).await?;
@@ -292,11 +298,12 @@ impl SnapshotService for SnapshotApi {
             vm_id: vm.id,
             snapshot_id: snapshot.id,
         };
-        let op = start_operation(
-            &self.0,
-            Start::locked(KIND, vm.id, key, snapshot_remove::NAME, &params),
-        )
-        .await?;
+        let saga = if live {
+            snapshot_remove_live::NAME
+        } else {
+            snapshot_remove::NAME
+        };
+        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, saga, &params)).await?;
         Ok(reply(&op))
     }
 

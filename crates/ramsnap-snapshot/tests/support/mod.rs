@@ -80,6 +80,13 @@ pub enum HostCall {
         vm_id: String,
         job_id: String,
     },
+    /// CommitVolume (live merge): `top` into `base`.
+    Commit {
+        vm_id: String,
+        top: common::VolumeRef,
+        base: common::VolumeRef,
+        done_earlier: bool,
+    },
     /// SuspendVm: the guest's memory into `memory`, the guest stopped.
     Suspend {
         vm_id: String,
@@ -545,6 +552,136 @@ impl HostService for SimulatedHost {
             rebound,
             disks: req.rebind_disks,
             ..Default::default()
+        }))
+    }
+
+    async fn commit_volume(
+        &self,
+        req: Request<host::CommitVolumeRequest>,
+    ) -> Result<Response<host::CommitVolumeResponse>, Status> {
+        // What a real host's block commit leaves on storage, done with
+        // qemu-img on the (FILE) volumes: top's data in base (`commit -d`),
+        // the volume above top reading base (an unsafe rebase: only its
+        // header changes). A retry finds the child reading base.
+        let r = req.into_inner();
+        let (top, base) = (
+            r.top.clone().unwrap_or_default(),
+            r.base.clone().unwrap_or_default(),
+        );
+        if self.status(&r.vm_id) == host::VmStatus::Down as i32 {
+            return Err(ramsnap_common::status::failed_precondition(
+                "VM_NOT_RUNNING",
+                &r.vm_id,
+                format!("vm {} is not running on this host", r.vm_id),
+            ));
+        }
+        let mut client = self
+            .inner
+            .storage
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("storage attached");
+        let listed = client
+            .list_volumes(storage::ListVolumesRequest {
+                domain_id: top.domain_id.clone(),
+                image_id: top.image_id.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .volumes;
+        let id = |v: &storage::Volume| v.r#ref.as_ref().map(|r| r.volume_id.clone()).unwrap_or_default();
+        let child = listed
+            .iter()
+            .find(|v| v.parent_volume_id == top.volume_id)
+            .map(id);
+        let top_listed = listed.iter().any(|v| id(v) == top.volume_id);
+        let path = |r: common::VolumeRef| {
+            let mut c = client.clone();
+            async move {
+                let p = c
+                    .prepare_volume(storage::PrepareVolumeRequest {
+                        r#ref: Some(r.clone()),
+                    })
+                    .await?
+                    .into_inner()
+                    .path;
+                c.teardown_volume(storage::TeardownVolumeRequest { r#ref: Some(r) })
+                    .await?;
+                Ok::<_, Status>(std::path::PathBuf::from(p))
+            }
+        };
+        let qemu_img = |args: Vec<String>| -> Result<(), Status> {
+            let out = std::process::Command::new("qemu-img")
+                .args(&args)
+                .output()
+                .map_err(|e| Status::internal(e.to_string()))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(Status::internal(String::from_utf8_lossy(&out.stderr).to_string()))
+            }
+        };
+        let reads_base = |p: &std::path::Path| {
+            let out = std::process::Command::new("qemu-img")
+                .args(["info", "-U", "--output=json"])
+                .arg(p)
+                .output()
+                .ok()?;
+            let info: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            Some(info["backing-filename"].as_str()? == base.volume_id)
+        };
+        let child_ref = child.clone().map(|c| common::VolumeRef {
+            volume_id: c,
+            ..top.clone()
+        });
+        let done_earlier = match &child_ref {
+            Some(c) => reads_base(&path(c.clone()).await?).unwrap_or(false),
+            None => !top_listed,
+        };
+        if !done_earlier {
+            if !top_listed {
+                return Err(ramsnap_common::status::failed_precondition(
+                    "DISKS_MISMATCH",
+                    &top.volume_id,
+                    "top is not in the chain",
+                ));
+            }
+            let top_path = path(top.clone()).await?;
+            qemu_img(vec![
+                "commit".into(),
+                "-q".into(),
+                "-d".into(),
+                top_path.display().to_string(),
+            ])?;
+            if let Some(c) = &child_ref {
+                let c_path = path(c.clone()).await?;
+                qemu_img(vec![
+                    "rebase".into(),
+                    "-u".into(),
+                    "-q".into(),
+                    "-f".into(),
+                    "qcow2".into(),
+                    "-b".into(),
+                    base.volume_id.clone(),
+                    "-F".into(),
+                    "qcow2".into(),
+                    c_path.display().to_string(),
+                ])?;
+            }
+        }
+        self.record(HostCall::Commit {
+            vm_id: r.vm_id.clone(),
+            top,
+            base,
+            done_earlier,
+        });
+        Ok(Response::new(host::CommitVolumeResponse {
+            was_leaf: child_ref.is_none(),
+            done_earlier,
+            duration_ms: 0,
+            bytes: 0,
         }))
     }
 
@@ -1446,6 +1583,15 @@ pub async fn setup(sim: &mut Env, saga: &str) -> (String, String) {
             sim.snapshot(&vm, false, "s2").await;
             (vm, s1)
         }
+        "snapshot_remove_live" => {
+            // A running VM with s1 and s2, both with memory: s1 goes while
+            // it runs, s2's volume committed into s1's.
+            let vm = sim.create_vm("subject").await;
+            sim.run(&vm, false).await;
+            let s1 = sim.snapshot(&vm, true, "s1").await;
+            sim.snapshot(&vm, true, "s2").await;
+            (vm, s1)
+        }
         "snapshot_undo" | "snapshot_commit" => {
             let (vm, s1) = sim.vm_with_memory_snapshot("subject").await;
             sim.run(&vm, false).await;
@@ -1564,7 +1710,7 @@ pub async fn act_with(
                 .into_inner()
                 .operation
         }
-        "snapshot_remove" => {
+        "snapshot_remove" | "snapshot_remove_live" => {
             sim.snaps
                 .remove_snapshot(pb::RemoveSnapshotRequest {
                     request_id: rid,
