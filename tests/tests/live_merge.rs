@@ -22,8 +22,16 @@ use std::time::Instant;
 async fn assert_ran_on(c: &Cluster, vm: &str, offset: u64, token: &str, counter: u64, what: &str) -> u64 {
     let g = c.wait_counter(vm, offset, counter + 3).await;
     let (log, _) = c.console_since(vm, offset).await;
-    assert!(log.boots().is_empty(), "{what}: the guest restarted: {:?}", log.records);
-    assert!(log.problems().is_empty(), "{what}: the guest reported {:?}", log.problems());
+    assert!(
+        log.boots().is_empty(),
+        "{what}: the guest restarted: {:?}",
+        log.records
+    );
+    assert!(
+        log.problems().is_empty(),
+        "{what}: the guest reported {:?}",
+        log.problems()
+    );
     let ticks = log.ticks();
     assert!(ticks.iter().all(|t| t.token == token), "{what}: {ticks:?}");
     assert!(
@@ -38,7 +46,11 @@ async fn assert_ran_on(c: &Cluster, vm: &str, offset: u64, token: &str, counter:
 async fn remove_live(c: &Cluster, vm: &str, snapshot: &str) {
     let t = Instant::now();
     c.remove_snapshot(vm, snapshot).await;
-    eprintln!("[{}] live removal of {snapshot}: {:.2}s", c.label, t.elapsed().as_secs_f64());
+    eprintln!(
+        "[{}] live removal of {snapshot}: {:.2}s",
+        c.label,
+        t.elapsed().as_secs_f64()
+    );
 }
 
 async fn live_merge(db: Db, kind: DomainKind, label: &str) {

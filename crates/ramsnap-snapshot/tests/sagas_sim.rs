@@ -252,9 +252,25 @@ async fn simulation_snapshot_with_and_without_memory() {
     assert_eq!(list[2].r#type, pb::SnapshotType::Active as i32);
     assert!(!list[2].has_memory);
     sim.assert_no_orphans().await;
-    // A running VM's snapshot cannot be removed (no live merge).
-    let err = sim.remove_snapshot(&vm, &with).await.unwrap_err();
-    assert_eq!(precondition(&err), "VM_NOT_DOWN");
+    // A running VM's snapshot is removed by a live merge on its host
+    // (beyond oVirt 3.3, which refused it).
+    let op = sim.remove_snapshot(&vm, &with).await.unwrap();
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:?}");
+    assert_eq!(op.snapshot_id, with);
+    assert_eq!(
+        sim.snapshots(&vm).await.len(),
+        2,
+        "the disk-only one and the ACTIVE one"
+    );
+    assert!(
+        sim.host
+            .calls()
+            .iter()
+            .any(|c| matches!(c, HostCall::Commit { .. })),
+        "the host merged the volume"
+    );
+    assert_eq!(sim.vm(&vm).await.status, pb::VmStatus::Up as i32);
+    sim.assert_no_orphans().await;
     sim.stop(&vm).await;
     // Stopping a down VM succeeds.
     sim.stop(&vm).await;
