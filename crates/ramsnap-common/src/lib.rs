@@ -18,6 +18,7 @@ pub mod fence;
 pub mod ids;
 pub mod limits;
 pub mod metrics;
+pub mod ovirt;
 pub mod paging;
 pub mod probe;
 pub mod ready;

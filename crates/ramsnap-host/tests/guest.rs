@@ -1518,3 +1518,108 @@ fn assert_clean(lines: &[Line], token: &str) {
     );
     assert!(ticks(lines).iter().all(|(t, _)| t == token), "{lines:?}");
 }
+
+/// A save libvirt finished for an agent that could not record it (it died,
+/// here: the save is made with virsh behind the agent's back, under the
+/// mark a SuspendVm writes first): the SuspendVm retry finds the guest gone
+/// and the pair marked for this VM and snapshot, checks the save image is
+/// this VM's, checksums it and records it; the memory then resumes the guest.
+/// And a live merge a dead agent left half-done (an active block commit
+/// ready to pivot, started with virsh): CommitVolume settles it and answers
+/// done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_and_commit_finish_what_a_dead_agent_left_in_libvirt() {
+    use ramsnap_host::metadata;
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("leftover", real_env()).await;
+    let mut g = boot(&mut env, false, 256, "").await;
+
+    // A block commit left ready to pivot.
+    let base = g.leaf();
+    let overlay = env.child_of(&base).await;
+    let (_, r) = snapshot(&mut env.host, snapshot_req(&g, &overlay, None, false, "3.3")).await;
+    r.expect("disk-only snapshot");
+    g.spec.disks[0].volume = Some(overlay.clone());
+    let out = std::process::Command::new("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "blockcommit",
+            &env.domain_name(&g.id),
+            "vda",
+            "--active",
+            "--shallow",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = env
+        .host
+        .commit_volume(hpb::CommitVolumeRequest {
+            vm_id: g.id.clone(),
+            top: Some(overlay.clone()),
+            base: Some(base.clone()),
+        })
+        .await
+        .expect("CommitVolume after a leftover job")
+        .into_inner();
+    assert!(r.done_earlier && r.was_leaf, "{r:?}");
+    let base_path = env.path_of(&base).await;
+    assert_eq!(
+        env.live_disks(&g.id),
+        vec![("vda".to_string(), base_path.display().to_string())]
+    );
+    env.storage
+        .drop_committed_volume(spb::DropCommittedVolumeRequest {
+            request_id: String::new(),
+            r#ref: Some(overlay.clone()),
+        })
+        .await
+        .expect("drop the merged leaf");
+    g.spec.disks[0].volume = Some(base.clone());
+
+    // A save under SuspendVm's mark, the agent never told.
+    let memory = env.memory_volumes(false, g.memory_mib * MIB, false).await;
+    let snapshot_id = uuid::Uuid::new_v4();
+    let meta = memory.metadata.clone().unwrap();
+    let meta_path = env.path_of(&meta).await;
+    metadata::mark_dump_in_progress(&meta_path, MIB, g.id.parse().unwrap(), snapshot_id).unwrap();
+    env.teardown(&meta).await;
+    let dump = memory.dump.clone().unwrap();
+    let dump_path = env.path_of(&dump).await;
+    let counter_before = last_tick(&env.console(&g.id).await, &g.token);
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "save", &env.domain_name(&g.id)])
+        .arg(&dump_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.teardown(&dump).await;
+    let counter_after = last_tick(&env.console(&g.id).await, &g.token);
+    let r = env
+        .host
+        .suspend_vm(hpb::SuspendVmRequest {
+            vm_id: g.id.clone(),
+            snapshot_id: snapshot_id.to_string(),
+            disks: vec![base.clone()],
+            memory: Some(memory.clone()),
+        })
+        .await
+        .expect("SuspendVm after a save libvirt finished")
+        .into_inner();
+    assert!(r.saved_earlier && r.dump_bytes > 8 * MIB, "{r:?}");
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
+    let mark = env.console(&g.id).await.len();
+    assert_eq!(
+        env.run(&g.spec, Some(memory.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert_clean(&lines, &g.token);
+    let first = ticks(&lines)[0].1;
+    assert!(
+        first > counter_before && first <= counter_after + 2,
+        "resumed at {first}, saved between {counter_before} and {counter_after}"
+    );
+    env.stop(&g.id, 0).await;
+}
