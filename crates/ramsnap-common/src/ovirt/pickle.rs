@@ -225,7 +225,7 @@ impl<'a> Reader<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.malformed("an odd number of dict items");
         }
         let at = self.at;
