@@ -392,8 +392,8 @@ fn run_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             Err(s) => return Err(downstream("stopping the VM after a failed run", s)),
         }
         // A suspended VM's memory is still on its ACTIVE snapshot: it stays
-        // suspended.
-        let back = if cx.get(LOCKED)? {
+        // suspended. (A log written before this node said so has null.)
+        let back = if cx.get(LOCKED).unwrap_or(false) {
             db::VmStatus::Suspended
         } else {
             db::VmStatus::Down
