@@ -11,6 +11,8 @@
 //! its images' chains; ramsnap's snapshots can share volumes). Elements and
 //! attributes an import does not need (OperatingSystemSection, rasd items)
 //! are written for other OVF readers and ignored when read.
+pub mod ovirt;
+
 use ramsnap_common::checksum::Checksum;
 use roxmltree::{Document, Node};
 use std::collections::{HashMap, HashSet};
