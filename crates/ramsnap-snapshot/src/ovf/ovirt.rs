@@ -235,13 +235,13 @@ pub fn parse(xml: &str, export_domain: Uuid) -> Result<Parsed, OvfError> {
         };
         let mut disk_volumes = Vec::new();
         for d in &disks {
-            match shown.get(&(snapshot_id, d.image_id)) {
-                Some(v) => disk_volumes.push((d.disk_id, *v)),
-                None => return err(format!(
-                    "snapshot {snapshot_id} has no volume of disk {} (no Disk with its ovf:vm_snapshot_id)",
+            let Some(v) = shown.get(&(snapshot_id, d.image_id)) else {
+                return err(format!(
+                    "snapshot {snapshot_id} has no volume of disk {}: no Disk names it",
                     d.disk_id
-                )),
-            }
+                ));
+            };
+            disk_volumes.push((d.disk_id, *v));
         }
         snapshots.push(OvfSnapshot {
             snapshot_id,
