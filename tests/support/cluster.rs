@@ -591,6 +591,9 @@ pub struct Cluster {
     pub block_domain: String,
     /// An EXPORT domain (FILE) for export and import.
     pub export_domain: String,
+    /// The storage agent's file root: a FILE domain (or an oVirt export
+    /// domain) laid out in a directory under it may be registered.
+    pub file_root: PathBuf,
     coordinator: Channel,
     storage_channel: Channel,
     /// The services' addresses, to connect as another identity.
@@ -886,6 +889,7 @@ impl Cluster {
             file_domain,
             block_domain,
             export_domain,
+            file_root: file_root.clone(),
             coordinator,
             storage_channel,
             storage_url: storage_url.clone(),

@@ -12,6 +12,7 @@ pub mod console;
 pub mod faults;
 pub mod guest;
 pub mod logs;
+pub mod ovirt;
 
 use std::collections::HashMap;
 use std::ffi::OsString;

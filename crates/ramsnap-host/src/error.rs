@@ -130,6 +130,9 @@ pub enum RestoreError {
     /// Not a fault of the memory: this host cannot run the saved guest.
     #[error("this host cannot take the saved guest: {}", .gaps.join("; "))]
     HostCannotTake { gaps: Vec<String> },
+    /// An oVirt memory whose metadata is not what VDSM writes.
+    #[error("the oVirt memory on {volume} is refused: {reason}")]
+    OvirtMemoryRefused { volume: VolumeRef, reason: String },
 }
 
 /// Taking (or cancelling) a snapshot.
@@ -269,6 +272,9 @@ impl From<HostError> for Status {
                     RestoreError::DumpCorrupt { volume, .. } => ("MEMORY_DUMP_CORRUPT", volume.to_string()),
                     RestoreError::NotGivable { volume, .. } => ("MEMORY_NOT_GIVABLE", volume.to_string()),
                     RestoreError::HostCannotTake { .. } => ("HOST_CANNOT_TAKE_GUEST", "host".to_string()),
+                    RestoreError::OvirtMemoryRefused { volume, .. } => {
+                        ("OVIRT_MEMORY_REFUSED", volume.to_string())
+                    }
                 };
                 status::failed_precondition(kind, &subject, e.to_string())
             }

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
+mod adopt;
 mod forget;
 mod merge;
 mod run;

@@ -20,6 +20,7 @@ pub mod host;
 pub mod libvirt;
 pub mod metadata;
 pub mod model;
+pub mod ovirt;
 pub mod service;
 pub mod volumes;
 pub mod xml;

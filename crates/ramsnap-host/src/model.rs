@@ -244,6 +244,18 @@ pub struct VerifyMemoryRequest {
     pub rebind: Option<Rebind>,
     /// Give the pair to this VM (see the proto's `rebrand_vm_id`).
     pub rebrand: Option<Uuid>,
+    /// An oVirt memory to adopt first (see the proto's `adopt_ovirt`).
+    pub adopt_ovirt: Option<OvirtAdoption>,
+}
+
+/// What ramsnap's metadata records of an oVirt memory snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OvirtAdoption {
+    pub snapshot_id: Uuid,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Per disk, in order: (current, overlay) as `metadata::DiskRecord`.
+    pub disks: Vec<(VolumeRef, VolumeRef)>,
 }
 
 /// What VerifyMemory found (and, with a rebind, wrote).

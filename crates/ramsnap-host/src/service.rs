@@ -3,8 +3,8 @@
 use crate::error::HostError;
 use crate::host::{Host, JobView, SuspendRequest};
 use crate::model::{
-    self, BootFile, ClusterLevel, MemoryVolumes, Rebind, SnapshotDisk, SnapshotMode, SnapshotRequest,
-    StatusEvent, VerifiedMemory, VerifyMemoryRequest, VmSpec, VmStatus, VolumeRef,
+    self, BootFile, ClusterLevel, MemoryVolumes, OvirtAdoption, Rebind, SnapshotDisk, SnapshotMode,
+    SnapshotRequest, StatusEvent, VerifiedMemory, VerifyMemoryRequest, VmSpec, VmStatus, VolumeRef,
 };
 use futures::StreamExt;
 use ramsnap_common::checksum::ChecksumError;
@@ -289,6 +289,7 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
                 "is vm_id: the memory already belongs to it",
             ));
         }
+        let adopt_ovirt = r.adopt_ovirt.map(|a| ovirt_adoption(a, &memory)).transpose()?;
         Ok(VerifyMemoryRequest {
             vm_id,
             memory,
@@ -296,8 +297,34 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
             copied_checksum,
             rebind,
             rebrand,
+            adopt_ovirt,
         })
     }
+}
+
+fn ovirt_adoption(a: pb::OvirtAdoption, memory: &MemoryVolumes) -> Result<OvirtAdoption, Status> {
+    let snapshot_id = vm_id("adopt_ovirt.snapshot_id", &a.snapshot_id)?;
+    if a.disks.is_empty() || a.disks.len() > model::MAX_DISKS {
+        return Err(status::invalid_argument(
+            "adopt_ovirt.disks",
+            format!("1 to {} disks", model::MAX_DISKS),
+        ));
+    }
+    let mut disks = Vec::with_capacity(a.disks.len());
+    for (i, d) in a.disks.into_iter().enumerate() {
+        let current = volume_ref(&format!("adopt_ovirt.disks[{i}].current"), d.current)?;
+        let overlay = volume_ref(&format!("adopt_ovirt.disks[{i}].overlay"), d.overlay)?;
+        disks.push((current, overlay));
+    }
+    let currents: Vec<VolumeRef> = disks.iter().map(|d| d.0).collect();
+    let overlays: Vec<VolumeRef> = disks.iter().map(|d| d.1).collect();
+    refuse_repeats(&currents, |i| format!("adopt_ovirt.disks[{i}].current"), false)?;
+    refuse_memory_among("memory", memory, &[&currents, &overlays])?;
+    Ok(OvirtAdoption {
+        snapshot_id,
+        created_at: a.created_at,
+        disks,
+    })
 }
 
 fn to_pb_volume_ref(r: &VolumeRef) -> common::VolumeRef {
@@ -506,6 +533,30 @@ impl HostService for HostApi {
         Ok(Response::new(verified.into()))
     }
 
+    async fn inspect_ovirt_memory(
+        &self,
+        req: Request<pb::InspectOvirtMemoryRequest>,
+    ) -> Result<Response<pb::InspectOvirtMemoryResponse>, Status> {
+        let r = req.into_inner();
+        let vm = vm_id("vm_id", &r.vm_id)?;
+        let memory = memory_volumes("memory", r.memory)?
+            .ok_or_else(|| status::invalid_argument("memory", "is required"))?;
+        if r.disk_count == 0 || r.disk_count as usize > model::MAX_DISKS {
+            return Err(status::invalid_argument(
+                "disk_count",
+                format!("1 to {}", model::MAX_DISKS),
+            ));
+        }
+        let reason = self
+            .host
+            .inspect_ovirt_memory(vm, memory, r.disk_count as usize)
+            .await?;
+        Ok(Response::new(pb::InspectOvirtMemoryResponse {
+            usable: reason.is_none(),
+            reason: reason.unwrap_or_default(),
+        }))
+    }
+
     async fn commit_volume(
         &self,
         req: Request<pb::CommitVolumeRequest>,
@@ -652,6 +703,7 @@ mod tests {
             rebind_disks: vec![],
             copied_checksum: String::new(),
             rebrand_vm_id: String::new(),
+            adopt_ovirt: None,
         };
         let r = VerifyMemoryRequest::try_from(req()).unwrap();
         assert_eq!(r.rebrand, None);

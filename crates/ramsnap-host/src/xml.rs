@@ -312,7 +312,7 @@ fn is_ramsnap_element(e: &BytesStart) -> Result<bool, XmlError> {
 
 /// Target devices of the `<disk device='disk'>` elements under
 /// `<devices>`, in document order (None for a disk without a target).
-fn disk_targets(xml: &str) -> Result<Vec<Option<String>>, XmlError> {
+pub(crate) fn disk_targets(xml: &str) -> Result<Vec<Option<String>>, XmlError> {
     let mut reader = Reader::from_str(xml);
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut out: Vec<Option<String>> = Vec::new();
@@ -522,6 +522,25 @@ pub fn domain_name(xml: &str) -> Result<String, XmlError> {
                 return Ok(t.unescape()?.trim().to_string())
             }
             Event::Eof => return Err(XmlError("no <name> in the domain XML".into())),
+            _ => {}
+        }
+    }
+}
+
+/// The `<uuid>` of a domain XML.
+pub fn domain_uuid(xml: &str) -> Result<String, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    loop {
+        match reader.read_event()? {
+            Event::Start(e) => path.push(e.name().as_ref().to_vec()),
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Text(t) if path == [b"domain".to_vec(), b"uuid".to_vec()] => {
+                return Ok(t.unescape()?.trim().to_string())
+            }
+            Event::Eof => return Err(XmlError("no <uuid> in the domain XML".into())),
             _ => {}
         }
     }

@@ -137,6 +137,16 @@ impl OvfVm {
     /// The structural rules every descriptor must meet; a parsed document
     /// that breaks one is refused as OVF_INVALID.
     pub fn validate(&self) -> Result<(), OvfError> {
+        self.validate_with(true)
+    }
+
+    /// [`OvfVm::validate`] for another system's OVF (oVirt's), whose
+    /// memories have no checksum: the import computes it.
+    pub fn validate_foreign(&self) -> Result<(), OvfError> {
+        self.validate_with(false)
+    }
+
+    fn validate_with(&self, checksums: bool) -> Result<(), OvfError> {
         if self.name.is_empty() {
             return err("the VM has no name");
         }
@@ -224,7 +234,9 @@ impl OvfVm {
                 }
             }
             if let Some(m) = &s.memory {
-                if let Err(e) = m.checksum.parse::<Checksum>() {
+                // A foreign OVF records none; ramsnap's always one.
+                let foreign_without = !checksums && m.checksum.is_empty();
+                if let (false, Err(e)) = (foreign_without, m.checksum.parse::<Checksum>()) {
                     return err(format!("snapshot {}: the memory's checksum: {e}", s.snapshot_id));
                 }
                 if volume_ids.contains(&m.dump_volume_id) || volume_ids.contains(&m.metadata_volume_id) {

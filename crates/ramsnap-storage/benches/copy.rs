@@ -354,6 +354,7 @@ async fn copy(storage: &Storage, source: VolumeRef, target_domain: uuid::Uuid) -
             target_allocation: None,
             description: String::new(),
             keep_parent: false,
+            target_purpose: None,
             // As an export or import copies a memory dump.
             checksum: true,
         })

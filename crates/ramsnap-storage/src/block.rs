@@ -337,6 +337,7 @@ impl Backend for BlockDomain {
             capacity: vg.size,
             free: vg.free,
             metadata_version: METADATA_VERSION,
+            format: DomainFormat::Ramsnap,
         })
     }
 

@@ -14,7 +14,7 @@ use crate::file::{sync_dir, write_atomic};
 use crate::model::{VmDescriptor, MAX_DESCRIPTOR_BYTES};
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -23,11 +23,34 @@ pub struct DescriptorStore {
     domain: Uuid,
     /// `<domain dir>/master/vms`.
     dir: PathBuf,
+    /// False on an adopted oVirt domain: Put and Delete are refused.
+    writable: bool,
 }
 
 impl DescriptorStore {
     pub fn new(domain: Uuid, dir: PathBuf) -> DescriptorStore {
-        DescriptorStore { domain, dir }
+        DescriptorStore {
+            domain,
+            dir,
+            writable: true,
+        }
+    }
+
+    /// The descriptors of an oVirt export domain, adopted read-only.
+    pub fn read_only(domain: Uuid, dir: PathBuf) -> DescriptorStore {
+        DescriptorStore {
+            domain,
+            dir,
+            writable: false,
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(crate::ovirt::read_only(self.domain))
+        }
     }
 
     fn vm_dir(&self, vm: Uuid) -> PathBuf {
@@ -40,6 +63,7 @@ impl DescriptorStore {
 
     /// Replaces (or creates) the VM's descriptor.
     pub fn put(&self, vm: Uuid, ovf: &str) -> Result<VmDescriptor> {
+        self.writable()?;
         check_ovf(ovf)?;
         create_dir_durably(&self.vm_dir(vm))?;
         let path = self.ovf_path(vm);
@@ -88,6 +112,7 @@ impl DescriptorStore {
     /// Removes the descriptor and its VM directory, as oVirt removes an
     /// exported VM; an absent descriptor is success, so deletes can repeat.
     pub fn delete(&self, vm: Uuid) -> Result<()> {
+        self.writable()?;
         match fs::remove_dir_all(self.vm_dir(vm)) {
             Ok(()) => sync_dir(&self.dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -95,18 +120,53 @@ impl DescriptorStore {
         }
     }
 
+    /// A domain shared over NFS may hold anything another system wrote:
+    /// the VM's directory and its document are read only when they are a
+    /// directory and a regular file (no symbolic link to elsewhere on the
+    /// host), and at most [`MAX_DESCRIPTOR_BYTES`] of the document.
     fn read(&self, vm: Uuid) -> Result<Option<VmDescriptor>> {
         let path = self.ovf_path(vm);
-        let mut f = match fs::File::open(&path) {
+        let refused = |reason: &str| {
+            StorageError::precondition(
+                "DESCRIPTOR_INVALID",
+                format!("vm_descriptor/{}/{vm}", self.domain),
+                format!("the descriptor of VM {vm} on domain {}: {reason}", self.domain),
+            )
+        };
+        match fs::symlink_metadata(self.vm_dir(vm)) {
+            Ok(st) if st.file_type().is_dir() => {}
+            Ok(_) => return Err(refused("its directory is not a directory (a symbolic link?)")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let mut f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(refused("the document is a symbolic link"))
+            }
             Err(e) => return Err(e.into()),
         };
         // Content and time from the same open file: a concurrent Put
         // renames a new file over the path, it does not change this one.
-        let updated_at = f.metadata()?.mtime();
+        let st = f.metadata()?;
+        if !st.is_file() {
+            return Err(refused("the document is not a regular file"));
+        }
+        let updated_at = st.mtime();
         let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
+        (&mut f)
+            .take(MAX_DESCRIPTOR_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        if bytes.len() > MAX_DESCRIPTOR_BYTES {
+            return Err(refused(&format!(
+                "the document is larger than a descriptor may be ({MAX_DESCRIPTOR_BYTES} bytes)"
+            )));
+        }
         let ovf = String::from_utf8(bytes).map_err(|e| StorageError::CorruptMetadata {
             subject: path.display().to_string(),
             reason: format!("the OVF document is not UTF-8: {e}"),

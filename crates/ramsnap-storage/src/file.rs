@@ -48,6 +48,11 @@ pub struct FileDomain {
     role: DomainRole,
     location: PathBuf,
     dir: PathBuf,
+    /// Ovirt: an oVirt export domain, adopted read-only; its metadata is
+    /// VDSM's and every change is refused (see [`crate::ovirt`]).
+    format: DomainFormat,
+    /// VDSM's domain format version (Ovirt), else ramsnap's.
+    metadata_version: u32,
 }
 
 impl FileDomain {
@@ -76,10 +81,13 @@ impl FileDomain {
             role,
             location: location.to_path_buf(),
             dir,
+            format: DomainFormat::Ramsnap,
+            metadata_version: METADATA_VERSION,
         })
     }
 
-    /// Finds the domains already laid out directly under `location`.
+    /// Finds the domains already laid out directly under `location`:
+    /// ramsnap's, and oVirt export domains (adopted read-only).
     pub fn discover(location: &Path) -> Result<Vec<FileDomain>> {
         let mut found = Vec::new();
         let entries = match fs::read_dir(location) {
@@ -93,10 +101,32 @@ impl FileDomain {
                 continue;
             };
             let md_path = entry.path().join("dom_md/metadata");
-            if !md_path.exists() {
+            let bytes = crate::ovirt::read_bounded(&md_path, ramsnap_common::ovirt::meta::MAX_BYTES)
+                .map_err(|e| StorageError::CorruptMetadata {
+                    subject: md_path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            let Some(bytes) = bytes else {
+                continue;
+            };
+            if crate::ovirt::is_vdsm_metadata(&bytes) {
+                let md = crate::ovirt::read_domain_metadata(id, &bytes)?;
+                found.push(FileDomain {
+                    id,
+                    name: md.name,
+                    role: DomainRole::Export,
+                    location: location.to_path_buf(),
+                    dir: entry.path(),
+                    format: DomainFormat::Ovirt,
+                    metadata_version: md.version,
+                });
                 continue;
             }
-            let md: DomainMetadata = read_json(&md_path)?;
+            let md: DomainMetadata =
+                serde_json::from_slice(&bytes).map_err(|e| StorageError::CorruptMetadata {
+                    subject: md_path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
             if md.domain_id != id || md.domain_type != DomainType::File {
                 return Err(StorageError::CorruptMetadata {
                     subject: md_path.display().to_string(),
@@ -115,6 +145,8 @@ impl FileDomain {
                 role: md.role,
                 location: location.to_path_buf(),
                 dir: entry.path(),
+                format: DomainFormat::Ramsnap,
+                metadata_version: METADATA_VERSION,
             });
         }
         Ok(found)
@@ -184,6 +216,9 @@ impl FileDomain {
     }
 
     fn read_volume(&self, image: Uuid, volume: Uuid) -> Result<Option<Volume>> {
+        if self.format == DomainFormat::Ovirt {
+            return self.read_ovirt_volume(image, volume);
+        }
         let meta_path = self.meta_path(image, volume);
         let mut meta: VolumeMeta = match fs::read(&meta_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StorageError::CorruptMetadata {
@@ -210,7 +245,41 @@ impl FileDomain {
         }))
     }
 
+    /// An oVirt volume: its `.meta` and its data file checked as
+    /// [`crate::ovirt`] says; a volume whose data is gone is ILLEGAL.
+    fn read_ovirt_volume(&self, image: Uuid, volume: Uuid) -> Result<Option<Volume>> {
+        if !crate::ovirt::check_image_dir(self.id, image, &self.image_dir(image))? {
+            return Ok(None);
+        }
+        let Some(mut meta) =
+            crate::ovirt::read_volume_meta(self.id, image, volume, &self.meta_path(image, volume))?
+        else {
+            return Ok(None);
+        };
+        let allocated = match crate::ovirt::check_data(self.id, &meta, &self.volume_path(image, volume))? {
+            Some(a) => a,
+            None => {
+                meta.legality = Legality::Illegal;
+                0
+            }
+        };
+        Ok(Some(Volume {
+            domain: self.id,
+            meta,
+            allocated,
+        }))
+    }
+
+    /// Every change to an adopted oVirt domain is refused.
+    fn writable(&self) -> Result<()> {
+        match self.format {
+            DomainFormat::Ramsnap => Ok(()),
+            DomainFormat::Ovirt => Err(crate::ovirt::read_only(self.id)),
+        }
+    }
+
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
+        self.writable()?;
         write_atomic(
             &self.meta_path(meta.image, meta.volume),
             &serde_json::to_vec_pretty(meta).expect("serializable"),
@@ -289,7 +358,8 @@ impl Backend for FileDomain {
             location: self.location.display().to_string(),
             capacity: st.0,
             free: st.1,
-            metadata_version: METADATA_VERSION,
+            metadata_version: self.metadata_version,
+            format: self.format,
         })
     }
 
@@ -331,6 +401,7 @@ impl Backend for FileDomain {
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        self.writable()?;
         self.begin_create(meta)?;
         // Metadata first, so that a crash part-way leaves a visible ILLEGAL
         // volume rather than an unaccounted file.
@@ -353,6 +424,7 @@ impl Backend for FileDomain {
     /// part-way leaves exactly that: a visible ILLEGAL volume, removed
     /// with its staging file like any other.
     fn create_legal(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
+        self.writable()?;
         debug_assert_eq!(meta.legality, Legality::Legal);
         self.begin_create(meta)?;
         let (image, volume) = (meta.image, meta.volume);
@@ -382,6 +454,7 @@ impl Backend for FileDomain {
     }
 
     fn remove(&self, image: Uuid, volume: Uuid) -> Result<()> {
+        self.writable()?;
         let request = self
             .read_volume(image, volume)
             .ok()
@@ -401,6 +474,10 @@ impl Backend for FileDomain {
     }
 
     fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
+        if self.format == DomainFormat::Ovirt {
+            // Checked as listed: no link, the backing file its .meta names.
+            self.get(image, volume)?;
+        }
         let path = self.volume_path(image, volume);
         if !path.exists() {
             return Err(StorageError::VolumeNotFound(VolumeRef {
@@ -430,10 +507,14 @@ impl Backend for FileDomain {
     }
 
     fn descriptors(&self) -> Option<DescriptorStore> {
-        (self.role == DomainRole::Export).then(|| DescriptorStore::new(self.id, self.dir.join(VMS_DIR)))
+        (self.role == DomainRole::Export).then(|| match self.format {
+            DomainFormat::Ramsnap => DescriptorStore::new(self.id, self.dir.join(VMS_DIR)),
+            DomainFormat::Ovirt => DescriptorStore::read_only(self.id, self.dir.join(VMS_DIR)),
+        })
     }
 
     fn record_delete(&self, request: Uuid, survivor: Option<Uuid>) -> Result<()> {
+        self.writable()?;
         let dir = self.dir.join("dom_md/deleted");
         fs::create_dir_all(&dir)?;
         let survivor = survivor.map(|s| s.to_string()).unwrap_or_default();
@@ -455,6 +536,10 @@ impl Backend for FileDomain {
     }
 
     fn find_request(&self, request: Uuid) -> Result<Option<Volume>> {
+        if self.format == DomainFormat::Ovirt {
+            // Nothing on it was made by a request of ramsnap's.
+            return Ok(None);
+        }
         self.ensure_request_index()?;
         let target = match fs::read_link(self.requests_dir().join(request.to_string())) {
             Ok(t) => t,
@@ -490,6 +575,7 @@ impl Backend for FileDomain {
     }
 
     fn set_writer_generation(&self, _previous: i64, generation: i64) -> Result<()> {
+        self.writable()?;
         write_atomic(
             &self.dir.join("dom_md/writer"),
             format!("{generation}\n").as_bytes(),
@@ -505,14 +591,6 @@ impl Backend for FileDomain {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let bytes = fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| StorageError::CorruptMetadata {
-        subject: path.display().to_string(),
-        reason: e.to_string(),
-    })
 }
 
 /// Writes through a temporary file and a rename, so readers (other hosts on

@@ -25,6 +25,7 @@ pub mod holds;
 pub mod limits;
 pub mod lvm;
 pub mod model;
+pub mod ovirt;
 pub mod qcow2;
 pub mod service;
 pub mod storage;

@@ -42,6 +42,18 @@ impl fmt::Display for DomainRole {
     }
 }
 
+/// Whose layout a FILE domain's metadata follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DomainFormat {
+    /// ramsnap's own (JSON metadata); every BLOCK domain.
+    #[default]
+    Ramsnap,
+    /// oVirt's (VDSM's `KEY=VALUE` files): an oVirt export domain, adopted
+    /// read-only (see [`crate::ovirt`]).
+    Ovirt,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Format {
@@ -165,6 +177,7 @@ pub struct DomainInfo {
     pub capacity: u64,
     pub free: u64,
     pub metadata_version: u32,
+    pub format: DomainFormat,
 }
 
 /// Largest OVF document a VM descriptor may hold. oVirt's OVFs are tens

@@ -82,6 +82,42 @@ pub fn backing_name(path: &std::path::Path) -> io::Result<Option<String>> {
     })
 }
 
+/// What a qcow2 header says about where the image's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderFacts {
+    pub backing: Option<String>,
+    /// Incompatible feature bit 2: the guest data lives in another file,
+    /// named in a header extension (qcow2 version 3).
+    pub external_data_file: bool,
+}
+
+/// Reads [`HeaderFacts`] from the qcow2 image at `path`.
+pub fn header_facts(path: &std::path::Path) -> io::Result<HeaderFacts> {
+    use std::os::unix::fs::FileExt;
+    let backing = backing_name(path)?;
+    let f = File::open(path)?;
+    let mut version = [0u8; 4];
+    f.read_exact_at(&mut version, 4)?;
+    let external_data_file = match u32::from_be_bytes(version) {
+        2 => false,
+        3 => {
+            let mut features = [0u8; 8];
+            f.read_exact_at(&mut features, 72)?;
+            u64::from_be_bytes(features) & (1 << 2) != 0
+        }
+        v => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("qcow2 version {v} is not 2 or 3"),
+            ))
+        }
+    };
+    Ok(HeaderFacts {
+        backing,
+        external_data_file,
+    })
+}
+
 fn l1_entries(size: u64) -> u64 {
     // Each L2 table maps a cluster's worth of 8-byte entries.
     let per_l2 = CLUSTER_SIZE * (CLUSTER_SIZE / 8);

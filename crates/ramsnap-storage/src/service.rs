@@ -120,6 +120,10 @@ fn to_domain(d: DomainInfo) -> pb::StorageDomain {
             model::DomainRole::Data => pb::DomainRole::Data,
             model::DomainRole::Export => pb::DomainRole::Export,
         } as i32,
+        format: match d.format {
+            model::DomainFormat::Ramsnap => pb::DomainFormat::Ramsnap,
+            model::DomainFormat::Ovirt => pb::DomainFormat::Ovirt,
+        } as i32,
     }
 }
 
@@ -365,6 +369,10 @@ impl StorageService for StorageApi {
             target_allocation: allocation_of("target_allocation", req.target_allocation)?,
             description: req.description,
             keep_parent: req.keep_parent,
+            target_purpose: match enum_value::<pb::VolumePurpose>("target_purpose", req.target_purpose)? {
+                pb::VolumePurpose::Unspecified => None,
+                _ => Some(purpose_of("target_purpose", req.target_purpose)?),
+            },
             checksum: match req.checksum_algorithm.as_str() {
                 "" => false,
                 "blake3-4m" => true,

@@ -133,6 +133,9 @@ pub struct CopyRequest {
     /// Copy only the source's own layer, onto the same parent already on
     /// the target (see [`layer_parent`]).
     pub keep_parent: bool,
+    /// The target's purpose when not the source's: a DISK source (RAW,
+    /// copied whole) as a memory volume (see [`target_purpose`]).
+    pub target_purpose: Option<Purpose>,
     /// Compute the `blake3-4m` checksum of the bytes copied (a RAW source
     /// without a parent only): see [`CopyState::checksum`].
     pub checksum: bool,
@@ -942,6 +945,7 @@ impl Storage {
             Some(_) => Format::Cow,
             None => req.target_format.unwrap_or(source.meta.format),
         };
+        let purpose = target_purpose(&req, &source, format, parent)?;
         let allocation = req
             .target_allocation
             .unwrap_or_else(|| dst_dom.backend.natural_allocation());
@@ -993,7 +997,7 @@ impl Storage {
                 capacity: source.meta.capacity,
                 format,
                 allocation: Some(allocation),
-                purpose: source.meta.purpose,
+                purpose,
                 parent,
                 description: if req.description.is_empty() {
                     source.meta.description.clone()
@@ -1303,6 +1307,40 @@ fn check_layout(
 /// the source's parent, which the target domain must already hold in the
 /// target image (copied first, ids kept). None for a whole copy: without
 /// keep_parent, or for a source with no parent, which is its own whole.
+/// The purpose a copy's target gets: the source's, or a memory purpose for
+/// a DISK source that is RAW and copied whole to RAW (an oVirt 3.3 memory
+/// volume, recorded as a disk); any other change is refused.
+fn target_purpose(
+    req: &CopyRequest,
+    source: &Volume,
+    format: Format,
+    parent: Option<Uuid>,
+) -> Result<Purpose> {
+    let Some(want) = req.target_purpose.filter(|p| *p != source.meta.purpose) else {
+        return Ok(source.meta.purpose);
+    };
+    if source.meta.purpose != Purpose::Disk || want == Purpose::Disk {
+        return Err(StorageError::invalid(
+            "target_purpose",
+            format!(
+                "a {:?} volume keeps its purpose; only a disk may be copied as a memory volume",
+                source.meta.purpose
+            ),
+        ));
+    }
+    if source.meta.format != Format::Raw
+        || format != Format::Raw
+        || parent.is_some()
+        || source.meta.parent.is_some()
+    {
+        return Err(StorageError::invalid(
+            "target_purpose",
+            "a memory volume is RAW without a parent: only a RAW source copied whole to RAW may become one",
+        ));
+    }
+    Ok(want)
+}
+
 fn layer_parent(req: &CopyRequest, source: &Volume) -> Result<Option<Uuid>> {
     let Some(parent) = source.meta.parent.filter(|_| req.keep_parent) else {
         return Ok(None);

@@ -220,6 +220,7 @@ pub fn exported_vm_json(v: &pb::ExportedVm) -> Value {
             "created_at": s.created_at,
             "has_memory": s.has_memory,
         })).collect::<Vec<_>>(),
+        "warnings": v.warnings,
     })
 }
 
@@ -625,6 +626,7 @@ mod tests {
                 snap("s2", pb::SnapshotType::Regular, false),
                 snap("act", pb::SnapshotType::Active, true),
             ],
+            warnings: vec!["disk lun1 is not an image (a direct LUN?): left out".into()],
         }
     }
 
@@ -669,6 +671,10 @@ mod tests {
         assert_eq!(j["collapsed"], false);
         assert_eq!(j["compatibility_version"], "3.3");
         assert_eq!(j["exported_at"], 1_700_000_000_123i64);
+        assert_eq!(
+            j["warnings"][0],
+            "disk lun1 is not an image (a direct LUN?): left out"
+        );
         assert_eq!(
             j["snapshots"][2],
             json!({"snapshot_id": "act", "type": "active", "description": "act",

@@ -594,6 +594,11 @@ pub async fn run(channel: Channel, names: &Names<'_>, output: Format, cmd: VmCom
             for entry in &resp.unreadable {
                 eprint_line(format!("warning: unreadable VM descriptor {entry}"));
             }
+            for v in &resp.vms {
+                for w in &v.warnings {
+                    eprint_line(format!("warning: VM {} ({}): {w}", v.name, v.vm_id));
+                }
+            }
             match output {
                 Format::Table => render::exported_vm_table(&resp.vms).print(),
                 Format::Json => print_json(&resp.vms.iter().map(render::exported_vm_json).collect()),

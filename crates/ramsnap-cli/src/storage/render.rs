@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 labels! {
     domain_type: pb::DomainType, "DOMAIN_TYPE_";
     domain_role: pb::DomainRole, "DOMAIN_ROLE_";
+    domain_format: pb::DomainFormat, "DOMAIN_FORMAT_";
     format: pb::VolumeFormat, "VOLUME_FORMAT_";
     allocation: pb::VolumeAllocation, "VOLUME_ALLOCATION_";
     purpose: pb::VolumePurpose, "VOLUME_PURPOSE_";
@@ -28,6 +29,7 @@ pub fn domain_json(d: &pb::StorageDomain) -> Value {
         "free_bytes": d.free_bytes,
         "location": d.location,
         "metadata_version": d.metadata_version,
+        "format": domain_format(d.format),
     })
 }
 
@@ -79,6 +81,7 @@ pub fn domain_fields(d: &pb::StorageDomain) -> Vec<(&'static str, String)> {
         ("capacity", sized(d.capacity_bytes)),
         ("free", sized(d.free_bytes)),
         ("metadata version", d.metadata_version.to_string()),
+        ("format", domain_format(d.format)),
     ]
 }
 
@@ -238,16 +241,18 @@ mod tests {
             location: "/srv/nfs1".into(),
             metadata_version: 1,
             role: pb::DomainRole::Export as i32,
+            format: pb::DomainFormat::Ovirt as i32,
         };
         assert_eq!(
             domain_json(&d),
             json!({
                 "domain_id": "d", "name": "files", "type": "file", "role": "export",
                 "capacity_bytes": 10, "free_bytes": 5, "location": "/srv/nfs1",
-                "metadata_version": 1,
+                "metadata_version": 1, "format": "ovirt",
             })
         );
         assert!(domain_fields(&d).contains(&("role", "export".to_string())));
+        assert!(domain_fields(&d).contains(&("format", "ovirt".to_string())));
         let table = domain_table(&[d]).render();
         assert!(
             table.starts_with("ID  NAME   TYPE  CAPACITY  FREE  LOCATION\n"),

@@ -145,6 +145,10 @@ pub struct CopyArgs {
     /// whole.
     #[arg(long)]
     keep_parent: bool,
+    /// Default: the source's. A raw disk copied whole may become a memory
+    /// volume (an oVirt 3.3 export records its memory volumes as disks).
+    #[arg(long, value_enum)]
+    purpose: Option<PurposeArg>,
     #[command(flatten)]
     request: RequestArg,
 }
@@ -330,6 +334,7 @@ async fn copy(
             .map_or(0, |a| pb::VolumeAllocation::from(a) as i32),
         description: args.description.unwrap_or_default(),
         keep_parent: args.keep_parent,
+        target_purpose: args.purpose.map_or(0, |p| pb::VolumePurpose::from(p) as i32),
         checksum_algorithm: String::new(),
     };
     let mut stream = client

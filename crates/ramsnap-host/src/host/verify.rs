@@ -87,6 +87,16 @@ impl Host {
 
         let meta = volumes.prepare(&memory.metadata).await?;
         prepared.push(memory.metadata);
+        if let Some(adopt) = &req.adopt_ovirt {
+            self.adopt_ovirt(
+                req,
+                adopt,
+                &meta,
+                (meta_info.capacity, dump_info.capacity),
+                prepared,
+            )
+            .await?;
+        }
         let md = read_memory_metadata(&meta, meta_info.capacity).await?;
         // A pair given to the clone already (a retry after the metadata was
         // rewritten): verified as the clone's, nothing written again.
@@ -258,7 +268,7 @@ impl Host {
     /// Tears down what was prepared (last first), except a volume that a
     /// VM running here holds as one of its disks: a teardown is not
     /// reference-counted.
-    async fn teardown_unless_held(&self, prepared: &[VolumeRef]) {
+    pub(super) async fn teardown_unless_held(&self, prepared: &[VolumeRef]) {
         let held = self.held_by_running();
         let refs: Vec<VolumeRef> = prepared.iter().copied().filter(|r| !held.contains(r)).collect();
         self.inner.volumes.teardown_all(&refs).await;

@@ -268,9 +268,11 @@ pub fn parse(xml: &str, export_domain: Uuid) -> Result<Parsed, OvfError> {
             memory_bytes,
             vcpus,
             stateless,
-            kernel: String::new(),
-            initrd: String::new(),
-            cmdline: String::new(),
+            // Direct kernel boot, as oVirt's VmBase has it (empty: boot
+            // from disk); checked as CreateVm checks them on import.
+            kernel: text(content, "KernelUrl").unwrap_or_default(),
+            initrd: text(content, "InitrdUrl").unwrap_or_default(),
+            cmdline: text(content, "KernelParams").unwrap_or_default(),
             compatibility_version,
             exported_at,
             collapsed: false,
@@ -347,67 +349,7 @@ mod tests {
     /// resources/vmOvfData.xml), cut to what this reader looks at, with its
     /// REGULAR snapshot's own volume added below the ACTIVE one (the
     /// original lists only the ACTIVE leaf and a direct LUN).
-    const SAMPLE: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
-<ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" ovf:version="3.3.0.0">
-    <References>
-        <File ovf:href="8c634412-1e8b-4ef3-bc40-b67a456e9d2f/f934b12c-1e22-4ad8-bbce-ec0b2a5defa4" ovf:id="f934b12c-1e22-4ad8-bbce-ec0b2a5defa4" ovf:size="1073741824" ovf:description="Active VM" />
-        <File ovf:href="8c634412-1e8b-4ef3-bc40-b67a456e9d2f/0d7bd2b4-3c1d-4b8e-9d44-63d87ee3a0f1" ovf:id="0d7bd2b4-3c1d-4b8e-9d44-63d87ee3a0f1" ovf:size="1073741824" ovf:description="snap" />
-        <File ovf:id="eb331cad-8842-48d9-9c56-40b893dc8b1e" ovf:href="eb331cad-8842-48d9-9c56-40b893dc8b1e" ovf:disk_storage_type="LUN" />
-    </References>
-    <Section xsi:type="ovf:DiskSection_Type">
-        <Info>List of Virtual Disks</Info>
-        <Disk ovf:diskId="0d7bd2b4-3c1d-4b8e-9d44-63d87ee3a0f1" ovf:size="1" ovf:actual_size="0" ovf:vm_snapshot_id="22eab740-c6ec-4edb-b417-c4ad9efe628a" ovf:parentRef="" ovf:fileRef="8c634412-1e8b-4ef3-bc40-b67a456e9d2f/0d7bd2b4-3c1d-4b8e-9d44-63d87ee3a0f1" ovf:volume-format="RAW" ovf:volume-type="Sparse" ovf:disk-interface="VirtIO" ovf:boot="true" ovf:disk-alias="exporttedVM_Disk1" />
-        <Disk ovf:diskId="f934b12c-1e22-4ad8-bbce-ec0b2a5defa4" ovf:size="1" ovf:actual_size="0" ovf:vm_snapshot_id="b60fcbad-d65a-4248-ae32-7f9411276df0" ovf:parentRef="8c634412-1e8b-4ef3-bc40-b67a456e9d2f/0d7bd2b4-3c1d-4b8e-9d44-63d87ee3a0f1" ovf:fileRef="8c634412-1e8b-4ef3-bc40-b67a456e9d2f/f934b12c-1e22-4ad8-bbce-ec0b2a5defa4" ovf:volume-format="COW" ovf:volume-type="Sparse" ovf:disk-interface="VirtIO" ovf:boot="true" ovf:disk-alias="exporttedVM_Disk1" />
-        <Disk ovf:diskId="eb331cad-8842-48d9-9c56-40b893dc8b1e" ovf:disk-alias="MAorTestOnlyLun_Disk1" ovf:fileRef="eb331cad-8842-48d9-9c56-40b893dc8b1e" ovf:boot="true" ovf:disk-interface="VirtIO_SCSI" />
-    </Section>
-    <Content ovf:id="out" xsi:type="ovf:VirtualSystem_Type">
-        <Description>fsdf</Description>
-        <CreationDate>2013/05/27 14:44:12</CreationDate>
-        <ExportDate>2013/05/27 14:47:16</ExportDate>
-        <IsStateless>false</IsStateless>
-        <Name>exporttedVM</Name>
-        <Section ovf:id="70f24c82-a7b8-4e0b-9192-cffd5705cf5c" ovf:required="false" xsi:type="ovf:OperatingSystemSection_Type">
-            <Info>Guest Operating System</Info>
-            <Description>Unassigned</Description>
-        </Section>
-        <Section xsi:type="ovf:VirtualHardwareSection_Type">
-            <Info>1 CPU, 1024 Memeory</Info>
-            <Item>
-                <rasd:InstanceId>1</rasd:InstanceId>
-                <rasd:ResourceType>3</rasd:ResourceType>
-                <rasd:num_of_sockets>1</rasd:num_of_sockets>
-                <rasd:cpu_per_socket>1</rasd:cpu_per_socket>
-            </Item>
-            <Item>
-                <rasd:InstanceId>2</rasd:InstanceId>
-                <rasd:ResourceType>4</rasd:ResourceType>
-                <rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits>
-                <rasd:VirtualQuantity>1024</rasd:VirtualQuantity>
-            </Item>
-            <Item>
-                <rasd:InstanceId>f934b12c-1e22-4ad8-bbce-ec0b2a5defa4</rasd:InstanceId>
-                <rasd:ResourceType>17</rasd:ResourceType>
-                <rasd:HostResource>8c634412-1e8b-4ef3-bc40-b67a456e9d2f/f934b12c-1e22-4ad8-bbce-ec0b2a5defa4</rasd:HostResource>
-                <rasd:Parent>0d7bd2b4-3c1d-4b8e-9d44-63d87ee3a0f1</rasd:Parent>
-            </Item>
-        </Section>
-        <Section xsi:type="ovf:SnapshotsSection_Type">
-            <Snapshot ovf:id="b60fcbad-d65a-4248-ae32-7f9411276df0">
-                <Type>ACTIVE</Type>
-                <Description>Active VM</Description>
-                <CreationDate>2013/05/27 14:44:12</CreationDate>
-            </Snapshot>
-            <Snapshot ovf:id="22eab740-c6ec-4edb-b417-c4ad9efe628a">
-                <Type>REGULAR</Type>
-                <Description>snap</Description>
-                <CreationDate>2017/09/10 13:22:45</CreationDate>
-                <Memory>44b6c877-d062-47a8-82e2-93972d262546,aaef93d0-feb2-44b3-85b9-d5ae28734b14,478f4e8d-48e1-4265-82dd-a7844b61d6cb,903d4392-0001-446f-9cdb-d0cade8b44a0,1fc95389-c167-42c5-8ef6-720f4f369331,878da22e-6d07-4f38-aa55-8f698e678421</Memory>
-                <ApplicationList />
-                <VmConfiguration />
-            </Snapshot>
-        </Section>
-    </Content>
-</ovf:Envelope>"#;
+    const SAMPLE: &str = include_str!("../../../../tests/data/ovirt-3.3-vmOvfData.xml");
 
     fn id(s: &str) -> Uuid {
         Uuid::parse_str(s).unwrap()

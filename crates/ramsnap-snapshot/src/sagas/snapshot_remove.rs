@@ -344,6 +344,7 @@ pub(super) async fn rebind_memory(
         rebind_disks,
         copied_checksum: String::new(),
         rebrand_vm_id: String::new(),
+        adopt_ovirt: None,
     };
     let bound = match client.verify_memory(request(Vec::new())).await {
         Ok(r) => r.into_inner().disks,

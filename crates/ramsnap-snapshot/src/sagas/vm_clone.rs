@@ -152,6 +152,7 @@ fn copies_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<DiskCopy>, Status>> 
                 target_format: storage::VolumeFormat::Cow as i32,
                 target_allocation: storage::VolumeAllocation::Sparse as i32,
                 description: format!("disk {i} of VM {} (clone of snapshot {})", p.name, snapshot.id),
+                target_purpose: storage::VolumePurpose::Unspecified as i32,
                 keep_parent: false,
                 checksum_algorithm: String::new(),
             };
@@ -244,6 +245,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryVolume>, St
                     "memory {what} of VM {} (clone of snapshot {})",
                     p.name, snapshot.id
                 ),
+                target_purpose: storage::VolumePurpose::Unspecified as i32,
                 keep_parent: false,
                 checksum_algorithm: if checksum {
                     "blake3-4m".into()
@@ -273,6 +275,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryVolume>, St
                 rebind_disks: copies.iter().map(|c| to_wire_ref(&c.volume)).collect(),
                 copied_checksum: copied.checksum.unwrap_or_default(),
                 rebrand_vm_id: p.new_vm_id.to_string(),
+                adopt_ovirt: None,
             })
             .await
             .map_err(|s| downstream("giving the snapshot's memory to the clone", s))?;

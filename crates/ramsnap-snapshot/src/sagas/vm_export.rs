@@ -50,6 +50,27 @@ pub struct PlannedCopy {
     /// the source's chain collapsed into the target.
     pub keep_parent: bool,
     pub capacity_bytes: u64,
+    /// The target's purpose, when not the source's: an oVirt 3.3 memory
+    /// volume, recorded there as a disk (CopyVolumeRequest.target_purpose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<MemoryPart>,
+}
+
+/// Which volume of a memory pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryPart {
+    Dump,
+    Metadata,
+}
+
+impl MemoryPart {
+    fn wire(part: Option<MemoryPart>) -> storage::VolumePurpose {
+        match part {
+            None => storage::VolumePurpose::Unspecified,
+            Some(MemoryPart::Dump) => storage::VolumePurpose::MemoryDump,
+            Some(MemoryPart::Metadata) => storage::VolumePurpose::MemoryMetadata,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +81,10 @@ pub struct PlannedMemory {
     /// Collapsed disks: what the target's metadata is rebound to (the
     /// collapsed volumes, in disk order); empty: left as it is.
     pub rebind_disks: Vec<VolumeRef>,
+    /// From an oVirt export domain: the volumes are recorded there as
+    /// disks, and the copies become memory volumes.
+    #[serde(default)]
+    pub from_ovirt: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -167,7 +192,11 @@ fn unlock_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 }
 
 /// FAILED_PRECONDITION NOT_AN_EXPORT_DOMAIN unless the domain is one.
-pub async fn require_export_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result<(), Status> {
+pub async fn require_export_domain(
+    app: &App,
+    h: &db::Host,
+    domain_id: Uuid,
+) -> Result<storage::StorageDomain, Status> {
     let d = app
         .storage_client(h)?
         .get_domain(storage::GetDomainRequest {
@@ -183,6 +212,24 @@ pub async fn require_export_domain(app: &App, h: &db::Host, domain_id: Uuid) -> 
             "NOT_AN_EXPORT_DOMAIN",
             &format!("domain/{domain_id}"),
             format!("storage domain {} ({domain_id}) is not an export domain", d.name),
+        ));
+    }
+    Ok(d)
+}
+
+/// [`require_export_domain`], for an export to it: an oVirt export domain
+/// (adopted read-only) is FAILED_PRECONDITION DOMAIN_READ_ONLY.
+pub async fn require_writable_export_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result<(), Status> {
+    let d = require_export_domain(app, h, domain_id).await?;
+    if d.format == storage::DomainFormat::Ovirt as i32 {
+        return Err(status::failed_precondition(
+            "DOMAIN_READ_ONLY",
+            &format!("domain/{domain_id}"),
+            format!(
+                "storage domain {} ({domain_id}) is an oVirt export domain, adopted read-only: \
+                 VMs are imported from it, not exported to it",
+                d.name
+            ),
         ));
     }
     Ok(())
@@ -221,7 +268,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
-        require_export_domain(&cx.app, &h, p.export_domain_id).await?;
+        require_writable_export_domain(&cx.app, &h, p.export_domain_id).await?;
         let previous = descriptor(&cx.app, &h, p.export_domain_id, p.vm_id)
             .await?
             .is_some();
@@ -348,6 +395,7 @@ async fn make_plan(
                 target: target(&source),
                 keep_parent: !p.collapse,
                 capacity_bytes: disk.capacity_bytes,
+                purpose: None,
             });
             ovf_volumes.push(OvfVolume {
                 volume_id: *v,
@@ -400,6 +448,7 @@ async fn make_plan(
             },
             capacity_bytes: dump.capacity_bytes,
             rebind_disks,
+            from_ovirt: false,
         });
     }
 
@@ -577,6 +626,7 @@ pub async fn run_copies(
             target_allocation: storage::VolumeAllocation::Unspecified as i32,
             description: description.to_string(),
             keep_parent: c.keep_parent,
+            target_purpose: MemoryPart::wire(c.purpose) as i32,
             checksum_algorithm: if checksum {
                 "blake3-4m".into()
             } else {
@@ -600,13 +650,14 @@ pub async fn copy_memory_pair(
     (done, total): (&mut u64, u64),
     hint: &str,
 ) -> Result<Option<String>, Status> {
-    let copy = |source, target, capacity_bytes| PlannedCopy {
+    let copy = |source, target, capacity_bytes, part| PlannedCopy {
         source,
         target,
         keep_parent: false,
         capacity_bytes,
+        purpose: m.from_ovirt.then_some(part),
     };
-    let metadata = copy(m.source.metadata, m.target.metadata, 0);
+    let metadata = copy(m.source.metadata, m.target.metadata, 0, MemoryPart::Metadata);
     copy_own_checked(
         cx,
         h,
@@ -617,7 +668,7 @@ pub async fn copy_memory_pair(
         false,
     )
     .await?;
-    let dump = copy(m.source.dump, m.target.dump, m.capacity_bytes);
+    let dump = copy(m.source.dump, m.target.dump, m.capacity_bytes, MemoryPart::Dump);
     copy_own_checked(cx, h, &dump, (done, total), "memory of a snapshot", hint, true).await
 }
 
@@ -645,6 +696,7 @@ pub async fn run_memory_copies(
                 rebind_disks: m.rebind_disks.iter().map(to_wire_ref).collect(),
                 copied_checksum: copied.unwrap_or_default(),
                 rebrand_vm_id: String::new(),
+                adopt_ovirt: None,
             })
             .await
             .map_err(|s| downstream("verifying a memory volume", s))?

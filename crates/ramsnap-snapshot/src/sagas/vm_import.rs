@@ -70,9 +70,27 @@ pub struct Plan {
     pub new_vm: NewVmRecord,
     pub disks: Vec<DiskRecord>,
     pub copies: Vec<PlannedCopy>,
-    /// With the descriptor's checksum of each.
+    /// With the descriptor's checksum of each (empty: from an oVirt
+    /// export domain, adopted as `adoptions` says).
     pub memories: Vec<(PlannedMemory, String)>,
     pub snapshots: Vec<SnapshotRecord>,
+    /// oVirt memory snapshots: what ramsnap's metadata of each records.
+    #[serde(default)]
+    pub adoptions: Vec<Adoption>,
+}
+
+/// An oVirt memory snapshot (no checksum in its OVF) and what its adopted
+/// metadata records (HostService VerifyMemory's `adopt_ovirt`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The target dump volume: which memory.
+    pub dump: VolumeRef,
+    pub snapshot_id: Uuid,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Per disk in order: (the snapshot's volume, its child or itself), as
+    /// the import names them on the data domain.
+    pub disks: Vec<(VolumeRef, VolumeRef)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,38 +169,84 @@ pub async fn require_data_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Re
     Ok(())
 }
 
+/// Parses a descriptor as the export domain's format has it: ramsnap's
+/// own OVF, or oVirt 3.3's (an adopted oVirt export domain), with what an
+/// import of it would leave out.
+pub fn parse_descriptor(
+    xml: &str,
+    domain: &storage::StorageDomain,
+    domain_id: Uuid,
+) -> Result<(OvfVm, Vec<String>), crate::ovf::OvfError> {
+    if domain.format == storage::DomainFormat::Ovirt as i32 {
+        let parsed = crate::ovf::ovirt::parse(xml, domain_id)?;
+        parsed.vm.validate_foreign()?;
+        Ok((parsed.vm, parsed.warnings))
+    } else {
+        OvfVm::parse(xml).map(|vm| (vm, Vec::new()))
+    }
+}
+
 /// Reads, parses and checks the exported VM's descriptor against the
 /// export domain: OVF_INVALID, OVF_FILE_MISSING (a volume it names is not
 /// there, or not complete), NOT_FOUND when there is no such export.
+///
+/// From an oVirt export domain, also: each disk's capacity is the exact
+/// one of its volumes (oVirt's OVF rounds to GiB), and, with
+/// `inspect_memory`, each memory snapshot is read where it is
+/// (HostService.InspectOvirtMemory): one that cannot be the VM's is left
+/// out, with a warning, and one whose metadata is not what VDSM writes
+/// refuses the import (OVIRT_MEMORY_REFUSED) before anything is copied.
+/// Returns the descriptor with what the import leaves out, in words.
 pub async fn read_export(
     app: &App,
     h: &db::Host,
     export_domain_id: Uuid,
     vm_id: Uuid,
-) -> Result<OvfVm, Status> {
-    super::vm_export::require_export_domain(app, h, export_domain_id).await?;
+    inspect_memory: bool,
+) -> Result<(OvfVm, Vec<String>), Status> {
+    let domain = super::vm_export::require_export_domain(app, h, export_domain_id).await?;
+    let ovirt = domain.format == storage::DomainFormat::Ovirt as i32;
     let xml = super::vm_export::descriptor(app, h, export_domain_id, vm_id)
         .await?
         .ok_or_else(|| status::not_found("exported vm", &format!("{vm_id} on domain {export_domain_id}")))?;
-    let ovf = OvfVm::parse(&xml).map_err(|e| {
+    let ovf_path = format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf");
+    let (mut ovf, mut warnings) = parse_descriptor(&xml, &domain, export_domain_id).map_err(|e| {
         status::failed_precondition(
             "OVF_INVALID",
-            &format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf"),
+            &ovf_path,
             format!("the descriptor of VM {vm_id} cannot be imported: {e}"),
         )
     })?;
     if ovf.vm_id != vm_id {
         return Err(status::failed_precondition(
             "OVF_INVALID",
-            &format!("domain/{export_domain_id}/master/vms/{vm_id}/{vm_id}.ovf"),
+            &ovf_path,
             format!("the descriptor stored for VM {vm_id} describes VM {}", ovf.vm_id),
         ));
     }
+    let volumes = super::common::all_volumes(&mut app.storage_client(h)?, export_domain_id, None)
+        .await
+        .map_err(|s| downstream("listing the export domain's volumes", s))?;
+    if ovirt {
+        for d in &mut ovf.disks {
+            let exact = volumes
+                .iter()
+                .filter(|v| {
+                    v.r#ref.as_ref().is_some_and(|r| {
+                        r.image_id == d.image_id.to_string()
+                            && d.volumes.iter().any(|x| r.volume_id == x.volume_id.to_string())
+                    })
+                })
+                .map(|v| v.capacity_bytes)
+                .max();
+            if let Some(c) = exact {
+                d.capacity_bytes = c;
+            }
+        }
+    }
     check_ovf_values(&ovf, export_domain_id, None)?;
     let present = super::common::volume_keys(
-        super::common::all_volumes(&mut app.storage_client(h)?, export_domain_id, None)
-            .await
-            .map_err(|s| downstream("listing the export domain's volumes", s))?
+        volumes
             .iter()
             .filter(|v| v.legality == storage::VolumeLegality::Legal as i32),
     );
@@ -210,7 +274,43 @@ pub async fn read_export(
             ),
         ));
     }
-    Ok(ovf)
+    if ovirt && inspect_memory {
+        let memories: Vec<crate::ovf::OvfMemory> = ovf.memories().into_iter().cloned().collect();
+        for m in memories {
+            let r = app
+                .host_client(h)?
+                .inspect_ovirt_memory(host_pb::InspectOvirtMemoryRequest {
+                    vm_id: vm_id.to_string(),
+                    memory: Some(to_wire_memory(&MemoryVolume {
+                        dump: VolumeRef {
+                            domain_id: export_domain_id,
+                            image_id: m.dump_image_id,
+                            volume_id: m.dump_volume_id,
+                        },
+                        metadata: VolumeRef {
+                            domain_id: export_domain_id,
+                            image_id: m.metadata_image_id,
+                            volume_id: m.metadata_volume_id,
+                        },
+                    })),
+                    disk_count: ovf.disks.len() as u32,
+                })
+                .await
+                .map_err(|s| downstream("reading an oVirt memory snapshot", s))?
+                .into_inner();
+            if r.usable {
+                continue;
+            }
+            for s in ovf.snapshots.iter_mut().filter(|s| s.memory.as_ref() == Some(&m)) {
+                warnings.push(format!(
+                    "snapshot {:?} ({}): its memory is left out, the snapshot is imported without it: {}",
+                    s.description, s.snapshot_id, r.reason
+                ));
+                s.memory = None;
+            }
+        }
+    }
+    Ok((ovf, warnings))
 }
 
 /// The values the import takes from the descriptor (memory, vCPUs, disks,
@@ -302,6 +402,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
                 target: tgt(d.image_id, leaf),
                 keep_parent: false,
                 capacity_bytes: d.capacity_bytes,
+                purpose: None,
             });
         } else {
             for v in &d.volumes {
@@ -310,6 +411,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
                     target: tgt(d.image_id, v.volume_id),
                     keep_parent: true,
                     capacity_bytes: d.capacity_bytes,
+                    purpose: None,
                 });
             }
         }
@@ -320,6 +422,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
         .filter(|s| !collapse || s.kind == SnapshotKind::Active)
         .collect();
     let mut memories: Vec<(PlannedMemory, String)> = Vec::new();
+    let mut adoptions = Vec::new();
     let mut snapshots = Vec::new();
     for s in snaps {
         let memory = match &s.memory {
@@ -328,6 +431,35 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
                     dump: tgt(m.dump_image_id, m.dump_volume_id),
                     metadata: tgt(m.metadata_image_id, m.metadata_volume_id),
                 };
+                let from_ovirt = m.checksum.is_empty();
+                if from_ovirt && !adoptions.iter().any(|a: &Adoption| a.dump == target.dump) {
+                    // oVirt's snapshot: its volume of each disk was frozen
+                    // at the dump; the VM went on in that volume's child.
+                    let disks = ovf
+                        .disks
+                        .iter()
+                        .map(|d| {
+                            let current = s
+                                .disks
+                                .iter()
+                                .find(|(disk, _)| *disk == d.disk_id)
+                                .map(|(_, v)| *v)
+                                .expect("validated: snapshots name every disk");
+                            let overlay = d
+                                .volumes
+                                .iter()
+                                .find(|v| v.parent_id == Some(current))
+                                .map_or(current, |v| v.volume_id);
+                            (tgt(d.image_id, current), tgt(d.image_id, overlay))
+                        })
+                        .collect();
+                    adoptions.push(Adoption {
+                        dump: target.dump,
+                        snapshot_id: s.snapshot_id,
+                        created_at: s.created_at / 1000,
+                        disks,
+                    });
+                }
                 if !memories.iter().any(|(x, _)| x.target == target) {
                     memories.push((
                         PlannedMemory {
@@ -345,6 +477,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
                             } else {
                                 Vec::new()
                             },
+                            from_ovirt,
                         },
                         m.checksum.clone(),
                     ));
@@ -397,6 +530,7 @@ pub fn make_plan(p: &Params, ovf: &OvfVm, stable: &dyn Fn(&str) -> Uuid) -> Plan
         copies,
         memories,
         snapshots,
+        adoptions,
     }
 }
 
@@ -405,7 +539,7 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
         let p: Params = cx.params()?;
         let h = host(&cx.app, p.cluster_id).await?;
         require_data_domain(&cx.app, &h, p.target_domain_id).await?;
-        let ovf = read_export(&cx.app, &h, p.export_domain_id, p.source_vm_id).await?;
+        let (ovf, _) = read_export(&cx.app, &h, p.export_domain_id, p.source_vm_id, p.with_memory).await?;
         let mut plan = make_plan(&p, &ovf, &|purpose| cx.stable_id(purpose));
         refuse_existing_targets(&cx.app, &h, &plan).await?;
         // The dump sizes, for the progress.
@@ -560,6 +694,22 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             // to the data domain (or to the collapsed disks); a fork's is
             // given to the clone.
             let rebind_domain = m.rebind_disks.is_empty().then_some(p.target_domain_id);
+            let adopt_ovirt =
+                plan.adoptions
+                    .iter()
+                    .find(|a| a.dump == m.target.dump)
+                    .map(|a| host_pb::OvirtAdoption {
+                        snapshot_id: a.snapshot_id.to_string(),
+                        created_at: a.created_at,
+                        disks: a
+                            .disks
+                            .iter()
+                            .map(|(current, overlay)| host_pb::DiskAtDump {
+                                current: Some(to_wire_ref(current)),
+                                overlay: Some(to_wire_ref(overlay)),
+                            })
+                            .collect(),
+                    });
             cx.app
                 .host_client(&h)?
                 .verify_memory(host_pb::VerifyMemoryRequest {
@@ -574,6 +724,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
                     } else {
                         String::new()
                     },
+                    adopt_ovirt,
                 })
                 .await
                 .map_err(|s| downstream("verifying a memory volume", s))?;

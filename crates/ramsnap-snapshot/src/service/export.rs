@@ -61,7 +61,7 @@ pub async fn export_vm(
     vm_export::refuse_unexportable(app, &vm).await?;
     let h = app.host_for_vm(&vm).await?;
     super::vm::check_domains(app, &h, [export_domain_id]).await?;
-    vm_export::require_export_domain(app, &h, export_domain_id).await?;
+    vm_export::require_writable_export_domain(app, &h, export_domain_id).await?;
     if !req.force_override
         && vm_export::descriptor(app, &h, export_domain_id, vm.id)
             .await?
@@ -111,6 +111,7 @@ fn to_exported(ovf: &OvfVm) -> pb::ExportedVm {
                 has_memory: s.memory.is_some(),
             })
             .collect(),
+        warnings: Vec::new(),
     }
 }
 
@@ -121,7 +122,7 @@ pub async fn list_exported_vms(
     let domain_id = ids::parse("export_domain_id", &req.export_domain_id)?;
     let h = any_host(app).await?;
     super::vm::check_domains(app, &h, [domain_id]).await?;
-    vm_export::require_export_domain(app, &h, domain_id).await?;
+    let domain = vm_export::require_export_domain(app, &h, domain_id).await?;
     // A page of the domain's descriptors is a page of its VMs (both in
     // the order of the VM ids, with the domain as the only filter): the
     // paging is the storage service's, passed through.
@@ -143,12 +144,15 @@ pub async fn list_exported_vms(
     let mut vms = Vec::new();
     let mut unreadable = Vec::new();
     for d in descriptors {
-        match OvfVm::parse(&d.ovf) {
-            Ok(ovf) if ovf.vm_id.to_string() != d.vm_id => unreadable.push(format!(
+        match vm_import::parse_descriptor(&d.ovf, &domain, domain_id) {
+            Ok((ovf, _)) if ovf.vm_id.to_string() != d.vm_id => unreadable.push(format!(
                 "{}: the descriptor stored for this VM describes VM {}",
                 d.vm_id, ovf.vm_id
             )),
-            Ok(ovf) => vms.push(to_exported(&ovf)),
+            Ok((ovf, warnings)) => vms.push(pb::ExportedVm {
+                warnings,
+                ..to_exported(&ovf)
+            }),
             Err(e) => unreadable.push(format!("{}: {e}", d.vm_id)),
         }
     }
@@ -192,7 +196,10 @@ pub async fn import_vm(
     super::vm::check_domains(app, &h, [export_domain_id, target_domain_id]).await?;
     vm_import::require_data_domain(app, &h, target_domain_id).await?;
     // Bad input is answered now; the saga reads the descriptor again.
-    let ovf = vm_import::read_export(app, &h, export_domain_id, source_vm_id).await?;
+    let memory_supported = cluster.compatibility_version.supports_memory_snapshots();
+    let with_memory = (!req.as_clone || req.keep_memory) && memory_supported;
+    let (ovf, read_warnings) =
+        vm_import::read_export(app, &h, export_domain_id, source_vm_id, with_memory).await?;
     let name = if req.name.is_empty() {
         ovf.name.clone()
     } else {
@@ -216,7 +223,6 @@ pub async fn import_vm(
         Err(e) => return Err(db_status(e)),
     }
     let has_memory = ovf.snapshots.iter().any(|s| s.memory.is_some());
-    let memory_supported = cluster.compatibility_version.supports_memory_snapshots();
     if req.keep_memory {
         if ovf.active().memory.is_none() {
             return Err(status::failed_precondition(
@@ -229,7 +235,7 @@ pub async fn import_vm(
         }
         super::require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
     }
-    let mut warnings = Vec::new();
+    let mut warnings = read_warnings;
     if req.as_clone && ovf.active().memory.is_some() {
         warnings.push(if req.keep_memory {
             super::snapshot::FORK_IDENTITY_WARNING.to_string()
@@ -252,7 +258,7 @@ pub async fn import_vm(
         target_domain_id,
         as_clone: req.as_clone,
         collapse: req.collapse_snapshots,
-        with_memory: (!req.as_clone || req.keep_memory) && memory_supported,
+        with_memory,
     };
     // The volumes it would make, with the exported ids (a clone's are new):
     // none may exist, nor be in an image a VM uses.

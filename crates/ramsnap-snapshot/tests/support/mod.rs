@@ -555,6 +555,18 @@ impl HostService for SimulatedHost {
         }))
     }
 
+    /// A simulated host reads no oVirt memory: every one is unusable (so
+    /// an import leaves it out, with a warning).
+    async fn inspect_ovirt_memory(
+        &self,
+        _req: Request<host::InspectOvirtMemoryRequest>,
+    ) -> Result<Response<host::InspectOvirtMemoryResponse>, Status> {
+        Ok(Response::new(host::InspectOvirtMemoryResponse {
+            usable: false,
+            reason: "a simulated host reads no oVirt memory".into(),
+        }))
+    }
+
     async fn commit_volume(
         &self,
         req: Request<host::CommitVolumeRequest>,
