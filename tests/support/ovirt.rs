@@ -303,7 +303,7 @@ fn python2_escape(s: &str) -> String {
 }
 
 /// The domain XML in a libvirt save image's header: the NUL-terminated
-/// text after its 96 bytes.
+/// text after its 92 bytes (`virQEMUSaveHeader`).
 pub fn save_header_xml(dump: &Path) -> String {
     use std::io::Read;
     let mut bytes = Vec::new();
@@ -313,7 +313,7 @@ pub fn save_header_xml(dump: &Path) -> String {
         .read_to_end(&mut bytes)
         .unwrap();
     assert_eq!(&bytes[..16], b"LibvirtQemudSave", "a libvirt save image");
-    let data = &bytes[96..];
+    let data = &bytes[92..];
     let end = data.iter().position(|&b| b == 0).unwrap();
     String::from_utf8(data[..end].to_vec()).unwrap()
 }

@@ -242,7 +242,7 @@ fn patch_save_header(dump: &std::path::Path, from: &str, to: &str) {
     }
     assert_ne!(patched, xml, "the saved XML names {from}");
     let f = std::fs::OpenOptions::new().write(true).open(dump).unwrap();
-    f.write_all_at(patched.as_bytes(), 96).unwrap();
+    f.write_all_at(patched.as_bytes(), 92).unwrap();
 }
 
 /// Lists, imports and runs: the snapshot's memory restores.

@@ -361,6 +361,11 @@ pub const RPCS: &[Rpc] = &[
     rpc("/ramsnap.host.v1.HostService/SnapshotVm", Coordinator, Stream),
     rpc("/ramsnap.host.v1.HostService/CancelSnapshot", Coordinator, Long),
     rpc("/ramsnap.host.v1.HostService/VerifyMemory", Coordinator, Long),
+    rpc(
+        "/ramsnap.host.v1.HostService/InspectOvirtMemory",
+        Coordinator,
+        Long,
+    ),
     rpc("/ramsnap.host.v1.HostService/ForgetVm", Coordinator, Unary),
     rpc("/ramsnap.host.v1.HostService/SuspendVm", Coordinator, Long),
     rpc("/ramsnap.host.v1.HostService/CommitVolume", Coordinator, Long),

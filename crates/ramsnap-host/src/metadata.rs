@@ -255,7 +255,7 @@ pub fn digest_recorded(path: &Path, dump: &DumpRecord, beside_restore: bool) -> 
 }
 
 /// Where QEMU's stream starts in a raw libvirt save image: past libvirt's
-/// header (96 bytes: magic, six u32s, 15 unused u32s) and the data it
+/// header (92 bytes: magic, five u32s, 14 unused u32s) and the data it
 /// counts (the domain XML, the cookie, padding). None for any other image.
 pub fn stream_start(path: &Path) -> io::Result<Option<u64>> {
     Ok(raw_save_data_len(path)?.map(|data_len| SAVE_HEADER_BYTES + u64::from(data_len)))
@@ -279,8 +279,11 @@ fn raw_save_data_len(path: &Path) -> io::Result<Option<u32>> {
     Ok((&head[..16] == SAVE_MAGIC && u32_at(28) == 0).then(|| u32_at(20)))
 }
 
-/// The size of libvirt's save image header (`virQEMUSaveHeader`).
-const SAVE_HEADER_BYTES: u64 = 96;
+/// The size of libvirt's save image header (`virQEMUSaveHeader`: a
+/// 16-byte magic, version, data_len, was_running, compressed (the
+/// format), cookieOffset, 14 unused u32s); its data (the domain XML first,
+/// NUL-terminated) follows at once.
+pub const SAVE_HEADER_BYTES: u64 = 92;
 
 /// Hashes a FILE dump's chunks while libvirt writes it, until `stop`.
 pub fn follow_dump(path: &Path, capacity: u64, stop: &std::sync::atomic::AtomicBool) -> io::Result<Followed> {
@@ -659,9 +662,9 @@ mod tests {
         for v in [2u32, data_len, 1, 0, 0] {
             bytes.extend_from_slice(&v.to_ne_bytes());
         }
-        bytes.resize(96, 0);
+        bytes.resize(92, 0);
         bytes.extend_from_slice(xml.as_bytes());
-        bytes.resize(96 + data_len as usize, 0);
+        bytes.resize(92 + data_len as usize, 0);
         // QEMU's stream: two chunks and a bit, then zeros.
         bytes.extend((0..2 * CHUNK + 777).map(|i| (i % 253) as u8 | 1));
         let cap = 6 * CHUNK as u64;
@@ -677,14 +680,14 @@ mod tests {
                 checksum: before.checksum,
             };
             let head = read_save_head(&p).unwrap().unwrap();
-            assert_eq!(head.len(), 96 + data_len as usize);
+            assert_eq!(head.len(), 92 + data_len as usize);
             assert_eq!(head_owner(&head, from, to), Some(from));
             assert_eq!(head_owner(&head, other, to), None, "names neither");
             let given = replace_id(&head, from, to);
             assert_eq!(given.len(), head.len());
             assert_eq!(head_owner(&given, from, to), Some(to));
             assert_eq!(replace_id(&given, to, from), head);
-            let text = String::from_utf8_lossy(&given[96..]).to_string();
+            let text = String::from_utf8_lossy(&given[92..]).to_string();
             assert!(
                 text.contains(&format!("<name>ramsnap-{to}</name><uuid>{to}</uuid>")),
                 "{text}"
@@ -719,11 +722,11 @@ mod tests {
             for v in [2u32, data_len, 1, format, 0] {
                 h.extend_from_slice(&v.to_ne_bytes());
             }
-            h.resize(96, 0);
+            h.resize(92, 0);
             h
         };
         std::fs::write(&p, header(SAVE_MAGIC, 8096, 0)).unwrap();
-        assert_eq!(stream_start(&p).unwrap(), Some(96 + 8096));
+        assert_eq!(stream_start(&p).unwrap(), Some(92 + 8096));
         for (magic, format) in [(SAVE_MAGIC, 1), (b"LibvirtQemudPart", 0)] {
             std::fs::write(&p, header(magic, 8096, format)).unwrap();
             assert_eq!(stream_start(&p).unwrap(), None);

@@ -108,9 +108,9 @@ pub fn unfit(vm_id: Uuid, disks: usize, header_xml: &str, pickled_xml: &str) -> 
 }
 
 /// The domain XML in a save image's header (`metadata::read_save_head`):
-/// the NUL-terminated text after libvirt's 96-byte header.
+/// the NUL-terminated text after libvirt's 92-byte header.
 pub fn header_xml(head: &[u8]) -> Option<String> {
-    let data = head.get(96..)?;
+    let data = head.get(crate::metadata::SAVE_HEADER_BYTES as usize..)?;
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
     String::from_utf8(data[..end].to_vec()).ok()
 }
@@ -216,7 +216,7 @@ mod tests {
         let ide = domain(vm, &["hda"]);
         assert!(unfit(vm, 1, &ide, &ide).unwrap().contains("hda"));
         assert!(unfit(vm, 2, &two, "<domain/>").unwrap().contains("no VM"));
-        let mut head = vec![0u8; 96];
+        let mut head = vec![0u8; 92];
         head.extend(two.as_bytes());
         head.extend([0u8; 8]);
         assert_eq!(header_xml(&head).as_deref(), Some(two.as_str()));

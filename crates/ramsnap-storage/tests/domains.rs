@@ -2784,3 +2784,334 @@ async fn volumes_are_listed_page_by_page_while_more_are_made() {
         .unwrap_err();
     assert_eq!(field_of(&err), "page_size");
 }
+
+/// An oVirt 3.3 export domain laid out as VDSM lays one out (see
+/// `ramsnap_storage::ovirt`): a RAW base, a qcow2 child naming it as
+/// `../<image>/<base>`, and an OVF. Returns (domain id, image, base, leaf).
+fn ovirt_domain(location: &std::path::Path, class: &str) -> (Uuid, Uuid, Uuid, Uuid) {
+    use ramsnap_common::ovirt::meta;
+    let (sd, image, base, leaf) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let dir = location.join(sd.to_string());
+    let img = dir.join(format!("images/{image}"));
+    for d in ["dom_md", "master/vms", "master/tasks"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::create_dir_all(&img).unwrap();
+    let keys = [
+        ("CLASS", class),
+        ("DESCRIPTION", "export1"),
+        ("IOOPTIMEOUTSEC", "10"),
+        ("LEASERETRIES", "3"),
+        ("LEASETIMESEC", "60"),
+        ("LOCKPOLICY", ""),
+        ("LOCKRENEWALINTERVALSEC", "5"),
+        ("POOL_UUID", ""),
+        ("REMOTE_PATH", "nfs.example.com:/exports/export1"),
+        ("ROLE", "Regular"),
+        ("TYPE", "NFS"),
+        ("VERSION", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain([("SDUUID".to_string(), sd.to_string())])
+    .collect();
+    std::fs::write(dir.join("dom_md/metadata"), meta::write_domain(&keys).unwrap()).unwrap();
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .current_dir(&img)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    sh(&["create", "-q", "-f", "raw", &base.to_string(), "8M"]);
+    let base_path = img.join(base.to_string()).display().to_string();
+    qemu(&["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", &base_path]);
+    let backing = format!("../{image}/{base}");
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        &backing,
+        "-F",
+        "raw",
+        &leaf.to_string(),
+        "8M",
+    ]);
+    qemu_io(&img.join(leaf.to_string()), &["write -P 0xa5 1M 1M"]);
+    for (v, parent, format, voltype) in [
+        (base, Uuid::nil(), "RAW", "INTERNAL"),
+        (leaf, base, "COW", "LEAF"),
+    ] {
+        let text = meta::write_volume(&[
+            ("DOMAIN", sd.to_string()),
+            ("VOLTYPE", voltype.into()),
+            ("CTIME", "1380000000".into()),
+            ("FORMAT", format.into()),
+            ("IMAGE", image.to_string()),
+            ("DISKTYPE", "2".into()),
+            ("PUUID", parent.to_string()),
+            ("LEGALITY", "LEGAL".into()),
+            ("MTIME", "0".into()),
+            ("POOL_UUID", String::new()),
+            ("SIZE", (8 * MIB / 512).to_string()),
+            ("TYPE", "SPARSE".into()),
+            ("DESCRIPTION", String::new()),
+        ])
+        .unwrap();
+        std::fs::write(img.join(format!("{v}.meta")), text).unwrap();
+    }
+    let vm = Uuid::new_v4();
+    std::fs::create_dir_all(dir.join(format!("master/vms/{vm}"))).unwrap();
+    std::fs::write(dir.join(format!("master/vms/{vm}/{vm}.ovf")), "<ovf:Envelope/>").unwrap();
+    (sd, image, base, leaf)
+}
+
+/// Every file under `dir` with its content: what "unchanged" means.
+fn tree(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+                out.push((p.display().to_string(), Vec::new()));
+            } else {
+                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn ovirt_export_domains_are_adopted_read_only() {
+    let mut env = Env::new(256 * MIB).await;
+    let location = new_root(&env, "ovirt1");
+    let (sd, image, base, leaf) = ovirt_domain(std::path::Path::new(&location), "Backup");
+    let before = tree(std::path::Path::new(&location));
+    let resp = env
+        .client
+        .register_domain(register_req(
+            "whatever",
+            pb::DomainType::File,
+            &location,
+            pb::DomainRole::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.adopted);
+    let d = resp.domain.unwrap();
+    assert_eq!(d.domain_id, sd.to_string());
+    assert_eq!(
+        (d.role(), d.format()),
+        (pb::DomainRole::Export, pb::DomainFormat::Ovirt)
+    );
+    assert_eq!((d.name.as_str(), d.metadata_version), ("export1", 0));
+    let domain = d.domain_id.clone();
+
+    // The volumes as their .meta files say.
+    let vols = env.list(&domain).await;
+    assert_eq!(vols.len(), 2, "{vols:?}");
+    let of = |v: Uuid| {
+        vols.iter()
+            .find(|x| vref(x).volume_id == v.to_string())
+            .unwrap()
+            .clone()
+    };
+    let (b, l) = (of(base), of(leaf));
+    assert_eq!(
+        (b.format(), b.parent_volume_id.as_str()),
+        (pb::VolumeFormat::Raw, "")
+    );
+    assert_eq!(
+        (l.format(), l.parent_volume_id.clone()),
+        (pb::VolumeFormat::Cow, base.to_string())
+    );
+    assert!(vols
+        .iter()
+        .all(|v| v.capacity_bytes == 8 * MIB && v.legality() == pb::VolumeLegality::Legal));
+    assert_eq!(l.created_at, 1_380_000_000);
+
+    // Copied out: layer by layer with ids kept, and collapsed; the same
+    // guest view as the oVirt chain.
+    let file = env.file_domain.clone();
+    env.copy(layer_copy(&b, &file)).await.unwrap();
+    let (_, layer) = env.copy(layer_copy(&l, &file)).await.unwrap();
+    let (_, whole) = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(&l)),
+            target_domain_id: file.clone(),
+            target_format: pb::VolumeFormat::Raw as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let src = env.prepare(&vref(&l)).await;
+    for copy in [&layer, &whole] {
+        let path = env.prepare(&vref(copy)).await;
+        let out = std::process::Command::new("qemu-img")
+            .arg("compare")
+            .arg(&src)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    env.teardown(&vref(&l)).await;
+    // A RAW disk copied whole may become a memory volume; a COW one not.
+    let (_, as_dump) = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(&b)),
+            target_domain_id: file.clone(),
+            target_purpose: pb::VolumePurpose::MemoryDump as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(as_dump.purpose(), pb::VolumePurpose::MemoryDump);
+    let err = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(&l)),
+            target_domain_id: file.clone(),
+            target_purpose: pb::VolumePurpose::MemoryMetadata as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "target_purpose")
+    );
+    let err = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(&as_dump)),
+            target_domain_id: file.clone(),
+            target_purpose: pb::VolumePurpose::Disk as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "target_purpose")
+    );
+
+    // Nothing is written to it.
+    let read_only = |err: tonic::Status, what: &str| {
+        assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {err:?}");
+        assert_eq!(precondition_of(&err).0, "DOMAIN_READ_ONLY", "{what}: {err:?}");
+    };
+    let err = env
+        .client
+        .delete_volume(pb::DeleteVolumeRequest {
+            request_id: Uuid::new_v4().to_string(),
+            r#ref: Some(vref(&l)),
+        })
+        .await
+        .unwrap_err();
+    read_only(err, "DeleteVolume");
+    let err = env
+        .copy(pb::CopyVolumeRequest {
+            source: Some(vref(&whole)),
+            target_domain_id: domain.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    read_only(err, "CopyVolume onto it");
+    let vm = Uuid::new_v4().to_string();
+    let err = env
+        .client
+        .put_vm_descriptor(put_req(&domain, &vm, "<ovf/>"))
+        .await
+        .unwrap_err();
+    read_only(err, "PutVmDescriptor");
+    let listed = env
+        .client
+        .list_vm_descriptors(pb::ListVmDescriptorsRequest {
+            domain_id: domain.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.descriptors.len(), 1, "its OVF is listed: {listed:?}");
+    env.restart(env.config()).await;
+    assert_eq!(env.list(&domain).await.len(), 2, "rediscovered after a restart");
+    assert!(
+        tree(std::path::Path::new(&location)) == before,
+        "registering, listing, copying out and refusing changed nothing on the oVirt domain"
+    );
+
+    // A volume file that is a link to a host file: refused by name.
+    let img = std::path::Path::new(&location).join(format!("{sd}/images/{image}"));
+    let leaf_file = img.join(leaf.to_string());
+    std::fs::rename(&leaf_file, img.join("moved")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", &leaf_file).unwrap();
+    let err = env
+        .client
+        .list_volumes(pb::ListVolumesRequest {
+            domain_id: domain.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(precondition_of(&err).0, "OVIRT_VOLUME_INVALID", "{err:?}");
+    assert!(err.message().contains("not a regular file"), "{err:?}");
+    // An OVF that is a link to a host file: not read.
+    let ovf_dir = std::path::Path::new(&location).join(format!("{sd}/master/vms"));
+    let linked = Uuid::new_v4();
+    std::fs::create_dir_all(ovf_dir.join(linked.to_string())).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", ovf_dir.join(format!("{linked}/{linked}.ovf"))).unwrap();
+    let err = env
+        .client
+        .get_vm_descriptor(pb::GetVmDescriptorRequest {
+            domain_id: domain.clone(),
+            vm_id: linked.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(precondition_of(&err).0, "DESCRIPTOR_INVALID", "{err:?}");
+    assert!(!err.message().contains("root:"), "{err:?}");
+
+    // Broken checksum; a data domain: not registered.
+    let tampered_at = new_root(&env, "ovirt2");
+    let (sd2, ..) = ovirt_domain(std::path::Path::new(&tampered_at), "Backup");
+    let md = std::path::Path::new(&tampered_at).join(format!("{sd2}/dom_md/metadata"));
+    let text = std::fs::read_to_string(&md)
+        .unwrap()
+        .replace("ROLE=Regular", "ROLE=Master");
+    std::fs::write(&md, text).unwrap();
+    let err = env
+        .client
+        .register_domain(register_req(
+            "t",
+            pb::DomainType::File,
+            &tampered_at,
+            pb::DomainRole::Unspecified,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(precondition_of(&err).0, "OVIRT_DOMAIN_INVALID", "{err:?}");
+    assert!(err.message().contains("checksum"), "{err:?}");
+    let data_at = new_root(&env, "ovirt3");
+    ovirt_domain(std::path::Path::new(&data_at), "Data");
+    let err = env
+        .client
+        .register_domain(register_req(
+            "d",
+            pb::DomainType::File,
+            &data_at,
+            pb::DomainRole::Unspecified,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(precondition_of(&err).0, "OVIRT_DOMAIN_UNSUPPORTED", "{err:?}");
+}
