@@ -65,7 +65,7 @@ impl Host {
         };
         let dump = volumes.prepare(&memory.dump).await?;
         prepared.push(memory.dump);
-        Ok(header_unfit(&dump, vm_id, disks, &domain_xml).await?)
+        header_unfit(&dump, vm_id, disks, &domain_xml).await
     }
 
     /// VerifyMemory's first step with `adopt_ovirt`: unless the metadata
