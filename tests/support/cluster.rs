@@ -789,6 +789,7 @@ impl Cluster {
                     r#type: kind as i32,
                     location: location.clone(),
                     role: role as i32,
+                    format: spb::DomainFormat::Unspecified as i32,
                 })
                 .await
                 .unwrap_or_else(|e| panic!("RegisterDomain {name} ({kind:?} at {location}): {e}"))

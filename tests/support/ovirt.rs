@@ -64,13 +64,23 @@ pub fn domain_keys(id: Uuid, description: &str) -> BTreeMap<String, String> {
 }
 
 impl OvirtDomain {
+    /// A detached export domain (no POOL_UUID).
     pub fn create(location: &Path, description: &str) -> OvirtDomain {
+        OvirtDomain::create_in_pool(location, description, None)
+    }
+
+    /// An export domain; with `pool`, attached to that oVirt data center.
+    pub fn create_in_pool(location: &Path, description: &str, pool: Option<Uuid>) -> OvirtDomain {
         let id = Uuid::new_v4();
         let dir = location.join(id.to_string());
         for d in ["dom_md", "images", "master/vms", "master/tasks"] {
             fs::create_dir_all(dir.join(d)).unwrap();
         }
-        let md = meta::write_domain(&domain_keys(id, description)).unwrap();
+        let mut keys = domain_keys(id, description);
+        if let Some(p) = pool {
+            keys.insert("POOL_UUID".into(), p.to_string());
+        }
+        let md = meta::write_domain(&keys).unwrap();
         fs::write(dir.join("dom_md/metadata"), md).unwrap();
         for f in ["ids", "leases", "inbox", "outbox"] {
             fs::write(dir.join("dom_md").join(f), b"").unwrap();

@@ -64,7 +64,7 @@ fn exported_path(c: &Cluster, r: &VolumeRef) -> PathBuf {
 /// Runs a VM, takes a live snapshot with memory, stops it, exports it with
 /// ramsnap and writes the same VM as oVirt 3.3 would have exported it into
 /// a new oVirt export domain under the file root; removes the VM.
-async fn make_ovirt_export(c: &Cluster, label: &str, kind: DomainKind) -> Made {
+async fn make_ovirt_export(c: &Cluster, label: &str, kind: DomainKind, pool: Option<Uuid>) -> Made {
     let vm = c.create_vm(&format!("vm-{label}"), kind).await;
     c.boot(&vm).await;
     let taken = c.take_snapshot(&vm, true, &format!("{label} with memory")).await;
@@ -96,7 +96,7 @@ async fn make_ovirt_export(c: &Cluster, label: &str, kind: DomainKind) -> Made {
     );
     c.remove_vm(&vm).await;
 
-    let domain = OvirtDomain::create(&c.file_root.join(format!("ovirt-{label}")), "export1");
+    let domain = OvirtDomain::create_in_pool(&c.file_root.join(format!("ovirt-{label}")), "export1", pool);
     let image = id(&base_ref.image_id);
     let (b, l) = (id(&base_ref.volume_id), id(&leaf_ref.volume_id));
     let base_cow = base.format() == spb::VolumeFormat::Cow;
@@ -249,7 +249,8 @@ fn patch_save_header(dump: &std::path::Path, from: &str, to: &str) {
 async fn imports_and_restores(db: Db, kind: DomainKind, label: &str) {
     let t = Instant::now();
     let c = Cluster::start(db, "3.3", label).await;
-    let m = make_ovirt_export(&c, label, kind).await;
+    // Still attached to its oVirt data center: ramsnap only reads it.
+    let m = make_ovirt_export(&c, label, kind, Some(Uuid::new_v4())).await;
     let before = m.domain.fingerprint();
     let d = register_ovirt(&c, &m, &format!("ovirt-{label}"))
         .await
@@ -261,6 +262,7 @@ async fn imports_and_restores(db: Db, kind: DomainKind, label: &str) {
         "{d:?}"
     );
     assert_eq!(d.name, "export1", "the DESCRIPTION names it");
+    assert!(d.read_only, "attached to an oVirt data center: {d:?}");
     // What oVirt's export tab shows.
     let listed = c
         .vms()
@@ -327,7 +329,7 @@ async fn imports_and_restores(db: Db, kind: DomainKind, label: &str) {
         before,
         "the import changed nothing on the oVirt domain"
     );
-    // The oVirt domain takes nothing.
+    // Attached to oVirt, the domain takes nothing.
     let err = c
         .vms()
         .export_vm(pb::ExportVmRequest {
@@ -361,7 +363,7 @@ async fn imports_and_restores(db: Db, kind: DomainKind, label: &str) {
 async fn bad_input(db: Db, kind: DomainKind, label: &str) {
     let t = Instant::now();
     let c = Cluster::start(db, "3.3", label).await;
-    let m = make_ovirt_export(&c, label, kind).await;
+    let m = make_ovirt_export(&c, label, kind, None).await;
     let data_before = c.volumes(c.domain(kind)).await.len();
 
     // A broken checksum: not registered.
@@ -508,6 +510,162 @@ async fn bad_input(db: Db, kind: DomainKind, label: &str) {
     eprintln!("[{label}] passed in {:.1}s", t.elapsed().as_secs_f64());
 }
 
+/// Item 3: a VM exported in oVirt's format to a new oVirt export domain
+/// (what oVirt 3.3 reads: VDSM's metadata and `.meta` files, its OVF, its
+/// pickle in the memory metadata volume), removed, and imported back: both
+/// snapshots and the memory; the first run restores.
+async fn round_trip(db: Db, kind: DomainKind, label: &str) {
+    use ramsnap_common::ovirt::meta;
+    use std::os::unix::fs::MetadataExt;
+    let t = Instant::now();
+    let c = Cluster::start(db, "3.3", label).await;
+    let vm = c.create_vm(&format!("vm-{label}"), kind).await;
+    c.boot(&vm).await;
+    let taken = c.take_snapshot(&vm, true, &format!("{label} with memory")).await;
+    c.wait_counter(&vm, 0, taken.counter_after + 5).await;
+    c.stop_vm(&vm).await;
+    let before = c.list_snapshots(&vm).await;
+    let snap = before
+        .iter()
+        .find(|s| s.snapshot_id == taken.snapshot_id)
+        .unwrap();
+    let mem = snap.memory.clone().unwrap();
+    let (dump, meta_ref) = (mem.dump.unwrap(), mem.metadata.unwrap());
+
+    let location = c.file_root.join(format!("ovirt-{label}"));
+    std::fs::create_dir_all(&location).unwrap();
+    let resp = c
+        .storage()
+        .register_domain(spb::RegisterDomainRequest {
+            name: format!("ovirt-{label}"),
+            r#type: spb::DomainType::File as i32,
+            location: location.display().to_string(),
+            role: spb::DomainRole::Export as i32,
+            format: spb::DomainFormat::Ovirt as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| c.fail(&format!("RegisterDomain (format OVIRT): {e}")))
+        .into_inner();
+    assert!(!resp.adopted);
+    let d = resp.domain.unwrap();
+    assert_eq!(
+        (d.format(), d.role(), d.read_only),
+        (spb::DomainFormat::Ovirt, spb::DomainRole::Export, false)
+    );
+    let dir = location.join(&d.domain_id);
+    let md = meta::parse_domain(&std::fs::read(dir.join("dom_md/metadata")).unwrap())
+        .expect("VDSM's domain metadata with a valid _SHA_CKSUM");
+    assert_eq!(
+        (
+            md["CLASS"].as_str(),
+            md["SDUUID"].as_str(),
+            md["POOL_UUID"].as_str()
+        ),
+        ("Backup", d.domain_id.as_str(), "")
+    );
+    for f in ["ids", "leases", "inbox", "outbox"] {
+        assert!(dir.join("dom_md").join(f).is_file(), "dom_md/{f}");
+    }
+    assert!(dir.join("master/vms").is_dir() && dir.join("master/tasks").is_dir());
+
+    let resp = c
+        .vms()
+        .export_vm(pb::ExportVmRequest {
+            request_id: request_id(),
+            vm_id: vm.clone(),
+            export_domain_id: d.domain_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| c.fail(&format!("ExportVm to the oVirt domain: {e}")))
+        .into_inner();
+    c.succeed(resp.operation, "ExportVm to the oVirt domain").await;
+
+    // What oVirt 3.3 finds there.
+    let ovf = std::fs::read_to_string(dir.join(format!("master/vms/{vm}/{vm}.ovf"))).unwrap();
+    for literal in [
+        "<ovf:Envelope",
+        "xsi:type=\"ovf:DiskSection_Type\"",
+        "ovf:vm_snapshot_id=",
+        "<rasd:Parent>",
+        "xsi:type=\"ovf:SnapshotsSection_Type\"",
+    ] {
+        assert!(ovf.contains(literal), "the OVF has {literal}: {ovf}");
+    }
+    assert!(!ovf.contains("ramsnap:"), "no ramsnap extensions: {ovf}");
+    assert!(
+        ovf.contains(&format!(
+            "<Memory>{},{},{},{},{},{}</Memory>",
+            d.domain_id,
+            Uuid::nil(),
+            dump.image_id,
+            dump.volume_id,
+            meta_ref.image_id,
+            meta_ref.volume_id
+        )),
+        "the six-field Memory: {ovf}"
+    );
+    assert!(
+        !ovf.contains(&format!("ovf:diskId=\"{}\"", dump.volume_id)),
+        "memory volumes are not disks in the OVF"
+    );
+    let mut metas = 0;
+    for image in std::fs::read_dir(dir.join("images")).unwrap() {
+        for f in std::fs::read_dir(image.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.extension().is_some_and(|e| e == "meta") {
+                metas += 1;
+                let keys =
+                    meta::parse(&std::fs::read(&p).unwrap(), true).expect("KEY=VALUE lines ending with EOF");
+                let size: u64 = keys["SIZE"].parse().expect("SIZE in sectors");
+                assert!(
+                    size > 0 && keys["DOMAIN"] == d.domain_id && keys.contains_key("DISKTYPE"),
+                    "{keys:?}"
+                );
+                assert_eq!(std::fs::metadata(&p).unwrap().uid(), 36, "owned by vdsm");
+            }
+        }
+    }
+    assert_eq!(metas, 4, "two disk volumes and the memory pair");
+    let pickled =
+        std::fs::read(dir.join(format!("images/{}/{}", meta_ref.image_id, meta_ref.volume_id))).unwrap();
+    assert!(
+        pickled.starts_with(b"(dp0\nS'restoreFromSnapshot'"),
+        "VDSM's pickle in the metadata volume"
+    );
+    let leaf = c.active_snapshot(&vm).await.disks[0].volume.clone().unwrap();
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(dir.join(format!("images/{}/{}", leaf.image_id, leaf.volume_id)))
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains(&format!("\"backing-filename\": \"../{}/", leaf.image_id)),
+        "a child names its parent as VDSM 3.3 does: {info}"
+    );
+
+    c.remove_vm(&vm).await;
+    let warnings = import(&c, &d.domain_id, &vm, kind).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let after = c.list_snapshots(&vm).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    let back = after
+        .iter()
+        .find(|s| s.snapshot_id == taken.snapshot_id)
+        .expect("the snapshot");
+    assert!(back.has_memory, "{back:?}");
+    c.assert_memory_volumes(back).await;
+    c.assert_no_orphans().await;
+    c.preview(&vm, &taken.snapshot_id, true).await;
+    let run = c.run_vm(&vm, false).await;
+    c.assert_restored(&vm, &run, &taken).await;
+    run.assert_started_as(VmStatus::RestoringState);
+    c.stop_vm(&vm).await;
+    eprintln!("[{label}] passed in {:.1}s", t.elapsed().as_secs_f64());
+}
+
 mod sqlite {
     use super::*;
 
@@ -528,5 +686,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread")]
     async fn ovirt_export_imports_onto_block_and_its_memory_restores() {
         imports_and_restores(Db::Postgres, DomainKind::Block, "ovf-pb").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn exported_in_ovirts_format_imports_back_and_restores() {
+        round_trip(Db::Postgres, DomainKind::Block, "ovf-rt").await;
     }
 }

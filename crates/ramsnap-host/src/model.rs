@@ -246,6 +246,8 @@ pub struct VerifyMemoryRequest {
     pub rebrand: Option<Uuid>,
     /// An oVirt memory to adopt first (see the proto's `adopt_ovirt`).
     pub adopt_ovirt: Option<OvirtAdoption>,
+    /// Write the metadata as oVirt keeps it afterwards (`as_ovirt`).
+    pub as_ovirt: bool,
 }
 
 /// What ramsnap's metadata records of an oVirt memory snapshot.

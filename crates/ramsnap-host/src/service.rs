@@ -298,6 +298,7 @@ impl TryFrom<pb::VerifyMemoryRequest> for VerifyMemoryRequest {
             rebind,
             rebrand,
             adopt_ovirt,
+            as_ovirt: r.as_ovirt,
         })
     }
 }
@@ -704,6 +705,7 @@ mod tests {
             copied_checksum: String::new(),
             rebrand_vm_id: String::new(),
             adopt_ovirt: None,
+            as_ovirt: false,
         };
         let r = VerifyMemoryRequest::try_from(req()).unwrap();
         assert_eq!(r.rebrand, None);

@@ -543,6 +543,7 @@ async fn body(
             r#type: storage::DomainType::File as i32,
             location: dir.path().join("roots/nfs1").display().to_string(),
             role: storage::DomainRole::Data as i32,
+            format: storage::DomainFormat::Unspecified as i32,
         })
         .await
         .unwrap()

@@ -2342,6 +2342,7 @@ async fn simulation_import_into_another_data_domain() {
             r#type: storage::DomainType::File as i32,
             location: location.display().to_string(),
             role: storage::DomainRole::Data as i32,
+            format: storage::DomainFormat::Unspecified as i32,
         })
         .await
         .unwrap()

@@ -115,6 +115,7 @@ async fn main() {
             ramsnap_storage::model::DomainType::File,
             dir.path().join("roots/nfs").display().to_string(),
             None,
+            None,
         )
         .await
         .unwrap()
@@ -126,6 +127,7 @@ async fn main() {
             "bench-block".into(),
             ramsnap_storage::model::DomainType::Block,
             device.clone(),
+            None,
             None,
         )
         .await

@@ -338,6 +338,7 @@ impl Backend for BlockDomain {
             free: vg.free,
             metadata_version: METADATA_VERSION,
             format: DomainFormat::Ramsnap,
+            read_only: false,
         })
     }
 

@@ -23,8 +23,11 @@ pub struct DescriptorStore {
     domain: Uuid,
     /// `<domain dir>/master/vms`.
     dir: PathBuf,
-    /// False on an adopted oVirt domain: Put and Delete are refused.
-    writable: bool,
+    /// The oVirt data center the domain is attached to: Put and Delete
+    /// are refused.
+    attached_to: Option<String>,
+    /// An oVirt domain's: what is written belongs to vdsm:kvm.
+    vdsm_owned: bool,
 }
 
 impl DescriptorStore {
@@ -32,24 +35,32 @@ impl DescriptorStore {
         DescriptorStore {
             domain,
             dir,
-            writable: true,
+            attached_to: None,
+            vdsm_owned: false,
         }
     }
 
-    /// The descriptors of an oVirt export domain, adopted read-only.
-    pub fn read_only(domain: Uuid, dir: PathBuf) -> DescriptorStore {
+    /// The descriptors of an oVirt export domain.
+    pub fn new_ovirt(domain: Uuid, dir: PathBuf) -> DescriptorStore {
         DescriptorStore {
-            domain,
-            dir,
-            writable: false,
+            vdsm_owned: true,
+            ..DescriptorStore::new(domain, dir)
+        }
+    }
+
+    /// The descriptors of an oVirt export domain attached to oVirt data
+    /// center `pool`: read only.
+    pub fn read_only(domain: Uuid, pool: String, dir: PathBuf) -> DescriptorStore {
+        DescriptorStore {
+            attached_to: Some(pool),
+            ..DescriptorStore::new_ovirt(domain, dir)
         }
     }
 
     fn writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(crate::ovirt::read_only(self.domain))
+        match &self.attached_to {
+            None => Ok(()),
+            Some(pool) => Err(crate::ovirt::read_only(self.domain, pool)),
         }
     }
 
@@ -68,6 +79,10 @@ impl DescriptorStore {
         create_dir_durably(&self.vm_dir(vm))?;
         let path = self.ovf_path(vm);
         write_atomic(&path, ovf.as_bytes())?;
+        if self.vdsm_owned {
+            crate::ovirt::own(&self.vm_dir(vm));
+            crate::ovirt::own(&path);
+        }
         Ok(VmDescriptor {
             vm,
             ovf: ovf.to_string(),

@@ -53,6 +53,9 @@ pub struct FileDomain {
     format: DomainFormat,
     /// VDSM's domain format version (Ovirt), else ramsnap's.
     metadata_version: u32,
+    /// Ovirt: the oVirt data center it is attached to (POOL_UUID), if any;
+    /// while attached, ramsnap only reads it.
+    pool: Option<String>,
 }
 
 impl FileDomain {
@@ -83,6 +86,34 @@ impl FileDomain {
             dir,
             format: DomainFormat::Ramsnap,
             metadata_version: METADATA_VERSION,
+            pool: None,
+        })
+    }
+
+    /// Lays out a new oVirt 3.3 export domain under `location` (see
+    /// [`crate::ovirt`]): VDSM's metadata with its checksum, the empty
+    /// lease and mailbox files, `images`, `master/vms`, `master/tasks`,
+    /// owned by vdsm:kvm as oVirt expects of an export domain.
+    pub fn create_ovirt(location: &Path, id: Uuid, name: &str) -> Result<FileDomain> {
+        let dir = location.join(id.to_string());
+        for d in ["dom_md", "images", "master/vms", "master/tasks"] {
+            fs::create_dir_all(dir.join(d))?;
+        }
+        for f in ["ids", "leases", "inbox", "outbox"] {
+            write_atomic(&dir.join("dom_md").join(f), b"")?;
+        }
+        let text = crate::ovirt::new_domain_metadata(id, name, location)?;
+        write_atomic(&dir.join("dom_md/metadata"), text.as_bytes())?;
+        crate::ovirt::own_tree(&dir);
+        Ok(FileDomain {
+            id,
+            name: name.to_string(),
+            role: DomainRole::Export,
+            location: location.to_path_buf(),
+            dir,
+            format: DomainFormat::Ovirt,
+            metadata_version: crate::ovirt::VDSM_EXPORT_VERSION,
+            pool: None,
         })
     }
 
@@ -119,6 +150,7 @@ impl FileDomain {
                     dir: entry.path(),
                     format: DomainFormat::Ovirt,
                     metadata_version: md.version,
+                    pool: md.pool,
                 });
                 continue;
             }
@@ -147,6 +179,7 @@ impl FileDomain {
                 dir: entry.path(),
                 format: DomainFormat::Ramsnap,
                 metadata_version: METADATA_VERSION,
+                pool: None,
             });
         }
         Ok(found)
@@ -245,6 +278,34 @@ impl FileDomain {
         }))
     }
 
+    /// True when a volume of the image names `volume` as its parent.
+    fn has_children(&self, image: Uuid, volume: Uuid) -> bool {
+        self.list(Some(image))
+            .map(|vs| vs.iter().any(|v| v.meta.parent == Some(volume)))
+            .unwrap_or(false)
+    }
+
+    /// On an oVirt domain, VDSM's VOLTYPE of `parent` follows its new
+    /// child: INTERNAL.
+    fn mark_parent(&self, meta: &VolumeMeta) -> Result<()> {
+        if self.format != DomainFormat::Ovirt {
+            return Ok(());
+        }
+        match meta.parent.map(|p| self.get(meta.image, p)) {
+            Some(Ok(p)) => self.write_meta(&p.meta),
+            _ => Ok(()),
+        }
+    }
+
+    /// The name a new qcow2 child records for its parent: the bare id
+    /// (ramsnap's), or `../<image>/<parent>` as VDSM 3.3 writes it.
+    fn backing_name(&self, meta: &VolumeMeta, parent: &VolumeMeta) -> String {
+        match self.format {
+            DomainFormat::Ramsnap => parent.volume.to_string(),
+            DomainFormat::Ovirt => format!("../{}/{}", meta.image, parent.volume),
+        }
+    }
+
     /// An oVirt volume: its `.meta` and its data file checked as
     /// [`crate::ovirt`] says; a volume whose data is gone is ILLEGAL.
     fn read_ovirt_volume(&self, image: Uuid, volume: Uuid) -> Result<Option<Volume>> {
@@ -270,16 +331,27 @@ impl FileDomain {
         }))
     }
 
-    /// Every change to an adopted oVirt domain is refused.
+    /// Every change to an oVirt domain attached to an oVirt data center is
+    /// refused.
     fn writable(&self) -> Result<()> {
-        match self.format {
-            DomainFormat::Ramsnap => Ok(()),
-            DomainFormat::Ovirt => Err(crate::ovirt::read_only(self.id)),
+        match &self.pool {
+            None => Ok(()),
+            Some(pool) => Err(crate::ovirt::read_only(self.id, pool)),
         }
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
         self.writable()?;
+        if self.format == DomainFormat::Ovirt {
+            let path = self.meta_path(meta.image, meta.volume);
+            let leaf = !self.has_children(meta.image, meta.volume);
+            write_atomic(
+                &path,
+                crate::ovirt::volume_meta_text(self.id, meta, leaf)?.as_bytes(),
+            )?;
+            crate::ovirt::own(&path);
+            return Ok(());
+        }
         write_atomic(
             &self.meta_path(meta.image, meta.volume),
             &serde_json::to_vec_pretty(meta).expect("serializable"),
@@ -301,7 +373,12 @@ impl FileDomain {
             // An empty sparse overlay is written here (see crate::qcow2).
             Format::Cow if meta.allocation == Allocation::Sparse => {
                 let f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-                qcow2::create_volume_at(&f, 0, meta, parent)?;
+                let name = parent.map(|p| self.backing_name(meta, p));
+                let backing = parent.zip(name.as_deref()).map(|(p, name)| qcow2::BackingFile {
+                    name,
+                    format: p.format.qemu_name(),
+                });
+                qcow2::create_at(&f, 0, meta.capacity, backing)?;
                 f.sync_all()?;
             }
             Format::Cow => {
@@ -311,7 +388,13 @@ impl FileDomain {
                 if let Some(p) = parent {
                     // -u: the size is given, so the parent need not be opened; it may be
                     // in use (and locked) by a running VM taking a snapshot.
-                    cmd.args(["-u", "-b", &p.volume.to_string(), "-F", p.format.qemu_name()]);
+                    cmd.args([
+                        "-u",
+                        "-b",
+                        &self.backing_name(meta, p),
+                        "-F",
+                        p.format.qemu_name(),
+                    ]);
                 }
                 let prealloc = match meta.allocation {
                     Allocation::Sparse => "off",
@@ -337,6 +420,16 @@ impl FileDomain {
         Ok(())
     }
 
+    /// On an oVirt domain, a new volume's files and image directory belong
+    /// to vdsm:kvm, as VDSM's own.
+    fn own_new(&self, meta: &VolumeMeta) {
+        if self.format == DomainFormat::Ovirt {
+            crate::ovirt::own(&self.image_dir(meta.image));
+            crate::ovirt::own(&self.volume_path(meta.image, meta.volume));
+            crate::ovirt::own(&self.meta_path(meta.image, meta.volume));
+        }
+    }
+
     fn remove_files(&self, image: Uuid, volume: Uuid) -> Result<()> {
         remove_if_exists(&self.staging_path(image, volume))?;
         remove_if_exists(&self.volume_path(image, volume))?;
@@ -360,6 +453,7 @@ impl Backend for FileDomain {
             free: st.1,
             metadata_version: self.metadata_version,
             format: self.format,
+            read_only: self.pool.is_some(),
         })
     }
 
@@ -408,11 +502,13 @@ impl Backend for FileDomain {
         let path = self.volume_path(meta.image, meta.volume);
         let result = self
             .write_meta(meta)
-            .and_then(|_| self.create_data(&path, meta, parent));
+            .and_then(|_| self.create_data(&path, meta, parent))
+            .and_then(|_| self.mark_parent(meta));
         if let Err(e) = result {
             let _ = self.remove_files(meta.image, meta.volume);
             return Err(e);
         }
+        self.own_new(meta);
         Ok(())
     }
 
@@ -432,12 +528,14 @@ impl Backend for FileDomain {
             let staging = self.staging_path(image, volume);
             self.create_data(&staging, meta, parent)?;
             fs::rename(&staging, self.volume_path(image, volume))?;
-            sync_dir(&self.image_dir(image))
+            sync_dir(&self.image_dir(image))?;
+            self.mark_parent(meta)
         });
         if let Err(e) = result {
             let _ = self.remove_files(image, volume);
             return Err(e);
         }
+        self.own_new(meta);
         Ok(())
     }
 
@@ -465,7 +563,18 @@ impl Backend for FileDomain {
             // without its data.
             let _ = self.set_legality(image, volume, Legality::Illegal);
         }
+        let parent = self
+            .read_volume(image, volume)
+            .ok()
+            .flatten()
+            .and_then(|v| v.meta.parent);
         self.remove_files(image, volume)?;
+        if let (DomainFormat::Ovirt, Some(p)) = (self.format, parent) {
+            // Its parent is a leaf again (VOLTYPE).
+            if let Ok(p) = self.get(image, p) {
+                self.write_meta(&p.meta)?;
+            }
+        }
         // After the files: a link left by a crash here names nothing.
         if let Some(r) = request {
             self.unlink_request(r, image, volume)?;
@@ -507,9 +616,12 @@ impl Backend for FileDomain {
     }
 
     fn descriptors(&self) -> Option<DescriptorStore> {
-        (self.role == DomainRole::Export).then(|| match self.format {
-            DomainFormat::Ramsnap => DescriptorStore::new(self.id, self.dir.join(VMS_DIR)),
-            DomainFormat::Ovirt => DescriptorStore::read_only(self.id, self.dir.join(VMS_DIR)),
+        (self.role == DomainRole::Export).then(|| match (self.format, &self.pool) {
+            (DomainFormat::Ramsnap, _) => DescriptorStore::new(self.id, self.dir.join(VMS_DIR)),
+            (DomainFormat::Ovirt, None) => DescriptorStore::new_ovirt(self.id, self.dir.join(VMS_DIR)),
+            (DomainFormat::Ovirt, Some(pool)) => {
+                DescriptorStore::read_only(self.id, pool.clone(), self.dir.join(VMS_DIR))
+            }
         })
     }
 
@@ -536,8 +648,9 @@ impl Backend for FileDomain {
     }
 
     fn find_request(&self, request: Uuid) -> Result<Option<Volume>> {
-        if self.format == DomainFormat::Ovirt {
-            // Nothing on it was made by a request of ramsnap's.
+        if self.pool.is_some() {
+            // Attached to oVirt: read only, and ramsnap made nothing on it
+            // since.
             return Ok(None);
         }
         self.ensure_request_index()?;

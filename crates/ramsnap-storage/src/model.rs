@@ -178,6 +178,8 @@ pub struct DomainInfo {
     pub free: u64,
     pub metadata_version: u32,
     pub format: DomainFormat,
+    /// An oVirt domain attached to an oVirt data center: only read.
+    pub read_only: bool,
 }
 
 /// Largest OVF document a VM descriptor may hold. oVirt's OVFs are tens

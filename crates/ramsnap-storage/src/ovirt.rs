@@ -38,6 +38,123 @@ pub struct DomainMeta {
     pub name: String,
     /// VDSM's domain format version (`VERSION`).
     pub version: u32,
+    /// The oVirt data center it is attached to (`POOL_UUID`), if any.
+    pub pool: Option<String>,
+}
+
+/// The format version of the export domains ramsnap lays out: V0, which
+/// oVirt 3.3 writes for export domains (no volume leases).
+pub const VDSM_EXPORT_VERSION: u32 = 0;
+
+/// The key ramsnap adds to a `.meta` it writes: the request that made the
+/// volume (for idempotent retries). VDSM reads every `KEY=VALUE` line into
+/// a dict and uses the keys it knows; a value has no `=`.
+const REQUEST_KEY: &str = "RAMSNAP_REQUEST";
+
+/// VDSM's user and group (vdsm:kvm), which own an export domain's files.
+const VDSM_UID: u32 = 36;
+const KVM_GID: u32 = 36;
+
+/// `dom_md/metadata` of a new export domain, as VDSM writes it when it
+/// creates one (detached: no POOL_UUID), `DESCRIPTION` the domain's name.
+pub fn new_domain_metadata(id: Uuid, name: &str, location: &Path) -> Result<String> {
+    let keys: BTreeMap<String, String> = [
+        ("CLASS", "Backup".to_string()),
+        ("DESCRIPTION", name.to_string()),
+        ("IOOPTIMEOUTSEC", "10".into()),
+        ("LEASERETRIES", "3".into()),
+        ("LEASETIMESEC", "60".into()),
+        ("LOCKPOLICY", String::new()),
+        ("LOCKRENEWALINTERVALSEC", "5".into()),
+        ("POOL_UUID", String::new()),
+        ("REMOTE_PATH", location.display().to_string()),
+        ("ROLE", "Regular".into()),
+        ("SDUUID", id.to_string()),
+        ("TYPE", "NFS".into()),
+        ("VERSION", VDSM_EXPORT_VERSION.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    meta::write_domain(&keys).map_err(|e| StorageError::invalid("location", e.to_string()))
+}
+
+/// A `.meta` for `v` on domain `domain`, as VDSM 3.3 writes one (sizes in
+/// sectors, `EOF` last); `leaf`: no volume has it as parent (VOLTYPE).
+/// Memory volumes are marked as oVirt 4.2 marks them (`DISKTYPE` MEMD and
+/// MEMM; 3.3 reads any value), disks `2` as 3.3 writes.
+pub fn volume_meta_text(domain: Uuid, v: &VolumeMeta, leaf: bool) -> Result<String> {
+    // VDSM keeps 210 characters, and a value may not hold '='.
+    let description: String = v.description.replace('=', "-").chars().take(210).collect();
+    let mut pairs = vec![
+        ("DOMAIN", domain.to_string()),
+        ("VOLTYPE", if leaf { "LEAF" } else { "INTERNAL" }.to_string()),
+        ("CTIME", v.created_at.to_string()),
+        (
+            "FORMAT",
+            match v.format {
+                Format::Cow => "COW",
+                Format::Raw => "RAW",
+            }
+            .to_string(),
+        ),
+        ("IMAGE", v.image.to_string()),
+        (
+            "DISKTYPE",
+            match v.purpose {
+                Purpose::Disk => "2",
+                Purpose::MemoryDump => "MEMD",
+                Purpose::MemoryMetadata => "MEMM",
+            }
+            .to_string(),
+        ),
+        ("PUUID", v.parent.unwrap_or(Uuid::nil()).to_string()),
+        (
+            "LEGALITY",
+            match v.legality {
+                Legality::Legal => "LEGAL",
+                Legality::Illegal => "ILLEGAL",
+            }
+            .to_string(),
+        ),
+        ("MTIME", "0".to_string()),
+        ("POOL_UUID", String::new()),
+        ("SIZE", v.capacity.div_ceil(512).to_string()),
+        (
+            "TYPE",
+            match v.allocation {
+                Allocation::Sparse => "SPARSE",
+                Allocation::Preallocated => "PREALLOCATED",
+            }
+            .to_string(),
+        ),
+        ("DESCRIPTION", description),
+    ];
+    if let Some(r) = v.request_id {
+        pairs.push((REQUEST_KEY, r.to_string()));
+    }
+    meta::write_volume(&pairs).map_err(|e| StorageError::invalid("description", e.to_string()))
+}
+
+/// Gives `path` to vdsm:kvm (best effort: a file system that refuses keeps
+/// root's).
+pub fn own(path: &Path) {
+    let _ = std::os::unix::fs::chown(path, Some(VDSM_UID), Some(KVM_GID));
+}
+
+/// [`own`] for `dir` and everything under it.
+pub fn own_tree(dir: &Path) {
+    own(dir);
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => own_tree(&p),
+                Ok(t) if t.is_file() => own(&p),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// qcow2's largest virtual size.
@@ -118,13 +235,19 @@ pub fn read_domain_metadata(dir_id: Uuid, bytes: &[u8]) -> Result<DomainMeta> {
     let version = get("VERSION")
         .parse::<u32>()
         .map_err(|_| domain_invalid(id, format!("VERSION {:?} is not a number", get("VERSION"))))?;
+    let pool = Some(get("POOL_UUID").trim().to_string()).filter(|p| !p.is_empty());
     let description = get("DESCRIPTION");
     let name = if valid_domain_name(description) {
         description.to_string()
     } else {
         format!("ovirt-{}", &id.simple().to_string()[..8])
     };
-    Ok(DomainMeta { id, name, version })
+    Ok(DomainMeta {
+        id,
+        name,
+        version,
+        pool,
+    })
 }
 
 /// Reads at most `limit` bytes of the regular file `path` (not through a
@@ -260,7 +383,7 @@ pub fn volume_meta(
         legality,
         capacity,
         description,
-        request_id: None,
+        request_id: get(REQUEST_KEY).and_then(|r| Uuid::parse_str(r).ok()),
         created_at,
     })
 }
@@ -322,14 +445,16 @@ pub fn check_image_dir(domain: Uuid, image: Uuid, path: &Path) -> Result<bool> {
     }
 }
 
-/// The error of every change asked of an adopted oVirt domain.
-pub fn read_only(domain: Uuid) -> StorageError {
+/// The error of every change asked of an oVirt domain attached to an
+/// oVirt data center (`pool`).
+pub fn read_only(domain: Uuid, pool: &str) -> StorageError {
     StorageError::precondition(
         "DOMAIN_READ_ONLY",
         format!("storage_domain/{domain}"),
         format!(
-            "storage domain {domain} is an oVirt export domain, adopted read-only: import from it \
-             into a data domain"
+            "storage domain {domain} is an oVirt export domain attached to oVirt data center {}: \
+             ramsnap only reads it (import from it; detach it in oVirt to export to it)",
+            crate::limits::echo(pool)
         ),
     )
 }
@@ -361,10 +486,26 @@ mod tests {
     }
 
     #[test]
+    fn a_new_export_domain_reads_back() {
+        let id = Uuid::new_v4();
+        let text = new_domain_metadata(id, "exp", Path::new("/srv/export")).unwrap();
+        let md = read_domain_metadata(id, text.as_bytes()).unwrap();
+        assert_eq!((md.name.as_str(), md.version, md.pool), ("exp", 0, None));
+        let attached = text.replace("POOL_UUID=\n", "POOL_UUID=aaef93d0-feb2-44b3-85b9-d5ae28734b14\n");
+        let keys = meta::parse(attached.as_bytes(), false).unwrap();
+        let fixed = meta::write_domain(&keys).unwrap();
+        let md = read_domain_metadata(id, fixed.as_bytes()).unwrap();
+        assert_eq!(md.pool.as_deref(), Some("aaef93d0-feb2-44b3-85b9-d5ae28734b14"));
+    }
+
+    #[test]
     fn reads_an_export_domain_and_refuses_others() {
         let id = Uuid::new_v4();
         let md = read_domain_metadata(id, domain_md(id, "Backup").as_bytes()).unwrap();
-        assert_eq!((md.id, md.name.as_str(), md.version), (id, "export1", 0));
+        assert_eq!(
+            (md.id, md.name.as_str(), md.version, md.pool),
+            (id, "export1", 0, None)
+        );
         let code = |e: StorageError| match e {
             StorageError::Precondition { kind, .. } => kind,
             e => panic!("{e:?}"),
@@ -422,6 +563,23 @@ mod tests {
         let mut memd = keys.clone();
         memd.insert("DISKTYPE".into(), "MEMD".into());
         assert_eq!(volume_meta(d, i, v, &memd).unwrap().purpose, Purpose::MemoryDump);
+        // What ramsnap writes reads back the same.
+        let mut m = volume_meta(d, i, v, &keys).unwrap();
+        m.request_id = Some(Uuid::new_v4());
+        m.purpose = Purpose::MemoryMetadata;
+        m.description = "memory = of snapshot".into();
+        let text = volume_meta_text(d, &m, false).unwrap();
+        assert!(
+            text.ends_with("EOF\n") && text.contains("VOLTYPE=INTERNAL") && text.contains("SIZE=2097152")
+        );
+        let back = volume_meta(d, i, v, &meta::parse(text.as_bytes(), true).unwrap()).unwrap();
+        assert_eq!(
+            back,
+            VolumeMeta {
+                description: "memory - of snapshot".into(),
+                ..m
+            }
+        );
     }
 
     #[test]

@@ -124,6 +124,7 @@ fn to_domain(d: DomainInfo) -> pb::StorageDomain {
             model::DomainFormat::Ramsnap => pb::DomainFormat::Ramsnap,
             model::DomainFormat::Ovirt => pb::DomainFormat::Ovirt,
         } as i32,
+        read_only: d.read_only,
     }
 }
 
@@ -188,9 +189,14 @@ impl StorageService for StorageApi {
             return Err(status::invalid_argument("location", "is required"));
         }
         let role = role_of("role", req.role)?;
+        let format = match enum_value::<pb::DomainFormat>("format", req.format)? {
+            pb::DomainFormat::Unspecified => None,
+            pb::DomainFormat::Ramsnap => Some(model::DomainFormat::Ramsnap),
+            pb::DomainFormat::Ovirt => Some(model::DomainFormat::Ovirt),
+        };
         let (info, adopted) = self
             .storage
-            .register_domain(id, req.name, kind, req.location, role)
+            .register_domain(id, req.name, kind, req.location, role, format)
             .await?;
         Ok(Response::new(pb::RegisterDomainResponse {
             domain: Some(to_domain(info)),

@@ -265,6 +265,7 @@ impl Storage {
         kind: DomainType,
         location: String,
         role: Option<DomainRole>,
+        format: Option<DomainFormat>,
     ) -> Result<(DomainInfo, bool)> {
         if !valid_domain_name(&name) {
             return Err(StorageError::invalid(
@@ -282,6 +283,13 @@ impl Storage {
             return Err(StorageError::invalid(
                 "role",
                 "EXPORT domains are FILE domains; a BLOCK domain is always DATA",
+            ));
+        }
+        if format == Some(DomainFormat::Ovirt) && (kind != DomainType::File || role == Some(DomainRole::Data))
+        {
+            return Err(StorageError::invalid(
+                "format",
+                "OVIRT lays out an oVirt export domain: a FILE domain with role EXPORT (or unspecified)",
             ));
         }
         let config = self.inner.config.clone();
@@ -305,7 +313,10 @@ impl Storage {
                                 return Err(id_taken(t));
                             }
                             let id = id.unwrap_or_else(Uuid::new_v4);
-                            let d = FileDomain::create(&dir, id, &name, role.unwrap_or_default())?;
+                            let d = match format {
+                                Some(DomainFormat::Ovirt) => FileDomain::create_ovirt(&dir, id, &name)?,
+                                _ => FileDomain::create(&dir, id, &name, role.unwrap_or_default())?,
+                            };
                             Ok((Arc::new(d) as Arc<dyn Backend>, false))
                         }
                     }
@@ -355,6 +366,18 @@ impl Storage {
                     "DOMAIN_ID_MISMATCH",
                     &location,
                     format!("{location} already holds domain {}, not {want}", info.id),
+                ));
+            }
+        }
+        if let Some(want) = format {
+            if adopted && want != info.format {
+                return Err(StorageError::precondition(
+                    "DOMAIN_FORMAT_MISMATCH",
+                    info.id,
+                    format!(
+                        "{location} holds domain {}, laid out as {:?}, not {want:?}",
+                        info.id, info.format
+                    ),
                 ));
             }
         }

@@ -2788,7 +2788,7 @@ async fn volumes_are_listed_page_by_page_while_more_are_made() {
 /// An oVirt 3.3 export domain laid out as VDSM lays one out (see
 /// `ramsnap_storage::ovirt`): a RAW base, a qcow2 child naming it as
 /// `../<image>/<base>`, and an OVF. Returns (domain id, image, base, leaf).
-fn ovirt_domain(location: &std::path::Path, class: &str) -> (Uuid, Uuid, Uuid, Uuid) {
+fn ovirt_domain(location: &std::path::Path, class: &str, pool: &str) -> (Uuid, Uuid, Uuid, Uuid) {
     use ramsnap_common::ovirt::meta;
     let (sd, image, base, leaf) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let dir = location.join(sd.to_string());
@@ -2805,7 +2805,7 @@ fn ovirt_domain(location: &std::path::Path, class: &str) -> (Uuid, Uuid, Uuid, U
         ("LEASETIMESEC", "60"),
         ("LOCKPOLICY", ""),
         ("LOCKRENEWALINTERVALSEC", "5"),
-        ("POOL_UUID", ""),
+        ("POOL_UUID", pool),
         ("REMOTE_PATH", "nfs.example.com:/exports/export1"),
         ("ROLE", "Regular"),
         ("TYPE", "NFS"),
@@ -2893,7 +2893,9 @@ fn tree(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 async fn ovirt_export_domains_are_adopted_read_only() {
     let mut env = Env::new(256 * MIB).await;
     let location = new_root(&env, "ovirt1");
-    let (sd, image, base, leaf) = ovirt_domain(std::path::Path::new(&location), "Backup");
+    // Attached to an oVirt data center: read only.
+    let pool = Uuid::new_v4().to_string();
+    let (sd, image, base, leaf) = ovirt_domain(std::path::Path::new(&location), "Backup", &pool);
     let before = tree(std::path::Path::new(&location));
     let resp = env
         .client
@@ -2913,7 +2915,10 @@ async fn ovirt_export_domains_are_adopted_read_only() {
         (d.role(), d.format()),
         (pb::DomainRole::Export, pb::DomainFormat::Ovirt)
     );
-    assert_eq!((d.name.as_str(), d.metadata_version), ("export1", 0));
+    assert_eq!(
+        (d.name.as_str(), d.metadata_version, d.read_only),
+        ("export1", 0, true)
+    );
     let domain = d.domain_id.clone();
 
     // The volumes as their .meta files say.
@@ -3083,7 +3088,7 @@ async fn ovirt_export_domains_are_adopted_read_only() {
 
     // Broken checksum; a data domain: not registered.
     let tampered_at = new_root(&env, "ovirt2");
-    let (sd2, ..) = ovirt_domain(std::path::Path::new(&tampered_at), "Backup");
+    let (sd2, ..) = ovirt_domain(std::path::Path::new(&tampered_at), "Backup", "");
     let md = std::path::Path::new(&tampered_at).join(format!("{sd2}/dom_md/metadata"));
     let text = std::fs::read_to_string(&md)
         .unwrap()
@@ -3102,7 +3107,7 @@ async fn ovirt_export_domains_are_adopted_read_only() {
     assert_eq!(precondition_of(&err).0, "OVIRT_DOMAIN_INVALID", "{err:?}");
     assert!(err.message().contains("checksum"), "{err:?}");
     let data_at = new_root(&env, "ovirt3");
-    ovirt_domain(std::path::Path::new(&data_at), "Data");
+    ovirt_domain(std::path::Path::new(&data_at), "Data", "");
     let err = env
         .client
         .register_domain(register_req(
@@ -3114,4 +3119,119 @@ async fn ovirt_export_domains_are_adopted_read_only() {
         .await
         .unwrap_err();
     assert_eq!(precondition_of(&err).0, "OVIRT_DOMAIN_UNSUPPORTED", "{err:?}");
+}
+
+/// A detached oVirt export domain, and a new one laid out by ramsnap, take
+/// copies written as VDSM writes volumes: `.meta` with `EOF`, VOLTYPE
+/// following the chain, a child naming its parent `../<image>/<parent>`,
+/// owned by vdsm:kvm.
+#[tokio::test]
+async fn ovirt_export_domains_take_copies_written_as_vdsm_writes_them() {
+    use ramsnap_common::ovirt::meta;
+    use std::os::unix::fs::MetadataExt;
+    let mut env = Env::new(256 * MIB).await;
+    let adopted_at = new_root(&env, "ovirt-detached");
+    ovirt_domain(std::path::Path::new(&adopted_at), "Backup", "");
+    let new_at = new_root(&env, "ovirt-new");
+    let mut req = register_req("ovirt-new", pb::DomainType::File, &new_at, pb::DomainRole::Export);
+    req.format = pb::DomainFormat::Ovirt as i32;
+    let made = env.client.register_domain(req).await.unwrap().into_inner();
+    assert!(!made.adopted);
+    let made = made.domain.unwrap();
+    assert_eq!((made.format(), made.read_only), (pb::DomainFormat::Ovirt, false));
+    let md = std::path::Path::new(&new_at).join(format!("{}/dom_md/metadata", made.domain_id));
+    let keys = meta::parse_domain(&std::fs::read(&md).unwrap()).unwrap();
+    assert_eq!(
+        (keys["CLASS"].as_str(), keys["DESCRIPTION"].as_str()),
+        ("Backup", "ovirt-new")
+    );
+    // A DATA role or a BLOCK type is not an oVirt export domain.
+    let mut bad = register_req(
+        "x",
+        pb::DomainType::File,
+        &new_root(&env, "x"),
+        pb::DomainRole::Data,
+    );
+    bad.format = pb::DomainFormat::Ovirt as i32;
+    let err = env.client.register_domain(bad).await.unwrap_err();
+    assert_eq!(field_of(&err), "format", "{err:?}");
+    let adopted = env
+        .client
+        .register_domain(register_req(
+            "d",
+            pb::DomainType::File,
+            &adopted_at,
+            pb::DomainRole::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert!(!adopted.read_only);
+    // Asking an existing domain for another layout is refused.
+    let mut other = register_req(
+        "d",
+        pb::DomainType::File,
+        &adopted_at,
+        pb::DomainRole::Unspecified,
+    );
+    other.format = pb::DomainFormat::Ramsnap as i32;
+    let err = env.client.register_domain(other).await.unwrap_err();
+    assert_eq!(precondition_of(&err).0, "DOMAIN_FORMAT_MISMATCH", "{err:?}");
+
+    let file = env.file_domain.clone();
+    let chain = three_layer_chain(&mut env, &file, 16 * MIB).await;
+    for (domain, location) in [(&made.domain_id, &new_at), (&adopted.domain_id, &adopted_at)] {
+        let mut copied = Vec::new();
+        for v in &chain {
+            copied.push(env.copy(layer_copy(v, domain)).await.unwrap().1);
+        }
+        let dir = std::path::Path::new(location).join(domain.as_str());
+        for (i, c) in copied.iter().enumerate() {
+            let r = vref(c);
+            let text =
+                std::fs::read(dir.join(format!("images/{}/{}.meta", r.image_id, r.volume_id))).unwrap();
+            let keys = meta::parse(&text, true).unwrap();
+            let want = if i + 1 == copied.len() { "LEAF" } else { "INTERNAL" };
+            assert_eq!(keys["VOLTYPE"], want, "{keys:?}");
+            assert_eq!(keys["SIZE"], (16 * MIB / 512).to_string());
+            assert_eq!(keys["DISKTYPE"], "2");
+            let data = dir.join(format!("images/{}/{}", r.image_id, r.volume_id));
+            assert_eq!(std::fs::metadata(&data).unwrap().uid(), 36, "owned by vdsm");
+            if i > 0 {
+                assert_eq!(
+                    backing_name(&data),
+                    format!("../{}/{}", r.image_id, vref(&copied[i - 1]).volume_id),
+                    "as VDSM 3.3 names a parent"
+                );
+            }
+        }
+        // The copies show what the chain shows.
+        let (top, src) = (vref(copied.last().unwrap()), vref(chain.last().unwrap()));
+        let (a, b) = (env.prepare(&top).await, env.prepare(&src).await);
+        qemu(&[
+            "qemu-img",
+            "compare",
+            &a.display().to_string(),
+            &b.display().to_string(),
+        ]);
+        env.teardown(&top).await;
+        env.teardown(&src).await;
+        // Deleting the leaf makes its parent a leaf again.
+        env.client
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: Uuid::new_v4().to_string(),
+                r#ref: Some(top.clone()),
+            })
+            .await
+            .unwrap();
+        let mid = vref(&copied[copied.len() - 2]);
+        let keys = meta::parse(
+            &std::fs::read(dir.join(format!("images/{}/{}.meta", mid.image_id, mid.volume_id))).unwrap(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(keys["VOLTYPE"], "LEAF");
+    }
 }

@@ -256,7 +256,14 @@ async fn attach_domains(storage: &Storage, domains: &[DomainArg]) -> anyhow::Res
             continue;
         }
         let (info, adopted) = storage
-            .register_domain(None, d.name.clone(), d.kind, d.location.clone(), Some(d.role))
+            .register_domain(
+                None,
+                d.name.clone(),
+                d.kind,
+                d.location.clone(),
+                Some(d.role),
+                None,
+            )
             .await
             .map_err(|e| anyhow!("cannot attach storage domain {} at {}: {e}", d.name, d.location))?;
         tracing::info!(

@@ -21,7 +21,7 @@ pub enum DomainCommand {
         id: Ref,
     },
     /// Attaches a storage domain: lays out a new one at LOCATION, or adopts
-    /// the ramsnap domain already there.
+    /// the domain already there (ramsnap's, or an oVirt export domain).
     Register {
         /// 1-64 characters of [A-Za-z0-9_.-].
         #[arg(long)]
@@ -42,6 +42,11 @@ pub enum DomainCommand {
         /// refused).
         #[arg(long, value_enum)]
         role: Option<RoleArg>,
+        /// A new domain's layout: ramsnap's own (the default), or ovirt: an
+        /// oVirt 3.3 export domain (FILE, export), which oVirt can attach
+        /// and import from, and to which ExportVm writes oVirt's format.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
     },
     /// Lists the VM descriptors (OVF documents) on an export domain: the
     /// VMs exported there and when each was last written.
@@ -50,6 +55,12 @@ pub enum DomainCommand {
         #[arg(value_name = "DOMAIN")]
         id: Ref,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    Ramsnap,
+    Ovirt,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -111,6 +122,7 @@ pub async fn run(
             location,
             id,
             role,
+            format,
         } => {
             let resp = client
                 .register_domain(pb::RegisterDomainRequest {
@@ -119,6 +131,11 @@ pub async fn run(
                     r#type: pb::DomainType::from(kind) as i32,
                     location,
                     role: role.map_or(0, |r| pb::DomainRole::from(r) as i32),
+                    format: match format {
+                        None => pb::DomainFormat::Unspecified,
+                        Some(FormatArg::Ramsnap) => pb::DomainFormat::Ramsnap,
+                        Some(FormatArg::Ovirt) => pb::DomainFormat::Ovirt,
+                    } as i32,
                 })
                 .await?
                 .into_inner();

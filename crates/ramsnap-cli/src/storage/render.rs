@@ -30,6 +30,7 @@ pub fn domain_json(d: &pb::StorageDomain) -> Value {
         "location": d.location,
         "metadata_version": d.metadata_version,
         "format": domain_format(d.format),
+        "read_only": d.read_only,
     })
 }
 
@@ -82,6 +83,7 @@ pub fn domain_fields(d: &pb::StorageDomain) -> Vec<(&'static str, String)> {
         ("free", sized(d.free_bytes)),
         ("metadata version", d.metadata_version.to_string()),
         ("format", domain_format(d.format)),
+        ("read only", if d.read_only { "yes" } else { "no" }.to_string()),
     ]
 }
 
@@ -242,13 +244,14 @@ mod tests {
             metadata_version: 1,
             role: pb::DomainRole::Export as i32,
             format: pb::DomainFormat::Ovirt as i32,
+            read_only: false,
         };
         assert_eq!(
             domain_json(&d),
             json!({
                 "domain_id": "d", "name": "files", "type": "file", "role": "export",
                 "capacity_bytes": 10, "free_bytes": 5, "location": "/srv/nfs1",
-                "metadata_version": 1, "format": "ovirt",
+                "metadata_version": 1, "format": "ovirt", "read_only": false,
             })
         );
         assert!(domain_fields(&d).contains(&("role", "export".to_string())));

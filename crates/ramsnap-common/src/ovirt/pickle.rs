@@ -563,6 +563,30 @@ pub fn read(b: &[u8]) -> Result<Value, PickleError> {
     }
 }
 
+/// The pickle VDSM 3.3 kept in a memory snapshot's metadata volume, as
+/// Python 2's `pickle.dumps` (protocol 0) writes it: a dict of
+/// `restoreFromSnapshot` (True), `_srcDomXML` (the domain XML the guest ran
+/// with, a byte string) and `elapsedTimeOffset` (0.0).
+pub fn write_vdsm_memory(domain_xml: &str) -> Vec<u8> {
+    let mut xml = String::with_capacity(domain_xml.len() + 64);
+    // Python 2's repr of a byte string, in single quotes.
+    for b in domain_xml.bytes() {
+        match b {
+            b'\\' => xml.push_str("\\\\"),
+            b'\'' => xml.push_str("\\'"),
+            b'\n' => xml.push_str("\\n"),
+            b'\r' => xml.push_str("\\r"),
+            b'\t' => xml.push_str("\\t"),
+            0x20..=0x7e => xml.push(b as char),
+            _ => xml.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    format!(
+        "(dp0\nS'restoreFromSnapshot'\np1\nI01\nsS'_srcDomXML'\np2\nS'{xml}'\np3\nsS'elapsedTimeOffset'\np4\nF0.0\ns."
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -653,5 +677,14 @@ mod tests {
         }
         deep.push(b'.');
         assert_eq!(read(&deep), Err(PickleError::TooBig));
+    }
+
+    #[test]
+    fn vdsms_memory_pickle_reads_back() {
+        let xml = "<domain type='kvm'>\n  <name>a\\b \u{e9}</name>\t</domain>";
+        let v = read(&write_vdsm_memory(xml)).unwrap();
+        assert_eq!(v.get("_srcDomXML").and_then(Value::as_str), Some(xml));
+        assert_eq!(v.get("restoreFromSnapshot"), Some(&Value::Bool(true)));
+        assert!(matches!(v.get("elapsedTimeOffset"), Some(Value::Float(_))));
     }
 }

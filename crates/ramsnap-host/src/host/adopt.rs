@@ -6,9 +6,11 @@ use super::run::blocking_io;
 use super::Host;
 use crate::error::{HostError, RestoreError, Result, SnapshotError};
 use crate::metadata::{self, Algorithm, DiskRecord, DumpRecord, MemoryMetadata};
-use crate::model::{MemoryVolumes, OvirtAdoption, SnapshotMode, VerifyMemoryRequest, VolumeRef};
+use crate::model::{
+    MemoryVolumes, OvirtAdoption, SnapshotMode, VerifiedMemory, VerifyMemoryRequest, VolumeRef,
+};
 use crate::ovirt::{self, Pickled};
-use crate::volumes::Prepared;
+use crate::volumes::{Prepared, VolumeInfo};
 use ramsnap_common::ovirt::pickle;
 use uuid::Uuid;
 
@@ -171,6 +173,99 @@ impl Host {
         })
         .await?;
         tracing::info!(vm = %req.vm_id, dump = %memory.dump, checksum = %md.dump.checksum, "oVirt memory adopted");
+        Ok(())
+    }
+}
+
+impl Host {
+    /// VerifyMemory with `as_ovirt`, retried after the pickle was written:
+    /// the metadata is VDSM's already; the answer is the dump's checksum,
+    /// computed again. None: it is not (yet) written.
+    pub(super) async fn ovirt_written(
+        &self,
+        req: &VerifyMemoryRequest,
+        meta: &Prepared,
+        meta_info: &VolumeInfo,
+        dump_info: &VolumeInfo,
+        prepared: &mut Vec<VolumeRef>,
+    ) -> Result<Option<VerifiedMemory>> {
+        let path = meta.path.clone();
+        let capacity = meta_info.capacity;
+        let bytes = blocking_io("reading the memory metadata".into(), move || {
+            metadata::read_volume(&path, capacity)
+        })
+        .await?;
+        if MemoryMetadata::decode(&bytes).is_ok() {
+            return Ok(None);
+        }
+        if !matches!(
+            ovirt::read_pickle(&bytes[..bytes.len().min(PICKLE_BYTES as usize)]),
+            Ok(Pickled::Memory { .. })
+        ) {
+            return Ok(None);
+        }
+        let memory = req.memory;
+        let dump = self.inner.volumes.prepare(&memory.dump).await?;
+        if !prepared.contains(&memory.dump) {
+            prepared.push(memory.dump);
+        }
+        let (path, capacity) = (dump.path.clone(), dump_info.capacity);
+        let d = blocking_io("checksumming the memory dump".into(), move || {
+            metadata::digest(&path, capacity)
+        })
+        .await?;
+        Ok(Some(VerifiedMemory {
+            checksum: d.checksum,
+            dump_bytes: 0,
+            capacity,
+            snapshot_id: Uuid::nil(),
+            created_at: 0,
+            rebound: true,
+            disks: Vec::new(),
+        }))
+    }
+
+    /// Writes the metadata volume as oVirt 3.3 keeps it: VDSM's pickle of
+    /// the domain XML the guest ran with (the metadata's, else the dump's
+    /// save header's).
+    pub(super) async fn write_ovirt_pickle(
+        &self,
+        req: &VerifyMemoryRequest,
+        md: &MemoryMetadata,
+        meta: &Prepared,
+        meta_capacity: u64,
+        prepared: &mut Vec<VolumeRef>,
+    ) -> Result<()> {
+        let xml = if md.domain_xml.is_empty() {
+            let dump = self.inner.volumes.prepare(&req.memory.dump).await?;
+            if !prepared.contains(&req.memory.dump) {
+                prepared.push(req.memory.dump);
+            }
+            let path = dump.path.clone();
+            let head = blocking_io("reading the dump's save header".into(), move || {
+                metadata::read_save_head(&path)
+            })
+            .await?;
+            head.as_deref().and_then(ovirt::header_xml).unwrap_or_default()
+        } else {
+            md.domain_xml.clone()
+        };
+        let mut bytes = pickle::write_vdsm_memory(&xml);
+        if bytes.len() as u64 >= meta_capacity {
+            return Err(SnapshotError::MetadataTooLarge {
+                size: bytes.len(),
+                capacity: meta_capacity,
+            }
+            .into());
+        }
+        bytes.resize(meta_capacity.min(metadata::MAX_DOCUMENT) as usize, 0);
+        let path = meta.path.clone();
+        blocking_io(
+            "writing the memory metadata as oVirt keeps it".into(),
+            move || metadata::write_volume(&path, &bytes),
+        )
+        .await?;
+        tracing::info!(vm = %req.vm_id, dump = %req.memory.dump, "memory metadata written as oVirt's");
         Ok(())
     }
 }

@@ -97,6 +97,14 @@ impl Host {
             )
             .await?;
         }
+        if req.as_ovirt {
+            if let Some(done) = self
+                .ovirt_written(req, &meta, &meta_info, &dump_info, prepared)
+                .await?
+            {
+                return Ok(done);
+            }
+        }
         let md = read_memory_metadata(&meta, meta_info.capacity).await?;
         // A pair given to the clone already (a retry after the metadata was
         // rewritten): verified as the clone's, nothing written again.
@@ -253,6 +261,10 @@ impl Host {
             }
         };
         tracing::debug!(vm = %req.vm_id, dump = %memory.dump, read = copied.is_none(), "dump checksum");
+        if req.as_ovirt {
+            self.write_ovirt_pickle(req, &md, &meta, meta_info.capacity, prepared)
+                .await?;
+        }
         Ok(VerifiedMemory {
             // The dump's checksum now (a given dump's changed with its header).
             checksum: md.dump.checksum,

@@ -16,7 +16,7 @@
 //!
 //! Direct LUN disks (no image) are left out, with a warning.
 use super::{
-    chain_order, child, echo, err, image_volume, number, uuid_attr, OvfDisk, OvfError, OvfMemory,
+    chain_order, child, echo, err, esc, image_volume, number, uuid_attr, OvfDisk, OvfError, OvfMemory,
     OvfSnapshot, OvfVm, OvfVolume, SnapshotKind, VolumeFormat, OVF_NS, RASD_NS, XSI_NS,
 };
 use roxmltree::{Document, Node};
@@ -341,6 +341,214 @@ fn parse_date(s: &str) -> Result<i64, OvfError> {
     Ok((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000)
 }
 
+/// Why a VM cannot be written in oVirt's OVF: oVirt gives each volume to
+/// exactly one snapshot (`ovf:vm_snapshot_id`), and every snapshot shows
+/// one volume of each disk.
+pub fn expressible(vm: &OvfVm) -> Result<(), OvfError> {
+    let mut owner: BTreeMap<Uuid, Uuid> = BTreeMap::new();
+    for s in &vm.snapshots {
+        for (_, v) in &s.disks {
+            if let Some(other) = owner.insert(*v, s.snapshot_id) {
+                return err(format!(
+                    "snapshots {other} and {} show the same volume {v}; oVirt gives each volume to one snapshot \
+                     (export with collapse_snapshots, or to a ramsnap export domain)",
+                    s.snapshot_id
+                ));
+            }
+        }
+    }
+    for d in &vm.disks {
+        if let Some(v) = d.volumes.iter().find(|v| !owner.contains_key(&v.volume_id)) {
+            return err(format!(
+                "volume {} of disk {} belongs to no snapshot; oVirt's OVF names a snapshot for every volume \
+                 (export with collapse_snapshots)",
+                v.volume_id, d.disk_id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The VM as oVirt 3.3's engine writes an exported VM's OVF (OvfVmWriter):
+/// the literal `ovf:`, `rasd:`, `vssd:` and `xsi:` prefixes its reader
+/// looks attributes up by; a File and a Disk per volume, each Disk naming
+/// its snapshot (`ovf:vm_snapshot_id`), a disk Item per volume with its
+/// `rasd:Parent`; each Snapshot with its six-field Memory, the memory
+/// volumes outside References and DiskSection. Capacities in whole GiB
+/// (rounded up), as oVirt writes them; dates in UTC. Checksums are not
+/// written (oVirt has no place for them): an import computes them.
+pub fn write(vm: &OvfVm) -> Result<String, OvfError> {
+    expressible(vm)?;
+    let nil = Uuid::nil();
+    let gib = |b: u64| b.div_ceil(GIB);
+    let mib = vm.memory_bytes.div_ceil(MIB);
+    let snapshot_of: BTreeMap<Uuid, &OvfSnapshot> = vm
+        .snapshots
+        .iter()
+        .flat_map(|s| s.disks.iter().map(move |(_, v)| (*v, s)))
+        .collect();
+    let created = vm
+        .snapshots
+        .iter()
+        .map(|s| s.created_at)
+        .min()
+        .unwrap_or(vm.exported_at);
+    let mut x = String::new();
+    x.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    x.push_str(&format!(
+        "<ovf:Envelope xmlns:ovf=\"{OVF_NS}\" xmlns:rasd=\"{RASD_NS}\" xmlns:vssd=\"{VSSD_NS}\" xmlns:xsi=\"{XSI_NS}\" ovf:version=\"{}\">\n",
+        super::OVF_VERSION
+    ));
+    x.push_str("  <References>\n");
+    for d in &vm.disks {
+        for v in &d.volumes {
+            let snap = snapshot_of[&v.volume_id];
+            x.push_str(&format!(
+                "    <File ovf:href=\"{}/{}\" ovf:id=\"{}\" ovf:size=\"{}\" ovf:description=\"{}\" />\n",
+                d.image_id,
+                v.volume_id,
+                v.volume_id,
+                d.capacity_bytes,
+                esc(&snap.description)
+            ));
+        }
+    }
+    x.push_str("  </References>\n");
+    x.push_str(
+        "  <Section xsi:type=\"ovf:NetworkSection_Type\">\n    <Info>List of networks</Info>\n  </Section>\n",
+    );
+    x.push_str("  <Section xsi:type=\"ovf:DiskSection_Type\">\n    <Info>List of Virtual Disks</Info>\n");
+    for (n, d) in vm.disks.iter().enumerate() {
+        for v in &d.volumes {
+            let snap = snapshot_of[&v.volume_id];
+            x.push_str(&format!(
+                "    <Disk ovf:diskId=\"{vol}\" ovf:size=\"{size}\" ovf:actual_size=\"{actual}\" ovf:vm_snapshot_id=\"{snap}\" ovf:parentRef=\"{parent}\" ovf:fileRef=\"{img}/{vol}\" ovf:format=\"http://www.vmware.com/specifications/vmdk.html#sparse\" ovf:volume-format=\"{format}\" ovf:volume-type=\"Sparse\" ovf:disk-interface=\"VirtIO\" ovf:boot=\"{boot}\" ovf:disk-alias=\"{alias}\" ovf:wipe-after-delete=\"false\" />\n",
+                vol = v.volume_id,
+                size = gib(d.capacity_bytes),
+                actual = gib(v.actual_bytes),
+                snap = snap.snapshot_id,
+                parent = v.parent_id.map(|p| format!("{}/{p}", d.image_id)).unwrap_or_default(),
+                img = d.image_id,
+                format = match v.format {
+                    VolumeFormat::Cow => "COW",
+                    VolumeFormat::Raw => "RAW",
+                },
+                boot = n == 0,
+                alias = esc(&format!("{}_Disk{}", vm.name, n + 1)),
+            ));
+        }
+    }
+    x.push_str("  </Section>\n");
+    x.push_str("  <Content ovf:id=\"out\" xsi:type=\"ovf:VirtualSystem_Type\">\n");
+    for (tag, value) in [
+        ("Name", esc(&vm.name)),
+        ("TemplateId", nil.to_string()),
+        ("TemplateName", "Blank".into()),
+        ("Description", String::new()),
+        ("Domain", String::new()),
+        ("CreationDate", format_date(created)),
+        ("ExportDate", format_date(vm.exported_at)),
+        ("IsAutoSuspend", "false".into()),
+        ("TimeZone", String::new()),
+        ("IsStateless", vm.stateless.to_string()),
+        ("KernelUrl", esc(&vm.kernel)),
+        ("KernelParams", esc(&vm.cmdline)),
+        ("InitrdUrl", esc(&vm.initrd)),
+        ("Origin", "0".into()),
+        ("VmType", "0".into()),
+        ("DefaultDisplayType", "1".into()),
+        ("MinAllocatedMem", mib.to_string()),
+    ] {
+        x.push_str(&format!("    <{tag}>{value}</{tag}>\n"));
+    }
+    x.push_str(&format!(
+        "    <Section ovf:id=\"{}\" ovf:required=\"false\" xsi:type=\"ovf:OperatingSystemSection_Type\">\n      <Info>Guest Operating System</Info>\n      <Description>Other</Description>\n    </Section>\n",
+        vm.vm_id
+    ));
+    x.push_str(&format!(
+        "    <Section xsi:type=\"ovf:VirtualHardwareSection_Type\">\n      <Info>{vcpus} CPU, {mib} Memeory</Info>\n      <System>\n        <vssd:VirtualSystemType>ENGINE {ver}</vssd:VirtualSystemType>\n      </System>\n",
+        vcpus = vm.vcpus,
+        ver = super::OVF_VERSION
+    ));
+    x.push_str(&format!(
+        "      <Item>\n        <rasd:Caption>{n} virtual cpu</rasd:Caption>\n        <rasd:Description>Number of virtual CPU</rasd:Description>\n        <rasd:InstanceId>1</rasd:InstanceId>\n        <rasd:ResourceType>3</rasd:ResourceType>\n        <rasd:num_of_sockets>{n}</rasd:num_of_sockets>\n        <rasd:cpu_per_socket>1</rasd:cpu_per_socket>\n      </Item>\n",
+        n = vm.vcpus
+    ));
+    x.push_str(&format!(
+        "      <Item>\n        <rasd:Caption>{mib} MB of memory</rasd:Caption>\n        <rasd:Description>Memory Size</rasd:Description>\n        <rasd:InstanceId>2</rasd:InstanceId>\n        <rasd:ResourceType>4</rasd:ResourceType>\n        <rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits>\n        <rasd:VirtualQuantity>{mib}</rasd:VirtualQuantity>\n      </Item>\n"
+    ));
+    for (n, d) in vm.disks.iter().enumerate() {
+        for v in &d.volumes {
+            let date = format_date(snapshot_of[&v.volume_id].created_at);
+            x.push_str(&format!(
+                "      <Item>\n        <rasd:Caption>{alias}</rasd:Caption>\n        <rasd:InstanceId>{vol}</rasd:InstanceId>\n        <rasd:ResourceType>17</rasd:ResourceType>\n        <rasd:HostResource>{img}/{vol}</rasd:HostResource>\n        <rasd:Parent>{parent}</rasd:Parent>\n        <rasd:Template>{nil}</rasd:Template>\n        <rasd:ApplicationList></rasd:ApplicationList>\n        <rasd:StorageId>{domain}</rasd:StorageId>\n        <rasd:StoragePoolId>{nil}</rasd:StoragePoolId>\n        <rasd:CreationDate>{date}</rasd:CreationDate>\n        <rasd:LastModified>{date}</rasd:LastModified>\n        <rasd:last_modified_date>{date}</rasd:last_modified_date>\n        <Type>disk</Type>\n        <Device>disk</Device>\n        <rasd:Address></rasd:Address>\n        <BootOrder>{boot}</BootOrder>\n        <IsPlugged>true</IsPlugged>\n        <IsReadOnly>false</IsReadOnly>\n        <Alias></Alias>\n      </Item>\n",
+                alias = esc(&format!("{}_Disk{}", vm.name, n + 1)),
+                vol = v.volume_id,
+                img = d.image_id,
+                parent = v.parent_id.unwrap_or(nil),
+                domain = vm.export_domain_id,
+                boot = if n == 0 { 1 } else { 0 },
+            ));
+        }
+    }
+    x.push_str("    </Section>\n");
+    x.push_str("    <Section xsi:type=\"ovf:SnapshotsSection_Type\">\n");
+    for s in &vm.snapshots {
+        x.push_str(&format!("      <Snapshot ovf:id=\"{}\">\n", s.snapshot_id));
+        let kind = match s.kind {
+            SnapshotKind::Active => "ACTIVE",
+            SnapshotKind::Regular => "REGULAR",
+        };
+        x.push_str(&format!("        <Type>{kind}</Type>\n"));
+        x.push_str(&format!(
+            "        <Description>{}</Description>\n",
+            esc(&s.description)
+        ));
+        x.push_str(&format!(
+            "        <CreationDate>{}</CreationDate>\n",
+            format_date(s.created_at)
+        ));
+        if let Some(m) = &s.memory {
+            x.push_str(&format!(
+                "        <Memory>{},{nil},{},{},{},{}</Memory>\n",
+                vm.export_domain_id,
+                m.dump_image_id,
+                m.dump_volume_id,
+                m.metadata_image_id,
+                m.metadata_volume_id
+            ));
+        }
+        x.push_str("        <ApplicationList></ApplicationList>\n      </Snapshot>\n");
+    }
+    x.push_str("    </Section>\n  </Content>\n</ovf:Envelope>\n");
+    Ok(x)
+}
+
+/// The CIM schema of virtual system settings (the `vssd:` prefix).
+const VSSD_NS: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData";
+
+/// Unix milliseconds as "yyyy/MM/dd HH:mm:ss" (UTC), oVirt's date format.
+fn format_date(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +676,49 @@ mod tests {
         assert_eq!(parse_date("2000/03/01 12:00:01").unwrap(), 951_912_001_000);
         assert_eq!(super::super::ovirt_date(951_912_001_000), "2000/03/01 12:00:01");
         assert!(parse_date("2000-03-01 12:00:01").is_err());
+    }
+
+    #[test]
+    fn what_it_writes_ovirts_reader_takes_back() {
+        let p = parse(SAMPLE, Uuid::new_v4()).unwrap();
+        let mut vm = p.vm;
+        vm.kernel = "vmlinuz".into();
+        vm.cmdline = "console=ttyS0 a<b".into();
+        vm.name = "vm & co".into();
+        let xml = write(&vm).unwrap();
+        for literal in [
+            "<ovf:Envelope",
+            "xsi:type=\"ovf:DiskSection_Type\"",
+            "<rasd:Parent>",
+            "ovf:vm_snapshot_id=",
+        ] {
+            assert!(xml.contains(literal), "{literal}");
+        }
+        let memory = vm.snapshots[1].memory.clone().unwrap();
+        assert!(
+            !xml.contains(&format!("ovf:id=\"{}\"", memory.dump_volume_id)),
+            "memory volumes are not in References or DiskSection"
+        );
+        let back = parse(&xml, vm.export_domain_id).unwrap();
+        assert!(back.warnings.is_empty(), "{:?}", back.warnings);
+        let back = back.vm;
+        assert_eq!(
+            back,
+            OvfVm {
+                exported_at: back.exported_at,
+                ..vm.clone()
+            }
+        );
+        assert_eq!(format_date(1_369_666_036_000), "2013/05/27 14:47:16");
+        assert_eq!(
+            parse_date(&format_date(951_782_400_000)).unwrap(),
+            951_782_400_000,
+            "2000-02-29"
+        );
+        // Two snapshots showing one volume: oVirt cannot say so.
+        let mut shared = vm.clone();
+        let v = shared.snapshots[0].disks[0].1;
+        shared.snapshots[1].disks[0].1 = v;
+        assert!(write(&shared).unwrap_err().0.contains("same volume"));
     }
 }

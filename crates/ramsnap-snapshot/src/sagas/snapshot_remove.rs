@@ -345,6 +345,7 @@ pub(super) async fn rebind_memory(
         copied_checksum: String::new(),
         rebrand_vm_id: String::new(),
         adopt_ovirt: None,
+        as_ovirt: false,
     };
     let bound = match client.verify_memory(request(Vec::new())).await {
         Ok(r) => r.into_inner().disks,

@@ -276,6 +276,7 @@ fn memory_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Option<MemoryVolume>, St
                 copied_checksum: copied.checksum.unwrap_or_default(),
                 rebrand_vm_id: p.new_vm_id.to_string(),
                 adopt_ovirt: None,
+                as_ovirt: false,
             })
             .await
             .map_err(|s| downstream("giving the snapshot's memory to the clone", s))?;

@@ -97,6 +97,10 @@ struct Plan {
     memories: Vec<PlannedMemory>,
     /// An earlier export of the VM is on the domain (force_override).
     previous: bool,
+    /// The export domain is oVirt's: the OVF and the memory metadata are
+    /// written as oVirt 3.3 reads them.
+    #[serde(default)]
+    ovirt: bool,
 }
 
 pub fn definition() -> SagaDef<App> {
@@ -217,22 +221,27 @@ pub async fn require_export_domain(
     Ok(d)
 }
 
-/// [`require_export_domain`], for an export to it: an oVirt export domain
-/// (adopted read-only) is FAILED_PRECONDITION DOMAIN_READ_ONLY.
-pub async fn require_writable_export_domain(app: &App, h: &db::Host, domain_id: Uuid) -> Result<(), Status> {
+/// [`require_export_domain`], for an export to it: a domain ramsnap only
+/// reads (an oVirt export domain attached to an oVirt data center) is
+/// FAILED_PRECONDITION DOMAIN_READ_ONLY.
+pub async fn require_writable_export_domain(
+    app: &App,
+    h: &db::Host,
+    domain_id: Uuid,
+) -> Result<storage::StorageDomain, Status> {
     let d = require_export_domain(app, h, domain_id).await?;
-    if d.format == storage::DomainFormat::Ovirt as i32 {
+    if d.read_only {
         return Err(status::failed_precondition(
             "DOMAIN_READ_ONLY",
             &format!("domain/{domain_id}"),
             format!(
-                "storage domain {} ({domain_id}) is an oVirt export domain, adopted read-only: \
-                 VMs are imported from it, not exported to it",
+                "storage domain {} ({domain_id}) is an oVirt export domain attached to an oVirt data center: \
+                 ramsnap only imports from it (detach it in oVirt to export to it)",
                 d.name
             ),
         ));
     }
-    Ok(())
+    Ok(d)
 }
 
 /// The descriptor of `vm_id` on the export domain, if there is one.
@@ -268,7 +277,8 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
     async move {
         let p: Params = cx.params()?;
         let (vm, h) = vm_and_host(cx, p.vm_id).await?;
-        require_writable_export_domain(&cx.app, &h, p.export_domain_id).await?;
+        let domain = require_writable_export_domain(&cx.app, &h, p.export_domain_id).await?;
+        let ovirt = domain.format == storage::DomainFormat::Ovirt as i32;
         let previous = descriptor(&cx.app, &h, p.export_domain_id, p.vm_id)
             .await?
             .is_some();
@@ -282,7 +292,17 @@ fn plan_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Plan, Status>> {
                 ),
             ));
         }
-        let plan = make_plan(cx, &p, &vm, &h, previous).await?;
+        let mut plan = make_plan(cx, &p, &vm, &h, previous).await?;
+        plan.ovirt = ovirt;
+        if ovirt {
+            crate::ovf::ovirt::expressible(&plan.ovf).map_err(|e| {
+                status::failed_precondition(
+                    "OVIRT_CANNOT_EXPRESS",
+                    &format!("vm/{}", vm.id),
+                    format!("VM {} cannot be exported in oVirt's format: {e}", vm.name),
+                )
+            })?;
+        }
         if !p.force_override {
             refuse_existing_targets(&cx.app, &h, &plan).await?;
         }
@@ -495,6 +515,7 @@ async fn make_plan(
         copies,
         memories,
         previous,
+        ovirt: false,
     })
 }
 
@@ -564,7 +585,11 @@ fn clear_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
         let mut images = images_of(&plan.ovf);
         if let Some(xml) = descriptor(&cx.app, &h, p.export_domain_id, p.vm_id).await? {
-            match OvfVm::parse(&xml) {
+            let old = match plan.ovirt {
+                true => crate::ovf::ovirt::parse(&xml, p.export_domain_id).map(|p| p.vm),
+                false => OvfVm::parse(&xml),
+            };
+            match old {
                 Ok(old) => images.extend(images_of(&old)),
                 Err(e) => tracing::warn!(vm = %p.vm_id, error = %e, "the export being replaced has an unreadable descriptor; removing the images of this export only"),
             }
@@ -679,8 +704,8 @@ pub async fn run_memory_copies(
     h: &db::Host,
     vm_id: Uuid,
     memories: &[(PlannedMemory, Option<String>, Option<Uuid>)],
-    done: &mut u64,
-    total: u64,
+    (done, total): (&mut u64, u64),
+    as_ovirt: bool,
 ) -> Result<Vec<(Uuid, String)>, Status> {
     let mut out = Vec::new();
     for (m, expected, rebind_domain) in memories {
@@ -697,6 +722,7 @@ pub async fn run_memory_copies(
                 copied_checksum: copied.unwrap_or_default(),
                 rebrand_vm_id: String::new(),
                 adopt_ovirt: None,
+                as_ovirt,
             })
             .await
             .map_err(|s| downstream("verifying a memory volume", s))?
@@ -747,7 +773,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<(Uuid, String)>, S
         let total = total_bytes(&plan.copies, &plan.memories);
         let mut done = plan.copies.iter().map(|c| c.capacity_bytes).sum();
         let work: Vec<_> = plan.memories.iter().map(|m| (m.clone(), None, None)).collect();
-        run_memory_copies(cx, &h, p.vm_id, &work, &mut done, total).await
+        run_memory_copies(cx, &h, p.vm_id, &work, (&mut done, total), plan.ovirt).await
     }
     .boxed()
 }
@@ -790,10 +816,15 @@ fn ovf_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             .validate()
             .map_err(|e| Status::internal(format!("the descriptor this export wrote is invalid: {e}")))?;
         let (_, h) = vm_and_host(cx, p.vm_id).await?;
+        let ovf = match plan.ovirt {
+            true => crate::ovf::ovirt::write(&plan.ovf)
+                .map_err(|e| Status::internal(format!("the oVirt descriptor cannot be written: {e}")))?,
+            false => plan.ovf.to_xml(),
+        };
         let req = storage::PutVmDescriptorRequest {
             domain_id: p.export_domain_id.to_string(),
             vm_id: p.vm_id.to_string(),
-            ovf: plan.ovf.to_xml(),
+            ovf,
         };
         cx.app
             .on_domain_writer(&req.domain_id, &h, |mut c| {

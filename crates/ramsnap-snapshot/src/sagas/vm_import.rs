@@ -725,6 +725,7 @@ fn memories_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
                         String::new()
                     },
                     adopt_ovirt,
+                    as_ovirt: false,
                 })
                 .await
                 .map_err(|s| downstream("verifying a memory volume", s))?;

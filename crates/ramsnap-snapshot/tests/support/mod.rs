@@ -823,6 +823,7 @@ impl Agents {
                 r#type: storage::DomainType::File as i32,
                 location: dir.path().join("roots/nfs1").display().to_string(),
                 role: storage::DomainRole::Data as i32,
+                format: storage::DomainFormat::Unspecified as i32,
             })
             .await
             .unwrap()
@@ -837,6 +838,7 @@ impl Agents {
                 r#type: storage::DomainType::File as i32,
                 location: dir.path().join("roots/export1").display().to_string(),
                 role: storage::DomainRole::Export as i32,
+                format: storage::DomainFormat::Unspecified as i32,
             })
             .await
             .unwrap()
