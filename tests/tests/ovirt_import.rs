@@ -324,6 +324,40 @@ async fn imports_and_restores(db: Db, kind: DomainKind, label: &str) {
         })
         .await;
     assert_eq!(leaf.parent_volume_id, m.base.to_string(), "{leaf:?}");
+    // And each shows what it showed on the oVirt domain (the leaf through
+    // its chain).
+    let mut storage = c.storage_as_host().await;
+    for v in [m.base, m.leaf] {
+        let r = VolumeRef {
+            domain_id: c.domain(kind).to_string(),
+            image_id: m.image.to_string(),
+            volume_id: v.to_string(),
+        };
+        let path = storage
+            .prepare_volume(spb::PrepareVolumeRequest {
+                r#ref: Some(r.clone()),
+            })
+            .await
+            .expect("PrepareVolume of an imported disk volume")
+            .into_inner()
+            .path;
+        let out = std::process::Command::new("qemu-img")
+            .args(["compare", "-U"])
+            .arg(m.domain.volume_path(m.image, v))
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "volume {v} differs from oVirt's: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        storage
+            .teardown_volume(spb::TeardownVolumeRequest { r#ref: Some(r) })
+            .await
+            .expect("TeardownVolume");
+    }
     assert_eq!(
         m.domain.fingerprint(),
         before,
