@@ -510,18 +510,27 @@ pub fn rewrite_for_restore(saved: &str, rw: &RestoreRewrite) -> Result<String, X
 
 /// The `<name>` of a domain XML.
 pub fn domain_name(xml: &str) -> Result<String, XmlError> {
+    domain_child_text(xml, b"name")
+}
+
+/// The text of `<domain><tag>`.
+fn domain_child_text(xml: &str, tag: &[u8]) -> Result<String, XmlError> {
     let mut reader = Reader::from_str(xml);
     let mut path: Vec<Vec<u8>> = Vec::new();
+    let want = [b"domain".to_vec(), tag.to_vec()];
     loop {
         match reader.read_event()? {
             Event::Start(e) => path.push(e.name().as_ref().to_vec()),
             Event::End(_) => {
                 path.pop();
             }
-            Event::Text(t) if path == [b"domain".to_vec(), b"name".to_vec()] => {
-                return Ok(t.unescape()?.trim().to_string())
+            Event::Text(t) if path == want => return Ok(t.unescape()?.trim().to_string()),
+            Event::Eof => {
+                return Err(XmlError(format!(
+                    "no <{}> in the domain XML",
+                    String::from_utf8_lossy(tag)
+                )))
             }
-            Event::Eof => return Err(XmlError("no <name> in the domain XML".into())),
             _ => {}
         }
     }
@@ -529,21 +538,7 @@ pub fn domain_name(xml: &str) -> Result<String, XmlError> {
 
 /// The `<uuid>` of a domain XML.
 pub fn domain_uuid(xml: &str) -> Result<String, XmlError> {
-    let mut reader = Reader::from_str(xml);
-    let mut path: Vec<Vec<u8>> = Vec::new();
-    loop {
-        match reader.read_event()? {
-            Event::Start(e) => path.push(e.name().as_ref().to_vec()),
-            Event::End(_) => {
-                path.pop();
-            }
-            Event::Text(t) if path == [b"domain".to_vec(), b"uuid".to_vec()] => {
-                return Ok(t.unescape()?.trim().to_string())
-            }
-            Event::Eof => return Err(XmlError("no <uuid> in the domain XML".into())),
-            _ => {}
-        }
-    }
+    domain_child_text(xml, b"uuid")
 }
 
 /// (target dev, source path) of each disk in a domain XML: what the

@@ -16,8 +16,8 @@
 //!
 //! Direct LUN disks (no image) are left out, with a warning.
 use super::{
-    chain_order, child, echo, err, esc, image_volume, number, uuid_attr, OvfDisk, OvfError, OvfMemory,
-    OvfSnapshot, OvfVm, OvfVolume, SnapshotKind, VolumeFormat, OVF_NS, RASD_NS, XSI_NS,
+    chain_order, child, echo, err, esc, image_volume, number, ovirt_date, uuid_attr, OvfDisk, OvfError,
+    OvfMemory, OvfSnapshot, OvfVm, OvfVolume, SnapshotKind, VolumeFormat, OVF_NS, RASD_NS, XSI_NS,
 };
 use roxmltree::{Document, Node};
 use std::collections::BTreeMap;
@@ -446,8 +446,8 @@ pub fn write(vm: &OvfVm) -> Result<String, OvfError> {
         ("TemplateName", "Blank".into()),
         ("Description", String::new()),
         ("Domain", String::new()),
-        ("CreationDate", format_date(created)),
-        ("ExportDate", format_date(vm.exported_at)),
+        ("CreationDate", ovirt_date(created)),
+        ("ExportDate", ovirt_date(vm.exported_at)),
         ("IsAutoSuspend", "false".into()),
         ("TimeZone", String::new()),
         ("IsStateless", vm.stateless.to_string()),
@@ -479,7 +479,7 @@ pub fn write(vm: &OvfVm) -> Result<String, OvfError> {
     ));
     for (n, d) in vm.disks.iter().enumerate() {
         for v in &d.volumes {
-            let date = format_date(snapshot_of[&v.volume_id].created_at);
+            let date = ovirt_date(snapshot_of[&v.volume_id].created_at);
             x.push_str(&format!(
                 "      <Item>\n        <rasd:Caption>{alias}</rasd:Caption>\n        <rasd:InstanceId>{vol}</rasd:InstanceId>\n        <rasd:ResourceType>17</rasd:ResourceType>\n        <rasd:HostResource>{img}/{vol}</rasd:HostResource>\n        <rasd:Parent>{parent}</rasd:Parent>\n        <rasd:Template>{nil}</rasd:Template>\n        <rasd:ApplicationList></rasd:ApplicationList>\n        <rasd:StorageId>{domain}</rasd:StorageId>\n        <rasd:StoragePoolId>{nil}</rasd:StoragePoolId>\n        <rasd:CreationDate>{date}</rasd:CreationDate>\n        <rasd:LastModified>{date}</rasd:LastModified>\n        <rasd:last_modified_date>{date}</rasd:last_modified_date>\n        <Type>disk</Type>\n        <Device>disk</Device>\n        <rasd:Address></rasd:Address>\n        <BootOrder>{boot}</BootOrder>\n        <IsPlugged>true</IsPlugged>\n        <IsReadOnly>false</IsReadOnly>\n        <Alias></Alias>\n      </Item>\n",
                 alias = esc(&format!("{}_Disk{}", vm.name, n + 1)),
@@ -506,7 +506,7 @@ pub fn write(vm: &OvfVm) -> Result<String, OvfError> {
         ));
         x.push_str(&format!(
             "        <CreationDate>{}</CreationDate>\n",
-            format_date(s.created_at)
+            ovirt_date(s.created_at)
         ));
         if let Some(m) = &s.memory {
             x.push_str(&format!(
@@ -526,28 +526,6 @@ pub fn write(vm: &OvfVm) -> Result<String, OvfError> {
 
 /// The CIM schema of virtual system settings (the `vssd:` prefix).
 const VSSD_NS: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData";
-
-/// Unix milliseconds as "yyyy/MM/dd HH:mm:ss" (UTC), oVirt's date format.
-fn format_date(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
 
 #[cfg(test)]
 mod tests {
@@ -709,9 +687,9 @@ mod tests {
                 ..vm.clone()
             }
         );
-        assert_eq!(format_date(1_369_666_036_000), "2013/05/27 14:47:16");
+        assert_eq!(ovirt_date(1_369_666_036_000), "2013/05/27 14:47:16");
         assert_eq!(
-            parse_date(&format_date(951_782_400_000)).unwrap(),
+            parse_date(&ovirt_date(951_782_400_000)).unwrap(),
             951_782_400_000,
             "2000-02-29"
         );
