@@ -15,6 +15,9 @@ pub enum LibvirtErrorKind {
     /// The domain is not in a state that allows the operation
     /// (VIR_ERR_OPERATION_INVALID: not running, already active, no job).
     OperationInvalid,
+    /// A block job is not ready to pivot yet (VIR_ERR_BLOCK_COPY_ACTIVE:
+    /// libvirt 8 and later say so where older ones said OPERATION_INVALID).
+    BlockJobNotReady,
     /// libvirt timed out (state-change lock, agent).
     Timeout,
     /// The job was aborted (VIR_ERR_OPERATION_ABORTED).
@@ -46,6 +49,7 @@ impl LibvirtError {
             virt::enumutil::Enum::Known(n) => match n {
                 N::NoDomain => LibvirtErrorKind::NoDomain,
                 N::OperationInvalid => LibvirtErrorKind::OperationInvalid,
+                N::BlockCopyActive => LibvirtErrorKind::BlockJobNotReady,
                 N::OperationTimeout | N::AgentUnresponsive | N::AgentCommandTimeout => {
                     LibvirtErrorKind::Timeout
                 }
@@ -319,6 +323,9 @@ fn libvirt_status(e: LibvirtError) -> Status {
         LibvirtErrorKind::OperationInvalid => {
             status::failed_precondition("LIBVIRT_OPERATION_INVALID", e.op, message)
         }
+        LibvirtErrorKind::BlockJobNotReady => {
+            status::failed_precondition("BLOCK_JOB_NOT_READY", e.op, message)
+        }
         LibvirtErrorKind::Timeout => Status::deadline_exceeded(message),
         LibvirtErrorKind::Aborted => Status::aborted(message),
         // The hypervisor cannot do it (a driver or configuration without
@@ -349,6 +356,7 @@ mod tests {
         let code = |k| Status::from(lv(k)).code();
         assert_eq!(code(LibvirtErrorKind::NoDomain), Code::NotFound);
         assert_eq!(code(LibvirtErrorKind::OperationInvalid), Code::FailedPrecondition);
+        assert_eq!(code(LibvirtErrorKind::BlockJobNotReady), Code::FailedPrecondition);
         assert_eq!(code(LibvirtErrorKind::Timeout), Code::DeadlineExceeded);
         assert_eq!(code(LibvirtErrorKind::Unsupported), Code::FailedPrecondition);
         assert_eq!(code(LibvirtErrorKind::Unavailable), Code::Unavailable);

@@ -602,8 +602,9 @@ impl Hypervisor {
                     info.cur == info.end
                 };
                 if ready {
-                    // Pivoting before QEMU reports the job ready fails with
-                    // OPERATION_INVALID: retry until it is.
+                    // Pivoting before QEMU reports the job ready fails
+                    // (OPERATION_INVALID on older libvirt, BLOCK_COPY_ACTIVE
+                    // on newer): retry until it is.
                     let r = unsafe {
                         sys::virDomainBlockJobAbort(
                             d.as_ptr(),
@@ -615,8 +616,10 @@ impl Hypervisor {
                         return Ok(());
                     }
                     let e = last_error("block_job_pivot");
-                    let retry =
-                        matches!(&e, HostError::Libvirt(l) if l.kind == LibvirtErrorKind::OperationInvalid);
+                    let retry = matches!(&e, HostError::Libvirt(l) if matches!(
+                        l.kind,
+                        LibvirtErrorKind::OperationInvalid | LibvirtErrorKind::BlockJobNotReady
+                    ));
                     if !retry || Instant::now() > deadline {
                         return Err(e);
                     }
