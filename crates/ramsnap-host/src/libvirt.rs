@@ -4,6 +4,7 @@
 //! looked up by UUID, which is the VM id.
 use crate::error::{HostError, LibvirtError, LibvirtErrorKind, Result};
 use std::ffi::CString;
+use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -88,6 +89,73 @@ fn cstring(op: &'static str, s: &str) -> Result<CString> {
 
 fn lookup(c: &Connect, id: Uuid, op: &'static str) -> Result<Domain> {
     c.lookup_domain_by_uuid_string(&id.to_string()).lv(op)
+}
+
+/// The block job on `disk`, or None when none runs.
+fn block_job_info(d: &Domain, disk: &CString) -> Result<Option<sys::virDomainBlockJobInfo>> {
+    let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
+    // SAFETY: `d` is a live domain handle, `disk` outlives the call and
+    // `info` is written by it.
+    let r = unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
+    if r < 0 {
+        return Err(last_error("block_job_info"));
+    }
+    // SAFETY: r > 0: libvirt filled `info`.
+    Ok((r > 0).then(|| unsafe { info.assume_init() }))
+}
+
+/// Samples `disk`'s block job every `every` and hands each sample (None
+/// once no job runs) to `step` until it breaks with a result; None when
+/// `deadline` passes first. The one polling loop of every block job.
+fn poll_block_job<T>(
+    d: &Domain,
+    disk: &CString,
+    deadline: Instant,
+    every: Duration,
+    mut step: impl FnMut(Option<&sys::virDomainBlockJobInfo>) -> ControlFlow<Result<T>>,
+) -> Option<Result<T>> {
+    loop {
+        let sample = match block_job_info(d, disk) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(e)),
+        };
+        if let ControlFlow::Break(r) = step(sample.as_ref()) {
+            return Some(r);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Ends `disk`'s block job: with `pivot`, onto its new image (an active
+/// commit or copy that is ready), else by cancelling it.
+fn end_block_job(d: &Domain, disk: &CString, pivot: bool) -> Result<()> {
+    let flags = if pivot {
+        sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+    } else {
+        0
+    };
+    // SAFETY: `d` is a live domain handle; `disk` outlives the call.
+    let r = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), flags) };
+    if r < 0 {
+        return Err(last_error(if pivot {
+            "block_job_pivot"
+        } else {
+            "block_job_abort"
+        }));
+    }
+    Ok(())
+}
+
+/// A pivot that came before QEMU reported the job ready: OPERATION_INVALID
+/// on older libvirt, BLOCK_COPY_ACTIVE on newer. Worth asking again.
+fn pivot_not_ready(e: &HostError) -> bool {
+    matches!(e, HostError::Libvirt(l) if matches!(
+        l.kind,
+        LibvirtErrorKind::OperationInvalid | LibvirtErrorKind::BlockJobNotReady
+    ))
 }
 
 fn state_of(d: &Domain, op: &'static str) -> Result<DomainState> {
@@ -589,50 +657,25 @@ impl Hypervisor {
             if r < 0 {
                 return Err(last_error("block_commit"));
             }
+            // Pivot once the job is ready (no job left means QEMU already
+            // finished it); asked early, libvirt says not ready: ask again.
             let deadline = Instant::now() + timeout;
-            loop {
-                let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
-                let r =
-                    unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
-                if r < 0 {
-                    return Err(last_error("block_job_info"));
+            let ended = poll_block_job(&d, &disk, deadline, Duration::from_millis(20), |info| {
+                if info.is_some_and(|i| i.cur != i.end) {
+                    return ControlFlow::Continue(());
                 }
-                let ready = r == 0 || {
-                    let info = unsafe { info.assume_init() };
-                    info.cur == info.end
-                };
-                if ready {
-                    // Pivoting before QEMU reports the job ready fails
-                    // (OPERATION_INVALID on older libvirt, BLOCK_COPY_ACTIVE
-                    // on newer): retry until it is.
-                    let r = unsafe {
-                        sys::virDomainBlockJobAbort(
-                            d.as_ptr(),
-                            disk.as_ptr(),
-                            sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
-                        )
-                    };
-                    if r == 0 {
-                        return Ok(());
-                    }
-                    let e = last_error("block_job_pivot");
-                    let retry = matches!(&e, HostError::Libvirt(l) if matches!(
-                        l.kind,
-                        LibvirtErrorKind::OperationInvalid | LibvirtErrorKind::BlockJobNotReady
-                    ));
-                    if !retry || Instant::now() > deadline {
-                        return Err(e);
-                    }
+                match end_block_job(&d, &disk, true) {
+                    Err(e) if pivot_not_ready(&e) => ControlFlow::Continue(()),
+                    r => ControlFlow::Break(r),
                 }
-                if Instant::now() > deadline {
-                    let _ = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), 0) };
-                    return Err(HostError::Timeout {
-                        what: format!("block commit of {dev}"),
-                        after: timeout,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            });
+            ended.unwrap_or_else(|| {
+                let _ = end_block_job(&d, &disk, false);
+                Err(HostError::Timeout {
+                    what: format!("block commit of {dev}"),
+                    after: timeout,
+                })
+            })
         })
         .await
     }
@@ -647,41 +690,26 @@ impl Hypervisor {
             let disk = cstring("block_job_settle", &dev)?;
             let deadline = Instant::now() + timeout;
             let mut seen = false;
-            loop {
-                let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
-                // SAFETY: `d` is a live domain handle; `info` is written by the call.
-                let r =
-                    unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
-                if r < 0 {
-                    return Err(last_error("block_job_info"));
-                }
-                if r == 0 {
-                    return Ok(seen);
-                }
+            let settled = poll_block_job(&d, &disk, deadline, Duration::from_millis(50), |info| {
+                let Some(info) = info else {
+                    return ControlFlow::Break(Ok(seen));
+                };
                 seen = true;
-                // SAFETY: r > 0: libvirt filled `info`.
-                let info = unsafe { info.assume_init() };
                 if info.type_ == sys::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT as i32
                     && info.end > 0
                     && info.cur == info.end
                 {
-                    // SAFETY: as above.
-                    let _ = unsafe {
-                        sys::virDomainBlockJobAbort(
-                            d.as_ptr(),
-                            disk.as_ptr(),
-                            sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
-                        )
-                    };
+                    // Not ready yet or done meanwhile: the next sample says.
+                    let _ = end_block_job(&d, &disk, true);
                 }
-                if Instant::now() > deadline {
-                    return Err(HostError::Timeout {
-                        what: format!("the block job on {dev}"),
-                        after: timeout,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+                ControlFlow::Continue(())
+            });
+            settled.unwrap_or_else(|| {
+                Err(HostError::Timeout {
+                    what: format!("the block job on {dev}"),
+                    after: timeout,
+                })
+            })
         })
         .await
     }
@@ -720,30 +748,26 @@ impl Hypervisor {
                 return Err(last_error("block_commit"));
             }
             let deadline = Instant::now() + timeout;
-            loop {
-                let mut info = std::mem::MaybeUninit::<sys::virDomainBlockJobInfo>::zeroed();
-                // SAFETY: as above; `info` is written by the call.
-                let r =
-                    unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) };
-                if r < 0 {
-                    return Err(last_error("block_job_info"));
-                }
-                if r == 0 {
-                    return Ok(()); // the job is over
-                }
-                // SAFETY: r > 0: libvirt filled `info`.
-                let info = unsafe { info.assume_init() };
-                progress(info.cur, info.end);
-                if Instant::now() > deadline {
-                    // SAFETY: as above.
-                    let _ = unsafe { sys::virDomainBlockJobAbort(d.as_ptr(), disk.as_ptr(), 0) };
-                    return Err(HostError::Timeout {
-                        what: format!("block commit of {top} into {base}"),
-                        after: timeout,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let ended = poll_block_job(
+                &d,
+                &disk,
+                deadline,
+                Duration::from_millis(20),
+                |info| match info {
+                    None => ControlFlow::Break(Ok(())), // the job is over
+                    Some(i) => {
+                        progress(i.cur, i.end);
+                        ControlFlow::Continue(())
+                    }
+                },
+            );
+            ended.unwrap_or_else(|| {
+                let _ = end_block_job(&d, &disk, false);
+                Err(HostError::Timeout {
+                    what: format!("block commit of {top} into {base}"),
+                    after: timeout,
+                })
+            })
         })
         .await
     }

@@ -294,6 +294,27 @@ pub async fn release_memory(
     .await
 }
 
+/// A removed snapshot's last step, cold or live: its row goes, then its
+/// memory unless another snapshot (the ACTIVE one after a commit with
+/// memory) still refers to it; the VM's watchers hear of it.
+pub async fn remove_snapshot_row(
+    cx: &SagaCx<App>,
+    vm_id: Uuid,
+    snapshot_id: Uuid,
+    memory: Option<&MemoryVolume>,
+) -> Result<(), Status> {
+    cx.db()
+        .remove_snapshot_row(snapshot_id)
+        .await
+        .map_err(db_status)?;
+    if let Some(m) = memory {
+        let (_, host) = vm_and_host(cx, vm_id).await?;
+        release_memory(cx, &host, m, "snapshot-memory").await?;
+    }
+    cx.app.notify_vm(vm_id);
+    Ok(())
+}
+
 /// Releases each memory pair (reference counted: those a snapshot still
 /// refers to stay).
 pub async fn release_memories(

@@ -18,7 +18,7 @@
 //! took the merged volumes' place, so that the next run still restores it.
 use super::common::{
     delete_volume, image_lock_node, image_unlock_node, image_volumes, lock_vm_node, noop, parents,
-    release_memory, unlock_vm_node, vm_and_host, OnVm,
+    remove_snapshot_row, unlock_vm_node, vm_and_host, OnVm,
 };
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_memory, to_wire_ref};
@@ -382,18 +382,7 @@ fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan = cx.get(PLAN)?;
-        cx.db()
-            .remove_snapshot_row(p.snapshot_id)
-            .await
-            .map_err(db_status)?;
-        // The memory goes unless another snapshot (the ACTIVE one after a
-        // commit with memory) still refers to it.
-        if let Some(m) = plan.memory {
-            let (_, host) = vm_and_host(cx, p.vm_id).await?;
-            release_memory(cx, &host, &m, "snapshot-memory").await?;
-        }
-        cx.app.notify_vm(p.vm_id);
-        Ok(())
+        remove_snapshot_row(cx, p.vm_id, p.snapshot_id, plan.memory.as_ref()).await
     }
     .boxed()
 }

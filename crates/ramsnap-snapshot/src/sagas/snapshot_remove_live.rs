@@ -16,7 +16,7 @@
 //! Before the first commit the saga unwinds (cancel included); from it on,
 //! it completes: a commit half-done by a crash is finished by the replay
 //! (the host finds C out of the chain and answers done).
-use super::common::{lock_vm_node, noop, release_memory, unlock_vm_node, vm_and_host};
+use super::common::{lock_vm_node, noop, remove_snapshot_row, unlock_vm_node, vm_and_host};
 use super::snapshot_remove::{lock_snapshot_fwd, lock_snapshot_undo, rebind_memory, Params};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, to_wire_ref};
@@ -295,16 +295,7 @@ fn remove_row_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let plan = cx.get(PLAN)?;
-        cx.db()
-            .remove_snapshot_row(p.snapshot_id)
-            .await
-            .map_err(db_status)?;
-        if let Some(m) = plan.memory {
-            let (_, host) = vm_and_host(cx, p.vm_id).await?;
-            release_memory(cx, &host, &m, "snapshot-memory").await?;
-        }
-        cx.app.notify_vm(p.vm_id);
-        Ok(())
+        remove_snapshot_row(cx, p.vm_id, p.snapshot_id, plan.memory.as_ref()).await
     }
     .boxed()
 }
