@@ -14,6 +14,9 @@
 //! in this process, each with its own gRPC server; VM i's calls go to
 //! replica i mod N; a list such as 1,2,3 runs each in turn, on a fresh
 //! database, and ends with one table of them all),
+//! SCALE_RATE (sagas per second offered: an open loop, each request due
+//! at its time and its latency counted from then; unset: a closed loop,
+//! each VM's next snapshot as soon as its last ends),
 //! SCALE_PGBENCH_SECS (10), RAMSNAP_HOST_BIN (path of ramsnap-host).
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -720,8 +723,26 @@ async fn body(
     };
     let sagas0 = snapshot_sagas(&any_pool).await;
 
-    // The measurement: every VM takes k snapshots in a loop, all at once.
+    // The measurement. Closed loop (the default): every VM takes k
+    // snapshots one after another, all VMs at once, so the coordinator is
+    // saturated and the latency is mostly the queue (Little's law: about
+    // VMs / sagas/s). Open loop (SCALE_RATE=R sagas/s offered): VM i's j-th
+    // snapshot is due at (j * VMs + i) / R seconds, requests spread evenly
+    // over the VMs, and its latency counts from when it was due, so a
+    // request that starts late because its VM's previous one ran long
+    // counts its wait too (no coordinated omission).
+    let rate: Option<f64> = std::env::var("SCALE_RATE")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            r.parse::<f64>()
+                .ok()
+                .filter(|r| *r > 0.0)
+                .expect("SCALE_RATE: sagas per second offered, e.g. 200")
+        });
+    let n_vms_run = vms.len();
     let t = Instant::now();
+    let t0 = tokio::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for (i, vm) in vms.clone().into_iter().enumerate() {
         let mut c = match i % n_replicas {
@@ -738,9 +759,14 @@ async fn body(
         set.spawn(async move {
             let mut lat = Vec::new();
             let mut errs = Vec::new();
-            for _ in 0..k {
+            for j in 0..k {
+                let due = rate.map(|r| t0 + Duration::from_secs_f64((j * n_vms_run + i) as f64 / r));
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due).await;
+                }
+                let late = due.map(|d| d.elapsed()).unwrap_or_default();
                 match snapshot_once(&mut c, &vm, memory).await {
-                    Ok(d) => lat.push(d),
+                    Ok(d) => lat.push(d + late),
                     Err(e) => errs.push(e),
                 }
             }
@@ -797,6 +823,14 @@ async fn body(
     println!("VMs (concurrent)          {}", vms.len());
     println!("snapshot kind             {mode}");
     println!("snapshots per VM          {k}");
+    match rate {
+        Some(r) => println!(
+            "load                      open loop: {r:.1} sagas/s offered, latency from each request's due time"
+        ),
+        None => println!(
+            "load                      closed loop: each VM's next snapshot when its last ends (SCALE_RATE=R for an open loop)"
+        ),
+    }
     println!("sagas (total)             {total}");
     println!("failures                  {}", errs.len());
     println!("wall time                 {:.3} s", wall.as_secs_f64());
