@@ -189,6 +189,10 @@ pub enum HostError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Forget(#[from] ForgetError),
+    /// CommitVolume's `top` and `base` are not two adjacent volumes of
+    /// one of the VM's running disks, top right above base.
+    #[error("{0}")]
+    NotInChain(String),
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
     #[error("{what}: {source}")]
@@ -309,6 +313,9 @@ impl From<HostError> for Status {
                     status::failed_precondition("VM_RUNNING", &vm.to_string(), e.to_string())
                 }
             },
+            e @ HostError::NotInChain(_) => {
+                status::failed_precondition("VOLUME_NOT_IN_CHAIN", "top", e.to_string())
+            }
             e @ HostError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
             e @ HostError::Io { .. } => internal_logged("a file operation", &e),
             e @ HostError::Internal(_) => internal_logged("an internal step", &e),

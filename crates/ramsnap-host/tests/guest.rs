@@ -1404,10 +1404,40 @@ async fn commit_volume_merges_a_running_guests_chain_while_it_runs() {
         // Hostile: the order reversed, a base that is not right below.
         let st = env.host.commit_volume(commit(&base, &o1)).await.unwrap_err();
         assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        assert_eq!(precondition_kind(&st), "VOLUME_NOT_IN_CHAIN", "{st:?}");
         let st = env.host.commit_volume(commit(&o2, &base)).await.unwrap_err();
         assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
         let st = env.host.commit_volume(commit(&o1, &o1)).await.unwrap_err();
         assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        // Volumes that are not this VM's: another image's child and its
+        // parent, in the right order, are refused and left as they were.
+        let other = env.new_disk(on_block).await;
+        let other_child = env.child_of(&other).await;
+        let st = env
+            .host
+            .commit_volume(commit(&other_child, &other))
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+        assert_eq!(precondition_kind(&st), "VOLUME_NOT_IN_CHAIN", "{st:?}");
+        env.delete_volume(&other_child).await;
+        env.delete_volume(&other).await;
+        // A 5 MB VM id: refused whole, before any handler.
+        let st = env
+            .host
+            .commit_volume(hpb::CommitVolumeRequest {
+                vm_id: "x".repeat(5 << 20),
+                ..commit(&o1, &base)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                st.code(),
+                Code::OutOfRange | Code::InvalidArgument | Code::ResourceExhausted
+            ),
+            "{st:?}"
+        );
         // Not committed yet: the storage service refuses to drop it.
         let st = env
             .storage

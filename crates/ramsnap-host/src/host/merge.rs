@@ -70,9 +70,10 @@ impl Host {
             .iter()
             .position(|d| d.leaf.image == top.image && d.leaf.domain == top.domain)
         else {
-            return Err(
-                SnapshotError::DisksMismatch(format!("no disk of the VM is in image {}", top.image)).into(),
-            );
+            return Err(HostError::NotInChain(format!(
+                "no running disk of vm {vm_id} is in image {} of domain {}",
+                top.image, top.domain
+            )));
         };
         let disk: RunningDisk = running.disks[i].clone();
         let chain = chains
@@ -97,11 +98,10 @@ impl Host {
                 return Ok(out);
             }
             _ => {
-                return Err(SnapshotError::DisksMismatch(format!(
+                return Err(HostError::NotInChain(format!(
                     "disk {}: {} is not the volume right above {} in the chain it runs on",
                     disk.dev, top, base
-                ))
-                .into())
+                )))
             }
         };
         let bytes = Arc::new(AtomicU64::new(0));

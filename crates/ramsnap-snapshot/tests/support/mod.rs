@@ -655,8 +655,8 @@ impl HostService for SimulatedHost {
         if !done_earlier {
             if !top_listed {
                 return Err(ramsnap_common::status::failed_precondition(
-                    "DISKS_MISMATCH",
-                    &top.volume_id,
+                    "VOLUME_NOT_IN_CHAIN",
+                    "top",
                     "top is not in the chain",
                 ));
             }
