@@ -208,30 +208,28 @@ impl BlockDomain {
     /// Activates the LV: its device, and for a loop device the mapping it
     /// was set up with (see [`LoopMap`]).
     fn activate(&self, image: Uuid, volume: Uuid) -> Result<(PathBuf, Option<LoopMap>)> {
-        let lv = self.lv(image, volume)?;
         if lvm::device_mapper_available() {
+            let lv = self.lv(image, volume)?;
             lvm::lv_activate(&self.vg, &lv.name, true)?;
             return Ok((PathBuf::from(format!("/dev/{}/{}", self.vg, lv.name)), None));
         }
-        let vg = lvm::vg_info(&self.vg)?;
-        let first = lv.first_pe.ok_or_else(|| StorageError::Tool {
-            cmd: "lvs".into(),
-            stderr: format!("LV {} has no contiguous segment", lv.name),
-        })?;
-        let offset = vg.pe_start + first * vg.extent_size;
+        // Where the LV lies, and that it is this image's: one pvs.
+        let (pv, offset, len) = lvm::lv_extent(&self.vg, &volume.to_string(), Some(&format!("IU_{image}")))?
+            .ok_or(StorageError::VolumeNotFound(VolumeRef {
+                domain: self.id,
+                image,
+                volume,
+            }))?;
         let out = tool::run(Command::new("losetup").args([
             "--offset",
             &offset.to_string(),
             "--sizelimit",
-            &lv.size.to_string(),
+            &len.to_string(),
             "--find",
             "--show",
-            &vg.pv,
+            &pv,
         ]))?;
-        let map = LoopMap {
-            backing: vg.pv.clone(),
-            offset,
-        };
+        let map = LoopMap { backing: pv, offset };
         Ok((PathBuf::from(out.trim()), Some(map)))
     }
 
@@ -263,7 +261,11 @@ impl BlockDomain {
     /// device-mapper. See [`zero_range`].
     /// Returns where the LV is: its PV, and its offset and length there.
     fn zero(&self, volume: Uuid) -> Result<(String, u64, u64)> {
-        let (pv, offset, len) = lvm::lv_extent(&self.vg, &volume.to_string())?;
+        let (pv, offset, len) =
+            lvm::lv_extent(&self.vg, &volume.to_string(), None)?.ok_or_else(|| StorageError::Tool {
+                cmd: "pvs --segments".into(),
+                stderr: format!("the new LV {}/{volume} is not in the VG", self.vg),
+            })?;
         zero_range(Path::new(&pv), offset, len)?;
         Ok((pv, offset, len))
     }
