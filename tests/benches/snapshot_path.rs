@@ -103,6 +103,17 @@ impl Breakdown {
                 .push(last_logged(logs, "guest pause", "pause_ms").unwrap_or(f64::NAN));
             self.downtimes
                 .push(last_logged(logs, "guest pause", "qemu_downtime_ms").unwrap_or(f64::NAN));
+            // The parts of "checksum and metadata".
+            for m in [
+                "finish: checksum",
+                "finish: domain xml",
+                "finish: metadata written",
+            ] {
+                self.timed
+                    .entry(m)
+                    .or_default()
+                    .push(last_logged(logs, m, "ms").unwrap_or(f64::NAN));
+            }
         } else {
             // The two halves of "checksum beside libvirt's restore".
             for m in ["restore: checksum", "restore: libvirt restore (paused)"] {

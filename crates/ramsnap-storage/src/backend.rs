@@ -71,6 +71,17 @@ pub trait Backend: Send + Sync + 'static {
     fn request_and_image(&self, request: Uuid, image: Uuid) -> Result<(Option<Volume>, Vec<Volume>)> {
         Ok((self.find_request(request)?, self.list(Some(image))?))
     }
+    /// [`Backend::find_request`] of each request, in order. The default
+    /// asks for each; a backend may read them all at once.
+    fn find_requests(&self, requests: &[Uuid]) -> Result<Vec<Option<Volume>>> {
+        requests.iter().map(|r| self.find_request(*r)).collect()
+    }
+    /// The volume just made by [`Backend::create_legal`] from `meta`. The
+    /// default reads it back; a backend that knows what it wrote may answer
+    /// without a read.
+    fn created(&self, meta: &VolumeMeta) -> Result<Volume> {
+        self.get(meta.image, meta.volume)
+    }
     /// The volume that a create (or copy) with request id `request` made,
     /// whatever its legality: its metadata records the request. The
     /// default looks at every volume of the domain.

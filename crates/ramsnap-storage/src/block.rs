@@ -37,6 +37,9 @@ pub struct BlockDomain {
     name: String,
     vg: String,
     run_dir: PathBuf,
+    /// The VG's extent size, once an LVM report gave it (it is fixed when
+    /// the VG is made): what an LV's size is rounded up to.
+    extent: std::sync::OnceLock<u64>,
 }
 
 impl BlockDomain {
@@ -57,6 +60,7 @@ impl BlockDomain {
             name: name.into(),
             vg: id.to_string(),
             run_dir: run_dir.join(id.to_string()),
+            extent: std::sync::OnceLock::new(),
         })
     }
 
@@ -82,6 +86,7 @@ impl BlockDomain {
                     name,
                     vg: row.name.clone(),
                     run_dir: run_dir.join(id.to_string()),
+                    extent: std::sync::OnceLock::new(),
                 },
                 row.pv,
             ));
@@ -329,6 +334,7 @@ impl BlockDomain {
 impl Backend for BlockDomain {
     fn info(&self) -> Result<DomainInfo> {
         let vg = lvm::vg_info(&self.vg)?;
+        let _ = self.extent.set(vg.extent_size);
         Ok(DomainInfo {
             id: self.id,
             name: self.name.clone(),
@@ -363,6 +369,29 @@ impl Backend for BlockDomain {
         let found = all.iter().find(|v| v.meta.request_id == Some(request)).cloned();
         let in_image = all.into_iter().filter(|v| v.meta.image == image).collect();
         Ok((found, in_image))
+    }
+
+    /// One `lvs` for all of them.
+    fn find_requests(&self, requests: &[Uuid]) -> Result<Vec<Option<Volume>>> {
+        let all = self.list(None)?;
+        Ok(requests
+            .iter()
+            .map(|r| all.iter().find(|v| v.meta.request_id == Some(*r)).cloned())
+            .collect())
+    }
+
+    /// What `get` would read from the new LV's tags, without the `lvs`:
+    /// the tags are `meta`'s (see `tags_for`, and the round-trip test
+    /// below), and the LV is its size rounded up to whole extents.
+    fn created(&self, meta: &VolumeMeta) -> Result<Volume> {
+        let Some(extent) = self.extent.get().copied().filter(|e| *e > 0) else {
+            return self.get(meta.image, meta.volume);
+        };
+        Ok(Volume {
+            domain: self.id,
+            meta: meta.clone(),
+            allocated: Self::lv_size(meta)?.div_ceil(extent).saturating_mul(extent),
+        })
     }
 
     fn get(&self, image: Uuid, volume: Uuid) -> Result<Volume> {
@@ -709,6 +738,7 @@ mod tests {
             name: "x".into(),
             vg: "vg".into(),
             run_dir: "/tmp".into(),
+            extent: std::sync::OnceLock::from(4 << 20),
         };
         let lv = lvm::LvRow {
             name: meta.volume.to_string(),
@@ -718,5 +748,13 @@ mod tests {
         };
         let v = dom.to_volume(&lv).unwrap().unwrap();
         assert_eq!(v.meta, meta);
+        // What a create answers without reading the LV back: the same.
+        let made = dom.created(&meta).unwrap();
+        assert_eq!(made.meta, v.meta);
+        assert_eq!(
+            made.allocated,
+            4 << 20,
+            "a COW of 123 bytes, rounded up to one extent"
+        );
     }
 }

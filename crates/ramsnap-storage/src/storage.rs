@@ -603,39 +603,18 @@ impl Storage {
             purpose: Purpose::MemoryMetadata,
             ..base
         };
-        // Both must fit before either is made (unless this is a retry that
-        // already made them).
-        let need = dump.capacity.saturating_add(meta.capacity);
-        let free = self.get_domain(domain).await?.free;
-        // Whether this is a retry is asked only when it matters (an lvs on
-        // BLOCK): the create below finds the request again anyway.
-        let retry = || async {
-            match dump.request_id {
-                Some(r) => {
-                    let b = d.backend.clone();
-                    Ok::<_, StorageError>(blocking(move || b.find_request(r)).await?.is_some())
-                }
-                None => Ok(false),
-            }
-        };
-        if need > free && !retry().await? {
-            return Err(StorageError::NoSpace {
-                domain,
-                requested: need,
-                free,
-            });
+        let backend = d.backend.clone();
+        let holds = self.inner.holds.clone();
+        let keys = [dump.request_id, meta.request_id];
+        let make = move || create_pair_locked(backend.as_ref(), &holds, dump, meta);
+        // Locked as create_volume locks one volume.
+        if d.kind == DomainType::File {
+            let _shared = d.lock.read().await;
+            let _keys = d.creates.lock(&keys).await;
+            return blocking(make).await;
         }
-        let dump = self.create_volume(dump).await?;
-        match self.create_volume(meta).await {
-            Ok(meta) => Ok((dump, meta)),
-            Err(e) => {
-                let _guard = d.lock.write().await;
-                let b = d.backend.clone();
-                let (i, v) = (dump.meta.image, dump.meta.volume);
-                let _ = blocking(move || b.remove(i, v)).await;
-                Err(e)
-            }
-        }
+        let _guard = d.lock.write().await;
+        blocking(make).await
     }
 
     pub async fn delete_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<()> {
@@ -1477,6 +1456,54 @@ fn params_match(existing: &VolumeMeta, req: &NewVolume, allocation: Allocation) 
         && req.volume.is_none_or(|v| v == existing.volume)
 }
 
+/// The two volumes of a snapshot's memory (new images, RAW, the domain's
+/// natural allocation), both or neither, under the domain lock: what each
+/// request made before and the domain's free space read once for both
+/// (on BLOCK one `lvs` and one `pvs`, instead of one of each per volume).
+fn create_pair_locked(
+    backend: &dyn Backend,
+    holds: &Holds,
+    dump: NewVolume,
+    meta: NewVolume,
+) -> Result<(Volume, Volume)> {
+    let allocation = backend.natural_allocation();
+    let requests: Vec<Uuid> = [dump.request_id, meta.request_id].into_iter().flatten().collect();
+    let mut found = backend.find_requests(&requests)?.into_iter();
+    let mut earlier = |r: Option<Uuid>| r.and_then(|_| found.next().flatten());
+    let (dump_found, meta_found) = (earlier(dump.request_id), earlier(meta.request_id));
+    let domain = backend.info()?;
+    // Both must fit before either is made (unless this is a retry that
+    // already made them).
+    let need = dump.capacity.saturating_add(meta.capacity);
+    if need > domain.free && dump_found.is_none() {
+        return Err(StorageError::NoSpace {
+            domain: domain.id,
+            requested: need,
+            free: domain.free,
+        });
+    }
+    let after_dump = DomainInfo {
+        free: domain.free.saturating_sub(dump.capacity),
+        ..domain.clone()
+    };
+    let dump = create_found(backend, holds, dump, allocation, dump_found, None, Some(domain))?;
+    match create_found(
+        backend,
+        holds,
+        meta,
+        allocation,
+        meta_found,
+        None,
+        Some(after_dump),
+    ) {
+        Ok(meta) => Ok((dump, meta)),
+        Err(e) => {
+            let _ = backend.remove(dump.meta.image, dump.meta.volume);
+            Err(e)
+        }
+    }
+}
+
 /// Creates a volume and makes it LEGAL. Runs under the domain lock.
 fn create_locked(
     backend: &dyn Backend,
@@ -1486,7 +1513,7 @@ fn create_locked(
 ) -> Result<Volume> {
     // What the request made before, and the image's volumes: one read
     // where the backend can (see Backend::request_and_image).
-    let (found, mut in_image) = match (req.request_id, req.image) {
+    let (found, in_image) = match (req.request_id, req.image) {
         (Some(r), Some(i)) => {
             let (found, listed) = backend.request_and_image(r, i)?;
             (found, Some(listed))
@@ -1494,6 +1521,21 @@ fn create_locked(
         (Some(r), None) => (backend.find_request(r)?, None),
         (None, _) => (None, None),
     };
+    create_found(backend, holds, req, allocation, found, in_image, None)
+}
+
+/// [`create_locked`] once what the request made before (`found`), the
+/// image's volumes and the domain's state are read (each None when not
+/// read yet).
+fn create_found(
+    backend: &dyn Backend,
+    holds: &Holds,
+    req: NewVolume,
+    allocation: Allocation,
+    found: Option<Volume>,
+    mut in_image: Option<Vec<Volume>>,
+    domain: Option<DomainInfo>,
+) -> Result<Volume> {
     if let (Some(v), Some(req_id)) = (found, req.request_id) {
         if !params_match(&v.meta, &req, allocation) {
             return Err(StorageError::AlreadyExists {
@@ -1511,7 +1553,7 @@ fn create_locked(
             listed.retain(|x| x.meta.volume != v.meta.volume);
         }
     }
-    create_new_in(backend, req, allocation, Legality::Legal, in_image)
+    create_new_in(backend, req, allocation, Legality::Legal, in_image, domain)
 }
 
 fn create_new(
@@ -1520,22 +1562,26 @@ fn create_new(
     allocation: Allocation,
     legality: Legality,
 ) -> Result<Volume> {
-    create_new_in(backend, req, allocation, legality, None)
+    create_new_in(backend, req, allocation, legality, None, None)
 }
 
 /// Validates against the domain's current state and creates the volume:
 /// ILLEGAL for a copy's target (flipped when the copy completes), LEGAL for
 /// a new empty volume (see [`Backend::create_legal`]). Runs under the
-/// domain lock. `in_image`: the image's volumes, when the caller has just
-/// read them.
+/// domain lock. `in_image` and `domain`: the image's volumes and the
+/// domain's state, when the caller has just read them under this lock.
 fn create_new_in(
     backend: &dyn Backend,
     req: NewVolume,
     allocation: Allocation,
     legality: Legality,
     in_image: Option<Vec<Volume>>,
+    domain: Option<DomainInfo>,
 ) -> Result<Volume> {
-    let domain = backend.info()?;
+    let domain = match domain {
+        Some(d) => d,
+        None => backend.info()?,
+    };
     // A new image has no volumes: no need to list it (an lvs on BLOCK).
     let (image, in_image) = match (req.image, in_image) {
         (Some(i), Some(listed)) => (i, listed),
@@ -1636,7 +1682,7 @@ fn create_new_in(
         let _ = backend.teardown(image, *v);
     }
     result?;
-    backend.get(image, volume)
+    backend.created(&meta)
 }
 
 type Found = Vec<(DomainType, Arc<dyn Backend>)>;

@@ -119,6 +119,12 @@ async fn memory_volumes_follow_ovirt_layout() {
             }
         };
         assert_eq!(dump.allocation, expected as i32, "{kind:?}");
+        // What the create answers is what the domain holds.
+        let listed = env.list(&domain).await;
+        for made in [&dump, &meta] {
+            let back = listed.iter().find(|v| v.r#ref == made.r#ref).unwrap();
+            assert_eq!(back, made, "{kind:?}");
+        }
         // A live dump gets twice the RAM.
         let live = env
             .client

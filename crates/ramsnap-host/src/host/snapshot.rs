@@ -874,13 +874,18 @@ impl Host {
         let path = m.dump.path.clone();
         let capacity = m.dump_capacity;
         let during = followed.as_ref().map_or(0, |f| f.bytes());
+        let t = Instant::now();
         let digest = tokio::task::spawn_blocking(move || {
             metadata::digest_dump(&path, capacity, followed.as_ref(), memory_bytes)
         })
         .await
         .map_err(|e| HostError::Internal(e.to_string()))?
         .map_err(|e| HostError::io("checksumming the memory dump", e))?;
-        tracing::debug!(vm = %req.vm_id, bytes = digest.len, hashed_during_dump = during, "dump checksummed");
+        tracing::debug!(
+            vm = %req.vm_id, bytes = digest.len, hashed_during_dump = during,
+            ms = t.elapsed().as_millis() as u64, "finish: checksum"
+        );
+        let t = Instant::now();
         // A FILE dump grows past the volume's capacity instead of failing:
         // that dump would not survive a copy, so the snapshot fails.
         if digest.len > capacity {
@@ -900,6 +905,8 @@ impl Host {
         } else {
             self.inner.hv.saved_xml(m.dump.path.display().to_string()).await?
         };
+        tracing::debug!(vm = %req.vm_id, ms = t.elapsed().as_millis() as u64, "finish: domain xml");
+        let t = Instant::now();
         let md = MemoryMetadata {
             format: metadata::FORMAT.into(),
             version: metadata::VERSION,
@@ -934,6 +941,7 @@ impl Host {
             .await
             .map_err(|e| HostError::Internal(e.to_string()))?
             .map_err(|e| HostError::io("writing the memory metadata", e))?;
+        tracing::debug!(vm = %req.vm_id, ms = t.elapsed().as_millis() as u64, "finish: metadata written");
         // A cancel that came during the checksum still undoes the snapshot
         // (the clean-up zeroes the metadata volume again).
         if job.cancelled() {
