@@ -114,6 +114,14 @@ impl Breakdown {
                     .or_default()
                     .push(last_logged(logs, m, "ms").unwrap_or(f64::NAN));
             }
+            // How much of the dump was hashed while it was written (MiB).
+            self.timed
+                .entry("finish: MiB hashed during the dump")
+                .or_default()
+                .push(
+                    last_logged(logs, "finish: checksum", "hashed_during_dump")
+                        .map_or(f64::NAN, |b| b / (1u64 << 20) as f64),
+                );
         } else {
             // The two halves of "checksum beside libvirt's restore".
             for m in ["restore: checksum", "restore: libvirt restore (paused)"] {

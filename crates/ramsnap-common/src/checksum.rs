@@ -594,6 +594,22 @@ pub fn follow_growing_file(
     stop: &AtomicBool,
     poll: std::time::Duration,
 ) -> io::Result<Followed> {
+    follow_written(path, capacity, stop, poll, &mut |f: &File| {
+        Ok(Some(f.metadata()?.len()))
+    })
+}
+
+/// [`follow_growing_file`] for any file or device: `written(file)` says
+/// how far the writer has written (everything before it is final, but
+/// chunk 0), None while that is not known. A block device does not grow:
+/// the caller asks the writer (see the host's `follow_block_dump`).
+pub fn follow_written(
+    path: &Path,
+    capacity: u64,
+    stop: &AtomicBool,
+    poll: std::time::Duration,
+    written: &mut dyn FnMut(&File) -> io::Result<Option<u64>>,
+) -> io::Result<Followed> {
     let f = File::open(path)?;
     let mut out = Followed {
         capacity,
@@ -605,7 +621,7 @@ pub fn follow_growing_file(
     let mut buf = vec![0u8; CHUNK];
     // Once stopped, what is left is hashed after, in parallel.
     while !stop.load(Ordering::Acquire) {
-        let grown = f.metadata()?.len().min(capacity);
+        let grown = written(&f)?.unwrap_or(0).min(capacity);
         while (out.end() + 1) * CHUNK as u64 <= grown && !stop.load(Ordering::Acquire) {
             let i = out.end();
             let n = read_chunk(&f, i, grown, &mut buf, false)?;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 pub const FORMAT: &str = "ramsnap.memory-metadata";
@@ -186,7 +186,8 @@ pub fn digest_dump(
 ) -> io::Result<FileDigest> {
     if let (Some(n), true) = (memory_bytes, is_block_device(path)?) {
         if let Some(start) = stream_start(path)? {
-            if let Some(d) = digest_near_stream_end(path, capacity, start.saturating_add(n))? {
+            // A raw save image (stream_start says so): written in order.
+            if let Some(d) = digest_near_stream_end(path, capacity, start.saturating_add(n), followed)? {
                 return Ok(d);
             }
         }
@@ -206,7 +207,12 @@ const PAST_MEMORY: u64 = 2 * CHUNK as u64;
 /// (read the whole volume) unless the last chunk read is all zeros, so
 /// the figure was not far wrong; or when the volume is no longer than
 /// that anyway.
-pub fn digest_near_stream_end(path: &Path, capacity: u64, memory_end: u64) -> io::Result<Option<FileDigest>> {
+pub fn digest_near_stream_end(
+    path: &Path,
+    capacity: u64,
+    memory_end: u64,
+    followed: Option<&Followed>,
+) -> io::Result<Option<FileDigest>> {
     let bound = memory_end
         .div_ceil(CHUNK as u64)
         .saturating_mul(CHUNK as u64)
@@ -214,8 +220,14 @@ pub fn digest_near_stream_end(path: &Path, capacity: u64, memory_end: u64) -> io
     if bound >= capacity {
         return Ok(None);
     }
-    let d =
-        ramsnap_common::checksum::digest_file_upto(path, capacity, Algorithm::CURRENT, None, bound, false)?;
+    let d = ramsnap_common::checksum::digest_file_upto(
+        path,
+        capacity,
+        Algorithm::CURRENT,
+        followed,
+        bound,
+        false,
+    )?;
     if d.data_end > bound - CHUNK as u64 {
         tracing::warn!(
             path = %path.display(), memory_end, data_end = d.data_end,
@@ -288,6 +300,108 @@ pub const SAVE_HEADER_BYTES: u64 = 92;
 /// Hashes a FILE dump's chunks while libvirt writes it, until `stop`.
 pub fn follow_dump(path: &Path, capacity: u64, stop: &std::sync::atomic::AtomicBool) -> io::Result<Followed> {
     ramsnap_common::checksum::follow_growing_file(path, capacity, stop, std::time::Duration::from_millis(2))
+}
+
+/// Hashes a BLOCK dump's chunks while QEMU writes it, until `stop`. A
+/// device does not grow as a file does: how far the dump is written is
+/// the position of the writer's file descriptor on the device (QEMU's, or
+/// that of libvirt's I/O helper that QEMU's stream goes through; either
+/// writes the stream in order), read from `/proc/<pid>/fdinfo`. Where no
+/// such process of this host shows a descriptor on the device (another
+/// PID namespace), nothing is hashed during the dump and the checksum
+/// after reads it all, as before.
+pub fn follow_block_dump(
+    path: &Path,
+    capacity: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> io::Result<Followed> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(path)?.rdev();
+    let mut writer: Vec<PathBuf> = Vec::new();
+    let mut scanned: Option<std::time::Instant> = None;
+    // Only ever grows: what QEMU wrote stays written (libvirt rewrites its
+    // header at the end through the same description, which moves the
+    // position back into chunk 0; chunk 0 is never taken while following).
+    let mut known = 0u64;
+    ramsnap_common::checksum::follow_written(
+        path,
+        capacity,
+        stop,
+        std::time::Duration::from_millis(2),
+        &mut |_| {
+            if writer.is_empty()
+                && scanned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(20))
+            {
+                scanned = Some(std::time::Instant::now());
+                writer = writer_fds(rdev);
+            }
+            if writer.is_empty() {
+                return Ok(Some(known));
+            }
+            // Several descriptors on the device: the least position is
+            // below the writer's, whichever it is.
+            let least = writer
+                .iter()
+                .map(|i| fd_position(i))
+                .collect::<Option<Vec<u64>>>();
+            match least.and_then(|p| p.into_iter().min()) {
+                Some(p) => known = known.max(p),
+                // Closed: the dump is over; what was known stays.
+                None => writer.clear(),
+            }
+            Ok(Some(known))
+        },
+    )
+}
+
+/// The fdinfo files of every descriptor that a QEMU process or libvirt's
+/// I/O helper on this host holds on the block device `rdev`.
+fn writer_fds(rdev: u64) -> Vec<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name();
+        if !pid
+            .to_str()
+            .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        // QEMU, or libvirt's I/O helper (libvirt writes a save image
+        // through it where QEMU cannot write the target without blocking).
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("qemu") && !comm.starts_with("libvirt_iohelp") {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // Through the link: the device itself, whatever QEMU's mount
+            // namespace calls it.
+            let on_it = std::fs::metadata(fd.path())
+                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev);
+            if on_it {
+                tracing::debug!(writer = comm.trim(), pid = ?pid, "the dump's writer");
+                out.push(p.path().join("fdinfo").join(fd.file_name()));
+            }
+        }
+    }
+    out
+}
+
+/// The file position in an fdinfo file (`pos:\t<bytes>`).
+fn fd_position(fdinfo: &Path) -> Option<u64> {
+    std::fs::read_to_string(fdinfo)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("pos:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 const SAVE_MAGIC: &[u8; 16] = b"LibvirtQemudSave";
@@ -519,6 +633,20 @@ pub fn digest_with_head(path: &Path, dump: &DumpRecord, head: &[u8]) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The position the BLOCK follower reads is the writer's: after each
+    /// write, what /proc says of this process's own descriptor.
+    #[test]
+    fn fd_position_is_how_far_the_descriptor_wrote() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = std::fs::File::create(dir.path().join("dump")).unwrap();
+        let info = PathBuf::from(format!("/proc/self/fdinfo/{}", f.as_raw_fd()));
+        assert_eq!(fd_position(&info), Some(0));
+        f.write_all(&[7u8; 12345]).unwrap();
+        assert_eq!(fd_position(&info), Some(12345));
+        assert_eq!(fd_position(Path::new("/proc/self/fdinfo/not-a-descriptor")), None);
+    }
 
     fn vref() -> VolumeRef {
         VolumeRef {
@@ -754,7 +882,9 @@ mod tests {
         bytes.resize(cap as usize, 0);
         std::fs::write(&p, &bytes).unwrap();
         let full = digest(&p, cap).unwrap();
-        let d = digest_near_stream_end(&p, cap, memory_end).unwrap().unwrap();
+        let d = digest_near_stream_end(&p, cap, memory_end, None)
+            .unwrap()
+            .unwrap();
         assert_eq!(d.checksum, full.checksum);
         assert_eq!(d.data_end, end);
         let record = DumpRecord {
@@ -771,20 +901,27 @@ mod tests {
         // A figure somewhat short still gives the whole volume's value; one
         // far short of the dump (its bytes reach the last chunk read) gives
         // None, and the whole volume is to be read.
-        let d = digest_near_stream_end(&p, cap, chunk + 1).unwrap().unwrap();
+        let d = digest_near_stream_end(&p, cap, chunk + 1, None).unwrap().unwrap();
         assert_eq!((d.checksum, d.data_end), (full.checksum, end));
         for short in [chunk - 1, 1] {
-            assert_eq!(digest_near_stream_end(&p, cap, short).unwrap(), None, "{short}");
+            assert_eq!(
+                digest_near_stream_end(&p, cap, short, None).unwrap(),
+                None,
+                "{short}"
+            );
         }
         // A volume hardly longer than the dump is read whole.
-        assert_eq!(digest_near_stream_end(&p, 5 * chunk, memory_end).unwrap(), None);
+        assert_eq!(
+            digest_near_stream_end(&p, 5 * chunk, memory_end, None).unwrap(),
+            None
+        );
 
         // Bytes far past the dump are no part of it: neither read nor
         // counted, by the dump's checksum or by a restore's.
         bytes[9 * CHUNK] = 0xAB;
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(
-            digest_near_stream_end(&p, cap, memory_end)
+            digest_near_stream_end(&p, cap, memory_end, None)
                 .unwrap()
                 .unwrap()
                 .checksum,

@@ -414,15 +414,17 @@ impl Host {
             .filter(|m| m.dump.kind == DiskKind::File)
             .map(|m| (m.dump.path.clone(), m.dump_capacity));
         let monitor = tokio::spawn(watch_job(self.clone(), job.clone(), file_limit, stop_rx));
-        // A FILE dump is hashed while QEMU writes it (see follow_dump).
+        // The dump is hashed while QEMU writes it (see follow_dump and
+        // follow_block_dump).
         let stop_following = Arc::new(AtomicBool::new(false));
-        let follower = mem
-            .as_ref()
-            .filter(|m| m.dump.kind == DiskKind::File && !self.inner.simulated)
-            .map(|m| {
-                let (path, capacity, stop) = (m.dump.path.clone(), m.dump_capacity, stop_following.clone());
-                tokio::task::spawn_blocking(move || metadata::follow_dump(&path, capacity, &stop))
-            });
+        let follower = mem.as_ref().filter(|_| !self.inner.simulated).map(|m| {
+            let (path, capacity, stop) = (m.dump.path.clone(), m.dump_capacity, stop_following.clone());
+            let kind = m.dump.kind;
+            tokio::task::spawn_blocking(move || match kind {
+                DiskKind::File => metadata::follow_dump(&path, capacity, &stop),
+                DiskKind::Block => metadata::follow_block_dump(&path, capacity, &stop),
+            })
+        });
         let mut libvirt_started = Instant::now();
         let result = if self.inner.simulated && mem.is_none() {
             // The test driver takes external disk snapshots only with a

@@ -103,15 +103,19 @@ impl Host {
             None
         };
         vm.set_status(VmStatus::SavingState);
-        // A FILE dump is hashed while libvirt writes it (as for a snapshot).
+        // The dump is hashed while libvirt writes it (as for a snapshot).
         let stop_following = Arc::new(AtomicBool::new(false));
-        let follower = (target.dump.kind == DiskKind::File && !self.inner.simulated).then(|| {
+        let follower = (!self.inner.simulated).then(|| {
             let (path, capacity, stop) = (
                 target.dump.path.clone(),
                 target.dump_capacity,
                 stop_following.clone(),
             );
-            tokio::task::spawn_blocking(move || metadata::follow_dump(&path, capacity, &stop))
+            let kind = target.dump.kind;
+            tokio::task::spawn_blocking(move || match kind {
+                DiskKind::File => metadata::follow_dump(&path, capacity, &stop),
+                DiskKind::Block => metadata::follow_block_dump(&path, capacity, &stop),
+            })
         });
         let saved = hv
             .save(
