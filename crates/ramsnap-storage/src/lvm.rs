@@ -66,6 +66,13 @@ fn with_overrides(conf: &str) -> String {
 /// its `devices` is a link to the host's, for a devices file. Named by its
 /// content, so agents on one host share it. `None` (the host's own
 /// configuration, unchanged) when any of that fails: it only saves time.
+///
+/// It lies in the temporary directory, which anyone may write: an LVM
+/// configuration can name programs that LVM runs as root, so a directory
+/// is used only while it and its lvm.conf belong to this user and nobody
+/// else can write them (checked on every use: two `lstat`s), and only if
+/// its lvm.conf said what this process would have written when first
+/// found (see [`is_ours`]).
 fn system_dir() -> Option<&'static Path> {
     static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let dir = DIR
@@ -77,11 +84,13 @@ fn system_dir() -> Option<&'static Path> {
             }
         })
         .as_deref()?;
-    // A temporary directory can be cleaned under a long-running agent.
-    dir.join("lvm.conf").exists().then_some(dir)
+    // A temporary directory can be cleaned under a long-running agent,
+    // and its name taken by someone else.
+    (owned(dir, true) && owned(&dir.join("lvm.conf"), false)).then_some(dir)
 }
 
 fn make_system_dir() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let host = std::env::var_os("LVM_SYSTEM_DIR").map_or_else(|| "/etc/lvm".into(), std::path::PathBuf::from);
     let out = Command::new("lvmconfig")
         .args(["--type", "full"])
@@ -96,27 +105,53 @@ fn make_system_dir() -> std::io::Result<std::path::PathBuf> {
     }
     let conf = with_overrides(&String::from_utf8_lossy(&out.stdout));
     let name = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, conf.as_bytes());
-    let dir = std::env::temp_dir().join(format!("ramsnap-lvm-{name}"));
-    if dir.join("lvm.conf").exists() {
+    let tmp = std::env::temp_dir();
+    let dir = tmp.join(format!("ramsnap-lvm-{name}"));
+    if is_ours(&dir, &conf) {
         return Ok(dir);
     }
-    // Built aside and renamed into place: another agent may be doing the same.
-    let part = std::env::temp_dir().join(format!("ramsnap-lvm-{name}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&part);
-    std::fs::create_dir_all(&part)?;
+    // Built aside, in a directory of this process's own making (create,
+    // not open: it fails if the name is taken), then renamed into place:
+    // another agent may be doing the same.
+    let part = tmp.join(format!(
+        "ramsnap-lvm-{name}.{}.{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&part)?;
     std::os::unix::fs::symlink(host.join("devices"), part.join("devices"))?;
-    std::fs::write(part.join("lvm.conf"), &conf)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(part.join("lvm.conf"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))?;
     match std::fs::rename(&part, &dir) {
         Ok(()) => Ok(dir),
-        Err(_) if dir.join("lvm.conf").exists() => {
+        Err(_) if is_ours(&dir, &conf) => {
             let _ = std::fs::remove_dir_all(&part);
             Ok(dir)
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&part);
-            Err(e)
-        }
+        // The name is held by something else: this process keeps its own.
+        Err(_) => Ok(part),
     }
+}
+
+/// `path` (not a link) belongs to this user and only this user can write
+/// it; a directory, or a regular file.
+fn owned(path: &Path, dir: bool) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.uid() == me && m.mode() & 0o022 == 0 && if dir { m.is_dir() } else { m.is_file() })
+}
+
+/// `dir` is a system directory this process may use: see [`system_dir`].
+fn is_ours(dir: &Path, conf: &str) -> bool {
+    owned(dir, true)
+        && owned(&dir.join("lvm.conf"), false)
+        && std::fs::read_to_string(dir.join("lvm.conf")).is_ok_and(|c| c == conf)
 }
 
 pub fn pvcreate(device: &Path) -> Result<()> {
@@ -482,5 +517,35 @@ mod tests {
             dir,
             "named by content: the same directory"
         );
+    }
+
+    /// A directory under that name that someone else could have written is
+    /// never used: not with another lvm.conf, not writable by others, not
+    /// through a link.
+    #[test]
+    fn a_system_dir_anyone_could_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let conf_path = dir.path().join("lvm.conf");
+        let conf = "global {\n\tuse_aio=0\n}\n";
+        std::fs::write(&conf_path, conf).unwrap();
+        mode(dir.path(), 0o700);
+        mode(&conf_path, 0o644);
+        assert!(is_ours(dir.path(), conf));
+        assert!(!is_ours(
+            dir.path(),
+            "global {\n\tthin_check_executable=\"/tmp/x\"\n}\n"
+        ));
+        mode(&conf_path, 0o666);
+        assert!(!is_ours(dir.path(), conf), "a file others can write");
+        mode(&conf_path, 0o644);
+        mode(dir.path(), 0o1777);
+        assert!(!is_ours(dir.path(), conf), "a directory others can write");
+        mode(dir.path(), 0o700);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(!is_ours(&link, conf), "a link");
     }
 }

@@ -1482,8 +1482,12 @@ fn create_pair_locked(
             free: domain.free,
         });
     }
+    // A dump made before (a retry) is already counted in the free space.
     let after_dump = DomainInfo {
-        free: domain.free.saturating_sub(dump.capacity),
+        free: match dump_found {
+            Some(_) => domain.free,
+            None => domain.free.saturating_sub(dump.capacity),
+        },
         ..domain.clone()
     };
     let dump = create_found(backend, holds, dump, allocation, dump_found, None, Some(domain))?;
