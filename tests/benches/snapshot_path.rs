@@ -24,7 +24,10 @@
 //! disk and memory volumes are LVs) and virsh writes its memory into an LV
 //! of the same domain, as big as ramsnap's LIVE dump volume and prepared
 //! the same way (on this machine LVs are loop devices standing in for
-//! device-mapper: both sides pay for it). virsh's disk overlays stay files.
+//! device-mapper: both sides pay for it), and its disk overlays into LVs
+//! of it too: a qcow2 made there beforehand (untimed) and taken with
+//! `--reuse-external`, as ramsnap's overlays are; `virsh restore` puts
+//! the disk on a qcow2 overlay in an LV of it, as ramsnap's run does.
 //!
 //! Run: `cargo build --release --bins && cargo bench -p ramsnap-e2e --bench snapshot_path`
 //! (root, libvirtd up; RAMSNAP_BENCH_RUNS=N for more than 3 runs).
@@ -228,19 +231,45 @@ async fn snapshot(c: &Cluster, vm: &str, mode: pb::MemoryMode, what: &str) -> (f
 }
 
 /// virsh snapshot-create-as of B's domain into `dir` (the memory into
-/// `memory_target` when given, a block device); the wall time.
+/// `memory_target` when given, a block device; the disk overlay onto
+/// `disk_target` when given, a block device, as a qcow2 made there
+/// beforehand, untimed, and taken with `--reuse-external`, as ramsnap's
+/// overlays are); the wall time.
 fn virsh_snapshot(
     vm: &str,
     dir: &Path,
     tag: &str,
     live: bool,
     memory_target: Option<&Path>,
+    disk_target: Option<&Path>,
 ) -> (f64, PathBuf, f64) {
     let mem = memory_target.map_or_else(|| dir.join(format!("virsh-{tag}.mem")), Path::to_path_buf);
-    let overlay = dir.join(format!("virsh-{tag}.qcow2"));
-    let memspec = format!("file={},snapshot=external", mem.display());
-    let diskspec = format!("vda,snapshot=external,file={}", overlay.display());
     let name = domain(vm);
+    let (memspec, diskspec, reuse) = match disk_target {
+        Some(lv) => {
+            let backing = live_disk(vm);
+            let format = image_format(&backing);
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b", &backing])
+                .arg(lv)
+                .output()
+                .expect("qemu-img");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            (
+                format!("file={},snapshot=external", mem.display()),
+                format!("vda,snapshot=external,file={},stype=block", lv.display()),
+                true,
+            )
+        }
+        None => (
+            format!("file={},snapshot=external", mem.display()),
+            format!(
+                "vda,snapshot=external,file={}",
+                dir.join(format!("virsh-{tag}.qcow2")).display()
+            ),
+            false,
+        ),
+    };
     let mut args = vec![
         "snapshot-create-as",
         name.as_str(),
@@ -252,6 +281,9 @@ fn virsh_snapshot(
     ];
     if live {
         args.push("--live");
+    }
+    if reuse {
+        args.push("--reuse-external");
     }
     drop_caches();
     let watch = PauseWatch::start(vm);
@@ -335,6 +367,17 @@ fn median_known(v: &[f64]) -> f64 {
     }
 }
 
+/// The format of a disk image, as qemu-img reads it.
+fn image_format(path: &str) -> String {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", path])
+        .output()
+        .expect("qemu-img info");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img's JSON");
+    info["format"].as_str().expect("a format").to_string()
+}
+
 /// "Total downtime" of the domain's last completed job (`virsh domjobinfo
 /// --completed`), in ms.
 fn completed_downtime_ms(vm: &str) -> Option<f64> {
@@ -345,28 +388,59 @@ fn completed_downtime_ms(vm: &str) -> Option<f64> {
     line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
 }
 
-/// virsh destroy, then virsh restore of `mem` with the disk on a fresh
-/// overlay of the disk it was taken on; the restore's wall time.
-fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path) -> f64 {
+/// virsh destroy, then virsh restore of `mem` with its disk on a fresh
+/// qcow2 overlay (made beforehand, untimed) of the disk the memory was
+/// saved with: a file beside the volumes, or `target` when given (an LV:
+/// on BLOCK ramsnap's run restores onto an LV overlay); the restore's
+/// wall time.
+fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path, target: Option<&Path>) -> f64 {
     let name = domain(vm);
-    let frozen = live_disk(vm);
     virsh(&["destroy", &name]);
-    let fresh = dir.join(format!("virsh-{tag}-restore.qcow2"));
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &frozen])
-        .arg(&fresh)
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let saved = virsh(&[
         "save-image-dumpxml",
         mem.to_str().expect("utf-8"),
         "--security-info",
     ]);
-    let xml = strip_backing(&saved).replace(
-        &format!("<source file='{frozen}'"),
-        &format!("<source file='{}'", fresh.display()),
+    let saved = strip_backing(&saved);
+    let (kind, frozen) = saved_disk_source(&saved);
+    let fresh = target.map_or_else(
+        || dir.join(format!("virsh-{tag}-restore.qcow2")),
+        Path::to_path_buf,
     );
+    let out = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            &image_format(&frozen),
+            "-b",
+            &frozen,
+        ])
+        .arg(&fresh)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (disk_type, attr) = if target.is_some() {
+        ("block", "dev")
+    } else {
+        ("file", "file")
+    };
+    let xml = saved
+        .replacen(
+            &format!(
+                "<disk type='{}' device='disk'",
+                if kind == "dev" { "block" } else { "file" }
+            ),
+            &format!("<disk type='{disk_type}' device='disk'"),
+            1,
+        )
+        .replacen(
+            &format!("<source {kind}='{frozen}'"),
+            &format!("<source {attr}='{}'", fresh.display()),
+            1,
+        );
     let xml_path = dir.join(format!("virsh-{tag}.xml"));
     std::fs::write(&xml_path, xml).expect("writing the XML");
     drop_caches();
@@ -380,6 +454,52 @@ fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// The source of the first disk in a domain XML: ("file" or "dev", path).
+fn saved_disk_source(xml: &str) -> (&'static str, String) {
+    let disk = xml.find("device='disk'").expect("a disk in the saved XML");
+    let rest = &xml[disk..];
+    for kind in ["file", "dev"] {
+        let open = format!("<source {kind}='");
+        if let Some(i) = rest.find(&open) {
+            let path = &rest[i + open.len()..];
+            let end = path.find('\'').expect("a closing quote");
+            return (kind, path[..end].to_string());
+        }
+    }
+    panic!("no disk source in the saved XML: {xml}");
+}
+
+/// A new RAW LV on the BLOCK domain, prepared on this host: where virsh's
+/// disk overlay goes, as ramsnap's goes into an LV it prepared.
+async fn overlay_lv(c: &Cluster) -> PathBuf {
+    use ramsnap_proto::storage::v1 as st;
+    let made = c
+        .storage_as("coordinator")
+        .await
+        .create_volume(st::CreateVolumeRequest {
+            domain_id: c.block_domain.clone(),
+            capacity_bytes: 256 << 20,
+            format: st::VolumeFormat::Raw as i32,
+            purpose: st::VolumePurpose::Disk as i32,
+            description: "virsh's disk overlay (benchmark)".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume")
+        .into_inner();
+    let path = c
+        .storage_as_host()
+        .await
+        .prepare_volume(st::PrepareVolumeRequest {
+            r#ref: made.volume.and_then(|v| v.r#ref),
+        })
+        .await
+        .expect("PrepareVolume")
+        .into_inner()
+        .path;
+    PathBuf::from(path)
+}
+
 fn main() {
     let runs: usize = std::env::var("RAMSNAP_BENCH_RUNS")
         .ok()
@@ -388,8 +508,10 @@ fn main() {
     let block = std::env::var("RAMSNAP_BENCH_DOMAIN").is_ok_and(|d| d == "block");
     if block && std::env::var_os("RAMSNAP_E2E_BLOCK_PV_BYTES").is_none() {
         // Every run keeps a PAUSED (1.2 GiB) and a LIVE (2.2 GiB) dump
-        // volume, and virsh's LV is as big as the LIVE one: all on BLOCK.
-        let bytes = (4u64 << 30) + runs as u64 * (4 << 30);
+        // volume, and virsh's memory LV is as big as the LIVE one: all on BLOCK.
+        // virsh's three disk overlays of a run (snapshots and restore)
+        // take 768 MiB more.
+        let bytes = (4u64 << 30) + runs as u64 * (5 << 30);
         // SAFETY: no other thread runs yet (the runtime starts below).
         unsafe { std::env::set_var("RAMSNAP_E2E_BLOCK_PV_BYTES", bytes.to_string()) };
     }
@@ -535,16 +657,42 @@ async fn run(runs: usize, block: bool) {
         let logs = c.process(Process::Coordinator).logs();
         restore.add(&logs, "vm_run", "restore step", "prepare memory volumes");
 
-        let (t, _, pause) = virsh_snapshot(&b, &dir, &format!("{run}-paused"), false, memory_lv.as_deref());
+        // BLOCK: virsh's disk overlays are LVs of the domain too.
+        let (paused_lv, live_lv) = if block {
+            (Some(overlay_lv(&c).await), Some(overlay_lv(&c).await))
+        } else {
+            (None, None)
+        };
+        let (t, _, pause) = virsh_snapshot(
+            &b,
+            &dir,
+            &format!("{run}-paused"),
+            false,
+            memory_lv.as_deref(),
+            paused_lv.as_deref(),
+        );
         bare.paused.push(t);
         bare_pause.0.push(pause);
-        let (t, mem, pause) = virsh_snapshot(&b, &dir, &format!("{run}-live"), true, memory_lv.as_deref());
+        let (t, mem, pause) = virsh_snapshot(
+            &b,
+            &dir,
+            &format!("{run}-live"),
+            true,
+            memory_lv.as_deref(),
+            live_lv.as_deref(),
+        );
         bare.live.push(t);
         bare_pause.1.push(pause);
         // QEMU's downtime of virsh's LIVE snapshot, as libvirt recorded it.
         virsh_downtime.push(completed_downtime_ms(&b).unwrap_or(f64::NAN));
-        bare.restore
-            .push(virsh_restore(&b, &dir, &format!("{run}"), &mem));
+        let restore_lv = if block { Some(overlay_lv(&c).await) } else { None };
+        bare.restore.push(virsh_restore(
+            &b,
+            &dir,
+            &format!("{run}"),
+            &mem,
+            restore_lv.as_deref(),
+        ));
         for f in std::fs::read_dir(&dir).expect("the virsh directory").flatten() {
             if f.path().extension().is_some_and(|e| e == "mem") {
                 let _ = std::fs::remove_file(f.path());
@@ -557,7 +705,7 @@ async fn run(runs: usize, block: bool) {
 
     println!(
         "\n{runs} runs, medians, page cache dropped before each step; {MEMORY_MIB} MiB guests, {FILL_MIB} MiB random; {} domain\n",
-        if block { "BLOCK (virsh's memory into an LV of it)" } else { "FILE" }
+        if block { "BLOCK (virsh's memory and disk overlays into LVs of it)" } else { "FILE" }
     );
     println!("| path | ramsnap (gRPC, coordinator) | virsh | ratio | ramsnap runs | virsh runs |");
     println!("|---|---|---|---|---|---|");
