@@ -36,6 +36,20 @@ pub trait Backend: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// New volumes without parents, each as [`Backend::create_legal`]
+    /// makes it, all or none (what was made is removed on a failure). The
+    /// default makes them one by one; a backend may batch.
+    fn create_legal_all(&self, metas: &[VolumeMeta]) -> Result<()> {
+        for (i, meta) in metas.iter().enumerate() {
+            if let Err(e) = self.create_legal(meta, None) {
+                for made in &metas[..i] {
+                    let _ = self.remove(made.image, made.volume);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()>;
     /// Records a new parent in the volume's metadata (after a rebase).
     fn set_parent(&self, image: Uuid, volume: Uuid, parent: Option<Uuid>) -> Result<()>;

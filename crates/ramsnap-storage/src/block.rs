@@ -261,18 +261,36 @@ impl BlockDomain {
         }
     }
 
-    /// Makes a new LV read as zeros, through its extents on the PV (it is
-    /// inactive and contiguous): the same on hosts with and without
-    /// device-mapper. See [`zero_range`].
-    /// Returns where the LV is: its PV, and its offset and length there.
-    fn zero(&self, volume: Uuid) -> Result<(String, u64, u64)> {
-        let (pv, offset, len) =
-            lvm::lv_extent(&self.vg, &volume.to_string(), None)?.ok_or_else(|| StorageError::Tool {
-                cmd: "pvs --segments".into(),
-                stderr: format!("the new LV {}/{volume} is not in the VG", self.vg),
-            })?;
-        zero_range(Path::new(&pv), offset, len)?;
-        Ok((pv, offset, len))
+    /// A new LV for `meta` (its tags, its size), not laid out yet.
+    fn lvcreate(&self, meta: &VolumeMeta) -> Result<()> {
+        // Callers' descriptions are checked before; this is what an LV tag
+        // can hold (a copy may carry an older volume's description).
+        let max = crate::limits::MAX_DESCRIPTION_BYTES;
+        if meta.description.len() > max {
+            return Err(StorageError::invalid(
+                "description",
+                format!(
+                    "is {} bytes long; at most {max} bytes are allowed",
+                    meta.description.len()
+                ),
+            ));
+        }
+        let size = Self::lv_size(meta)?;
+        lvm::lvcreate(&self.vg, &meta.volume.to_string(), size, &Self::tags_for(meta))
+            .map_err(|e| self.name_taken(meta.volume).unwrap_or(e))
+    }
+
+    /// ILLEGAL to LEGAL, on every LV of `metas` in one `lvchange`; the LVs
+    /// are named by their volume ids, so none is looked up first.
+    fn flip_legal(&self, metas: &[&VolumeMeta]) -> Result<()> {
+        let names: Vec<String> = metas.iter().map(|m| m.volume.to_string()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        lvm::lvs_change_tags(
+            &self.vg,
+            &names,
+            &[legality_tag(Legality::Illegal).to_string()],
+            &[legality_tag(Legality::Legal).to_string()],
+        )
     }
 
     /// After a failed lvcreate: ALREADY_EXISTS when the name was taken. A
@@ -405,41 +423,18 @@ impl Backend for BlockDomain {
     }
 
     fn create(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>) -> Result<()> {
-        // Callers' descriptions are checked before; this is what an LV tag
-        // can hold (a copy may carry an older volume's description).
-        let max = crate::limits::MAX_DESCRIPTION_BYTES;
-        if meta.description.len() > max {
-            return Err(StorageError::invalid(
-                "description",
-                format!(
-                    "is {} bytes long; at most {max} bytes are allowed",
-                    meta.description.len()
-                ),
-            ));
-        }
-        let name = meta.volume.to_string();
-        let size = Self::lv_size(meta)?;
-        if let Err(e) = lvm::lvcreate(&self.vg, &name, size, &Self::tags_for(meta)) {
-            return Err(self.name_taken(meta.volume).unwrap_or(e));
-        }
-        let result = (|| {
-            // lvcreate --zero n leaves whatever the extents held: a deleted
-            // volume's data. A new volume reads as zeros (RAW) or as its
-            // parent (COW, whose unallocated clusters qemu never reads from
-            // the LV, but the LV itself must not carry old data either).
-            let (pv, offset, _) = self.zero(meta.volume)?;
-            if meta.format == Format::Cow {
-                // The empty image (see crate::qcow2) goes straight onto the
-                // LV's extents, as the zeroing did, without activating it.
-                let f = fs::OpenOptions::new().write(true).open(&pv)?;
-                qcow2::create_volume_at(&f, offset, meta, parent)?;
-                f.sync_data()?;
-            }
-            Ok(())
-        })();
+        self.lvcreate(meta)?;
+        let result = lvm::lv_extent(&self.vg, &meta.volume.to_string(), None)
+            .and_then(|e| {
+                e.ok_or_else(|| StorageError::Tool {
+                    cmd: "pvs --segments".into(),
+                    stderr: format!("the new LV {}/{} is not in the VG", self.vg, meta.volume),
+                })
+            })
+            .and_then(|extent| lay_out(meta, parent, &extent));
         if let Err(e) = result {
             let _ = self.teardown(meta.image, meta.volume);
-            let _ = lvm::lvremove(&self.vg, &name);
+            let _ = lvm::lvremove(&self.vg, &meta.volume.to_string());
             return Err(e);
         }
         Ok(())
@@ -454,17 +449,37 @@ impl Backend for BlockDomain {
             ..meta.clone()
         };
         self.create(&illegal, parent)?;
-        let flipped = lvm::lv_change_tags(
-            &self.vg,
-            &meta.volume.to_string(),
-            &[legality_tag(Legality::Illegal).to_string()],
-            &[legality_tag(Legality::Legal).to_string()],
-        );
-        if let Err(e) = flipped {
+        self.flip_legal(&[meta]).inspect_err(|_| {
             let _ = self.remove(meta.image, meta.volume);
-            return Err(e);
+        })
+    }
+
+    /// As `create_legal` of each, with one `pvs` for all their extents and
+    /// one `lvchange` for all their flips (a snapshot's two memory volumes:
+    /// two commands fewer, about 40 ms here).
+    fn create_legal_all(&self, metas: &[VolumeMeta]) -> Result<()> {
+        let mut made: Vec<&VolumeMeta> = Vec::new();
+        let result = (|| {
+            for meta in metas {
+                self.lvcreate(&VolumeMeta {
+                    legality: Legality::Illegal,
+                    ..meta.clone()
+                })?;
+                made.push(meta);
+            }
+            let names: Vec<String> = metas.iter().map(|m| m.volume.to_string()).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            for (meta, extent) in metas.iter().zip(lvm::lv_extents(&self.vg, &names)?) {
+                lay_out(meta, None, &extent)?;
+            }
+            self.flip_legal(&made)
+        })();
+        if result.is_err() {
+            for meta in made {
+                let _ = lvm::lvremove(&self.vg, &meta.volume.to_string());
+            }
         }
-        Ok(())
+        result
     }
 
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()> {
@@ -642,6 +657,24 @@ fn upper<T: serde::Serialize>(v: T) -> String {
 /// PV over a sparse file reserves it now rather than failing a dump later
 /// with ENOSPC. The ioctl drops the range from the device's page cache
 /// first, so no stale cached page shows through either.
+/// A new LV's content, written through its extents on the PV (`extent`:
+/// the PV device, offset and length; the LV is inactive and contiguous),
+/// the same on hosts with and without device-mapper. lvcreate --zero n leaves
+/// whatever the extents held: a deleted volume's data. A new volume reads
+/// as zeros (RAW) or as its parent (COW, whose unallocated clusters qemu
+/// never reads from the LV, but the LV itself must not carry old data
+/// either): zeroed, then a COW volume's empty image (see crate::qcow2).
+fn lay_out(meta: &VolumeMeta, parent: Option<&VolumeMeta>, extent: &lvm::Extent) -> Result<()> {
+    let (pv, offset, len) = extent;
+    zero_range(Path::new(pv), *offset, *len)?;
+    if meta.format == Format::Cow {
+        let f = fs::OpenOptions::new().write(true).open(pv)?;
+        qcow2::create_volume_at(&f, *offset, meta, parent)?;
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
 pub fn zero_range(device: &Path, offset: u64, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
     if len == 0 {

@@ -297,14 +297,58 @@ pub fn lvs(vg: &str) -> Result<Vec<LvRow>> {
     Ok(rows)
 }
 
+/// Where an LV's segment lies: its PV device, and the byte offset and
+/// length on it.
+pub type Extent = (String, u64, u64);
+
 /// Where an LV's (single, contiguous) segment lies: the PV device, and
 /// the byte offset and length on it. One `pvs --segments` call. `tag`: the
 /// LV must also carry it. None when no such LV is in the VG.
-pub fn lv_extent(vg: &str, lv: &str, tag: Option<&str>) -> Result<Option<(String, u64, u64)>> {
+pub fn lv_extent(vg: &str, lv: &str, tag: Option<&str>) -> Result<Option<Extent>> {
     let mut select = format!("vg_name={vg} && lv_name={lv}");
     if let Some(t) = tag {
         select.push_str(&format!(" && lv_tags={{{t}}}"));
     }
+    let mut found = segments(&select)?.into_iter();
+    match (found.next(), found.next()) {
+        (None, _) => Ok(None),
+        (Some((_, extent)), None) => Ok(Some(extent)),
+        (Some(_), Some(_)) => Err(StorageError::Tool {
+            cmd: "pvs --segments".into(),
+            stderr: format!("LV {vg}/{lv} is not one contiguous segment"),
+        }),
+    }
+}
+
+/// [`lv_extent`] of several LVs in one `pvs --segments` call, in their
+/// order; an error when one is not in the VG or not one segment.
+pub fn lv_extents(vg: &str, lvs: &[&str]) -> Result<Vec<Extent>> {
+    if lvs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = lvs.iter().map(|lv| format!("lv_name={lv}")).collect();
+    let found = segments(&format!("vg_name={vg} && ({})", names.join(" || ")))?;
+    lvs.iter()
+        .map(|lv| {
+            let mut of = found.iter().filter(|(name, _)| name == lv);
+            match (of.next(), of.next()) {
+                (Some((_, extent)), None) => Ok(extent.clone()),
+                (None, _) => Err(StorageError::Tool {
+                    cmd: "pvs --segments".into(),
+                    stderr: format!("LV {vg}/{lv} is not in the VG"),
+                }),
+                (Some(_), Some(_)) => Err(StorageError::Tool {
+                    cmd: "pvs --segments".into(),
+                    stderr: format!("LV {vg}/{lv} is not one contiguous segment"),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// The PV segments `select` picks: each LV's name, and its PV device, byte
+/// offset and length on it.
+fn segments(select: &str) -> Result<Vec<(String, Extent)>> {
     let out = tool::run(lvm("pvs").args([
         "--segments",
         "--noheadings",
@@ -314,31 +358,25 @@ pub fn lv_extent(vg: &str, lv: &str, tag: Option<&str>) -> Result<Option<(String
         "--separator",
         "|",
         "-o",
-        "pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
+        "lv_name,pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
         "--select",
-        &select,
+        select,
     ]))?;
-    let rows: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let line = match rows[..] {
-        [] => return Ok(None),
-        [line] => line,
-        _ => {
-            return Err(StorageError::Tool {
-                cmd: "pvs --segments".into(),
-                stderr: format!("LV {vg}/{lv} is not one contiguous segment: {rows:?}"),
-            })
-        }
-    };
-    let f: Vec<&str> = line.split('|').collect();
-    if f.len() != 5 {
-        return Err(bad_output("pvs", line));
-    }
-    let (pe_start, extent, first, count) = (num(f[1])?, num(f[2])?, num(f[3])?, num(f[4])?);
-    Ok(Some((
-        f[0].to_string(),
-        pe_start + first * extent,
-        count * extent,
-    )))
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split('|').collect();
+            if f.len() != 6 {
+                return Err(bad_output("pvs", line));
+            }
+            let (pe_start, extent, first, count) = (num(f[2])?, num(f[3])?, num(f[4])?, num(f[5])?);
+            Ok((
+                f[0].to_string(),
+                (f[1].to_string(), pe_start + first * extent, count * extent),
+            ))
+        })
+        .collect()
 }
 
 pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
@@ -361,6 +399,11 @@ pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
 }
 
 pub fn lv_change_tags(vg: &str, lv: &str, remove: &[String], add: &[String]) -> Result<()> {
+    lvs_change_tags(vg, &[lv], remove, add)
+}
+
+/// The same change of tags on several LVs, in one `lvchange`.
+pub fn lvs_change_tags(vg: &str, lvs: &[&str], remove: &[String], add: &[String]) -> Result<()> {
     let mut cmd = lvm("lvchange");
     for t in remove {
         cmd.args(["--deltag", t]);
@@ -368,7 +411,10 @@ pub fn lv_change_tags(vg: &str, lv: &str, remove: &[String], add: &[String]) -> 
     for t in add {
         cmd.args(["--addtag", t]);
     }
-    tool::run(cmd.arg(format!("{vg}/{lv}"))).map(drop)
+    for lv in lvs {
+        cmd.arg(format!("{vg}/{lv}"));
+    }
+    tool::run(&mut cmd).map(drop)
 }
 
 pub fn lvremove(vg: &str, lv: &str) -> Result<()> {

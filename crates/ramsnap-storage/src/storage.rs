@@ -1458,8 +1458,10 @@ fn params_match(existing: &VolumeMeta, req: &NewVolume, allocation: Allocation) 
 
 /// The two volumes of a snapshot's memory (new images, RAW, the domain's
 /// natural allocation), both or neither, under the domain lock: what each
-/// request made before and the domain's free space read once for both
-/// (on BLOCK one `lvs` and one `pvs`, instead of one of each per volume).
+/// request made before looked up once for both, the domain's free space
+/// read once, and the new ones made together (on BLOCK: one `lvs`, one
+/// `pvs` for the space, an `lvcreate` each, one `pvs` for their extents
+/// and one `lvchange` for their flips to LEGAL).
 fn create_pair_locked(
     backend: &dyn Backend,
     holds: &Holds,
@@ -1471,44 +1473,94 @@ fn create_pair_locked(
     let mut found = backend.find_requests(&requests)?.into_iter();
     let mut earlier = |r: Option<Uuid>| r.and_then(|_| found.next().flatten());
     let (dump_found, meta_found) = (earlier(dump.request_id), earlier(meta.request_id));
-    let domain = backend.info()?;
-    // Both must fit before either is made (unless this is a retry that
-    // already made them).
-    let need = dump.capacity.saturating_add(meta.capacity);
-    if need > domain.free && dump_found.is_none() {
-        return Err(StorageError::NoSpace {
-            domain: domain.id,
-            requested: need,
-            free: domain.free,
-        });
-    }
-    // A dump made before (a retry) is already counted in the free space.
-    let after_dump = DomainInfo {
-        free: match dump_found {
-            Some(_) => domain.free,
-            None => domain.free.saturating_sub(dump.capacity),
-        },
-        ..domain.clone()
-    };
-    let dump = create_found(backend, holds, dump, allocation, dump_found, None, Some(domain))?;
-    match create_found(
-        backend,
-        holds,
-        meta,
-        allocation,
-        meta_found,
-        None,
-        Some(after_dump),
-    ) {
-        Ok(meta) => Ok((dump, meta)),
-        Err(e) => {
-            let _ = backend.remove(dump.meta.image, dump.meta.volume);
-            Err(e)
+    let dump_found = reusable(backend, holds, &dump, allocation, dump_found)?;
+    let meta_found = reusable(backend, holds, &meta, allocation, meta_found)?;
+    let new: Vec<VolumeMeta> = [(&dump, &dump_found), (&meta, &meta_found)]
+        .into_iter()
+        .filter(|(_, found)| found.is_none())
+        .map(|(req, _)| new_volume_meta(req, Uuid::new_v4(), Uuid::new_v4(), allocation, Legality::Legal))
+        .collect();
+    if !new.is_empty() {
+        // All that is missing must fit before any of it is made.
+        let domain = backend.info()?;
+        let need = new.iter().fold(0u64, |n, m| n.saturating_add(m.capacity));
+        if need > domain.free {
+            return Err(StorageError::NoSpace {
+                domain: domain.id,
+                requested: need,
+                free: domain.free,
+            });
         }
+        backend.create_legal_all(&new)?;
+    }
+    let made = match new.iter().map(|m| backend.created(m)).collect::<Result<Vec<_>>>() {
+        Ok(made) => made,
+        Err(e) => {
+            for m in &new {
+                let _ = backend.remove(m.image, m.volume);
+            }
+            return Err(e);
+        }
+    };
+    let mut made = made.into_iter();
+    let mut or_made = |found: Option<Volume>| found.or_else(|| made.next());
+    match (or_made(dump_found), or_made(meta_found)) {
+        (Some(dump), Some(meta)) => Ok((dump, meta)),
+        _ => unreachable!("a volume made for each one not found"),
     }
 }
 
-/// Creates a volume and makes it LEGAL. Runs under the domain lock.
+/// What a request made before, if it is to be answered again: LEGAL and
+/// made with the same parameters (other parameters: ALREADY_EXISTS). One a
+/// crash left ILLEGAL part-way is removed, to be made again: None.
+fn reusable(
+    backend: &dyn Backend,
+    holds: &Holds,
+    req: &NewVolume,
+    allocation: Allocation,
+    found: Option<Volume>,
+) -> Result<Option<Volume>> {
+    let (Some(v), Some(req_id)) = (found, req.request_id) else {
+        return Ok(None);
+    };
+    if !params_match(&v.meta, req, allocation) {
+        return Err(StorageError::AlreadyExists {
+            resource: "request",
+            id: req_id.to_string(),
+            reason: "request_id was already used for a volume with different parameters".into(),
+        });
+    }
+    if v.meta.legality == Legality::Legal {
+        return Ok(Some(v));
+    }
+    remove_unless_in_use(backend, holds, v.volume_ref())?;
+    Ok(None)
+}
+
+/// The metadata of a new volume made for `req`.
+fn new_volume_meta(
+    req: &NewVolume,
+    image: Uuid,
+    volume: Uuid,
+    allocation: Allocation,
+    legality: Legality,
+) -> VolumeMeta {
+    VolumeMeta {
+        version: METADATA_VERSION,
+        image,
+        volume,
+        parent: req.parent,
+        format: req.format,
+        allocation,
+        purpose: req.purpose,
+        legality,
+        capacity: req.capacity,
+        description: req.description.clone(),
+        request_id: req.request_id,
+        created_at: now_unix(),
+    }
+}
+
 fn create_locked(
     backend: &dyn Backend,
     holds: &Holds,
@@ -1525,12 +1577,11 @@ fn create_locked(
         (Some(r), None) => (backend.find_request(r)?, None),
         (None, _) => (None, None),
     };
-    create_found(backend, holds, req, allocation, found, in_image, None)
+    create_found(backend, holds, req, allocation, found, in_image)
 }
 
-/// [`create_locked`] once what the request made before (`found`), the
-/// image's volumes and the domain's state are read (each None when not
-/// read yet).
+/// [`create_locked`] once what the request made before (`found`) and the
+/// image's volumes are read (None when not read yet).
 fn create_found(
     backend: &dyn Backend,
     holds: &Holds,
@@ -1538,26 +1589,16 @@ fn create_found(
     allocation: Allocation,
     found: Option<Volume>,
     mut in_image: Option<Vec<Volume>>,
-    domain: Option<DomainInfo>,
 ) -> Result<Volume> {
-    if let (Some(v), Some(req_id)) = (found, req.request_id) {
-        if !params_match(&v.meta, &req, allocation) {
-            return Err(StorageError::AlreadyExists {
-                resource: "request",
-                id: req_id.to_string(),
-                reason: "request_id was already used for a volume with different parameters".into(),
-            });
-        }
-        if v.meta.legality == Legality::Legal {
-            return Ok(v);
-        }
-        // Left ILLEGAL by a crash part-way: start over.
-        remove_unless_in_use(backend, holds, v.volume_ref())?;
-        if let Some(listed) = &mut in_image {
-            listed.retain(|x| x.meta.volume != v.meta.volume);
-        }
+    let earlier = found.as_ref().map(|v| v.meta.volume);
+    if let Some(v) = reusable(backend, holds, &req, allocation, found)? {
+        return Ok(v);
     }
-    create_new_in(backend, req, allocation, Legality::Legal, in_image, domain)
+    // Left ILLEGAL by a crash part-way, and removed: no longer listed.
+    if let (Some(removed), Some(listed)) = (earlier, &mut in_image) {
+        listed.retain(|x| x.meta.volume != removed);
+    }
+    create_new_in(backend, req, allocation, Legality::Legal, in_image)
 }
 
 fn create_new(
@@ -1566,26 +1607,22 @@ fn create_new(
     allocation: Allocation,
     legality: Legality,
 ) -> Result<Volume> {
-    create_new_in(backend, req, allocation, legality, None, None)
+    create_new_in(backend, req, allocation, legality, None)
 }
 
 /// Validates against the domain's current state and creates the volume:
 /// ILLEGAL for a copy's target (flipped when the copy completes), LEGAL for
 /// a new empty volume (see [`Backend::create_legal`]). Runs under the
-/// domain lock. `in_image` and `domain`: the image's volumes and the
-/// domain's state, when the caller has just read them under this lock.
+/// domain lock. `in_image`: the image's volumes, when the caller has just
+/// read them under this lock.
 fn create_new_in(
     backend: &dyn Backend,
     req: NewVolume,
     allocation: Allocation,
     legality: Legality,
     in_image: Option<Vec<Volume>>,
-    domain: Option<DomainInfo>,
 ) -> Result<Volume> {
-    let domain = match domain {
-        Some(d) => d,
-        None => backend.info()?,
-    };
+    let domain = backend.info()?;
     // A new image has no volumes: no need to list it (an lvs on BLOCK).
     let (image, in_image) = match (req.image, in_image) {
         (Some(i), Some(listed)) => (i, listed),
@@ -1655,20 +1692,7 @@ fn create_new_in(
             free: domain.free,
         });
     }
-    let meta = VolumeMeta {
-        version: METADATA_VERSION,
-        image,
-        volume,
-        parent: req.parent,
-        format: req.format,
-        allocation,
-        purpose: req.purpose,
-        legality,
-        capacity: req.capacity,
-        description: req.description,
-        request_id: req.request_id,
-        created_at: now_unix(),
-    };
+    let meta = new_volume_meta(&req, image, volume, allocation, legality);
     let mut prepared = Vec::new();
     if let Some(p) = &parent {
         let r = VolumeRef {

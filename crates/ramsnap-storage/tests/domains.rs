@@ -1878,6 +1878,50 @@ async fn a_new_block_volume_never_shows_a_deleted_volumes_data() {
         env.teardown(&new).await;
         delete(&mut env, &new).await.unwrap();
     }
+
+    // A snapshot's memory volumes, made together (one pvs for both
+    // extents, one lvchange for both flips): the dump takes a deleted
+    // volume's extents, and both read as zeros.
+    let dump_size = 240 * MIB;
+    let old = vref(
+        &env.create(new_volume(&domain, dump_size, pb::VolumeFormat::Raw))
+            .await
+            .unwrap(),
+    );
+    let p = env.prepare(&old).await;
+    fill_old(&p, dump_size);
+    env.teardown(&old).await;
+    let extent = lv_first_pe(&domain, &old.volume_id);
+    delete(&mut env, &old).await.unwrap();
+    let made = env
+        .client
+        .create_memory_volumes(pb::CreateMemoryVolumesRequest {
+            request_id: Uuid::new_v4().to_string(),
+            domain_id: domain.clone(),
+            memory_bytes: 40 * MIB,
+            mode: pb::MemoryDumpMode::Paused as i32,
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (dump, meta) = (made.dump.unwrap(), made.metadata.unwrap());
+    assert_eq!(dump.capacity_bytes, dump_size);
+    assert_eq!(
+        lv_first_pe(&domain, &vref(&dump).volume_id),
+        extent,
+        "the dump reuses the extents"
+    );
+    for v in [&dump, &meta] {
+        assert_eq!(v.legality, pb::VolumeLegality::Legal as i32);
+        let p = env.prepare(&vref(v)).await;
+        assert!(
+            read_all(&p, v.capacity_bytes).iter().all(|&b| b == 0),
+            "{:?}: all zeros",
+            v.purpose
+        );
+        env.teardown(&vref(v)).await;
+    }
 }
 
 #[tokio::test]
