@@ -21,10 +21,13 @@
 //! per-node times, from the logs).
 //!
 //! With `RAMSNAP_BENCH_DOMAIN=block`, VM A lives on the BLOCK domain (its
-//! disk and memory volumes are LVs) and virsh writes its memory into an LV
-//! of the same domain, as big as ramsnap's LIVE dump volume and prepared
-//! the same way (on this machine LVs are loop devices standing in for
-//! device-mapper: both sides pay for it), and its disk overlays into LVs
+//! disk and memory volumes are LVs) and virsh writes its memory into new
+//! LVs of the same domain, made, zeroed and prepared as ramsnap's memory
+//! volumes for the same snapshot (on this machine LVs are loop devices
+//! over a sparse file, standing in for device-mapper: both sides pay for
+//! it, and both write into fresh extents; an LV written before takes a
+//! dump faster here, since the file's blocks are then written already;
+//! virsh's are deleted after each run), and its disk overlays into LVs
 //! of it too: a qcow2 made there beforehand (untimed) and taken with
 //! `--reuse-external`, as ramsnap's overlays are; `virsh restore` puts
 //! the disk on a qcow2 overlay in an LV of it, as ramsnap's run does.
@@ -35,7 +38,9 @@ use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
 use ramsnap_e2e::faults::{domain, live_disk, virsh};
 use ramsnap_e2e::guest::CMDLINE;
 use ramsnap_e2e::logs::{last_logged, node_times, strip_ansi};
+use ramsnap_proto::common::v1 as common;
 use ramsnap_proto::snapshot::v1 as pb;
+use ramsnap_proto::storage::v1 as st;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -469,10 +474,65 @@ fn saved_disk_source(xml: &str) -> (&'static str, String) {
     panic!("no disk source in the saved XML: {xml}");
 }
 
+/// A new pair of memory volumes of `mode`'s size on the BLOCK domain, as
+/// ramsnap makes for a snapshot (new extents, zeroed), the dump prepared
+/// on this host: where virsh writes its memory, so that both sides write
+/// into fresh LVs. The dump's path, and both volumes.
+async fn memory_lv(c: &Cluster, mode: st::MemoryDumpMode) -> (PathBuf, Vec<common::VolumeRef>) {
+    let made = c
+        .storage_as("coordinator")
+        .await
+        .create_memory_volumes(st::CreateMemoryVolumesRequest {
+            request_id: String::new(),
+            domain_id: c.block_domain.clone(),
+            memory_bytes: MEMORY_MIB * MIB,
+            mode: mode as i32,
+            description: "virsh's memory target (benchmark)".into(),
+        })
+        .await
+        .expect("CreateMemoryVolumes")
+        .into_inner();
+    let volumes: Vec<common::VolumeRef> = [&made.dump, &made.metadata]
+        .into_iter()
+        .map(|v| v.as_ref().and_then(|v| v.r#ref.clone()).expect("a volume"))
+        .collect();
+    let path = c
+        .storage_as_host()
+        .await
+        .prepare_volume(st::PrepareVolumeRequest {
+            r#ref: Some(volumes[0].clone()),
+        })
+        .await
+        .expect("PrepareVolume")
+        .into_inner()
+        .path;
+    (PathBuf::from(path), volumes)
+}
+
+/// Tears down and deletes volumes the benchmark made for virsh.
+async fn drop_volumes(c: &Cluster, volumes: &[common::VolumeRef]) {
+    for v in volumes {
+        c.storage_as_host()
+            .await
+            .teardown_volume(st::TeardownVolumeRequest {
+                r#ref: Some(v.clone()),
+            })
+            .await
+            .expect("TeardownVolume");
+        c.storage_as("coordinator")
+            .await
+            .delete_volume(st::DeleteVolumeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                r#ref: Some(v.clone()),
+            })
+            .await
+            .expect("DeleteVolume");
+    }
+}
+
 /// A new RAW LV on the BLOCK domain, prepared on this host: where virsh's
 /// disk overlay goes, as ramsnap's goes into an LV it prepared.
 async fn overlay_lv(c: &Cluster) -> PathBuf {
-    use ramsnap_proto::storage::v1 as st;
     let made = c
         .storage_as("coordinator")
         .await
@@ -508,10 +568,10 @@ fn main() {
     let block = std::env::var("RAMSNAP_BENCH_DOMAIN").is_ok_and(|d| d == "block");
     if block && std::env::var_os("RAMSNAP_E2E_BLOCK_PV_BYTES").is_none() {
         // Every run keeps a PAUSED (1.2 GiB) and a LIVE (2.2 GiB) dump
-        // volume, and virsh's memory LV is as big as the LIVE one: all on BLOCK.
-        // virsh's three disk overlays of a run (snapshots and restore)
-        // take 768 MiB more.
-        let bytes = (4u64 << 30) + runs as u64 * (5 << 30);
+        // volume, and virsh's three disk overlays (snapshots and restore,
+        // 768 MiB); virsh's memory LVs, as big as ramsnap's, live for one
+        // run.
+        let bytes = (6u64 << 30) + runs as u64 * (5 << 30);
         // SAFETY: no other thread runs yet (the runtime starts below).
         unsafe { std::env::set_var("RAMSNAP_E2E_BLOCK_PV_BYTES", bytes.to_string()) };
     }
@@ -562,37 +622,6 @@ async fn run(runs: usize, block: bool) {
         .expect("the FILE domain's directory")
         .join("virsh-bench");
     std::fs::create_dir_all(&dir).expect("a directory beside the volumes");
-    // BLOCK: virsh's memory goes into an LV like ramsnap's LIVE dump volume.
-    let memory_lv = if block {
-        let made = c
-            .storage_as("coordinator")
-            .await
-            .create_memory_volumes(ramsnap_proto::storage::v1::CreateMemoryVolumesRequest {
-                request_id: String::new(),
-                domain_id: c.block_domain.clone(),
-                memory_bytes: MEMORY_MIB * MIB,
-                mode: ramsnap_proto::storage::v1::MemoryDumpMode::Live as i32,
-                description: "virsh's memory target (benchmark)".into(),
-            })
-            .await
-            .expect("CreateMemoryVolumes")
-            .into_inner();
-        let path = c
-            .storage_as_host()
-            .await
-            .prepare_volume(ramsnap_proto::storage::v1::PrepareVolumeRequest {
-                r#ref: made.dump.and_then(|v| v.r#ref),
-            })
-            .await
-            .expect("PrepareVolume")
-            .into_inner()
-            .path;
-        eprintln!("virsh writes its memory into {path}");
-        Some(PathBuf::from(path))
-    } else {
-        None
-    };
-
     let mut ours = Figures::new();
     let mut bare = Figures::new();
     let mut paused = Breakdown::default();
@@ -657,9 +686,18 @@ async fn run(runs: usize, block: bool) {
         let logs = c.process(Process::Coordinator).logs();
         restore.add(&logs, "vm_run", "restore step", "prepare memory volumes");
 
-        // BLOCK: virsh's disk overlays are LVs of the domain too.
+        // BLOCK: virsh's memory and disk overlays are new LVs of the
+        // domain too, made as ramsnap's are for the same snapshots.
         let (paused_lv, live_lv) = if block {
             (Some(overlay_lv(&c).await), Some(overlay_lv(&c).await))
+        } else {
+            (None, None)
+        };
+        let (paused_mem, live_mem) = if block {
+            (
+                Some(memory_lv(&c, st::MemoryDumpMode::Paused).await),
+                Some(memory_lv(&c, st::MemoryDumpMode::Live).await),
+            )
         } else {
             (None, None)
         };
@@ -668,7 +706,7 @@ async fn run(runs: usize, block: bool) {
             &dir,
             &format!("{run}-paused"),
             false,
-            memory_lv.as_deref(),
+            paused_mem.as_ref().map(|m| m.0.as_path()),
             paused_lv.as_deref(),
         );
         bare.paused.push(t);
@@ -678,7 +716,7 @@ async fn run(runs: usize, block: bool) {
             &dir,
             &format!("{run}-live"),
             true,
-            memory_lv.as_deref(),
+            live_mem.as_ref().map(|m| m.0.as_path()),
             live_lv.as_deref(),
         );
         bare.live.push(t);
@@ -697,6 +735,11 @@ async fn run(runs: usize, block: bool) {
             if f.path().extension().is_some_and(|e| e == "mem") {
                 let _ = std::fs::remove_file(f.path());
             }
+        }
+        // virsh's memory LVs go (its disk overlays stay: they are the
+        // guest's disk chain).
+        for (_, volumes) in paused_mem.into_iter().chain(live_mem) {
+            drop_volumes(&c, &volumes).await;
         }
     }
     let _ = Command::new("virsh")
