@@ -1480,28 +1480,40 @@ fn create_pair_locked(
         .filter(|(_, found)| found.is_none())
         .map(|(req, _)| new_volume_meta(req, Uuid::new_v4(), Uuid::new_v4(), allocation, Legality::Legal))
         .collect();
+    // Both or neither: on a failure, what an earlier try made goes too (a
+    // saga's undo of a node that failed has no answer naming them).
+    let give_up = |e: StorageError, made_now: bool| {
+        if made_now {
+            for m in &new {
+                let _ = backend.remove(m.image, m.volume);
+            }
+        }
+        for v in dump_found.iter().chain(&meta_found) {
+            let _ = remove_unless_in_use(backend, holds, v.volume_ref());
+        }
+        e
+    };
     if !new.is_empty() {
         // All that is missing must fit before any of it is made.
         let domain = backend.info()?;
         let need = new.iter().fold(0u64, |n, m| n.saturating_add(m.capacity));
         if need > domain.free {
-            return Err(StorageError::NoSpace {
-                domain: domain.id,
-                requested: need,
-                free: domain.free,
-            });
+            return Err(give_up(
+                StorageError::NoSpace {
+                    domain: domain.id,
+                    requested: need,
+                    free: domain.free,
+                },
+                false,
+            ));
         }
-        backend.create_legal_all(&new)?;
+        backend.create_legal_all(&new).map_err(|e| give_up(e, false))?;
     }
-    let made = match new.iter().map(|m| backend.created(m)).collect::<Result<Vec<_>>>() {
-        Ok(made) => made,
-        Err(e) => {
-            for m in &new {
-                let _ = backend.remove(m.image, m.volume);
-            }
-            return Err(e);
-        }
-    };
+    let made = new
+        .iter()
+        .map(|m| backend.created(m))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| give_up(e, true))?;
     let mut made = made.into_iter();
     let mut or_made = |found: Option<Volume>| found.or_else(|| made.next());
     match (or_made(dump_found), or_made(meta_found)) {
@@ -1839,5 +1851,55 @@ mod tests {
         let err = refuse_in_use(&domain, &holds, &volumes, r(base), "merged").unwrap_err();
         assert!(err.to_string().contains("prepared"), "{err}");
         refuse_in_use(&domain, &holds, &volumes, r(leaf), "deleted").unwrap();
+    }
+
+    /// A snapshot's memory volumes are both made or neither, across
+    /// retries: a retry keeps the dump an earlier try made, counts only
+    /// what is missing against the free space, and when that does not fit
+    /// removes the earlier dump too.
+    #[test]
+    fn a_memory_pair_is_made_both_or_neither_across_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = FileDomain::create(dir.path(), Uuid::new_v4(), "d", DomainRole::Data).unwrap();
+        let holds = Holds::open(&dir.path().join("run")).unwrap();
+        let (dump_request, meta_request) = (Uuid::new_v4(), Uuid::new_v4());
+        let req = |request_id, capacity, purpose| NewVolume {
+            request_id: Some(request_id),
+            domain: domain.id(),
+            image: None,
+            volume: None,
+            capacity,
+            format: Format::Raw,
+            allocation: None,
+            purpose,
+            parent: None,
+            description: String::new(),
+        };
+        let dump = || req(dump_request, 4 << 20, Purpose::MemoryDump);
+        let meta = |capacity| req(meta_request, capacity, Purpose::MemoryMetadata);
+        // An earlier try made the dump, and no more.
+        create_locked(&domain, &holds, dump(), domain.natural_allocation()).unwrap();
+        // The retry: the metadata volume cannot fit.
+        let huge = u64::MAX / 4;
+        match create_pair_locked(&domain, &holds, dump(), meta(huge)) {
+            Err(StorageError::NoSpace { requested, .. }) => {
+                assert_eq!(requested, huge, "only what is missing is counted")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(domain.list(None).unwrap().len(), 0, "the earlier dump went too");
+        // A retry that fits makes both, and the next answers the same two.
+        let (d, m) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
+        let (d2, m2) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
+        assert_eq!((d.volume_ref(), m.volume_ref()), (d2.volume_ref(), m2.volume_ref()));
+        assert_eq!(domain.list(None).unwrap().len(), 2);
+        for v in [&d, &m] {
+            assert_eq!(v.meta.legality, Legality::Legal);
+        }
+        // An earlier try's dump is kept when the rest fits.
+        domain.remove(m.meta.image, m.meta.volume).unwrap();
+        let (d3, m3) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
+        assert_eq!(d3.volume_ref(), d.volume_ref());
+        assert_ne!(m3.volume_ref(), m.volume_ref());
     }
 }
