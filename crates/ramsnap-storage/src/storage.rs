@@ -1891,7 +1891,10 @@ mod tests {
         // A retry that fits makes both, and the next answers the same two.
         let (d, m) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
         let (d2, m2) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
-        assert_eq!((d.volume_ref(), m.volume_ref()), (d2.volume_ref(), m2.volume_ref()));
+        assert_eq!(
+            (d.volume_ref(), m.volume_ref()),
+            (d2.volume_ref(), m2.volume_ref())
+        );
         assert_eq!(domain.list(None).unwrap().len(), 2);
         for v in [&d, &m] {
             assert_eq!(v.meta.legality, Legality::Legal);
