@@ -514,6 +514,76 @@ async fn restore_is_refused_when_disks_or_vm_differ_or_the_dump_is_corrupt() {
     env.stop(&g.id, 0).await;
 }
 
+/// A BLOCK dump is hashed behind QEMU's reading while libvirt restores it
+/// (see the host's follow_block_restore), the rest after: a byte flipped
+/// in its middle is found once the restore is under way. The guest was
+/// restored paused (its domain seen paused, never running), is destroyed,
+/// and the VM is left down; flipped back, the same request resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_block_dump_is_found_while_it_is_restored_and_never_runs() {
+    let _guest = GUESTS.acquire().await.unwrap();
+    let mut env = Env::new("blockrestore", real_env()).await;
+    let mut g = boot(&mut env, true, 256, "").await;
+    let taken = take_memory_snapshot(&mut env, &mut g, true, false).await;
+    env.stop(&g.id, 0).await;
+    let fresh_leaf = env.child_of(&taken.frozen).await;
+    let mut good = g.spec.clone();
+    good.disks[0].volume = Some(fresh_leaf);
+    let dump = taken.memory.dump.clone().unwrap();
+    let at = taken.result.dump_bytes / 2;
+    env.flip_byte(&dump, at).await;
+
+    // The domain's states while the run is under way.
+    let name = env.domain_name(&g.id);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("virsh")
+                    .args(["-c", "qemu:///system", "domstate", &name])
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    let mark = env.console(&g.id).await.len();
+    let st = env.run(&good, Some(taken.memory.clone())).await.unwrap_err();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert_eq!(precondition_kind(&st), "MEMORY_DUMP_CORRUPT", "{st:?}");
+    assert!(seen.contains("paused"), "the restore was under way: {seen:?}");
+    assert!(!seen.contains("running"), "the guest never ran: {seen:?}");
+    assert_eq!(env.status(&g.id).await, hpb::VmStatus::Down);
+    assert!(!env.domain_exists(&g.id));
+    let after = env.console(&g.id).await;
+    let refused = parse(&after[mark.min(after.len())..]);
+    assert!(
+        ticks(&refused).is_empty(),
+        "no tick from the refused guest: {refused:?}"
+    );
+
+    // Flipped back, the same request resumes the guest where it was.
+    env.flip_byte(&dump, at).await;
+    assert_eq!(
+        env.run(&good, Some(taken.memory.clone())).await.unwrap(),
+        hpb::VmStatus::Up
+    );
+    let lines = env.wait_ticks(&g.id, mark, 2, Duration::from_secs(30)).await;
+    assert!(ticks(&lines).iter().all(|(t, _)| *t == g.token), "{lines:?}");
+    assert!(!lines
+        .iter()
+        .any(|l| matches!(l, Line::Boot { .. } | Line::Mismatch(_))));
+    env.stop(&g.id, 0).await;
+}
+
 /// An export/import of a down VM with memory, as the host sees it: the
 /// memory pair and the frozen disk copied to the BLOCK domain with their
 /// ids. Restore refuses the moved disk until VerifyMemory has checked the

@@ -274,17 +274,35 @@ impl Host {
         // The checksum and libvirt's restore run side by side; the restored
         // guest stays paused until the checksum matches, and is destroyed
         // if it does not: it never runs on memory that failed the check.
+        // A BLOCK dump of this version is hashed behind QEMU's reading (see
+        // follow_block_restore), what is left after the restore; any other
+        // is read beside it, through the page cache.
         let hv = &self.inner.hv;
-        let dump_file = dump.path.clone();
-        let recorded = md.dump.clone();
-        let check = async {
-            let t = Instant::now();
-            let d = blocking_io("checksumming the memory dump".into(), move || {
-                metadata::digest_recorded(&dump_file, &recorded, true)
-            })
-            .await;
-            tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: checksum");
-            d
+        let follow = !self.inner.simulated
+            && dump.kind == crate::xml::DiskKind::Block
+            && md.dump.checksum.algorithm == metadata::Algorithm::CURRENT;
+        let stop_following = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _stop_following_on_drop = metadata::StopOnDrop(stop_following.clone());
+        let follower = follow.then(|| {
+            let (path, capacity, stop) = (dump.path.clone(), md.dump.capacity, stop_following.clone());
+            tokio::task::spawn_blocking(move || metadata::follow_block_restore(&path, capacity, &stop))
+        });
+        let check = |followed: Option<metadata::Followed>| {
+            let dump_file = dump.path.clone();
+            let recorded = md.dump.clone();
+            async move {
+                let t = Instant::now();
+                let hashed_before = followed.as_ref().map_or(0, |f| f.bytes());
+                let d = blocking_io("checksumming the memory dump".into(), move || {
+                    metadata::digest_recorded_after(&dump_file, &recorded, followed.as_ref())
+                })
+                .await;
+                tracing::debug!(
+                    vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64,
+                    mib_hashed_during_the_restore = hashed_before >> 20, "restore: checksum"
+                );
+                d
+            }
         };
         let sources = sources(running);
         let console = path_string(&running.console_log)?;
@@ -334,7 +352,22 @@ impl Host {
             tracing::debug!(vm = %spec.vm_id, ms = t.elapsed().as_millis() as u64, "restore: libvirt restore (paused)");
             r
         };
-        let (digest, started) = tokio::join!(check, start);
+        let (digest, started) = match follower {
+            Some(follower) => {
+                let started = start.await;
+                stop_following.store(true, Ordering::Release);
+                let followed = match follower.await {
+                    Ok(Ok(f)) => Some(f),
+                    Ok(Err(e)) => {
+                        tracing::debug!(vm = %spec.vm_id, error = %e, "hashing the dump behind the restore failed; hashed after");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                (check(followed).await, started)
+            }
+            None => tokio::join!(check(None), start),
+        };
         lap.done("checksum beside libvirt's restore");
         let corrupt = match &digest {
             Ok(d) => d.checksum != md.dump.checksum,

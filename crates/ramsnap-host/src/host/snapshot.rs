@@ -417,6 +417,7 @@ impl Host {
         // The dump is hashed while QEMU writes it (see follow_dump and
         // follow_block_dump).
         let stop_following = Arc::new(AtomicBool::new(false));
+        let _stop_following_on_drop = metadata::StopOnDrop(stop_following.clone());
         let follower = mem.as_ref().filter(|_| !self.inner.simulated).map(|m| {
             let (path, capacity, stop) = (m.dump.path.clone(), m.dump_capacity, stop_following.clone());
             let kind = m.dump.kind;

@@ -105,6 +105,7 @@ impl Host {
         vm.set_status(VmStatus::SavingState);
         // The dump is hashed while libvirt writes it (as for a snapshot).
         let stop_following = Arc::new(AtomicBool::new(false));
+        let _stop_following_on_drop = metadata::StopOnDrop(stop_following.clone());
         let follower = (!self.inner.simulated).then(|| {
             let (path, capacity, stop) = (
                 target.dump.path.clone(),
