@@ -288,21 +288,27 @@ impl Host {
     pub async fn cancel_snapshot(&self, job_id: Uuid) -> Result<bool> {
         let job = self.inner.jobs.lock().expect("job table").get(&job_id).cloned();
         match job {
-            Some(job) if !job.finished() => {
-                self.cancel_job(&job).await;
-                Ok(true)
-            }
+            Some(job) if !job.finished() => Ok(self.cancel_job(&job).await),
             _ => Ok(false),
         }
     }
 
-    pub(crate) async fn cancel_job(&self, job: &Job) {
+    /// Cancels the job and waits for its end: true when it ended cancelled,
+    /// false when it had gone past its last check and finished anyway (its
+    /// snapshot stands).
+    pub(crate) async fn cancel_job(&self, job: &Job) -> bool {
         job.cancel.store(true, Ordering::SeqCst);
         if let Err(e) = self.inner.hv.abort_job(job.vm_id).await {
             tracing::warn!(job = %job.id, error = %e, "abort_job failed; the job notices the cancel itself");
         }
         let mut rx = job.view.subscribe();
-        let _ = rx.wait_for(|v| v.outcome.is_some()).await;
+        let ended = rx.wait_for(|v| v.outcome.is_some()).await;
+        ended.is_ok_and(|v| {
+            matches!(
+                v.outcome,
+                Some(Err(HostError::Snapshot(SnapshotError::Cancelled(_))))
+            )
+        })
     }
 
     async fn take_snapshot(
