@@ -3,6 +3,8 @@
 //! libvirt's I/O helper): its chunks are hashed while the device is
 //! written, and the checksum taken with them is the one taken after.
 //! Needs root (a loop device), as the storage tests do.
+mod support;
+
 use ramsnap_common::checksum::{digest_file_after, Algorithm};
 use ramsnap_host::metadata::follow_block_dump;
 use std::process::Command;
@@ -11,37 +13,14 @@ use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["--detach", &self.0]).status();
-    }
-}
-
 #[test]
 fn a_block_dump_is_hashed_while_its_writer_writes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("pv");
     let capacity = 96 * MIB;
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(capacity)
-        .unwrap();
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let device = Loop(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    let device = support::LoopDevice::new(dir.path(), capacity);
     // A link to it, as the storage service hands out.
     let link = dir.path().join("dump");
-    std::os::unix::fs::symlink(&device.0, &link).unwrap();
+    std::os::unix::fs::symlink(&device.device, &link).unwrap();
 
     // The writer: a process whose name starts as QEMU's does (the name of
     // the link it is started by), writing 64 MiB in order, 1 MiB at a
@@ -64,7 +43,7 @@ os.close(fd)
     };
     let status = Command::new(&writer)
         .args(["-c", script])
-        .arg(&device.0)
+        .arg(&device.device)
         .status()
         .unwrap();
     assert!(status.success());
