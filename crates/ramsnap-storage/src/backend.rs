@@ -59,6 +59,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes the volume accessible on this host and returns its path.
     /// Preparing a prepared volume returns the same path.
     fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf>;
+    /// [`Backend::prepare`] of a volume the caller has just listed (under
+    /// the image's lock): a backend may skip what the listing checked.
+    fn prepare_listed(&self, v: &Volume) -> Result<PathBuf> {
+        self.prepare(v.meta.image, v.meta.volume)
+    }
     fn is_prepared(&self, image: Uuid, volume: Uuid) -> bool;
     /// Undoes [`Backend::prepare`]; a volume not prepared is success.
     fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()>;

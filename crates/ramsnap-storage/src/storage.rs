@@ -1430,7 +1430,12 @@ fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Re
     let mut path = PathBuf::new();
     for v in chain(volumes, r.volume).into_iter().rev() {
         let was = backend.is_prepared(r.image, v);
-        match backend.prepare(r.image, v) {
+        let listed = volumes.iter().find(|x| x.meta.volume == v);
+        let prepared = match listed {
+            Some(listed) => backend.prepare_listed(listed),
+            None => backend.prepare(r.image, v),
+        };
+        match prepared {
             Ok(p) => path = p,
             Err(e) => {
                 for n in newly.iter().rev() {
