@@ -83,6 +83,8 @@ pub struct Node<S> {
     /// the next commit of the log. A node that calls an agent is never
     /// local: its start must be logged before the call can arrive.
     pub local: bool,
+    /// Local for some parameters only (see [`Node::local_if`]).
+    pub local_if: Option<fn(&Value) -> bool>,
 }
 
 impl<S: Send + Sync + 'static> Node<S> {
@@ -103,6 +105,7 @@ impl<S: Send + Sync + 'static> Node<S> {
             }),
             undo: None,
             local: false,
+            local_if: None,
         }
     }
 
@@ -116,6 +119,21 @@ impl<S: Send + Sync + 'static> Node<S> {
     pub fn local(mut self) -> Node<S> {
         self.local = true;
         self
+    }
+
+    /// Local when `when` says so of the saga's parameters: a node that
+    /// calls an agent only for some requests (a snapshot's memory volumes,
+    /// made only when it saves memory). `when` must say the same of the
+    /// same parameters every time, as the forward action must then make no
+    /// call.
+    pub fn local_if(mut self, when: fn(&Value) -> bool) -> Node<S> {
+        self.local_if = Some(when);
+        self
+    }
+
+    /// Whether the node is local for a saga with `params`.
+    fn is_local(&self, params: &Value) -> bool {
+        self.local || self.local_if.is_some_and(|when| when(params))
     }
 }
 
@@ -855,7 +873,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             let mut in_doubt = has(i, SagaNodeEventType::Started);
             if start_logged != Some(i) {
                 pending.push(event(def, cx, i, SagaNodeEventType::Started, None));
-                if !node.local {
+                if !node.is_local(&cx.params) {
                     self.db
                         .append_saga_node_events(cx.saga_id, cx.generation, &pending.take())
                         .await
@@ -982,7 +1000,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         .await
                         .map_err(db_err)?;
                 }
-                Some(n) if n.local => {}
+                Some(n) if n.is_local(&cx.params) => {}
                 Some(_) => {
                     pending.push(event(def, cx, next, SagaNodeEventType::Started, None));
                     self.db

@@ -504,6 +504,50 @@ async fn local_nodes_are_logged_with_the_next_commit() {
     assert_eq!(events[1].data, Some(json!({ "made": "a" })));
 }
 
+/// A node local only for some parameters (`Node::local_if`) is local for a
+/// saga whose parameters say so, and logged like any other node for the
+/// rest: while b runs, the log of a saga with `quick` holds nothing; that of
+/// one without holds a's start and success and b's start, as
+/// `local_nodes_are_logged_with_the_next_commit` and `a_saga_runs_to_the_end` say.
+#[tokio::test]
+async fn a_node_is_local_for_the_parameters_that_say_so() {
+    fn quick(p: &Value) -> bool {
+        p.get("quick") == Some(&json!(true))
+    }
+    for (params, seen_by_b) in [(json!({ "quick": true }), 0), (json!({ "quick": false }), 3)] {
+        let env = env().await;
+        let mut def = toy_with_local(&[]);
+        for n in def.nodes.iter_mut().take(2) {
+            n.local_if = Some(quick);
+        }
+        let exec = Executor::new(
+            env.db.clone(),
+            env.app.clone(),
+            vec![def],
+            Failpoints::parse("toy.c=halt"),
+            Arc::new(|_| {}),
+        );
+        let op = Uuid::new_v4();
+        env.db
+            .create_operation(&NewOperation {
+                id: op,
+                kind: "toy".into(),
+                vm_id: None,
+                request_id: None,
+                warnings: vec![],
+            })
+            .await
+            .unwrap();
+        exec.start("toy", params.clone(), op).await.unwrap();
+        stopped(&exec, op).await;
+        assert_eq!(
+            *env.app.log_seen_by_b.lock().unwrap(),
+            Some(seen_by_b),
+            "{params}"
+        );
+    }
+}
+
 /// Waits until the executor no longer runs the operation's saga (halted).
 async fn stopped(exec: &Arc<Executor<Toy>>, op: Uuid) {
     for _ in 0..400 {
@@ -534,6 +578,7 @@ fn toy_release(order: &[&'static str]) -> SagaDef<Toy> {
                 forward: n.forward.clone(),
                 undo: n.undo,
                 local: n.local,
+                local_if: n.local_if,
             },
             None => Node::new(Output::new("x"), x).undo(x_undo),
         })

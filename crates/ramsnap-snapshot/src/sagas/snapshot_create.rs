@@ -55,7 +55,10 @@ pub fn definition() -> SagaDef<App> {
         nodes: vec![
             lock_vm_node::<Params>(false),
             Node::new(IDS, ids_fwd).undo(noop).local(),
-            Node::new(MEMORY_VOLUMES, memory_fwd).undo(memory_undo),
+            // Without memory it makes no call: local.
+            Node::new(MEMORY_VOLUMES, memory_fwd)
+                .undo(memory_undo)
+                .local_if(|p| p.get("save_memory") == Some(&serde_json::Value::Bool(false))),
             Node::new(OVERLAYS, overlays_fwd).undo(overlays_undo),
             Node::new(Output::new("record_snapshot"), record_fwd)
                 .undo(record_undo)
