@@ -128,6 +128,7 @@ on_both_backends!(
     operation_cancel_and_warnings,
     create_vm_with_active_is_idempotent,
     snapshot_taken_is_idempotent,
+    snapshot_taken_on_active_finds_the_vms_active,
     preview_then_undo,
     preview_then_commit,
     preview_refusals_roll_back,
@@ -1599,6 +1600,59 @@ async fn create_vm_with_active_is_idempotent(db: Database) {
         .unwrap_err();
     assert!(matches!(err, DbError::ForeignKey { kind: "vm", .. }), "{err:?}");
     assert!(db.get_vm(orphan.id).await.unwrap_err().is_not_found());
+}
+
+/// The variant that finds the VM's ACTIVE snapshot itself (in the same
+/// read as the snapshot's): it moves that one to the new leaves, never
+/// another VM's, and refuses what the explicit one refuses.
+async fn snapshot_taken_on_active_finds_the_vms_active(db: Database) {
+    let f = flow_vm(&db).await;
+    let g = flow_vm(&db).await;
+    let active = db.active_snapshot(f.vm.id).await.unwrap();
+    let g_active = db.active_snapshot(g.vm.id).await.unwrap();
+    let mut regular = new_snapshot(f.vm.id, SnapshotType::Regular, None);
+    regular.status = SnapshotStatus::Locked;
+    db.create_snapshot(&regular, &active.disks).await.unwrap();
+    let new_leaves = overlays(&active.disks);
+    db.snapshot_taken_on_active(f.vm.id, regular.id, &new_leaves)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.get_snapshot(regular.id).await.unwrap().status,
+        SnapshotStatus::Ok
+    );
+    assert_eq!(db.active_snapshot(f.vm.id).await.unwrap().disks, new_leaves);
+    assert_eq!(db.active_snapshot(g.vm.id).await.unwrap(), g_active);
+    // A replay changes nothing.
+    db.snapshot_taken_on_active(f.vm.id, regular.id, &overlays(&active.disks))
+        .await
+        .unwrap();
+    assert_eq!(db.active_snapshot(f.vm.id).await.unwrap().disks, new_leaves);
+
+    // A snapshot that does not exist; the active one itself; another VM's.
+    let err = db
+        .snapshot_taken_on_active(f.vm.id, Uuid::new_v4(), &[])
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    let err = db
+        .snapshot_taken_on_active(f.vm.id, active.id, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    let mut other = new_snapshot(f.vm.id, SnapshotType::Regular, None);
+    other.status = SnapshotStatus::Locked;
+    db.create_snapshot(&other, &[]).await.unwrap();
+    let err = db
+        .snapshot_taken_on_active(g.vm.id, other.id, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }), "{err:?}");
+    assert_eq!(
+        db.get_snapshot(other.id).await.unwrap().status,
+        SnapshotStatus::Locked
+    );
+    assert_eq!(db.active_snapshot(g.vm.id).await.unwrap(), g_active);
 }
 
 fn sorted(disks: &[SnapshotDisk]) -> Vec<SnapshotDisk> {

@@ -211,10 +211,36 @@ impl Database {
         active_id: Uuid,
         overlays: &[SnapshotDisk],
     ) -> Result<(), DbError> {
+        self.taken(vm_id, snapshot_id, Some(active_id), overlays).await
+    }
+
+    /// [`Database::snapshot_taken`] with the VM's ACTIVE snapshot found in
+    /// the same transaction (the saga holds the VM's lock, so it is the one
+    /// the overlays were made over).
+    pub async fn snapshot_taken_on_active(
+        &self,
+        vm_id: Uuid,
+        snapshot_id: Uuid,
+        overlays: &[SnapshotDisk],
+    ) -> Result<(), DbError> {
+        self.taken(vm_id, snapshot_id, None, overlays).await
+    }
+
+    /// Both heads in one read: the snapshot, and the ACTIVE one (`active_id`,
+    /// or the VM's when None).
+    async fn taken(
+        &self,
+        vm_id: Uuid,
+        snapshot_id: Uuid,
+        active_id: Option<Uuid>,
+        overlays: &[SnapshotDisk],
+    ) -> Result<(), DbError> {
         retry_transient!(async {
             let mut tx = self.begin_write().await?;
-            let snapshot = snapshots::fetch_head(&mut tx, snapshot_id)
-                .await?
+            let heads = snapshots::fetch_heads_for_taken(&mut tx, vm_id, snapshot_id, active_id).await?;
+            let snapshot = heads
+                .iter()
+                .find(|s| s.id == snapshot_id)
                 .ok_or_else(|| DbError::not_found("snapshot", snapshot_id))?;
             if snapshot.vm_id != vm_id || snapshot.snapshot_type != SnapshotType::Regular {
                 return Err(conflict(
@@ -223,16 +249,24 @@ impl Database {
                     format!("is not a regular snapshot of vm {vm_id}"),
                 ));
             }
-            let active = snapshots::fetch_head(&mut tx, active_id)
-                .await?
-                .ok_or_else(|| DbError::not_found("snapshot", active_id))?;
+            let active = match active_id {
+                Some(a) => heads
+                    .iter()
+                    .find(|s| s.id == a)
+                    .ok_or_else(|| DbError::not_found("snapshot", a))?,
+                None => heads
+                    .iter()
+                    .find(|s| s.id != snapshot_id)
+                    .ok_or_else(|| DbError::not_found("active snapshot of vm", vm_id))?,
+            };
             if active.vm_id != vm_id || active.snapshot_type != SnapshotType::Active {
                 return Err(conflict(
                     "snapshot",
-                    active_id,
+                    active.id,
                     format!("is not the active snapshot of vm {vm_id}"),
                 ));
             }
+            let active_id = active.id;
             // The conditional update is the claim: a replay (or a concurrent
             // twin) finds the snapshot OK already and leaves the active alone.
             if !snapshots::change_status(&mut tx, snapshot_id, SnapshotStatus::Locked, SnapshotStatus::Ok)

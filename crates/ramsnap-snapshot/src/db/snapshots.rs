@@ -407,14 +407,34 @@ pub(super) async fn fetch(conn: &mut AnyConnection, id: Uuid) -> Result<Option<S
     Ok(with_disks(conn, row.as_slice()).await?.pop())
 }
 
-/// The snapshot's own row, without its disks (left empty): for checks of
-/// its VM, type and status.
-pub(super) async fn fetch_head(conn: &mut AnyConnection, id: Uuid) -> Result<Option<Snapshot>, DbError> {
-    let row = sqlx::query(sql!("SELECT {COLUMNS} FROM snapshots WHERE id = $1"))
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(row.as_ref().map(from_row).transpose()?)
+/// The heads (without disks) of snapshot `id` and of `active` (by id, or the
+/// VM's ACTIVE one when None), in one read; those that exist.
+pub(super) async fn fetch_heads_for_taken(
+    conn: &mut AnyConnection,
+    vm_id: Uuid,
+    id: Uuid,
+    active: Option<Uuid>,
+) -> Result<Vec<Snapshot>, DbError> {
+    let rows = match active {
+        Some(a) => {
+            sqlx::query(sql!("SELECT {COLUMNS} FROM snapshots WHERE id = $1 OR id = $2"))
+                .bind(id.to_string())
+                .bind(a.to_string())
+                .fetch_all(&mut *conn)
+                .await?
+        }
+        None => {
+            sqlx::query(sql!(
+                "SELECT {COLUMNS} FROM snapshots WHERE id = $1 OR (vm_id = $2 AND snapshot_type = $3)"
+            ))
+            .bind(id.to_string())
+            .bind(vm_id.to_string())
+            .bind(SnapshotType::Active.as_str())
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
+    Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
 }
 
 /// The VM's newest snapshot of this type (the only one, for every type but

@@ -307,9 +307,6 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let p: Params = cx.params()?;
         let id = snapshot_id(cx)?;
-        if cx.db().get_snapshot(id).await.is_ok() {
-            return Ok(());
-        }
         let overlays = cx.get(OVERLAYS)?;
         let memory = memory_volumes(cx);
         let new = NewSnapshot {
@@ -327,8 +324,15 @@ fn record_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
                 volume: o.current,
             })
             .collect();
-        cx.db().create_snapshot(&new, &disks).await.map_err(db_status)?;
-        Ok(())
+        match cx.db().create_snapshot(&new, &disks).await {
+            Ok(_) => Ok(()),
+            // A replay: recorded before (a read only then, not every time).
+            Err(e @ db::DbError::Conflict { .. }) => match cx.db().get_snapshot(id).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(db_status(e)),
+            },
+            Err(e) => Err(db_status(e)),
+        }
     }
     .boxed()
 }
@@ -421,7 +425,6 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let id = snapshot_id(cx)?;
         let overlays = cx.get(OVERLAYS)?;
         let result = cx.get(HOST_SNAPSHOT)?;
-        let active_id = cx.db().active_snapshot_id(p.vm_id).await.map_err(db_status)?;
         let disks: Vec<SnapshotDisk> = overlays
             .iter()
             .map(|o| SnapshotDisk {
@@ -430,7 +433,7 @@ fn commit_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
             })
             .collect();
         cx.db()
-            .snapshot_taken(p.vm_id, id, active_id, &disks)
+            .snapshot_taken_on_active(p.vm_id, id, &disks)
             .await
             .map_err(db_status)?;
         // Memory asked for but not taken (the host fell back to disk-only):
