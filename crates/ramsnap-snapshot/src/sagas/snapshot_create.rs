@@ -230,6 +230,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>>
     async move {
         let (vm, host) = vm_and_host(cx).await?;
         let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
+        let capacities = cx.db().vm_disks(vm.id).await.map_err(db_status)?;
         let mut out = Vec::new();
         for d in &active.disks {
             let overlay_id = cx.stable_id(&format!("overlay/{}", d.disk_id));
@@ -240,7 +241,7 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>>
                 domain_id: d.volume.domain_id.to_string(),
                 image_id: d.volume.image_id.to_string(),
                 volume_id: overlay_id.to_string(),
-                capacity_bytes: disk_capacity(cx, &vm, d).await?,
+                capacity_bytes: disk_capacity(&capacities, &vm, d)?,
                 format: storage::VolumeFormat::Cow as i32,
                 allocation: storage::VolumeAllocation::Unspecified as i32,
                 purpose: storage::VolumePurpose::Disk as i32,
@@ -267,8 +268,8 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>>
     .boxed()
 }
 
-async fn disk_capacity(cx: &SagaCx<App>, vm: &db::Vm, d: &SnapshotDisk) -> Result<u64, Status> {
-    let disks = cx.db().vm_disks(vm.id).await.map_err(db_status)?;
+/// The recorded capacity of the disk `d` of the VM, among its `disks`.
+fn disk_capacity(disks: &[db::VmDisk], vm: &db::Vm, d: &SnapshotDisk) -> Result<u64, Status> {
     disks
         .iter()
         .find(|x| x.disk_id == d.disk_id)
