@@ -173,6 +173,11 @@ fn executor_with_local(env: &Env, failpoints: &str, local: &[&str]) -> Arc<Execu
 }
 
 async fn start(env: &Env, exec: &Arc<Executor<Toy>>) -> (Uuid, Uuid) {
+    start_with(env, exec, json!({})).await
+}
+
+/// [`start`] with the saga's parameters.
+async fn start_with(env: &Env, exec: &Arc<Executor<Toy>>, params: Value) -> (Uuid, Uuid) {
     let op = Uuid::new_v4();
     env.db
         .create_operation(&NewOperation {
@@ -184,7 +189,7 @@ async fn start(env: &Env, exec: &Arc<Executor<Toy>>) -> (Uuid, Uuid) {
         })
         .await
         .unwrap();
-    let saga = exec.start("toy", json!({}), op).await.unwrap();
+    let saga = exec.start("toy", params, op).await.unwrap();
     (op, saga)
 }
 
@@ -527,18 +532,7 @@ async fn a_node_is_local_for_the_parameters_that_say_so() {
             Failpoints::parse("toy.c=halt"),
             Arc::new(|_| {}),
         );
-        let op = Uuid::new_v4();
-        env.db
-            .create_operation(&NewOperation {
-                id: op,
-                kind: "toy".into(),
-                vm_id: None,
-                request_id: None,
-                warnings: vec![],
-            })
-            .await
-            .unwrap();
-        exec.start("toy", params.clone(), op).await.unwrap();
+        let (op, _) = start_with(&env, &exec, params.clone()).await;
         stopped(&exec, op).await;
         assert_eq!(
             *env.app.log_seen_by_b.lock().unwrap(),
