@@ -378,7 +378,7 @@ impl FileDomain {
                     name,
                     format: p.format.qemu_name(),
                 });
-                qcow2::create_at(&f, 0, meta.capacity, backing)?;
+                qcow2::create_in_empty_file(&f, meta.capacity, backing)?;
                 f.sync_all()?;
             }
             Format::Cow => {

@@ -134,95 +134,139 @@ pub fn create(f: &File, size: u64, backing: Option<BackingFile<'_>>) -> io::Resu
 /// [`create`], with the image starting at byte `base` of `f` (an LV's
 /// first extent on its PV).
 pub fn create_at(f: &File, base: u64, size: u64, backing: Option<BackingFile<'_>>) -> io::Result<()> {
-    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-    if size == 0 || !size.is_multiple_of(512) {
-        return Err(invalid(format!(
-            "qcow2 virtual size {size} is not a positive multiple of 512"
-        )));
-    }
-    let l1 = l1_entries(size);
-    let l1_bytes = l1 * 8;
-    if l1_bytes > MAX_L1_BYTES {
-        return Err(invalid(format!("qcow2 virtual size {size} is too large")));
-    }
-    let l1_clusters = l1_bytes.div_ceil(CLUSTER_SIZE).max(1);
-
-    let mut h = Vec::with_capacity(CLUSTER_SIZE as usize);
-    let be32 = |h: &mut Vec<u8>, v: u32| h.extend_from_slice(&v.to_be_bytes());
-    let be64 = |h: &mut Vec<u8>, v: u64| h.extend_from_slice(&v.to_be_bytes());
-    // The backing file name goes after the header and its extensions.
-    let mut ext = Vec::new();
-    if let Some(b) = &backing {
-        if b.name.is_empty() || b.name.len() > MAX_BACKING_NAME || b.name.contains('\0') {
-            return Err(invalid(format!("bad qcow2 backing file name {:?}", b.name)));
-        }
-        if !matches!(b.format, "raw" | "qcow2") {
-            return Err(invalid(format!("bad qcow2 backing format {:?}", b.format)));
-        }
-        be32(&mut ext, EXT_BACKING_FORMAT);
-        be32(&mut ext, b.format.len() as u32);
-        ext.extend_from_slice(b.format.as_bytes());
-        ext.resize(ext.len().next_multiple_of(8), 0);
-    }
-    // The end of the extensions.
-    be32(&mut ext, 0);
-    be32(&mut ext, 0);
-    let name_offset = HEADER_LENGTH as u64 + ext.len() as u64;
-
-    be32(&mut h, MAGIC);
-    be32(&mut h, 3);
-    match &backing {
-        Some(b) => {
-            be64(&mut h, name_offset);
-            be32(&mut h, b.name.len() as u32);
-        }
-        None => {
-            be64(&mut h, 0);
-            be32(&mut h, 0);
-        }
-    }
-    be32(&mut h, CLUSTER_BITS);
-    be64(&mut h, size);
-    be32(&mut h, 0); // no encryption
-    be32(&mut h, l1 as u32);
-    be64(&mut h, 3 * CLUSTER_SIZE); // L1 table
-    be64(&mut h, CLUSTER_SIZE); // refcount table
-    be32(&mut h, 1); // refcount table clusters
-    be32(&mut h, 0); // snapshots
-    be64(&mut h, 0);
-    be64(&mut h, 0); // incompatible features
-    be64(&mut h, 0); // compatible features
-    be64(&mut h, 0); // autoclear features
-    be32(&mut h, REFCOUNT_ORDER);
-    be32(&mut h, HEADER_LENGTH);
-    h.push(0); // compression type: zlib
-    h.resize(HEADER_LENGTH as usize, 0);
-    h.extend_from_slice(&ext);
-    if let Some(b) = &backing {
-        h.extend_from_slice(b.name.as_bytes());
-    }
-    h.resize(CLUSTER_SIZE as usize, 0);
-
-    let mut refcount_table = vec![0u8; CLUSTER_SIZE as usize];
-    refcount_table[..8].copy_from_slice(&(2 * CLUSTER_SIZE).to_be_bytes());
-    // Clusters 0 to 2 and the L1 table's are in use, once each.
-    let mut refcounts = vec![0u8; CLUSTER_SIZE as usize];
-    for c in 0..(3 + l1_clusters) as usize {
-        refcounts[2 * c..2 * c + 2].copy_from_slice(&1u16.to_be_bytes());
-    }
-
-    f.write_all_at(&refcount_table, base + CLUSTER_SIZE)?;
-    f.write_all_at(&refcounts, base + 2 * CLUSTER_SIZE)?;
+    let l = Layout::new(size, backing)?;
+    let cluster = |bytes: &[u8]| {
+        let mut c = bytes.to_vec();
+        c.resize(CLUSTER_SIZE as usize, 0);
+        c
+    };
+    f.write_all_at(&cluster(&l.refcount_table), base + CLUSTER_SIZE)?;
+    f.write_all_at(&cluster(&l.refcounts), base + 2 * CLUSTER_SIZE)?;
     let zeros = vec![0u8; CLUSTER_SIZE as usize];
     let mut at = 0;
-    while at < l1_bytes {
-        let n = (l1_bytes - at).min(CLUSTER_SIZE);
+    while at < l.l1_bytes {
+        let n = (l.l1_bytes - at).min(CLUSTER_SIZE);
         f.write_all_at(&zeros[..n as usize], base + 3 * CLUSTER_SIZE + at)?;
         at += n;
     }
     // The header last: until it is there, this is not a qcow2 image.
-    f.write_all_at(&h, base)?;
+    f.write_all_at(&cluster(&l.header), base)?;
     Ok(())
+}
+
+/// [`create`] into a new, empty file: the same image, but only the bytes
+/// that are not zero are written, and the rest of the tables are a hole
+/// (`set_len`), which reads as zeros. A snapshot's overlay thus dirties a
+/// few pages, not the 256 KiB of its zero-filled tables. Refuses a file
+/// that is not empty: its old bytes would show through the holes.
+pub fn create_in_empty_file(f: &File, size: u64, backing: Option<BackingFile<'_>>) -> io::Result<()> {
+    let len = f.metadata()?.len();
+    if len != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a sparse qcow2 image needs an empty file, this one has {len} bytes"),
+        ));
+    }
+    let l = Layout::new(size, backing)?;
+    f.write_all_at(&l.refcount_table, CLUSTER_SIZE)?;
+    f.write_all_at(&l.refcounts, 2 * CLUSTER_SIZE)?;
+    f.set_len(3 * CLUSTER_SIZE + l.l1_bytes)?;
+    f.write_all_at(&l.header, 0)?;
+    Ok(())
+}
+
+/// The bytes of an empty image that are not all zeros, each from the start
+/// of its cluster: the header (cluster 0), the refcount table (1) and its
+/// refcount block (2). The L1 table (from cluster 3, `l1_bytes` long) is
+/// all zeros.
+struct Layout {
+    header: Vec<u8>,
+    refcount_table: Vec<u8>,
+    refcounts: Vec<u8>,
+    l1_bytes: u64,
+}
+
+impl Layout {
+    fn new(size: u64, backing: Option<BackingFile<'_>>) -> io::Result<Layout> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(invalid(format!(
+                "qcow2 virtual size {size} is not a positive multiple of 512"
+            )));
+        }
+        let l1 = l1_entries(size);
+        let l1_bytes = l1 * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(invalid(format!("qcow2 virtual size {size} is too large")));
+        }
+        let l1_clusters = l1_bytes.div_ceil(CLUSTER_SIZE).max(1);
+
+        let mut h = Vec::with_capacity(CLUSTER_SIZE as usize);
+        let be32 = |h: &mut Vec<u8>, v: u32| h.extend_from_slice(&v.to_be_bytes());
+        let be64 = |h: &mut Vec<u8>, v: u64| h.extend_from_slice(&v.to_be_bytes());
+        // The backing file name goes after the header and its extensions.
+        let mut ext = Vec::new();
+        if let Some(b) = &backing {
+            if b.name.is_empty() || b.name.len() > MAX_BACKING_NAME || b.name.contains('\0') {
+                return Err(invalid(format!("bad qcow2 backing file name {:?}", b.name)));
+            }
+            if !matches!(b.format, "raw" | "qcow2") {
+                return Err(invalid(format!("bad qcow2 backing format {:?}", b.format)));
+            }
+            be32(&mut ext, EXT_BACKING_FORMAT);
+            be32(&mut ext, b.format.len() as u32);
+            ext.extend_from_slice(b.format.as_bytes());
+            ext.resize(ext.len().next_multiple_of(8), 0);
+        }
+        // The end of the extensions.
+        be32(&mut ext, 0);
+        be32(&mut ext, 0);
+        let name_offset = HEADER_LENGTH as u64 + ext.len() as u64;
+
+        be32(&mut h, MAGIC);
+        be32(&mut h, 3);
+        match &backing {
+            Some(b) => {
+                be64(&mut h, name_offset);
+                be32(&mut h, b.name.len() as u32);
+            }
+            None => {
+                be64(&mut h, 0);
+                be32(&mut h, 0);
+            }
+        }
+        be32(&mut h, CLUSTER_BITS);
+        be64(&mut h, size);
+        be32(&mut h, 0); // no encryption
+        be32(&mut h, l1 as u32);
+        be64(&mut h, 3 * CLUSTER_SIZE); // L1 table
+        be64(&mut h, CLUSTER_SIZE); // refcount table
+        be32(&mut h, 1); // refcount table clusters
+        be32(&mut h, 0); // snapshots
+        be64(&mut h, 0);
+        be64(&mut h, 0); // incompatible features
+        be64(&mut h, 0); // compatible features
+        be64(&mut h, 0); // autoclear features
+        be32(&mut h, REFCOUNT_ORDER);
+        be32(&mut h, HEADER_LENGTH);
+        h.push(0); // compression type: zlib
+        h.resize(HEADER_LENGTH as usize, 0);
+        h.extend_from_slice(&ext);
+        if let Some(b) = &backing {
+            h.extend_from_slice(b.name.as_bytes());
+        }
+
+        // The refcount block is in cluster 2.
+        let refcount_table = (2 * CLUSTER_SIZE).to_be_bytes().to_vec();
+        // Clusters 0 to 2 and the L1 table's are in use, once each.
+        let refcounts = 1u16.to_be_bytes().repeat((3 + l1_clusters) as usize);
+        Ok(Layout {
+            header: h,
+            refcount_table,
+            refcounts,
+            l1_bytes,
+        })
+    }
 }
 
 /// `qemu-img measure -O qcow2 --size SIZE`'s "fully allocated size" for
@@ -287,6 +331,8 @@ mod tests {
         v
     }
 
+    type Create = fn(&File, u64, Option<BackingFile<'_>>) -> io::Result<()>;
+
     #[test]
     fn images_are_what_qemu_img_makes_and_work_as_overlays() {
         let dir = tempfile::tempdir().unwrap();
@@ -309,14 +355,22 @@ mod tests {
                 // Recognisable data in the backing file, read through both.
                 qemu_img_io(d, &base, fmt, "write -P 0x5a 0 64k");
             }
-            let f = File::create(d.join(&ours)).unwrap();
-            create(
-                &f,
-                size,
-                backing.map(|format| BackingFile { name: &base, format }),
-            )
-            .unwrap();
-            drop(f);
+            // Written whole (as on a device), and sparse into a new file.
+            let sparse = format!("sparse{i}");
+            for (name, write) in [(&ours, create as Create), (&sparse, create_in_empty_file)] {
+                let f = File::create(d.join(name)).unwrap();
+                write(
+                    &f,
+                    size,
+                    backing.map(|format| BackingFile { name: &base, format }),
+                )
+                .unwrap();
+            }
+            // The sparse one has its zeros as a hole: 3 small writes, a page or so each.
+            use std::os::unix::fs::MetadataExt;
+            let allocated = std::fs::metadata(d.join(&sparse)).unwrap().blocks() * 512;
+            assert!(allocated <= 3 * 4096, "sparse{i}: {allocated} bytes allocated");
+            qemu_img(d, &["compare", "-q", "-f", "raw", "-F", "raw", &ours, &sparse]);
             let mut args = vec!["create", "-q", "-f", "qcow2"];
             if let Some(fmt) = backing {
                 args.extend(["-u", "-b", &base, "-F", fmt]);
@@ -403,6 +457,7 @@ mod tests {
         let f = File::create(dir.path().join("x")).unwrap();
         for size in [0, 511, 1 << 62] {
             assert!(create(&f, size, None).is_err(), "{size}");
+            assert!(create_in_empty_file(&f, size, None).is_err(), "{size}");
         }
         let long = "n".repeat(1024);
         for (name, format) in [
@@ -416,6 +471,17 @@ mod tests {
                 "{name:?} {format}"
             );
         }
+    }
+
+    #[test]
+    fn a_sparse_image_is_refused_a_file_with_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old");
+        std::fs::write(&path, [0xffu8; 4096]).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let e = create_in_empty_file(&f, 1 << 30, None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), [0xffu8; 4096], "left as it was");
     }
 
     #[test]
