@@ -137,7 +137,7 @@ impl App {
     /// The host a VM runs on, or would run on: its own, else its cluster's first.
     pub async fn host_for_vm(&self, vm: &db::Vm) -> Result<db::Host, Status> {
         if let Some(h) = vm.host_id {
-            if let Ok(host) = self.db.get_host(h).await {
+            if let Ok(host) = self.db.host_cached(h).await {
                 return Ok(host);
             }
         }

@@ -38,6 +38,7 @@ macro_rules! retry_transient {
     }};
 }
 
+mod cache;
 mod clusters;
 mod flows;
 mod hosts;
@@ -191,6 +192,8 @@ pub struct Database {
     /// through it is refused with [`DbError::StaleOwner`] once another
     /// replica has adopted the saga.
     owner: Option<SagaOwner>,
+    /// Hosts and clusters as hot paths read them (see [`cache`]).
+    rows: std::sync::Arc<cache::RowCache>,
 }
 
 /// How often a transaction that failed with a transient error is run again.
@@ -236,6 +239,7 @@ impl Database {
             backend,
             appender,
             owner: None,
+            rows: Default::default(),
         };
         // The writer holds a handle without the sender, so that it ends
         // when the last handle is dropped.

@@ -280,6 +280,12 @@ impl<S> SagaCx<S> {
         Ok(v)
     }
 
+    /// Keeps `value` as [`SagaCx::memo`]'s answer for `key`: for a node
+    /// that read it anyway on its way (the lock node reads the VM).
+    pub fn remember<T: Send + Sync + 'static>(&self, key: &'static str, value: T) {
+        self.memos.lock().expect("poisoned").insert(key, Arc::new(value));
+    }
+
     /// Tells the operation's watchers that it changed (its progress or its
     /// warnings; the executor tells them of its end).
     pub fn operation_changed(&self) {

@@ -144,6 +144,8 @@ on_both_backends!(
     concurrent_log_appends_are_each_answered,
     snapshot_types_and_active_id,
     suspended_is_down_with_a_flag,
+    active_disks_with_capacity,
+    cached_hosts_and_clusters_go_with_their_delete,
 );
 
 // ---- fixtures ----
@@ -2660,4 +2662,110 @@ async fn suspended_is_down_with_a_flag(db: Database) {
         .transition_vm_status(new.id, VmStatus::Down, VmStatus::ImageLocked)
         .await
         .unwrap());
+}
+
+/// The ACTIVE snapshot's disks with the VM's recorded capacities, in one
+/// read: the same disks as `active_snapshot`, this VM's only, None for a
+/// disk the VM does not record; NotFound for a VM without an ACTIVE one.
+async fn active_disks_with_capacity(db: Database) {
+    let f = flow_vm(&db).await;
+    let g = flow_vm(&db).await;
+    take_snapshot(&db, f.vm.id, None).await;
+    let active = db.active_snapshot(f.vm.id).await.unwrap();
+    let got = db.active_disks_with_capacity(f.vm.id).await.unwrap();
+    let want: Vec<_> = active.disks.iter().map(|d| (*d, Some(1u64 << 30))).collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 2);
+    let g_disks: Vec<_> = db
+        .active_disks_with_capacity(g.vm.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!(g_disks, db.active_snapshot(g.vm.id).await.unwrap().disks);
+
+    // A VM that records no disk: its active's disks come with None.
+    let cluster = cluster(&db, "3.3").await;
+    let bare = new_vm(cluster.id);
+    let base = vec![SnapshotDisk {
+        disk_id: Uuid::new_v4(),
+        volume: VolumeRef {
+            domain_id: bare.disk_domain_id,
+            image_id: Uuid::new_v4(),
+            volume_id: Uuid::new_v4(),
+        },
+    }];
+    let bare_active = new_snapshot(bare.id, SnapshotType::Active, None);
+    db.create_vm_with_active(&bare, &[], &bare_active, &base)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.active_disks_with_capacity(bare.id).await.unwrap(),
+        [(base[0], None)]
+    );
+    // An ACTIVE snapshot without disks; a VM without an ACTIVE snapshot.
+    let diskless = new_vm(cluster.id);
+    db.create_vm_with_active(
+        &diskless,
+        &[],
+        &new_snapshot(diskless.id, SnapshotType::Active, None),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(db
+        .active_disks_with_capacity(diskless.id)
+        .await
+        .unwrap()
+        .is_empty());
+    let plain = vm(&db).await;
+    assert!(db
+        .active_disks_with_capacity(plain.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .active_disks_with_capacity(Uuid::new_v4())
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+/// `host_cached` and `cluster_cached` answer what the database holds, and
+/// a delete through the same handle is seen at once (NotFound), not after
+/// the rows' time in the cache.
+async fn cached_hosts_and_clusters_go_with_their_delete(db: Database) {
+    let c = cluster(&db, "3.2").await;
+    let host = NewHost {
+        id: Uuid::new_v4(),
+        name: format!("host-{}", Uuid::new_v4().simple()),
+        cluster_id: c.id,
+        host_address: "http://h:50061".into(),
+        storage_address: "http://h:50062".into(),
+    };
+    db.create_host(&host).await.unwrap();
+    assert_eq!(
+        db.host_cached(host.id).await.unwrap(),
+        db.get_host(host.id).await.unwrap()
+    );
+    // Read again from the cache: the same.
+    assert_eq!(
+        db.host_cached(host.id).await.unwrap(),
+        db.get_host(host.id).await.unwrap()
+    );
+    let cached = db.cluster_cached(c.id).await.unwrap();
+    assert_eq!(cached, db.get_cluster(c.id).await.unwrap());
+    assert_eq!(cached.compatibility_version.to_string(), "3.2");
+    assert!(db.host_cached(Uuid::new_v4()).await.unwrap_err().is_not_found());
+    assert!(db
+        .cluster_cached(Uuid::new_v4())
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    db.remove_host(host.id).await.unwrap();
+    assert!(db.host_cached(host.id).await.unwrap_err().is_not_found());
+    db.delete_cluster(c.id).await.unwrap();
+    assert!(db.cluster_cached(c.id).await.unwrap_err().is_not_found());
 }

@@ -142,6 +142,7 @@ impl Database {
             return Err(DbError::not_found("cluster", id));
         }
         tx.commit().await?;
+        self.rows.forget_cluster(id);
         Ok(())
     }
 

@@ -139,6 +139,7 @@ impl Database {
             return Err(DbError::not_found("host", id));
         }
         tx.commit().await?;
+        self.rows.forget_host(id);
         Ok(())
     }
 

@@ -200,6 +200,42 @@ impl Database {
             .ok_or_else(|| DbError::not_found("active snapshot of vm", vm_id))
     }
 
+    /// The disks of the VM's ACTIVE snapshot (by disk id), each with the
+    /// capacity the VM records for it (None if it records none), in one
+    /// read: what a new snapshot's overlays are made from. NotFound if the
+    /// VM has no ACTIVE snapshot.
+    pub async fn active_disks_with_capacity(
+        &self,
+        vm_id: Uuid,
+    ) -> Result<Vec<(SnapshotDisk, Option<u64>)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT sd.disk_id AS disk_id, sd.domain_id AS domain_id, sd.image_id AS image_id, \
+             sd.volume_id AS volume_id, COALESCE(d.capacity_bytes, -1) AS capacity_bytes \
+             FROM snapshots s \
+             LEFT JOIN snapshot_disks sd ON sd.snapshot_id = s.id \
+             LEFT JOIN vm_disks d ON d.vm_id = s.vm_id AND d.disk_id = sd.disk_id \
+             WHERE s.vm_id = $1 AND s.snapshot_type = 'ACTIVE'",
+        )
+        .bind(vm_id.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        if rows.is_empty() {
+            return Err(DbError::not_found("active snapshot of vm", vm_id));
+        }
+        let mut disks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // The active snapshot's one row when it has no disk.
+            if row.opt_text("disk_id")?.is_none() {
+                continue;
+            }
+            let capacity = row.int("capacity_bytes")?;
+            disks.push((disk_from_row(row)?, u64::try_from(capacity).ok()));
+        }
+        // In Rust rather than in SQL: the same order whatever the text collation.
+        disks.sort_by_key(|(d, _)| d.disk_id);
+        Ok(disks)
+    }
+
     /// The id of the VM's ACTIVE snapshot (one read, without its disks).
     pub async fn active_snapshot_id(&self, vm_id: Uuid) -> Result<Uuid, DbError> {
         let row = sqlx::query("SELECT id FROM snapshots WHERE vm_id = $1 AND snapshot_type = $2")

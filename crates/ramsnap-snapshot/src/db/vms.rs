@@ -304,16 +304,19 @@ impl Database {
     /// On a saga's handle ([`Database::for_saga`]), refused with
     /// [`DbError::StaleOwner`] once another replica has adopted the saga (a
     /// stale owner must not lock a VM whose saga the adopter has ended).
-    pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<(), DbError> {
+    /// Returns the VM when it read it with the lock already held (the
+    /// usual case), None when it took the lock now.
+    pub async fn try_lock_vm(&self, vm_id: Uuid, operation_id: Uuid) -> Result<Option<Vm>, DbError> {
         let owner = self.owner;
         // A saga's lock node usually finds the lock taken for it when its
         // operation was accepted: one read, no write.
-        if self.get_vm(vm_id).await?.lock_operation_id == Some(operation_id) {
-            return Ok(());
+        let vm = self.get_vm(vm_id).await?;
+        if vm.lock_operation_id == Some(operation_id) {
+            return Ok(Some(vm));
         }
         let mut conn = self.writer().acquire().await?;
         match lock(&mut conn, vm_id, operation_id, owner).await? {
-            None => Ok(()),
+            None => Ok(None),
             Some(holder) => Err(DbError::VmLocked { vm_id, holder }),
         }
     }

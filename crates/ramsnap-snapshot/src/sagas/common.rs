@@ -119,10 +119,33 @@ fn image_unlock_fwd<P: OnVm>(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Statu
 
 /// Takes the VM's lock for this operation (idempotent for the holder).
 pub async fn lock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {
-    cx.db()
+    let read = cx
+        .db()
         .try_lock_vm(vm_id, cx.operation_id)
         .await
-        .map_err(db_status)
+        .map_err(db_status)?;
+    // Read with the lock held: what [`locked_vm`] answers from now on.
+    if let Some(vm) = read {
+        cx.remember(LOCKED_VM, vm);
+    }
+    Ok(())
+}
+
+const LOCKED_VM: &str = "locked_vm";
+
+/// The VM whose lock the saga holds, read once per execution (the lock
+/// node's read, when it made one): what the saga's nodes use of it does
+/// not change while it holds the lock.
+pub async fn locked_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<db::Vm, Status> {
+    let vm: db::Vm = cx
+        .memo(LOCKED_VM, || async {
+            cx.db().get_vm(vm_id).await.map_err(db_status)
+        })
+        .await?;
+    if vm.id == vm_id {
+        return Ok(vm);
+    }
+    cx.db().get_vm(vm_id).await.map_err(db_status)
 }
 
 pub async fn unlock_vm(cx: &SagaCx<App>, vm_id: Uuid) -> Result<(), Status> {

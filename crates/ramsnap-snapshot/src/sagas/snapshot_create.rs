@@ -4,7 +4,9 @@
 //! disk domain first); each disk gets a new COW overlay over its current
 //! leaf; the host takes the snapshot (overlays + memory); then the new
 //! snapshot points at the frozen volumes and the active one at the overlays.
-use super::common::{delete_volume, lock_vm_node, release_memory, unlock_vm_node, MadeSnapshot, OnVm};
+use super::common::{
+    delete_volume, lock_vm_node, locked_vm, release_memory, unlock_vm_node, MadeSnapshot, OnVm,
+};
 use crate::app::{db_status, App};
 use crate::convert::{downstream, from_wire_ref, to_wire_memory, to_wire_ref};
 use crate::db::{self, MemoryVolume, NewSnapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef};
@@ -127,7 +129,7 @@ fn snapshot_id(cx: &SagaCx<App>) -> Result<Uuid, Status> {
 async fn vm_and_host(cx: &SagaCx<App>) -> Result<(db::Vm, db::Host), Status> {
     cx.memo("vm_and_host", || async {
         let p: Params = cx.params()?;
-        let vm = cx.db().get_vm(p.vm_id).await.map_err(db_status)?;
+        let vm = locked_vm(cx, p.vm_id).await?;
         let host = cx.app.host_for_vm(&vm).await?;
         Ok((vm, host))
     })
@@ -229,10 +231,13 @@ fn memory_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
 fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>> {
     async move {
         let (vm, host) = vm_and_host(cx).await?;
-        let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
-        let capacities = cx.db().vm_disks(vm.id).await.map_err(db_status)?;
+        let active = cx
+            .db()
+            .active_disks_with_capacity(vm.id)
+            .await
+            .map_err(db_status)?;
         let mut out = Vec::new();
-        for d in &active.disks {
+        for (d, capacity) in &active {
             let overlay_id = cx.stable_id(&format!("overlay/{}", d.disk_id));
             let req = storage::CreateVolumeRequest {
                 request_id: cx
@@ -241,7 +246,9 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>>
                 domain_id: d.volume.domain_id.to_string(),
                 image_id: d.volume.image_id.to_string(),
                 volume_id: overlay_id.to_string(),
-                capacity_bytes: disk_capacity(&capacities, &vm, d)?,
+                capacity_bytes: capacity.ok_or_else(|| {
+                    Status::internal(format!("disk {} of VM {} is not recorded", d.disk_id, vm.id))
+                })?,
                 format: storage::VolumeFormat::Cow as i32,
                 allocation: storage::VolumeAllocation::Unspecified as i32,
                 purpose: storage::VolumePurpose::Disk as i32,
@@ -268,21 +275,16 @@ fn overlays_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Vec<Overlay>, Status>>
     .boxed()
 }
 
-/// The recorded capacity of the disk `d` of the VM, among its `disks`.
-fn disk_capacity(disks: &[db::VmDisk], vm: &db::Vm, d: &SnapshotDisk) -> Result<u64, Status> {
-    disks
-        .iter()
-        .find(|x| x.disk_id == d.disk_id)
-        .map(|x| x.capacity_bytes)
-        .ok_or_else(|| Status::internal(format!("disk {} of VM {} is not recorded", d.disk_id, vm.id)))
-}
-
 fn overlays_undo(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
     async move {
         let (vm, host) = vm_and_host(cx).await?;
-        let active = cx.db().active_snapshot(vm.id).await.map_err(db_status)?;
+        let active = cx
+            .db()
+            .active_disks_with_capacity(vm.id)
+            .await
+            .map_err(db_status)?;
         // Whatever this saga may have made, whether or not the step finished.
-        for d in &active.disks {
+        for (d, _) in &active {
             let overlay = VolumeRef {
                 domain_id: d.volume.domain_id,
                 image_id: d.volume.image_id,
@@ -356,7 +358,7 @@ fn host_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<HostSnapshot, Status>> {
             return Ok(HostSnapshot::default());
         }
         let (vm, host) = vm_and_host(cx).await?;
-        let cluster = cx.db().get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        let cluster = cx.db().cluster_cached(vm.cluster_id).await.map_err(db_status)?;
         let overlays = cx.get(OVERLAYS)?;
         let memory = memory_volumes(cx);
         let job_id = cx.stable_id("host-job");

@@ -319,7 +319,7 @@ async fn make_plan(
     previous: bool,
 ) -> Result<Plan, Status> {
     let db = cx.db();
-    let cluster = db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+    let cluster = db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
     let disks = db.vm_disks(vm.id).await.map_err(db_status)?;
     let mut snaps: Vec<db::Snapshot> = db
         .list_snapshots(vm.id)

@@ -239,7 +239,7 @@ fn run_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<Started, Status>> {
         let p: Params = cx.params()?;
         let db = cx.db();
         let vm = db.get_vm(p.vm_id).await.map_err(db_status)?;
-        let cluster = db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        let cluster = db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
         let active = db.active_snapshot(p.vm_id).await.map_err(db_status)?;
         let restore = active
             .memory

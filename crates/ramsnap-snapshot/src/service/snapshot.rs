@@ -199,7 +199,7 @@ impl SnapshotService for SnapshotApi {
         refuse_suspended(&vm, "taking a snapshot")?;
         let running = is_running(vm.status);
         if req.save_memory {
-            let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
             require_memory_level(
                 &cluster,
                 "saving memory needs 3.3 or above (a disk-only snapshot works)",
@@ -331,7 +331,7 @@ impl SnapshotService for SnapshotApi {
         refuse_in_preview(&self.0, &vm, "previewing another snapshot").await?;
         refuse_stateless(&self.0, &vm, "previewing a snapshot").await?;
         self.0.host_for_vm(&vm).await?;
-        let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
         // oVirt: the Restore Memory option exists only for a snapshot with
         // memory in a 3.3+ cluster; asked for otherwise, it is ignored.
         let mut warnings = Vec::new();
@@ -510,7 +510,7 @@ impl SnapshotService for SnapshotApi {
                     ),
                 ));
             }
-            let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
             require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
         }
         let warnings = match (&snapshot.memory, req.keep_memory) {

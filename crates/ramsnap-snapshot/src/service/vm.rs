@@ -385,7 +385,7 @@ impl VmService for VmApi {
         }
         let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
         refuse_locked(&vm)?;
-        let cluster = self.0.db.get_cluster(vm.cluster_id).await.map_err(db_status)?;
+        let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
         require_memory_level(
             &cluster,
             "suspending a VM saves its memory, which needs 3.3 or above",
