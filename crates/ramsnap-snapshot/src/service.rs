@@ -166,6 +166,29 @@ pub async fn retried_operation(
     }
 }
 
+/// Runs a handler's checks and start (`start`) for a request that may be a
+/// retry: when the request id already started an operation, the answer is
+/// that operation, as [`retried_operation`] gives it. It is looked up only
+/// when `start` fails (its checks refuse what the first call changed, or
+/// the id is taken), not before every call: a new request, the usual
+/// case, costs no read for it, and a retry gets the same answer as if it
+/// were looked up first.
+pub async fn or_retried(
+    app: &App,
+    kind: &str,
+    key: &RequestKey,
+    start: impl std::future::Future<Output = Result<db::Operation, Status>>,
+) -> Result<db::Operation, Status> {
+    let refused = match start.await {
+        Ok(op) => return Ok(op),
+        Err(refused) => refused,
+    };
+    match retried_operation(app, kind, key).await? {
+        Some(op) => Ok(op),
+        None => Err(refused),
+    }
+}
+
 /// `op`, started under `key`'s request id, if it was started for the same
 /// request; ALREADY_EXISTS naming it otherwise. An operation recorded
 /// before fingerprints existed is compared by kind.

@@ -1,8 +1,8 @@
 //! SnapshotService: snapshots of a VM and the operations on them.
 use super::vm::{check_data_domains, refuse_taken_name};
 use super::{
-    check_name, get_vm, get_vm_snapshot, is_running, limits, refuse_locked, refuse_suspended, require_down,
-    require_memory_level, retried_operation, start_operation, to_operation, RequestKey, Start,
+    check_name, get_vm, get_vm_snapshot, is_running, limits, or_retried, refuse_locked, refuse_suspended,
+    require_down, require_memory_level, start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
@@ -177,56 +177,55 @@ impl SnapshotService for SnapshotApi {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let req = req.into_inner();
+        const KIND: &str = "create_snapshot";
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, "create_snapshot", &key).await? {
-            return Ok(Response::new(pb::CreateSnapshotResponse {
-                operation: Some(to_operation(&op)),
-            }));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        let mode = match pb::MemoryMode::try_from(req.memory_mode) {
-            Ok(pb::MemoryMode::Live) => MemoryMode::Live,
-            Ok(pb::MemoryMode::Paused | pb::MemoryMode::Unspecified) => MemoryMode::Paused,
-            Err(_) => {
-                return Err(status::invalid_argument(
-                    "memory_mode",
-                    format!("{} is not a known value", req.memory_mode),
-                ))
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            let mode = match pb::MemoryMode::try_from(req.memory_mode) {
+                Ok(pb::MemoryMode::Live) => MemoryMode::Live,
+                Ok(pb::MemoryMode::Paused | pb::MemoryMode::Unspecified) => MemoryMode::Paused,
+                Err(_) => {
+                    return Err(status::invalid_argument(
+                        "memory_mode",
+                        format!("{} is not a known value", req.memory_mode),
+                    ))
+                }
+            };
+            limits::check_text("description", &req.description, limits::MAX_DESCRIPTION)?;
+            refuse_locked(&vm)?;
+            refuse_suspended(&vm, "taking a snapshot")?;
+            let running = is_running(vm.status);
+            if req.save_memory {
+                let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
+                require_memory_level(
+                    &cluster,
+                    "saving memory needs 3.3 or above (a disk-only snapshot works)",
+                )?;
+                if vm.status != db::VmStatus::Up {
+                    return Err(status::failed_precondition(
+                        "VM_NOT_RUNNING",
+                        &format!("vm/{}", vm.id),
+                        format!(
+                            "VM {} is {}; only a running VM's memory can be saved",
+                            vm.name, vm.status
+                        ),
+                    ));
+                }
             }
-        };
-        limits::check_text("description", &req.description, limits::MAX_DESCRIPTION)?;
-        refuse_locked(&vm)?;
-        refuse_suspended(&vm, "taking a snapshot")?;
-        let running = is_running(vm.status);
-        if req.save_memory {
-            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-            require_memory_level(
-                &cluster,
-                "saving memory needs 3.3 or above (a disk-only snapshot works)",
-            )?;
-            if vm.status != db::VmStatus::Up {
-                return Err(status::failed_precondition(
-                    "VM_NOT_RUNNING",
-                    &format!("vm/{}", vm.id),
-                    format!(
-                        "VM {} is {}; only a running VM's memory can be saved",
-                        vm.name, vm.status
-                    ),
-                ));
-            }
-        }
-        refuse_preview_or_stateless(&self.0, &vm, "taking a snapshot").await?;
-        let params = snapshot_create::Params {
-            vm_id: vm.id,
-            description: req.description,
-            save_memory: req.save_memory,
-            mode,
-            vm_running: running,
-        };
-        let op = start_operation(
-            &self.0,
-            Start::locked("create_snapshot", vm.id, key, snapshot_create::NAME, &params),
-        )
+            refuse_preview_or_stateless(&self.0, &vm, "taking a snapshot").await?;
+            let params = snapshot_create::Params {
+                vm_id: vm.id,
+                description: req.description,
+                save_memory: req.save_memory,
+                mode,
+                vm_running: running,
+            };
+            start_operation(
+                &self.0,
+                Start::locked(KIND, vm.id, key.clone(), snapshot_create::NAME, &params),
+            )
+            .await
+        })
         .await?;
         Ok(Response::new(pb::CreateSnapshotResponse {
             operation: Some(to_operation(&op)),
@@ -279,31 +278,31 @@ impl SnapshotService for SnapshotApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
-        refuse_locked(&vm)?;
-        // A running VM's snapshot goes by live merge (beyond oVirt 3.3,
-        // which needed the VM down; oVirt 3.6 added it).
-        let live = matches!(vm.status, db::VmStatus::Up | db::VmStatus::Paused);
-        if !live {
-            require_down(&vm, "removing a snapshot (a live merge needs it up)")?;
-        }
-        require_regular_ok(&snapshot, "removed")?;
-        refuse_in_preview(&self.0, &vm, "removing a snapshot").await?;
-        self.0.host_for_vm(&vm).await?;
-        let params = snapshot_remove::Params {
-            vm_id: vm.id,
-            snapshot_id: snapshot.id,
-        };
-        let saga = if live {
-            snapshot_remove_live::NAME
-        } else {
-            snapshot_remove::NAME
-        };
-        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, saga, &params)).await?;
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
+            refuse_locked(&vm)?;
+            // A running VM's snapshot goes by live merge (beyond oVirt 3.3,
+            // which needed the VM down; oVirt 3.6 added it).
+            let live = matches!(vm.status, db::VmStatus::Up | db::VmStatus::Paused);
+            if !live {
+                require_down(&vm, "removing a snapshot (a live merge needs it up)")?;
+            }
+            require_regular_ok(&snapshot, "removed")?;
+            refuse_in_preview(&self.0, &vm, "removing a snapshot").await?;
+            self.0.host_for_vm(&vm).await?;
+            let params = snapshot_remove::Params {
+                vm_id: vm.id,
+                snapshot_id: snapshot.id,
+            };
+            let saga = if live {
+                snapshot_remove_live::NAME
+            } else {
+                snapshot_remove::NAME
+            };
+            start_operation(&self.0, Start::locked(KIND, vm.id, key.clone(), saga, &params)).await
+        })
+        .await?;
         Ok(reply(&op))
     }
 
@@ -320,52 +319,52 @@ impl SnapshotService for SnapshotApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
-        refuse_locked(&vm)?;
-        require_down(&vm, "previewing a snapshot")?;
-        require_regular_ok(&snapshot, "previewed")?;
-        refuse_in_preview(&self.0, &vm, "previewing another snapshot").await?;
-        refuse_stateless(&self.0, &vm, "previewing a snapshot").await?;
-        self.0.host_for_vm(&vm).await?;
-        let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-        // oVirt: the Restore Memory option exists only for a snapshot with
-        // memory in a 3.3+ cluster; asked for otherwise, it is ignored.
-        let mut warnings = Vec::new();
-        let mut restore_memory = req.restore_memory;
-        if req.restore_memory && snapshot.memory.is_none() {
-            restore_memory = false;
-            warnings.push(format!(
-                "snapshot {} has no memory: restore_memory is ignored and the VM boots on its next run",
-                snapshot.id
-            ));
-        } else if req.restore_memory && !cluster.compatibility_version.supports_memory_snapshots() {
-            restore_memory = false;
-            warnings.push(format!(
-                "cluster {} is at compatibility {}; restoring memory needs 3.3 or above: restore_memory is ignored and the VM boots on its next run",
-                cluster.name, cluster.compatibility_version
-            ));
-        }
-        let params = snapshot_preview::Params {
-            vm_id: vm.id,
-            snapshot_id: snapshot.id,
-            restore_memory,
-        };
-        let op = start_operation(
-            &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request: key,
-                saga: snapshot_preview::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings,
-            },
-        )
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
+            refuse_locked(&vm)?;
+            require_down(&vm, "previewing a snapshot")?;
+            require_regular_ok(&snapshot, "previewed")?;
+            refuse_in_preview(&self.0, &vm, "previewing another snapshot").await?;
+            refuse_stateless(&self.0, &vm, "previewing a snapshot").await?;
+            self.0.host_for_vm(&vm).await?;
+            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
+            // oVirt: the Restore Memory option exists only for a snapshot with
+            // memory in a 3.3+ cluster; asked for otherwise, it is ignored.
+            let mut warnings = Vec::new();
+            let mut restore_memory = req.restore_memory;
+            if req.restore_memory && snapshot.memory.is_none() {
+                restore_memory = false;
+                warnings.push(format!(
+                    "snapshot {} has no memory: restore_memory is ignored and the VM boots on its next run",
+                    snapshot.id
+                ));
+            } else if req.restore_memory && !cluster.compatibility_version.supports_memory_snapshots() {
+                restore_memory = false;
+                warnings.push(format!(
+                    "cluster {} is at compatibility {}; restoring memory needs 3.3 or above: restore_memory is ignored and the VM boots on its next run",
+                    cluster.name, cluster.compatibility_version
+                ));
+            }
+            let params = snapshot_preview::Params {
+                vm_id: vm.id,
+                snapshot_id: snapshot.id,
+                restore_memory,
+            };
+            start_operation(
+                &self.0,
+                Start {
+                    kind: KIND,
+                    vm_id: Some(vm.id),
+                    lock_vm: true,
+                    request: key.clone(),
+                    saga: snapshot_preview::NAME,
+                    params: serde_json::to_value(params).expect("serializable"),
+                    warnings,
+                },
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }
@@ -382,24 +381,24 @@ impl SnapshotService for SnapshotApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        refuse_locked(&vm)?;
-        require_down(&vm, "undoing the preview")?;
-        require_in_preview(&self.0, &vm).await?;
-        self.0.host_for_vm(&vm).await?;
-        let op = start_operation(
-            &self.0,
-            Start::locked(
-                KIND,
-                vm.id,
-                key,
-                snapshot_undo::NAME,
-                &snapshot_undo::Params { vm_id: vm.id },
-            ),
-        )
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            refuse_locked(&vm)?;
+            require_down(&vm, "undoing the preview")?;
+            require_in_preview(&self.0, &vm).await?;
+            self.0.host_for_vm(&vm).await?;
+            start_operation(
+                &self.0,
+                Start::locked(
+                    KIND,
+                    vm.id,
+                    key.clone(),
+                    snapshot_undo::NAME,
+                    &snapshot_undo::Params { vm_id: vm.id },
+                ),
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }
@@ -416,24 +415,24 @@ impl SnapshotService for SnapshotApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        refuse_locked(&vm)?;
-        require_down(&vm, "committing the preview")?;
-        require_in_preview(&self.0, &vm).await?;
-        self.0.host_for_vm(&vm).await?;
-        let op = start_operation(
-            &self.0,
-            Start::locked(
-                KIND,
-                vm.id,
-                key,
-                snapshot_commit::NAME,
-                &snapshot_commit::Params { vm_id: vm.id },
-            ),
-        )
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            refuse_locked(&vm)?;
+            require_down(&vm, "committing the preview")?;
+            require_in_preview(&self.0, &vm).await?;
+            self.0.host_for_vm(&vm).await?;
+            start_operation(
+                &self.0,
+                Start::locked(
+                    KIND,
+                    vm.id,
+                    key.clone(),
+                    snapshot_commit::NAME,
+                    &snapshot_commit::Params { vm_id: vm.id },
+                ),
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }
@@ -451,94 +450,94 @@ impl SnapshotService for SnapshotApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        check_name("name", &req.name)?;
-        let target_domain_id = ids::parse_optional("target_domain_id", &req.target_domain_id)?;
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
-        refuse_locked(&vm)?;
-        let subject = format!("snapshot/{}", snapshot.id);
-        if snapshot.snapshot_type == SnapshotType::Active {
-            return Err(status::failed_precondition(
-                "SNAPSHOT_IS_ACTIVE",
-                &subject,
-                "the active snapshot changes while the VM runs; take a snapshot and clone that",
-            ));
-        }
-        if snapshot.status != SnapshotStatus::Ok {
-            return Err(status::failed_precondition(
-                if snapshot.status == SnapshotStatus::Locked {
-                    "SNAPSHOT_LOCKED"
-                } else {
-                    "SNAPSHOT_IN_PREVIEW"
-                },
-                &subject,
-                format!(
-                    "snapshot {} is {}; it must be OK to clone",
-                    snapshot.id, snapshot.status
-                ),
-            ));
-        }
-        if snapshot.disks.is_empty() {
-            return Err(status::failed_precondition(
-                "SNAPSHOT_HAS_NO_DISKS",
-                &subject,
-                "the snapshot has no disks to clone",
-            ));
-        }
-        refuse_taken_name(&self.0, &req.name).await?;
-        let host = self.0.host_for_vm(&vm).await?;
-        let domains: Vec<(String, Uuid)> = match target_domain_id {
-            Some(d) => vec![("target_domain_id".to_string(), d)],
-            None => snapshot
-                .disks
-                .iter()
-                .map(|d| (format!("disk {}", d.disk_id), d.volume.domain_id))
-                .collect(),
-        };
-        check_data_domains(&self.0, &host, domains).await?;
-        if req.keep_memory {
-            if snapshot.memory.is_none() {
+        let op = or_retried(&self.0, KIND, &key, async {
+            check_name("name", &req.name)?;
+            let target_domain_id = ids::parse_optional("target_domain_id", &req.target_domain_id)?;
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            let snapshot = get_vm_snapshot(&self.0, &vm, &req.snapshot_id).await?;
+            refuse_locked(&vm)?;
+            let subject = format!("snapshot/{}", snapshot.id);
+            if snapshot.snapshot_type == SnapshotType::Active {
                 return Err(status::failed_precondition(
-                    "SNAPSHOT_HAS_NO_MEMORY",
+                    "SNAPSHOT_IS_ACTIVE",
+                    &subject,
+                    "the active snapshot changes while the VM runs; take a snapshot and clone that",
+                ));
+            }
+            if snapshot.status != SnapshotStatus::Ok {
+                return Err(status::failed_precondition(
+                    if snapshot.status == SnapshotStatus::Locked {
+                        "SNAPSHOT_LOCKED"
+                    } else {
+                        "SNAPSHOT_IN_PREVIEW"
+                    },
                     &subject,
                     format!(
-                        "snapshot {} was taken without memory: keep_memory has nothing to keep (clone without it: the new VM boots)",
-                        snapshot.id
+                        "snapshot {} is {}; it must be OK to clone",
+                        snapshot.id, snapshot.status
                     ),
                 ));
             }
-            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-            require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
-        }
-        let warnings = match (&snapshot.memory, req.keep_memory) {
-            (Some(_), true) => vec![FORK_IDENTITY_WARNING.to_string()],
-            (Some(_), false) => vec![CLONE_MEMORY_WARNING.to_string()],
-            (None, _) => Vec::new(),
-        };
-        let new_vm_id = Uuid::new_v4();
-        let params = vm_clone::Params {
-            source_vm_id: vm.id,
-            snapshot_id: snapshot.id,
-            new_vm_id,
-            name: req.name,
-            target_domain_id,
-            keep_memory: req.keep_memory,
-        };
-        let op = start_operation(
-            &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm.id),
-                lock_vm: true,
-                request: key,
-                saga: vm_clone::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings,
-            },
-        )
+            if snapshot.disks.is_empty() {
+                return Err(status::failed_precondition(
+                    "SNAPSHOT_HAS_NO_DISKS",
+                    &subject,
+                    "the snapshot has no disks to clone",
+                ));
+            }
+            refuse_taken_name(&self.0, &req.name).await?;
+            let host = self.0.host_for_vm(&vm).await?;
+            let domains: Vec<(String, Uuid)> = match target_domain_id {
+                Some(d) => vec![("target_domain_id".to_string(), d)],
+                None => snapshot
+                    .disks
+                    .iter()
+                    .map(|d| (format!("disk {}", d.disk_id), d.volume.domain_id))
+                    .collect(),
+            };
+            check_data_domains(&self.0, &host, domains).await?;
+            if req.keep_memory {
+                if snapshot.memory.is_none() {
+                    return Err(status::failed_precondition(
+                        "SNAPSHOT_HAS_NO_MEMORY",
+                        &subject,
+                        format!(
+                            "snapshot {} was taken without memory: keep_memory has nothing to keep (clone without it: the new VM boots)",
+                            snapshot.id
+                        ),
+                    ));
+                }
+                let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
+                require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
+            }
+            let warnings = match (&snapshot.memory, req.keep_memory) {
+                (Some(_), true) => vec![FORK_IDENTITY_WARNING.to_string()],
+                (Some(_), false) => vec![CLONE_MEMORY_WARNING.to_string()],
+                (None, _) => Vec::new(),
+            };
+            let new_vm_id = Uuid::new_v4();
+            let params = vm_clone::Params {
+                source_vm_id: vm.id,
+                snapshot_id: snapshot.id,
+                new_vm_id,
+                name: req.name,
+                target_domain_id,
+                keep_memory: req.keep_memory,
+            };
+            start_operation(
+                &self.0,
+                Start {
+                    kind: KIND,
+                    vm_id: Some(vm.id),
+                    lock_vm: true,
+                    request: key.clone(),
+                    saga: vm_clone::NAME,
+                    params: serde_json::to_value(params).expect("serializable"),
+                    warnings,
+                },
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }

@@ -1,7 +1,7 @@
 //! VmService: VMs, running and stopping them, and their status.
 use super::snapshot::{in_preview, refuse_in_preview};
 use super::{
-    check_name, get_vm, limits, refuse_locked, require_down, require_memory_level, retried_operation,
+    check_name, get_vm, limits, or_retried, refuse_locked, require_down, require_memory_level,
     start_operation, to_operation, vm_status, RequestKey, Start,
 };
 use crate::app::{db_status, App};
@@ -184,49 +184,49 @@ impl VmService for VmApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        check_name("name", &req.name)?;
-        let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
-        limits::check_memory("memory_bytes", req.memory_bytes)?;
-        limits::check_vcpus("vcpus", req.vcpus)?;
-        let disks = disk_specs(&req.disks)?;
-        limits::check_boot("", &req.kernel, &req.initrd, &req.cmdline)?;
-        let cluster = self.0.db.get_cluster(cluster_id).await.map_err(db_status)?;
-        refuse_taken_name(&self.0, &req.name).await?;
-        let host = self.0.cluster_host(cluster.id).await?;
-        let domains: Vec<(String, Uuid)> = disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (format!("disks[{i}].domain_id"), d.domain_id))
-            .collect();
-        check_data_domains(&self.0, &host, domains).await?;
-        let vm_id = Uuid::new_v4();
-        let params = vm_create::Params {
-            vm_id,
-            name: req.name,
-            cluster_id,
-            memory_bytes: req.memory_bytes,
-            vcpus: req.vcpus,
-            stateless: req.stateless,
-            disks,
-            kernel: req.kernel,
-            initrd: req.initrd,
-            cmdline: req.cmdline,
-        };
-        let op = start_operation(
-            &self.0,
-            Start {
-                kind: KIND,
-                vm_id: Some(vm_id),
-                lock_vm: false,
-                request: key,
-                saga: vm_create::NAME,
-                params: serde_json::to_value(params).expect("serializable"),
-                warnings: Vec::new(),
-            },
-        )
+        let op = or_retried(&self.0, KIND, &key, async {
+            check_name("name", &req.name)?;
+            let cluster_id = ids::parse("cluster_id", &req.cluster_id)?;
+            limits::check_memory("memory_bytes", req.memory_bytes)?;
+            limits::check_vcpus("vcpus", req.vcpus)?;
+            let disks = disk_specs(&req.disks)?;
+            limits::check_boot("", &req.kernel, &req.initrd, &req.cmdline)?;
+            let cluster = self.0.db.get_cluster(cluster_id).await.map_err(db_status)?;
+            refuse_taken_name(&self.0, &req.name).await?;
+            let host = self.0.cluster_host(cluster.id).await?;
+            let domains: Vec<(String, Uuid)> = disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (format!("disks[{i}].domain_id"), d.domain_id))
+                .collect();
+            check_data_domains(&self.0, &host, domains).await?;
+            let vm_id = Uuid::new_v4();
+            let params = vm_create::Params {
+                vm_id,
+                name: req.name,
+                cluster_id,
+                memory_bytes: req.memory_bytes,
+                vcpus: req.vcpus,
+                stateless: req.stateless,
+                disks,
+                kernel: req.kernel,
+                initrd: req.initrd,
+                cmdline: req.cmdline,
+            };
+            start_operation(
+                &self.0,
+                Start {
+                    kind: KIND,
+                    vm_id: Some(vm_id),
+                    lock_vm: false,
+                    request: key.clone(),
+                    saga: vm_create::NAME,
+                    params: serde_json::to_value(params).expect("serializable"),
+                    warnings: Vec::new(),
+                },
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }
@@ -280,23 +280,23 @@ impl VmService for VmApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        refuse_locked(&vm)?;
-        require_down(&vm, "removing it")?;
-        self.0.host_for_vm(&vm).await?;
-        let op = start_operation(
-            &self.0,
-            Start::locked(
-                KIND,
-                vm.id,
-                key,
-                vm_remove::NAME,
-                &vm_remove::Params { vm_id: vm.id },
-            ),
-        )
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            refuse_locked(&vm)?;
+            require_down(&vm, "removing it")?;
+            self.0.host_for_vm(&vm).await?;
+            start_operation(
+                &self.0,
+                Start::locked(
+                    KIND,
+                    vm.id,
+                    key.clone(),
+                    vm_remove::NAME,
+                    &vm_remove::Params { vm_id: vm.id },
+                ),
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }
@@ -310,39 +310,43 @@ impl VmService for VmApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        let host_id = ids::parse_optional("host_id", &req.host_id)?;
-        refuse_locked(&vm)?;
-        if vm.status != db::VmStatus::Suspended {
-            require_down(&vm, "running it")?;
-        }
-        let host = match host_id {
-            Some(h) => {
-                let host = self.0.host(h).await?;
-                if host.cluster_id != vm.cluster_id {
-                    return Err(status::failed_precondition(
-                        "HOST_NOT_IN_CLUSTER",
-                        &format!("host/{h}"),
-                        format!("host {} is not in VM {}'s cluster", host.name, vm.name),
-                    ));
-                }
-                host
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            let host_id = ids::parse_optional("host_id", &req.host_id)?;
+            refuse_locked(&vm)?;
+            if vm.status != db::VmStatus::Suspended {
+                require_down(&vm, "running it")?;
             }
-            None => self.0.host_for_vm(&vm).await?,
-        };
-        let stateless = vm.stateless || req.run_stateless;
-        if stateless && in_preview(&self.0, &vm).await? {
-            refuse_in_preview(&self.0, &vm, "running it stateless").await?;
-        }
-        let params = vm_run::Params {
-            vm_id: vm.id,
-            host_id: host.id,
-            stateless,
-        };
-        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_run::NAME, &params)).await?;
+            let host = match host_id {
+                Some(h) => {
+                    let host = self.0.host(h).await?;
+                    if host.cluster_id != vm.cluster_id {
+                        return Err(status::failed_precondition(
+                            "HOST_NOT_IN_CLUSTER",
+                            &format!("host/{h}"),
+                            format!("host {} is not in VM {}'s cluster", host.name, vm.name),
+                        ));
+                    }
+                    host
+                }
+                None => self.0.host_for_vm(&vm).await?,
+            };
+            let stateless = vm.stateless || req.run_stateless;
+            if stateless && in_preview(&self.0, &vm).await? {
+                refuse_in_preview(&self.0, &vm, "running it stateless").await?;
+            }
+            let params = vm_run::Params {
+                vm_id: vm.id,
+                host_id: host.id,
+                stateless,
+            };
+            start_operation(
+                &self.0,
+                Start::locked(KIND, vm.id, key.clone(), vm_run::NAME, &params),
+            )
+            .await
+        })
+        .await?;
         Ok(reply(&op))
     }
 
@@ -355,16 +359,20 @@ impl VmService for VmApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        refuse_locked(&vm)?;
-        let params = vm_stop::Params {
-            vm_id: vm.id,
-            graceful_timeout_seconds: req.graceful_timeout_seconds,
-        };
-        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_stop::NAME, &params)).await?;
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            refuse_locked(&vm)?;
+            let params = vm_stop::Params {
+                vm_id: vm.id,
+                graceful_timeout_seconds: req.graceful_timeout_seconds,
+            };
+            start_operation(
+                &self.0,
+                Start::locked(KIND, vm.id, key.clone(), vm_stop::NAME, &params),
+            )
+            .await
+        })
+        .await?;
         Ok(reply(&op))
     }
 
@@ -380,32 +388,32 @@ impl VmService for VmApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        refuse_locked(&vm)?;
-        let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-        require_memory_level(
-            &cluster,
-            "suspending a VM saves its memory, which needs 3.3 or above",
-        )?;
-        if vm.status != db::VmStatus::Up {
-            return Err(status::failed_precondition(
-                "VM_NOT_RUNNING",
-                &format!("vm/{}", vm.id),
-                format!(
-                    "VM {} is {}; only a VM that is up can be suspended",
-                    vm.name, vm.status
-                ),
-            ));
-        }
-        // The rest (a stateless run) is checked under the VM's lock.
-        let params = vm_suspend::Params { vm_id: vm.id };
-        let op = start_operation(
-            &self.0,
-            Start::locked(KIND, vm.id, key, vm_suspend::NAME, &params),
-        )
+        let op = or_retried(&self.0, KIND, &key, async {
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            refuse_locked(&vm)?;
+            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
+            require_memory_level(
+                &cluster,
+                "suspending a VM saves its memory, which needs 3.3 or above",
+            )?;
+            if vm.status != db::VmStatus::Up {
+                return Err(status::failed_precondition(
+                    "VM_NOT_RUNNING",
+                    &format!("vm/{}", vm.id),
+                    format!(
+                        "VM {} is {}; only a VM that is up can be suspended",
+                        vm.name, vm.status
+                    ),
+                ));
+            }
+            // The rest (a stateless run) is checked under the VM's lock.
+            let params = vm_suspend::Params { vm_id: vm.id };
+            start_operation(
+                &self.0,
+                Start::locked(KIND, vm.id, key.clone(), vm_suspend::NAME, &params),
+            )
+            .await
+        })
         .await?;
         Ok(reply(&op))
     }
@@ -422,56 +430,60 @@ impl VmService for VmApi {
             })
         };
         let key = RequestKey::of(&req)?;
-        if let Some(op) = retried_operation(&self.0, KIND, &key).await? {
-            return Ok(reply(&op));
-        }
-        let params = vm_update::Params {
-            vm_id: ids::parse("vm_id", &req.vm_id)?,
-            name: req.name,
-            memory_bytes: req.memory_bytes,
-            vcpus: req.vcpus,
-            stateless: req.stateless,
-            kernel: req.kernel,
-            initrd: req.initrd,
-            cmdline: req.cmdline,
-        };
-        let given = [
-            params.name.is_some(),
-            params.memory_bytes.is_some(),
-            params.vcpus.is_some(),
-            params.stateless.is_some(),
-            params.kernel.is_some(),
-            params.initrd.is_some(),
-            params.cmdline.is_some(),
-        ];
-        if !given.contains(&true) {
-            return Err(status::invalid_argument(
-                "vm_id",
-                "nothing to change: give at least one of name, memory_bytes, vcpus, stateless, kernel, \
-                 initrd, cmdline",
-            ));
-        }
-        if let Some(name) = &params.name {
-            check_name("name", name)?;
-        }
-        if let Some(m) = params.memory_bytes {
-            limits::check_memory("memory_bytes", m)?;
-        }
-        if let Some(c) = params.vcpus {
-            limits::check_vcpus("vcpus", c)?;
-        }
-        let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
-        let after = params.apply(&vm);
-        limits::check_boot("", &after.kernel, &after.initrd, &after.cmdline)?;
-        if after.name != vm.name {
-            refuse_taken_name(&self.0, &after.name).await?;
-        }
-        refuse_locked(&vm)?;
-        if vm_update::machine_changed(&vm, &after) {
-            // Checked again under the lock by the saga.
-            require_down(&vm, "changing its memory, vcpus or boot images")?;
-        }
-        let op = start_operation(&self.0, Start::locked(KIND, vm.id, key, vm_update::NAME, &params)).await?;
+        let op = or_retried(&self.0, KIND, &key, async {
+            let params = vm_update::Params {
+                vm_id: ids::parse("vm_id", &req.vm_id)?,
+                name: req.name,
+                memory_bytes: req.memory_bytes,
+                vcpus: req.vcpus,
+                stateless: req.stateless,
+                kernel: req.kernel,
+                initrd: req.initrd,
+                cmdline: req.cmdline,
+            };
+            let given = [
+                params.name.is_some(),
+                params.memory_bytes.is_some(),
+                params.vcpus.is_some(),
+                params.stateless.is_some(),
+                params.kernel.is_some(),
+                params.initrd.is_some(),
+                params.cmdline.is_some(),
+            ];
+            if !given.contains(&true) {
+                return Err(status::invalid_argument(
+                    "vm_id",
+                    "nothing to change: give at least one of name, memory_bytes, vcpus, stateless, kernel, \
+                     initrd, cmdline",
+                ));
+            }
+            if let Some(name) = &params.name {
+                check_name("name", name)?;
+            }
+            if let Some(m) = params.memory_bytes {
+                limits::check_memory("memory_bytes", m)?;
+            }
+            if let Some(c) = params.vcpus {
+                limits::check_vcpus("vcpus", c)?;
+            }
+            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            let after = params.apply(&vm);
+            limits::check_boot("", &after.kernel, &after.initrd, &after.cmdline)?;
+            if after.name != vm.name {
+                refuse_taken_name(&self.0, &after.name).await?;
+            }
+            refuse_locked(&vm)?;
+            if vm_update::machine_changed(&vm, &after) {
+                // Checked again under the lock by the saga.
+                require_down(&vm, "changing its memory, vcpus or boot images")?;
+            }
+            start_operation(
+                &self.0,
+                Start::locked(KIND, vm.id, key.clone(), vm_update::NAME, &params),
+            )
+            .await
+        })
+        .await?;
         Ok(reply(&op))
     }
 
