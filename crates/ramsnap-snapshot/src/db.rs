@@ -57,7 +57,7 @@ pub use sagas::{NewSaga, PendingEvent, Saga, SagaNodeEvent, SagaNodeEventType, S
 pub use snapshots::{
     MemoryVolume, NewSnapshot, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VolumeRef,
 };
-pub use vms::{NewVm, Vm, VmDisk, VmStatus};
+pub use vms::{NewVm, Vm, VmDisk, VmSnapshotState, VmStatus};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::error::ErrorKind;

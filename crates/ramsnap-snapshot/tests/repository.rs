@@ -5,7 +5,8 @@
 use ramsnap_snapshot::db::{
     Accepted, Backend, CompatibilityVersion, Database, DbError, MemoryVolume, NewCluster, NewHost,
     NewOperation, NewReplica, NewSaga, NewSnapshot, NewVm, OperationState, PendingEvent, SagaNodeEventType,
-    SagaState, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmStatus, VolumeRef,
+    SagaState, Snapshot, SnapshotDisk, SnapshotStatus, SnapshotType, VmDisk, VmSnapshotState, VmStatus,
+    VolumeRef,
 };
 use serde_json::json;
 use sqlx::Executor;
@@ -146,6 +147,7 @@ on_both_backends!(
     suspended_is_down_with_a_flag,
     active_disks_with_capacity,
     cached_hosts_and_clusters_go_with_their_delete,
+    vm_with_snapshot_state,
 );
 
 // ---- fixtures ----
@@ -2768,4 +2770,49 @@ async fn cached_hosts_and_clusters_go_with_their_delete(db: Database) {
     assert!(db.host_cached(host.id).await.unwrap_err().is_not_found());
     db.delete_cluster(c.id).await.unwrap();
     assert!(db.cluster_cached(c.id).await.unwrap_err().is_not_found());
+}
+
+/// The VM read with what its snapshots say of it: in preview while it has
+/// a PREVIEW snapshot, running stateless while it has a STATELESS one;
+/// another VM's snapshots do not count; NotFound for a VM that is not.
+async fn vm_with_snapshot_state(db: Database) {
+    let f = flow_vm(&db).await;
+    let g = flow_vm(&db).await;
+    let neither = VmSnapshotState::default();
+    let s1 = take_snapshot(&db, f.vm.id, None).await;
+    let (vm, state) = db.get_vm_with_snapshot_state(f.vm.id).await.unwrap();
+    assert_eq!(vm, db.get_vm(f.vm.id).await.unwrap());
+    assert_eq!(state, neither);
+
+    let new_active = new_snapshot(f.vm.id, SnapshotType::Active, None);
+    db.preview_begin(f.vm.id, s1.id, &new_active, &overlays(&s1.disks), None)
+        .await
+        .unwrap();
+    let (_, state) = db.get_vm_with_snapshot_state(f.vm.id).await.unwrap();
+    assert_eq!(
+        state,
+        VmSnapshotState {
+            in_preview: true,
+            stateless_run: false
+        }
+    );
+    assert_eq!(db.get_vm_with_snapshot_state(g.vm.id).await.unwrap().1, neither);
+
+    let before = db.active_snapshot(g.vm.id).await.unwrap();
+    let run_active = new_snapshot(g.vm.id, SnapshotType::Active, None);
+    db.stateless_begin(g.vm.id, &run_active, &overlays(&before.disks), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.get_vm_with_snapshot_state(g.vm.id).await.unwrap().1,
+        VmSnapshotState {
+            in_preview: false,
+            stateless_run: true
+        }
+    );
+    assert!(db
+        .get_vm_with_snapshot_state(Uuid::new_v4())
+        .await
+        .unwrap_err()
+        .is_not_found());
 }

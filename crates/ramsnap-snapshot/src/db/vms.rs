@@ -92,6 +92,16 @@ pub struct VmDisk {
     pub capacity_bytes: u64,
 }
 
+/// What a VM's snapshots say of it beyond its row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmSnapshotState {
+    /// It previews a snapshot (it has a PREVIEW snapshot).
+    pub in_preview: bool,
+    /// It runs stateless, or its stateless run was not ended (it has a
+    /// STATELESS snapshot).
+    pub stateless_run: bool,
+}
+
 const VM_COLUMNS: &str = "id, name, cluster_id, memory_bytes, vcpus, \
      CASE WHEN stateless THEN 1 ELSE 0 END AS stateless, host_id, status, \
      CASE WHEN suspended THEN 1 ELSE 0 END AS suspended, disk_domain_id, \
@@ -146,6 +156,31 @@ impl Database {
         fetch_vm(&mut conn, id)
             .await?
             .ok_or_else(|| DbError::not_found("vm", id))
+    }
+
+    /// The VM and what its snapshots say of it ([`VmSnapshotState`]), in
+    /// one read.
+    pub async fn get_vm_with_snapshot_state(&self, id: Uuid) -> Result<(Vm, VmSnapshotState), DbError> {
+        let has = |kind: &str| {
+            format!(
+                "CASE WHEN EXISTS (SELECT 1 FROM snapshots s \
+                 WHERE s.vm_id = vms.id AND s.snapshot_type = '{kind}') THEN 1 ELSE 0 END"
+            )
+        };
+        let row = sqlx::query(sql!(
+            "SELECT {VM_COLUMNS}, {} AS in_preview, {} AS stateless_run FROM vms WHERE id = $1",
+            has("PREVIEW"),
+            has("STATELESS")
+        ))
+        .bind(id.to_string())
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or_else(|| DbError::not_found("vm", id))?;
+        let state = VmSnapshotState {
+            in_preview: row.flag("in_preview")?,
+            stateless_run: row.flag("stateless_run")?,
+        };
+        Ok((vm_from_row(&row)?, state))
     }
 
     pub async fn get_vm_by_name(&self, name: &str) -> Result<Vm, DbError> {

@@ -79,14 +79,13 @@ async fn require_in_preview(app: &App, vm: &db::Vm) -> Result<(), Status> {
 }
 
 /// FAILED_PRECONDITION VM_IN_PREVIEW or VM_RUNNING_STATELESS (in that
-/// order) if the VM previews a snapshot or runs stateless: one read for
-/// both checks.
-async fn refuse_preview_or_stateless(app: &App, vm: &db::Vm, what: &str) -> Result<(), Status> {
-    let types = app.db.snapshot_types(vm.id).await.map_err(db_status)?;
-    if types.contains(&SnapshotType::Preview) {
+/// order) if the VM previews a snapshot or runs stateless (`state`, read
+/// with the VM).
+fn refuse_preview_or_stateless(vm: &db::Vm, state: db::VmSnapshotState, what: &str) -> Result<(), Status> {
+    if state.in_preview {
         return Err(in_preview_status(vm, what));
     }
-    if types.contains(&SnapshotType::Stateless) {
+    if state.stateless_run {
         return Err(stateless_status(vm, what));
     }
     Ok(())
@@ -180,7 +179,14 @@ impl SnapshotService for SnapshotApi {
         const KIND: &str = "create_snapshot";
         let key = RequestKey::of(&req)?;
         let op = or_retried(&self.0, KIND, &key, async {
-            let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
+            // The VM and whether it previews or runs stateless, in one read.
+            let vm_id = ids::parse("vm_id", &req.vm_id)?;
+            let (vm, state) = self
+                .0
+                .db
+                .get_vm_with_snapshot_state(vm_id)
+                .await
+                .map_err(db_status)?;
             let mode = match pb::MemoryMode::try_from(req.memory_mode) {
                 Ok(pb::MemoryMode::Live) => MemoryMode::Live,
                 Ok(pb::MemoryMode::Paused | pb::MemoryMode::Unspecified) => MemoryMode::Paused,
@@ -212,7 +218,7 @@ impl SnapshotService for SnapshotApi {
                     ));
                 }
             }
-            refuse_preview_or_stateless(&self.0, &vm, "taking a snapshot").await?;
+            refuse_preview_or_stateless(&vm, state, "taking a snapshot")?;
             let params = snapshot_create::Params {
                 vm_id: vm.id,
                 description: req.description,
