@@ -26,8 +26,8 @@ pub struct App {
     transport: ClientTransport,
     channels: Mutex<HashMap<String, Channel>>,
     executor: OnceLock<Arc<Executor<App>>>,
-    /// An operation changed (its id).
-    pub operation_events: broadcast::Sender<Uuid>,
+    /// An operation changed.
+    pub operation_events: broadcast::Sender<OperationEvent>,
     /// A VM's status changed (its id).
     pub vm_events: broadcast::Sender<Uuid>,
     /// VMs whose host status stream is being followed.
@@ -145,9 +145,14 @@ impl App {
     }
 
     /// The operation changed: its watchers here and on the other replicas
-    /// read it again.
-    pub fn notify_operation(&self, id: Uuid) {
-        self.wake_operation_watchers(id);
+    /// read it again, or, when `now` is given (the operation as the change
+    /// left it, read back by the write that made it), watchers here take
+    /// that.
+    pub fn notify_operation(&self, id: Uuid, now: Option<db::Operation>) {
+        let _ = self.operation_events.send(OperationEvent {
+            id,
+            now: now.map(Arc::new),
+        });
         if let Some(p) = self.peers.get() {
             p.publish("op", id);
         }
@@ -162,12 +167,41 @@ impl App {
     }
 
     pub(crate) fn wake_operation_watchers(&self, id: Uuid) {
-        let _ = self.operation_events.send(id);
+        let _ = self.operation_events.send(OperationEvent { id, now: None });
     }
 
     pub(crate) fn wake_vm_watchers(&self, id: Uuid) {
         let _ = self.vm_events.send(id);
     }
+}
+
+/// An operation changed: its id, and the operation as it now is when the
+/// one who changed it has it (see [`App::notify_operation`]).
+#[derive(Clone, Debug)]
+pub struct OperationEvent {
+    pub id: Uuid,
+    pub now: Option<Arc<db::Operation>>,
+}
+
+/// [`changed`] for an operation: the operation as the change left it
+/// when its event carries it (else the watcher reads it).
+pub async fn operation_changed(
+    events: &mut broadcast::Receiver<OperationEvent>,
+    id: Uuid,
+    backstop: std::time::Duration,
+) -> Option<Arc<db::Operation>> {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.id == id => return e.now,
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => return None,
+                // No more events (shutting down): the backstop alone.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    };
+    tokio::time::timeout(backstop, wait).await.ok().flatten()
 }
 
 /// Waits until `events` names `id` (or missed events: it lagged), or the

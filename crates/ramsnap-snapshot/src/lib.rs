@@ -134,9 +134,9 @@ impl Coordinator {
             app.clone(),
             sagas::all(),
             options.failpoints,
-            Arc::new(move |op| {
+            Arc::new(move |op, now| {
                 if let Some(app) = notify_app.upgrade() {
-                    app.notify_operation(op);
+                    app.notify_operation(op, now);
                 }
             }),
         );

@@ -180,7 +180,7 @@ pub struct SagaCx<S> {
     db: Database,
     /// When progress was last written, and what (see [`SagaCx::progress`]).
     progress_written: Mutex<Option<(std::time::Instant, u64, u64)>>,
-    notify: Arc<dyn Fn(Uuid) + Send + Sync>,
+    notify: Notify,
     /// See [`SagaCx::memo`].
     memos: Mutex<HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>>,
     /// The id each node of the definition has in the log (see [`align`]).
@@ -289,7 +289,7 @@ impl<S> SagaCx<S> {
     /// Tells the operation's watchers that it changed (its progress or its
     /// warnings; the executor tells them of its end).
     pub fn operation_changed(&self) {
-        (self.notify)(self.operation_id);
+        (self.notify)(self.operation_id, None);
     }
 
     /// The database as this execution's nodes write to it: every write is
@@ -394,9 +394,14 @@ pub struct Executor<S> {
     /// set for good once the sagas are recovered.
     lease_held_until: Mutex<Option<Instant>>,
     /// Called whenever an operation changes (for watchers).
-    notify: Arc<dyn Fn(Uuid) + Send + Sync>,
+    notify: Notify,
     retry_cap: Duration,
 }
+
+/// Tells an operation's watchers that it changed: its id, and the
+/// operation as it now is when the change ended it (they need not read it
+/// then).
+pub type Notify = Arc<dyn Fn(Uuid, Option<crate::db::Operation>) + Send + Sync>;
 
 enum Outcome {
     /// With the events not logged yet (the last node's success at least).
@@ -415,7 +420,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
         app: Arc<S>,
         defs: Vec<SagaDef<S>>,
         failpoints: Failpoints,
-        notify: Arc<dyn Fn(Uuid) + Send + Sync>,
+        notify: Notify,
     ) -> Arc<Executor<S>> {
         let replica = NewReplica {
             id: Uuid::new_v4(),
@@ -1081,7 +1086,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
 
     async fn finish(&self, def: &SagaDef<S>, cx: &SagaCx<S>, outcome: Outcome) -> Result<(), Status> {
         let db_err = |e: crate::db::DbError| Status::unavailable(format!("saga log: {e}"));
-        match outcome {
+        let ended = match outcome {
             Outcome::Done { pending } => {
                 let result = def
                     .result_node
@@ -1096,7 +1101,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         result.as_ref(),
                     )
                     .await
-                    .map_err(db_err)?;
+                    .map_err(db_err)?
             }
             Outcome::Unwound { status, cancelled } => {
                 let state = if cancelled {
@@ -1115,10 +1120,10 @@ impl<S: Send + Sync + 'static> Executor<S> {
                         None,
                     )
                     .await
-                    .map_err(db_err)?;
+                    .map_err(db_err)?
             }
-        }
-        (self.notify)(cx.operation_id);
+        };
+        (self.notify)(cx.operation_id, ended);
         Ok(())
     }
 
@@ -1140,7 +1145,7 @@ impl<S: Send + Sync + 'static> Executor<S> {
             .await
             .map_err(db_err)?
         {
-            (self.notify)(operation_id);
+            (self.notify)(operation_id, None);
         }
         Err(Status::failed_precondition(why))
     }

@@ -2501,16 +2501,20 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
     let saga = new_saga(op);
     db.create_saga(&saga).await.unwrap();
     let output = json!({"snapshot_id": "x"});
-    db.finish_saga(
-        (saga.id, 0),
-        &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
-        op,
-        OperationState::Succeeded,
-        None,
-        Some(&output),
-    )
-    .await
-    .unwrap();
+    let ended = db
+        .finish_saga(
+            (saga.id, 0),
+            &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
+            op,
+            OperationState::Succeeded,
+            None,
+            Some(&output),
+        )
+        .await
+        .unwrap();
+    // The operation as it ended, as a read of it gives it (what watchers
+    // are pushed).
+    assert_eq!(ended, Some(db.get_operation(op).await.unwrap()));
     let events = db.saga_node_events(saga.id).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -2524,17 +2528,20 @@ async fn finish_saga_ends_log_operation_and_saga_together(db: Database) {
         (OperationState::Succeeded, Some(output.clone()))
     );
     assert_eq!(db.get_saga(saga.id).await.unwrap().state, SagaState::Done);
-    // A replay is a no-op; another outcome is refused, and changes nothing.
-    db.finish_saga(
-        (saga.id, 0),
-        &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
-        op,
-        OperationState::Succeeded,
-        None,
-        Some(&output),
-    )
-    .await
-    .unwrap();
+    // A replay is a no-op (nothing ended now); another outcome is refused,
+    // and changes nothing.
+    let replayed = db
+        .finish_saga(
+            (saga.id, 0),
+            &[ev(3, SagaNodeEventType::Succeeded, Some(&output))],
+            op,
+            OperationState::Succeeded,
+            None,
+            Some(&output),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replayed, None);
     let err = db
         .finish_saga(
             (saga.id, 0),

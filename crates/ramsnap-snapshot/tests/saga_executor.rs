@@ -168,7 +168,7 @@ fn executor_with_local(env: &Env, failpoints: &str, local: &[&str]) -> Arc<Execu
         env.app.clone(),
         vec![toy_with_local(local)],
         Failpoints::parse(failpoints),
-        Arc::new(|_| {}),
+        Arc::new(|_, _| {}),
     )
 }
 
@@ -217,6 +217,43 @@ fn resources(env: &Env, saga: Uuid) -> Vec<String> {
         .iter()
         .filter_map(|r| r.strip_prefix(&prefix).map(String::from))
         .collect()
+}
+
+/// What the executor told watchers: the operation's id, and the operation
+/// when it ended.
+type Pushed = (Uuid, Option<ramsnap_snapshot::db::Operation>);
+
+/// The executor tells the operation's watchers of its end with the
+/// operation as the database now holds it, succeeded or failed, so that
+/// they need not read it.
+#[tokio::test]
+async fn the_end_is_pushed_with_the_operation_as_recorded() {
+    let env = env().await;
+    for failpoints in ["", "toy.b=error"] {
+        let pushed: Arc<std::sync::Mutex<Vec<Pushed>>> = Default::default();
+        let seen = pushed.clone();
+        let exec = Executor::new(
+            env.db.clone(),
+            env.app.clone(),
+            vec![toy_with_local(&[])],
+            Failpoints::parse(failpoints),
+            Arc::new(move |id, now| seen.lock().unwrap().push((id, now))),
+        );
+        let (op, saga) = start(&env, &exec).await;
+        let (state, _) = settle(&env, op, saga).await;
+        assert!(state.is_terminal(), "{failpoints}: {state:?}");
+        let last = pushed.lock().unwrap().last().cloned();
+        let recorded = env.db.get_operation(op).await.unwrap();
+        assert_eq!(last, Some((op, Some(recorded))), "{failpoints}");
+        // Progress reports before the end carry nothing: watchers read.
+        assert!(pushed
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .skip(1)
+            .all(|(_, now)| now.is_none()));
+    }
 }
 
 #[tokio::test]
@@ -530,7 +567,7 @@ async fn a_node_is_local_for_the_parameters_that_say_so() {
             env.app.clone(),
             vec![def],
             Failpoints::parse("toy.c=halt"),
-            Arc::new(|_| {}),
+            Arc::new(|_, _| {}),
         );
         let (op, _) = start_with(&env, &exec, params.clone()).await;
         stopped(&exec, op).await;
@@ -590,7 +627,7 @@ fn executor_of(env: &Env, def: SagaDef<Toy>) -> Arc<Executor<Toy>> {
         env.app.clone(),
         vec![def],
         Failpoints::default(),
-        Arc::new(|_| {}),
+        Arc::new(|_, _| {}),
     )
 }
 

@@ -338,7 +338,8 @@ impl Database {
         result: Option<&serde_json::Value>,
     ) -> Result<(), DbError> {
         let mut conn = self.writer().acquire().await?;
-        end_operation(&mut conn, id, state, error, result, now_ms()).await
+        end_operation(&mut conn, id, state, error, result, now_ms()).await?;
+        Ok(())
     }
 
     /// Accepts a request in ONE transaction: records the operation (with
@@ -477,26 +478,28 @@ pub(super) async fn end_operation(
     error: Option<&str>,
     result: Option<&serde_json::Value>,
     now: i64,
-) -> Result<(), DbError> {
+) -> Result<Option<Operation>, DbError> {
     if !state.is_terminal() {
         return Err(DbError::InvalidValue {
             field: "state",
             message: "an operation can only be finished in a terminal state".into(),
         });
     }
-    let updated = sqlx::query(
+    // The row as it now is comes back with the change: the operation's
+    // watchers are given it instead of reading it again.
+    let updated = sqlx::query(sql!(
         "UPDATE operations SET state = $2, error = $3, result = $4, updated_at = $5 \
-         WHERE id = $1 AND state = 'RUNNING'",
-    )
+         WHERE id = $1 AND state = 'RUNNING' RETURNING {COLUMNS}"
+    ))
     .bind(id.to_string())
     .bind(state.as_str())
     .bind(error)
     .bind(result.map(|r| r.to_string()))
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    if updated.rows_affected() == 1 {
-        return Ok(());
+    if let Some(row) = updated {
+        return Ok(Some(from_row(&row)?));
     }
     let row = sqlx::query("SELECT state FROM operations WHERE id = $1")
         .bind(id.to_string())
@@ -505,7 +508,7 @@ pub(super) async fn end_operation(
         .ok_or_else(|| DbError::not_found("operation", id))?;
     let current: OperationState = row.parsed("state")?;
     if current == state {
-        return Ok(());
+        return Ok(None);
     }
     Err(DbError::Conflict {
         kind: "operation",

@@ -161,7 +161,8 @@ impl Database {
 
     /// Ends a saga (owned at a generation) in ONE transaction: records `events` (its last node's
     /// success, and any other the executor has not logged yet), ends its operation
-    /// (see [`Database::finish_operation`]) and marks the saga DONE.
+    /// (see [`Database::finish_operation`]) and marks the saga DONE. Returns
+    /// the operation as it ended (None when it had ended so before: a replay).
     pub async fn finish_saga(
         &self,
         (saga_id, generation): (Uuid, i64),
@@ -170,7 +171,7 @@ impl Database {
         state: OperationState,
         error: Option<&str>,
         result: Option<&serde_json::Value>,
-    ) -> Result<(), DbError> {
+    ) -> Result<Option<super::Operation>, DbError> {
         retry_transient!(async {
             let now = now_ms();
             let mut tx = self.begin_write().await?;
@@ -188,9 +189,10 @@ impl Database {
                 return Err(stale_or_missing(&mut tx, saga_id, generation).await);
             }
             insert_events(&mut tx, saga_id, None, events, now).await?;
-            super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
+            let ended =
+                super::operations::end_operation(&mut tx, operation_id, state, error, result, now).await?;
             tx.commit().await?;
-            Ok(())
+            Ok(ended)
         })
     }
 

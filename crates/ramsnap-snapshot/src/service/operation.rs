@@ -86,8 +86,11 @@ impl OperationService for OperationApi {
             yield pb::WatchOperationResponse { operation: Some(to_operation(&first)) };
             while !last.state.is_terminal() {
                 // Woken by a change, or every half second (progress, other processes).
-                crate::app::changed(&mut events, id, Duration::from_millis(500)).await;
-                let op = app.db.get_operation(id).await.map_err(db_status)?;
+                // What the change pushed, or else a read.
+                let op = match crate::app::operation_changed(&mut events, id, Duration::from_millis(500)).await {
+                    Some(op) => (*op).clone(),
+                    None => app.db.get_operation(id).await.map_err(db_status)?,
+                };
                 if op != last {
                     yield pb::WatchOperationResponse { operation: Some(to_operation(&op)) };
                     last = op;
@@ -106,7 +109,7 @@ impl OperationService for OperationApi {
         let cancelling = !op.state.is_terminal() && self.0.db.request_cancel(id).await.map_err(db_status)?;
         if cancelling && !self.0.executor().cancel(id) {
             // Running on another replica (or none yet): it hears of it.
-            self.0.notify_operation(id);
+            self.0.notify_operation(id, None);
         }
         let op = self.0.db.get_operation(id).await.map_err(db_status)?;
         Ok(Response::new(pb::CancelOperationResponse {
