@@ -190,10 +190,25 @@ pub async fn operation_changed(
     id: Uuid,
     backstop: std::time::Duration,
 ) -> Option<Arc<db::Operation>> {
+    changed(events, |e| e.id == id, backstop)
+        .await
+        .and_then(|e| e.now)
+}
+
+/// Waits until an event of `events` is about the watched object (`about`),
+/// or missed events (it lagged), or the backstop passes; the event, when
+/// one came. A watch re-reads its object then (unless the event carries
+/// it): with many watchers, each must not re-read on every other object's
+/// change.
+pub async fn changed<E: Clone>(
+    events: &mut broadcast::Receiver<E>,
+    about: impl Fn(&E) -> bool,
+    backstop: std::time::Duration,
+) -> Option<E> {
     let wait = async {
         loop {
             match events.recv().await {
-                Ok(e) if e.id == id => return e.now,
+                Ok(e) if about(&e) => return Some(e),
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => return None,
                 // No more events (shutting down): the backstop alone.
@@ -202,24 +217,6 @@ pub async fn operation_changed(
         }
     };
     tokio::time::timeout(backstop, wait).await.ok().flatten()
-}
-
-/// Waits until `events` names `id` (or missed events: it lagged), or the
-/// backstop passes. A watch re-reads its object then: with many watchers,
-/// each must not re-read on every other object's change.
-pub async fn changed(events: &mut broadcast::Receiver<Uuid>, id: Uuid, backstop: std::time::Duration) {
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Ok(e) if e == id => return,
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => return,
-                // No more events (shutting down): the backstop alone.
-                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(backstop, wait).await;
 }
 
 /// Database errors as gRPC statuses.

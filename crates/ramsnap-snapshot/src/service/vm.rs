@@ -497,7 +497,7 @@ impl VmService for VmApi {
             let mut last = vm.status;
             yield pb::WatchVmResponse { status: vm_status(last) as i32, at_unix_ms: now_ms() };
             loop {
-                crate::app::changed(&mut events, vm.id, Duration::from_millis(250)).await;
+                crate::app::changed(&mut events, |e| *e == vm.id, Duration::from_millis(250)).await;
                 let now = app.db.get_vm(vm.id).await.map_err(db_status)?;
                 if now.status != last {
                     last = now.status;
