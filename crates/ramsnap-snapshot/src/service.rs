@@ -393,6 +393,26 @@ pub fn require_down(vm: &db::Vm, what: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// FAILED_PRECONDITION VM_NOT_RUNNING unless the VM is up; `only` says
+/// what needs it up ("only a VM that is up can be suspended").
+pub fn require_up(vm: &db::Vm, only: &str) -> Result<(), Status> {
+    if vm.status != db::VmStatus::Up {
+        return Err(status::failed_precondition(
+            "VM_NOT_RUNNING",
+            &format!("vm/{}", vm.id),
+            format!("VM {} is {}; {only}", vm.name, vm.status),
+        ));
+    }
+    Ok(())
+}
+
+/// [`require_memory_level`] for the VM's cluster (read through the
+/// cluster cache).
+pub async fn require_vm_memory_level(app: &App, vm: &db::Vm, needs: &str) -> Result<(), Status> {
+    let cluster = app.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
+    require_memory_level(&cluster, needs)
+}
+
 /// FAILED_PRECONDITION VM_SUSPENDED when the VM is suspended: `what`
 /// would change the disks its saved memory was taken with.
 pub fn refuse_suspended(vm: &db::Vm, what: &str) -> Result<(), Status> {

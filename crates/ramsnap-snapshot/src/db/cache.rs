@@ -25,14 +25,23 @@ pub struct RowCache {
     clusters: Mutex<HashMap<Uuid, (Instant, Cluster)>>,
 }
 
-fn fresh<T: Clone>(map: &Mutex<HashMap<Uuid, (Instant, T)>>, id: Uuid) -> Option<T> {
-    let map = map.lock().expect("poisoned");
-    map.get(&id)
+/// The row `id` of `map` if read less than [`TTL`] ago, else `read`'s
+/// answer, kept.
+async fn cached<T: Clone>(
+    map: &Mutex<HashMap<Uuid, (Instant, T)>>,
+    id: Uuid,
+    read: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    let known = map
+        .lock()
+        .expect("poisoned")
+        .get(&id)
         .filter(|(at, _)| at.elapsed() < TTL)
-        .map(|(_, row)| row.clone())
-}
-
-fn keep<T>(map: &Mutex<HashMap<Uuid, (Instant, T)>>, id: Uuid, row: T) {
+        .map(|(_, row)| row.clone());
+    if let Some(row) = known {
+        return Ok(row);
+    }
+    let row = read.await?;
     let mut map = map.lock().expect("poisoned");
     if map.len() >= MAX_ROWS {
         map.retain(|_, (at, _)| at.elapsed() < TTL);
@@ -40,7 +49,8 @@ fn keep<T>(map: &Mutex<HashMap<Uuid, (Instant, T)>>, id: Uuid, row: T) {
             map.clear();
         }
     }
-    map.insert(id, (Instant::now(), row));
+    map.insert(id, (Instant::now(), row.clone()));
+    Ok(row)
 }
 
 impl RowCache {
@@ -56,21 +66,11 @@ impl RowCache {
 impl Database {
     /// The host, as read at most [`TTL`] ago (see the module's comment).
     pub async fn host_cached(&self, id: Uuid) -> Result<Host, DbError> {
-        if let Some(h) = fresh(&self.rows.hosts, id) {
-            return Ok(h);
-        }
-        let h = self.get_host(id).await?;
-        keep(&self.rows.hosts, id, h.clone());
-        Ok(h)
+        cached(&self.rows.hosts, id, self.get_host(id)).await
     }
 
     /// The cluster, as read at most [`TTL`] ago (see the module's comment).
     pub async fn cluster_cached(&self, id: Uuid) -> Result<Cluster, DbError> {
-        if let Some(c) = fresh(&self.rows.clusters, id) {
-            return Ok(c);
-        }
-        let c = self.get_cluster(id).await?;
-        keep(&self.rows.clusters, id, c.clone());
-        Ok(c)
+        cached(&self.rows.clusters, id, self.get_cluster(id)).await
     }
 }

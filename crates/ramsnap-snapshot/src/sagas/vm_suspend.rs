@@ -76,16 +76,7 @@ fn check_fwd(cx: &SagaCx<App>) -> BoxFuture<'_, Result<(), Status>> {
         let p: Params = cx.params()?;
         let db = cx.db();
         let vm = db.get_vm(p.vm_id).await.map_err(db_status)?;
-        if vm.status != VmStatus::Up {
-            return Err(st::failed_precondition(
-                "VM_NOT_RUNNING",
-                &format!("vm/{}", vm.id),
-                format!(
-                    "VM {} is {}; only a VM that is up can be suspended",
-                    vm.name, vm.status
-                ),
-            ));
-        }
+        crate::service::require_up(&vm, "only a VM that is up can be suspended")?;
         let types = db.snapshot_types(p.vm_id).await.map_err(db_status)?;
         if types.contains(&crate::db::SnapshotType::Stateless) {
             return Err(st::failed_precondition(

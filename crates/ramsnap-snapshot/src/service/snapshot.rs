@@ -2,7 +2,7 @@
 use super::vm::{check_data_domains, refuse_taken_name};
 use super::{
     check_name, get_vm, get_vm_snapshot, is_running, limits, or_retried, refuse_locked, refuse_suspended,
-    require_down, require_memory_level, start_operation, to_operation, RequestKey, Start,
+    require_down, require_up, require_vm_memory_level, start_operation, to_operation, RequestKey, Start,
 };
 use crate::app::{db_status, App};
 use crate::convert::{to_wire_memory, to_wire_ref};
@@ -202,21 +202,13 @@ impl SnapshotService for SnapshotApi {
             refuse_suspended(&vm, "taking a snapshot")?;
             let running = is_running(vm.status);
             if req.save_memory {
-                let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-                require_memory_level(
-                    &cluster,
+                require_vm_memory_level(
+                    &self.0,
+                    &vm,
                     "saving memory needs 3.3 or above (a disk-only snapshot works)",
-                )?;
-                if vm.status != db::VmStatus::Up {
-                    return Err(status::failed_precondition(
-                        "VM_NOT_RUNNING",
-                        &format!("vm/{}", vm.id),
-                        format!(
-                            "VM {} is {}; only a running VM's memory can be saved",
-                            vm.name, vm.status
-                        ),
-                    ));
-                }
+                )
+                .await?;
+                require_up(&vm, "only a running VM's memory can be saved")?;
             }
             refuse_preview_or_stateless(&vm, state, "taking a snapshot")?;
             let params = snapshot_create::Params {
@@ -513,8 +505,7 @@ impl SnapshotService for SnapshotApi {
                         ),
                     ));
                 }
-                let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-                require_memory_level(&cluster, "a clone resumes from memory at 3.3 or above")?;
+                require_vm_memory_level(&self.0, &vm, "a clone resumes from memory at 3.3 or above").await?;
             }
             let warnings = match (&snapshot.memory, req.keep_memory) {
                 (Some(_), true) => vec![FORK_IDENTITY_WARNING.to_string()],

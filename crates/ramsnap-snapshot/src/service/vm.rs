@@ -1,7 +1,7 @@
 //! VmService: VMs, running and stopping them, and their status.
 use super::snapshot::{in_preview, refuse_in_preview};
 use super::{
-    check_name, get_vm, limits, or_retried, refuse_locked, require_down, require_memory_level,
+    check_name, get_vm, limits, or_retried, refuse_locked, require_down, require_up, require_vm_memory_level,
     start_operation, to_operation, vm_status, RequestKey, Start,
 };
 use crate::app::{db_status, App};
@@ -391,21 +391,13 @@ impl VmService for VmApi {
         let op = or_retried(&self.0, KIND, &key, async {
             let vm = get_vm(&self.0, "vm_id", &req.vm_id).await?;
             refuse_locked(&vm)?;
-            let cluster = self.0.db.cluster_cached(vm.cluster_id).await.map_err(db_status)?;
-            require_memory_level(
-                &cluster,
+            require_vm_memory_level(
+                &self.0,
+                &vm,
                 "suspending a VM saves its memory, which needs 3.3 or above",
-            )?;
-            if vm.status != db::VmStatus::Up {
-                return Err(status::failed_precondition(
-                    "VM_NOT_RUNNING",
-                    &format!("vm/{}", vm.id),
-                    format!(
-                        "VM {} is {}; only a VM that is up can be suspended",
-                        vm.name, vm.status
-                    ),
-                ));
-            }
+            )
+            .await?;
+            require_up(&vm, "only a VM that is up can be suspended")?;
             // The rest (a stateless run) is checked under the VM's lock.
             let params = vm_suspend::Params { vm_id: vm.id };
             start_operation(
