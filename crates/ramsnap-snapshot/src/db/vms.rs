@@ -161,16 +161,17 @@ impl Database {
     /// The VM and what its snapshots say of it ([`VmSnapshotState`]), in
     /// one read.
     pub async fn get_vm_with_snapshot_state(&self, id: Uuid) -> Result<(Vm, VmSnapshotState), DbError> {
-        let has = |kind: &str| {
+        let has = |kind: super::SnapshotType| {
             format!(
                 "CASE WHEN EXISTS (SELECT 1 FROM snapshots s \
-                 WHERE s.vm_id = vms.id AND s.snapshot_type = '{kind}') THEN 1 ELSE 0 END"
+                 WHERE s.vm_id = vms.id AND s.snapshot_type = '{}') THEN 1 ELSE 0 END",
+                kind.as_str()
             )
         };
         let row = sqlx::query(sql!(
             "SELECT {VM_COLUMNS}, {} AS in_preview, {} AS stateless_run FROM vms WHERE id = $1",
-            has("PREVIEW"),
-            has("STATELESS")
+            has(super::SnapshotType::Preview),
+            has(super::SnapshotType::Stateless)
         ))
         .bind(id.to_string())
         .fetch_optional(self.pool())
