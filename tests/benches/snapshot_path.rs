@@ -20,8 +20,10 @@
 //! own figures for its steps (the host agent's guest pause and the saga's
 //! per-node times, from the logs).
 //!
-//! With `RAMSNAP_BENCH_DOMAIN=block`, VM A lives on the BLOCK domain (its
-//! disk and memory volumes are LVs) and virsh writes its memory into new
+//! With `RAMSNAP_BENCH_DOMAIN=block`, VMs A and B both live on the BLOCK
+//! domain (their disks and A's memory volumes are LVs; B's disk chain is
+//! prepared again by the benchmark once ramsnap's run of B is destroyed,
+//! since virsh's overlays and restores build on it) and virsh writes its memory into new
 //! LVs of the same domain, made, zeroed and prepared as ramsnap's memory
 //! volumes for the same snapshot (on this machine LVs are loop devices
 //! over a sparse file, standing in for device-mapper: both sides pay for
@@ -400,7 +402,10 @@ fn completed_downtime_ms(vm: &str) -> Option<f64> {
 /// wall time.
 fn virsh_restore(vm: &str, dir: &Path, tag: &str, mem: &Path, target: Option<&Path>) -> f64 {
     let name = domain(vm);
-    virsh(&["destroy", &name]);
+    // Already destroyed when the caller had to (the first run on BLOCK).
+    let _ = Command::new("virsh")
+        .args(["-c", "qemu:///system", "destroy", &name])
+        .output();
     let saved = virsh(&[
         "save-image-dumpxml",
         mem.to_str().expect("utf-8"),
@@ -530,6 +535,31 @@ async fn drop_volumes(c: &Cluster, volumes: &[common::VolumeRef]) {
     }
 }
 
+/// Destroys B's domain (ramsnap's run of it) and, once the host agent has
+/// released B's volumes as it does for a domain gone, prepares B's disk
+/// chain again for the benchmark: virsh's overlays and restores are built
+/// on it, and ramsnap no longer runs B.
+async fn pin_disk_chain(c: &Cluster, vm: &str) {
+    let disk = c.get_vm(vm).await.disks[0].clone();
+    virsh(&["destroy", &domain(vm)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.get_vm(vm).await.status() != VmStatus::Down {
+        assert!(Instant::now() < deadline, "B never went DOWN after virsh destroy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.storage_as_host()
+        .await
+        .prepare_volume(st::PrepareVolumeRequest {
+            r#ref: Some(common::VolumeRef {
+                domain_id: disk.domain_id,
+                image_id: disk.image_id,
+                volume_id: disk.leaf_volume_id,
+            }),
+        })
+        .await
+        .expect("PrepareVolume of B's disk");
+}
+
 /// A new RAW LV on the BLOCK domain, prepared on this host: where virsh's
 /// disk overlay goes, as ramsnap's goes into an LV it prepared.
 async fn overlay_lv(c: &Cluster) -> PathBuf {
@@ -605,8 +635,21 @@ async fn run(runs: usize, block: bool) {
             &cmdline,
         )
         .await;
+    // B's disk on A's domain: on BLOCK, libvirt flushes the disk it
+    // snapshots, and where LVs are loop devices over one PV device that
+    // flush writes back every LV's dirty pages (the dump's too); both sides
+    // pay it alike.
     let b = c
-        .create_vm_sized("path-b", DomainKind::File, MEMORY_MIB * MIB, &cmdline)
+        .create_vm_sized(
+            "path-b",
+            if block {
+                DomainKind::Block
+            } else {
+                DomainKind::File
+            },
+            MEMORY_MIB * MIB,
+            &cmdline,
+        )
         .await;
     eprintln!("booting two {MEMORY_MIB} MiB guests, {FILL_MIB} MiB of random data each...");
     c.boot(&a).await;
@@ -616,11 +659,15 @@ async fn run(runs: usize, block: bool) {
         c.wait_counter(vm, 0, 8).await;
     }
     // virsh writes where ramsnap's FILE domain keeps its volumes.
-    let dir = Path::new(&live_disk(&b))
-        .ancestors()
-        .nth(3)
-        .expect("the FILE domain's directory")
-        .join("virsh-bench");
+    let dir = if block {
+        c.file_root.join("virsh-bench")
+    } else {
+        Path::new(&live_disk(&b))
+            .ancestors()
+            .nth(3)
+            .expect("the FILE domain's directory")
+            .join("virsh-bench")
+    };
     std::fs::create_dir_all(&dir).expect("a directory beside the volumes");
     let mut ours = Figures::new();
     let mut bare = Figures::new();
@@ -723,6 +770,9 @@ async fn run(runs: usize, block: bool) {
         bare_pause.1.push(pause);
         // QEMU's downtime of virsh's LIVE snapshot, as libvirt recorded it.
         virsh_downtime.push(completed_downtime_ms(&b).unwrap_or(f64::NAN));
+        if block && run == 0 {
+            pin_disk_chain(&c, &b).await;
+        }
         let restore_lv = if block { Some(overlay_lv(&c).await) } else { None };
         bare.restore.push(virsh_restore(
             &b,
