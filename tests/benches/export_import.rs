@@ -9,12 +9,20 @@
 //! data. After preview and commit the VM has two snapshots sharing that
 //! memory, as in Export-Import test case 1.
 //!
-//! Measured, each 3 times with the page cache dropped before, medians:
+//! Measured, each 3 times (RAMSNAP_BENCH_RUNS=N for N) with the page
+//! cache dropped before, each ramsnap run followed at once by its baseline
+//! run (this disk's speed swings by 2x within minutes); medians, and the
+//! median of the pairs' ratios:
 //! - ExportVm, FILE data domain → export domain: every disk layer, the
 //!   memory pair, the dump's SHA-256 on the export domain, the OVF;
+//!   each export a fresh one (the earlier export's volumes and descriptor
+//!   deleted before, untimed);
 //! - baseline: `qemu-img convert` of the same volumes from the same source
 //!   files to the same file system (disk layers with `-B` onto the copied
 //!   parent, as a layer-by-layer copy does; RAW volumes `-O raw`, sparse);
+//! - ExportVm with `force_override` over the last export, whose volumes it
+//!   deletes inside the operation, beside the same baseline with the
+//!   earlier copy removed inside its timing (`rm -r`, then convert);
 //! - ImportVm, export domain → FILE data domain (checksum included), and
 //!   the same baseline from the export domain's files;
 //! - ImportVm into the BLOCK data domain (preallocated LVs), beside
@@ -38,6 +46,7 @@ use std::time::{Duration, Instant};
 
 const MEMORY_MIB: u64 = 824;
 const FILL_MIB: u64 = 500;
+/// Runs of each measurement unless RAMSNAP_BENCH_RUNS says otherwise.
 const RUNS: usize = 3;
 
 fn drop_caches() {
@@ -100,12 +109,8 @@ async fn volumes_with_paths(c: &Cluster, domain: &str) -> Vec<Vol> {
 }
 
 /// `qemu-img convert` of every volume into `dir`, parents first, layers
-/// onto their copied parent; the wall time.
-fn qemu_img_copy(volumes: &[Vol], dir: &Path) -> Duration {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("scratch dir");
-    drop_caches();
-    let t = Instant::now();
+/// onto their copied parent.
+fn convert_all(volumes: &[Vol], dir: &Path) {
     for v in volumes {
         let dst = dir.join(&v.id);
         let mut cmd = Command::new("qemu-img");
@@ -126,9 +131,34 @@ fn qemu_img_copy(volumes: &[Vol], dir: &Path) -> Duration {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// [`convert_all`] into `dir`, then `sync`; the wall time. With `replace`,
+/// `dir` holds an earlier copy (made untimed if missing), removed inside
+/// the timing, as a forced re-export replaces an earlier export; the new
+/// copy stays for the next run. Without, `dir` starts empty and is
+/// removed after.
+fn qemu_img_copy(volumes: &[Vol], dir: &Path, replace: bool) -> Duration {
+    if replace {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).expect("scratch dir");
+            convert_all(volumes, dir);
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    drop_caches();
+    let t = Instant::now();
+    if replace {
+        std::fs::remove_dir_all(dir).expect("removing the earlier copy");
+    }
+    std::fs::create_dir_all(dir).expect("scratch dir");
+    convert_all(volumes, dir);
     let _ = Command::new("sync").status();
     let d = t.elapsed();
-    let _ = std::fs::remove_dir_all(dir);
+    if !replace {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     d
 }
 
@@ -163,6 +193,33 @@ async fn timed_export(c: &Cluster, vm: &str, force: bool) -> Duration {
     t.elapsed()
 }
 
+/// Removes what an export left on the export domain (its volumes and its
+/// descriptor), untimed, so that the next export is a fresh one.
+async fn clear_export(c: &Cluster, vm: &str) {
+    teardown_all(c, &c.export_domain).await;
+    let mut volumes: Vec<spb::Volume> = c.volumes(&c.export_domain).await;
+    // Children first.
+    volumes.sort_by_key(|v| v.parent_volume_id.is_empty());
+    for v in volumes {
+        c.storage_as("coordinator")
+            .await
+            .delete_volume(spb::DeleteVolumeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                r#ref: v.r#ref.clone(),
+            })
+            .await
+            .expect("DeleteVolume on the export domain");
+    }
+    c.storage_as("coordinator")
+        .await
+        .delete_vm_descriptor(spb::DeleteVmDescriptorRequest {
+            domain_id: c.export_domain.clone(),
+            vm_id: vm.to_string(),
+        })
+        .await
+        .expect("DeleteVmDescriptor");
+}
+
 async fn timed_import(c: &Cluster, vm: &str, kind: DomainKind) -> Duration {
     drop_caches();
     let t = Instant::now();
@@ -170,19 +227,35 @@ async fn timed_import(c: &Cluster, vm: &str, kind: DomainKind) -> Duration {
     t.elapsed()
 }
 
-fn report(what: &str, ramsnap: Duration, baseline: Duration, bytes: u64) {
+/// Medians, the ratio of the medians, and the median of the ratios of
+/// each run to the baseline run right after it.
+fn report(what: &str, ramsnap: &[Duration], baseline: &[Duration], bytes: u64) {
     let mib = bytes as f64 / MIB as f64;
+    let mut pairs: Vec<f64> = ramsnap
+        .iter()
+        .zip(baseline)
+        .map(|(r, b)| secs(*r) / secs(*b))
+        .collect();
+    pairs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let (r, b) = (median(ramsnap.to_vec()), median(baseline.to_vec()));
     println!(
-        "{what:<40} ramsnap {:>6.2} s ({:>6.0} MiB/s)   qemu-img convert {:>6.2} s ({:>6.0} MiB/s)   ratio {:.2}",
-        secs(ramsnap),
-        mib / secs(ramsnap),
-        secs(baseline),
-        mib / secs(baseline),
-        secs(ramsnap) / secs(baseline)
+        "{what:<40} ramsnap {:>6.2} s ({:>6.0} MiB/s)   qemu-img convert {:>6.2} s ({:>6.0} MiB/s)   ratio {:.2}   pairs: median {:.2}, {}",
+        secs(r),
+        mib / secs(r),
+        secs(b),
+        mib / secs(b),
+        secs(r) / secs(b),
+        pairs[pairs.len() / 2],
+        pairs.iter().map(|p| format!("{p:.2}")).collect::<Vec<_>>().join(" ")
     );
 }
 
 async fn run() {
+    let runs: usize = std::env::var("RAMSNAP_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(RUNS);
     let mut c = Cluster::start(Db::Sqlite, "3.3", "bench-export").await;
     let vm = c
         .create_vm_sized(
@@ -214,14 +287,6 @@ async fn run() {
         dump.allocated_bytes / MIB
     );
 
-    // Export.
-    let mut exports = Vec::new();
-    let mut export_nodes = Nodes::default();
-    for i in 0..RUNS {
-        exports.push(timed_export(&c, &vm, i > 0).await);
-        export_nodes.add(&c.process(Process::Coordinator).logs(), "vm_export");
-    }
-    let sources = volumes_with_paths(&c, &c.file_domain).await;
     let scratch = PathBuf::from(
         c.storage()
             .get_domain(spb::GetDomainRequest {
@@ -241,35 +306,54 @@ async fn run() {
         .iter()
         .map(|v| v.capacity_bytes)
         .sum();
-    let base_export = median((0..RUNS).map(|_| qemu_img_copy(&sources, &scratch)).collect());
+    // The disk here swings by 2x within minutes: each ramsnap run is
+    // followed at once by its baseline run, and the ratio of each pair is
+    // reported beside the ratio of the medians.
+    let sources = volumes_with_paths(&c, &c.file_domain).await;
+
+    // Export.
+    let (mut exports, mut base_export) = (Vec::new(), Vec::new());
+    let mut export_nodes = Nodes::default();
+    for i in 0..runs {
+        if i > 0 {
+            clear_export(&c, &vm).await;
+        }
+        exports.push(timed_export(&c, &vm, false).await);
+        export_nodes.add(&c.process(Process::Coordinator).logs(), "vm_export");
+        base_export.push(qemu_img_copy(&sources, &scratch, false));
+    }
+    // Exported again over the last export (force_override): the earlier
+    // export's volumes are deleted inside the operation.
+    let (mut reexports, mut base_reexport) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        reexports.push(timed_export(&c, &vm, true).await);
+        base_reexport.push(qemu_img_copy(&sources, &scratch, true));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
     teardown_all(&c, &c.file_domain).await;
+    report("export FILE -> export domain", &exports, &base_export, total);
     report(
-        "export FILE -> export domain",
-        median(exports),
-        base_export,
+        "re-export over the last (force)",
+        &reexports,
+        &base_reexport,
         total,
     );
 
-    // Import into FILE.
+    // Import into FILE. A FILE volume's path stays valid after teardown.
     let exported = volumes_with_paths(&c, &c.export_domain).await;
-    let base_import = median((0..RUNS).map(|_| qemu_img_copy(&exported, &scratch)).collect());
     teardown_all(&c, &c.export_domain).await;
     c.remove_vm(&vm).await;
-    let mut imports = Vec::new();
+    let (mut imports, mut base_import) = (Vec::new(), Vec::new());
     let mut import_nodes = Nodes::default();
-    for i in 0..RUNS {
+    for i in 0..runs {
         imports.push(timed_import(&c, &vm, DomainKind::File).await);
         import_nodes.add(&c.process(Process::Coordinator).logs(), "vm_import");
-        if i + 1 < RUNS {
+        base_import.push(qemu_img_copy(&exported, &scratch, false));
+        if i + 1 < runs {
             c.remove_vm(&vm).await;
         }
     }
-    report(
-        "import export domain -> FILE",
-        median(imports),
-        base_import,
-        total,
-    );
+    report("import export domain -> FILE", &imports, &base_import, total);
     // The imported VM resumes from its memory.
     let run = c.run_vm(&vm, false).await;
     run.assert_started_as(VmStatus::RestoringState);
@@ -277,15 +361,16 @@ async fn run() {
     c.remove_vm(&vm).await;
 
     // Import into BLOCK, for scale: same baseline (file to file).
-    let mut imports = Vec::new();
-    for _ in 0..RUNS {
+    let (mut imports, mut base_import) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
         imports.push(timed_import(&c, &vm, DomainKind::Block).await);
+        base_import.push(qemu_img_copy(&exported, &scratch, false));
         c.remove_vm(&vm).await;
     }
     report(
         "import export domain -> BLOCK (LVM)",
-        median(imports),
-        base_import,
+        &imports,
+        &base_import,
         total,
     );
     println!(
