@@ -26,9 +26,9 @@
 //! - ImportVm, export domain → FILE data domain (checksum included), and
 //!   the same baseline from the export domain's files;
 //! - ImportVm into the BLOCK data domain (preallocated LVs), beside
-//!   `qemu-img convert -n` into a preallocated LV-sized file of the same
-//!   sizes, for scale only (the BLOCK domain goes through loop devices on
-//!   a loop device here).
+//!   `qemu-img convert -n` into LVs of the same domain made and prepared
+//!   beforehand (the BLOCK domain goes through loop devices on a loop
+//!   device here, which slows both sides).
 //!
 //! Run: `cargo build --release --bins && cargo bench -p ramsnap-e2e --bench export_import`
 //! (root, libvirtd up, the guest built: see tests/guest/README.md).
@@ -158,6 +158,96 @@ fn qemu_img_copy(volumes: &[Vol], dir: &Path, replace: bool) -> Duration {
     let d = t.elapsed();
     if !replace {
         let _ = std::fs::remove_dir_all(dir);
+    }
+    d
+}
+
+/// The same-device baseline for an import into BLOCK: `qemu-img convert
+/// -n` of every volume into an LV of the BLOCK domain made and prepared
+/// beforehand, untimed (RAW volumes into RAW LVs of their size; qcow2
+/// layers, each read with its chain, into an LV formatted as qcow2 of the
+/// same virtual size), then `sync`; the wall time. The LVs are deleted
+/// after.
+async fn qemu_img_into_lvs(c: &Cluster, volumes: &[Vol], capacities: &HashMap<String, u64>) -> Duration {
+    let mut targets = Vec::new();
+    for v in volumes {
+        let capacity = capacities[&v.id];
+        // A qcow2 of this virtual size fits an LV a little larger.
+        let lv_bytes = if v.raw {
+            capacity
+        } else {
+            capacity + capacity / 8 + (16 << 20)
+        };
+        let made = c
+            .storage_as("coordinator")
+            .await
+            .create_volume(spb::CreateVolumeRequest {
+                domain_id: c.block_domain.clone(),
+                capacity_bytes: lv_bytes,
+                format: spb::VolumeFormat::Raw as i32,
+                purpose: spb::VolumePurpose::Disk as i32,
+                description: "qemu-img's import target (benchmark)".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("CreateVolume on BLOCK")
+            .into_inner()
+            .volume
+            .and_then(|v| v.r#ref)
+            .expect("a volume");
+        let path = c
+            .storage_as_host()
+            .await
+            .prepare_volume(spb::PrepareVolumeRequest {
+                r#ref: Some(made.clone()),
+            })
+            .await
+            .expect("PrepareVolume")
+            .into_inner()
+            .path;
+        if !v.raw {
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", &path, &capacity.to_string()])
+                .output()
+                .expect("qemu-img");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        targets.push((made, path));
+    }
+    drop_caches();
+    let t = Instant::now();
+    for (v, (_, path)) in volumes.iter().zip(&targets) {
+        let format = if v.raw { "raw" } else { "qcow2" };
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n", "-f", format, "-O", format])
+            .arg(&v.path)
+            .arg(path)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "qemu-img convert -n {v:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = Command::new("sync").status();
+    let d = t.elapsed();
+    for (r, _) in targets {
+        c.storage_as_host()
+            .await
+            .teardown_volume(spb::TeardownVolumeRequest {
+                r#ref: Some(r.clone()),
+            })
+            .await
+            .expect("TeardownVolume");
+        c.storage_as("coordinator")
+            .await
+            .delete_volume(spb::DeleteVolumeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                r#ref: Some(r),
+            })
+            .await
+            .expect("DeleteVolume");
     }
     d
 }
@@ -360,12 +450,20 @@ async fn run() {
     c.stop_vm(&vm).await;
     c.remove_vm(&vm).await;
 
-    // Import into BLOCK, for scale: same baseline (file to file).
+    // Import into BLOCK, beside qemu-img writing into LVs of the same
+    // domain (the loop devices standing in for device-mapper here slow
+    // both sides).
+    let capacities: HashMap<String, u64> = c
+        .volumes(&c.export_domain)
+        .await
+        .iter()
+        .filter_map(|v| Some((v.r#ref.clone()?.volume_id, v.capacity_bytes)))
+        .collect();
     let (mut imports, mut base_import) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         imports.push(timed_import(&c, &vm, DomainKind::Block).await);
-        base_import.push(qemu_img_copy(&exported, &scratch, false));
         c.remove_vm(&vm).await;
+        base_import.push(qemu_img_into_lvs(&c, &exported, &capacities).await);
     }
     report(
         "import export domain -> BLOCK (LVM)",
