@@ -34,7 +34,7 @@
 //! (root, libvirtd up, the guest built: see tests/guest/README.md).
 use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
 use ramsnap_e2e::guest::CMDLINE;
-use ramsnap_e2e::logs::node_times;
+use ramsnap_e2e::logs::{last_logged, node_times, strip_ansi};
 use ramsnap_proto::common::v1::VolumeRef;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::storage::v1 as spb;
@@ -477,6 +477,25 @@ async fn run() {
     );
     export_nodes.print("export FILE -> export domain");
     import_nodes.print("import export domain -> FILE");
+    // Where each dump copy spent its time (the storage agent's log), in
+    // the order they ran: exports, re-exports, imports into FILE, imports
+    // into BLOCK.
+    let logs = c.process(Process::StorageAgent).logs();
+    let dumps: Vec<String> = logs
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("copy done"))
+        .filter(|l| last_logged(l, "copy done", "data").is_some_and(|d| d >= (100 * MIB) as f64))
+        .filter_map(|l| {
+            let t = last_logged(&l, "copy done", "transfer_ms")?;
+            let f = last_logged(&l, "copy done", "flush_ms")?;
+            Some(format!("{t:.0}+{f:.0}"))
+        })
+        .collect();
+    println!(
+        "dump copies in the storage agent, transfer+flush ms: {}",
+        dumps.join(" ")
+    );
 }
 
 /// Each saga node's time, run by run (from the coordinator's log).

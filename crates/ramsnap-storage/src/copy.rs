@@ -60,6 +60,10 @@ pub struct CopyStats {
     pub zero_bytes: u64,
     /// With [`CopyJob::checksum`]: the copied bytes' checksum.
     pub checksum: Option<Checksum>,
+    /// How long the data took to read and write (the RAW copy), and then
+    /// to flush to the target's storage: where a slow copy spent its time.
+    pub transfer_ms: u64,
+    pub flush_ms: u64,
 }
 
 /// Runs the copy, reporting (processed, total) bytes as it goes.
@@ -158,6 +162,7 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
     let mut stats = CopyStats::default();
     let hasher = job.checksum.then(|| ChunkHasher::new(size));
 
+    let started = std::time::Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let hasher = hasher.as_ref();
         let reader = s.spawn(move || read_pieces(&src, size, tx, recycle_rx, hasher));
@@ -199,8 +204,11 @@ fn copy_raw(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Resul
         }
         read_result
     })?;
+    let transferred = started.elapsed();
     dst_buffered.sync_data()?;
     dst.sync_data()?;
+    stats.transfer_ms = transferred.as_millis() as u64;
+    stats.flush_ms = (started.elapsed() - transferred).as_millis() as u64;
     stats.checksum = hasher.map(ChunkHasher::finish);
     Ok(stats)
 }
@@ -440,6 +448,7 @@ fn zero_range(dst: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
 }
 
 fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) -> Result<CopyStats> {
+    let started = std::time::Instant::now();
     let mut cmd = Command::new("qemu-img");
     cmd.args([
         "convert",
@@ -502,6 +511,10 @@ fn qemu_img_convert(job: &CopyJob, progress: &mut (dyn FnMut(u64, u64) + Send)) 
         data_bytes: allocated(&job.target),
         zero_bytes: 0,
         checksum: None,
+        // qemu-img's whole run (with whatever flush it makes) counts as
+        // the transfer.
+        transfer_ms: started.elapsed().as_millis() as u64,
+        flush_ms: 0,
     })
 }
 

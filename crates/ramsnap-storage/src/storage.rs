@@ -1159,7 +1159,10 @@ impl Storage {
             .await;
             result?
         };
-        tracing::info!(source = %sref, target = %tref, data = stats.data_bytes, zero = stats.zero_bytes, "copy done");
+        tracing::info!(
+            source = %sref, target = %tref, data = stats.data_bytes, zero = stats.zero_bytes,
+            transfer_ms = stats.transfer_ms, flush_ms = stats.flush_ms, "copy done"
+        );
         tx.send_modify(|s| s.checksum = stats.checksum);
         let _guard = dst_dom.lock.write().await;
         let b = dst_b.clone();
