@@ -10,6 +10,10 @@
 //! metadata volume) beside the bare tools for the dump's size: `lvcreate`
 //! alone, and `lvcreate` + `blkdiscard -z` (BLKZEROOUT) of its extents.
 //!
+//! Then preparing a 12-layer disk chain on BLOCK through its leaf (what a
+//! run or a restore of a VM with snapshots does first), beside one `pvs
+//! --segments` and a `losetup` per layer.
+//!
 //! Run: `cargo bench -p ramsnap-storage --bench copy` (root; needs LVM and
 //! loop devices). RAMSNAP_BENCH_SIZE_MIB and RAMSNAP_BENCH_RUNS override.
 use ramsnap_storage::model::{DumpMode, Format, Purpose, VolumeRef};
@@ -270,6 +274,83 @@ async fn main() {
             sh(lvm("lvremove").args(["--yes", &format!("{vg}/bench-bare")]));
         }
     }
+    // Preparing a VM's disk chain on BLOCK (what a run or a restore does
+    // first): a RAW base and COW layers, none prepared, prepared through
+    // the leaf; beside the bare tools doing the same on this host (one
+    // `pvs --segments` for every layer's extent, a `losetup` per layer).
+    const LAYERS: usize = 12;
+    let mut layer = NewVolume {
+        capacity: 64 * MIB,
+        purpose: Purpose::Disk,
+        ..new(block_dom)
+    };
+    let mut chain_refs = vec![storage.create_volume(layer.clone()).await.unwrap().volume_ref()];
+    for _ in 1..LAYERS {
+        let parent = *chain_refs.last().unwrap();
+        layer = NewVolume {
+            image: Some(parent.image),
+            parent: Some(parent.volume),
+            format: Format::Cow,
+            ..layer
+        };
+        chain_refs.push(storage.create_volume(layer.clone()).await.unwrap().volume_ref());
+    }
+    let leaf = *chain_refs.last().unwrap();
+    let (mut ours_prepare, mut bare_prepare) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        storage.prepare_volume(leaf).await.unwrap();
+        ours_prepare.push(t.elapsed().as_secs_f64());
+        storage.teardown_volume(leaf).await.unwrap();
+
+        let select = chain_refs
+            .iter()
+            .map(|r| format!("lv_name={}", r.volume))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        let t = Instant::now();
+        let out = sh(lvm("pvs").args([
+            "--segments",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "--separator",
+            "|",
+            "-o",
+            "lv_name,pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
+            "--select",
+            &format!("vg_name={vg} && ({select})"),
+        ]));
+        let mut devices = Vec::new();
+        for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split('|').collect();
+            let n = |i: usize| f[i].trim().parse::<u64>().unwrap();
+            let (offset, len) = (n(2) + n(4) * n(3), n(5) * n(3));
+            devices.push(
+                sh(Command::new("losetup").args([
+                    "--offset",
+                    &offset.to_string(),
+                    "--sizelimit",
+                    &len.to_string(),
+                    "--find",
+                    "--show",
+                    f[1],
+                ]))
+                .trim()
+                .to_string(),
+            );
+        }
+        bare_prepare.push(t.elapsed().as_secs_f64());
+        assert_eq!(devices.len(), LAYERS, "one device per layer");
+        for d in devices {
+            sh(Command::new("losetup").args(["-d", &d]));
+        }
+    }
+    for r in chain_refs.iter().rev() {
+        storage.delete_volume(*r, None).await.unwrap();
+    }
+
     let memory_rows = [
         ("ramsnap CreateMemoryVolumes", median(ours.clone())),
         ("lvcreate", median(bare_create.clone())),
@@ -298,6 +379,12 @@ async fn main() {
             ramsnap / secs
         );
     }
+    let (a, b) = (median(ours_prepare), median(bare_prepare));
+    println!(
+        "\npreparing a {LAYERS}-layer disk chain on BLOCK, none prepared, median of {runs} runs:\n\
+         ramsnap PrepareVolume of the leaf {a:>8.3} s   one pvs + {LAYERS} losetup {b:>8.3} s   ratio {:>6.2}",
+        a / b
+    );
     drop(storage);
     drop(cleanup);
 }
