@@ -64,6 +64,13 @@ pub trait Backend: Send + Sync + 'static {
     fn prepare_listed(&self, v: &Volume) -> Result<PathBuf> {
         self.prepare(v.meta.image, v.meta.volume)
     }
+    /// [`Backend::prepare_listed`] of each of `volumes` (a chain the caller
+    /// has just listed, parents first): their paths, in order, up to and
+    /// including the first error. A backend may do the work of several at
+    /// once; the default prepares each in turn.
+    fn prepare_listed_chain(&self, volumes: &[&Volume]) -> Vec<Result<PathBuf>> {
+        prepare_each(volumes, |v| self.prepare_listed(v))
+    }
     fn is_prepared(&self, image: Uuid, volume: Uuid) -> bool;
     /// Undoes [`Backend::prepare`]; a volume not prepared is success.
     fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()>;
@@ -114,3 +121,20 @@ pub trait Backend: Send + Sync + 'static {
 
 /// How long completed delete requests are remembered for retries.
 pub const DELETE_JOURNAL_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// `prepare` of each volume in turn, up to and including the first error.
+pub fn prepare_each(
+    volumes: &[&Volume],
+    mut prepare: impl FnMut(&Volume) -> Result<PathBuf>,
+) -> Vec<Result<PathBuf>> {
+    let mut out = Vec::with_capacity(volumes.len());
+    for v in volumes {
+        let r = prepare(v);
+        let failed = r.is_err();
+        out.push(r);
+        if failed {
+            break;
+        }
+    }
+    out
+}

@@ -219,23 +219,47 @@ impl BlockDomain {
             return Ok((PathBuf::from(format!("/dev/{}/{}", self.vg, lv.name)), None));
         }
         // Where the LV lies, and that it is this image's: one pvs.
-        let (pv, offset, len) = lvm::lv_extent(&self.vg, &volume.to_string(), Some(&format!("IU_{image}")))?
-            .ok_or(StorageError::VolumeNotFound(VolumeRef {
+        let extent = lvm::lv_extent(&self.vg, &volume.to_string(), Some(&format!("IU_{image}")))?.ok_or(
+            StorageError::VolumeNotFound(VolumeRef {
                 domain: self.id,
                 image,
                 volume,
-            }))?;
-        let out = tool::run(Command::new("losetup").args([
-            "--offset",
-            &offset.to_string(),
-            "--sizelimit",
-            &len.to_string(),
-            "--find",
-            "--show",
-            &pv,
-        ]))?;
-        let map = LoopMap { backing: pv, offset };
-        Ok((PathBuf::from(out.trim()), Some(map)))
+            }),
+        )?;
+        attach(&extent)
+    }
+
+    /// [`Backend::prepare`] of a volume whose extent is known (the loop
+    /// stand-in only).
+    fn prepare_at(&self, image: Uuid, volume: Uuid, extent: &lvm::Extent) -> Result<PathBuf> {
+        if self.live_device(image, volume).is_some() {
+            return Ok(self.link(image, volume));
+        }
+        let (device, map) = attach(extent)?;
+        self.place(image, volume, device, map)
+    }
+
+    /// Links a volume's new device where clients find it, with the loop
+    /// mapping it was set up with; detaches the device if that fails.
+    fn place(&self, image: Uuid, volume: Uuid, device: PathBuf, map: Option<LoopMap>) -> Result<PathBuf> {
+        let link = self.link(image, volume);
+        let record = self.map_record(image, volume);
+        let place = (|| {
+            fs::create_dir_all(link.parent().expect("has a parent"))?;
+            let _ = fs::remove_file(&link);
+            match &map {
+                Some(m) => fs::write(&record, m.to_text())?,
+                None => {
+                    let _ = fs::remove_file(&record);
+                }
+            }
+            std::os::unix::fs::symlink(&device, &link)
+        })();
+        if let Err(e) = place {
+            let _ = self.deactivate(&device);
+            return Err(e.into());
+        }
+        Ok(link)
     }
 
     /// Where a prepared loop device's mapping is recorded, beside its link.
@@ -519,28 +543,40 @@ impl Backend for BlockDomain {
     }
 
     fn prepare(&self, image: Uuid, volume: Uuid) -> Result<PathBuf> {
-        let link = self.link(image, volume);
         if self.live_device(image, volume).is_some() {
-            return Ok(link);
+            return Ok(self.link(image, volume));
         }
         let (device, map) = self.activate(image, volume)?;
-        let record = self.map_record(image, volume);
-        let place = (|| {
-            fs::create_dir_all(link.parent().expect("has a parent"))?;
-            let _ = fs::remove_file(&link);
-            match &map {
-                Some(m) => fs::write(&record, m.to_text())?,
-                None => {
-                    let _ = fs::remove_file(&record);
-                }
-            }
-            std::os::unix::fs::symlink(&device, &link)
-        })();
-        if let Err(e) = place {
-            let _ = self.deactivate(&device);
-            return Err(e.into());
+        self.place(image, volume, device, map)
+    }
+
+    /// Without device-mapper, the extents of every layer not prepared yet
+    /// are read with one `pvs` (the listing checked that they are this
+    /// image's), not one per layer: a restore prepares the VM's whole disk
+    /// chain, one layer more with every snapshot.
+    fn prepare_listed_chain(&self, volumes: &[&Volume]) -> Vec<Result<PathBuf>> {
+        let each = |v: &Volume| self.prepare(v.meta.image, v.meta.volume);
+        if lvm::device_mapper_available() {
+            return crate::backend::prepare_each(volumes, each);
         }
-        Ok(link)
+        let missing: Vec<String> = volumes
+            .iter()
+            .filter(|v| self.live_device(v.meta.image, v.meta.volume).is_none())
+            .map(|v| v.meta.volume.to_string())
+            .collect();
+        if missing.len() < 2 {
+            return crate::backend::prepare_each(volumes, each);
+        }
+        let names: Vec<&str> = missing.iter().map(String::as_str).collect();
+        let Ok(extents) = lvm::lv_extents(&self.vg, &names) else {
+            // Each prepare then reports its own volume's error.
+            return crate::backend::prepare_each(volumes, each);
+        };
+        let known: std::collections::HashMap<&str, lvm::Extent> = names.into_iter().zip(extents).collect();
+        crate::backend::prepare_each(volumes, |v| match known.get(v.meta.volume.to_string().as_str()) {
+            Some(extent) => self.prepare_at(v.meta.image, v.meta.volume, extent),
+            None => each(v),
+        })
     }
 
     fn is_prepared(&self, image: Uuid, volume: Uuid) -> bool {
@@ -722,6 +758,26 @@ impl LoopMap {
             backing: backing.strip_suffix('\n')?.to_string(),
         })
     }
+}
+
+/// A loop device over an LV's extent: how this host activates an LV
+/// without device-mapper (see [`LoopMap`]).
+fn attach(extent: &lvm::Extent) -> Result<(PathBuf, Option<LoopMap>)> {
+    let (pv, offset, len) = extent;
+    let out = tool::run(Command::new("losetup").args([
+        "--offset",
+        &offset.to_string(),
+        "--sizelimit",
+        &len.to_string(),
+        "--find",
+        "--show",
+        pv,
+    ]))?;
+    let map = LoopMap {
+        backing: pv.clone(),
+        offset: *offset,
+    };
+    Ok((PathBuf::from(out.trim()), Some(map)))
 }
 
 fn loop_offset(device: &Path) -> Option<u64> {

@@ -1429,15 +1429,31 @@ fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Re
     if !volumes.iter().any(|v| v.meta.volume == r.volume) {
         return Err(StorageError::VolumeNotFound(r));
     }
+    // Parents first.
+    let ids: Vec<Uuid> = chain(volumes, r.volume).into_iter().rev().collect();
+    let was: Vec<bool> = ids.iter().map(|v| backend.is_prepared(r.image, *v)).collect();
+    let listed: Option<Vec<&Volume>> = ids
+        .iter()
+        .map(|v| volumes.iter().find(|x| x.meta.volume == *v))
+        .collect();
+    let results = match &listed {
+        Some(listed) => backend.prepare_listed_chain(listed),
+        None => {
+            let mut out = Vec::new();
+            for v in &ids {
+                let r = backend.prepare(r.image, *v);
+                let failed = r.is_err();
+                out.push(r);
+                if failed {
+                    break;
+                }
+            }
+            out
+        }
+    };
     let mut newly = Vec::new();
     let mut path = PathBuf::new();
-    for v in chain(volumes, r.volume).into_iter().rev() {
-        let was = backend.is_prepared(r.image, v);
-        let listed = volumes.iter().find(|x| x.meta.volume == v);
-        let prepared = match listed {
-            Some(listed) => backend.prepare_listed(listed),
-            None => backend.prepare(r.image, v),
-        };
+    for ((v, was), prepared) in ids.iter().zip(was).zip(results) {
         match prepared {
             Ok(p) => path = p,
             Err(e) => {
@@ -1447,8 +1463,8 @@ fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Re
                 return Err(e);
             }
         }
-        if !was && backend.is_prepared(r.image, v) {
-            newly.push(v);
+        if !was && backend.is_prepared(r.image, *v) {
+            newly.push(*v);
         }
     }
     Ok((path, newly))
