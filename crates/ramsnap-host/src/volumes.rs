@@ -122,6 +122,51 @@ impl Volumes {
         })
     }
 
+    /// The ancestors of `info`'s volume, parent first: from one listing of
+    /// its image (one LVM call on BLOCK), not a GetVolume per layer; a
+    /// parent the listing lacks is asked for on its own. Bounded at 256.
+    pub async fn ancestors(&self, info: &VolumeInfo) -> Result<Vec<Uuid>> {
+        let mut parents: std::collections::HashMap<Uuid, Option<Uuid>> = std::collections::HashMap::new();
+        if info.parent.is_some() {
+            let mut page_token = String::new();
+            loop {
+                let page = self
+                    .client
+                    .clone()
+                    .list_volumes(request(pb::ListVolumesRequest {
+                        domain_id: info.r.domain.to_string(),
+                        image_id: info.r.image.to_string(),
+                        page_size: 1000,
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(|s| StorageCallError::from_status("list_volumes", &s))?
+                    .into_inner();
+                for v in &page.volumes {
+                    let id = v.r#ref.as_ref().and_then(|r| Uuid::parse_str(&r.volume_id).ok());
+                    if let Some(id) = id {
+                        parents.insert(id, Uuid::parse_str(&v.parent_volume_id).ok());
+                    }
+                }
+                if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+        }
+        let mut chain = Vec::new();
+        let mut next = info.parent;
+        while let Some(p) = next.filter(|_| chain.len() < 256) {
+            chain.push(p);
+            next = match parents.get(&p) {
+                Some(parent) => *parent,
+                None => self.get(&VolumeRef { volume: p, ..info.r }).await?.parent,
+            };
+        }
+        Ok(chain)
+    }
+
     /// Prepares the volume (and its chain); FILE gives the file, BLOCK a
     /// link to the activated device.
     pub async fn prepare(&self, r: &VolumeRef) -> Result<Prepared> {

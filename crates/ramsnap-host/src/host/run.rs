@@ -3,7 +3,7 @@
 use super::{prepare_console_log, Host, Running, RunningDisk, Vm, RUNNING_VERSION};
 use crate::error::{HostError, RestoreError, Result, RunError};
 use crate::metadata::{self, DecodeError, MemoryMetadata};
-use crate::model::{disk_dev, MemoryVolumes, VmSpec, VmStatus, VolumeRef, MIB};
+use crate::model::{disk_dev, MemoryVolumes, VmSpec, VmStatus, MIB};
 use crate::volumes::{Prepared, Purpose, VolumeInfo};
 use crate::xml::{self, DiskSource, DomainDef, RestoreRewrite};
 use std::path::{Path, PathBuf};
@@ -259,14 +259,7 @@ impl Host {
         let md = read_memory_metadata(&meta, meta_info.capacity).await?;
         let mut chains = Vec::with_capacity(disk_infos.len());
         for info in disk_infos {
-            let mut chain = Vec::new();
-            let mut next = info.parent;
-            // Bounded: a chain is never deeper than this in practice.
-            while let Some(p) = next.filter(|_| chain.len() < 256) {
-                chain.push(p);
-                next = volumes.get(&VolumeRef { volume: p, ..info.r }).await?.parent;
-            }
-            chains.push(chain);
+            chains.push(volumes.ancestors(info).await?);
         }
         verify_against_spec(&md, spec, &chains)?;
         lap.done("read and verify metadata");
