@@ -246,14 +246,18 @@ impl Host {
         let volumes = &self.inner.volumes;
         let mut lap = super::Lap::new(spec.vm_id, "restore step");
         let step = std::time::Instant::now();
-        let dump_info = volumes.get(&memory.dump).await?;
+        // The two volumes side by side, as a snapshot's are: each call is
+        // an LVM command or two on BLOCK, and the storage agent prepares
+        // different images at once.
+        let (dump_info, meta_info) = tokio::join!(volumes.get(&memory.dump), volumes.get(&memory.metadata));
+        let (dump_info, meta_info) = (dump_info?, meta_info?);
         check_purpose(&dump_info, Purpose::MemoryDump)?;
-        let meta_info = volumes.get(&memory.metadata).await?;
         check_purpose(&meta_info, Purpose::MemoryMetadata)?;
-        let meta = volumes.prepare(&memory.metadata).await?;
-        prepared.push(meta.clone());
-        let dump = volumes.prepare(&memory.dump).await?;
-        prepared.push(dump.clone());
+        let (meta, dump) = tokio::join!(volumes.prepare(&memory.metadata), volumes.prepare(&memory.dump));
+        // Whatever was prepared is recorded for the clean-up, also when
+        // the other one failed.
+        prepared.extend(meta.iter().chain(dump.iter()).cloned());
+        let (meta, dump) = (meta?, dump?);
         lap.done("prepare memory volumes");
 
         let md = read_memory_metadata(&meta, meta_info.capacity).await?;
