@@ -123,9 +123,9 @@ pub trait Backend: Send + Sync + 'static {
 pub const DELETE_JOURNAL_TTL_SECS: i64 = 7 * 24 * 3600;
 
 /// `prepare` of each volume in turn, up to and including the first error.
-pub fn prepare_each(
-    volumes: &[&Volume],
-    mut prepare: impl FnMut(&Volume) -> Result<PathBuf>,
+pub fn prepare_each<T>(
+    volumes: &[T],
+    mut prepare: impl FnMut(&T) -> Result<PathBuf>,
 ) -> Vec<Result<PathBuf>> {
     let mut out = Vec::with_capacity(volumes.len());
     for v in volumes {

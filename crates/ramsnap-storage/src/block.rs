@@ -555,7 +555,7 @@ impl Backend for BlockDomain {
     /// image's), not one per layer: a restore prepares the VM's whole disk
     /// chain, one layer more with every snapshot.
     fn prepare_listed_chain(&self, volumes: &[&Volume]) -> Vec<Result<PathBuf>> {
-        let each = |v: &Volume| self.prepare(v.meta.image, v.meta.volume);
+        let each = |v: &&Volume| self.prepare(v.meta.image, v.meta.volume);
         if lvm::device_mapper_available() {
             return crate::backend::prepare_each(volumes, each);
         }

@@ -1438,18 +1438,7 @@ fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Re
         .collect();
     let results = match &listed {
         Some(listed) => backend.prepare_listed_chain(listed),
-        None => {
-            let mut out = Vec::new();
-            for v in &ids {
-                let r = backend.prepare(r.image, *v);
-                let failed = r.is_err();
-                out.push(r);
-                if failed {
-                    break;
-                }
-            }
-            out
-        }
+        None => crate::backend::prepare_each(&ids, |v| backend.prepare(r.image, *v)),
     };
     let mut newly = Vec::new();
     let mut path = PathBuf::new();
