@@ -232,23 +232,8 @@ async fn qemu_img_into_lvs(c: &Cluster, volumes: &[Vol], capacities: &HashMap<St
     }
     let _ = Command::new("sync").status();
     let d = t.elapsed();
-    for (r, _) in targets {
-        c.storage_as_host()
-            .await
-            .teardown_volume(spb::TeardownVolumeRequest {
-                r#ref: Some(r.clone()),
-            })
-            .await
-            .expect("TeardownVolume");
-        c.storage_as("coordinator")
-            .await
-            .delete_volume(spb::DeleteVolumeRequest {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                r#ref: Some(r),
-            })
-            .await
-            .expect("DeleteVolume");
-    }
+    let made: Vec<VolumeRef> = targets.into_iter().map(|(r, _)| r).collect();
+    c.drop_volumes(&made).await;
     d
 }
 

@@ -514,27 +514,6 @@ async fn memory_lv(c: &Cluster, mode: st::MemoryDumpMode) -> (PathBuf, Vec<commo
     (PathBuf::from(path), volumes)
 }
 
-/// Tears down and deletes volumes the benchmark made for virsh.
-async fn drop_volumes(c: &Cluster, volumes: &[common::VolumeRef]) {
-    for v in volumes {
-        c.storage_as_host()
-            .await
-            .teardown_volume(st::TeardownVolumeRequest {
-                r#ref: Some(v.clone()),
-            })
-            .await
-            .expect("TeardownVolume");
-        c.storage_as("coordinator")
-            .await
-            .delete_volume(st::DeleteVolumeRequest {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                r#ref: Some(v.clone()),
-            })
-            .await
-            .expect("DeleteVolume");
-    }
-}
-
 /// Destroys B's domain (ramsnap's run of it) and, once the host agent has
 /// released B's volumes as it does for a domain gone, prepares B's disk
 /// chain again for the benchmark: virsh's overlays and restores are built
@@ -623,33 +602,20 @@ async fn run(runs: usize, block: bool) {
     )
     .await;
     let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");
+    let kind = if block {
+        DomainKind::Block
+    } else {
+        DomainKind::File
+    };
     let a = c
-        .create_vm_sized(
-            "path-a",
-            if block {
-                DomainKind::Block
-            } else {
-                DomainKind::File
-            },
-            MEMORY_MIB * MIB,
-            &cmdline,
-        )
+        .create_vm_sized("path-a", kind, MEMORY_MIB * MIB, &cmdline)
         .await;
     // B's disk on A's domain: on BLOCK, libvirt flushes the disk it
     // snapshots, and where LVs are loop devices over one PV device that
     // flush writes back every LV's dirty pages (the dump's too); both sides
     // pay it alike.
     let b = c
-        .create_vm_sized(
-            "path-b",
-            if block {
-                DomainKind::Block
-            } else {
-                DomainKind::File
-            },
-            MEMORY_MIB * MIB,
-            &cmdline,
-        )
+        .create_vm_sized("path-b", kind, MEMORY_MIB * MIB, &cmdline)
         .await;
     eprintln!("booting two {MEMORY_MIB} MiB guests, {FILL_MIB} MiB of random data each...");
     c.boot(&a).await;
@@ -789,7 +755,7 @@ async fn run(runs: usize, block: bool) {
         // virsh's memory LVs go (its disk overlays stay: they are the
         // guest's disk chain).
         for (_, volumes) in paused_mem.into_iter().chain(live_mem) {
-            drop_volumes(&c, &volumes).await;
+            c.drop_volumes(&volumes).await;
         }
     }
     let _ = Command::new("virsh")

@@ -1168,6 +1168,28 @@ impl Cluster {
     /// The storage agent as the host agent sees it (the `host` identity:
     /// prepare and teardown, which the admin may not do), for tests that
     /// reach into a volume's bytes.
+    /// Tears down (as the host) and deletes (as the coordinator) volumes a
+    /// test or benchmark made through the storage agent, in order.
+    pub async fn drop_volumes(&self, volumes: &[VolumeRef]) {
+        for v in volumes {
+            self.storage_as_host()
+                .await
+                .teardown_volume(spb::TeardownVolumeRequest {
+                    r#ref: Some(v.clone()),
+                })
+                .await
+                .expect("TeardownVolume");
+            self.storage_as("coordinator")
+                .await
+                .delete_volume(spb::DeleteVolumeRequest {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    r#ref: Some(v.clone()),
+                })
+                .await
+                .expect("DeleteVolume");
+        }
+    }
+
     pub async fn storage_as_host(&self) -> StorageServiceClient<Channel> {
         self.storage_as("host").await
     }

@@ -559,21 +559,22 @@ impl Backend for BlockDomain {
         if lvm::device_mapper_available() {
             return crate::backend::prepare_each(volumes, each);
         }
-        let missing: Vec<String> = volumes
+        let missing: Vec<Uuid> = volumes
             .iter()
             .filter(|v| self.live_device(v.meta.image, v.meta.volume).is_none())
-            .map(|v| v.meta.volume.to_string())
+            .map(|v| v.meta.volume)
             .collect();
         if missing.len() < 2 {
             return crate::backend::prepare_each(volumes, each);
         }
-        let names: Vec<&str> = missing.iter().map(String::as_str).collect();
+        let names: Vec<String> = missing.iter().map(Uuid::to_string).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let Ok(extents) = lvm::lv_extents(&self.vg, &names) else {
             // Each prepare then reports its own volume's error.
             return crate::backend::prepare_each(volumes, each);
         };
-        let known: std::collections::HashMap<&str, lvm::Extent> = names.into_iter().zip(extents).collect();
-        crate::backend::prepare_each(volumes, |v| match known.get(v.meta.volume.to_string().as_str()) {
+        let known: std::collections::HashMap<Uuid, lvm::Extent> = missing.into_iter().zip(extents).collect();
+        crate::backend::prepare_each(volumes, |v| match known.get(&v.meta.volume) {
             Some(extent) => self.prepare_at(v.meta.image, v.meta.volume, extent),
             None => each(v),
         })
