@@ -34,7 +34,13 @@ pub struct App {
     pub(crate) followed: Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>,
     /// The other replicas on PostgreSQL (see [`crate::peers`]).
     peers: OnceLock<Arc<crate::peers::Peers>>,
+    /// How often WatchOperation re-reads an operation that no event woke
+    /// it for (progress, changes of replicas it did not hear of).
+    pub(crate) watch_backstop: std::time::Duration,
 }
+
+/// [`App::watch_backstop`] by default.
+pub const WATCH_BACKSTOP: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl App {
     /// An App that reaches the agents in plain text (in-process tests).
@@ -43,6 +49,14 @@ impl App {
     }
 
     pub fn with_transport(db: Database, transport: ClientTransport) -> Arc<App> {
+        App::with_options(db, transport, WATCH_BACKSTOP)
+    }
+
+    pub(crate) fn with_options(
+        db: Database,
+        transport: ClientTransport,
+        watch_backstop: std::time::Duration,
+    ) -> Arc<App> {
         Arc::new(App {
             db,
             transport,
@@ -52,6 +66,7 @@ impl App {
             vm_events: broadcast::channel(1024).0,
             followed: Mutex::new(HashMap::new()),
             peers: OnceLock::new(),
+            watch_backstop,
         })
     }
 

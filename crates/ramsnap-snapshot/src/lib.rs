@@ -61,6 +61,10 @@ pub struct Options {
     /// answering the other replicas adopt its sagas. By default
     /// `RAMSNAP_LEASE_MS`, or [`saga::DEFAULT_LEASE`].
     pub lease: std::time::Duration,
+    /// How often WatchOperation re-reads an operation when nothing told
+    /// it of a change: [`app::WATCH_BACKSTOP`] by default. Tests that must
+    /// tell a pushed change from a polled one set it long.
+    pub watch_backstop: std::time::Duration,
 }
 
 impl Options {
@@ -74,6 +78,7 @@ impl Options {
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_millis)
                 .unwrap_or(saga::DEFAULT_LEASE),
+            watch_backstop: app::WATCH_BACKSTOP,
         }
     }
 
@@ -127,7 +132,7 @@ impl Coordinator {
         let db = db::Database::connect(database_url).await?;
         db.migrate().await?;
         tracing::info!(backend = ?db.backend(), "database ready");
-        let app = App::with_transport(db.clone(), options.transport);
+        let app = App::with_options(db.clone(), options.transport, options.watch_backstop);
         let notify_app = Arc::downgrade(&app);
         let exec = saga::Executor::new(
             db,

@@ -1093,14 +1093,22 @@ async fn a_second_coordinator_on_one_sqlite_file_is_refused() {
 
 /// Two coordinator replicas on one PostgreSQL (issue 11): an operation
 /// that runs on A is followed by WatchOperation on B, its changes pushed
-/// over LISTEN/NOTIFY (not found by B's 500 ms poll), and cancelled
-/// through B: A cancels it where it runs, and it unwinds.
+/// over LISTEN/NOTIFY, and cancelled through B: A cancels it where it
+/// runs, and it unwinds. B's watch poll is set to a minute, longer than
+/// the test waits, so every change B shows was pushed (not polled).
 #[tokio::test]
 async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first() {
     let holds = tempfile::tempdir().unwrap();
     std::env::set_var("RAMSNAP_FAILPOINT_DIR", holds.path());
     let mut sim = InProc::start_with(Db::Postgres, "3.3", "snapshot_create.overlays=hold").await;
-    let b = support::inproc::open_coordinator(&sim.db_url, "").await;
+    let b = support::inproc::open_coordinator_with(
+        &sim.db_url,
+        ramsnap_snapshot::Options {
+            watch_backstop: std::time::Duration::from_secs(60),
+            ..ramsnap_snapshot::Options::new(ramsnap_common::tls::ClientTransport::Insecure).failpoints("")
+        },
+    )
+    .await;
     let (b_addr, b_stop) = support::serve(b.service_set()).await;
     let channel = tonic::transport::Endpoint::from_shared(b_addr)
         .unwrap()
@@ -1172,9 +1180,10 @@ async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first(
     };
     let mut lags = Vec::new();
     let last = loop {
+        // Well within B's minute-long poll: only a push delivers in time.
         let o = tokio::time::timeout(std::time::Duration::from_secs(20), watch.message())
             .await
-            .expect("a change within 20 s")
+            .expect("a change pushed to B within 20 s")
             .unwrap()
             .expect("the stream ends after the last state")
             .operation
@@ -1185,10 +1194,10 @@ async fn a_second_replica_follows_and_cancels_an_operation_running_on_the_first(
         }
     };
     assert_eq!(last.state, pb::OperationState::Cancelled as i32, "{last:?}");
-    // Pushed: every change seen on B within 100 ms of its commit on A (the
-    // database poll behind it runs every 500 ms).
+    // How soon after its commit on A each change reached B's watcher: a
+    // push takes milliseconds on an idle machine (tens under CI's load).
     eprintln!("changes seen on B, ms after their commit on A (lag, state, warnings): {lags:?}");
-    assert!(lags.iter().all(|(lag, _, _)| *lag < 100), "{lags:?}");
+    assert!(lags.iter().all(|(lag, _, _)| *lag < 5_000), "{lags:?}");
     assert!(sim.vm(&vm).await.locked_by_operation_id.is_empty());
     let _ = b_stop.send(());
     b.close().await;

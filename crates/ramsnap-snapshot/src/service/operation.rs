@@ -8,7 +8,6 @@ use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::operation_service_server::OperationService;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -85,9 +84,9 @@ impl OperationService for OperationApi {
             let mut last = first.clone();
             yield pb::WatchOperationResponse { operation: Some(to_operation(&first)) };
             while !last.state.is_terminal() {
-                // Woken by a change, or every half second (progress, other processes).
+                // Woken by a change, or by the backstop (progress, other processes).
                 // What the change pushed, or else a read.
-                let op = match crate::app::operation_changed(&mut events, id, Duration::from_millis(500)).await {
+                let op = match crate::app::operation_changed(&mut events, id, app.watch_backstop).await {
                     Some(op) => (*op).clone(),
                     None => app.db.get_operation(id).await.map_err(db_status)?,
                 };

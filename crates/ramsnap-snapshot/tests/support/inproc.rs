@@ -46,11 +46,20 @@ impl DerefMut for InProc {
 
 /// The coordinator as `Coordinator::open` makes it, with these failpoints.
 pub async fn open_coordinator(db_url: &str, failpoints: &str) -> Coordinator {
-    // The production start-up with these failpoints; the SQLite lock off,
-    // since a test opens a new coordinator beside a halted one.
+    open_coordinator_with(
+        db_url,
+        Options::new(ClientTransport::Insecure).failpoints(failpoints),
+    )
+    .await
+}
+
+/// [`open_coordinator`] with these options (the SQLite lock off all the same).
+pub async fn open_coordinator_with(db_url: &str, options: Options) -> Coordinator {
+    // The production start-up; the SQLite lock off, since a test opens a
+    // new coordinator beside a halted one.
     let options = Options {
         sole_sqlite_user: false,
-        ..Options::new(ClientTransport::Insecure).failpoints(failpoints)
+        ..options
     };
     let coordinator = Coordinator::connect_with_options(db_url, options).await.unwrap();
     coordinator.resume().await.unwrap();
