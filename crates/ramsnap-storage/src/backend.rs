@@ -50,6 +50,25 @@ pub trait Backend: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// [`Backend::create_legal`] right after `survey` was read under the
+    /// same lock: a backend may use what it read (BLOCK places the LV in
+    /// the free space it saw, and so knows where it lies without asking).
+    /// The default ignores it.
+    fn create_legal_surveyed(
+        &self,
+        meta: &VolumeMeta,
+        parent: Option<&VolumeMeta>,
+        survey: &Survey,
+    ) -> Result<()> {
+        let _ = survey;
+        self.create_legal(meta, parent)
+    }
+    /// [`Backend::create_legal_all`] right after `survey` was read, as
+    /// [`Backend::create_legal_surveyed`].
+    fn create_legal_all_surveyed(&self, metas: &[VolumeMeta], survey: &Survey) -> Result<()> {
+        let _ = survey;
+        self.create_legal_all(metas)
+    }
     fn set_legality(&self, image: Uuid, volume: Uuid, legality: Legality) -> Result<()>;
     /// Records a new parent in the volume's metadata (after a rebase).
     fn set_parent(&self, image: Uuid, volume: Uuid, parent: Option<Uuid>) -> Result<()>;
@@ -108,6 +127,17 @@ pub trait Backend: Send + Sync + 'static {
     fn created(&self, meta: &VolumeMeta) -> Result<Volume> {
         self.get(meta.image, meta.volume)
     }
+    /// What a create reads of the domain before it changes anything (see
+    /// [`Survey`]). The default asks for each part; a backend may read
+    /// them at once.
+    fn survey(&self) -> Result<Survey> {
+        Ok(Survey {
+            info: self.info()?,
+            volumes: self.list(None)?,
+            writer_generation: self.writer_generation()?,
+            free_space: None,
+        })
+    }
     /// The volume that a create (or copy) with request id `request` made,
     /// whatever its legality: its metadata records the request. The
     /// default looks at every volume of the domain.
@@ -116,6 +146,40 @@ pub trait Backend: Send + Sync + 'static {
             .list(None)?
             .into_iter()
             .find(|v| v.meta.request_id == Some(request)))
+    }
+}
+
+/// A domain as a create reads it first, all at one time: its free space,
+/// every volume (to find what the request made before, and the image's
+/// volumes), and the writer generation recorded on it (the fence). On
+/// BLOCK one `pvs` instead of three or four LVM commands.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    pub info: DomainInfo,
+    /// In [`Backend::list`]'s order.
+    pub volumes: Vec<Volume>,
+    pub writer_generation: i64,
+    /// BLOCK: where the VG's free extents lie (see
+    /// [`crate::block::FreeSpace`]); None elsewhere.
+    pub(crate) free_space: Option<crate::block::FreeSpace>,
+}
+
+impl Survey {
+    /// The volume that request `request` made, as [`Backend::find_request`].
+    pub fn find_request(&self, request: Uuid) -> Option<Volume> {
+        self.volumes
+            .iter()
+            .find(|v| v.meta.request_id == Some(request))
+            .cloned()
+    }
+
+    /// The volumes of `image`, as [`Backend::list`] of it.
+    pub fn image(&self, image: Uuid) -> Vec<Volume> {
+        self.volumes
+            .iter()
+            .filter(|v| v.meta.image == image)
+            .cloned()
+            .collect()
     }
 }
 

@@ -379,7 +379,94 @@ fn segments(select: &str) -> Result<Vec<(String, Extent)>> {
         .collect()
 }
 
-pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
+/// All a create needs to know of a VG, read at once: its [`VgInfo`] (and
+/// tags), each LV with its tags and where its segments lie, and its free
+/// ranges. One `pvs --segments`, which lists free space as segments
+/// without an LV, so it answers for a VG with no LVs too.
+#[derive(Debug, Clone)]
+pub struct VgReport {
+    pub info: VgInfo,
+    /// Each LV once, in the order of its first segment.
+    pub lvs: Vec<LvRow>,
+    /// Each LV's segments (name, extent), in PV order.
+    pub segments: Vec<(String, Extent)>,
+    /// The free ranges of its PV: first physical extent and count.
+    pub free: Vec<(u64, u64)>,
+}
+
+pub fn vg_report(vg: &str) -> Result<VgReport> {
+    let out = tool::run(lvm("pvs").args([
+        "--segments",
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "--separator",
+        "|",
+        "-o",
+        "lv_name,lv_size,lv_tags,pv_name,pe_start,pvseg_start,pvseg_size,vg_size,vg_free,vg_extent_size,vg_tags",
+        "--select",
+        &format!("vg_name={vg}"),
+    ]))?;
+    parse_vg_report(vg, &out)
+}
+
+fn parse_vg_report(vg: &str, out: &str) -> Result<VgReport> {
+    let mut info = None;
+    let mut lvs: Vec<LvRow> = Vec::new();
+    let mut segments = Vec::new();
+    let mut free = Vec::new();
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() != 11 {
+            return Err(bad_output("pvs", line));
+        }
+        let (pe_start, first, count, extent_size) = (num(f[4])?, num(f[5])?, num(f[6])?, num(f[9])?);
+        info.get_or_insert(VgInfo {
+            pv: f[3].to_string(),
+            pe_start,
+            size: num(f[7])?,
+            free: num(f[8])?,
+            extent_size,
+            tags: split_tags(f[10]),
+        });
+        if f[0].is_empty() {
+            free.push((first, count));
+            continue;
+        }
+        segments.push((
+            f[0].to_string(),
+            (
+                f[3].to_string(),
+                pe_start + first * extent_size,
+                count * extent_size,
+            ),
+        ));
+        if !lvs.iter().any(|lv| lv.name == f[0]) {
+            lvs.push(LvRow {
+                name: f[0].into(),
+                size: num(f[1])?,
+                tags: split_tags(f[2]),
+                first_pe: Some(first),
+            });
+        }
+    }
+    let info = info.ok_or_else(|| StorageError::Tool {
+        cmd: "pvs --segments".into(),
+        stderr: format!("volume group {vg} has no physical volume on this host"),
+    })?;
+    Ok(VgReport {
+        info,
+        lvs,
+        segments,
+        free,
+    })
+}
+
+/// A new LV of `size` bytes (rounded up to whole extents) in one
+/// contiguous segment: where LVM chooses, or within `at` (`PV:first-last`,
+/// physical extents).
+pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String], at: Option<&str>) -> Result<()> {
     let mut cmd = lvm("lvcreate");
     cmd.args([
         "--activate",
@@ -395,7 +482,9 @@ pub fn lvcreate(vg: &str, lv: &str, size: u64, tags: &[String]) -> Result<()> {
     for t in tags {
         cmd.args(["--addtag", t]);
     }
-    tool::run(cmd.arg(vg)).map(drop)
+    cmd.arg(vg);
+    cmd.args(at);
+    tool::run(&mut cmd).map(drop)
 }
 
 pub fn lv_change_tags(vg: &str, lv: &str, remove: &[String], add: &[String]) -> Result<()> {
@@ -511,6 +600,46 @@ fn bad_output(cmd: &str, line: &str) -> StorageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What LVM 2.03 printed for a VG with two LVs and two free ranges.
+    #[test]
+    fn vg_report_reads_lvs_free_space_and_vg_fields() {
+        let out =
+            "  lv1|12582912|IU_x,RS_LEGAL|/dev/loop0|1048576|0|3|205520896|184549376|4194304|RS_WRITER_3\n\
+                   \x20 |0||/dev/loop0|1048576|3|17|205520896|184549376|4194304|RS_WRITER_3\n\
+                   \x20 lv2|8388608|IU_y|/dev/loop0|1048576|20|2|205520896|184549376|4194304|RS_WRITER_3\n\
+                   \x20 |0||/dev/loop0|1048576|22|27|205520896|184549376|4194304|RS_WRITER_3\n";
+        let r = parse_vg_report("vg", out).unwrap();
+        assert_eq!(
+            (r.info.pv.as_str(), r.info.free, r.info.extent_size),
+            ("/dev/loop0", 184549376, 4194304)
+        );
+        assert_eq!(r.info.tags, ["RS_WRITER_3"]);
+        let names: Vec<_> = r
+            .lvs
+            .iter()
+            .map(|l| (l.name.as_str(), l.size, l.first_pe))
+            .collect();
+        assert_eq!(names, [("lv1", 12582912, Some(0)), ("lv2", 8388608, Some(20))]);
+        assert_eq!(r.lvs[0].tags, ["IU_x", "RS_LEGAL"]);
+        assert_eq!(r.free, [(3, 17), (22, 27)]);
+        assert_eq!(
+            r.segments[1],
+            (
+                "lv2".to_string(),
+                ("/dev/loop0".to_string(), 1048576 + 20 * 4194304, 2 * 4194304)
+            )
+        );
+        // A VG with no LV still has its free segment, and so its fields.
+        let empty = parse_vg_report(
+            "vg",
+            "  |0||/dev/loop0|1048576|0|49|205520896|205520896|4194304|\n",
+        )
+        .unwrap();
+        assert!(empty.lvs.is_empty() && empty.info.tags.is_empty());
+        assert!(parse_vg_report("vg", "").is_err());
+        assert!(parse_vg_report("vg", "lv1|12|x|/dev/loop0").is_err());
+    }
 
     #[test]
     fn use_aio_is_replaced_in_place_or_added() {

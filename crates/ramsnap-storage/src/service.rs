@@ -247,8 +247,7 @@ impl StorageService for StorageApi {
             parent: parse_optional_id("parent_volume_id", &req.parent_volume_id)?,
             description: req.description,
         };
-        admit_writer(&self.storage, writer, new.domain).await?;
-        let v = self.storage.create_volume(new).await?;
+        let v = self.storage.create_volume_as(new, writer).await?;
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(to_volume(v)),
         }))
@@ -266,10 +265,16 @@ impl StorageService for StorageApi {
         };
         let domain = parse_id("domain_id", &req.domain_id)?;
         let request_id = parse_optional_id("request_id", &req.request_id)?;
-        admit_writer(&self.storage, writer, domain).await?;
         let (dump, metadata) = self
             .storage
-            .create_memory_volumes(request_id, domain, req.memory_bytes, mode, req.description)
+            .create_memory_volumes_as(
+                request_id,
+                domain,
+                req.memory_bytes,
+                mode,
+                req.description,
+                writer,
+            )
             .await?;
         Ok(Response::new(pb::CreateMemoryVolumesResponse {
             dump: Some(to_volume(dump)),

@@ -2,7 +2,7 @@
 //! operations on their volumes, with the guarantees the API promises:
 //! request-id idempotency, metadata changes serialized per domain, and no
 //! half-made volume left by a failure.
-use crate::backend::Backend;
+use crate::backend::{Backend, Survey};
 use crate::block::BlockDomain;
 use crate::copy::{self, Backing, CopyJob};
 use crate::descriptor::{self, DescriptorStore};
@@ -239,17 +239,7 @@ impl Storage {
         let backend = d.backend.clone();
         blocking(move || {
             let recorded = backend.writer_generation()?;
-            if generation < recorded {
-                return Err(StorageError::StaleWriter {
-                    domain,
-                    generation,
-                    recorded,
-                });
-            }
-            if generation > recorded {
-                backend.set_writer_generation(recorded, generation)?;
-            }
-            Ok(())
+            check_writer(backend.as_ref(), domain, Some(generation), recorded)
         })
         .await
     }
@@ -528,6 +518,13 @@ impl Storage {
     }
 
     pub async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
+        self.create_volume_as(req, None).await
+    }
+
+    /// [`Storage::create_volume`] by domain writer `writer` (see
+    /// [`Storage::admit_writer`]): on BLOCK the fence is read in the same
+    /// `pvs` as the rest of what the create reads first (a [`Survey`]).
+    pub async fn create_volume_as(&self, req: NewVolume, writer: Option<i64>) -> Result<Volume> {
         limits::check_capacity("capacity_bytes", req.capacity)?;
         limits::check_description("description", &req.description)?;
         let d = self.domain(req.domain)?;
@@ -549,12 +546,21 @@ impl Storage {
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         if d.kind == DomainType::File {
+            if let Some(g) = writer {
+                self.admit_writer(req.domain, g).await?;
+            }
             let _shared = d.lock.read().await;
             let _keys = d.creates.lock(&[req.image, req.request_id]).await;
             return blocking(move || create_locked(backend.as_ref(), &holds, req, allocation)).await;
         }
         let _guard = d.lock.write().await;
-        blocking(move || create_locked(backend.as_ref(), &holds, req, allocation)).await
+        let _writer = d.writer.lock().await;
+        blocking(move || {
+            let survey = backend.survey()?;
+            check_writer(backend.as_ref(), req.domain, writer, survey.writer_generation)?;
+            create_surveyed(backend.as_ref(), &holds, req, allocation, survey)
+        })
+        .await
     }
 
     /// The two volumes of a snapshot's memory, each in an image of its own.
@@ -566,6 +572,21 @@ impl Storage {
         memory: u64,
         mode: DumpMode,
         description: String,
+    ) -> Result<(Volume, Volume)> {
+        self.create_memory_volumes_as(request_id, domain, memory, mode, description, None)
+            .await
+    }
+
+    /// [`Storage::create_memory_volumes`] by domain writer `writer`, as
+    /// [`Storage::create_volume_as`].
+    pub async fn create_memory_volumes_as(
+        &self,
+        request_id: Option<Uuid>,
+        domain: Uuid,
+        memory: u64,
+        mode: DumpMode,
+        description: String,
+        writer: Option<i64>,
     ) -> Result<(Volume, Volume)> {
         if memory == 0 {
             return Err(StorageError::invalid("memory_bytes", "must be greater than 0"));
@@ -606,15 +627,23 @@ impl Storage {
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         let keys = [dump.request_id, meta.request_id];
-        let make = move || create_pair_locked(backend.as_ref(), &holds, dump, meta);
         // Locked as create_volume locks one volume.
         if d.kind == DomainType::File {
+            if let Some(g) = writer {
+                self.admit_writer(domain, g).await?;
+            }
             let _shared = d.lock.read().await;
             let _keys = d.creates.lock(&keys).await;
-            return blocking(make).await;
+            return blocking(move || create_pair_locked(backend.as_ref(), &holds, dump, meta, None)).await;
         }
         let _guard = d.lock.write().await;
-        blocking(make).await
+        let _writer = d.writer.lock().await;
+        blocking(move || {
+            let survey = backend.survey()?;
+            check_writer(backend.as_ref(), domain, writer, survey.writer_generation)?;
+            create_pair_locked(backend.as_ref(), &holds, dump, meta, Some(survey))
+        })
+        .await
     }
 
     pub async fn delete_volume(&self, r: VolumeRef, request_id: Option<Uuid>) -> Result<()> {
@@ -1480,10 +1509,15 @@ fn create_pair_locked(
     holds: &Holds,
     dump: NewVolume,
     meta: NewVolume,
+    survey: Option<Survey>,
 ) -> Result<(Volume, Volume)> {
     let allocation = backend.natural_allocation();
     let requests: Vec<Uuid> = [dump.request_id, meta.request_id].into_iter().flatten().collect();
-    let mut found = backend.find_requests(&requests)?.into_iter();
+    let found = match &survey {
+        Some(s) => requests.iter().map(|r| s.find_request(*r)).collect(),
+        None => backend.find_requests(&requests)?,
+    };
+    let mut found = found.into_iter();
     let mut earlier = |r: Option<Uuid>| r.and_then(|_| found.next().flatten());
     let (dump_found, meta_found) = (earlier(dump.request_id), earlier(meta.request_id));
     let dump_found = reusable(backend, holds, &dump, allocation, dump_found)?;
@@ -1507,8 +1541,13 @@ fn create_pair_locked(
         e
     };
     if !new.is_empty() {
-        // All that is missing must fit before any of it is made.
-        let domain = backend.info()?;
+        // All that is missing must fit before any of it is made. (A
+        // volume removed above as unusable does not count: its space is
+        // free, but the survey was read before.)
+        let domain = match &survey {
+            Some(s) => s.info.clone(),
+            None => backend.info()?,
+        };
         let need = new.iter().fold(0u64, |n, m| n.saturating_add(m.capacity));
         if need > domain.free {
             return Err(give_up(
@@ -1520,7 +1559,11 @@ fn create_pair_locked(
                 false,
             ));
         }
-        backend.create_legal_all(&new).map_err(|e| give_up(e, false))?;
+        match &survey {
+            Some(s) => backend.create_legal_all_surveyed(&new, s),
+            None => backend.create_legal_all(&new),
+        }
+        .map_err(|e| give_up(e, false))?;
     }
     let made = new
         .iter()
@@ -1602,11 +1645,45 @@ fn create_locked(
         (Some(r), None) => (backend.find_request(r)?, None),
         (None, _) => (None, None),
     };
-    create_found(backend, holds, req, allocation, found, in_image)
+    create_found(backend, holds, req, allocation, found, in_image, None)
+}
+
+/// [`create_locked`] with the domain already read ([`Backend::survey`]).
+fn create_surveyed(
+    backend: &dyn Backend,
+    holds: &Holds,
+    req: NewVolume,
+    allocation: Allocation,
+    survey: Survey,
+) -> Result<Volume> {
+    let found = req.request_id.and_then(|r| survey.find_request(r));
+    let in_image = req.image.map(|i| survey.image(i));
+    create_found(backend, holds, req, allocation, found, in_image, Some(&survey))
+}
+
+/// Refuses a call of domain writer `writer` when the domain recorded a
+/// later one (`recorded`), and records it when it is the later one; no
+/// writer given (a call from outside a saga) passes.
+fn check_writer(backend: &dyn Backend, domain: Uuid, writer: Option<i64>, recorded: i64) -> Result<()> {
+    let Some(generation) = writer else {
+        return Ok(());
+    };
+    if generation < recorded {
+        return Err(StorageError::StaleWriter {
+            domain,
+            generation,
+            recorded,
+        });
+    }
+    if generation > recorded {
+        backend.set_writer_generation(recorded, generation)?;
+    }
+    Ok(())
 }
 
 /// [`create_locked`] once what the request made before (`found`) and the
-/// image's volumes are read (None when not read yet).
+/// image's volumes are read (None when not read yet), and the domain's
+/// survey when they came from one.
 fn create_found(
     backend: &dyn Backend,
     holds: &Holds,
@@ -1614,6 +1691,7 @@ fn create_found(
     allocation: Allocation,
     found: Option<Volume>,
     mut in_image: Option<Vec<Volume>>,
+    survey: Option<&Survey>,
 ) -> Result<Volume> {
     let earlier = found.as_ref().map(|v| v.meta.volume);
     if let Some(v) = reusable(backend, holds, &req, allocation, found)? {
@@ -1623,7 +1701,7 @@ fn create_found(
     if let (Some(removed), Some(listed)) = (earlier, &mut in_image) {
         listed.retain(|x| x.meta.volume != removed);
     }
-    create_new_in(backend, req, allocation, Legality::Legal, in_image)
+    create_new_at(backend, req, allocation, Legality::Legal, in_image, survey)
 }
 
 fn create_new(
@@ -1647,7 +1725,23 @@ fn create_new_in(
     legality: Legality,
     in_image: Option<Vec<Volume>>,
 ) -> Result<Volume> {
-    let domain = backend.info()?;
+    create_new_at(backend, req, allocation, legality, in_image, None)
+}
+
+/// [`create_new_in`] with the domain's [`Survey`] when the caller read
+/// it under this lock.
+fn create_new_at(
+    backend: &dyn Backend,
+    req: NewVolume,
+    allocation: Allocation,
+    legality: Legality,
+    in_image: Option<Vec<Volume>>,
+    survey: Option<&Survey>,
+) -> Result<Volume> {
+    let domain = match survey {
+        Some(s) => s.info.clone(),
+        None => backend.info()?,
+    };
     // A new image has no volumes: no need to list it (an lvs on BLOCK).
     let (image, in_image) = match (req.image, in_image) {
         (Some(i), Some(listed)) => (i, listed),
@@ -1727,9 +1821,10 @@ fn create_new_in(
         };
         prepared = prepare_listed(backend, &in_image, r)?.1;
     }
-    let result = match legality {
-        Legality::Legal => backend.create_legal(&meta, parent.as_ref()),
-        Legality::Illegal => backend.create(&meta, parent.as_ref()),
+    let result = match (legality, survey) {
+        (Legality::Legal, Some(s)) => backend.create_legal_surveyed(&meta, parent.as_ref(), s),
+        (Legality::Legal, None) => backend.create_legal(&meta, parent.as_ref()),
+        (Legality::Illegal, _) => backend.create(&meta, parent.as_ref()),
     };
     for v in prepared.iter().rev() {
         let _ = backend.teardown(image, *v);
@@ -1894,7 +1989,7 @@ mod tests {
         create_locked(&domain, &holds, dump(), domain.natural_allocation()).unwrap();
         // The retry: the metadata volume cannot fit.
         let huge = u64::MAX / 4;
-        match create_pair_locked(&domain, &holds, dump(), meta(huge)) {
+        match create_pair_locked(&domain, &holds, dump(), meta(huge), None) {
             Err(StorageError::NoSpace { requested, .. }) => {
                 assert_eq!(requested, huge, "only what is missing is counted")
             }
@@ -1902,8 +1997,10 @@ mod tests {
         }
         assert_eq!(domain.list(None).unwrap().len(), 0, "the earlier dump went too");
         // A retry that fits makes both, and the next answers the same two.
-        let (d, m) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
-        let (d2, m2) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
+        let (d, m) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20), None).unwrap();
+        // (The retry as BLOCK makes it: with what one read of the domain found.)
+        let survey = Some(domain.survey().unwrap());
+        let (d2, m2) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20), survey).unwrap();
         assert_eq!(
             (d.volume_ref(), m.volume_ref()),
             (d2.volume_ref(), m2.volume_ref())
@@ -1914,7 +2011,8 @@ mod tests {
         }
         // An earlier try's dump is kept when the rest fits.
         domain.remove(m.meta.image, m.meta.volume).unwrap();
-        let (d3, m3) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20)).unwrap();
+        let survey = Some(domain.survey().unwrap());
+        let (d3, m3) = create_pair_locked(&domain, &holds, dump(), meta(1 << 20), survey).unwrap();
         assert_eq!(d3.volume_ref(), d.volume_ref());
         assert_ne!(m3.volume_ref(), m.volume_ref());
     }

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 /// [`StorageError::Tool`] carrying the command line and stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let line = describe(cmd);
-    tracing::debug!(cmd = %line, "running");
+    let started = std::time::Instant::now();
     let out = cmd
         .stdin(Stdio::null())
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
@@ -16,6 +16,8 @@ pub fn run(cmd: &mut Command) -> Result<String> {
             cmd: line.clone(),
             stderr: e.to_string(),
         })?;
+    // After the fact, with its time: a slow path shows which commands it ran.
+    tracing::debug!(cmd = %line, ms = started.elapsed().as_millis() as u64, ok = out.status.success(), "ran");
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stderr = stderr

@@ -2632,6 +2632,16 @@ async fn metadata_changes_under_a_replaced_writer_are_refused() {
         delete.metadata_mut().insert(WRITER_HEADER, "2".parse().unwrap());
         let refused = env.client.delete_volume(delete).await.unwrap_err();
         assert_eq!(precondition_of(&refused).0, "STALE_WRITER", "{kind:?}");
+        let mut memory = tonic::Request::new(pb::CreateMemoryVolumesRequest {
+            request_id: Uuid::new_v4().to_string(),
+            domain_id: domain.clone(),
+            memory_bytes: 16 * MIB,
+            mode: pb::MemoryDumpMode::Paused as i32,
+            description: String::new(),
+        });
+        memory.metadata_mut().insert(WRITER_HEADER, "2".parse().unwrap());
+        let refused = env.client.create_memory_volumes(memory).await.unwrap_err();
+        assert_eq!(precondition_of(&refused).0, "STALE_WRITER", "{kind:?}");
         assert_eq!(
             env.list(&domain).await.len(),
             before,
@@ -3284,4 +3294,74 @@ async fn ovirt_export_domains_take_copies_written_as_vdsm_writes_them() {
         .unwrap();
         assert_eq!(keys["VOLTYPE"], "LEAF");
     }
+}
+
+/// A BLOCK create places its LV in the free space its one read of the VG
+/// saw (so it knows where the LV lies without reading it back). When the VG
+/// changed in between (an LV made there by another host's writer, say), the
+/// create still succeeds where LVM places it, and the other LV's data is
+/// untouched: the volume is laid out where it really is, not where it was
+/// meant to go.
+#[tokio::test]
+async fn a_block_create_placed_where_another_lv_was_made_since_goes_elsewhere() {
+    use ramsnap_storage::backend::Backend;
+    use ramsnap_storage::model::*;
+    let dir = tempfile::tempdir().unwrap();
+    let device = LoopDevice::new(dir.path(), 256 * MIB);
+    let id = Uuid::new_v4();
+    let domain =
+        ramsnap_storage::block::BlockDomain::create(&device.device, id, "placed", &dir.path().join("run"))
+            .unwrap();
+    let vg = id.to_string();
+    let survey = domain.survey().unwrap();
+    // Made after the survey, in the first free extents: where the create
+    // would have placed its own LV.
+    ramsnap_storage::lvm::lvcreate(&vg, "outsider", 8 * MIB, &[], None).unwrap();
+    let (pv, offset, len) = ramsnap_storage::lvm::lv_extent(&vg, "outsider", None)
+        .unwrap()
+        .unwrap();
+    let pattern = vec![0xabu8; len as usize];
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pv)
+        .unwrap();
+    f.write_all_at(&pattern, offset).unwrap();
+    f.sync_all().unwrap();
+    let meta = VolumeMeta {
+        version: 1,
+        image: Uuid::new_v4(),
+        volume: Uuid::new_v4(),
+        parent: None,
+        format: Format::Raw,
+        allocation: Allocation::Preallocated,
+        purpose: Purpose::Disk,
+        legality: Legality::Legal,
+        capacity: 8 * MIB,
+        description: String::new(),
+        request_id: None,
+        created_at: 0,
+    };
+    domain.create_legal_surveyed(&meta, None, &survey).unwrap();
+    let mut back = vec![0u8; len as usize];
+    f.read_exact_at(&mut back, offset).unwrap();
+    assert!(back == pattern, "the other LV's data was overwritten");
+    let (_, made_at, made_len) = ramsnap_storage::lvm::lv_extent(&vg, &meta.volume.to_string(), None)
+        .unwrap()
+        .unwrap();
+    assert_ne!(made_at, offset);
+    let mut made = vec![1u8; made_len as usize];
+    f.read_exact_at(&mut made, made_at).unwrap();
+    assert!(made.iter().all(|b| *b == 0), "the new volume reads as zeros");
+    let listed = domain.get(meta.image, meta.volume).unwrap();
+    assert_eq!(listed.meta.legality, Legality::Legal);
+    // Without the interloper, it goes where the survey said, at once.
+    let survey = domain.survey().unwrap();
+    let second = VolumeMeta {
+        image: Uuid::new_v4(),
+        volume: Uuid::new_v4(),
+        ..meta.clone()
+    };
+    domain.create_legal_surveyed(&second, None, &survey).unwrap();
+    assert_eq!(domain.list(None).unwrap().len(), 2);
 }
