@@ -598,7 +598,7 @@ async fn run(runs: usize, block: bool) {
         Db::Sqlite,
         "3.3",
         "bench-path",
-        &[("RUST_LOG", "info,ramsnap_host::host=debug")],
+        &[("RUST_LOG", "info,ramsnap_host::host=debug,ramsnap_storage::tool=debug")],
     )
     .await;
     let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");
