@@ -81,6 +81,7 @@ async fn volumes_with_paths(c: &Cluster, domain: &str) -> Vec<Vol> {
             .await
             .prepare_volume(spb::PrepareVolumeRequest {
                 r#ref: Some(r.clone()),
+                ..Default::default()
             })
             .await
             .expect("PrepareVolume")
@@ -200,6 +201,7 @@ async fn qemu_img_into_lvs(c: &Cluster, volumes: &[Vol], capacities: &HashMap<St
             .await
             .prepare_volume(spb::PrepareVolumeRequest {
                 r#ref: Some(made.clone()),
+                ..Default::default()
             })
             .await
             .expect("PrepareVolume")

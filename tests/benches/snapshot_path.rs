@@ -506,6 +506,7 @@ async fn memory_lv(c: &Cluster, mode: st::MemoryDumpMode) -> (PathBuf, Vec<commo
         .await
         .prepare_volume(st::PrepareVolumeRequest {
             r#ref: Some(volumes[0].clone()),
+            ..Default::default()
         })
         .await
         .expect("PrepareVolume")
@@ -534,6 +535,7 @@ async fn pin_disk_chain(c: &Cluster, vm: &str) {
                 image_id: disk.image_id,
                 volume_id: disk.leaf_volume_id,
             }),
+            ..Default::default()
         })
         .await
         .expect("PrepareVolume of B's disk");
@@ -561,6 +563,7 @@ async fn overlay_lv(c: &Cluster) -> PathBuf {
         .await
         .prepare_volume(st::PrepareVolumeRequest {
             r#ref: made.volume.and_then(|v| v.r#ref),
+            ..Default::default()
         })
         .await
         .expect("PrepareVolume")
@@ -598,7 +601,10 @@ async fn run(runs: usize, block: bool) {
         Db::Sqlite,
         "3.3",
         "bench-path",
-        &[("RUST_LOG", "info,ramsnap_host::host=debug,ramsnap_storage::tool=debug")],
+        &[(
+            "RUST_LOG",
+            "info,ramsnap_host::host=debug,ramsnap_storage::tool=debug",
+        )],
     )
     .await;
     let cmdline = format!("{CMDLINE} ramsnap.fill={FILL_MIB}");

@@ -246,6 +246,7 @@ async fn damage_exported_dump(
     let path = storage
         .prepare_volume(spb::PrepareVolumeRequest {
             r#ref: Some(on_export.clone()),
+            ..Default::default()
         })
         .await
         .expect("PrepareVolume of the exported dump")

@@ -336,6 +336,7 @@ async fn imports_and_restores(db: Db, kind: DomainKind, label: &str) {
         let path = storage
             .prepare_volume(spb::PrepareVolumeRequest {
                 r#ref: Some(r.clone()),
+                ..Default::default()
             })
             .await
             .expect("PrepareVolume of an imported disk volume")

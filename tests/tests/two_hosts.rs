@@ -25,6 +25,7 @@ async fn with_volume<T>(c: &Cluster, r: &common::VolumeRef, f: impl FnOnce(&std:
     let path = storage
         .prepare_volume(spb::PrepareVolumeRequest {
             r#ref: Some(r.clone()),
+            ..Default::default()
         })
         .await
         .expect("PrepareVolume")

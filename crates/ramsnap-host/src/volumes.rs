@@ -98,28 +98,32 @@ impl Volumes {
             .into_inner()
             .volume
             .ok_or_else(|| HostError::Internal("storage get_volume: no volume in the answer".into()))?;
-        let parent = if v.parent_volume_id.is_empty() {
-            None
-        } else {
-            Some(Uuid::parse_str(&v.parent_volume_id).map_err(|_| {
-                HostError::Internal(format!("storage: bad parent id {:?}", v.parent_volume_id))
-            })?)
+        info_of(r, &v)
+    }
+
+    /// Prepares a volume that must be of `purpose`, and what it is: one
+    /// call, where a GetVolume to check it and a PrepareVolume would be two
+    /// (two LVM reads on BLOCK). The storage service refuses a volume of
+    /// another purpose (VOLUME_PURPOSE) before it prepares anything. A
+    /// storage service that did not answer what it prepared (an older one,
+    /// which does not check either) is asked with a GetVolume; on a wrong
+    /// purpose then the volume is left prepared rather than torn down, as
+    /// it may be another VM's disk in use.
+    pub async fn prepare_of(&self, r: &VolumeRef, purpose: Purpose) -> Result<(Prepared, VolumeInfo)> {
+        let (prepared, volume) = self.prepare_request(r, purpose).await?;
+        let info = match volume {
+            Some(v) => info_of(r, &v)?,
+            None => self.get(r).await?,
         };
-        Ok(VolumeInfo {
-            r: *r,
-            parent,
-            format: match pb::VolumeFormat::try_from(v.format) {
-                Ok(pb::VolumeFormat::Cow) => DiskFormat::Qcow2,
-                _ => DiskFormat::Raw,
-            },
-            purpose: match pb::VolumePurpose::try_from(v.purpose) {
-                Ok(pb::VolumePurpose::Disk) => Purpose::Disk,
-                Ok(pb::VolumePurpose::MemoryDump) => Purpose::MemoryDump,
-                Ok(pb::VolumePurpose::MemoryMetadata) => Purpose::MemoryMetadata,
-                _ => Purpose::Other,
-            },
-            capacity: v.capacity_bytes,
-        })
+        if info.purpose != purpose {
+            return Err(crate::error::RunError::WrongPurpose {
+                volume: *r,
+                expected: purpose.name(),
+                actual: info.purpose.name().to_string(),
+            }
+            .into());
+        }
+        Ok((prepared, info))
     }
 
     /// The ancestors of `info`'s volume, parent first: from one listing of
@@ -170,27 +174,44 @@ impl Volumes {
     /// Prepares the volume (and its chain); FILE gives the file, BLOCK a
     /// link to the activated device.
     pub async fn prepare(&self, r: &VolumeRef) -> Result<Prepared> {
-        let path = PathBuf::from(
-            self.client
-                .clone()
-                .prepare_volume(request(pb::PrepareVolumeRequest {
-                    r#ref: Some(to_pb(r)),
-                }))
-                .await
-                .map_err(|s| StorageCallError::from_status("prepare_volume", &s))?
-                .into_inner()
-                .path,
-        );
+        Ok(self.prepare_request(r, Purpose::Other).await?.0)
+    }
+
+    /// PrepareVolume, of a volume that must be of `purpose` unless Other:
+    /// the prepared volume, and the volume as the service listed it.
+    async fn prepare_request(
+        &self,
+        r: &VolumeRef,
+        purpose: Purpose,
+    ) -> Result<(Prepared, Option<pb::Volume>)> {
+        let purpose = match purpose {
+            Purpose::Disk => pb::VolumePurpose::Disk,
+            Purpose::MemoryDump => pb::VolumePurpose::MemoryDump,
+            Purpose::MemoryMetadata => pb::VolumePurpose::MemoryMetadata,
+            Purpose::Other => pb::VolumePurpose::Unspecified,
+        };
+        let answer = self
+            .client
+            .clone()
+            .prepare_volume(request(pb::PrepareVolumeRequest {
+                r#ref: Some(to_pb(r)),
+                purpose: purpose as i32,
+            }))
+            .await
+            .map_err(|s| StorageCallError::from_status("prepare_volume", &s))?
+            .into_inner();
+        let path = PathBuf::from(answer.path);
         let p = path.clone();
         let block = tokio::task::spawn_blocking(move || is_block_device(&p))
             .await
             .map_err(|e| HostError::Internal(e.to_string()))?
             .map_err(|e| HostError::io(format!("prepared volume {}", path.display()), e))?;
-        Ok(Prepared {
+        let prepared = Prepared {
             r: *r,
             path,
             kind: if block { DiskKind::Block } else { DiskKind::File },
-        })
+        };
+        Ok((prepared, answer.volume))
     }
 
     /// Tears the volume down; a volume already gone is success.
@@ -218,4 +239,31 @@ impl Volumes {
             }
         }
     }
+}
+
+/// What the host needs of a volume the storage service listed.
+fn info_of(r: &VolumeRef, v: &pb::Volume) -> Result<VolumeInfo> {
+    let parent =
+        if v.parent_volume_id.is_empty() {
+            None
+        } else {
+            Some(Uuid::parse_str(&v.parent_volume_id).map_err(|_| {
+                HostError::Internal(format!("storage: bad parent id {:?}", v.parent_volume_id))
+            })?)
+        };
+    Ok(VolumeInfo {
+        r: *r,
+        parent,
+        format: match pb::VolumeFormat::try_from(v.format) {
+            Ok(pb::VolumeFormat::Cow) => DiskFormat::Qcow2,
+            _ => DiskFormat::Raw,
+        },
+        purpose: match pb::VolumePurpose::try_from(v.purpose) {
+            Ok(pb::VolumePurpose::Disk) => Purpose::Disk,
+            Ok(pb::VolumePurpose::MemoryDump) => Purpose::MemoryDump,
+            Ok(pb::VolumePurpose::MemoryMetadata) => Purpose::MemoryMetadata,
+            _ => Purpose::Other,
+        },
+        capacity: v.capacity_bytes,
+    })
 }

@@ -701,6 +701,7 @@ async fn prepare(sim: &mut Sim, r: &common::VolumeRef) -> PathBuf {
         sim.storage
             .prepare_volume(storage::PrepareVolumeRequest {
                 r#ref: Some(r.clone()),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -86,6 +86,17 @@ pub enum Purpose {
     MemoryMetadata,
 }
 
+impl std::fmt::Display for Purpose {
+    /// As the API spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Purpose::Disk => "DISK",
+            Purpose::MemoryDump => "MEMORY_DUMP",
+            Purpose::MemoryMetadata => "MEMORY_METADATA",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Legality {

@@ -426,10 +426,16 @@ impl StorageService for StorageApi {
         &self,
         req: Request<pb::PrepareVolumeRequest>,
     ) -> Result<Response<pb::PrepareVolumeResponse>, Status> {
-        let r = volume_ref("ref", req.into_inner().r#ref)?;
-        let path = self.storage.prepare_volume(r).await?;
+        let req = req.into_inner();
+        let r = volume_ref("ref", req.r#ref)?;
+        let purpose = match req.purpose {
+            0 => None,
+            p => Some(purpose_of("purpose", p)?),
+        };
+        let (path, volume) = self.storage.prepare_volume_of(r, purpose).await?;
         Ok(Response::new(pb::PrepareVolumeResponse {
             path: path.display().to_string(),
+            volume: Some(to_volume(volume)),
         }))
     }
 

@@ -861,6 +861,17 @@ impl Storage {
     /// The volume is held (in use) from now until its teardown, also
     /// across a restart of the service: see [`crate::holds`].
     pub async fn prepare_volume(&self, r: VolumeRef) -> Result<PathBuf> {
+        Ok(self.prepare_volume_of(r, None).await?.0)
+    }
+
+    /// [`Storage::prepare_volume`] of a volume that must be of `purpose`
+    /// (any when None): FAILED_PRECONDITION `VOLUME_PURPOSE`, before
+    /// anything is prepared, when it is not. Also the volume as listed.
+    pub async fn prepare_volume_of(
+        &self,
+        r: VolumeRef,
+        purpose: Option<Purpose>,
+    ) -> Result<(PathBuf, Volume)> {
         let d = self.domain(r.domain)?;
         // Prepares in other images run side by side (a snapshot's overlay
         // and its two memory volumes): what a prepare or teardown touches
@@ -877,14 +888,27 @@ impl Storage {
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         blocking(move || {
-            let (path, newly) = prepare_chain(backend.as_ref(), r)?;
+            let volumes = backend.list(Some(r.image))?;
+            let volume = volumes
+                .iter()
+                .find(|v| v.meta.volume == r.volume)
+                .cloned()
+                .ok_or(StorageError::VolumeNotFound(r))?;
+            if let Some(p) = purpose.filter(|p| *p != volume.meta.purpose) {
+                return Err(StorageError::precondition(
+                    "VOLUME_PURPOSE",
+                    r,
+                    format!("volume {r} has purpose {}, expected {}", volume.meta.purpose, p),
+                ));
+            }
+            let (path, newly) = prepare_listed(backend.as_ref(), &volumes, r)?;
             if let Err(e) = holds.add_prepared(r) {
                 for v in newly.iter().rev() {
                     let _ = backend.teardown(r.image, *v);
                 }
                 return Err(e);
             }
-            Ok(path)
+            Ok((path, volume))
         })
         .await
     }

@@ -586,6 +586,7 @@ async fn bad_input_gets_precise_errors_and_leaves_nothing() {
             .client
             .prepare_volume(pb::PrepareVolumeRequest {
                 r#ref: Some(bad_ref.clone()),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -3364,4 +3365,68 @@ async fn a_block_create_placed_where_another_lv_was_made_since_goes_elsewhere() 
     };
     domain.create_legal_surveyed(&second, None, &survey).unwrap();
     assert_eq!(domain.list(None).unwrap().len(), 2);
+}
+
+/// PrepareVolume with a purpose checks it before it prepares anything: a
+/// volume of another purpose is refused (VOLUME_PURPOSE, naming it) and
+/// left unprepared (it can be deleted at once, which a prepared volume
+/// cannot); the right purpose prepares it and answers the volume with the
+/// path, so a host needs no GetVolume first. An unknown purpose value is
+/// INVALID_ARGUMENT on the field.
+#[tokio::test]
+async fn prepare_with_a_purpose_refuses_another_purpose_before_preparing() {
+    let mut env = Env::new(1024 * MIB).await;
+    for kind in KINDS {
+        let domain = env.domain(kind);
+        let made = env
+            .client
+            .create_memory_volumes(pb::CreateMemoryVolumesRequest {
+                request_id: Uuid::new_v4().to_string(),
+                domain_id: domain.clone(),
+                memory_bytes: 16 * MIB,
+                mode: pb::MemoryDumpMode::Paused as i32,
+                description: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (dump, meta) = (made.dump.unwrap(), made.metadata.unwrap());
+        let prepare = |v: &pb::Volume, purpose: i32| pb::PrepareVolumeRequest {
+            r#ref: Some(vref(v)),
+            purpose,
+        };
+        let loops_before = loops_over(&env.loop_dev.device);
+        let refused = env
+            .client
+            .prepare_volume(prepare(&dump, pb::VolumePurpose::MemoryMetadata as i32))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{kind:?}: {refused:?}");
+        let (kind_of, subject) = precondition_of(&refused);
+        assert_eq!(kind_of, "VOLUME_PURPOSE", "{kind:?}");
+        assert!(subject.contains(&vref(&dump).volume_id), "{kind:?}: {subject}");
+        assert_eq!(loops_over(&env.loop_dev.device), loops_before, "{kind:?}");
+        let bad = env.client.prepare_volume(prepare(&meta, 99)).await.unwrap_err();
+        assert_eq!(
+            (bad.code(), field_of(&bad)),
+            (Code::InvalidArgument, "purpose".to_string())
+        );
+        let answer = env
+            .client
+            .prepare_volume(prepare(&meta, pb::VolumePurpose::MemoryMetadata as i32))
+            .await
+            .unwrap()
+            .into_inner();
+        let listed = answer.volume.expect("the volume with the path");
+        assert_eq!(listed, meta, "{kind:?}");
+        env.teardown(&vref(&meta)).await;
+        // The refused one was never prepared: it deletes at once.
+        env.client
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: String::new(),
+                r#ref: Some(vref(&dump)),
+            })
+            .await
+            .unwrap();
+    }
 }

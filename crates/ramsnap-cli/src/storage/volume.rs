@@ -274,6 +274,7 @@ pub async fn run(
             let path = client
                 .prepare_volume(pb::PrepareVolumeRequest {
                     r#ref: Some(volume.into()),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()

@@ -248,16 +248,16 @@ impl Host {
         let step = std::time::Instant::now();
         // The two volumes side by side, as a snapshot's are: each call is
         // an LVM command or two on BLOCK, and the storage agent prepares
-        // different images at once.
-        let (dump_info, meta_info) = tokio::join!(volumes.get(&memory.dump), volumes.get(&memory.metadata));
-        let (dump_info, meta_info) = (dump_info?, meta_info?);
-        check_purpose(&dump_info, Purpose::MemoryDump)?;
-        check_purpose(&meta_info, Purpose::MemoryMetadata)?;
-        let (meta, dump) = tokio::join!(volumes.prepare(&memory.metadata), volumes.prepare(&memory.dump));
+        // different images at once. Each is checked (its purpose) and
+        // prepared in one call.
+        let (meta, dump) = tokio::join!(
+            volumes.prepare_of(&memory.metadata, Purpose::MemoryMetadata),
+            volumes.prepare_of(&memory.dump, Purpose::MemoryDump)
+        );
         // Whatever was prepared is recorded for the clean-up, also when
         // the other one failed.
-        prepared.extend(meta.iter().chain(dump.iter()).cloned());
-        let (meta, dump) = (meta?, dump?);
+        prepared.extend(meta.iter().chain(dump.iter()).map(|(p, _)| p.clone()));
+        let ((meta, meta_info), (dump, _)) = (meta?, dump?);
         lap.done("prepare memory volumes");
 
         let md = read_memory_metadata(&meta, meta_info.capacity).await?;

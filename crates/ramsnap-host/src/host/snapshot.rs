@@ -18,7 +18,7 @@
 //! midpoint between the last "running" and the first "paused" observation).
 //! The result is at least QEMU's own downtime from libvirt's completed-job
 //! stats, which leaves out the overlay switch that follows the dump.
-use super::run::{blocking_io, check_purpose};
+use super::run::blocking_io;
 use super::{Host, RunningDisk, Vm};
 use crate::error::{HostError, LibvirtErrorKind, Result, SnapshotError};
 use crate::libvirt::{CompletedJob, DomainState};
@@ -26,7 +26,7 @@ use crate::metadata::{self, DiskRecord, DumpRecord, Followed, MemoryMetadata};
 use crate::model::{
     MemoryVolumes, Progress, SnapshotMode, SnapshotOutcome, SnapshotRequest, VmStatus, VolumeRef, MIB,
 };
-use crate::volumes::{Prepared, Purpose, VolumeInfo};
+use crate::volumes::{Prepared, Purpose};
 use crate::xml::{self, DiskFormat, DiskKind, DiskSource};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -778,14 +778,14 @@ impl Host {
     }
 
     /// Prepares a memory pair and reads their capacities (no scrub). The
-    /// two volumes (in images of their own) side by side.
+    /// two volumes (in images of their own) side by side, each checked
+    /// and prepared in one call.
     pub(super) async fn prepare_memory(&self, m: MemoryVolumes) -> Result<MemoryTarget> {
         let volumes = &self.inner.volumes;
-        let (dump_info, meta_info): (VolumeInfo, VolumeInfo) =
-            tokio::try_join!(volumes.get(&m.dump), volumes.get(&m.metadata))?;
-        check_purpose(&dump_info, Purpose::MemoryDump)?;
-        check_purpose(&meta_info, Purpose::MemoryMetadata)?;
-        let (dump, meta) = match tokio::join!(volumes.prepare(&m.dump), volumes.prepare(&m.metadata)) {
+        let (dump, meta) = match tokio::join!(
+            volumes.prepare_of(&m.dump, Purpose::MemoryDump),
+            volumes.prepare_of(&m.metadata, Purpose::MemoryMetadata)
+        ) {
             (Ok(d), Ok(mt)) => (d, mt),
             (Ok(_), Err(e)) => {
                 volumes.teardown_all(&[m.dump]).await;
@@ -797,6 +797,7 @@ impl Host {
             }
             (Err(e), Err(_)) => return Err(e),
         };
+        let ((dump, dump_info), (meta, meta_info)) = (dump, meta);
         Ok(MemoryTarget {
             volumes: m,
             dump,

@@ -457,6 +457,7 @@ impl Env {
             self.storage
                 .prepare_volume(spb::PrepareVolumeRequest {
                     r#ref: Some(r.clone()),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

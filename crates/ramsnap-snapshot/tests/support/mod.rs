@@ -516,6 +516,7 @@ impl HostService for SimulatedHost {
         let path = client
             .prepare_volume(storage::PrepareVolumeRequest {
                 r#ref: Some(dump.clone()),
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -615,6 +616,7 @@ impl HostService for SimulatedHost {
                 let p = c
                     .prepare_volume(storage::PrepareVolumeRequest {
                         r#ref: Some(r.clone()),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner()

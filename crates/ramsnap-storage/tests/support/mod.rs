@@ -192,6 +192,7 @@ impl Env {
             self.client
                 .prepare_volume(pb::PrepareVolumeRequest {
                     r#ref: Some(r.clone()),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
