@@ -233,11 +233,24 @@ impl Volumes {
     /// Tears down every volume in `refs` (last first), logging failures:
     /// used on cleanup paths, where the first error must not hide the rest.
     pub async fn teardown_all(&self, refs: &[VolumeRef]) {
+        // Last first within an image (a child before its parent); images
+        // side by side, as the storage service tears them down (a memory
+        // pair is two images).
+        let mut images: Vec<(Uuid, Vec<&VolumeRef>)> = Vec::new();
         for r in refs.iter().rev() {
-            if let Err(e) = self.teardown(r).await {
-                tracing::warn!(volume = %r, error = %e, "teardown failed");
+            match images.iter_mut().find(|(image, _)| *image == r.image) {
+                Some((_, of_image)) => of_image.push(r),
+                None => images.push((r.image, vec![r])),
             }
         }
+        futures::future::join_all(images.into_iter().map(|(_, of_image)| async move {
+            for r in of_image {
+                if let Err(e) = self.teardown(r).await {
+                    tracing::warn!(volume = %r, error = %e, "teardown failed");
+                }
+            }
+        }))
+        .await;
     }
 }
 

@@ -90,6 +90,19 @@ pub trait Backend: Send + Sync + 'static {
     fn prepare_listed_chain(&self, volumes: &[&Volume]) -> Vec<Result<PathBuf>> {
         prepare_each(volumes, |v| self.prepare_listed(v))
     }
+    /// [`Backend::list`] of one image, for a prepare under the same lock,
+    /// and where its volumes lie when the backend learns that in the same
+    /// read ([`Located`]; BLOCK without device-mapper: one `pvs` where an
+    /// `lvs` and a `pvs` would be two). The default only lists.
+    fn list_to_prepare(&self, image: Uuid) -> Result<(Vec<Volume>, Located)> {
+        Ok((self.list(Some(image))?, Located::default()))
+    }
+    /// [`Backend::prepare_listed_chain`] of volumes [`Backend::list_to_prepare`]
+    /// just listed, with what it found of where they lie.
+    fn prepare_located_chain(&self, volumes: &[&Volume], located: &Located) -> Vec<Result<PathBuf>> {
+        let _ = located;
+        self.prepare_listed_chain(volumes)
+    }
     fn is_prepared(&self, image: Uuid, volume: Uuid) -> bool;
     /// Undoes [`Backend::prepare`]; a volume not prepared is success.
     fn teardown(&self, image: Uuid, volume: Uuid) -> Result<()>;
@@ -182,6 +195,12 @@ impl Survey {
             .collect()
     }
 }
+
+/// Where volumes lie, read with their listing (see
+/// [`Backend::list_to_prepare`]): on BLOCK each LV's extent on its PV, by
+/// volume id; empty elsewhere.
+#[derive(Debug, Clone, Default)]
+pub struct Located(pub(crate) std::collections::HashMap<Uuid, crate::lvm::Extent>);
 
 /// How long completed delete requests are remembered for retries.
 pub const DELETE_JOURNAL_TTL_SECS: i64 = 7 * 24 * 3600;

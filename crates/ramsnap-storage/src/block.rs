@@ -15,7 +15,7 @@
 //! (contiguous) extents on the PV. Either way the path handed out is a
 //! symlink `<run-dir>/<domain>/images/<image>/<volume>`, so a qcow2 child
 //! finds its parent by bare volume id in the same directory, as on FILE.
-use crate::backend::{Backend, Survey, DELETE_JOURNAL_TTL_SECS};
+use crate::backend::{Backend, Located, Survey, DELETE_JOURNAL_TTL_SECS};
 use crate::descriptor::DescriptorStore;
 use crate::error::{Result, StorageError};
 use crate::lvm;
@@ -717,6 +717,37 @@ impl Backend for BlockDomain {
         crate::backend::prepare_each(volumes, |v| match known.get(&v.meta.volume) {
             Some(extent) => self.prepare_at(v.meta.image, v.meta.volume, extent),
             None => each(v),
+        })
+    }
+
+    /// Without device-mapper, one `pvs --segments`: the VG's LVs with
+    /// their tags, and the segments the loop stand-in needs.
+    fn list_to_prepare(&self, image: Uuid) -> Result<(Vec<Volume>, Located)> {
+        if lvm::device_mapper_available() {
+            return Ok((self.list(Some(image))?, Located::default()));
+        }
+        let report = lvm::vg_report(&self.vg)?;
+        let volumes = self.volumes_of(&report.lvs, Some(image))?;
+        let mut located = Located::default();
+        for v in &volumes {
+            let name = v.meta.volume.to_string();
+            let mut segments = report.segments.iter().filter(|(lv, _)| *lv == name);
+            // One contiguous segment, as every LV here is; anything else is
+            // left to `prepare`, which reports it.
+            if let (Some((_, extent)), None) = (segments.next(), segments.next()) {
+                located.0.insert(v.meta.volume, extent.clone());
+            }
+        }
+        Ok((volumes, located))
+    }
+
+    fn prepare_located_chain(&self, volumes: &[&Volume], located: &Located) -> Vec<Result<PathBuf>> {
+        if located.0.is_empty() {
+            return self.prepare_listed_chain(volumes);
+        }
+        crate::backend::prepare_each(volumes, |v| match located.0.get(&v.meta.volume) {
+            Some(extent) => self.prepare_at(v.meta.image, v.meta.volume, extent),
+            None => self.prepare(v.meta.image, v.meta.volume),
         })
     }
 

@@ -2,7 +2,7 @@
 //! operations on their volumes, with the guarantees the API promises:
 //! request-id idempotency, metadata changes serialized per domain, and no
 //! half-made volume left by a failure.
-use crate::backend::{Backend, Survey};
+use crate::backend::{Backend, Located, Survey};
 use crate::block::BlockDomain;
 use crate::copy::{self, Backing, CopyJob};
 use crate::descriptor::{self, DescriptorStore};
@@ -888,7 +888,7 @@ impl Storage {
         let backend = d.backend.clone();
         let holds = self.inner.holds.clone();
         blocking(move || {
-            let volumes = backend.list(Some(r.image))?;
+            let (volumes, located) = backend.list_to_prepare(r.image)?;
             let volume = volumes
                 .iter()
                 .find(|v| v.meta.volume == r.volume)
@@ -901,7 +901,7 @@ impl Storage {
                     format!("volume {r} has purpose {}, expected {}", volume.meta.purpose, p),
                 ));
             }
-            let (path, newly) = prepare_listed(backend.as_ref(), &volumes, r)?;
+            let (path, newly) = prepare_located(backend.as_ref(), &volumes, r, &located)?;
             if let Err(e) = holds.add_prepared(r) {
                 for v in newly.iter().rev() {
                     let _ = backend.teardown(r.image, *v);
@@ -1479,6 +1479,17 @@ fn prepare_chain(backend: &dyn Backend, r: VolumeRef) -> Result<(PathBuf, Vec<Uu
 
 /// [`prepare_chain`] with the image's volumes already listed.
 fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Result<(PathBuf, Vec<Uuid>)> {
+    prepare_located(backend, volumes, r, &Located::default())
+}
+
+/// [`prepare_listed`] with where the volumes lie, when the listing said
+/// (see [`Backend::list_to_prepare`]).
+fn prepare_located(
+    backend: &dyn Backend,
+    volumes: &[Volume],
+    r: VolumeRef,
+    located: &Located,
+) -> Result<(PathBuf, Vec<Uuid>)> {
     if !volumes.iter().any(|v| v.meta.volume == r.volume) {
         return Err(StorageError::VolumeNotFound(r));
     }
@@ -1490,7 +1501,7 @@ fn prepare_listed(backend: &dyn Backend, volumes: &[Volume], r: VolumeRef) -> Re
         .map(|v| volumes.iter().find(|x| x.meta.volume == *v))
         .collect();
     let results = match &listed {
-        Some(listed) => backend.prepare_listed_chain(listed),
+        Some(listed) => backend.prepare_located_chain(listed, located),
         None => crate::backend::prepare_each(&ids, |v| backend.prepare(r.image, *v)),
     };
     let mut newly = Vec::new();
