@@ -32,7 +32,7 @@
 //!
 //! Run: `cargo build --release --bins && cargo bench -p ramsnap-e2e --bench export_import`
 //! (root, libvirtd up, the guest built: see tests/guest/README.md).
-use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Process, VmStatus, MIB};
+use ramsnap_e2e::cluster::{Cluster, Db, DomainKind, Layout, Process, VmStatus, MIB};
 use ramsnap_e2e::guest::CMDLINE;
 use ramsnap_e2e::logs::{last_logged, node_times, strip_ansi};
 use ramsnap_proto::common::v1::VolumeRef;
@@ -333,7 +333,16 @@ async fn run() {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(RUNS);
-    let mut c = Cluster::start(Db::Sqlite, "3.3", "bench-export").await;
+    // Separate processes, as start() runs them, with the storage agent's
+    // tool commands and their times in its log.
+    let mut c = Cluster::start_as(
+        Db::Sqlite,
+        "3.3",
+        "bench-export",
+        Layout::Separate,
+        &[("RUST_LOG", "info,ramsnap_storage::tool=debug")],
+    )
+    .await;
     let vm = c
         .create_vm_sized(
             "bench-export",
@@ -447,8 +456,10 @@ async fn run() {
         .filter_map(|v| Some((v.r#ref.clone()?.volume_id, v.capacity_bytes)))
         .collect();
     let (mut imports, mut base_import) = (Vec::new(), Vec::new());
+    let mut block_nodes = Nodes::default();
     for _ in 0..runs {
         imports.push(timed_import(&c, &vm, DomainKind::Block).await);
+        block_nodes.add(&c.process(Process::Coordinator).logs(), "vm_import");
         c.remove_vm(&vm).await;
         base_import.push(qemu_img_into_lvs(&c, &exported, &capacities).await);
     }
@@ -464,6 +475,7 @@ async fn run() {
     );
     export_nodes.print("export FILE -> export domain");
     import_nodes.print("import export domain -> FILE");
+    block_nodes.print("import export domain -> BLOCK");
     // Where each dump copy spent its time (the storage agent's log), in
     // the order they ran: exports, re-exports, imports into FILE, imports
     // into BLOCK.

@@ -17,7 +17,7 @@
 //! each fixture's directory (service logs, console logs, the database).
 use crate::console::{ConsoleLog, Tick};
 use crate::guest::{self, CMDLINE, INITRD, KERNEL};
-use crate::{spawn, spawn_env, Running};
+use crate::{spawn_env, Running};
 use ramsnap_proto::common::v1::VolumeRef;
 use ramsnap_proto::snapshot::v1 as pb;
 use ramsnap_proto::snapshot::v1::cluster_service_client::ClusterServiceClient;
@@ -668,7 +668,8 @@ impl Cluster {
         Cluster::start_as(db, compatibility_version, label, Layout::Embedded, env).await
     }
 
-    async fn start_as(
+    /// [`Cluster::start`] in `layout`, every process started with `env`.
+    pub async fn start_as(
         db: Db,
         compatibility_version: &str,
         label: &str,
@@ -720,7 +721,7 @@ impl Cluster {
         };
         let mut embedded = None;
         let storage = match layout {
-            Layout::Separate => Some(spawn(
+            Layout::Separate => Some(spawn_env(
                 "ramsnap-storage",
                 os_args(&[
                     "--listen",
@@ -736,6 +737,7 @@ impl Cluster {
                 ]),
                 1,
                 sdir,
+                env,
             )),
             Layout::Embedded => {
                 let d = sdir.path().to_path_buf();

@@ -446,6 +446,7 @@ async fn copy(storage: &Storage, source: VolumeRef, target_domain: uuid::Uuid) -
             target_purpose: None,
             // As an export or import copies a memory dump.
             checksum: true,
+            writer: None,
         })
         .await
         .unwrap();

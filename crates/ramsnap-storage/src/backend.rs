@@ -50,6 +50,12 @@ pub trait Backend: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// [`Backend::create`] right after `survey` was read under the same
+    /// lock, as [`Backend::create_legal_surveyed`].
+    fn create_surveyed(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>, survey: &Survey) -> Result<()> {
+        let _ = survey;
+        self.create(meta, parent)
+    }
     /// [`Backend::create_legal`] right after `survey` was read under the
     /// same lock: a backend may use what it read (BLOCK places the LV in
     /// the free space it saw, and so knows where it lies without asking).

@@ -629,6 +629,11 @@ impl Backend for BlockDomain {
     }
 
     /// Placed in the free space the survey saw: no `pvs` to find the LV.
+    fn create_surveyed(&self, meta: &VolumeMeta, parent: Option<&VolumeMeta>, survey: &Survey) -> Result<()> {
+        self.create_in(meta, parent, survey.free_space.clone().as_mut())
+    }
+
+    /// As `create_surveyed`.
     fn create_legal_surveyed(
         &self,
         meta: &VolumeMeta,

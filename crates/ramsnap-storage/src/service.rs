@@ -398,8 +398,8 @@ impl StorageService for StorageApi {
                     .into())
                 }
             },
+            writer,
         };
-        admit_writer(&self.storage, writer, copy.target_domain).await?;
         let mut rx = self.storage.copy_volume(copy).await?;
         let stream = async_stream::try_stream! {
             loop {

@@ -139,6 +139,11 @@ pub struct CopyRequest {
     /// Compute the `blake3-4m` checksum of the bytes copied (a RAW source
     /// without a parent only): see [`CopyState::checksum`].
     pub checksum: bool,
+    /// The domain writer making the copy, checked against the target
+    /// domain as [`Storage::admit_writer`] checks (on BLOCK, in the same
+    /// read as the rest of what the target's create reads first); None
+    /// for a call from outside a saga.
+    pub writer: Option<i64>,
 }
 
 /// The state of a copy as its watchers see it.
@@ -1014,10 +1019,33 @@ impl Storage {
 
         let target = {
             let _guard = dst_dom.lock.write().await;
+            let _writer = dst_dom.writer.lock().await;
+            // What the target's create reads first: on BLOCK all at once
+            // (a Survey), with the writer fence; elsewhere the fence alone.
+            let survey = {
+                let (b, domain, writer) = (dst_dom.backend.clone(), req.target_domain, req.writer);
+                let block = dst_dom.kind == DomainType::Block;
+                blocking(move || {
+                    if block {
+                        let survey = b.survey()?;
+                        check_writer(b.as_ref(), domain, writer, survey.writer_generation)?;
+                        return Ok(Some(survey));
+                    }
+                    if writer.is_some() {
+                        check_writer(b.as_ref(), domain, writer, b.writer_generation()?)?;
+                    }
+                    Ok(None)
+                })
+                .await?
+            };
+            let mut survey = survey;
             // A retry: the request's volume may exist already.
             if let Some(req_id) = req.request_id {
                 let b = dst_dom.backend.clone();
-                let existing = blocking(move || b.find_request(req_id)).await?;
+                let existing = match &survey {
+                    Some(s) => s.find_request(req_id),
+                    None => blocking(move || b.find_request(req_id)).await?,
+                };
                 if let Some(v) = existing {
                     let running = self
                         .inner
@@ -1041,7 +1069,13 @@ impl Storage {
                     // Left ILLEGAL by a copy that died with its process.
                     let b = dst_dom.backend.clone();
                     let holds = self.inner.holds.clone();
-                    blocking(move || remove_unless_in_use(b.as_ref(), &holds, v.volume_ref())).await?;
+                    let reread = survey.is_some();
+                    survey = blocking(move || {
+                        remove_unless_in_use(b.as_ref(), &holds, v.volume_ref())?;
+                        // What was read before counts the removed volume.
+                        reread.then(|| b.survey()).transpose()
+                    })
+                    .await?;
                 }
             }
             let new = NewVolume {
@@ -1063,10 +1097,21 @@ impl Storage {
             let b = dst_dom.backend.clone();
             let target_domain = req.target_domain;
             let target = blocking(move || {
+                let in_image = match (&survey, new.image) {
+                    (Some(s), Some(image)) => Some(s.image(image)),
+                    _ => None,
+                };
                 if let (Some(p), Some(image)) = (parent, new.image) {
-                    require_layer_parent(b.as_ref(), target_domain, image, p)?;
+                    require_layer_parent(b.as_ref(), target_domain, image, p, in_image.as_deref())?;
                 }
-                create_new(b.as_ref(), new, allocation, Legality::Illegal)
+                create_new_at(
+                    b.as_ref(),
+                    new,
+                    allocation,
+                    Legality::Illegal,
+                    in_image,
+                    survey.as_ref(),
+                )
             })
             .await?;
             // Held and listed as copying before the domain lock is let go:
@@ -1420,8 +1465,19 @@ fn layer_parent(req: &CopyRequest, source: &Volume) -> Result<Option<Uuid>> {
 
 /// Checks that a layer copy's parent is on the target. Runs under the
 /// target domain's lock, before the target is created.
-fn require_layer_parent(backend: &dyn Backend, domain: Uuid, image: Uuid, parent: Uuid) -> Result<()> {
-    if backend.list(Some(image))?.iter().any(|v| v.meta.volume == parent) {
+/// `listed`: the image's volumes, when the caller has just read them.
+fn require_layer_parent(
+    backend: &dyn Backend,
+    domain: Uuid,
+    image: Uuid,
+    parent: Uuid,
+    listed: Option<&[Volume]>,
+) -> Result<()> {
+    let found = match listed {
+        Some(volumes) => volumes.iter().any(|v| v.meta.volume == parent),
+        None => backend.list(Some(image))?.iter().any(|v| v.meta.volume == parent),
+    };
+    if found {
         return Ok(());
     }
     let missing = VolumeRef {
@@ -1441,15 +1497,23 @@ fn require_layer_parent(backend: &dyn Backend, domain: Uuid, image: Uuid, parent
 /// (the name its qcow2 header already records), and the volumes this call
 /// prepared.
 fn prepare_target(backend: &dyn Backend, r: VolumeRef) -> Result<(PathBuf, Option<Backing>, Vec<Uuid>)> {
-    let target = backend.get(r.image, r.volume)?;
-    let backing = match target.meta.parent {
+    // One listing of the image (with where its volumes lie, on BLOCK) for
+    // the target, its parent and the chain.
+    let (volumes, located) = backend.list_to_prepare(r.image)?;
+    let listed = |volume: Uuid| {
+        volumes
+            .iter()
+            .find(|v| v.meta.volume == volume)
+            .ok_or(StorageError::VolumeNotFound(VolumeRef { volume, ..r }))
+    };
+    let backing = match listed(r.volume)?.meta.parent {
         Some(p) => Some(Backing {
             name: p.to_string(),
-            format: backend.get(r.image, p)?.meta.format,
+            format: listed(p)?.meta.format,
         }),
         None => None,
     };
-    let (path, newly) = prepare_chain(backend, r)?;
+    let (path, newly) = prepare_located(backend, &volumes, r, &located)?;
     Ok((path, backing, newly))
 }
 
@@ -1474,7 +1538,8 @@ fn chain(volumes: &[Volume], volume: Uuid) -> Vec<Uuid> {
 /// Prepares base to leaf; returns the leaf's path and the volumes that this
 /// call prepared (so the caller can undo exactly those).
 fn prepare_chain(backend: &dyn Backend, r: VolumeRef) -> Result<(PathBuf, Vec<Uuid>)> {
-    prepare_listed(backend, &backend.list(Some(r.image))?, r)
+    let (volumes, located) = backend.list_to_prepare(r.image)?;
+    prepare_located(backend, &volumes, r, &located)
 }
 
 /// [`prepare_chain`] with the image's volumes already listed.
@@ -1739,32 +1804,13 @@ fn create_found(
     create_new_at(backend, req, allocation, Legality::Legal, in_image, survey)
 }
 
-fn create_new(
-    backend: &dyn Backend,
-    req: NewVolume,
-    allocation: Allocation,
-    legality: Legality,
-) -> Result<Volume> {
-    create_new_in(backend, req, allocation, legality, None)
-}
-
 /// Validates against the domain's current state and creates the volume:
 /// ILLEGAL for a copy's target (flipped when the copy completes), LEGAL for
 /// a new empty volume (see [`Backend::create_legal`]). Runs under the
 /// domain lock. `in_image`: the image's volumes, when the caller has just
-/// read them under this lock.
-fn create_new_in(
-    backend: &dyn Backend,
-    req: NewVolume,
-    allocation: Allocation,
-    legality: Legality,
-    in_image: Option<Vec<Volume>>,
-) -> Result<Volume> {
-    create_new_at(backend, req, allocation, legality, in_image, None)
-}
-
-/// [`create_new_in`] with the domain's [`Survey`] when the caller read
-/// it under this lock.
+/// read them under this lock; `survey`: the domain as the caller read it
+/// under this lock, when it did (its info, and on BLOCK where the new LV
+/// goes).
 fn create_new_at(
     backend: &dyn Backend,
     req: NewVolume,
@@ -1859,7 +1905,8 @@ fn create_new_at(
     let result = match (legality, survey) {
         (Legality::Legal, Some(s)) => backend.create_legal_surveyed(&meta, parent.as_ref(), s),
         (Legality::Legal, None) => backend.create_legal(&meta, parent.as_ref()),
-        (Legality::Illegal, _) => backend.create(&meta, parent.as_ref()),
+        (Legality::Illegal, Some(s)) => backend.create_surveyed(&meta, parent.as_ref(), s),
+        (Legality::Illegal, None) => backend.create(&meta, parent.as_ref()),
     };
     for v in prepared.iter().rev() {
         let _ = backend.teardown(image, *v);

@@ -2643,6 +2643,15 @@ async fn metadata_changes_under_a_replaced_writer_are_refused() {
         memory.metadata_mut().insert(WRITER_HEADER, "2".parse().unwrap());
         let refused = env.client.create_memory_volumes(memory).await.unwrap_err();
         assert_eq!(precondition_of(&refused).0, "STALE_WRITER", "{kind:?}");
+        let mut copy = tonic::Request::new(pb::CopyVolumeRequest {
+            request_id: Uuid::new_v4().to_string(),
+            source: Some(vref(&first)),
+            target_domain_id: domain.clone(),
+            ..Default::default()
+        });
+        copy.metadata_mut().insert(WRITER_HEADER, "2".parse().unwrap());
+        let refused = env.client.copy_volume(copy).await.unwrap_err();
+        assert_eq!(precondition_of(&refused).0, "STALE_WRITER", "{kind:?}");
         assert_eq!(
             env.list(&domain).await.len(),
             before,
