@@ -346,10 +346,10 @@ pub fn lv_extents(vg: &str, lvs: &[&str]) -> Result<Vec<Extent>> {
         .collect()
 }
 
-/// The PV segments `select` picks: each LV's name, and its PV device, byte
-/// offset and length on it.
-fn segments(select: &str) -> Result<Vec<(String, Extent)>> {
-    let out = tool::run(lvm("pvs").args([
+/// `pvs --segments` of the segments `select` picks: `fields`, in bytes,
+/// `|`-separated, one segment a line (free ones with an empty LV name).
+fn pvs_segments(fields: &str, select: &str) -> Result<String> {
+    tool::run(lvm("pvs").args([
         "--segments",
         "--noheadings",
         "--units",
@@ -358,10 +358,19 @@ fn segments(select: &str) -> Result<Vec<(String, Extent)>> {
         "--separator",
         "|",
         "-o",
-        "lv_name,pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
+        fields,
         "--select",
         select,
-    ]))?;
+    ]))
+}
+
+/// The PV segments `select` picks: each LV's name, and its PV device, byte
+/// offset and length on it.
+fn segments(select: &str) -> Result<Vec<(String, Extent)>> {
+    let out = pvs_segments(
+        "lv_name,pv_name,pe_start,vg_extent_size,pvseg_start,pvseg_size",
+        select,
+    )?;
     out.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -395,19 +404,10 @@ pub struct VgReport {
 }
 
 pub fn vg_report(vg: &str) -> Result<VgReport> {
-    let out = tool::run(lvm("pvs").args([
-        "--segments",
-        "--noheadings",
-        "--units",
-        "b",
-        "--nosuffix",
-        "--separator",
-        "|",
-        "-o",
+    let out = pvs_segments(
         "lv_name,lv_size,lv_tags,pv_name,pe_start,pvseg_start,pvseg_size,vg_size,vg_free,vg_extent_size,vg_tags",
-        "--select",
         &format!("vg_name={vg}"),
-    ]))?;
+    )?;
     parse_vg_report(vg, &out)
 }
 

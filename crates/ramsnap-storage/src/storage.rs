@@ -561,8 +561,7 @@ impl Storage {
         let _guard = d.lock.write().await;
         let _writer = d.writer.lock().await;
         blocking(move || {
-            let survey = backend.survey()?;
-            check_writer(backend.as_ref(), req.domain, writer, survey.writer_generation)?;
+            let survey = survey_as(backend.as_ref(), req.domain, writer)?;
             create_surveyed(backend.as_ref(), &holds, req, allocation, survey)
         })
         .await
@@ -644,8 +643,7 @@ impl Storage {
         let _guard = d.lock.write().await;
         let _writer = d.writer.lock().await;
         blocking(move || {
-            let survey = backend.survey()?;
-            check_writer(backend.as_ref(), domain, writer, survey.writer_generation)?;
+            let survey = survey_as(backend.as_ref(), domain, writer)?;
             create_pair_locked(backend.as_ref(), &holds, dump, meta, Some(survey))
         })
         .await
@@ -1027,9 +1025,7 @@ impl Storage {
                 let block = dst_dom.kind == DomainType::Block;
                 blocking(move || {
                     if block {
-                        let survey = b.survey()?;
-                        check_writer(b.as_ref(), domain, writer, survey.writer_generation)?;
-                        return Ok(Some(survey));
+                        return survey_as(b.as_ref(), domain, writer).map(Some);
                     }
                     if writer.is_some() {
                         check_writer(b.as_ref(), domain, writer, b.writer_generation()?)?;
@@ -1759,6 +1755,14 @@ fn create_surveyed(
     let found = req.request_id.and_then(|r| survey.find_request(r));
     let in_image = req.image.map(|i| survey.image(i));
     create_found(backend, holds, req, allocation, found, in_image, Some(&survey))
+}
+
+/// The domain's [`Survey`] for a create by domain writer `writer`, the
+/// writer checked against the generation read with it (see [`check_writer`]).
+fn survey_as(backend: &dyn Backend, domain: Uuid, writer: Option<i64>) -> Result<Survey> {
+    let survey = backend.survey()?;
+    check_writer(backend, domain, writer, survey.writer_generation)?;
+    Ok(survey)
 }
 
 /// Refuses a call of domain writer `writer` when the domain recorded a
