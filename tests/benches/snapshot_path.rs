@@ -16,7 +16,12 @@
 //!   overlay).
 //!
 //! The page cache is dropped before every timed step. Each run repeats the
-//! whole sequence; medians are reported with the ratios, and ramsnap's
+//! whole sequence, ramsnap's part first in odd runs and virsh's first in
+//! even ones: whichever side goes first after the other's restore finds
+//! the machine in another state (on this machine a PAUSED snapshot taken
+//! first in a run was measured 1.5-3.5 times slower on BLOCK, on either
+//! side), so an odd number of runs favours neither by much and an even
+//! number not at all. Medians are reported with the ratios, and ramsnap's
 //! own figures for its steps (the host agent's guest pause and the saga's
 //! per-node times, from the logs).
 //!
@@ -54,6 +59,21 @@ const FILL_MIB: u64 = 600;
 fn drop_caches() {
     let _ = Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// The median of the runs whose `flags` entry is `when`, or "-".
+fn median_where(v: &[f64], flags: &[bool], when: bool) -> String {
+    let picked: Vec<f64> = v
+        .iter()
+        .zip(flags)
+        .filter(|(_, &f)| f == when)
+        .map(|(x, _)| *x)
+        .collect();
+    if picked.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.2} s", median(picked))
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -188,19 +208,149 @@ fn strip_backing(xml: &str) -> String {
     out
 }
 
+#[derive(Default)]
 struct Figures {
     paused: Vec<f64>,
     live: Vec<f64>,
     restore: Vec<f64>,
 }
 
-impl Figures {
-    fn new() -> Figures {
-        Figures {
-            paused: Vec::new(),
-            live: Vec::new(),
-            restore: Vec::new(),
+/// Every figure of the runs so far, both sides.
+#[derive(Default)]
+struct Tally {
+    ours: Figures,
+    bare: Figures,
+    paused: Breakdown,
+    live: Breakdown,
+    restore: Breakdown,
+    virsh_downtime: Vec<f64>,
+    /// Guest pauses from libvirt's lifecycle events (PAUSED, LIVE).
+    ours_pause: (Vec<f64>, Vec<f64>),
+    bare_pause: (Vec<f64>, Vec<f64>),
+    /// Run by run, whether virsh's part went first.
+    virsh_first: Vec<bool>,
+}
+
+/// ramsnap's part of a run, on VM A through the coordinator: a PAUSED and
+/// a LIVE snapshot with memory, then a run that restores the LIVE one.
+async fn ours_run(c: &mut Cluster, a: &str, block: bool, t: &mut Tally) {
+    let (took, paused_snapshot, pause) = snapshot(c, a, pb::MemoryMode::Paused, "paused").await;
+    t.ours.paused.push(took);
+    t.ours_pause.0.push(pause);
+    // A snapshot whose memory found no room on the VM's domain puts it
+    // on another: that would measure another domain.
+    let want = if block {
+        c.block_domain.clone()
+    } else {
+        c.file_domain.clone()
+    };
+    let got = memory_domain(c, a, &paused_snapshot).await;
+    assert_eq!(
+        got, want,
+        "the PAUSED snapshot's memory is not on the measured domain"
+    );
+    // The whole log of ramsnapd (the last lines are this snapshot's).
+    let logs = c.process(Process::Coordinator).logs();
+    t.paused
+        .add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
+    let (took, live_snapshot, pause) = snapshot(c, a, pb::MemoryMode::Live, "live").await;
+    t.ours.live.push(took);
+    t.ours_pause.1.push(pause);
+    let got = memory_domain(c, a, &live_snapshot).await;
+    assert_eq!(
+        got, want,
+        "the LIVE snapshot's memory is not on the measured domain"
+    );
+    let logs = c.process(Process::Coordinator).logs();
+    t.live
+        .add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
+    c.stop_vm(a).await;
+    c.preview(a, &live_snapshot, true).await;
+    c.commit(a).await;
+    drop_caches();
+    let started = Instant::now();
+    let r = c
+        .vms()
+        .run_vm(pb::RunVmRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            vm_id: a.to_string(),
+            host_id: String::new(),
+            run_stateless: false,
+        })
+        .await
+        .expect("RunVm")
+        .into_inner();
+    c.succeed(r.operation, "RunVm").await;
+    while c.get_vm(a).await.status() != VmStatus::Up {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t.ours.restore.push(started.elapsed().as_secs_f64());
+    let logs = c.process(Process::Coordinator).logs();
+    t.restore
+        .add(&logs, "vm_run", "restore step", "prepare memory volumes");
+}
+
+/// virsh's part of a run, on VM B's domain: the same two snapshots into
+/// `dir` (BLOCK: into new LVs), then `virsh restore` of the LIVE one.
+async fn bare_run(c: &mut Cluster, b: &str, dir: &Path, run: usize, block: bool, t: &mut Tally) {
+    // BLOCK: virsh's memory and disk overlays are new LVs of the
+    // domain too, made as ramsnap's are for the same snapshots.
+    let (paused_lv, live_lv) = if block {
+        (Some(overlay_lv(c).await), Some(overlay_lv(c).await))
+    } else {
+        (None, None)
+    };
+    let (paused_mem, live_mem) = if block {
+        (
+            Some(memory_lv(c, st::MemoryDumpMode::Paused).await),
+            Some(memory_lv(c, st::MemoryDumpMode::Live).await),
+        )
+    } else {
+        (None, None)
+    };
+    let (took, _, pause) = virsh_snapshot(
+        b,
+        dir,
+        &format!("{run}-paused"),
+        false,
+        paused_mem.as_ref().map(|m| m.0.as_path()),
+        paused_lv.as_deref(),
+    );
+    t.bare.paused.push(took);
+    t.bare_pause.0.push(pause);
+    let (took, mem, pause) = virsh_snapshot(
+        b,
+        dir,
+        &format!("{run}-live"),
+        true,
+        live_mem.as_ref().map(|m| m.0.as_path()),
+        live_lv.as_deref(),
+    );
+    t.bare.live.push(took);
+    t.bare_pause.1.push(pause);
+    // QEMU's downtime of virsh's LIVE snapshot, as libvirt recorded it.
+    t.virsh_downtime
+        .push(completed_downtime_ms(b).unwrap_or(f64::NAN));
+    if block && run == 0 {
+        pin_disk_chain(c, b).await;
+    }
+    let restore_lv = if block { Some(overlay_lv(c).await) } else { None };
+    t.bare.restore.push(virsh_restore(
+        b,
+        dir,
+        &format!("{run}"),
+        &mem,
+        restore_lv.as_deref(),
+    ));
+    for f in std::fs::read_dir(dir).expect("the virsh directory").flatten() {
+        if f.path().extension().is_some_and(|e| e == "mem") {
+            let _ = std::fs::remove_file(f.path());
         }
+    }
+    // virsh's memory LVs go (its disk overlays stay: they are the
+    // guest's disk chain).
+    for (_, volumes) in paused_mem.into_iter().chain(live_mem) {
+        c.drop_volumes(&volumes).await;
     }
 }
 
@@ -641,129 +791,37 @@ async fn run(runs: usize, block: bool) {
             .join("virsh-bench")
     };
     std::fs::create_dir_all(&dir).expect("a directory beside the volumes");
-    let mut ours = Figures::new();
-    let mut bare = Figures::new();
-    let mut paused = Breakdown::default();
-    let mut live = Breakdown::default();
-    let mut restore = Breakdown::default();
-    let mut virsh_downtime = Vec::new();
-    // Guest pauses from libvirt's lifecycle events, both sides alike.
-    let (mut ours_pause, mut bare_pause) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    let mut t = Tally::default();
     for run in 0..runs {
-        eprintln!("run {} of {runs}", run + 1);
-        let (t, paused_snapshot, pause) = snapshot(&c, &a, pb::MemoryMode::Paused, "paused").await;
-        ours.paused.push(t);
-        ours_pause.0.push(pause);
-        // A snapshot whose memory found no room on the VM's domain puts it
-        // on another: that would measure another domain.
-        let want = if block {
-            c.block_domain.clone()
-        } else {
-            c.file_domain.clone()
-        };
-        for (id, what) in [(&paused_snapshot, "PAUSED")] {
-            let got = memory_domain(&c, &a, id).await;
-            assert_eq!(
-                got, want,
-                "the {what} snapshot's memory is not on the measured domain"
-            );
-        }
-        // The whole log of ramsnapd (the last lines are this snapshot's).
-        let logs = c.process(Process::Coordinator).logs();
-        paused.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
-        let (t, live_snapshot, pause) = snapshot(&c, &a, pb::MemoryMode::Live, "live").await;
-        ours.live.push(t);
-        ours_pause.1.push(pause);
-        let got = memory_domain(&c, &a, &live_snapshot).await;
-        assert_eq!(
-            got, want,
-            "the LIVE snapshot's memory is not on the measured domain"
+        // Every other run, virsh goes first: what one side leaves the
+        // machine (page cache just freed, writeback, the host's own
+        // memory) falls on both sides alike.
+        let virsh_first = run % 2 == 1;
+        t.virsh_first.push(virsh_first);
+        eprintln!(
+            "run {} of {runs} ({} first)",
+            run + 1,
+            if virsh_first { "virsh" } else { "ramsnap" }
         );
-        let logs = c.process(Process::Coordinator).logs();
-        live.add(&logs, "snapshot_create", "snapshot step", "prepare volumes");
-        c.stop_vm(&a).await;
-        c.preview(&a, &live_snapshot, true).await;
-        c.commit(&a).await;
-        drop_caches();
-        let t = Instant::now();
-        let r = c
-            .vms()
-            .run_vm(pb::RunVmRequest {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                vm_id: a.clone(),
-                host_id: String::new(),
-                run_stateless: false,
-            })
-            .await
-            .expect("RunVm")
-            .into_inner();
-        c.succeed(r.operation, "RunVm").await;
-        while c.get_vm(&a).await.status() != VmStatus::Up {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        ours.restore.push(t.elapsed().as_secs_f64());
-        let logs = c.process(Process::Coordinator).logs();
-        restore.add(&logs, "vm_run", "restore step", "prepare memory volumes");
-
-        // BLOCK: virsh's memory and disk overlays are new LVs of the
-        // domain too, made as ramsnap's are for the same snapshots.
-        let (paused_lv, live_lv) = if block {
-            (Some(overlay_lv(&c).await), Some(overlay_lv(&c).await))
+        if virsh_first {
+            bare_run(&mut c, &b, &dir, run, block, &mut t).await;
+            ours_run(&mut c, &a, block, &mut t).await;
         } else {
-            (None, None)
-        };
-        let (paused_mem, live_mem) = if block {
-            (
-                Some(memory_lv(&c, st::MemoryDumpMode::Paused).await),
-                Some(memory_lv(&c, st::MemoryDumpMode::Live).await),
-            )
-        } else {
-            (None, None)
-        };
-        let (t, _, pause) = virsh_snapshot(
-            &b,
-            &dir,
-            &format!("{run}-paused"),
-            false,
-            paused_mem.as_ref().map(|m| m.0.as_path()),
-            paused_lv.as_deref(),
-        );
-        bare.paused.push(t);
-        bare_pause.0.push(pause);
-        let (t, mem, pause) = virsh_snapshot(
-            &b,
-            &dir,
-            &format!("{run}-live"),
-            true,
-            live_mem.as_ref().map(|m| m.0.as_path()),
-            live_lv.as_deref(),
-        );
-        bare.live.push(t);
-        bare_pause.1.push(pause);
-        // QEMU's downtime of virsh's LIVE snapshot, as libvirt recorded it.
-        virsh_downtime.push(completed_downtime_ms(&b).unwrap_or(f64::NAN));
-        if block && run == 0 {
-            pin_disk_chain(&c, &b).await;
-        }
-        let restore_lv = if block { Some(overlay_lv(&c).await) } else { None };
-        bare.restore.push(virsh_restore(
-            &b,
-            &dir,
-            &format!("{run}"),
-            &mem,
-            restore_lv.as_deref(),
-        ));
-        for f in std::fs::read_dir(&dir).expect("the virsh directory").flatten() {
-            if f.path().extension().is_some_and(|e| e == "mem") {
-                let _ = std::fs::remove_file(f.path());
-            }
-        }
-        // virsh's memory LVs go (its disk overlays stay: they are the
-        // guest's disk chain).
-        for (_, volumes) in paused_mem.into_iter().chain(live_mem) {
-            c.drop_volumes(&volumes).await;
+            ours_run(&mut c, &a, block, &mut t).await;
+            bare_run(&mut c, &b, &dir, run, block, &mut t).await;
         }
     }
+    let Tally {
+        ours,
+        bare,
+        paused,
+        live,
+        restore,
+        virsh_downtime,
+        ours_pause,
+        bare_pause,
+        virsh_first,
+    } = t;
     let _ = Command::new("virsh")
         .args(["-c", "qemu:///system", "destroy", &domain(&b)])
         .output();
@@ -787,6 +845,23 @@ async fn run(runs: usize, block: bool) {
         let (or, br) = (runs(o), runs(b));
         let (o, b) = (median(o.clone()), median(b.clone()));
         println!("| {what} | {o:.2} s | {b:.2} s | {:.2} | {or} | {br} |", o / b);
+    }
+    // The order's effect: each side's median when its part went first in
+    // the run, and when second.
+    println!("\n| path | ramsnap first / second in its run | virsh first / second |");
+    println!("|---|---|---|");
+    for (what, o, b) in [
+        ("PAUSED", &ours.paused, &bare.paused),
+        ("LIVE", &ours.live, &bare.live),
+        ("restore", &ours.restore, &bare.restore),
+    ] {
+        println!(
+            "| {what} | {} / {} | {} / {} |",
+            median_where(o, &virsh_first, false),
+            median_where(o, &virsh_first, true),
+            median_where(b, &virsh_first, true),
+            median_where(b, &virsh_first, false),
+        );
     }
     println!(
         "\nLIVE snapshot, QEMU's downtime (libvirt's completed job): ramsnap {:.0} ms, virsh {:.0} ms",
