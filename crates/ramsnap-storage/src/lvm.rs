@@ -30,30 +30,53 @@ fn lvm(sub: &str) -> Command {
 }
 
 /// What ramsnap changes in the host's LVM configuration for its own
-/// commands: `global/use_aio = 0`. LVM reads metadata through a Linux AIO
-/// context by default, and destroying that context on exit waits for an
-/// RCU grace period: 30-36 ms of every command's 55-60 ms on these
-/// machines (`strace -T`: `io_destroy <0.0298>`), on a snapshot path of
-/// 10-20 commands. LVM reads this setting before it applies `--config`,
-/// so it must be in an lvm.conf. `conf` is `lvmconfig --type full`'s
-/// output, which has every setting once (LVM warns on every command about
-/// a setting given twice, so the line is replaced, not added).
+/// commands, as (section, setting, value):
+/// - `global/use_aio = 0`. LVM reads metadata through a Linux AIO context
+///   by default, and destroying that context on exit waits for an RCU
+///   grace period: 30-36 ms of every command's 55-60 ms on these machines
+///   (`strace -T`: `io_destroy <0.0298>`), on a snapshot path of 10-20
+///   commands.
+/// - `backup/retain_days = 0`, `backup/retain_min = 50` (as oVirt's vdsm
+///   sets them). Every command that changes a VG archives its metadata
+///   and first lists the whole archive directory; by default an archive
+///   is kept 30 days, so a busy domain's VG leaves thousands a day and
+///   every LVM command slows with them (on this machine, 33,854 archives
+///   made an `lvcreate` or `lvremove` 91 ms instead of 53, most of it
+///   `getdents64`). Now each of ramsnap's VGs keeps its last 50.
+///
+/// LVM reads use_aio before it applies `--config`, so these are in an
+/// lvm.conf.
+const OVERRIDES: [(&str, &str, &str); 3] = [
+    ("global", "use_aio", "0"),
+    ("backup", "retain_min", "50"),
+    ("backup", "retain_days", "0"),
+];
+
+/// `conf` (`lvmconfig --type full`'s output, which has every setting
+/// once: LVM warns on every command about a setting given twice) with
+/// [`OVERRIDES`]: each setting's line replaced, or added in its own
+/// section at the end when the host has none.
 fn with_overrides(conf: &str) -> String {
-    let mut found = false;
+    let mut found = [false; OVERRIDES.len()];
     let mut out: String = conf
         .lines()
         .map(|l| {
-            if l.trim_start().starts_with("use_aio=") || l.trim_start().starts_with("use_aio =") {
-                found = true;
-                "\tuse_aio=0 # ramsnap: see crates/ramsnap-storage/src/lvm.rs".to_string()
-            } else {
-                l.to_string()
+            let t = l.trim_start();
+            for (i, (_, key, value)) in OVERRIDES.iter().enumerate() {
+                let rest = t.strip_prefix(key).map(str::trim_start);
+                if rest.is_some_and(|r| r.starts_with('=')) {
+                    found[i] = true;
+                    return format!("\t{key}={value} # ramsnap: see crates/ramsnap-storage/src/lvm.rs");
+                }
             }
+            l.to_string()
         })
         .collect::<Vec<_>>()
         .join("\n");
-    if !found {
-        out.push_str("\nglobal {\n\tuse_aio=0\n}");
+    for (i, (section, key, value)) in OVERRIDES.iter().enumerate() {
+        if !found[i] {
+            out.push_str(&format!("\n{section} {{\n\t{key}={value}\n}}"));
+        }
     }
     out.push('\n');
     out
@@ -649,12 +672,29 @@ mod tests {
         assert!(out.contains("\tuse_aio=0"), "{out}");
         assert!(out.contains("\tumask=63") && out.contains("\tbackup=1"), "{out}");
         let out = with_overrides("backup {\n\tbackup=1\n}\n");
-        assert!(out.ends_with("global {\n\tuse_aio=0\n}\n"), "{out}");
+        assert!(out.contains("global {\n\tuse_aio=0\n}\n"), "{out}");
+    }
+
+    #[test]
+    fn archive_retention_is_bounded_in_place_or_added() {
+        let conf =
+            "backup {\n\tarchive=1\n\tretain_min=10\n\tretain_days = 30\n}\nglobal {\n\tuse_aio=1\n}\n";
+        let out = with_overrides(conf);
+        for (setting, value) in [("retain_min", "50"), ("retain_days", "0"), ("use_aio", "0")] {
+            assert_eq!(out.matches(setting).count(), 1, "{out}");
+            assert!(out.contains(&format!("\t{setting}={value} ")), "{out}");
+        }
+        assert!(out.contains("\tarchive=1"), "{out}");
+        // A setting whose name begins with another's is left alone.
+        let out = with_overrides("backup {\n\tretain_min_extra=1\n}\n");
+        assert!(out.contains("\tretain_min_extra=1\n"), "{out}");
+        assert!(out.contains("backup {\n\tretain_min=50\n}\n"), "{out}");
     }
 
     /// The real LVM on this host reads ramsnap's directory as the host's
-    /// configuration with AIO off, without a warning, and keeps the host's
-    /// backup and archive directories.
+    /// configuration with AIO off and the archive's retention bounded,
+    /// without a warning, and keeps the host's backup and archive
+    /// directories.
     #[test]
     fn lvm_reads_the_system_dir_as_the_hosts_config_without_aio() {
         let dir = make_system_dir().expect("an LVM system directory");
@@ -666,6 +706,8 @@ mod tests {
                 "global/use_aio",
                 "backup/backup_dir",
                 "backup/archive_dir",
+                "backup/retain_min",
+                "backup/retain_days",
             ])
             .env("LVM_SUPPRESS_FD_WARNINGS", "1");
             if let Some(d) = system {
@@ -682,10 +724,25 @@ mod tests {
         let (ours, warnings) = ask(Some(&dir));
         assert!(warnings.trim().is_empty(), "{warnings}");
         assert!(ours.contains("use_aio=0"), "{ours}");
+        assert!(
+            ours.contains("retain_min=50") && ours.contains("retain_days=0"),
+            "{ours}"
+        );
+        let mut expected = host.clone();
+        for (setting, value) in [("use_aio", "0"), ("retain_min", "50"), ("retain_days", "0")] {
+            expected = expected
+                .lines()
+                .map(|l| match l.trim_start().split_once('=') {
+                    Some((k, _)) if k == setting => format!("{setting}={value}"),
+                    _ => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
         assert_eq!(
-            host.replace("use_aio=1", "use_aio=0"),
-            ours,
-            "only use_aio differs from the host's configuration"
+            expected.trim(),
+            ours.trim(),
+            "only use_aio and the archive's retention differ from the host's configuration"
         );
         assert_eq!(
             make_system_dir().expect("again"),
