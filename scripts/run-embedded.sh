@@ -72,7 +72,9 @@ if [ ! -f "$BLOCK_FILE" ]; then
 fi
 LOOP="$(losetup -j "$BLOCK_FILE" | head -n1 | cut -d: -f1)"
 if [ -z "$LOOP" ]; then
-    LOOP="$(losetup --find --show "$BLOCK_FILE")"
+    # Direct I/O to the file: a PV on a real device has no page cache
+    # beneath it (the storage agent attaches its LVs the same way).
+    LOOP="$(losetup --direct-io=on --find --show "$BLOCK_FILE")"
     log "attached $BLOCK_FILE as $LOOP"
 fi
 

@@ -137,8 +137,10 @@ impl LoopDevice {
         std::fs::File::create(file)
             .and_then(|f| f.set_len(size))
             .unwrap_or_else(|e| panic!("creating {}: {e}", file.display()));
+        // Direct I/O to the file, as a PV on a real device has no page
+        // cache beneath it (see the storage agent's loop attach).
         let out = Command::new("losetup")
-            .args(["--find", "--show"])
+            .args(["--direct-io=on", "--find", "--show"])
             .arg(file)
             .output()
             .expect("running losetup (root and util-linux needed)");

@@ -935,6 +935,18 @@ impl LoopMap {
 /// A loop device over an LV's extent: how this host activates an LV
 /// without device-mapper (see [`LoopMap`]).
 ///
+/// With direct I/O to the PV (`--direct-io=on`), as a device-mapper LV
+/// has: data written to the LV is cached once, in the LV's own page
+/// cache, and its writeback goes straight to the PV. A buffered loop
+/// cached it again in the PV's page cache (and again in the PV's file
+/// where the PV is itself a loop device), and a flush copied it through
+/// each layer: here a 700 MiB write and `fdatasync` into an LV, as
+/// libvirt writes a dump, took 649-2,184 ms through a buffered loop and
+/// 499-705 ms with direct I/O (370-441 ms with the PV's own loop direct
+/// too). The kernel keeps the PV's page cache coherent with the direct
+/// I/O (written back before it, invalidated after), so what LVM or the
+/// agent reads or writes on the PV itself stays in step.
+///
 /// One attach at a time in this agent: `losetup --find` takes the first
 /// free device, and two run side by side (the host prepares a snapshot's
 /// volumes in parallel) pick the same one; the loser finds it busy and
@@ -951,6 +963,7 @@ fn attach(extent: &lvm::Extent) -> Result<(PathBuf, Option<LoopMap>)> {
         &offset.to_string(),
         "--sizelimit",
         &len.to_string(),
+        "--direct-io=on",
         "--find",
         "--show",
         pv,

@@ -26,8 +26,10 @@ impl LoopDevice {
     pub fn new(dir: &Path, size: u64) -> LoopDevice {
         let file = dir.join("pv.img");
         std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        // Direct I/O to the file, as a PV on a real device has no page
+        // cache beneath it (see the storage agent's loop attach).
         let out = Command::new("losetup")
-            .args(["--find", "--show"])
+            .args(["--direct-io=on", "--find", "--show"])
             .arg(&file)
             .output()
             .unwrap();
