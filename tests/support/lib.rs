@@ -29,6 +29,27 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a binary may take to exit after SIGTERM before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a restart waits for its ports to be free again.
+const PORT_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits up to `limit` until every address in `addrs` can be bound (as
+/// the process will: SO_REUSEADDR, which std sets, so a TIME_WAIT does
+/// not count). A restarted process takes the ports its first run had,
+/// which the kernel chose from the ephemeral range: while it was down,
+/// any socket on the machine may have been given one (a client of
+/// another test binary, or a reconnect to the dead port that loopback
+/// connects to itself), and one held briefly must not fail the test.
+fn wait_until_free(addrs: &[SocketAddr], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    for addr in addrs.iter().filter(|a| a.port() != 0) {
+        while std::net::TcpListener::bind(addr).is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// A spawned service binary. Dropping it stops the process (SIGTERM, then
 /// SIGKILL after [`STOP_TIMEOUT`]).
 pub struct Running {
@@ -363,6 +384,9 @@ impl Running {
             }
         }
         let listeners = self.addrs.len().max(1);
+        let mut ports: Vec<SocketAddr> = self.addrs.values().copied().collect();
+        ports.push(self.addr);
+        wait_until_free(&ports, PORT_WAIT);
         let dir = std::mem::replace(&mut self.dir, tempdir());
         *self = spawn_env(&self.binary, args, listeners, dir, env);
     }
